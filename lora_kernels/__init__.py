@@ -1,0 +1,20 @@
+"""lora_kernels: fused LoRA kernels for PyTorch.
+
+Importing the package queries no device and builds nothing; Triton and the CUDA extension load on first use.
+"""
+
+from .ops.lora_linear import lora_linear
+from .modules import LoRALinear, inject_lora, lora_layers, lora_scaling, lora_state_dict
+from ._backend import BackendError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "LoRALinear",
+    "inject_lora",
+    "lora_layers",
+    "lora_linear",
+    "lora_scaling",
+    "lora_state_dict",
+]

@@ -1,0 +1,228 @@
+"""The fused LoRA linear op: ``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ (+ bias)``.
+
+Layers of this file, top to bottom: input checks; backend choice; the two ``torch.library`` custom ops
+(``lora_kernels::lora_linear_fwd`` and ``lora_kernels::lora_linear_bwd``) with fake implementations, tied together by
+``register_autograd``; and the public function :func:`lora_linear`.
+
+Semantics are PEFT's: dropout applies to the LoRA branch input only, kept elements are scaled by 1/(1-p). The mask is
+a function of a seed drawn from torch's CPU generator (so ``torch.manual_seed`` fixes it) and is regenerated in
+backward, never stored. Saved for backward: x (as passed, 2-D view), W0, A, B, S = dropout(x)·Aᵀ (M×r, fp32) and the
+seed. dW is formed only when ``weight.requires_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _backend
+from ..reference import lora_linear as _ref
+from ._validate import FLOAT_DTYPES, check_same_device, check_scale, check_tensor, shape
+
+_LORA_DTYPES = (torch.float32,)  # A and B may be fp32 while x and W are half precision (LoRA-GA keeps them fp32)
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, float]:
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension [..., in_features], got shape {shape(x)}")
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    K = x.shape[-1]
+    N = weight.shape[0]
+    r = lora_A.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight has in_features {weight.shape[1]} but x has {K}: weight {shape(weight)}, x {shape(x)}")
+    if r == 0:
+        raise ValueError(f"lora_A has rank 0 (shape {shape(lora_A)}); use F.linear for a layer without adapter")
+    if lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must be [r, in_features={K}], got lora_A {shape(lora_A)} with x {shape(x)}")
+    if lora_B.shape != (N, r):
+        raise ValueError(
+            f"lora_B must be [out_features, r] = {(N, r)}, got lora_B {shape(lora_B)} "
+            f"(weight {shape(weight)}, lora_A {shape(lora_A)})"
+        )
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias must be [out_features={N}], got bias {shape(bias)} with weight {shape(weight)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A dtype {lora_A.dtype} differs from lora_B dtype {lora_B.dtype}")
+    if lora_A.dtype != x.dtype and lora_A.dtype not in _LORA_DTYPES:
+        raise TypeError(f"lora_A/lora_B dtype {lora_A.dtype} must be x's dtype {x.dtype} or float32")
+    check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    scale = check_scale("scale", scale)
+    dropout_p = check_scale("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return scale, dropout_p
+
+
+# ---------------------------------------------------------------------------------------------------------- backends
+def _torch_ok(*tensors) -> Optional[str]:
+    return None
+
+
+def _triton_ok(*tensors) -> Optional[str]:
+    why = _backend.triton_device_reason(*tensors)
+    if why:
+        return why
+    if tensors[0].dtype == torch.float64:
+        return "float64 is not supported by the Triton kernels"
+    return None
+
+
+_CHECKS = {"torch": _torch_ok, "triton": _triton_ok}
+
+
+def _auto_order(x: torch.Tensor):
+    # "auto": Triton on CUDA, the PyTorch reference everywhere else (the interpreter is for tests, never a default).
+    return ("triton", "torch") if x.device.type == "cuda" else ("torch",)
+
+
+def resolve_backend(backend: Optional[str], x, *tensors) -> str:
+    return _backend.select("lora_linear", backend, _CHECKS, _auto_order(x), x, *tensors)
+
+
+def _impl(name: str):
+    if name == "triton":
+        from ..triton import lora_linear as tri
+
+        return tri
+    return _ref
+
+
+# ------------------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+def _fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    impl = _impl(backend)
+    y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, int(seed.item()))
+    return y, s_mat
+
+
+@_fwd.register_fake
+def _fwd_fake(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed, backend):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def _bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    s_mat: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    backend: str,
+    needs_dx: bool,
+    needs_dweight: bool,
+    needs_dbias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _impl(backend)
+    dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
+        dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, int(seed.item()), needs_dx, needs_dweight, needs_dbias
+    )
+    # Custom ops cannot return None: gradients not asked for come back as empty tensors and become None in backward.
+    return (
+        dx if dx is not None else dy.new_empty(0),
+        d_a,
+        d_b,
+        dw if dw is not None else dy.new_empty(0),
+        dbias.to(dy.dtype) if dbias is not None else dy.new_empty(0),
+    )
+
+
+@_bwd.register_fake
+def _bwd_fake(dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else dy.new_empty(0),
+        torch.empty_like(lora_A),
+        torch.empty_like(lora_B),
+        torch.empty_like(weight) if needs_dweight else dy.new_empty(0),
+        dy.new_empty(weight.shape[0]) if needs_dbias else dy.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, scale, dropout_p, seed, backend = inputs
+    _, s_mat = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, s_mat, seed)
+    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _d_s_mat):
+    x, weight, lora_A, lora_B, s_mat, seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, d_a, d_b, dw, dbias = _bwd(
+        dy.contiguous(), x, weight, lora_A, lora_B, s_mat, ctx.scale, ctx.dropout_p, seed, ctx.backend,
+        bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[4]),
+    )
+    return (
+        dx if needs[0] else None,
+        dw if needs[1] else None,
+        d_a if needs[2] else None,
+        d_b if needs[3] else None,
+        dbias if (ctx.has_bias and needs[4]) else None,
+        None, None, None, None,
+    )
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------------------ public
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scale · F.linear(F.linear(dropout(x), lora_A), lora_B)``, fused.
+
+    Shapes: x ``[..., K]`` (any leading dims, any strides), weight ``[N, K]``, lora_A ``[r, K]``, lora_B ``[N, r]``,
+    bias ``[N]``; returns ``[..., N]`` in x's dtype. x, weight and bias share a dtype (fp16, bf16, fp32); lora_A and
+    lora_B are that dtype or fp32. Dropout applies only when ``training`` and ``dropout_p > 0``; its mask comes from a
+    seed drawn from torch's CPU generator. ``backend``: ``"auto" | "triton" | "torch"`` (default: ``$LORA_KERNELS_BACKEND``
+    or ``"auto"``).
+    """
+    scale, dropout_p = validate(x, weight, lora_A, lora_B, scale, bias, dropout_p)
+    if not training:
+        dropout_p = 0.0
+    name = resolve_backend(backend, x, weight, lora_A, lora_B, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    else:
+        seed = _NO_SEED
+    y, _ = _fwd(x2d, weight, lora_A, lora_B, bias, scale, dropout_p, seed, name)
+    return y.reshape(*lead, weight.shape[0])

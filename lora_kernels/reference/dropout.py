@@ -1,0 +1,77 @@
+"""Counter-based dropout mask, bit-identical to the one the Triton kernels draw.
+
+The mask of element ``(m, k)`` of an ``M × K`` input is a pure function of ``(seed, m·K + k)``: the first 32-bit word of
+Philox-4x32 with 10 rounds (the generator behind ``tl.randint``), keyed by the 64-bit seed, counter
+``(offset_lo, offset_hi, 0, 0)``. An element is kept when the word's top 24 bits are ``>= round(p · 2^24)``, so the
+keep-probability is ``1 - p`` to within 2^-24 and every backend (PyTorch, Triton, CUDA) draws the same mask from the
+same seed. Nothing of size ``M × K`` needs to be stored between forward and backward: the seed regenerates it.
+
+Here it is computed with int64 tensor arithmetic (32×32-bit products split into 16-bit halves so nothing overflows),
+which is slow but exact; it is the spec and the CPU fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PHILOX_ROUNDS = 10
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_MASK32 = 0xFFFFFFFF
+# 24 random bits per element: enough resolution for any dropout probability a user sets (2^-24 ≈ 6e-8), and the
+# comparison stays inside int32 in every backend.
+RAND_BITS = 24
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold: an element is kept when its 24-bit random word is >= this."""
+    return int(round(float(p) * (1 << RAND_BITS)))
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int):
+    """(high, low) 32-bit words of a·b for uint32 values held in int64, without overflowing int64."""
+    a_lo = a & 0xFFFF
+    a_hi = a >> 16
+    t_lo = a_lo * b  # < 2^48
+    t_hi = a_hi * b  # < 2^48
+    hi = (t_hi + (t_lo >> 16)) >> 16
+    lo = (((t_hi & 0xFFFF) << 16) + t_lo) & _MASK32
+    return hi & _MASK32, lo
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First word of Philox-4x32-10 at counter ``offsets`` (int64 tensor) for ``seed``; uint32 values in int64."""
+    seed = int(seed) & ((1 << 64) - 1)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(c2, _ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Boolean keep mask ``[rows, cols]`` for element offsets ``m·cols + k``."""
+    if p <= 0.0:
+        return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
+    bits = philox_randint(seed, offsets) >> (32 - RAND_BITS)
+    return bits >= dropout_threshold(p)
+
+
+def apply_dropout(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """PEFT's inverted dropout (kept elements scaled by 1/(1-p)) with the seeded mask; ``x2d`` is ``[M, K]``."""
+    if p <= 0.0:
+        return x2d
+    keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
+    return torch.where(keep, x2d / (1.0 - p), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
