@@ -94,9 +94,8 @@ def select(
         if why is None:
             return cand
         reasons[cand] = why
-    for other in BACKENDS[1:]:
-        if other not in reasons and name != "auto":
-            continue
-        reasons.setdefault(other, "not tried")
+    if name == "auto":
+        for other in BACKENDS[1:]:
+            reasons.setdefault(other, "not considered by 'auto' for these inputs")
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
     raise BackendError(f"{op}: no backend can serve this call (asked for {name!r}). {detail}")
