@@ -4,7 +4,7 @@ Importing the package queries no device and builds nothing; Triton and the CUDA 
 """
 
 from .ops.lora_linear import lora_linear
-from .modules import LoRALinear, inject_lora, lora_layers, lora_scaling, lora_state_dict
+from .modules import LoRALinear, inject_lora, load_lora_state_dict, lora_layers, lora_scaling, lora_state_dict
 from ._backend import BackendError
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "BackendError",
     "LoRALinear",
     "inject_lora",
+    "load_lora_state_dict",
     "lora_layers",
     "lora_linear",
     "lora_scaling",

@@ -1,23 +1,33 @@
-"""``LoRALinear``: an ``nn.Linear`` drop-in with a LoRA adapter, plus ``inject_lora`` and ``lora_state_dict``.
+"""``LoRALinear``: an ``nn.Linear`` drop-in with a LoRA adapter, plus ``inject_lora``, ``lora_state_dict`` and
+``load_lora_state_dict``.
 
 State only; the math is :func:`lora_kernels.lora_linear`. Parameter names: ``weight`` and ``bias`` are the base
 layer's (so a model's original state dict still loads), ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` are the
 adapter (PEFT's ``lora_A.weight`` / ``lora_B.weight``).
+
+Merging. ``merge()`` writes ``W0 + s·B·A`` into ``weight`` in place and keeps an exact copy of W0 in a non-persistent
+buffer, so ``unmerge()`` is lossless in every dtype and the copy follows ``.to()`` / ``.cuda()``. The price is one
+extra copy of the base weight while merged. Whatever the merge state, ``state_dict()`` holds the *unmerged* W0 under
+``weight`` (a checkpoint means the same thing to a merged and an unmerged receiver), and ``load_state_dict`` into a
+merged layer loads W0, A and B and merges again.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _backend
 from .ops.lora_linear import lora_linear
 
 INITS = ("default", "gaussian", "pissa", "zeros")
+# Adapter dtypes the op accepts: the base dtype, or float32 (mixed-precision adapters, as LoRA-GA keeps them).
+_LORA_EXTRA_DTYPES = (torch.float32,)
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -25,10 +35,16 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return float(alpha) / (math.sqrt(r) if use_rslora else r)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class LoRALinear(nn.Module):
     """``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + bias`` with W0 frozen; ``merge()`` folds s·BA into W0.
 
     Build one from an existing layer with :meth:`from_linear`, which shares (does not copy) the base weight and bias.
+    ``alpha`` defaults to ``r`` (scaling 1). ``lora_dtype`` is the adapter's dtype: the base dtype (default) or
+    float32. ``backend`` is passed to :func:`lora_kernels.lora_linear` (``None``: ``$LORA_KERNELS_BACKEND`` or auto).
     """
 
     def __init__(
@@ -47,30 +63,62 @@ class LoRALinear(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        factory = {"device": device, "dtype": dtype}
+        weight = torch.empty(out_features, in_features, **factory)
+        bias_t = torch.empty(out_features, **factory) if bias else None
+        # nn.Linear's initialisation of the base layer, so a fresh LoRALinear behaves like a fresh nn.Linear.
+        if weight.device.type != "meta":
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            if bias_t is not None:
+                bound = 1.0 / math.sqrt(in_features)
+                nn.init.uniform_(bias_t, -bound, bound)
+        self._setup(nn.Parameter(weight, requires_grad=False),
+                    nn.Parameter(bias_t) if bias_t is not None else None,
+                    r, alpha, dropout, use_rslora, init, lora_dtype, backend)
+        self.reset_lora_parameters(init)
+
+    def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init, lora_dtype, backend) -> None:
+        """Check every argument, then set the state. Nothing is modified before all checks have passed."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= float(dropout) < 1.0:
+        alpha = float(r if alpha is None else alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        dropout = float(dropout)
+        if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is not one of {', '.join(INITS)} (LoRA-GA: lora_kernels.lora_ga_init)")
+        if backend is not None:
+            _backend.requested_backend(backend)  # raises ValueError on an unknown name
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise TypeError(f"the base weight must be a 2-D floating tensor, got {weight.dtype} {tuple(weight.shape)}")
+        lora_dtype = weight.dtype if lora_dtype is None else lora_dtype
+        if lora_dtype != weight.dtype and lora_dtype not in _LORA_EXTRA_DTYPES:
+            raise TypeError(f"lora_dtype must be the base weight's dtype ({weight.dtype}) or torch.float32, "
+                            f"got {lora_dtype}")
+
+        out_features, in_features = weight.shape
         self.in_features = in_features
         self.out_features = out_features
         self.r = r
-        self.alpha = float(r if alpha is None else alpha)
+        self.alpha = alpha
         self.use_rslora = bool(use_rslora)
-        self.scaling = lora_scaling(r, self.alpha, self.use_rslora)
-        self.dropout = float(dropout)
+        self.scaling = lora_scaling(r, alpha, self.use_rslora)
+        self.dropout = dropout
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        lora_factory = {"device": device, "dtype": lora_dtype if lora_dtype is not None else dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **lora_factory))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, **lora_factory))
-        self._merged_from: Optional[torch.Tensor] = None  # exact copy of W0 while merged, so unmerge is lossless
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
-            nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_lora_parameters(init)
+        weight.requires_grad_(False)
+        self.weight = weight
+        self.bias = bias
+        lora_factory = {"device": weight.device, "dtype": lora_dtype}
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, **lora_factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **lora_factory))
+        # Exact copy of W0 while merged (None otherwise). A buffer so that .to()/.cuda() move it with the weight;
+        # non-persistent because the state dict carries W0 under "weight" already (see _save_to_state_dict).
+        self.register_buffer("_unmerged_weight", None, persistent=False)
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -85,27 +133,24 @@ class LoRALinear(nn.Module):
         lora_dtype=None,
         backend: Optional[str] = None,
     ) -> "LoRALinear":
-        """Wrap ``linear``: its weight (frozen here) and bias are shared, not copied."""
+        """Wrap ``linear``: its weight (frozen here) and bias are shared, not copied; the adapter is created on the
+        weight's device. With B = 0 (the default inits) the output is the ``nn.Linear``'s, bit for bit."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
-        with torch.device("meta"):
-            layer = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout,
-                        use_rslora=use_rslora, bias=False, init="zeros", dtype=w.dtype)
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        layer.bias = linear.bias
-        lora_dtype = lora_dtype if lora_dtype is not None else w.dtype
-        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=lora_dtype))
-        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=lora_dtype))
-        layer.backend = backend
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init, lora_dtype, backend)
+        layer.train(linear.training)
         layer.reset_lora_parameters(init)
         return layer
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default") -> None:
-        """``"default"``: PEFT's (A kaiming-uniform a=√5, B = 0); ``"gaussian"``: A ~ N(0, 1/r), B = 0;
-        ``"pissa"``: principal singular directions of W0 (W0 adjusted so the output is unchanged); ``"zeros"``."""
+        """``"default"``: PEFT's (A kaiming-uniform a=√5, B = 0); ``"gaussian"``: A ~ N(0, std=1/r) as PEFT's
+        ``init_lora_weights="gaussian"``, B = 0; ``"pissa"``: principal singular directions of W0 (W0 adjusted so
+        the output is unchanged); ``"zeros"``: A = B = 0."""
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is not one of {', '.join(INITS)} (LoRA-GA: lora_kernels.lora_ga_init)")
         if self.lora_A.device.type == "meta":
             return
         if self.merged:
@@ -123,31 +168,38 @@ class LoRALinear(nn.Module):
             from .init import pissa_init
 
             pissa_init(self)
-        else:
-            raise ValueError(f"init={init!r} is not one of {', '.join(INITS)} (LoRA-GA: lora_kernels.lora_ga_init)")
 
     # ------------------------------------------------------------------------------------------------------ merging
     @property
     def merged(self) -> bool:
-        return self._merged_from is not None
+        return self._unmerged_weight is not None
 
     def delta_weight(self) -> torch.Tensor:
-        """s·B·A in float32, shape ``[out, in]``."""
-        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        """s·B·A, shape ``[out, in]``, in float32 (float64 for a float64 base); no autograd."""
+        acc = _acc_dtype(self.weight.dtype)
+        return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
+
+    @torch.no_grad()
+    def _merged_weight(self, w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        """``W0 + s·B·A`` rounded once to W0's dtype; raises ValueError (nothing changed) when not finite."""
+        acc = _acc_dtype(w0.dtype)
+        merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))
+        if not torch.isfinite(merged).all():
+            raise ValueError("merge refused: the merged weight would contain inf or NaN; nothing was changed")
+        merged = merged.to(w0.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merge refused: the merged weight overflows {w0.dtype}; nothing was changed")
+        return merged
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold s·BA into the base weight; forward becomes a plain F.linear. Refuses (nothing changed) when the
-        merged weight would not be finite. The original W0 is kept so that :meth:`unmerge` restores it exactly."""
+        """Fold s·BA into the base weight, in place; forward becomes a plain ``F.linear``. Refuses with ValueError
+        (nothing changed) when the merged weight would not be finite. An exact copy of W0 is kept until
+        :meth:`unmerge`, which restores it bit for bit."""
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged")
-        merged = self.weight.float() + self.delta_weight()
-        if not torch.isfinite(merged).all():
-            raise ValueError("merge refused: the merged weight would contain inf or NaN; nothing was changed")
-        merged = merged.to(self.weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merge refused: the merged weight overflows {self.weight.dtype}; nothing was changed")
-        self._merged_from = self.weight.detach().clone()
+        merged = self._merged_weight(self.weight, self.lora_A, self.lora_B)
+        self._unmerged_weight = self.weight.detach().clone()
         self.weight.copy_(merged)
 
     @torch.no_grad()
@@ -155,12 +207,40 @@ class LoRALinear(nn.Module):
         """Restore the base weight saved by :meth:`merge`, bit for bit."""
         if not self.merged:
             raise RuntimeError("this LoRALinear is not merged")
-        self.weight.copy_(self._merged_from)
-        self._merged_from = None
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+
+    # ------------------------------------------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged and prefix + "weight" in destination:
+            # The checkpoint always carries W0, never W0 + s·BA: loading it must not apply the adapter twice.
+            w0 = self._unmerged_weight
+            destination[prefix + "weight"] = w0 if keep_vars else w0.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if not self.merged:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            return
+        # Merged: load into the unmerged state (the checkpoint holds W0, A, B), then merge again.
+        self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        try:
+            self.merge()
+        except ValueError as exc:
+            error_msgs.append(f"{prefix or 'LoRALinear'}: loaded but left unmerged: {exc}")
 
     # ------------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                raise RuntimeError(
+                    "LoRALinear is merged and in training mode: the adapter would get no gradient. Call unmerge() "
+                    "before training, or eval() / torch.no_grad() for inference with the merged weight."
+                )
             return F.linear(x, self.weight, self.bias)
         return lora_linear(
             x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias,
@@ -177,6 +257,8 @@ class LoRALinear(nn.Module):
 
 # --------------------------------------------------------------------------------------------------- model helpers
 def _matches(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
+    # PEFT's rule: a string is a regex matched against the whole qualified name; a list matches by name suffix
+    # on a "." boundary ("q_proj" matches "layers.0.attn.q_proj", not "layers.0.attn.xq_proj").
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
@@ -198,37 +280,147 @@ def inject_lora(
 
     ``target_modules`` is PEFT's: a list of names matched by suffix (``"q_proj"`` matches ``"layers.0.attn.q_proj"``)
     or one string matched as a regex against the full name. With ``freeze_base`` every other parameter of the model is
-    frozen, as PEFT does. Returns the replaced names; raises listing the candidates when nothing matches.
+    frozen, as PEFT does. Returns the replaced names (a layer reachable under several names, e.g. tied, is wrapped
+    once and every name points at the same ``LoRALinear``). Raises ValueError listing the candidates when nothing
+    matches; on any error the model is left unchanged.
     """
-    if isinstance(target_modules, (list, tuple, set)) and len(target_modules) == 0:
-        raise ValueError("target_modules is empty")
-    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
+    if isinstance(model, nn.Linear):
+        raise TypeError(
+            f"inject_lora replaces submodules in place and cannot replace the model itself, which is a "
+            f"{type(model).__name__}; use LoRALinear.from_linear(model, ...) instead"
+        )
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
+    else:
+        target_modules = list(target_modules)
+        if len(target_modules) == 0:
+            raise ValueError("target_modules is empty")
+        bad = [t for t in target_modules if not isinstance(t, str) or not t]
+        if bad:
+            raise TypeError(f"target_modules must be non-empty strings, got {bad!r}")
+    # remove_duplicate=False: a Linear shared by two parents must be replaced under both names.
+    named = list(model.named_modules(remove_duplicate=False))
+    candidates = [n for n, m in named if isinstance(m, nn.Linear) and n]
     chosen = [n for n in candidates if _matches(n, target_modules)]
     if not chosen:
         shown = ", ".join(candidates[:50]) + (" ..." if len(candidates) > 50 else "")
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; candidates: {shown or '(none)'}")
-    if freeze_base:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        wrapped = [n for n, m in named if isinstance(m, LoRALinear)]
+        extra = f"; already LoRALinear: {', '.join(wrapped[:20])}" if wrapped else ""
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no nn.Linear; candidates: {shown or '(none)'}{extra}"
+        )
+    # Build every replacement before touching the model, so a bad argument leaves it as it was.
+    plan: List[Tuple[nn.Module, str, LoRALinear]] = []
+    built: Dict[int, LoRALinear] = {}
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear.from_linear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout,
-                                       use_rslora=use_rslora, init=init, lora_dtype=lora_dtype, backend=backend)
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(
+                f"{name}: nn.MultiheadAttention reads {child}.weight directly and would ignore the adapter; "
+                f"target its parent's other Linear layers instead"
+            )
+        linear = getattr(parent, child)
+        if id(linear) not in built:
+            built[id(linear)] = LoRALinear.from_linear(
+                linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
+                lora_dtype=lora_dtype, backend=backend,
+            )
+        plan.append((parent, child, built[id(linear)]))
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for parent, child, layer in plan:
         setattr(parent, child, layer)
     return chosen
 
 
 def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
-    """Qualified name → LoRALinear, in module order."""
+    """Qualified name → LoRALinear, in module order (a shared layer appears once, under its first name)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Only the adapter tensors (``<module>.lora_A`` and ``<module>.lora_B``), detached."""
+    """Only the adapter tensors, keyed ``<module>.lora_A`` / ``<module>.lora_B`` as in ``model.state_dict()``.
+
+    Like ``state_dict()`` the tensors are detached but share storage with the parameters: clone them to keep a
+    snapshot across training steps."""
     out = {}
     for name, layer in lora_layers(model).items():
         prefix = f"{name}." if name else ""
         out[prefix + "lora_A"] = layer.lora_A.detach()
         out[prefix + "lora_B"] = layer.lora_B.detach()
     return out
+
+
+class LoraLoadResult(NamedTuple):
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+
+
+@torch.no_grad()
+def load_lora_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+) -> LoraLoadResult:
+    """Load adapter tensors saved by :func:`lora_state_dict` into ``model``'s LoRALinear layers.
+
+    Every key and shape is checked before anything is written; on error nothing is loaded. ``strict=True`` raises
+    when a key is missing or unexpected (naming them all); ``strict=False`` loads the keys that match and returns
+    them in the result. Values are cast to each parameter's dtype and device. A merged layer stays merged, with the
+    new adapter folded in (refused, nothing loaded, if that weight would not be finite).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
+    expected: Dict[str, Tuple[LoRALinear, str]] = {}
+    for name, layer in lora_layers(model).items():
+        prefix = f"{name}." if name else ""
+        expected[prefix + "lora_A"] = (layer, "lora_A")
+        expected[prefix + "lora_B"] = (layer, "lora_B")
+    if not expected:
+        raise ValueError("the model has no LoRALinear layer to load into (call inject_lora first)")
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    errors = []
+    if strict and missing:
+        errors.append(f"missing keys: {', '.join(missing)}")
+    if strict and unexpected:
+        errors.append(f"unexpected keys: {', '.join(map(str, unexpected))}")
+    for key, (layer, attr) in expected.items():
+        if key not in state_dict:
+            continue
+        value, param = state_dict[key], getattr(layer, attr)
+        if not isinstance(value, torch.Tensor):
+            errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
+        elif tuple(value.shape) != tuple(param.shape):
+            errors.append(f"{key}: shape {tuple(value.shape)} in the state dict, {tuple(param.shape)} in the model")
+        elif not value.is_floating_point():
+            errors.append(f"{key}: dtype {value.dtype} is not a floating dtype")
+    if errors:
+        raise ValueError("load_lora_state_dict: nothing was loaded. " + "; ".join(errors))
+
+    # Merged layers: compute the new merged weight first, so a non-finite result refuses before anything is written.
+    layers: Dict[int, LoRALinear] = {}
+    for key, (layer, _) in expected.items():
+        if key in state_dict:
+            layers[id(layer)] = layer
+    new_merged = {}
+    name_of = {id(m): n for n, m in lora_layers(model).items()}
+    for lid, layer in layers.items():
+        if not layer.merged:
+            continue
+        prefix = f"{name_of[lid]}." if name_of[lid] else ""
+        a = state_dict.get(prefix + "lora_A", layer.lora_A).to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+        b = state_dict.get(prefix + "lora_B", layer.lora_B).to(device=layer.lora_B.device, dtype=layer.lora_B.dtype)
+        try:
+            new_merged[lid] = layer._merged_weight(layer._unmerged_weight, a, b)
+        except ValueError as exc:
+            raise ValueError(f"load_lora_state_dict: nothing was loaded. {name_of[lid]}: {exc}") from None
+    for key, (layer, attr) in expected.items():
+        if key in state_dict:
+            getattr(layer, attr).copy_(state_dict[key])
+    for lid, merged in new_merged.items():
+        layers[lid].weight.copy_(merged)
+    return LoraLoadResult(missing, unexpected)
