@@ -1,0 +1,138 @@
+// Multi-adapter expand for decode-sized batches (BGMV): per token m with adapter slot id = ids[m] and per slice s,
+//   y[m, off_s + n] += scale[id] * sum_{j < rank[id]} buf[s, m, j] * B_s[id, n, j]      for n < N_s
+// in place; tokens whose id is -1 or outside [0, L) are left untouched and read nothing from the pool.
+//
+// A row of B is only rank elements long (8..64 typically: 16..128 bytes), so a warp splits into groups of `lanes`
+// lanes, one group per output column n; each lane loads 16-byte pieces of that row and the group sums them with
+// shuffles. A warp's load then covers 32 / lanes consecutive rows of B: one contiguous run of memory. The token's
+// rank-long input row is staged once per block in shared memory, pre-multiplied by the adapter's scale.
+#include <algorithm>
+#include <climits>
+
+#include "device_utils.cuh"
+#include "lora_cuda.h"
+
+namespace lora_cuda {
+namespace {
+
+// 4 warps; with rank 16 in fp16 (2 lanes per column) a block covers 64 output columns.
+constexpr int kThreads = 128;
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads) bgmv_expand_kernel(const ExpandParams p, const int lanes,
+                                                               const int64_t col_blocks) {
+  extern __shared__ float t_s[];  // [rank] the token's shrink output times its scale
+  const int64_t m = blockIdx.x / col_blocks;
+  const int64_t cols_per_block = kThreads / lanes;
+  const int64_t n0 = (blockIdx.x % col_blocks) * cols_per_block;
+  const ExpandSlice sl = p.slices[blockIdx.y];
+  if (n0 >= sl.n) return;  // this slice is narrower than the widest one
+
+  int64_t slot = 0, rank = 0;
+  if (!token_adapter(p.ids, p.ids_type, p.stride_id, m, p.ranks, p.ranks_type, p.L, p.r_max, &slot, &rank)) return;
+  if (rank == 0) return;
+
+  const float scale = p.scales ? p.scales[slot] : 1.0f;
+  const int64_t buf_base = blockIdx.y * p.stride_bs + m * p.stride_bm;
+  for (int64_t j = threadIdx.x; j < rank; j += kThreads)
+    t_s[j] = scale * load_any(p.buf, p.buf_dtype, buf_base + j * p.stride_br);
+  __syncthreads();
+
+  const int lig = threadIdx.x & (lanes - 1);  // lane in group (lanes is a power of two <= 32)
+  const int64_t n = n0 + threadIdx.x / lanes;
+  float acc = 0.0f;
+  if (n < sl.n) {  // no early return: every lane of the warp must reach the shuffles below
+    const T* b = static_cast<const T*>(sl.b) + slot * sl.stride_l + n * sl.stride_n;
+    if constexpr (VEC) {
+      // r_max is a multiple of V (checked by the launcher), so a chunk that starts below rank stays inside the
+      // padded row; elements past rank are masked, never multiplied (the padding may hold anything, even NaN).
+      constexpr int V = Vec<T>::kSize;
+      for (int64_t j = static_cast<int64_t>(lig) * V; j < rank; j += static_cast<int64_t>(lanes) * V) {
+        float bv[V];
+        load_vec(b + j, bv);
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          if (j + e < rank) acc = fmaf(bv[e], t_s[j + e], acc);
+      }
+    } else {
+      for (int64_t j = lig; j < rank; j += lanes) acc = fmaf(to_float(b[j * sl.stride_r]), t_s[j], acc);
+    }
+  }
+  acc = group_sum(acc, lanes);
+  if (lig == 0 && n < sl.n) {
+    T* y = static_cast<T*>(p.y) + m * p.stride_ym + (sl.y_offset + n) * p.stride_yn;
+    *y = from_float<T>(to_float(*y) + acc);
+  }
+}
+
+int pow2_at_least(int64_t v) {
+  int p = 1;
+  while (p < v && p < 32) p <<= 1;
+  return p;
+}
+
+template <typename T, bool VEC>
+void launch_typed(const ExpandParams& p, int lanes, cudaStream_t stream) {
+  int64_t max_n = 0;
+  for (int s = 0; s < p.num_slices; ++s) max_n = std::max(max_n, p.slices[s].n);
+  if (max_n == 0) return;
+  const int64_t cols_per_block = kThreads / lanes;
+  const int64_t col_blocks = (max_n + cols_per_block - 1) / cols_per_block;
+  const int64_t blocks = p.M * col_blocks;
+  if (blocks > INT_MAX) throw CudaError("lora expand: M * ceil(N / columns per block) exceeds the grid limit");
+  const size_t smem = static_cast<size_t>(p.r_max) * sizeof(float);
+  if (smem > 48 * 1024) throw CudaError("lora expand: r_max " + std::to_string(p.r_max) + " is above 12288");
+  dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.num_slices));
+  bgmv_expand_kernel<T, VEC><<<grid, kThreads, smem, stream>>>(p, lanes, col_blocks);
+  check_launch("bgmv_expand_kernel");
+}
+
+template <typename T>
+bool aligned16(const void* ptr, int64_t stride) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+}
+
+template <typename T>
+void launch_dtype(const ExpandParams& p, cudaStream_t stream) {
+  constexpr int V = Vec<T>::kSize;
+  bool vec = p.r_max % V == 0;
+  for (int s = 0; s < p.num_slices; ++s) {
+    const ExpandSlice& sl = p.slices[s];
+    vec = vec && sl.stride_r == 1 && aligned16<T>(sl.b, sl.stride_l) && aligned16<T>(sl.b, sl.stride_n);
+  }
+  if (vec) {
+    launch_typed<T, true>(p, pow2_at_least((p.r_max + V - 1) / V), stream);
+  } else {
+    launch_typed<T, false>(p, pow2_at_least(p.r_max), stream);
+  }
+}
+
+}  // namespace
+
+void launch_expand(const ExpandParams& p, int dtype, int device, cudaStream_t stream) {
+  if (p.num_slices < 1 || p.num_slices > kMaxSlices)
+    throw CudaError("lora expand: number of slices must be in [1, " + std::to_string(kMaxSlices) + "], got " +
+                    std::to_string(p.num_slices));
+  if (p.M < 0 || p.r_max < 0 || p.L < 0) throw CudaError("lora expand: negative size");
+  for (int s = 0; s < p.num_slices; ++s)
+    if (p.slices[s].n < 0 || p.slices[s].y_offset < 0) throw CudaError("lora expand: negative slice size or offset");
+  if (p.buf_dtype < kFloat32 || p.buf_dtype > kBFloat16) throw CudaError("lora expand: bad buffer dtype code");
+  if (p.M == 0 || p.r_max == 0) return;
+  if (!p.buf || !p.ids || !p.y) throw CudaError("lora expand: null pointer for buf, ids or y");
+  DeviceGuard guard(device);
+  switch (dtype) {
+    case kFloat16:
+      launch_dtype<__half>(p, stream);
+      break;
+    case kBFloat16:
+      launch_dtype<__nv_bfloat16>(p, stream);
+      break;
+    case kFloat32:
+      launch_dtype<float>(p, stream);
+      break;
+    default:
+      throw CudaError("lora expand: bad dtype code " + std::to_string(dtype));
+  }
+}
+
+}  // namespace lora_cuda
