@@ -6,6 +6,8 @@ Importing the package queries no device and builds nothing; Triton and the CUDA 
 from .ops.lora_linear import lora_linear
 from .modules import LoRALinear, inject_lora, load_lora_state_dict, lora_layers, lora_scaling, lora_state_dict
 from ._backend import BackendError
+from .init import lora_ga_init, pissa_init
+from .io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,8 @@ __all__ = [
     "lora_linear",
     "lora_scaling",
     "lora_state_dict",
+    "lora_ga_init",
+    "pissa_init",
+    "save_adapter",
+    "load_adapter",
 ]

@@ -1,0 +1,51 @@
+"""PiSSA initialisation (Meng, Wang, Zhang 2024, arXiv 2404.02948), with PEFT's conventions.
+
+With ``W0 = U·diag(S)·Vh`` and s the layer's scaling: ``A = diag(√(S_r/s))·Vh[:r]``, ``B = U[:, :r]·diag(√(S_r/s))``,
+so ``s·B·A`` is the best rank-r approximation of W0, and ``W0 ← W0 − s·B·A`` (the residual, in fp32, cast back) keeps
+the layer's output unchanged up to W0's rounding. The layer records its initial adapter so that
+:func:`lora_kernels.save_adapter` can write PEFT's rank-2r form against the original W0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .svd import randomized_svd
+
+INIT_RECORD = "_lk_init_adapter"  # attribute of a LoRALinear whose W0 an init changed: (A0, B0) fp32 on the CPU
+
+
+@torch.no_grad()
+def pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Generator] = None) -> None:
+    """Set ``layer.lora_A``/``lora_B`` to W0's principal directions and replace ``layer.weight`` by the residual.
+
+    ``niter=None`` uses an exact ``torch.linalg.svd`` (PEFT's ``"pissa"``); an int uses a randomized SVD with that
+    many power iterations (PEFT's ``"pissa_niter_<k>"``), much faster for large layers.
+    """
+    for attr in ("weight", "lora_A", "lora_B", "r", "scaling"):
+        if not hasattr(layer, attr):
+            raise TypeError(f"pissa_init needs a LoRALinear-like layer; {type(layer).__name__} has no {attr!r}")
+    r = int(layer.r)
+    W = layer.weight
+    out_f, in_f = W.shape
+    if r > min(out_f, in_f):
+        raise ValueError(f"pissa_init: r={r} exceeds min(out, in) = {min(out_f, in_f)} of weight {tuple(W.shape)}")
+    s = float(layer.scaling)
+    if s <= 0:
+        raise ValueError(f"pissa_init needs a positive scaling, got {s}")
+    W32 = W.detach().float()
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W32, full_matrices=False)
+    else:
+        U, S, Vh = randomized_svd(W32, q=min(4 * r, min(out_f, in_f)), niter=int(niter), generator=generator)
+    root = torch.sqrt(S[:r] / s)
+    A = root[:, None] * Vh[:r]
+    B = U[:, :r] * root[None, :]
+    layer.lora_A.copy_(A)
+    layer.lora_B.copy_(B)
+    # Subtract with the adapter as stored (possibly rounded to lora dtype) so that W_res + s·B·A == W0 to W's rounding.
+    residual = W32 - s * (layer.lora_B.float() @ layer.lora_A.float())
+    W.copy_(residual.to(W.dtype))
+    setattr(layer, INIT_RECORD, (layer.lora_A.detach().float().cpu().clone(), layer.lora_B.detach().float().cpu().clone()))
