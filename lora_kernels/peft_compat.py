@@ -1,0 +1,479 @@
+"""Drop-in for PEFT users: convert a PEFT LoRA model to lora_kernels layers and back, with identical numbers.
+
+``from_peft(model)`` replaces, in place, every PEFT ``lora.Linear`` layer it can convert exactly by a
+:class:`PeftLoRALinear` (a :class:`~lora_kernels.LoRALinear` that keeps all the adapters of the PEFT layer);
+``to_peft(model)`` puts the PEFT layers back, holding the current adapter tensors, so that ``save_pretrained`` and
+every other PEFT API work again.
+
+How PEFT's several adapters per layer map here. A PEFT layer holds a dict of adapters and a list of active ones. A
+``PeftLoRALinear`` holds the same adapters in ``lora_adapters`` (one small module per adapter name: ``lora_A``
+``[r, in]``, ``lora_B`` ``[out, r]`` and its r, alpha, scaling, dropout, rsLoRA flag) and one active adapter name;
+``lora_A``, ``lora_B``, ``r``, ``alpha``, ``scaling``, ``dropout`` and ``use_rslora`` read and write the active
+adapter's, so the layer is a ``LoRALinear`` for every other part of lora_kernels (``lora_state_dict``, ``merge``,
+saving). ``set_adapter(model, name)`` switches every converted layer (and the PEFT model's own record); the tensors
+are the PEFT model's own ``nn.Parameter`` objects, shared, never copied, so an optimizer built before or after the
+conversion trains the same tensors. A mixed batch (PEFT's ``adapter_names=[...]`` argument of ``forward`` and
+``generate``) keeps working on a converted ``PeftModel``: each sequence gets its adapter, ``"__base__"`` none.
+
+What is left as a PEFT layer (never converted approximately), with one warning naming each layer and why: LoRA
+variants (DoRA, aLoRA, ...), ``lora_bias=True``, layers other than ``lora.Linear`` (Embedding, Conv, quantized
+bitsandbytes/GPTQ/... layers), base layers that are not a plain ``nn.Linear`` or transformers' ``Conv1D``,
+``fan_in_fan_out`` on an ``nn.Linear`` base, several adapters active at once, a layer that does not hold the active
+adapter, merged adapters, disabled adapters, and adapter dtypes the op does not take. GPT-2's ``Conv1D``
+(``fan_in_fan_out=True``) is converted exactly: the base weight stays the ``[in, out]`` tensor of the checkpoint and
+the op reads its transpose (a strided view, no copy).
+
+Dropout: the probability is kept, but the mask comes from lora_kernels' Philox generator, not from ``nn.Dropout``,
+so with dropout > 0 converted and PEFT models agree in distribution, not sample for sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import LoRALinear
+from .ops.lora_linear import lora_linear
+
+__all__ = [
+    "PeftConversionWarning",
+    "PeftLoRALinear",
+    "from_peft",
+    "to_peft",
+    "set_adapter",
+    "unsupported_peft_layers",
+]
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+class PeftConversionWarning(UserWarning):
+    """Some PEFT layers were left as they are because lora_kernels cannot run them exactly."""
+
+
+# ------------------------------------------------------------------------------------------------ PEFT imports
+def _peft_lora():
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError as exc:  # pragma: no cover - peft is an optional dependency
+        raise ImportError("lora_kernels.from_peft needs the peft package (pip install peft)") from exc
+    return lora_layer
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers missing or broken: no Conv1D can exist in the model either
+        return None
+    return Conv1D
+
+
+# --------------------------------------------------------------------------------------------------- the layer
+class _Adapter(nn.Module):
+    """One adapter of a :class:`PeftLoRALinear`: its two factors and the numbers that scale them."""
+
+    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter, r: int, alpha: float, scaling: float,
+                 dropout: float, use_rslora: bool):
+        super().__init__()
+        self.lora_A = lora_A
+        self.lora_B = lora_B
+        self.r = int(r)
+        self.alpha = float(alpha)
+        self.scaling = float(scaling)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+
+
+_DELEGATED = ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout", "use_rslora")
+
+
+def _delegate(name: str) -> property:
+    def get(self):
+        return getattr(self.lora_adapters[self.active_adapter], name)
+
+    def set(self, value):
+        setattr(self.lora_adapters[self.active_adapter], name, value)
+
+    return property(get, set, doc=f"The active adapter's ``{name}``.")
+
+
+class PeftLoRALinear(LoRALinear):
+    """A :class:`~lora_kernels.LoRALinear` holding every adapter of the PEFT layer it was converted from.
+
+    ``lora_adapters[name]`` holds each adapter; ``active_adapter`` names the one ``forward`` applies, and the
+    ``LoRALinear`` attributes (``lora_A``, ``lora_B``, ``r``, ``alpha``, ``scaling``, ``dropout``, ``use_rslora``)
+    are that adapter's. ``fan_in_fan_out`` is True for a transformers ``Conv1D`` base, whose ``weight`` is
+    ``[in, out]``. ``forward(x, adapter_names=[...])`` applies one adapter per row of ``x`` (PEFT's mixed batch).
+    Built by :func:`from_peft` only.
+    """
+
+    lora_A = _delegate("lora_A")
+    lora_B = _delegate("lora_B")
+    r = _delegate("r")
+    alpha = _delegate("alpha")
+    scaling = _delegate("scaling")
+    dropout = _delegate("dropout")
+    use_rslora = _delegate("use_rslora")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("PeftLoRALinear is built by lora_kernels.from_peft; use LoRALinear for a new layer")
+
+    def __setattr__(self, name, value):
+        # nn.Module.__setattr__ would register a Parameter under this name and hide the property: route the
+        # adapter attributes to the active adapter instead.
+        if name in _DELEGATED and "lora_adapters" in self.__dict__.get("_modules", {}):
+            setattr(self.lora_adapters[self.active_adapter], name, value)
+            return
+        super().__setattr__(name, value)
+
+    @classmethod
+    def _from_peft_layer(cls, layer, backend: Optional[str]) -> "PeftLoRALinear":
+        base = layer.base_layer
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)
+        self.in_features = int(layer.in_features)
+        self.out_features = int(layer.out_features)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.backend = backend
+        self.register_buffer("_unmerged_weight", None, persistent=False)  # LoRALinear's merge state
+        adapters = nn.ModuleDict()
+        for name in layer.lora_A.keys():
+            dropout = layer.lora_dropout[name]
+            adapters[name] = _Adapter(
+                layer.lora_A[name].weight, layer.lora_B[name].weight, r=layer.r[name], alpha=layer.lora_alpha[name],
+                scaling=layer.scaling[name], dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+                use_rslora=layer.use_rslora.get(name, False),
+            )
+        self.lora_adapters = adapters
+        self.active_adapter = layer.active_adapters[0]
+        self._disable_adapters = bool(layer.disable_adapters)  # PeftModel.disable_adapter() sets it, see below
+        # The PEFT layer itself, kept outside the module tree (its tensors are this layer's) for to_peft.
+        object.__setattr__(self, "_peft_layer", layer)
+        return self
+
+    # ------------------------------------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.lora_adapters.keys())
+
+    def set_adapter(self, name: str, requires_grad: Optional[bool] = None) -> None:
+        """Make ``name`` the active adapter. ``requires_grad`` (default: leave as is) sets the adapters' trainable
+        flags the way PEFT's ``set_adapter`` does: the active one ``requires_grad``, the others not."""
+        if name not in self.lora_adapters:
+            raise ValueError(f"adapter {name!r} is not in this layer; it holds {', '.join(self.lora_adapters)}")
+        if self.merged:
+            raise RuntimeError("unmerge() before switching the adapter of a merged layer")
+        self.active_adapter = name
+        if requires_grad is not None:
+            for n, ad in self.lora_adapters.items():
+                ad.requires_grad_(bool(requires_grad) and n == name)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's switch (``PeftModel.disable_adapter()`` uses it): when off, forward is the base layer alone."""
+        self._disable_adapters = not enabled
+
+    # ----------------------------------------------------------------------------------------------- math
+    def _base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A in float32, laid out like ``weight`` (``[in, out]`` for Conv1D)."""
+        delta = super().delta_weight()
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def _merged_weight(self, w0, lora_A, lora_B):
+        if self.fan_in_fan_out:  # W0 is [in, out]: merge in the [out, in] layout, give back W0's layout
+            return super()._merged_weight(w0.t(), lora_A, lora_B).t()
+        return super()._merged_weight(w0, lora_A, lora_B)
+
+    def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+        weight = self._base_weight()
+        if self._disable_adapters:
+            return F.linear(x, weight, self.bias)
+        if adapter_names is not None:
+            return self._mixed_forward(x, weight, adapter_names)
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                raise RuntimeError("PeftLoRALinear is merged and in training mode: the adapter would get no "
+                                   "gradient. Call unmerge() before training, or eval() / torch.no_grad().")
+            return F.linear(x, weight, self.bias)
+        return lora_linear(
+            x, weight, self.lora_A, self.lora_B, self.scaling, self.bias,
+            dropout_p=self.dropout, training=self.training, backend=self.backend,
+        )
+
+    def _mixed_forward(self, x: torch.Tensor, weight: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
+        """Row ``i`` of ``x`` (a sequence) gets adapter ``adapter_names[i]``; ``"__base__"`` and adapters this layer
+        does not hold get the base layer only, as in PEFT."""
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names but x has {x.shape[0]} rows "
+                             f"(x shape {tuple(x.shape)})")
+        if self.merged:
+            raise ValueError("cannot pass adapter_names to a merged layer; unmerge() first")
+        out = F.linear(x, weight, self.bias)
+        for name in dict.fromkeys(adapter_names):  # first-seen order, deterministic
+            if name == BASE or name not in self.lora_adapters:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            ad = self.lora_adapters[name]
+            sub = lora_linear(x.index_select(0, rows), weight, ad.lora_A, ad.lora_B, ad.scaling, self.bias,
+                              dropout_p=ad.dropout, training=self.training, backend=self.backend)
+            out = out.index_copy(0, rows, sub)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, active_adapter={self.active_adapter!r}, "
+                f"adapters={self.adapter_names}, fan_in_fan_out={self.fan_in_fan_out}")
+
+
+# ------------------------------------------------------------------------------------------- conversion checks
+def _unsupported_reason(layer, lora_layer_mod) -> Optional[str]:
+    """None when ``layer`` (a PEFT LoraLayer) converts exactly, else why not."""
+    if type(layer) is not lora_layer_mod.Linear:
+        return f"{type(layer).__module__}.{type(layer).__name__} is not a plain PEFT lora.Linear"
+    base = layer.base_layer
+    conv1d = _conv1d_type()
+    if type(base) is nn.Linear or (isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward):
+        if layer.fan_in_fan_out:
+            return "fan_in_fan_out=True on an nn.Linear base layer"
+    elif conv1d is not None and type(base) is conv1d:
+        if not layer.fan_in_fan_out:
+            return "Conv1D base layer with fan_in_fan_out=False"
+    else:
+        return f"base layer {type(base).__module__}.{type(base).__name__} is not an nn.Linear or Conv1D"
+    if len(layer.lora_embedding_A) > 0:
+        return "holds embedding adapters"
+    if layer.lora_variant:
+        kinds = ", ".join(f"{n}: {type(v).__name__}" for n, v in layer.lora_variant.items())
+        return f"LoRA variant ({kinds})"
+    if any(getattr(layer, "use_dora", {}).values()):
+        return "DoRA"
+    if any(layer.lora_bias.values()):
+        return "lora_bias=True"
+    if layer.merged:
+        return f"adapters {layer.merged_adapters} are merged into the base weight (unmerge_adapter() first)"
+    active = list(layer.active_adapters)
+    if len(active) != 1:
+        return f"{len(active)} adapters active at once ({active}); lora_kernels applies one"
+    if active[0] not in layer.lora_A:
+        return f"the active adapter {active[0]!r} is not in this layer (it holds {list(layer.lora_A.keys())})"
+    dtype = base.weight.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"base weight dtype {dtype} (quantized?)"
+    for name in layer.lora_A.keys():
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None:
+            return f"adapter {name!r} factors are not bias-free nn.Linear"
+        if a.weight.dtype != b.weight.dtype or (a.weight.dtype != dtype and a.weight.dtype != torch.float32):
+            return f"adapter {name!r} dtype {a.weight.dtype}/{b.weight.dtype} with base {dtype}"
+        drop = layer.lora_dropout[name]
+        if not isinstance(drop, (nn.Dropout, nn.Identity)):
+            return f"adapter {name!r} dropout module {type(drop).__name__}"
+    return None
+
+
+def unsupported_peft_layers(model: nn.Module) -> Dict[str, str]:
+    """Qualified name → reason, for every PEFT LoRA layer of ``model`` that :func:`from_peft` would leave as is."""
+    lora_layer_mod = _peft_lora()
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, lora_layer_mod.LoraLayer):
+            why = _unsupported_reason(module, lora_layer_mod)
+            if why:
+                out[name] = why
+    return out
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _tuner(model: nn.Module):
+    """The PEFT tuner (``LoraModel``) of a PeftModel, or the LoraModel itself; None for a plain module."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import LoraModel
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(model, PeftModel):
+        return model.base_model if isinstance(model.base_model, LoraModel) else None
+    return model if isinstance(model, LoraModel) else None
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True) -> nn.Module:
+    """Replace, in place, every PEFT LoRA Linear layer of ``model`` that converts exactly by a
+    :class:`PeftLoRALinear` (all its adapters kept, the active one active, dropout, rsLoRA and scaling, base bias and
+    its ``requires_grad`` as they are). Returns ``model``.
+
+    ``model`` is a ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers. Layers that cannot be
+    converted exactly are left as PEFT layers; one :class:`PeftConversionWarning` names them with the reason (set
+    ``warn=False`` to silence it; :func:`unsupported_peft_layers` returns the same list). On a ``PeftModel``,
+    ``adapter_names=[...]`` in ``forward``/``generate`` keeps giving PEFT's mixed batch. ``backend`` is passed to
+    :func:`lora_kernels.lora_linear` by every converted layer.
+    """
+    lora_layer_mod = _peft_lora()
+    skipped: Dict[str, str] = {}
+    chosen: List[Tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, PeftLoRALinear):
+            continue
+        if isinstance(module, lora_layer_mod.LoraLayer):
+            why = _unsupported_reason(module, lora_layer_mod)
+            if why:
+                skipped[name] = why
+            else:
+                chosen.append((name, module))
+    for name, module in chosen:
+        _set_child(model, name, PeftLoRALinear._from_peft_layer(module, backend))
+    tuner = _tuner(model)
+    if tuner is not None and chosen:
+        _install_mixed_batch_hooks(tuner)
+    if skipped and warn:
+        detail = "; ".join(f"{n}: {why}" for n, why in skipped.items())
+        warnings.warn(f"from_peft left {len(skipped)} PEFT layer(s) unconverted (they still run through PEFT): "
+                      f"{detail}", PeftConversionWarning, stacklevel=2)
+    return model
+
+
+def to_peft(model: nn.Module) -> nn.Module:
+    """Put back, in place, the PEFT layer of every :class:`PeftLoRALinear` of ``model``, holding the converted
+    layer's current tensors (base weight and bias, each adapter's factors, scaling, dropout probability) and its
+    active adapter. Trainable flags are kept. Returns ``model``; ``save_pretrained`` then writes PEFT's format."""
+    converted = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
+    for name, layer in converted:
+        if layer.merged:
+            raise RuntimeError(f"{name} is merged; unmerge() it before to_peft")
+    for name, layer in converted:
+        peft_layer = layer._peft_layer
+        base = peft_layer.base_layer
+        base.weight = layer.weight
+        base.bias = layer.bias
+        flags = {}
+        for ad_name, ad in layer.lora_adapters.items():
+            peft_layer.lora_A[ad_name].weight = ad.lora_A
+            peft_layer.lora_B[ad_name].weight = ad.lora_B
+            peft_layer.r[ad_name] = ad.r
+            peft_layer.lora_alpha[ad_name] = ad.alpha
+            peft_layer.scaling[ad_name] = ad.scaling
+            peft_layer.use_rslora[ad_name] = ad.use_rslora
+            peft_layer.lora_dropout[ad_name] = nn.Dropout(p=ad.dropout) if ad.dropout > 0 else nn.Identity()
+            flags[ad_name] = (ad.lora_A.requires_grad, ad.lora_B.requires_grad)
+        peft_layer.set_adapter(layer.active_adapter)  # PEFT's bookkeeping; it also resets requires_grad ...
+        peft_layer.enable_adapters(not layer.disable_adapters)
+        for ad_name, (ga, gb) in flags.items():  # ... which the converted layer's flags override
+            peft_layer.lora_A[ad_name].weight.requires_grad_(ga)
+            peft_layer.lora_B[ad_name].weight.requires_grad_(gb)
+        peft_layer.train(layer.training)
+        _set_child(model, name, peft_layer)
+    tuner = _tuner(model)
+    if tuner is not None:
+        _remove_mixed_batch_hooks(tuner)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = None) -> None:
+    """Activate adapter ``name`` in every converted layer of ``model`` and, for a PeftModel, in PEFT's layers and
+    records too. ``requires_grad``: as :meth:`PeftLoRALinear.set_adapter` (a PeftModel's own ``set_adapter`` makes
+    the active adapter trainable, so pass ``True`` to get PEFT's behaviour on the converted layers)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
+    missing = [n for n, m in layers if name not in m.lora_adapters]
+    if missing:
+        raise ValueError(f"adapter {name!r} is missing from converted layer(s) {missing}; to_peft(model) and use "
+                         "PEFT's set_adapter, which leaves such layers without adapter")
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        PeftModel = ()
+    if isinstance(model, PeftModel):
+        model.set_adapter(name)  # PEFT layers that are left, and PeftModel.active_adapter
+    for _, layer in layers:
+        layer.set_adapter(name, requires_grad=requires_grad)
+
+
+# ------------------------------------------------------------------------------------- PEFT's mixed batch
+def _install_mixed_batch_hooks(tuner) -> None:
+    """Make PeftModel.disable_adapter() reach converted layers (PEFT switches BaseTunerLayer instances only) and make ``adapter_names=[...]`` reach converted layers. PEFT's ``LoraModel._enable_peft_forward_hooks`` (used by
+    PeftModel.forward and .generate) hooks ``LoraLayer`` instances only, so converted layers would silently apply
+    the active adapter to every sequence; this instance-level replacement hooks both kinds, with PEFT's checks."""
+    if "_enable_peft_forward_hooks" in tuner.__dict__:
+        return
+    tuner._enable_peft_forward_hooks = _make_hooks_context(tuner)
+    original = type(tuner)._enable_adapter_layers
+
+    def enable_adapter_layers(enabled: bool = True) -> None:
+        original(tuner, enabled)
+        for module in tuner.modules():
+            if isinstance(module, PeftLoRALinear):
+                module.enable_adapters(enabled)
+
+    tuner._enable_adapter_layers = enable_adapter_layers
+
+
+def _remove_mixed_batch_hooks(tuner) -> None:
+    tuner.__dict__.pop("_enable_peft_forward_hooks", None)
+    tuner.__dict__.pop("_enable_adapter_layers", None)
+
+
+def _make_hooks_context(tuner):
+    original = type(tuner)._enable_peft_forward_hooks
+
+    @contextlib.contextmanager
+    def enable_hooks(*args, **kwargs):
+        adapter_names = kwargs.get("adapter_names", None)
+        converted = [m for m in tuner.modules() if isinstance(m, PeftLoRALinear)]
+        if adapter_names is None or not converted:
+            with original(tuner, *args, **kwargs):
+                yield
+            return
+        if kwargs.get("alora_offsets", None) is not None:
+            raise ValueError("alora_offsets is not supported by converted (lora_kernels) layers")
+        if tuner.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        lora_layer_mod = _peft_lora()
+        known = set()
+        targets = []
+        for module in tuner.modules():
+            if isinstance(module, PeftLoRALinear):
+                known |= set(module.lora_adapters.keys())
+                targets.append(module)
+            elif isinstance(module, lora_layer_mod.LoraLayer):
+                known |= set(module.lora_A.keys()) | set(module.lora_embedding_A.keys())
+                targets.append(module)
+        unknown = {n for n in adapter_names if n != BASE} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams", None)
+        names = list(adapter_names)
+        if isinstance(num_beams, int) and num_beams > 1:
+            names = [n for n in names for _ in range(num_beams)]  # generate repeats each input num_beams times
+
+        def pre_hook(module, args_, kwargs_):
+            kwargs_["adapter_names"] = names
+            return args_, kwargs_
+
+        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in targets]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    return enable_hooks
