@@ -1,0 +1,641 @@
+"""Triton kernels of the fused LoRA linear: ``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` and its gradients.
+
+The graph is split at the small ``S = dropout(x)·Aᵀ`` (M×r), as in LoRAFusion (arXiv 2510.00206): the memory-bound
+LoRA pieces ride inside the compute-bound base products, so no M×N (or M×K) LoRA temporary is ever written.
+
+Forward (two launches):
+  1. ``_shrink_kernel``      S = dropout(x)·Aᵀ, fp32, the dropout mask drawn in-kernel from (seed, m·K + k).
+  2. ``_fwd_kernel``         y = x·W0ᵀ + s·S·Bᵀ + bias: the fp32 accumulator of each output tile starts as the K = r
+                             product S_tile·B_tileᵀ·s, then the ordinary K loop over x and W0, bias in the epilogue.
+Backward (three launches, plus cuBLAS for dW / a torch reduction for dbias when asked):
+  3. ``_ds_db_kernel``       one pass over dY: dS = s·dY·B (M×r) and dB = s·dYᵀ·S (N×r, fp32 atomics, split over N).
+  4. ``_da_kernel``          dA = dSᵀ·dropout(x), mask regenerated from the seed (split over M, fp32 atomics).
+  5. ``_dx_kernel``          dX = dY·W0 + mask⊙(dS·A)/(1-p): accumulator initialised with the masked K = r product.
+Saved between the two: x, S (fp32) and the seed; never the mask, never x̂.
+
+Precision. Every accumulator is fp32. The base products multiply x·W0 in their own dtype (fp16/bf16 tensor cores;
+for fp32 inputs the same TF32 policy as cuBLAS: ``torch.backends.cuda.matmul.allow_tf32``). Products involving S, dS
+or fp32 adapters run on fp32 operands in TF32 when x is half precision (fp16/bf16 values are exact in TF32, so only the
+fp32 operand is rounded, to 2^-11), and follow the same policy as the base product when x is fp32. The dropout
+rescale 1/(1-p) is applied to the fp32 accumulator, never to the half-precision x, so x̂ is never rounded.
+In the Triton interpreter a bf16 ``tl.dot`` is wrong (see the project notes), so bf16 operands are upcast to fp32
+there (``UPCAST``); on a GPU they are not.
+
+Tiles. The CUDA configuration lists below are UNMEASURED starting points (this code was written on a machine without a
+GPU); a GPU session will tune them and compare with the cuBLAS path. The interpreter gets a single small configuration
+so the CPU tests stay fast and still cover several tiles, ragged edges and the split/atomic paths.
+
+cuBLAS path. ``BASE_GEMM = "cublas"`` computes the base products with cuBLAS (``addmm`` with the bias epilogue for y,
+``mm`` for dX) and lets the same two kernels add only the LoRA term onto the result in place (``BASE=False``): one
+extra read and write of y / dX, but cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than
+cuBLAS on H100 (ANCHORS.md), so the benchmark should compare both; the default stays the fused Triton kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backend
+from ..reference import lora_linear as _ref
+from ..reference.dropout import RAND_BITS, dropout_threshold
+
+# "triton": y and dX come from the fused Triton GEMMs. "cublas": cuBLAS computes the base product, the Triton kernels
+# add the LoRA term in place. Module-level so benchmarks can flip it; read on every call.
+BASE_GEMM = "triton"
+
+# Philox draws 32 bits; the mask keeps the top RAND_BITS (see reference/dropout.py), so shift away the rest.
+_RAND_SHIFT = 32 - RAND_BITS
+# Smallest K (and M, N) extent of a tl.dot operand: the tensor-core MMA shapes need 16.
+_MIN_DOT = 16
+# The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 S tile (BLOCK_M×32) and B tile
+# (32×BLOCK_N) stay small next to the main loop's buffers, and r = 16 or 32 (the common ranks) is one step.
+_PROLOGUE_MAX_R = 32
+# The skinny kernels hold all of r (up to 128) in one tile so dY / x are read once; larger r adds a grid axis.
+_SKINNY_MAX_R = 128
+# The autotune key buckets M to a power of two (capped): training with varying sequence lengths must not re-tune on
+# every new M.
+_M_BUCKET_CAP = 16384
+
+_INTERPRET_AT_IMPORT = _backend.interpreter_enabled()
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+def _gemm_configs():
+    """Autotune list of the two big GEMMs (M×N×K forward, M×K×N for dX). Unmeasured; see module docstring."""
+    if _INTERPRET_AT_IMPORT:
+        # 32 keeps the interpreter fast on test shapes (≤ 100) while still giving several tiles with ragged edges;
+        # GROUP_M = 2 exercises the grouped program order.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    # Starting points from the Triton matmul tutorial's fp16 list, plus small-M tiles for decode-sized batches.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Drop tiles much taller than the batch (M ≤ 64 gets the short tiles only); always keep at least one."""
+    bucket = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(_MIN_DOT, 2 * bucket)]
+    return kept or configs[-1:]
+
+
+# Tiles of the skinny (memory-bound) kernels: fixed, not autotuned, because their split factors depend on the tiles.
+# 64×64 half tiles plus fp32 r-tiles fit comfortably in registers at 4 warps. Unmeasured.
+_SKINNY_BLOCK = 32 if _INTERPRET_AT_IMPORT else 64
+_SKINNY_WARPS = 4
+
+
+# ---------------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _keep_mask(seed, offs_m, offs_k, K, threshold):
+    """Dropout keep mask of elements (offs_m, offs_k) of an [M, K] input: identical to reference.dropout."""
+    flat = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
+    bits = (tl.randint(seed, flat) >> 8).to(tl.int32)  # 8 == _RAND_SHIFT: top 24 of 32 bits
+    return bits >= threshold
+
+
+@triton.jit
+def _dot(a, b, acc, F32: tl.constexpr, PREC: tl.constexpr):
+    """acc + a·b, with both operands taken to fp32 first when F32 (mixed dtypes, fp32 operands, interpreter bf16)."""
+    if F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program with GROUP_M row-tiles walked together, so their column tiles share L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+    return pid_m, pid_n
+
+
+# ---------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _shrink_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, any strides
+    a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
+    s_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_K > 1 (atomics)
+    M, K, R,
+    stride_xm, stride_xk,
+    stride_ar, stride_ak,
+    seed, threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """S[m-tile, r-tile] = dropout(x)·Aᵀ over this program's share of K (grid: m-tiles, K splits, r-tiles)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    r_ok = rr < R
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_end = tl.minimum((pid_s + 1) * per_split, k_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for t in range(pid_s * per_split, t_end):
+        rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        xt = tl.load(
+            x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        if HAS_DROPOUT:
+            # Zero the dropped elements in x's own dtype (exact); 1/(1-p) is applied to the fp32 sum below.
+            xt = tl.where(_keep_mask(seed, rm, rk, K, threshold), xt, tl.zeros_like(xt))
+        at = tl.load(  # [BLOCK_K, BLOCK_R] view of A: Aᵀ tile
+            a_ptr + rr.to(tl.int64)[None, :] * stride_ar + rk.to(tl.int64)[:, None] * stride_ak,
+            mask=r_ok[None, :] & k_ok[:, None], other=0.0,
+        )
+        acc = _dot(xt, at, acc, F32, PREC)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    s_ptrs = s_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
+    if SPLIT_K == 1:
+        tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        tl.atomic_add(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K", "R", "BASE"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    restore_value=["y_ptr"],  # BASE=False adds into y: benchmarking must not compound
+)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _fwd_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, any strides
+    w_ptr,  # [N, K] x's dtype, any strides
+    s_ptr,  # [M, R] fp32 (S = dropout(x)·Aᵀ), any strides
+    b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
+    bias_ptr,  # [N] x's dtype (read only when HAS_BIAS)
+    y_ptr,  # [M, N] x's dtype out (read too when not BASE), any strides
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_sm, stride_sr,
+    stride_bn, stride_br,
+    stride_ym, stride_yn,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    BASE: tl.constexpr,  # True: y = base + LoRA (+ bias). False: y += LoRA (cuBLAS already wrote the base + bias)
+    UPCAST: tl.constexpr, PREC: tl.constexpr, LORA_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows/columns wrap onto valid ones, so operand loads need no M/N mask; those results are not stored.
+    rm_in = (rm % M).to(tl.int64)
+    rn_in = (rn % N).to(tl.int64)
+
+    # LoRA prologue: acc = s·S_tile·B_tileᵀ, a K = r product (r walked in BLOCK_R chunks).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        st = tl.load(s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < R, other=0.0)
+        bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R, other=0.0)
+        acc = _dot(st, bt, acc, True, LORA_PREC)
+    acc = acc * scale
+
+    y_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn
+    if BASE:
+        rk = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
+        w_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]: W0ᵀ tile
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                xt = tl.load(x_ptrs)
+                wt = tl.load(w_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                xt = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+                wt = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            acc = _dot(xt, wt, acc, UPCAST, PREC)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    else:
+        acc += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _ds_db_kernel(
+    dy_ptr,  # [M, N] x's dtype, any strides
+    b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
+    s_ptr,  # [M, R] fp32 (forward's S), any strides
+    ds_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_N > 1 (atomics)
+    db_ptr,  # [N, R] fp32 out, contiguous, zero-filled (atomics across m-tiles)
+    M, N, R,
+    stride_dym, stride_dyn,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    scale,
+    SPLIT_N: tl.constexpr,
+    F32: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One pass over dY (grid: m-tiles, N splits, r-tiles): dS = s·dY·B and dB += s·dYᵀ·S for each dY tile read."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    r_ok = rr < R
+    st = tl.load(
+        s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr,
+        mask=m_ok[:, None] & r_ok[None, :], other=0.0,
+    )
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, SPLIT_N)
+    t_end = tl.minimum((pid_s + 1) * per_split, n_tiles)
+    for t in range(pid_s * per_split, t_end):
+        rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        dyt = tl.load(
+            dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn.to(tl.int64)[None, :] * stride_dyn,
+            mask=m_ok[:, None] & n_ok[None, :], other=0.0,
+        )
+        bt = tl.load(
+            b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
+            mask=n_ok[:, None] & r_ok[None, :], other=0.0,
+        )
+        ds = _dot(dyt, bt, ds, F32, PREC)
+        db = _dot(tl.trans(dyt), st, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
+        tl.atomic_add(
+            db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :]
+        )
+    ds_ptrs = ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
+    if SPLIT_N == 1:
+        tl.store(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        tl.atomic_add(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _da_kernel(
+    ds_ptr,  # [M, R] fp32 (dS = s·dY·B), contiguous
+    x_ptr,  # [M, K] fp16/bf16/fp32, any strides
+    da_ptr,  # [R, K] fp32 out, contiguous; zero-filled when SPLIT_M > 1 (atomics)
+    M, K, R,
+    stride_xm, stride_xk,
+    seed, threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr,
+    SPLIT_M: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dA[r-tile, k-tile] = dSᵀ·dropout(x) over this program's share of M (grid: k-tiles, M splits, r-tiles)."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_ok = rk < K
+    r_ok = rr < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(m_tiles, SPLIT_M)
+    t_end = tl.minimum((pid_s + 1) * per_split, m_tiles)
+    for t in range(pid_s * per_split, t_end):
+        rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        dst = tl.load(ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        xt = tl.load(
+            x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        if HAS_DROPOUT:
+            xt = tl.where(_keep_mask(seed, rm, rk, K, threshold), xt, tl.zeros_like(xt))
+        acc = _dot(tl.trans(dst), xt, acc, True, PREC)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep
+    da_ptrs = da_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :]
+    if SPLIT_M == 1:
+        tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+    else:
+        tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K", "R", "BASE", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    restore_value=["dx_ptr"],  # BASE=False adds into dx: benchmarking must not compound
+)
+@triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+@triton.jit
+def _dx_kernel(
+    dy_ptr,  # [M, N] x's dtype, any strides
+    w_ptr,  # [N, K] x's dtype, any strides
+    ds_ptr,  # [M, R] fp32 (dS = s·dY·B), contiguous
+    a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
+    dx_ptr,  # [M, K] x's dtype out (read too when not BASE), contiguous
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn,
+    stride_wn, stride_wk,
+    stride_ar, stride_ak,
+    seed, threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr,
+    BASE: tl.constexpr,  # True: dX = dY·W0 + LoRA term. False: dX += LoRA term (cuBLAS already wrote dY·W0)
+    UPCAST: tl.constexpr, PREC: tl.constexpr, LORA_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    # Output tile is [BLOCK_M, BLOCK_K] of dX; the reduction runs over N. The autotune names keep the forward's
+    # meaning of BLOCK_N as "the tile along N", which here is the reduction step.
+    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm_in = (rm % M).to(tl.int64)
+    rk_in = (rk % K).to(tl.int64)
+
+    # LoRA prologue: acc = mask ⊙ (dS_tile·A_tile) / (1-p).
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        dst = tl.load(ds_ptr + rm_in[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
+        at = tl.load(a_ptr + rr[:, None] * stride_ar + rk_in[None, :] * stride_ak, mask=rr[:, None] < R, other=0.0)
+        acc = _dot(dst, at, acc, True, LORA_PREC)
+    if HAS_DROPOUT:
+        acc = tl.where(_keep_mask(seed, rm, rk, K, threshold), acc * inv_keep, 0.0)
+
+    dx_mask = (rm[:, None] < M) & (rk[None, :] < K)
+    dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * K + rk.to(tl.int64)[None, :]
+    if BASE:
+        rn = tl.arange(0, BLOCK_N)
+        dy_ptrs = dy_ptr + rm_in[:, None] * stride_dym + rn[None, :] * stride_dyn
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk_in[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+        for n in range(0, tl.cdiv(N, BLOCK_N)):
+            if EVEN_N:
+                dyt = tl.load(dy_ptrs)
+                wt = tl.load(w_ptrs)
+            else:
+                n_left = N - n * BLOCK_N
+                dyt = tl.load(dy_ptrs, mask=rn[None, :] < n_left, other=0.0)
+                wt = tl.load(w_ptrs, mask=rn[:, None] < n_left, other=0.0)
+            acc = _dot(dyt, wt, acc, UPCAST, PREC)
+            dy_ptrs += BLOCK_N * stride_dyn
+            w_ptrs += BLOCK_N * stride_wn
+    else:
+        acc += tl.load(dx_ptrs, mask=dx_mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+# -------------------------------------------------------------------------------------------------------- launchers
+def _device_ctx(t: torch.Tensor):
+    """Launch on the tensors' GPU, not on whichever GPU is current; nothing to do on the CPU (interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(t: torch.Tensor) -> int:
+    """How many programs the split kernels aim for: two per SM on a GPU; in the interpreter 2, so splits happen."""
+    if t.device.type != "cuda":
+        return 2
+    return 2 * _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _split(work_tiles: int, other_programs: int, target: int) -> int:
+    """Split factor of a reduction over work_tiles tiles so that other_programs · split reaches the target."""
+    return max(1, min(work_tiles, triton.cdiv(target, max(1, other_programs)), 64))
+
+
+def _precisions(dtype: torch.dtype):
+    """(UPCAST, PREC, LORA_PREC): see the module docstring."""
+    fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    upcast = dtype == torch.bfloat16 and _backend.interpreter_enabled()
+    if dtype == torch.float32:
+        return upcast, fp32_prec, fp32_prec
+    return upcast, "tf32", "tf32"  # PREC is unused by half-precision operands; LoRA fp32 operands use TF32
+
+
+def _r_block(R: int, cap: int) -> int:
+    return max(_MIN_DOT, min(triton.next_power_of_2(R), cap))
+
+
+def _dropout_args(dropout_p: float, seed: int):
+    """(HAS_DROPOUT, seed, threshold, 1/(1-p)) for the kernels; p = 0 compiles the mask away."""
+    if dropout_p <= 0.0:
+        return False, 0, 0, 1.0
+    return True, int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def _m_bucket(M: int) -> int:
+    return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
+
+
+def lora_shrink_s(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """S = dropout(x)·Aᵀ, fp32 [M, r]. x [M, K] (any strides), lora_A [r, K]."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    has_drop, seed, threshold, inv_keep = _dropout_args(dropout_p, seed)
+    upcast, _, lora_prec = _precisions(x.dtype)
+    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
+    block_r = _r_block(R, _SKINNY_MAX_R)
+    m_tiles, r_tiles, k_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(K, _SKINNY_BLOCK)
+    split_k = _split(k_tiles, m_tiles * r_tiles, _target_programs(x))
+    s_mat = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
+    same = lora_A.dtype == x.dtype and not upcast
+    with _device_ctx(x):
+        _shrink_kernel[(m_tiles, split_k, r_tiles)](
+            x, lora_A, s_mat,
+            M, K, R,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+            seed, threshold, inv_keep,
+            HAS_DROPOUT=has_drop, SPLIT_K=split_k,
+            F32=not same, PREC=lora_prec,
+            BLOCK_M=block_m, BLOCK_K=_SKINNY_BLOCK, BLOCK_R=block_r,
+            num_warps=_SKINNY_WARPS,
+        )
+    return s_mat
+
+
+def lora_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+):
+    """Same contract as ``reference.lora_linear.lora_linear_forward``: ``(y [M, N] in x.dtype, S [M, r] fp32)``."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    if M == 0 or N == 0 or K == 0:
+        return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    s_mat = lora_shrink_s(x, lora_A, dropout_p, seed)
+    upcast, prec, lora_prec = _precisions(x.dtype)
+    base = BASE_GEMM != "cublas"
+    if base:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    elif bias is not None:
+        y = torch.addmm(bias, x, weight.t())
+    else:
+        y = torch.mm(x, weight.t())
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    with _device_ctx(x):
+        _fwd_kernel[grid](
+            x, weight, s_mat, lora_B, bias if bias is not None else y, y,
+            M, N, K, R, _m_bucket(M),
+            x.stride(0), x.stride(1),
+            weight.stride(0), weight.stride(1),
+            s_mat.stride(0), s_mat.stride(1),
+            lora_B.stride(0), lora_B.stride(1),
+            y.stride(0), y.stride(1),
+            float(scale),
+            HAS_BIAS=bias is not None and base,
+            BASE=base,
+            UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
+            BLOCK_R=_r_block(R, _PROLOGUE_MAX_R),
+        )
+    return y, s_mat
+
+
+def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: float):
+    """(dS [M, r] fp32, dB [N, r] fp32) from one pass over dY."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    upcast, _, lora_prec = _precisions(dy.dtype)
+    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
+    block_n = _SKINNY_BLOCK
+    block_r = _r_block(R, _SKINNY_MAX_R)
+    m_tiles, r_tiles, n_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
+    split_n = _split(n_tiles, m_tiles * r_tiles, _target_programs(dy))
+    d_s = (torch.zeros if split_n > 1 else torch.empty)((M, R), dtype=torch.float32, device=dy.device)
+    d_b = torch.zeros((N, R), dtype=torch.float32, device=dy.device)
+    same = lora_B.dtype == dy.dtype and not upcast
+    with _device_ctx(dy):
+        _ds_db_kernel[(m_tiles, split_n, r_tiles)](
+            dy, lora_B, s_mat, d_s, d_b,
+            M, N, R,
+            dy.stride(0), dy.stride(1),
+            lora_B.stride(0), lora_B.stride(1),
+            s_mat.stride(0), s_mat.stride(1),
+            float(scale),
+            SPLIT_N=split_n,
+            F32=not same, PREC=lora_prec,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            num_warps=_SKINNY_WARPS,
+        )
+    return d_s, d_b
+
+
+def _da(d_s: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """dA = dSᵀ·dropout(x), fp32 [r, K]."""
+    M, K = x.shape
+    R = d_s.shape[1]
+    has_drop, seed, threshold, inv_keep = _dropout_args(dropout_p, seed)
+    _, _, lora_prec = _precisions(x.dtype)
+    block_k = _SKINNY_BLOCK
+    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
+    block_r = _r_block(R, _SKINNY_MAX_R)
+    k_tiles, r_tiles, m_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(M, block_m)
+    split_m = _split(m_tiles, k_tiles * r_tiles, _target_programs(x))
+    d_a = (torch.zeros if split_m > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
+    with _device_ctx(x):
+        _da_kernel[(k_tiles, split_m, r_tiles)](
+            d_s, x, d_a,
+            M, K, R,
+            x.stride(0), x.stride(1),
+            seed, threshold, inv_keep,
+            HAS_DROPOUT=has_drop, SPLIT_M=split_m, PREC=lora_prec,
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+            num_warps=_SKINNY_WARPS,
+        )
+    return d_a
+
+
+def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int):
+    """dX = dY·W0 + mask ⊙ (dS·A)/(1-p), x's dtype, contiguous [M, K]."""
+    M, N = dy.shape
+    K, R = weight.shape[1], lora_A.shape[0]
+    has_drop, seed, threshold, inv_keep = _dropout_args(dropout_p, seed)
+    upcast, prec, lora_prec = _precisions(dy.dtype)
+    base = BASE_GEMM != "cublas"
+    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if base else torch.mm(dy, weight)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    with _device_ctx(dy):
+        _dx_kernel[grid](
+            dy, weight, d_s, lora_A, dx,
+            M, N, K, R, _m_bucket(M),
+            dy.stride(0), dy.stride(1),
+            weight.stride(0), weight.stride(1),
+            lora_A.stride(0), lora_A.stride(1),
+            seed, threshold, inv_keep,
+            HAS_DROPOUT=has_drop, BASE=base,
+            UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
+            BLOCK_R=_r_block(R, _PROLOGUE_MAX_R),
+        )
+    return dx
+
+
+def lora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    s_mat: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    needs_dx: bool = True,
+    needs_dweight: bool = False,
+    needs_dbias: bool = False,
+):
+    """Same contract as ``reference.lora_linear.lora_linear_backward``: ``(dx, dA, dB, dweight, dbias)``.
+
+    dX, dA, dB come from the kernels above; dW = dYᵀ·x (only when asked) and dbias = Σ_m dY are left to cuBLAS / torch.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    if M == 0 or N == 0 or K == 0:
+        return _ref.lora_linear_backward(
+            dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
+        )
+    d_s, d_b = _ds_db(dy, lora_B, s_mat, scale)
+    d_a = _da(d_s, x, dropout_p, seed)
+    dx = _dx(dy, weight, d_s, lora_A, dropout_p, seed) if needs_dx else None
+    dw = torch.mm(dy.t(), x) if needs_dweight else None
+    dbias = dy.sum(0, dtype=torch.float32) if needs_dbias else None
+    return dx, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), dw, dbias
