@@ -1,0 +1,429 @@
+"""Batched multi-adapter LoRA ops: :func:`lora_shrink`, :func:`lora_expand` and :func:`multi_lora_linear`.
+
+Each token (row of x) uses the adapter in its pool slot (:class:`lora_kernels.LoRABatch`), ``-1`` = none::
+
+    y = x·Wᵀ + bias,   y[m, slice s] += scales[slot_m, s] · (x[m]·A[slot_m, s]ᵀ)·B[slot_m, s]ᵀ
+
+Layers of this file: input checks; backend choice; two ``torch.library`` custom ops with fake implementations
+(``lora_kernels::lora_shrink`` writes ``out``, ``lora_kernels::lora_expand`` adds into ``y``) plus
+``lora_kernels::lora_fused_expand`` (shrink and expand in one kernel for decode sizes, adds into ``y``); and the
+public functions. Inference only: no autograd is registered (the pool holds no trainable parameters).
+
+No host synchronisation on the way from :func:`multi_lora_linear` to the kernels: the grid depends only on host ints
+(M, L, slices, the batch's capacity), so a step can be captured in a CUDA graph and replayed after
+``batch.prepare_(new_ids)``. The one host-side shortcut (an eager batch whose ids, known on the host, name no adapter
+launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or capturing.
+
+Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend`): "torch" is the reference
+(:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the kernels of
+:mod:`lora_kernels.triton.multi_lora`. **Hook for "cuda":** ``_CHECKS["cuda"]`` imports :mod:`lora_kernels.cuda` and
+accepts it when ``cuda_ops_available()`` returns None and the module defines ``multi_lora_shrink``,
+``multi_lora_expand`` (and optionally ``multi_lora_fused``) with exactly the signatures of the Triton launchers:
+
+- ``multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices: int,
+  tile_m: int)``: x ``[M, K]`` fp16/bf16/fp32 (any strides); A_stack ``[L, S·R, K]`` pool dtype; ranks ``[L]`` int32
+  (0 = empty slot); token_slots ``[cap]`` int32 (-1 = none, may hold any value); sorted_tokens ``[cap]`` int32 (token
+  indices sorted by slot); sorted_slots ``[cap]`` int32 (their slots, 2^31-1 = none); tile_starts ``[cap+1]`` int32
+  (start of each tile of ≤ tile_m same-slot entries in the sorted list, -1 past the end); out ``[M, S·R]`` fp32, to be
+  fully written (zeros where no adapter applies). R = S·R // num_slices.
+- ``multi_lora_expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y,
+  slices: list[int], tile_m: int)``: s ``[M, S·R]`` fp32; B_stack ``[L, N, R]`` pool dtype (slice s at rows
+  off_s..off_s+N_s-1); scales ``[L, S]`` fp32; y ``[M, N]`` (any strides), updated in place.
+- ``multi_lora_fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y,
+  slices, tile_m)``: both at once.
+
+Every backend must treat a slot < 0, ≥ L, or of rank 0 as "no adapter" and never read outside the pool; token indices
+≥ M in the sorted list are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ..pool import AdapterPool, LoRABatch
+from ..reference import multi_lora as _ref
+from ._validate import check_same_device, check_tensor, shape
+
+# Decode sizes: at most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer, no
+# zeroing; each output block recomputes its tile's shrink from L2). Not yet measured on a GPU: a guess from the byte
+# counts (A is 128 KiB at K = 4096, r = 16: re-reading it per output block stays cheap while tiles are few).
+FUSED_MAX_TOKENS = 16
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+def _in_graph_or_compile(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _batch_fields(batch: LoRABatch):
+    return batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts
+
+
+def check_ids(batch: LoRABatch, num_slots: int, host_ranks: Optional[Sequence[int]], M: int, what: str) -> None:
+    """Raise ValueError naming every token id that is neither -1 nor a loaded slot, or when the batch's token count
+    differs from M. Uses the host copy of the ids when there is one (no sync), else reads them back (syncs)."""
+    if batch.num_tokens != M:
+        raise ValueError(
+            f"{what}: the batch was prepared for {batch.num_tokens} tokens but the input has {M} rows; prepare "
+            "one id per token (pad with -1)"
+        )
+    ids = batch.host_slots if batch.host_slots is not None else batch.token_slots[: batch.num_tokens].cpu()
+    ids = ids.to(torch.int64)
+    bad_range = (ids < -1) | (ids >= num_slots)
+    if host_ranks is not None:
+        ranks = torch.tensor(list(host_ranks) + [1], dtype=torch.int64)  # index -1 → the appended 1: always fine
+        safe = torch.where(bad_range, torch.full_like(ids, -1), ids)
+        bad_empty = ~bad_range & (ranks[safe] == 0)
+    else:
+        bad_empty = torch.zeros_like(bad_range)
+    bad = bad_range | bad_empty
+    if bool(bad.any()):
+        pos = bad.nonzero().flatten().tolist()
+        shown = ", ".join(f"token {p}: {int(ids[p])}" for p in pos[:20]) + (" ..." if len(pos) > 20 else "")
+        parts = []
+        if bool(bad_range.any()):
+            parts.append(f"ids outside -1..{num_slots - 1}")
+        if bool(bad_empty.any()):
+            parts.append("ids of empty (unloaded) slots")
+        raise ValueError(f"{what}: {' and '.join(parts)} ({shown}); use -1 for tokens without adapter")
+
+
+def _check_batch(batch) -> None:
+    if not isinstance(batch, LoRABatch):
+        raise TypeError(f"batch must be a LoRABatch, got {type(batch).__name__}")
+
+
+def _normalize_scales(scales, L: int, S: int, device) -> torch.Tensor:
+    if isinstance(scales, torch.Tensor):
+        if scales.shape not in ((L,), (L, S)):
+            raise ValueError(f"scales must be [L={L}] or [L, S]={(L, S)}, got {shape(scales)}")
+        if scales.dtype != torch.float32:
+            raise TypeError(f"scales must be float32, got {scales.dtype}")
+        return scales.reshape(L, 1).expand(L, S).contiguous() if scales.dim() == 1 and S > 1 else scales.reshape(L, S)
+    if isinstance(scales, bool) or not isinstance(scales, (int, float)):
+        raise TypeError(f"scales must be a float32 tensor [L] or [L, S], or a float, got {type(scales).__name__}")
+    return torch.full((L, S), float(scales), dtype=torch.float32, device=device)
+
+
+def _normalize_ranks(ranks, L: int, R: int, device) -> torch.Tensor:
+    if ranks is None:
+        return torch.full((L,), R, dtype=torch.int32, device=device)
+    check_tensor("ranks", ranks, ndim=1, dtypes=(torch.int32,))
+    if ranks.shape[0] != L:
+        raise ValueError(f"ranks must be [L={L}] int32, got {shape(ranks)}")
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------------------- backends
+def _torch_ok(x, *tensors) -> Optional[str]:
+    return None
+
+
+def _triton_ok(x, *tensors) -> Optional[str]:
+    why = _backend.triton_device_reason(x, *tensors)
+    if why:
+        return why
+    if any(t is not None and t.dtype == torch.float64 for t in (x,) + tensors):
+        return "float64 is not supported by the Triton kernels"
+    return None
+
+
+def _cuda_ok(x, *tensors) -> Optional[str]:
+    if x.device.type != "cuda":
+        return "tensors are not on a CUDA device"
+    try:
+        from .. import cuda as cuda_ext  # written separately; may be absent
+    except ImportError as exc:
+        return f"lora_kernels.cuda is not importable ({exc})"
+    why = cuda_ext.cuda_ops_available()
+    if why:
+        return why
+    if not (hasattr(cuda_ext, "multi_lora_shrink") and hasattr(cuda_ext, "multi_lora_expand")):
+        return "the CUDA extension has no multi-adapter kernels"
+    return None
+
+
+_CHECKS = {"torch": _torch_ok, "triton": _triton_ok, "cuda": _cuda_ok}
+
+
+def _auto_order(x: torch.Tensor):
+    # "auto": the Triton kernels on CUDA (the CUDA extension when Triton is unavailable), the reference elsewhere.
+    return ("triton", "cuda", "torch") if x.device.type == "cuda" else ("torch",)
+
+
+def resolve_backend(op: str, backend: Optional[str], x, *tensors) -> str:
+    return _backend.select(op, backend, _CHECKS, _auto_order(x), x, *tensors)
+
+
+def _impl(name: str, fn: str):
+    if name == "triton":
+        from ..triton import multi_lora as tri
+
+        return {"shrink": tri.shrink, "expand": tri.expand, "fused": tri.fused}[fn]
+    if name == "cuda":
+        from .. import cuda as cuda_ext
+
+        return getattr(cuda_ext, "multi_lora_" + fn)
+    raise AssertionError(name)
+
+
+# ------------------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=("out",))
+def _shrink_op(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    out: torch.Tensor,
+    num_slices: int,
+    tile_m: int,
+    backend: str,
+) -> None:
+    if backend == "torch":
+        _ref.lora_shrink(x, A_stack, token_slots, ranks, num_slices, out=out)
+        return
+    _impl(backend, "shrink")(
+        x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m
+    )
+
+
+@_shrink_op.register_fake
+def _shrink_fake(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m,
+                 backend):
+    return None
+
+
+@torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
+def _expand_op(
+    s: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    y: torch.Tensor,
+    slices: List[int],
+    tile_m: int,
+    backend: str,
+) -> None:
+    if backend == "torch":
+        _ref.lora_expand(s, B_stack, token_slots, ranks, scales, y, slices)
+        return
+    _impl(backend, "expand")(
+        s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m
+    )
+
+
+@_expand_op.register_fake
+def _expand_fake(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m,
+                 backend):
+    return None
+
+
+@torch.library.custom_op("lora_kernels::lora_fused_expand", mutates_args=("y",))
+def _fused_op(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    y: torch.Tensor,
+    slices: List[int],
+    tile_m: int,
+    backend: str,
+) -> None:
+    if backend == "torch":
+        s = _ref.lora_shrink(x, A_stack, token_slots, ranks, len(slices))
+        _ref.lora_expand(s, B_stack, token_slots, ranks, scales, y, slices)
+        return
+    _impl(backend, "fused")(
+        x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m
+    )
+
+
+@_fused_op.register_fake
+def _fused_fake(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices,
+                tile_m, backend):
+    return None
+
+
+def _view_2d(name: str, t: torch.Tensor, cols: int) -> torch.Tensor:
+    """[..., cols] → a [M, cols] *view* (the ops write through it)."""
+    if t.shape[-1] != cols:
+        raise ValueError(f"{name} must be [..., {cols}], got {shape(t)}")
+    try:
+        return t.view(-1, cols)
+    except RuntimeError:
+        raise ValueError(f"{name} {shape(t)} with strides {t.stride()} cannot be viewed as 2-D; pass a contiguous "
+                         "tensor") from None
+
+
+# ------------------------------------------------------------------------------------------------------------ public
+def lora_shrink(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    batch: LoRABatch,
+    out: torch.Tensor,
+    ranks: Optional[torch.Tensor] = None,
+    num_slices: int = 1,
+    backend: Optional[str] = None,
+    check: Optional[bool] = None,
+) -> torch.Tensor:
+    """``out[m, s·R + j] = x[m]·A_stack[slot_m, s·R + j]`` for ``j < ranks[slot_m]``, zero elsewhere; returns out.
+
+    x ``[..., K]``; A_stack ``[L, S·R, K]`` (``AdapterPool.A_stack``); out ``[..., S·R]`` float32 (float64 for
+    float64 x with the torch backend), fully overwritten; ranks ``[L]`` int32 (default: R for every slot, i.e. no
+    empty slots); ``num_slices`` = S. ``check`` (default: on in eager mode, off while compiling or capturing) raises on
+    ids outside ``-1..L-1`` or naming an empty slot; the kernels ignore such ids either way.
+    """
+    _check_batch(batch)
+    check_tensor("x", x)
+    check_tensor("A_stack", A_stack, ndim=3)
+    check_tensor("out", out, dtypes=(torch.float32, torch.float64))
+    if not isinstance(num_slices, int) or num_slices <= 0 or A_stack.shape[1] % num_slices:
+        raise ValueError(f"num_slices={num_slices!r} must be a positive int dividing A_stack.shape[1] ({shape(A_stack)})")
+    L, SR, K = A_stack.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x must be [..., K={K}] to match A_stack {shape(A_stack)}, got {shape(x)}")
+    x2 = x.reshape(-1, K)
+    out2 = _view_2d("out", out, SR)
+    if out2.shape[0] != x2.shape[0]:
+        raise ValueError(f"out must have one row per token of x: out {shape(out)}, x {shape(x)}")
+    ranks = _normalize_ranks(ranks, L, SR // num_slices, A_stack.device)
+    check_same_device(x=x, A_stack=A_stack, out=out, ranks=ranks, batch=batch.token_slots)
+    if check is None:
+        check = not _in_graph_or_compile(x)
+    if check:
+        host_ranks = ranks.tolist() if ranks is not None else None
+        check_ids(batch, L, host_ranks, x2.shape[0], "lora_shrink")
+    name = resolve_backend("lora_shrink", backend, x2, A_stack, out)
+    _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, batch.tile_m, name)
+    return out
+
+
+def lora_expand(
+    s: torch.Tensor,
+    B_stack: torch.Tensor,
+    batch: LoRABatch,
+    y: torch.Tensor,
+    scales,
+    slices: Optional[Sequence[int]] = None,
+    ranks: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+    check: Optional[bool] = None,
+) -> torch.Tensor:
+    """``y[m, slice i] += scales[slot_m, i] · s[m, i·R : i·R+rank]·B_stack[slot_m, slice i, :rank]ᵀ`` in place;
+    returns y.
+
+    s ``[..., S·R]`` float32 (the shrink output); B_stack ``[L, N, R]`` (``AdapterPool.B_stack``: the per-slice B
+    stacks concatenated along N); y ``[..., N]``; scales float32 ``[L]`` or ``[L, S]`` or a float; ``slices``: the
+    widths ``N_0..N_{S-1}`` (sum N, at most 4; default one slice of N); ranks as in :func:`lora_shrink`.
+    """
+    _check_batch(batch)
+    check_tensor("s", s, dtypes=(torch.float32, torch.float64))
+    check_tensor("B_stack", B_stack, ndim=3)
+    check_tensor("y", y)
+    L, N, R = B_stack.shape
+    slices = [N] if slices is None else [int(n) for n in slices]
+    if not 1 <= len(slices) <= 4 or any(n <= 0 for n in slices) or sum(slices) != N:
+        raise ValueError(f"slices={slices} must be 1 to 4 positive widths summing to B_stack.shape[1]={N}")
+    S = len(slices)
+    if s.shape[-1] != S * R:
+        raise ValueError(f"s must be [..., S·R={S * R}] (S={S} slices, R={R}), got {shape(s)}")
+    s2 = s.reshape(-1, S * R)
+    y2 = _view_2d("y", y, N)
+    if s2.shape[0] != y2.shape[0]:
+        raise ValueError(f"s and y must have the same tokens: s {shape(s)}, y {shape(y)}")
+    ranks = _normalize_ranks(ranks, L, R, B_stack.device)
+    scales = _normalize_scales(scales, L, S, B_stack.device)
+    check_same_device(s=s, B_stack=B_stack, y=y, ranks=ranks, scales=scales, batch=batch.token_slots)
+    if check is None:
+        check = not _in_graph_or_compile(y)
+    if check:
+        check_ids(batch, L, ranks.tolist(), y2.shape[0], "lora_expand")
+    name = resolve_backend("lora_expand", backend, y2, s2, B_stack)
+    _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices, batch.tile_m, name)
+    return y
+
+
+def validate_linear(x, weight, bias, pool: AdapterPool) -> None:
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
+    N, K = pool.out_features, pool.in_features
+    if weight.shape != (N, K):
+        raise ValueError(f"weight must be [out_features={N}, in_features={K}] to match {pool!r}, got {shape(weight)}")
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must be [..., in_features={K}], got {shape(x)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias must be [{N}], got {shape(bias)}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"x ({x.dtype}), weight ({weight.dtype}) and bias must share a dtype")
+    if pool.dtype != x.dtype and pool.dtype != torch.float32:
+        raise TypeError(f"the pool's dtype {pool.dtype} must be x's dtype {x.dtype} or float32")
+    check_same_device(x=x, weight=weight, bias=bias, pool=pool.A_stack)
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    pool: AdapterPool,
+    batch: LoRABatch,
+    backend: Optional[str] = None,
+    check: Optional[bool] = None,
+    fused: Optional[bool] = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` plus, for every token, the LoRA of its pool slot (none for -1).
+
+    x ``[..., K]`` with one batch id per flattened row; weight ``[N, K]`` and bias ``[N]`` in x's dtype; the pool in
+    x's dtype or float32. Returns ``[..., N]``. No autograd (inference). ``check`` as in :func:`lora_shrink`.
+    ``fused``: one kernel for shrink and expand (default: when there are at most
+    ``FUSED_MAX_TOKENS`` tokens); otherwise shrink into an fp32 buffer then expand.
+    An eager call whose ids (given on the host) name no adapter runs only F.linear.
+    """
+    _check_batch(batch)
+    validate_linear(x, weight, bias, pool)
+    K, N = pool.in_features, pool.out_features
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    check_same_device(x=x, batch=batch.token_slots)
+    traced = _in_graph_or_compile(x)
+    if check is None:
+        check = not traced
+    if check:
+        check_ids(batch, pool.max_adapters, pool.host_ranks, M, "multi_lora_linear")
+    name = resolve_backend("multi_lora_linear", backend, x2, weight, pool.A_stack)
+    y = F.linear(x2, weight, bias)
+    if not traced and batch.has_adapter is False:
+        return y.reshape(*x.shape[:-1], N)
+    slices = list(pool.slices)
+    fields = _batch_fields(batch)
+    if fused is None:
+        fused = M <= FUSED_MAX_TOKENS
+    if fused:
+        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, batch.tile_m, name)
+    else:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        s = torch.empty(M, pool.num_slices * pool.max_rank, dtype=acc, device=x.device)
+        _shrink_op(x2, pool.A_stack, pool.ranks, *fields, s, pool.num_slices, batch.tile_m, name)
+        _expand_op(s, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, batch.tile_m, name)
+    return y.reshape(*x.shape[:-1], N)

@@ -1,0 +1,399 @@
+"""State for serving many LoRA adapters at once: :class:`AdapterPool` (preallocated adapter stacks of one layer) and
+:class:`LoRABatch` (which adapter each token of a step uses, sorted once and shared by every layer).
+
+No math here beyond bookkeeping; the ops are in :mod:`lora_kernels.ops.multi_lora`.
+
+Pool layout (``L`` = max_adapters slots, ``R`` = max_rank, ``S`` output slices of widths ``N_0 .. N_{S-1}``, ``N`` =
+their sum, ``K`` = in_features), all device tensors allocated once:
+
+- ``A_stack [L, S·R, K]`` (pool dtype): slice ``s`` of slot ``l`` uses rows ``s·R .. s·R + rank - 1``. One A per slice
+  because PEFT gives q, k and v (or gate and up) each their own ``lora_A``; one tensor so one launch covers them all.
+- ``B_stack [L, N, R]`` (pool dtype): slice ``s`` owns rows ``off_s .. off_s + N_s - 1`` (``off_s = Σ_{i<s} N_i``), so
+  each slice's B stack is the view ``B_stack[:, off_s:off_s + N_s]`` (:attr:`AdapterPool.B_slices`) and unequal widths
+  (GQA q|k|v) cost nothing.
+- ``ranks [L]`` int32, 0 for an empty slot; ``scales [L, S]`` float32 (α/r or α/√r, per slice so per-slice ranks or
+  alphas stay exact).
+- Host side: name → slot dict and a host copy of ``ranks`` (so eager id checks need no device sync).
+
+Padding rows/columns are zero and are never read: kernels clamp every loop to the slot's own rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .ops._validate import FLOAT_DTYPES, shape
+
+MAX_SLICES = 4  # q|k|v needs 3, gate|up 2; the Triton expand kernel takes the widths as 4 scalars.
+
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_float_list(name: str, value, n: int) -> List[float]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries but the pool has {n} output slices")
+        vals = [float(v) for v in value]
+    else:
+        vals = [float(value)] * n
+    for v in vals:
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    return vals
+
+
+class AdapterPool:
+    """Preallocated stacks holding up to ``max_adapters`` LoRA adapters of one linear layer (see the module docstring
+    for the layout).
+
+    ``out_features`` is an int, or a list of widths for a fused projection (``[q, k, v]``, ``[gate, up]``): one output
+    slice per entry, each with its own A and B per adapter. Adapters of any rank ``1..max_rank`` share the pool.
+    """
+
+    def __init__(
+        self,
+        max_adapters: int,
+        max_rank: int,
+        in_features: int,
+        out_features: Union[int, Sequence[int]],
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ):
+        for name, v in (("max_adapters", max_adapters), ("max_rank", max_rank), ("in_features", in_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(out_features, int) and not isinstance(out_features, bool):
+            slices = (out_features,)
+        else:
+            slices = tuple(out_features)
+        if not slices or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in slices):
+            raise ValueError(f"out_features must be a positive int or a non-empty list of them, got {out_features!r}")
+        if len(slices) > MAX_SLICES:
+            raise ValueError(f"out_features has {len(slices)} slices; at most {MAX_SLICES} are supported")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype {dtype} is not a float dtype")
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        self.in_features = in_features
+        self.slices = slices
+        self.out_features = sum(slices)
+        self.dtype = dtype
+        L, R, S = max_adapters, max_rank, len(slices)
+        factory = {"dtype": dtype, "device": device}
+        self.A_stack = torch.zeros(L, S * R, in_features, **factory)
+        self.B_stack = torch.zeros(L, self.out_features, R, **factory)
+        self.ranks = torch.zeros(L, dtype=torch.int32, device=device)
+        self.scales = torch.zeros(L, S, dtype=torch.float32, device=device)
+        self._host_ranks = [0] * L
+        self._slot_of: Dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.A_stack.device
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slices)
+
+    @property
+    def slice_offsets(self) -> List[int]:
+        """``[0, N_0, N_0 + N_1, …, N]``."""
+        offs = [0]
+        for n in self.slices:
+            offs.append(offs[-1] + n)
+        return offs
+
+    @property
+    def B_slices(self) -> List[torch.Tensor]:
+        """Per-slice B stacks ``[L, N_s, R]`` (views into ``B_stack``)."""
+        offs = self.slice_offsets
+        return [self.B_stack[:, offs[i] : offs[i + 1]] for i in range(self.num_slices)]
+
+    @property
+    def names(self) -> Dict[str, int]:
+        """Loaded adapters: name → slot (a copy)."""
+        return dict(self._slot_of)
+
+    @property
+    def host_ranks(self) -> List[int]:
+        """Rank of each slot (0 = empty), kept on the host so id checks need no device sync."""
+        return list(self._host_ranks)
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._slot_of
+
+    def slot_of(self, name: str) -> int:
+        """The slot of a loaded adapter (the id to put in a :class:`LoRABatch`)."""
+        try:
+            return self._slot_of[name]
+        except KeyError:
+            loaded = ", ".join(sorted(self._slot_of)) or "(none)"
+            raise KeyError(f"adapter {name!r} is not loaded; loaded: {loaded}") from None
+
+    def free_slots(self) -> List[int]:
+        return [i for i, r in enumerate(self._host_ranks) if r == 0]
+
+    def __repr__(self) -> str:
+        return (
+            f"AdapterPool(max_adapters={self.max_adapters}, max_rank={self.max_rank}, in_features={self.in_features}, "
+            f"out_features={list(self.slices) if self.num_slices > 1 else self.slices[0]}, dtype={self.dtype}, "
+            f"device={self.device}, loaded={len(self)})"
+        )
+
+    # ------------------------------------------------------------------------------------------------ load/unload
+    def _per_slice(self, what: str, t: TensorOrList, split_rows: bool) -> List[torch.Tensor]:
+        S = self.num_slices
+        if isinstance(t, torch.Tensor):
+            if S == 1:
+                return [t]
+            if not split_rows:
+                return [t] * S  # one lora_A shared by every slice (a LoRA on a fused projection)
+            if t.dim() != 2 or t.shape[0] != self.out_features:
+                raise ValueError(
+                    f"{what} must be [out_features={self.out_features}, r] (or a list of {S} per-slice tensors), "
+                    f"got {shape(t)}"
+                )
+            return list(torch.split(t, list(self.slices), dim=0))
+        parts = list(t)
+        if len(parts) != S:
+            raise ValueError(f"{what} is a list of {len(parts)} tensors but the pool has {S} output slices")
+        return parts
+
+    def load(
+        self,
+        name: str,
+        lora_A: TensorOrList,
+        lora_B: TensorOrList,
+        alpha: Union[None, float, Sequence[float]] = None,
+        use_rslora: bool = False,
+        scale: Union[None, float, Sequence[float]] = None,
+        slot: Optional[int] = None,
+    ) -> int:
+        """Copy an adapter into a free slot and return the slot.
+
+        ``lora_A [r, K]`` and ``lora_B [N, r]`` (PEFT's ``lora_A.weight`` / ``lora_B.weight``). For a sliced pool,
+        lists of one ``[r_s, K]`` and one ``[N_s, r_s]`` per slice (ranks may differ per slice: each is zero-padded to
+        the largest, which is exact); a single ``lora_A`` is shared by every slice and a single ``lora_B [N, r]`` is
+        split by the slice widths. Scale per slice: ``scale`` if given, else ``alpha/r_s`` (``alpha/√r_s`` with
+        ``use_rslora``), ``alpha`` defaulting to ``r_s`` (scale 1). ``slot``: a specific free slot (so that every layer
+        of a model can use the same slot for one adapter); default the lowest free one.
+
+        Raises (and leaves the pool unchanged) when the name is taken, a shape or dtype is wrong, a rank is 0 or above
+        ``max_rank``, a value is not finite, or no slot is free.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if name in self._slot_of:
+            raise ValueError(f"adapter {name!r} is already loaded in slot {self._slot_of[name]}; unload it first")
+        K, R, S = self.in_features, self.max_rank, self.num_slices
+        a_parts = self._per_slice("lora_A", lora_A, split_rows=False)
+        b_parts = self._per_slice("lora_B", lora_B, split_rows=True)
+        ranks = []
+        for i, (a, b) in enumerate(zip(a_parts, b_parts)):
+            tag = f"[slice {i}]" if S > 1 else ""
+            for what, t in ((f"lora_A{tag}", a), (f"lora_B{tag}", b)):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+                if t.dim() != 2:
+                    raise ValueError(f"{what} must be 2-D, got shape {shape(t)}")
+                if t.dtype not in FLOAT_DTYPES:
+                    raise TypeError(f"{what} has dtype {t.dtype}; expected a float dtype")
+            r = a.shape[0]
+            if a.shape[1] != K:
+                raise ValueError(f"lora_A{tag} must be [r, in_features={K}], got {shape(a)}")
+            if r == 0 or r > R:
+                raise ValueError(f"lora_A{tag} has rank {r}; this pool holds ranks 1..max_rank={R}")
+            if b.shape != (self.slices[i], r):
+                raise ValueError(f"lora_B{tag} must be [out_features={self.slices[i]}, r={r}], got {shape(b)}")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"adapter {name!r}{tag} contains inf or NaN")
+            ranks.append(r)
+        rank = max(ranks)
+        if scale is not None:
+            scales = _as_float_list("scale", scale, S)
+        else:
+            alphas = [float(r) for r in ranks] if alpha is None else _as_float_list("alpha", alpha, S)
+            scales = [al / (math.sqrt(r) if use_rslora else r) for al, r in zip(alphas, ranks)]
+        if slot is None:
+            free = self.free_slots()
+            if not free:
+                raise RuntimeError(
+                    f"the pool is full: all {self.max_adapters} slots hold adapters ({', '.join(sorted(self._slot_of))});"
+                    " unload one first"
+                )
+            slot = free[0]
+        else:
+            if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.max_adapters:
+                raise ValueError(f"slot must be an int in [0, {self.max_adapters}), got {slot!r}")
+            if self._host_ranks[slot] != 0:
+                holder = next(n for n, s in self._slot_of.items() if s == slot)
+                raise ValueError(f"slot {slot} already holds adapter {holder!r}")
+        # Every check passed: write. Padding is zeroed so that nothing of a previous tenant remains in the slot.
+        with torch.no_grad():
+            self.A_stack[slot].zero_()
+            self.B_stack[slot].zero_()
+            offs = self.slice_offsets
+            for i, (a, b) in enumerate(zip(a_parts, b_parts)):
+                r = a.shape[0]
+                self.A_stack[slot, i * R : i * R + r].copy_(a)
+                self.B_stack[slot, offs[i] : offs[i + 1], :r].copy_(b)
+            self.scales[slot].copy_(torch.tensor(scales, dtype=torch.float32))
+            self.ranks[slot] = rank
+        self._host_ranks[slot] = rank
+        self._slot_of[name] = slot
+        return slot
+
+    def unload(self, name: str) -> int:
+        """Free the adapter's slot (rank set to 0, its weights zeroed) and return the slot."""
+        slot = self.slot_of(name)
+        with torch.no_grad():
+            self.ranks[slot] = 0
+            self.scales[slot].zero_()
+            self.A_stack[slot].zero_()
+            self.B_stack[slot].zero_()
+        self._host_ranks[slot] = 0
+        del self._slot_of[name]
+        return slot
+
+
+# ------------------------------------------------------------------------------------------------------- the batch
+_NONE_KEY = torch.iinfo(torch.int32).max  # sort key of "no adapter": after every real slot, so it makes no tile
+
+
+class LoRABatch:
+    """Which pool slot each token of one step uses, prepared once and shared by every layer.
+
+    Device buffers of fixed capacity ``max_tokens`` (so a CUDA graph captured once stays valid after
+    :meth:`prepare_` refills them in place):
+
+    - ``token_slots [cap]`` int32: the slot of each token, ``-1`` = no adapter (entries past the batch are -1).
+    - ``sorted_tokens [cap]`` int32: token indices stably sorted by slot ("no adapter" last).
+    - ``sorted_slots [cap]`` int32: the slot of each entry of ``sorted_tokens`` (``2^31-1`` for no adapter).
+    - ``tile_starts [cap + 1]`` int32: work list. Entry ``t`` is the position in ``sorted_tokens`` where tile ``t``
+      starts; a tile is up to ``tile_m`` consecutive sorted tokens of one slot; ``-1`` past the last tile. Kernels
+      launch one program per tile (times output blocks), so the grid follows the real work, not tokens × adapters.
+      The last entry is scratch for the construction.
+    - ``num_tiles [1]``, ``num_active [1]`` int32: number of tiles, and of distinct adapter ids used (device tensors:
+      reading them would sync).
+
+    Host side: ``num_tokens``; ``host_slots`` (the ids as a CPU tensor when they were given on the host, else None)
+    and ``has_adapter`` (False when no token names an adapter, None when unknown) let an eager call skip the LoRA
+    kernels and validate ids without a device sync.
+
+    Slot ids are validated against a pool by the ops (``check=True``); the kernels additionally treat any id that is
+    negative, ``>= L`` or names an empty slot as "no adapter", so a bad id can never read outside the pool.
+    """
+
+    def __init__(self, max_tokens: int, device=None, tile_m: int = 16):
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if tile_m not in (16, 32, 64, 128):
+            raise ValueError(f"tile_m must be one of 16, 32, 64, 128 (tl.dot needs >= 16 rows), got {tile_m!r}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        cap = max_tokens
+        self.capacity = cap
+        self.tile_m = tile_m
+        i32 = {"dtype": torch.int32, "device": device}
+        self.token_slots = torch.full((cap,), -1, **i32)
+        self.sorted_tokens = torch.arange(cap, **i32)
+        self.sorted_slots = torch.full((cap,), _NONE_KEY, **i32)
+        self.tile_starts = torch.full((cap + 1,), -1, **i32)
+        self.num_tiles = torch.zeros(1, **i32)
+        self.num_active = torch.zeros(1, **i32)
+        self._positions = torch.arange(cap, dtype=torch.int64, device=device)
+        self.num_tokens = 0
+        self.host_slots: Optional[torch.Tensor] = torch.empty(0, dtype=torch.int64)
+        self.has_adapter: Optional[bool] = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_slots.device
+
+    @classmethod
+    def prepare(
+        cls,
+        adapter_ids,
+        max_tokens: Optional[int] = None,
+        device=None,
+        tile_m: int = 16,
+    ) -> "LoRABatch":
+        """A new batch for ``adapter_ids`` (pool slots, one per token, -1 = none): a list of ints or an integer
+        tensor. ``max_tokens`` (capacity, default the number of ids) bounds later :meth:`prepare_` calls; ``device``
+        defaults to the ids' device (CPU for a list)."""
+        ids = cls._as_tensor(adapter_ids)
+        if device is None:
+            device = ids.device
+        cap = ids.numel() if max_tokens is None else max_tokens
+        if cap == 0:
+            cap = 1
+        batch = cls(cap, device=device, tile_m=tile_m)
+        return batch.prepare_(ids)
+
+    @staticmethod
+    def _as_tensor(adapter_ids) -> torch.Tensor:
+        if isinstance(adapter_ids, torch.Tensor):
+            if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+                raise TypeError(f"adapter_ids must be integers, got dtype {adapter_ids.dtype}")
+            return adapter_ids.reshape(-1)
+        ids = list(adapter_ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"adapter_ids must be ints (pool slots, -1 = none), got {i!r}")
+        return torch.tensor(ids, dtype=torch.int64)
+
+    @torch.no_grad()
+    def prepare_(self, adapter_ids) -> "LoRABatch":
+        """Refill the buffers in place for new ids (same capacity and device): run it before replaying a CUDA graph
+        captured with this batch. Runs a few small device ops; syncs only if ``adapter_ids`` is a device tensor being
+        copied from another device."""
+        ids = self._as_tensor(adapter_ids)
+        n = ids.numel()
+        cap = self.capacity
+        if n > cap:
+            raise ValueError(f"{n} adapter ids exceed this batch's capacity max_tokens={cap}")
+        if ids.device.type == "cpu":
+            host = ids.to(torch.int64)
+            self.host_slots = host
+            self.has_adapter = bool((host >= 0).any()) if n else False
+        else:
+            self.host_slots = None
+            self.has_adapter = None
+        self.num_tokens = n
+        dev = self.device
+        slots = self.token_slots
+        slots.fill_(-1)
+        if n:
+            slots[:n].copy_(ids.to(device=dev, dtype=torch.int32), non_blocking=True)
+        # Negative ids mean "no adapter": sort them last so the tiles of real slots come first (ascending slot).
+        keys = torch.where(slots < 0, torch.full_like(slots, _NONE_KEY), slots)
+        sorted_keys, order = torch.sort(keys, stable=True)
+        self.sorted_tokens.copy_(order)
+        self.sorted_slots.copy_(sorted_keys)
+        pos = self._positions
+        new_seg = torch.ones(cap, dtype=torch.bool, device=dev)
+        new_seg[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        seg_start = torch.cummax(torch.where(new_seg, pos, torch.zeros_like(pos)), dim=0).values
+        real = sorted_keys != _NONE_KEY
+        is_start = ((pos - seg_start) % self.tile_m == 0) & real
+        tile_id = torch.cumsum(is_start.to(torch.int64), dim=0) - 1
+        dest = torch.where(is_start, tile_id, torch.full_like(tile_id, cap))  # non-starts go to the scratch entry
+        self.tile_starts.fill_(-1)
+        self.tile_starts.scatter_(0, dest, pos.to(torch.int32))
+        self.tile_starts[cap] = -1
+        self.num_tiles.copy_(is_start.sum().to(torch.int32).reshape(1))
+        self.num_active.copy_((new_seg & real).sum().to(torch.int32).reshape(1))
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"LoRABatch(num_tokens={self.num_tokens}, capacity={self.capacity}, tile_m={self.tile_m}, "
+            f"device={self.device})"
+        )

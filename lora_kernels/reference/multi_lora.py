@@ -1,0 +1,131 @@
+"""Pure PyTorch reference of batched multi-adapter LoRA: the spec for the Triton kernels and the CPU path.
+
+Every token (row m of x) names a pool slot ``token_slots[m]``; ``-1`` means "no adapter". A slot is *active* when
+``0 <= slot < L`` and ``ranks[slot] > 0``; every other id (negative, ``>= L``, or an unloaded slot whose rank is 0) is
+treated exactly like ``-1``: the token gets the base output only and nothing outside the pool is read.
+
+Shapes (2-D at this level; the op flattens leading dims). ``L`` slots, ``R`` = max rank, ``S`` output slices of widths
+``N_0 .. N_{S-1}`` (``N = ΣN_s``), ``M`` tokens:
+
+- ``x [M, K]``; ``A_stack [L, S·R, K]``: rows ``s·R .. s·R + rank - 1`` of slot ``l`` hold slice ``s``'s ``lora_A``;
+  rows from ``rank`` to ``R-1`` of each slice are padding and are never read.
+- ``B_stack [L, N, R]``: rows ``off_s .. off_s + N_s - 1`` hold slice ``s``'s ``lora_B`` (``[N_s, rank]``, padded
+  to ``R`` columns); ``off_s = N_0 + … + N_{s-1}``.
+- ``ranks [L]`` int32 (0 = empty slot), ``scales [L, S]`` float32.
+- shrink output ``s [M, S·R]`` float32 (float64 for float64 x): ``s[m, s·R + j] = x[m]·A[slot, s·R + j]`` for
+  ``j < rank``, zero elsewhere (padding columns, and rows whose token has no adapter).
+- expand: ``y[m, off_s:off_s+N_s] += scales[slot, s] · s[m, s·R : s·R+rank] · B[slot, off_s:off_s+N_s, :rank]ᵀ``.
+
+The implementation is the obvious loop over the adapters present in the batch (host-side ``unique``: it syncs, which
+is fine for a spec and for the CPU path). Arithmetic is float32 (float64 for float64 inputs), one cast at the end.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def active_slots(token_slots: torch.Tensor, ranks: torch.Tensor) -> List[int]:
+    """Sorted list of the slots that hold an adapter and are used by at least one token."""
+    L = ranks.shape[0]
+    slots = token_slots.to(torch.int64)
+    present = torch.unique(slots[(slots >= 0) & (slots < L)]).tolist()
+    ranks_host = ranks.tolist()
+    return [int(l) for l in present if ranks_host[l] > 0]
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    token_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    num_slices: int = 1,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``out[M, S·R] = x · A[slot]ᵀ`` per token at the adapter's own rank (see the module docstring).
+
+    Writes ``out`` when given (every element: zeros where no adapter applies) and returns it; otherwise returns a new
+    tensor in the accumulation dtype."""
+    acc = _acc_dtype(x)
+    M = x.shape[0]
+    L, SR, _ = A_stack.shape
+    R = SR // num_slices
+    result = torch.zeros(M, SR, dtype=acc, device=x.device)
+    slots = token_slots[:M].to(torch.int64)
+    for l in active_slots(slots, ranks):
+        r = min(int(ranks[l]), R)
+        rows = (slots == l).nonzero().flatten()
+        xl = x[rows].to(acc)
+        for s in range(num_slices):
+            a = A_stack[l, s * R : s * R + r].to(acc)
+            result[rows, s * R : s * R + r] = xl @ a.t()
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def lora_expand(
+    s_mat: torch.Tensor,
+    B_stack: torch.Tensor,
+    token_slots: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    y: torch.Tensor,
+    slices: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """``y[m, slice s] += scales[slot, s] · s[m, s·R:s·R+rank] · B[slot, slice s, :rank]ᵀ`` in place; returns y.
+
+    ``y [M, N]`` any float dtype: the update is computed in float32 (float64) and added to y's values, one rounding.
+    """
+    M = y.shape[0]
+    L, N, R = B_stack.shape
+    slices = [N] if slices is None else [int(n) for n in slices]
+    acc = torch.float64 if y.dtype == torch.float64 or s_mat.dtype == torch.float64 else torch.float32
+    slots = token_slots[:M].to(torch.int64)
+    scales2 = scales.reshape(L, -1)
+    for l in active_slots(slots, ranks):
+        r = min(int(ranks[l]), R)
+        rows = (slots == l).nonzero().flatten()
+        upd = y[rows].to(acc)
+        off = 0
+        for si, width in enumerate(slices):
+            sl = s_mat[rows, si * R : si * R + r].to(acc)
+            b = B_stack[l, off : off + width, :r].to(acc)
+            upd[:, off : off + width] += float(scales2[l, si]) * (sl @ b.t())
+            off += width
+        y[rows] = upd.to(y.dtype)
+    return y
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    slices: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """``y = x·Wᵀ + bias + Σ_s scale·(x·A_sᵀ)·B_sᵀ`` per token, all in float32 (float64), cast once to x's dtype.
+
+    ``x [..., K]`` (leading dims flattened, ``token_slots`` indexes the flattened rows), ``weight [N, K]``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    acc = _acc_dtype(x2)
+    N = weight.shape[0]
+    slices = [N] if slices is None else [int(n) for n in slices]
+    y = x2.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    s_mat = lora_shrink(x2.to(acc), A_stack, token_slots, ranks, len(slices))
+    lora_expand(s_mat, B_stack, token_slots, ranks, scales, y, slices)
+    return y.to(x.dtype).reshape(*lead, N)

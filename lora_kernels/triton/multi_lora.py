@@ -1,0 +1,466 @@
+"""Triton kernels for batched multi-adapter LoRA: shrink (``s = x·Aᵀ`` per token's adapter), expand (``y += scale ·
+s·Bᵀ`` in place) and a fused shrink+expand for decode-sized batches.
+
+Work list. :class:`lora_kernels.LoRABatch` sorts tokens by slot once per step and cuts each slot's run of tokens into
+tiles of ``tile_m`` rows (``tile_starts``). Program ``(t, …)`` handles tile ``t``: it gathers its token rows through
+``sorted_tokens`` (no physical permute of x or y), so the grid is ``#tiles × (output blocks)``, bounded on the host by
+``min(M, cdiv(M, tile_m) + min(M, L))`` — the real work plus at most one partial tile per adapter, never
+tokens × adapters — and does not depend on the ids, which keeps it CUDA-graph safe. Programs past the last tile read
+``tile_starts = -1`` and return.
+
+Safety. A tile's slot is used only if ``0 <= slot < L`` and ``ranks[slot] > 0``; the rank is clamped to ``R``; token
+indices are masked to ``< M``. So an out-of-range or unloaded id reads nothing and writes nothing.
+
+Own rank. Loads of A, B and s are masked to ``j < rank``: an adapter of rank 8 in a pool of max rank 64 moves rank-8
+bytes. The MMA itself is ``BLOCK_R = max(16, next_pow2(R))`` wide (tl.dot needs ≥ 16); the kernels are bound by
+memory and launch latency, not by those idle MMA columns.
+
+Slices. Up to 4 output slices (q|k|v, gate|up) of unequal widths ``N_0..N_3`` (0 for absent slices) are handled by one
+launch: the output-block axis enumerates the blocks of slice 0, then slice 1, …; a block never straddles two slices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backend
+
+# ----------------------------------------------------------------------------------------------------------- configs
+# Shrink reads the K-long rows of x and A: BLOCK_K = 128 keeps 16-byte vector loads and few loop trips; split-K spreads
+# the K loop over more programs when there are too few tiles to fill the GPU (decode: one tile per token).
+_SHRINK_BLOCK_K = 128
+_MAX_SPLIT_K = 32  # vLLM uses 64 for M < 128 at K = 4096; 32 keeps ≥ 1 BLOCK_K per split there
+# Expand writes N-long rows of y: 64 columns per program gives 64 programs per tile at N = 4096.
+_EXPAND_BLOCK_N = 64
+# Fused decode kernel: each program recomputes its tile's shrink over the full K (A is re-read from L2 per output
+# block), so it only pays for very few tokens; wider output blocks mean fewer re-reads.
+_FUSED_BLOCK_N = 256
+_FUSED_BLOCK_K = 128
+# The interpreter is slow and serial: small blocks so that the tests' small shapes still cover several K blocks,
+# split-K with atomics, several output blocks and blocks at slice boundaries.
+_INTERP_BLOCK_K = 32
+_INTERP_BLOCK_N = 32
+_INTERP_SPLIT_K = 2
+
+
+def _block_r(max_rank: int) -> int:
+    return max(16, triton.next_power_of_2(max_rank))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _cast_to_fp32(*dtypes: torch.dtype) -> bool:
+    """True when the MMA must run on fp32 operands: fp32 data (exact IEEE products, as the reference), mixed dtypes,
+    or bf16 in the interpreter (whose bf16 tl.dot is wrong)."""
+    if any(d == torch.float32 for d in dtypes) or len(set(dtypes)) > 1:
+        return True
+    return _backend.interpreter_enabled() and torch.bfloat16 in dtypes
+
+
+def _num_tiles_bound(M: int, L: int, tile_m: int, capacity: int) -> int:
+    """Upper bound of the tiles covering the tokens < M whose slot is < L (tiles of slots >= L, of tokens >= M or
+    of no adapter come later in the list or do not exist): one partial tile per used slot plus full tiles."""
+    return max(1, min(capacity, M, triton.cdiv(M, tile_m) + min(M, L)))
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _tile(
+    tile_starts_ptr,  # [cap + 1] int32: start of each tile in the sorted token list, -1 past the end
+    sorted_tokens_ptr,  # [cap] int32: token indices sorted by slot
+    sorted_slots_ptr,  # [cap] int32: slot of each sorted token (2^31-1 = none)
+    ranks_ptr,  # [L] int32: rank of each slot, 0 = empty
+    pid_t,
+    M,
+    L,
+    cap,
+    R,
+    BLOCK_M: tl.constexpr,
+):
+    """Tile ``pid_t``: (rank, 0 when there is nothing to do; slot; token rows [BLOCK_M] int64; row mask)."""
+    start = tl.load(tile_starts_ptr + pid_t)
+    start_c = tl.maximum(start, 0)
+    slot = tl.load(sorted_slots_ptr + start_c)
+    usable = (start >= 0) & (slot >= 0) & (slot < L)
+    slot_c = tl.minimum(tl.maximum(slot, 0), L - 1)  # clamped so the rank load stays inside ranks[]
+    rank = tl.load(ranks_ptr + slot_c)
+    rank = tl.where(usable, tl.minimum(tl.maximum(rank, 0), R), 0)
+    rows = start_c + tl.arange(0, BLOCK_M)
+    in_list = rows < cap
+    row_slot = tl.load(sorted_slots_ptr + rows, mask=in_list, other=-1)
+    tok = tl.load(sorted_tokens_ptr + rows, mask=in_list, other=0)
+    row_ok = in_list & (row_slot == slot) & (tok >= 0) & (tok < M)
+    return rank, slot_c.to(tl.int64), tok.to(tl.int64), row_ok
+
+
+@triton.jit
+def _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N: tl.constexpr):
+    """Output block ``pid_n`` → (slice index, first column of the block, end column of its slice)."""
+    c1 = tl.cdiv(N0, BLOCK_N)
+    c2 = c1 + tl.cdiv(N1, BLOCK_N)
+    c3 = c2 + tl.cdiv(N2, BLOCK_N)
+    s = (pid_n >= c1).to(tl.int32) + (pid_n >= c2).to(tl.int32) + (pid_n >= c3).to(tl.int32)
+    first_blk = tl.where(s == 0, 0, tl.where(s == 1, c1, tl.where(s == 2, c2, c3)))
+    off = tl.where(s == 0, 0, tl.where(s == 1, N0, tl.where(s == 2, N0 + N1, N0 + N1 + N2)))
+    width = tl.where(s == 0, N0, tl.where(s == 1, N1, tl.where(s == 2, N2, N3)))
+    return s, off + (pid_n - first_blk) * BLOCK_N, off + width
+
+
+@triton.jit
+def _shrink_tile(
+    x_ptr,  # [M, K]
+    a_ptr,  # [L, S·R, K]
+    slot,
+    tok,
+    row_ok,
+    rank,
+    s_idx,
+    k_lo,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_al,
+    stride_ar,
+    stride_ak,
+    K_LEN,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+):
+    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_lo+K_LEN] · A[slot, s·R + j, same k]ᵀ for j < rank."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    x_rows = x_ptr + tok[:, None] * stride_xm
+    a_cols = a_ptr + slot * stride_al + (s_idx * R + offs_r)[None, :].to(tl.int64) * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K_LEN, BLOCK_K):
+        offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_cols + offs_k[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if CAST_FP32:
+            acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at.to(xt.dtype))
+    return acc
+
+
+# --------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _shrink_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, token rows
+    a_ptr,  # [L, S·R, K] pool dtype: slice s of slot l at rows s·R .. s·R+rank-1
+    ranks_ptr,  # [L] int32
+    sorted_tokens_ptr,  # [cap] int32
+    sorted_slots_ptr,  # [cap] int32
+    tile_starts_ptr,  # [cap + 1] int32
+    out_ptr,  # [M, S·R] fp32, zeroed before the launch when SPLIT_K > 1
+    M,
+    K,
+    L,
+    cap,
+    R,
+    K_PER_SPLIT,
+    stride_xm,
+    stride_xk,
+    stride_al,
+    stride_ar,
+    stride_ak,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    s_idx = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rank, slot, tok, row_ok = _tile(
+        tile_starts_ptr, sorted_tokens_ptr, sorted_slots_ptr, ranks_ptr, pid_t, M, L, cap, R, BLOCK_M
+    )
+    if rank == 0:
+        return
+    acc = _shrink_tile(
+        x_ptr, a_ptr, slot, tok, row_ok, rank, s_idx, pid_k * K_PER_SPLIT, K, R,
+        stride_xm, stride_xk, stride_al, stride_ar, stride_ak, K_PER_SPLIT,
+        BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
+    )
+    offs_r = tl.arange(0, BLOCK_R)
+    out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r)[None, :]
+    mask = row_ok[:, None] & (offs_r < rank)[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _expand_kernel(
+    s_ptr,  # [M, S·R] fp32: shrink output
+    b_ptr,  # [L, N, R] pool dtype: slice s of slot l at rows off_s .. off_s+N_s-1, columns 0..rank-1
+    ranks_ptr,  # [L] int32
+    scales_ptr,  # [L, S] fp32
+    sorted_tokens_ptr,  # [cap] int32
+    sorted_slots_ptr,  # [cap] int32
+    tile_starts_ptr,  # [cap + 1] int32
+    y_ptr,  # [M, N] fp16/bf16/fp32, updated in place
+    M,
+    L,
+    cap,
+    R,
+    S,
+    N0,
+    N1,
+    N2,
+    N3,
+    stride_sm,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rank, slot, tok, row_ok = _tile(
+        tile_starts_ptr, sorted_tokens_ptr, sorted_slots_ptr, ranks_ptr, pid_t, M, L, cap, R, BLOCK_M
+    )
+    if rank == 0:
+        return
+    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < rank
+    s_tile = tl.load(
+        s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r)[None, :],
+        mask=row_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
+    _expand_store(
+        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, S,
+        stride_bl, stride_bn, stride_br, stride_ym, stride_yn, BLOCK_R, BLOCK_N, CAST_FP32,
+    )
+
+
+@triton.jit
+def _expand_store(
+    s_tile,  # [BLOCK_M, BLOCK_R] fp32
+    b_ptr,  # [L, N, R]
+    scales_ptr,  # [L, S] fp32
+    y_ptr,  # [M, N]
+    slot,
+    tok,
+    row_ok,
+    r_ok,
+    s_idx,
+    n_lo,
+    n_end,
+    S,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+):
+    """y[tok, n_lo:n_lo+BLOCK_N] += scale[slot, s] · s_tile · B[slot, same columns, :rank]ᵀ (masked to n < n_end)."""
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    offs_r = tl.arange(0, BLOCK_R)
+    bt = tl.load(
+        b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
+    if CAST_FP32:
+        acc = tl.dot(s_tile, bt.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(s_tile.to(bt.dtype), bt)
+    scale = tl.load(scales_ptr + slot * S + s_idx)
+    y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = row_ok[:, None] & n_ok[None, :]
+    y_old = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=mask)
+
+
+@triton.jit
+def _fused_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32
+    a_ptr,  # [L, S·R, K] pool dtype
+    b_ptr,  # [L, N, R] pool dtype
+    ranks_ptr,  # [L] int32
+    scales_ptr,  # [L, S] fp32
+    sorted_tokens_ptr,  # [cap] int32
+    sorted_slots_ptr,  # [cap] int32
+    tile_starts_ptr,  # [cap + 1] int32
+    y_ptr,  # [M, N], updated in place
+    M,
+    K,
+    L,
+    cap,
+    R,
+    S,
+    N0,
+    N1,
+    N2,
+    N3,
+    stride_xm,
+    stride_xk,
+    stride_al,
+    stride_ar,
+    stride_ak,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+):
+    """Shrink of this tile's slice over the full K, then expand into this program's output block: one launch, no
+    intermediate buffer, no zeroing; the shrink is recomputed by every output block of the slice (L2 hits)."""
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rank, slot, tok, row_ok = _tile(
+        tile_starts_ptr, sorted_tokens_ptr, sorted_slots_ptr, ranks_ptr, pid_t, M, L, cap, R, BLOCK_M
+    )
+    if rank == 0:
+        return
+    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    s_tile = _shrink_tile(
+        x_ptr, a_ptr, slot, tok, row_ok, rank, s_idx, 0, K, R,
+        stride_xm, stride_xk, stride_al, stride_ar, stride_ak, K,
+        BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
+    )
+    r_ok = tl.arange(0, BLOCK_R) < rank
+    _expand_store(
+        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, S,
+        stride_bl, stride_bn, stride_br, stride_ym, stride_yn, BLOCK_R, BLOCK_N, CAST_FP32,
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- launchers
+def _widths(slices: Sequence[int]) -> Tuple[int, int, int, int]:
+    w = [int(n) for n in slices]
+    if not 1 <= len(w) <= 4:
+        raise ValueError(f"1 to 4 output slices are supported, got {len(w)}")
+    return tuple(w + [0] * (4 - len(w)))  # type: ignore[return-value]
+
+
+def _out_blocks(slices: Sequence[int], block_n: int) -> int:
+    return sum(triton.cdiv(int(n), block_n) for n in slices)
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m):
+    """``out[M, S·R]`` (fp32) ← per-token ``x·Aᵀ`` (zeros where no adapter applies). x ``[M, K]``; the batch
+    tensors as in :class:`lora_kernels.LoRABatch`. Zeroes ``out`` first, then one launch (split-K by atomics when the
+    tiles alone would not fill the GPU)."""
+    M, K = x.shape
+    L, SR, _ = A_stack.shape
+    R = SR // num_slices
+    cap = sorted_tokens.shape[0]
+    out.zero_()
+    if M == 0:
+        return out
+    n_tiles = _num_tiles_bound(M, L, tile_m, cap)
+    if _backend.interpreter_enabled():
+        block_k = _INTERP_BLOCK_K
+        split = min(_INTERP_SPLIT_K, triton.cdiv(K, block_k))
+    else:
+        block_k = _SHRINK_BLOCK_K
+        k_blocks = triton.cdiv(K, block_k)
+        programs = n_tiles * num_slices
+        want = max(1, (2 * _sm_count(x.device.index or 0)) // programs)
+        split = 1
+        while split * 2 <= min(want, k_blocks, _MAX_SPLIT_K):
+            split *= 2
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    grid = (n_tiles, num_slices, split)
+    with _device_ctx(x):
+        _shrink_kernel[grid](
+            x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, out,
+            M, K, L, cap, R, k_per_split,
+            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2), out.stride(0),
+            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, SPLIT_K=split,
+            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype),
+            num_warps=4,
+        )
+    return out
+
+
+def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
+    """``y[M, N] += scale · s·Bᵀ`` per token's adapter and output slice, in place. s ``[M, S·R]`` fp32."""
+    M = y.shape[0]
+    L, N, R = B_stack.shape
+    S = len(slices)
+    cap = sorted_tokens.shape[0]
+    if M == 0:
+        return y
+    block_n = _INTERP_BLOCK_N if _backend.interpreter_enabled() else _EXPAND_BLOCK_N
+    grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
+    with _device_ctx(y):
+        _expand_kernel[grid](
+            s, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
+            M, L, cap, R, S, *_widths(slices),
+            s.stride(0), B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
+            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_N=block_n,
+            CAST_FP32=_cast_to_fp32(B_stack.dtype) or y.dtype == torch.float32,
+            num_warps=4,
+        )
+    return y
+
+
+def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
+    """``y += scale · (x·Aᵀ)·Bᵀ`` per token in one launch (decode sizes: see ``ops.multi_lora.FUSED_MAX_TOKENS``)."""
+    M, K = x.shape
+    L, N, R = B_stack.shape
+    S = len(slices)
+    cap = sorted_tokens.shape[0]
+    if M == 0:
+        return y
+    interp = _backend.interpreter_enabled()
+    block_n = _INTERP_BLOCK_N if interp else _FUSED_BLOCK_N
+    block_k = _INTERP_BLOCK_K if interp else _FUSED_BLOCK_K
+    grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
+    with _device_ctx(y):
+        _fused_kernel[grid](
+            x, A_stack, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
+            M, K, L, cap, R, S, *_widths(slices),
+            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
+            B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
+            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, BLOCK_N=block_n,
+            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype, B_stack.dtype) or y.dtype == torch.float32,
+            num_warps=4,
+        )
+    return y
