@@ -8,10 +8,27 @@ from .modules import LoRALinear, inject_lora, load_lora_state_dict, lora_layers,
 from ._backend import BackendError
 from .init import lora_ga_init, pissa_init
 from .io import load_adapter, save_adapter
+from .pool import AdapterPool, LoRABatch
+from .ops.multi_lora import lora_expand, lora_shrink, multi_lora_linear
+from .multi_modules import (MultiLoRALinear, inject_multi_lora, load_multi_adapter, multi_adapter_slot,
+                            multi_lora_layers, set_batch, unload_multi_adapter, use_batch)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterPool",
+    "LoRABatch",
+    "MultiLoRALinear",
+    "inject_multi_lora",
+    "load_multi_adapter",
+    "lora_expand",
+    "lora_shrink",
+    "multi_adapter_slot",
+    "multi_lora_layers",
+    "multi_lora_linear",
+    "set_batch",
+    "unload_multi_adapter",
+    "use_batch",
     "BackendError",
     "LoRALinear",
     "inject_lora",

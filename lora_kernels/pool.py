@@ -121,8 +121,16 @@ class AdapterPool:
 
     @property
     def host_ranks(self) -> List[int]:
-        """Rank of each slot (0 = empty), kept on the host so id checks need no device sync."""
+        """Rank of each slot (0 = empty or reserved), kept on the host so id checks need no device sync."""
         return list(self._host_ranks)
+
+    @property
+    def slots_in_use(self) -> List[bool]:
+        """Per slot: does a name hold it (loaded, or reserved by :meth:`reserve`)? Those are the valid batch ids."""
+        used = [False] * self.max_adapters
+        for s in self._slot_of.values():
+            used[s] = True
+        return used
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -139,7 +147,8 @@ class AdapterPool:
             raise KeyError(f"adapter {name!r} is not loaded; loaded: {loaded}") from None
 
     def free_slots(self) -> List[int]:
-        return [i for i, r in enumerate(self._host_ranks) if r == 0]
+        used = self.slots_in_use
+        return [i for i in range(self.max_adapters) if not used[i]]
 
     def __repr__(self) -> str:
         return (
@@ -222,20 +231,7 @@ class AdapterPool:
         else:
             alphas = [float(r) for r in ranks] if alpha is None else _as_float_list("alpha", alpha, S)
             scales = [al / (math.sqrt(r) if use_rslora else r) for al, r in zip(alphas, ranks)]
-        if slot is None:
-            free = self.free_slots()
-            if not free:
-                raise RuntimeError(
-                    f"the pool is full: all {self.max_adapters} slots hold adapters ({', '.join(sorted(self._slot_of))});"
-                    " unload one first"
-                )
-            slot = free[0]
-        else:
-            if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.max_adapters:
-                raise ValueError(f"slot must be an int in [0, {self.max_adapters}), got {slot!r}")
-            if self._host_ranks[slot] != 0:
-                holder = next(n for n, s in self._slot_of.items() if s == slot)
-                raise ValueError(f"slot {slot} already holds adapter {holder!r}")
+        slot = self._pick_slot(slot)
         # Every check passed: write. Padding is zeroed so that nothing of a previous tenant remains in the slot.
         with torch.no_grad():
             self.A_stack[slot].zero_()
@@ -248,6 +244,34 @@ class AdapterPool:
             self.scales[slot].copy_(torch.tensor(scales, dtype=torch.float32))
             self.ranks[slot] = rank
         self._host_ranks[slot] = rank
+        self._slot_of[name] = slot
+        return slot
+
+    def _pick_slot(self, slot: Optional[int]) -> int:
+        if slot is None:
+            free = self.free_slots()
+            if not free:
+                raise RuntimeError(
+                    f"the pool is full: all {self.max_adapters} slots hold adapters ({', '.join(sorted(self._slot_of))});"
+                    " unload one first"
+                )
+            return free[0]
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.max_adapters:
+            raise ValueError(f"slot must be an int in [0, {self.max_adapters}), got {slot!r}")
+        holder = next((n for n, s in self._slot_of.items() if s == slot), None)
+        if holder is not None:
+            raise ValueError(f"slot {slot} already holds adapter {holder!r}")
+        return slot
+
+    def reserve(self, name: str, slot: Optional[int] = None) -> int:
+        """Register ``name`` in a slot without weights (rank 0): tokens of that slot get the base output here at no
+        cost, and pass the id check. For an adapter that does not target this layer while it targets others of the
+        model, so that one slot id serves the whole model."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if name in self._slot_of:
+            raise ValueError(f"adapter {name!r} is already loaded in slot {self._slot_of[name]}; unload it first")
+        slot = self._pick_slot(slot)
         self._slot_of[name] = slot
         return slot
 

@@ -65,9 +65,10 @@ def _batch_fields(batch: LoRABatch):
     return batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts
 
 
-def check_ids(batch: LoRABatch, num_slots: int, host_ranks: Optional[Sequence[int]], M: int, what: str) -> None:
-    """Raise ValueError naming every token id that is neither -1 nor a loaded slot, or when the batch's token count
-    differs from M. Uses the host copy of the ids when there is one (no sync), else reads them back (syncs)."""
+def check_ids(batch: LoRABatch, num_slots: int, valid: Optional[Sequence[bool]], M: int, what: str) -> None:
+    """Raise ValueError naming every token id that is neither -1 nor a valid slot (``valid[slot]``; None = every slot
+    in range), or when the batch's token count differs from M. Uses the host copy of the ids when there is one (no
+    sync), else reads them back (syncs)."""
     if batch.num_tokens != M:
         raise ValueError(
             f"{what}: the batch was prepared for {batch.num_tokens} tokens but the input has {M} rows; prepare "
@@ -76,10 +77,10 @@ def check_ids(batch: LoRABatch, num_slots: int, host_ranks: Optional[Sequence[in
     ids = batch.host_slots if batch.host_slots is not None else batch.token_slots[: batch.num_tokens].cpu()
     ids = ids.to(torch.int64)
     bad_range = (ids < -1) | (ids >= num_slots)
-    if host_ranks is not None:
-        ranks = torch.tensor(list(host_ranks) + [1], dtype=torch.int64)  # index -1 → the appended 1: always fine
+    if valid is not None:
+        ok = torch.tensor([bool(v) for v in valid] + [True], dtype=torch.bool)  # index -1 → the appended True
         safe = torch.where(bad_range, torch.full_like(ids, -1), ids)
-        bad_empty = ~bad_range & (ranks[safe] == 0)
+        bad_empty = ~bad_range & ~ok[safe]
     else:
         bad_empty = torch.zeros_like(bad_range)
     bad = bad_range | bad_empty
@@ -309,8 +310,7 @@ def lora_shrink(
     if check is None:
         check = not _in_graph_or_compile(x)
     if check:
-        host_ranks = ranks.tolist() if ranks is not None else None
-        check_ids(batch, L, host_ranks, x2.shape[0], "lora_shrink")
+        check_ids(batch, L, [r > 0 for r in ranks.tolist()], x2.shape[0], "lora_shrink")
     name = resolve_backend("lora_shrink", backend, x2, A_stack, out)
     _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, batch.tile_m, name)
     return out
@@ -355,7 +355,7 @@ def lora_expand(
     if check is None:
         check = not _in_graph_or_compile(y)
     if check:
-        check_ids(batch, L, ranks.tolist(), y2.shape[0], "lora_expand")
+        check_ids(batch, L, [r > 0 for r in ranks.tolist()], y2.shape[0], "lora_expand")
     name = resolve_backend("lora_expand", backend, y2, s2, B_stack)
     _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices, batch.tile_m, name)
     return y
@@ -382,6 +382,7 @@ def validate_linear(x, weight, bias, pool: AdapterPool) -> None:
     check_same_device(x=x, weight=weight, bias=bias, pool=pool.A_stack)
 
 
+@torch.no_grad()
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -395,10 +396,10 @@ def multi_lora_linear(
     """``F.linear(x, weight, bias)`` plus, for every token, the LoRA of its pool slot (none for -1).
 
     x ``[..., K]`` with one batch id per flattened row; weight ``[N, K]`` and bias ``[N]`` in x's dtype; the pool in
-    x's dtype or float32. Returns ``[..., N]``. No autograd (inference). ``check`` as in :func:`lora_shrink`.
-    ``fused``: one kernel for shrink and expand (default: when there are at most
-    ``FUSED_MAX_TOKENS`` tokens); otherwise shrink into an fp32 buffer then expand.
-    An eager call whose ids (given on the host) name no adapter runs only F.linear.
+    x's dtype or float32. Returns ``[..., N]``. Runs under ``torch.no_grad()`` (inference). ``check`` as in
+    :func:`lora_shrink`, against the pool's slots in use (loaded or reserved). ``fused``: one kernel for shrink and
+    expand (default: when there are at most ``FUSED_MAX_TOKENS`` tokens); otherwise shrink into an fp32 buffer, then
+    expand. An eager call whose ids (given on the host) name no adapter runs only F.linear.
     """
     _check_batch(batch)
     validate_linear(x, weight, bias, pool)
@@ -410,7 +411,7 @@ def multi_lora_linear(
     if check is None:
         check = not traced
     if check:
-        check_ids(batch, pool.max_adapters, pool.host_ranks, M, "multi_lora_linear")
+        check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
     name = resolve_backend("multi_lora_linear", backend, x2, weight, pool.A_stack)
     y = F.linear(x2, weight, bias)
     if not traced and batch.has_adapter is False:

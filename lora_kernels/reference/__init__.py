@@ -2,6 +2,7 @@
 
 from .dropout import apply_dropout, dropout_keep_mask, dropout_threshold, philox_randint
 from .lora_linear import lora_linear_backward, lora_linear_forward
+from . import multi_lora
 
 __all__ = [
     "apply_dropout",
