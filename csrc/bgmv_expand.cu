@@ -1,5 +1,5 @@
 // Multi-adapter expand for decode-sized batches (BGMV): per token m with adapter slot id = ids[m] and per slice s,
-//   y[m, off_s + n] += scale[id] * sum_{j < rank[id]} buf[s, m, j] * B_s[id, n, j]      for n < N_s
+//   y[m, off_s + n] += scale[id, s] * sum_{j < rank[id]} buf[s, m, j] * B_s[id, n, j]      for n < N_s
 // in place; tokens whose id is -1 or outside [0, L) are left untouched and read nothing from the pool.
 //
 // A row of B is only rank elements long (8..64 typically: 16..128 bytes), so a warp splits into groups of `lanes`
@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) bgmv_expand_kernel(const ExpandParam
   if (!token_adapter(p.ids, p.ids_type, p.stride_id, m, p.ranks, p.ranks_type, p.L, p.r_max, &slot, &rank)) return;
   if (rank == 0) return;
 
-  const float scale = p.scales ? p.scales[slot] : 1.0f;
+  const float scale = p.scales ? p.scales[slot * p.stride_scale_l + blockIdx.y * p.stride_scale_s] : 1.0f;
   const int64_t buf_base = blockIdx.y * p.stride_bs + m * p.stride_bm;
   for (int64_t j = threadIdx.x; j < rank; j += kThreads)
     t_s[j] = scale * load_any(p.buf, p.buf_dtype, buf_base + j * p.stride_br);

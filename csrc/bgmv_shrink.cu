@@ -1,5 +1,5 @@
 // Multi-adapter shrink for decode-sized batches (BGMV, Punica's term): per token m with adapter slot id = ids[m],
-//   out[s, m, j] = scale[id] * sum_k x[m, k] * A_s[id, j, k]      for j < rank[id]
+//   out[s, m, j] = scale[id, s] * sum_k x[m, k] * A_s[id, j, k]      for j < rank[id]
 //   out[s, m, j] = 0                                                for rank[id] <= j < r_max, and for every j when
 //                                                                   id is -1 or outside [0, L) (nothing is read).
 // Each token reads one K-long row of x and rank rows of A: a matrix-vector product per token. A tensor-core tile
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) bgmv_shrink_kernel(const ShrinkParam
       if (r < nrows) {
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) v += partial[w][r];
-        if (p.scales) v *= p.scales[slot];
+        if (p.scales) v *= p.scales[slot * p.stride_scale_l + s * p.stride_scale_s];
       }
       store_any(p.out, p.out_dtype, out_base + j * p.stride_or, v);
     }

@@ -57,7 +57,8 @@ using ExpandSliceArg = std::tuple<uint64_t, int64_t, int64_t, int64_t, int64_t, 
 
 void shrink(uint64_t x, std::tuple<int64_t, int64_t> x_strides, int64_t M, int64_t K, int dtype,
             const std::vector<ShrinkSliceArg>& a_slices, int64_t L, int64_t r_max, uint64_t ids, int64_t stride_id,
-            int ids_type, uint64_t ranks, int ranks_type, uint64_t scales, uint64_t out,
+            int ids_type, uint64_t ranks, int ranks_type, uint64_t scales,
+            std::tuple<int64_t, int64_t> scale_strides, uint64_t out,
             std::tuple<int64_t, int64_t, int64_t> out_strides, int out_dtype, int device, uint64_t stream) {
   if (a_slices.empty() || a_slices.size() > static_cast<size_t>(kMaxSlices))
     throw CudaError("lora shrink: between 1 and " + std::to_string(kMaxSlices) + " slices, got " +
@@ -75,6 +76,7 @@ void shrink(uint64_t x, std::tuple<int64_t, int64_t> x_strides, int64_t M, int64
   p.ranks = as_ptr<const void*>(ranks);
   p.ranks_type = ranks_type;
   p.scales = as_ptr<const float*>(scales);
+  std::tie(p.stride_scale_l, p.stride_scale_s) = scale_strides;
   p.out = as_ptr<void*>(out);
   p.out_dtype = out_dtype;
   std::tie(p.stride_os, p.stride_om, p.stride_or) = out_strides;
@@ -90,7 +92,7 @@ void shrink(uint64_t x, std::tuple<int64_t, int64_t> x_strides, int64_t M, int64
 void expand(uint64_t buf, std::tuple<int64_t, int64_t, int64_t> buf_strides, int buf_dtype, int64_t M, int64_t r_max,
             const std::vector<ExpandSliceArg>& b_slices, uint64_t y, std::tuple<int64_t, int64_t> y_strides, int dtype,
             int64_t L, uint64_t ids, int64_t stride_id, int ids_type, uint64_t ranks, int ranks_type, uint64_t scales,
-            int device, uint64_t stream) {
+            std::tuple<int64_t, int64_t> scale_strides, int device, uint64_t stream) {
   if (b_slices.empty() || b_slices.size() > static_cast<size_t>(kMaxSlices))
     throw CudaError("lora expand: between 1 and " + std::to_string(kMaxSlices) + " slices, got " +
                     std::to_string(b_slices.size()));
@@ -109,6 +111,7 @@ void expand(uint64_t buf, std::tuple<int64_t, int64_t, int64_t> buf_strides, int
   p.ranks = as_ptr<const void*>(ranks);
   p.ranks_type = ranks_type;
   p.scales = as_ptr<const float*>(scales);
+  std::tie(p.stride_scale_l, p.stride_scale_s) = scale_strides;
   p.num_slices = static_cast<int>(b_slices.size());
   for (int s = 0; s < p.num_slices; ++s) {
     uint64_t b;
@@ -144,12 +147,13 @@ PYBIND11_MODULE(_C_lora, m) {
   m.def("synchronize", &synchronize, py::arg("device"), "cudaDeviceSynchronize on `device`, errors raised.");
   m.def("shrink", &shrink, py::arg("x"), py::arg("x_strides"), py::arg("M"), py::arg("K"), py::arg("dtype"),
         py::arg("a_slices"), py::arg("L"), py::arg("r_max"), py::arg("ids"), py::arg("stride_id"),
-        py::arg("ids_type"), py::arg("ranks"), py::arg("ranks_type"), py::arg("scales"), py::arg("out"),
+        py::arg("ids_type"), py::arg("ranks"), py::arg("ranks_type"), py::arg("scales"), py::arg("scale_strides"),
+        py::arg("out"),
         py::arg("out_strides"), py::arg("out_dtype"), py::arg("device"), py::arg("stream"),
-        "out[s, m, j] = scale[id] * x[m] . A_s[id, j] for j < rank[id], else 0; id = ids[m], -1 = none.");
+        "out[s, m, j] = scale[id, s] * x[m] . A_s[id, j] for j < rank[id], else 0; id = ids[m], -1 = none.");
   m.def("expand", &expand, py::arg("buf"), py::arg("buf_strides"), py::arg("buf_dtype"), py::arg("M"),
         py::arg("r_max"), py::arg("b_slices"), py::arg("y"), py::arg("y_strides"), py::arg("dtype"), py::arg("L"),
         py::arg("ids"), py::arg("stride_id"), py::arg("ids_type"), py::arg("ranks"), py::arg("ranks_type"),
-        py::arg("scales"), py::arg("device"), py::arg("stream"),
-        "y[m, off_s + n] += scale[id] * buf[s, m, :rank] . B_s[id, n, :rank]; tokens with id -1 untouched.");
+        py::arg("scales"), py::arg("scale_strides"), py::arg("device"), py::arg("stream"),
+        "y[m, off_s + n] += scale[id, s] * buf[s, m, :rank] . B_s[id, n, :rank]; tokens with id -1 untouched.");
 }

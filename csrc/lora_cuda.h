@@ -36,7 +36,7 @@ struct ShrinkSlice {
   int64_t stride_l, stride_r, stride_k;
 };
 
-// out[s, m, j] = scale[id] * sum_k x[m, k] * A_s[id, j, k]  for j < rank[id];  0 for rank[id] <= j < r_max and for
+// out[s, m, j] = scale[id, s] * sum_k x[m, k] * A_s[id, j, k]  for j < rank[id];  0 for rank[id] <= j < r_max and for
 // tokens whose id is -1 or outside [0, L) (those read nothing from the pool).
 struct ShrinkParams {
   const void* x;  // [M, K] dtype
@@ -47,7 +47,8 @@ struct ShrinkParams {
   int ids_type;
   const void* ranks;  // [L] int32/int64 or null (every adapter has rank r_max)
   int ranks_type;
-  const float* scales;  // [L] fp32 or null (no scaling here)
+  const float* scales;  // [L, S] fp32 (scale of adapter l on slice s) or null (no scaling here)
+  int64_t stride_scale_l, stride_scale_s;
   void* out;            // [S, M, r_max] out_dtype
   int out_dtype;
   int64_t stride_os, stride_om, stride_or;
@@ -62,7 +63,7 @@ struct ExpandSlice {
   int64_t n, y_offset;
 };
 
-// y[m, off_s + n] += scale[id] * sum_{j < rank[id]} buf[s, m, j] * B_s[id, n, j]; tokens with id -1 or outside [0, L)
+// y[m, off_s + n] += scale[id, s] * sum_{j < rank[id]} buf[s, m, j] * B_s[id, n, j]; tokens with id -1 or outside [0, L)
 // are left untouched.
 struct ExpandParams {
   const void* buf;  // [S, M, r_max] buf_dtype
@@ -76,7 +77,8 @@ struct ExpandParams {
   int ids_type;
   const void* ranks;
   int ranks_type;
-  const float* scales;
+  const float* scales;  // [L, S] fp32 or null (scale 1)
+  int64_t stride_scale_l, stride_scale_s;
   int num_slices;
   ExpandSlice slices[kMaxSlices];
 };
