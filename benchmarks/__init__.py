@@ -1,0 +1,1 @@
+"""Benchmark scripts for lora_kernels (run one with ``python benchmarks/<script>.py --help``)."""

@@ -1,0 +1,311 @@
+"""Many adapters in one batch: whole layers (base product + per-token LoRA) against their roofline floor (issue 3).
+
+Points: K = N = 4096, r = 16, L ∈ {16, 128} adapters loaded, T ∈ {1, 16, 64, 256, 1024, 4096} tokens, and two
+distributions of adapters over tokens:
+
+- ``uniform``: one random adapter (of the L) per token, so up to min(T, L) distinct adapters are present;
+- ``mix``: a realistic serving mix, few adapters with many tokens each: the tokens form up to 8 requests (contiguous
+  runs of random lengths), each request's adapter drawn from 4 of the L with Zipf weights 1, 1/2, 1/3, 1/4.
+
+Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float32 loop before timing):
+
+- ``base``: cuBLAS ``F.linear`` alone (no LoRA);
+- ``gather_bmm``: gather every token's A and B (``A_stack[ids]``) and two ``bmm``;
+- ``loop``: PEFT's mixed-batch algorithm, one ``x[idx] → A → B → y[idx] +=`` per adapter present (the index lists
+  are built on the host before timing, as PEFT builds them from ``adapter_names``; that favours the loop);
+- ``lora_kernels``: :func:`lora_kernels.multi_lora_linear` (backend from ``--backend``, default auto), with
+  ``lk_fused`` / ``lk_split`` forcing its one-kernel (shrink+expand fused) or two-kernel path;
+- ``lk_cuda``: the same with ``backend="cuda"`` when the compiled extension is available.
+
+Timings: in a CUDA graph with the weights hot in L2; in a CUDA graph cycling several weight sets (W0 and the adapter
+stacks) so they come from DRAM; and eagerly (do_bench, launch overhead included). The batch metadata
+(``LoRABatch.prepare``) is built once per point outside the timed region: one prepared batch serves every layer of
+a step. Floor = max(flops / peak, bytes / bandwidth), bytes = W0 + A and B of the adapters present + x + y.
+Target (issue 3): lora_kernels within 1.2× its floor at every point, in graphs.
+
+Run: ``python benchmarks/bench_multi_lora.py [--quick] [--csv out.csv] [--plot out.png]`` (``--help`` for more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in-tree ``lora_kernels`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+from benchmarks.common import ProviderUnavailable, Table
+
+K_DEFAULT = N_DEFAULT = 4096
+RANK = 16
+ADAPTERS = [16, 128]
+TOKENS = [1, 16, 64, 256, 1024, 4096]
+DISTS = ("uniform", "mix")
+SCALE = 2.0  # alpha = 2r
+TARGET_FLOOR = 1.2
+MIX_REQUESTS = 8
+MIX_ADAPTERS = 4
+
+PROVIDERS = ("base", "gather_bmm", "loop", "lora_kernels", "lk_fused", "lk_split", "lk_cuda")
+
+
+# ------------------------------------------------------------------------------------------------------- the data
+def token_ids(dist: str, L: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """Adapter slot per token (CPU int64 [T])."""
+    if dist == "uniform":
+        return torch.randint(0, L, (T,), generator=gen)
+    if dist == "mix":
+        n_req = min(T, MIX_REQUESTS)
+        # Request lengths: a random composition of T into n_req positive parts.
+        cuts = torch.randperm(T - 1, generator=gen)[: n_req - 1] + 1 if n_req > 1 else torch.empty(0, dtype=torch.long)
+        bounds = [0] + sorted(cuts.tolist()) + [T]
+        pool = torch.randperm(L, generator=gen)[: min(L, MIX_ADAPTERS)]
+        weights = torch.tensor([1.0 / (i + 1) for i in range(pool.numel())])
+        ids = torch.empty(T, dtype=torch.long)
+        for i in range(n_req):
+            pick = pool[torch.multinomial(weights, 1, generator=gen)].item()
+            ids[bounds[i]: bounds[i + 1]] = pick
+        return ids
+    raise ValueError(f"unknown distribution {dist!r}; choose from {', '.join(DISTS)}")
+
+
+class WeightSet:
+    """One layer's weights: W0 [N, K] and an AdapterPool with L adapters of rank r (scale SCALE each)."""
+
+    def __init__(self, L: int, K: int, N: int, r: int, dtype, device, gen: torch.Generator):
+        AdapterPool = _lk_attr("AdapterPool", "lora_kernels.pool")
+        self.W = (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype)
+        self.pool = AdapterPool(L, r, K, N, dtype=dtype, device=device)
+        for i in range(L):
+            A = (torch.randn(r, K, generator=gen, device=device) / K**0.5).to(dtype)
+            B = (torch.randn(N, r, generator=gen, device=device) / r**0.5).to(dtype)
+            self.pool.load(f"adapter{i}", A, B, alpha=SCALE * r)
+        self.A_stack = self.pool.A_stack  # [L, r, K]
+        self.B_stack = self.pool.B_stack  # [L, N, r]
+        self.scales = self.pool.scales[:, 0].contiguous()  # [L] fp32
+        self.host_scales = self.scales.tolist()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.W, self.A_stack, self.B_stack))
+
+
+def _lk_attr(name: str, module: str):
+    """A public lora_kernels name, falling back to its defining module (in case ``__init__`` does not export it)."""
+    try:
+        import lora_kernels as lk
+    except Exception as exc:
+        raise ProviderUnavailable(f"lora_kernels is not importable: {exc}")
+    if hasattr(lk, name):
+        return getattr(lk, name)
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as exc:
+        raise ProviderUnavailable(f"lora_kernels has no {name} ({exc})")
+
+
+# ----------------------------------------------------------------------------------------------------- providers
+def _gather_bmm(x, ws: WeightSet, ids):
+    y = F.linear(x, ws.W)
+    s = torch.bmm(x.unsqueeze(1), ws.A_stack[ids].transpose(1, 2))  # [T, 1, r]
+    delta = torch.bmm(s, ws.B_stack[ids].transpose(1, 2)).squeeze(1)  # [T, N]
+    y += delta * ws.scales[ids].to(delta.dtype).unsqueeze(1)
+    return y
+
+
+def _groups(ids: torch.Tensor, device) -> List[Tuple[int, torch.Tensor]]:
+    """(slot, token indices on the device) per adapter present, in the order PEFT visits them (first appearance)."""
+    order = []
+    for i in ids.tolist():
+        if i >= 0 and i not in order:
+            order.append(i)
+    return [(l, (ids == l).nonzero().flatten().to(device)) for l in order]
+
+
+def _loop(x, ws: WeightSet, groups):
+    y = F.linear(x, ws.W)
+    for l, idx in groups:
+        sub = x[idx]
+        y[idx] += ws.host_scales[l] * F.linear(F.linear(sub, ws.A_stack[l]), ws.B_stack[l])
+    return y
+
+
+def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend: Optional[str]) -> Callable:
+    """``fn(x) -> y`` for one weight set; the per-batch metadata is prepared here, outside the timed calls."""
+    if provider == "base":
+        return lambda x: F.linear(x, ws.W)
+    if provider == "gather_bmm":
+        ids = ids_host.to(device)
+        return lambda x: _gather_bmm(x, ws, ids)
+    if provider == "loop":
+        groups = _groups(ids_host, device)
+        return lambda x: _loop(x, ws, groups)
+    multi = _lk_attr("multi_lora_linear", "lora_kernels.ops.multi_lora")
+    LoRABatch = _lk_attr("LoRABatch", "lora_kernels.pool")
+    fused = {"lk_fused": True, "lk_split": False}.get(provider)
+    if provider == "lk_cuda":
+        try:
+            from lora_kernels import cuda as cuda_ext
+        except Exception as exc:
+            raise ProviderUnavailable(f"lora_kernels.cuda is not importable: {exc}")
+        why = cuda_ext.cuda_ops_available()
+        if why:
+            raise ProviderUnavailable(f"CUDA extension unavailable: {why}")
+        backend = "cuda"
+    elif provider in ("lk_fused", "lk_split") and device.type != "cuda" and backend in (None, "auto", "torch"):
+        raise ProviderUnavailable("the fused/split choice only exists in the Triton and CUDA backends")
+    batch = LoRABatch.prepare(ids_host.to(torch.int32), max_tokens=ids_host.numel(), device=device)
+    if fused is None:
+        return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend)
+    return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend, fused=fused)
+
+
+def reference(x, ws: WeightSet, ids_host: torch.Tensor) -> torch.Tensor:
+    """float32 loop over the adapters present."""
+    xf = x.float()
+    y = xf @ ws.W.float().t()
+    ids = ids_host.to(x.device)
+    for l in torch.unique(ids_host).tolist():
+        if l < 0:
+            continue
+        idx = (ids == l).nonzero().flatten()
+        y[idx] += ws.host_scales[l] * ((xf[idx] @ ws.A_stack[l].float().t()) @ ws.B_stack[l].float().t())
+    return y
+
+
+def floor_of(T: int, K: int, N: int, r: int, n_active: int, elt: int, ceilings) -> float:
+    flops = 2 * T * K * N + 2 * T * r * (K + N)
+    nbytes = (N * K + n_active * r * (K + N) + T * K + T * N) * elt
+    return common.floor_us(flops, nbytes, ceilings)
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+def run(args, device, dtype, providers, ceilings) -> List[Table]:
+    timings = [t for t in ("graph", "cycled", "eager") if t in args.timings]
+    titles = {
+        "graph": "whole layer in a CUDA graph, weights hot in L2",
+        "cycled": "whole layer in a CUDA graph, {n} weight sets cycled (weights from DRAM)",
+        "eager": "whole layer, eager (do_bench, launch overhead included)",
+    }
+    note = (f"K = {args.k}, N = {args.n}, r = {args.r}. Cells: time / base (time / floor). Floor = max(flops / peak, "
+            "bytes / bandwidth), bytes = W0 + A and B of the adapters present + x + y. Target for lora_kernels: "
+            f"≤ {TARGET_FLOOR} × floor at every point (graphs).")
+    tables = {t: Table(titles[t], ["dist", "L", "T", "active"], providers, show_floor=True,
+                       show_us=[p for p in ("lora_kernels",) if p in providers], note=note) for t in timings}
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    wgen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    elt = torch.empty((), dtype=dtype).element_size()
+    cycles_used = set()
+    with torch.no_grad():
+        for L in args.adapters:
+            print(f"[multi] loading {L} adapters", flush=True)
+            sets = [WeightSet(L, args.k, args.n, args.r, dtype, device, wgen)]
+            n_sets = common.cycle_count(args.cycle, sets[0].nbytes, device) if "cycled" in timings else 1
+            sets += [WeightSet(L, args.k, args.n, args.r, dtype, device, wgen) for _ in range(n_sets - 1)]
+            cycles_used.add(n_sets)
+            for dist in args.dists:
+                for T in args.tokens:
+                    ids = token_ids(dist, L, T, gen)
+                    n_active = int(torch.unique(ids).numel())
+                    key = {"dist": dist, "L": L, "T": T, "active": n_active}
+                    print(f"[multi] dist={dist} L={L} T={T} active={n_active}", flush=True)
+                    x = torch.randn(T, args.k, generator=wgen, device=device).to(dtype)
+                    floor = floor_of(T, args.k, args.n, args.r, n_active, elt, ceilings)
+                    for t in tables.values():
+                        t.set_floor(key, floor)
+                    ref = reference(x, sets[0], ids)
+                    for prov in providers:
+                        try:
+                            fns = [build(prov, ws, ids, device, args.backend) for ws in sets]
+                            expected = F.linear(x.float(), sets[0].W.float()) if prov == "base" else ref
+                            bad = common.mismatch("output", fns[0](x), expected, dtype)
+                            if bad:
+                                raise ProviderUnavailable(f"wrong result, not timed ({bad})")
+                        except ProviderUnavailable as exc:
+                            for t in tables.values():
+                                t.add(key, prov, None, str(exc))
+                            print(f"  {prov}: {exc}", flush=True)
+                            continue
+                        except Exception as exc:
+                            msg = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            for t in tables.values():
+                                t.add(key, prov, None, msg)
+                            print(f"  {prov}: {msg}", flush=True)
+                            continue
+                        for timing, table in tables.items():
+                            try:
+                                if timing == "graph":
+                                    us = common.time_graph(lambda: fns[0](x), device)
+                                elif timing == "cycled":
+                                    us = common.time_graph_cycled([(lambda f=f: f(x)) for f in fns], device)
+                                else:
+                                    us = common.time_eager(lambda: fns[0](x), device, warmup_ms=args.warmup_ms,
+                                                           rep_ms=args.rep_ms)
+                            except Exception as exc:
+                                table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                                print(f"  {timing:7s} {prov}: {exc}", flush=True)
+                                continue
+                            table.add(key, prov, us)
+                            print(f"  {timing:7s} {prov:14s} {us:10.2f} µs", flush=True)
+                        del fns
+                    del x, ref
+            del sets
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if "cycled" in tables:
+        tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
+    return [tables[t] for t in timings]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument("--k", type=int, default=K_DEFAULT, help="in_features")
+    parser.add_argument("--n", type=int, default=N_DEFAULT, help="out_features")
+    parser.add_argument("--r", type=int, default=RANK, help="rank of every adapter")
+    parser.add_argument("--adapters", type=int, nargs="+", default=None, help="L values (default 16 128)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="T values (default 1 16 64 256 1024 4096)")
+    parser.add_argument("--dists", default=",".join(DISTS), help="comma list among uniform, mix")
+    parser.add_argument("--timings", default="graph,cycled,eager", help="comma list among graph, cycled, eager")
+    args = parser.parse_args(argv)
+    args.dists = [d.strip() for d in args.dists.split(",") if d.strip()]
+    for d in args.dists:
+        if d not in DISTS:
+            parser.error(f"--dists: {d!r} is not one of {', '.join(DISTS)}")
+    args.timings = [t.strip() for t in args.timings.split(",") if t.strip()]
+    args.adapters = args.adapters or ([128] if args.quick else ADAPTERS)
+    args.tokens = args.tokens or ([1, 256, 4096] if args.quick else TOKENS)
+    return args
+
+
+def main(argv=None) -> List[Table]:
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype)
+    common.seed_all(args.seed)
+    providers = common.selected_providers(args.providers, PROVIDERS)
+    ceilings = common.measure_ceilings(device, dtype, args)
+    info = common.print_header(
+        "Multi-adapter LoRA layer (issue 3)", device, dtype, ceilings,
+        notes=[f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
+               f"K = {args.k}, N = {args.n}, r = {args.r}, scale = {SCALE}; batch metadata prepared outside the "
+               "timed region"],
+    )
+    tables = run(args, device, dtype, providers, ceilings)
+    common.finish(args, tables, info, dtype, "multi-adapter layer: time / base")
+    return tables
+
+
+if __name__ == "__main__":
+    main()
