@@ -44,6 +44,7 @@ __all__ = [
     "PeftConversionWarning",
     "PeftLoRALinear",
     "from_peft",
+    "load_adapters",
     "to_peft",
     "set_adapter",
     "unsupported_peft_layers",
@@ -346,6 +347,8 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     tuner = _tuner(model)
     if tuner is not None and chosen:
         _install_mixed_batch_hooks(tuner)
+        if tuner is not model:
+            _install_disable_adapter(model)
     if skipped and warn:
         detail = "; ".join(f"{n}: {why}" for n, why in skipped.items())
         warnings.warn(f"from_peft left {len(skipped)} PEFT layer(s) unconverted (they still run through PEFT): "
@@ -386,6 +389,7 @@ def to_peft(model: nn.Module) -> nn.Module:
     tuner = _tuner(model)
     if tuner is not None:
         _remove_mixed_batch_hooks(tuner)
+        model.__dict__.pop("disable_adapter", None)
     return model
 
 
@@ -430,6 +434,36 @@ def _install_mixed_batch_hooks(tuner) -> None:
 def _remove_mixed_batch_hooks(tuner) -> None:
     tuner.__dict__.pop("_enable_peft_forward_hooks", None)
     tuner.__dict__.pop("_enable_adapter_layers", None)
+
+
+def _install_disable_adapter(peft_model) -> None:
+    """PeftModel.disable_adapter() first asks get_model_status(), which raises when no PEFT layer is left (all were
+    converted). This instance-level replacement skips that question in that case only; the switching itself goes
+    through the tuner's disable/enable_adapter_layers, which reach converted layers (see above)."""
+    if "disable_adapter" in peft_model.__dict__:
+        return
+    original = type(peft_model).disable_adapter
+    lora_layer_mod = _peft_lora()
+
+    @contextlib.contextmanager
+    def disable_adapter():
+        if any(isinstance(m, lora_layer_mod.LoraLayer) for m in peft_model.modules()):
+            with original(peft_model):
+                yield
+            return
+        converted = [m for m in peft_model.modules() if isinstance(m, PeftLoRALinear)]
+        was_disabled = peft_model._adapters_disabled
+        was_enabled = any(not m.disable_adapters for m in converted)
+        try:
+            peft_model.base_model.disable_adapter_layers()
+            peft_model._adapters_disabled = True
+            yield
+        finally:
+            if was_enabled:
+                peft_model.base_model.enable_adapter_layers()
+            peft_model._adapters_disabled = was_disabled
+
+    peft_model.disable_adapter = disable_adapter
 
 
 def _make_hooks_context(tuner):
@@ -477,3 +511,8 @@ def _make_hooks_context(tuner):
                 h.remove()
 
     return enable_hooks
+
+
+# ------------------------------------------------------------------------------------------------------ serving
+def load_adapters(model: nn.Module, adapters, **kwargs):  # filled in below once the multi-adapter pool lands
+    raise NotImplementedError("load_adapters needs lora_kernels' multi-adapter modules")
