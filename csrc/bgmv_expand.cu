@@ -117,21 +117,19 @@ void launch_expand(const ExpandParams& p, int dtype, int device, cudaStream_t st
   for (int s = 0; s < p.num_slices; ++s)
     if (p.slices[s].n < 0 || p.slices[s].y_offset < 0) throw CudaError("lora expand: negative slice size or offset");
   if (p.buf_dtype < kFloat32 || p.buf_dtype > kBFloat16) throw CudaError("lora expand: bad buffer dtype code");
+  if (dtype != kFloat16 && dtype != kBFloat16 && dtype != kFloat32)
+    throw CudaError("lora expand: bad dtype code " + std::to_string(dtype));
+  if ((p.ids_type != kInt32 && p.ids_type != kInt64) || (p.ranks_type != kInt32 && p.ranks_type != kInt64))
+    throw CudaError("lora expand: bad index type code for ids or ranks");
   if (p.M == 0 || p.r_max == 0) return;
   if (!p.buf || !p.ids || !p.y) throw CudaError("lora expand: null pointer for buf, ids or y");
   DeviceGuard guard(device);
-  switch (dtype) {
-    case kFloat16:
-      launch_dtype<__half>(p, stream);
-      break;
-    case kBFloat16:
-      launch_dtype<__nv_bfloat16>(p, stream);
-      break;
-    case kFloat32:
-      launch_dtype<float>(p, stream);
-      break;
-    default:
-      throw CudaError("lora expand: bad dtype code " + std::to_string(dtype));
+  if (dtype == kFloat16) {
+    launch_dtype<__half>(p, stream);
+  } else if (dtype == kBFloat16) {
+    launch_dtype<__nv_bfloat16>(p, stream);
+  } else {
+    launch_dtype<float>(p, stream);
   }
 }
 

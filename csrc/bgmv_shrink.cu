@@ -149,21 +149,19 @@ void launch_shrink(const ShrinkParams& p, int dtype, int device, cudaStream_t st
                     std::to_string(p.num_slices));
   if (p.M < 0 || p.K < 0 || p.r_max < 0 || p.L < 0) throw CudaError("lora shrink: negative size");
   if (p.out_dtype < kFloat32 || p.out_dtype > kBFloat16) throw CudaError("lora shrink: bad output dtype code");
+  if (dtype != kFloat16 && dtype != kBFloat16 && dtype != kFloat32)
+    throw CudaError("lora shrink: bad dtype code " + std::to_string(dtype));
+  if ((p.ids_type != kInt32 && p.ids_type != kInt64) || (p.ranks_type != kInt32 && p.ranks_type != kInt64))
+    throw CudaError("lora shrink: bad index type code for ids or ranks");
   if (p.M == 0 || p.r_max == 0) return;
   if (!p.x || !p.ids || !p.out) throw CudaError("lora shrink: null pointer for x, ids or out");
   DeviceGuard guard(device);
-  switch (dtype) {
-    case kFloat16:
-      launch_dtype<__half>(p, stream);
-      break;
-    case kBFloat16:
-      launch_dtype<__nv_bfloat16>(p, stream);
-      break;
-    case kFloat32:
-      launch_dtype<float>(p, stream);
-      break;
-    default:
-      throw CudaError("lora shrink: bad dtype code " + std::to_string(dtype));
+  if (dtype == kFloat16) {
+    launch_dtype<__half>(p, stream);
+  } else if (dtype == kBFloat16) {
+    launch_dtype<__nv_bfloat16>(p, stream);
+  } else {
+    launch_dtype<float>(p, stream);
   }
 }
 
