@@ -279,9 +279,9 @@ def inject_lora(
     """Replace, in place, every ``nn.Linear`` whose qualified name matches ``target_modules`` by a ``LoRALinear``.
 
     ``target_modules`` is PEFT's: a list of names matched by suffix (``"q_proj"`` matches ``"layers.0.attn.q_proj"``)
-    or one string matched as a regex against the full name. With ``freeze_base`` every other parameter of the model is
-    frozen, as PEFT does. Returns the replaced names (a layer reachable under several names, e.g. tied, is wrapped
-    once and every name points at the same ``LoRALinear``). Raises ValueError listing the candidates when nothing
+    or one string matched as a regex against the full name. With ``freeze_base`` every parameter of the model other
+    than the LoRA adapters is frozen, as PEFT does. Returns the replaced names (a layer reachable under several
+    names, e.g. tied, is wrapped once and every name points at the same ``LoRALinear``). Raises ValueError listing the candidates when nothing
     matches; on any error the model is left unchanged.
     """
     if isinstance(model, nn.Linear):
@@ -331,8 +331,11 @@ def inject_lora(
             )
         plan.append((parent, child, built[id(linear)]))
     if freeze_base:
+        # Everything but the adapters already in the model (an earlier inject_lora call) stops training.
+        keep = {id(p) for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)}
         for p in model.parameters():
-            p.requires_grad_(False)
+            if id(p) not in keep:
+                p.requires_grad_(False)
     for parent, child, layer in plan:
         setattr(parent, child, layer)
     return chosen

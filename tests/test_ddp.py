@@ -75,6 +75,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def one_thread():
+    # Tiny shapes: one intra-op thread is fastest, and a second one spinning on a loaded 2-core machine is very slow.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _reference():
     """One process: SGD on the average over ranks of each rank's loss gradient, which is what DDP computes."""
     model = _model()
@@ -90,7 +99,7 @@ def _reference():
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo "
                     "is not available in this build")
-def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path):
+def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path, one_thread):
     ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:

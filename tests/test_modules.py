@@ -26,8 +26,14 @@ TRITON_MODULE = os.path.join(os.path.dirname(lk.__file__), "triton", "lora_linea
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    # Every shape here is tiny: one intra-op thread is fastest, and on a loaded 2-core machine a second (spinning)
+    # thread made these tests ~20x slower. Restored afterwards so other test files keep their setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(1234)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _layer(in_f, out_f, dtype=torch.float32, bias=True, r=4, alpha=8.0, randomize_b=True, **kw):
@@ -417,6 +423,12 @@ def test_inject_lora_special_models():
     # MultiheadAttention reads out_proj.weight directly: refuse rather than silently ignore the adapter.
     with pytest.raises(ValueError, match="MultiheadAttention"):
         lk.inject_lora(nn.Sequential(nn.MultiheadAttention(8, 2)), ["out_proj"])
+    # A second call adds adapters and keeps the first call's trainable.
+    model = _Tiny()
+    lk.inject_lora(model, ["q_proj"], r=2)
+    lk.inject_lora(model, ["v_proj"], r=2)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"{n}.{p}" for n in QV for p in ("lora_A", "lora_B"))
     # freeze_base=False leaves the rest trainable.
     model = _Tiny()
     lk.inject_lora(model, ["q_proj"], r=2, freeze_base=False)
