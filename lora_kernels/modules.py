@@ -2,7 +2,7 @@
 ``load_lora_state_dict``.
 
 State only; the math is :func:`lora_kernels.lora_linear`. Parameter names: ``weight`` and ``bias`` are the base
-layer's (so a model's original state dict still loads), ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` are the
+layer's (so a checkpoint of the model before injection loads with ``strict=False``), ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` are the
 adapter (PEFT's ``lora_A.weight`` / ``lora_B.weight``).
 
 Merging. ``merge()`` writes ``W0 + s·B·A`` into ``weight`` in place and keeps an exact copy of W0 in a non-persistent
@@ -134,7 +134,9 @@ class LoRALinear(nn.Module):
         backend: Optional[str] = None,
     ) -> "LoRALinear":
         """Wrap ``linear``: its weight (frozen here) and bias are shared, not copied; the adapter is created on the
-        weight's device. With B = 0 (the default inits) the output is the ``nn.Linear``'s, bit for bit."""
+        weight's device. With B = 0 (the default inits) the output is the ``nn.Linear``'s up to the backend's
+        rounding (the reference accumulates in fp32 and rounds once). The bias keeps its ``requires_grad``
+        (``inject_lora`` freezes it with the rest of the base model)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)

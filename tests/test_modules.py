@@ -138,6 +138,18 @@ def test_bad_arguments_change_nothing(kwargs, exc, words):
     assert lin.weight.requires_grad  # the user's layer was not touched
 
 
+def test_meta_device_construction():
+    layer = LoRALinear(6, 5, r=2, device="meta")
+    assert layer.weight.is_meta and layer.lora_A.is_meta and layer.lora_B.shape == (5, 2)
+    with torch.device("meta"):
+        lin = nn.Linear(6, 5)
+    wrapped = LoRALinear.from_linear(lin, r=2)
+    assert wrapped.lora_A.is_meta and wrapped.weight is lin.weight
+    wrapped.to_empty(device="cpu")
+    wrapped.reset_lora_parameters("default")
+    assert torch.count_nonzero(wrapped.lora_B) == 0 and torch.count_nonzero(wrapped.lora_A) > 0
+
+
 def test_from_linear_rejects_non_linear():
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear.from_linear(nn.Conv1d(3, 3, 1))
