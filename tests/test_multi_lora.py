@@ -1,0 +1,604 @@
+"""Batched multi-adapter LoRA: AdapterPool, LoRABatch, lora_shrink / lora_expand / multi_lora_linear, the Triton
+kernels (CPU interpreter here) against the float64 reference, MultiLoRALinear and the model helpers.
+
+Shapes are small (K, N <= 64) because the interpreter is slow; they are odd on purpose (K = 40, slices 24|8|8).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_kernels as lk
+from lora_kernels.ops import multi_lora as ops
+from lora_kernels.pool import AdapterPool, LoRABatch
+from lora_kernels.reference import multi_lora as ref
+
+from conftest import DEVICE, HAS_CUDA, INTERPRET
+
+TRITON_OK = HAS_CUDA or INTERPRET
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+
+K = 40
+SLICES = [24, 8, 8]  # q|k|v of unequal widths (GQA-like)
+MIXED_RANKS = [1, 8, 16, 64, 8, 1]
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _adapter(rank, K, slices, gen, dtype=torch.float32, device="cpu"):
+    """Per-slice (A_s [r, K], B_s [N_s, r]) scaled so that the LoRA term is O(1)."""
+    a = [torch.randn(rank, K, generator=gen, dtype=torch.float64) / math.sqrt(K) for _ in slices]
+    b = [torch.randn(n, rank, generator=gen, dtype=torch.float64) for n in slices]
+    return [t.to(device=device, dtype=dtype) for t in a], [t.to(device=device, dtype=dtype) for t in b]
+
+
+def _make_pool(L, R, ranks, slices=SLICES, dtype=torch.float32, device=DEVICE, seed=0, use_rslora=False):
+    gen = torch.Generator().manual_seed(seed)
+    pool = AdapterPool(L, R, K, slices if len(slices) > 1 else slices[0], dtype=dtype, device=device)
+    adapters = {}
+    for i, r in enumerate(ranks):
+        a, b = _adapter(r, K, slices, gen, dtype, device)
+        alpha = [2.0 * r + s for s in range(len(slices))]  # a different scale per slice
+        slot = pool.load(f"ad{i}", a if len(slices) > 1 else a[0], b if len(slices) > 1 else b[0], alpha=alpha,
+                         use_rslora=use_rslora)
+        adapters[slot] = (a, b, [al / (math.sqrt(r) if use_rslora else r) for al in alpha])
+    return pool, adapters
+
+
+def _naive(x, weight, bias, adapters, ids, slices):
+    """Independent oracle: per token, from the adapters as given (not the pool stacks), float64."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    y = x2 @ weight.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    for m, slot in enumerate(ids):
+        if slot not in adapters:
+            continue
+        a, b, scales = adapters[slot]
+        off = 0
+        for s, n in enumerate(slices):
+            y[m, off : off + n] += scales[s] * (x2[m] @ a[s].double().t()) @ b[s].double().t()
+            off += n
+    return y.reshape(*x.shape[:-1], sum(slices))
+
+
+def _ids(pattern, T, slots, gen):
+    if pattern == "repeats":
+        choice = torch.tensor(slots + [-1])
+        return choice[torch.randint(len(choice), (T,), generator=gen)].tolist()
+    if pattern == "distinct":
+        assert len(slots) >= T
+        perm = torch.randperm(len(slots), generator=gen)[:T]
+        return [slots[i] for i in perm.tolist()]
+    if pattern == "none":
+        return [-1] * T
+    if pattern == "one":
+        return [slots[len(slots) // 2]] * T
+    raise AssertionError(pattern)
+
+
+def _tol(dtype):
+    return {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}[dtype]
+
+
+# ----------------------------------------------------------------------------------------------- batch structure
+def test_batch_tiles_cover_each_adapter_token_once():
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        T = int(torch.randint(1, 70, (1,), generator=gen))
+        L = int(torch.randint(1, 12, (1,), generator=gen))
+        tile_m = (16, 32)[trial % 2]
+        ids = torch.randint(-2, L + 2, (T,), generator=gen).tolist()  # includes -2 and ids >= L
+        batch = LoRABatch.prepare(ids, max_tokens=T + 5, tile_m=tile_m)
+        starts = batch.tile_starts.tolist()
+        sorted_tokens = batch.sorted_tokens.tolist()
+        sorted_slots = batch.sorted_slots.tolist()
+        n_tiles = sum(1 for s in starts if s >= 0)
+        assert starts[n_tiles:] == [-1] * (len(starts) - n_tiles), "tiles must be packed at the front"
+        assert batch.num_tiles.item() == n_tiles
+        assert batch.num_active.item() == len({i for i in ids if i >= 0})
+        covered = []
+        for t in range(n_tiles):
+            st = starts[t]
+            slot = sorted_slots[st]
+            rows = [p for p in range(st, min(st + tile_m, batch.capacity)) if sorted_slots[p] == slot]
+            assert rows == list(range(st, st + len(rows)))
+            covered += [(sorted_tokens[p], slot) for p in rows]
+        assert sorted(covered) == sorted((m, i) for m, i in enumerate(ids) if i >= 0)
+        # the tiles of slots < L come first and fit in the launch grid's bound
+        from lora_kernels.triton.multi_lora import _num_tiles_bound
+
+        n_valid = sum(1 for t in range(n_tiles) if sorted_slots[starts[t]] < L)
+        assert all(sorted_slots[starts[t]] < L for t in range(n_valid))
+        assert n_valid <= _num_tiles_bound(T, L, tile_m, batch.capacity)
+
+
+def test_batch_prepare_in_place_keeps_buffers():
+    batch = LoRABatch.prepare([0, 1, -1], max_tokens=8)
+    ptrs = [t.data_ptr() for t in (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)]
+    batch.prepare_([2, 2, 2, 2, 0])
+    assert [t.data_ptr() for t in (batch.token_slots, batch.sorted_tokens, batch.sorted_slots,
+                                   batch.tile_starts)] == ptrs
+    assert batch.token_slots.tolist() == [2, 2, 2, 2, 0, -1, -1, -1]
+    assert batch.num_tokens == 5 and batch.has_adapter is True
+    with pytest.raises(ValueError, match="capacity"):
+        batch.prepare_([0] * 9)
+    with pytest.raises(TypeError):
+        LoRABatch.prepare([0.5])
+    batch.prepare_(torch.tensor([-1, -1]))
+    assert batch.has_adapter is False and batch.num_tiles.item() == 0
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+def test_reference_matches_independent_oracle():
+    gen = torch.Generator().manual_seed(2)
+    pool, adapters = _make_pool(8, 64, MIXED_RANKS, device="cpu")
+    weight = torch.randn(sum(SLICES), K, generator=gen) / math.sqrt(K)
+    bias = torch.randn(sum(SLICES), generator=gen)
+    x = torch.randn(2, 17, K, generator=gen)
+    ids = _ids("repeats", 34, sorted(adapters), gen) + []
+    ids[3] = 7  # an empty slot in range: no adapter
+    got = ref.multi_lora_linear(x.double(), weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
+                                torch.tensor(ids), SLICES)
+    torch.testing.assert_close(got, _naive(x, weight, bias, adapters, ids, SLICES), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- kernels vs the reference
+CASES = [
+    # (T, pattern, slices, fused, lead)
+    (1, "repeats", SLICES, None, ()),
+    (5, "distinct", SLICES, True, ()),
+    (5, "repeats", [40], False, ()),
+    (33, "repeats", SLICES, False, (3,)),
+    (33, "distinct", [40], None, ()),
+    (33, "none", SLICES, False, ()),
+    (33, "one", SLICES, True, ()),
+    (130, "repeats", SLICES, None, (2, 5)),
+    (130, "one", [40], False, ()),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("T,pattern,slices,fused,lead", CASES)
+def test_multi_lora_linear_triton_matches_reference(T, pattern, slices, fused, lead):
+    gen = torch.Generator().manual_seed(T * 7 + len(pattern))
+    ranks = MIXED_RANKS * 6 if pattern == "distinct" else MIXED_RANKS  # ranks 1, 8, 16, 64 in one pool
+    L = len(ranks) + 2
+    pool, adapters = _make_pool(L, 64, ranks, slices=slices, seed=T)
+    N = sum(slices)
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE)
+    bias = torch.randn(N, generator=gen).to(DEVICE)
+    ids = _ids(pattern, T, sorted(adapters), gen)
+    rows = math.prod(lead) if lead else 1
+    M = T * rows
+    ids = (ids * rows)[:M]
+    x = torch.randn(*lead, T, K, generator=gen).to(DEVICE) if lead else torch.randn(T, K, generator=gen).to(DEVICE)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    got = lk.multi_lora_linear(x, weight, bias, pool, batch, backend="triton", fused=fused)
+    want = _naive(x.cpu(), weight.cpu(), bias.cpu(), {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                                     for s, (a, b, sc) in adapters.items()}, ids, slices)
+    assert got.shape == (*lead, T, N)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
+    # the torch backend gives the same
+    got_ref = lk.multi_lora_linear(x, weight, bias, pool, batch, backend="torch")
+    torch.testing.assert_close(got_ref.cpu().double(), want, rtol=2e-4, atol=2e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_half_precision(dtype, fused):
+    gen = torch.Generator().manual_seed(5)
+    pool, adapters = _make_pool(6, 16, [16, 8, 1], dtype=dtype)
+    N = sum(SLICES)
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE, dtype)
+    x = torch.randn(21, K, generator=gen).to(DEVICE, dtype)
+    ids = _ids("repeats", 21, sorted(adapters), gen)
+    got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend="triton",
+                               fused=fused)
+    assert got.dtype == dtype
+    want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                                for s, (a, b, sc) in adapters.items()}, ids, SLICES)
+    rtol, atol = _tol(dtype)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol)
+
+
+@needs_triton
+def test_fp32_pool_with_half_activations():
+    gen = torch.Generator().manual_seed(6)
+    pool, adapters = _make_pool(4, 8, [8, 3], slices=[40], dtype=torch.float32)
+    weight = (torch.randn(40, K, generator=gen) / math.sqrt(K)).to(DEVICE, torch.float16)
+    x = torch.randn(9, K, generator=gen).to(DEVICE, torch.float16)
+    ids = [0, 1, -1, 1, 0, 0, 1, -1, 1]
+    got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend="triton")
+    want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                                for s, (a, b, sc) in adapters.items()}, ids, [40])
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_low_level_shrink_expand(backend):
+    gen = torch.Generator().manual_seed(7)
+    pool, _ = _make_pool(5, 16, [16, 4, 9], slices=SLICES, use_rslora=True)
+    T = 19
+    ids = _ids("repeats", T, [0, 1, 2], gen)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    x = torch.randn(T, K, generator=gen).to(DEVICE)
+    S, R = len(SLICES), 16
+    out = torch.full((T, S * R), float("nan"), device=DEVICE)  # every element must be written
+    lk.lora_shrink(x, pool.A_stack, batch, out, ranks=pool.ranks, num_slices=S, backend=backend)
+    want_s = ref.lora_shrink(x.cpu().double(), pool.A_stack.cpu(), torch.tensor(ids), pool.ranks.cpu(), S)
+    torch.testing.assert_close(out.cpu().double(), want_s, rtol=1e-5, atol=1e-5)
+    y0 = torch.randn(T, sum(SLICES), generator=gen).to(DEVICE)
+    y = y0.clone()
+    ret = lk.lora_expand(out, pool.B_stack, batch, y, pool.scales, slices=SLICES, ranks=pool.ranks, backend=backend)
+    assert ret is y
+    want_y = ref.lora_expand(want_s, pool.B_stack.cpu(), torch.tensor(ids), pool.ranks.cpu(), pool.scales.cpu(),
+                             y0.cpu().double(), SLICES)
+    torch.testing.assert_close(y.cpu().double(), want_y, rtol=1e-5, atol=1e-5)
+    # a float scale and no ranks (every slot at full rank R: padding is zero, so same products)
+    y2 = y0.clone()
+    lk.lora_expand(out, pool.B_stack, batch, y2, 0.5, slices=SLICES, backend=backend)
+    want2 = ref.lora_expand(want_s, pool.B_stack.cpu(), torch.tensor(ids), torch.full((5,), 16, dtype=torch.int32),
+                            torch.full((5, S), 0.5), y0.cpu().double(), SLICES)
+    torch.testing.assert_close(y2.cpu().double(), want2, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- pool state and errors
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_load_unload_reload(backend):
+    gen = torch.Generator().manual_seed(8)
+    pool = AdapterPool(3, 16, K, 40, device=DEVICE)
+    weight = (torch.randn(40, K, generator=gen) / math.sqrt(K)).to(DEVICE)
+    x = torch.randn(6, K, generator=gen).to(DEVICE)
+    a1, b1 = _adapter(16, K, [40], gen, device=DEVICE)
+    a2, b2 = _adapter(4, K, [40], gen, device=DEVICE)
+    s1 = pool.load("first", a1[0], b1[0], alpha=32)
+    pool.load("other", a2[0], b2[0])
+    ids = [s1, -1, s1, 1, s1, -1]
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    y1 = lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend)
+    want1 = _naive(x.cpu(), weight.cpu(), None, {s1: ([a1[0].cpu()], [b1[0].cpu()], [2.0]),
+                                                 1: ([a2[0].cpu()], [b2[0].cpu()], [1.0])}, ids, [40])
+    torch.testing.assert_close(y1.cpu().double(), want1, rtol=2e-4, atol=2e-4)
+    assert pool.unload("first") == s1
+    assert "first" not in pool and pool.free_slots() == [0, 2]
+    with pytest.raises(ValueError, match="empty"):
+        lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend)
+    # unchecked, the freed slot is "no adapter": the base output
+    y_free = lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend, check=False)
+    want_free = _naive(x.cpu(), weight.cpu(), None, {1: ([a2[0].cpu()], [b2[0].cpu()], [1.0])}, ids, [40])
+    torch.testing.assert_close(y_free.cpu().double(), want_free, rtol=2e-4, atol=2e-4)
+    a3, b3 = _adapter(8, K, [40], gen, device=DEVICE)
+    assert pool.load("second", a3[0], b3[0], alpha=4, use_rslora=True) == s1  # the freed slot is reused
+    y3 = lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend)
+    want3 = _naive(x.cpu(), weight.cpu(), None, {s1: ([a3[0].cpu()], [b3[0].cpu()], [4 / math.sqrt(8)]),
+                                                 1: ([a2[0].cpu()], [b2[0].cpu()], [1.0])}, ids, [40])
+    torch.testing.assert_close(y3.cpu().double(), want3, rtol=2e-4, atol=2e-4)
+
+
+def _snapshot(pool):
+    return (pool.names, pool.host_ranks, pool.A_stack.clone(), pool.B_stack.clone(), pool.ranks.clone(),
+            pool.scales.clone())
+
+
+def _assert_same(pool, snap):
+    names, host_ranks, a, b, r, s = snap
+    assert pool.names == names and pool.host_ranks == host_ranks
+    for t, u in zip((pool.A_stack, pool.B_stack, pool.ranks, pool.scales), (a, b, r, s)):
+        assert torch.equal(t, u)
+
+
+def test_bad_loads_raise_and_leave_pool_unchanged():
+    pool = AdapterPool(2, 8, K, SLICES, device="cpu")
+    good_a = [torch.randn(4, K) for _ in SLICES]
+    good_b = [torch.randn(n, 4) for n in SLICES]
+    pool.load("a", good_a, good_b)
+    snap = _snapshot(pool)
+    bad = [
+        (ValueError, "rank 9", dict(lora_A=[torch.randn(9, K)] * 3, lora_B=[torch.randn(n, 9) for n in SLICES])),
+        (ValueError, "rank 0", dict(lora_A=[torch.randn(0, K)] * 3, lora_B=[torch.randn(n, 0) for n in SLICES])),
+        (ValueError, "in_features", dict(lora_A=[torch.randn(4, K + 1)] * 3, lora_B=good_b)),
+        (ValueError, "out_features=8", dict(lora_A=good_a, lora_B=[good_b[0], torch.randn(9, 4), good_b[2]])),
+        (ValueError, "3 output slices", dict(lora_A=good_a[:2], lora_B=good_b[:2])),
+        (ValueError, "inf or NaN", dict(lora_A=[torch.full((4, K), float("nan"))] * 3, lora_B=good_b)),
+        (TypeError, "dtype", dict(lora_A=[torch.ones(4, K, dtype=torch.int64)] * 3, lora_B=good_b)),
+    ]
+    for exc, msg, kw in bad:
+        with pytest.raises(exc, match=msg):
+            pool.load("b", **kw)
+        _assert_same(pool, snap)
+    with pytest.raises(ValueError, match="already loaded"):
+        pool.load("a", good_a, good_b)
+    _assert_same(pool, snap)
+    with pytest.raises(ValueError, match="already holds"):
+        pool.load("b", good_a, good_b, slot=0)
+    _assert_same(pool, snap)
+    pool.load("b", good_a, good_b)
+    snap = _snapshot(pool)
+    with pytest.raises(RuntimeError, match="full"):
+        pool.load("c", good_a, good_b)
+    _assert_same(pool, snap)
+    with pytest.raises(KeyError, match="not loaded"):
+        pool.unload("zzz")
+    with pytest.raises(ValueError, match="max_rank"):
+        AdapterPool(2, 0, K, 8)
+    with pytest.raises(ValueError, match="slices"):
+        AdapterPool(2, 4, K, [8, 8, 8, 8, 8])
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_ids_raise_or_count_as_none(backend):
+    gen = torch.Generator().manual_seed(9)
+    pool, adapters = _make_pool(4, 16, [16, 8], slices=[40])  # slots 0, 1 loaded; 2, 3 empty
+    weight = (torch.randn(40, K, generator=gen) / math.sqrt(K)).to(DEVICE)
+    x = torch.randn(7, K, generator=gen).to(DEVICE)
+    ids = [0, 4, 1, -7, 1000, 3, 0]
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    with pytest.raises(ValueError) as err:
+        lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend)
+    for piece in ("token 1: 4", "token 3: -7", "token 4: 1000", "token 5: 3", "outside -1..3", "empty"):
+        assert piece in str(err.value)
+    # device-side ids take the same check (read back)
+    with pytest.raises(ValueError, match="token 4: 1000"):
+        lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(torch.tensor(ids, device=DEVICE)),
+                             backend=backend)
+    for fused in (False, True):
+        got = lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend, check=False, fused=fused)
+        want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                                    for s, (a, b, sc) in adapters.items()}, ids, [40])
+        torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
+    with pytest.raises(ValueError, match="prepared for 7 tokens"):
+        lk.multi_lora_linear(x[:5], weight, None, pool, batch, backend=backend)
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernels_read_nothing_outside_the_pool_or_past_a_rank(fused):
+    """The pool's tensors are views into NaN-filled storage: slot -1 and slot L would read NaN, as would padding rows
+    past an adapter's rank and the weights of an empty slot. The output must equal the oracle, NaN-free."""
+    gen = torch.Generator().manual_seed(10)
+    L, R, S = 4, 16, len(SLICES)
+    pool, adapters = _make_pool(L, R, [16, 3, 5, 8], slices=SLICES)
+    pool.unload("ad2")  # slot 2 empty; slots 0 and L-1 loaded, so clamping a bad id instead of skipping it would leak
+    del adapters[2]
+    nan = float("nan")
+
+    def poisoned(t, fill):
+        big = torch.full((L + 2, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+        big[1 : L + 1] = t
+        return big, big[1 : L + 1]
+
+    big_a, pool.A_stack = poisoned(pool.A_stack, nan)
+    big_b, pool.B_stack = poisoned(pool.B_stack, nan)
+    big_r, pool.ranks = poisoned(pool.ranks, R)
+    big_s, pool.scales = poisoned(pool.scales, nan)
+    pool.A_stack[1, [s * R + j for s in range(S) for j in range(3, R)]] = nan  # padding past rank 3
+    pool.B_stack[1, :, 3:] = nan
+    pool.A_stack[2] = nan  # empty slot (rank 0)
+    pool.B_stack[2] = nan
+    weight = (torch.randn(40, K, generator=gen) / math.sqrt(K)).to(DEVICE)
+    x = torch.randn(9, K, generator=gen).to(DEVICE)
+    ids = [0, -1, 1, L, 2, 3, -2, 1, L + 1]
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", check=False, fused=fused)
+    want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                                for s, (a, b, sc) in adapters.items()}, ids, SLICES)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
+
+
+def test_input_errors():
+    pool, _ = _make_pool(3, 8, [8], slices=[40], device="cpu")
+    batch = LoRABatch.prepare([0, -1])
+    x = torch.randn(2, K)
+    w = torch.randn(40, K)
+    with pytest.raises(ValueError, match="weight"):
+        lk.multi_lora_linear(x, torch.randn(41, K), None, pool, batch)
+    with pytest.raises(ValueError, match="in_features"):
+        lk.multi_lora_linear(torch.randn(2, K + 1), w, None, pool, batch)
+    with pytest.raises(TypeError, match="LoRABatch"):
+        lk.multi_lora_linear(x, w, None, pool, [0, -1])
+    with pytest.raises(TypeError, match="dtype"):
+        lk.multi_lora_linear(x.double(), w, None, pool, batch)
+    out = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="num_slices"):
+        lk.lora_shrink(x, pool.A_stack, batch, out, num_slices=3)
+    with pytest.raises(ValueError, match="slices"):
+        lk.lora_expand(out, pool.B_stack, batch, torch.zeros(2, 40), 1.0, slices=[20, 21])
+    with pytest.raises(TypeError, match="out"):
+        lk.lora_shrink(x, pool.A_stack, batch, out.half())
+
+
+def test_no_adapter_launches_no_lora_kernel(monkeypatch):
+    pool, _ = _make_pool(3, 8, [8], slices=[40], device="cpu")
+
+    def boom(*a, **k):
+        raise AssertionError("a LoRA kernel ran for a batch without adapters")
+
+    monkeypatch.setattr(ops, "_shrink_op", boom)
+    monkeypatch.setattr(ops, "_expand_op", boom)
+    monkeypatch.setattr(ops, "_fused_op", boom)
+    x, w, b = torch.randn(20, K), torch.randn(40, K), torch.randn(40)
+    got = lk.multi_lora_linear(x, w, b, pool, LoRABatch.prepare([-1] * 20), backend="torch")
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b))
+
+
+# ------------------------------------------------------------------------------------------ custom ops, compile
+def test_opcheck_custom_ops():
+    pool, _ = _make_pool(4, 8, [8, 2], slices=SLICES, device="cpu")
+    batch = LoRABatch.prepare([0, -1, 1, 1, 0], max_tokens=8)
+    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    x = torch.randn(5, K)
+    s = torch.zeros(5, 3 * 8)
+    torch.library.opcheck(ops._shrink_op, (x, pool.A_stack, pool.ranks, *fields, s, 3, 16, "torch"))
+    s = ref.lora_shrink(x, pool.A_stack, batch.token_slots, pool.ranks, 3)
+    y = torch.randn(5, sum(SLICES))
+    torch.library.opcheck(ops._expand_op, (s, pool.B_stack, pool.ranks, pool.scales, *fields, y, SLICES, 16, "torch"))
+    torch.library.opcheck(ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y,
+                                          SLICES, 16, "torch"))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    pool, _ = _make_pool(5, 16, [16, 8, 1], slices=SLICES, device="cpu")
+    weight = torch.randn(sum(SLICES), K, generator=gen) / math.sqrt(K)
+    bias = torch.randn(sum(SLICES), generator=gen)
+    batch = LoRABatch.prepare([0, 1, -1, 2, 2, 0, 1, 1, -1, 0, 2, 1, 0, 0, 1, 2, 2, 1], max_tokens=18)
+    x = torch.randn(18, K, generator=gen)
+
+    def step(x):
+        return lk.multi_lora_linear(x, weight, bias, pool, batch, backend="torch", fused=False) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
+    batch.prepare_([2, 2, 2, 1, 1, -1, 0, 0, 0, 0, 2, 1, -1, -1, 1, 2, 0, 1])  # new ids, same buffers
+    torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
+
+    fused = torch.compile(lambda x: lk.multi_lora_linear(x, weight, bias, pool, batch, backend="torch", fused=True),
+                          fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fused(x), step(x) / 2.0, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- module and model
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(K, K)
+        self.v_proj = nn.Linear(K, K, bias=False)
+        self.out = nn.Linear(K, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.q_proj(x)) + self.v_proj(x))
+
+
+@needs_triton
+def test_module_and_model_helpers():
+    torch.manual_seed(12)
+    model = _Block().to(DEVICE)
+    x = torch.randn(2, 6, K, device=DEVICE)
+    base = model(x)
+    names = lk.inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=4, max_rank=8)
+    assert names == ["q_proj", "v_proj"]
+    assert isinstance(model.q_proj, lk.MultiLoRALinear) and isinstance(model.out, nn.Linear)
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        lk.inject_multi_lora(model, ["k_proj"], 4, 8)
+    torch.testing.assert_close(model(x), base)  # no batch: base layers
+
+    aq, bq = torch.randn(8, K, device=DEVICE) / 7, torch.randn(K, 8, device=DEVICE)
+    av, bv = torch.randn(3, K, device=DEVICE) / 7, torch.randn(K, 3, device=DEVICE)
+    s_a = lk.load_multi_adapter(model, "A", {"q_proj": (aq, bq), "v_proj": (av, bv)}, alpha=16)
+    s_b = lk.load_multi_adapter(model, "B", {"v_proj": (av * 2, bv)})  # targets v_proj only: q_proj reserves
+    assert (s_a, s_b) == (0, 1) and lk.multi_adapter_slot(model, "B") == 1
+    with pytest.raises(KeyError):
+        lk.load_multi_adapter(model, "C", {"nope": (av, bv)})
+    assert "C" not in model.q_proj.pool and "C" not in model.v_proj.pool
+    with pytest.raises(ValueError, match="rank 9"):  # all or nothing: q_proj loads, v_proj fails, q_proj rolls back
+        lk.load_multi_adapter(model, "C", {"q_proj": (aq, bq), "v_proj": (torch.randn(9, K), torch.randn(K, 9))})
+    assert "C" not in model.q_proj.pool
+
+    ids = [s_a, s_b, -1, s_b, s_a, s_a] * 2
+    batch = lk.LoRABatch.prepare(ids, device=DEVICE)
+    with lk.use_batch(model, batch):
+        got = model(x)
+    assert model.q_proj.batch is None
+
+    xf = x.reshape(-1, K)
+    idt = torch.tensor(ids, device=DEVICE)[:, None]
+    q = model.q_proj.weight
+    yq = xf @ q.t() + model.q_proj.bias + torch.where(idt == s_a, 2.0 * (xf @ aq.t()) @ bq.t(), 0.0)
+    yv = xf @ model.v_proj.weight.t() + torch.where(idt == s_a, 16 / 3 * (xf @ av.t()) @ bv.t(), 0.0) \
+        + torch.where(idt == s_b, (xf @ (2 * av).t()) @ bv.t(), 0.0)
+    want = model.out(torch.relu(yq) + yv).reshape(2, 6, 8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    # forward(x, batch) directly, and the module form from an nn.Linear
+    torch.testing.assert_close(model.v_proj(xf, batch), yv, rtol=1e-4, atol=1e-4)
+    assert lk.unload_multi_adapter(model, "B") == s_b
+    with pytest.raises(KeyError):
+        lk.multi_adapter_slot(model, "B")
+    layer = lk.MultiLoRALinear.from_linear(nn.Linear(K, 40).to(DEVICE), max_adapters=2, max_rank=4,
+                                           slices=[24, 16])
+    assert layer.load_adapter("z", [torch.randn(4, K)] * 2, torch.randn(40, 4)) == 0
+    assert layer.pool.slices == (24, 16) and layer.slot_of("z") == 0
+    assert "max_rank=4" in repr(layer)
+
+
+def test_module_to_moves_pool():
+    layer = lk.MultiLoRALinear(K, 16, max_adapters=2, max_rank=4)
+    layer.load_adapter("a", torch.randn(4, K), torch.randn(16, 4), alpha=8)
+    layer = layer.to(torch.float64)
+    assert layer.pool.A_stack.dtype == torch.float64 and layer.pool.scales.dtype == torch.float32
+    assert layer.pool.A_stack is layer.lora_A_stack
+    x = torch.randn(3, K, dtype=torch.float64)
+    y = layer(x, LoRABatch.prepare([0, -1, 0]))
+    assert y.dtype == torch.float64 and torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_bf16_matches_reference(fused):
+    gen = torch.Generator().manual_seed(13)
+    pool, adapters = _make_pool(8, 64, MIXED_RANKS, dtype=torch.bfloat16, device="cuda")
+    N = sum(SLICES)
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to("cuda", torch.bfloat16)
+    for T in (1, 16, 77):
+        x = torch.randn(T, K, generator=gen).to("cuda", torch.bfloat16)
+        ids = _ids("repeats", T, sorted(adapters), gen)
+        got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device="cuda"), backend="triton",
+                                   fused=fused)
+        want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                                    for s, (a, b, sc) in adapters.items()}, ids, SLICES)
+        torch.testing.assert_close(got.cpu().double(), want, rtol=6e-2, atol=6e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [4, 64])
+def test_gpu_cuda_graph_capture_and_replay_with_new_ids(T):
+    gen = torch.Generator().manual_seed(14)
+    pool, adapters = _make_pool(8, 64, MIXED_RANKS, dtype=torch.float16, device="cuda")
+    N = sum(SLICES)
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to("cuda", torch.float16)
+    bias = torch.randn(N, generator=gen).to("cuda", torch.float16)
+    x = torch.randn(T, K, generator=gen).to("cuda", torch.float16)
+    batch = LoRABatch.prepare(_ids("repeats", T, sorted(adapters), gen), max_tokens=T, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up compiles the kernels outside the capture
+            lk.multi_lora_linear(x, weight, bias, pool, batch, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lk.multi_lora_linear(x, weight, bias, pool, batch, backend="triton")
+    for pattern in ("repeats", "none", "one", "repeats"):
+        ids = _ids(pattern, T, sorted(adapters), gen)
+        batch.prepare_(ids)
+        x.copy_(torch.randn(T, K, generator=gen).to("cuda", torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _naive(x.cpu(), weight.cpu(), bias.cpu(),
+                      {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+                      ids, SLICES)
+        torch.testing.assert_close(y.cpu().double(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_triton():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(15)
+    pool, _ = _make_pool(8, 16, [16, 8, 4], dtype=torch.float16, device="cuda")
+    weight = (torch.randn(sum(SLICES), K, generator=gen) / math.sqrt(K)).to("cuda", torch.float16)
+    x = torch.randn(40, K, generator=gen).to("cuda", torch.float16)
+    batch = LoRABatch.prepare(_ids("repeats", 40, [0, 1, 2], gen), device="cuda")
+    eager = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton")
+    compiled = torch.compile(lambda x: lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton"),
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-2, atol=1e-2)
