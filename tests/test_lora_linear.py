@@ -1,0 +1,455 @@
+"""Tests of the fused LoRA linear op (``lora_kernels.lora_linear``): the PyTorch reference against an independent
+float64 oracle; the Triton kernels (CPU interpreter here, CUDA on a GPU machine) against the reference through the
+public op and autograd; input checks; torch.library / torch.compile integration; backend selection."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels import _backend
+from lora_kernels.ops import lora_linear as op_mod
+from lora_kernels.reference import dropout_keep_mask
+from lora_kernels.reference import lora_linear as ref
+
+from conftest import DEVICE, HAS_CUDA, INTERPRET
+
+# Tolerance on max|actual - expected| relative to max|expected| (floored at 1): the kernels and the reference both
+# accumulate in fp32 and round once to the output dtype, so the gap is about one rounding of that dtype.
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+needs_triton = pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET), reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest without CUDA)"
+)
+
+
+def assert_close_scaled(actual, expected, tol, what):
+    assert actual is not None, f"{what}: missing"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    bound = tol * max(1.0, e.abs().max().item() if e.numel() else 1.0)
+    torch.testing.assert_close(a, e, atol=bound, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def make_inputs(lead, K, N, r, dtype, lora_dtype, bias, device, noncontig=False, weight_t=False, gen=None):
+    """Fresh random data with magnitudes that keep y and every gradient O(1)."""
+    g = gen
+    M = math.prod(lead)
+    if noncontig:
+        # Every other column of a wider buffer: last-dim stride 2, and a row stride that is not K.
+        x = torch.randn(*lead, 2 * K, generator=g)
+    elif len(lead) == 1 and M > 1:
+        x = torch.randn(K, M, generator=g).t()  # column-major [M, K]: strides (1, M)
+    else:
+        x = torch.randn(*lead, K, generator=g)
+    if weight_t:
+        w = (torch.randn(K, N, generator=g) / math.sqrt(K)).t()  # [N, K] with strides (1, N)
+    else:
+        w = torch.randn(N, K, generator=g) / math.sqrt(K)
+    a = torch.randn(r, K, generator=g) / math.sqrt(K)
+    b = torch.randn(N, r, generator=g) / math.sqrt(r)
+    bb = torch.randn(N, generator=g) if bias else None
+    # .to() keeps the strides of a dense non-contiguous view (the transposes), so those layouts reach the op.
+    cast = lambda t, dt: None if t is None else t.to(device=device, dtype=dt)  # noqa: E731
+    x = cast(x, dtype)
+    if noncontig:
+        x = x[..., ::2]  # sliced after the cast: .to() would make a non-dense view contiguous
+    return x, cast(w, dtype), cast(a, lora_dtype), cast(b, lora_dtype), cast(bb, dtype)
+
+
+def oracle(x, w, a, b, scale, bias, p, seed):
+    """Naive float64 formula of the layer (dropout mask from the reference Philox), differentiable by autograd."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if p > 0:
+        keep = dropout_keep_mask(seed, x2.shape[0], K, p, device=x.device).to(torch.float64)
+        xd = x2 * keep / (1.0 - p)
+    else:
+        xd = x2
+    y = x2 @ w.t() + scale * ((xd @ a.t()) @ b.t())
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def leaf64(t, grad=True):
+    return None if t is None else t.detach().to(torch.float64).requires_grad_(grad)
+
+
+# ---------------------------------------------------------------------------------------- reference vs the oracle
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_reference_matches_float64_oracle(dtype, p, bias):
+    g = torch.Generator().manual_seed(zlib.crc32(f"{dtype}{p}{bias}".encode()))
+    M, K, N, r, scale, seed = 33, 37, 29, 8, 1.7, 987654321987
+    x, w, a, b, bb = make_inputs((M,), K, N, r, dtype, dtype, bias, "cpu", gen=g)
+    y, s_mat = ref.lora_linear_forward(x, w, a, b, scale, bb, p, seed)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    dx, da, db, dw, dbias = ref.lora_linear_backward(dy, x, w, a, b, s_mat, scale, p, seed, True, True, bias)
+
+    x64, w64, a64, b64, bb64 = (leaf64(t) for t in (x, w, a, b, bb))
+    y64 = oracle(x64, w64, a64, b64, scale, bb64, p, seed)
+    y64.backward(dy.to(torch.float64))
+    tol = TOL[dtype]
+    assert y.dtype == dtype and s_mat.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_scaled(y, y64, tol, "y")
+    assert_close_scaled(dx, x64.grad, tol, "dx")
+    assert_close_scaled(da, a64.grad, tol, "dA")
+    assert_close_scaled(db, b64.grad, tol, "dB")
+    assert_close_scaled(dw, w64.grad, tol, "dW")
+    if bias:
+        assert_close_scaled(dbias, bb64.grad, tol, "dbias")
+    else:
+        assert dbias is None
+
+
+def test_public_torch_backend_matches_oracle():
+    """The public op (custom op + autograd + leading dims) on the torch backend, no dropout: exact formula."""
+    g = torch.Generator().manual_seed(11)
+    x, w, a, b, bb = make_inputs((3, 5), 24, 19, 4, torch.float32, torch.float32, True, "cpu", gen=g)
+    leaves = [t.requires_grad_() for t in (x, w, a, b, bb)]
+    y = lora_kernels.lora_linear(x, w, a, b, 0.5, bias=bb, backend="torch")
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    l64 = [leaf64(t) for t in leaves]
+    y64 = oracle(*l64[:4], 0.5, l64[4], 0.0, 0)
+    y64.backward(dy.double())
+    assert y.shape == (3, 5, 19)
+    assert_close_scaled(y, y64, 1e-5, "y")
+    for t, t64, name in zip(leaves, l64, ["x", "weight", "lora_A", "lora_B", "bias"]):
+        assert_close_scaled(t.grad, t64.grad, 1e-5, f"d{name}")
+
+
+def test_dropout_mask_is_seeded_and_has_the_right_rate():
+    """Same torch.manual_seed, same output; another seed, another mask; the kept fraction is 1 - p."""
+    g = torch.Generator().manual_seed(5)
+    x, w, a, b, _ = make_inputs((64,), 48, 16, 8, torch.float32, torch.float32, False, "cpu", gen=g)
+    outs = []
+    for s in (1, 1, 2):
+        torch.manual_seed(s)
+        outs.append(lora_kernels.lora_linear(x, w, a, b, 1.0, dropout_p=0.5, backend="torch"))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert (outs[0] - outs[2]).abs().max() > 1e-3
+    no_drop = lora_kernels.lora_linear(x, w, a, b, 1.0, dropout_p=0.5, training=False, backend="torch")
+    assert (outs[0] - no_drop).abs().max() > 1e-3
+    keep = dropout_keep_mask(12345, 256, 256, 0.25)
+    assert abs(keep.double().mean().item() - 0.75) < 0.01
+
+
+# ------------------------------------------------------------------------------------- Triton vs the reference
+# (lead dims, K, N, r, dtype, lora dtype, bias, dropout p, weight trainable, x layout, weight transposed)
+# A covering set, not the product: every M in {1, 7, 33, 100}, every r in {1, 8, 16, 64} plus r > 128 (several
+# r-tiles), K and N off the 32-wide interpreter tiles and once on them (EVEN_K / EVEN_N), each dtype, mixed fp32
+# adapters, dropout on and off, bias on and off, frozen and trainable W0, leading dims, strided x and W0.
+CASES = [
+    ((1,), 33, 40, 1, torch.float32, torch.float32, True, 0.0, False, "contig", False),
+    ((7,), 50, 70, 8, torch.float16, torch.float16, False, 0.1, True, "strided", False),
+    ((3, 11), 40, 33, 16, torch.float32, torch.float32, True, 0.25, True, "strided", True),
+    ((100,), 70, 37, 64, torch.float16, torch.float32, True, 0.0, False, "colmajor", False),
+    ((4, 25), 37, 65, 16, torch.bfloat16, torch.bfloat16, True, 0.1, True, "contig", False),
+    ((33,), 64, 64, 8, torch.bfloat16, torch.float32, False, 0.0, False, "colmajor", True),
+    ((2, 3, 1), 24, 20, 136, torch.float32, torch.float32, False, 0.5, True, "contig", False),
+    ((100,), 96, 31, 16, torch.float32, torch.float32, True, 0.2, False, "colmajor", False),
+]
+
+
+def _case_id(c):
+    lead, K, N, r, dt, ldt, bias, p, train_w, layout, wt = c
+    return (
+        f"M{math.prod(lead)}{'x'.join(map(str, lead)) if len(lead) > 1 else ''}-K{K}-N{N}-r{r}-"
+        f"{str(dt)[6:]}{'-A' + str(ldt)[6:] if ldt != dt else ''}-{'bias' if bias else 'nobias'}-p{p}-"
+        f"{'trainW' if train_w else 'frozenW'}-{layout}{'-Wt' if wt else ''}"
+    )
+
+
+def _run_public(backend, x, w, a, b, bb, scale, p, train_w, dy, seed):
+    # detach(), not clone(): a clone of a non-dense view would be contiguous, and the layouts are part of the test.
+    leaves = [x.detach().requires_grad_(), w.detach().requires_grad_(train_w)]
+    leaves += [a.detach().requires_grad_(), b.detach().requires_grad_()]
+    leaves.append(None if bb is None else bb.detach().requires_grad_())
+    torch.manual_seed(seed)  # same seed, same dropout mask in both backends
+    y = lora_kernels.lora_linear(*leaves[:4], scale, bias=leaves[4], dropout_p=p, backend=backend)
+    y.backward(dy)
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _check_triton_against_reference(case, device, seed):
+    lead, K, N, r, dtype, lora_dtype, bias, p, train_w, layout, weight_t = case
+    if dtype == torch.bfloat16 and device == "cpu" and not INTERPRET:
+        pytest.skip("bf16 Triton on the CPU needs the interpreter's upcast path")
+    g = torch.Generator().manual_seed(seed)
+    x, w, a, b, bb = make_inputs(
+        lead, K, N, r, dtype, lora_dtype, bias, device,
+        noncontig=layout == "strided", weight_t=weight_t, gen=g,
+    )
+    assert x.is_contiguous() == (layout == "contig") and w.is_contiguous() != weight_t
+    dy = torch.randn(*lead, N, generator=g).to(device, dtype)
+    scale = 0.75
+    y_t, g_t = _run_public("triton", x, w, a, b, bb, scale, p, train_w, dy, seed)
+    y_r, g_r = _run_public("torch", x, w, a, b, bb, scale, p, train_w, dy, seed)
+    tol = TOL[dtype]
+    assert y_t.dtype == dtype and y_t.shape == (*lead, N)
+    assert_close_scaled(y_t, y_r, tol, "y")
+    names = ["dx", "dW", "dA", "dB", "dbias"]
+    for name, gt, gr in zip(names, g_t, g_r):
+        if name == "dW" and not train_w:
+            assert gt is None and gr is None, "dW formed for a frozen weight"
+            continue
+        if name == "dbias" and not bias:
+            continue
+        assert gt.dtype == gr.dtype, f"{name}: dtype {gt.dtype} vs reference {gr.dtype}"
+        # dA/dB sum over M (and dB over N): compare at the LoRA dtype's tolerance, not tighter than x's.
+        assert_close_scaled(gt, gr, max(tol, TOL[lora_dtype]) if name in ("dA", "dB") else tol, name)
+    if p > 0:
+        # The mask really applied (same seed, both paths): the output differs from the eval-mode one.
+        y_eval = lora_kernels.lora_linear(x, w, a, b, scale, bias=bb, dropout_p=p, training=False, backend="triton")
+        assert (y_eval.float() - y_t.float()).abs().max() > 10 * tol
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_triton_matches_reference(case, device):
+    _check_triton_against_reference(case, device, seed=1000 + CASES.index(case))
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[4]], ids=[_case_id(c) for c in (CASES[2], CASES[3], CASES[4])])
+def test_triton_cublas_base_path_matches_reference(case, device, monkeypatch):
+    """BASE_GEMM = "cublas": torch computes the base product, the kernels add the LoRA term in place."""
+    from lora_kernels.triton import lora_linear as tri
+
+    monkeypatch.setattr(tri, "BASE_GEMM", "cublas")
+    _check_triton_against_reference(case, device, seed=2000 + CASES.index(case))
+
+
+@needs_triton
+def test_triton_functions_match_reference_directly(device):
+    """The backend functions themselves (no autograd), incl. S and dbias, with an explicit large seed."""
+    from lora_kernels.triton import lora_linear as tri
+
+    g = torch.Generator().manual_seed(3)
+    x, w, a, b, bb = make_inputs((45,), 41, 35, 8, torch.float32, torch.float32, True, device, gen=g)
+    seed, p = 2**62 - 12345, 0.3
+    y_t, s_t = tri.lora_linear_forward(x, w, a, b, 1.3, bb, p, seed)
+    y_r, s_r = ref.lora_linear_forward(x, w, a, b, 1.3, bb, p, seed)
+    assert_close_scaled(y_t, y_r, 1e-4, "y")
+    assert_close_scaled(s_t, s_r, 1e-4, "S")
+    dy = torch.randn(45, 35, generator=g).to(device)
+    out_t = tri.lora_linear_backward(dy, x, w, a, b, s_t, 1.3, p, seed, True, False, True)
+    out_r = ref.lora_linear_backward(dy, x, w, a, b, s_r, 1.3, p, seed, True, False, True)
+    for name, gt, gr in zip(["dx", "dA", "dB", "dW", "dbias"], out_t, out_r):
+        if name == "dW":
+            assert gt is None
+            continue
+        assert_close_scaled(gt, gr, 1e-4, name)
+    # needs_dx=False: no dX kernel, dA/dB unchanged.
+    dx_none = tri.lora_linear_backward(dy, x, w, a, b, s_t, 1.3, p, seed, False, False, False)
+    assert dx_none[0] is None and dx_none[4] is None
+    assert_close_scaled(dx_none[1], out_r[1], 1e-4, "dA (no dx)")
+
+
+@needs_triton
+def test_triton_empty_batch(device):
+    """M = 0 (e.g. an empty micro-batch): empty output, zero LoRA gradients."""
+    x = torch.randn(0, 5, 16, device=device, requires_grad=True)
+    w = torch.randn(12, 16, device=device, requires_grad=True)
+    a = torch.randn(4, 16, device=device, requires_grad=True)
+    b = torch.randn(12, 4, device=device, requires_grad=True)
+    bias = torch.randn(12, device=device, requires_grad=True)
+    y = lora_kernels.lora_linear(x, w, a, b, 2.0, bias=bias, dropout_p=0.1, backend="triton")
+    assert y.shape == (0, 5, 12)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for t in (w, a, b, bias):
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base_gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_triton_gpu_training_shape(base_gemm, p, monkeypatch):
+    """A mid-sized bf16 shape on the GPU (real tiles, autotuning, atomics across many programs)."""
+    from lora_kernels.triton import lora_linear as tri
+
+    monkeypatch.setattr(tri, "BASE_GEMM", base_gemm)
+    case = ((4, 512), 1024, 1536, 16, torch.bfloat16, torch.float32, True, p, False, "contig", False)
+    _check_triton_against_reference(case, "cuda", seed=77)
+
+
+# -------------------------------------------------------------------------------------------------- bad inputs
+def _good(device="cpu"):
+    return (
+        torch.randn(6, 8, device=device),
+        torch.randn(5, 8, device=device),
+        torch.randn(2, 8, device=device),
+        torch.randn(5, 2, device=device),
+    )
+
+
+BAD = [
+    # (description, mutate(x, w, a, b) -> kwargs for lora_linear, exception, message fragment)
+    ("K of weight", lambda x, w, a, b: dict(weight=torch.randn(5, 9)), ValueError, r"in_features 9.*\(5, 9\).*\(6, 8\)"),
+    ("K of lora_A", lambda x, w, a, b: dict(lora_A=torch.randn(2, 7)), ValueError, r"lora_A.*\(2, 7\)"),
+    ("r of lora_B", lambda x, w, a, b: dict(lora_B=torch.randn(5, 3)), ValueError, r"lora_B.*\(5, 3\)"),
+    ("N of lora_B", lambda x, w, a, b: dict(lora_B=torch.randn(4, 2)), ValueError, r"lora_B.*\(4, 2\)"),
+    ("rank 0", lambda x, w, a, b: dict(lora_A=torch.randn(0, 8), lora_B=torch.randn(5, 0)), ValueError, r"rank 0"),
+    ("bias N", lambda x, w, a, b: dict(bias=torch.randn(4)), ValueError, r"bias.*\(4,\)"),
+    ("bias rank", lambda x, w, a, b: dict(bias=torch.randn(5, 1)), ValueError, r"bias must have 1 dim"),
+    ("weight rank", lambda x, w, a, b: dict(weight=torch.randn(40)), ValueError, r"weight must have 2 dim.*\(40,\)"),
+    ("lora_A rank", lambda x, w, a, b: dict(lora_A=torch.randn(1, 2, 8)), ValueError, r"lora_A must have 2 dim"),
+    ("x rank 0", lambda x, w, a, b: dict(x=torch.tensor(1.0)), ValueError, r"x must have at least 1"),
+    ("weight dtype", lambda x, w, a, b: dict(weight=w.half()), TypeError, r"weight dtype.*float16.*float32"),
+    ("bias dtype", lambda x, w, a, b: dict(bias=torch.randn(5, dtype=torch.float64)), TypeError, r"bias dtype"),
+    ("A/B dtypes", lambda x, w, a, b: dict(lora_B=b.double()), TypeError, r"lora_A dtype.*lora_B"),
+    (
+        "half adapters with fp32 x",
+        lambda x, w, a, b: dict(lora_A=a.half(), lora_B=b.half()),
+        TypeError,
+        r"lora_A/lora_B dtype torch.float16",
+    ),
+    ("int x", lambda x, w, a, b: dict(x=torch.ones(6, 8, dtype=torch.int32)), TypeError, r"x has dtype torch.int32"),
+    ("not a tensor", lambda x, w, a, b: dict(lora_A=[[1.0] * 8] * 2), TypeError, r"lora_A must be a torch.Tensor"),
+    ("device", lambda x, w, a, b: dict(lora_B=torch.randn(5, 2, device="meta")), ValueError, r"one device.*meta"),
+    ("nan scale", lambda x, w, a, b: dict(scale=float("nan")), ValueError, r"scale must be finite"),
+    ("inf scale", lambda x, w, a, b: dict(scale=float("inf")), ValueError, r"scale must be finite"),
+    ("str scale", lambda x, w, a, b: dict(scale="2"), TypeError, r"scale must be a float"),
+    ("p = 1", lambda x, w, a, b: dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("p < 0", lambda x, w, a, b: dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("p nan", lambda x, w, a, b: dict(dropout_p=float("nan")), ValueError, r"dropout_p must be finite"),
+    ("backend", lambda x, w, a, b: dict(backend="cudnn"), ValueError, r"backend='cudnn' is not a backend"),
+]
+
+
+@pytest.mark.parametrize("desc,mutate,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_rejected_with_a_clear_error(desc, mutate, exc, match):
+    x, w, a, b = _good()
+    kwargs = dict(x=x, weight=w, lora_A=a, lora_B=b, scale=1.0)
+    kwargs.update(mutate(x, w, a, b))
+    snapshot = [t.clone() for t in (x, w, a, b)]
+    with pytest.raises(exc, match=match):
+        lora_kernels.lora_linear(**kwargs)
+    for before, after in zip(snapshot, (x, w, a, b)):
+        assert torch.equal(before, after), "an input was modified by a failing call"
+
+
+# ------------------------------------------------------------------------------- torch.library and torch.compile
+def _op_args(backend, p, device="cpu", bias=True):
+    g = torch.Generator().manual_seed(21)
+    x, w, a, b, bb = make_inputs((7,), 20, 12, 4, torch.float32, torch.float32, bias, device, gen=g)
+    x = x.contiguous()
+    seed = torch.tensor(123456789, dtype=torch.int64)
+    return [x.requires_grad_(), w.requires_grad_(), a.requires_grad_(), b.requires_grad_(),
+            None if bb is None else bb.requires_grad_(), 0.5, p, seed, backend]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck_fwd_torch_backend(p):
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_fwd.default, _op_args("torch", p))
+
+
+def test_opcheck_bwd_torch_backend():
+    x, w, a, b, bb, scale, p, seed, backend = _op_args("torch", 0.2)
+    with torch.no_grad():
+        _, s_mat = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, bb, scale, p, seed, backend)
+    dy = torch.randn(x.shape[0], w.shape[0])
+    for flags in ((True, True, True), (False, False, False)):
+        args = [dy, x.detach(), w.detach(), a.detach(), b.detach(), s_mat, scale, p, seed, backend, *flags]
+        torch.library.opcheck(torch.ops.lora_kernels.lora_linear_bwd.default, args)
+
+
+@needs_triton
+def test_opcheck_triton_backend_tiny(device):
+    args = _op_args("triton", 0.2, device=device, bias=False)
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_fwd.default, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """fullgraph=True: validation, backend choice and the custom ops trace without a graph break, also when scale and
+    dropout_p change between calls (dynamo then makes them symbolic floats)."""
+    g = torch.Generator().manual_seed(8)
+    x, w, a, b, bb = make_inputs((2, 9), 24, 16, 4, torch.float32, torch.float32, True, "cpu", gen=g)
+
+    def layer(x, w, a, b, bb, scale, p):
+        return torch.tanh(lora_kernels.lora_linear(x, w, a, b, scale, bias=bb, dropout_p=p, backend="torch"))
+
+    # aot_eager: the Dynamo + AOTAutograd path that checks the fake impls and autograd registration, without
+    # Inductor's C++ compile (tens of seconds on CI's 2 cores, and it adds nothing about these ops).
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for scale, p in ((0.5, 0.0), (0.7, 0.25), (0.9, 0.5)):
+        results = []
+        for fn in (layer, compiled):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, a, b, bb)]
+            torch.manual_seed(4)
+            y = fn(*leaves, scale, p)
+            y.square().sum().backward()
+            results.append((y.detach(), [t.grad for t in leaves]))
+        (y_e, g_e), (y_c, g_c) = results
+        torch.testing.assert_close(y_c, y_e)
+        for ge, gc in zip(g_e, g_c):
+            torch.testing.assert_close(gc, ge)
+
+
+# ------------------------------------------------------------------------------------------------ backend choice
+def test_env_var_selects_the_backend(monkeypatch):
+    x, w, a, b = _good()
+    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    assert op_mod.resolve_backend(None, x, w, a, b, None) == "torch"
+    monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=r"\$LORA_KERNELS_BACKEND='nonsense' is not a backend"):
+        lora_kernels.lora_linear(x, w, a, b, 1.0)
+    # An explicit argument wins over the variable.
+    assert op_mod.resolve_backend("torch", x, w, a, b, None) == "torch"
+
+
+@needs_triton
+def test_env_var_routes_calls_to_triton(monkeypatch, device):
+    from lora_kernels.triton import lora_linear as tri
+
+    calls = []
+    real = tri.lora_linear_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tri, "lora_linear_forward", spy)
+    x, w, a, b = _good(device)
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    y = lora_kernels.lora_linear(x, w, a, b, 1.0)
+    assert calls == [1]
+    monkeypatch.setenv(_backend.ENV_VAR, "torch")
+    y_ref = lora_kernels.lora_linear(x, w, a, b, 1.0)
+    assert calls == [1]
+    assert_close_scaled(y, y_ref, 1e-4, "y")
+
+
+def test_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, a, b = _good("cpu")
+    with pytest.raises(_backend.BackendError, match=r"triton: .*TRITON_INTERPRET") as info:
+        lora_kernels.lora_linear(x, w, a, b, 1.0, backend="triton")
+    assert "asked for 'triton'" in str(info.value)
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    with pytest.raises(_backend.BackendError, match=r"TRITON_INTERPRET"):
+        lora_kernels.lora_linear(x, w, a, b, 1.0)
+
+
+def test_auto_on_cpu_uses_the_reference(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    x, w, a, b = _good("cpu")
+    assert op_mod.resolve_backend(None, x, w, a, b, None) == "torch"
+    assert op_mod.resolve_backend("auto", x, w, a, b, None) == "torch"
+
+
+@needs_triton
+def test_triton_rejects_float64_with_a_reason(device):
+    x, w, a, b = (t.double() for t in _good(device))
+    with pytest.raises(_backend.BackendError, match="float64"):
+        lora_kernels.lora_linear(x, w, a, b, 1.0, backend="triton")
