@@ -22,6 +22,7 @@ Run: ``python benchmarks/bench_lora_linear.py [--quick] [--csv out.csv] [--plot 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -148,11 +149,23 @@ def _peft_layer(W, A, B, scale: float, p: float):
 
 
 class Built:
-    """A provider ready to call: ``fn(x) -> y`` and the LoRA parameters whose gradients it produces."""
+    """A provider ready to call: ``fn(x) -> y``, the LoRA parameters whose gradients it produces, and a context that
+    must be active around the forward AND the backward (the BASE_GEMM switch is read by both)."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor] = ()):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], params: Sequence[torch.Tensor] = (), ctx=None):
         self.fn = fn
         self.params = list(params)
+        self.ctx = ctx if ctx is not None else contextlib.nullcontext()
+
+    def forward(self, x):
+        with self.ctx:
+            return self.fn(x)
+
+    def forward_backward(self, x, dy):
+        with self.ctx:
+            y = self.fn(x)
+            y.backward(dy)
+        return y
 
 
 def build(provider: str, W, A, B, p: float, training: bool, backend: Optional[str]) -> Built:
@@ -184,12 +197,7 @@ def build(provider: str, W, A, B, p: float, training: bool, backend: Optional[st
             raise ProviderUnavailable("a switch of the Triton backend; on the CPU pass --backend triton "
                                       "(with TRITON_INTERPRET=1)")
         switch = _BaseGemm("cublas" if provider == "lk_cublas_base" else "triton")
-
-        def forced(x):
-            with switch:
-                return lk.lora_linear(x, W, A, B, s, None, p, training, "triton")
-
-        return Built(forced, (A, B))
+        return Built(lambda x: lk.lora_linear(x, W, A, B, s, None, p, training, "triton"), (A, B), ctx=switch)
     raise ValueError(provider)
 
 
@@ -220,11 +228,10 @@ def _check(name: str, built: Built, x, W, A, B, dy, dtype) -> Optional[str]:
     try:
         for t in [x] + built.params:
             t.grad = None
-        y = built.fn(x)
+        y = built.forward(x) if dy is None else built.forward_backward(x, dy)
         ref_y, ref_g = _reference(x, W, A, B, dy, lora=name != "base")
         bad = common.mismatch("output", y, ref_y, dtype)
         if bad is None and dy is not None:
-            y.backward(dy)
             grads = [x.grad] + [q.grad for q in built.params]
             for gname, g, r in zip(("dX", "dA", "dB"), grads, ref_g):
                 bad = common.mismatch(gname, g, r, dtype)
@@ -302,12 +309,11 @@ def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table
                     table.add(key, prov, None, bad)
                     print(f"  {prov}: {bad}", flush=True)
                     continue
-                fn = built.fn
                 if backward:
-                    timed = (lambda fn=fn: fn(x).backward(dy))
+                    timed = (lambda b=built: b.forward_backward(x, dy))
                     grads = [x] + built.params
                 else:
-                    timed = (lambda fn=fn: fn(x))
+                    timed = (lambda b=built: b.forward(x))
                     grads = None
                 try:
                     us = common.time_eager(timed, device, grad_to_none=grads, warmup_ms=args.warmup_ms,
@@ -317,7 +323,7 @@ def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table
                     continue
                 table.add(key, prov, us)
                 print(f"  {mode:16s} {prov:22s} {us:10.1f} µs", flush=True)
-                del built, fn, timed
+                del built, timed
         del x, W, A, B, dy
         gc.collect()
         if device.type == "cuda":
@@ -329,13 +335,12 @@ def _check_dropout(built: Built, x, W, A, B, dy, dtype) -> Optional[str]:
     """With dropout the mask is the provider's own: check the output is finite, differs from the no-dropout output
     (dropout applied) and that the gradients exist and are finite. Exactness is checked at p = 0 and by the tests."""
     try:
-        y = built.fn(x)
+        y = built.forward_backward(x, dy)
         ref_y, _ = _reference(x, W, A, B)
         if not torch.isfinite(y).all():
             return "wrong result, not timed (output contains NaN or inf)"
         if torch.equal(y.float(), ref_y.to(y.dtype).float()):
             return "wrong result, not timed (output equals the no-dropout output: dropout not applied)"
-        y.backward(dy)
         for name, g in zip(("dX", "dA", "dB"), [x.grad] + [q.grad for q in built.params]):
             if g is None or not torch.isfinite(g).all():
                 return f"wrong result, not timed ({name} missing or not finite)"
@@ -390,7 +395,7 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
             for prov in providers:
                 try:
                     built = [build(prov, Wi, Ai, Bi, 0.0, False, args.backend) for (Wi, Ai, Bi) in sets]
-                    y = built[0].fn(x)
+                    y = built[0].forward(x)
                     bad = common.mismatch("output", y, F.linear(x.float(), W.float()) if prov == "base" else ref_y,
                                           dtype)
                     if bad:
@@ -406,11 +411,11 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
                 for timing, table in tables.items():
                     try:
                         if timing == "graph":
-                            us = common.time_graph(lambda: built[0].fn(x), device)
+                            us = common.time_graph(lambda: built[0].forward(x), device)
                         elif timing == "cycled":
-                            us = common.time_graph_cycled([(lambda b=b: b.fn(x)) for b in built], device)
+                            us = common.time_graph_cycled([(lambda b=b: b.forward(x)) for b in built], device)
                         else:
-                            us = common.time_eager(lambda: built[0].fn(x), device, warmup_ms=args.warmup_ms,
+                            us = common.time_eager(lambda: built[0].forward(x), device, warmup_ms=args.warmup_ms,
                                                    rep_ms=args.rep_ms)
                     except Exception as exc:
                         table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")

@@ -100,12 +100,15 @@ def selected_providers(arg: Optional[str], available: Sequence[str]) -> List[str
 
 
 # ------------------------------------------------------------------------------------------------------- header
-def _version(module_name: str) -> Optional[str]:
+def _version(dist_name: str) -> Optional[str]:
+    """Installed version from the package metadata (importing peft would pull in transformers: seconds)."""
     try:
-        module = __import__(module_name)
+        from importlib.metadata import version
+
+        return version(dist_name)
     except Exception:
-        return None
-    return getattr(module, "__version__", "?")
+        module = sys.modules.get(dist_name)
+        return getattr(module, "__version__", None) if module is not None else None
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -116,7 +119,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         "torch": torch.__version__,
         "triton": _version("triton") or "not installed",
         "peft": _version("peft") or "not installed",
-        "lora_kernels": _version("lora_kernels") or "not importable",
+        "lora_kernels": _version("lora_kernels") or "in-tree",
         "python": platform.python_version(),
     }
     if device.type == "cuda":
@@ -252,16 +255,10 @@ class GraphCaptureError(RuntimeError):
     pass
 
 
-def time_graph(fn: Callable[[], object], device: torch.device, inner: int = 10, batches: int = 5,
-               batch_ms: float = 20.0) -> float:
-    """Median µs per call of ``fn`` replayed from a CUDA graph holding ``inner`` back-to-back calls.
-
-    ``fn`` is warmed up on a side stream (as torch.cuda.graph requires), captured once, and the graph is replayed in
-    batches of about ``batch_ms`` each, timed with CUDA events. Raises :class:`GraphCaptureError` when ``fn`` cannot
-    be captured (a host synchronisation, a CPU tensor, ...). On the CPU: a perf_counter loop over ``fn``.
-    """
-    if device.type != "cuda":
-        return _time_cpu(fn)
+def capture_graph(fn: Callable[[], object], device: torch.device, inner: int = 1):
+    """A CUDA graph holding ``inner`` back-to-back calls of ``fn``, after a warm-up on a side stream (autotuning and
+    lazy initialisation must happen outside the capture). Raises :class:`GraphCaptureError` when ``fn`` cannot be
+    captured (a host synchronisation, a CPU tensor, ...)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -275,8 +272,25 @@ def time_graph(fn: Callable[[], object], device: torch.device, inner: int = 10, 
             for _ in range(inner):
                 fn()
     except Exception as exc:  # capture failures surface as many different exception types
-        torch.cuda.synchronize(device)
-        raise GraphCaptureError(f"CUDA graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:
+            pass
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise GraphCaptureError(f"CUDA graph capture failed: {type(exc).__name__}: {first}") from exc
+    return graph
+
+
+def time_graph(fn: Callable[[], object], device: torch.device, inner: int = 10, batches: int = 5,
+               batch_ms: float = 20.0) -> float:
+    """Median µs per call of ``fn`` replayed from a CUDA graph holding ``inner`` back-to-back calls.
+
+    The graph (see :func:`capture_graph`) is replayed in batches of about ``batch_ms`` each, timed with CUDA events;
+    the median over ``batches`` batches divided by the calls per batch is returned. On the CPU: a perf_counter loop.
+    """
+    if device.type != "cuda":
+        return _time_cpu(fn)
+    graph = capture_graph(fn, device, inner)
     try:
         graph.replay()
         torch.cuda.synchronize(device)
