@@ -514,5 +514,255 @@ def _make_hooks_context(tuner):
 
 
 # ------------------------------------------------------------------------------------------------------ serving
-def load_adapters(model: nn.Module, adapters, **kwargs):  # filled in below once the multi-adapter pool lands
-    raise NotImplementedError("load_adapters needs lora_kernels' multi-adapter modules")
+_SERVING_ATTR = "_lora_kernels_serving"
+
+
+def _read_peft_dir(name: str, path) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]], bool]:
+    """(config, module name → (A, B, scale), use_rslora) of a PEFT adapter directory; raises on anything it cannot
+    serve exactly. Module names are the base model's (PEFT's ``base_model.model.`` prefix removed)."""
+    from . import io as lk_io
+
+    cfg = lk_io._read_config(path)
+    state = lk_io._read_tensors(path)
+    use_rslora = bool(cfg.get("use_rslora", False))
+    r_glob, a_glob = int(cfg["r"]), float(cfg["lora_alpha"])
+    found: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        for part, suffix in (("A", lk_io._SUFFIX_A), ("B", lk_io._SUFFIX_B)):
+            if key.startswith(lk_io.PREFIX) and key.endswith(suffix):
+                found.setdefault(key[len(lk_io.PREFIX):-len(suffix)], {})[part] = t
+                break
+        else:
+            raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds {key!r}, which is not a LoRA "
+                             f"lora_A/lora_B weight under {lk_io.PREFIX!r}")
+    if not found:
+        raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds no LoRA weights")
+    out = {}
+    for module, parts in found.items():
+        if set(parts) != {"A", "B"}:
+            raise ValueError(f"load_adapters: adapter {name!r} has lora_{'A' if 'A' not in parts else 'B'} missing "
+                             f"for {module}")
+        A, B = parts["A"], parts["B"]
+        r = A.shape[0]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+            raise ValueError(f"load_adapters: adapter {name!r}, {module}: lora_A {tuple(A.shape)} and lora_B "
+                             f"{tuple(B.shape)} are not [r, in] and [out, r]")
+        r_cfg = int(lk_io._pattern_value(module, cfg.get("rank_pattern") or {}, r_glob))
+        if r != r_cfg:
+            raise ValueError(f"load_adapters: adapter {name!r}, {module}: rank {r} in the file, {r_cfg} in the config")
+        alpha = float(lk_io._pattern_value(module, cfg.get("alpha_pattern") or {}, a_glob))
+        out[module] = (A, B, alpha / (r ** 0.5 if use_rslora else r))
+    return cfg, out, use_rslora
+
+
+def load_adapters(
+    model: nn.Module,
+    adapters,
+    *,
+    max_adapters: Optional[int] = None,
+    max_rank: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> Dict[str, int]:
+    """Serve several PEFT adapter directories at once from one (e.g. transformers) model; returns name → slot.
+
+    ``adapters``: ``{name: path}`` of directories in PEFT's format (``adapter_config.json`` +
+    ``adapter_model.safetensors``). Every ``nn.Linear`` any adapter targets becomes a
+    :class:`~lora_kernels.MultiLoRALinear` (base weights shared) whose pool holds every adapter at one model-wide
+    slot (reserved, at no cost, in the layers an adapter does not target). Afterwards
+    ``model(input_ids, adapter_names=[...])`` and ``model.generate(input_ids, adapter_names=[...])`` take one name
+    per sequence (``"__base__"``: no adapter), PEFT's mixed-batch argument; the per-token slot ids are prepared once
+    per forward into one :class:`~lora_kernels.LoRABatch` shared by all layers. Without ``adapter_names`` a forward
+    uses whatever batch is set (``use_batch``), by default none: the base model.
+
+    Calling it again adds adapters (into the existing pools; new target layers reserve the earlier adapters' slots).
+    ``max_adapters`` (default: the number of adapters, for a model without pools yet) and ``max_rank`` (default: the
+    largest rank loaded) size new pools; ``dtype`` is the pool dtype (default: each base weight's); ``backend`` goes to
+    :func:`lora_kernels.multi_lora_linear`. Everything is read and checked before the model is changed; adapters with
+    settings that cannot be served exactly (DoRA, ``lora_bias``, ``fan_in_fan_out``, ...) are refused with
+    ValueError.
+    """
+    from .multi_modules import MultiLoRALinear, multi_lora_layers
+
+    if not hasattr(adapters, "items") or not adapters:
+        raise TypeError("adapters must be a non-empty {name: path} mapping")
+    bad = [n for n in adapters if not isinstance(n, str) or not n or n == BASE or "." in n]
+    if bad:
+        raise ValueError(f"adapter names must be non-empty strings without '.', not {BASE!r}: got {bad!r}")
+    existing = multi_lora_layers(model)
+    loaded = {n for m in existing.values() for n in m.pool.names}
+    clash = sorted(set(adapters) & loaded)
+    if clash:
+        raise ValueError(f"adapter(s) {clash} are already loaded in this model")
+    parsed = {name: _read_peft_dir(name, path)[1] for name, path in adapters.items()}
+
+    # ---- which layers: every module named by some adapter; new ones must be plain nn.Linear of matching shapes
+    modules = dict(model.named_modules())
+    targets: Dict[str, nn.Module] = {}
+    problems = []
+    for name, weights in parsed.items():
+        for mod_name, (A, B, _) in weights.items():
+            mod = modules.get(mod_name)
+            if mod is None:
+                problems.append(f"{name}: the model has no module {mod_name!r}")
+            elif not isinstance(mod, (nn.Linear, MultiLoRALinear)):
+                problems.append(f"{name}: {mod_name} is a {type(mod).__name__}, not an nn.Linear")
+            elif (B.shape[0], A.shape[1]) != (mod.out_features, mod.in_features):
+                problems.append(f"{name}: {mod_name} is [{mod.out_features}, {mod.in_features}] but the adapter is "
+                                f"lora_B {tuple(B.shape)} · lora_A {tuple(A.shape)}")
+            elif isinstance(mod, MultiLoRALinear) and A.shape[0] > mod.pool.max_rank:
+                problems.append(f"{name}: rank {A.shape[0]} exceeds the max_rank={mod.pool.max_rank} of {mod_name}")
+            else:
+                targets[mod_name] = mod
+    if existing:
+        L = next(iter(existing.values())).pool.max_adapters
+        if max_adapters is not None and max_adapters != L:
+            problems.append(f"max_adapters={max_adapters}, but the model's pools have {L} slots")
+    else:
+        L = max_adapters if max_adapters is not None else len(adapters)
+    free = set(range(L))
+    for m in existing.values():
+        free &= set(m.pool.free_slots())
+    if len(free) < len(adapters):
+        problems.append(f"{len(adapters)} adapters to load but only {len(free)} of {L} slots are free in every layer")
+    R = max(A.shape[0] for w in parsed.values() for A, _, _ in w.values())
+    if max_rank is not None:
+        if max_rank < R:
+            problems.append(f"max_rank={max_rank} is below the largest adapter rank {R}")
+        R = max_rank
+    if problems:
+        raise ValueError("load_adapters: nothing was loaded:\n  " + "\n  ".join(problems))
+
+    # ---- inject new layers (built first), reserving the slots of adapters loaded earlier
+    new_layers = {n: MultiLoRALinear.from_linear(m, L, R, dtype=dtype, backend=backend)
+                  for n, m in targets.items() if not isinstance(m, MultiLoRALinear)}
+    slots_before = {}
+    for m in existing.values():
+        slots_before.update(m.pool.names)
+    for layer in new_layers.values():
+        for prev, slot in slots_before.items():
+            layer.pool.reserve(prev, slot=slot)
+    replaced = []
+    for n, layer in new_layers.items():
+        replaced.append((n, modules[n]))
+        _set_child(model, n, layer)
+    layers = multi_lora_layers(model)
+
+    # ---- load, all or nothing
+    result: Dict[str, int] = {}
+    try:
+        for name, weights in parsed.items():
+            slot = min(free)
+            free.discard(slot)
+            for lname, layer in layers.items():
+                if lname in weights:
+                    A, B, scale = weights[lname]
+                    layer.pool.load(name, A, B, scale=scale, slot=slot)
+                else:
+                    layer.pool.reserve(name, slot=slot)
+            result[name] = slot
+    except Exception:
+        for layer in layers.values():
+            for name in adapters:
+                if name in layer.pool:
+                    layer.pool.unload(name)
+        for n, original in replaced:
+            _set_child(model, n, original)
+        raise
+    _install_serving_hooks(model)
+    return result
+
+
+class _Serving:
+    """Per-model state of the adapter_names hooks."""
+
+    def __init__(self):
+        self.generate_names: Optional[List[str]] = None  # adapter_names of the generate call in progress
+        self.saved: List[list] = []  # per forward in progress: the layers' previous batches
+
+
+def _install_serving_hooks(model: nn.Module) -> None:
+    if getattr(model, _SERVING_ATTR, None) is not None:
+        return
+    state = _Serving()
+    object.__setattr__(model, _SERVING_ATTR, state)
+    model.register_forward_pre_hook(_pre_hook_for(model, state), with_kwargs=True)
+    model.register_forward_hook(_post_hook_for(model, state), always_call=True)
+    if callable(getattr(model, "generate", None)):
+        original = model.generate
+
+        def generate(*args, adapter_names=None, **kwargs):
+            # transformers' generate refuses kwargs the forward does not declare: hand the names to the forward hook.
+            if adapter_names is None:
+                return original(*args, **kwargs)
+            previous, state.generate_names = state.generate_names, list(adapter_names)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                state.generate_names = previous
+
+        generate.__doc__ = original.__doc__
+        model.generate = generate
+
+
+def _slots_for(model: nn.Module, names: Sequence[str], batch_size: int) -> List[int]:
+    from .multi_modules import multi_lora_layers
+
+    layers = multi_lora_layers(model)
+    known = {}
+    for m in layers.values():
+        known.update(m.pool.names)
+    if isinstance(names, str):
+        raise TypeError("adapter_names must be a list with one name per sequence, not a str")
+    names = list(names)
+    unknown = sorted({n for n in names if n != BASE and n not in known})
+    if unknown:
+        raise ValueError(f"adapter_names names adapter(s) {unknown} that are not loaded; loaded: {sorted(known)} "
+                         f"(and {BASE!r} for none)")
+    if not names or batch_size % len(names):
+        raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch_size} sequences")
+    slots = [-1 if n == BASE else known[n] for n in names]
+    repeat = batch_size // len(names)  # beams / num_return_sequences: generate repeats each sequence in place
+    return [s for s in slots for _ in range(repeat)]
+
+
+def _pre_hook_for(model: nn.Module, state: _Serving):
+    def pre_hook(module, args, kwargs):
+        from .multi_modules import multi_lora_layers
+        from .pool import LoRABatch
+
+        state.saved.append(None)  # first, so that the post hook (always called) pops this forward's entry
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            names = state.generate_names
+        if names is None:
+            return args, kwargs
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise ValueError("adapter_names needs input_ids or inputs_embeds [batch, seq, ...] to size the batch")
+        seq = x.shape[1] if x.dim() >= 2 else 1
+        slots = _slots_for(model, names, x.shape[0])
+        layers = list(multi_lora_layers(model).values())
+        device = layers[0].weight.device if layers else x.device
+        ids = torch.tensor(slots, dtype=torch.int64).repeat_interleave(seq)  # row-major [batch, seq] tokens
+        batch = LoRABatch.prepare(ids, device=device)
+        state.saved[-1] = [(m, m.batch) for m in layers]
+        for m in layers:
+            m.batch = batch
+        return args, kwargs
+
+    return pre_hook
+
+
+def _post_hook_for(model: nn.Module, state: _Serving):
+    def post_hook(module, args, output):
+        saved = state.saved.pop() if state.saved else None
+        for m, b in saved or ():
+            m.batch = b
+        return None
+
+    return post_hook

@@ -420,3 +420,148 @@ def test_converted_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------- serving: load_adapters
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    """Three PEFT adapters of one tiny Llama, saved by PEFT: different ranks, alphas, rsLoRA and target modules."""
+    root = tmp_path_factory.mktemp("adapters")
+    pm = three_adapter_model()
+    pm.save_pretrained(str(root))  # "default" in root, the others in sub-directories
+    return pm, {"default": str(root), "other": str(root / "other"), "third": str(root / "third")}
+
+
+def served(adapter_dirs, backend="torch"):
+    _, dirs = adapter_dirs
+    model = llama().eval()  # same seed as the PEFT model's base
+    slots = lk.load_adapters(model, dirs, backend=backend)
+    assert sorted(slots.values()) == [0, 1, 2]
+    return model
+
+
+def test_load_adapters_mixed_forward_matches_peft(adapter_dirs, monkeypatch):
+    pm, _ = adapter_dirs
+    pm.eval()
+    model = served(adapter_dirs)
+    layers = lk.multi_lora_layers(model)
+    assert len(layers) == 6  # q_proj, v_proj, down_proj of both decoder layers
+    ids = tokens(batch=5)
+    names = ["third", "__base__", "other", "default", "third"]
+    prepared = []
+    real_prepare = lk.LoRABatch.prepare.__func__
+    monkeypatch.setattr(lk.LoRABatch, "prepare",
+                        classmethod(lambda cls, *a, **k: prepared.append(real_prepare(cls, *a, **k)) or prepared[-1]))
+    seen = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.add(id(mod.batch))) for m in layers.values()]
+    with torch.no_grad():
+        out = model(ids, adapter_names=names).logits
+        ref = pm(ids, adapter_names=names).logits
+    for h in hooks:
+        h.remove()
+    close(out, ref, 1e-5)
+    assert len(prepared) == 1 and seen == {id(prepared[0])}  # one batch per forward, shared by every layer
+    assert all(m.batch is None for m in layers.values())  # restored after the forward
+    with torch.no_grad(), pm.disable_adapter():
+        close(model(ids).logits, pm(ids).logits, 1e-5)  # no adapter_names: the base model
+
+
+def test_load_adapters_mixed_generation_equals_each_sequence_alone_in_peft(adapter_dirs):
+    pm, _ = adapter_dirs
+    pm.eval()
+    model = served(adapter_dirs)
+    ids = tokens(batch=4, seq=6, seed=12)
+    names = ["other", "third", "__base__", "default"]
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, adapter_names=names, **gen)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with pm.disable_adapter():
+                    ref = pm.generate(input_ids=ids[i:i + 1], **gen)
+            else:
+                pm.set_adapter(name)
+                ref = pm.generate(input_ids=ids[i:i + 1], **gen)
+            assert torch.equal(out.sequences[i], ref.sequences[0]), (i, name)
+            for s, s_ref in zip(out.scores, ref.scores):
+                close(s[i], s_ref[0], 1e-4)
+    pm.set_adapter("default")
+
+
+def test_load_adapters_beam_search_matches_peft(adapter_dirs):
+    pm, _ = adapter_dirs
+    pm.eval()
+    model = served(adapter_dirs)
+    ids = tokens(batch=2, seq=5, seed=13)
+    names = ["third", "other"]
+    gen = dict(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **gen),
+                           pm.generate(input_ids=ids, adapter_names=names, **gen))
+
+
+def test_load_adapters_adds_to_existing_pools_and_checks_inputs(adapter_dirs, tmp_path):
+    pm, dirs = adapter_dirs
+    pm.eval()
+    model = llama().eval()
+    assert lk.load_adapters(model, {"default": dirs["default"]}, max_adapters=3, max_rank=8,
+                            backend="torch") == {"default": 0}
+    # "third" also targets down_proj: new layers there reserve the slot of "default".
+    assert lk.load_adapters(model, {"third": dirs["third"], "other": dirs["other"]}) == {"third": 1, "other": 2}
+    ids = tokens(batch=3)
+    names = ["default", "other", "third"]
+    with torch.no_grad():
+        close(model(ids, adapter_names=names).logits, pm(ids, adapter_names=names).logits, 1e-5)
+    with pytest.raises(ValueError, match="not loaded"):
+        model(ids, adapter_names=["default", "nope", "third"])
+    with pytest.raises(ValueError, match="3 sequences"):
+        model(ids, adapter_names=["default", "other"])
+    with pytest.raises(ValueError, match="already loaded"):
+        lk.load_adapters(model, {"other": dirs["other"]})
+    # An adapter for another architecture changes nothing.
+    other_pm = peft_model(gpt2(), lora_config(["c_fc"], fan_in_fan_out=True))
+    other_pm.save_pretrained(str(tmp_path / "gpt2"))
+    before = {n: m.pool.names for n, m in lk.multi_lora_layers(model).items()}
+    with pytest.raises(ValueError):
+        lk.load_adapters(model, {"g": str(tmp_path / "gpt2")})
+    assert before == {n: m.pool.names for n, m in lk.multi_lora_layers(model).items()}
+
+
+def test_load_adapters_refuses_dora(tmp_path):
+    pm = peft_model(llama(), lora_config(["q_proj"], use_dora=True))
+    pm.save_pretrained(str(tmp_path))
+    model = llama()
+    with pytest.raises(ValueError, match="use_dora"):
+        lk.load_adapters(model, {"d": str(tmp_path)})
+    assert not lk.multi_lora_layers(model)
+
+
+def test_load_adapters_triton_backend_small(adapter_dirs):
+    pm, _ = adapter_dirs
+    pm.eval()
+    try:
+        model = served(adapter_dirs, backend="triton")
+        ids = tokens(batch=3, seq=3)
+        names = ["third", "default", "__base__"]
+        with torch.no_grad():
+            out = model(ids, adapter_names=names).logits
+    except (lk.BackendError, ImportError, NotImplementedError) as exc:
+        pytest.skip(f"the triton backend cannot run here: {exc}")
+    with torch.no_grad():
+        close(out, pm(ids, adapter_names=names).logits, 1e-4)
+
+
+def test_gpt2_converted_mixed_generation_equals_peft():
+    pm = peft_model(gpt2(), lora_config(["c_attn", "c_fc"], fan_in_fan_out=True))
+    torch.manual_seed(9)
+    pm.add_adapter("b", lora_config(["c_attn"], r=2, fan_in_fan_out=True))
+    conv, _ = convert(pm)  # c_fc lacks "b", but every layer holds the active "default": all convert
+    assert len(converted_layers(conv)) == 4
+    pm.eval()
+    conv.eval()
+    ids = tokens(batch=3, seq=5)
+    names = ["b", "__base__", "default"]
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(conv.generate(input_ids=ids, adapter_names=names, **gen),
+                           pm.generate(input_ids=ids, adapter_names=names, **gen))
