@@ -573,3 +573,29 @@ def test_module_with_triton_backend():
     y_ref.square().sum().backward()
     torch.testing.assert_close(tri.lora_A.grad, ref.lora_A.grad, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(tri.lora_B.grad, ref.lora_B.grad, atol=1e-3, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_fullgraph():
+    # The layer must trace without graph breaks (the op is a torch.library custom op with a fake implementation),
+    # and merging must be picked up (the merge state is a buffer, guarded by dynamo).
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 7), nn.GELU(), nn.Linear(7, 3))
+    lk.inject_lora(model, ["0", "2"], r=2, backend="torch")
+    with torch.no_grad():
+        for layer in lk.lora_layers(model).values():
+            layer.lora_B.normal_()
+    x = torch.randn(4, 8)
+    y_ref = model(x)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [model[0].lora_A, model[2].lora_B])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
+    g = torch.autograd.grad(y.square().sum(), [model[0].lora_A, model[2].lora_B])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    model.eval()
+    for layer in lk.lora_layers(model).values():
+        layer.merge()
+    torch.testing.assert_close(compiled(x), y_ref, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
