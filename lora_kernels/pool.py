@@ -292,6 +292,18 @@ class AdapterPool:
 _NONE_KEY = torch.iinfo(torch.int32).max  # sort key of "no adapter": after every real slot, so it makes no tile
 
 
+def auto_tile_m(max_tokens: int) -> int:
+    """Rows per tile for a batch of this capacity. 16 (the smallest tl.dot M) while batches are decode-sized: the
+    tokens of one adapter are few, so bigger tiles would be mostly masked rows. Larger batches (prefill) get larger
+    tiles, so fewer programs re-read each adapter's A and B (one read per tile). Thresholds are a first guess, not
+    yet tuned on a GPU."""
+    if max_tokens <= 256:
+        return 16
+    if max_tokens <= 1024:
+        return 32
+    return 64
+
+
 class LoRABatch:
     """Which pool slot each token of one step uses, prepared once and shared by every layer.
 
@@ -316,9 +328,11 @@ class LoRABatch:
     negative, ``>= L`` or names an empty slot as "no adapter", so a bad id can never read outside the pool.
     """
 
-    def __init__(self, max_tokens: int, device=None, tile_m: int = 16):
+    def __init__(self, max_tokens: int, device=None, tile_m: Optional[int] = None):
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if tile_m is None:
+            tile_m = auto_tile_m(max_tokens)
         if tile_m not in (16, 32, 64, 128):
             raise ValueError(f"tile_m must be one of 16, 32, 64, 128 (tl.dot needs >= 16 rows), got {tile_m!r}")
         device = torch.device("cpu") if device is None else torch.device(device)
@@ -347,11 +361,12 @@ class LoRABatch:
         adapter_ids,
         max_tokens: Optional[int] = None,
         device=None,
-        tile_m: int = 16,
+        tile_m: Optional[int] = None,
     ) -> "LoRABatch":
         """A new batch for ``adapter_ids`` (pool slots, one per token, -1 = none): a list of ints or an integer
         tensor. ``max_tokens`` (capacity, default the number of ids) bounds later :meth:`prepare_` calls; ``device``
-        defaults to the ids' device (CPU for a list)."""
+        defaults to the ids' device (CPU for a list). ``tile_m``: rows per work tile (the kernels' BLOCK_M; default
+        :func:`auto_tile_m` of the capacity)."""
         ids = cls._as_tensor(adapter_ids)
         if device is None:
             device = ids.device

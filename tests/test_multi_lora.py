@@ -188,6 +188,23 @@ def test_multi_lora_linear_triton_matches_reference(T, pattern, slices, fused, l
 
 
 @needs_triton
+@pytest.mark.parametrize("tile_m,fused", [(32, False), (128, True)])
+def test_tile_sizes(tile_m, fused):
+    gen = torch.Generator().manual_seed(tile_m)
+    pool, adapters = _make_pool(6, 16, [16, 2, 9], slices=SLICES)
+    N = sum(SLICES)
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE)
+    x = torch.randn(70, K, generator=gen).to(DEVICE)
+    ids = _ids("repeats", 70, sorted(adapters), gen)
+    batch = LoRABatch.prepare(ids, max_tokens=80, device=DEVICE, tile_m=tile_m)
+    assert batch.tile_m == tile_m
+    got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=fused)
+    want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                                for s, (a, b, sc) in adapters.items()}, ids, SLICES)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fused", [False, True])
 def test_half_precision(dtype, fused):
@@ -528,6 +545,23 @@ def test_module_and_model_helpers():
     assert layer.load_adapter("z", [torch.randn(4, K)] * 2, torch.randn(40, 4)) == 0
     assert layer.pool.slices == (24, 16) and layer.slot_of("z") == 0
     assert "max_rank=4" in repr(layer)
+
+
+def test_compiled_model_with_use_batch():
+    torch._dynamo.reset()
+    torch.manual_seed(16)
+    model = _Block()
+    lk.inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=3, max_rank=4, backend="torch")
+    for i in range(2):
+        lk.load_multi_adapter(model, f"a{i}", {"q_proj": (torch.randn(4, K) / 7, torch.randn(K, 4)),
+                                               "v_proj": (torch.randn(2, K) / 7, torch.randn(K, 2))})
+    x = torch.randn(10, K)
+    batch = LoRABatch.prepare([0, 1, -1, 1, 0, 0, 1, -1, 1, 1], max_tokens=10)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with lk.use_batch(model, batch):
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        batch.prepare_([1, 1, 0, -1, 0, 0, 1, -1, -1, 0])
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_module_to_moves_pool():
