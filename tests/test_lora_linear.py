@@ -163,7 +163,7 @@ CASES = [
 def _case_id(c):
     lead, K, N, r, dt, ldt, bias, p, train_w, layout, wt = c
     return (
-        f"M{math.prod(lead)}{'x'.join(map(str, lead)) if len(lead) > 1 else ''}-K{K}-N{N}-r{r}-"
+        f"M{math.prod(lead)}{'=' + 'x'.join(map(str, lead)) if len(lead) > 1 else ''}-K{K}-N{N}-r{r}-"
         f"{str(dt)[6:]}{'-A' + str(ldt)[6:] if ldt != dt else ''}-{'bias' if bias else 'nobias'}-p{p}-"
         f"{'trainW' if train_w else 'frozenW'}-{layout}{'-Wt' if wt else ''}"
     )
@@ -236,6 +236,11 @@ def test_triton_functions_match_reference_directly(device):
 
     g = torch.Generator().manual_seed(3)
     x, w, a, b, bb = make_inputs((45,), 41, 35, 8, torch.float32, torch.float32, True, device, gen=g)
+    # Strided adapters and bias: every pointer argument honours its strides.
+    a = a.t().contiguous().t()
+    b = torch.stack([b, b], dim=-1)[..., 0]
+    bb = torch.stack([bb, bb], dim=-1)[:, 1]
+    assert not (a.is_contiguous() or b.is_contiguous() or bb.is_contiguous())
     seed, p = 2**62 - 12345, 0.3
     y_t, s_t = tri.lora_linear_forward(x, w, a, b, 1.3, bb, p, seed)
     y_r, s_r = ref.lora_linear_forward(x, w, a, b, 1.3, bb, p, seed)

@@ -193,7 +193,7 @@ def _fwd_kernel(
     w_ptr,  # [N, K] x's dtype, any strides
     s_ptr,  # [M, R] fp32 (S = dropout(x)·Aᵀ), any strides
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
-    bias_ptr,  # [N] x's dtype (read only when HAS_BIAS)
+    bias_ptr,  # [N] x's dtype, contiguous (read only when HAS_BIAS)
     y_ptr,  # [M, N] x's dtype out (read too when not BASE), any strides
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk,
@@ -462,7 +462,7 @@ def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
 
 
-def lora_shrink_s(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
     """S = dropout(x)·Aᵀ, fp32 [M, r]. x [M, K] (any strides), lora_A [r, K]."""
     M, K = x.shape
     R = lora_A.shape[0]
@@ -503,7 +503,9 @@ def lora_linear_forward(
     N, R = weight.shape[0], lora_A.shape[0]
     if M == 0 or N == 0 or K == 0:
         return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
-    s_mat = lora_shrink_s(x, lora_A, dropout_p, seed)
+    if bias is not None:
+        bias = bias.contiguous()  # the epilogue indexes bias[n] with unit stride; N elements, a no-op when contiguous
+    s_mat = _shrink(x, lora_A, dropout_p, seed)
     upcast, prec, lora_prec = _precisions(x.dtype)
     base = BASE_GEMM != "cublas"
     if base:
