@@ -7,7 +7,7 @@ distributions of adapters over tokens:
 - ``mix``: a realistic serving mix, few adapters with many tokens each: the tokens form up to 8 requests (contiguous
   runs of random lengths), each request's adapter drawn from 4 of the L with Zipf weights 1, 1/2, 1/3, 1/4.
 
-Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float32 loop before timing):
+Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float64 loop before timing):
 
 - ``base``: cuBLAS ``F.linear`` alone (no LoRA);
 - ``gather_bmm``: gather every token's A and B (``A_stack[ids]``) and two ``bmm``;
@@ -170,15 +170,15 @@ def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend:
 
 
 def reference(x, ws: WeightSet, ids_host: torch.Tensor) -> torch.Tensor:
-    """float32 loop over the adapters present."""
-    xf = x.float()
-    y = xf @ ws.W.float().t()
+    """float64 loop over the adapters present (float64: immune to any TF32 setting)."""
+    xf = x.double()
+    y = xf @ ws.W.double().t()
     ids = ids_host.to(x.device)
     for l in torch.unique(ids_host).tolist():
         if l < 0:
             continue
         idx = (ids == l).nonzero().flatten()
-        y[idx] += ws.host_scales[l] * ((xf[idx] @ ws.A_stack[l].float().t()) @ ws.B_stack[l].float().t())
+        y[idx] += ws.host_scales[l] * ((xf[idx] @ ws.A_stack[l].double().t()) @ ws.B_stack[l].double().t())
     return y
 
 
@@ -226,7 +226,7 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
                     for prov in providers:
                         try:
                             fns = [build(prov, ws, ids, device, args.backend) for ws in sets]
-                            expected = F.linear(x.float(), sets[0].W.float()) if prov == "base" else ref
+                            expected = F.linear(x.double(), sets[0].W.double()) if prov == "base" else ref
                             bad = common.mismatch("output", fns[0](x), expected, dtype)
                             if bad:
                                 raise ProviderUnavailable(f"wrong result, not timed ({bad})")

@@ -100,6 +100,12 @@ def test_lora_linear_check_rejects_wrong_gradient(monkeypatch):
     # Checked at the first mode (forward only: passes); the fwd+bwd check catches the missing gradient.
     assert fwd.times[k]["eager"] is not None
     assert bwd.times[k]["eager"] is None and "dA" in bwd.errors["eager"][0]
+    # A dropout-only run still checks exactness at p = 0 first (the dropout check itself is only a sanity check).
+    (drop,) = bll.main(CPU + ["--backend", "torch", "--m", "9", "--kn", "16:24", "--ranks", "2",
+                              "--modes", "fwd+bwd dropout", "--skip-decode", "--providers", "eager,lora_kernels"])
+    (k,) = drop.keys
+    assert drop.times[k]["eager"] is None and "dA" in drop.errors["eager"][0]
+    assert drop.times[k]["lora_kernels"] is not None
 
 
 def test_lora_linear_triton_base_gemm_switch():
