@@ -244,10 +244,30 @@ class LoRALinear(nn.Module):
                     "before training, or eval() / torch.no_grad() for inference with the merged weight."
                 )
             return F.linear(x, self.weight, self.bias)
+        x, weight, bias, lora_A, lora_B = self._autocast(x)
         return lora_linear(
-            x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias,
+            x, weight, lora_A, lora_B, self.scaling, bias,
             dropout_p=self.dropout, training=self.training, backend=self.backend,
         )
+
+    def _autocast(self, x: torch.Tensor):
+        """Inside ``torch.autocast`` behave like an autocast ``nn.Linear``: compute in the autocast dtype.
+
+        The fused op is not an autocast-aware ATen op, so the casts are done here: x, W0 and bias go to the autocast
+        dtype (as autocast does for F.linear); the adapter stays as it is when it is that dtype or float32 (the
+        usual mixed-precision setup, fp32 master adapter) and is cast otherwise. The casts are differentiable."""
+        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
+        dev = x.device.type
+        if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+            return x, weight, bias, lora_A, lora_B
+        dt = torch.get_autocast_dtype(dev)
+        if not x.is_floating_point() or x.dtype == torch.float64:
+            return x, weight, bias, lora_A, lora_B  # autocast leaves float64 alone too
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        if lora_A.dtype not in (dt, torch.float32):
+            lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+        return x, weight, bias, lora_A, lora_B
 
     def extra_repr(self) -> str:
         return (

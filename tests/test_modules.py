@@ -172,6 +172,23 @@ def test_fp32_adapter_on_bf16_base():
     assert torch.equal(lin.weight, w0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_autocast_like_linear(dtype):
+    # Under torch.autocast(bf16) the layer computes in bf16 like an autocast nn.Linear; the parameters keep their
+    # dtype (fp32: the usual master-weight setup; fp16: the adapter is cast to bf16 for the op and back for grads).
+    lin, layer = _layer(33, 7, dtype=dtype)
+    x = torch.randn(5, 33, dtype=dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_lin = lin(x)
+    assert y.dtype == torch.bfloat16 == y_lin.dtype
+    torch.testing.assert_close(y.double(), _expected(layer, x.detach()), atol=5e-2, rtol=2e-2)
+    y.float().square().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    assert layer.lora_A.grad.dtype == dtype and layer.lora_B.grad.abs().sum() > 0
+    assert layer.weight.grad is None and layer.weight.dtype == dtype  # the stored weight is untouched
+
+
 # ---------------------------------------------------------------------------------------------------- dropout
 def test_dropout_eval_and_train():
     _, layer = _layer(33, 7, dropout=0.5)
