@@ -261,6 +261,32 @@ def test_triton_functions_match_reference_directly(device):
 
 
 @needs_triton
+def test_triton_deterministic_mode_is_bitwise_reproducible(device):
+    """Under torch.use_deterministic_algorithms no fp32 atomics are used: two runs agree bit for bit. (The interpreter
+    runs programs one after another, so on the CPU this checks the values of the atomic-free path; the bitwise
+    check bites on a GPU.)"""
+    case = ((100,), 70, 75, 16, torch.float32, torch.float32, True, 0.2, True, "strided", False)
+    lead, K, N, r, dtype, lora_dtype, bias, p, train_w, layout, weight_t = case
+    g = torch.Generator().manual_seed(31)
+    x, w, a, b, bb = make_inputs(lead, K, N, r, dtype, lora_dtype, bias, device, noncontig=True, gen=g)
+    dy = torch.randn(*lead, N, generator=g).to(device, dtype)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS wants CUBLAS_WORKSPACE_CONFIG
+    try:
+        runs = [_run_public("triton", x, w, a, b, bb, 0.6, p, train_w, dy, seed=9) for _ in range(2)]
+        y_r, g_r = _run_public("torch", x, w, a, b, bb, 0.6, p, train_w, dy, seed=9)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    (y1, g1), (y2, g2) = runs
+    assert torch.equal(y1, y2)
+    for name, t1, t2, tr in zip(["dx", "dW", "dA", "dB", "dbias"], g1, g2, g_r):
+        assert torch.equal(t1, t2), f"{name} differs between two deterministic runs"
+        assert t1.is_contiguous(), f"{name} is not contiguous"
+        assert_close_scaled(t1, tr, TOL[dtype], name)
+    assert_close_scaled(y1, y_r, TOL[dtype], "y")
+
+
+@needs_triton
 def test_triton_empty_batch(device):
     """M = 0 (e.g. an empty micro-batch): empty output, zero LoRA gradients."""
     x = torch.randn(0, 5, 16, device=device, requires_grad=True)

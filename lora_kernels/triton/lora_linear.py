@@ -9,9 +9,11 @@ Forward (two launches):
                              product S_tile·B_tileᵀ·s, then the ordinary K loop over x and W0, bias in the epilogue.
 Backward (three launches, plus cuBLAS for dW / a torch reduction for dbias when asked):
   3. ``_ds_db_kernel``       one pass over dY: dS = s·dY·B (M×r) and dB = s·dYᵀ·S (N×r, fp32 atomics, split over N).
-  4. ``_da_kernel``          dA = dSᵀ·dropout(x), mask regenerated from the seed (split over M, fp32 atomics).
+  4. ``_reduce_m_kernel``    dA = dSᵀ·dropout(x), mask regenerated from the seed (split over M, fp32 atomics).
   5. ``_dx_kernel``          dX = dY·W0 + mask⊙(dS·A)/(1-p): accumulator initialised with the masked K = r product.
 Saved between the two: x, S (fp32) and the seed; never the mask, never x̂.
+Under ``torch.use_deterministic_algorithms(True)`` no reduction is split across programs and dB comes from a second,
+atomic-free pass over dY (dBᵀ = s·Sᵀ·dY through kernel 4), so results are bitwise reproducible.
 
 Precision. Every accumulator is fp32. The base products multiply x·W0 in their own dtype (fp16/bf16 tensor cores;
 for fp32 inputs the same TF32 policy as cuBLAS: ``torch.backends.cuda.matmul.allow_tf32``). Products involving S, dS
@@ -255,13 +257,14 @@ def _ds_db_kernel(
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
     s_ptr,  # [M, R] fp32 (forward's S), any strides
     ds_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_N > 1 (atomics)
-    db_ptr,  # [N, R] fp32 out, contiguous, zero-filled (atomics across m-tiles)
+    db_ptr,  # [N, R] fp32 out, contiguous, zero-filled (atomics across m-tiles); unused unless COMPUTE_DB
     M, N, R,
     stride_dym, stride_dyn,
     stride_bn, stride_br,
     stride_sm, stride_sr,
     scale,
     SPLIT_N: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,  # False in deterministic mode: dB then comes from _reduce_m_kernel, without atomics
     F32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -293,10 +296,11 @@ def _ds_db_kernel(
             mask=n_ok[:, None] & r_ok[None, :], other=0.0,
         )
         ds = _dot(dyt, bt, ds, F32, PREC)
-        db = _dot(tl.trans(dyt), st, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
-        tl.atomic_add(
-            db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :]
-        )
+        if COMPUTE_DB:
+            db = _dot(tl.trans(dyt), st, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
+            tl.atomic_add(
+                db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :]
+            )
     ds_ptrs = ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
     if SPLIT_N == 1:
         tl.store(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
@@ -305,9 +309,9 @@ def _ds_db_kernel(
 
 
 @triton.jit
-def _da_kernel(
-    ds_ptr,  # [M, R] fp32 (dS = s·dY·B), contiguous
-    x_ptr,  # [M, K] fp16/bf16/fp32, any strides
+def _reduce_m_kernel(
+    ds_ptr,  # [M, R] fp32 (dS = s·dY·B; S for the deterministic dBᵀ), contiguous
+    x_ptr,  # [M, K] fp16/bf16/fp32 (x; dY for dBᵀ), any strides
     da_ptr,  # [R, K] fp32 out, contiguous; zero-filled when SPLIT_M > 1 (atomics)
     M, K, R,
     stride_xm, stride_xk,
@@ -317,7 +321,9 @@ def _da_kernel(
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """dA[r-tile, k-tile] = dSᵀ·dropout(x) over this program's share of M (grid: k-tiles, M splits, r-tiles)."""
+    """dA[r-tile, k-tile] = dSᵀ·dropout(x) over this program's share of M (grid: k-tiles, M splits, r-tiles).
+
+    The same reduction over M gives dBᵀ = Sᵀ·dY (times s), which deterministic mode uses instead of dB's atomics."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -434,7 +440,11 @@ def _target_programs(t: torch.Tensor) -> int:
 
 
 def _split(work_tiles: int, other_programs: int, target: int) -> int:
-    """Split factor of a reduction over work_tiles tiles so that other_programs · split reaches the target."""
+    """Split factor of a reduction over work_tiles tiles so that other_programs · split reaches the target.
+
+    1 under ``torch.use_deterministic_algorithms(True)``: fp32 atomics add in a run-dependent order."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
     return max(1, min(work_tiles, triton.cdiv(target, max(1, other_programs)), 64))
 
 
@@ -534,7 +544,8 @@ def lora_linear_forward(
 
 
 def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: float):
-    """(dS [M, r] fp32, dB [N, r] fp32) from one pass over dY."""
+    """(dS [M, r] fp32, dB [N, r] fp32) from one pass over dY; in deterministic mode dB from a second, atomic-free
+    pass (dBᵀ = s·Sᵀ·dY through the dA kernel)."""
     M, N = dy.shape
     R = lora_B.shape[1]
     upcast, _, lora_prec = _precisions(dy.dtype)
@@ -544,7 +555,8 @@ def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: f
     m_tiles, r_tiles, n_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
     split_n = _split(n_tiles, m_tiles * r_tiles, _target_programs(dy))
     d_s = (torch.zeros if split_n > 1 else torch.empty)((M, R), dtype=torch.float32, device=dy.device)
-    d_b = torch.zeros((N, R), dtype=torch.float32, device=dy.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    d_b = torch.zeros((0 if deterministic else N, R), dtype=torch.float32, device=dy.device)
     same = lora_B.dtype == dy.dtype and not upcast
     with _device_ctx(dy):
         _ds_db_kernel[(m_tiles, split_n, r_tiles)](
@@ -554,18 +566,21 @@ def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: f
             lora_B.stride(0), lora_B.stride(1),
             s_mat.stride(0), s_mat.stride(1),
             float(scale),
-            SPLIT_N=split_n,
+            SPLIT_N=split_n, COMPUTE_DB=not deterministic,
             F32=not same, PREC=lora_prec,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
         )
+    if deterministic:
+        d_b = _reduce_m(s_mat, dy, 0.0, 0).mul_(scale).t().contiguous()
     return d_s, d_b
 
 
-def _da(d_s: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    """dA = dSᵀ·dropout(x), fp32 [r, K]."""
+def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """leftᵀ·dropout(x), fp32 [r, K], for left [M, r] fp32 contiguous and x [M, K] any strides (dA = dSᵀ·x̂)."""
     M, K = x.shape
-    R = d_s.shape[1]
+    R = left.shape[1]
+    left = left.contiguous()
     has_drop, seed, threshold, inv_keep = _dropout_args(dropout_p, seed)
     _, _, lora_prec = _precisions(x.dtype)
     block_k = _SKINNY_BLOCK
@@ -573,10 +588,10 @@ def _da(d_s: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) -> torc
     block_r = _r_block(R, _SKINNY_MAX_R)
     k_tiles, r_tiles, m_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(M, block_m)
     split_m = _split(m_tiles, k_tiles * r_tiles, _target_programs(x))
-    d_a = (torch.zeros if split_m > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
+    out = (torch.zeros if split_m > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
     with _device_ctx(x):
-        _da_kernel[(k_tiles, split_m, r_tiles)](
-            d_s, x, d_a,
+        _reduce_m_kernel[(k_tiles, split_m, r_tiles)](
+            left, x, out,
             M, K, R,
             x.stride(0), x.stride(1),
             seed, threshold, inv_keep,
@@ -584,7 +599,7 @@ def _da(d_s: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) -> torc
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
         )
-    return d_a
+    return out
 
 
 def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int):
@@ -636,7 +651,7 @@ def lora_linear_backward(
             dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
         )
     d_s, d_b = _ds_db(dy, lora_B, s_mat, scale)
-    d_a = _da(d_s, x, dropout_p, seed)
+    d_a = _reduce_m(d_s, x, dropout_p, seed)
     dx = _dx(dy, weight, d_s, lora_A, dropout_p, seed) if needs_dx else None
     dw = torch.mm(dy.t(), x) if needs_dweight else None
     dbias = dy.sum(0, dtype=torch.float32) if needs_dbias else None
