@@ -216,6 +216,24 @@ def test_dropout_eval_and_train():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
+def test_dropout_under_activation_checkpointing():
+    # torch.utils.checkpoint restores the CPU RNG state before recomputing, so the recomputed forward draws the same
+    # dropout seed: gradients equal those of the plain run.
+    from torch.utils.checkpoint import checkpoint
+
+    _, layer = _layer(33, 7, dropout=0.3)
+    x = torch.randn(6, 33)
+    grads = []
+    for use_ckpt in (False, True):
+        layer.zero_grad()
+        torch.manual_seed(11)
+        y = checkpoint(layer, x, use_reentrant=False) if use_ckpt else layer(x)
+        y.square().sum().backward()
+        grads.append((layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    assert torch.count_nonzero(grads[0][0]) > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------- merging
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
