@@ -226,6 +226,10 @@ class LoRALinear(nn.Module):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
             return
+        if local_metadata.get("assign_to_params_buffers", False):
+            # assign=True would make the caller's tensor the weight, and merging again would write into it.
+            error_msgs.append(f"{prefix or 'LoRALinear'}: is merged; unmerge() before load_state_dict(assign=True)")
+            return
         # Merged: load into the unmerged state (the checkpoint holds W0, A, B), then merge again.
         self.unmerge()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

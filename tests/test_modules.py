@@ -336,6 +336,10 @@ def test_merged_state_dict_holds_unmerged_weight():
     torch.testing.assert_close(other(x), y, atol=1e-5, rtol=1e-5)
     other.unmerge()
     assert torch.equal(other.weight, w0)
+    other.merge()
+    with pytest.raises(RuntimeError, match="assign=True"):
+        other.load_state_dict(sd, assign=True)
+    assert other.merged
 
 
 def test_merged_backup_follows_to_and_deepcopy():
