@@ -90,6 +90,7 @@ class AdapterPool:
         self.scales = torch.zeros(L, S, dtype=torch.float32, device=device)
         self._host_ranks = [0] * L
         self._slot_of: Dict[str, int] = {}
+        self._in_use = [False] * L  # kept in step with _slot_of: the eager id check reads it on every call
 
     # ------------------------------------------------------------------------------------------------- properties
     @property
@@ -127,10 +128,7 @@ class AdapterPool:
     @property
     def slots_in_use(self) -> List[bool]:
         """Per slot: does a name hold it (loaded, or reserved by :meth:`reserve`)? Those are the valid batch ids."""
-        used = [False] * self.max_adapters
-        for s in self._slot_of.values():
-            used[s] = True
-        return used
+        return list(self._in_use)
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -245,6 +243,7 @@ class AdapterPool:
             self.ranks[slot] = rank
         self._host_ranks[slot] = rank
         self._slot_of[name] = slot
+        self._in_use[slot] = True
         return slot
 
     def _pick_slot(self, slot: Optional[int]) -> int:
@@ -273,6 +272,7 @@ class AdapterPool:
             raise ValueError(f"adapter {name!r} is already loaded in slot {self._slot_of[name]}; unload it first")
         slot = self._pick_slot(slot)
         self._slot_of[name] = slot
+        self._in_use[slot] = True
         return slot
 
     def unload(self, name: str) -> int:
@@ -285,6 +285,7 @@ class AdapterPool:
             self.B_stack[slot].zero_()
         self._host_ranks[slot] = 0
         del self._slot_of[name]
+        self._in_use[slot] = False
         return slot
 
 
@@ -320,8 +321,8 @@ class LoRABatch:
     - ``num_tiles [1]``, ``num_active [1]`` int32: number of tiles, and of distinct adapter ids used (device tensors:
       reading them would sync).
 
-    Host side: ``num_tokens``; ``host_slots`` (the ids as a CPU tensor when they were given on the host, else None)
-    and ``has_adapter`` (False when no token names an adapter, None when unknown) let an eager call skip the LoRA
+    Host side: ``num_tokens``; ``host_slots`` and ``host_unique`` (the ids as a CPU tensor, and their distinct values,
+    when they were given on the host, else None) and ``has_adapter`` (False when no token names an adapter, None when unknown) let an eager call skip the LoRA
     kernels and validate ids without a device sync.
 
     Slot ids are validated against a pool by the ops (``check=True``); the kernels additionally treat any id that is
@@ -349,6 +350,7 @@ class LoRABatch:
         self._positions = torch.arange(cap, dtype=torch.int64, device=device)
         self.num_tokens = 0
         self.host_slots: Optional[torch.Tensor] = torch.empty(0, dtype=torch.int64)
+        self.host_unique: Optional[List[int]] = []
         self.has_adapter: Optional[bool] = False
 
     @property
@@ -401,9 +403,11 @@ class LoRABatch:
         if ids.device.type == "cpu":
             host = ids.to(torch.int64)
             self.host_slots = host
+            self.host_unique = torch.unique(host).tolist()
             self.has_adapter = bool((host >= 0).any()) if n else False
         else:
             self.host_slots = None
+            self.host_unique = None
             self.has_adapter = None
         self.num_tokens = n
         dev = self.device

@@ -74,6 +74,10 @@ def check_ids(batch: LoRABatch, num_slots: int, valid: Optional[Sequence[bool]],
             f"{what}: the batch was prepared for {batch.num_tokens} tokens but the input has {M} rows; prepare "
             "one id per token (pad with -1)"
         )
+    if batch.host_unique is not None and all(
+        u == -1 or (0 <= u < num_slots and (valid is None or valid[u])) for u in batch.host_unique
+    ):
+        return  # fast path (per layer and step in eager serving): a few distinct ids, no tensor work
     ids = batch.host_slots if batch.host_slots is not None else batch.token_slots[: batch.num_tokens].cpu()
     ids = ids.to(torch.int64)
     bad_range = (ids < -1) | (ids >= num_slots)
@@ -411,7 +415,7 @@ def multi_lora_linear(
     if check is None:
         check = not traced
     if check:
-        check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
+        check_ids(batch, pool.max_adapters, pool._in_use, M, "multi_lora_linear")
     name = resolve_backend("multi_lora_linear", backend, x2, weight, pool.A_stack)
     y = F.linear(x2, weight, bias)
     if not traced and batch.has_adapter is False:

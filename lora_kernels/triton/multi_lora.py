@@ -31,8 +31,10 @@ import triton.language as tl
 from .. import _backend
 
 # ----------------------------------------------------------------------------------------------------------- configs
-# Shrink reads the K-long rows of x and A: BLOCK_K = 128 keeps 16-byte vector loads and few loop trips; split-K spreads
-# the K loop over more programs when there are too few tiles to fill the GPU (decode: one tile per token).
+# Shrink reads the K-long rows of x and A: with small tiles (<= 32 rows) BLOCK_K = 256 halves the loop trips of a
+# latency-bound loop (vLLM also uses 256 below 128 tokens); 64-row tiles use 128 to keep shared memory per stage
+# moderate. Split-K spreads the K loop over more programs when there are too few tiles to fill the GPU (decode).
+_SHRINK_BLOCK_K_SMALL_TILE = 256
 _SHRINK_BLOCK_K = 128
 _MAX_SPLIT_K = 32  # vLLM uses 64 for M < 128 at K = 4096; 32 keeps ≥ 1 BLOCK_K per split there
 # Expand writes N-long rows of y: 64 columns per program gives 64 programs per tile at N = 4096.
@@ -40,7 +42,7 @@ _EXPAND_BLOCK_N = 64
 # Fused decode kernel: each program recomputes its tile's shrink over the full K (A is re-read from L2 per output
 # block), so it only pays for very few tokens; wider output blocks mean fewer re-reads.
 _FUSED_BLOCK_N = 256
-_FUSED_BLOCK_K = 128
+_FUSED_BLOCK_K = 256
 # The interpreter is slow and serial: small blocks so that the tests' small shapes still cover several K blocks,
 # split-K with atomics, several output blocks and blocks at slice boundaries.
 _INTERP_BLOCK_K = 32
@@ -398,7 +400,7 @@ def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_sta
         block_k = _INTERP_BLOCK_K
         split = min(_INTERP_SPLIT_K, triton.cdiv(K, block_k))
     else:
-        block_k = _SHRINK_BLOCK_K
+        block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K
         k_blocks = triton.cdiv(K, block_k)
         programs = n_tiles * num_slices
         want = max(1, (2 * _sm_count(x.device.index or 0)) // programs)
