@@ -29,7 +29,8 @@ so the CPU tests stay fast and still cover several tiles, ragged edges and the s
 
 cuBLAS path. ``BASE_GEMM = "cublas"`` computes the base products with cuBLAS (``addmm`` with the bias epilogue for y,
 ``mm`` for dX) and lets the same two kernels add only the LoRA term onto the result in place (``BASE=False``): one
-extra read and write of y / dX, but cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than
+extra read and write of y / dX (and y / dX rounded twice to x's dtype, once by cuBLAS, once after the LoRA add), but
+cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than
 cuBLAS on H100 (ANCHORS.md), so the benchmark should compare both; the default stays the fused Triton kernel.
 """
 
@@ -52,7 +53,7 @@ from ..reference.dropout import RAND_BITS, dropout_threshold
 BASE_GEMM = "triton"
 
 # Philox draws 32 bits; the mask keeps the top RAND_BITS (see reference/dropout.py), so shift away the rest.
-_RAND_SHIFT = 32 - RAND_BITS
+_RAND_SHIFT = tl.constexpr(32 - RAND_BITS)
 # Smallest K (and M, N) extent of a tl.dot operand: the tensor-core MMA shapes need 16.
 _MIN_DOT = 16
 # The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 S tile (BLOCK_M×32) and B tile
@@ -87,7 +88,7 @@ def _gemm_configs():
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop tiles much taller than the batch (M ≤ 64 gets the short tiles only); always keep at least one."""
+    """Drop tiles more than twice as tall as the batch (decode-sized M gets the short tiles); keep at least one."""
     bucket = named_args["M_BUCKET"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(_MIN_DOT, 2 * bucket)]
     return kept or configs[-1:]
@@ -104,7 +105,7 @@ _SKINNY_WARPS = 4
 def _keep_mask(seed, offs_m, offs_k, K, threshold):
     """Dropout keep mask of elements (offs_m, offs_k) of an [M, K] input: identical to reference.dropout."""
     flat = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
-    bits = (tl.randint(seed, flat) >> 8).to(tl.int32)  # 8 == _RAND_SHIFT: top 24 of 32 bits
+    bits = (tl.randint(seed, flat) >> _RAND_SHIFT).to(tl.int32)  # uint32 >> 8 < 2^24: fits int32
     return bits >= threshold
 
 
