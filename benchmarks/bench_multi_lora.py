@@ -11,8 +11,11 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
 
 - ``base``: cuBLAS ``F.linear`` alone (no LoRA);
 - ``gather_bmm``: gather every token's A and B (``A_stack[ids]``) and two ``bmm``;
-- ``loop``: PEFT's mixed-batch algorithm, one ``x[idx] → A → B → y[idx] +=`` per adapter present (the index lists
-  are built on the host before timing, as PEFT builds them from ``adapter_names``; that favours the loop);
+- ``loop``: PEFT's mixed-batch algorithm, one ``x[idx] → A → B → y[idx] +=`` per adapter present, with the index
+  lists built once before timing (capturable in a CUDA graph);
+- ``peft_mixed``: PEFT itself (``model(x, adapter_names=[...])`` on a ``get_peft_model`` wrapper holding the L
+  adapters), which rebuilds the index lists in Python on every call: eager timing only (not capturable), and only
+  when ``import peft`` works;
 - ``lora_kernels``: :func:`lora_kernels.multi_lora_linear` (backend from ``--backend``, default auto), with
   ``lk_fused`` / ``lk_split`` forcing its one-kernel (shrink+expand fused) or two-kernel path;
 - ``lk_cuda``: the same with ``backend="cuda"`` when the compiled extension is available.
@@ -53,7 +56,8 @@ TARGET_FLOOR = 1.2
 MIX_REQUESTS = 8
 MIX_ADAPTERS = 4
 
-PROVIDERS = ("base", "gather_bmm", "loop", "lora_kernels", "lk_fused", "lk_split", "lk_cuda")
+PROVIDERS = ("base", "gather_bmm", "loop", "peft_mixed", "lora_kernels", "lk_fused", "lk_split", "lk_cuda")
+EAGER_ONLY = {"peft_mixed": "eager only: PEFT builds its index lists on the host at every call (not capturable)"}
 
 
 # ------------------------------------------------------------------------------------------------------- the data
@@ -139,6 +143,44 @@ def _loop(x, ws: WeightSet, groups):
     return y
 
 
+class _PeftWrapper(torch.nn.Module):
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_mixed(ws: WeightSet, ids_host: torch.Tensor) -> Callable:
+    """PEFT's own mixed-batch forward over the L adapters of ``ws`` (copied into PEFT layers, base dtype)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except Exception as exc:
+        raise ProviderUnavailable(f"peft is not importable ({type(exc).__name__}: {exc})")
+    L, r, K = ws.A_stack.shape
+    N = ws.W.shape[0]
+    lin = torch.nn.Linear(K, N, bias=False, device=ws.W.device, dtype=ws.W.dtype)
+    lin.weight = torch.nn.Parameter(ws.W, requires_grad=False)
+    cfg = LoraConfig(r=r, lora_alpha=SCALE * r, lora_dropout=0.0, target_modules=["proj"], bias="none")
+    try:
+        model = get_peft_model(_PeftWrapper(lin), cfg, adapter_name="adapter0", autocast_adapter_dtype=False)
+    except TypeError:
+        model = get_peft_model(_PeftWrapper(lin), cfg, adapter_name="adapter0")
+    for i in range(1, L):
+        model.add_adapter(f"adapter{i}", cfg)
+    layer = model.base_model.model.proj
+    for i in range(L):
+        a, b = layer.lora_A[f"adapter{i}"].weight, layer.lora_B[f"adapter{i}"].weight
+        a.data = ws.A_stack[i].detach().clone().to(a.dtype)
+        b.data = ws.B_stack[i].detach().clone().to(b.dtype)
+        if abs(layer.scaling[f"adapter{i}"] - ws.host_scales[i]) > 1e-6 * abs(ws.host_scales[i]):
+            raise ProviderUnavailable(f"PEFT scaling {layer.scaling[f'adapter{i}']} differs from {ws.host_scales[i]}")
+    model.eval()
+    names = [f"adapter{i}" for i in ids_host.tolist()]
+    return lambda x: model(x, adapter_names=names)
+
+
 def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend: Optional[str]) -> Callable:
     """``fn(x) -> y`` for one weight set; the per-batch metadata is prepared here, outside the timed calls."""
     if provider == "base":
@@ -149,6 +191,8 @@ def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend:
     if provider == "loop":
         groups = _groups(ids_host, device)
         return lambda x: _loop(x, ws, groups)
+    if provider == "peft_mixed":
+        return _peft_mixed(ws, ids_host)
     multi = _lk_attr("multi_lora_linear", "lora_kernels.ops.multi_lora")
     LoRABatch = _lk_attr("LoRABatch", "lora_kernels.pool")
     fused = {"lk_fused": True, "lk_split": False}.get(provider)
@@ -225,7 +269,8 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
                     ref = reference(x, sets[0], ids)
                     for prov in providers:
                         try:
-                            fns = [build(prov, ws, ids, device, args.backend) for ws in sets]
+                            use = sets[:1] if prov in EAGER_ONLY else sets
+                            fns = [build(prov, ws, ids, device, args.backend) for ws in use]
                             expected = F.linear(x.double(), sets[0].W.double()) if prov == "base" else ref
                             bad = common.mismatch("output", fns[0](x), expected, dtype)
                             if bad:
@@ -242,6 +287,9 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
                             print(f"  {prov}: {msg}", flush=True)
                             continue
                         for timing, table in tables.items():
+                            if prov in EAGER_ONLY and timing != "eager":
+                                table.add(key, prov, None, EAGER_ONLY[prov])
+                                continue
                             try:
                                 if timing == "graph":
                                     us = common.time_graph(lambda: fns[0](x), device)

@@ -118,12 +118,18 @@ def test_lora_linear_triton_base_gemm_switch():
     _assert_all_timed(tables, ["base", "lk_cublas_base", "lk_triton_base"])
 
 
-def test_lora_linear_peft_provider():
+def test_peft_providers():
     pytest.importorskip("peft")
     tables = bll.main(CPU + ["--backend", "torch", "--m", "9", "--kn", "16:24", "--ranks", "2",
                              "--modes", "fwd+bwd,fwd+bwd dropout", "--decode", "3:16:24", "--decode-rank", "2",
                              "--decode-timings", "graph", "--providers", "peft"])
     _assert_all_timed(tables, ["base", "peft"])
+    graph, eager = bml.main(CPU + ["--backend", "torch", "--k", "16", "--n", "24", "--r", "2", "--adapters", "4",
+                                   "--tokens", "9", "--dists", "uniform", "--timings", "graph,eager",
+                                   "--providers", "peft_mixed"])
+    _assert_all_timed([eager], ["base", "peft_mixed"])
+    (k,) = graph.keys
+    assert graph.times[k]["peft_mixed"] is None and "eager only" in graph.errors["peft_mixed"][0]
 
 
 # ---------------------------------------------------------------------------------------------- many adapters
