@@ -111,6 +111,23 @@ def _version(dist_name: str) -> Optional[str]:
         return getattr(module, "__version__", None) if module is not None else None
 
 
+def _git_revision() -> str:
+    """Short commit of the checkout the scripts run from (+ "-dirty" with uncommitted changes), or "unknown"."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not rev:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
 def environment(device: torch.device) -> Dict[str, str]:
     """Card, versions, date and command line: what BENCHMARKS.md needs next to every table."""
     info = {
@@ -119,7 +136,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         "torch": torch.__version__,
         "triton": _version("triton") or "not installed",
         "peft": _version("peft") or "not installed",
-        "lora_kernels": _version("lora_kernels") or "in-tree",
+        "lora_kernels": (_version("lora_kernels") or "in-tree") + f" (git {_git_revision()})",
         "python": platform.python_version(),
     }
     if device.type == "cuda":
