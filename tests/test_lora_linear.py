@@ -146,7 +146,7 @@ def test_dropout_mask_is_seeded_and_has_the_right_rate():
 # ------------------------------------------------------------------------------------- Triton vs the reference
 # (lead dims, K, N, r, dtype, lora dtype, bias, dropout p, weight trainable, x layout, weight transposed)
 # A covering set, not the product: every M in {1, 7, 33, 100}, every r in {1, 8, 16, 64} plus r > 128 (several
-# r-tiles), K and N off the 32-wide interpreter tiles and once on them (EVEN_K / EVEN_N), each dtype, mixed fp32
+# r-tiles), K and N off the 32-wide interpreter tiles, once on them (EVEN_K / EVEN_N) and once below 16, each dtype, mixed fp32
 # adapters, dropout on and off, bias on and off, frozen and trainable W0, leading dims, strided x and W0.
 CASES = [
     ((1,), 33, 40, 1, torch.float32, torch.float32, True, 0.0, False, "contig", False),
@@ -157,6 +157,7 @@ CASES = [
     ((33,), 64, 64, 8, torch.bfloat16, torch.float32, False, 0.0, False, "colmajor", True),
     ((2, 3, 1), 24, 20, 136, torch.float32, torch.float32, False, 0.5, True, "contig", False),
     ((100,), 96, 31, 16, torch.float32, torch.float32, True, 0.2, False, "colmajor", False),
+    ((7,), 5, 3, 2, torch.float16, torch.float16, True, 0.3, True, "strided", True),  # every dim under one MMA tile
 ]
 
 
