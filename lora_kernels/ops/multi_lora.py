@@ -267,6 +267,23 @@ def _fused_fake(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, 
     return None
 
 
+def _cat_slices(name: str, parts, num_slices):
+    """A list of per-slice stacks (vLLM style) → one tensor, concatenated along dim 1 (a copy: pass the pool's
+    ``A_stack`` / ``B_stack`` to avoid it)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError(f"{name} is an empty list")
+    for i, t in enumerate(parts):
+        check_tensor(f"{name}[{i}]", t, ndim=3)
+    if num_slices not in (None, 1, len(parts)):
+        raise ValueError(f"num_slices={num_slices} but {name} is a list of {len(parts)} slices")
+    dims = {(t.shape[0], t.shape[2]) if name == "B_stack" else (t.shape[0], t.shape[1], t.shape[2]) for t in parts}
+    if len(dims) != 1:
+        raise ValueError(f"the slices of {name} must agree in every dimension but dim 1 (B) or in all (A): "
+                         f"{[tuple(t.shape) for t in parts]}")
+    return torch.cat(parts, dim=1), len(parts)
+
+
 def _view_2d(name: str, t: torch.Tensor, cols: int) -> torch.Tensor:
     """[..., cols] → a [M, cols] *view* (the ops write through it)."""
     if t.shape[-1] != cols:
@@ -291,13 +308,16 @@ def lora_shrink(
 ) -> torch.Tensor:
     """``out[m, s·R + j] = x[m]·A_stack[slot_m, s·R + j]`` for ``j < ranks[slot_m]``, zero elsewhere; returns out.
 
-    x ``[..., K]``; A_stack ``[L, S·R, K]`` (``AdapterPool.A_stack``); out ``[..., S·R]`` float32 (float64 for
+    x ``[..., K]``; A_stack ``[L, S·R, K]`` (``AdapterPool.A_stack``; a list of S per-slice ``[L, R, K]`` stacks is
+    accepted and concatenated, a copy); out ``[..., S·R]`` float32 (float64 for
     float64 x with the torch backend), fully overwritten; ranks ``[L]`` int32 (default: R for every slot, i.e. no
     empty slots); ``num_slices`` = S. ``check`` (default: on in eager mode, off while compiling or capturing) raises on
     ids outside ``-1..L-1`` or naming an empty slot; the kernels ignore such ids either way.
     """
     _check_batch(batch)
     check_tensor("x", x)
+    if isinstance(A_stack, (list, tuple)):
+        A_stack, num_slices = _cat_slices("A_stack", A_stack, num_slices)
     check_tensor("A_stack", A_stack, ndim=3)
     check_tensor("out", out, dtypes=(torch.float32, torch.float64))
     if not isinstance(num_slices, int) or num_slices <= 0 or A_stack.shape[1] % num_slices:
@@ -335,11 +355,18 @@ def lora_expand(
     returns y.
 
     s ``[..., S·R]`` float32 (the shrink output); B_stack ``[L, N, R]`` (``AdapterPool.B_stack``: the per-slice B
-    stacks concatenated along N); y ``[..., N]``; scales float32 ``[L]`` or ``[L, S]`` or a float; ``slices``: the
+    stacks concatenated along N; a list of per-slice ``[L, N_s, R]`` stacks is accepted, concatenated (a copy), and
+    gives ``slices``); y ``[..., N]``; scales float32 ``[L]`` or ``[L, S]`` or a float; ``slices``: the
     widths ``N_0..N_{S-1}`` (sum N, at most 4; default one slice of N); ranks as in :func:`lora_shrink`.
     """
     _check_batch(batch)
     check_tensor("s", s, dtypes=(torch.float32, torch.float64))
+    if isinstance(B_stack, (list, tuple)):
+        widths = [b.shape[1] if isinstance(b, torch.Tensor) and b.dim() == 3 else -1 for b in B_stack]
+        if slices is not None and [int(n) for n in slices] != widths:
+            raise ValueError(f"slices={list(slices)} differ from the widths of the B_stack list {widths}")
+        B_stack, _ = _cat_slices("B_stack", B_stack, None)
+        slices = widths
     check_tensor("B_stack", B_stack, ndim=3)
     check_tensor("y", y)
     L, N, R = B_stack.shape
