@@ -280,11 +280,11 @@ def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table
     for (M, K, N, r) in shapes:
         key = {"M": M, "K": K, "N": N, "r": r}
         print(f"[train] M={M} K={K} N={N} r={r}", flush=True)
-        x = torch.randn(M, K, generator=gen, device=device).to(device=device, dtype=dtype).requires_grad_(True)
-        W = (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(device=device, dtype=dtype)
-        A = (torch.randn(r, K, generator=gen, device=device) / K**0.5).to(device=device, dtype=dtype).requires_grad_(True)
-        B = (torch.randn(N, r, generator=gen, device=device) / r**0.5).to(device=device, dtype=dtype).requires_grad_(True)
-        dy = torch.randn(M, N, generator=gen, device=device).to(device=device, dtype=dtype)
+        x = torch.randn(M, K, generator=gen, device=device).to(dtype).requires_grad_(True)
+        W = (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype)
+        A = (torch.randn(r, K, generator=gen, device=device) / K**0.5).to(dtype).requires_grad_(True)
+        B = (torch.randn(N, r, generator=gen, device=device) / r**0.5).to(dtype).requires_grad_(True)
+        dy = torch.randn(M, N, generator=gen, device=device).to(dtype)
         broken: Dict[str, str] = {}  # provider -> why it is not timed at this shape
         verified = set()  # providers whose output and gradients matched the reference at p = 0 at this shape
         for mode in args.modes:
@@ -390,13 +390,13 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
             per_set = (N * K + r * (K + N)) * elt
             n_sets = common.cycle_count(args.cycle, per_set, device) if "cycled" in timings else 1
             cycles_used.add(n_sets)
-            x = torch.randn(M, K, generator=gen, device=device).to(device=device, dtype=dtype)
+            x = torch.randn(M, K, generator=gen, device=device).to(dtype)
             sets = []
             for _ in range(n_sets):
                 sets.append((
-                    (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(device=device, dtype=dtype),
-                    (torch.randn(r, K, generator=gen, device=device) / K**0.5).to(device=device, dtype=dtype),
-                    (torch.randn(N, r, generator=gen, device=device) / r**0.5).to(device=device, dtype=dtype),
+                    (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype),
+                    (torch.randn(r, K, generator=gen, device=device) / K**0.5).to(dtype),
+                    (torch.randn(N, r, generator=gen, device=device) / r**0.5).to(dtype),
                 ))
             floor = common.floor_us(2 * M * K * N + 2 * M * r * (K + N),
                                     (N * K + r * (K + N) + M * K + M * N) * elt, ceilings)

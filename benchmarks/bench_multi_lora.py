@@ -35,7 +35,7 @@ import argparse
 import gc
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in-tree ``lora_kernels`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -487,8 +487,11 @@ class Table:
             lines.append("")
         for p, msgs in self.errors.items():
             more = self.error_count[p] - 1
-            lines.append(f"- {p}: {msgs[0]}" + (f" (and {more} more point(s), e.g. {msgs[-1]})" if more and len(msgs) > 1
-                                                 else f" (at {more + 1} point(s))" if more else ""))
+            if more and len(msgs) > 1:
+                tail = f" (and {more} more point(s), e.g. {msgs[-1]})"
+            else:
+                tail = f" (at {more + 1} point(s))" if more else ""
+            lines.append(f"- {p}: {msgs[0]}{tail}")
         return "\n".join(lines) + "\n"
 
     def long_rows(self, meta: Dict[str, str]) -> List[Dict[str, object]]:

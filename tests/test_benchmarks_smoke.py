@@ -69,7 +69,8 @@ def test_lora_linear_script_runs(tmp_path, capsys):
     assert len(rows) == 6 * 2 * 4
     base = [r for r in rows if r["provider"] == "base"]
     assert all(float(r["ratio_base"]) == 1.0 for r in base)
-    assert {"table", "M", "K", "N", "r", "us", "ratio_base", "ratio_floor", "floor_us", "device", "date"} <= set(rows[0])
+    wanted = {"table", "M", "K", "N", "r", "us", "ratio_base", "ratio_floor", "floor_us", "device", "date"}
+    assert wanted <= set(rows[0])
     if HAS_MPL:
         assert out_png.stat().st_size > 1000
 
