@@ -405,10 +405,14 @@ def test_converted_model_saves_active_adapter_in_peft_format(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- training
-def test_converted_training_step_reduces_loss():
-    pm = peft_model(llama(), lora_config(["q_proj", "v_proj", "down_proj"], lora_dropout=0.1))
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_converted_training_step_reduces_loss(arch):
+    if arch == "llama":
+        pm = peft_model(llama(), lora_config(["q_proj", "v_proj", "down_proj"], lora_dropout=0.1))
+    else:
+        pm = peft_model(gpt2(), lora_config(["c_attn", "c_fc"], lora_dropout=0.1, fan_in_fan_out=True))
     conv, _ = convert(pm)
-    assert converted_layers(conv)["base_model.model.model.layers.0.self_attn.q_proj"].dropout == 0.1
+    assert all(m.dropout == 0.1 for m in converted_layers(conv).values())
     conv.train()
     ids = tokens(batch=4, seq=8)
     opt = torch.optim.AdamW([p for p in conv.parameters() if p.requires_grad], lr=1e-2)
@@ -565,3 +569,26 @@ def test_gpt2_converted_mixed_generation_equals_peft():
     with torch.no_grad():
         assert torch.equal(conv.generate(input_ids=ids, adapter_names=names, **gen),
                            pm.generate(input_ids=ids, adapter_names=names, **gen))
+
+
+def test_converted_model_deepcopies_and_state_dict_round_trips():
+    pm = two_adapter_model()
+    conv, _ = convert(pm)
+    twin = copy.deepcopy(conv)
+    with torch.no_grad():
+        for layer in converted_layers(twin).values():
+            layer.lora_adapters["other"].lora_B.add_(1.0)
+            layer.lora_B.mul_(2.0)
+    ids = tokens()
+    with torch.no_grad():
+        changed = twin(ids).logits
+        conv.load_state_dict(twin.state_dict())
+        close(conv(ids).logits, changed, 1e-6)
+        lk.set_adapter(conv, "other")
+        lk.set_adapter(twin, "other")
+        close(conv(ids).logits, twin(ids).logits, 1e-6)
+    # The copy's PEFT layers hold the copy's tensors: to_peft on it keeps its values, and leaves the original alone.
+    lk.to_peft(twin)
+    with torch.no_grad():
+        close(twin(ids).logits, conv(ids).logits, 1e-6)
+    assert converted_layers(conv)
