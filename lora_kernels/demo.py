@@ -207,6 +207,13 @@ def plot(results, target: float, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    """Console entry point (``python -m lora_kernels.demo``, ``lora-kernels-demo``)."""
+    run(argv)
+    return 0
+
+
+def run(argv=None) -> Dict[str, object]:
+    """Run the demo with command-line style ``argv``; returns the results (also printed and plotted)."""
     parser = argparse.ArgumentParser(prog="lora-kernels-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".", help="directory for lora_demo_loss.png (default: current)")
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per method (default 300)")
@@ -236,7 +243,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
 
 
-def _run(args, device, backend) -> int:
+def _run(args, device, backend) -> Dict[str, object]:
     t0 = time.perf_counter()
     pretrained = make_pretrained(args.pretrain_steps, args.seed, device)
     task = make_new_task(pretrained, args.seed)
@@ -268,7 +275,7 @@ def _run(args, device, backend) -> int:
         print("\nforward+backward speed on " + torch.cuda.get_device_name(device) + ":\n")
         print(speed_table(device))
     print(f"\ntotal {time.perf_counter() - t0:.1f}s")
-    return 0
+    return {"results": results, "target": target, "png": png}
 
 
 if __name__ == "__main__":
