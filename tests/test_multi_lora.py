@@ -633,6 +633,24 @@ def test_gpu_cuda_graph_capture_and_replay_with_new_ids(T):
 
 
 @pytest.mark.gpu
+def test_gpu_no_host_sync_per_call():
+    """With ids prepared on the host, an eager call (id check included) and a check-free call never sync."""
+    pool, adapters = _make_pool(8, 16, [16, 8, 4], dtype=torch.float16, device="cuda")
+    weight = torch.randn(sum(SLICES), K, device="cuda", dtype=torch.float16)
+    batch = LoRABatch.prepare(_ids("repeats", 40, sorted(adapters), torch.Generator().manual_seed(0)), device="cuda")
+    for T, fused in ((40, False), (40, True)):
+        x = torch.randn(T, K, device="cuda", dtype=torch.float16)
+        lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=fused)  # compile outside
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=fused)
+            lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=fused, check=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
 def test_gpu_compile_fullgraph_triton():
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(15)

@@ -17,8 +17,9 @@ launches no LoRA kernel) and the id check (``check=True``) are skipped while com
 Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend`): "torch" is the reference
 (:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the kernels of
 :mod:`lora_kernels.triton.multi_lora`. **Hook for "cuda":** ``_CHECKS["cuda"]`` imports :mod:`lora_kernels.cuda` and
-accepts it when ``cuda_ops_available()`` returns None and the module defines ``multi_lora_shrink``,
-``multi_lora_expand`` (and optionally ``multi_lora_fused``) with exactly the signatures of the Triton launchers:
+accepts it when the module defines ``multi_lora_shrink``, ``multi_lora_expand`` and ``multi_lora_fused`` with exactly
+the signatures of the Triton launchers, and ``multi_lora_reason(x, *tensors)`` (else ``cuda_ops_available()``)
+returns None:
 
 - ``multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices: int,
   tile_m: int)``: x ``[M, K]`` fp16/bf16/fp32 (any strides); A_stack ``[L, S·R, K]`` pool dtype; ranks ``[L]`` int32
@@ -146,12 +147,11 @@ def _cuda_ok(x, *tensors) -> Optional[str]:
         from .. import cuda as cuda_ext  # written separately; may be absent
     except ImportError as exc:
         return f"lora_kernels.cuda is not importable ({exc})"
-    why = cuda_ext.cuda_ops_available()
-    if why:
-        return why
-    if not (hasattr(cuda_ext, "multi_lora_shrink") and hasattr(cuda_ext, "multi_lora_expand")):
+    if not all(hasattr(cuda_ext, f"multi_lora_{fn}") for fn in ("shrink", "expand", "fused")):
         return "the CUDA extension has no multi-adapter kernels"
-    return None
+    if hasattr(cuda_ext, "multi_lora_reason"):  # its own device/dtype checks
+        return cuda_ext.multi_lora_reason(x, *tensors)
+    return cuda_ext.cuda_ops_available()
 
 
 _CHECKS = {"torch": _torch_ok, "triton": _triton_ok, "cuda": _cuda_ok}
