@@ -502,8 +502,31 @@ def main(argv=None) -> List[Table]:
         tables += run_training(args, device, dtype, providers, ceilings, train)
     if not args.skip_decode and args.decode_timings:
         tables += run_decode(args, device, dtype, providers, ceilings, decode)
-    common.finish(args, tables, info, dtype, "lora_linear: time / base")
+    common.finish(args, tables, info, dtype, "lora_linear: time / base", summarize(tables, providers))
     return tables
+
+
+LK_PROVIDERS = ("lora_kernels", "lk_cublas_base", "lk_triton_base")
+
+
+def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
+    """Issue 2's targets: geomean over the training shapes per mode; the worst decode point (M ≤ 256) in graphs."""
+    lines = []
+    for t in tables:
+        lk = [p for p in LK_PROVIDERS if p in providers]
+        if t.title.startswith("training shapes"):
+            mode = next(m for m in sorted(MODES, key=len, reverse=True) if f", {m}" in t.title)
+            for p in lk:
+                g = common.geomean(t.ratio(k, p) for k in t.keys)
+                lines.append(common.verdict(f"{mode}, {p} geomean / base", g, TARGETS[mode]))
+        elif "CUDA graph" in t.title:
+            kind = "hot" if "hot" in t.title else "cycled"
+            for p in lk:
+                ratios = [t.ratio(k, p) for k in t.keys if k[0] <= 256]
+                worst = None if not ratios or any(r is None for r in ratios) else max(ratios)
+                lines.append(common.verdict(f"decode M ≤ 256 in graphs ({kind}), {p} worst / base", worst,
+                                            TARGETS["decode"]))
+    return lines
 
 
 if __name__ == "__main__":

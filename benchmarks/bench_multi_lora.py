@@ -35,7 +35,7 @@ import argparse
 import gc
 import os
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in-tree ``lora_kernels`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -351,8 +351,35 @@ def main(argv=None) -> List[Table]:
                "timed region"],
     )
     tables = run(args, device, dtype, providers, ceilings)
-    common.finish(args, tables, info, dtype, "multi-adapter layer: time / base")
+    common.finish(args, tables, info, dtype, "multi-adapter layer: time / base", summarize(tables, providers))
     return tables
+
+
+LK_PROVIDERS = ("lora_kernels", "lk_fused", "lk_split", "lk_cuda")
+PEERS = ("gather_bmm", "loop")
+
+
+def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
+    """Issue 3's targets, per graph table: the worst time / floor of each lora_kernels variant over all points, and
+    the points where it is not faster than every peer."""
+    lines = []
+    for t in tables:
+        if "CUDA graph" not in t.title:
+            continue
+        kind = "hot" if "hot" in t.title else "cycled"
+        for p in (p for p in LK_PROVIDERS if p in providers):
+            ratios = [t.ratio(k, p, "floor") for k in t.keys]
+            if not ratios or all(r is None for r in ratios):
+                continue
+            worst = None if any(r is None for r in ratios) else max(ratios)
+            lines.append(common.verdict(f"graphs ({kind}), {p} worst time / floor", worst, TARGET_FLOOR))
+            slower = [k for k in t.keys for q in PEERS
+                      if t.times[k].get(q) is not None and t.times[k].get(p) is not None
+                      and t.times[k][p] >= t.times[k][q]]
+            if slower:
+                shown = ", ".join(f"{k[0]} L={k[1]} T={k[2]}" for k in dict.fromkeys(slower))
+                lines.append(f"  - {p} is not faster than every peer at: {shown}")
+    return lines
 
 
 if __name__ == "__main__":

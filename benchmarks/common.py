@@ -570,10 +570,20 @@ def write_plot(path: str, tables: Sequence[Table], title: str) -> bool:
     return True
 
 
-def finish(args, tables: Sequence[Table], info: Dict[str, str], dtype: torch.dtype, title: str) -> None:
-    """Print every table, then write the CSV and the PNG when asked."""
+def verdict(what: str, value: Optional[float], target: float) -> str:
+    """One line of the summary: ``what: 1.04 (target ≤ 1.06): met``."""
+    if value is None:
+        return f"- {what}: not measured (target ≤ {target:.2f})"
+    return f"- {what}: {value:.2f} (target ≤ {target:.2f}): {'met' if value <= target else 'NOT met'}"
+
+
+def finish(args, tables: Sequence[Table], info: Dict[str, str], dtype: torch.dtype, title: str,
+           summary: Sequence[str] = ()) -> None:
+    """Print every table and the summary against the targets, then write the CSV and the PNG when asked."""
     for t in tables:
         print(t.markdown(), flush=True)
+    if summary:
+        print("### Against the targets\n\n" + "\n".join(summary) + "\n", flush=True)
     meta = {"device": info["card"], "dtype": _dtype_name(dtype), "date": info["date"], "torch": info["torch"],
             "triton": info["triton"]}
     if args.csv:
