@@ -251,8 +251,8 @@ class AdapterPool:
             free = self.free_slots()
             if not free:
                 raise RuntimeError(
-                    f"the pool is full: all {self.max_adapters} slots hold adapters ({', '.join(sorted(self._slot_of))});"
-                    " unload one first"
+                    f"the pool is full: all {self.max_adapters} slots hold adapters "
+                    f"({', '.join(sorted(self._slot_of))}); unload one first"
                 )
             return free[0]
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.max_adapters:
@@ -322,8 +322,8 @@ class LoRABatch:
       reading them would sync).
 
     Host side: ``num_tokens``; ``host_slots`` and ``host_unique`` (the ids as a CPU tensor, and their distinct values,
-    when they were given on the host, else None) and ``has_adapter`` (False when no token names an adapter, None when unknown) let an eager call skip the LoRA
-    kernels and validate ids without a device sync.
+    when they were given on the host, else None) and ``has_adapter`` (False when no token names an adapter, None when
+    unknown) let an eager call skip the LoRA kernels and validate ids without a device sync.
 
     Slot ids are validated against a pool by the ops (``check=True``); the kernels additionally treat any id that is
     negative, ``>= L`` or names an empty slot as "no adapter", so a bad id can never read outside the pool.

@@ -321,7 +321,9 @@ def lora_shrink(
     check_tensor("A_stack", A_stack, ndim=3)
     check_tensor("out", out, dtypes=(torch.float32, torch.float64))
     if not isinstance(num_slices, int) or num_slices <= 0 or A_stack.shape[1] % num_slices:
-        raise ValueError(f"num_slices={num_slices!r} must be a positive int dividing A_stack.shape[1] ({shape(A_stack)})")
+        raise ValueError(
+            f"num_slices={num_slices!r} must be a positive int dividing A_stack.shape[1] ({shape(A_stack)})"
+        )
     L, SR, K = A_stack.shape
     if x.shape[-1] != K:
         raise ValueError(f"x must be [..., K={K}] to match A_stack {shape(A_stack)}, got {shape(x)}")
