@@ -414,6 +414,9 @@ class LoRABatch:
         slots = self.token_slots
         slots.fill_(-1)
         if n:
+            if ids.dtype == torch.int64:
+                # Saturate instead of wrapping: 2^32 + 3 must stay out of range, never alias slot 3 (another tenant).
+                ids = ids.clamp(-(2**31), 2**31 - 1)
             slots[:n].copy_(ids.to(device=dev, dtype=torch.int32), non_blocking=True)
         # Negative ids mean "no adapter": sort them last so the tiles of real slots come first (ascending slot).
         keys = torch.where(slots < 0, torch.full_like(slots, _NONE_KEY), slots)

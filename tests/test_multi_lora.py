@@ -378,6 +378,15 @@ def test_bad_ids_raise_or_count_as_none(backend):
         want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
                                                     for s, (a, b, sc) in adapters.items()}, ids, [40])
         torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
+    # ids beyond int32 saturate (never wrap onto a loaded slot: 2^32 + 1 must not become slot 1)
+    big = [0, 2**32 + 1, -(2**32) + 1, 1]
+    big_batch = LoRABatch.prepare(big, device=DEVICE)
+    with pytest.raises(ValueError, match="token 1: 4294967297"):
+        lk.multi_lora_linear(x[:4], weight, None, pool, big_batch, backend=backend)
+    got = lk.multi_lora_linear(x[:4], weight, None, pool, big_batch, backend=backend, check=False)
+    want = _naive(x[:4].cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                                    for s, (a, b, sc) in adapters.items()}, [0, -1, -1, 1], [40])
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
     with pytest.raises(ValueError, match="prepared for 7 tokens"):
         lk.multi_lora_linear(x[:5], weight, None, pool, batch, backend=backend)
 
