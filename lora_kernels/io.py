@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -175,7 +176,8 @@ def _read_config(path) -> dict:
     return cfg
 
 
-def _read_tensors(path) -> Dict[str, torch.Tensor]:
+def _read_tensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     wpath = os.path.join(path, WEIGHTS_NAME)
@@ -184,7 +186,10 @@ def _read_tensors(path) -> Dict[str, torch.Tensor]:
             raise ValueError(f"load_adapter: {path} holds adapter_model.bin (pickle); only safetensors is supported")
         raise FileNotFoundError(f"load_adapter: {wpath} does not exist")
     try:
-        return load_file(wpath, device="cpu")
+        tensors = load_file(wpath, device="cpu")
+        with safe_open(wpath, framework="pt") as f:
+            metadata = f.metadata() or {}
+        return tensors, metadata
     except Exception as exc:  # safetensors raises SafetensorError (and others) on truncated or corrupt files
         raise ValueError(f"load_adapter: {wpath} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
 
@@ -216,7 +221,7 @@ def load_adapter(
 
     path = os.fspath(path)
     cfg = _read_config(path)
-    state = _read_tensors(path)
+    state, metadata = _read_tensors(path)
     r_glob, a_glob = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     use_rslora = bool(cfg.get("use_rslora", False))
@@ -277,6 +282,16 @@ def load_adapter(
         plan[n] = (A, B, r, alpha)
     if problems:
         raise ValueError("load_adapter: nothing was loaded:\n  " + "\n  ".join(problems))
+
+    if metadata.get("lora_kernels.base") == "mutated":
+        fresh_base = [n for n in plan if not (existing and getattr(existing[n], INIT_RECORD, None) is not None)]
+        if fresh_base:
+            warnings.warn(
+                f"load_adapter: {path} was saved with convert_to_original=False after an init that changed W0 "
+                f"(PiSSA / LoRA-GA); it is only correct on top of that changed (residual) W0, which layers such as "
+                f"{fresh_base[0]} do not appear to have. Save with convert_to_original=True for the original base.",
+                stacklevel=2,
+            )
 
     # ---- apply
     out = OrderedDict()

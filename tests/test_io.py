@@ -178,6 +178,8 @@ def test_mutated_base_saved_as_rank_2r_against_original(tmp_path, init, use_rslo
     lk.load_adapter(residual, tmp_path / "raw")
     with torch.no_grad():
         torch.testing.assert_close(residual(X), y, atol=1e-6, rtol=1e-6)
+    with pytest.warns(UserWarning, match="convert_to_original=False"):  # on the original base: wrong, and said so
+        lk.load_adapter(copy.deepcopy(original), tmp_path / "raw")
 
 
 def test_missing_and_unexpected_keys_are_listed_and_nothing_changes(tmp_path):
