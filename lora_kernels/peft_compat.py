@@ -25,6 +25,15 @@ the op reads its transpose (a strided view, no copy).
 
 Dropout: the probability is kept, but the mask comes from lora_kernels' Philox generator, not from ``nn.Dropout``,
 so with dropout > 0 converted and PEFT models agree in distribution, not sample for sample.
+
+A converted model's ``state_dict`` names adapter tensors ``<layer>.lora_adapters.<name>.lora_A`` (the base weights
+keep their names); for PEFT's checkpoint names and files, ``to_peft(model)`` then ``save_pretrained``, or
+``lora_kernels.save_adapter(peft_model.base_model.model, path)`` for the active adapter.
+
+Serving: ``load_adapters(model, {name: path})`` fills :class:`~lora_kernels.MultiLoRALinear` pools of a plain
+transformers model from several PEFT adapter directories; ``model(..., adapter_names=[...])`` and
+``model.generate(..., adapter_names=[...])`` then run PEFT's mixed batch through the batched multi-adapter kernels,
+with the per-token ids prepared once per forward for all layers.
 """
 
 from __future__ import annotations
@@ -213,8 +222,9 @@ class PeftLoRALinear(LoRALinear):
                 raise RuntimeError("PeftLoRALinear is merged and in training mode: the adapter would get no "
                                    "gradient. Call unmerge() before training, or eval() / torch.no_grad().")
             return F.linear(x, weight, self.bias)
+        x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, self.lora_A, self.lora_B)
         return lora_linear(
-            x, weight, self.lora_A, self.lora_B, self.scaling, self.bias,
+            x, weight, lora_A, lora_B, self.scaling, bias,
             dropout_p=self.dropout, training=self.training, backend=self.backend,
         )
 
@@ -232,14 +242,32 @@ class PeftLoRALinear(LoRALinear):
                 continue
             rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
             ad = self.lora_adapters[name]
-            sub = lora_linear(x.index_select(0, rows), weight, ad.lora_A, ad.lora_B, ad.scaling, self.bias,
-                              dropout_p=ad.dropout, training=self.training, backend=self.backend)
-            out = out.index_copy(0, rows, sub)
+            xs, w, b, a_, b_ = _autocast_args(x.index_select(0, rows), weight, self.bias, ad.lora_A, ad.lora_B)
+            sub = lora_linear(xs, w, a_, b_, ad.scaling, b, dropout_p=ad.dropout, training=self.training,
+                              backend=self.backend)
+            out = out.index_copy(0, rows, sub.to(out.dtype))
         return out
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, active_adapter={self.active_adapter!r}, "
                 f"adapters={self.adapter_names}, fan_in_fan_out={self.fan_in_fan_out}")
+
+
+def _autocast_args(x, weight, bias, lora_A, lora_B):
+    """Inside ``torch.autocast``, the operands an autocast ``nn.Linear`` (PEFT's base layer and lora_A/lora_B) would
+    use: x, W0 and bias in the autocast dtype; the adapter kept when it is that dtype or float32 (the op takes an
+    fp32 adapter), cast otherwise. The same rule as :class:`~lora_kernels.LoRALinear`; the casts are differentiable."""
+    dev = x.device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return x, weight, bias, lora_A, lora_B
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        return x, weight, bias, lora_A, lora_B
+    dt = torch.get_autocast_dtype(dev)
+    x, weight = x.to(dt), weight.to(dt)
+    bias = bias.to(dt) if bias is not None else None
+    if lora_A.dtype not in (dt, torch.float32):
+        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+    return x, weight, bias, lora_A, lora_B
 
 
 # ------------------------------------------------------------------------------------------- conversion checks

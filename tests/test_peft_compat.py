@@ -158,6 +158,30 @@ def test_llama_bf16_matches_peft_within_bf16_tolerance():
     check_grads(pm, conv, 5e-2)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_autocast_bf16_matches_peft(arch):
+    # Mixed-precision training (e.g. Trainer(bf16=True)): fp32 model, forward under torch.autocast.
+    if arch == "llama":
+        pm = peft_model(llama(), lora_config(["q_proj", "v_proj", "down_proj"]))
+    else:
+        pm = peft_model(gpt2(), lora_config(["c_attn", "c_fc"], fan_in_fan_out=True))
+    conv, _ = convert(pm)
+    ids = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logits, ref_loss = loss_of(pm, ids)
+        logits, loss = loss_of(conv, ids)
+    assert logits.dtype == ref_logits.dtype
+    close(logits.float(), ref_logits.float(), 3e-2)
+    ref_loss.backward()
+    loss.backward()
+    check_grads(pm, conv, 5e-2)
+    pm.eval()
+    conv.eval()
+    names = ["__base__", "default"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        close(conv(ids, adapter_names=names).logits.float(), pm(ids, adapter_names=names).logits.float(), 3e-2)
+
+
 def test_gpt2_conv1d_converted_exactly():
     # GPT-2's c_attn / c_proj / c_fc are transformers Conv1D (weight [in, out], fan_in_fan_out=True in PEFT).
     pm = peft_model(gpt2(), lora_config(["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
