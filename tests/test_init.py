@@ -371,3 +371,53 @@ def test_other_inits_same_api_output_unchanged(init):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y0, atol=1e-5, rtol=1e-5)
     assert layer.lora_A.abs().sum() > 0  # A is never all zero
+
+
+def test_at_most_one_target_gradient_alive_at_a_time():
+    model, batches = make_problem(seed=7)
+    weights = [model.up.weight, model.mid.weight, model.head.weight]
+    alive = []
+
+    def before_accumulate(grad):  # tensor hooks run before .grad is written: count the grads still held
+        alive.append(sum(w.grad is not None for w in weights))
+        return grad
+
+    handles = [w.register_hook(before_accumulate) for w in weights]
+    try:
+        lk.lora_ga_init(model, batches, mse, r=1, target_modules=["up", "mid", "head"], backend="torch")
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(alive) == 3 * len(batches) and max(alive) == 0
+
+
+def test_lora_ga_on_transformers_llama_then_save_and_load_on_original(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    conf = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(conf).eval()
+    original = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, 64, (2, 12), generator=gen)
+        batches.append({"input_ids": ids, "labels": ids})
+    layers = lk.lora_ga_init(model, batches, r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                             backend="torch")  # default loss: model(**batch).loss
+    assert len(layers) == 3 and not model.training
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-4, rtol=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for b in batches:
+        loss = model(**b).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        trained = model(ids).logits
+    lk.save_adapter(model, tmp_path)  # rank-2r form against the original weights
+    lk.load_adapter(original, tmp_path, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(original(ids).logits, trained, atol=1e-4, rtol=1e-4)
