@@ -552,6 +552,10 @@ def _read_peft_dir(name: str, path) -> Tuple[dict, Dict[str, Tuple[torch.Tensor,
 
     cfg = lk_io._read_config(path)
     state = lk_io._read_tensors(path)
+    state, metadata = state if isinstance(state, tuple) else (state, {})
+    if metadata.get("lora_kernels.base") == "mutated":
+        raise ValueError(f"load_adapters: adapter {name!r} ({path}) was saved for a mutated base weight "
+                         "(PiSSA/LoRA-GA, convert_to_original=False); a served model shares one original base")
     use_rslora = bool(cfg.get("use_rslora", False))
     r_glob, a_glob = int(cfg["r"]), float(cfg["lora_alpha"])
     found: Dict[str, Dict[str, torch.Tensor]] = {}
