@@ -293,6 +293,12 @@ def test_lora_ga_init_errors_leave_model_untouched():
     with pytest.raises(ValueError, match="2r = 12"):
         lk.lora_ga_init(model, batches, mse, r=6, target_modules=["up", "mid"])  # mid: 16 → 10
     check_untouched()
+    with pytest.raises(TypeError, match="lora_dtype"):  # fp16 adapters on an fp32 model: refused before any work
+        lk.lora_ga_init(model, batches, mse, r=2, target_modules=["up", "mid"], dtype=torch.float16)
+    check_untouched()
+    with pytest.raises(ValueError, match="dropout"):
+        lk.lora_ga_init(model, batches, mse, r=2, target_modules=["up", "mid"], dropout=1.5)
+    check_untouched()
     with pytest.raises(ValueError, match="no batches"):
         lk.lora_ga_init(model, [], mse, r=2, target_modules=["up"])
     check_untouched()

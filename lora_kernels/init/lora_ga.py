@@ -235,7 +235,7 @@ def lora_ga_init(
     remembers its initial adapter so that :func:`lora_kernels.save_adapter` can write the adapter against the
     original W0 (PEFT's rank-2r form).
     """
-    from ..modules import LoRALinear, lora_scaling
+    from ..modules import LoRALinear
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -271,6 +271,17 @@ def lora_ga_init(
     # ---------------------------------------------------------------- 1. gradient estimation (state saved first)
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
+    # Build the new layers now (adapters zero, nothing attached to the model yet), so that a bad alpha, dropout,
+    # dtype or backend fails before any work and never leaves the model half-converted.
+    try:
+        prepared = OrderedDict(
+            (n, LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init="zeros",
+                                       lora_dtype=dtype, backend=backend))
+            for n, lin in linears.items()
+        )
+    finally:
+        for p, flag in zip(params, saved_flags):  # from_linear froze the shared weights
+            p.requires_grad_(flag)
     saved_modes = {m: m.training for m in model.modules()}
     weights = {n: lin.weight for n, lin in linears.items()}
     saved_grads = {n: w.grad for n, w in weights.items()}
@@ -353,12 +364,11 @@ def lora_ga_init(
     new_layers: Dict[str, nn.Module] = OrderedDict()
     with torch.no_grad():
         for n, lin in linears.items():
-            layer = LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                           init="zeros", lora_dtype=dtype, backend=backend)
+            layer = prepared[n]
             A, B = factors[n]
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
-            rho = lora_scaling(r, alpha, use_rslora)
+            rho = layer.scaling  # ρ: α/√r with rsLoRA, α/r without
             W = layer.weight
             W.copy_((W.float() - rho * (layer.lora_B.float() @ layer.lora_A.float())).to(W.dtype))
             setattr(layer, INIT_RECORD, (layer.lora_A.detach().float().cpu().clone(),
