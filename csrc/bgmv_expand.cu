@@ -21,7 +21,7 @@ constexpr int kThreads = 128;
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) bgmv_expand_kernel(const ExpandParams p, const int lanes,
                                                                const int64_t col_blocks) {
-  extern __shared__ float t_s[];  // [rank] the token's shrink output times its scale
+  LORA_DYNAMIC_SMEM(float, t_s);  // [rank] the token's shrink output times its scale
   const int64_t m = blockIdx.x / col_blocks;
   const int64_t cols_per_block = kThreads / lanes;
   const int64_t n0 = (blockIdx.x % col_blocks) * cols_per_block;
@@ -83,7 +83,8 @@ void launch_typed(const ExpandParams& p, int lanes, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(p.r_max) * sizeof(float);
   if (smem > 48 * 1024) throw CudaError("lora expand: r_max " + std::to_string(p.r_max) + " is above 12288");
   dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.num_slices));
-  bgmv_expand_kernel<T, VEC><<<grid, kThreads, smem, stream>>>(p, lanes, col_blocks);
+  auto kernel = bgmv_expand_kernel<T, VEC>;
+  LORA_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, p, lanes, col_blocks);
   check_launch("bgmv_expand_kernel");
 }
 

@@ -120,7 +120,8 @@ void launch_typed(const ShrinkParams& p, cudaStream_t stream) {
   const int64_t blocks = p.M * groups;
   if (blocks > INT_MAX) throw CudaError("lora shrink: M * ceil(r_max / rows) exceeds the grid limit");
   dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.num_slices));
-  bgmv_shrink_kernel<T, ROWS, VEC><<<grid, kThreads, 0, stream>>>(p, groups);
+  auto kernel = bgmv_shrink_kernel<T, ROWS, VEC>;
+  LORA_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p, groups);
   check_launch("bgmv_shrink_kernel");
 }
 

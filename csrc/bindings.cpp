@@ -124,7 +124,13 @@ void expand(uint64_t buf, std::tuple<int64_t, int64_t, int64_t> buf_strides, int
 
 }  // namespace
 
-PYBIND11_MODULE(_C_lora, m) {
+// The host-emulation build of the tests compiles this file under another module name (Python caches extension
+// modules by name, so two builds named _C_lora could not be loaded side by side).
+#ifndef LORA_CUDA_MODULE_NAME
+#define LORA_CUDA_MODULE_NAME _C_lora
+#endif
+
+PYBIND11_MODULE(LORA_CUDA_MODULE_NAME, m) {
   m.doc() = "lora_kernels CUDA extension: BGMV-style multi-adapter shrink/expand (raw pointers, no libtorch)";
   py::register_exception<CudaError>(m, "CudaError", PyExc_RuntimeError);
 

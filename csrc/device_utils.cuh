@@ -3,10 +3,10 @@
 
 #include <cstdint>
 
+#include "lora_cuda.h"  // first: under LORA_CUDA_EMULATION it sets up the host stand-ins before any CUDA header
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include "lora_cuda.h"
 
 namespace lora_cuda {
 
@@ -36,6 +36,9 @@ __device__ __forceinline__ void load_vec(const T* ptr, float* out) {
     uint4 raw;
     T elems[Vec<T>::kSize];
   } u;
+#if defined(LORA_CUDA_EMULATION)
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) lora_cuda_emu::misaligned_vector_load = true;
+#endif
   u.raw = __ldg(reinterpret_cast<const uint4*>(ptr));
 #pragma unroll
   for (int i = 0; i < Vec<T>::kSize; ++i) out[i] = to_float(u.elems[i]);

@@ -9,7 +9,14 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(LORA_CUDA_EMULATION)
+#include "emu/cuda_emu.h"  // host-compiler build for CPU tests of the kernel logic (see emu/cuda_emu.h)
+#else
 #include <cuda_runtime.h>
+// Kernels declare dynamic shared memory and are launched through these two macros so that emu/cuda_emu.h can stand in.
+#define LORA_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#define LORA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 namespace lora_cuda {
 
@@ -101,10 +108,23 @@ inline void check_cuda(cudaError_t err, const char* what) {
 
 // After a launch: a bad configuration shows up at once in cudaGetLastError (which also clears it, so the next call
 // does not report it again); faults inside the kernel surface at the next synchronising call.
+#if defined(LORA_CUDA_EMULATION)
+inline void check_launch(const char* kernel) {
+  if (lora_cuda_emu::misaligned_vector_load.exchange(false))
+    throw CudaError(std::string("CUDA error in ") + kernel + ": misaligned address (emulated 16-byte load)");
+}
+#else
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+#endif
 
 // Makes `device` current for the launch and restores the caller's device afterwards (torch keeps its own notion of
 // the current device; ours must match the tensors').
+#if defined(LORA_CUDA_EMULATION)
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int) {}
+};
+#else
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
@@ -124,5 +144,6 @@ class DeviceGuard {
   int prev_ = 0;
   bool changed_ = false;
 };
+#endif
 
 }  // namespace lora_cuda

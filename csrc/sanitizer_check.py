@@ -2,7 +2,7 @@
 
     compute-sanitizer --tool memcheck   --error-exitcode 3 python csrc/sanitizer_check.py
     compute-sanitizer --tool racecheck  --error-exitcode 3 python csrc/sanitizer_check.py
-    compute-sanitizer --tool initcheck  --error-exitcode 3 python csrc/sanitizer_check.py
+    compute-sanitizer --tool initcheck  --error-exitcode 3 python csrc/sanitizer_check.py   (may also flag torch)
 
 Covers fp16/bf16/fp32, the 16-byte and the scalar (strided, misaligned) paths, K and N not multiples of 8, rows past
 an adapter's rank, empty slots, and bad ids (-5, L, L + 1000) that must read nothing outside the pool. The pool is
@@ -11,9 +11,12 @@ the reference.
 """
 
 import math
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from lora_kernels import cuda as lkc
 from lora_kernels.reference import multi_lora as ref

@@ -35,6 +35,18 @@ NVCC = os.environ.get("CUDACXX") or shutil.which("nvcc") or (
 )
 
 
+def _cuda_root():
+    """The toolkit directory holding include/cuda_fp16.h (nvcc may be a wrapper script elsewhere)."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if NVCC:
+        cands.append(str(Path(NVCC).resolve().parents[1]))
+    cands.append("/usr/local/cuda")
+    for c in cands:
+        if c and (Path(c) / "include" / "cuda_fp16.h").exists():
+            return Path(c)
+    return None
+
+
 def _tool(name):
     found = shutil.which(name)
     if found:
@@ -56,8 +68,8 @@ def fresh_loader(monkeypatch):
     lkc._reset()
 
 
-def _load_module_from(path: Path):
-    spec = importlib.util.spec_from_file_location("_C_lora", path)
+def _load_module_from(path: Path, name: str = "_C_lora"):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -304,6 +316,170 @@ def _poison_padding(A_cpu, B_cpu, ranks, S, R):
         B_cpu[l, :, r:] = float("nan")
 
 
+def _check_case(device, M, K, slices, L, R, dtype, misaligned=False, seed=0):
+    """multi_lora_shrink + multi_lora_expand of lora_kernels.cuda against the reference: a NaN fence around the pool
+    (slots -1 and L), NaN in the padding past each rank, an empty slot, bad ids (-5, L, L + 1000), out pre-filled
+    with NaN (every element must be written), tokens without adapter left bit-identical."""
+    from lora_kernels.reference import multi_lora as ref
+
+    gen = torch.Generator().manual_seed(seed * 1000 + M * 31 + K)
+    S, N = len(slices), sum(slices)
+    ranks_l = [int(v) for v in torch.randint(1, R + 1, (L,), generator=gen)]
+    ranks_l[L // 2] = 0  # an empty slot
+    A_cpu = torch.randn(L, S * R, K, generator=gen) / math.sqrt(K)
+    B_cpu = torch.randn(L, N, R, generator=gen)
+    _poison_padding(A_cpu, B_cpu, ranks_l, S, R)
+    fence_A = torch.full((L + 2, S * R, K), float("nan"))
+    fence_A[1 : L + 1] = A_cpu
+    fence_B = torch.full((L + 2, N, R), float("nan"))
+    fence_B[1 : L + 1] = B_cpu
+    A = fence_A.to(device, dtype)[1 : L + 1]
+    B = fence_B.to(device, dtype)[1 : L + 1]
+    ranks = torch.tensor(ranks_l, dtype=torch.int32, device=device)
+    scales = (torch.rand(L, S, generator=gen) + 0.5).to(device)
+    ids_l = [int(v) for v in torch.randint(-1, L, (M,), generator=gen)]
+    for i, bad in enumerate((-5, L, L + 1000)[: max(0, M - 2)]):
+        ids_l[i] = bad  # bad ids: no adapter, nothing read
+    ids = torch.tensor(ids_l, dtype=torch.int32, device=device)
+    xbig = torch.randn(M, K + 1, generator=gen).to(device, dtype)
+    x = xbig[:, 1:] if misaligned else xbig[:, :K].contiguous()
+
+    out = torch.full((M, S * R), float("nan"), device=device)  # every element must be written
+    lkc.multi_lora_shrink(x, A, ranks, ids, None, None, None, out, S, 16)
+    want_s = ref.lora_shrink(x.cpu().double(), A.cpu().double(), ids.cpu(), ranks.cpu(), S)
+    torch.testing.assert_close(out.cpu().double(), want_s, rtol=1e-4, atol=1e-4)
+
+    y0 = torch.randn(M, N, generator=gen).to(device, dtype)
+    y = y0.clone()
+    lkc.multi_lora_expand(out, B, ranks, scales, ids, None, None, None, y, slices, 16)
+    want_y = ref.lora_expand(want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double(),
+                             slices)
+    rtol, atol = GPU_TOL[dtype]
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.cpu().double(), want_y, rtol=rtol, atol=atol)
+    untouched = torch.tensor([not (0 <= i < L and ranks_l[i] > 0) for i in ids_l])
+    assert torch.equal(y.cpu()[untouched], y0.cpu()[untouched])
+
+
+# ----------------------------------------------------------------------------------- kernels under host emulation
+@pytest.fixture(scope="module")
+def emu_module(tmp_path_factory):
+    """csrc/ compiled by the host C++ compiler with -DLORA_CUDA_EMULATION (csrc/emu/cuda_emu.h: one host thread per
+    CUDA thread, barriers for __syncthreads and shuffles): the real kernel and launcher code, run on CPU memory."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    cuda_root = _cuda_root()
+    if cxx is None or cuda_root is None or not (cuda_root / "include" / "cuda_fp16.h").exists():
+        pytest.skip("host emulation needs g++ and the CUDA toolkit headers")
+    if importlib.util.find_spec("pybind11") is None:
+        pytest.skip("host emulation needs pybind11")
+    import sysconfig
+
+    import pybind11
+
+    lib = next((d for d in ("lib64", "lib", "targets/x86_64-linux/lib") if (cuda_root / d / "libcudart_static.a").exists()),
+               None)
+    if lib is None:
+        pytest.skip("libcudart_static.a not found in the CUDA toolkit")
+    out = tmp_path_factory.mktemp("cuda_emu") / ("_C_lora_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = [
+        cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-DLORA_CUDA_EMULATION",
+        "-DLORA_CUDA_MODULE_NAME=_C_lora_emu", f"-I{ROOT / 'csrc'}",
+        f"-I{cuda_root / 'include'}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}",
+        "-x", "c++", str(ROOT / "csrc" / "bindings.cpp"), str(ROOT / "csrc" / "bgmv_shrink.cu"),
+        str(ROOT / "csrc" / "bgmv_expand.cu"), "-x", "none", f"-L{cuda_root / lib}", "-lcudart_static", "-ldl", "-lrt",
+        "-lpthread", "-o", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
+    mod = _load_module_from(out, "_C_lora_emu")
+    assert mod.CUDA_ARCHS == "", "the emulation build must be a module of its own"
+    return mod
+
+
+@pytest.fixture
+def emulated(emu_module, monkeypatch):
+    """lora_kernels.cuda talking to the emulated module with CPU tensors (device 0, stream 0)."""
+    monkeypatch.setattr(lkc, "extension", lambda: emu_module)
+    monkeypatch.setattr(lkc, "cuda_ops_available", lambda: None)
+    monkeypatch.setattr(lkc, "_check_cuda", lambda **tensors: 0)
+    monkeypatch.setattr(lkc, "_stream", lambda device: 0)
+    return emu_module
+
+
+EMU_SHAPES = [
+    # (M, K, slices, L, R): small, since every CUDA thread is a host thread
+    (5, 33, [17], 3, 8),  # K % 8 != 0 (vector loop + scalar tail), one lane per output column
+    (4, 64, [40, 8, 8], 4, 16),  # three slices of unequal widths
+    (16, 24, [20], 3, 64),  # M·S·R >= 1024: four rank rows per block; 8 lanes per column
+    (3, 16, [9], 2, 12),  # R % 8 != 0: scalar expand for half types
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,K,slices,L,R", EMU_SHAPES)
+def test_emulated_kernels_match_reference(emulated, M, K, slices, L, R, dtype):
+    _check_case("cpu", M, K, slices, L, R, dtype)
+    if dtype == torch.float16:  # misaligned x: the scalar shrink path
+        _check_case("cpu", M, K, slices, L, R, dtype, misaligned=True, seed=1)
+
+
+def test_emulated_strided_int64_ids_all_none(emulated):
+    """Column-strided x and y (scalar paths), int64 ids, and an all -1 batch (zeros out, y bit-identical)."""
+    from lora_kernels.reference import multi_lora as ref
+
+    gen = torch.Generator().manual_seed(3)
+    M, K, N, L, R = 6, 20, 12, 3, 8
+    A = (torch.randn(L, R, K, generator=gen) / math.sqrt(K)).half()
+    B = torch.randn(L, N, R, generator=gen).half()
+    ranks = torch.tensor([8, 5, 1], dtype=torch.int32)
+    scales = torch.tensor([[0.5], [2.0], [1.0]])
+    ids = torch.tensor([0, 1, 2, -1, 2, 1], dtype=torch.int64)
+    x = torch.randn(M, 2 * K, generator=gen).half()[:, ::2]
+    out = torch.full((M, R), float("nan"))
+    lkc.multi_lora_shrink(x, A, ranks, ids, None, None, None, out, 1, 16)
+    want_s = ref.lora_shrink(x.double(), A.double(), ids, ranks, 1)
+    torch.testing.assert_close(out.double(), want_s, rtol=1e-4, atol=1e-4)
+    y = torch.randn(M, 2 * N, generator=gen).half()[:, ::2]
+    y0 = y.clone()
+    lkc.multi_lora_expand(out, B, ranks, scales, ids, None, None, None, y, [N], 16)
+    want_y = ref.lora_expand(want_s, B.double(), ids, ranks, scales, y0.double())
+    torch.testing.assert_close(y.double(), want_y, rtol=4e-3, atol=4e-3)
+    none = torch.full((M,), -1, dtype=torch.int32)
+    lkc.multi_lora_shrink(x, A, ranks, none, None, None, None, out, 1, 16)
+    assert torch.equal(out, torch.zeros(M, R))
+    y0 = y.clone()
+    lkc.multi_lora_expand(out, B, ranks, scales, none, None, None, None, y, [N], 16)
+    assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
+    """lk.multi_lora_linear(backend="cuda") end to end (custom ops, pool and batch layout, mixed ranks, a float32 pool
+    with half activations) with the emulated kernels."""
+    import lora_kernels as lk
+    from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.pool import AdapterPool, LoRABatch
+    from lora_kernels.reference import multi_lora as ref
+
+    monkeypatch.setitem(ops._CHECKS, "cuda", lambda *a: None)
+    gen = torch.Generator().manual_seed(11)
+    K, slices = 24, [16, 8, 8]
+    for pool_dtype, x_dtype in ((torch.float16, torch.float16), (torch.float32, torch.bfloat16)):
+        pool = AdapterPool(4, 16, K, slices, dtype=pool_dtype)
+        for name, r in (("a", 16), ("b", 3)):
+            pool.load(name, [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+                      [torch.randn(n, r, generator=gen) for n in slices], alpha=2.0 * r)
+        W = (torch.randn(sum(slices), K, generator=gen) / math.sqrt(K)).to(x_dtype)
+        x = torch.randn(5, K, generator=gen).to(x_dtype)
+        ids = [0, -1, 1, 1, 0]
+        got = lk.multi_lora_linear(x, W, None, pool, LoRABatch.prepare(ids), backend="cuda", fused=fused)
+        want = ref.multi_lora_linear(x.double(), W.double(), None, pool.A_stack, pool.B_stack, pool.ranks,
+                                     pool.scales, torch.tensor(ids), slices)
+        tol = 4e-3 if x_dtype == torch.float16 else 3e-2
+        assert got.dtype == x_dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 GPU_SHAPES = [
     # (M, K, slices, L, R)
     (1, 4096, [4096], 16, 16),
@@ -320,46 +496,9 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,K,slices,L,R", GPU_SHAPES)
 def test_gpu_shrink_expand_match_reference(M, K, slices, L, R, dtype):
-    from lora_kernels.reference import multi_lora as ref
-
     assert lkc.cuda_ops_available() is None
-    gen = torch.Generator().manual_seed(M * 31 + K)
-    S, N = len(slices), sum(slices)
-    ranks_l = [int(v) for v in torch.randint(1, R + 1, (L,), generator=gen)]
-    ranks_l[L // 2] = 0  # an empty slot
-    A_cpu = (torch.randn(L, S * R, K, generator=gen) / math.sqrt(K))
-    B_cpu = torch.randn(L, N, R, generator=gen)
-    _poison_padding(A_cpu, B_cpu, ranks_l, S, R)
-    nanfence_A = torch.full((L + 2, S * R, K), float("nan"))
-    nanfence_A[1 : L + 1] = A_cpu
-    nanfence_B = torch.full((L + 2, N, R), float("nan"))
-    nanfence_B[1 : L + 1] = B_cpu
-    A_big, B_big = nanfence_A.to("cuda", dtype), nanfence_B.to("cuda", dtype)
-    A, B = A_big[1 : L + 1], B_big[1 : L + 1]
-    ranks = torch.tensor(ranks_l, dtype=torch.int32, device="cuda")
-    scales = (torch.rand(L, S, generator=gen) + 0.5).to("cuda")
-    ids_l = [int(v) for v in torch.randint(-1, L, (M,), generator=gen)]
-    if M >= 4:
-        ids_l[0], ids_l[1], ids_l[2] = -5, L, L + 1000  # bad ids: no adapter, nothing read
-    ids = torch.tensor(ids_l, dtype=torch.int32, device="cuda")
-    x = torch.randn(M, K, generator=gen).to("cuda", dtype)
-
-    out = torch.full((M, S * R), float("nan"), device="cuda")  # every element must be written
-    lkc.multi_lora_shrink(x, A, ranks, ids, None, None, None, out, S, 16)
-    A_ref = A.cpu().double().nan_to_num(0.0)  # the reference never reads padding either; keep NaN out of it
-    want_s = ref.lora_shrink(x.cpu().double(), A_ref, ids.cpu(), ranks.cpu(), S)
-    torch.testing.assert_close(out.cpu().double(), want_s, rtol=1e-4, atol=1e-4)
-
-    y0 = torch.randn(M, N, generator=gen).to("cuda", dtype)
-    y = y0.clone()
-    lkc.multi_lora_expand(out, B, ranks, scales, ids, None, None, None, y, slices, 16)
-    want_y = ref.lora_expand(want_s, B.cpu().double().nan_to_num(0.0), ids.cpu(), ranks.cpu(), scales.cpu(),
-                             y0.cpu().double(), slices)
-    rtol, atol = GPU_TOL[dtype]
-    assert torch.isfinite(y).all()
-    torch.testing.assert_close(y.cpu().double(), want_y, rtol=rtol, atol=atol)
-    untouched = torch.tensor([not (0 <= i < L and ranks_l[i] > 0) for i in ids_l])
-    assert torch.equal(y.cpu()[untouched], y0.cpu()[untouched])
+    _check_case("cuda", M, K, slices, L, R, dtype)
+    _check_case("cuda", M, K, slices, L, R, dtype, misaligned=True, seed=1)
 
 
 @needs_ext
@@ -482,7 +621,7 @@ def test_gpu_compute_sanitizer_clean():
         "/usr/local/cuda/bin/compute-sanitizer" if os.path.exists("/usr/local/cuda/bin/compute-sanitizer") else None)
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not installed")
-    for tool in ("memcheck", "racecheck", "initcheck"):
+    for tool in ("memcheck", "racecheck"):  # initcheck also inspects torch's own copies: run it by hand
         proc = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable,
                                str(ROOT / "csrc" / "sanitizer_check.py")],
                               capture_output=True, text=True, timeout=600, cwd=ROOT)
