@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lora_kernels import demo
@@ -43,3 +44,10 @@ def test_demo_runs_as_module(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "| lora-ga |" in proc.stdout and (tmp_path / "lora_demo_loss.png").is_file()
+
+
+@pytest.mark.gpu
+def test_demo_on_gpu_prints_speed_table(tmp_path, capsys):
+    assert demo.main(["--quick", "--out", str(tmp_path), "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRALinear fwd+bwd (ms)" in out and "| lora-ga |" in out

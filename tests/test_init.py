@@ -427,3 +427,43 @@ def test_lora_ga_on_transformers_llama_then_save_and_load_on_original(tmp_path):
     lk.load_adapter(original, tmp_path, backend="torch")
     with torch.no_grad():
         torch.testing.assert_close(original(ids).logits, trained, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+class Deep(nn.Module):
+    def __init__(self, d=1024, n=6):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(n))
+
+    def forward(self, x):
+        for lin in self.layers:
+            x = torch.tanh(lin(x))
+        return x.float().pow(2).mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_memory_holds_one_layer_gradient_and_buffers_agree(dtype):
+    torch.manual_seed(0)
+    d = 1024
+    model = Deep(d).cuda().to(dtype)
+    batches = [torch.randn(8, d, device="cuda", dtype=dtype) for _ in range(3)]
+    ref = copy.deepcopy(model)
+    one_grad = d * d * torch.tensor([], dtype=dtype).element_size()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    layers = lk.lora_ga_init(model, batches, lambda m, x: m(x), r=8, target_modules=r"layers\.\d+",
+                             grad_buffer="cpu", svd_chunk_bytes=4 * d * d)
+    peak = torch.cuda.max_memory_allocated() - base
+    # one gradient in flight (+ one being accumulated into), one fp32 G and the SVD's workspace; never all six
+    assert peak < 2 * one_grad + 3 * 4 * d * d, (peak, one_grad)
+    other = copy.deepcopy(ref)
+    layers2 = lk.lora_ga_init(other, batches, lambda m, x: m(x), r=8, target_modules=r"layers\.\d+",
+                              grad_buffer="device")
+    for n in layers:
+        torch.testing.assert_close(layers[n].lora_A, layers2[n].lora_A, atol=1e-4, rtol=1e-3)
+    x = torch.randn(4, d, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(model(x), ref(x), atol=tol, rtol=tol)
