@@ -642,6 +642,32 @@ def test_gpu_cuda_graph_capture_and_replay_with_new_ids(T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("L,T", [(16, 1), (128, 16), (128, 17), (16, 300), (128, 1500)])
+def test_gpu_serving_shapes_fp16(L, T):
+    """Benchmark-like shapes (K = N = 1024, r = 16, q|k|v-style slices in a second pool): split-K, BLOCK_K = 256,
+    64-row tiles and the fused path on the real compiler."""
+    gen = torch.Generator().manual_seed(L + T)
+    Kb, r = 1024, 16
+    for slices in ([1024], [512, 256, 256]):
+        pool = AdapterPool(L, r, Kb, slices if len(slices) > 1 else slices[0], dtype=torch.float16, device="cuda")
+        adapters = {}
+        for i in range(L):
+            a = [(torch.randn(r, Kb, generator=gen) / Kb**0.5).half().cuda() for _ in slices]
+            b = [(torch.randn(n, r, generator=gen) / r**0.5).half().cuda() for n in slices]
+            slot = pool.load(f"a{i}", a, b, alpha=2 * r)
+            adapters[slot] = (a, b, [2.0] * len(slices))
+        W = (torch.randn(sum(slices), Kb, generator=gen) / Kb**0.5).half().cuda()
+        x = torch.randn(T, Kb, generator=gen).half().cuda()
+        ids = torch.randint(-1, L, (T,), generator=gen).tolist()
+        batch = LoRABatch.prepare(ids, device="cuda")
+        want = _naive(x.cpu(), W.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
+                                               for s, (a, b, sc) in adapters.items()}, ids, slices)
+        for fused in (False, True):
+            got = lk.multi_lora_linear(x, W, None, pool, batch, backend="triton", fused=fused)
+            torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_no_host_sync_per_call():
     """With ids prepared on the host, an eager call (id check included) and a check-free call never sync."""
     pool, adapters = _make_pool(8, 16, [16, 8, 4], dtype=torch.float16, device="cuda")
