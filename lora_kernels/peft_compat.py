@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -236,17 +236,34 @@ class PeftLoRALinear(LoRALinear):
                              f"(x shape {tuple(x.shape)})")
         if self.merged:
             raise ValueError("cannot pass adapter_names to a merged layer; unmerge() first")
-        out = F.linear(x, weight, self.bias)
-        for name in dict.fromkeys(adapter_names):  # first-seen order, deterministic
+        if len(set(adapter_names)) == 1:  # one adapter for the whole batch: no gather/scatter
+            name = adapter_names[0]
             if name == BASE or name not in self.lora_adapters:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
-            ad = self.lora_adapters[name]
-            xs, w, b, a_, b_ = _autocast_args(x.index_select(0, rows), weight, self.bias, ad.lora_A, ad.lora_B)
-            sub = lora_linear(xs, w, a_, b_, ad.scaling, b, dropout_p=ad.dropout, training=self.training,
-                              backend=self.backend)
-            out = out.index_copy(0, rows, sub.to(out.dtype))
-        return out
+                return F.linear(x, weight, self.bias)
+            return self._adapter_forward(x, weight, self.lora_adapters[name])
+        # Each group of rows goes through the base product once, fused with its adapter (PEFT computes the base for
+        # every row and then the adapter per group: twice the base reads for the adapted rows).
+        groups: Dict[str, List[int]] = {}
+        for i, n in enumerate(adapter_names):
+            groups.setdefault(n if n in self.lora_adapters else BASE, []).append(i)
+        order, parts = [], []
+        for name, rows in groups.items():
+            idx = torch.tensor(rows, device=x.device)
+            xs = x.index_select(0, idx)
+            if name == BASE:
+                parts.append(F.linear(xs, weight, self.bias))
+            else:
+                parts.append(self._adapter_forward(xs, weight, self.lora_adapters[name]))
+            order.extend(rows)
+        out = torch.cat([p.to(parts[0].dtype) for p in parts])  # one dtype already, except odd autocast mixes
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return out.index_select(0, inverse.to(x.device))
+
+    def _adapter_forward(self, x: torch.Tensor, weight: torch.Tensor, ad: _Adapter) -> torch.Tensor:
+        x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, ad.lora_A, ad.lora_B)
+        return lora_linear(x, weight, lora_A, lora_B, ad.scaling, bias, dropout_p=ad.dropout,
+                           training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, active_adapter={self.active_adapter!r}, "
@@ -442,7 +459,8 @@ def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = Non
 
 # ------------------------------------------------------------------------------------- PEFT's mixed batch
 def _install_mixed_batch_hooks(tuner) -> None:
-    """Make PeftModel.disable_adapter() reach converted layers (PEFT switches BaseTunerLayer instances only) and make ``adapter_names=[...]`` reach converted layers. PEFT's ``LoraModel._enable_peft_forward_hooks`` (used by
+    """Make PeftModel.disable_adapter() reach converted layers (PEFT switches BaseTunerLayer instances only), and
+    make ``adapter_names=[...]`` reach converted layers. PEFT's ``LoraModel._enable_peft_forward_hooks`` (used by
     PeftModel.forward and .generate) hooks ``LoraLayer`` instances only, so converted layers would silently apply
     the active adapter to every sequence; this instance-level replacement hooks both kinds, with PEFT's checks."""
     if "_enable_peft_forward_hooks" in tuner.__dict__:
@@ -702,6 +720,7 @@ def load_adapters(
             _set_child(model, n, original)
         raise
     _install_serving_hooks(model)
+    getattr(model, _SERVING_ATTR).layers = list(multi_lora_layers(model).values())
     return result
 
 
@@ -711,6 +730,7 @@ class _Serving:
     def __init__(self):
         self.generate_names: Optional[List[str]] = None  # adapter_names of the generate call in progress
         self.saved: List[list] = []  # per forward in progress: the layers' previous batches
+        self.layers: list = []  # the model's MultiLoRALinear layers (found once per load_adapters, not per forward)
 
 
 def _install_serving_hooks(model: nn.Module) -> None:
@@ -737,13 +757,9 @@ def _install_serving_hooks(model: nn.Module) -> None:
         model.generate = generate
 
 
-def _slots_for(model: nn.Module, names: Sequence[str], batch_size: int) -> List[int]:
-    from .multi_modules import multi_lora_layers
-
-    layers = multi_lora_layers(model)
-    known = {}
-    for m in layers.values():
-        known.update(m.pool.names)
+def _slots_for(layers: list, names: Sequence[str], batch_size: int) -> List[int]:
+    # Slots are model-wide (every layer holds or reserves every adapter at one slot): one pool tells them all.
+    known = layers[0].pool.names if layers else {}
     if isinstance(names, str):
         raise TypeError("adapter_names must be a list with one name per sequence, not a str")
     names = list(names)
@@ -760,7 +776,6 @@ def _slots_for(model: nn.Module, names: Sequence[str], batch_size: int) -> List[
 
 def _pre_hook_for(model: nn.Module, state: _Serving):
     def pre_hook(module, args, kwargs):
-        from .multi_modules import multi_lora_layers
         from .pool import LoRABatch
 
         state.saved.append(None)  # first, so that the post hook (always called) pops this forward's entry
@@ -777,8 +792,8 @@ def _pre_hook_for(model: nn.Module, state: _Serving):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise ValueError("adapter_names needs input_ids or inputs_embeds [batch, seq, ...] to size the batch")
         seq = x.shape[1] if x.dim() >= 2 else 1
-        slots = _slots_for(model, names, x.shape[0])
-        layers = list(multi_lora_layers(model).values())
+        layers = state.layers
+        slots = _slots_for(layers, names, x.shape[0])
         device = layers[0].weight.device if layers else x.device
         ids = torch.tensor(slots, dtype=torch.int64).repeat_interleave(seq)  # row-major [batch, seq] tokens
         batch = LoRABatch.prepare(ids, device=device)
