@@ -98,6 +98,39 @@ def test_randomized_svd_agrees_with_svd_lowrank_and_batches_like_a_loop():
     torch.testing.assert_close((U2 * S2) @ Vh2, G[0], atol=1e-5, rtol=1e-4)
 
 
+def test_orthonormalize_cholesky_qr2_and_fallback(monkeypatch):
+    from lora_kernels.init import svd as svd_mod
+
+    gen = torch.Generator().manual_seed(2)
+    # ill-conditioned (cond 1e5) but full rank: CholeskyQR2 in float64 handles it without the QR fallback
+    X = spectrum_matrix(200, 12, [10.0 ** (-i * 5 / 11) for i in range(12)], gen, batch=(3,)).float()
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: (_ for _ in ()).throw(AssertionError("QR used")))
+    Q = svd_mod._orthonormalize(X)
+    monkeypatch.setattr(torch.linalg, "qr", real_qr)
+    assert Q.dtype == torch.float32 and Q.shape == X.shape
+    torch.testing.assert_close(Q.transpose(-2, -1) @ Q, torch.eye(12).expand(3, 12, 12), atol=1e-5, rtol=0)
+    torch.testing.assert_close(projector(Q[1]), projector(X[1]), atol=1e-3, rtol=0)
+    # rank-deficient and zero blocks: the fallback still returns orthonormal columns
+    Xd = torch.cat([X[:, :, :4], X[:, :, :4] * 2, torch.zeros(3, 200, 4)], dim=-1)
+    for bad in (Xd, torch.zeros(2, 50, 6)):
+        Qb = svd_mod._orthonormalize(bad)
+        assert torch.isfinite(Qb).all()
+        torch.testing.assert_close(Qb.transpose(-2, -1) @ Qb, torch.eye(bad.shape[-1]).expand_as(
+            Qb.transpose(-2, -1) @ Qb), atol=1e-5, rtol=0)
+
+
+def test_randomized_svd_low_rank_and_zero_matrices():
+    gen = torch.Generator().manual_seed(4)
+    G = spectrum_matrix(30, 20, [3.0, 2.0, 1.0], gen).float()  # rank 3 < q = 8
+    U, S, Vh = randomized_svd(G, q=8, niter=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(S[:3], torch.tensor([3.0, 2.0, 1.0]), atol=1e-5, rtol=1e-5)
+    assert S[3:].abs().max() < 1e-5
+    torch.testing.assert_close((U * S) @ Vh, G, atol=1e-5, rtol=0)
+    U0, S0, Vh0 = randomized_svd(torch.zeros(2, 12, 9), q=4, niter=2)
+    assert torch.isfinite(U0).all() and torch.isfinite(Vh0).all() and S0.abs().max() == 0
+
+
 def test_randomized_svd_bad_arguments():
     G = torch.randn(6, 5)
     with pytest.raises(ValueError, match="q must be"):

@@ -4,7 +4,7 @@ Same semantics as ``torch.svd_lowrank(G, q, niter)`` (Gaussian test matrix of q 
 with a QR re-orthogonalisation after every product, small SVD of QᵀG), but for ``G`` of shape ``[..., m, n]``: one
 batched matmul / QR / SVD per step instead of a Python loop over matrices. LoRA-GA needs this for hundreds of
 same-shaped gradients (a 7B model has 224 target matrices in 3 shapes), where the per-matrix launches of a loop over
-``torch.svd_lowrank`` dominate.
+``torch.svd_lowrank`` dominate. The re-orthogonalisations use CholeskyQR2 in float64 (see ``_orthonormalize``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,34 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+
+
+# Orthonormality CholeskyQR2 must reach (max |QᵀQ − I|) before its result is used; beyond it (numerically rank-
+# deficient blocks, e.g. a zero gradient) the block falls back to Householder QR. fp32 results are good to ~1e-6.
+_ORTHO_TOL = 1e-4
+
+
+def _orthonormalize(X: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of every ``X [..., m, q]`` (m ≥ q).
+
+    CholeskyQR2 in float64: two rounds of ``R = chol(XᵀX)``, ``X ← X·R⁻¹``. It is a handful of batched launches
+    (a skinny matmul, a q×q Cholesky, a triangular solve) for the whole batch, where a batched Householder QR of tall
+    matrices runs one solver call per matrix on CUDA; float64 makes the Gram matrix's squared condition number
+    harmless for any X an fp32 gradient can produce. Falls back to ``torch.linalg.qr`` when a Cholesky fails or the
+    result is not orthonormal to ``_ORTHO_TOL`` (rank-deficient X).
+    """
+    Y = X.double()
+    eye = torch.eye(X.shape[-1], dtype=torch.float64, device=X.device)
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Y.transpose(-2, -1) @ Y)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(X).Q
+        # Y ← Y·L⁻ᵀ, i.e. solve Z·Lᵀ = Y for Z
+        Y = torch.linalg.solve_triangular(L.transpose(-2, -1), Y, upper=True, left=False)
+    err = (Y.transpose(-2, -1) @ Y - eye).abs().amax()
+    if not bool(torch.isfinite(err)) or float(err) > _ORTHO_TOL:
+        return torch.linalg.qr(X).Q
+    return Y.to(X.dtype)
 
 
 def randomized_svd(
@@ -39,10 +67,10 @@ def randomized_svd(
     Gt = G.transpose(-2, -1)
     # Range finder: Q spans the dominant left singular subspace; the power iterations sharpen it by S^(2·niter),
     # re-orthogonalised after every product so that small singular directions are not lost to rounding.
-    Q = torch.linalg.qr(G @ omega).Q  # [..., m, q]
+    Q = _orthonormalize(G @ omega)  # [..., m, q]
     for _ in range(niter):
-        Q = torch.linalg.qr(Gt @ Q).Q  # [..., n, q]
-        Q = torch.linalg.qr(G @ Q).Q  # [..., m, q]
+        Q = _orthonormalize(Gt @ Q)  # [..., n, q]
+        Q = _orthonormalize(G @ Q)  # [..., m, q]
     small = Q.transpose(-2, -1) @ G  # [..., q, n]
     Ub, S, Vh = torch.linalg.svd(small, full_matrices=False)
     return Q @ Ub, S, Vh
