@@ -616,3 +616,19 @@ def test_converted_model_deepcopies_and_state_dict_round_trips():
     with torch.no_grad():
         close(twin(ids).logits, conv(ids).logits, 1e-6)
     assert converted_layers(conv)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_matches_peft(use_reentrant):
+    pm = peft_model(llama(), lora_config(["q_proj", "down_proj"]))
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    pm.enable_input_require_grads()
+    pm.train()
+    conv, _ = convert(pm)
+    ids = tokens()
+    ref_logits, ref_loss = loss_of(pm, ids)
+    logits, loss = loss_of(conv, ids)
+    close(logits, ref_logits, 1e-5)
+    ref_loss.backward()
+    loss.backward()
+    assert check_grads(pm, conv, 1e-5) == 8
