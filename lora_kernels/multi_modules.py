@@ -7,6 +7,14 @@ whose tensors are registered as non-persistent buffers (they follow ``.to()``/``
 float32). Which adapter each token uses comes from a :class:`~lora_kernels.LoRABatch` passed to ``forward`` or set
 on every layer of a model by ``with use_batch(model, batch):``, so unmodified models (e.g. transformers) work.
 
+Example::
+
+    inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=64, max_rank=16)
+    slot = load_multi_adapter(model, "customer-42", {"layers.0.attn.q_proj": (A, B), ...}, alpha=32)
+    batch = LoRABatch.prepare([slot, -1, slot, ...], device="cuda")   # one id per token of the flattened input
+    with use_batch(model, batch):
+        out = model(input_ids)
+
 Slot ids are model-wide: :func:`load_multi_adapter` puts an adapter into the same slot of every layer (reserving the
 slot, at no cost, in layers the adapter does not target), so one batch of slot ids serves the whole model.
 """

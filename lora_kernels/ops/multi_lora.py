@@ -4,6 +4,15 @@ Each token (row of x) uses the adapter in its pool slot (:class:`lora_kernels.Lo
 
     y = x·Wᵀ + bias,   y[m, slice s] += scales[slot_m, s] · (x[m]·A[slot_m, s]ᵀ)·B[slot_m, s]ᵀ
 
+Typical serving step (one pool per layer, one batch per step shared by every layer)::
+
+    pool = AdapterPool(max_adapters=128, max_rank=64, in_features=K, out_features=N, dtype=torch.bfloat16,
+                       device="cuda")
+    slot = pool.load("customer-42", lora_A, lora_B, alpha=32)          # once; copies into the stacks
+    batch = LoRABatch.prepare(ids, max_tokens=T, device="cuda")        # ids: a slot per token, -1 = none
+    y = multi_lora_linear(x, weight, bias, pool, batch)                 # every layer of the step
+    batch.prepare_(new_ids)                                             # next step, same buffers (CUDA graphs)
+
 Layers of this file: input checks; backend choice; two ``torch.library`` custom ops with fake implementations
 (``lora_kernels::lora_shrink`` writes ``out``, ``lora_kernels::lora_expand`` adds into ``y``) plus
 ``lora_kernels::lora_fused_expand`` (shrink and expand in one kernel for decode sizes, adds into ``y``); and the
