@@ -71,6 +71,10 @@ def randomized_svd(
     for _ in range(niter):
         Q = _orthonormalize(Gt @ Q)  # [..., n, q]
         Q = _orthonormalize(G @ Q)  # [..., m, q]
-    small = Q.transpose(-2, -1) @ G  # [..., q, n]
-    Ub, S, Vh = torch.linalg.svd(small, full_matrices=False)
-    return Q @ Ub, S, Vh
+    small_t = Gt @ Q  # [..., n, q] = (QᵀG)ᵀ
+    # SVD of the wide QᵀG through a q×q core: QᵀG = Rᵀ·Qtᵀ with Qt orthonormal, so only q×q SVDs run (batched
+    # Jacobi on CUDA) instead of one q×n SVD per matrix.
+    Qt = _orthonormalize(small_t)  # [..., n, q]
+    R = Qt.transpose(-2, -1) @ small_t  # [..., q, q]
+    Ub, S, Wh = torch.linalg.svd(R.transpose(-2, -1))
+    return Q @ Ub, S, Wh @ Qt.transpose(-2, -1)
