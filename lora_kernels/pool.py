@@ -357,6 +357,12 @@ class LoRABatch:
     def device(self) -> torch.device:
         return self.token_slots.device
 
+    def max_tiles(self, M: int, L: int) -> int:
+        """Launch-grid bound: the tiles that cover tokens ``< M`` of slots ``< L`` come first in ``tile_starts`` and
+        number at most ``cdiv(M, tile_m) + min(M, L)`` (full tiles plus one partial tile per slot used), and never
+        more than the tokens. Depends on host ints only, so a captured grid stays valid for any ids."""
+        return max(1, min(self.capacity, M, -(-M // self.tile_m) + min(M, L)))
+
     @classmethod
     def prepare(
         cls,

@@ -69,7 +69,8 @@ def _cast_to_fp32(*dtypes: torch.dtype) -> bool:
 
 def _num_tiles_bound(M: int, L: int, tile_m: int, capacity: int) -> int:
     """Upper bound of the tiles covering the tokens < M whose slot is < L (tiles of slots >= L, of tokens >= M or
-    of no adapter come later in the list or do not exist): one partial tile per used slot plus full tiles."""
+    of no adapter come later in the list or do not exist): one partial tile per used slot plus full tiles. Same as
+    :meth:`lora_kernels.LoRABatch.max_tiles` (the launchers get the batch's tensors, not the batch)."""
     return max(1, min(capacity, M, triton.cdiv(M, tile_m) + min(M, L)))
 
 
