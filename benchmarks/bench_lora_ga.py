@@ -202,7 +202,16 @@ def whole_init(device, dtype, cfg, n_batches, r):
     loss_fn(model, batches[0]).backward()
     _sync(device)
     m_step = peak()
-    del model
+    # A full fine-tuning AdamW step (optimizer states in the parameter dtype), for reference.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt.step()
+    model.zero_grad(set_to_none=True)
+    peak_reset()
+    loss_fn(model, batches[0]).backward()
+    opt.step()
+    _sync(device)
+    m_adamw = peak()
+    del model, opt
     n_params = None
     print(f"\n## Whole init: {kind}, d={cfg['d']}, {cfg['layers']} layers, batch {cfg['batch']}×{cfg['seq']}, "
           f"{n_batches} batches, r={r}, {str(dtype).replace('torch.', '')}\n")
@@ -227,7 +236,7 @@ def whole_init(device, dtype, cfg, n_batches, r):
                     f"{m_init / m_step:.2f} |")
         del model
     print("\n".join(rows))
-    print(f"\n({n_params / 1e6:.1f} M parameters)")
+    print(f"\n({n_params / 1e6:.1f} M parameters; a full fine-tuning AdamW step peaks at {m_adamw:.0f} MiB)")
 
 
 def main(argv=None):
