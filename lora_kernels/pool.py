@@ -222,6 +222,8 @@ class AdapterPool:
                 raise ValueError(f"lora_B{tag} must be [out_features={self.slices[i]}, r={r}], got {shape(b)}")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise ValueError(f"adapter {name!r}{tag} contains inf or NaN")
+            if not (torch.isfinite(a.to(self.dtype)).all() and torch.isfinite(b.to(self.dtype)).all()):
+                raise ValueError(f"adapter {name!r}{tag} overflows the pool's dtype {self.dtype}")
             ranks.append(r)
         rank = max(ranks)
         if scale is not None:

@@ -340,6 +340,10 @@ def test_bad_loads_raise_and_leave_pool_unchanged():
         with pytest.raises(exc, match=msg):
             pool.load("b", **kw)
         _assert_same(pool, snap)
+    half = AdapterPool(2, 8, K, 8, dtype=torch.float16, device="cpu")
+    with pytest.raises(ValueError, match="overflows"):
+        half.load("big", torch.full((4, K), 1e6), torch.randn(8, 4))
+    assert len(half) == 0 and half.host_ranks == [0, 0] and not half.A_stack.any()
     with pytest.raises(ValueError, match="already loaded"):
         pool.load("a", good_a, good_b)
     _assert_same(pool, snap)
