@@ -261,9 +261,9 @@ def test_corrupt_or_truncated_files_raise_and_never_half_load(tmp_path):
         lk.load_adapter(target, tmp_path)
     assert_same_state(target, snap)
     # NaN in the file: refused before anything is copied
-    tensors = load_file(io_path := path)
+    tensors = load_file(path)
     tensors["base_model.model.layers.1.o_proj.lora_B.weight"][0, 0] = float("nan")
-    save_file(tensors, io_path)
+    save_file(tensors, path)
     lk.save_adapter(model, tmp_path / "ok")
     (tmp_path / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
     with pytest.raises(ValueError, match="inf or NaN"):
