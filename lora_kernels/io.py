@@ -271,7 +271,11 @@ def load_adapter(
                             f"file has {tuple(A.shape)} and {tuple(B.shape)}")
             continue
         if existing and existing[n].r != r:
-            problems.append(f"{n}: the model's layer has r={existing[n].r}, the file r={r}")
+            hint = ""
+            if r == 2 * existing[n].r and getattr(existing[n], INIT_RECORD, None) is not None:
+                hint = (" (this looks like PiSSA/LoRA-GA's rank-2r form, which applies to the original W0: load it "
+                        "into a model without adapters built from the original weights)")
+            problems.append(f"{n}: the model's layer has r={existing[n].r}, the file r={r}{hint}")
             continue
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             problems.append(f"{n}: the file's tensors contain inf or NaN")
