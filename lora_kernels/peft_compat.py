@@ -47,7 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modules import LoRALinear
+from .multi_modules import MultiLoRALinear
 from .ops.lora_linear import lora_linear
+from .ops.multi_lora import multi_lora_linear
 
 __all__ = [
     "PeftConversionWarning",
@@ -563,12 +565,52 @@ def _make_hooks_context(tuner):
 _SERVING_ATTR = "_lora_kernels_serving"
 
 
+# LoraConfig fields that change what an adapter computes beyond y += s·B·A·x: adapters using them are refused.
+_VARIANT_FIELDS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
+                   "velora_config", "monteclora_config", "kasa_config", "use_mica", "mica")
+
+
+def _read_serving_config(path) -> dict:
+    """``adapter_config.json`` through lora_kernels.io's checks, except ``fan_in_fan_out``: it only says how PEFT
+    merges into a Conv1D weight; lora_A/lora_B are ``[r, in]``/``[out, r]`` whatever it says, and the served layer
+    follows its base module (nn.Linear or Conv1D)."""
+    import json
+    import os
+
+    from . import io as lk_io
+
+    cpath = os.path.join(os.fspath(path), lk_io.CONFIG_NAME)
+    try:
+        with open(cpath) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_adapters: {cpath} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"load_adapters: {cpath} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"load_adapters: {cpath} must hold a JSON object")
+    variants = [f"{k}={raw[k]!r}" for k in _VARIANT_FIELDS if raw.get(k)]
+    if raw.get("init_lora_weights") in ("mica",):
+        variants.append(f"init_lora_weights={raw['init_lora_weights']!r}")
+    if variants:
+        raise ValueError(f"load_adapters: {cpath}: LoRA variant settings cannot be served: {', '.join(variants)}")
+    if raw.get("fan_in_fan_out"):
+        import tempfile
+
+        # io's reader refuses the flag (its layers are nn.Linear); check everything else through it on a copy.
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, lk_io.CONFIG_NAME), "w") as f:
+                json.dump(dict(raw, fan_in_fan_out=False), f)
+            return lk_io._read_config(tmp)
+    return lk_io._read_config(path)
+
+
 def _read_peft_dir(name: str, path) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]], bool]:
     """(config, module name → (A, B, scale), use_rslora) of a PEFT adapter directory; raises on anything it cannot
     serve exactly. Module names are the base model's (PEFT's ``base_model.model.`` prefix removed)."""
     from . import io as lk_io
 
-    cfg = lk_io._read_config(path)
+    cfg = _read_serving_config(path)
     state = lk_io._read_tensors(path)
     state, metadata = state if isinstance(state, tuple) else (state, {})
     if metadata.get("lora_kernels.base") == "mutated":
@@ -617,8 +659,9 @@ def load_adapters(
     """Serve several PEFT adapter directories at once from one (e.g. transformers) model; returns name → slot.
 
     ``adapters``: ``{name: path}`` of directories in PEFT's format (``adapter_config.json`` +
-    ``adapter_model.safetensors``). Every ``nn.Linear`` any adapter targets becomes a
-    :class:`~lora_kernels.MultiLoRALinear` (base weights shared) whose pool holds every adapter at one model-wide
+    ``adapter_model.safetensors``). Every ``nn.Linear`` (or transformers ``Conv1D``, as in GPT-2) any adapter
+    targets becomes a :class:`~lora_kernels.MultiLoRALinear` (base weights shared, state dict unchanged) whose pool
+    holds every adapter at one model-wide
     slot (reserved, at no cost, in the layers an adapter does not target). Afterwards
     ``model(input_ids, adapter_names=[...])`` and ``model.generate(input_ids, adapter_names=[...])`` take one name
     per sequence (``"__base__"``: no adapter), PEFT's mixed-batch argument; the per-token slot ids are prepared once
@@ -629,10 +672,10 @@ def load_adapters(
     ``max_adapters`` (default: the number of adapters, for a model without pools yet) and ``max_rank`` (default: the
     largest rank loaded) size new pools; ``dtype`` is the pool dtype (default: each base weight's); ``backend`` goes to
     :func:`lora_kernels.multi_lora_linear`. Everything is read and checked before the model is changed; adapters with
-    settings that cannot be served exactly (DoRA, ``lora_bias``, ``fan_in_fan_out``, ...) are refused with
-    ValueError.
+    settings that cannot be served exactly (DoRA and other variants, ``lora_bias``, trained biases or
+    ``modules_to_save``, an adapter saved for a mutated base) are refused with ValueError.
     """
-    from .multi_modules import MultiLoRALinear, multi_lora_layers
+    from .multi_modules import multi_lora_layers
 
     if not hasattr(adapters, "items") or not adapters:
         raise TypeError("adapters must be a non-empty {name: path} mapping")
@@ -655,10 +698,10 @@ def load_adapters(
             mod = modules.get(mod_name)
             if mod is None:
                 problems.append(f"{name}: the model has no module {mod_name!r}")
-            elif not isinstance(mod, (nn.Linear, MultiLoRALinear)):
-                problems.append(f"{name}: {mod_name} is a {type(mod).__name__}, not an nn.Linear")
-            elif (B.shape[0], A.shape[1]) != (mod.out_features, mod.in_features):
-                problems.append(f"{name}: {mod_name} is [{mod.out_features}, {mod.in_features}] but the adapter is "
+            elif not isinstance(mod, (nn.Linear, MultiLoRALinear)) and not _is_conv1d(mod):
+                problems.append(f"{name}: {mod_name} is a {type(mod).__name__}, not an nn.Linear or Conv1D")
+            elif (B.shape[0], A.shape[1]) != _out_in(mod):
+                problems.append(f"{name}: {mod_name} is [out, in] = {list(_out_in(mod))} but the adapter is "
                                 f"lora_B {tuple(B.shape)} · lora_A {tuple(A.shape)}")
             elif isinstance(mod, MultiLoRALinear) and A.shape[0] > mod.pool.max_rank:
                 problems.append(f"{name}: rank {A.shape[0]} exceeds the max_rank={mod.pool.max_rank} of {mod_name}")
@@ -684,8 +727,8 @@ def load_adapters(
         raise ValueError("load_adapters: nothing was loaded:\n  " + "\n  ".join(problems))
 
     # ---- inject new layers (built first), reserving the slots of adapters loaded earlier
-    new_layers = {n: MultiLoRALinear.from_linear(m, L, R, dtype=dtype, backend=backend)
-                  for n, m in targets.items() if not isinstance(m, MultiLoRALinear)}
+    new_layers = {n: _multi_from(m, L, R, dtype, backend) for n, m in targets.items()
+                  if not isinstance(m, MultiLoRALinear)}
     slots_before = {}
     for m in existing.values():
         slots_before.update(m.pool.names)
@@ -722,6 +765,47 @@ def load_adapters(
     _install_serving_hooks(model)
     getattr(model, _SERVING_ATTR).layers = list(multi_lora_layers(model).values())
     return result
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and type(module) is conv1d
+
+
+def _out_in(module: nn.Module) -> Tuple[int, int]:
+    if _is_conv1d(module):
+        return int(module.weight.shape[1]), int(module.weight.shape[0])  # Conv1D weight is [in, out]
+    return int(module.out_features), int(module.in_features)
+
+
+def _multi_from(module: nn.Module, L: int, R: int, dtype, backend):
+    """A MultiLoRALinear for ``module`` (an nn.Linear, or a Conv1D served by :class:`_MultiLoRAConv1D`)."""
+    if not _is_conv1d(module):
+        return MultiLoRALinear.from_linear(module, L, R, dtype=dtype, backend=backend)
+    # from_linear reads in/out features, weight and bias: hand it a bare nn.Linear holding the Conv1D's tensors.
+    shim = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(shim)
+    out_f, in_f = _out_in(module)
+    shim.in_features, shim.out_features = in_f, out_f
+    shim.weight, shim.bias = module.weight, module.bias
+    layer = MultiLoRALinear.from_linear(shim, L, R, dtype=dtype, backend=backend)
+    layer.__class__ = _MultiLoRAConv1D
+    return layer
+
+
+class _MultiLoRAConv1D(MultiLoRALinear):
+    """A MultiLoRALinear over a transformers ``Conv1D``: ``weight`` stays the checkpoint's ``[in, out]`` tensor (the
+    state dict is unchanged) and the op reads its transpose, a strided view."""
+
+    def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
+        batch = batch if batch is not None else self.batch
+        weight = self.weight.t()
+        if batch is None:
+            return F.linear(x, weight, self.bias)
+        return multi_lora_linear(x, weight, self.bias, self.pool, batch, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", conv1d=True"
 
 
 class _Serving:

@@ -632,3 +632,22 @@ def test_gradient_checkpointing_matches_peft(use_reentrant):
     ref_loss.backward()
     loss.backward()
     assert check_grads(pm, conv, 1e-5) == 8
+
+
+def test_load_adapters_gpt2_conv1d_mixed_generation_matches_peft(tmp_path):
+    pm = peft_model(gpt2(), lora_config(["c_attn", "c_proj"], fan_in_fan_out=True))
+    torch.manual_seed(9)
+    pm.add_adapter("b", lora_config(["c_attn", "c_fc"], r=2, alpha=5, fan_in_fan_out=True, use_rslora=True))
+    pm.save_pretrained(str(tmp_path))
+    model = gpt2().eval()
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    lk.load_adapters(model, {"a": str(tmp_path), "b": str(tmp_path / "b")}, backend="torch")
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys  # Conv1D weights keep their [in, out] layout
+    pm.eval()
+    ids = tokens(batch=3, seq=5)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        close(model(ids, adapter_names=["b", "a", "__base__"]).logits,
+              pm(ids, adapter_names=["b", "default", "__base__"]).logits, 1e-5)
+        assert torch.equal(model.generate(input_ids=ids, adapter_names=["b", "__base__", "a"], **gen),
+                           pm.generate(input_ids=ids, adapter_names=["b", "__base__", "default"], **gen))
