@@ -245,9 +245,11 @@ def test_lora_ga_init_averages_over_batches_and_respects_num_batches():
         return mse(m, b)
 
     m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
-    l1 = lk.lora_ga_init(m1, iter(batches), counting_loss, r=2, target_modules=["up"], num_batches=3,
+    it = iter(batches)
+    l1 = lk.lora_ga_init(m1, it, counting_loss, r=2, target_modules=["up"], num_batches=3,
                          backend="torch")
     assert len(seen) == 3
+    assert len(list(it)) == 3  # the iterator's remaining batches were not drawn
     l2 = lk.lora_ga_init(m2, batches[:3], mse, r=2, target_modules=["up"], backend="torch")
     torch.testing.assert_close(l1["up"].lora_A, l2["up"].lora_A)
     torch.testing.assert_close(l1["up"].lora_B, l2["up"].lora_B)

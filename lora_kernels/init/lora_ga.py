@@ -306,15 +306,17 @@ def lora_ga_init(
             model.train(bool(train_mode))
         t0 = time.perf_counter()
         expected = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else 0)
+        if hasattr(batches, "__len__") and num_batches is not None:
+            expected = min(expected, len(batches))
         for batch in batches:
-            if num_batches is not None and n_local >= num_batches:
-                break
             loss = _as_loss(loss_fn(model, batch))
             if not loss.requires_grad:
                 raise RuntimeError("the loss does not depend on any target weight (no grad_fn); check target_modules")
             loss.backward()
             n_local += 1
             report("batch", n_local, expected, f"loss={loss.item():.4g} t={time.perf_counter() - t0:.1f}s")
+            if num_batches is not None and n_local >= num_batches:
+                break  # before drawing another batch: an iterator keeps its unused items
     finally:
         for h in hooks:
             h.remove()
