@@ -386,6 +386,28 @@ class LoRABatch:
         batch = cls(cap, device=device, tile_m=tile_m)
         return batch.prepare_(ids)
 
+    @classmethod
+    def prepare_sequences(
+        cls,
+        sequence_slots: Sequence[int],
+        tokens_per_sequence: Union[int, Sequence[int]],
+        max_tokens: Optional[int] = None,
+        device=None,
+        tile_m: Optional[int] = None,
+    ) -> "LoRABatch":
+        """A batch where sequence ``b`` (``tokens_per_sequence`` tokens, an int for ``[B, S, K]`` inputs or one length
+        per sequence for packed inputs) uses slot ``sequence_slots[b]`` (PEFT's per-sequence ``adapter_names``)."""
+        slots = [int(s) for s in sequence_slots]
+        if isinstance(tokens_per_sequence, int):
+            lengths = [tokens_per_sequence] * len(slots)
+        else:
+            lengths = list(tokens_per_sequence)
+        if len(lengths) != len(slots) or any(not isinstance(n, int) or n < 0 for n in lengths):
+            raise ValueError(f"tokens_per_sequence must be an int >= 0 or one per sequence ({len(slots)}), "
+                             f"got {tokens_per_sequence!r}")
+        ids = [s for s, n in zip(slots, lengths) for _ in range(n)]
+        return cls.prepare(ids, max_tokens=max_tokens, device=device, tile_m=tile_m)
+
     @staticmethod
     def _as_tensor(adapter_ids) -> torch.Tensor:
         if isinstance(adapter_ids, torch.Tensor):

@@ -133,6 +133,11 @@ def test_batch_prepare_in_place_keeps_buffers():
         LoRABatch.prepare([0.5])
     batch.prepare_(torch.tensor([-1, -1]))
     assert batch.has_adapter is False and batch.num_tiles.item() == 0
+    seq = LoRABatch.prepare_sequences([3, -1, 0], 2)
+    assert seq.token_slots.tolist() == [3, 3, -1, -1, 0, 0]
+    assert LoRABatch.prepare_sequences([1, 2], [1, 3]).token_slots.tolist() == [1, 2, 2, 2]
+    with pytest.raises(ValueError, match="tokens_per_sequence"):
+        LoRABatch.prepare_sequences([1, 2], [1])
 
 
 # ------------------------------------------------------------------------------------------------ the reference
