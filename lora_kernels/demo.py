@@ -1,4 +1,4 @@
-"""The main job: full fine-tuning vs LoRA vs LoRA-GA on a small model, no download, about a minute on a CPU.
+"""The main job: full fine-tuning vs LoRA vs LoRA-GA on a small model, no download, well under a minute on a CPU.
 
     python -m lora_kernels.demo [--out DIR] [--steps N] [--quick] [--device cpu|cuda]
     lora-kernels-demo ...
