@@ -589,8 +589,20 @@ def _read_serving_config(path) -> dict:
         raise ValueError(f"load_adapters: {cpath} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"load_adapters: {cpath} must hold a JSON object")
-    variants = [f"{k}={raw[k]!r}" for k in _VARIANT_FIELDS if raw.get(k)]
-    if raw.get("init_lora_weights") in ("mica",):
+    fields, inits = set(_VARIANT_FIELDS), {"mica"}
+    try:  # the installed PEFT knows its own variants (fields tagged is_lora_variant, variant inits)
+        import dataclasses
+
+        from peft import LoraConfig
+
+        for fld in dataclasses.fields(LoraConfig):
+            if fld.metadata.get("is_lora_variant"):
+                fields.add(fld.name)
+            inits.update(fld.metadata.get("lora_variants", ()) if fld.name == "init_lora_weights" else ())
+    except Exception:  # peft not installed: the list above
+        pass
+    variants = [f"{k}={raw[k]!r}" for k in sorted(fields) if raw.get(k)]
+    if isinstance(raw.get("init_lora_weights"), str) and raw["init_lora_weights"] in inits:
         variants.append(f"init_lora_weights={raw['init_lora_weights']!r}")
     if variants:
         raise ValueError(f"load_adapters: {cpath}: LoRA variant settings cannot be served: {', '.join(variants)}")
