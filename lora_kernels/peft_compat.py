@@ -19,9 +19,10 @@ What is left as a PEFT layer (never converted approximately), with one warning n
 variants (DoRA, aLoRA, ...), ``lora_bias=True``, layers other than ``lora.Linear`` (Embedding, Conv, quantized
 bitsandbytes/GPTQ/... layers), base layers that are not a plain ``nn.Linear`` or transformers' ``Conv1D``,
 ``fan_in_fan_out`` on an ``nn.Linear`` base, several adapters active at once, a layer that does not hold the active
-adapter, merged adapters, disabled adapters, and adapter dtypes the op does not take. GPT-2's ``Conv1D``
-(``fan_in_fan_out=True``) is converted exactly: the base weight stays the ``[in, out]`` tensor of the checkpoint and
-the op reads its transpose (a strided view, no copy).
+adapter, merged adapters, and adapter dtypes the op does not take. GPT-2's ``Conv1D`` (``fan_in_fan_out=True``) is
+converted exactly: the base weight stays the ``[in, out]`` tensor of the checkpoint and the op reads its transpose (a
+strided view, no copy). On a converted ``PeftModel``, ``disable_adapter()`` switches converted layers too, and under
+``torch.autocast`` they compute like an autocast ``nn.Linear`` (fp32 adapters kept), as PEFT's layers do.
 
 Dropout: the probability is kept, but the mask comes from lora_kernels' Philox generator, not from ``nn.Dropout``,
 so with dropout > 0 converted and PEFT models agree in distribution, not sample for sample.
@@ -374,8 +375,9 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     ``model`` is a ``PeftModel``, a ``LoraModel`` or any module holding PEFT LoRA layers. Layers that cannot be
     converted exactly are left as PEFT layers; one :class:`PeftConversionWarning` names them with the reason (set
     ``warn=False`` to silence it; :func:`unsupported_peft_layers` returns the same list). On a ``PeftModel``,
-    ``adapter_names=[...]`` in ``forward``/``generate`` keeps giving PEFT's mixed batch. ``backend`` is passed to
-    :func:`lora_kernels.lora_linear` by every converted layer.
+    ``adapter_names=[...]`` in ``forward``/``generate`` keeps giving PEFT's mixed batch and ``disable_adapter()``
+    keeps working: pass the ``PeftModel`` itself, not its inner model, for those (PEFT's own hooks reach PEFT layers
+    only). ``backend`` is passed to :func:`lora_kernels.lora_linear` by every converted layer.
     """
     lora_layer_mod = _peft_lora()
     skipped: Dict[str, str] = {}
