@@ -165,7 +165,7 @@ class PeftLoRALinear(LoRALinear):
             adapters[name] = _Adapter(
                 layer.lora_A[name].weight, layer.lora_B[name].weight, r=layer.r[name], alpha=layer.lora_alpha[name],
                 scaling=layer.scaling[name], dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                use_rslora=layer.use_rslora.get(name, False),
+                use_rslora=getattr(layer, "use_rslora", {}).get(name, False),
             )
         self.lora_adapters = adapters
         self.active_adapter = layer.active_adapters[0]
@@ -305,14 +305,15 @@ def _unsupported_reason(layer, lora_layer_mod) -> Optional[str]:
             return "Conv1D base layer with fan_in_fan_out=False"
     else:
         return f"base layer {type(base).__module__}.{type(base).__name__} is not an nn.Linear or Conv1D"
-    if len(layer.lora_embedding_A) > 0:
+    if len(getattr(layer, "lora_embedding_A", {})) > 0:
         return "holds embedding adapters"
-    if layer.lora_variant:
-        kinds = ", ".join(f"{n}: {type(v).__name__}" for n, v in layer.lora_variant.items())
+    variants = getattr(layer, "lora_variant", {})  # PEFT >= 0.15; older versions flag DoRA in use_dora only
+    if variants:
+        kinds = ", ".join(f"{n}: {type(v).__name__}" for n, v in variants.items())
         return f"LoRA variant ({kinds})"
     if any(getattr(layer, "use_dora", {}).values()):
         return "DoRA"
-    if any(layer.lora_bias.values()):
+    if any(getattr(layer, "lora_bias", {}).values()):
         return "lora_bias=True"
     if layer.merged:
         return f"adapters {layer.merged_adapters} are merged into the base weight (unmerge_adapter() first)"
