@@ -109,6 +109,129 @@ __global__ void __launch_bounds__(kThreads) bgmv_shrink_kernel(const ShrinkParam
   }
 }
 
+// Tiled variant: one block per (tile of one adapter's tokens, group of 4 rank rows, slice). Each pass takes up to
+// kTileTokens tokens of the tile; the A chunk of the 4 rows is loaded once and used for all of them, so A is read
+// once per pass instead of once per token (grouped decode batches: several tokens per adapter). Tokens of no valid
+// tile (id -1, bad ids, empty slots) are not visited: the caller zeroes `out` first.
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads) bgmv_shrink_tiled_kernel(const ShrinkParams p, const int64_t groups) {
+  constexpr int ROWS = 4;
+  constexpr int TM = kTileTokens;
+  const int64_t tile = blockIdx.x / groups;
+  const int64_t j0 = (blockIdx.x % groups) * ROWS;
+  const int s = blockIdx.y;
+  const TileList& tl = p.tiles;
+
+  const int64_t start = tl.tile_starts[tile];
+  if (start < 0 || start >= tl.cap) return;  // past the last tile
+  const int64_t slot = tl.sorted_slots[start];
+  if (slot < 0 || slot >= p.L) return;  // "no adapter" or a bad id: never read the pool
+  int64_t rank = p.ranks ? load_index(p.ranks, p.ranks_type, slot) : p.r_max;
+  rank = rank < 0 ? 0 : (rank > p.r_max ? p.r_max : rank);
+  int64_t nrows = rank - j0;
+  nrows = nrows < 0 ? 0 : (nrows > ROWS ? ROWS : nrows);
+  if (nrows == 0) return;  // rows past the rank stay zero
+
+  const ShrinkSlice sl = p.slices[s];
+  const T* a = static_cast<const T*>(sl.a) + slot * sl.stride_l + j0 * sl.stride_r;
+  const float scale = p.scales ? p.scales[slot * p.stride_scale_l + s * p.stride_scale_s] : 1.0f;
+  __shared__ float partial[kWarps][TM][ROWS];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+
+  for (int64_t c0 = 0; c0 < tl.tile_m; c0 += TM) {
+    // The pass's tokens: entries of this tile's slot only (so even a malformed list cannot make a block read another
+    // adapter's tokens) and token indices < M; -1 marks an unused entry.
+    int64_t tok[TM];
+    int ntok = 0;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const int64_t pos = start + c0 + i;
+      int64_t t = -1;
+      if (c0 + i < tl.tile_m && pos < tl.cap && tl.sorted_slots[pos] == slot) {
+        t = tl.sorted_tokens[pos];
+        if (t < 0 || t >= p.M) t = -1;
+      }
+      tok[i] = t;
+      ntok += t >= 0;
+    }
+    if (ntok == 0) continue;  // the same for every thread of the block
+
+    float acc[TM][ROWS];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) acc[i][r] = 0.0f;
+
+    if constexpr (VEC) {
+      constexpr int V = Vec<T>::kSize;
+      const int64_t nvec = p.K / V;
+      for (int64_t c = threadIdx.x; c < nvec; c += kThreads) {
+        float av[ROWS][V];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+          if (r < nrows) load_vec(a + r * sl.stride_r + c * V, av[r]);
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+          if (tok[i] < 0) continue;
+          float xv[V];
+          load_vec(static_cast<const T*>(p.x) + tok[i] * p.stride_xm + c * V, xv);
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r)
+            if (r < nrows)
+#pragma unroll
+              for (int e = 0; e < V; ++e) acc[i][r] = fmaf(xv[e], av[r][e], acc[i][r]);
+        }
+      }
+      for (int64_t k = nvec * V + threadIdx.x; k < p.K; k += kThreads) {
+        float av[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) av[r] = r < nrows ? to_float(a[r * sl.stride_r + k]) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+          if (tok[i] < 0) continue;
+          const float xv = to_float(static_cast<const T*>(p.x)[tok[i] * p.stride_xm + k]);
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) acc[i][r] = fmaf(xv, av[r], acc[i][r]);
+        }
+      }
+    } else {
+      for (int64_t k = threadIdx.x; k < p.K; k += kThreads) {
+        float av[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) av[r] = r < nrows ? to_float(a[r * sl.stride_r + k * sl.stride_k]) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+          if (tok[i] < 0) continue;
+          const float xv = to_float(static_cast<const T*>(p.x)[tok[i] * p.stride_xm + k * p.stride_xk]);
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) acc[i][r] = fmaf(xv, av[r], acc[i][r]);
+        }
+      }
+    }
+
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const float v = group_sum(acc[i][r], 32);
+        if (lane == 0) partial[warp][i][r] = v;
+      }
+    __syncthreads();
+    if (threadIdx.x < TM * ROWS) {
+      const int i = threadIdx.x / ROWS;
+      const int r = threadIdx.x % ROWS;
+      if (tok[i] >= 0 && r < nrows) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) v += partial[w][i][r];
+        store_any(p.out, p.out_dtype, s * p.stride_os + tok[i] * p.stride_om + (j0 + r) * p.stride_or, v * scale);
+      }
+    }
+    __syncthreads();  // `partial` is rewritten by the next pass
+  }
+}
+
 template <typename T>
 bool aligned16(const void* ptr, int64_t stride) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
@@ -125,6 +248,18 @@ void launch_typed(const ShrinkParams& p, cudaStream_t stream) {
   check_launch("bgmv_shrink_kernel");
 }
 
+template <typename T, bool VEC>
+void launch_tiled(const ShrinkParams& p, cudaStream_t stream) {
+  const int64_t groups = (p.r_max + 3) / 4;
+  const int64_t blocks = p.tiles.num_tiles * groups;
+  if (blocks > INT_MAX) throw CudaError("lora shrink: num_tiles * ceil(r_max / 4) exceeds the grid limit");
+  if (blocks == 0) return;
+  dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.num_slices));
+  auto kernel = bgmv_shrink_tiled_kernel<T, VEC>;
+  LORA_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p, groups);
+  check_launch("bgmv_shrink_tiled_kernel");
+}
+
 template <typename T>
 void launch_dtype(const ShrinkParams& p, cudaStream_t stream) {
   bool vec = p.stride_xk == 1 && aligned16<T>(p.x, p.stride_xm);
@@ -134,6 +269,10 @@ void launch_dtype(const ShrinkParams& p, cudaStream_t stream) {
   }
   // Few (token, row) pairs: one row per block, so that the reads spread over as many SMs as possible. Otherwise four
   // rows per block, so that each x chunk is reused four times from registers.
+  if (p.tiles.tile_starts) {
+    vec ? launch_tiled<T, true>(p, stream) : launch_tiled<T, false>(p, stream);
+    return;
+  }
   const bool wide = p.M * p.num_slices * p.r_max >= 1024;
   if (vec) {
     wide ? launch_typed<T, 4, true>(p, stream) : launch_typed<T, 1, true>(p, stream);
@@ -156,6 +295,9 @@ void launch_shrink(const ShrinkParams& p, int dtype, int device, cudaStream_t st
     throw CudaError("lora shrink: bad index type code for ids or ranks");
   if (p.M == 0 || p.r_max == 0) return;
   if (!p.x || !p.ids || !p.out) throw CudaError("lora shrink: null pointer for x, ids or out");
+  if (p.tiles.tile_starts &&
+      (!p.tiles.sorted_tokens || !p.tiles.sorted_slots || p.tiles.cap < 0 || p.tiles.num_tiles < 0 || p.tiles.tile_m < 1))
+    throw CudaError("lora shrink: incomplete tile list");
   DeviceGuard guard(device);
   if (dtype == kFloat16) {
     launch_dtype<__half>(p, stream);

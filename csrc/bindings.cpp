@@ -52,6 +52,18 @@ void synchronize(int device) {
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
+TileList make_tiles(uint64_t sorted_tokens, uint64_t sorted_slots, uint64_t tile_starts, int64_t cap,
+                    int64_t num_tiles, int64_t tile_m) {
+  TileList t{};
+  t.sorted_tokens = as_ptr<const int32_t*>(sorted_tokens);
+  t.sorted_slots = as_ptr<const int32_t*>(sorted_slots);
+  t.tile_starts = as_ptr<const int32_t*>(tile_starts);
+  t.cap = cap;
+  t.num_tiles = num_tiles;
+  t.tile_m = tile_m;
+  return t;
+}
+
 using ShrinkSliceArg = std::tuple<uint64_t, int64_t, int64_t, int64_t>;                  // A, stride_l, _r, _k
 using ExpandSliceArg = std::tuple<uint64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;  // B, strides, n, y_offset
 
@@ -59,7 +71,9 @@ void shrink(uint64_t x, std::tuple<int64_t, int64_t> x_strides, int64_t M, int64
             const std::vector<ShrinkSliceArg>& a_slices, int64_t L, int64_t r_max, uint64_t ids, int64_t stride_id,
             int ids_type, uint64_t ranks, int ranks_type, uint64_t scales,
             std::tuple<int64_t, int64_t> scale_strides, uint64_t out,
-            std::tuple<int64_t, int64_t, int64_t> out_strides, int out_dtype, int device, uint64_t stream) {
+            std::tuple<int64_t, int64_t, int64_t> out_strides, int out_dtype, int device, uint64_t stream,
+            uint64_t sorted_tokens, uint64_t sorted_slots, uint64_t tile_starts, int64_t cap, int64_t num_tiles,
+            int64_t tile_m) {
   if (a_slices.empty() || a_slices.size() > static_cast<size_t>(kMaxSlices))
     throw CudaError("lora shrink: between 1 and " + std::to_string(kMaxSlices) + " slices, got " +
                     std::to_string(a_slices.size()));
@@ -86,13 +100,15 @@ void shrink(uint64_t x, std::tuple<int64_t, int64_t> x_strides, int64_t M, int64
     std::tie(a, p.slices[s].stride_l, p.slices[s].stride_r, p.slices[s].stride_k) = a_slices[s];
     p.slices[s].a = as_ptr<const void*>(a);
   }
+  p.tiles = make_tiles(sorted_tokens, sorted_slots, tile_starts, cap, num_tiles, tile_m);
   launch_shrink(p, dtype, device, as_ptr<cudaStream_t>(stream));
 }
 
 void expand(uint64_t buf, std::tuple<int64_t, int64_t, int64_t> buf_strides, int buf_dtype, int64_t M, int64_t r_max,
             const std::vector<ExpandSliceArg>& b_slices, uint64_t y, std::tuple<int64_t, int64_t> y_strides, int dtype,
             int64_t L, uint64_t ids, int64_t stride_id, int ids_type, uint64_t ranks, int ranks_type, uint64_t scales,
-            std::tuple<int64_t, int64_t> scale_strides, int device, uint64_t stream) {
+            std::tuple<int64_t, int64_t> scale_strides, int device, uint64_t stream, uint64_t sorted_tokens,
+            uint64_t sorted_slots, uint64_t tile_starts, int64_t cap, int64_t num_tiles, int64_t tile_m) {
   if (b_slices.empty() || b_slices.size() > static_cast<size_t>(kMaxSlices))
     throw CudaError("lora expand: between 1 and " + std::to_string(kMaxSlices) + " slices, got " +
                     std::to_string(b_slices.size()));
@@ -119,6 +135,7 @@ void expand(uint64_t buf, std::tuple<int64_t, int64_t, int64_t> buf_strides, int
     std::tie(b, sl.stride_l, sl.stride_n, sl.stride_r, sl.n, sl.y_offset) = b_slices[s];
     sl.b = as_ptr<const void*>(b);
   }
+  p.tiles = make_tiles(sorted_tokens, sorted_slots, tile_starts, cap, num_tiles, tile_m);
   launch_expand(p, dtype, device, as_ptr<cudaStream_t>(stream));
 }
 
@@ -156,10 +173,15 @@ PYBIND11_MODULE(LORA_CUDA_MODULE_NAME, m) {
         py::arg("ids_type"), py::arg("ranks"), py::arg("ranks_type"), py::arg("scales"), py::arg("scale_strides"),
         py::arg("out"),
         py::arg("out_strides"), py::arg("out_dtype"), py::arg("device"), py::arg("stream"),
-        "out[s, m, j] = scale[id, s] * x[m] . A_s[id, j] for j < rank[id], else 0; id = ids[m], -1 = none.");
+        py::arg("sorted_tokens") = 0, py::arg("sorted_slots") = 0, py::arg("tile_starts") = 0,
+        py::arg("cap") = 0, py::arg("num_tiles") = 0, py::arg("tile_m") = 0,
+        "out[s, m, j] = scale[id, s] * x[m] . A_s[id, j] for j < rank[id], else 0; id = ids[m], -1 = none. With a "
+        "tile list (tile_starts != 0) only tiles of valid slots are written: zero `out` first.");
   m.def("expand", &expand, py::arg("buf"), py::arg("buf_strides"), py::arg("buf_dtype"), py::arg("M"),
         py::arg("r_max"), py::arg("b_slices"), py::arg("y"), py::arg("y_strides"), py::arg("dtype"), py::arg("L"),
         py::arg("ids"), py::arg("stride_id"), py::arg("ids_type"), py::arg("ranks"), py::arg("ranks_type"),
         py::arg("scales"), py::arg("scale_strides"), py::arg("device"), py::arg("stream"),
+        py::arg("sorted_tokens") = 0, py::arg("sorted_slots") = 0, py::arg("tile_starts") = 0,
+        py::arg("cap") = 0, py::arg("num_tiles") = 0, py::arg("tile_m") = 0,
         "y[m, off_s + n] += scale[id, s] * buf[s, m, :rank] . B_s[id, n, :rank]; tokens with id -1 untouched.");
 }

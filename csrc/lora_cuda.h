@@ -37,6 +37,20 @@ enum IndexType : int {
 // (passed by value, no device allocation, so the launch is CUDA-graph safe) well under the 4 KiB kernel-argument limit.
 constexpr int kMaxSlices = 8;
 
+// The work list of a LoRABatch (lora_kernels/pool.py): token indices stably sorted by slot, their slots, and the start
+// of each tile (<= tile_m consecutive sorted entries of one slot; -1 past the last tile). With it, a block serves up to
+// kTileTokens tokens of one adapter per pass and reads that adapter's weights once for all of them. tile_starts null:
+// the per-token kernels run instead (one block per token; no list needed).
+struct TileList {
+  const int32_t* sorted_tokens;  // [cap]
+  const int32_t* sorted_slots;   // [cap]
+  const int32_t* tile_starts;    // [>= num_tiles]
+  int64_t cap, num_tiles, tile_m;
+};
+
+// Tokens per pass of the tiled kernels: 8 x 4 rank rows of fp32 accumulators stay in registers.
+constexpr int kTileTokens = 8;
+
 // One slice of the shrink: A_s stacked over adapters, [L, r_max, K], element strides.
 struct ShrinkSlice {
   const void* a;
@@ -61,6 +75,7 @@ struct ShrinkParams {
   int64_t stride_os, stride_om, stride_or;
   int num_slices;
   ShrinkSlice slices[kMaxSlices];
+  TileList tiles;  // tiled mode: `out` must be zero beforehand (only tiles of valid slots are written)
 };
 
 // One slice of the expand: B_s stacked over adapters, [L, N_s, r_max], written to columns [y_offset, y_offset + n).
@@ -88,6 +103,7 @@ struct ExpandParams {
   int64_t stride_scale_l, stride_scale_s;
   int num_slices;
   ExpandSlice slices[kMaxSlices];
+  TileList tiles;
 };
 
 // Launchers (bgmv_shrink.cu, bgmv_expand.cu). Both throw CudaError on a bad argument or a CUDA failure.

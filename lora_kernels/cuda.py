@@ -24,7 +24,7 @@ import importlib.util
 import os
 import threading
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,6 +35,7 @@ DISABLE_ENV = "LORA_KERNELS_NO_CUDA_EXT"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INDEX_CODES = {torch.int32: 0, torch.int64: 1}
 MAX_SLICES = 8  # kMaxSlices in csrc/lora_cuda.h
+TILE_TOKENS = 8  # kTileTokens in csrc/lora_cuda.h (tokens per pass of the tiled kernels)
 
 _lock = threading.Lock()
 _state: dict = {}  # "module", "load_reason", "device_reason", "warned"
@@ -170,6 +171,7 @@ def bgmv_shrink(
     out: torch.Tensor,
     ranks: Optional[torch.Tensor] = None,
     scales: Optional[torch.Tensor] = None,
+    tiles: Optional["TileList"] = None,
 ) -> torch.Tensor:
     """``out[s, m, j] = scales[id, s] · x[m]·A_s[id, j]`` for ``j < ranks[id]``, 0 for the other ``j < R`` and for
     tokens whose ``id = token_slots[m]`` is -1, out of ``[0, L)`` or of rank 0 (nothing read for those).
@@ -177,6 +179,8 @@ def bgmv_shrink(
     x ``[M, K]``; ``A_slices``: 1..8 tensors ``[L, R, K]`` of x's dtype (any strides, e.g. views of one stack);
     token_slots ``[>= M]`` int32/int64; out ``[S, M, R]`` fp32/fp16/bf16 (any strides: a ``[M, S·R]`` buffer viewed
     as ``[S, M, R]`` works); ranks ``[L]`` int32/int64 (None: every slot has rank R); scales ``[L, S]`` fp32 or None.
+    ``tiles``: a :class:`TileList` selects the tiled kernel (A read once per pass of up to 8 same-adapter tokens);
+    it writes only tokens of valid slots, so ``out`` is zeroed here first.
     """
     if not 1 <= len(A_slices) <= MAX_SLICES:
         raise ValueError(f"A_slices must hold 1..{MAX_SLICES} tensors, got {len(A_slices)}")
@@ -201,6 +205,9 @@ def bgmv_shrink(
                          **{f"A_slices[{i}]": a for i, a in enumerate(A_slices)})
     dtype = _dtype_code("x", x)
     out_dtype = _dtype_code("out", out)
+    tile_kw = _tile_kwargs(tiles, M)
+    if tiles is not None:
+        out.zero_()
     extension().shrink(
         x=x.data_ptr(), x_strides=tuple(x.stride()), M=M, K=K, dtype=dtype,
         a_slices=[(a.data_ptr(), *a.stride()) for a in A_slices], L=L, r_max=R,
@@ -208,7 +215,7 @@ def bgmv_shrink(
         ranks=_ptr(ranks), ranks_type=_index_code("ranks", ranks) if ranks is not None else 0,
         scales=_ptr(scales), scale_strides=tuple(scales.stride()) if scales is not None else (0, 0),
         out=out.data_ptr(), out_strides=tuple(out.stride()), out_dtype=out_dtype,
-        device=device, stream=_stream(device),
+        device=device, stream=_stream(device), **tile_kw,
     )
     return out
 
@@ -221,13 +228,14 @@ def bgmv_expand(
     y_offsets: Optional[Sequence[int]] = None,
     ranks: Optional[torch.Tensor] = None,
     scales: Optional[torch.Tensor] = None,
+    tiles: Optional["TileList"] = None,
 ) -> torch.Tensor:
     """``y[m, off_s + n] += scales[id, s] · buf[s, m, :rank]·B_s[id, n, :rank]`` in place for every slice s; tokens
     whose id is -1, out of ``[0, L)`` or of rank 0 are left untouched.
 
     buf ``[S, M, R]`` fp32/fp16/bf16 (any strides); ``B_slices``: S tensors ``[L, N_s, R]`` of y's dtype (any
     strides); y ``[M, N]``; ``y_offsets``: first column of each slice in y (default: consecutive from 0); the slices
-    must not overlap. ranks, scales as in :func:`bgmv_shrink`.
+    must not overlap. ranks, scales, tiles as in :func:`bgmv_shrink`.
     """
     if not 1 <= len(B_slices) <= MAX_SLICES:
         raise ValueError(f"B_slices must hold 1..{MAX_SLICES} tensors, got {len(B_slices)}")
@@ -270,9 +278,39 @@ def bgmv_expand(
         ids=token_slots.data_ptr(), stride_id=token_slots.stride(0), ids_type=_index_code("token_slots", token_slots),
         ranks=_ptr(ranks), ranks_type=_index_code("ranks", ranks) if ranks is not None else 0,
         scales=_ptr(scales), scale_strides=tuple(scales.stride()) if scales is not None else (0, 0),
-        device=device, stream=_stream(device),
+        device=device, stream=_stream(device), **_tile_kwargs(tiles, M),
     )
     return y
+
+
+class TileList(NamedTuple):
+    """A :class:`lora_kernels.LoRABatch` work list: ``sorted_tokens``, ``sorted_slots``, ``tile_starts`` (int32,
+    on the tensors' device), ``num_tiles`` (grid bound: tiles past the last one are -1 and skipped), ``tile_m``."""
+
+    sorted_tokens: torch.Tensor
+    sorted_slots: torch.Tensor
+    tile_starts: torch.Tensor
+    num_tiles: int
+    tile_m: int
+
+
+def _tile_kwargs(tiles: Optional[TileList], M: int) -> dict:
+    if tiles is None:
+        return {}
+    st, ss, ts = tiles.sorted_tokens, tiles.sorted_slots, tiles.tile_starts
+    for name, t in (("sorted_tokens", st), ("sorted_slots", ss), ("tile_starts", ts)):
+        if t.dtype != torch.int32 or t.dim() != 1 or (t.numel() > 1 and t.stride(0) != 1):
+            raise ValueError(f"tiles.{name} must be a contiguous 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    cap = st.shape[0]
+    if ss.shape[0] != cap or ts.shape[0] < min(tiles.num_tiles, cap):
+        raise ValueError(f"tile list sizes disagree: sorted_tokens {cap}, sorted_slots {ss.shape[0]}, "
+                         f"tile_starts {ts.shape[0]}, num_tiles {tiles.num_tiles}")
+    num_tiles = max(0, min(int(tiles.num_tiles), ts.shape[0]))
+    if int(tiles.tile_m) < 1:
+        raise ValueError(f"tile_m must be positive, got {tiles.tile_m}")
+    _check_cuda(sorted_tokens=st, sorted_slots=ss, tile_starts=ts)
+    return {"sorted_tokens": st.data_ptr(), "sorted_slots": ss.data_ptr(), "tile_starts": ts.data_ptr(),
+            "cap": cap, "num_tiles": num_tiles, "tile_m": int(tiles.tile_m)}
 
 
 def _check_ids(token_slots, M, ranks, L, scales, S) -> None:
@@ -307,10 +345,29 @@ def _as_slices_view(s: torch.Tensor, num_slices: int) -> torch.Tensor:
     return s.as_strided((num_slices, M, R), (R * s.stride(1), s.stride(0), s.stride(1)), s.storage_offset())
 
 
+# Per-token or tiled kernels. The tiled ones read each adapter's weights once per pass of up to 8 of its tokens, at
+# the price of walking the work list and zeroing the shrink output; they can only win when adapters repeat. Chosen
+# when there are at least this many tokens per pool slot on average (M >= this * L): a guess, NOT yet measured on a
+# GPU (benchmarks/bench_multi_lora.py with provider lk_cuda is the place to settle it).
+TILED_MIN_TOKENS_PER_SLOT = 2.0
+_TILE_SMEM_LIMIT = 48 * 1024  # bytes of dynamic shared memory the tiled expand may use without opting in
+
+
+def _tiles_for(M, L, R, sorted_tokens, sorted_slots, tile_starts, tile_m) -> Optional[TileList]:
+    if sorted_tokens is None or sorted_slots is None or tile_starts is None or M == 0:
+        return None
+    if M < TILED_MIN_TOKENS_PER_SLOT * L or R * 4 * TILE_TOKENS > _TILE_SMEM_LIMIT:
+        return None
+    cap = sorted_tokens.shape[0]
+    # Same bound as the Triton launchers: one partial tile per used slot plus the full tiles.
+    bound = max(1, min(cap, M, -(-M // tile_m) + min(M, L)))
+    return TileList(sorted_tokens, sorted_slots, tile_starts, bound, int(tile_m))
+
+
 def multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices,
                       tile_m):
     """``out[M, S·R]`` ← per-token ``x·Aᵀ`` at the adapter's own rank, zeros elsewhere (signature of the Triton
-    launcher; the sorted work list is not needed: one block per token and group of rank rows)."""
+    launcher). Per-token kernel, or the tiled one over the batch's work list when adapters repeat enough."""
     if x.dtype != A_stack.dtype:
         # The kernel reads x and A in one dtype. Widen whichever is narrower (exact): x for a float32 pool with half
         # activations (cheap: M×K), the pool for float32 activations with a half pool (rare: a copy of A).
@@ -319,8 +376,9 @@ def multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slot
         else:
             A_stack = A_stack.to(torch.float32)
             x = x.to(torch.float32)
-    A_list, _ = _a_slices(A_stack, num_slices)
-    bgmv_shrink(x, A_list, token_slots, _as_slices_view(out, num_slices), ranks=ranks)
+    A_list, R = _a_slices(A_stack, num_slices)
+    tiles = _tiles_for(x.shape[0], A_stack.shape[0], R, sorted_tokens, sorted_slots, tile_starts, tile_m)
+    bgmv_shrink(x, A_list, token_slots, _as_slices_view(out, num_slices), ranks=ranks, tiles=tiles)
     return out
 
 
@@ -336,7 +394,9 @@ def multi_lora_expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sor
         target = y.to(torch.float32)
         if B_stack.dtype != torch.float32:
             B_list = [b.to(torch.float32) for b in B_list]
-    bgmv_expand(_as_slices_view(s, S), B_list, token_slots, target, offs, ranks=ranks, scales=scales)
+    tiles = _tiles_for(y.shape[0], B_stack.shape[0], B_stack.shape[2], sorted_tokens, sorted_slots, tile_starts,
+                       tile_m)
+    bgmv_expand(_as_slices_view(s, S), B_list, token_slots, target, offs, ranks=ranks, scales=scales, tiles=tiles)
     if target is not y:
         y.copy_(target)
     return y

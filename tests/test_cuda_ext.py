@@ -316,10 +316,12 @@ def _poison_padding(A_cpu, B_cpu, ranks, S, R):
         B_cpu[l, :, r:] = float("nan")
 
 
-def _check_case(device, M, K, slices, L, R, dtype, misaligned=False, seed=0):
+def _check_case(device, M, K, slices, L, R, dtype, misaligned=False, seed=0, tiled=False, tile_m=16):
     """multi_lora_shrink + multi_lora_expand of lora_kernels.cuda against the reference: a NaN fence around the pool
     (slots -1 and L), NaN in the padding past each rank, an empty slot, bad ids (-5, L, L + 1000), out pre-filled
-    with NaN (every element must be written), tokens without adapter left bit-identical."""
+    with NaN (every element must be written), tokens without adapter left bit-identical. ``tiled``: through the
+    tiled kernels and a LoRABatch work list (else the per-token kernels)."""
+    from lora_kernels.pool import LoRABatch
     from lora_kernels.reference import multi_lora as ref
 
     gen = torch.Generator().manual_seed(seed * 1000 + M * 31 + K)
@@ -344,14 +346,33 @@ def _check_case(device, M, K, slices, L, R, dtype, misaligned=False, seed=0):
     xbig = torch.randn(M, K + 1, generator=gen).to(device, dtype)
     x = xbig[:, 1:] if misaligned else xbig[:, :K].contiguous()
 
-    out = torch.full((M, S * R), float("nan"), device=device)  # every element must be written
-    lkc.multi_lora_shrink(x, A, ranks, ids, None, None, None, out, S, 16)
+    lists = (None, None, None)
+    if tiled:
+        batch = LoRABatch.prepare(ids_l, device=device, tile_m=tile_m)
+        lists = (batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    used = []
+    real_tiles_for = lkc._tiles_for
+
+    def spy(*args):
+        got = real_tiles_for(*args)
+        used.append(got is not None)
+        return got
+
+    saved = lkc.TILED_MIN_TOKENS_PER_SLOT
+    lkc.TILED_MIN_TOKENS_PER_SLOT = 0.0 if tiled else float("inf")
+    lkc._tiles_for = spy
+    try:
+        out = torch.full((M, S * R), float("nan"), device=device)  # every element must be written
+        lkc.multi_lora_shrink(x, A, ranks, ids, *lists, out, S, tile_m)
+        y0 = torch.randn(M, N, generator=gen).to(device, dtype)
+        y = y0.clone()
+        lkc.multi_lora_expand(out, B, ranks, scales, ids, *lists, y, slices, tile_m)
+    finally:
+        lkc.TILED_MIN_TOKENS_PER_SLOT = saved
+        lkc._tiles_for = real_tiles_for
+    assert used == [tiled, tiled]
     want_s = ref.lora_shrink(x.cpu().double(), A.cpu().double(), ids.cpu(), ranks.cpu(), S)
     torch.testing.assert_close(out.cpu().double(), want_s, rtol=1e-4, atol=1e-4)
-
-    y0 = torch.randn(M, N, generator=gen).to(device, dtype)
-    y = y0.clone()
-    lkc.multi_lora_expand(out, B, ranks, scales, ids, None, None, None, y, slices, 16)
     want_y = ref.lora_expand(want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double(),
                              slices)
     rtol, atol = GPU_TOL[dtype]
@@ -410,7 +431,7 @@ EMU_SHAPES = [
     # (M, K, slices, L, R): small, since every CUDA thread is a host thread
     (5, 33, [17], 3, 8),  # K % 8 != 0 (vector loop + scalar tail), one lane per output column
     (4, 64, [40, 8, 8], 4, 16),  # three slices of unequal widths
-    (16, 24, [20], 3, 64),  # M·S·R >= 1024: four rank rows per block; 8 lanes per column
+    (16, 24, [20], 3, 64),  # M·S·R >= 1024: four rank rows per block; 8 lanes per column; full tiles of 16
     (3, 16, [9], 2, 12),  # R % 8 != 0: scalar expand for half types
 ]
 
@@ -419,8 +440,10 @@ EMU_SHAPES = [
 @pytest.mark.parametrize("M,K,slices,L,R", EMU_SHAPES)
 def test_emulated_kernels_match_reference(emulated, M, K, slices, L, R, dtype):
     _check_case("cpu", M, K, slices, L, R, dtype)
-    if dtype == torch.float16:  # misaligned x: the scalar shrink path
+    _check_case("cpu", M, K, slices, L, R, dtype, tiled=True, seed=2)
+    if dtype == torch.float16:  # misaligned x: the scalar shrink path; a wider tile (two passes of 8 per tile)
         _check_case("cpu", M, K, slices, L, R, dtype, misaligned=True, seed=1)
+        _check_case("cpu", M, K, slices, L, R, dtype, misaligned=True, seed=3, tiled=True, tile_m=32)
 
 
 def test_emulated_strided_int64_ids_all_none(emulated):
@@ -499,6 +522,8 @@ def test_gpu_shrink_expand_match_reference(M, K, slices, L, R, dtype):
     assert lkc.cuda_ops_available() is None
     _check_case("cuda", M, K, slices, L, R, dtype)
     _check_case("cuda", M, K, slices, L, R, dtype, misaligned=True, seed=1)
+    for tile_m in (16, 64):
+        _check_case("cuda", M, K, slices, L, R, dtype, tiled=True, tile_m=tile_m, seed=tile_m)
 
 
 @needs_ext
