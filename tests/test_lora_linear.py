@@ -288,6 +288,37 @@ def test_triton_deterministic_mode_is_bitwise_reproducible(device):
 
 
 @needs_triton
+def test_gemm_config_pruning(monkeypatch):
+    """The CUDA tile list after pruning: fits shared memory, short tiles for decode, few fp32 candidates, and one
+    config with $LORA_KERNELS_AUTOTUNE=0. (Pure Python: runs on the CPU too.)"""
+    import triton
+    from lora_kernels.triton import lora_linear as tri
+
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bc, "BLOCK_K": br, "GROUP_M": g}, num_warps=w, num_stages=st)
+        for bm, bc, br, g, w, st in tri._CUDA_TILES
+    ]
+    prune = tri._gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")
+    monkeypatch.delenv(tri.AUTOTUNE_ENV_VAR, raising=False)
+
+    def args(dtype, m_bucket):
+        return {"x_ptr": torch.empty(1, dtype=dtype), "M_BUCKET": m_bucket}
+
+    def smem(c, elem):
+        return (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem * c.num_stages
+
+    big = prune(configs, args(torch.bfloat16, 8192))
+    assert len(big) == len(configs) and all(smem(c, 2) <= tri._SMEM_BUDGET for c in big)
+    decode = prune(configs, args(torch.bfloat16, 1))
+    assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode)
+    fp32 = prune(configs, args(torch.float32, 8192))
+    assert 1 <= len(fp32) <= tri._FP32_CONFIGS
+    assert all(smem(c, 4) <= tri._SMEM_BUDGET and c.num_stages >= 2 for c in fp32)
+    monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "0")
+    assert len(prune(configs, args(torch.bfloat16, 8192))) == 1
+
+
+@needs_triton
 def test_triton_empty_batch(device):
     """M = 0 (e.g. an empty micro-batch): empty output, zero LoRA gradients."""
     x = torch.randn(0, 5, 16, device=device, requires_grad=True)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -69,29 +70,66 @@ _INTERPRET_AT_IMPORT = _backend.interpreter_enabled()
 
 
 # ------------------------------------------------------------------------------------------------------ configs
-def _gemm_configs():
-    """Autotune list of the two big GEMMs (M×N×K forward, M×K×N for dX). Unmeasured; see module docstring."""
-    if _INTERPRET_AT_IMPORT:
-        # 32 keeps the interpreter fast on test shapes (≤ 100) while still giving several tiles with ragged edges;
-        # GROUP_M = 2 exercises the grouped program order.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-    # Starting points from the Triton matmul tutorial's fp16 list, plus small-M tiles for decode-sized batches.
+# Environment variable: "0" turns benchmarking of the GEMM tile configurations off (first fitting config is used).
+AUTOTUNE_ENV_VAR = "LORA_KERNELS_AUTOTUNE"
+_FP32_CONFIGS = 3
+# Shared memory one program may use for its pipelined operand tiles. An H100 block can have 227 KiB; the rest is
+# left for the LoRA prologue's tiles and the epilogue.
+_SMEM_BUDGET = 192 * 1024
+
+# (BLOCK_out_rows, BLOCK_out_cols, BLOCK_reduction, GROUP_M, num_warps, num_stages). Starting points from the Triton
+# matmul tutorial's fp16 list, plus short tiles for decode-sized batches. UNMEASURED; see the module docstring.
+_CUDA_TILES = [
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 4),
+    (128, 128, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4),
+    (32, 128, 128, 8, 4, 4),
+    (16, 64, 256, 8, 4, 4),
+]
+# 32 keeps the interpreter fast on test shapes (≤ 100) while still giving several tiles with ragged edges;
+# GROUP_M = 2 exercises the grouped program order.
+_INTERPRETER_TILE = (32, 32, 32, 2, 4, 1)
+
+
+def _gemm_configs(col_key: str, red_key: str):
+    """Autotune list of a big GEMM whose output tile is BLOCK_M × ``col_key`` and whose reduction step is ``red_key``
+    (forward: BLOCK_N × BLOCK_K; dX: BLOCK_K × BLOCK_N)."""
+    tiles = [_INTERPRETER_TILE] if _INTERPRET_AT_IMPORT else _CUDA_TILES
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": bm, col_key: bc, red_key: br, "GROUP_M": g}, num_warps=w, num_stages=st)
+        for bm, bc, br, g, w, st in tiles
     ]
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop tiles more than twice as tall as the batch (decode-sized M gets the short tiles); keep at least one."""
-    bucket = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(_MIN_DOT, 2 * bucket)]
-    return kept or configs[-1:]
+def _gemm_pruner(operand: str, col_key: str, red_key: str):
+    """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles),
+    and cut num_stages until the operand buffers fit _SMEM_BUDGET (fp32 operands are twice the bytes of the bf16
+    tiles the list was written for). fp32 keeps at most _FP32_CONFIGS candidates: its IEEE tl.dot compiles slowly
+    (~5-30 s per config on triton 3.9, sm_90) and is not a performance target. With $LORA_KERNELS_AUTOTUNE=0 the
+    first surviving config is used without benchmarking. Always returns at least one config."""
+
+    def prune(configs, named_args, **kwargs):
+        elem = named_args[operand].element_size()
+        bucket = named_args["M_BUCKET"]
+        kept = []
+        for c in configs:
+            kw = c.kwargs
+            stage_bytes = (kw["BLOCK_M"] + kw[col_key]) * kw[red_key] * elem
+            stages = min(c.num_stages, _SMEM_BUDGET // stage_bytes)
+            if stages < 2 or kw["BLOCK_M"] > max(_MIN_DOT, 2 * bucket):
+                continue
+            kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
+        if not kept:  # a small safe tile: 64×64 outputs, 32-deep steps, 2 stages (≤ 32 KiB even in fp32)
+            kept = [triton.Config({"BLOCK_M": 64, col_key: 64, red_key: 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
+        if elem >= 4:
+            kept = kept[:_FP32_CONFIGS]
+        if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
+            kept = kept[:1]
+        return kept
+
+    return prune
 
 
 # Tiles of the skinny (memory-bound) kernels: fixed, not autotuned, because their split factors depend on the tiles.
@@ -184,9 +222,9 @@ def _shrink_kernel(
 
 
 @triton.autotune(
-    configs=_gemm_configs(),
+    configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
     key=["M_BUCKET", "N", "K", "R", "BASE"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    prune_configs_by={"early_config_prune": _gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")},
     restore_value=["y_ptr"],  # BASE=False adds into y: benchmarking must not compound
 )
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -357,9 +395,9 @@ def _reduce_m_kernel(
 
 
 @triton.autotune(
-    configs=_gemm_configs(),
+    configs=_gemm_configs("BLOCK_K", "BLOCK_N"),
     key=["M_BUCKET", "N", "K", "R", "BASE", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    prune_configs_by={"early_config_prune": _gemm_pruner("dy_ptr", "BLOCK_K", "BLOCK_N")},
     restore_value=["dx_ptr"],  # BASE=False adds into dx: benchmarking must not compound
 )
 @triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
@@ -382,8 +420,8 @@ def _dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
-    # Output tile is [BLOCK_M, BLOCK_K] of dX; the reduction runs over N. The autotune names keep the forward's
-    # meaning of BLOCK_N as "the tile along N", which here is the reduction step.
+    # Output tile is [BLOCK_M, BLOCK_K] of dX; the reduction runs over N in BLOCK_N steps (names keep their dimension:
+    # BLOCK_N is always the tile along N).
     pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
