@@ -346,6 +346,88 @@ def test_triton_gpu_training_shape(base_gemm, p, monkeypatch):
     _check_triton_against_reference(case, "cuda", seed=77)
 
 
+# Compiles each kernel for sm_90 with triton's bundled ptxas, in a child process without TRITON_INTERPRET (the kernels
+# in this process are interpreter objects). Catches what the interpreter cannot: lowering errors in GPU-only code
+# and shared-memory overflow of the tile configurations.
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lora_kernels.triton import lora_linear as L
+
+UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_yn", "stride_dyn", "stride_ak"}
+PTR = {"x_ptr": "bf16", "w_ptr": "bf16", "bias_ptr": "bf16", "y_ptr": "bf16", "dy_ptr": "bf16", "dx_ptr": "bf16",
+       "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32", "da_ptr": "fp32", "a_ptr": "fp32", "b_ptr": "fp32"}
+
+
+def jit_fn(k):
+    while not isinstance(k, triton.runtime.jit.JITFunction):
+        k = k.fn
+    return k
+
+
+def compile_for_sm90(kernel, consts, num_warps, num_stages):
+    fn = jit_fn(kernel)
+    consts = dict(consts, **{n: 1 for n in fn.arg_names if n in UNIT})  # contiguous operands, as the JIT specialises
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = "*" + PTR[n]
+        else:
+            sig[n] = {"scale": "fp32", "inv_keep": "fp32", "seed": "i64"}.get(n, "i32")
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*") or n.startswith("stride") or n in ("M", "N", "K")}
+    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return compiled.metadata.shared
+
+
+big = {"x_ptr": __import__("torch").empty(1, dtype=__import__("torch").bfloat16), "M_BUCKET": 8192}
+big["dy_ptr"] = big["x_ptr"]
+fwd = L._gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")(L._gemm_configs("BLOCK_N", "BLOCK_K"), big)[0]
+dx = L._gemm_pruner("dy_ptr", "BLOCK_K", "BLOCK_N")(L._gemm_configs("BLOCK_K", "BLOCK_N"), big)[0]
+lora = dict(UPCAST=False, PREC="tf32", LORA_PREC="tf32", BLOCK_R=32)
+jobs = [
+    ("fwd", L._fwd_kernel, dict(fwd.kwargs, HAS_BIAS=True, BASE=True, EVEN_K=False, **lora), fwd),
+    ("dx", L._dx_kernel, dict(dx.kwargs, HAS_DROPOUT=True, BASE=True, EVEN_N=False, **lora), dx),
+    ("shrink", L._shrink_kernel, dict(HAS_DROPOUT=True, SPLIT_K=2, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_K=64,
+                                      BLOCK_R=16), None),
+    ("ds_db", L._ds_db_kernel, dict(SPLIT_N=2, COMPUTE_DB=True, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_N=64,
+                                    BLOCK_R=128), None),
+    ("reduce_m", L._reduce_m_kernel, dict(HAS_DROPOUT=True, SPLIT_M=2, PREC="tf32", BLOCK_M=64, BLOCK_K=64,
+                                          BLOCK_R=128), None),
+]
+for name, kernel, consts, cfg in jobs:
+    smem = compile_for_sm90(kernel, consts, cfg.num_warps if cfg else 4, cfg.num_stages if cfg else 3)
+    print(name, smem)
+    assert smem <= 227 * 1024, (name, smem)
+print("OK")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled and run by the tests above")
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists() and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas available to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
+    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 # -------------------------------------------------------------------------------------------------- bad inputs
 def _good(device="cpu"):
     return (
