@@ -18,9 +18,20 @@ from lora_kernels.reference import lora_linear as ref
 
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
+AUTOTUNE_ENV_VAR = "LORA_KERNELS_AUTOTUNE"  # lora_kernels.triton.lora_linear.AUTOTUNE_ENV_VAR (checked below)
+
 # Tolerance on max|actual - expected| relative to max|expected| (floored at 1): the kernels and the reference both
 # accumulate in fp32 and round once to the output dtype, so the gap is about one rounding of that dtype.
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_tile_config_per_kernel():
+    """Tests check values, not speed: no autotune benchmarking (on a GPU it would compile every tile configuration
+    for every constexpr combination the cases hit). The GPU training-shape test turns it back on."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(AUTOTUNE_ENV_VAR, "0")
+        yield
+
 
 needs_triton = pytest.mark.skipif(
     not (HAS_CUDA or INTERPRET), reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest without CUDA)"
@@ -289,7 +300,7 @@ def test_triton_deterministic_mode_is_bitwise_reproducible(device):
 
 @needs_triton
 def test_gemm_config_pruning(monkeypatch):
-    """The CUDA tile list after pruning: fits shared memory, short tiles for decode, few fp32 candidates, and one
+    """The CUDA tile list after pruning: fits shared memory, short tiles for decode, the fp32 list for fp32, and one
     config with $LORA_KERNELS_AUTOTUNE=0. (Pure Python: runs on the CPU too.)"""
     import triton
     from lora_kernels.triton import lora_linear as tri
@@ -299,7 +310,7 @@ def test_gemm_config_pruning(monkeypatch):
         for bm, bc, br, g, w, st in tri._CUDA_TILES
     ]
     prune = tri._gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")
-    monkeypatch.delenv(tri.AUTOTUNE_ENV_VAR, raising=False)
+    monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "1")
 
     def args(dtype, m_bucket):
         return {"x_ptr": torch.empty(1, dtype=dtype), "M_BUCKET": m_bucket}
@@ -312,8 +323,9 @@ def test_gemm_config_pruning(monkeypatch):
     decode = prune(configs, args(torch.bfloat16, 1))
     assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode)
     fp32 = prune(configs, args(torch.float32, 8192))
-    assert 1 <= len(fp32) <= tri._FP32_CONFIGS
-    assert all(smem(c, 4) <= tri._SMEM_BUDGET and c.num_stages >= 2 for c in fp32)
+    assert len(fp32) == len(tri._CUDA_TILES_FP32)
+    assert all(smem(c, 4) <= tri._SMEM_BUDGET and c.num_stages >= 2 and c.kwargs["BLOCK_K"] <= 64 for c in fp32)
+    assert tri.AUTOTUNE_ENV_VAR == AUTOTUNE_ENV_VAR
     monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "0")
     assert len(prune(configs, args(torch.bfloat16, 8192))) == 1
 
@@ -342,6 +354,7 @@ def test_triton_gpu_training_shape(base_gemm, p, monkeypatch):
     from lora_kernels.triton import lora_linear as tri
 
     monkeypatch.setattr(tri, "BASE_GEMM", base_gemm)
+    monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "1")
     case = ((4, 512), 1024, 1536, 16, torch.bfloat16, torch.float32, True, p, False, "contig", False)
     _check_triton_against_reference(case, "cuda", seed=77)
 
@@ -350,7 +363,7 @@ def test_triton_gpu_training_shape(base_gemm, p, monkeypatch):
 # in this process are interpreter objects). Catches what the interpreter cannot: lowering errors in GPU-only code
 # and shared-memory overflow of the tile configurations.
 _AOT_SCRIPT = r"""
-import sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -367,7 +380,7 @@ def jit_fn(k):
     return k
 
 
-def compile_for_sm90(kernel, consts, num_warps, num_stages):
+def compile_for_sm90(kernel, consts, num_warps, num_stages, dtype):
     fn = jit_fn(kernel)
     consts = dict(consts, **{n: 1 for n in fn.arg_names if n in UNIT})  # contiguous operands, as the JIT specialises
     sig = {}
@@ -375,7 +388,7 @@ def compile_for_sm90(kernel, consts, num_warps, num_stages):
         if n in consts:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = "*" + PTR[n]
+            sig[n] = "*" + (dtype if PTR[n] == "bf16" else PTR[n])
         else:
             sig[n] = {"scale": "fp32", "inv_keep": "fp32", "seed": "i64"}.get(n, "i32")
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
@@ -385,13 +398,16 @@ def compile_for_sm90(kernel, consts, num_warps, num_stages):
     return compiled.metadata.shared
 
 
-big = {"x_ptr": __import__("torch").empty(1, dtype=__import__("torch").bfloat16), "M_BUCKET": 8192}
-big["dy_ptr"] = big["x_ptr"]
+big = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "dy_ptr": torch.empty(1, dtype=torch.bfloat16), "M_BUCKET": 8192}
 fwd = L._gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")(L._gemm_configs("BLOCK_N", "BLOCK_K"), big)[0]
 dx = L._gemm_pruner("dy_ptr", "BLOCK_K", "BLOCK_N")(L._gemm_configs("BLOCK_K", "BLOCK_N"), big)[0]
+fwd32 = L._gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")(L._gemm_configs("BLOCK_N", "BLOCK_K"),
+                                                      dict(big, x_ptr=torch.empty(1)))[0]
 lora = dict(UPCAST=False, PREC="tf32", LORA_PREC="tf32", BLOCK_R=32)
 jobs = [
     ("fwd", L._fwd_kernel, dict(fwd.kwargs, HAS_BIAS=True, BASE=True, EVEN_K=False, **lora), fwd),
+    ("fwd fp32 ieee", L._fwd_kernel, dict(fwd32.kwargs, HAS_BIAS=False, BASE=True, EVEN_K=True, UPCAST=False,
+                                          PREC="ieee", LORA_PREC="ieee", BLOCK_R=16), fwd32),
     ("dx", L._dx_kernel, dict(dx.kwargs, HAS_DROPOUT=True, BASE=True, EVEN_N=False, **lora), dx),
     ("shrink", L._shrink_kernel, dict(HAS_DROPOUT=True, SPLIT_K=2, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_K=64,
                                       BLOCK_R=16), None),
@@ -401,7 +417,8 @@ jobs = [
                                           BLOCK_R=128), None),
 ]
 for name, kernel, consts, cfg in jobs:
-    smem = compile_for_sm90(kernel, consts, cfg.num_warps if cfg else 4, cfg.num_stages if cfg else 3)
+    dtype = "fp32" if "fp32" in name else "bf16"
+    smem = compile_for_sm90(kernel, consts, cfg.num_warps if cfg else 4, cfg.num_stages if cfg else 3, dtype)
     print(name, smem)
     assert smem <= 227 * 1024, (name, smem)
 print("OK")

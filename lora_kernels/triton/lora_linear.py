@@ -72,7 +72,6 @@ _INTERPRET_AT_IMPORT = _backend.interpreter_enabled()
 # ------------------------------------------------------------------------------------------------------ configs
 # Environment variable: "0" turns benchmarking of the GEMM tile configurations off (first fitting config is used).
 AUTOTUNE_ENV_VAR = "LORA_KERNELS_AUTOTUNE"
-_FP32_CONFIGS = 3
 # Shared memory one program may use for its pipelined operand tiles. An H100 block can have 227 KiB; the rest is
 # left for the LoRA prologue's tiles and the epilogue.
 _SMEM_BUDGET = 192 * 1024
@@ -88,15 +87,26 @@ _CUDA_TILES = [
     (32, 128, 128, 8, 4, 4),
     (16, 64, 256, 8, 4, 4),
 ]
+# fp32 operands: 32-deep reduction steps. Same shared memory per stage as the half-precision list; and the IEEE fp32
+# tl.dot (the default unless TF32 is allowed) compiles in ~1-2 s per config with these tiles on triton 3.9 for sm_90,
+# against 5-30 s with the 64-deep half-precision tiles (measured by compiling without a GPU; run time unmeasured).
+_CUDA_TILES_FP32 = [
+    (128, 128, 32, 8, 8, 3),
+    (128, 64, 32, 8, 4, 3),
+    (64, 128, 32, 8, 4, 3),
+    (64, 64, 32, 8, 4, 3),
+    (16, 64, 64, 8, 4, 3),
+]
 # 32 keeps the interpreter fast on test shapes (≤ 100) while still giving several tiles with ragged edges;
 # GROUP_M = 2 exercises the grouped program order.
 _INTERPRETER_TILE = (32, 32, 32, 2, 4, 1)
 
 
-def _gemm_configs(col_key: str, red_key: str):
+def _gemm_configs(col_key: str, red_key: str, tiles=None):
     """Autotune list of a big GEMM whose output tile is BLOCK_M × ``col_key`` and whose reduction step is ``red_key``
     (forward: BLOCK_N × BLOCK_K; dX: BLOCK_K × BLOCK_N)."""
-    tiles = [_INTERPRETER_TILE] if _INTERPRET_AT_IMPORT else _CUDA_TILES
+    if tiles is None:
+        tiles = [_INTERPRETER_TILE] if _INTERPRET_AT_IMPORT else _CUDA_TILES
     return [
         triton.Config({"BLOCK_M": bm, col_key: bc, red_key: br, "GROUP_M": g}, num_warps=w, num_stages=st)
         for bm, bc, br, g, w, st in tiles
@@ -105,14 +115,15 @@ def _gemm_configs(col_key: str, red_key: str):
 
 def _gemm_pruner(operand: str, col_key: str, red_key: str):
     """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles),
-    and cut num_stages until the operand buffers fit _SMEM_BUDGET (fp32 operands are twice the bytes of the bf16
-    tiles the list was written for). fp32 keeps at most _FP32_CONFIGS candidates: its IEEE tl.dot compiles slowly
-    (~5-30 s per config on triton 3.9, sm_90) and is not a performance target. With $LORA_KERNELS_AUTOTUNE=0 the
-    first surviving config is used without benchmarking. Always returns at least one config."""
+    and cut num_stages until the operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list
+    instead. With $LORA_KERNELS_AUTOTUNE=0 the first surviving config is used without benchmarking. Always returns
+    at least one config."""
 
     def prune(configs, named_args, **kwargs):
         elem = named_args[operand].element_size()
         bucket = named_args["M_BUCKET"]
+        if elem >= 4:
+            configs = _gemm_configs(col_key, red_key, _CUDA_TILES_FP32)
         kept = []
         for c in configs:
             kw = c.kwargs
@@ -123,8 +134,6 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
             kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
         if not kept:  # a small safe tile: 64×64 outputs, 32-deep steps, 2 stages (≤ 32 KiB even in fp32)
             kept = [triton.Config({"BLOCK_M": 64, col_key: 64, red_key: 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
-        if elem >= 4:
-            kept = kept[:_FP32_CONFIGS]
         if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
             kept = kept[:1]
         return kept
