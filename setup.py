@@ -76,8 +76,8 @@ class CMakeBuild(build_ext):
         elif nvcc is None:
             if mode == "1":
                 raise RuntimeError(
-                    f"{BUILD_CUDA_ENV}=1 but no CUDA toolkit was found (no nvcc in $CUDACXX, $CUDA_HOME/bin, $CUDA_PATH/bin,"
-                    " PATH or /usr/local/cuda/bin)"
+                    f"{BUILD_CUDA_ENV}=1 but no CUDA toolkit was found (no nvcc in $CUDACXX, $CUDA_HOME/bin,"
+                    " $CUDA_PATH/bin, PATH or /usr/local/cuda/bin)"
                 )
             print("lora_kernels: no CUDA toolkit (nvcc) found, installing without the CUDA extension", file=sys.stderr)
         else:

@@ -169,7 +169,8 @@ void launch_typed(const ExpandParams& p, int lanes, cudaStream_t stream) {
   const int64_t cols_per_block = kThreads / lanes;
   const int64_t col_blocks = (max_n + cols_per_block - 1) / cols_per_block;
   const int64_t blocks = (tiled ? p.tiles.num_tiles : p.M) * col_blocks;
-  if (blocks > INT_MAX) throw CudaError("lora expand: tokens (tiles) * ceil(N / columns per block) exceeds the grid limit");
+  if (blocks > INT_MAX)
+    throw CudaError("lora expand: tokens (tiles) * ceil(N / columns per block) exceeds the grid limit");
   if (blocks == 0) return;
   // Static limit of dynamic shared memory without opting in: 48 KiB.
   const size_t smem = static_cast<size_t>(p.r_max) * sizeof(float) * (tiled ? kTileTokens : 1);
@@ -225,7 +226,8 @@ void launch_expand(const ExpandParams& p, int dtype, int device, cudaStream_t st
   if (p.M == 0 || p.r_max == 0) return;
   if (!p.buf || !p.ids || !p.y) throw CudaError("lora expand: null pointer for buf, ids or y");
   if (p.tiles.tile_starts &&
-      (!p.tiles.sorted_tokens || !p.tiles.sorted_slots || p.tiles.cap < 0 || p.tiles.num_tiles < 0 || p.tiles.tile_m < 1))
+      (!p.tiles.sorted_tokens || !p.tiles.sorted_slots || p.tiles.cap < 0 || p.tiles.num_tiles < 0 ||
+       p.tiles.tile_m < 1))
     throw CudaError("lora expand: incomplete tile list");
   DeviceGuard guard(device);
   if (dtype == kFloat16) {

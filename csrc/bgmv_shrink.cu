@@ -296,7 +296,8 @@ void launch_shrink(const ShrinkParams& p, int dtype, int device, cudaStream_t st
   if (p.M == 0 || p.r_max == 0) return;
   if (!p.x || !p.ids || !p.out) throw CudaError("lora shrink: null pointer for x, ids or out");
   if (p.tiles.tile_starts &&
-      (!p.tiles.sorted_tokens || !p.tiles.sorted_slots || p.tiles.cap < 0 || p.tiles.num_tiles < 0 || p.tiles.tile_m < 1))
+      (!p.tiles.sorted_tokens || !p.tiles.sorted_slots || p.tiles.cap < 0 || p.tiles.num_tiles < 0 ||
+       p.tiles.tile_m < 1))
     throw CudaError("lora shrink: incomplete tile list");
   DeviceGuard guard(device);
   if (dtype == kFloat16) {

@@ -52,7 +52,8 @@ __device__ __forceinline__ float group_sum(float v, int width) {
 }
 
 __device__ __forceinline__ int64_t load_index(const void* base, int type, int64_t i) {
-  return type == kInt64 ? static_cast<const int64_t*>(base)[i] : static_cast<int64_t>(static_cast<const int32_t*>(base)[i]);
+  return type == kInt64 ? static_cast<const int64_t*>(base)[i]
+                        : static_cast<int64_t>(static_cast<const int32_t*>(base)[i]);
 }
 
 // Reads a value of a runtime-chosen float dtype (the shrink/expand intermediate may be fp32 or the activation dtype).

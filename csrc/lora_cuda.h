@@ -85,8 +85,8 @@ struct ExpandSlice {
   int64_t n, y_offset;
 };
 
-// y[m, off_s + n] += scale[id, s] * sum_{j < rank[id]} buf[s, m, j] * B_s[id, n, j]; tokens with id -1 or outside [0, L)
-// are left untouched.
+// y[m, off_s + n] += scale[id, s] * sum_{j < rank[id]} buf[s, m, j] * B_s[id, n, j]; tokens with id -1 or outside
+// [0, L) are left untouched.
 struct ExpandParams {
   const void* buf;  // [S, M, r_max] buf_dtype
   int buf_dtype;

@@ -384,7 +384,8 @@ def multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slot
 
 def multi_lora_expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices,
                       tile_m):
-    """``y[M, N] += scale · s·Bᵀ`` per token's adapter and output slice, in place (signature of the Triton launcher)."""
+    """``y[M, N] += scale · s·Bᵀ`` per token's adapter and output slice, in place (signature of the Triton
+    launcher)."""
     S = len(slices)
     B_list, offs = _b_slices(B_stack, slices)
     target = y

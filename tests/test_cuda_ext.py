@@ -410,8 +410,8 @@ def emu_module(tmp_path_factory):
 
     import pybind11
 
-    lib = next((d for d in ("lib64", "lib", "targets/x86_64-linux/lib") if (cuda_root / d / "libcudart_static.a").exists()),
-               None)
+    lib = next((d for d in ("lib64", "lib", "targets/x86_64-linux/lib")
+                if (cuda_root / d / "libcudart_static.a").exists()), None)
     if lib is None:
         pytest.skip("libcudart_static.a not found in the CUDA toolkit")
     out = tmp_path_factory.mktemp("cuda_emu") / ("_C_lora_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
@@ -514,6 +514,37 @@ def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
         tol = 4e-3 if x_dtype == torch.float16 else 3e-2
         assert got.dtype == x_dtype
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_emulated_opcheck_custom_ops_backend_cuda(emulated):
+    """The CUDA backend behind the same torch.library custom ops: schema, fake impls and mutation declarations hold
+    (torch.library.opcheck) with the emulated kernels, per-token and tiled."""
+    from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.pool import AdapterPool, LoRABatch
+
+    gen = torch.Generator().manual_seed(21)
+    K, slices, R = 16, [8, 4], 8
+    pool = AdapterPool(3, R, K, slices, dtype=torch.float16)
+    for name, r in (("a", R), ("b", 3)):
+        pool.load(name, [torch.randn(r, K, generator=gen) for _ in slices],
+                  [torch.randn(n, r, generator=gen) for n in slices])
+    batch = LoRABatch.prepare([0, -1, 1, 1, 0, 1, 0], max_tokens=8)
+    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    x = torch.randn(7, K, generator=gen).half()
+    for min_per_slot in (float("inf"), 0.0):  # per-token kernels, then tiled
+        saved = lkc.TILED_MIN_TOKENS_PER_SLOT
+        lkc.TILED_MIN_TOKENS_PER_SLOT = min_per_slot
+        try:
+            s_buf = torch.zeros(7, 2 * R)
+            torch.library.opcheck(ops._shrink_op,
+                                  (x, pool.A_stack, pool.ranks, *fields, s_buf, 2, batch.tile_m, "cuda"))
+            y = torch.randn(7, sum(slices), generator=gen).half()
+            torch.library.opcheck(ops._expand_op, (s_buf, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices,
+                                                   batch.tile_m, "cuda"))
+            torch.library.opcheck(ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y,
+                                                  slices, batch.tile_m, "cuda"))
+        finally:
+            lkc.TILED_MIN_TOKENS_PER_SLOT = saved
 
 
 GPU_SHAPES = [
@@ -649,6 +680,25 @@ def test_gpu_cuda_graph_capture_and_replay():
                           {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
                           ids, tml.SLICES)
         torch.testing.assert_close(y.cpu().double(), want, rtol=2e-2, atol=2e-2)
+
+
+@needs_ext
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_backend_cuda():
+    import lora_kernels as lk
+    from lora_kernels.pool import LoRABatch
+    import test_multi_lora as tml
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(15)
+    pool, _ = tml._make_pool(8, 16, [16, 8, 4], dtype=torch.float16, device="cuda")
+    weight = (torch.randn(sum(tml.SLICES), tml.K, generator=gen) / math.sqrt(tml.K)).to("cuda", torch.float16)
+    x = torch.randn(40, tml.K, generator=gen).to("cuda", torch.float16)
+    batch = LoRABatch.prepare(tml._ids("repeats", 40, [0, 1, 2], gen), device="cuda")
+    eager = lk.multi_lora_linear(x, weight, None, pool, batch, backend="cuda")
+    compiled = torch.compile(lambda x: lk.multi_lora_linear(x, weight, None, pool, batch, backend="cuda"),
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-2, atol=1e-2)
 
 
 @needs_ext

@@ -107,4 +107,5 @@ inline T __ldg(const T* p) {
 using std::fmaf;
 
 #define LORA_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(lora_cuda_emu::tl_block->dynamic_smem.data())
-#define LORA_LAUNCH(kernel, grid, block, smem, stream, ...) ::lora_cuda_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+#define LORA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::lora_cuda_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
