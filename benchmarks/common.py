@@ -138,6 +138,10 @@ def environment(device: torch.device) -> Dict[str, str]:
         "peft": _version("peft") or "not installed",
         "lora_kernels": (_version("lora_kernels") or "in-tree") + f" (git {_git_revision()})",
         "python": platform.python_version(),
+        # Variables that change what runs (backend choice, autotuning, interpreter, allocator): part of the record.
+        "env": ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                         if k.startswith(("LORA_KERNELS_", "TRITON_", "PYTORCH_", "TORCHINDUCTOR_"))
+                         or k == "CUDA_VISIBLE_DEVICES") or "no LORA_KERNELS_/TRITON_/PYTORCH_ variables set",
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -224,6 +228,7 @@ def print_header(title: str, device: torch.device, dtype: torch.dtype, ceilings:
         f"- versions: torch {info['torch']}, triton {info['triton']}, peft {info['peft']}, "
         f"lora_kernels {info['lora_kernels']}, python {info['python']}",
         f"- command: `{info['command']}`",
+        f"- environment: {info['env']}",
         f"- dtype: {_dtype_name(dtype)}",
         f"- {ceilings.describe(dtype)}",
     ]
