@@ -3,7 +3,6 @@ is written."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,14 +25,17 @@ def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=FLOAT_DTYPES) 
 
 
 def check_scale(name: str, value) -> float:
+    """A finite Python float from ``value``. Written so torch.compile can trace it: when a float argument changes
+    between calls dynamo makes it symbolic, and ``math.isfinite`` on a symbolic float is a graph break (an error under
+    ``fullgraph=True``); ``v - v != 0`` holds exactly for inf and nan and traces as a guard."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {shape(value)}")
-        value = float(value.item())
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if value - value != 0:
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 

@@ -24,20 +24,6 @@ _LORA_DTYPES = (torch.float32,)  # A and B may be fp32 while x and W are half pr
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
-def _check_float(name: str, value) -> float:
-    """``_validate.check_scale`` in a form torch.compile can trace: when a float argument changes between calls, dynamo
-    makes it symbolic, and ``math.isfinite`` on a symbolic float is a graph break (an error under ``fullgraph=True``).
-    ``v - v != 0`` holds exactly for inf and nan and traces as a guard."""
-    if isinstance(value, torch.Tensor):
-        return check_scale(name, value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if value - value != 0:
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
 def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, float]:
     check_tensor("x", x)
     if x.dim() < 1:
@@ -72,8 +58,8 @@ def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, 
     if lora_A.dtype != x.dtype and lora_A.dtype not in _LORA_DTYPES:
         raise TypeError(f"lora_A/lora_B dtype {lora_A.dtype} must be x's dtype {x.dtype} or float32")
     check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    scale = _check_float("scale", scale)
-    dropout_p = _check_float("dropout_p", dropout_p)
+    scale = check_scale("scale", scale)
+    dropout_p = check_scale("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return scale, dropout_p
@@ -171,8 +157,8 @@ def _bwd(
 def _bwd_fake(dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else dy.new_empty(0),
-        torch.empty_like(lora_A),
-        torch.empty_like(lora_B),
+        torch.empty_like(lora_A, memory_format=torch.contiguous_format),
+        torch.empty_like(lora_B, memory_format=torch.contiguous_format),
         torch.empty_like(weight) if needs_dweight else dy.new_empty(0),
         dy.new_empty(weight.shape[0]) if needs_dbias else dy.new_empty(0),
     )
