@@ -348,7 +348,7 @@ def _as_slices_view(s: torch.Tensor, num_slices: int) -> torch.Tensor:
 # Per-token or tiled kernels. The tiled ones read each adapter's weights once per pass of up to 8 of its tokens, at
 # the price of walking the work list and zeroing the shrink output; they can only win when adapters repeat. Chosen
 # when there are at least this many tokens per pool slot on average (M >= this * L): a guess, NOT yet measured on a
-# GPU (benchmarks/bench_multi_lora.py with provider lk_cuda is the place to settle it).
+# GPU (csrc/bench_bgmv.py times both per shape; benchmarks/bench_multi_lora.py, provider lk_cuda, the whole layer).
 TILED_MIN_TOKENS_PER_SLOT = 2.0
 _TILE_SMEM_LIMIT = 48 * 1024  # bytes of dynamic shared memory the tiled expand may use without opting in
 
