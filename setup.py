@@ -132,6 +132,12 @@ TEST_REQUIRES = [
     "pytest>=7",
     "pytest-benchmark>=4",
     "hypothesis>=6",
+    "matplotlib",  # the demo's loss plot
+    "peft>=0.17",  # equivalence tests against PEFT (tests/test_peft_compat.py)
+    "transformers>=4.45",  # tiny Llama / GPT-2 models built from configs, no download
+    "pybind11>=2.10",  # compile test of the CUDA extension (tests/test_cuda_ext.py)
+    "cmake>=3.24",
+    "ninja",
 ]
 
 setup(
@@ -143,7 +149,7 @@ setup(
     packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "safetensors>=0.4", "numpy"],
-    extras_require={"test": TEST_REQUIRES, "plot": ["matplotlib"]},
+    extras_require={"test": TEST_REQUIRES, "plot": ["matplotlib"], "peft": ["peft>=0.17", "transformers>=4.45"]},
     entry_points={"console_scripts": ["lora-kernels-demo=lora_kernels.demo:main"]},
     # The optional CUDA extension (see CMakeBuild above); skipped when no CUDA toolkit is found.
     ext_modules=[CMakeExtension("lora_kernels._C_lora")],
