@@ -120,14 +120,16 @@ def _run_workers(out_dir) -> Optional[str]:
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo "
                     "is not available in this build")
 def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path, one_thread):
-    # The port is free when chosen, but another process could take it before rank 0 binds it: then retry once.
+    # The port is free when chosen, but another process could take it before rank 0 binds it, and on a loaded machine
+    # a gloo worker has once died at start-up ("terminate called without an active exception"): retry the whole run
+    # once. A real defect fails both attempts (the results themselves are checked below, not retried).
     for attempt in range(2):
         out_dir = tmp_path / f"attempt{attempt}"
         out_dir.mkdir()
         error = _run_workers(out_dir)
         if error is None:
             break
-        if attempt == 0 and "address already in use" in error.lower():
+        if attempt == 0:
             continue
         pytest.fail(error)
 
