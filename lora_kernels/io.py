@@ -67,6 +67,15 @@ def _short_targets(model: nn.Module, names: List[str]) -> List[str]:
     return shorts if sorted(selected) == sorted(names) else sorted(names)
 
 
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The user's model inside a ``peft.PeftModel`` (kept at ``.base_model.model``): PEFT's keys already start with
+    ``base_model.model.``, so writing from the wrapper would double that prefix."""
+    inner = getattr(getattr(model, "base_model", None), "model", None)
+    if inner is not None and type(model).__name__.startswith("PeftModel"):
+        return inner
+    return model
+
+
 def save_adapter(
     model: nn.Module,
     path: Union[str, os.PathLike],
@@ -80,6 +89,7 @@ def save_adapter(
 
     from .modules import lora_layers
 
+    model = _unwrap_peft(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear layer (use inject_lora or lora_ga_init first)")
@@ -217,8 +227,9 @@ def load_adapter(
     Every check runs before anything is changed; errors name the missing/unexpected keys and the mismatched shapes.
     """
     from .modules import LoRALinear, lora_layers, lora_scaling
-    from .init.lora_ga import _matches
+    from .modules import _matches
 
+    model = _unwrap_peft(model)
     path = os.fspath(path)
     cfg = _read_config(path)
     state, metadata = _read_tensors(path)

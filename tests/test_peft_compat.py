@@ -416,11 +416,13 @@ def test_adapter_saved_here_loads_in_peft(tmp_path):
         close(loaded(ids).logits, ours(ids).logits, 1e-5)
 
 
-def test_converted_model_saves_active_adapter_in_peft_format(tmp_path):
+@pytest.mark.parametrize("pass_wrapper", [False, True])
+def test_converted_model_saves_active_adapter_in_peft_format(tmp_path, pass_wrapper):
     pm = two_adapter_model()
     conv, _ = convert(pm)
     lk.set_adapter(conv, "other")
-    lk.save_adapter(conv.base_model.model, tmp_path)
+    # The PeftModel itself or its inner model: both write PEFT's keys (one "base_model.model." prefix).
+    lk.save_adapter(conv if pass_wrapper else conv.base_model.model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(llama(), os.path.join(tmp_path))
     pm.set_adapter("other")
     ids = tokens()

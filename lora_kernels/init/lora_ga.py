@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 import time
 from collections import OrderedDict
@@ -36,6 +35,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 
+from ..modules import _matches
 from .pissa import INIT_RECORD
 from .svd import randomized_svd
 
@@ -95,13 +95,6 @@ def lora_ga_factors(
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _matches(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
-    # PEFT's rule, as in modules.inject_lora: a string is a regex on the full name, a list matches by name suffix.
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def resolve_targets(model: nn.Module, target_modules) -> List[str]:
     """Qualified names of the plain ``nn.Linear`` layers that ``target_modules`` selects (PEFT's matching rules;
     ``"all-linear"`` = every nn.Linear except the output layer, as in PEFT)."""
