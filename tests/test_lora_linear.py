@@ -359,6 +359,123 @@ def test_triton_gpu_training_shape(base_gemm, p, monkeypatch):
     _check_triton_against_reference(case, "cuda", seed=77)
 
 
+@needs_triton
+def test_triton_reads_the_seed_through_its_pointer(device):
+    """The kernels load the seed from a 0-dim int64 tensor (what the op passes): same result as the int seed and the
+    reference mask; the value is read at launch (change the tensor, get the other seed's mask); and the dropout
+    forward + backward through the public op draws exactly one seed, on x's device, that backward reuses."""
+    from lora_kernels.triton import lora_linear as tri
+
+    g = torch.Generator().manual_seed(17)
+    x, w, a, b, bb = make_inputs((33,), 37, 29, 8, torch.float32, torch.float32, True, device, gen=g)
+    dy = torch.randn(33, 29, generator=g).to(device)
+    p = 0.4
+    for seed in (5, 2**62 - 1):
+        seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
+        y_t, s_t = tri.lora_linear_forward(x, w, a, b, 0.9, bb, p, seed_t)
+        y_i, s_i = tri.lora_linear_forward(x, w, a, b, 0.9, bb, p, seed)
+        y_r, s_r = ref.lora_linear_forward(x, w, a, b, 0.9, bb, p, seed)
+        assert torch.equal(y_t, y_i) and torch.equal(s_t, s_i)
+        assert_close_scaled(y_t, y_r, 1e-4, f"y (seed {seed})")
+        assert_close_scaled(s_t, s_r, 1e-4, f"S (seed {seed})")
+        out_t = tri.lora_linear_backward(dy, x, w, a, b, s_t, 0.9, p, seed_t, True, False, False)
+        out_r = ref.lora_linear_backward(dy, x, w, a, b, s_r, 0.9, p, seed, True, False, False)
+        for name, gt, gr in zip(["dx", "dA", "dB"], out_t, out_r):
+            assert_close_scaled(gt, gr, 1e-4, f"{name} (seed {seed})")
+    # Same tensor object, new value: the launch reads what the tensor holds now.
+    seed_t = torch.tensor(5, dtype=torch.int64, device=device)
+    s_5 = tri.lora_linear_forward(x, w, a, b, 0.9, bb, p, seed_t)[1]
+    seed_t.fill_(6)
+    s_6 = tri.lora_linear_forward(x, w, a, b, 0.9, bb, p, seed_t)[1]
+    assert_close_scaled(s_6, ref.lora_linear_forward(x, w, a, b, 0.9, bb, p, 6)[1], 1e-4, "S (seed 6)")
+    assert (s_5 - s_6).abs().max() > 1e-2
+
+    # Through the op: one draw, on x's device, nonnegative and < 2^62; backward gets that same tensor.
+    drawn, seen = [], []
+    real_draw, real_bwd = op_mod._draw_seed, tri.lora_linear_backward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(op_mod, "_draw_seed", lambda *args: drawn.append(real_draw(*args)) or drawn[-1])
+        mp.setattr(tri, "lora_linear_backward", lambda *args: seen.append(args[8]) or real_bwd(*args))
+        xl = x.detach().requires_grad_()
+        lora_kernels.lora_linear(xl, w, a, b, 0.9, bias=bb, dropout_p=p, backend="triton").backward(dy)
+    assert len(drawn) == 1 and len(seen) == 1 and seen[0] is drawn[0]
+    assert drawn[0].device == x.device and drawn[0].dtype == torch.int64 and drawn[0].dim() == 0
+    assert 0 <= int(drawn[0]) < 2**62
+
+
+def test_no_dropout_draws_no_seed():
+    """p = 0 (or eval mode) leaves torch's generator untouched; p > 0 advances it."""
+    x, w, a, b = _good("cpu")
+    state = torch.get_rng_state()
+    lora_kernels.lora_linear(x, w, a, b, 1.0, dropout_p=0.0, backend="torch")
+    lora_kernels.lora_linear(x, w, a, b, 1.0, dropout_p=0.5, training=False, backend="torch")
+    assert torch.equal(torch.get_rng_state(), state)
+    lora_kernels.lora_linear(x, w, a, b, 1.0, dropout_p=0.5, backend="torch")
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.gpu
+def test_triton_dropout_under_cuda_graph_replays_fresh_masks(monkeypatch):
+    """A forward + backward with dropout captured in torch.cuda.graph: each replay draws a new seed on the device
+    (fresh mask), and each replay's y and gradients equal the reference for the seed that replay drew. Capture itself
+    fails on any host sync; an eager step also runs under set_sync_debug_mode("error")."""
+    from lora_kernels.triton import lora_linear as tri
+
+    g = torch.Generator().manual_seed(23)
+    x, w, a, b, bb = make_inputs((2, 50), 96, 80, 16, torch.float16, torch.float32, True, "cuda", gen=g)
+    x = x.contiguous()
+    dy = torch.randn(2, 50, 80, generator=g).to("cuda", torch.float16)
+    leaves = [x.detach().requires_grad_(), a.detach().requires_grad_(), b.detach().requires_grad_()]
+    p, scale = 0.3, 1.1
+
+    def step():
+        y = lora_kernels.lora_linear(leaves[0], w, leaves[1], leaves[2], scale, bias=bb, dropout_p=p, backend="triton")
+        y.backward(dy)
+        return y
+
+    # Warm-up on a side stream (compiles the kernels; autotune is off in this file), as torch.cuda.graph's docs ask.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()  # an eager step with no host sync
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for t in leaves:
+        t.grad = None
+
+    drawn = []
+    real_draw = op_mod._draw_seed
+    monkeypatch.setattr(op_mod, "_draw_seed", lambda *args: drawn.append(real_draw(*args)) or drawn[-1])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = step()
+    assert len(drawn) == 1
+    seed_static = drawn[0]
+
+    results = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append((int(seed_static.item()), y_static.clone(), [t.grad.clone() for t in leaves]))
+    (seed1, y1, g1), (seed2, y2, g2) = results
+    assert seed1 != seed2, "the replays reused the captured seed"
+    assert 0 <= seed1 < 2**62 and 0 <= seed2 < 2**62
+    assert (y1.float() - y2.float()).abs().max() > 1e-2, "the replays drew the same mask"
+    x2d, dy2d = x.reshape(-1, 96), dy.reshape(-1, 80)
+    for seed, y, grads in results:
+        y_r, s_r = ref.lora_linear_forward(x2d, w, a, b, scale, bb, p, seed)
+        dx_r, da_r, db_r, _, _ = ref.lora_linear_backward(dy2d, x2d, w, a, b, s_r, scale, p, seed, True, False, False)
+        assert_close_scaled(y.reshape(-1, 80), y_r, TOL[torch.float16], f"y (seed {seed})")
+        for name, got, want in zip(["dx", "dA", "dB"], grads, [dx_r, da_r, db_r]):
+            assert_close_scaled(got.reshape(want.shape), want, TOL[torch.float16], f"{name} (seed {seed})")
+
+
 # Compiles each kernel for sm_90 with triton's bundled ptxas, in a child process without TRITON_INTERPRET (the kernels
 # in this process are interpreter objects). Catches what the interpreter cannot: lowering errors in GPU-only code
 # and shared-memory overflow of the tile configurations.
@@ -371,7 +488,8 @@ from lora_kernels.triton import lora_linear as L
 
 UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_yn", "stride_dyn", "stride_ak"}
 PTR = {"x_ptr": "bf16", "w_ptr": "bf16", "bias_ptr": "bf16", "y_ptr": "bf16", "dy_ptr": "bf16", "dx_ptr": "bf16",
-       "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32", "da_ptr": "fp32", "a_ptr": "fp32", "b_ptr": "fp32"}
+       "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32", "da_ptr": "fp32", "a_ptr": "fp32", "b_ptr": "fp32",
+       "seed_ptr": "i64"}
 
 
 def jit_fn(k):
@@ -390,7 +508,7 @@ def compile_for_sm90(kernel, consts, num_warps, num_stages, dtype):
         elif n.endswith("_ptr"):
             sig[n] = "*" + (dtype if PTR[n] == "bf16" else PTR[n])
         else:
-            sig[n] = {"scale": "fp32", "inv_keep": "fp32", "seed": "i64"}.get(n, "i32")
+            sig[n] = {"scale": "fp32", "inv_keep": "fp32"}.get(n, "i32")
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
              if t.startswith("*") or n.startswith("stride") or n in ("M", "N", "K")}
     compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),

@@ -5,9 +5,14 @@ Layers of this file, top to bottom: input checks; backend choice; the two ``torc
 ``register_autograd``; and the public function :func:`lora_linear`.
 
 Semantics are PEFT's: dropout applies to the LoRA branch input only, kept elements are scaled by 1/(1-p). The mask is
-a function of a seed drawn from torch's CPU generator (so ``torch.manual_seed`` fixes it) and is regenerated in
-backward, never stored. Saved for backward: x (as passed, 2-D view), W0, A, B, S = dropout(x)·Aᵀ (M×r, fp32) and the
-seed. dW is formed only when ``weight.requires_grad``.
+a function of a seed (a 0-dim int64 tensor, see :func:`_draw_seed`) and is regenerated in backward from the same saved
+seed tensor, never stored. Saved for backward: x (as passed, 2-D view), W0, A, B, S = dropout(x)·Aᵀ (M×r, fp32) and
+the seed. dW is formed only when ``weight.requires_grad``.
+
+CUDA graphs. For x on CUDA the seed is drawn on x's device by the CUDA generator and the Triton kernels load it
+through a pointer: no host sync, and ``torch.cuda.graph`` / ``torch.compile(mode="reduce-overhead")`` replays draw a
+fresh seed (the generator's Philox offset advances on each replay), hence a fresh mask. The torch backend needs the
+seed as a Python int (``.item()``, a host sync): with dropout it cannot be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -99,6 +104,32 @@ def _impl(name: str):
     return _ref
 
 
+# ------------------------------------------------------------------------------------------------------------ seeds
+# Placeholder seed without dropout on the CPU (never read). On CUDA an uninitialised device scalar is used instead, so
+# a compiled graph holds no CPU tensor (that would keep torch.compile's CUDA graphs off).
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def _draw_seed(x: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """The dropout seed, a 0-dim int64 tensor in [0, 2^62).
+
+    x on CUDA: drawn on x's device by its CUDA generator (``torch.manual_seed`` seeds it too): no host sync, and a
+    CUDA-graph capture records the draw, so each replay gets a new seed. Elsewhere: drawn by the CPU generator.
+    p = 0 draws nothing (the generators' states are untouched)."""
+    on_cuda = x.device.type == "cuda"
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device if on_cuda else None)
+    return torch.empty((), dtype=torch.int64, device=x.device) if on_cuda else _NO_SEED
+
+
+def _seed_arg(backend: str, seed: torch.Tensor, dropout_p: float):
+    """What the backend takes: the Triton kernels read the tensor on the device; the torch reference needs an int,
+    read with ``.item()`` (a host sync; only with dropout, so p = 0 stays sync-free and graph-capturable)."""
+    if backend == "triton":
+        return seed
+    return int(seed.item()) if dropout_p > 0.0 else 0
+
+
 # ------------------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
 def _fwd(
@@ -113,7 +144,8 @@ def _fwd(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     impl = _impl(backend)
-    y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, int(seed.item()))
+    seed_arg = _seed_arg(backend, seed, dropout_p)
+    y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
     return y, s_mat
 
 
@@ -141,7 +173,8 @@ def _bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _impl(backend)
     dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
-        dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, int(seed.item()), needs_dx, needs_dweight, needs_dbias
+        dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
+        needs_dx, needs_dweight, needs_dbias,
     )
     # Custom ops cannot return None: gradients not asked for come back as empty tensors and become None in backward.
     return (
@@ -191,8 +224,6 @@ def _backward(ctx, dy, _d_s_mat):
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
-_NO_SEED = torch.zeros((), dtype=torch.int64)
-
 
 # ------------------------------------------------------------------------------------------------------------ public
 def lora_linear(
@@ -211,8 +242,10 @@ def lora_linear(
     Shapes: x ``[..., K]`` (any leading dims, any strides), weight ``[N, K]``, lora_A ``[r, K]``, lora_B ``[N, r]``,
     bias ``[N]``; returns ``[..., N]`` in x's dtype. x, weight and bias share a dtype (fp16, bf16, fp32); lora_A and
     lora_B are that dtype or fp32. Dropout applies only when ``training`` and ``dropout_p > 0``; its mask comes from a
-    seed drawn from torch's CPU generator. ``backend``: ``"auto" | "triton" | "torch"`` (default: ``$LORA_KERNELS_BACKEND``
-    or ``"auto"``).
+    seed drawn from torch's generator of x's device when that is CUDA (CPU generator otherwise), so
+    ``torch.manual_seed`` fixes it. ``backend``: ``"auto" | "triton" | "torch"`` (default: ``$LORA_KERNELS_BACKEND``
+    or ``"auto"``). With the Triton backend a training step with dropout can be captured in a CUDA graph (each replay
+    draws a fresh mask); the torch backend reads the seed on the host and cannot be captured with dropout.
     """
     scale, dropout_p = validate(x, weight, lora_A, lora_B, scale, bias, dropout_p)
     if not training:
@@ -220,9 +253,6 @@ def lora_linear(
     name = resolve_backend(backend, x, weight, lora_A, lora_B, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    else:
-        seed = _NO_SEED
+    seed = _draw_seed(x, dropout_p)
     y, _ = _fwd(x2d, weight, lora_A, lora_B, bias, scale, dropout_p, seed, name)
     return y.reshape(*lead, weight.shape[0])

@@ -11,7 +11,9 @@ Backward (three launches, plus cuBLAS for dW / a torch reduction for dbias when 
   3. ``_ds_db_kernel``       one pass over dY: dS = s·dY·B (M×r) and dB = s·dYᵀ·S (N×r, fp32 atomics, split over N).
   4. ``_reduce_m_kernel``    dA = dSᵀ·dropout(x), mask regenerated from the seed (split over M, fp32 atomics).
   5. ``_dx_kernel``          dX = dY·W0 + mask⊙(dS·A)/(1-p): accumulator initialised with the masked K = r product.
-Saved between the two: x, S (fp32) and the seed; never the mask, never x̂.
+Saved between the two: x, S (fp32) and the seed; never the mask, never x̂. The seed is a 0-dim int64 tensor on x's
+device that the kernels load (``seed_ptr``), never a by-value argument: no host sync, and a CUDA-graph replay of a
+training step reads the seed drawn on the device in that replay, so every replay gets a fresh mask.
 Under ``torch.use_deterministic_algorithms(True)`` no reduction is split across programs and dB comes from a second,
 atomic-free pass over dY (dBᵀ = s·Sᵀ·dY through kernel 4), so results are bitwise reproducible.
 
@@ -48,6 +50,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import lora_linear as _ref
 from ..reference.dropout import RAND_BITS, dropout_threshold
+from ._compat import patch_interpreter
 
 # "triton": y and dX come from the fused Triton GEMMs. "cublas": cuBLAS computes the base product, the Triton kernels
 # add the LoRA term in place. Module-level so benchmarks can flip it; read on every call.
@@ -67,6 +70,8 @@ _SKINNY_MAX_R = 128
 _M_BUCKET_CAP = 16384
 
 _INTERPRET_AT_IMPORT = _backend.interpreter_enabled()
+# triton 3.6's interpreter + numpy >= 2.4 cannot run loops with runtime bounds (see _compat.py); no-op otherwise.
+patch_interpreter()
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -188,7 +193,8 @@ def _shrink_kernel(
     M, K, R,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
-    seed, threshold, inv_keep,
+    seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
+    threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     F32: tl.constexpr, PREC: tl.constexpr,
@@ -205,6 +211,9 @@ def _shrink_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum((pid_s + 1) * per_split, k_tiles)
+    if HAS_DROPOUT:
+        # Read on the device, not passed by value: a CUDA-graph replay sees the seed drawn in that replay.
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for t in range(pid_s * per_split, t_end):
         rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -363,7 +372,8 @@ def _reduce_m_kernel(
     da_ptr,  # [R, K] fp32 out, contiguous; zero-filled when SPLIT_M > 1 (atomics)
     M, K, R,
     stride_xm, stride_xk,
-    seed, threshold, inv_keep,
+    seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
+    threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr,
     SPLIT_M: tl.constexpr,
     PREC: tl.constexpr,
@@ -383,6 +393,8 @@ def _reduce_m_kernel(
     m_tiles = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(m_tiles, SPLIT_M)
     t_end = tl.minimum((pid_s + 1) * per_split, m_tiles)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)  # the forward's seed tensor, saved for backward
     for t in range(pid_s * per_split, t_end):
         rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
@@ -421,7 +433,8 @@ def _dx_kernel(
     stride_dym, stride_dyn,
     stride_wn, stride_wk,
     stride_ar, stride_ak,
-    seed, threshold, inv_keep,
+    seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
+    threshold, inv_keep,
     HAS_DROPOUT: tl.constexpr,
     BASE: tl.constexpr,  # True: dX = dY·W0 + LoRA term. False: dX += LoRA term (cuBLAS already wrote dY·W0)
     UPCAST: tl.constexpr, PREC: tl.constexpr, LORA_PREC: tl.constexpr,
@@ -445,7 +458,7 @@ def _dx_kernel(
         at = tl.load(a_ptr + rr[:, None] * stride_ar + rk_in[None, :] * stride_ak, mask=rr[:, None] < R, other=0.0)
         acc = _dot(dst, at, acc, True, LORA_PREC)
     if HAS_DROPOUT:
-        acc = tl.where(_keep_mask(seed, rm, rk, K, threshold), acc * inv_keep, 0.0)
+        acc = tl.where(_keep_mask(tl.load(seed_ptr), rm, rk, K, threshold), acc * inv_keep, 0.0)
 
     dx_mask = (rm[:, None] < M) & (rk[None, :] < K)
     dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * K + rk.to(tl.int64)[None, :]
@@ -509,22 +522,32 @@ def _r_block(R: int, cap: int) -> int:
     return max(_MIN_DOT, min(triton.next_power_of_2(R), cap))
 
 
-def _dropout_args(dropout_p: float, seed: int):
-    """(HAS_DROPOUT, seed, threshold, 1/(1-p)) for the kernels; p = 0 compiles the mask away."""
+def _dropout_args(dropout_p: float, seed, like: torch.Tensor):
+    """(HAS_DROPOUT, seed pointer, threshold, 1/(1-p)) for the kernels; p = 0 compiles the mask away.
+
+    ``seed``: a 0-dim int64 tensor (what the op passes: drawn on x's device, so the kernels read it without a host
+    sync and a CUDA-graph replay reads the seed drawn in that replay) or a Python int (copied to the device here,
+    which is not graph-safe). Without dropout the kernels never read the pointer, so ``like`` stands in for it."""
     if dropout_p <= 0.0:
-        return False, 0, 0, 1.0
-    return True, int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+        return False, like, 0, 1.0
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1:
+            raise ValueError(f"seed must be a single int64 value, got shape {tuple(seed.shape)}")
+        seed_t = seed.reshape(()).to(device=like.device, dtype=torch.int64)  # no copy when already there
+    else:
+        seed_t = torch.tensor(int(seed), dtype=torch.int64, device=like.device)
+    return True, seed_t, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
 
 
-def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
     """S = dropout(x)·Aᵀ, fp32 [M, r]. x [M, K] (any strides), lora_A [r, K]."""
     M, K = x.shape
     R = lora_A.shape[0]
-    has_drop, seed, threshold, inv_keep = _dropout_args(dropout_p, seed)
+    has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
     upcast, _, lora_prec = _precisions(x.dtype)
     block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
     block_r = _r_block(R, _SKINNY_MAX_R)
@@ -537,7 +560,7 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) 
             x, lora_A, s_mat,
             M, K, R,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-            seed, threshold, inv_keep,
+            seed_t, threshold, inv_keep,
             HAS_DROPOUT=has_drop, SPLIT_K=split_k,
             F32=not same, PREC=lora_prec,
             BLOCK_M=block_m, BLOCK_K=_SKINNY_BLOCK, BLOCK_R=block_r,
@@ -554,13 +577,15 @@ def lora_linear_forward(
     scale: float,
     bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed=0,
 ):
-    """Same contract as ``reference.lora_linear.lora_linear_forward``: ``(y [M, N] in x.dtype, S [M, r] fp32)``."""
+    """Same contract as ``reference.lora_linear.lora_linear_forward``: ``(y [M, N] in x.dtype, S [M, r] fp32)``.
+
+    ``seed``: a 0-dim int64 tensor (read by the kernels on the device: CUDA-graph safe, no host sync) or an int."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    if M == 0 or N == 0 or K == 0:
-        return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed)
+    if M == 0 or N == 0 or K == 0:  # nothing to mask: the seed is not read (no sync)
+        return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, 0)
     if bias is not None:
         bias = bias.contiguous()  # the epilogue indexes bias[n] with unit stride; N elements, a no-op when contiguous
     s_mat = _shrink(x, lora_A, dropout_p, seed)
@@ -624,12 +649,12 @@ def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: f
     return d_s, d_b
 
 
-def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
     """leftᵀ·dropout(x), fp32 [r, K], for left [M, r] fp32 contiguous and x [M, K] any strides (dA = dSᵀ·x̂)."""
     M, K = x.shape
     R = left.shape[1]
     left = left.contiguous()
-    has_drop, seed, threshold, inv_keep = _dropout_args(dropout_p, seed)
+    has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
     _, _, lora_prec = _precisions(x.dtype)
     block_k = _SKINNY_BLOCK
     block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
@@ -642,7 +667,7 @@ def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) 
             left, x, out,
             M, K, R,
             x.stride(0), x.stride(1),
-            seed, threshold, inv_keep,
+            seed_t, threshold, inv_keep,
             HAS_DROPOUT=has_drop, SPLIT_M=split_m, PREC=lora_prec,
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
@@ -650,11 +675,11 @@ def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: int) 
     return out
 
 
-def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int):
+def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed):
     """dX = dY·W0 + mask ⊙ (dS·A)/(1-p), x's dtype, contiguous [M, K]."""
     M, N = dy.shape
     K, R = weight.shape[1], lora_A.shape[0]
-    has_drop, seed, threshold, inv_keep = _dropout_args(dropout_p, seed)
+    has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, dy)
     upcast, prec, lora_prec = _precisions(dy.dtype)
     base = BASE_GEMM != "cublas"
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if base else torch.mm(dy, weight)
@@ -666,7 +691,7 @@ def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch
             dy.stride(0), dy.stride(1),
             weight.stride(0), weight.stride(1),
             lora_A.stride(0), lora_A.stride(1),
-            seed, threshold, inv_keep,
+            seed_t, threshold, inv_keep,
             HAS_DROPOUT=has_drop, BASE=base,
             UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
             BLOCK_R=_r_block(R, _PROLOGUE_MAX_R),
@@ -683,7 +708,7 @@ def lora_linear_backward(
     s_mat: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed=0,
     needs_dx: bool = True,
     needs_dweight: bool = False,
     needs_dbias: bool = False,
@@ -691,12 +716,13 @@ def lora_linear_backward(
     """Same contract as ``reference.lora_linear.lora_linear_backward``: ``(dx, dA, dB, dweight, dbias)``.
 
     dX, dA, dB come from the kernels above; dW = dYᵀ·x (only when asked) and dbias = Σ_m dY are left to cuBLAS / torch.
+    ``seed``: the forward's seed (tensor or int, see ``lora_linear_forward``); the mask is regenerated from it.
     """
     M, K = x.shape
     N = weight.shape[0]
-    if M == 0 or N == 0 or K == 0:
+    if M == 0 or N == 0 or K == 0:  # nothing to mask: the seed is not read (no sync)
         return _ref.lora_linear_backward(
-            dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, needs_dx, needs_dweight, needs_dbias
+            dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, 0, needs_dx, needs_dweight, needs_dbias
         )
     d_s, d_b = _ds_db(dy, lora_B, s_mat, scale)
     d_a = _reduce_m(d_s, x, dropout_p, seed)
