@@ -5,6 +5,10 @@
 All arithmetic is done in float32 (float64 when the inputs are float64) and cast to x's dtype once at the end, which
 is what the fused kernels do with their fp32 accumulators. Shapes (2-D at this level, the op flattens leading dims):
 x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N], S [M, r] (float32 or float64).
+
+``seed`` is a Python int (a 0-dim tensor also works: it is read with ``int()``, a host sync for a CUDA tensor). That
+read is why the torch backend of ``lora_kernels.lora_linear`` cannot be captured in a CUDA graph with dropout; the
+Triton kernels read the seed on the device instead.
 """
 
 from __future__ import annotations
