@@ -29,6 +29,10 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from ._compat import patch_interpreter
+
+# triton 3.6's interpreter + numpy >= 2.4 cannot run loops with runtime bounds (see _compat.py); no-op otherwise.
+patch_interpreter()
 
 # ----------------------------------------------------------------------------------------------------------- configs
 # Shrink reads the K-long rows of x and A: with small tiles (<= 32 rows) BLOCK_K = 256 halves the loop trips of a
