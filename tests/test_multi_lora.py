@@ -195,6 +195,72 @@ def test_multi_lora_linear_triton_matches_reference(T, pattern, slices, fused, l
     torch.testing.assert_close(got_ref.cpu().double(), want, rtol=2e-4, atol=2e-4)
 
 
+def test_k_pipeline_fits_shared_memory():
+    """The shrink/fused launchers size BLOCK_K and num_stages to the device's shared memory: the common decode case
+    keeps BLOCK_K = 256 at 3 stages; big tiles / ranks / fp32 shrink the pipeline until the estimate fits."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    from lora_kernels.triton import multi_lora as ML
+
+    h100, a100, ada = 227 * 1024, 163 * 1024, 99 * 1024
+    assert ML._k_pipeline(16, 256, 64, 2, 2, 16 * 64 * 4, h100) == (256, 3)
+    for smem in (h100, a100, ada):
+        for bm in (16, 32, 64, 128):
+            for br in (16, 64, 128):
+                for xb, ab in ((2, 2), (4, 4), (2, 4)):
+                    reserve = bm * br * 4 + br * 256 * ab
+                    bk, st = ML._k_pipeline(bm, 256, br, xb, ab, reserve, smem)
+                    assert 32 <= bk <= 256 and 2 <= st <= 3
+                    need = st * (bm * bk * xb + bk * br * ab) + reserve
+                    assert need <= smem or (bk, st) == (32, 2), (smem, bm, br, xb, ab, bk, st, need)
+
+
+@needs_triton
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_launchers_honour_strides_of_out_s_and_scales(fused):
+    """The Triton launchers read every stride of out / s / scales (no hidden contiguity assumption): out and s
+    column-major, scales a transposed view, against a float64 loop over the tokens."""
+    from lora_kernels.triton import multi_lora as ML
+
+    g = torch.Generator().manual_seed(11)
+    M, K, L, R, slices = 7, 40, 3, 8, [20, 13]
+    S, N = len(slices), sum(slices)
+    x = torch.randn(M, K, generator=g)
+    A = torch.randn(L, S * R, K, generator=g)
+    B = torch.randn(L, N, R, generator=g)
+    ranks = torch.tensor([8, 3, 0], dtype=torch.int32)
+    scales = torch.randn(S, L, generator=g).t()  # [L, S], strides (1, L)
+    ids = [0, 1, -1, 2, 1, 0, 0]
+    y0 = torch.randn(M, N, generator=g)
+    s_want = torch.zeros(M, S * R, dtype=torch.float64)
+    y_want = y0.double().clone()
+    offs = [0, slices[0]]
+    for m, l in enumerate(ids):
+        if l < 0 or ranks[l] == 0:
+            continue
+        r = int(ranks[l])
+        for i in range(S):
+            sv = x[m].double() @ A[l, i * R : i * R + r].double().t()
+            s_want[m, i * R : i * R + r] = sv
+            y_want[m, offs[i] : offs[i] + slices[i]] += scales[l, i].double() * (
+                B[l, offs[i] : offs[i] + slices[i], :r].double() @ sv)
+    dev = DEVICE
+    x, A, B, ranks, scales, y0 = (t.to(dev) for t in (x, A, B, ranks, scales, y0))
+    assert not scales.is_contiguous()
+    batch = LoRABatch.prepare(ids, device=dev)
+    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    y = y0.t().contiguous().t()  # column-major y as well
+    if fused:
+        ML.fused(x, A, B, ranks, scales, *fields, y, slices, batch.tile_m)
+    else:
+        out = torch.full((S * R, M), float("nan"), device=dev).t()  # [M, S·R], strides (1, M)
+        ML.shrink(x, A, ranks, *fields, out, S, batch.tile_m)
+        torch.testing.assert_close(out.cpu().double(), s_want, rtol=1e-5, atol=1e-5)
+        s_cm = s_want.float().t().contiguous().t().to(dev)  # column-major s
+        ML.expand(s_cm, B, ranks, scales, *fields, y, slices, batch.tile_m)
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-5, atol=1e-5)
+
+
 @needs_triton
 @pytest.mark.parametrize("tile_m,fused", [(32, False), (128, True)])
 def test_tile_sizes(tile_m, fused):
@@ -742,6 +808,7 @@ class Recorder:
 for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name)))
 ML._sm_count = lambda index: 132
+ML._max_smem = lambda index: 227 * 1024  # H100's opt-in limit per block (what the launchers size pipelines for)
 
 
 def compile_for_sm90(kernel, args, kwargs):
@@ -777,10 +844,13 @@ K, L = 4096, 8
 jobs = []
 for dtype in (torch.float16, torch.bfloat16):
     # (tokens, rank, output slices): decode (fused, and split-K shrink with atomics), prefill with q|k|v slices.
-    for M, R, slices, path in ((16, 16, [4096], "fused"), (16, 64, [4096], "fused"),
-                               (256, 16, [4096], "two-step"), (4096, 64, [4096, 1024, 1024], "two-step")):
-        S, N, tile_m = len(slices), sum(slices), auto_tile_m(M)
-        cap = M
+    # The last case: a decode step of a batch with capacity 4096 (tile_m = 64): fused with 64-row tiles and rank 64
+    # needs 288 KiB at BLOCK_K = 256 and 3 stages; the launcher must shrink the pipeline to fit.
+    for M, R, slices, path, cap in ((16, 16, [4096], "fused", 16), (16, 64, [4096], "fused", 16),
+                                    (256, 16, [4096], "two-step", 256),
+                                    (4096, 64, [4096, 1024, 1024], "two-step", 4096),
+                                    (16, 64, [4096], "fused", 4096)):
+        S, N, tile_m = len(slices), sum(slices), auto_tile_m(cap)
         x = torch.empty(M, K, dtype=dtype)
         A = torch.empty(L, S * R, K, dtype=dtype)
         B = torch.empty(L, N, R, dtype=dtype)
@@ -801,7 +871,7 @@ for kernel, args, kwargs in calls:
     shown = {k: v for k, v in consts.items() if k.isupper()}
     print(str(kernel).split(":")[-1], dtype, shown, "smem", smem, "compile %.1fs" % (time.perf_counter() - t0))
     assert smem <= 227 * 1024, (kernel, shown, smem)
-assert len(calls) == 2 * (2 + 2 * 2), len(calls)
+assert len(calls) == 2 * (3 + 2 * 2), len(calls)
 assert any(kw.get("SPLIT_K", 1) > 1 for k, a, kw in calls), "no split-K shrink was compiled"
 print("OK")
 """

@@ -63,6 +63,42 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Shared memory a block may use when the device cannot be asked: the smallest of the GPUs this package targets
+# (sm_86/sm_89: 99 KiB; A100 has 163 KiB, H100 227 KiB).
+_SMEM_FALLBACK = 99 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _max_smem(index: int) -> int:
+    """Opt-in shared memory per block of GPU ``index``: the limit Triton checks at launch (OutOfResources above it)."""
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # pragma: no cover - driver API differences across triton versions
+        optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
+        return int(optin) or _SMEM_FALLBACK
+
+
+def _k_pipeline(block_m, block_k, block_r, x_bytes, a_bytes, reserve, smem, num_stages=3):
+    """(BLOCK_K, num_stages) of a K loop that streams [BLOCK_M, BLOCK_K] x tiles and [BLOCK_K, BLOCK_R] A tiles.
+
+    The software pipeline keeps up to ``num_stages`` such pairs in shared memory; with 64-128-row tiles, rank 64-128
+    or fp32 operands the default BLOCK_K = 256 at 3 stages needs 260-420 KiB, over any GPU's limit (Triton then fails
+    at launch with OutOfResources). So cut the stages' cost (fewer stages first, then a shorter BLOCK_K, never
+    below 32) until ``num_stages · stage + reserve`` fits ``smem``; the estimate is an upper bound of what Triton
+    3.6 allocates for these kernels on sm_80/sm_90 (checked by compiling, see tests/test_multi_lora.py)."""
+    stages = num_stages
+    while True:
+        need = stages * (block_m * block_k * x_bytes + block_k * block_r * a_bytes) + reserve
+        if need <= smem or (block_k <= 32 and stages <= 2):
+            return block_k, stages
+        if stages > 2:
+            stages -= 1
+        else:
+            block_k //= 2
+
+
 def _cast_to_fp32(*dtypes: torch.dtype) -> bool:
     """True when the MMA must run on fp32 operands: fp32 data (exact IEEE products, as the reference), mixed dtypes,
     or bf16 in the interpreter (whose bf16 tl.dot is wrong)."""
@@ -171,7 +207,7 @@ def _shrink_kernel(
     sorted_tokens_ptr,  # [cap] int32
     sorted_slots_ptr,  # [cap] int32
     tile_starts_ptr,  # [cap + 1] int32
-    out_ptr,  # [M, S·R] fp32, zeroed before the launch when SPLIT_K > 1
+    out_ptr,  # [M, S·R] fp32, any strides; zeroed before the launch when SPLIT_K > 1
     M,
     K,
     L,
@@ -184,6 +220,7 @@ def _shrink_kernel(
     stride_ar,
     stride_ak,
     stride_om,
+    stride_on,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -204,7 +241,7 @@ def _shrink_kernel(
         BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
     )
     offs_r = tl.arange(0, BLOCK_R)
-    out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r)[None, :]
+    out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r)[None, :] * stride_on
     mask = row_ok[:, None] & (offs_r < rank)[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc, mask=mask)
@@ -214,10 +251,10 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    s_ptr,  # [M, S·R] fp32: shrink output
+    s_ptr,  # [M, S·R] fp32: shrink output, any strides
     b_ptr,  # [L, N, R] pool dtype: slice s of slot l at rows off_s .. off_s+N_s-1, columns 0..rank-1
     ranks_ptr,  # [L] int32
-    scales_ptr,  # [L, S] fp32
+    scales_ptr,  # [L, S] fp32, any strides
     sorted_tokens_ptr,  # [cap] int32
     sorted_slots_ptr,  # [cap] int32
     tile_starts_ptr,  # [cap + 1] int32
@@ -226,12 +263,14 @@ def _expand_kernel(
     L,
     cap,
     R,
-    S,
     N0,
     N1,
     N2,
     N3,
     stride_sm,
+    stride_sn,
+    stride_scl,
+    stride_scs,
     stride_bl,
     stride_bn,
     stride_br,
@@ -253,12 +292,12 @@ def _expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     s_tile = tl.load(
-        s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r)[None, :],
+        s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r)[None, :] * stride_sn,
         mask=row_ok[:, None] & r_ok[None, :],
         other=0.0,
     )
     _expand_store(
-        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, S,
+        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, stride_scl, stride_scs,
         stride_bl, stride_bn, stride_br, stride_ym, stride_yn, BLOCK_R, BLOCK_N, CAST_FP32,
     )
 
@@ -267,7 +306,7 @@ def _expand_kernel(
 def _expand_store(
     s_tile,  # [BLOCK_M, BLOCK_R] fp32
     b_ptr,  # [L, N, R]
-    scales_ptr,  # [L, S] fp32
+    scales_ptr,  # [L, S] fp32, any strides
     y_ptr,  # [M, N]
     slot,
     tok,
@@ -276,7 +315,8 @@ def _expand_store(
     s_idx,
     n_lo,
     n_end,
-    S,
+    stride_scl,
+    stride_scs,
     stride_bl,
     stride_bn,
     stride_br,
@@ -299,7 +339,7 @@ def _expand_store(
         acc = tl.dot(s_tile, bt.to(tl.float32), input_precision="ieee")
     else:
         acc = tl.dot(s_tile.to(bt.dtype), bt)
-    scale = tl.load(scales_ptr + slot * S + s_idx)
+    scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
     y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask = row_ok[:, None] & n_ok[None, :]
     y_old = tl.load(y_ptrs, mask=mask, other=0.0)
@@ -312,7 +352,7 @@ def _fused_kernel(
     a_ptr,  # [L, S·R, K] pool dtype
     b_ptr,  # [L, N, R] pool dtype
     ranks_ptr,  # [L] int32
-    scales_ptr,  # [L, S] fp32
+    scales_ptr,  # [L, S] fp32, any strides
     sorted_tokens_ptr,  # [cap] int32
     sorted_slots_ptr,  # [cap] int32
     tile_starts_ptr,  # [cap + 1] int32
@@ -322,7 +362,6 @@ def _fused_kernel(
     L,
     cap,
     R,
-    S,
     N0,
     N1,
     N2,
@@ -335,6 +374,8 @@ def _fused_kernel(
     stride_bl,
     stride_bn,
     stride_br,
+    stride_scl,
+    stride_scs,
     stride_ym,
     stride_yn,
     BLOCK_M: tl.constexpr,
@@ -360,7 +401,7 @@ def _fused_kernel(
     )
     r_ok = tl.arange(0, BLOCK_R) < rank
     _expand_store(
-        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, S,
+        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, stride_scl, stride_scs,
         stride_bl, stride_bn, stride_br, stride_ym, stride_yn, BLOCK_R, BLOCK_N, CAST_FP32,
     )
 
@@ -401,11 +442,16 @@ def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_sta
     if M == 0:
         return out
     n_tiles = _num_tiles_bound(M, L, tile_m, cap)
+    stages = 3
     if _backend.interpreter_enabled():
         block_k = _INTERP_BLOCK_K
         split = min(_INTERP_SPLIT_K, triton.cdiv(K, block_k))
     else:
         block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K
+        block_k, stages = _k_pipeline(
+            tile_m, block_k, _block_r(R), x.element_size(), A_stack.element_size(),
+            tile_m * _block_r(R) * 4, _max_smem(x.device.index or 0),
+        )
         k_blocks = triton.cdiv(K, block_k)
         programs = n_tiles * num_slices
         want = max(1, (2 * _sm_count(x.device.index or 0)) // programs)
@@ -418,10 +464,11 @@ def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_sta
         _shrink_kernel[grid](
             x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, out,
             M, K, L, cap, R, k_per_split,
-            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2), out.stride(0),
+            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
+            out.stride(0), out.stride(1),
             BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, SPLIT_K=split,
             CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype),
-            num_warps=4,
+            num_warps=4, num_stages=stages,
         )
     return out
 
@@ -430,7 +477,6 @@ def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, 
     """``y[M, N] += scale · s·Bᵀ`` per token's adapter and output slice, in place. s ``[M, S·R]`` fp32."""
     M = y.shape[0]
     L, N, R = B_stack.shape
-    S = len(slices)
     cap = sorted_tokens.shape[0]
     if M == 0:
         return y
@@ -439,8 +485,9 @@ def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, 
     with _device_ctx(y):
         _expand_kernel[grid](
             s, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
-            M, L, cap, R, S, *_widths(slices),
-            s.stride(0), B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
+            M, L, cap, R, *_widths(slices),
+            s.stride(0), s.stride(1), scales.stride(0), scales.stride(1),
+            B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
             BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_N=block_n,
             CAST_FP32=_cast_to_fp32(B_stack.dtype) or y.dtype == torch.float32,
             num_warps=4,
@@ -452,22 +499,31 @@ def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted
     """``y += scale · (x·Aᵀ)·Bᵀ`` per token in one launch (decode sizes: see ``ops.multi_lora.FUSED_MAX_TOKENS``)."""
     M, K = x.shape
     L, N, R = B_stack.shape
-    S = len(slices)
     cap = sorted_tokens.shape[0]
     if M == 0:
         return y
     interp = _backend.interpreter_enabled()
     block_n = _INTERP_BLOCK_N if interp else _FUSED_BLOCK_N
     block_k = _INTERP_BLOCK_K if interp else _FUSED_BLOCK_K
+    stages = 3
+    if not interp:
+        # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
+        block_r = _block_r(R)
+        reserve = tile_m * block_r * 4 + block_r * block_n * B_stack.element_size()
+        block_k, stages = _k_pipeline(
+            tile_m, block_k, block_r, x.element_size(), A_stack.element_size(), reserve,
+            _max_smem(y.device.index or 0),
+        )
     grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
     with _device_ctx(y):
         _fused_kernel[grid](
             x, A_stack, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
-            M, K, L, cap, R, S, *_widths(slices),
+            M, K, L, cap, R, *_widths(slices),
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
-            B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
+            B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
+            y.stride(0), y.stride(1),
             BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, BLOCK_N=block_n,
             CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype, B_stack.dtype) or y.dtype == torch.float32,
-            num_warps=4,
+            num_warps=4, num_stages=stages,
         )
     return y
