@@ -89,6 +89,11 @@ def save_adapter(
 
     from .modules import lora_layers
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_adapter: model must be an nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"save_adapter: {path} exists and is not a directory (an adapter is a directory)")
     model = _unwrap_peft(model)
     layers = lora_layers(model)
     if not layers:
@@ -155,6 +160,9 @@ def save_adapter(
 
 # ------------------------------------------------------------------------------------------------------ loading
 def _read_config(path) -> dict:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"load_adapter: {path} is a file; pass the adapter's directory (holding "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     cpath = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cpath):
         raise FileNotFoundError(f"load_adapter: {cpath} does not exist")
@@ -229,6 +237,8 @@ def load_adapter(
     from .modules import LoRALinear, lora_layers, lora_scaling
     from .modules import _matches
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapter: model must be an nn.Module, got {type(model).__name__}")
     model = _unwrap_peft(model)
     path = os.fspath(path)
     cfg = _read_config(path)

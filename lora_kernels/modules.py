@@ -15,6 +15,7 @@ merged layer loads W0, A and B and merges again.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -32,7 +33,16 @@ _LORA_EXTRA_DTYPES = (torch.float32,)
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling: α/r, or α/√r with rsLoRA."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
     return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a float, or TypeError naming the argument (a str such as "16" is refused, not parsed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,6 +76,8 @@ class LoRALinear(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         weight = torch.empty(out_features, in_features, **factory)
         bias_t = torch.empty(out_features, **factory) if bias else None
@@ -84,10 +96,10 @@ class LoRALinear(nn.Module):
         """Check every argument, then set the state. Nothing is modified before all checks have passed."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        alpha = float(r if alpha is None else alpha)
+        alpha = _real("alpha", r if alpha is None else alpha)
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha}")
-        dropout = float(dropout)
+        dropout = _real("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init not in INITS:
@@ -97,6 +109,9 @@ class LoRALinear(nn.Module):
         if weight.dim() != 2 or not weight.is_floating_point():
             raise TypeError(f"the base weight must be a 2-D floating tensor, got {weight.dtype} {tuple(weight.shape)}")
         lora_dtype = weight.dtype if lora_dtype is None else lora_dtype
+        if not isinstance(lora_dtype, torch.dtype):
+            raise TypeError(f"lora_dtype must be a torch.dtype (the base weight's, {weight.dtype}, or torch.float32), "
+                            f"got {type(lora_dtype).__name__} {lora_dtype!r}")
         if lora_dtype != weight.dtype and lora_dtype not in _LORA_EXTRA_DTYPES:
             raise TypeError(f"lora_dtype must be the base weight's dtype ({weight.dtype}) or torch.float32, "
                             f"got {lora_dtype}")
@@ -310,6 +325,8 @@ def inject_lora(
     names, e.g. tied, is wrapped once and every name points at the same ``LoRALinear``). Raises ValueError listing the candidates when nothing
     matches; on any error the model is left unchanged.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):
         raise TypeError(
             f"inject_lora replaces submodules in place and cannot replace the model itself, which is a "
@@ -321,6 +338,9 @@ def inject_lora(
         except re.error as exc:
             raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
     else:
+        if not isinstance(target_modules, (list, tuple, set, frozenset)):
+            raise TypeError(f"target_modules must be a regex str or a list of module names, "
+                            f"got {type(target_modules).__name__} {target_modules!r}")
         target_modules = list(target_modules)
         if len(target_modules) == 0:
             raise ValueError("target_modules is empty")
@@ -401,6 +421,8 @@ def load_lora_state_dict(
     them in the result. Values are cast to each parameter's dtype and device. A merged layer stays merged, with the
     new adapter folded in (refused, nothing loaded, if that weight would not be finite).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
     expected: Dict[str, Tuple[LoRALinear, str]] = {}
@@ -425,8 +447,16 @@ def load_lora_state_dict(
             errors.append(f"{key}: expected a tensor, got {type(value).__name__}")
         elif tuple(value.shape) != tuple(param.shape):
             errors.append(f"{key}: shape {tuple(value.shape)} in the state dict, {tuple(param.shape)} in the model")
+        elif value.layout != torch.strided:
+            errors.append(f"{key}: layout {value.layout} is not a dense tensor")
+        elif value.device.type == "meta":
+            errors.append(f"{key}: is on the meta device (it holds no values)")
         elif not value.is_floating_point():
             errors.append(f"{key}: dtype {value.dtype} is not a floating dtype")
+        elif not bool(torch.isfinite(value).all()):
+            errors.append(f"{key}: contains inf or NaN")
+        elif not bool(torch.isfinite(value.to(param.dtype)).all()):
+            errors.append(f"{key}: overflows the parameter's dtype {param.dtype}")
     if errors:
         raise ValueError("load_lora_state_dict: nothing was loaded. " + "; ".join(errors))
 

@@ -22,6 +22,7 @@ slot, at no cost, in layers the adapter does not target), so one batch of slot i
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -154,9 +155,22 @@ def inject_multi_lora(
     """Replace, in place, every ``nn.Linear`` whose qualified name matches ``target_modules`` (PEFT's matching, as in
     :func:`lora_kernels.inject_lora`) by a :class:`MultiLoRALinear` with an empty pool. Returns the replaced names;
     raises listing the candidates when nothing matches."""
-    if isinstance(target_modules, (list, tuple, set)) and len(target_modules) == 0:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
+    elif not isinstance(target_modules, (list, tuple, set, frozenset)) or not all(
+        isinstance(t, str) and t for t in target_modules
+    ):
+        raise TypeError(f"target_modules must be a regex str or a list of non-empty module names, "
+                        f"got {target_modules!r}")
+    if isinstance(target_modules, (list, tuple, set, frozenset)) and len(target_modules) == 0:
         raise ValueError("target_modules is empty")
-    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # n != "": the model itself cannot be replaced in place (wrap a bare nn.Linear with MultiLoRALinear.from_linear).
+    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
     chosen = [n for n in candidates if _matches(n, target_modules)]
     if not chosen:
         shown = ", ".join(candidates[:50]) + (" ..." if len(candidates) > 50 else "")
@@ -212,6 +226,11 @@ def load_multi_adapter(
     :meth:`AdapterPool.load`). Layers the adapter does not target get the slot reserved (no weights, no cost). The
     slot is the lowest free in every layer unless given. All or nothing: on any error no layer keeps the adapter.
     """
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a mapping of layer name -> (lora_A, lora_B), got {type(weights).__name__}")
+    bad = [k for k, v in weights.items() if not isinstance(v, (tuple, list)) or len(v) != 2]
+    if bad:
+        raise ValueError(f"weights[{bad[0]!r}] must be a pair (lora_A, lora_B)")
     layers = multi_lora_layers(model)
     if not layers:
         raise ValueError("the model has no MultiLoRALinear layer (see inject_multi_lora)")
@@ -227,6 +246,7 @@ def load_multi_adapter(
             raise RuntimeError(f"no slot is free in every layer; unload an adapter first")
         slot = min(free)
     done: List[MultiLoRALinear] = []
+    lname = ""
     try:
         for lname, m in layers.items():
             if lname in weights:
@@ -235,6 +255,10 @@ def load_multi_adapter(
             else:
                 m.pool.reserve(name, slot=slot)
             done.append(m)
+    except (ValueError, TypeError) as exc:
+        for m in done:
+            m.pool.unload(name)
+        raise type(exc)(f"layer {lname!r}: {exc}; the adapter was loaded in no layer") from exc
     except Exception:
         for m in done:
             m.pool.unload(name)

@@ -380,11 +380,15 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     keeps working: pass the ``PeftModel`` itself, not its inner model, for those (PEFT's own hooks reach PEFT layers
     only). ``backend`` is passed to :func:`lora_kernels.lora_linear` by every converted layer.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"from_peft: model must be an nn.Module, got {type(model).__name__}")
     lora_layer_mod = _peft_lora()
     skipped: Dict[str, str] = {}
     chosen: List[Tuple[str, nn.Module]] = []
+    already = 0
     for name, module in model.named_modules():
         if isinstance(module, PeftLoRALinear):
+            already += 1
             continue
         if isinstance(module, lora_layer_mod.LoraLayer):
             why = _unsupported_reason(module, lora_layer_mod)
@@ -392,6 +396,9 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
                 skipped[name] = why
             else:
                 chosen.append((name, module))
+    if not chosen and not skipped and not already:
+        raise ValueError(f"from_peft: {type(model).__name__} holds no PEFT LoRA layer (wrap it with "
+                         "peft.get_peft_model first, or use lora_kernels.inject_lora for a plain model)")
     for name, module in chosen:
         _set_child(model, name, PeftLoRALinear._from_peft_layer(module, backend))
     tuner = _tuner(model)
@@ -447,6 +454,8 @@ def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = Non
     """Activate adapter ``name`` in every converted layer of ``model`` and, for a PeftModel, in PEFT's layers and
     records too. ``requires_grad``: as :meth:`PeftLoRALinear.set_adapter` (a PeftModel's own ``set_adapter`` makes
     the active adapter trainable, so pass ``True`` to get PEFT's behaviour on the converted layers)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_adapter: model must be an nn.Module, got {type(model).__name__}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
     missing = [n for n, m in layers if name not in m.lora_adapters]
     if missing:
@@ -456,6 +465,9 @@ def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = Non
         from peft import PeftModel
     except ImportError:  # pragma: no cover
         PeftModel = ()
+    if not layers and not isinstance(model, PeftModel):
+        raise ValueError(f"set_adapter: {type(model).__name__} has no converted PEFT layer (from_peft first); "
+                         "models served by load_adapters pick adapters per call with adapter_names=[...]")
     if isinstance(model, PeftModel):
         model.set_adapter(name)  # PEFT layers that are left, and PeftModel.active_adapter
     for _, layer in layers:
@@ -582,6 +594,8 @@ def _read_serving_config(path) -> dict:
 
     from . import io as lk_io
 
+    if os.path.exists(os.fspath(path)) and not os.path.isdir(os.fspath(path)):
+        raise NotADirectoryError(f"load_adapters: {os.fspath(path)} is a file; pass the adapter's directory")
     cpath = os.path.join(os.fspath(path), lk_io.CONFIG_NAME)
     try:
         with open(cpath) as f:
@@ -692,6 +706,8 @@ def load_adapters(
     """
     from .multi_modules import multi_lora_layers
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_adapters: model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(adapters, "items") or not adapters:
         raise TypeError("adapters must be a non-empty {name: path} mapping")
     bad = [n for n in adapters if not isinstance(n, str) or not n or n == BASE or "." in n]

@@ -21,6 +21,7 @@ Padding rows/columns are zero and are never read: kernels clamp every loop to th
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -67,15 +68,17 @@ class AdapterPool:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if isinstance(out_features, int) and not isinstance(out_features, bool):
             slices = (out_features,)
-        else:
+        elif isinstance(out_features, (list, tuple)):
             slices = tuple(out_features)
+        else:
+            slices = ()
         if not slices or any(not isinstance(n, int) or isinstance(n, bool) or n <= 0 for n in slices):
             raise ValueError(f"out_features must be a positive int or a non-empty list of them, got {out_features!r}")
         if len(slices) > MAX_SLICES:
             raise ValueError(f"out_features has {len(slices)} slices; at most {MAX_SLICES} are supported")
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype {dtype} is not a float dtype")
+            raise TypeError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         self.in_features = in_features
@@ -213,6 +216,9 @@ class AdapterPool:
                     raise ValueError(f"{what} must be 2-D, got shape {shape(t)}")
                 if t.dtype not in FLOAT_DTYPES:
                     raise TypeError(f"{what} has dtype {t.dtype}; expected a float dtype")
+                if t.layout != torch.strided or t.device.type == "meta":
+                    raise ValueError(f"{what} must be a dense tensor holding values, got a {t.layout} tensor on "
+                                     f"{t.device}")
             r = a.shape[0]
             if a.shape[1] != K:
                 raise ValueError(f"lora_A{tag} must be [r, in_features={K}], got {shape(a)}")
@@ -397,7 +403,10 @@ class LoRABatch:
     ) -> "LoRABatch":
         """A batch where sequence ``b`` (``tokens_per_sequence`` tokens, an int for ``[B, S, K]`` inputs or one length
         per sequence for packed inputs) uses slot ``sequence_slots[b]`` (PEFT's per-sequence ``adapter_names``)."""
-        slots = [int(s) for s in sequence_slots]
+        slots = list(sequence_slots)
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in slots):
+            raise TypeError(f"sequence_slots must be ints (pool slots, -1 = none), got {slots!r}")
+        slots = [int(s) for s in slots]
         if isinstance(tokens_per_sequence, int):
             lengths = [tokens_per_sequence] * len(slots)
         else:
@@ -413,12 +422,19 @@ class LoRABatch:
         if isinstance(adapter_ids, torch.Tensor):
             if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
                 raise TypeError(f"adapter_ids must be integers, got dtype {adapter_ids.dtype}")
+            if adapter_ids.layout != torch.strided or adapter_ids.device.type == "meta":
+                raise ValueError(f"adapter_ids must be a dense tensor holding values, got a {adapter_ids.layout} "
+                                 f"tensor on {adapter_ids.device}")
             return adapter_ids.reshape(-1)
+        if isinstance(adapter_ids, (str, bytes)) or not hasattr(adapter_ids, "__iter__"):
+            raise TypeError(f"adapter_ids must be a sequence of ints or an integer tensor, "
+                            f"got {type(adapter_ids).__name__}")
         ids = list(adapter_ids)
         for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int):
+            # numbers.Integral: numpy ints too (np.bool_ is not Integral; bool is, hence the explicit refusal).
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
                 raise TypeError(f"adapter_ids must be ints (pool slots, -1 = none), got {i!r}")
-        return torch.tensor(ids, dtype=torch.int64)
+        return torch.tensor([int(i) for i in ids], dtype=torch.int64)
 
     @torch.no_grad()
     def prepare_(self, adapter_ids) -> "LoRABatch":

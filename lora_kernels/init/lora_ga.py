@@ -234,6 +234,9 @@ def lora_ga_init(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), "
+                        f"got {type(batches).__name__}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is not one of {', '.join(DIRECTIONS)}")
     if not stable_gamma > 0:
@@ -347,6 +350,11 @@ def lora_ga_init(
             if distributed:
                 G = _all_reduce_sum(G, group, weights[chunk[0]])
             G = G.to(device) / total
+            finite = torch.isfinite(G).flatten(1).all(dim=1).tolist()
+            if not all(finite):
+                bad = [n for n, ok in zip(chunk, finite) if not ok]
+                raise ValueError(f"lora_ga_init: the estimated gradient of {bad} contains inf or NaN (check loss_fn "
+                                 "and the batches); the model was not changed")
             A, B = lora_ga_factors(G, r, direction, float(stable_gamma), niter, gen)
             for j, n in enumerate(chunk):
                 factors[n] = (A[j], B[j])

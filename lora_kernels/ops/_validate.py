@@ -3,6 +3,7 @@ is written."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -17,6 +18,8 @@ def shape(t: Optional[torch.Tensor]) -> str:
 def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {shape(t)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -32,6 +35,8 @@ def check_scale(name: str, value) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {shape(value)}")
         value = value.item()
+    if not isinstance(value, (int, float)) and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)  # numpy floats/ints (np.float32 is no subclass of float); np.bool_ is not Real
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)

@@ -248,11 +248,13 @@ def lora_linear(
     draws a fresh mask); the torch backend reads the seed on the host and cannot be captured with dropout.
     """
     scale, dropout_p = validate(x, weight, lora_A, lora_B, scale, bias, dropout_p)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__} {training!r}")
     if not training:
         dropout_p = 0.0
     name = resolve_backend(backend, x, weight, lora_A, lora_B, bias)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(lead.numel(), x.shape[-1])  # not reshape(-1, K): that fails for K = 0
     seed = _draw_seed(x, dropout_p)
     y, _ = _fwd(x2d, weight, lora_A, lora_B, bias, scale, dropout_p, seed, name)
     return y.reshape(*lead, weight.shape[0])

@@ -48,6 +48,7 @@ Every backend must treat a slot < 0, ≥ L, or of rank 0 as "no adapter" and nev
 
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence
 
 import torch
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ..pool import AdapterPool, LoRABatch
 from ..reference import multi_lora as _ref
-from ._validate import check_same_device, check_tensor, shape
+from ._validate import check_same_device, check_scale, check_tensor, shape
 
 # Decode sizes: at most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer, no
 # zeroing; each output block recomputes its tile's shrink from L2). Not yet measured on a GPU: a guess from the byte
@@ -121,9 +122,9 @@ def _normalize_scales(scales, L: int, S: int, device) -> torch.Tensor:
         if scales.dtype != torch.float32:
             raise TypeError(f"scales must be float32, got {scales.dtype}")
         return scales.reshape(L, 1).expand(L, S).contiguous() if scales.dim() == 1 and S > 1 else scales.reshape(L, S)
-    if isinstance(scales, bool) or not isinstance(scales, (int, float)):
+    if isinstance(scales, bool) or not isinstance(scales, numbers.Real):
         raise TypeError(f"scales must be a float32 tensor [L] or [L, S], or a float, got {type(scales).__name__}")
-    return torch.full((L, S), float(scales), dtype=torch.float32, device=device)
+    return torch.full((L, S), check_scale("scales", scales), dtype=torch.float32, device=device)
 
 
 def _normalize_ranks(ranks, L: int, R: int, device) -> torch.Tensor:
@@ -133,6 +134,17 @@ def _normalize_ranks(ranks, L: int, R: int, device) -> torch.Tensor:
     if ranks.shape[0] != L:
         raise ValueError(f"ranks must be [L={L}] int32, got {shape(ranks)}")
     return ranks
+
+
+def _rank_flags(ranks: torch.Tensor, R: int, what: str) -> List[bool]:
+    """Per slot: rank > 0. Raises ValueError on a rank outside 0..R (the kernels would read past the slot's rows of
+    the stack). Reads the ranks on the host: only on the checked (eager) path."""
+    values = ranks.tolist()
+    bad = [(i, v) for i, v in enumerate(values) if not 0 <= v <= R]
+    if bad:
+        shown = ", ".join(f"slot {i}: {v}" for i, v in bad[:20])
+        raise ValueError(f"{what}: ranks must be in 0..R={R} (the stack's rank dimension), got {shown}")
+    return [v > 0 for v in values]
 
 
 # ---------------------------------------------------------------------------------------------------------- backends
@@ -329,7 +341,8 @@ def lora_shrink(
         A_stack, num_slices = _cat_slices("A_stack", A_stack, num_slices)
     check_tensor("A_stack", A_stack, ndim=3)
     check_tensor("out", out, dtypes=(torch.float32, torch.float64))
-    if not isinstance(num_slices, int) or num_slices <= 0 or A_stack.shape[1] % num_slices:
+    bad_type = not isinstance(num_slices, int) or isinstance(num_slices, bool)
+    if bad_type or num_slices <= 0 or A_stack.shape[1] % num_slices:
         raise ValueError(
             f"num_slices={num_slices!r} must be a positive int dividing A_stack.shape[1] ({shape(A_stack)})"
         )
@@ -345,7 +358,7 @@ def lora_shrink(
     if check is None:
         check = not _in_graph_or_compile(x)
     if check:
-        check_ids(batch, L, [r > 0 for r in ranks.tolist()], x2.shape[0], "lora_shrink")
+        check_ids(batch, L, _rank_flags(ranks, SR // num_slices, "lora_shrink"), x2.shape[0], "lora_shrink")
     name = resolve_backend("lora_shrink", backend, x2, A_stack, out)
     _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, batch.tile_m, name)
     return out
@@ -397,7 +410,7 @@ def lora_expand(
     if check is None:
         check = not _in_graph_or_compile(y)
     if check:
-        check_ids(batch, L, [r > 0 for r in ranks.tolist()], y2.shape[0], "lora_expand")
+        check_ids(batch, L, _rank_flags(ranks, R, "lora_expand"), y2.shape[0], "lora_expand")
     name = resolve_backend("lora_expand", backend, y2, s2, B_stack)
     _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices, batch.tile_m, name)
     return y
