@@ -29,6 +29,9 @@ class BackendError(RuntimeError):
 
 def requested_backend(backend: Optional[str]) -> str:
     """The backend name a call asked for: the argument, else ``$LORA_KERNELS_BACKEND``, else ``"auto"``."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ({', '.join(BACKENDS)}) or None, got {type(backend).__name__} "
+                        f"{backend!r}")
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     name = str(name).strip().lower()
     if name not in BACKENDS:

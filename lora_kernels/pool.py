@@ -37,9 +37,12 @@ def _as_float_list(name: str, value, n: int) -> List[float]:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"{name} has {len(value)} entries but the pool has {n} output slices")
-        vals = [float(v) for v in value]
+        items = list(value)
     else:
-        vals = [float(value)] * n
+        items = [value] * n
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in items):
+        raise TypeError(f"{name} must be a real number or a list of one per slice, got {value!r}")
+    vals = [float(v) for v in items]
     for v in vals:
         if not math.isfinite(v):
             raise ValueError(f"{name} must be finite, got {value!r}")

@@ -75,6 +75,18 @@ def test_lora_linear_training_must_be_bool(training):
         lk.lora_linear(X, W, A, B, 1.0, dropout_p=0.5, training=training, backend="torch")
 
 
+@pytest.mark.parametrize("backend, err, match", [
+    (3, TypeError, "backend must be a str .* got int 3"),
+    ("gpu", ValueError, "backend='gpu' is not a backend"),
+])
+def test_bad_backend_names(backend, err, match):
+    with pytest.raises(err, match=match):
+        lk.lora_linear(X, W, A, B, 1.0, backend=backend)
+    with pytest.raises(err, match=match):
+        lk.LoRALinear(8, 4, r=2, backend=backend)
+    assert lk.lora_linear(X, W, A, B, 1.0, backend=" Torch ").shape == (3, 5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("lead", [(3,), (2, 3), ()])
 def test_lora_linear_empty_in_features(backend, lead):
@@ -219,6 +231,22 @@ def test_pool_load_refuses_tensors_without_values(case):
     what = "lora_A" if case.startswith("A") else "lora_B"
     with pytest.raises(ValueError, match=f"{what} must be a dense tensor holding values"):
         pool.load("b", a, b)
+    assert _pool_same(pool, state)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    ({"alpha": "16"}, TypeError, "alpha must be a real number or a list of one per slice, got '16'"),
+    ({"scale": None, "alpha": [1.0, "x"]}, ValueError, "alpha has 2 entries but the pool has 1 output slices"),
+    ({"scale": True}, TypeError, "scale must be a real number"),
+    ({"scale": float("nan")}, ValueError, "scale must be finite"),
+    ({"slot": 7}, ValueError, r"slot must be an int in \[0, 3\), got 7"),
+    ({"slot": 0}, ValueError, "slot 0 already holds adapter 'a'"),
+])
+def test_pool_load_bad_settings(kwargs, err, match):
+    pool = _pool()
+    state = _pool_state(pool)
+    with pytest.raises(err, match=match):
+        pool.load("b", _t(2, 8), _t(6, 2), **kwargs)
     assert _pool_same(pool, state)
 
 
