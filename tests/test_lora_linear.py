@@ -328,6 +328,32 @@ def test_gemm_config_pruning(monkeypatch):
     assert tri.AUTOTUNE_ENV_VAR == AUTOTUNE_ENV_VAR
     monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "0")
     assert len(prune(configs, args(torch.bfloat16, 8192))) == 1
+    # A GPU with less shared memory than an H100 (A100: 163 KiB, sm_89: 99 KiB): the budget shrinks with it, so the
+    # config used without benchmarking still launches. (A stand-in tensor: only .device and .element_size() are read.)
+    monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "1")
+
+    class OnGpu:
+        device = torch.device("cuda", 0)
+
+        def __init__(self, elem):
+            self.elem = elem
+
+        def element_size(self):
+            return self.elem
+
+    # Autotuning off: the autotuner's timing function launches nothing (triton benchmarks even a single pruned config).
+    monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "0")
+
+    def must_not_run():
+        raise AssertionError("benchmarked with autotuning off")
+
+    assert tri._autotune_bench(must_not_run, (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "1")
+    for limit in (163 * 1024, 99 * 1024):
+        monkeypatch.setattr(tri, "_device_smem", lambda index, limit=limit: limit)
+        for elem in (2, 4):
+            kept = prune(configs, {"x_ptr": OnGpu(elem), "M_BUCKET": 8192})
+            assert kept and all(smem(c, elem) <= limit - (227 * 1024 - tri._SMEM_BUDGET) for c in kept), limit
 
 
 @needs_triton

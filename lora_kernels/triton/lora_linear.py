@@ -29,6 +29,11 @@ Tiles. The CUDA configuration lists below are UNMEASURED starting points (this c
 GPU); a GPU session will tune them and compare with the cuBLAS path. The interpreter gets a single small configuration
 so the CPU tests stay fast and still cover several tiles, ragged edges and the split/atomic paths.
 
+CUDA graphs. The launchers do no host sync and size every buffer and grid from host ints, so a training step can be
+captured. But the first call of a shape compiles the kernels and (unless $LORA_KERNELS_AUTOTUNE=0) benchmarks the
+GEMM tiles, which synchronises: run the step once (on a side stream, as torch.cuda.graph's docs ask) before
+capturing it, with the same shapes (the autotune key buckets M to powers of two).
+
 cuBLAS path. ``BASE_GEMM = "cublas"`` computes the base products with cuBLAS (``addmm`` with the bias epilogue for y,
 ``mm`` for dX) and lets the same two kernels add only the LoRA term onto the result in place (``BASE=False``): one
 extra read and write of y / dX (and y / dX rounded twice to x's dtype, once by cuBLAS, once after the LoRA add), but
@@ -118,6 +123,27 @@ def _gemm_configs(col_key: str, red_key: str, tiles=None):
     ]
 
 
+@functools.lru_cache(maxsize=None)
+def _device_smem(index: int) -> int:
+    """Opt-in shared memory per block of GPU ``index`` (227 KiB on H100, 163 KiB on A100, 99 KiB on sm_86/89)."""
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # pragma: no cover - driver API differences across triton versions
+        return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)) or 99 * 1024
+
+
+def _smem_budget(device: torch.device) -> int:
+    """_SMEM_BUDGET on an H100 (and in the interpreter); on a GPU with less shared memory the same 35 KiB are left
+    for the LoRA prologue and the epilogue, so that the first config (used without benchmarking when autotuning is
+    off) still launches instead of failing with OutOfResources."""
+    if device.type != "cuda":
+        return _SMEM_BUDGET
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return min(_SMEM_BUDGET, _device_smem(index) - (227 * 1024 - _SMEM_BUDGET))
+
+
 def _gemm_pruner(operand: str, col_key: str, red_key: str):
     """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles),
     and cut num_stages until the operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list
@@ -127,13 +153,14 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
     def prune(configs, named_args, **kwargs):
         elem = named_args[operand].element_size()
         bucket = named_args["M_BUCKET"]
+        budget = _smem_budget(named_args[operand].device)
         if elem >= 4:
             configs = _gemm_configs(col_key, red_key, _CUDA_TILES_FP32)
         kept = []
         for c in configs:
             kw = c.kwargs
             stage_bytes = (kw["BLOCK_M"] + kw[col_key]) * kw[red_key] * elem
-            stages = min(c.num_stages, _SMEM_BUDGET // stage_bytes)
+            stages = min(c.num_stages, budget // stage_bytes)
             if stages < 2 or kw["BLOCK_M"] > max(_MIN_DOT, 2 * bucket):
                 continue
             kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
@@ -144,6 +171,16 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
         return kept
 
     return prune
+
+
+def _autotune_bench(kernel_call, quantiles):
+    """Timing function of the autotuners. triton's Autotuner benchmarks whenever the kernel has more than one config
+    in its list, even when the pruner leaves one, i.e. also with $LORA_KERNELS_AUTOTUNE=0: ~0.1 s of launches and
+    device syncs per new key. With autotuning off nothing is launched here (the single config just runs), so no
+    device sync happens on a new shape."""
+    if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
+        return [0.0 for _ in quantiles]
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
 
 
 # Tiles of the skinny (memory-bound) kernels: fixed, not autotuned, because their split factors depend on the tiles.
@@ -244,6 +281,7 @@ def _shrink_kernel(
     key=["M_BUCKET", "N", "K", "R", "BASE"],
     prune_configs_by={"early_config_prune": _gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")},
     restore_value=["y_ptr"],  # BASE=False adds into y: benchmarking must not compound
+    do_bench=_autotune_bench,
 )
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -420,6 +458,7 @@ def _reduce_m_kernel(
     key=["M_BUCKET", "N", "K", "R", "BASE", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _gemm_pruner("dy_ptr", "BLOCK_K", "BLOCK_N")},
     restore_value=["dx_ptr"],  # BASE=False adds into dx: benchmarking must not compound
+    do_bench=_autotune_bench,
 )
 @triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
 @triton.jit
