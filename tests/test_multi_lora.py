@@ -195,6 +195,46 @@ def test_multi_lora_linear_triton_matches_reference(T, pattern, slices, fused, l
     torch.testing.assert_close(got_ref.cpu().double(), want, rtol=2e-4, atol=2e-4)
 
 
+@needs_triton
+def test_shrink_has_no_split_k_atomics_in_deterministic_mode(monkeypatch):
+    """Under torch.use_deterministic_algorithms the shrink runs without split-K (no fp32 atomics), and is right."""
+    from lora_kernels.triton import multi_lora as ML
+
+    grids = []
+    real = ML._shrink_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(ML, "_shrink_kernel", Spy())
+    g = torch.Generator().manual_seed(12)
+    x, A = torch.randn(5, 100, generator=g).to(DEVICE), torch.randn(2, 16, 100, generator=g).to(DEVICE)
+    ranks = torch.tensor([16, 5], dtype=torch.int32, device=DEVICE)
+    batch = LoRABatch.prepare([1, 0, 1, -1, 0], device=DEVICE)
+    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    outs = []
+    was = torch.are_deterministic_algorithms_enabled()
+    for det in (False, True):
+        torch.use_deterministic_algorithms(det)
+        try:
+            out = torch.empty(5, 16, device=DEVICE)
+            outs.append(ML.shrink(x, A, ranks, *fields, out, 1, batch.tile_m).cpu())
+        finally:
+            torch.use_deterministic_algorithms(was)
+    assert grids[1][2] == 1
+    if not HAS_CUDA:
+        assert grids[0][2] > 1  # the interpreter splits K otherwise, so both paths are covered
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    want = torch.zeros(5, 16)
+    for m, l in enumerate([1, 0, 1, -1, 0]):
+        if l >= 0:
+            r = int(ranks[l])
+            want[m, :r] = x[m].cpu() @ A[l, :r].cpu().t()
+    torch.testing.assert_close(outs[1], want, rtol=1e-5, atol=1e-5)
+
+
 def test_k_pipeline_fits_shared_memory():
     """The shrink/fused launchers size BLOCK_K and num_stages to the device's shared memory: the common decode case
     keeps BLOCK_K = 256 at 3 stages; big tiles / ranks / fp32 shrink the pipeline until the estimate fits."""

@@ -458,6 +458,8 @@ def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_sta
         split = 1
         while split * 2 <= min(want, k_blocks, _MAX_SPLIT_K):
             split *= 2
+    if torch.are_deterministic_algorithms_enabled():
+        split = 1  # fp32 atomics add in a run-dependent order: no split-K (bitwise reproducible, as lora_linear)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     grid = (n_tiles, num_slices, split)
     with _device_ctx(x):
