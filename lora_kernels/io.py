@@ -178,6 +178,23 @@ def _read_config(path) -> dict:
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
             raise ValueError(f"load_adapter: {cpath} needs a positive number {key!r}, got {cfg.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ValueError(f"load_adapter: {cpath}: {key} must be an object, got {cfg[key]!r}")
+    # Ranks are ints (r = 2.5 used to be truncated to 2 without a word); alphas finite positive numbers.
+    ranks = {"r": cfg["r"], **{f"rank_pattern[{k!r}]": v for k, v in (cfg.get("rank_pattern") or {}).items()}}
+    for key, v in ranks.items():
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) or v <= 0:
+            raise ValueError(f"load_adapter: {cpath}: {key} must be a positive int, got {v!r}")
+    for k, v in (cfg.get("alpha_pattern") or {}).items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"load_adapter: {cpath}: alpha_pattern[{k!r}] must be a positive number, got {v!r}")
+    tm = cfg.get("target_modules")
+    if tm is not None and not isinstance(tm, str) and not (
+        isinstance(tm, list) and all(isinstance(t, str) and t for t in tm)
+    ):
+        raise ValueError(f"load_adapter: {cpath}: target_modules must be a regex string or a list of module names, "
+                         f"got {tm!r}")
     unsupported = {
         "use_dora": lambda v: bool(v),
         "fan_in_fan_out": lambda v: bool(v),

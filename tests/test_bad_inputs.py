@@ -1,9 +1,7 @@
 """Bad input to the public API: each case must raise the right error type, name the argument, and leave every user
 tensor, module, pool and model as it was. Torch backend, tiny shapes (the whole file runs in a few seconds)."""
 
-import copy
 import json
-import os
 
 import numpy as np
 import pytest
@@ -387,6 +385,33 @@ def test_load_from_a_file_path(fn, tmp_path):
             lk.load_adapter(model, target)
         else:
             lk.load_adapters(model, {"a": target})
+    assert _same(model, snap) and isinstance(model.q_proj, nn.Linear)
+
+
+@pytest.mark.parametrize("update, match", [
+    ({"r": 2.5}, "r must be a positive int, got 2.5"),  # used to be truncated to r = 2 without a word
+    ({"rank_pattern": {"q_proj": "x"}}, r"rank_pattern\['q_proj'\] must be a positive int, got 'x'"),
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern must be an object"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, r"alpha_pattern\['q_proj'\] must be a positive number"),
+    ({"target_modules": 3}, "target_modules must be a regex string or a list of module names, got 3"),
+])
+@pytest.mark.parametrize("fn", ["load_adapter", "load_adapters"])
+def test_load_adapter_bad_config_values(update, match, fn, tmp_path):
+    pytest.importorskip("safetensors")
+    if fn == "load_adapters":
+        pytest.importorskip("peft")
+    path = tmp_path / "adapter"
+    lk.save_adapter(_lora_model(), path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(update)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = TwoLayer()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        if fn == "load_adapter":
+            lk.load_adapter(model, path)
+        else:
+            lk.load_adapters(model, {"a": path})
     assert _same(model, snap) and isinstance(model.q_proj, nn.Linear)
 
 
