@@ -354,6 +354,9 @@ def test_gemm_config_pruning(monkeypatch):
         for elem in (2, 4):
             kept = prune(configs, {"x_ptr": OnGpu(elem), "M_BUCKET": 8192})
             assert kept and all(smem(c, elem) <= limit - (227 * 1024 - tri._SMEM_BUDGET) for c in kept), limit
+        # The skinny kernels' r-tile: 128 fits 160 KiB (H100, A100), 64 below (sm_86/sm_89).
+        assert tri._skinny_max_r(torch.device("cuda", 0)) == (64 if limit < 160 * 1024 else 128)
+    assert tri._skinny_max_r(torch.device("cpu")) == tri._SKINNY_MAX_R
 
 
 @needs_triton

@@ -578,6 +578,16 @@ def _dropout_args(dropout_p: float, seed, like: torch.Tensor):
     return True, seed_t, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
+def _skinny_max_r(device: torch.device) -> int:
+    """r-tile cap of the skinny kernels: their [64, 128] fp32 tiles take up to 160 KiB of shared memory (dS/dB kernel,
+    fp32 adapters, sm_90), more than sm_86/sm_89 GPUs have (99 KiB); those get 64-wide r-tiles (one more grid axis
+    step for r > 64, same results)."""
+    if device.type != "cuda":
+        return _SKINNY_MAX_R
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _SKINNY_MAX_R if _device_smem(index) >= 160 * 1024 else 64
+
+
 def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
 
@@ -589,7 +599,7 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> to
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
     upcast, _, lora_prec = _precisions(x.dtype)
     block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
-    block_r = _r_block(R, _SKINNY_MAX_R)
+    block_r = _r_block(R, _skinny_max_r(x.device))
     m_tiles, r_tiles, k_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(K, _SKINNY_BLOCK)
     split_k = _split(k_tiles, m_tiles * r_tiles, _target_programs(x))
     s_mat = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
@@ -663,7 +673,7 @@ def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: f
     upcast, _, lora_prec = _precisions(dy.dtype)
     block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
     block_n = _SKINNY_BLOCK
-    block_r = _r_block(R, _SKINNY_MAX_R)
+    block_r = _r_block(R, _skinny_max_r(dy.device))
     m_tiles, r_tiles, n_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
     split_n = _split(n_tiles, m_tiles * r_tiles, _target_programs(dy))
     d_s = (torch.zeros if split_n > 1 else torch.empty)((M, R), dtype=torch.float32, device=dy.device)
@@ -697,7 +707,7 @@ def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed) -> to
     _, _, lora_prec = _precisions(x.dtype)
     block_k = _SKINNY_BLOCK
     block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
-    block_r = _r_block(R, _SKINNY_MAX_R)
+    block_r = _r_block(R, _skinny_max_r(x.device))
     k_tiles, r_tiles, m_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(M, block_m)
     split_m = _split(m_tiles, k_tiles * r_tiles, _target_programs(x))
     out = (torch.zeros if split_m > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
