@@ -154,6 +154,19 @@ def _lora_model():
     return model
 
 
+def test_pissa_init_refuses_a_merged_layer():
+    # It used to rewrite the merged weight and the adapter; unmerge() then restored the old W0 under the new adapter.
+    layer = lk.LoRALinear(8, 4, r=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.merge()
+    snap = _snapshot(layer)
+    weight = layer.weight.clone()
+    with pytest.raises(RuntimeError, match="pissa_init: the layer is merged; unmerge"):
+        lk.pissa_init(layer)
+    assert _same(layer, snap) and torch.equal(layer.weight, weight) and layer.merged
+
+
 @pytest.mark.parametrize("merged", [False, True])
 @pytest.mark.parametrize("case, match", [
     ("nan", "v_proj.lora_A: contains inf or NaN"),

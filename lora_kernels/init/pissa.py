@@ -27,6 +27,9 @@ def pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Gen
     for attr in ("weight", "lora_A", "lora_B", "r", "scaling"):
         if not hasattr(layer, attr):
             raise TypeError(f"pissa_init needs a LoRALinear-like layer; {type(layer).__name__} has no {attr!r}")
+    if getattr(layer, "merged", False):
+        # The weight holds W0 + s·B·A and unmerge() would restore the old W0 over the residual written here.
+        raise RuntimeError("pissa_init: the layer is merged; unmerge() it first")
     r = int(layer.r)
     W = layer.weight
     out_f, in_f = W.shape
