@@ -91,6 +91,8 @@ def save_adapter(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"save_adapter: path must be a str or os.PathLike (a directory), got {type(path).__name__}")
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"save_adapter: {path} exists and is not a directory (an adapter is a directory)")
@@ -256,6 +258,8 @@ def load_adapter(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_adapter: path must be a str or os.PathLike (a directory), got {type(path).__name__}")
     model = _unwrap_peft(model)
     path = os.fspath(path)
     cfg = _read_config(path)

@@ -386,6 +386,13 @@ def test_save_adapter_to_a_file_path(tmp_path):
     assert target.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize("fn", ["save_adapter", "load_adapter"])
+def test_adapter_path_type(fn):
+    pytest.importorskip("safetensors")
+    with pytest.raises(TypeError, match=f"{fn}: path must be a str or os.PathLike"):
+        getattr(lk, fn)(_lora_model(), None)
+
+
 @pytest.mark.parametrize("fn", ["load_adapter", "load_adapters"])
 def test_load_from_a_file_path(fn, tmp_path):
     pytest.importorskip("safetensors")
@@ -434,6 +441,7 @@ def _loss(model, batch):
 
 @pytest.mark.parametrize("batches, loss_fn, err, match", [
     (None, _loss, TypeError, "batches must be an iterable of batches"),
+    ([torch.randn(2, 8)], 3, TypeError, "loss_fn must be callable"),
     ([torch.randn(2, 8)], lambda m, b: m(b).sum() * float("nan"), ValueError,
      r"estimated gradient of \['q_proj'\] contains inf or NaN"),
 ])

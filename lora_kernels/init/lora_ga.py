@@ -234,6 +234,8 @@ def lora_ga_init(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) or None, got {type(loss_fn).__name__}")
     if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
         raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), "
                         f"got {type(batches).__name__}")
