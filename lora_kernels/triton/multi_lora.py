@@ -241,7 +241,7 @@ def _shrink_kernel(
         BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
     )
     offs_r = tl.arange(0, BLOCK_R)
-    out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r)[None, :] * stride_on
+    out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_on
     mask = row_ok[:, None] & (offs_r < rank)[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc, mask=mask)
@@ -292,7 +292,7 @@ def _expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     s_tile = tl.load(
-        s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r)[None, :] * stride_sn,
+        s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_sn,
         mask=row_ok[:, None] & r_ok[None, :],
         other=0.0,
     )
@@ -340,7 +340,8 @@ def _expand_store(
     else:
         acc = tl.dot(s_tile.to(bt.dtype), bt)
     scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
-    y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    # int64 column offsets: a column-major y (stride_yn = M) would overflow int32 past 2^31 elements.
+    y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
     mask = row_ok[:, None] & n_ok[None, :]
     y_old = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=mask)
