@@ -510,6 +510,10 @@ def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted
     block_k = _INTERP_BLOCK_K if interp else _FUSED_BLOCK_K
     stages = 3
     if not interp:
+        # The expand accumulator is [tile_m, BLOCK_N] fp32 in registers: 256 columns are 32 values per thread at 16
+        # rows and 4 warps, but 128-256 at 64-128 rows (spills, and minutes of ptxas for fp32 operands). Keep
+        # tile_m · BLOCK_N constant instead (≥ 32 columns).
+        block_n = max(32, _FUSED_BLOCK_N * 16 // tile_m)
         # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
         block_r = _block_r(R)
         reserve = tile_m * block_r * 4 + block_r * block_n * B_stack.element_size()
