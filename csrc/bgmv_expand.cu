@@ -219,16 +219,10 @@ void launch_expand(const ExpandParams& p, int dtype, int device, cudaStream_t st
   for (int s = 0; s < p.num_slices; ++s)
     if (p.slices[s].n < 0 || p.slices[s].y_offset < 0) throw CudaError("lora expand: negative slice size or offset");
   if (p.buf_dtype < kFloat32 || p.buf_dtype > kBFloat16) throw CudaError("lora expand: bad buffer dtype code");
-  if (dtype != kFloat16 && dtype != kBFloat16 && dtype != kFloat32)
-    throw CudaError("lora expand: bad dtype code " + std::to_string(dtype));
-  if ((p.ids_type != kInt32 && p.ids_type != kInt64) || (p.ranks_type != kInt32 && p.ranks_type != kInt64))
-    throw CudaError("lora expand: bad index type code for ids or ranks");
+  check_codes("lora expand", dtype, p.ids_type, p.ranks_type);
   if (p.M == 0 || p.r_max == 0) return;
   if (!p.buf || !p.ids || !p.y) throw CudaError("lora expand: null pointer for buf, ids or y");
-  if (p.tiles.tile_starts &&
-      (!p.tiles.sorted_tokens || !p.tiles.sorted_slots || p.tiles.cap < 0 || p.tiles.num_tiles < 0 ||
-       p.tiles.tile_m < 1))
-    throw CudaError("lora expand: incomplete tile list");
+  check_tiles("lora expand", p.tiles);
   DeviceGuard guard(device);
   if (dtype == kFloat16) {
     launch_dtype<__half>(p, stream);

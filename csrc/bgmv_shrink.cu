@@ -289,16 +289,10 @@ void launch_shrink(const ShrinkParams& p, int dtype, int device, cudaStream_t st
                     std::to_string(p.num_slices));
   if (p.M < 0 || p.K < 0 || p.r_max < 0 || p.L < 0) throw CudaError("lora shrink: negative size");
   if (p.out_dtype < kFloat32 || p.out_dtype > kBFloat16) throw CudaError("lora shrink: bad output dtype code");
-  if (dtype != kFloat16 && dtype != kBFloat16 && dtype != kFloat32)
-    throw CudaError("lora shrink: bad dtype code " + std::to_string(dtype));
-  if ((p.ids_type != kInt32 && p.ids_type != kInt64) || (p.ranks_type != kInt32 && p.ranks_type != kInt64))
-    throw CudaError("lora shrink: bad index type code for ids or ranks");
+  check_codes("lora shrink", dtype, p.ids_type, p.ranks_type);
   if (p.M == 0 || p.r_max == 0) return;
   if (!p.x || !p.ids || !p.out) throw CudaError("lora shrink: null pointer for x, ids or out");
-  if (p.tiles.tile_starts &&
-      (!p.tiles.sorted_tokens || !p.tiles.sorted_slots || p.tiles.cap < 0 || p.tiles.num_tiles < 0 ||
-       p.tiles.tile_m < 1))
-    throw CudaError("lora shrink: incomplete tile list");
+  check_tiles("lora shrink", p.tiles);
   DeviceGuard guard(device);
   if (dtype == kFloat16) {
     launch_dtype<__half>(p, stream);

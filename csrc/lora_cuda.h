@@ -115,6 +115,20 @@ class CudaError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Argument checks shared by both launchers; `op` ("lora shrink" / "lora expand") starts each message.
+inline void check_codes(const char* op, int dtype, int ids_type, int ranks_type) {
+  if (dtype != kFloat16 && dtype != kBFloat16 && dtype != kFloat32)
+    throw CudaError(std::string(op) + ": bad dtype code " + std::to_string(dtype));
+  if ((ids_type != kInt32 && ids_type != kInt64) || (ranks_type != kInt32 && ranks_type != kInt64))
+    throw CudaError(std::string(op) + ": bad index type code for ids or ranks");
+}
+
+// A tile list is optional (null tile_starts: per-token kernels); when given, every part of it must be.
+inline void check_tiles(const char* op, const TileList& t) {
+  if (t.tile_starts && (!t.sorted_tokens || !t.sorted_slots || t.cap < 0 || t.num_tiles < 0 || t.tile_m < 1))
+    throw CudaError(std::string(op) + ": incomplete tile list");
+}
+
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw CudaError(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(err) + ": " +
