@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -337,9 +336,7 @@ def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table
                 print(f"  {mode:16s} {prov:22s} {us:10.1f} µs", flush=True)
                 del built, timed
         del x, W, A, B, dy
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        common.free_memory(device)
     return [tables[m] for m in args.modes]
 
 
@@ -420,13 +417,7 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
                     continue
                 for timing, table in tables.items():
                     try:
-                        if timing == "graph":
-                            us = common.time_graph(lambda: built[0].forward(x), device)
-                        elif timing == "cycled":
-                            us = common.time_graph_cycled([(lambda b=b: b.forward(x)) for b in built], device)
-                        else:
-                            us = common.time_eager(lambda: built[0].forward(x), device, warmup_ms=args.warmup_ms,
-                                                   rep_ms=args.rep_ms)
+                        us = common.time_calls(timing, [(lambda b=b: b.forward(x)) for b in built], device, args)
                     except Exception as exc:
                         table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
                         continue
@@ -434,9 +425,7 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
                     print(f"  {timing:7s} {prov:22s} {us:10.2f} µs", flush=True)
                 del built
             del x, sets
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            common.free_memory(device)
     if "cycled" in tables:
         tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
     return [tables[t] for t in timings]

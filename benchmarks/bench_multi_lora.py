@@ -32,7 +32,6 @@ Run: ``python benchmarks/bench_multi_lora.py [--quick] [--csv out.csv] [--plot o
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -291,13 +290,7 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
                                 table.add(key, prov, None, EAGER_ONLY[prov])
                                 continue
                             try:
-                                if timing == "graph":
-                                    us = common.time_graph(lambda: fns[0](x), device)
-                                elif timing == "cycled":
-                                    us = common.time_graph_cycled([(lambda f=f: f(x)) for f in fns], device)
-                                else:
-                                    us = common.time_eager(lambda: fns[0](x), device, warmup_ms=args.warmup_ms,
-                                                           rep_ms=args.rep_ms)
+                                us = common.time_calls(timing, [(lambda f=f: f(x)) for f in fns], device, args)
                             except Exception as exc:
                                 table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
                                 print(f"  {timing:7s} {prov}: {exc}", flush=True)
@@ -307,9 +300,7 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
                         del fns
                     del x, ref
             del sets
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            common.free_memory(device)
     if "cycled" in tables:
         tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
     return [tables[t] for t in timings]

@@ -204,9 +204,7 @@ def bench_train(args, device, dtype, rows: List[Dict]):
                      "peak_gib_step": mem, "peak_gib": mem_abs, "check": status})
     print(flush=True)
     del model, base
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    common.free_memory(device)
 
 
 # ----------------------------------------------------------------------------------------------------- decode

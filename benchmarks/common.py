@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import datetime as _dt
 import math
 import os
@@ -347,6 +348,23 @@ def time_graph_cycled(fns: Sequence[Callable[[], object]], device: torch.device,
             f()
 
     return time_graph(all_sets, device, inner=max(1, 10 // len(fns)) if len(fns) < 10 else 1, **kw) / len(fns)
+
+
+def time_calls(timing: str, calls: Sequence[Callable[[], object]], device: torch.device, args) -> float:
+    """Median µs per call of one provider under ``timing``: ``"graph"`` replays ``calls[0]`` in a CUDA graph,
+    ``"cycled"`` one graph over every call (one per weight set), ``"eager"`` do_bench of ``calls[0]``."""
+    if timing == "graph":
+        return time_graph(calls[0], device)
+    if timing == "cycled":
+        return time_graph_cycled(calls, device)
+    return time_eager(calls[0], device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what the last shape left behind before the next one allocates (peak memory stays one shape's)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # -------------------------------------------------------------------------------------------------- correctness
