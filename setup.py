@@ -148,7 +148,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "safetensors>=0.4", "numpy"],
+    install_requires=["torch>=2.4", "triton>=3.0", "safetensors>=0.4", "numpy", "tqdm>=4.60"],
     extras_require={"test": TEST_REQUIRES, "plot": ["matplotlib"], "peft": ["peft>=0.17", "transformers>=4.45"]},
     entry_points={"console_scripts": ["lora-kernels-demo=lora_kernels.demo:main"]},
     # The optional CUDA extension (see CMakeBuild above); skipped when no CUDA toolkit is found.
