@@ -516,6 +516,23 @@ def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_emulated_fp16_shrink_beyond_fp16_range(emulated, monkeypatch, fused):
+    """The shrink result stays fp32 up to the expand: x·Aᵀ = 102400 (past fp16's 65504) with a finite output of a
+    few hundred, fp16 data, backend="cuda" (the case of tests/test_multi_lora_serving.py)."""
+    import lora_kernels as lk
+    from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.pool import LoRABatch
+    from test_multi_lora_serving import overflow_case, overflow_want
+
+    monkeypatch.setitem(ops._CHECKS, "cuda", lambda *a: None)
+    pool, weight, x, ids = overflow_case(device="cpu")
+    want = overflow_want(pool, weight, x, ids)
+    got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids), backend="cuda", fused=fused)
+    assert torch.isfinite(got).all(), got
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
 def test_emulated_opcheck_custom_ops_backend_cuda(emulated):
     """The CUDA backend behind the same torch.library custom ops: schema, fake impls and mutation declarations hold
     (torch.library.opcheck) with the emulated kernels, per-token and tiled."""

@@ -338,7 +338,10 @@ def _expand_store(
     if CAST_FP32:
         acc = tl.dot(s_tile, bt.to(tl.float32), input_precision="ieee")
     else:
-        acc = tl.dot(s_tile.to(bt.dtype), bt)
+        # s stays fp32 (tf32 MMA): rounded to fp16 it overflows past 65504 (x·Aᵀ = 1e5 with a final delta of 512 is
+        # a finite, valid input) and bf16 would keep 8 bits instead of tf32's 11. fp16/bf16 B converts to tf32
+        # exactly, so the only rounding is s to 11 bits, as fp16 would do, without its range limit.
+        acc = tl.dot(s_tile, bt.to(tl.float32))
     scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
     # int64 column offsets: a column-major y (stride_yn = M) would overflow int32 past 2^31 elements.
     y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
