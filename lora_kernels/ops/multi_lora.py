@@ -27,7 +27,7 @@ Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend`
 (:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the kernels of
 :mod:`lora_kernels.triton.multi_lora`. **Hook for "cuda":** ``_CHECKS["cuda"]`` imports :mod:`lora_kernels.cuda` and
 accepts it when the module defines ``multi_lora_shrink``, ``multi_lora_expand`` and ``multi_lora_fused`` with exactly
-the signatures of the Triton launchers, and ``multi_lora_reason(x, *tensors)`` (else ``cuda_ops_available()``)
+the signatures of the Triton launchers, and ``multi_lora_reason(x, *tensors)`` (else ``cuda_ops_unavailable_reason()``)
 returns None:
 
 - ``multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices: int,
@@ -172,7 +172,7 @@ def _cuda_ok(x, *tensors) -> Optional[str]:
         return "the CUDA extension has no multi-adapter kernels"
     if hasattr(cuda_ext, "multi_lora_reason"):  # its own device/dtype checks
         return cuda_ext.multi_lora_reason(x, *tensors)
-    return cuda_ext.cuda_ops_available()
+    return cuda_ext.cuda_ops_unavailable_reason()
 
 
 _CHECKS = {"torch": _torch_ok, "triton": _triton_ok, "cuda": _cuda_ok}
