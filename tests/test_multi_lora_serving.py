@@ -68,3 +68,53 @@ def test_fp16_shrink_beyond_fp16_range_gives_finite_output(backend, path):
     y = torch.zeros(5, pool.out_features, dtype=torch.float16, device=DEVICE)
     ops.lora_expand(s, pool.B_stack, batch, y, pool.scales, ranks=pool.ranks, backend=backend)
     assert torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------------------- decode-sized tiles
+def test_step_tile_m_follows_the_tokens():
+    assert [ops.step_tile_m(64, M) for M in (0, 1, 16, 17, 32, 33, 64, 65, 4096)] == [16, 16, 16, 32, 32, 64, 64,
+                                                                                       64, 64]
+    assert [ops.step_tile_m(16, M) for M in (1, 100)] == [16, 16]
+    assert [ops.step_tile_m(128, M) for M in (40, 100, 129)] == [64, 128, 128]
+
+
+class _BlockSpy:
+    """Records BLOCK_M of every launch of a Triton kernel, then launches it."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["BLOCK_M"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@needs_triton
+@pytest.mark.parametrize("M,path", [(3, "fused"), (20, "split"), (40, "split"), (40, "fused")])
+def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
+    """A batch built for 4096 tokens (tile_m 64; 128 forced for M = 40) used for a step of M tokens: the kernels run
+    tiles of next_pow2(M) >= 16 rows and the result matches the reference (mixed ranks, slices, an unloaded slot,
+    -1 rows, several tiles of one slot)."""
+    from lora_kernels.triton import multi_lora as ML
+
+    seen = []
+    for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel"):
+        monkeypatch.setattr(ML, name, _BlockSpy(getattr(ML, name), seen))
+    gen = torch.Generator().manual_seed(M)
+    K, slices = 40, [24, 8, 8]
+    pool = AdapterPool(5, 16, K, slices, dtype=torch.float32, device=DEVICE)
+    for name, r in (("a", 16), ("b", 3), ("c", 8)):
+        pool.load(name, [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+                  [torch.randn(n, r, generator=gen) for n in slices], alpha=2.0 * r)
+    pool.unload("c")  # slot 2: unloaded
+    weight = (torch.randn(sum(slices), K, generator=gen) / math.sqrt(K)).to(DEVICE)
+    ids = torch.tensor([0, 1, -1, 2, 0])[torch.randint(5, (M,), generator=gen)].tolist()
+    x = torch.randn(M, K, generator=gen).to(DEVICE)
+    batch = LoRABatch.prepare(ids, max_tokens=4096, device=DEVICE, tile_m=128 if M == 40 else None)
+    got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=path == "fused", check=False)
+    want = ref.multi_lora_linear(x.double().cpu(), weight.double().cpu(), None, pool.A_stack.cpu(),
+                                 pool.B_stack.cpu(), pool.ranks.cpu(), pool.scales.cpu(), torch.tensor(ids), slices)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
+    assert seen and set(seen) == {ops.step_tile_m(batch.tile_m, M)} and seen[0] < batch.tile_m, seen

@@ -34,8 +34,10 @@ returns None:
   tile_m: int)``: x ``[M, K]`` fp16/bf16/fp32 (any strides); A_stack ``[L, S·R, K]`` pool dtype; ranks ``[L]`` int32
   (0 = empty slot); token_slots ``[cap]`` int32 (-1 = none, may hold any value); sorted_tokens ``[cap]`` int32 (token
   indices sorted by slot); sorted_slots ``[cap]`` int32 (their slots, 2^31-1 = none); tile_starts ``[cap+1]`` int32
-  (start of each tile of ≤ tile_m same-slot entries in the sorted list, -1 past the end); out ``[M, S·R]`` fp32, to be
-  fully written (zeros where no adapter applies). R = S·R // num_slices.
+  (start of each tile of same-slot entries in the sorted list, -1 past the end); tile_m: rows per kernel tile (a tile
+  of the list may be longer, cut at the batch's ``tile_m``: its entries past ``tile_m`` are then tokens ≥ M, see
+  :func:`step_tile_m`); out ``[M, S·R]`` fp32, to be fully written (zeros where no adapter applies).
+  R = S·R // num_slices.
 - ``multi_lora_expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y,
   slices: list[int], tile_m: int)``: s ``[M, S·R]`` fp32; B_stack ``[L, N, R]`` pool dtype (slice s at rows
   off_s..off_s+N_s-1); scales ``[L, S]`` fp32; y ``[M, N]`` (any strides), updated in place.
@@ -74,6 +76,23 @@ def _in_graph_or_compile(t: torch.Tensor) -> bool:
 
 def _batch_fields(batch: LoRABatch):
     return batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts
+
+
+def step_tile_m(batch_tile_m: int, M: int) -> int:
+    """Rows per kernel tile for a step of M tokens: the batch's ``tile_m`` (set by its capacity), but never more than
+    the next power of two >= M (at least 16, the smallest tl.dot M). A decode step of 4 tokens in a batch built for
+    4096 then runs 16-row tiles instead of 64-row ones that would be >= 75 % masked rows.
+
+    Exact for any step: the batch cuts each slot's run of sorted tokens into tiles of ``batch_tile_m`` from its
+    start, and the run lists that slot's tokens in ascending order (stable sort), so its tokens < M (at most M) are
+    the first entries of the run's first tile, and a kernel tile of >= M rows read from the tile's start covers
+    them. Depends on M only (a host int, the static shape): no sync, and a CUDA graph captured for one bucket of
+    token counts (ids padded with -1 to the bucket's size, as engines capture per batch size) keeps its tiles
+    across replays with new ids."""
+    step = 16
+    while step < M and step < batch_tile_m:
+        step *= 2
+    return min(step, batch_tile_m)
 
 
 def check_ids(batch: LoRABatch, num_slots: int, valid: Optional[Sequence[bool]], M: int, what: str) -> None:
@@ -360,7 +379,8 @@ def lora_shrink(
     if check:
         check_ids(batch, L, _rank_flags(ranks, SR // num_slices, "lora_shrink"), x2.shape[0], "lora_shrink")
     name = resolve_backend("lora_shrink", backend, x2, A_stack, out)
-    _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, batch.tile_m, name)
+    _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, step_tile_m(batch.tile_m, x2.shape[0]),
+               name)
     return out
 
 
@@ -412,7 +432,8 @@ def lora_expand(
     if check:
         check_ids(batch, L, _rank_flags(ranks, R, "lora_expand"), y2.shape[0], "lora_expand")
     name = resolve_backend("lora_expand", backend, y2, s2, B_stack)
-    _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices, batch.tile_m, name)
+    _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices,
+               step_tile_m(batch.tile_m, y2.shape[0]), name)
     return y
 
 
@@ -473,13 +494,14 @@ def multi_lora_linear(
         return y.reshape(*x.shape[:-1], N)
     slices = list(pool.slices)
     fields = _batch_fields(batch)
+    tile_m = step_tile_m(batch.tile_m, M)
     if fused is None:
         fused = M <= FUSED_MAX_TOKENS
     if fused:
-        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, batch.tile_m, name)
+        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, tile_m, name)
     else:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         s = torch.empty(M, pool.num_slices * pool.max_rank, dtype=acc, device=x.device)
-        _shrink_op(x2, pool.A_stack, pool.ranks, *fields, s, pool.num_slices, batch.tile_m, name)
-        _expand_op(s, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, batch.tile_m, name)
+        _shrink_op(x2, pool.A_stack, pool.ranks, *fields, s, pool.num_slices, tile_m, name)
+        _expand_op(s, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, tile_m, name)
     return y.reshape(*x.shape[:-1], N)
