@@ -118,3 +118,142 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
                                  pool.B_stack.cpu(), pool.ranks.cpu(), pool.scales.cpu(), torch.tensor(ids), slices)
     torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
     assert seen and set(seen) == {ops.step_tile_m(batch.tile_m, M)} and seen[0] < batch.tile_m, seen
+
+
+# -------------------------------------------------------------------------------- the expand inside the base GEMM
+GEMM_SLICES = [24, 8, 8]
+GEMM_CASES = [
+    # (T, dtype, slices, pattern, bias)
+    (1, torch.float32, GEMM_SLICES, "repeats", True),
+    (7, torch.float16, [40], "distinct", False),
+    (33, torch.float32, GEMM_SLICES, "repeats", True),
+    (33, torch.float16, GEMM_SLICES, "one", True),
+    (100, torch.float32, [40], "repeats", False),
+    (100, torch.float16, GEMM_SLICES, "repeats", True),
+    (20, torch.float32, GEMM_SLICES, "none", True),
+    pytest.param(33, torch.bfloat16, GEMM_SLICES, "repeats", True, marks=pytest.mark.skipif(
+        not HAS_CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; run on a GPU")),
+]
+
+
+def _gemm_problem(T, dtype, slices, pattern, bias, seed, pool_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    K = 40
+    L, R = 8, 32
+    pool = AdapterPool(L, R, K, slices if len(slices) > 1 else slices[0], dtype=pool_dtype or dtype, device=DEVICE)
+    for i, r in enumerate((1, 8, 16, 32, 5)):  # mixed ranks below the pool's max
+        pool.load(f"a{i}", [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+                  [torch.randn(n, r, generator=gen) for n in slices], alpha=[2.0 * r + s for s in range(len(slices))])
+    pool.unload("a3")  # slot 3: unloaded (rank 0) ...
+    pool.reserve("r")  # ... and then reserved without weights
+    N = sum(slices)
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE, dtype)
+    b = torch.randn(N, generator=gen).to(DEVICE, dtype) if bias else None
+    x = torch.randn(T, K, generator=gen).to(DEVICE, dtype)
+    choice = {"repeats": [0, 1, 2, 3, 4, -1], "distinct": [0, 1, 2, 4, 3, -1, 1], "one": [2], "none": [-1]}[pattern]
+    ids = torch.tensor(choice)[torch.randint(len(choice), (T,), generator=gen)].tolist()
+    if pattern == "distinct":
+        ids = choice[:T]
+    return pool, weight, b, x, ids
+
+
+def _want(pool, weight, bias, x, ids):
+    return ref.multi_lora_linear(x.double().cpu(), weight.double().cpu(), None if bias is None else bias.double().cpu(),
+                                 pool.A_stack.cpu(), pool.B_stack.cpu(), pool.ranks.cpu(), pool.scales.cpu(),
+                                 torch.tensor(ids), list(pool.slices))
+
+
+@needs_triton
+@pytest.mark.parametrize("T,dtype,slices,pattern,bias", GEMM_CASES)
+def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bias):
+    """The base GEMM with the expand in its epilogue against the float64 reference: odd sizes, mixed ranks, q|k|v
+    slices, -1 rows, an unloaded and a reserved slot, bias or none; two launches, no F.linear, no zero-fill."""
+    from lora_kernels.triton import multi_lora as ML
+
+    pool, weight, b, x, ids = _gemm_problem(T, dtype, slices, pattern, bias, seed=T)
+    launched = []
+    for name in ("_shrink_kernel", "_gemm_expand_kernel", "_expand_kernel", "_fused_kernel"):
+        real = getattr(ML, name)
+        monkeypatch.setattr(ML, name, _NameSpy(real, name, launched))
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    monkeypatch.setattr(torch.Tensor, "zero_", _no_call("zero_"))
+    got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
+    monkeypatch.undo()
+    assert got.dtype == dtype and got.shape == (T, sum(slices))
+    want = _want(pool, weight, b, x, ids)
+    tol = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+    if pattern != "none":
+        assert launched == ["_shrink_kernel", "_gemm_expand_kernel"], launched
+    # the torch backend's gemm path is the reference itself
+    got_t = lk.multi_lora_linear(x, weight, b, pool, batch, backend="torch", path="gemm")
+    torch.testing.assert_close(got_t.cpu().double(), want, rtol=tol, atol=tol)
+
+
+class _NameSpy:
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _no_call(what):
+    def boom(*args, **kwargs):
+        raise AssertionError(f"{what} called on the gemm path")
+    return boom
+
+
+@needs_triton
+def test_gemm_path_bad_ids_and_fp32_pool_with_half_data():
+    """Ids outside -1..L-1 (unchecked: they count as none and read nothing), a float32 pool with fp16 activations,
+    the fp16 overflow case, and a batch whose capacity exceeds the step (padding entries)."""
+    pool, weight, b, x, ids = _gemm_problem(37, torch.float16, GEMM_SLICES, "repeats", True, seed=3,
+                                            pool_dtype=torch.float32)
+    bad = list(ids)
+    bad[0], bad[5], bad[9] = 8, 1000, -7
+    batch = LoRABatch.prepare(bad, max_tokens=64, device=DEVICE)
+    got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm", check=False)
+    want = _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in bad])
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="ids outside"):
+        lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
+    pool2, w2, x2, ids2 = overflow_case()
+    got2 = lk.multi_lora_linear(x2, w2, None, pool2, LoRABatch.prepare(ids2, device=DEVICE), backend="triton",
+                                path="gemm")
+    assert torch.isfinite(got2).all()
+    torch.testing.assert_close(got2.cpu().double(), overflow_want(pool2, w2, x2, ids2), rtol=2e-3, atol=2e-3)
+
+
+def test_path_choice_and_argument_errors():
+    assert ops.choose_path(None, None, 1, "triton") == "fused"
+    assert ops.choose_path(None, None, ops.FUSED_MAX_TOKENS + 1, "triton") == "gemm"
+    assert ops.choose_path(None, None, ops.GEMM_MAX_TOKENS, "triton") == "gemm"
+    assert ops.choose_path(None, None, ops.GEMM_MAX_TOKENS + 1, "triton") == "split"
+    assert ops.choose_path(None, None, 100, "torch") == "split"
+    assert ops.choose_path(None, None, 100, "cuda") == "split"
+    assert ops.choose_path(None, False, 1, "triton") == "split"
+    assert ops.choose_path("gemm", None, 1, "torch") == "gemm"
+    with pytest.raises(ValueError, match="path must be one of"):
+        ops.choose_path("fast", None, 1, "triton")
+    with pytest.raises(ValueError, match="contradicts"):
+        ops.choose_path("gemm", True, 1, "triton")
+    with pytest.raises(ValueError, match="no CUDA-extension kernel"):
+        ops.choose_path("gemm", None, 1, "cuda")
+    pool, weight, b, x, ids = _gemm_problem(5, torch.float32, [40], "repeats", False, seed=1)
+    batch = LoRABatch.prepare(ids + [-1], device=DEVICE)  # 6 ids for 5 rows
+    with pytest.raises(ValueError, match="prepared for 6 tokens"):
+        lk.multi_lora_linear(x, weight, b, pool, batch, backend="torch", path="gemm", check=False)
+
+
+def test_opcheck_gemm_op():
+    pool, weight, b, x, ids = _gemm_problem(9, torch.float32, GEMM_SLICES, "repeats", True, seed=4)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    backends = ["torch"] + (["triton"] if TRITON_OK else [])
+    for backend in backends:
+        torch.library.opcheck(ops._gemm_op, (x, weight, b, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
+                                             *fields, list(pool.slices), batch.tile_m, backend))

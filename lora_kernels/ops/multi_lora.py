@@ -65,6 +65,14 @@ from ._validate import check_same_device, check_scale, check_tensor, shape
 # zeroing; each output block recomputes its tile's shrink from L2). Not yet measured on a GPU: a guess from the byte
 # counts (A is 128 KiB at K = 4096, r = 16: re-reading it per output block stays cheap while tiles are few).
 FUSED_MAX_TOKENS = 16
+# Above FUSED_MAX_TOKENS and up to this many tokens, the Triton backend puts the expand inside the base GEMM ("gemm"
+# path: shrink, then one Triton GEMM whose epilogue adds the LoRA term; 2 launches, y written once) instead of
+# cuBLAS + zero-fill + shrink + expand (4 launches and a read-modify-write of y: 2·M·N·2 bytes). Up to ~1k tokens at
+# K = N = 4096 the layer is bound by reading W0, where a Triton GEMM keeps up with cuBLAS; past it the GEMM is
+# compute-bound and a non-TMA Triton GEMM runs 1.25-1.45x cuBLAS's time, more than the y round trip costs, so the
+# cuBLAS-based split path stays. A static estimate, NOT yet measured on a GPU.
+GEMM_MAX_TOKENS = 1024
+PATHS = ("fused", "split", "gemm")
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -307,6 +315,69 @@ def _fused_fake(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, 
     return None
 
 
+@torch.library.custom_op("lora_kernels::multi_lora_gemm", mutates_args=())
+def _gemm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    slices: List[int],
+    tile_m: int,
+    backend: str,
+) -> torch.Tensor:
+    if backend == "torch":  # the spec: base and LoRA in fp32 (float64), one rounding
+        return _ref.multi_lora_linear(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots[: x.shape[0]],
+                                      slices)
+    if backend != "triton":
+        raise AssertionError(backend)
+    from ..triton import multi_lora as tri
+
+    return tri.linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens,
+                           sorted_slots, tile_starts, slices, tile_m)
+
+
+@_gemm_op.register_fake
+def _gemm_fake(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts,
+               slices, tile_m, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def choose_path(path: Optional[str], fused: Optional[bool], M: int, backend: str) -> str:
+    """The one place that picks how :func:`multi_lora_linear` runs (see the module docstring):
+
+    - ``"fused"``: F.linear, then one kernel for shrink and expand (adds into y). Default for M <= FUSED_MAX_TOKENS.
+    - ``"gemm"``: the shrink, then the base GEMM with the expand in its epilogue (y written once; Triton and torch
+      backends). Default on the Triton backend for FUSED_MAX_TOKENS < M <= GEMM_MAX_TOKENS.
+    - ``"split"``: F.linear, then shrink into an fp32 buffer and expand (adds into y). Default otherwise.
+
+    ``path`` forces one; ``fused`` (True/False) is the older way to force "fused"/"split"."""
+    if path is not None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))} or None, got {path!r}")
+        if fused is not None and path != ("fused" if fused else "split"):
+            raise ValueError(f"fused={fused} contradicts path={path!r}; pass one of them")
+        if path == "gemm" and backend == "cuda":
+            raise ValueError("path='gemm' has no CUDA-extension kernel; use backend='triton' or 'torch', or path "
+                             "'fused' / 'split'")
+        return path
+    if fused is not None:
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool or None, got {fused!r}")
+        return "fused" if fused else "split"
+    if M <= FUSED_MAX_TOKENS:
+        return "fused"
+    if backend == "triton" and M <= GEMM_MAX_TOKENS:
+        return "gemm"
+    return "split"
+
+
 def _cat_slices(name: str, parts, num_slices):
     """A list of per-slice stacks (vLLM style) → one tensor, concatenated along dim 1 (a copy: pass the pool's
     ``A_stack`` / ``B_stack`` to avoid it)."""
@@ -468,14 +539,17 @@ def multi_lora_linear(
     backend: Optional[str] = None,
     check: Optional[bool] = None,
     fused: Optional[bool] = None,
+    path: Optional[str] = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` plus, for every token, the LoRA of its pool slot (none for -1).
 
     x ``[..., K]`` with one batch id per flattened row; weight ``[N, K]`` and bias ``[N]`` in x's dtype; the pool in
     x's dtype or float32. Returns ``[..., N]``. Runs under ``torch.no_grad()`` (inference). ``check`` as in
-    :func:`lora_shrink`, against the pool's slots in use (loaded or reserved). ``fused``: one kernel for shrink and
-    expand (default: when there are at most ``FUSED_MAX_TOKENS`` tokens); otherwise shrink into an fp32 buffer, then
-    expand. An eager call whose ids (given on the host) name no adapter runs only F.linear.
+    :func:`lora_shrink`, against the pool's slots in use (loaded or reserved). ``path`` ("fused" | "split" |
+    "gemm", default chosen by :func:`choose_path` from the token count and backend) or ``fused`` (True = "fused",
+    False = "split") forces how the LoRA term is computed. The "gemm" path needs the batch prepared for exactly the
+    rows of x (always checked: host ints, no sync). An eager call whose ids (given on the host) name no adapter runs
+    only F.linear.
     """
     _check_batch(batch)
     validate_linear(x, weight, bias, pool)
@@ -489,15 +563,21 @@ def multi_lora_linear(
     if check:
         check_ids(batch, pool.max_adapters, pool._in_use, M, "multi_lora_linear")
     name = resolve_backend("multi_lora_linear", backend, x2, weight, pool.A_stack)
-    y = F.linear(x2, weight, bias)
+    chosen = choose_path(path, fused, M, name)
     if not traced and batch.has_adapter is False:
-        return y.reshape(*x.shape[:-1], N)
+        return F.linear(x2, weight, bias).reshape(*x.shape[:-1], N)
     slices = list(pool.slices)
     fields = _batch_fields(batch)
     tile_m = step_tile_m(batch.tile_m, M)
-    if fused is None:
-        fused = M <= FUSED_MAX_TOKENS
-    if fused:
+    if chosen == "gemm":
+        if batch.num_tokens != M:  # its row tiles walk sorted positions 0..M-1: they must be exactly the M tokens
+            raise ValueError(f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
+                             f"has {M} rows; prepare one id per token (pad with -1)")
+        y = _gemm_op(x2, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, slices, tile_m,
+                     name)
+        return y.reshape(*x.shape[:-1], N)
+    y = F.linear(x2, weight, bias)
+    if chosen == "fused":
         _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, tile_m, name)
     else:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
