@@ -597,6 +597,10 @@ def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_sta
     return out
 
 
+def expand_block_n(interp):
+    return _INTERP_BLOCK_N if interp else _EXPAND_BLOCK_N
+
+
 def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
     """``y[M, N] += scale · s·Bᵀ`` per token's adapter and output slice, in place. s ``[M, S·R]`` fp32."""
     M = y.shape[0]
@@ -604,7 +608,7 @@ def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, 
     cap = sorted_tokens.shape[0]
     if M == 0:
         return y
-    block_n = _INTERP_BLOCK_N if _backend.interpreter_enabled() else _EXPAND_BLOCK_N
+    block_n = expand_block_n(_backend.interpreter_enabled())
     grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
     with _device_ctx(y):
         _expand_kernel[grid](
@@ -619,6 +623,21 @@ def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, 
     return y
 
 
+def fused_config(tile_m, R, x_bytes, a_bytes, b_bytes, interp, smem):
+    """(BLOCK_N, BLOCK_K, num_stages) of the fused kernel; host ints only (shared with the static launch model)."""
+    if interp:
+        return _INTERP_BLOCK_N, _INTERP_BLOCK_K, 3
+    # The expand accumulator is [tile_m, BLOCK_N] fp32 in registers: 256 columns are 32 values per thread at 16
+    # rows and 4 warps, but 128-256 at 64-128 rows (spills, and minutes of ptxas for fp32 operands). Keep
+    # tile_m · BLOCK_N constant instead (≥ 32 columns).
+    block_n = max(32, _FUSED_BLOCK_N * 16 // tile_m)
+    # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
+    block_r = _block_r(R)
+    reserve = tile_m * block_r * 4 + block_r * block_n * b_bytes
+    block_k, stages = _k_pipeline(tile_m, _FUSED_BLOCK_K, block_r, x_bytes, a_bytes, reserve, smem())
+    return block_n, block_k, stages
+
+
 def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
     """``y += scale · (x·Aᵀ)·Bᵀ`` per token in one launch (decode sizes: see ``ops.multi_lora.FUSED_MAX_TOKENS``)."""
     M, K = x.shape
@@ -626,22 +645,11 @@ def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted
     cap = sorted_tokens.shape[0]
     if M == 0:
         return y
-    interp = _backend.interpreter_enabled()
-    block_n = _INTERP_BLOCK_N if interp else _FUSED_BLOCK_N
-    block_k = _INTERP_BLOCK_K if interp else _FUSED_BLOCK_K
-    stages = 3
-    if not interp:
-        # The expand accumulator is [tile_m, BLOCK_N] fp32 in registers: 256 columns are 32 values per thread at 16
-        # rows and 4 warps, but 128-256 at 64-128 rows (spills, and minutes of ptxas for fp32 operands). Keep
-        # tile_m · BLOCK_N constant instead (≥ 32 columns).
-        block_n = max(32, _FUSED_BLOCK_N * 16 // tile_m)
-        # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
-        block_r = _block_r(R)
-        reserve = tile_m * block_r * 4 + block_r * block_n * B_stack.element_size()
-        block_k, stages = _k_pipeline(
-            tile_m, block_k, block_r, x.element_size(), A_stack.element_size(), reserve,
-            _max_smem(y.device.index or 0),
-        )
+    dev = y.device.index or 0
+    block_n, block_k, stages = fused_config(
+        tile_m, R, x.element_size(), A_stack.element_size(), B_stack.element_size(), _backend.interpreter_enabled(),
+        lambda: _max_smem(dev),
+    )
     grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
     with _device_ctx(y):
         _fused_kernel[grid](
