@@ -394,3 +394,49 @@ def test_serving_kernels_compile_for_sm90_without_spills(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_compile_fullgraph_gemm_path():
+    """The gemm path's functional custom op under torch.compile(fullgraph=True): same result as eager, and new ids
+    in the same batch buffers need no recompilation."""
+    torch._dynamo.reset()
+    if DEVICE != "cpu":
+        pytest.skip("the torch backend's gemm path is checked on the CPU; the GPU compile test covers Triton")
+    pool, weight, b, x, ids = _gemm_problem(21, torch.float32, GEMM_SLICES, "repeats", True, seed=8)
+    batch = LoRABatch.prepare(ids, max_tokens=64)
+
+    def step(x):
+        return lk.multi_lora_linear(x, weight, b, pool, batch, backend="torch", path="gemm") * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
+    batch.prepare_(list(reversed(ids)))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [24, 300])
+def test_gpu_gemm_path_graph_replay_with_new_ids(T):
+    """The default path for 16 < T <= GEMM_MAX_TOKENS (gemm) captured in a CUDA graph for a batch of capacity 4096
+    (decode-sized tiles for T = 24), replayed after prepare_ with new ids, against the float64 reference."""
+    pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=T)
+    batch = LoRABatch.prepare(ids, max_tokens=4096, device="cuda")
+    assert ops.choose_path(None, None, T, "triton") == "gemm"
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
+    gen = torch.Generator().manual_seed(1)
+    for choice in ([0, 1, 2, 4, -1], [-1], [4], [0, 1, 2, 3, 4, -1]):
+        new = torch.tensor(choice)[torch.randint(len(choice), (T,), generator=gen)].tolist()
+        batch.prepare_(new)
+        x.copy_(torch.randn(T, x.shape[1], generator=gen).to("cuda", torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, new), rtol=2e-2, atol=2e-2)

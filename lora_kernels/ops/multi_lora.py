@@ -15,12 +15,21 @@ Typical serving step (one pool per layer, one batch per step shared by every lay
 
 Layers of this file: input checks; backend choice; two ``torch.library`` custom ops with fake implementations
 (``lora_kernels::lora_shrink`` writes ``out``, ``lora_kernels::lora_expand`` adds into ``y``) plus
-``lora_kernels::lora_fused_expand`` (shrink and expand in one kernel for decode sizes, adds into ``y``); and the
-public functions. Inference only: no autograd is registered (the pool holds no trainable parameters).
+``lora_kernels::lora_fused_expand`` (shrink and expand in one kernel for decode sizes, adds into ``y``) and
+``lora_kernels::multi_lora_gemm`` (returns the whole layer: the base GEMM with the expand in its epilogue); the path
+choice (:func:`choose_path`); and the public functions. Inference only: no autograd is registered (the pool holds no
+trainable parameters).
+
+Paths of :func:`multi_lora_linear` (launches on the Triton backend): "fused" = F.linear + 1 kernel (default up to
+``FUSED_MAX_TOKENS`` tokens); "gemm" = shrink + base GEMM with the LoRA in its epilogue, y written once, no zero-fill
+(default above that up to ``GEMM_MAX_TOKENS``); "split" = F.linear + zero-fill + shrink + expand (default beyond).
+The shrink result is kept in fp32 up to the expand on every path and backend (an fp16 copy would overflow past
+65504). Kernel tiles have :func:`step_tile_m` rows: the step's token count rounded up to a power of two, capped by
+the batch's ``tile_m``.
 
 No host synchronisation on the way from :func:`multi_lora_linear` to the kernels: the grid depends only on host ints
-(M, L, slices, the batch's capacity), so a step can be captured in a CUDA graph and replayed after
-``batch.prepare_(new_ids)``. The one host-side shortcut (an eager batch whose ids, known on the host, name no adapter
+(M, L, slices, the batch's capacity), so a step can be captured in a CUDA graph (one per bucket of token counts,
+ids padded with -1) and replayed after ``batch.prepare_(new_ids)``. The one host-side shortcut (an eager batch whose ids, known on the host, name no adapter
 launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or capturing.
 
 Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend`): "torch" is the reference

@@ -1,5 +1,9 @@
 """Triton kernels for batched multi-adapter LoRA: shrink (``s = x·Aᵀ`` per token's adapter), expand (``y += scale ·
-s·Bᵀ`` in place) and a fused shrink+expand for decode-sized batches.
+s·Bᵀ`` in place), a fused shrink+expand for decode-sized batches, and the base GEMM with the expand in its epilogue
+(``y = x·W0ᵀ + bias + Σ_segments scale·S·Bᵀ``, :func:`linear_gemm`).
+
+Precision. The shrink result S is fp32 from the shrink to the expand's MMA (tf32 operands for 16-bit data, exact
+fp32 for fp32 data): never rounded to fp16, whose 65504 limit a valid S can pass.
 
 Work list. :class:`lora_kernels.LoRABatch` sorts tokens by slot once per step and cuts each slot's run of tokens into
 tiles of ``tile_m`` rows (``tile_starts``). Program ``(t, …)`` handles tile ``t``: it gathers its token rows through
@@ -689,8 +693,8 @@ def gemm_config(M, x_bytes, w_bytes, R, interp, smem):
 
 def linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots,
                 tile_starts, slices, tile_m):
-    """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` per token's adapter, y new ``[M, N]`` in x's dtype: two launches, the
-    shrink into per-split fp32 partials (no zero-fill: rows without an adapter are never read) and the base GEMM
+    """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` per token's adapter, y new ``[M, N]`` in x's dtype: two launches,
+    the shrink into per-split fp32 partials (no zero-fill: rows without an adapter are never read) and the base GEMM
     with the expand in its epilogue (y written once, never read). Needs the batch prepared for exactly M tokens
     (the GEMM's row tiles walk positions 0..M-1 of the sorted list; the op checks it)."""
     M, K = x.shape
