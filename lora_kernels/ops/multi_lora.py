@@ -27,10 +27,11 @@ The shrink result is kept in fp32 up to the expand on every path and backend (an
 65504). Kernel tiles have :func:`step_tile_m` rows: the step's token count rounded up to a power of two, capped by
 the batch's ``tile_m``.
 
-No host synchronisation on the way from :func:`multi_lora_linear` to the kernels: the grid depends only on host ints
-(M, L, slices, the batch's capacity), so a step can be captured in a CUDA graph (one per bucket of token counts,
-ids padded with -1) and replayed after ``batch.prepare_(new_ids)``. The one host-side shortcut (an eager batch whose ids, known on the host, name no adapter
-launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or capturing.
+No host synchronisation on the way from :func:`multi_lora_linear` to the kernels: the grid depends only on host ints (M,
+L, slices, the batch's capacity), so a step can be captured in a CUDA graph (one per bucket of token counts, ids padded
+with -1) and replayed after ``batch.prepare_(new_ids)``. The one host-side shortcut (an eager batch whose ids, known on
+the host, name no adapter launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or
+capturing.
 
 Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend`): "torch" is the reference
 (:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the kernels of
