@@ -142,6 +142,27 @@ def launches(
     return out
 
 
+# BENCHMARKS.md's single-adapter decode grid: (M, K = N), r = 16.
+DECODE_POINTS = ((1, 4096), (16, 4096), (64, 4096), (256, 4096), (1, 8192), (256, 8192))
+
+
+def decode_launches(M: int, K: int, N: int, R: int = RANK, elt: int = 2, smem: int = H100_SMEM) -> List[Dict]:
+    """The one launch of :func:`lora_kernels.triton.lora_decode.lora_decode_linear` (single adapter, bias-free):
+    W0, x, A and B read once from DRAM; A re-read from L2 by every output block (``l2_read``)."""
+    from lora_kernels.triton import lora_decode as D
+
+    bm, bn, bk, br, warps, stages = D.decode_config(M, R, elt, False, lambda: smem)
+    m_tiles, n_blocks = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    flops = m_tiles * n_blocks * 2 * bm * (K * (bn + br) + br * bn)
+    useful = 2 * M * K * N + 2 * M * R * (K + N)
+    read = (N * K + M * K + R * K + N * R) * elt
+    l2 = m_tiles * n_blocks * ((bm + bn + br) * K + br * bn) * elt
+    return [_launch("_decode_kernel", (m_tiles, n_blocks), {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                                                            "BLOCK_R": br, "num_warps": warps,
+                                                            "num_stages": stages},
+                    read, M * N * elt, flops, useful, l2)]
+
+
 def floor_us(T: int, active: int, K: int = K_DEFAULT, N: int = N_DEFAULT, R: int = RANK, elt: int = 2,
              bandwidth: float = COPY_BW, peak: float = PEAK_FLOPS) -> float:
     """The benchmark's floor: max(flops / peak, bytes / bandwidth), bytes = W0 + the adapters present + x + y."""
@@ -183,6 +204,15 @@ def grid_launches(paths: Sequence[str] = ops.PATHS, seed: int = 0, K: int = K_DE
 
 
 if __name__ == "__main__":
+    print("| M | K = N | launches | DRAM MB | base-only DRAM MB | predicted µs / base floor |")
+    print("|---|---|---|---|---|---|")
+    for M, K in DECODE_POINTS:
+        lst = decode_launches(M, K, K)
+        mb = sum(ln["bytes_read"] + ln["bytes_written"] for ln in lst) / 2**20
+        base_mb = (K * K + 2 * M * K) * 2 / 2**20
+        base = max(2 * M * K * K / PEAK_FLOPS, base_mb * 2**20 / COPY_BW) * 1e6
+        print(f"| {M} | {K} | {len(lst)} | {mb:.1f} | {base_mb:.1f} | {predict_us(lst) / base:.3f} |")
+    print()
     rows = grid_launches()
     print("| dist | L | T | active | path | launches | DRAM MB | predicted µs / floor |")
     print("|---|---|---|---|---|---|---|---|")

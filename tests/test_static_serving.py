@@ -68,3 +68,14 @@ def test_configs_match_the_launchers(monkeypatch):
         for k, v in ln["config"].items():
             if k not in ("ATOMIC", "NUM_SPLITS"):  # NUM_SPLITS is a runtime argument (= the shrink's SPLIT_K)
                 assert kw[k] == v, (name, k)
+
+
+def test_decode_launch_model():
+    from benchmarks import static_serving as ss
+
+    for M, K in ss.DECODE_POINTS:
+        (ln,) = ss.decode_launches(M, K, K)
+        assert ln["kernel"] == "_decode_kernel"
+        # W0 crosses DRAM once: the LoRA adds only x, A, B (and nothing is written but y)
+        assert ln["bytes_read"] == (K * K + M * K + 16 * K + K * 16) * 2 and ln["bytes_written"] == M * K * 2
+        assert ln["flops"] >= ln["useful_flops"]
