@@ -669,20 +669,22 @@ def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted
     return y
 
 
-# Base GEMM tiles of the expand-in-GEMM path, by the tokens of the step (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-# num_stages). Decode (<= 16 rows) is a GEMV in disguise, bound by reading W0 once: 32-column blocks give 128 programs
-# at N = 4096 (132 SMs on an H100), a 256-deep K step halves the loop trips. Larger steps use the usual wgmma tiles
-# (64 rows and up); 128×128×64 at 8 warps keeps the fp32 accumulator at 64 registers per thread. First guesses from
-# the byte and register counts, NOT yet measured on a GPU; the sm_90 compile test checks shared memory and spills.
-_GEMM_TILES = ((16, 32, 256, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (128, 128, 64, 8, 3))
+# Base GEMM tiles of the expand-in-GEMM path, by the tokens of the step: (max tokens, BLOCK_M, BLOCK_N, BLOCK_K,
+# num_warps, num_stages). Decode (<= 16 rows) is a GEMV in disguise, bound by reading W0 once: 32-column blocks give
+# 128 programs at N = 4096 (132 SMs on an H100), a 256-deep K step halves the loop trips. Up to 256 tokens the layer
+# is still bound by reading W0, so the tiles stay small enough to give >= 128 programs at N = 4096 (64×64: 256
+# programs at 256 tokens, where 128×128 would leave half the SMs idle); past that, 128×128×64 at 8 warps (the fp32
+# accumulator is 64 registers per thread) for the compute-bound steps. First guesses from the byte and register
+# counts, NOT yet measured on a GPU; the sm_90 compile test checks shared memory and spills.
+_GEMM_TILES = ((16, 16, 32, 256, 4, 4), (32, 32, 64, 128, 4, 4), (256, 64, 64, 128, 4, 4),
+               (1 << 62, 128, 128, 64, 8, 3))
 _INTERP_GEMM_BLOCK_N = 16
 
 
 def gemm_config(M, x_bytes, w_bytes, R, interp, smem):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the expand-in-GEMM kernel for M tokens; ``smem`` a
     callable (asked on a GPU only). Host ints only: shared with the static launch model."""
-    bm = next((t for t in _GEMM_TILES if M <= t[0]), _GEMM_TILES[-1])
-    block_m, block_n, block_k, warps, stages = bm
+    _, block_m, block_n, block_k, warps, stages = next(t for t in _GEMM_TILES if M <= t[0])
     if interp:  # at most 32 rows: the tests' small batches still span several row tiles and segments
         return min(block_m, 32), _INTERP_GEMM_BLOCK_N, _INTERP_BLOCK_K, warps, 1
     # Reserve for the epilogue's fp32 S tile and B tile, which pass through shared memory for the dot.
