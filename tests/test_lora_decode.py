@@ -52,6 +52,20 @@ def test_decode_matches_reference(M, K, N, r, dtype, bias):
     torch.testing.assert_close(y.cpu().double(), _ref(x, W, b, A, B, 0.75), rtol=tol, atol=tol)
 
 
+def test_decode_fp32_adapter_with_half_base():
+    from lora_kernels.triton.lora_decode import lora_decode_linear
+
+    gen = torch.Generator().manual_seed(4)
+    K, N, r = 40, 20, 3
+    x = torch.randn(5, K, generator=gen).to(DEVICE, torch.float16)
+    W = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE, torch.float16)
+    A = (torch.randn(r, K, generator=gen) / math.sqrt(K)).to(DEVICE)
+    B = torch.randn(N, r, generator=gen).to(DEVICE)
+    y = lora_decode_linear(x, W, None, A, B, 1.5)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.cpu().double(), _ref(x, W, None, A, B, 1.5), rtol=2e-2, atol=2e-2)
+
+
 def test_decode_strided_inputs_and_lead_dims():
     from lora_kernels.triton.lora_decode import lora_decode_linear
 
@@ -91,6 +105,8 @@ def test_decode_bad_arguments():
         lora_decode_linear(x, W, None, A, B.t(), 1.0)
     with pytest.raises(TypeError, match="one dtype"):
         lora_decode_linear(x.half(), W, None, A, B, 1.0)
+    with pytest.raises(TypeError, match="or float32"):
+        lora_decode_linear(x.half(), W.half(), None, A.half(), B, 1.0)
     with pytest.raises(TypeError, match="scale"):
         lora_decode_linear(x, W, None, A, B, "1")
     with pytest.raises(TypeError, match="bias"):
@@ -123,7 +139,7 @@ for dtype in (torch.float16, torch.bfloat16):
             bm, bn, bk, br, warps, stages = D.decode_config(M, R, 2, False, lambda: 227 * 1024)
             names = D._decode_kernel.arg_names
             consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br, "HAS_BIAS": True,
-                      "CAST_FP32": False, "stride_xk": 1, "stride_wk": 1, "stride_ak": 1, "stride_br": 1,
+                      "CAST_FP32": False, "LORA_FP32": False, "stride_xk": 1, "stride_wk": 1, "stride_ak": 1, "stride_br": 1,
                       "stride_yn": 1}
             if M == 1:
                 consts["M"] = 1

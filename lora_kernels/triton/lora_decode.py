@@ -80,7 +80,8 @@ def _decode_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    CAST_FP32: tl.constexpr,
+    CAST_FP32: tl.constexpr,  # base product on exact fp32 operands (fp32 data, or bf16 in the interpreter)
+    LORA_FP32: tl.constexpr,  # LoRA products on exact fp32 operands (an fp32 adapter with 16-bit x and W0)
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -102,16 +103,17 @@ def _decode_kernel(
         wt = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         at = tl.load(a_cols + offs_k[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if CAST_FP32:
-            xf = xt.to(tl.float32)
-            acc += tl.dot(xf, wt.to(tl.float32), input_precision="ieee")
-            s += tl.dot(xf, at.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(xt, wt)
+        if LORA_FP32:
+            s += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        else:
             s += tl.dot(xt, at)
     bt = tl.load(b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=r_ok[:, None] & n_ok[None, :], other=0.0)
     # S stays fp32 (tf32 MMA for 16-bit data): an fp16 copy would overflow past 65504.
-    if CAST_FP32:
+    if LORA_FP32:
         acc += scale * tl.dot(s, bt.to(tl.float32), input_precision="ieee")
     else:
         acc += scale * tl.dot(s, bt.to(tl.float32))
@@ -133,8 +135,8 @@ def lora_decode_linear(
     scale: float,
 ) -> torch.Tensor:
     """``x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` in one launch. x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None,
-    lora_A ``[r, K]``, lora_B ``[N, r]``, all of one dtype (fp16, bf16, fp32) on one device that Triton can use; any
-    strides. Returns ``[..., N]`` in x's dtype. Meant for at most ``MAX_TOKENS`` rows (decode); larger inputs work
+    lora_A ``[r, K]``, lora_B ``[N, r]``; x, weight and bias of one dtype (fp16, bf16, fp32), lora_A and lora_B of
+    that dtype or fp32 (as :func:`lora_kernels.lora_linear` accepts), on one device that Triton can use; any strides. Returns ``[..., N]`` in x's dtype. Meant for at most ``MAX_TOKENS`` rows (decode); larger inputs work
     but re-read A per row tile and lose to a GEMM."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
@@ -155,9 +157,12 @@ def lora_decode_linear(
     if r == 0:
         raise ValueError("lora_A has rank 0")
     tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
-    if x.dtype not in _DTYPES or any(t.dtype != x.dtype for t in tensors):
-        raise TypeError(f"x, weight, lora_A, lora_B and bias must share one dtype of {_DTYPES}, got "
-                        f"{[t.dtype for t in tensors]}")
+    base = [x, weight] + ([bias] if bias is not None else [])
+    if x.dtype not in _DTYPES or any(t.dtype != x.dtype for t in base):
+        raise TypeError(f"x, weight and bias must share one dtype of {_DTYPES}, got {[t.dtype for t in base]}")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A and lora_B must share x's dtype ({x.dtype}) or float32, got {lora_A.dtype} and "
+                        f"{lora_B.dtype}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a real number, got {scale!r}")
     if len({t.device for t in tensors}) > 1:
@@ -182,7 +187,7 @@ def lora_decode_linear(
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, HAS_BIAS=bias is not None,
-            CAST_FP32=_cast_to_fp32(x.dtype),
+            CAST_FP32=_cast_to_fp32(x.dtype), LORA_FP32=_cast_to_fp32(x.dtype, lora_A.dtype),
             num_warps=warps, num_stages=stages,
         )
     return y.reshape(*lead, N)
