@@ -139,7 +139,8 @@ for dtype in (torch.float16, torch.bfloat16):
             bm, bn, bk, br, warps, stages = D.decode_config(M, R, 2, False, lambda: 227 * 1024)
             names = D._decode_kernel.arg_names
             consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br, "HAS_BIAS": True,
-                      "CAST_FP32": False, "LORA_FP32": False, "stride_xk": 1, "stride_wk": 1, "stride_ak": 1, "stride_br": 1,
+                      "CAST_FP32": False, "LORA_FP32": False, "stride_xk": 1, "stride_wk": 1, "stride_ak": 1,
+                      "stride_br": 1,
                       "stride_yn": 1}
             if M == 1:
                 consts["M"] = 1

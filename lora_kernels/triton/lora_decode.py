@@ -136,7 +136,8 @@ def lora_decode_linear(
 ) -> torch.Tensor:
     """``x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` in one launch. x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None,
     lora_A ``[r, K]``, lora_B ``[N, r]``; x, weight and bias of one dtype (fp16, bf16, fp32), lora_A and lora_B of
-    that dtype or fp32 (as :func:`lora_kernels.lora_linear` accepts), on one device that Triton can use; any strides. Returns ``[..., N]`` in x's dtype. Meant for at most ``MAX_TOKENS`` rows (decode); larger inputs work
+    that dtype or fp32 (as :func:`lora_kernels.lora_linear` accepts), on one device that Triton can use; any
+    strides. Returns ``[..., N]`` in x's dtype. Meant for at most ``MAX_TOKENS`` rows (decode); larger inputs work
     but re-read A per row tile and lose to a GEMM."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
