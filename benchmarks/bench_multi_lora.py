@@ -200,7 +200,7 @@ def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend:
             from lora_kernels import cuda as cuda_ext
         except Exception as exc:
             raise ProviderUnavailable(f"lora_kernels.cuda is not importable: {exc}")
-        why = cuda_ext.cuda_ops_available()
+        why = cuda_ext.cuda_ops_unavailable_reason()
         if why:
             raise ProviderUnavailable(f"CUDA extension unavailable: {why}")
         backend = "cuda"

@@ -29,7 +29,7 @@ case "$phase" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/card.txt"
     $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/card.txt"
     run build $py setup.py build_ext --inplace
-    $py -c "from lora_kernels import cuda; print('cuda ext:', cuda.cuda_ops_available() or 'ok')" | tee -a "$out/card.txt"
+    $py -c "from lora_kernels import cuda; print('cuda ext:', cuda.cuda_ops_unavailable_reason() or 'ok')" | tee -a "$out/card.txt"
     # On a GPU the Triton kernels are compiled, not interpreted; the gpu-marked tests run too.
     STEP_TIMEOUT=420 run tests $py -m pytest tests -q -x -p no:cacheprovider --durations=15
     run sanitizer compute-sanitizer --tool memcheck $py csrc/sanitizer_check.py

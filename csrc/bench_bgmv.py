@@ -68,7 +68,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 1
-    why = lkc.cuda_ops_available()
+    why = lkc.cuda_ops_unavailable_reason()
     if why:
         print(f"the CUDA extension is unavailable: {why}")
         return 1

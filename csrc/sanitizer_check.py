@@ -23,7 +23,7 @@ from lora_kernels.reference import multi_lora as ref
 
 
 def main() -> int:
-    why = lkc.cuda_ops_available()
+    why = lkc.cuda_ops_unavailable_reason()
     if why:
         print(f"skipped: {why}")
         return 0

@@ -7,9 +7,9 @@ against the CPU build of torch: this module checks the tensors and passes raw po
 the device index and the current stream as integers.
 
 Loading is lazy: importing :mod:`lora_kernels` (or this module) loads nothing and queries no device. The first call of
-:func:`cuda_ops_available` imports the extension (unless ``LORA_KERNELS_NO_CUDA_EXT=1``) and asks the extension's own
-``cudaGetDeviceCount`` wrapper for a device. A module that exists but fails to import gives one ``warnings.warn`` per
-process; callers then use the Triton path.
+:func:`cuda_ops_available` (a bool) or :func:`cuda_ops_unavailable_reason` (why not) imports the extension
+(unless ``LORA_KERNELS_NO_CUDA_EXT=1``) and asks the extension's own ``cudaGetDeviceCount`` wrapper for a device. A
+module that exists but fails to import gives one ``warnings.warn`` per process; callers then use the Triton path.
 
 The ``multi_lora_*`` functions have the signatures of the Triton launchers in :mod:`lora_kernels.triton.multi_lora`
 (see :mod:`lora_kernels.ops.multi_lora`, which wraps them in the same ``torch.library`` custom ops as the Triton
@@ -95,7 +95,13 @@ def device_count() -> int:
     return extension().device_count()
 
 
-def cuda_ops_available() -> Optional[str]:
+def cuda_ops_available() -> bool:
+    """True when the CUDA kernels can run here (the extension is built, loads, and sees a CUDA device); the reason
+    when they cannot is :func:`cuda_ops_unavailable_reason`. Cached after the first call."""
+    return cuda_ops_unavailable_reason() is None
+
+
+def cuda_ops_unavailable_reason() -> Optional[str]:
     """None when the CUDA kernels can run here, else why not: disabled, not built, failed to load (warned once), or no
     CUDA device. Cached after the first call."""
     module, reason = _load()
@@ -150,7 +156,7 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 def multi_lora_reason(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Optional[str]:
     """Checker for ``ops.multi_lora``: None when the CUDA kernels can serve these tensors, else why not."""
-    why = cuda_ops_available()
+    why = cuda_ops_unavailable_reason()
     if why:
         return why
     for t in (x,) + tensors:
@@ -421,4 +427,4 @@ def _info() -> Tuple[Optional[str], dict]:
     if module is not None:
         facts = {"cuda_archs": module.CUDA_ARCHS, "runtime_version": module.runtime_version(),
                  "driver_version": module.driver_version()}
-    return cuda_ops_available(), facts
+    return cuda_ops_unavailable_reason(), facts

@@ -174,7 +174,8 @@ def test_installed_module_if_built(fresh_loader):
         pytest.skip("lora_kernels._C_lora is not built in this install (no CUDA toolkit at install time)")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a built module must load without the failure warning
-        reason = fresh_loader.cuda_ops_available()
+        reason = fresh_loader.cuda_ops_unavailable_reason()
+    assert fresh_loader.cuda_ops_available() is (reason is None)
     if HAS_CUDA:
         assert reason is None
     else:
@@ -194,7 +195,9 @@ def test_disabled_by_env(fresh_loader, monkeypatch):
     monkeypatch.setenv(lkc.DISABLE_ENV, "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        reason = fresh_loader.cuda_ops_available()
+        reason = fresh_loader.cuda_ops_unavailable_reason()
+        available = fresh_loader.cuda_ops_available()
+    assert available is False  # a bool: `if lk.cuda_ops_available():` must be False here
     assert reason is not None and lkc.DISABLE_ENV in reason
     with pytest.raises(RuntimeError, match=lkc.DISABLE_ENV):
         fresh_loader.extension()
@@ -205,7 +208,8 @@ def test_not_built_gives_reason_without_warning(fresh_loader, monkeypatch):
     monkeypatch.setattr(lkc, "MODULE_NAME", "lora_kernels._C_lora_never_built")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        reason = fresh_loader.cuda_ops_available()
+        reason = fresh_loader.cuda_ops_unavailable_reason()
+        assert fresh_loader.cuda_ops_available() is False
     assert reason is not None and "not built" in reason
 
 
@@ -216,13 +220,15 @@ def test_broken_module_warns_once_then_falls_back(fresh_loader, monkeypatch, tmp
     monkeypatch.setattr(lkc, "MODULE_NAME", "_lk_broken_ext")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        reasons = [fresh_loader.cuda_ops_available() for _ in range(3)]
+        reasons = [fresh_loader.cuda_ops_unavailable_reason() for _ in range(3)]
+        assert fresh_loader.cuda_ops_available() is False
         # The backend chooser then takes the next backend ("triton" on a GPU; "torch" stands in for it here).
         chosen = _backend.select("multi_lora_linear", "auto",
-                                 {"cuda": lambda *a: lkc.cuda_ops_available(), "torch": lambda *a: None},
+                                 {"cuda": lambda *a: lkc.cuda_ops_unavailable_reason(), "torch": lambda *a: None},
                                  ("cuda", "torch"))
         with pytest.raises(_backend.BackendError, match="failed to load"):
-            _backend.select("multi_lora_linear", "cuda", {"cuda": lambda *a: lkc.cuda_ops_available()}, ("cuda",))
+            _backend.select("multi_lora_linear", "cuda", {"cuda": lambda *a: lkc.cuda_ops_unavailable_reason()},
+                            ("cuda",))
     assert chosen == "torch"
     assert all(r == reasons[0] for r in reasons)
     assert "failed to load" in reasons[0] and "undefined symbol" in reasons[0]
@@ -434,7 +440,8 @@ def emu_module(tmp_path_factory):
 def emulated(emu_module, monkeypatch):
     """lora_kernels.cuda talking to the emulated module with CPU tensors (device 0, stream 0)."""
     monkeypatch.setattr(lkc, "extension", lambda: emu_module)
-    monkeypatch.setattr(lkc, "cuda_ops_available", lambda: None)
+    monkeypatch.setattr(lkc, "cuda_ops_available", lambda: True)
+    monkeypatch.setattr(lkc, "cuda_ops_unavailable_reason", lambda: None)
     monkeypatch.setattr(lkc, "_check_cuda", lambda **tensors: 0)
     monkeypatch.setattr(lkc, "_stream", lambda device: 0)
     return emu_module
@@ -516,6 +523,23 @@ def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_emulated_fp16_shrink_beyond_fp16_range(emulated, monkeypatch, fused):
+    """The shrink result stays fp32 up to the expand: x·Aᵀ = 102400 (past fp16's 65504) with a finite output of a
+    few hundred, fp16 data, backend="cuda" (the case of tests/test_multi_lora_serving.py)."""
+    import lora_kernels as lk
+    from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.pool import LoRABatch
+    from test_multi_lora_serving import overflow_case, overflow_want
+
+    monkeypatch.setitem(ops._CHECKS, "cuda", lambda *a: None)
+    pool, weight, x, ids = overflow_case(device="cpu")
+    want = overflow_want(pool, weight, x, ids)
+    got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids), backend="cuda", fused=fused)
+    assert torch.isfinite(got).all(), got
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
 def test_emulated_opcheck_custom_ops_backend_cuda(emulated):
     """The CUDA backend behind the same torch.library custom ops: schema, fake impls and mutation declarations hold
     (torch.library.opcheck) with the emulated kernels, per-token and tiled."""
@@ -563,7 +587,7 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,K,slices,L,R", GPU_SHAPES)
 def test_gpu_shrink_expand_match_reference(M, K, slices, L, R, dtype):
-    assert lkc.cuda_ops_available() is None
+    assert lkc.cuda_ops_available() is True, lkc.cuda_ops_unavailable_reason()
     _check_case("cuda", M, K, slices, L, R, dtype)
     _check_case("cuda", M, K, slices, L, R, dtype, misaligned=True, seed=1)
     for tile_m in (16, 64):

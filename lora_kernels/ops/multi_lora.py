@@ -15,27 +15,39 @@ Typical serving step (one pool per layer, one batch per step shared by every lay
 
 Layers of this file: input checks; backend choice; two ``torch.library`` custom ops with fake implementations
 (``lora_kernels::lora_shrink`` writes ``out``, ``lora_kernels::lora_expand`` adds into ``y``) plus
-``lora_kernels::lora_fused_expand`` (shrink and expand in one kernel for decode sizes, adds into ``y``); and the
-public functions. Inference only: no autograd is registered (the pool holds no trainable parameters).
+``lora_kernels::lora_fused_expand`` (shrink and expand in one kernel for decode sizes, adds into ``y``) and
+``lora_kernels::multi_lora_gemm`` (returns the whole layer: the base GEMM with the expand in its epilogue); the path
+choice (:func:`choose_path`); and the public functions. Inference only: no autograd is registered (the pool holds no
+trainable parameters).
 
-No host synchronisation on the way from :func:`multi_lora_linear` to the kernels: the grid depends only on host ints
-(M, L, slices, the batch's capacity), so a step can be captured in a CUDA graph and replayed after
-``batch.prepare_(new_ids)``. The one host-side shortcut (an eager batch whose ids, known on the host, name no adapter
-launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or capturing.
+Paths of :func:`multi_lora_linear` (launches on the Triton backend): "fused" = F.linear + 1 kernel (default up to
+``FUSED_MAX_TOKENS`` tokens); "gemm" = shrink + base GEMM with the LoRA in its epilogue, y written once, no zero-fill
+(default above that up to ``GEMM_MAX_TOKENS``); "split" = F.linear + zero-fill + shrink + expand (default beyond).
+The shrink result is kept in fp32 up to the expand on every path and backend (an fp16 copy would overflow past
+65504). Kernel tiles have :func:`step_tile_m` rows: the step's token count rounded up to a power of two, capped by
+the batch's ``tile_m``.
+
+No host synchronisation on the way from :func:`multi_lora_linear` to the kernels: the grid depends only on host ints (M,
+L, slices, the batch's capacity), so a step can be captured in a CUDA graph (one per bucket of token counts, ids padded
+with -1) and replayed after ``batch.prepare_(new_ids)``. The one host-side shortcut (an eager batch whose ids, known on
+the host, name no adapter launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or
+capturing.
 
 Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend`): "torch" is the reference
 (:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the kernels of
 :mod:`lora_kernels.triton.multi_lora`. **Hook for "cuda":** ``_CHECKS["cuda"]`` imports :mod:`lora_kernels.cuda` and
 accepts it when the module defines ``multi_lora_shrink``, ``multi_lora_expand`` and ``multi_lora_fused`` with exactly
-the signatures of the Triton launchers, and ``multi_lora_reason(x, *tensors)`` (else ``cuda_ops_available()``)
+the signatures of the Triton launchers, and ``multi_lora_reason(x, *tensors)`` (else ``cuda_ops_unavailable_reason()``)
 returns None:
 
 - ``multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices: int,
   tile_m: int)``: x ``[M, K]`` fp16/bf16/fp32 (any strides); A_stack ``[L, S·R, K]`` pool dtype; ranks ``[L]`` int32
   (0 = empty slot); token_slots ``[cap]`` int32 (-1 = none, may hold any value); sorted_tokens ``[cap]`` int32 (token
   indices sorted by slot); sorted_slots ``[cap]`` int32 (their slots, 2^31-1 = none); tile_starts ``[cap+1]`` int32
-  (start of each tile of ≤ tile_m same-slot entries in the sorted list, -1 past the end); out ``[M, S·R]`` fp32, to be
-  fully written (zeros where no adapter applies). R = S·R // num_slices.
+  (start of each tile of same-slot entries in the sorted list, -1 past the end); tile_m: rows per kernel tile (a tile
+  of the list may be longer, cut at the batch's ``tile_m``: its entries past ``tile_m`` are then tokens ≥ M, see
+  :func:`step_tile_m`); out ``[M, S·R]`` fp32, to be fully written (zeros where no adapter applies).
+  R = S·R // num_slices.
 - ``multi_lora_expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y,
   slices: list[int], tile_m: int)``: s ``[M, S·R]`` fp32; B_stack ``[L, N, R]`` pool dtype (slice s at rows
   off_s..off_s+N_s-1); scales ``[L, S]`` fp32; y ``[M, N]`` (any strides), updated in place.
@@ -63,6 +75,14 @@ from ._validate import check_same_device, check_scale, check_tensor, shape
 # zeroing; each output block recomputes its tile's shrink from L2). Not yet measured on a GPU: a guess from the byte
 # counts (A is 128 KiB at K = 4096, r = 16: re-reading it per output block stays cheap while tiles are few).
 FUSED_MAX_TOKENS = 16
+# Above FUSED_MAX_TOKENS and up to this many tokens, the Triton backend puts the expand inside the base GEMM ("gemm"
+# path: shrink, then one Triton GEMM whose epilogue adds the LoRA term; 2 launches, y written once) instead of
+# cuBLAS + zero-fill + shrink + expand (4 launches and a read-modify-write of y: 2·M·N·2 bytes). Up to ~1k tokens at
+# K = N = 4096 the layer is bound by reading W0, where a Triton GEMM keeps up with cuBLAS; past it the GEMM is
+# compute-bound and a non-TMA Triton GEMM runs 1.25-1.45x cuBLAS's time, more than the y round trip costs, so the
+# cuBLAS-based split path stays. A static estimate, NOT yet measured on a GPU.
+GEMM_MAX_TOKENS = 1024
+PATHS = ("fused", "split", "gemm")
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -74,6 +94,23 @@ def _in_graph_or_compile(t: torch.Tensor) -> bool:
 
 def _batch_fields(batch: LoRABatch):
     return batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts
+
+
+def step_tile_m(batch_tile_m: int, M: int) -> int:
+    """Rows per kernel tile for a step of M tokens: the batch's ``tile_m`` (set by its capacity), but never more than
+    the next power of two >= M (at least 16, the smallest tl.dot M). A decode step of 4 tokens in a batch built for
+    4096 then runs 16-row tiles instead of 64-row ones that would be >= 75 % masked rows.
+
+    Exact for any step: the batch cuts each slot's run of sorted tokens into tiles of ``batch_tile_m`` from its
+    start, and the run lists that slot's tokens in ascending order (stable sort), so its tokens < M (at most M) are
+    the first entries of the run's first tile, and a kernel tile of >= M rows read from the tile's start covers
+    them. Depends on M only (a host int, the static shape): no sync, and a CUDA graph captured for one bucket of
+    token counts (ids padded with -1 to the bucket's size, as engines capture per batch size) keeps its tiles
+    across replays with new ids."""
+    step = 16
+    while step < M and step < batch_tile_m:
+        step *= 2
+    return min(step, batch_tile_m)
 
 
 def check_ids(batch: LoRABatch, num_slots: int, valid: Optional[Sequence[bool]], M: int, what: str) -> None:
@@ -172,7 +209,7 @@ def _cuda_ok(x, *tensors) -> Optional[str]:
         return "the CUDA extension has no multi-adapter kernels"
     if hasattr(cuda_ext, "multi_lora_reason"):  # its own device/dtype checks
         return cuda_ext.multi_lora_reason(x, *tensors)
-    return cuda_ext.cuda_ops_available()
+    return cuda_ext.cuda_ops_unavailable_reason()
 
 
 _CHECKS = {"torch": _torch_ok, "triton": _triton_ok, "cuda": _cuda_ok}
@@ -288,6 +325,69 @@ def _fused_fake(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, 
     return None
 
 
+@torch.library.custom_op("lora_kernels::multi_lora_gemm", mutates_args=())
+def _gemm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    slices: List[int],
+    tile_m: int,
+    backend: str,
+) -> torch.Tensor:
+    if backend == "torch":  # the spec: base and LoRA in fp32 (float64), one rounding
+        return _ref.multi_lora_linear(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots[: x.shape[0]],
+                                      slices)
+    if backend != "triton":
+        raise AssertionError(backend)
+    from ..triton import multi_lora as tri
+
+    return tri.linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens,
+                           sorted_slots, tile_starts, slices, tile_m)
+
+
+@_gemm_op.register_fake
+def _gemm_fake(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts,
+               slices, tile_m, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def choose_path(path: Optional[str], fused: Optional[bool], M: int, backend: str) -> str:
+    """The one place that picks how :func:`multi_lora_linear` runs (see the module docstring):
+
+    - ``"fused"``: F.linear, then one kernel for shrink and expand (adds into y). Default for M <= FUSED_MAX_TOKENS.
+    - ``"gemm"``: the shrink, then the base GEMM with the expand in its epilogue (y written once; Triton and torch
+      backends). Default on the Triton backend for FUSED_MAX_TOKENS < M <= GEMM_MAX_TOKENS.
+    - ``"split"``: F.linear, then shrink into an fp32 buffer and expand (adds into y). Default otherwise.
+
+    ``path`` forces one; ``fused`` (True/False) is the older way to force "fused"/"split"."""
+    if path is not None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))} or None, got {path!r}")
+        if fused is not None and path != ("fused" if fused else "split"):
+            raise ValueError(f"fused={fused} contradicts path={path!r}; pass one of them")
+        if path == "gemm" and backend == "cuda":
+            raise ValueError("path='gemm' has no CUDA-extension kernel; use backend='triton' or 'torch', or path "
+                             "'fused' / 'split'")
+        return path
+    if fused is not None:
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool or None, got {fused!r}")
+        return "fused" if fused else "split"
+    if M <= FUSED_MAX_TOKENS:
+        return "fused"
+    if backend == "triton" and M <= GEMM_MAX_TOKENS:
+        return "gemm"
+    return "split"
+
+
 def _cat_slices(name: str, parts, num_slices):
     """A list of per-slice stacks (vLLM style) → one tensor, concatenated along dim 1 (a copy: pass the pool's
     ``A_stack`` / ``B_stack`` to avoid it)."""
@@ -360,7 +460,8 @@ def lora_shrink(
     if check:
         check_ids(batch, L, _rank_flags(ranks, SR // num_slices, "lora_shrink"), x2.shape[0], "lora_shrink")
     name = resolve_backend("lora_shrink", backend, x2, A_stack, out)
-    _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, batch.tile_m, name)
+    _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, step_tile_m(batch.tile_m, x2.shape[0]),
+               name)
     return out
 
 
@@ -412,7 +513,8 @@ def lora_expand(
     if check:
         check_ids(batch, L, _rank_flags(ranks, R, "lora_expand"), y2.shape[0], "lora_expand")
     name = resolve_backend("lora_expand", backend, y2, s2, B_stack)
-    _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices, batch.tile_m, name)
+    _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices,
+               step_tile_m(batch.tile_m, y2.shape[0]), name)
     return y
 
 
@@ -447,14 +549,17 @@ def multi_lora_linear(
     backend: Optional[str] = None,
     check: Optional[bool] = None,
     fused: Optional[bool] = None,
+    path: Optional[str] = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` plus, for every token, the LoRA of its pool slot (none for -1).
 
     x ``[..., K]`` with one batch id per flattened row; weight ``[N, K]`` and bias ``[N]`` in x's dtype; the pool in
     x's dtype or float32. Returns ``[..., N]``. Runs under ``torch.no_grad()`` (inference). ``check`` as in
-    :func:`lora_shrink`, against the pool's slots in use (loaded or reserved). ``fused``: one kernel for shrink and
-    expand (default: when there are at most ``FUSED_MAX_TOKENS`` tokens); otherwise shrink into an fp32 buffer, then
-    expand. An eager call whose ids (given on the host) name no adapter runs only F.linear.
+    :func:`lora_shrink`, against the pool's slots in use (loaded or reserved). ``path`` ("fused" | "split" |
+    "gemm", default chosen by :func:`choose_path` from the token count and backend) or ``fused`` (True = "fused",
+    False = "split") forces how the LoRA term is computed. The "gemm" path needs the batch prepared for exactly the
+    rows of x (always checked: host ints, no sync). An eager call whose ids (given on the host) name no adapter runs
+    only F.linear.
     """
     _check_batch(batch)
     validate_linear(x, weight, bias, pool)
@@ -468,18 +573,25 @@ def multi_lora_linear(
     if check:
         check_ids(batch, pool.max_adapters, pool._in_use, M, "multi_lora_linear")
     name = resolve_backend("multi_lora_linear", backend, x2, weight, pool.A_stack)
-    y = F.linear(x2, weight, bias)
+    chosen = choose_path(path, fused, M, name)
     if not traced and batch.has_adapter is False:
-        return y.reshape(*x.shape[:-1], N)
+        return F.linear(x2, weight, bias).reshape(*x.shape[:-1], N)
     slices = list(pool.slices)
     fields = _batch_fields(batch)
-    if fused is None:
-        fused = M <= FUSED_MAX_TOKENS
-    if fused:
-        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, batch.tile_m, name)
+    tile_m = step_tile_m(batch.tile_m, M)
+    if chosen == "gemm":
+        if batch.num_tokens != M:  # its row tiles walk sorted positions 0..M-1: they must be exactly the M tokens
+            raise ValueError(f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
+                             f"has {M} rows; prepare one id per token (pad with -1)")
+        y = _gemm_op(x2, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, slices, tile_m,
+                     name)
+        return y.reshape(*x.shape[:-1], N)
+    y = F.linear(x2, weight, bias)
+    if chosen == "fused":
+        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, tile_m, name)
     else:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         s = torch.empty(M, pool.num_slices * pool.max_rank, dtype=acc, device=x.device)
-        _shrink_op(x2, pool.A_stack, pool.ranks, *fields, s, pool.num_slices, batch.tile_m, name)
-        _expand_op(s, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, batch.tile_m, name)
+        _shrink_op(x2, pool.A_stack, pool.ranks, *fields, s, pool.num_slices, tile_m, name)
+        _expand_op(s, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, tile_m, name)
     return y.reshape(*x.shape[:-1], N)

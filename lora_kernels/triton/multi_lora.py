@@ -1,5 +1,9 @@
 """Triton kernels for batched multi-adapter LoRA: shrink (``s = x·Aᵀ`` per token's adapter), expand (``y += scale ·
-s·Bᵀ`` in place) and a fused shrink+expand for decode-sized batches.
+s·Bᵀ`` in place), a fused shrink+expand for decode-sized batches, and the base GEMM with the expand in its epilogue
+(``y = x·W0ᵀ + bias + Σ_segments scale·S·Bᵀ``, :func:`linear_gemm`).
+
+Precision. The shrink result S is fp32 from the shrink to the expand's MMA (tf32 operands for 16-bit data, exact
+fp32 for fp32 data): never rounded to fp16, whose 65504 limit a valid S can pass.
 
 Work list. :class:`lora_kernels.LoRABatch` sorts tokens by slot once per step and cuts each slot's run of tokens into
 tiles of ``tile_m`` rows (``tile_starts``). Program ``(t, …)`` handles tile ``t``: it gathers its token rows through
@@ -207,7 +211,7 @@ def _shrink_kernel(
     sorted_tokens_ptr,  # [cap] int32
     sorted_slots_ptr,  # [cap] int32
     tile_starts_ptr,  # [cap + 1] int32
-    out_ptr,  # [M, S·R] fp32, any strides; zeroed before the launch when SPLIT_K > 1
+    out_ptr,  # [M, S·R] fp32, any strides; zeroed before the launch when SPLIT_K > 1 and ATOMIC
     M,
     K,
     L,
@@ -221,11 +225,13 @@ def _shrink_kernel(
     stride_ak,
     stride_om,
     stride_on,
+    stride_os,  # split k's partial sum goes to out + k·stride_os when not ATOMIC
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     CAST_FP32: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     s_idx = tl.program_id(1)
@@ -245,8 +251,10 @@ def _shrink_kernel(
     mask = row_ok[:, None] & (offs_r < rank)[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc, mask=mask)
-    else:
+    elif ATOMIC:
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+    else:  # one partial per split, summed by the consumer: no zero-fill, no atomics, deterministic
+        tl.store(out + pid_k * stride_os, acc, mask=mask)
 
 
 @triton.jit
@@ -338,7 +346,10 @@ def _expand_store(
     if CAST_FP32:
         acc = tl.dot(s_tile, bt.to(tl.float32), input_precision="ieee")
     else:
-        acc = tl.dot(s_tile.to(bt.dtype), bt)
+        # s stays fp32 (tf32 MMA): rounded to fp16 it overflows past 65504 (x·Aᵀ = 1e5 with a final delta of 512 is
+        # a finite, valid input) and bf16 would keep 8 bits instead of tf32's 11. fp16/bf16 B converts to tf32
+        # exactly, so the only rounding is s to 11 bits, as fp16 would do, without its range limit.
+        acc = tl.dot(s_tile, bt.to(tl.float32))
     scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
     # int64 column offsets: a column-major y (stride_yn = M) would overflow int32 past 2^31 elements.
     y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
@@ -407,6 +418,115 @@ def _fused_kernel(
     )
 
 
+@triton.jit
+def _gemm_expand_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, token rows
+    w_ptr,  # [N, K] base weight, x's dtype
+    bias_ptr,  # [N] (unused unless HAS_BIAS)
+    s_ptr,  # [SPLIT, M, S·R] fp32: the shrink's per-split partial sums (only rows of loaded adapters are read)
+    b_ptr,  # [L, N, R] pool dtype
+    ranks_ptr,  # [L] int32
+    scales_ptr,  # [L, S] fp32, any strides
+    sorted_tokens_ptr,  # [cap] int32
+    sorted_slots_ptr,  # [cap] int32
+    y_ptr,  # [M, N] output, written once (not read)
+    M,
+    K,
+    L,
+    cap,
+    R,
+    N0,
+    N1,
+    N2,
+    N3,
+    NUM_SPLITS,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ss,
+    stride_sm,
+    stride_sn,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_scl,
+    stride_scs,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _cast_to_fp32)
+    LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool or data) instead of tf32
+):
+    """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · S_rows·B_aᵀ.
+
+    Rows are BLOCK_M consecutive entries of the batch's sorted token list (gathered through sorted_tokens, so a tile
+    holds few adapters: one segment each); the base K loop is a plain GEMM; the epilogue walks the tile's distinct
+    valid slots in ascending order (one small fp32 dot each, rows of other segments masked to 0), adds the bias and
+    writes y once. -1 rows, ids outside [0, L) and slots of rank 0 add nothing."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_list = (pos < M) & (pos < cap)
+    tok = tl.load(sorted_tokens_ptr + pos, mask=in_list, other=0)
+    row_ok = in_list & (tok >= 0) & (tok < M)
+    tok = tok.to(tl.int64)
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    x_rows = x_ptr + tok[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if CAST_FP32:
+            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, wt)
+
+    # LoRA epilogue. NONE (2^31-1) marks rows that are done or have no valid adapter.
+    NONE: tl.constexpr = 2147483647
+    slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
+    key = tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+    offs_r = tl.arange(0, BLOCK_R)
+    cur = tl.min(key, axis=0)
+    while cur < NONE:
+        rows_in = key == cur
+        slot = cur.to(tl.int64)
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        r_ok = offs_r < rank
+        s_mask = rows_in[:, None] & r_ok[None, :]
+        s_ptrs = s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_sn
+        st = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            st += tl.load(s_ptrs + sp * stride_ss, mask=s_mask, other=0.0)
+        bt = tl.load(
+            b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
+        # fp32 S (tf32 MMA on the GPU; exact fp32 for fp32 data): never rounded to the 16-bit dtype.
+        if LORA_IEEE:
+            acc += scale * tl.dot(st, bt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += scale * tl.dot(st, bt.to(tl.float32))
+        key = tl.where(rows_in, NONE, key)
+        cur = tl.min(key, axis=0)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
 # -------------------------------------------------------------------------------------------------------- launchers
 def _widths(slices: Sequence[int]) -> Tuple[int, int, int, int]:
     w = [int(n) for n in slices]
@@ -431,6 +551,23 @@ class _nullctx:
         return False
 
 
+def shrink_config(M, K, L, R, num_slices, tile_m, cap, x_bytes, a_bytes, interp, smem, sm_count):
+    """(grid tiles, BLOCK_K, num_stages, split-K) of the shrink launch; ``smem`` and ``sm_count`` are callables (only
+    asked on a GPU). A function of host ints only, shared by the launchers and the static launch model
+    (benchmarks/static_serving.py)."""
+    n_tiles = _num_tiles_bound(M, L, tile_m, cap)
+    if interp:
+        return n_tiles, _INTERP_BLOCK_K, 3, min(_INTERP_SPLIT_K, triton.cdiv(K, _INTERP_BLOCK_K))
+    block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K
+    block_k, stages = _k_pipeline(tile_m, block_k, _block_r(R), x_bytes, a_bytes, tile_m * _block_r(R) * 4, smem())
+    k_blocks = triton.cdiv(K, block_k)
+    want = max(1, (2 * sm_count()) // (n_tiles * num_slices))
+    split = 1
+    while split * 2 <= min(want, k_blocks, _MAX_SPLIT_K):
+        split *= 2
+    return n_tiles, block_k, stages, split
+
+
 def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m):
     """``out[M, S·R]`` (fp32) ← per-token ``x·Aᵀ`` (zeros where no adapter applies). x ``[M, K]``; the batch
     tensors as in :class:`lora_kernels.LoRABatch`. Zeroes ``out`` first, then one launch (split-K by atomics when the
@@ -442,23 +579,11 @@ def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_sta
     out.zero_()
     if M == 0:
         return out
-    n_tiles = _num_tiles_bound(M, L, tile_m, cap)
-    stages = 3
-    if _backend.interpreter_enabled():
-        block_k = _INTERP_BLOCK_K
-        split = min(_INTERP_SPLIT_K, triton.cdiv(K, block_k))
-    else:
-        block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K
-        block_k, stages = _k_pipeline(
-            tile_m, block_k, _block_r(R), x.element_size(), A_stack.element_size(),
-            tile_m * _block_r(R) * 4, _max_smem(x.device.index or 0),
-        )
-        k_blocks = triton.cdiv(K, block_k)
-        programs = n_tiles * num_slices
-        want = max(1, (2 * _sm_count(x.device.index or 0)) // programs)
-        split = 1
-        while split * 2 <= min(want, k_blocks, _MAX_SPLIT_K):
-            split *= 2
+    dev = x.device.index or 0
+    n_tiles, block_k, stages, split = shrink_config(
+        M, K, L, R, num_slices, tile_m, cap, x.element_size(), A_stack.element_size(),
+        _backend.interpreter_enabled(), lambda: _max_smem(dev), lambda: _sm_count(dev),
+    )
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # fp32 atomics add in a run-dependent order: no split-K (bitwise reproducible, as lora_linear)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
@@ -468,12 +593,16 @@ def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_sta
             x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, out,
             M, K, L, cap, R, k_per_split,
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
-            out.stride(0), out.stride(1),
+            out.stride(0), out.stride(1), 0,
             BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, SPLIT_K=split,
-            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype),
+            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=True,
             num_warps=4, num_stages=stages,
         )
     return out
+
+
+def expand_block_n(interp):
+    return _INTERP_BLOCK_N if interp else _EXPAND_BLOCK_N
 
 
 def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
@@ -483,7 +612,7 @@ def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, 
     cap = sorted_tokens.shape[0]
     if M == 0:
         return y
-    block_n = _INTERP_BLOCK_N if _backend.interpreter_enabled() else _EXPAND_BLOCK_N
+    block_n = expand_block_n(_backend.interpreter_enabled())
     grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
     with _device_ctx(y):
         _expand_kernel[grid](
@@ -498,6 +627,21 @@ def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, 
     return y
 
 
+def fused_config(tile_m, R, x_bytes, a_bytes, b_bytes, interp, smem):
+    """(BLOCK_N, BLOCK_K, num_stages) of the fused kernel; host ints only (shared with the static launch model)."""
+    if interp:
+        return _INTERP_BLOCK_N, _INTERP_BLOCK_K, 3
+    # The expand accumulator is [tile_m, BLOCK_N] fp32 in registers: 256 columns are 32 values per thread at 16
+    # rows and 4 warps, but 128-256 at 64-128 rows (spills, and minutes of ptxas for fp32 operands). Keep
+    # tile_m · BLOCK_N constant instead (≥ 32 columns).
+    block_n = max(32, _FUSED_BLOCK_N * 16 // tile_m)
+    # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
+    block_r = _block_r(R)
+    reserve = tile_m * block_r * 4 + block_r * block_n * b_bytes
+    block_k, stages = _k_pipeline(tile_m, _FUSED_BLOCK_K, block_r, x_bytes, a_bytes, reserve, smem())
+    return block_n, block_k, stages
+
+
 def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
     """``y += scale · (x·Aᵀ)·Bᵀ`` per token in one launch (decode sizes: see ``ops.multi_lora.FUSED_MAX_TOKENS``)."""
     M, K = x.shape
@@ -505,22 +649,11 @@ def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted
     cap = sorted_tokens.shape[0]
     if M == 0:
         return y
-    interp = _backend.interpreter_enabled()
-    block_n = _INTERP_BLOCK_N if interp else _FUSED_BLOCK_N
-    block_k = _INTERP_BLOCK_K if interp else _FUSED_BLOCK_K
-    stages = 3
-    if not interp:
-        # The expand accumulator is [tile_m, BLOCK_N] fp32 in registers: 256 columns are 32 values per thread at 16
-        # rows and 4 warps, but 128-256 at 64-128 rows (spills, and minutes of ptxas for fp32 operands). Keep
-        # tile_m · BLOCK_N constant instead (≥ 32 columns).
-        block_n = max(32, _FUSED_BLOCK_N * 16 // tile_m)
-        # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
-        block_r = _block_r(R)
-        reserve = tile_m * block_r * 4 + block_r * block_n * B_stack.element_size()
-        block_k, stages = _k_pipeline(
-            tile_m, block_k, block_r, x.element_size(), A_stack.element_size(), reserve,
-            _max_smem(y.device.index or 0),
-        )
+    dev = y.device.index or 0
+    block_n, block_k, stages = fused_config(
+        tile_m, R, x.element_size(), A_stack.element_size(), B_stack.element_size(), _backend.interpreter_enabled(),
+        lambda: _max_smem(dev),
+    )
     grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
     with _device_ctx(y):
         _fused_kernel[grid](
@@ -532,5 +665,81 @@ def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted
             BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, BLOCK_N=block_n,
             CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype, B_stack.dtype) or y.dtype == torch.float32,
             num_warps=4, num_stages=stages,
+        )
+    return y
+
+
+# Base GEMM tiles of the expand-in-GEMM path, by the tokens of the step: (max tokens, BLOCK_M, BLOCK_N, BLOCK_K,
+# num_warps, num_stages). Decode (<= 16 rows) is a GEMV in disguise, bound by reading W0 once: 32-column blocks give
+# 128 programs at N = 4096 (132 SMs on an H100), a 256-deep K step halves the loop trips. Up to 256 tokens the layer
+# is still bound by reading W0, so the tiles stay small enough to give >= 128 programs at N = 4096 (64×64: 256
+# programs at 256 tokens, where 128×128 would leave half the SMs idle); past that, 128×128×64 at 8 warps (the fp32
+# accumulator is 64 registers per thread) for the compute-bound steps. First guesses from the byte and register
+# counts, NOT yet measured on a GPU; the sm_90 compile test checks shared memory and spills.
+_GEMM_TILES = ((16, 16, 32, 256, 4, 4), (32, 32, 64, 128, 4, 4), (256, 64, 64, 128, 4, 4),
+               (1 << 62, 128, 128, 64, 8, 3))
+_INTERP_GEMM_BLOCK_N = 16
+
+
+def gemm_config(M, x_bytes, w_bytes, R, interp, smem):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the expand-in-GEMM kernel for M tokens; ``smem`` a
+    callable (asked on a GPU only). Host ints only: shared with the static launch model."""
+    _, block_m, block_n, block_k, warps, stages = next(t for t in _GEMM_TILES if M <= t[0])
+    if interp:  # at most 32 rows: the tests' small batches still span several row tiles and segments
+        return min(block_m, 32), _INTERP_GEMM_BLOCK_N, _INTERP_BLOCK_K, warps, 1
+    # Reserve for the epilogue's fp32 S tile and B tile, which pass through shared memory for the dot.
+    reserve = block_m * _block_r(R) * 4 + _block_r(R) * block_n * 4
+    block_k, stages = _k_pipeline(block_m, block_k, block_n, x_bytes, w_bytes, reserve, smem(), stages)
+    return block_m, block_n, block_k, warps, stages
+
+
+def linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots,
+                tile_starts, slices, tile_m):
+    """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` per token's adapter, y new ``[M, N]`` in x's dtype: two launches,
+    the shrink into per-split fp32 partials (no zero-fill: rows without an adapter are never read) and the base GEMM
+    with the expand in its epilogue (y written once, never read). Needs the batch prepared for exactly M tokens
+    (the GEMM's row tiles walk positions 0..M-1 of the sorted list; the op checks it)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    L, SR, _ = A_stack.shape
+    S = len(slices)
+    R = SR // S
+    cap = sorted_tokens.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    interp = _backend.interpreter_enabled()
+    dev = x.device.index or 0
+    n_tiles, block_k, stages, split = shrink_config(
+        M, K, L, R, S, tile_m, cap, x.element_size(), A_stack.element_size(), interp,
+        lambda: _max_smem(dev), lambda: _sm_count(dev),
+    )
+    parts = torch.empty(split, M, SR, dtype=torch.float32, device=x.device)
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    with _device_ctx(x):
+        _shrink_kernel[(n_tiles, S, split)](
+            x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, parts,
+            M, K, L, cap, R, k_per_split,
+            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
+            parts.stride(1), parts.stride(2), parts.stride(0),
+            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, SPLIT_K=split,
+            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=False,
+            num_warps=4, num_stages=stages,
+        )
+        block_m, block_n, gk, warps, gstages = gemm_config(
+            M, x.element_size(), weight.element_size(), R, interp, lambda: _max_smem(dev))
+        grid = (triton.cdiv(min(M, cap), block_m), _out_blocks(slices, block_n))
+        _gemm_expand_kernel[grid](
+            x, weight, bias if bias is not None else weight, parts, B_stack, ranks, scales, sorted_tokens,
+            sorted_slots, y,
+            M, K, L, cap, R, *_widths(slices), split,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            parts.stride(0), parts.stride(1), parts.stride(2),
+            B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
+            y.stride(0), y.stride(1),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=gk, BLOCK_R=_block_r(R), HAS_BIAS=bias is not None,
+            CAST_FP32=_cast_to_fp32(x.dtype, weight.dtype),
+            LORA_IEEE=_cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
+            num_warps=warps, num_stages=gstages,
         )
     return y

@@ -1,0 +1,224 @@
+"""Static launch model of the multi-adapter serving ops: per point of BENCHMARKS.md's multi-adapter grid, the launches
+``multi_lora_linear`` makes on each path, with kernel name, grid, tile configuration, DRAM bytes read and written and
+FLOPs, computed from the launchers' own configuration functions (no GPU, no kernel run).
+
+Byte model ("compulsory" traffic): every distinct byte a launch touches crosses HBM once per launch (L2 catches the
+re-reads of one launch: A/B of an adapter read by several tiles, x read by several output blocks). ``l2_read`` adds
+those re-reads (what the programs request), an upper bound of the L2 traffic. FLOPs are those the MMA tiles issue
+(masked rows and the rank padding to BLOCK_R included); ``useful_flops`` counts only the real products.
+
+    from benchmarks.static_serving import grid_launches
+    for point in grid_launches():            # 24 points: dist x L x T, K = N = 4096, r = 16, bf16
+        print(point["dist"], point["L"], point["T"], point["chosen"], len(point["paths"][point["chosen"]]))
+
+``predict_us`` turns a launch list into a rough time (max of bytes/bandwidth and flops/peak per launch, plus a fixed
+cost per launch); the ceilings default to the H100 numbers BENCHMARKS.md records (2.96 TB/s copy, 732 TFLOP/s bf16).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import triton
+
+from lora_kernels.ops import multi_lora as ops
+from lora_kernels.pool import auto_tile_m
+from lora_kernels.triton import multi_lora as ML
+
+# The multi-adapter grid of BENCHMARKS.md / benchmarks/bench_multi_lora.py.
+DISTS = ("uniform", "mix")
+ADAPTERS = (16, 128)
+TOKENS = (1, 16, 64, 256, 1024, 4096)
+K_DEFAULT = N_DEFAULT = 4096
+RANK = 16
+
+H100_SMS = 132
+H100_SMEM = 227 * 1024
+COPY_BW = 2.96e12  # bytes/s, device-to-device copy (read + write)
+PEAK_FLOPS = 732e12  # bf16 dense
+LAUNCH_US = 2.0  # assumed cost of one extra kernel node in a CUDA graph (not measured here)
+
+
+def _ids(dist: str, L: int, T: int, seed: int) -> torch.Tensor:
+    from benchmarks.bench_multi_lora import token_ids
+
+    return token_ids(dist, L, T, torch.Generator().manual_seed(seed))
+
+
+def _launch(kernel, grid, config, read, written, flops, useful, l2_read=None) -> Dict:
+    return {"kernel": kernel, "grid": tuple(int(g) for g in grid), "config": config, "bytes_read": int(read),
+            "bytes_written": int(written), "l2_read": int(l2_read if l2_read is not None else read),
+            "flops": int(flops), "useful_flops": int(useful)}
+
+
+def launches(
+    ids: torch.Tensor,
+    L: int,
+    K: int = K_DEFAULT,
+    slices: Sequence[int] = (N_DEFAULT,),
+    R: int = RANK,
+    elt: int = 2,
+    path: Optional[str] = None,
+    capacity: Optional[int] = None,
+    sm_count: int = H100_SMS,
+    smem: int = H100_SMEM,
+) -> List[Dict]:
+    """The launches of one ``multi_lora_linear`` call (Triton backend) for token ids ``ids`` (slot per token, -1 =
+    none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
+    ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks);
+    ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it)."""
+    ids = ids.to(torch.int64).flatten()
+    T = ids.numel()
+    N = sum(int(n) for n in slices)
+    S = len(slices)
+    path = ops.choose_path(path, None, T, "triton")
+    cap = capacity or T
+    tile_m = ops.step_tile_m(auto_tile_m(cap), T)
+    counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
+    active = len(counts)
+    t_ad = sum(counts.values())  # tokens with an adapter
+    real_tiles = sum(triton.cdiv(c, tile_m) for c in counts.values())
+    br = ML._block_r(R)
+    a_bytes = active * S * R * K * elt
+    b_bytes = active * N * R * elt
+    useful_lora = 2 * t_ad * R * (S * K + N)
+    base_flops = 2 * T * K * N
+    out = []
+    if path in ("fused", "split"):
+        out.append(_launch("cublas_gemm (F.linear)", (0,), {}, (N * K + T * K) * elt, T * N * elt, base_flops,
+                           base_flops))
+    if path == "fused":
+        block_n, block_k, stages = ML.fused_config(tile_m, R, elt, elt, elt, False, lambda: smem)
+        blocks = ML._out_blocks(slices, block_n)
+        grid = (ML._num_tiles_bound(T, L, tile_m, cap), blocks)
+        # every output block of a tile recomputes the tile's shrink for its slice over the full K
+        shrink_flops = real_tiles * blocks * 2 * tile_m * br * K
+        expand_flops = real_tiles * 2 * tile_m * br * N
+        l2 = real_tiles * blocks * (tile_m * K + br * K) * elt + real_tiles * (br * N + 2 * tile_m * N) * elt
+        out.append(_launch("_fused_kernel", grid, {"BLOCK_M": tile_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                                   "BLOCK_R": br, "num_warps": 4, "num_stages": stages},
+                           t_ad * K * elt + a_bytes + b_bytes + t_ad * N * elt, t_ad * N * elt,
+                           shrink_flops + expand_flops, useful_lora, l2))
+        return out
+    n_tiles, block_k, stages, split = ML.shrink_config(T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem,
+                                                       lambda: sm_count)
+    shrink_cfg = {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
+                  "num_stages": stages}
+    shrink_flops = real_tiles * S * 2 * tile_m * br * K
+    shrink_useful = 2 * t_ad * R * S * K
+    shrink_read = t_ad * K * elt + a_bytes
+    shrink_l2 = real_tiles * S * (tile_m * K + br * K) * elt
+    if path == "split":
+        out.append(_launch("zero_ (memset of s)", (0,), {}, 0, T * S * R * 4, 0, 0))
+        out.append(_launch("_shrink_kernel", (n_tiles, S, split), dict(shrink_cfg, ATOMIC=True), shrink_read,
+                           t_ad * S * R * 4, shrink_flops, shrink_useful, shrink_l2))
+        block_n = ML.expand_block_n(False)
+        blocks = ML._out_blocks(slices, block_n)
+        out.append(_launch("_expand_kernel", (ML._num_tiles_bound(T, L, tile_m, cap), blocks),
+                           {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "num_warps": 4},
+                           T * S * R * 4 + b_bytes + t_ad * N * elt, t_ad * N * elt,
+                           real_tiles * 2 * tile_m * br * N, 2 * t_ad * R * N,
+                           real_tiles * blocks * tile_m * br * 4 + real_tiles * (br * N + tile_m * N) * elt))
+        return out
+    # gemm: shrink into per-split partials, then the base GEMM with the expand in its epilogue
+    out.append(_launch("_shrink_kernel", (n_tiles, S, split), dict(shrink_cfg, ATOMIC=False), shrink_read,
+                       split * t_ad * S * R * 4, shrink_flops, shrink_useful, shrink_l2))
+    bm, bn, bk, warps, gstages = ML.gemm_config(T, elt, elt, R, False, lambda: smem)
+    blocks = ML._out_blocks(slices, bn)
+    m_tiles = triton.cdiv(T, bm)
+    # distinct adapters per row tile of the sorted token list: one epilogue dot each
+    order = sorted(range(T), key=lambda i: (ids[i].item() if 0 <= ids[i].item() < L else 1 << 31, i))
+    keys = [int(ids[i]) if 0 <= int(ids[i]) < L else None for i in order]
+    segs = sum(len({k for k in keys[m * bm:(m + 1) * bm] if k is not None}) for m in range(m_tiles))
+    epi_flops = segs * blocks * 2 * bm * br * bn
+    read = (N * K + T * K) * elt + split * t_ad * S * R * 4 + b_bytes
+    l2 = m_tiles * blocks * (bm + bn) * K * elt + segs * blocks * (split * bm * br * 4 + br * bn * elt)
+    out.append(_launch("_gemm_expand_kernel", (m_tiles, blocks), {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                                                                   "BLOCK_R": br, "NUM_SPLITS": split,
+                                                                   "num_warps": warps, "num_stages": gstages},
+                       read, T * N * elt, m_tiles * bm * 2 * K * N + epi_flops, base_flops + 2 * t_ad * R * N, l2))
+    return out
+
+
+# BENCHMARKS.md's single-adapter decode grid: (M, K = N), r = 16.
+DECODE_POINTS = ((1, 4096), (16, 4096), (64, 4096), (256, 4096), (1, 8192), (256, 8192))
+
+
+def decode_launches(M: int, K: int, N: int, R: int = RANK, elt: int = 2, smem: int = H100_SMEM) -> List[Dict]:
+    """The one launch of :func:`lora_kernels.triton.lora_decode.lora_decode_linear` (single adapter, bias-free):
+    W0, x, A and B read once from DRAM; A re-read from L2 by every output block (``l2_read``)."""
+    from lora_kernels.triton import lora_decode as D
+
+    bm, bn, bk, br, warps, stages = D.decode_config(M, R, elt, False, lambda: smem)
+    m_tiles, n_blocks = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    flops = m_tiles * n_blocks * 2 * bm * (K * (bn + br) + br * bn)
+    useful = 2 * M * K * N + 2 * M * R * (K + N)
+    read = (N * K + M * K + R * K + N * R) * elt
+    l2 = m_tiles * n_blocks * ((bm + bn + br) * K + br * bn) * elt
+    return [_launch("_decode_kernel", (m_tiles, n_blocks), {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                                                            "BLOCK_R": br, "num_warps": warps,
+                                                            "num_stages": stages},
+                    read, M * N * elt, flops, useful, l2)]
+
+
+def floor_us(T: int, active: int, K: int = K_DEFAULT, N: int = N_DEFAULT, R: int = RANK, elt: int = 2,
+             bandwidth: float = COPY_BW, peak: float = PEAK_FLOPS) -> float:
+    """The benchmark's floor: max(flops / peak, bytes / bandwidth), bytes = W0 + the adapters present + x + y."""
+    flops = 2 * T * K * N + 2 * T * R * (K + N)
+    nbytes = (N * K + active * R * (K + N) + T * K + T * N) * elt
+    return max(flops / peak, nbytes / bandwidth) * 1e6
+
+
+def predict_us(launch_list: Sequence[Dict], bandwidth: float = COPY_BW, peak: float = PEAK_FLOPS,
+               launch_us: float = LAUNCH_US, base_kernels: int = 1, triton_gemm_factor: float = 1.0) -> float:
+    """Sum over launches of max(DRAM bytes / bandwidth, flops / peak), plus ``launch_us`` per launch beyond
+    ``base_kernels`` (the base layer's own). Serial launches, no overlap: a rough, static estimate.
+    ``triton_gemm_factor`` scales the compute time of the Triton base GEMM (``_gemm_expand_kernel``) against
+    cuBLAS's (1.25-1.45 is what a plain, non-TMA Triton GEMM measured on an H100 in this project's anchors)."""
+    t = 0.0
+    for ln in launch_list:
+        f = triton_gemm_factor if ln["kernel"] == "_gemm_expand_kernel" else 1.0
+        t += max((ln["bytes_read"] + ln["bytes_written"]) / bandwidth, f * ln["flops"] / peak) * 1e6
+    return t + launch_us * max(0, len(launch_list) - base_kernels)
+
+
+def grid_launches(paths: Sequence[str] = ops.PATHS, seed: int = 0, K: int = K_DEFAULT, N: int = N_DEFAULT,
+                  R: int = RANK, elt: int = 2) -> List[Dict]:
+    """One entry per point of the multi-adapter grid (dist, L, T): the token ids' ``active`` adapter count, the
+    ``chosen`` default path, the ``floor_us``, and ``paths``: path name → list of launches (see :func:`launches`)."""
+    points = []
+    for dist in DISTS:
+        for L in ADAPTERS:
+            for T in TOKENS:
+                ids = _ids(dist, L, T, seed)
+                active = len(set(int(i) for i in ids.tolist()))
+                points.append({
+                    "dist": dist, "L": L, "T": T, "active": active, "K": K, "N": N, "r": R,
+                    "chosen": ops.choose_path(None, None, T, "triton"),
+                    "floor_us": floor_us(T, active, K, N, R, elt),
+                    "paths": {p: launches(ids, L, K, (N,), R, elt, path=p) for p in paths},
+                })
+    return points
+
+
+if __name__ == "__main__":
+    print("| M | K = N | launches | DRAM MB | base-only DRAM MB | predicted µs / base floor |")
+    print("|---|---|---|---|---|---|")
+    for M, K in DECODE_POINTS:
+        lst = decode_launches(M, K, K)
+        mb = sum(ln["bytes_read"] + ln["bytes_written"] for ln in lst) / 2**20
+        base_mb = (K * K + 2 * M * K) * 2 / 2**20
+        base = max(2 * M * K * K / PEAK_FLOPS, base_mb * 2**20 / COPY_BW) * 1e6
+        print(f"| {M} | {K} | {len(lst)} | {mb:.1f} | {base_mb:.1f} | {predict_us(lst) / base:.3f} |")
+    print()
+    rows = grid_launches()
+    print("| dist | L | T | active | path | launches | DRAM MB | predicted µs / floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in rows:
+        for name, lst in p["paths"].items():
+            mb = sum(ln["bytes_read"] + ln["bytes_written"] for ln in lst) / 2**20
+            mark = " (default)" if name == p["chosen"] else ""
+            print(f"| {p['dist']} | {p['L']} | {p['T']} | {p['active']} | {name}{mark} | {len(lst)} | {mb:.1f} | "
+                  f"{predict_us(lst) / p['floor_us']:.2f} |")
