@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import re
 import threading
+import warnings
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -193,12 +194,22 @@ class MultiLoRALinear(nn.Module):
         return layer
 
     def _apply(self, fn, *args, **kwargs):
-        scales = self.lora_scales
+        scales, pool_dtype = self.lora_scales, self.lora_A_stack.dtype
         super()._apply(fn, *args, **kwargs)
         # Keep the pool's tensors the module's buffers after .to()/.half(); scales stay float32 (from the values
         # before the cast: 1/3 through fp16 would come back 0.333984375, 1e5 inf), ranks int32.
         if self.lora_scales.dtype != torch.float32:
             self.lora_scales = scales.to(device=self.lora_scales.device, dtype=torch.float32, copy=True)
+        if self.lora_A_stack.dtype != pool_dtype and self.lora_A_stack.device.type != "meta" and not (
+                torch.isfinite(self.lora_A_stack).all() and torch.isfinite(self.lora_B_stack).all()):
+            # AdapterPool.load refuses such values; a cast after loading cannot refuse, so it says so.
+            slots = sorted({int(i) for i in ((~torch.isfinite(self.lora_A_stack)).flatten(1).any(1)
+                                             | (~torch.isfinite(self.lora_B_stack)).flatten(1).any(1))
+                            .nonzero().flatten().tolist()})
+            names = [n for n, s in self.pool.names.items() if s in slots]
+            warnings.warn(f"MultiLoRALinear: casting the pool to {self.lora_A_stack.dtype} overflowed adapter(s) "
+                          f"{names} to inf; keep the pool in float32 (MultiLoRALinear.from_linear(dtype=...)) or "
+                          f"reload them", RuntimeWarning, stacklevel=3)
         for buf, attr in _POOL_BUFFERS:
             setattr(self.pool, attr, getattr(self, buf))
         self.pool.dtype = self.lora_A_stack.dtype

@@ -34,7 +34,8 @@ keep their names); for PEFT's checkpoint names and files, ``to_peft(model)`` the
 Serving: ``load_adapters(model, {name: path})`` fills :class:`~lora_kernels.MultiLoRALinear` pools of a plain
 transformers model from several PEFT adapter directories; ``model(..., adapter_names=[...])`` and
 ``model.generate(..., adapter_names=[...])`` then run PEFT's mixed batch through the batched multi-adapter kernels,
-with the per-token ids prepared once per forward for all layers.
+with the per-token ids prepared once per forward for all layers. On both kinds of model the names of a call belong
+to the calling thread/context (concurrent requests never mix) and must number one per sequence, as in PEFT.
 """
 
 from __future__ import annotations
@@ -769,6 +770,13 @@ def load_adapters(
     per sequence (``"__base__"``: no adapter), PEFT's mixed-batch argument; the per-token slot ids are prepared once
     per forward into one :class:`~lora_kernels.LoRABatch` shared by all layers. Without ``adapter_names`` a forward
     uses whatever batch is set (``use_batch``), by default none: the base model.
+
+    ``adapter_names`` must have exactly one name per sequence (ValueError otherwise, as in PEFT; a shorter list is
+    never repeated to fit); ``generate(..., num_beams=k)`` repeats each name k times, PEFT's rule, and nothing else
+    expands them (``num_return_sequences`` without beams is refused, as by PEFT). The names and the batch of a call
+    belong to the calling thread/context, so concurrent requests on one model do not mix. The hooks hold no
+    reference to the model: ``copy.deepcopy`` gives a model that serves on its own, and ``torch.save`` pickles it.
+    Encoder-decoder models are refused (their encoder and decoder see different token counts).
 
     Calling it again adds adapters (into the existing pools; new target layers reserve the earlier adapters' slots).
     ``max_adapters`` (default: the number of adapters, for a model without pools yet) and ``max_rank`` (default: the

@@ -408,6 +408,14 @@ def test_half_keeps_the_pool_scales_float32(dtype):
     assert layer.pool.scales[:, 0].tolist() == [torch.tensor(1 / 3).item(), 1e5]
 
 
+def test_a_cast_that_overflows_loaded_adapters_warns():
+    layer = lk.MultiLoRALinear(K, 8, max_adapters=2, max_rank=2)
+    layer.load_adapter("fine", torch.randn(2, K), torch.randn(8, 2))
+    layer.load_adapter("huge", torch.full((2, K), 1e6), torch.randn(8, 2))
+    with pytest.warns(RuntimeWarning, match=r"overflowed adapter\(s\) \['huge'\]"):
+        layer.half()
+
+
 # ------------------------------------------------------------------------------ 14. shared and odd Linears
 class _Shared(nn.Module):
     def __init__(self):
