@@ -518,3 +518,40 @@ def test_load_adapters_refuses_encoder_decoder_models(tmp_path):
     with pytest.raises(ValueError, match="encoder-decoder"):
         lk.load_adapters(t5, {"a": str(tmp_path)})
     assert not lk.multi_lora_layers(t5) and list(t5.state_dict()) == keys
+
+
+def _write_adapter(path, weights, r, alpha):
+    """A PEFT-format adapter directory: module name → (lora_A, lora_B)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(weights)}))
+    tensors = {}
+    for name, (a, b) in weights.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.clone()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return str(path)
+
+
+@pytest.mark.parametrize("named", ["enc", "dec"])
+def test_load_adapters_serves_a_shared_linear_under_every_name(tmp_path, named):
+    model = _Shared()
+    a, b = torch.randn(2, K) / 4, torch.randn(K, 2)
+    path = _write_adapter(tmp_path / "x", {named: (a, b)}, r=2, alpha=4)
+    assert lk.load_adapters(model, {"x": path}, backend="torch") == {"x": 0}
+    assert isinstance(model.enc, lk.MultiLoRALinear) and model.dec is model.enc
+    x = torch.randn(3, 1, K)
+    with torch.no_grad():
+        got = model(x, adapter_names=["x", "__base__", "x"])
+
+    def layer(t, on):
+        return nn.functional.linear(t, model.enc.weight, model.enc.bias) + on * 2 * (t @ a.t()) @ b.t()
+
+    on = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
+    torch.testing.assert_close(got, layer(layer(x, on), on), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one shared module, given twice"):
+        lk.load_adapters(_Shared(), {"y": _write_adapter(tmp_path / "y", {"enc": (a, b), "dec": (a, b)}, 2, 4)})
