@@ -792,6 +792,9 @@ def load_adapters(
     if not hasattr(adapters, "items") or not adapters:
         raise TypeError("adapters must be a non-empty {name: path} mapping")
     _check_backend(backend)
+    for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ValueError(f"load_adapters: {arg} must be a positive int or None, got {v!r}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"load_adapters: dtype must be a torch.dtype or None, got {dtype!r}")
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:

@@ -503,6 +503,9 @@ def test_bad_backend_and_dtype_refused_before_anything_changes(adapter_dirs):
         lk.load_adapters(llama, adapter_dirs, backend="bogus")
     with pytest.raises(ValueError, match="dtype=torch.float16"):
         lk.load_adapters(llama, adapter_dirs, dtype=torch.float16)
+    for arg, bad in (("max_adapters", "3"), ("max_rank", 0), ("max_adapters", True)):
+        with pytest.raises(ValueError, match=f"{arg} must be a positive int"):
+            lk.load_adapters(llama, adapter_dirs, **{arg: bad})
     assert not lk.multi_lora_layers(llama) and list(llama.state_dict()) == keys
     assert lk.load_adapters(llama, adapter_dirs, dtype=torch.float32, backend="TORCH") == {"a": 0, "b": 1}
 
@@ -555,3 +558,23 @@ def test_load_adapters_serves_a_shared_linear_under_every_name(tmp_path, named):
     torch.testing.assert_close(got, layer(layer(x, on), on), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one shared module, given twice"):
         lk.load_adapters(_Shared(), {"y": _write_adapter(tmp_path / "y", {"enc": (a, b), "dec": (a, b)}, 2, 4)})
+
+
+def test_converted_encoder_decoder_beam_search_matches_peft():
+    """PEFT's rule: with beams, the decoder's names are repeated per beam, the encoder's are the inputs' own."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8,
+                                vocab_size=VOCAB, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(transformers.T5ForConditionalGeneration(cfg),
+                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights=False))
+    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
+    pm.eval()
+    conv = copy.deepcopy(pm)
+    lk.from_peft(conv, backend="torch")
+    ids = _tokens(2, seed=5)
+    gen = dict(max_new_tokens=3, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        for names in (["b", "default"], ["__base__", "b"]):
+            assert torch.equal(conv.generate(input_ids=ids, adapter_names=names, **gen),
+                               pm.generate(input_ids=ids, adapter_names=names, **gen))
