@@ -578,3 +578,33 @@ def test_converted_encoder_decoder_beam_search_matches_peft():
         for names in (["b", "default"], ["__base__", "b"]):
             assert torch.equal(conv.generate(input_ids=ids, adapter_names=names, **gen),
                                pm.generate(input_ids=ids, adapter_names=names, **gen))
+
+
+def test_compiled_model_use_batch_is_per_thread():
+    torch._dynamo.reset()
+    model = _served_block()
+    x = torch.randn(6, K)
+    batches = [LoRABatch.prepare([0, 1, -1, 2, 0, 1]), LoRABatch.prepare([2, 2, 1, -1, -1, 0])]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        refs = []
+        for b in batches:
+            with lk.use_batch(model, b):
+                refs.append(model(x))
+                torch.testing.assert_close(compiled(x), refs[-1])  # compiled here, before the threads
+    barrier = threading.Barrier(2)
+
+    def request(b):
+        def run():
+            with lk.use_batch(model, b), torch.no_grad():
+                barrier.wait(TIMEOUT)
+                out = compiled(x)
+                barrier.wait(TIMEOUT)
+                return out
+        return run
+
+    for out, ref in zip(_run_threads(request(batches[0]), request(batches[1])), refs):
+        torch.testing.assert_close(out, ref)
+    (alone,) = _run_threads(lambda: compiled(x))  # a thread without a batch: the base layers
+    with torch.no_grad():
+        torch.testing.assert_close(alone, model(x))
