@@ -41,7 +41,7 @@ from . import _backend
 from .modules import _matches
 from .ops._validate import FLOAT_DTYPES
 from .ops.multi_lora import multi_lora_linear
-from .pool import AdapterPool, LoRABatch
+from .pool import _IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
 
 _POOL_BUFFERS = (("lora_A_stack", "A_stack"), ("lora_B_stack", "B_stack"), ("lora_ranks", "ranks"),
                  ("lora_scales", "scales"))
@@ -341,11 +341,20 @@ def use_batch(model: nn.Module, batch: Optional[LoRABatch]) -> Iterator[nn.Modul
     if not layers:
         raise ValueError("the model has no MultiLoRALinear layer (see inject_multi_lora)")
     _check_batch_for(layers, batch)
+    held = hold_slots([m.pool for m in layers], _batch_slots(batch))
     previous = _swap_batches({m: batch for m in layers})
     try:
         yield model
     finally:
         _restore_batches(previous)
+        release_slots(held)
+
+
+def _batch_slots(batch: Optional[LoRABatch]) -> Optional[List[int]]:
+    """The slots a batch uses (host ids), None when unknown (ids on the device), [] for no batch."""
+    if batch is None:
+        return []
+    return batch.host_unique
 
 
 def _layer_aliases(model: nn.Module) -> Dict[str, MultiLoRALinear]:
@@ -410,20 +419,24 @@ def load_multi_adapter(
             done.append(m)
     except (ValueError, TypeError) as exc:
         for m in done:
-            m.pool.unload(name)
+            m.pool._unload(name)
         raise type(exc)(f"layer {lname!r}: {exc}; the adapter was loaded in no layer") from exc
     except Exception:
         for m in done:
-            m.pool.unload(name)
+            m.pool._unload(name)
         raise
     return slot
 
 
 def unload_multi_adapter(model: nn.Module, name: str) -> int:
     """Remove adapter ``name`` from every layer; returns the slot it had."""
-    slots = {m.pool.unload(name) for m in multi_lora_layers(model).values() if name in m.pool}
-    if not slots:
+    pools = [m.pool for m in multi_lora_layers(model).values() if name in m.pool]
+    if not pools:
         raise KeyError(f"adapter {name!r} is not loaded in this model")
+    with _IN_FLIGHT_LOCK:  # every layer or none: no request can start using the slot half way
+        for pool in pools:
+            pool.check_unloadable(name)
+        slots = {pool._unload(name) for pool in pools}
     return slots.pop()
 
 

@@ -902,7 +902,7 @@ def load_adapters(
         for layer in layers.values():
             for name in adapters:
                 if name in layer.pool:
-                    layer.pool.unload(name)
+                    layer.pool._unload(name)
         for n, original in replaced:
             _set_child(model, n, original)
         raise
@@ -1017,7 +1017,7 @@ def _slots_for(layers: list, names: Sequence[str], batch_size: int) -> List[int]
 
 def _serving_pre_hook(module, args, kwargs):
     from .multi_modules import _swap_batches
-    from .pool import LoRABatch
+    from .pool import _IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
 
     saved = _FORWARD_SAVED.get()
     _FORWARD_SAVED.set(saved + (_NOTHING_SET,))  # first, so that the post hook (always called) pops this forward's
@@ -1035,21 +1035,30 @@ def _serving_pre_hook(module, args, kwargs):
         raise ValueError("adapter_names needs input_ids or inputs_embeds [batch, seq, ...] to size the batch")
     seq = x.shape[1] if x.dim() >= 2 else 1
     layers = getattr(module, _SERVING_ATTR).layers
-    slots = _slots_for(layers, names, x.shape[0])
-    device = layers[0].weight.device if layers else x.device
-    ids = torch.tensor(slots, dtype=torch.int64).repeat_interleave(seq)  # row-major [batch, seq] tokens
-    batch = LoRABatch.prepare(ids, device=device)
+    with _IN_FLIGHT_LOCK:  # names → slots and the hold at once: no unload can come in between
+        slots = _slots_for(layers, names, x.shape[0])
+        held = hold_slots([m.pool for m in layers], slots)
+    try:
+        device = layers[0].weight.device if layers else x.device
+        ids = torch.tensor(slots, dtype=torch.int64).repeat_interleave(seq)  # row-major [batch, seq] tokens
+        batch = LoRABatch.prepare(ids, device=device)
+    except BaseException:
+        release_slots(held)
+        raise
     previous = _swap_batches({m: batch for m in layers})
-    _FORWARD_SAVED.set(saved + (previous,))
+    _FORWARD_SAVED.set(saved + ((previous, held),))
     return args, kwargs
 
 
 def _serving_post_hook(module, args, output):
     from .multi_modules import _restore_batches
+    from .pool import release_slots
 
     saved = _FORWARD_SAVED.get()
     if saved:
         _FORWARD_SAVED.set(saved[:-1])
         if saved[-1] is not _NOTHING_SET:
-            _restore_batches(saved[-1])
+            previous, held = saved[-1]
+            _restore_batches(previous)
+            release_slots(held)
     return None

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence, Union
+import threading
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,6 +32,39 @@ from .ops._validate import FLOAT_DTYPES, shape
 MAX_SLICES = 4  # q|k|v needs 3, gate|up 2; the Triton expand kernel takes the widths as 4 scalars.
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+# Guards the in-flight counts of every pool (below) together with unload, across threads: an adapter is never
+# unloaded (and its slot never handed to another tenant) while a request in progress uses it.
+_IN_FLIGHT_LOCK = threading.RLock()
+_UNKNOWN = -2  # in-flight key of a batch whose ids live on the device: it may use any slot
+
+
+def hold_slots(pools: Iterable["AdapterPool"], slots: Optional[Iterable[int]]) -> List[Tuple["AdapterPool", list]]:
+    """Count ``slots`` (None: unknown, any slot) of every pool as used by a request in progress, until
+    :func:`release_slots`; :meth:`AdapterPool.unload` refuses those slots meanwhile. Returns the token to release."""
+    keys = [_UNKNOWN] if slots is None else sorted({int(s) for s in slots if s >= 0})
+    held = []
+    if not keys:
+        return held
+    with _IN_FLIGHT_LOCK:
+        for pool in pools:
+            counts = pool._in_flight
+            for k in keys:
+                counts[k] = counts.get(k, 0) + 1
+            held.append((pool, keys))
+    return held
+
+
+def release_slots(held: List[Tuple["AdapterPool", list]]) -> None:
+    with _IN_FLIGHT_LOCK:
+        for pool, keys in held:
+            counts = pool._in_flight
+            for k in keys:
+                n = counts.get(k, 0) - 1
+                if n > 0:
+                    counts[k] = n
+                else:
+                    counts.pop(k, None)
 
 
 def _as_float_list(name: str, value, n: int) -> List[float]:
@@ -97,6 +131,17 @@ class AdapterPool:
         self._host_ranks = [0] * L
         self._slot_of: Dict[str, int] = {}
         self._in_use = [False] * L  # kept in step with _slot_of: the eager id check reads it on every call
+        self._in_flight: Dict[int, int] = {}  # slot (or _UNKNOWN) -> requests in progress using it (hold_slots)
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) serves no request yet: it starts with no slot in flight.
+        state = dict(self.__dict__)
+        state["_in_flight"] = {}
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("_in_flight", {})
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------------------------------------- properties
     @property
@@ -287,7 +332,25 @@ class AdapterPool:
         return slot
 
     def unload(self, name: str) -> int:
-        """Free the adapter's slot (rank set to 0, its weights zeroed) and return the slot."""
+        """Free the adapter's slot (rank set to 0, its weights zeroed) and return the slot. Refused (RuntimeError)
+        while a request in progress in any thread uses the slot (:func:`lora_kernels.use_batch`, a forward with
+        ``adapter_names``): its remaining layers would compute without the adapter, or with the next tenant's."""
+        with _IN_FLIGHT_LOCK:
+            self.check_unloadable(name)
+            return self._unload(name)
+
+    def check_unloadable(self, name: str) -> int:
+        """The adapter's slot; raises when it cannot be unloaded now (see :meth:`unload`)."""
+        slot = self.slot_of(name)
+        with _IN_FLIGHT_LOCK:
+            users = self._in_flight.get(slot, 0) + self._in_flight.get(_UNKNOWN, 0)
+        if users:
+            raise RuntimeError(f"adapter {name!r} (slot {slot}) is used by {users} request(s) in progress "
+                               "(use_batch or a forward with adapter_names); unload it once they are done")
+        return slot
+
+    def _unload(self, name: str) -> int:
+        """Unload without the in-flight check: only to undo a load that has not served yet."""
         slot = self.slot_of(name)
         with torch.no_grad():
             self.ranks[slot] = 0

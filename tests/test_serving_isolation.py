@@ -608,3 +608,52 @@ def test_compiled_model_use_batch_is_per_thread():
     (alone,) = _run_threads(lambda: compiled(x))  # a thread without a batch: the base layers
     with torch.no_grad():
         torch.testing.assert_close(alone, model(x))
+
+
+def test_unload_is_refused_while_a_request_uses_the_adapter(adapter_dirs):
+    model = _served_block()
+    with lk.use_batch(model, LoRABatch.prepare([0, 1, -1])):
+        with pytest.raises(RuntimeError, match="'a1' .*in progress"):
+            lk.unload_multi_adapter(model, "a1")
+        with pytest.raises(RuntimeError, match="in progress"):
+            model.q_proj.unload_adapter("a0")
+        (other,) = _run_threads(lambda: lk.multi_adapter_slot(model, "a1"))  # still loaded, in every layer
+        assert other == 1 and all("a1" in m.pool for m in lk.multi_lora_layers(model).values())
+        assert lk.unload_multi_adapter(model, "a2") == 2  # not used by the request
+    assert lk.unload_multi_adapter(model, "a1") == 1  # the request is done
+    # ids on the device (here: not on the host) may name any slot: nothing can be unloaded meanwhile
+    batch = LoRABatch.prepare([0, -1])
+    batch.host_slots, batch.host_unique, batch.has_adapter = None, None, None
+    with lk.use_batch(model, batch):
+        with pytest.raises(RuntimeError, match="in progress"):
+            lk.unload_multi_adapter(model, "a0")
+    twin = copy.deepcopy(model)
+    assert lk.unload_multi_adapter(twin, "a0") == 0
+
+    # a forward with adapter_names, paused in another thread between two layers
+    served = _served_llama(adapter_dirs)
+    started, resume = threading.Event(), threading.Event()
+
+    def pause(module, args):
+        started.set()
+        assert resume.wait(TIMEOUT)
+
+    handle = served.model.layers[1].register_forward_pre_hook(pause)
+
+    def request():
+        with torch.no_grad():
+            return served(_tokens(2), adapter_names=["a", "__base__"]).logits
+
+    result = []
+    thread = threading.Thread(target=lambda: result.append(request()))
+    thread.start()
+    try:
+        assert started.wait(TIMEOUT)
+        with pytest.raises(RuntimeError, match="'a' .*in progress"):
+            lk.unload_multi_adapter(served, "a")
+        assert lk.unload_multi_adapter(served, "b") == 1
+    finally:
+        resume.set()
+        thread.join(TIMEOUT)
+        handle.remove()
+    assert result and lk.unload_multi_adapter(served, "a") == 0
