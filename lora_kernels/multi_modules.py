@@ -7,6 +7,11 @@ whose tensors are registered as non-persistent buffers (they follow ``.to()``/``
 float32). Which adapter each token uses comes from a :class:`~lora_kernels.LoRABatch` passed to ``forward`` or set
 on every layer of a model by ``with use_batch(model, batch):``, so unmodified models (e.g. transformers) work.
 
+The batch set by :func:`use_batch` / :func:`set_batch` belongs to the calling thread (and ``contextvars`` context,
+e.g. one asyncio task): requests served at once on one model from several threads never see each other's batch, and
+a batch set in one thread is not seen by another. Under ``torch.compile`` the lookup is per thread (Dynamo traces a
+thread-local copy; it cannot trace ``ContextVar.get``).
+
 Example::
 
     inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=64, max_rank=16)
@@ -22,19 +27,103 @@ slot, at no cost, in layers the adapter does not target), so one batch of slot i
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
+import threading
+import warnings
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _backend
 from .modules import _matches
+from .ops._validate import FLOAT_DTYPES
 from .ops.multi_lora import multi_lora_linear
-from .pool import AdapterPool, LoRABatch
+from .pool import _IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
 
 _POOL_BUFFERS = (("lora_A_stack", "A_stack"), ("lora_B_stack", "B_stack"), ("lora_ranks", "ranks"),
                  ("lora_scales", "scales"))
+
+
+# ------------------------------------------------------------------------------------------ per-context batches
+# layer -> LoRABatch, the batch each MultiLoRALinear uses when forward gets none. One immutable dict per thread and
+# contextvars context (replaced, never mutated), so concurrent requests on one model are isolated. Eager code reads
+# the ContextVar; compiled code reads _MIRROR, a thread-local that every change below keeps equal to the ContextVar
+# of the context that made it (Dynamo traces and guards a thread-local attribute, it cannot trace ContextVar.get).
+_NO_BATCHES: Dict[nn.Module, LoRABatch] = {}
+_ACTIVE: "contextvars.ContextVar[Optional[Dict[nn.Module, LoRABatch]]]" = contextvars.ContextVar(
+    "lora_kernels_active_batches", default=None)
+_MIRROR = threading.local()
+
+
+def _active_batches() -> Dict[nn.Module, LoRABatch]:
+    if torch.compiler.is_compiling():
+        return getattr(_MIRROR, "batches", None) or _NO_BATCHES
+    return _ACTIVE.get() or _NO_BATCHES
+
+
+def _swap_batches(updates: Mapping[nn.Module, Optional[LoRABatch]]) -> Optional[Dict[nn.Module, LoRABatch]]:
+    """Set (None: clear) the batch of some layers in the current context; returns the previous mapping, for
+    :func:`_restore_batches`."""
+    previous = _ACTIVE.get()
+    new = dict(previous or _NO_BATCHES)
+    for layer, batch in updates.items():
+        if batch is None:
+            new.pop(layer, None)
+        else:
+            new[layer] = batch
+    _ACTIVE.set(new)
+    _MIRROR.batches = new
+    return previous
+
+
+def _restore_batches(previous: Optional[Dict[nn.Module, LoRABatch]]) -> None:
+    _ACTIVE.set(previous)
+    _MIRROR.batches = previous
+
+
+def _check_batch_for(layers: Sequence["MultiLoRALinear"], batch: Optional[LoRABatch]) -> None:
+    if batch is None:
+        return
+    if not isinstance(batch, LoRABatch):
+        raise TypeError(f"batch must be a LoRABatch or None, got {type(batch).__name__}")
+    devices = {m.weight.device for m in layers}
+    if any(d != batch.device for d in devices):
+        raise ValueError(f"batch is on {batch.device} but the model's MultiLoRALinear layers are on "
+                         f"{', '.join(sorted(map(str, devices)))}; prepare the batch with device=")
+
+
+def _check_backend(backend: Optional[str]) -> Optional[str]:
+    """Refuse an unknown backend name at the call (a layer would otherwise fail on every forward)."""
+    if backend is not None:
+        _backend.requested_backend(backend)  # TypeError/ValueError naming `backend` and the accepted names
+    return backend
+
+
+def _check_pool_dtype(dtype, weight_dtype: torch.dtype, what: str = "dtype") -> None:
+    """The op takes a pool in the activations' dtype (the base weight's) or float32."""
+    if dtype is None:
+        return
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be one of {', '.join(map(str, FLOAT_DTYPES))} or None, got {dtype!r}")
+    if dtype not in (weight_dtype, torch.float32):
+        raise ValueError(f"{what}={dtype} cannot serve a layer whose weight is {weight_dtype}: the pool must be the "
+                         f"weight's dtype or torch.float32")
+
+
+def _linear_refusal(module: nn.Module) -> Optional[str]:
+    """Why an nn.Linear cannot be wrapped (its behaviour would be lost), or None."""
+    if type(module).forward is not nn.Linear.forward:
+        return f"it is a {type(module).__name__}, an nn.Linear subclass with its own forward"
+    if "forward" in module.__dict__:
+        return "its forward is replaced on the instance (e.g. by an offloading hook)"
+    if getattr(module, "parametrizations", None) is not None:
+        return "its weight is parametrized (torch.nn.utils.parametrize)"
+    if not isinstance(module.weight, nn.Parameter):
+        return "its weight is computed by a hook (e.g. torch.nn.utils.weight_norm), not a Parameter"
+    return None
 
 
 class MultiLoRALinear(nn.Module):
@@ -57,6 +146,8 @@ class MultiLoRALinear(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
+        _check_backend(backend)
+        _check_pool_dtype(pool_dtype, dtype or torch.get_default_dtype(), "pool_dtype")
         pool = AdapterPool(max_adapters, max_rank, in_features, out_features,
                            dtype=pool_dtype if pool_dtype is not None else (dtype or torch.get_default_dtype()),
                            device=device)
@@ -71,7 +162,6 @@ class MultiLoRALinear(nn.Module):
         self.out_features = pool.out_features
         self.pool = pool
         self.backend = backend
-        self.batch: Optional[LoRABatch] = None
         for buf, attr in _POOL_BUFFERS:
             self.register_buffer(buf, getattr(pool, attr), persistent=False)
 
@@ -89,6 +179,8 @@ class MultiLoRALinear(nn.Module):
         ``slices``: output widths of a fused projection (default one slice of ``out_features``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        _check_backend(backend)
+        _check_pool_dtype(dtype, linear.weight.dtype)
         out = linear.out_features if slices is None else list(slices)
         if slices is not None and sum(out) != linear.out_features:
             raise ValueError(f"slices {out} must sum to the layer's out_features={linear.out_features}")
@@ -102,10 +194,22 @@ class MultiLoRALinear(nn.Module):
         return layer
 
     def _apply(self, fn, *args, **kwargs):
+        scales, pool_dtype = self.lora_scales, self.lora_A_stack.dtype
         super()._apply(fn, *args, **kwargs)
-        # Keep the pool's tensors the module's buffers after .to()/.half(); scales stay float32, ranks int32.
+        # Keep the pool's tensors the module's buffers after .to()/.half(); scales stay float32 (from the values
+        # before the cast: 1/3 through fp16 would come back 0.333984375, 1e5 inf), ranks int32.
         if self.lora_scales.dtype != torch.float32:
-            self.lora_scales = self.lora_scales.float()
+            self.lora_scales = scales.to(device=self.lora_scales.device, dtype=torch.float32, copy=True)
+        if self.lora_A_stack.dtype != pool_dtype and self.lora_A_stack.device.type != "meta" and not (
+                torch.isfinite(self.lora_A_stack).all() and torch.isfinite(self.lora_B_stack).all()):
+            # AdapterPool.load refuses such values; a cast after loading cannot refuse, so it says so.
+            slots = sorted({int(i) for i in ((~torch.isfinite(self.lora_A_stack)).flatten(1).any(1)
+                                             | (~torch.isfinite(self.lora_B_stack)).flatten(1).any(1))
+                            .nonzero().flatten().tolist()})
+            names = [n for n, s in self.pool.names.items() if s in slots]
+            warnings.warn(f"MultiLoRALinear: casting the pool to {self.lora_A_stack.dtype} overflowed adapter(s) "
+                          f"{names} to inf; keep the pool in float32 (MultiLoRALinear.from_linear(dtype=...)) or "
+                          f"reload them", RuntimeWarning, stacklevel=3)
         for buf, attr in _POOL_BUFFERS:
             setattr(self.pool, attr, getattr(self, buf))
         self.pool.dtype = self.lora_A_stack.dtype
@@ -124,9 +228,20 @@ class MultiLoRALinear(nn.Module):
         return self.pool.slot_of(name)
 
     # ------------------------------------------------------------------------------------------------------ forward
+    @property
+    def batch(self) -> Optional[LoRABatch]:
+        """The batch set for this layer in the calling thread/context (:func:`use_batch`, :func:`set_batch`)."""
+        return _active_batches().get(self)
+
+    @batch.setter
+    def batch(self, batch: Optional[LoRABatch]) -> None:
+        _check_batch_for([self], batch)
+        _swap_batches({self: batch})
+
     def forward(self, x: torch.Tensor, batch: Optional[LoRABatch] = None) -> torch.Tensor:
-        """``batch`` (default: the one set by :func:`use_batch`); without any, the base layer alone."""
-        batch = batch if batch is not None else self.batch
+        """``batch`` (default: the one set in this thread/context by :func:`use_batch`); without any, the base layer
+        alone."""
+        batch = batch if batch is not None else _active_batches().get(self)
         if batch is None:
             return F.linear(x, self.weight, self.bias)
         return multi_lora_linear(x, self.weight, self.bias, self.pool, batch, backend=self.backend)
@@ -154,7 +269,10 @@ def inject_multi_lora(
 ) -> List[str]:
     """Replace, in place, every ``nn.Linear`` whose qualified name matches ``target_modules`` (PEFT's matching, as in
     :func:`lora_kernels.inject_lora`) by a :class:`MultiLoRALinear` with an empty pool. Returns the replaced names;
-    raises listing the candidates when nothing matches."""
+    raises listing the candidates when nothing matches. A Linear shared under several names becomes one layer, under
+    every name. Refused, before anything changes: a Linear whose forward is not nn.Linear's (a subclass with its own
+    forward, a replaced instance forward), a parametrized or hook-computed (weight_norm) weight, an unknown
+    ``backend`` and a ``dtype`` other than the weight's or float32."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(target_modules, str):
@@ -169,45 +287,79 @@ def inject_multi_lora(
                         f"got {target_modules!r}")
     if isinstance(target_modules, (list, tuple, set, frozenset)) and len(target_modules) == 0:
         raise ValueError("target_modules is empty")
+    _check_backend(backend)
     # n != "": the model itself cannot be replaced in place (wrap a bare nn.Linear with MultiLoRALinear.from_linear).
-    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
-    chosen = [n for n in candidates if _matches(n, target_modules)]
-    if not chosen:
-        shown = ", ".join(candidates[:50]) + (" ..." if len(candidates) > 50 else "")
+    # remove_duplicate=False: a Linear reachable under two names (shared, tied) is one layer; it is adapted once and
+    # replaced under every name, so that no path of the model keeps the unadapted module.
+    candidates = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) and n]
+    chosen_modules: Dict[int, nn.Linear] = {}
+    for n, m in candidates:
+        if _matches(n, target_modules):
+            chosen_modules.setdefault(id(m), m)
+    if not chosen_modules:
+        names = list(dict.fromkeys(n for n, _ in candidates))
+        shown = ", ".join(names[:50]) + (" ..." if len(names) > 50 else "")
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; candidates: {shown or '(none)'}")
+    chosen = [n for n, m in candidates if id(m) in chosen_modules]
+    refused = []
+    for n, m in candidates:
+        why = _linear_refusal(m) if id(m) in chosen_modules else None
+        if why:
+            refused.append(f"{n}: {why}")
+    if refused:
+        raise ValueError("inject_multi_lora cannot wrap these layers without losing what they compute: "
+                         + "; ".join(refused) + " (leave them out of target_modules)")
     # Build every replacement before touching the model, so a failure leaves it unchanged.
-    layers = [MultiLoRALinear.from_linear(model.get_submodule(n), max_adapters, max_rank, dtype=dtype,
-                                          backend=backend) for n in chosen]
-    for name, layer in zip(chosen, layers):
+    layers = {key: MultiLoRALinear.from_linear(m, max_adapters, max_rank, dtype=dtype, backend=backend)
+              for key, m in chosen_modules.items()}
+    original = dict(candidates)
+    for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        setattr(parent, child, layers[id(original[name])])
     return chosen
 
 
 def set_batch(model: nn.Module, batch: Optional[LoRABatch]) -> None:
-    """Set (None: clear) the batch every MultiLoRALinear of ``model`` uses when forward gets none."""
-    if batch is not None and not isinstance(batch, LoRABatch):
-        raise TypeError(f"batch must be a LoRABatch or None, got {type(batch).__name__}")
-    for m in model.modules():
-        if isinstance(m, MultiLoRALinear):
-            m.batch = batch
+    """Set (None: clear) the batch every MultiLoRALinear of ``model`` uses when forward gets none, in the calling
+    thread/context only (other threads keep theirs; a thread started later starts without one)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = list(multi_lora_layers(model).values())
+    _check_batch_for(layers, batch)
+    _swap_batches({m: batch for m in layers})
 
 
 @contextlib.contextmanager
 def use_batch(model: nn.Module, batch: Optional[LoRABatch]) -> Iterator[nn.Module]:
-    """``with use_batch(model, batch): model(...)``: every MultiLoRALinear inside uses ``batch`` (the previous
-    batches are restored on exit)."""
+    """``with use_batch(model, batch): model(...)``: every MultiLoRALinear inside uses ``batch`` in the calling
+    thread/context (the previous batches are restored on exit). Concurrent requests, each in its own thread (or
+    asyncio task) with its own ``use_batch``, do not see each other's batch."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = list(multi_lora_layers(model).values())
     if not layers:
         raise ValueError("the model has no MultiLoRALinear layer (see inject_multi_lora)")
-    previous = [m.batch for m in layers]
-    set_batch(model, batch)
+    _check_batch_for(layers, batch)
+    held = hold_slots([m.pool for m in layers], _batch_slots(batch))
+    previous = _swap_batches({m: batch for m in layers})
     try:
         yield model
     finally:
-        for m, b in zip(layers, previous):
-            m.batch = b
+        _restore_batches(previous)
+        release_slots(held)
+
+
+def _batch_slots(batch: Optional[LoRABatch]) -> Optional[List[int]]:
+    """The slots a batch uses (host ids), None when unknown (ids on the device), [] for no batch."""
+    if batch is None:
+        return []
+    return batch.host_unique
+
+
+def _layer_aliases(model: nn.Module) -> Dict[str, MultiLoRALinear]:
+    """Every qualified name of every MultiLoRALinear, a shared layer under each of its names."""
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, MultiLoRALinear)}
 
 
 def load_multi_adapter(
@@ -234,9 +386,19 @@ def load_multi_adapter(
     layers = multi_lora_layers(model)
     if not layers:
         raise ValueError("the model has no MultiLoRALinear layer (see inject_multi_lora)")
-    unknown = [k for k in weights if k not in layers]
+    aliases = _layer_aliases(model)
+    unknown = [k for k in weights if k not in aliases]
     if unknown:
-        raise KeyError(f"{unknown} are not MultiLoRALinear layers of the model; layers: {', '.join(layers)}")
+        raise KeyError(f"{unknown} are not MultiLoRALinear layers of the model; layers: {', '.join(aliases)}")
+    # A shared layer may be named by any of its names, but only once: weights are given per layer.
+    canonical = {id(m): n for n, m in layers.items()}
+    by_layer: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    for k, v in weights.items():
+        c = canonical[id(aliases[k])]
+        if c in by_layer:
+            raise ValueError(f"weights names one shared layer twice ({c!r} and {k!r}); give it once")
+        by_layer[c] = v
+    weights = by_layer
     taken = [n for n, m in layers.items() if name in m.pool]
     if taken:
         raise ValueError(f"adapter {name!r} is already loaded (layers {taken[:5]}...); unload it first")
@@ -257,20 +419,24 @@ def load_multi_adapter(
             done.append(m)
     except (ValueError, TypeError) as exc:
         for m in done:
-            m.pool.unload(name)
+            m.pool._unload(name)
         raise type(exc)(f"layer {lname!r}: {exc}; the adapter was loaded in no layer") from exc
     except Exception:
         for m in done:
-            m.pool.unload(name)
+            m.pool._unload(name)
         raise
     return slot
 
 
 def unload_multi_adapter(model: nn.Module, name: str) -> int:
     """Remove adapter ``name`` from every layer; returns the slot it had."""
-    slots = {m.pool.unload(name) for m in multi_lora_layers(model).values() if name in m.pool}
-    if not slots:
+    pools = [m.pool for m in multi_lora_layers(model).values() if name in m.pool]
+    if not pools:
         raise KeyError(f"adapter {name!r} is not loaded in this model")
+    with _IN_FLIGHT_LOCK:  # every layer or none: no request can start using the slot half way
+        for pool in pools:
+            pool.check_unloadable(name)
+        slots = {pool._unload(name) for pool in pools}
     return slots.pop()
 
 

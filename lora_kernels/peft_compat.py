@@ -34,12 +34,14 @@ keep their names); for PEFT's checkpoint names and files, ``to_peft(model)`` the
 Serving: ``load_adapters(model, {name: path})`` fills :class:`~lora_kernels.MultiLoRALinear` pools of a plain
 transformers model from several PEFT adapter directories; ``model(..., adapter_names=[...])`` and
 ``model.generate(..., adapter_names=[...])`` then run PEFT's mixed batch through the batched multi-adapter kernels,
-with the per-token ids prepared once per forward for all layers.
+with the per-token ids prepared once per forward for all layers. On both kinds of model the names of a call belong
+to the calling thread/context (concurrent requests never mix) and must number one per sequence, as in PEFT.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -48,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modules import LoRALinear
-from .multi_modules import MultiLoRALinear
+from .multi_modules import MultiLoRALinear, _active_batches
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora import multi_lora_linear
 
@@ -234,9 +236,8 @@ class PeftLoRALinear(LoRALinear):
     def _mixed_forward(self, x: torch.Tensor, weight: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of ``x`` (a sequence) gets adapter ``adapter_names[i]``; ``"__base__"`` and adapters this layer
         does not hold get the base layer only, as in PEFT."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} names but x has {x.shape[0]} rows "
-                             f"(x shape {tuple(x.shape)})")
+        adapter_names = _as_name_list(adapter_names)
+        _check_names_length(adapter_names, x.shape[0], f" (x shape {tuple(x.shape)})")
         if self.merged:
             raise ValueError("cannot pass adapter_names to a merged layer; unmerge() first")
         if len(set(adapter_names)) == 1:  # one adapter for the whole batch: no gather/scatter
@@ -479,24 +480,35 @@ def _install_mixed_batch_hooks(tuner) -> None:
     """Make PeftModel.disable_adapter() reach converted layers (PEFT switches BaseTunerLayer instances only), and
     make ``adapter_names=[...]`` reach converted layers. PEFT's ``LoraModel._enable_peft_forward_hooks`` (used by
     PeftModel.forward and .generate) hooks ``LoraLayer`` instances only, so converted layers would silently apply
-    the active adapter to every sequence; this instance-level replacement hooks both kinds, with PEFT's checks."""
+    the active adapter to every sequence; this instance-level replacement serves both kinds, with PEFT's checks.
+    Both replacements are picklable objects holding the tuner (no closures), so ``copy.deepcopy`` gives the copy its
+    own and ``torch.save`` works."""
     if "_enable_peft_forward_hooks" in tuner.__dict__:
         return
     tuner._enable_peft_forward_hooks = _make_hooks_context(tuner)
-    original = type(tuner)._enable_adapter_layers
+    tuner._enable_adapter_layers = _EnableAdapterLayers(tuner)
 
-    def enable_adapter_layers(enabled: bool = True) -> None:
-        original(tuner, enabled)
-        for module in tuner.modules():
+
+class _EnableAdapterLayers:
+    """``tuner._enable_adapter_layers`` of a converted model: PEFT's switch, then the converted layers'."""
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+
+    def __call__(self, enabled: bool = True) -> None:
+        type(self.tuner)._enable_adapter_layers(self.tuner, enabled)
+        for module in self.tuner.modules():
             if isinstance(module, PeftLoRALinear):
                 module.enable_adapters(enabled)
-
-    tuner._enable_adapter_layers = enable_adapter_layers
 
 
 def _remove_mixed_batch_hooks(tuner) -> None:
     tuner.__dict__.pop("_enable_peft_forward_hooks", None)
     tuner.__dict__.pop("_enable_adapter_layers", None)
+    for module in tuner.modules():
+        for key in [k for k, h in module._forward_pre_hooks.items() if h is _mixed_names_pre_hook]:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _install_disable_adapter(peft_model) -> None:
@@ -529,51 +541,113 @@ def _install_disable_adapter(peft_model) -> None:
     peft_model.disable_adapter = disable_adapter
 
 
-def _make_hooks_context(tuner):
+# adapter_names of the mixed-batch forward/generate calls in progress: layer → names, per thread and contextvars
+# context, so two requests on one converted model never see each other's names (PEFT registers per-call hooks on the
+# shared layers, which mixes concurrent requests).
+_MIXED_NAMES: "contextvars.ContextVar[Optional[Dict[nn.Module, List[str]]]]" = contextvars.ContextVar(
+    "lora_kernels_mixed_adapter_names", default=None)
+
+
+def _mixed_names_pre_hook(module, args, kwargs):
+    """Permanent pre-hook of the layers of a converted model: hands them the calling context's adapter_names."""
+    names = (_MIXED_NAMES.get() or {}).get(module)
+    if names is None:
+        return None
+    kwargs["adapter_names"] = names
+    return args, kwargs
+
+
+def _make_hooks_context(tuner) -> "_MixedBatchHooks":
+    return _MixedBatchHooks(tuner)
+
+
+class _MixedBatchHooks:
+    """``tuner._enable_peft_forward_hooks`` of a converted model (see :func:`_install_mixed_batch_hooks`)."""
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+
+    def __call__(self, *args, **kwargs):
+        return _mixed_batch_context(self.tuner, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _mixed_batch_context(tuner, *args, **kwargs):
     original = type(tuner)._enable_peft_forward_hooks
-
-    @contextlib.contextmanager
-    def enable_hooks(*args, **kwargs):
-        adapter_names = kwargs.get("adapter_names", None)
-        converted = [m for m in tuner.modules() if isinstance(m, PeftLoRALinear)]
-        if adapter_names is None or not converted:
-            with original(tuner, *args, **kwargs):
-                yield
-            return
-        if kwargs.get("alora_offsets", None) is not None:
-            raise ValueError("alora_offsets is not supported by converted (lora_kernels) layers")
-        if tuner.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        lora_layer_mod = _peft_lora()
-        known = set()
-        targets = []
-        for module in tuner.modules():
-            if isinstance(module, PeftLoRALinear):
-                known |= set(module.lora_adapters.keys())
-                targets.append(module)
-            elif isinstance(module, lora_layer_mod.LoraLayer):
-                known |= set(module.lora_A.keys()) | set(module.lora_embedding_A.keys())
-                targets.append(module)
-        unknown = {n for n in adapter_names if n != BASE} - known
-        if unknown:
-            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-        num_beams = kwargs.get("num_beams", None)
-        names = list(adapter_names)
-        if isinstance(num_beams, int) and num_beams > 1:
-            names = [n for n in names for _ in range(num_beams)]  # generate repeats each input num_beams times
-
-        def pre_hook(module, args_, kwargs_):
-            kwargs_["adapter_names"] = names
-            return args_, kwargs_
-
-        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in targets]
-        try:
+    adapter_names = kwargs.get("adapter_names", None)
+    converted = [m for m in tuner.modules() if isinstance(m, PeftLoRALinear)]
+    if adapter_names is None or not converted:
+        with original(tuner, *args, **kwargs):
             yield
-        finally:
-            for h in handles:
-                h.remove()
+        return
+    if kwargs.get("alora_offsets", None) is not None:
+        raise ValueError("alora_offsets is not supported by converted (lora_kernels) layers")
+    if tuner.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    given = _as_name_list(adapter_names)
+    lora_layer_mod = _peft_lora()
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # pragma: no cover - older PEFT
+        AuxiliaryTrainingWrapper = ()
+    known = set()
+    targets = []
+    for module in tuner.modules():
+        if isinstance(module, PeftLoRALinear):
+            known |= set(module.lora_adapters.keys())
+            targets.append(module)
+        elif isinstance(module, lora_layer_mod.LoraLayer):
+            known |= set(module.lora_A.keys()) | set(module.lora_embedding_A.keys())
+            targets.append(module)
+        elif AuxiliaryTrainingWrapper and isinstance(module, AuxiliaryTrainingWrapper):
+            targets.append(module)
+    unknown = {n for n in given if n != BASE} - known
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+    names = _expand_for_beams(given, kwargs.get("num_beams", None))
+    per_layer = {m: names for m in targets}
+    if len(names) != len(given):  # beam search: an encoder runs on the inputs before their expansion (PEFT's rule)
+        get_encoder = getattr(getattr(tuner, "model", None), "get_encoder", None)
+        encoder = get_encoder() if callable(get_encoder) else None
+        if isinstance(encoder, nn.Module):
+            inside = {id(m) for m in encoder.modules()}
+            per_layer.update({m: given for m in targets if id(m) in inside})
+    for m in targets:
+        if not any(h is _mixed_names_pre_hook for h in m._forward_pre_hooks.values()):
+            m.register_forward_pre_hook(_mixed_names_pre_hook, with_kwargs=True)
+    previous = _MIXED_NAMES.get()
+    _MIXED_NAMES.set({**(previous or {}), **per_layer})
+    try:
+        yield
+    finally:
+        _MIXED_NAMES.set(previous)
 
-    return enable_hooks
+
+# ------------------------------------------------------------------------------------- adapter_names rules
+def _as_name_list(names) -> List[str]:
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of str, one per sequence ({BASE!r}: no adapter), got "
+                        f"{type(names).__name__}")
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"adapter_names must hold adapter names (str), got {bad[0]!r}")
+    return list(names)
+
+
+def _expand_for_beams(names, num_beams) -> List[str]:
+    """PEFT's rule for ``generate(..., num_beams=k)``: generate repeats each input k times in place, so each name is
+    repeated k times; no other expansion (``num_return_sequences`` without beams gets a length error, as in PEFT)."""
+    names = _as_name_list(names)
+    if isinstance(num_beams, int) and not isinstance(num_beams, bool) and num_beams > 1:
+        return [n for n in names for _ in range(num_beams)]
+    return names
+
+
+def _check_names_length(names: Sequence[str], rows: int, shape_note: str = "") -> None:
+    """One name per sequence, exactly (PEFT raises too): a shorter list is never repeated to fit."""
+    if len(names) != rows:
+        raise ValueError(f"adapter_names has {len(names)} names but the batch has {rows} sequences{shape_note}; give "
+                         "one name per sequence (generate(num_beams=k) repeats each name k times, as PEFT does)")
 
 
 # ------------------------------------------------------------------------------------------------------ serving
@@ -697,6 +771,13 @@ def load_adapters(
     per forward into one :class:`~lora_kernels.LoRABatch` shared by all layers. Without ``adapter_names`` a forward
     uses whatever batch is set (``use_batch``), by default none: the base model.
 
+    ``adapter_names`` must have exactly one name per sequence (ValueError otherwise, as in PEFT; a shorter list is
+    never repeated to fit); ``generate(..., num_beams=k)`` repeats each name k times, PEFT's rule, and nothing else
+    expands them (``num_return_sequences`` without beams is refused, as by PEFT). The names and the batch of a call
+    belong to the calling thread/context, so concurrent requests on one model do not mix. The hooks hold no
+    reference to the model: ``copy.deepcopy`` gives a model that serves on its own, and ``torch.save`` pickles it.
+    Encoder-decoder models are refused (their encoder and decoder see different token counts).
+
     Calling it again adds adapters (into the existing pools; new target layers reserve the earlier adapters' slots).
     ``max_adapters`` (default: the number of adapters, for a model without pools yet) and ``max_rank`` (default: the
     largest rank loaded) size new pools; ``dtype`` is the pool dtype (default: each base weight's); ``backend`` goes to
@@ -704,12 +785,23 @@ def load_adapters(
     settings that cannot be served exactly (DoRA and other variants, ``lora_bias``, trained biases or
     ``modules_to_save``, an adapter saved for a mutated base) are refused with ValueError.
     """
-    from .multi_modules import multi_lora_layers
+    from .multi_modules import _check_backend, _check_pool_dtype, _linear_refusal, multi_lora_layers
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapters: model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(adapters, "items") or not adapters:
         raise TypeError("adapters must be a non-empty {name: path} mapping")
+    _check_backend(backend)
+    for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ValueError(f"load_adapters: {arg} must be a positive int or None, got {v!r}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"load_adapters: dtype must be a torch.dtype or None, got {dtype!r}")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:
+        # One batch of per-token ids serves every layer of a forward; an encoder-decoder runs its encoder and its
+        # decoder on different token counts, so the ids could not fit both.
+        raise ValueError(f"load_adapters does not serve encoder-decoder models ({type(model).__name__} has "
+                         "config.is_encoder_decoder=True); convert a PeftModel of it with from_peft instead")
     bad = [n for n in adapters if not isinstance(n, str) or not n or n == BASE or "." in n]
     if bad:
         raise ValueError(f"adapter names must be non-empty strings without '.', not {BASE!r}: got {bad!r}")
@@ -721,23 +813,40 @@ def load_adapters(
     parsed = {name: _read_peft_dir(name, path)[1] for name, path in adapters.items()}
 
     # ---- which layers: every module named by some adapter; new ones must be plain nn.Linear of matching shapes
-    modules = dict(model.named_modules())
+    # remove_duplicate=False: a module shared under several names is one layer, served under every name.
+    all_names = list(model.named_modules(remove_duplicate=False))
+    modules = dict(all_names)
+    canonical = {}
+    for n, m in all_names:
+        canonical.setdefault(id(m), n)
     targets: Dict[str, nn.Module] = {}
     problems = []
     for name, weights in parsed.items():
+        seen = {}
         for mod_name, (A, B, _) in weights.items():
             mod = modules.get(mod_name)
+            if mod is not None and seen.setdefault(id(mod), mod_name) != mod_name:
+                problems.append(f"{name}: {mod_name} and {seen[id(mod)]} are one shared module, given twice")
+                continue
+            refusal = (_linear_refusal(mod) if isinstance(mod, nn.Linear) and not isinstance(mod, MultiLoRALinear)
+                       else None)
             if mod is None:
                 problems.append(f"{name}: the model has no module {mod_name!r}")
             elif not isinstance(mod, (nn.Linear, MultiLoRALinear)) and not _is_conv1d(mod):
                 problems.append(f"{name}: {mod_name} is a {type(mod).__name__}, not an nn.Linear or Conv1D")
+            elif refusal:
+                problems.append(f"{name}: {mod_name} cannot be served: {refusal}")
+            elif dtype is not None and not isinstance(mod, MultiLoRALinear) and (
+                    dtype not in (mod.weight.dtype, torch.float32)):
+                problems.append(f"{name}: dtype={dtype} cannot serve {mod_name}, whose weight is "
+                                f"{mod.weight.dtype}: the pool must be the weight's dtype or torch.float32")
             elif (B.shape[0], A.shape[1]) != _out_in(mod):
                 problems.append(f"{name}: {mod_name} is [out, in] = {list(_out_in(mod))} but the adapter is "
                                 f"lora_B {tuple(B.shape)} · lora_A {tuple(A.shape)}")
             elif isinstance(mod, MultiLoRALinear) and A.shape[0] > mod.pool.max_rank:
                 problems.append(f"{name}: rank {A.shape[0]} exceeds the max_rank={mod.pool.max_rank} of {mod_name}")
             else:
-                targets[mod_name] = mod
+                targets[canonical[id(mod)]] = mod
     if existing:
         L = next(iter(existing.values())).pool.max_adapters
         if max_adapters is not None and max_adapters != L:
@@ -768,9 +877,13 @@ def load_adapters(
             layer.pool.reserve(prev, slot=slot)
     replaced = []
     for n, layer in new_layers.items():
-        replaced.append((n, modules[n]))
-        _set_child(model, n, layer)
+        original = modules[n]
+        for alias in [a for a, m in all_names if m is original]:  # every name of a shared module
+            replaced.append((alias, original))
+            _set_child(model, alias, layer)
     layers = multi_lora_layers(model)
+    # The weights by the name each layer is listed under (a shared layer's first name).
+    parsed = {name: {canonical[id(modules[k])]: v for k, v in weights.items()} for name, weights in parsed.items()}
 
     # ---- load, all or nothing
     result: Dict[str, int] = {}
@@ -789,7 +902,7 @@ def load_adapters(
         for layer in layers.values():
             for name in adapters:
                 if name in layer.pool:
-                    layer.pool.unload(name)
+                    layer.pool._unload(name)
         for n, original in replaced:
             _set_child(model, n, original)
         raise
@@ -829,7 +942,7 @@ class _MultiLoRAConv1D(MultiLoRALinear):
     state dict is unchanged) and the op reads its transpose, a strided view."""
 
     def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
-        batch = batch if batch is not None else self.batch
+        batch = batch if batch is not None else _active_batches().get(self)
         weight = self.weight.t()
         if batch is None:
             return F.linear(x, weight, self.bias)
@@ -840,91 +953,112 @@ class _MultiLoRAConv1D(MultiLoRALinear):
 
 
 class _Serving:
-    """Per-model state of the adapter_names hooks."""
+    """Per-model state of the adapter_names hooks: the model's MultiLoRALinear layers (found once per load_adapters,
+    not per forward). What a call in progress sets lives in the calling thread/context, never here."""
 
     def __init__(self):
-        self.generate_names: Optional[List[str]] = None  # adapter_names of the generate call in progress
-        self.saved: List[list] = []  # per forward in progress: the layers' previous batches
-        self.layers: list = []  # the model's MultiLoRALinear layers (found once per load_adapters, not per forward)
+        self.layers: list = []
+
+
+# Per thread and contextvars context: model → adapter_names of the generate call in progress (expanded for beams),
+# and the stack of the active batches each forward in progress replaced (the post hook restores them).
+_GENERATE_NAMES: "contextvars.ContextVar[Optional[Dict[nn.Module, List[str]]]]" = contextvars.ContextVar(
+    "lora_kernels_generate_adapter_names", default=None)
+_FORWARD_SAVED: "contextvars.ContextVar[tuple]" = contextvars.ContextVar("lora_kernels_serving_saved", default=())
+_NOTHING_SET = object()
 
 
 def _install_serving_hooks(model: nn.Module) -> None:
+    # Module-level hooks and a picklable generate wrapper: each reads the state of the module it is called on, so a
+    # deepcopy serves with its own layers and torch.save can pickle the model.
     if getattr(model, _SERVING_ATTR, None) is not None:
         return
-    state = _Serving()
-    object.__setattr__(model, _SERVING_ATTR, state)
-    model.register_forward_pre_hook(_pre_hook_for(model, state), with_kwargs=True)
-    model.register_forward_hook(_post_hook_for(model, state), always_call=True)
+    object.__setattr__(model, _SERVING_ATTR, _Serving())
+    model.register_forward_pre_hook(_serving_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_serving_post_hook, always_call=True)
     if callable(getattr(model, "generate", None)):
-        original = model.generate
+        model.generate = _ServingGenerate(model)
 
-        def generate(*args, adapter_names=None, **kwargs):
-            # transformers' generate refuses kwargs the forward does not declare: hand the names to the forward hook.
-            if adapter_names is None:
-                return original(*args, **kwargs)
-            previous, state.generate_names = state.generate_names, list(adapter_names)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                state.generate_names = previous
 
-        generate.__doc__ = original.__doc__
-        model.generate = generate
+class _ServingGenerate:
+    """``model.generate`` of a served model: takes ``adapter_names`` (transformers' generate refuses kwargs the
+    forward does not declare) and hands them, expanded for beams, to the forward hook through the calling context."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.original = model.__dict__.get("generate")  # an instance-level generate already there, else the class's
+        self.__doc__ = getattr(model.generate, "__doc__", None)
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        model = self.model
+        generate = self.original if self.original is not None else type(model).generate.__get__(model)
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        names = _expand_for_beams(adapter_names, kwargs.get("num_beams", None))
+        previous = _GENERATE_NAMES.get()
+        _GENERATE_NAMES.set({**(previous or {}), model: names})
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            _GENERATE_NAMES.set(previous)
 
 
 def _slots_for(layers: list, names: Sequence[str], batch_size: int) -> List[int]:
     # Slots are model-wide (every layer holds or reserves every adapter at one slot): one pool tells them all.
     known = layers[0].pool.names if layers else {}
-    if isinstance(names, str):
-        raise TypeError("adapter_names must be a list with one name per sequence, not a str")
-    names = list(names)
+    names = _as_name_list(names)
     unknown = sorted({n for n in names if n != BASE and n not in known})
     if unknown:
         raise ValueError(f"adapter_names names adapter(s) {unknown} that are not loaded; loaded: {sorted(known)} "
                          f"(and {BASE!r} for none)")
-    if not names or batch_size % len(names):
-        raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch_size} sequences")
-    slots = [-1 if n == BASE else known[n] for n in names]
-    repeat = batch_size // len(names)  # beams / num_return_sequences: generate repeats each sequence in place
-    return [s for s in slots for _ in range(repeat)]
+    _check_names_length(names, batch_size)
+    return [-1 if n == BASE else known[n] for n in names]
 
 
-def _pre_hook_for(model: nn.Module, state: _Serving):
-    def pre_hook(module, args, kwargs):
-        from .pool import LoRABatch
+def _serving_pre_hook(module, args, kwargs):
+    from .multi_modules import _swap_batches
+    from .pool import _IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
 
-        state.saved.append(None)  # first, so that the post hook (always called) pops this forward's entry
-        names = kwargs.pop("adapter_names", None)
-        if names is None:
-            names = state.generate_names
-        if names is None:
-            return args, kwargs
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None and args:
-            x = args[0]
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            raise ValueError("adapter_names needs input_ids or inputs_embeds [batch, seq, ...] to size the batch")
-        seq = x.shape[1] if x.dim() >= 2 else 1
-        layers = state.layers
+    saved = _FORWARD_SAVED.get()
+    _FORWARD_SAVED.set(saved + (_NOTHING_SET,))  # first, so that the post hook (always called) pops this forward's
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        names = (_GENERATE_NAMES.get() or {}).get(module)
+    if names is None:
+        return args, kwargs
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args:
+        x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("adapter_names needs input_ids or inputs_embeds [batch, seq, ...] to size the batch")
+    seq = x.shape[1] if x.dim() >= 2 else 1
+    layers = getattr(module, _SERVING_ATTR).layers
+    with _IN_FLIGHT_LOCK:  # names → slots and the hold at once: no unload can come in between
         slots = _slots_for(layers, names, x.shape[0])
+        held = hold_slots([m.pool for m in layers], slots)
+    try:
         device = layers[0].weight.device if layers else x.device
         ids = torch.tensor(slots, dtype=torch.int64).repeat_interleave(seq)  # row-major [batch, seq] tokens
         batch = LoRABatch.prepare(ids, device=device)
-        state.saved[-1] = [(m, m.batch) for m in layers]
-        for m in layers:
-            m.batch = batch
-        return args, kwargs
+    except BaseException:
+        release_slots(held)
+        raise
+    previous = _swap_batches({m: batch for m in layers})
+    _FORWARD_SAVED.set(saved + ((previous, held),))
+    return args, kwargs
 
-    return pre_hook
 
+def _serving_post_hook(module, args, output):
+    from .multi_modules import _restore_batches
+    from .pool import release_slots
 
-def _post_hook_for(model: nn.Module, state: _Serving):
-    def post_hook(module, args, output):
-        saved = state.saved.pop() if state.saved else None
-        for m, b in saved or ():
-            m.batch = b
-        return None
-
-    return post_hook
+    saved = _FORWARD_SAVED.get()
+    if saved:
+        _FORWARD_SAVED.set(saved[:-1])
+        if saved[-1] is not _NOTHING_SET:
+            previous, held = saved[-1]
+            _restore_batches(previous)
+            release_slots(held)
+    return None

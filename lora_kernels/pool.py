@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence, Union
+import threading
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,6 +32,39 @@ from .ops._validate import FLOAT_DTYPES, shape
 MAX_SLICES = 4  # q|k|v needs 3, gate|up 2; the Triton expand kernel takes the widths as 4 scalars.
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+# Guards the in-flight counts of every pool (below) together with unload, across threads: an adapter is never
+# unloaded (and its slot never handed to another tenant) while a request in progress uses it.
+_IN_FLIGHT_LOCK = threading.RLock()
+_UNKNOWN = -2  # in-flight key of a batch whose ids live on the device: it may use any slot
+
+
+def hold_slots(pools: Iterable["AdapterPool"], slots: Optional[Iterable[int]]) -> List[Tuple["AdapterPool", list]]:
+    """Count ``slots`` (None: unknown, any slot) of every pool as used by a request in progress, until
+    :func:`release_slots`; :meth:`AdapterPool.unload` refuses those slots meanwhile. Returns the token to release."""
+    keys = [_UNKNOWN] if slots is None else sorted({int(s) for s in slots if s >= 0})
+    held = []
+    if not keys:
+        return held
+    with _IN_FLIGHT_LOCK:
+        for pool in pools:
+            counts = pool._in_flight
+            for k in keys:
+                counts[k] = counts.get(k, 0) + 1
+            held.append((pool, keys))
+    return held
+
+
+def release_slots(held: List[Tuple["AdapterPool", list]]) -> None:
+    with _IN_FLIGHT_LOCK:
+        for pool, keys in held:
+            counts = pool._in_flight
+            for k in keys:
+                n = counts.get(k, 0) - 1
+                if n > 0:
+                    counts[k] = n
+                else:
+                    counts.pop(k, None)
 
 
 def _as_float_list(name: str, value, n: int) -> List[float]:
@@ -97,6 +131,17 @@ class AdapterPool:
         self._host_ranks = [0] * L
         self._slot_of: Dict[str, int] = {}
         self._in_use = [False] * L  # kept in step with _slot_of: the eager id check reads it on every call
+        self._in_flight: Dict[int, int] = {}  # slot (or _UNKNOWN) -> requests in progress using it (hold_slots)
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) serves no request yet: it starts with no slot in flight.
+        state = dict(self.__dict__)
+        state["_in_flight"] = {}
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("_in_flight", {})
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------------------------------------- properties
     @property
@@ -287,7 +332,25 @@ class AdapterPool:
         return slot
 
     def unload(self, name: str) -> int:
-        """Free the adapter's slot (rank set to 0, its weights zeroed) and return the slot."""
+        """Free the adapter's slot (rank set to 0, its weights zeroed) and return the slot. Refused (RuntimeError)
+        while a request in progress in any thread uses the slot (:func:`lora_kernels.use_batch`, a forward with
+        ``adapter_names``): its remaining layers would compute without the adapter, or with the next tenant's."""
+        with _IN_FLIGHT_LOCK:
+            self.check_unloadable(name)
+            return self._unload(name)
+
+    def check_unloadable(self, name: str) -> int:
+        """The adapter's slot; raises when it cannot be unloaded now (see :meth:`unload`)."""
+        slot = self.slot_of(name)
+        with _IN_FLIGHT_LOCK:
+            users = self._in_flight.get(slot, 0) + self._in_flight.get(_UNKNOWN, 0)
+        if users:
+            raise RuntimeError(f"adapter {name!r} (slot {slot}) is used by {users} request(s) in progress "
+                               "(use_batch or a forward with adapter_names); unload it once they are done")
+        return slot
+
+    def _unload(self, name: str) -> int:
+        """Unload without the in-flight check: only to undo a load that has not served yet."""
         slot = self.slot_of(name)
         with torch.no_grad():
             self.ranks[slot] = 0
@@ -302,6 +365,13 @@ class AdapterPool:
 
 # ------------------------------------------------------------------------------------------------------- the batch
 _NONE_KEY = torch.iinfo(torch.int32).max  # sort key of "no adapter": after every real slot, so it makes no tile
+_INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+_INT64_MAX = torch.iinfo(torch.int64).max
+# Integer dtypes accepted as ids (the unsigned ones beyond uint8 exist from torch 2.3 on).
+_UINT64 = getattr(torch, "uint64", None)
+_ID_DTYPES = tuple(d for d in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+                               getattr(torch, "uint16", None), getattr(torch, "uint32", None), _UINT64)
+                   if d is not None)
 
 
 def auto_tile_m(max_tokens: int) -> int:
@@ -422,13 +492,22 @@ class LoRABatch:
 
     @staticmethod
     def _as_tensor(adapter_ids) -> torch.Tensor:
+        """The ids as an int64 tensor (same device), every value exact except uint64 ids ≥ 2^63, which become
+        2^63 - 1: still out of range, never another slot."""
         if isinstance(adapter_ids, torch.Tensor):
-            if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
-                raise TypeError(f"adapter_ids must be integers, got dtype {adapter_ids.dtype}")
+            if adapter_ids.dtype not in _ID_DTYPES:
+                raise TypeError(f"adapter_ids must be an integer tensor ({', '.join(map(str, _ID_DTYPES))}), got "
+                                f"dtype {adapter_ids.dtype}")
             if adapter_ids.layout != torch.strided or adapter_ids.device.type == "meta":
                 raise ValueError(f"adapter_ids must be a dense tensor holding values, got a {adapter_ids.layout} "
                                  f"tensor on {adapter_ids.device}")
-            return adapter_ids.reshape(-1)
+            ids = adapter_ids.reshape(-1)
+            if ids.dtype == _UINT64:
+                # Reinterpret the bits (a cast would wrap too): values ≥ 2^63 read negative and are saturated, so
+                # 2^64 - 1 cannot turn into -1 nor 2^63 + 3 into anything in range.
+                as_signed = ids.contiguous().view(torch.int64)
+                return torch.where(as_signed < 0, torch.full_like(as_signed, _INT64_MAX), as_signed)
+            return ids.to(torch.int64)
         if isinstance(adapter_ids, (str, bytes)) or not hasattr(adapter_ids, "__iter__"):
             raise TypeError(f"adapter_ids must be a sequence of ints or an integer tensor, "
                             f"got {type(adapter_ids).__name__}")
@@ -437,7 +516,18 @@ class LoRABatch:
             # numbers.Integral: numpy ints too (np.bool_ is not Integral; bool is, hence the explicit refusal).
             if isinstance(i, bool) or not isinstance(i, numbers.Integral):
                 raise TypeError(f"adapter_ids must be ints (pool slots, -1 = none), got {i!r}")
+            if not -(2**63) <= int(i) <= _INT64_MAX:
+                raise ValueError(f"adapter_ids holds {int(i)}, outside the int64 range; pool slots are 0 .. "
+                                 f"max_adapters - 1 and -1 means no adapter")
         return torch.tensor([int(i) for i in ids], dtype=torch.int64)
+
+    @staticmethod
+    def _to_slots(ids: torch.Tensor) -> torch.Tensor:
+        """int64 ids → the int32 ``token_slots`` values: anything outside int32 becomes -1 (no adapter) rather than
+        wrapping (2^32 + 3 would be slot 3, another tenant's adapter), so the kernels never see it as a slot even with
+        ``check=False`` or under torch.compile, where the eager id check is skipped."""
+        in_range = (ids >= _INT32_MIN) & (ids <= _INT32_MAX)
+        return torch.where(in_range, ids, torch.full_like(ids, -1)).to(torch.int32)
 
     @torch.no_grad()
     def prepare_(self, adapter_ids) -> "LoRABatch":
@@ -450,7 +540,7 @@ class LoRABatch:
         if n > cap:
             raise ValueError(f"{n} adapter ids exceed this batch's capacity max_tokens={cap}")
         if ids.device.type == "cpu":
-            host = ids.to(torch.int64)
+            host = ids  # int64, the values as given: the eager check names them
             self.host_slots = host
             self.host_unique = torch.unique(host).tolist()
             self.has_adapter = bool((host >= 0).any()) if n else False
@@ -463,10 +553,7 @@ class LoRABatch:
         slots = self.token_slots
         slots.fill_(-1)
         if n:
-            if ids.dtype == torch.int64:
-                # Saturate instead of wrapping: 2^32 + 3 must stay out of range, never alias slot 3 (another tenant).
-                ids = ids.clamp(-(2**31), 2**31 - 1)
-            slots[:n].copy_(ids.to(device=dev, dtype=torch.int32), non_blocking=True)
+            slots[:n].copy_(self._to_slots(ids).to(device=dev), non_blocking=True)
         # Negative ids mean "no adapter": sort them last so the tiles of real slots come first (ascending slot).
         keys = torch.where(slots < 0, torch.full_like(slots, _NONE_KEY), slots)
         sorted_keys, order = torch.sort(keys, stable=True)
