@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _backend
 from .modules import LoRALinear
 from .multi_modules import MultiLoRALinear
 from .ops.lora_linear import lora_linear
@@ -170,6 +171,8 @@ class PeftLoRALinear(LoRALinear):
         self.lora_adapters = adapters
         self.active_adapter = layer.active_adapters[0]
         self._disable_adapters = bool(layer.disable_adapters)  # PeftModel.disable_adapter() sets it, see below
+        # PeftModel.from_pretrained returns an eval() model: a converted layer must not start applying dropout.
+        self.train(layer.training)
         # The PEFT layer itself, kept outside the module tree (its tensors are this layer's) for to_peft.
         object.__setattr__(self, "_peft_layer", layer)
         return self
@@ -182,14 +185,18 @@ class PeftLoRALinear(LoRALinear):
     def set_adapter(self, name: str, requires_grad: Optional[bool] = None) -> None:
         """Make ``name`` the active adapter. ``requires_grad`` (default: leave as is) sets the adapters' trainable
         flags the way PEFT's ``set_adapter`` does: the active one ``requires_grad``, the others not."""
-        if name not in self.lora_adapters:
-            raise ValueError(f"adapter {name!r} is not in this layer; it holds {', '.join(self.lora_adapters)}")
-        if self.merged:
-            raise RuntimeError("unmerge() before switching the adapter of a merged layer")
+        self._check_switch(name)
         self.active_adapter = name
         if requires_grad is not None:
             for n, ad in self.lora_adapters.items():
                 ad.requires_grad_(bool(requires_grad) and n == name)
+
+    def _check_switch(self, name: str) -> None:
+        """Raise if ``set_adapter(name)`` cannot switch this layer (nothing changed)."""
+        if name not in self.lora_adapters:
+            raise ValueError(f"adapter {name!r} is not in this layer; it holds {', '.join(self.lora_adapters)}")
+        if self.merged and name != self.active_adapter:
+            raise RuntimeError("unmerge() before switching the adapter of a merged layer")
 
     @property
     def disable_adapters(self) -> bool:
@@ -215,9 +222,11 @@ class PeftLoRALinear(LoRALinear):
         return super()._merged_weight(w0, lora_A, lora_B)
 
     def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
-        weight = self._base_weight()
         if self._disable_adapters:
-            return F.linear(x, weight, self.bias)
+            # The base layer alone: while merged, W0 is the exact copy kept by merge(), not the merged weight.
+            w0 = self._unmerged_weight if self.merged else self.weight
+            return F.linear(x, w0.t() if self.fan_in_fan_out else w0, self.bias)
+        weight = self._base_weight()
         if adapter_names is not None:
             return self._mixed_forward(x, weight, adapter_names)
         if self.merged:
@@ -230,6 +239,37 @@ class PeftLoRALinear(LoRALinear):
             x, weight, lora_A, lora_B, self.scaling, bias,
             dropout_p=self.dropout, training=self.training, backend=self.backend,
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The adapters are child modules, loaded after this method returns: LoRALinear's "unmerge, load, merge again"
+        # would merge the OLD adapter. Merge with the active adapter's tensors from the checkpoint instead.
+        if not self.merged:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            return
+        if local_metadata.get("assign_to_params_buffers", False):
+            error_msgs.append(f"{prefix or 'PeftLoRALinear'}: is merged; unmerge() before load_state_dict(assign=True)")
+            return
+        self.unmerge()
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, error_msgs)
+        ad_prefix = f"{prefix}lora_adapters.{self.active_adapter}."
+        factors = []
+        for attr in ("lora_A", "lora_B"):
+            current = getattr(self, attr)
+            new = state_dict.get(ad_prefix + attr, current)
+            if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(current.shape):
+                return  # the adapter's own load reports the mismatch; the layer stays unmerged
+            factors.append(new.detach().to(device=current.device, dtype=current.dtype))
+        try:
+            merged = self._merged_weight(self.weight, *factors)
+        except ValueError as exc:
+            error_msgs.append(f"{prefix or 'PeftLoRALinear'}: loaded but left unmerged: {exc}")
+            return
+        with torch.no_grad():
+            self._unmerged_weight = self.weight.detach().clone()
+            self.weight.copy_(merged)
 
     def _mixed_forward(self, x: torch.Tensor, weight: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of ``x`` (a sequence) gets adapter ``adapter_names[i]``; ``"__base__"`` and adapters this layer
@@ -382,6 +422,8 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_peft: model must be an nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        _backend.requested_backend(backend)  # at the call, not at every later forward
     lora_layer_mod = _peft_lora()
     skipped: Dict[str, str] = {}
     chosen: List[Tuple[str, nn.Module]] = []
@@ -445,9 +487,54 @@ def to_peft(model: nn.Module) -> nn.Module:
         _set_child(model, name, peft_layer)
     tuner = _tuner(model)
     if tuner is not None:
+        _sync_peft_config(tuner)
         _remove_mixed_batch_hooks(tuner)
         model.__dict__.pop("disable_adapter", None)
     return model
+
+
+def _sync_peft_config(tuner) -> None:
+    """Make each adapter's ``LoraConfig`` describe its layers again, so that ``save_pretrained`` writes what the model
+    computes: the layers may have changed since the conversion (``load_adapter`` with another alpha, dropout or
+    rsLoRA flag). A layer whose r / alpha the config no longer gives gets a ``rank_pattern`` / ``alpha_pattern`` entry
+    matching that layer only; ``use_rslora`` and ``lora_dropout`` (one value per adapter in PEFT's config) follow the
+    layers when they agree, and a warning says when they do not."""
+    from . import io as lk_io
+
+    lora_layer_mod = _peft_lora()
+    names = [n for n, _ in tuner.model.named_modules()]
+    per_adapter: Dict[str, Dict[str, tuple]] = {}
+    for n, m in tuner.model.named_modules():
+        if isinstance(m, lora_layer_mod.LoraLayer):
+            for ad in m.lora_A.keys():
+                drop = m.lora_dropout[ad] if ad in m.lora_dropout else None
+                per_adapter.setdefault(ad, {})[n] = (
+                    int(m.r[ad]), float(m.lora_alpha[ad]), bool(m.use_rslora.get(ad, False)),
+                    float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+                )
+    for ad, layers in per_adapter.items():
+        cfg = tuner.peft_config.get(ad)
+        if cfg is None or not hasattr(cfg, "alpha_pattern"):
+            continue
+        ranks, alphas = dict(cfg.rank_pattern or {}), dict(cfg.alpha_pattern or {})
+        new_ranks, new_alphas = {}, {}
+        for n, (r, alpha, _, _) in layers.items():
+            if int(lk_io._pattern_value(n, ranks, cfg.r)) != r:
+                new_ranks[lk_io.exact_pattern_key(n, names)] = r
+            if float(lk_io._pattern_value(n, alphas, cfg.lora_alpha)) != alpha:
+                new_alphas[lk_io.exact_pattern_key(n, names)] = int(alpha) if alpha.is_integer() else alpha
+        if new_ranks:  # first: PEFT takes the first matching key, and these match one layer each
+            cfg.rank_pattern = {**new_ranks, **{k: v for k, v in ranks.items() if k not in new_ranks}}
+        if new_alphas:
+            cfg.alpha_pattern = {**new_alphas, **{k: v for k, v in alphas.items() if k not in new_alphas}}
+        for field, idx in (("use_rslora", 2), ("lora_dropout", 3)):
+            values = {v[idx] for v in layers.values()}
+            if len(values) == 1:
+                setattr(cfg, field, values.pop())
+            else:
+                warnings.warn(f"to_peft: the layers of adapter {ad!r} use several {field} values {sorted(values)}, "
+                              f"but PEFT's config holds one; save_pretrained will not reproduce them all",
+                              PeftConversionWarning, stacklevel=3)
 
 
 def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = None) -> None:
@@ -468,6 +555,10 @@ def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = Non
     if not layers and not isinstance(model, PeftModel):
         raise ValueError(f"set_adapter: {type(model).__name__} has no converted PEFT layer (from_peft first); "
                          "models served by load_adapters pick adapters per call with adapter_names=[...]")
+    blocked = [n for n, m in layers if m.merged and m.active_adapter != name]
+    if blocked:  # checked for every layer before any is switched
+        raise RuntimeError(f"set_adapter: converted layer(s) {blocked} are merged; unmerge() them before switching "
+                           f"the adapter (nothing was switched)")
     if isinstance(model, PeftModel):
         model.set_adapter(name)  # PEFT layers that are left, and PeftModel.active_adapter
     for _, layer in layers:
