@@ -47,7 +47,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _backend
 from .modules import LoRALinear
 from .multi_modules import MultiLoRALinear
 from .ops.lora_linear import lora_linear
@@ -221,25 +220,6 @@ class PeftLoRALinear(LoRALinear):
             return super()._merged_weight(w0.t(), lora_A, lora_B).t()
         return super()._merged_weight(w0, lora_A, lora_B)
 
-    def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
-        if self._disable_adapters:
-            # The base layer alone: while merged, W0 is the exact copy kept by merge(), not the merged weight.
-            w0 = self._unmerged_weight if self.merged else self.weight
-            return F.linear(x, w0.t() if self.fan_in_fan_out else w0, self.bias)
-        weight = self._base_weight()
-        if adapter_names is not None:
-            return self._mixed_forward(x, weight, adapter_names)
-        if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                raise RuntimeError("PeftLoRALinear is merged and in training mode: the adapter would get no "
-                                   "gradient. Call unmerge() before training, or eval() / torch.no_grad().")
-            return F.linear(x, weight, self.bias)
-        x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, self.lora_A, self.lora_B)
-        return lora_linear(
-            x, weight, lora_A, lora_B, self.scaling, bias,
-            dropout_p=self.dropout, training=self.training, backend=self.backend,
-        )
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # The adapters are child modules, loaded after this method returns: LoRALinear's "unmerge, load, merge again"
@@ -270,6 +250,25 @@ class PeftLoRALinear(LoRALinear):
         with torch.no_grad():
             self._unmerged_weight = self.weight.detach().clone()
             self.weight.copy_(merged)
+
+    def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+        if self._disable_adapters:
+            # The base layer alone: while merged, W0 is the exact copy kept by merge(), not the merged weight.
+            w0 = self._unmerged_weight if self.merged else self.weight
+            return F.linear(x, w0.t() if self.fan_in_fan_out else w0, self.bias)
+        weight = self._base_weight()
+        if adapter_names is not None:
+            return self._mixed_forward(x, weight, adapter_names)
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                raise RuntimeError("PeftLoRALinear is merged and in training mode: the adapter would get no "
+                                   "gradient. Call unmerge() before training, or eval() / torch.no_grad().")
+            return F.linear(x, weight, self.bias)
+        x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, self.lora_A, self.lora_B)
+        return lora_linear(
+            x, weight, lora_A, lora_B, self.scaling, bias,
+            dropout_p=self.dropout, training=self.training, backend=self.backend,
+        )
 
     def _mixed_forward(self, x: torch.Tensor, weight: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of ``x`` (a sequence) gets adapter ``adapter_names[i]``; ``"__base__"`` and adapters this layer
@@ -423,7 +422,9 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_peft: model must be an nn.Module, got {type(model).__name__}")
     if backend is not None:
-        _backend.requested_backend(backend)  # at the call, not at every later forward
+        from ._backend import requested_backend
+
+        requested_backend(backend)  # at the call, not at every later forward
     lora_layer_mod = _peft_lora()
     skipped: Dict[str, str] = {}
     chosen: List[Tuple[str, nn.Module]] = []
