@@ -114,6 +114,9 @@ def save_adapter(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(convert_to_original, bool):  # "no" would be truthy
+        raise TypeError(f"save_adapter: convert_to_original must be True or False, got "
+                        f"{type(convert_to_original).__name__} {convert_to_original!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"save_adapter: path must be a str or os.PathLike (a directory), got {type(path).__name__}")
     path = os.fspath(path)
@@ -414,6 +417,13 @@ def load_adapter(
             if isinstance(modules[parent_name], nn.MultiheadAttention):  # the same refusal as inject_lora
                 raise ValueError(f"load_adapter: {n}: nn.MultiheadAttention reads {child}.weight directly and would "
                                  f"ignore the adapter; lora_kernels cannot load an adapter for it")
+            lin = modules[n]
+            if type(lin).forward is not nn.Linear.forward:  # a LoRALinear would drop the subclass's own forward
+                raise ValueError(f"load_adapter: {n} is a {type(lin).__name__}, an nn.Linear subclass with its own "
+                                 f"forward, which a LoRALinear would not run; only nn.Linear layers can be wrapped")
+            if nn.utils.parametrize.is_parametrized(lin):  # e.g. weight norm: the weight is computed, not stored
+                raise ValueError(f"load_adapter: {n} has parametrized weights ({type(lin).__name__} with "
+                                 f"torch.nn.utils.parametrize); remove the parametrization first")
 
     # ---- every check before any change
     expected = set()

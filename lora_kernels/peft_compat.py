@@ -184,6 +184,7 @@ class PeftLoRALinear(LoRALinear):
     def set_adapter(self, name: str, requires_grad: Optional[bool] = None) -> None:
         """Make ``name`` the active adapter. ``requires_grad`` (default: leave as is) sets the adapters' trainable
         flags the way PEFT's ``set_adapter`` does: the active one ``requires_grad``, the others not."""
+        _check_requires_grad(requires_grad)
         self._check_switch(name)
         self.active_adapter = name
         if requires_grad is not None:
@@ -192,6 +193,8 @@ class PeftLoRALinear(LoRALinear):
 
     def _check_switch(self, name: str) -> None:
         """Raise if ``set_adapter(name)`` cannot switch this layer (nothing changed)."""
+        if not isinstance(name, str):
+            raise TypeError(f"set_adapter: name must be a str (an adapter name), got {type(name).__name__} {name!r}")
         if name not in self.lora_adapters:
             raise ValueError(f"adapter {name!r} is not in this layer; it holds {', '.join(self.lora_adapters)}")
         if self.merged and name != self.active_adapter:
@@ -312,6 +315,12 @@ class PeftLoRALinear(LoRALinear):
                 f"adapters={self.adapter_names}, fan_in_fan_out={self.fan_in_fan_out}")
 
 
+def _check_requires_grad(requires_grad) -> None:
+    if requires_grad is not None and not isinstance(requires_grad, bool):  # "no" would be truthy
+        raise TypeError(f"set_adapter: requires_grad must be True, False or None, got {type(requires_grad).__name__} "
+                        f"{requires_grad!r}")
+
+
 def _autocast_args(x, weight, bias, lora_A, lora_B):
     """Inside ``torch.autocast``, the operands an autocast ``nn.Linear`` (PEFT's base layer and lora_A/lora_B) would
     use: x, W0 and bias in the autocast dtype; the adapter kept when it is that dtype or float32 (the op takes an
@@ -421,6 +430,8 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_peft: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(warn, bool):
+        raise TypeError(f"from_peft: warn must be True or False, got {type(warn).__name__} {warn!r}")
     if backend is not None:
         from ._backend import requested_backend
 
@@ -442,8 +453,9 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     if not chosen and not skipped and not already:
         raise ValueError(f"from_peft: {type(model).__name__} holds no PEFT LoRA layer (wrap it with "
                          "peft.get_peft_model first, or use lora_kernels.inject_lora for a plain model)")
-    for name, module in chosen:
-        _set_child(model, name, PeftLoRALinear._from_peft_layer(module, backend))
+    built = [(name, PeftLoRALinear._from_peft_layer(module, backend)) for name, module in chosen]  # then replace
+    for name, layer in built:
+        _set_child(model, name, layer)
     tuner = _tuner(model)
     if tuner is not None and chosen:
         _install_mixed_batch_hooks(tuner)
@@ -544,6 +556,9 @@ def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = Non
     the active adapter trainable, so pass ``True`` to get PEFT's behaviour on the converted layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"set_adapter: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"set_adapter: name must be a str (an adapter name), got {type(name).__name__} {name!r}")
+    _check_requires_grad(requires_grad)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
     missing = [n for n, m in layers if name not in m.lora_adapters]
     if missing:

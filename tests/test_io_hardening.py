@@ -366,3 +366,44 @@ def test_failed_save_leaves_the_directory_as_before(tmp_path, monkeypatch, fail_
         with pytest.raises(OSError, match="disk full"):
             lk.save_adapter(model, target)
         assert listing(tmp_path) == before
+
+
+class Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Odd(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.plain = nn.Linear(6, 6)
+        if kind == "subclass":
+            self.odd = Scaled(6, 6)
+        else:
+            self.odd = nn.utils.parametrizations.weight_norm(nn.Linear(6, 6))
+
+
+@pytest.mark.parametrize("kind, match", [("subclass", "Scaled, an nn.Linear subclass with its own forward"),
+                                         ("weight_norm", "parametrized weights")])
+def test_linears_a_lora_layer_cannot_stand_for_are_refused(tmp_path, kind, match):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for n in ("plain", "odd"):
+        tensors[f"base_model.model.{n}.lora_A.weight"] = torch.randn(2, 6, generator=gen)
+        tensors[f"base_model.model.{n}.lora_B.weight"] = torch.randn(6, 2, generator=gen)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["plain", "odd"]}))
+    model = Odd(kind)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        lk.load_adapter(model, tmp_path)
+    assert not lk.lora_layers(model)
+    assert_same_state(model, snap)
+
+
+def test_save_flags_must_be_bool(tmp_path):
+    model = saved_nested(tmp_path / "a")
+    with pytest.raises(TypeError, match="convert_to_original must be True or False"):
+        lk.save_adapter(model, tmp_path / "b", convert_to_original="no")
+    assert not (tmp_path / "b").exists()

@@ -269,3 +269,20 @@ def test_suffix_ambiguous_names_load_in_peft_to_the_same_numbers(tmp_path, all_l
     for n, m in peft_layers.items():
         ours = lk.lora_layers(model)[n]
         assert (m.r["default"], m.lora_alpha["default"]) == (ours.r, ours.alpha), n
+
+
+def test_set_adapter_and_from_peft_refuse_non_bool_flags():
+    pm = two_adapter_model()
+    conv = convert(pm)
+    layer = conv.base_model.model.model.layers[0].self_attn.q_proj
+    flags = [p.requires_grad for p in conv.parameters()]
+    with pytest.raises(TypeError, match="requires_grad must be True, False or None"):
+        lk.set_adapter(conv, "other", requires_grad="no")
+    with pytest.raises(TypeError, match="requires_grad"):
+        layer.set_adapter("other", requires_grad=0)
+    with pytest.raises(TypeError, match="name must be a str"):
+        lk.set_adapter(conv, 0)
+    assert all(m.active_adapter == "default" for m in converted_layers(conv).values())
+    assert [p.requires_grad for p in conv.parameters()] == flags
+    with pytest.raises(TypeError, match="warn must be True or False"):
+        lk.from_peft(peft_model(), warn="no")
