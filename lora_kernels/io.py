@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -99,6 +100,17 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
+def _peft_lora_layers(model: nn.Module) -> List[str]:
+    """Names of PEFT's own LoRA layers in ``model`` (none when PEFT was never imported: then there cannot be any)."""
+    if "peft" not in sys.modules:
+        return []
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - a broken peft install
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
 def save_adapter(
     model: nn.Module,
     path: Union[str, os.PathLike],
@@ -128,6 +140,11 @@ def save_adapter(
         raise TypeError(f"save_adapter: base_model_name_or_path must be a str, an os.PathLike or None, got "
                         f"{type(base_model_name_or_path).__name__} {base_model_name_or_path!r}")
     model = _unwrap_peft(model)
+    left = _peft_lora_layers(model)
+    if left:  # from_peft leaves what it cannot convert: the file would silently lack those adapters
+        raise ValueError(f"save_adapter: the model still holds PEFT LoRA layers this file would not contain "
+                         f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''}); use lora_kernels.to_peft(model) "
+                         f"and PEFT's save_pretrained for it")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear layer (use inject_lora or lora_ga_init first)")

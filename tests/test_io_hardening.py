@@ -407,3 +407,22 @@ def test_save_flags_must_be_bool(tmp_path):
     with pytest.raises(TypeError, match="convert_to_original must be True or False"):
         lk.save_adapter(model, tmp_path / "b", convert_to_original="no")
     assert not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------------ reading API
+def test_public_reading_api(tmp_path):
+    saved_nested(tmp_path)
+    cfg = lk_io.read_config(tmp_path)
+    assert cfg["r"] == 2 and cfg["peft_type"] == "LORA"
+    tensors, metadata = lk_io.read_tensors(tmp_path)
+    assert "base_model.model.attn.q.lora_A.weight" in tensors and metadata["lora_kernels.base"] == "original"
+    # A caller that handles a field itself checks the rest without a copy of the file, under its own name.
+    raw = dict(cfg, fan_in_fan_out=True)
+    assert lk_io.check_config(raw, "adapter_config.json", caller="load_adapters", allow=("fan_in_fan_out",)) is raw
+    with pytest.raises(ValueError, match=r"^load_adapters: unsupported adapter_config.json settings: "
+                                         r"fan_in_fan_out=True"):
+        lk_io.check_config(raw, caller="load_adapters")
+    with pytest.raises(ValueError, match=r"^load_adapters: somewhere/adapter_config.json: use_rslora"):
+        lk_io.check_config(dict(cfg, use_rslora="yes"), "somewhere/adapter_config.json", caller="load_adapters")
+    with pytest.raises(FileNotFoundError, match="^load_adapters: "):
+        lk_io.read_config(tmp_path / "nowhere", caller="load_adapters")

@@ -286,3 +286,15 @@ def test_set_adapter_and_from_peft_refuse_non_bool_flags():
     assert [p.requires_grad for p in conv.parameters()] == flags
     with pytest.raises(TypeError, match="warn must be True or False"):
         lk.from_peft(peft_model(), warn="no")
+
+
+def test_save_adapter_refuses_a_model_with_unconverted_peft_layers(tmp_path):
+    # The embedding adapter stays a PEFT layer: a file of the converted layers alone would compute something else.
+    pm = peft_model(lora_config(["q_proj", "embed_tokens"]))
+    conv = copy.deepcopy(pm)
+    with pytest.warns(pc.PeftConversionWarning, match="embed_tokens"):
+        lk.from_peft(conv, backend="torch")
+    assert converted_layers(conv)
+    with pytest.raises(ValueError, match=r"still holds PEFT LoRA layers .*embed_tokens.*to_peft"):
+        lk.save_adapter(conv, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
