@@ -128,6 +128,7 @@ class PeftLoRALinear(LoRALinear):
     Built by :func:`from_peft` only.
     """
 
+    _warned_merged_training = False  # set on the instance by the first training-mode forward while merged
     lora_A = _delegate("lora_A")
     lora_B = _delegate("lora_B")
     r = _delegate("r")
@@ -263,9 +264,13 @@ class PeftLoRALinear(LoRALinear):
         if adapter_names is not None:
             return self._mixed_forward(x, weight, adapter_names)
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                raise RuntimeError("PeftLoRALinear is merged and in training mode: the adapter would get no "
-                                   "gradient. Call unmerge() before training, or eval() / torch.no_grad().")
+            # As PEFT (and LoRALinear): a merged layer computes with the merged weight in either mode; say once that
+            # the adapter learns nothing meanwhile.
+            if (self.training and torch.is_grad_enabled() and not self._warned_merged_training
+                    and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
+                self._warned_merged_training = True
+                warnings.warn("a merged PeftLoRALinear is run in training mode: it computes with the merged weight "
+                              "and its adapter gets no gradient until unmerge()", UserWarning, stacklevel=2)
             return F.linear(x, weight, self.bias)
         x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, self.lora_A, self.lora_B)
         return lora_linear(

@@ -298,3 +298,18 @@ def test_save_adapter_refuses_a_model_with_unconverted_peft_layers(tmp_path):
     with pytest.raises(ValueError, match=r"still holds PEFT LoRA layers .*embed_tokens.*to_peft"):
         lk.save_adapter(conv, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_merged_layer_in_training_mode_computes_with_the_merged_weight_and_warns_once():
+    pm = peft_model()
+    conv = convert(pm)
+    expected = logits(conv)
+    layer = conv.base_model.model.model.layers[0].self_attn.q_proj
+    layer.merge()
+    conv.train()
+    ids = tokens()
+    with pytest.warns(UserWarning, match="merged PeftLoRALinear is run in training mode") as caught:
+        out = conv(ids).logits
+        conv(ids)
+    assert sum("merged PeftLoRALinear" in str(w.message) for w in caught) == 1
+    close(out.detach(), expected)
