@@ -77,15 +77,13 @@ def exact_pattern_key(name: str, names) -> str:
 
 
 def _short_targets(model: nn.Module, names: List[str]):
-    """PEFT ``target_modules`` selecting exactly ``names`` among the model's linear layers: the short names (last
-    components) when they do, else the full qualified names when they do (PEFT matches a list entry equal to the
-    name or a suffix of it, so ``attn.q`` also selects ``block.attn.q``), else one regex PEFT matches against
-    the whole name."""
-    from .modules import LoRALinear
-
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    """PEFT ``target_modules`` selecting exactly ``names`` among the model's modules (PEFT adapts any module type it
+    supports, an Embedding or a Conv as well as a Linear): the short names (last components) when they do, else the
+    full qualified names when they do (PEFT matches a list entry equal to the name or a suffix of it, so ``attn.q``
+    also selects ``block.attn.q``), else one regex PEFT matches against the whole name."""
+    module_names = [n for n, _ in model.named_modules() if n]
     for candidate in (sorted({n.rsplit(".", 1)[-1] for n in names}), sorted(names)):
-        selected = [n for n in linear_names if any(n == s or n.endswith("." + s) for s in candidate)]
+        selected = [n for n in module_names if any(n == s or n.endswith("." + s) for s in candidate)]
         if sorted(selected) == sorted(names):
             return candidate
     return "|".join(re.escape(n) for n in sorted(names))  # str target_modules: PEFT uses re.fullmatch

@@ -426,3 +426,29 @@ def test_public_reading_api(tmp_path):
         lk_io.check_config(dict(cfg, use_rslora="yes"), "somewhere/adapter_config.json", caller="load_adapters")
     with pytest.raises(FileNotFoundError, match="^load_adapters: "):
         lk_io.read_config(tmp_path / "nowhere", caller="load_adapters")
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Module()
+        self.a.proj = nn.Linear(6, 6)
+        self.b = nn.Module()
+        self.b.proj = nn.Embedding(10, 6)  # PEFT would adapt it too if "proj" were the target
+
+
+def test_target_modules_do_not_select_other_module_types(tmp_path):
+    model = WithEmbedding()
+    lk.inject_lora(model, ["proj"], r=2, backend="torch")
+    cfg = lk.save_adapter(model, tmp_path)
+    tm = cfg["target_modules"]
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(tm, str):
+        import re
+        selected = [n for n in names if re.fullmatch(tm, n)]
+    else:
+        selected = [n for n in names if any(n == t or n.endswith("." + t) for t in tm)]
+    assert selected == ["a.proj"], tm
+    loaded = WithEmbedding()
+    lk.load_adapter(loaded, tmp_path)
+    assert list(lk.lora_layers(loaded)) == ["a.proj"]
