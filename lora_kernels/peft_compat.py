@@ -235,17 +235,17 @@ class PeftLoRALinear(LoRALinear):
         if local_metadata.get("assign_to_params_buffers", False):
             error_msgs.append(f"{prefix or 'PeftLoRALinear'}: is merged; unmerge() before load_state_dict(assign=True)")
             return
-        self.unmerge()
-        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                        unexpected_keys, error_msgs)
         ad_prefix = f"{prefix}lora_adapters.{self.active_adapter}."
         factors = []
         for attr in ("lora_A", "lora_B"):
             current = getattr(self, attr)
             new = state_dict.get(ad_prefix + attr, current)
             if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(current.shape):
-                return  # the adapter's own load reports the mismatch; the layer stays unmerged
+                return  # the adapter's own load reports the mismatch; this layer stays as it is (merged)
             factors.append(new.detach().to(device=current.device, dtype=current.dtype))
+        self.unmerge()
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, error_msgs)
         try:
             merged = self._merged_weight(self.weight, *factors)
         except ValueError as exc:
@@ -476,7 +476,10 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
 def to_peft(model: nn.Module) -> nn.Module:
     """Put back, in place, the PEFT layer of every :class:`PeftLoRALinear` of ``model``, holding the converted
     layer's current tensors (base weight and bias, each adapter's factors, scaling, dropout probability) and its
-    active adapter. Trainable flags are kept. Returns ``model``; ``save_pretrained`` then writes PEFT's format."""
+    active adapter. Trainable flags and training mode are kept. Each adapter's ``LoraConfig`` is updated to describe
+    the layers (an alpha or rank changed since the conversion, e.g. by ``load_adapter``, gets a ``alpha_pattern`` /
+    ``rank_pattern`` entry matching that layer only; ``use_rslora`` and ``lora_dropout`` follow the layers), so that
+    ``save_pretrained`` then writes PEFT's format of what the model computes. Returns ``model``."""
     converted = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
     for name, layer in converted:
         if layer.merged:
