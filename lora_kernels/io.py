@@ -3,7 +3,10 @@
 Tensor keys are PEFT's for a model wrapped without a task type: ``base_model.model.<module>.lora_A.weight`` ``[r, in]``
 and ``base_model.model.<module>.lora_B.weight`` ``[out, r]``. The config carries the fields PEFT's ``LoraConfig``
 reads (``peft_type="LORA"``, ``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``, ``lora_dropout``, per-module
-``rank_pattern``/``alpha_pattern`` when layers differ, ...).
+``rank_pattern``/``alpha_pattern`` when layers differ, ...). PEFT matches a pattern key against a module name or any
+suffix of it after a ".", as a regex: each key written selects exactly one module (the full name, or ``^`` and the
+escaped name where the plain name would also select e.g. ``block.attn.q`` for ``attn.q``), and ``target_modules``
+selects exactly the adapted modules (short names, full names, or a regex when neither does).
 
 Inits that change W0 (PiSSA, LoRA-GA) leave the model with a *mutated* base ``W0' = W0 − s·B0·A0``. Such an adapter
 only means something on top of W0'. By default :func:`save_adapter` therefore writes PEFT's converted form, valid on
@@ -14,7 +17,11 @@ unchanged and ``W0 + s·B'·A' = W0' + s·B·A``. ``convert_to_original=False`` 
 (``lora_kernels.base``: ``"original"`` or ``"mutated"``).
 
 :func:`load_adapter` checks everything first (keys missing or unexpected, listed exactly; shapes; ranks against the
-config) and only then copies, so a failed load changes nothing; a truncated or corrupt file raises ``ValueError``.
+config; config values; values that overflow the adapter's dtype) and only then copies, so a failed load changes
+nothing; a truncated or corrupt file raises ``ValueError``, a tensor of a dtype the layers cannot take (fp8, integer)
+``TypeError``. :func:`save_adapter` writes both files under temporary names and renames them at the end; a failed
+save removes what it wrote. :func:`read_config`, :func:`check_config` and :func:`read_tensors` are the checked
+readers, for tools that read adapter directories themselves.
 """
 
 from __future__ import annotations
@@ -164,7 +171,7 @@ def save_adapter(
     drops = {v[3] for v in per_layer.values()}
     if len(drops) > 1:
         raise ValueError(f"save_adapter: PEFT's config has one lora_dropout; these layers use {sorted(drops)}")
-    # The most common (r, alpha) is the global one; the others go into rank_pattern / alpha_pattern by full name.
+    # The most common (r, alpha) is the global one; the others go into rank_pattern / alpha_pattern.
     ranks = [v[0] for v in per_layer.values()]
     r_glob = max(set(ranks), key=ranks.count)
     alphas = [v[1] for v in per_layer.values() if v[0] == r_glob]

@@ -477,7 +477,7 @@ def to_peft(model: nn.Module) -> nn.Module:
     """Put back, in place, the PEFT layer of every :class:`PeftLoRALinear` of ``model``, holding the converted
     layer's current tensors (base weight and bias, each adapter's factors, scaling, dropout probability) and its
     active adapter. Trainable flags and training mode are kept. Each adapter's ``LoraConfig`` is updated to describe
-    the layers (an alpha or rank changed since the conversion, e.g. by ``load_adapter``, gets a ``alpha_pattern`` /
+    the layers (an alpha or rank changed since the conversion, e.g. by ``load_adapter``, gets an ``alpha_pattern`` /
     ``rank_pattern`` entry matching that layer only; ``use_rslora`` and ``lora_dropout`` follow the layers), so that
     ``save_pretrained`` then writes PEFT's format of what the model computes. Returns ``model``."""
     converted = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
