@@ -278,7 +278,7 @@ def check_config(cfg: dict, source: str = CONFIG_NAME, *, caller: str = "load_ad
     for key in ("r", "lora_alpha"):
         v = cfg.get(key)
         if not _is_number(v) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{where} needs a positive finite number {key!r}, got {v!r}")
+            raise ValueError(f"{where} needs a positive number {key!r} (finite), got {v!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise ValueError(f"{where}: {key} must be an object, got {cfg[key]!r}")
@@ -294,7 +294,7 @@ def check_config(cfg: dict, source: str = CONFIG_NAME, *, caller: str = "load_ad
             raise ValueError(f"{where}: {key} must be a positive int, got {v!r}")
     for k, v in (cfg.get("alpha_pattern") or {}).items():
         if not _is_number(v) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{where}: alpha_pattern[{k!r}] must be a positive finite number, got {v!r}")
+            raise ValueError(f"{where}: alpha_pattern[{k!r}] must be a positive number (finite), got {v!r}")
     drop = cfg.get("lora_dropout")
     if drop is not None and (not _is_number(drop) or not 0.0 <= drop < 1.0):  # NaN fails the range test too
         raise ValueError(f"{where}: lora_dropout must be a number in [0, 1) or null, got {drop!r}")

@@ -313,3 +313,12 @@ def test_merged_layer_in_training_mode_computes_with_the_merged_weight_and_warns
         conv(ids)
     assert sum("merged PeftLoRALinear" in str(w.message) for w in caught) == 1
     close(out.detach(), expected)
+
+
+def test_to_peft_warns_when_the_config_cannot_hold_the_layers_dropouts():
+    pm = peft_model()
+    conv = convert(pm)
+    conv.base_model.model.model.layers[0].self_attn.q_proj.dropout = 0.3
+    with pytest.warns(pc.PeftConversionWarning, match=r"adapter 'default' use several lora_dropout values"):
+        lk.to_peft(conv)
+    assert conv.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.3
