@@ -620,28 +620,36 @@ def _install_disable_adapter(peft_model) -> None:
     through the tuner's disable/enable_adapter_layers, which reach converted layers (see above)."""
     if "disable_adapter" in peft_model.__dict__:
         return
-    original = type(peft_model).disable_adapter
-    lora_layer_mod = _peft_lora()
+    peft_model.disable_adapter = _DisableAdapter(peft_model)
+
+
+class _DisableAdapter:
+    """``disable_adapter`` of a converted PeftModel: an object holding the model, not a closure over it, so that a
+    ``copy.deepcopy`` of the model gets one switching the copy, and ``torch.save`` can pickle it."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
 
     @contextlib.contextmanager
-    def disable_adapter():
-        if any(isinstance(m, lora_layer_mod.LoraLayer) for m in peft_model.modules()):
-            with original(peft_model):
+    def __call__(self):
+        peft_model = self.peft_model
+        if any(isinstance(m, _peft_lora().LoraLayer) for m in peft_model.modules()):
+            with type(peft_model).disable_adapter(peft_model):
                 yield
             return
+        # Every layer is converted: switch them directly, and give each its own state back afterwards.
         converted = [m for m in peft_model.modules() if isinstance(m, PeftLoRALinear)]
         was_disabled = peft_model._adapters_disabled
-        was_enabled = any(not m.disable_adapters for m in converted)
+        states = [(m, m.disable_adapters) for m in converted]
         try:
-            peft_model.base_model.disable_adapter_layers()
+            for m in converted:
+                m.enable_adapters(False)
             peft_model._adapters_disabled = True
             yield
         finally:
-            if was_enabled:
-                peft_model.base_model.enable_adapter_layers()
+            for m, disabled in states:
+                m.enable_adapters(not disabled)
             peft_model._adapters_disabled = was_disabled
-
-    peft_model.disable_adapter = disable_adapter
 
 
 def _make_hooks_context(tuner):

@@ -322,3 +322,22 @@ def test_to_peft_warns_when_the_config_cannot_hold_the_layers_dropouts():
     with pytest.warns(pc.PeftConversionWarning, match=r"adapter 'default' use several lora_dropout values"):
         lk.to_peft(conv)
     assert conv.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].p == 0.3
+
+
+def test_disable_adapter_of_a_deepcopy_switches_the_copy_and_pickles():
+    import pickle
+
+    pm = peft_model()
+    conv = convert(pm)
+    twin = copy.deepcopy(conv)
+    adapted, base = logits(conv), logits(llama())
+    with twin.disable_adapter():
+        close(logits(twin), base)
+        close(logits(conv), adapted)  # the original is not switched by its copy
+    close(logits(twin), adapted)
+    with conv.disable_adapter():
+        close(logits(twin), adapted)
+    # An object of a module-level class holding only the model (a closure over the model cannot be pickled).
+    switch = twin.disable_adapter
+    assert "<locals>" not in type(switch).__qualname__ and vars(switch) == {"peft_model": twin}
+    assert pickle.loads(pickle.dumps(type(switch))) is type(switch)
