@@ -537,17 +537,19 @@ def _sync_peft_config(tuner) -> None:
         cfg = tuner.peft_config.get(ad)
         if cfg is None or not hasattr(cfg, "alpha_pattern"):
             continue
-        ranks, alphas = dict(cfg.rank_pattern or {}), dict(cfg.alpha_pattern or {})
-        new_ranks, new_alphas = {}, {}
-        for n, (r, alpha, _, _) in layers.items():
-            if int(lk_io._pattern_value(n, ranks, cfg.r)) != r:
-                new_ranks[lk_io.exact_pattern_key(n, names)] = r
-            if float(lk_io._pattern_value(n, alphas, cfg.lora_alpha)) != alpha:
-                new_alphas[lk_io.exact_pattern_key(n, names)] = int(alpha) if alpha.is_integer() else alpha
-        if new_ranks:  # first: PEFT takes the first matching key, and these match one layer each
-            cfg.rank_pattern = {**new_ranks, **{k: v for k, v in ranks.items() if k not in new_ranks}}
-        if new_alphas:
-            cfg.alpha_pattern = {**new_alphas, **{k: v for k, v in alphas.items() if k not in new_alphas}}
+        for field, pattern_field, idx, kind in (("r", "rank_pattern", 0, int), ("lora_alpha", "alpha_pattern", 1, float)):
+            glob, pattern = getattr(cfg, field), dict(getattr(cfg, pattern_field) or {})
+            wrong = [n for n, v in layers.items() if kind(lk_io._pattern_value(n, pattern, glob)) != v[idx]]
+            if not wrong:
+                continue  # the config already describes the layers: left as the user wrote it
+            # Describe every layer again: the most common value in the plain field (the config's own on a tie), the
+            # others under keys that each match one layer only.
+            values = [v[idx] for v in layers.values()]
+            top = max(values.count(v) for v in values)
+            glob = kind(glob) if values.count(kind(glob)) == top else next(v for v in values if values.count(v) == top)
+            setattr(cfg, field, _json_number(glob))
+            setattr(cfg, pattern_field, {lk_io.exact_pattern_key(n, names): _json_number(v[idx])
+                                         for n, v in layers.items() if v[idx] != glob})
         for field, idx in (("use_rslora", 2), ("lora_dropout", 3)):
             values = {v[idx] for v in layers.values()}
             if len(values) == 1:
@@ -556,6 +558,10 @@ def _sync_peft_config(tuner) -> None:
                 warnings.warn(f"to_peft: the layers of adapter {ad!r} use several {field} values {sorted(values)}, "
                               f"but PEFT's config holds one; save_pretrained will not reproduce them all",
                               PeftConversionWarning, stacklevel=3)
+
+
+def _json_number(v):
+    return int(v) if float(v).is_integer() else float(v)
 
 
 def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = None) -> None:

@@ -96,8 +96,10 @@ def test_alpha_loaded_after_conversion_reaches_peft_config(tmp_path, pattern):
     saved = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
     reloaded = peft.PeftModel.from_pretrained(llama(), tmp_path / "saved")
     close(logits(reloaded), expected)
-    if not pattern:
-        assert saved["alpha_pattern"] == {} or all(v == 20 for v in saved["alpha_pattern"].values())
+    if pattern:  # the layer that differs gets a key of its own, the others the plain field
+        assert saved["lora_alpha"] == 20 and saved["alpha_pattern"] == {"model.layers.1.self_attn.v_proj": 2}
+    else:  # one alpha for every layer: the plain field
+        assert saved["lora_alpha"] == 20 and saved["alpha_pattern"] == {}
 
 
 def test_to_peft_writes_alpha_changed_on_the_converted_layer():
