@@ -3,7 +3,10 @@
 Tensor keys are PEFT's for a model wrapped without a task type: ``base_model.model.<module>.lora_A.weight`` ``[r, in]``
 and ``base_model.model.<module>.lora_B.weight`` ``[out, r]``. The config carries the fields PEFT's ``LoraConfig``
 reads (``peft_type="LORA"``, ``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``, ``lora_dropout``, per-module
-``rank_pattern``/``alpha_pattern`` when layers differ, ...).
+``rank_pattern``/``alpha_pattern`` when layers differ, ...). PEFT matches a pattern key against a module name or any
+suffix of it after a ".", as a regex: each key written selects exactly one module (the full name, or ``^`` and the
+escaped name where the plain name would also select e.g. ``block.attn.q`` for ``attn.q``), and ``target_modules``
+selects exactly the adapted modules (short names, full names, or a regex when neither does).
 
 Inits that change W0 (PiSSA, LoRA-GA) leave the model with a *mutated* base ``W0' = W0 − s·B0·A0``. Such an adapter
 only means something on top of W0'. By default :func:`save_adapter` therefore writes PEFT's converted form, valid on
@@ -14,18 +17,24 @@ unchanged and ``W0 + s·B'·A' = W0' + s·B·A``. ``convert_to_original=False`` 
 (``lora_kernels.base``: ``"original"`` or ``"mutated"``).
 
 :func:`load_adapter` checks everything first (keys missing or unexpected, listed exactly; shapes; ranks against the
-config) and only then copies, so a failed load changes nothing; a truncated or corrupt file raises ``ValueError``.
+config; config values; values that overflow the adapter's dtype) and only then copies, so a failed load changes
+nothing; a truncated or corrupt file raises ``ValueError``, a tensor of a dtype the layers cannot take (fp8, integer)
+``TypeError``. :func:`save_adapter` writes both files under temporary names and renames them at the end; a failed
+save removes what it wrote. :func:`read_config`, :func:`check_config` and :func:`read_tensors` are the checked
+readers, for tools that read adapter directories themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -56,15 +65,35 @@ def _adapter_tensors(layer, convert: bool) -> Tuple[torch.Tensor, torch.Tensor, 
     return A.contiguous().cpu(), B.contiguous().cpu(), r, alpha
 
 
-def _short_targets(model: nn.Module, names: List[str]) -> List[str]:
-    """PEFT ``target_modules``: the short names (last components) when they select exactly ``names`` among the
-    model's linear layers, else the full qualified names (PEFT matches an entry equal to the name or a suffix)."""
-    from .modules import LoRALinear
+def _pattern_matches(key: str, name: str) -> bool:
+    """PEFT's rule for a ``rank_pattern`` / ``alpha_pattern`` key (``peft.utils.other.get_pattern_key``): the key is
+    a regex matching the whole name or a suffix of it after a ".", so ``attn.q`` also matches ``block.attn.q``."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
 
-    shorts = sorted({n.rsplit(".", 1)[-1] for n in names})
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
-    selected = [n for n in linear_names if any(n == s or n.endswith("." + s) for s in shorts)]
-    return shorts if sorted(selected) == sorted(names) else sorted(names)
+
+def exact_pattern_key(name: str, names) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that selects the module ``name`` and no other of ``names`` under
+    PEFT's rule: the name itself when that is unambiguous (the usual case), else the anchored regex ``^<name>``
+    (after PEFT's optional prefix group, ``^`` only matches at the start of the name)."""
+    try:
+        if _pattern_matches(name, name) and not any(_pattern_matches(name, n) for n in names if n != name):
+            return name
+    except re.error:  # a module name that is no valid regex (ModuleDict keys may hold any character)
+        pass
+    return "^" + re.escape(name)
+
+
+def _short_targets(model: nn.Module, names: List[str]):
+    """PEFT ``target_modules`` selecting exactly ``names`` among the model's modules (PEFT adapts any module type it
+    supports, an Embedding or a Conv as well as a Linear): the short names (last components) when they do, else the
+    full qualified names when they do (PEFT matches a list entry equal to the name or a suffix of it, so ``attn.q``
+    also selects ``block.attn.q``), else one regex PEFT matches against the whole name."""
+    module_names = [n for n, _ in model.named_modules() if n]
+    for candidate in (sorted({n.rsplit(".", 1)[-1] for n in names}), sorted(names)):
+        selected = [n for n in module_names if any(n == s or n.endswith("." + s) for s in candidate)]
+        if sorted(selected) == sorted(names):
+            return candidate
+    return "|".join(re.escape(n) for n in sorted(names))  # str target_modules: PEFT uses re.fullmatch
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -76,12 +105,23 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
+def _peft_lora_layers(model: nn.Module) -> List[str]:
+    """Names of PEFT's own LoRA layers in ``model`` (none when PEFT was never imported: then there cannot be any)."""
+    if "peft" not in sys.modules:
+        return []
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - a broken peft install
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
 def save_adapter(
     model: nn.Module,
     path: Union[str, os.PathLike],
     *,
     convert_to_original: bool = True,
-    base_model_name_or_path: Optional[str] = None,
+    base_model_name_or_path: Optional[Union[str, os.PathLike]] = None,
 ) -> Dict[str, object]:
     """Write every :class:`~lora_kernels.LoRALinear` adapter of ``model`` to the directory ``path`` (created) in
     PEFT's format; returns the config written. See the module docstring for ``convert_to_original``."""
@@ -91,12 +131,25 @@ def save_adapter(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(convert_to_original, bool):  # "no" would be truthy
+        raise TypeError(f"save_adapter: convert_to_original must be True or False, got "
+                        f"{type(convert_to_original).__name__} {convert_to_original!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"save_adapter: path must be a str or os.PathLike (a directory), got {type(path).__name__}")
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"save_adapter: {path} exists and is not a directory (an adapter is a directory)")
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)  # JSON holds the str (PEFT writes a str too)
+    if isinstance(base_model_name_or_path, bytes) or not isinstance(base_model_name_or_path, (str, type(None))):
+        raise TypeError(f"save_adapter: base_model_name_or_path must be a str, an os.PathLike or None, got "
+                        f"{type(base_model_name_or_path).__name__} {base_model_name_or_path!r}")
     model = _unwrap_peft(model)
+    left = _peft_lora_layers(model)
+    if left:  # from_peft leaves what it cannot convert: the file would silently lack those adapters
+        raise ValueError(f"save_adapter: the model still holds PEFT LoRA layers this file would not contain "
+                         f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''}); use lora_kernels.to_peft(model) "
+                         f"and PEFT's save_pretrained for it")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear layer (use inject_lora or lora_ga_init first)")
@@ -118,13 +171,15 @@ def save_adapter(
     drops = {v[3] for v in per_layer.values()}
     if len(drops) > 1:
         raise ValueError(f"save_adapter: PEFT's config has one lora_dropout; these layers use {sorted(drops)}")
-    # The most common (r, alpha) is the global one; the others go into rank_pattern / alpha_pattern by full name.
+    # The most common (r, alpha) is the global one; the others go into rank_pattern / alpha_pattern.
     ranks = [v[0] for v in per_layer.values()]
     r_glob = max(set(ranks), key=ranks.count)
     alphas = [v[1] for v in per_layer.values() if v[0] == r_glob]
     a_glob = max(set(alphas), key=alphas.count)
-    rank_pattern = {n: v[0] for n, v in per_layer.items() if v[0] != r_glob}
-    alpha_pattern = {n: v[1] for n, v in per_layer.items() if v[1] != a_glob}
+    # Keys select exactly one module each: a plain "attn.q" would also give its value to "block.attn.q" on loading.
+    module_names = [n for n, _ in model.named_modules()]
+    rank_pattern = {exact_pattern_key(n, module_names): v[0] for n, v in per_layer.items() if v[0] != r_glob}
+    alpha_pattern = {exact_pattern_key(n, module_names): v[1] for n, v in per_layer.items() if v[1] != a_glob}
     config = OrderedDict(
         alpha_pattern=alpha_pattern,
         auto_mapping=None,
@@ -147,94 +202,177 @@ def save_adapter(
         use_dora=False,
         use_rslora=rslora.pop(),
     )
-    os.makedirs(path, exist_ok=True)
+    text = json.dumps(config, indent=2) + "\n"  # before anything is written: a value JSON refuses fails here
     metadata = {"format": "pt", "lora_kernels.base": "mutated" if mutated else "original"}
-    # Write to temporary names, then rename: a crash never leaves a half-written adapter under the final names.
-    wpath, cpath = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
-    save_file(dict(tensors), wpath + ".tmp", metadata=metadata)
-    with open(cpath + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    os.replace(wpath + ".tmp", wpath)
-    os.replace(cpath + ".tmp", cpath)
+    _write_files(path, [(WEIGHTS_NAME, lambda p: save_file(dict(tensors), p, metadata=metadata)),
+                        (CONFIG_NAME, lambda p: _write_text(p, text))])
     return dict(config)
 
 
-# ------------------------------------------------------------------------------------------------------ loading
-def _read_config(path) -> dict:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"load_adapter: {path} is a file; pass the adapter's directory (holding "
-                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-    cpath = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cpath):
-        raise FileNotFoundError(f"load_adapter: {cpath} does not exist")
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _write_files(directory: str, writers) -> None:
+    """Write each ``(name, write(path))`` of ``writers`` into ``directory`` (created), all or nothing: every file goes
+    to a temporary name first and is renamed once all are written, so a crash never leaves a half-written adapter
+    under the final names; on an error the temporary files, and the directories this call created, are removed."""
+    created = []
+    head = os.path.abspath(directory)
+    while not os.path.exists(head):
+        created.append(head)
+        head = os.path.dirname(head)
+    tmps = []
     try:
-        with open(cpath) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load_adapter: {cpath} is not valid JSON: {exc}") from None
+        os.makedirs(directory, exist_ok=True)
+        for name, write in writers:
+            tmp = os.path.join(directory, name + ".tmp")
+            tmps.append(tmp)
+            write(tmp)
+        for (name, _), tmp in zip(writers, tmps):
+            os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        for d in created:  # innermost first; only empty directories go (os.rmdir refuses the others)
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+# Adapter tensor dtypes the layers take (fp8 and integer tensors have no exact meaning for an fp16/bf16/fp32 layer).
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Config fields lora_kernels cannot apply; each test says when a value asks for them.
+_UNSUPPORTED = {
+    "use_dora": lambda v: bool(v),
+    "fan_in_fan_out": lambda v: bool(v),
+    "lora_bias": lambda v: bool(v),
+    "bias": lambda v: v not in (None, "none"),
+    "layers_to_transform": lambda v: v is not None,
+    "modules_to_save": lambda v: bool(v),
+    "exclude_modules": lambda v: bool(v),
+    "use_qalora": lambda v: bool(v),
+}
+# Flags that must be JSON booleans: bool("false") is True, so a string would silently mean the opposite.
+_BOOL_FIELDS = ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_config(cfg: dict, source: str = CONFIG_NAME, *, caller: str = "load_adapter",
+                 allow: Sequence[str] = ()) -> dict:
+    """Check an ``adapter_config.json`` object (as read by ``json.load``) for what lora_kernels can load exactly;
+    returns it unchanged, or raises ValueError naming ``source``, the key and what is accepted. ``allow``: fields of
+    the unsupported list (e.g. ``"fan_in_fan_out"``) the caller handles itself. ``caller`` prefixes the messages."""
+    where = f"{caller}: {source}"
     if not isinstance(cfg, dict):
-        raise ValueError(f"load_adapter: {cpath} must hold a JSON object, got {type(cfg).__name__}")
+        raise ValueError(f"{where} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"load_adapter: peft_type={cfg.get('peft_type')!r}; only LORA adapters are supported")
+        raise ValueError(f"{where}: peft_type={cfg.get('peft_type')!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
-            raise ValueError(f"load_adapter: {cpath} needs a positive number {key!r}, got {cfg.get(key)!r}")
+        v = cfg.get(key)
+        if not _is_number(v) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{where} needs a positive number {key!r} (finite), got {v!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
-            raise ValueError(f"load_adapter: {cpath}: {key} must be an object, got {cfg[key]!r}")
+            raise ValueError(f"{where}: {key} must be an object, got {cfg[key]!r}")
+        for k in cfg.get(key) or {}:
+            try:
+                re.compile(rf"(.*\.)?({k})$")  # PEFT's use of a key: a regex matched against module names
+            except re.error as exc:
+                raise ValueError(f"{where}: {key} key {k!r} is not a valid regex: {exc}") from None
     # Ranks are ints (r = 2.5 used to be truncated to 2 without a word); alphas finite positive numbers.
     ranks = {"r": cfg["r"], **{f"rank_pattern[{k!r}]": v for k, v in (cfg.get("rank_pattern") or {}).items()}}
     for key, v in ranks.items():
         if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) or v <= 0:
-            raise ValueError(f"load_adapter: {cpath}: {key} must be a positive int, got {v!r}")
+            raise ValueError(f"{where}: {key} must be a positive int, got {v!r}")
     for k, v in (cfg.get("alpha_pattern") or {}).items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"load_adapter: {cpath}: alpha_pattern[{k!r}] must be a positive number, got {v!r}")
+        if not _is_number(v) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{where}: alpha_pattern[{k!r}] must be a positive number (finite), got {v!r}")
+    drop = cfg.get("lora_dropout")
+    if drop is not None and (not _is_number(drop) or not 0.0 <= drop < 1.0):  # NaN fails the range test too
+        raise ValueError(f"{where}: lora_dropout must be a number in [0, 1) or null, got {drop!r}")
+    for key in _BOOL_FIELDS:
+        if key in cfg and cfg[key] is not None and not isinstance(cfg[key], bool):
+            raise ValueError(f"{where}: {key} must be true or false (a JSON boolean), got "
+                             f"{type(cfg[key]).__name__} {cfg[key]!r}")
     tm = cfg.get("target_modules")
     if tm is not None and not isinstance(tm, str) and not (
         isinstance(tm, list) and all(isinstance(t, str) and t for t in tm)
     ):
-        raise ValueError(f"load_adapter: {cpath}: target_modules must be a regex string or a list of module names, "
-                         f"got {tm!r}")
-    unsupported = {
-        "use_dora": lambda v: bool(v),
-        "fan_in_fan_out": lambda v: bool(v),
-        "lora_bias": lambda v: bool(v),
-        "bias": lambda v: v not in (None, "none"),
-        "layers_to_transform": lambda v: v is not None,
-        "modules_to_save": lambda v: bool(v),
-        "exclude_modules": lambda v: bool(v),
-        "use_qalora": lambda v: bool(v),
-    }
-    bad = [f"{k}={cfg[k]!r}" for k, test in unsupported.items() if k in cfg and test(cfg[k])]
+        raise ValueError(f"{where}: target_modules must be a regex string or a list of module names, got {tm!r}")
+    if isinstance(tm, str) and tm != "all-linear":
+        try:
+            re.compile(tm)
+        except re.error as exc:
+            raise ValueError(f"{where}: target_modules={tm!r} is not a valid regex: {exc}") from None
+    bad = [f"{k}={cfg[k]!r}" for k, test in _UNSUPPORTED.items() if k in cfg and k not in allow and test(cfg[k])]
     if bad:
-        raise ValueError(f"load_adapter: unsupported adapter_config.json settings: {', '.join(bad)}")
+        raise ValueError(f"{caller}: unsupported adapter_config.json settings: {', '.join(bad)}")
     return cfg
 
 
-def _read_tensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def read_config(path: Union[str, os.PathLike], *, caller: str = "load_adapter",
+                allow: Sequence[str] = ()) -> dict:
+    """The ``adapter_config.json`` of the adapter directory ``path``, checked by :func:`check_config`."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{caller}: {path} is a file; pass the adapter's directory (holding "
+                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    cpath = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cpath):
+        raise FileNotFoundError(f"{caller}: {cpath} does not exist")
+    try:
+        with open(cpath) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{caller}: {cpath} is not valid JSON: {exc}") from None
+    return check_config(cfg, cpath, caller=caller, allow=allow)
+
+
+def read_tensors(path: Union[str, os.PathLike], *, caller: str = "load_adapter"
+                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """``(tensors, metadata)`` of the ``adapter_model.safetensors`` in the directory ``path``, on the CPU. A
+    truncated or corrupt file raises ValueError; a tensor of a dtype other than :data:`ADAPTER_DTYPES` (fp8,
+    integers) raises TypeError naming it."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    path = os.fspath(path)
     wpath = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(wpath):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-            raise ValueError(f"load_adapter: {path} holds adapter_model.bin (pickle); only safetensors is supported")
-        raise FileNotFoundError(f"load_adapter: {wpath} does not exist")
+            raise ValueError(f"{caller}: {path} holds adapter_model.bin (pickle); only safetensors is supported")
+        raise FileNotFoundError(f"{caller}: {wpath} does not exist")
     try:
         tensors = load_file(wpath, device="cpu")
         with safe_open(wpath, framework="pt") as f:
             metadata = f.metadata() or {}
-        return tensors, metadata
     except Exception as exc:  # safetensors raises SafetensorError (and others) on truncated or corrupt files
-        raise ValueError(f"load_adapter: {wpath} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{caller}: {wpath} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    bad = [f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype not in ADAPTER_DTYPES]
+    if bad:
+        raise TypeError(f"{caller}: {wpath}: adapter tensors must be one of "
+                        f"{', '.join(str(d) for d in ADAPTER_DTYPES)}; got {', '.join(bad[:5])}"
+                        + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    return tensors, metadata
+
+
+# Earlier private names, kept for callers inside the package.
+_read_config = read_config
+_read_tensors = read_tensors
 
 
 def _pattern_value(name: str, pattern: dict, default):
-    # PEFT: a pattern key matches a module whose name is the key or ends with "." + key (keys may be regexes).
+    # PEFT: the first key matching the module's name (the key, or a suffix of the name after "."; keys are regexes).
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _pattern_matches(key, name):
             return value
     return default
 
@@ -249,10 +387,14 @@ def load_adapter(
     """Load a PEFT-format LoRA adapter from the directory ``path`` into ``model``; returns ``{name: LoRALinear}``.
 
     If the model already has LoRALinear layers, the file must hold exactly those layers, with matching shapes (the
-    layers take the file's alpha / use_rslora / dropout). Otherwise the ``nn.Linear`` layers named by the config's
-    ``target_modules`` are replaced by LoRALinear layers of the file's ranks (``backend``, ``lora_dtype`` passed on).
-    Every check runs before anything is changed; errors name the missing/unexpected keys and the mismatched shapes.
+    layers take the file's alpha / use_rslora / dropout; they keep their backend and adapter dtype, and a
+    ``lora_dtype`` other than theirs is refused). Otherwise the ``nn.Linear`` layers named by the config's
+    ``target_modules`` are replaced by LoRALinear layers of the file's ranks (``backend``, ``lora_dtype`` passed on),
+    each in the training mode of the layer it wraps.
+    Every check runs before anything is changed; errors name the missing/unexpected keys and the mismatched shapes,
+    and values that would not be finite in the adapter's dtype (e.g. 1e5 into float16) are refused.
     """
+    from . import _backend
     from .modules import LoRALinear, lora_layers, lora_scaling
     from .modules import _matches
 
@@ -260,16 +402,22 @@ def load_adapter(
         raise TypeError(f"load_adapter: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_adapter: path must be a str or os.PathLike (a directory), got {type(path).__name__}")
+    if backend is not None:
+        _backend.requested_backend(backend)  # TypeError / ValueError naming backend and the accepted names
+    if lora_dtype is not None and not isinstance(lora_dtype, torch.dtype):
+        raise TypeError(f"load_adapter: lora_dtype must be a torch.dtype (the base weight's or torch.float32) or "
+                        f"None, got {type(lora_dtype).__name__} {lora_dtype!r}")
     model = _unwrap_peft(model)
     path = os.fspath(path)
-    cfg = _read_config(path)
-    state, metadata = _read_tensors(path)
+    cfg = read_config(path)
+    state, metadata = read_tensors(path)
     r_glob, a_glob = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    use_rslora = bool(cfg.get("use_rslora", False))
-    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
+    use_rslora = bool(cfg.get("use_rslora") or False)
+    dropout = float(cfg.get("lora_dropout") or 0.0)
 
     existing = lora_layers(model)
+    modules = dict(model.named_modules())
     if existing:
         targets = OrderedDict((n, (m.out_features, m.in_features)) for n, m in existing.items())
     else:
@@ -286,6 +434,18 @@ def load_adapter(
             targets = OrderedDict((n, (m.out_features, m.in_features)) for n, m in linears if _matches(n, tm))
         if not targets:
             raise ValueError(f"load_adapter: target_modules={tm!r} matched no nn.Linear of the model")
+        for n in targets:
+            parent_name, _, child = n.rpartition(".")
+            if isinstance(modules[parent_name], nn.MultiheadAttention):  # the same refusal as inject_lora
+                raise ValueError(f"load_adapter: {n}: nn.MultiheadAttention reads {child}.weight directly and would "
+                                 f"ignore the adapter; lora_kernels cannot load an adapter for it")
+            lin = modules[n]
+            if type(lin).forward is not nn.Linear.forward:  # a LoRALinear would drop the subclass's own forward
+                raise ValueError(f"load_adapter: {n} is a {type(lin).__name__}, an nn.Linear subclass with its own "
+                                 f"forward, which a LoRALinear would not run; only nn.Linear layers can be wrapped")
+            if nn.utils.parametrize.is_parametrized(lin):  # e.g. weight norm: the weight is computed, not stored
+                raise ValueError(f"load_adapter: {n} has parametrized weights ({type(lin).__name__} with "
+                                 f"torch.nn.utils.parametrize); remove the parametrization first")
 
     # ---- every check before any change
     expected = set()
@@ -305,9 +465,6 @@ def load_adapter(
         A, B = state[PREFIX + n + _SUFFIX_A], state[PREFIX + n + _SUFFIX_B]
         r = int(_pattern_value(n, rank_pattern, r_glob))
         alpha = float(_pattern_value(n, alpha_pattern, a_glob))
-        if not (A.is_floating_point() and B.is_floating_point()):
-            problems.append(f"{n}: lora_A/lora_B must be floating point, got {A.dtype}/{B.dtype}")
-            continue
         if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
             problems.append(f"{n}: expected lora_A {(r, in_f)} and lora_B {(out_f, r)} (r={r} from the config), "
                             f"file has {tuple(A.shape)} and {tuple(B.shape)}")
@@ -319,8 +476,25 @@ def load_adapter(
                         "into a model without adapters built from the original weights)")
             problems.append(f"{n}: the model's layer has r={existing[n].r}, the file r={r}{hint}")
             continue
+        if existing:
+            dt = existing[n].lora_A.dtype
+            if lora_dtype is not None and lora_dtype != dt:
+                problems.append(f"{n}: lora_dtype={lora_dtype}, but the model's layer holds its adapter in {dt} "
+                                f"(existing layers keep their dtype)")
+                continue
+        else:
+            w_dt = modules[n].weight.dtype
+            dt = w_dt if lora_dtype is None else lora_dtype
+            if dt != w_dt and dt != torch.float32:  # LoRALinear's rule, checked for every layer before any is built
+                problems.append(f"{n}: lora_dtype must be the base weight's dtype ({w_dt}) or torch.float32, "
+                                f"got {lora_dtype}")
+                continue
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             problems.append(f"{n}: the file's tensors contain inf or NaN")
+            continue
+        # load_lora_state_dict's rule: values that are finite in the file but not in the adapter's dtype are refused.
+        if not (torch.isfinite(A.to(dt)).all() and torch.isfinite(B.to(dt)).all()):
+            problems.append(f"{n}: the file's values overflow the adapter's dtype {dt}")
             continue
         if existing and existing[n].merged:
             problems.append(f"{n}: the model's layer is merged; unmerge() it first")
@@ -339,6 +513,22 @@ def load_adapter(
                 stacklevel=2,
             )
 
+    # ---- build the new layers (from_linear freezes the wrapped weight: undone if a later one fails)
+    built = OrderedDict()
+    if not existing:
+        flags = {n: modules[n].weight.requires_grad for n in plan}
+        try:
+            for n, (A, B, r, alpha) in plan.items():
+                lin = modules[n]
+                layer = LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                               init="zeros", lora_dtype=lora_dtype, backend=backend)
+                layer.train(lin.training)  # an eval() model stays in eval: no dropout at inference
+                built[n] = layer
+        except BaseException:
+            for n, flag in flags.items():
+                modules[n].weight.requires_grad_(flag)
+            raise
+
     # ---- apply
     out = OrderedDict()
     with torch.no_grad():
@@ -348,13 +538,9 @@ def load_adapter(
                 layer.alpha, layer.use_rslora, layer.dropout = alpha, use_rslora, dropout
                 layer.scaling = lora_scaling(r, alpha, use_rslora)
             else:
+                layer = built[n]
                 parent_name, _, child = n.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                lin = getattr(parent, child)
-                layer = LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                               init="zeros", lora_dtype=lora_dtype, backend=backend)
-                layer.train(lin.training)
-                setattr(parent, child, layer)
+                setattr(modules[parent_name], child, layer)
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
             out[n] = layer

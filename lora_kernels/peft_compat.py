@@ -130,6 +130,7 @@ class PeftLoRALinear(LoRALinear):
     Built by :func:`from_peft` only.
     """
 
+    _warned_merged_training = False  # set on the instance by the first training-mode forward while merged
     lora_A = _delegate("lora_A")
     lora_B = _delegate("lora_B")
     r = _delegate("r")
@@ -172,6 +173,8 @@ class PeftLoRALinear(LoRALinear):
         self.lora_adapters = adapters
         self.active_adapter = layer.active_adapters[0]
         self._disable_adapters = bool(layer.disable_adapters)  # PeftModel.disable_adapter() sets it, see below
+        # PeftModel.from_pretrained returns an eval() model: a converted layer must not start applying dropout.
+        self.train(layer.training)
         # The PEFT layer itself, kept outside the module tree (its tensors are this layer's) for to_peft.
         object.__setattr__(self, "_peft_layer", layer)
         return self
@@ -184,14 +187,21 @@ class PeftLoRALinear(LoRALinear):
     def set_adapter(self, name: str, requires_grad: Optional[bool] = None) -> None:
         """Make ``name`` the active adapter. ``requires_grad`` (default: leave as is) sets the adapters' trainable
         flags the way PEFT's ``set_adapter`` does: the active one ``requires_grad``, the others not."""
-        if name not in self.lora_adapters:
-            raise ValueError(f"adapter {name!r} is not in this layer; it holds {', '.join(self.lora_adapters)}")
-        if self.merged:
-            raise RuntimeError("unmerge() before switching the adapter of a merged layer")
+        _check_requires_grad(requires_grad)
+        self._check_switch(name)
         self.active_adapter = name
         if requires_grad is not None:
             for n, ad in self.lora_adapters.items():
                 ad.requires_grad_(bool(requires_grad) and n == name)
+
+    def _check_switch(self, name: str) -> None:
+        """Raise if ``set_adapter(name)`` cannot switch this layer (nothing changed)."""
+        if not isinstance(name, str):
+            raise TypeError(f"set_adapter: name must be a str (an adapter name), got {type(name).__name__} {name!r}")
+        if name not in self.lora_adapters:
+            raise ValueError(f"adapter {name!r} is not in this layer; it holds {', '.join(self.lora_adapters)}")
+        if self.merged and name != self.active_adapter:
+            raise RuntimeError("unmerge() before switching the adapter of a merged layer")
 
     @property
     def disable_adapters(self) -> bool:
@@ -216,16 +226,53 @@ class PeftLoRALinear(LoRALinear):
             return super()._merged_weight(w0.t(), lora_A, lora_B).t()
         return super()._merged_weight(w0, lora_A, lora_B)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The adapters are child modules, loaded after this method returns: LoRALinear's "unmerge, load, merge again"
+        # would merge the OLD adapter. Merge with the active adapter's tensors from the checkpoint instead.
+        if not self.merged:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            return
+        if local_metadata.get("assign_to_params_buffers", False):
+            error_msgs.append(f"{prefix or 'PeftLoRALinear'}: is merged; unmerge() before load_state_dict(assign=True)")
+            return
+        ad_prefix = f"{prefix}lora_adapters.{self.active_adapter}."
+        factors = []
+        for attr in ("lora_A", "lora_B"):
+            current = getattr(self, attr)
+            new = state_dict.get(ad_prefix + attr, current)
+            if not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(current.shape):
+                return  # the adapter's own load reports the mismatch; this layer stays as it is (merged)
+            factors.append(new.detach().to(device=current.device, dtype=current.dtype))
+        self.unmerge()
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, error_msgs)
+        try:
+            merged = self._merged_weight(self.weight, *factors)
+        except ValueError as exc:
+            error_msgs.append(f"{prefix or 'PeftLoRALinear'}: loaded but left unmerged: {exc}")
+            return
+        with torch.no_grad():
+            self._unmerged_weight = self.weight.detach().clone()
+            self.weight.copy_(merged)
+
     def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
-        weight = self._base_weight()
         if self._disable_adapters:
-            return F.linear(x, weight, self.bias)
+            # The base layer alone: while merged, W0 is the exact copy kept by merge(), not the merged weight.
+            w0 = self._unmerged_weight if self.merged else self.weight
+            return F.linear(x, w0.t() if self.fan_in_fan_out else w0, self.bias)
+        weight = self._base_weight()
         if adapter_names is not None:
             return self._mixed_forward(x, weight, adapter_names)
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                raise RuntimeError("PeftLoRALinear is merged and in training mode: the adapter would get no "
-                                   "gradient. Call unmerge() before training, or eval() / torch.no_grad().")
+            # As PEFT (and LoRALinear): a merged layer computes with the merged weight in either mode; say once that
+            # the adapter learns nothing meanwhile.
+            if (self.training and torch.is_grad_enabled() and not self._warned_merged_training
+                    and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
+                self._warned_merged_training = True
+                warnings.warn("a merged PeftLoRALinear is run in training mode: it computes with the merged weight "
+                              "and its adapter gets no gradient until unmerge()", UserWarning, stacklevel=2)
             return F.linear(x, weight, self.bias)
         x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, self.lora_A, self.lora_B)
         return lora_linear(
@@ -272,6 +319,12 @@ class PeftLoRALinear(LoRALinear):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, active_adapter={self.active_adapter!r}, "
                 f"adapters={self.adapter_names}, fan_in_fan_out={self.fan_in_fan_out}")
+
+
+def _check_requires_grad(requires_grad) -> None:
+    if requires_grad is not None and not isinstance(requires_grad, bool):  # "no" would be truthy
+        raise TypeError(f"set_adapter: requires_grad must be True, False or None, got {type(requires_grad).__name__} "
+                        f"{requires_grad!r}")
 
 
 def _autocast_args(x, weight, bias, lora_A, lora_B):
@@ -383,6 +436,12 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_peft: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(warn, bool):
+        raise TypeError(f"from_peft: warn must be True or False, got {type(warn).__name__} {warn!r}")
+    if backend is not None:
+        from ._backend import requested_backend
+
+        requested_backend(backend)  # at the call, not at every later forward
     lora_layer_mod = _peft_lora()
     skipped: Dict[str, str] = {}
     chosen: List[Tuple[str, nn.Module]] = []
@@ -400,8 +459,9 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     if not chosen and not skipped and not already:
         raise ValueError(f"from_peft: {type(model).__name__} holds no PEFT LoRA layer (wrap it with "
                          "peft.get_peft_model first, or use lora_kernels.inject_lora for a plain model)")
-    for name, module in chosen:
-        _set_child(model, name, PeftLoRALinear._from_peft_layer(module, backend))
+    built = [(name, PeftLoRALinear._from_peft_layer(module, backend)) for name, module in chosen]  # then replace
+    for name, layer in built:
+        _set_child(model, name, layer)
     tuner = _tuner(model)
     if tuner is not None and chosen:
         _install_mixed_batch_hooks(tuner)
@@ -417,7 +477,10 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
 def to_peft(model: nn.Module) -> nn.Module:
     """Put back, in place, the PEFT layer of every :class:`PeftLoRALinear` of ``model``, holding the converted
     layer's current tensors (base weight and bias, each adapter's factors, scaling, dropout probability) and its
-    active adapter. Trainable flags are kept. Returns ``model``; ``save_pretrained`` then writes PEFT's format."""
+    active adapter. Trainable flags and training mode are kept. Each adapter's ``LoraConfig`` is updated to describe
+    the layers (an alpha or rank changed since the conversion, e.g. by ``load_adapter``, gets an ``alpha_pattern`` /
+    ``rank_pattern`` entry matching that layer only; ``use_rslora`` and ``lora_dropout`` follow the layers), so that
+    ``save_pretrained`` then writes PEFT's format of what the model computes. Returns ``model``."""
     converted = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
     for name, layer in converted:
         if layer.merged:
@@ -446,9 +509,60 @@ def to_peft(model: nn.Module) -> nn.Module:
         _set_child(model, name, peft_layer)
     tuner = _tuner(model)
     if tuner is not None:
+        _sync_peft_config(tuner)
         _remove_mixed_batch_hooks(tuner)
         model.__dict__.pop("disable_adapter", None)
     return model
+
+
+def _sync_peft_config(tuner) -> None:
+    """Make each adapter's ``LoraConfig`` describe its layers again, so that ``save_pretrained`` writes what the model
+    computes: the layers may have changed since the conversion (``load_adapter`` with another alpha, dropout or
+    rsLoRA flag). A layer whose r / alpha the config no longer gives gets a ``rank_pattern`` / ``alpha_pattern`` entry
+    matching that layer only; ``use_rslora`` and ``lora_dropout`` (one value per adapter in PEFT's config) follow the
+    layers when they agree, and a warning says when they do not."""
+    from . import io as lk_io
+
+    lora_layer_mod = _peft_lora()
+    names = [n for n, _ in tuner.model.named_modules()]
+    per_adapter: Dict[str, Dict[str, tuple]] = {}
+    for n, m in tuner.model.named_modules():
+        if isinstance(m, lora_layer_mod.LoraLayer):
+            for ad in m.lora_A.keys():
+                drop = m.lora_dropout[ad] if ad in m.lora_dropout else None
+                per_adapter.setdefault(ad, {})[n] = (
+                    int(m.r[ad]), float(m.lora_alpha[ad]), bool(m.use_rslora.get(ad, False)),
+                    float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
+                )
+    for ad, layers in per_adapter.items():
+        cfg = tuner.peft_config.get(ad)
+        if cfg is None or not hasattr(cfg, "alpha_pattern"):
+            continue
+        for field, pattern_field, idx, kind in (("r", "rank_pattern", 0, int), ("lora_alpha", "alpha_pattern", 1, float)):
+            glob, pattern = getattr(cfg, field), dict(getattr(cfg, pattern_field) or {})
+            wrong = [n for n, v in layers.items() if kind(lk_io._pattern_value(n, pattern, glob)) != v[idx]]
+            if not wrong:
+                continue  # the config already describes the layers: left as the user wrote it
+            # Describe every layer again: the most common value in the plain field (the config's own on a tie), the
+            # others under keys that each match one layer only.
+            values = [v[idx] for v in layers.values()]
+            top = max(values.count(v) for v in values)
+            glob = kind(glob) if values.count(kind(glob)) == top else next(v for v in values if values.count(v) == top)
+            setattr(cfg, field, _json_number(glob))
+            setattr(cfg, pattern_field, {lk_io.exact_pattern_key(n, names): _json_number(v[idx])
+                                         for n, v in layers.items() if v[idx] != glob})
+        for field, idx in (("use_rslora", 2), ("lora_dropout", 3)):
+            values = {v[idx] for v in layers.values()}
+            if len(values) == 1:
+                setattr(cfg, field, values.pop())
+            else:
+                warnings.warn(f"to_peft: the layers of adapter {ad!r} use several {field} values {sorted(values)}, "
+                              f"but PEFT's config holds one; save_pretrained will not reproduce them all",
+                              PeftConversionWarning, stacklevel=3)
+
+
+def _json_number(v):
+    return int(v) if float(v).is_integer() else float(v)
 
 
 def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = None) -> None:
@@ -457,6 +571,9 @@ def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = Non
     the active adapter trainable, so pass ``True`` to get PEFT's behaviour on the converted layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"set_adapter: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"set_adapter: name must be a str (an adapter name), got {type(name).__name__} {name!r}")
+    _check_requires_grad(requires_grad)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
     missing = [n for n, m in layers if name not in m.lora_adapters]
     if missing:
@@ -469,6 +586,10 @@ def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = Non
     if not layers and not isinstance(model, PeftModel):
         raise ValueError(f"set_adapter: {type(model).__name__} has no converted PEFT layer (from_peft first); "
                          "models served by load_adapters pick adapters per call with adapter_names=[...]")
+    blocked = [n for n, m in layers if m.merged and m.active_adapter != name]
+    if blocked:  # checked for every layer before any is switched
+        raise RuntimeError(f"set_adapter: converted layer(s) {blocked} are merged; unmerge() them before switching "
+                           f"the adapter (nothing was switched)")
     if isinstance(model, PeftModel):
         model.set_adapter(name)  # PEFT layers that are left, and PeftModel.active_adapter
     for _, layer in layers:
@@ -517,28 +638,36 @@ def _install_disable_adapter(peft_model) -> None:
     through the tuner's disable/enable_adapter_layers, which reach converted layers (see above)."""
     if "disable_adapter" in peft_model.__dict__:
         return
-    original = type(peft_model).disable_adapter
-    lora_layer_mod = _peft_lora()
+    peft_model.disable_adapter = _DisableAdapter(peft_model)
+
+
+class _DisableAdapter:
+    """``disable_adapter`` of a converted PeftModel: an object holding the model, not a closure over it, so that a
+    ``copy.deepcopy`` of the model gets one switching the copy, and ``torch.save`` can pickle it."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
 
     @contextlib.contextmanager
-    def disable_adapter():
-        if any(isinstance(m, lora_layer_mod.LoraLayer) for m in peft_model.modules()):
-            with original(peft_model):
+    def __call__(self):
+        peft_model = self.peft_model
+        if any(isinstance(m, _peft_lora().LoraLayer) for m in peft_model.modules()):
+            with type(peft_model).disable_adapter(peft_model):
                 yield
             return
+        # Every layer is converted: switch them directly, and give each its own state back afterwards.
         converted = [m for m in peft_model.modules() if isinstance(m, PeftLoRALinear)]
         was_disabled = peft_model._adapters_disabled
-        was_enabled = any(not m.disable_adapters for m in converted)
+        states = [(m, m.disable_adapters) for m in converted]
         try:
-            peft_model.base_model.disable_adapter_layers()
+            for m in converted:
+                m.enable_adapters(False)
             peft_model._adapters_disabled = True
             yield
         finally:
-            if was_enabled:
-                peft_model.base_model.enable_adapter_layers()
+            for m, disabled in states:
+                m.enable_adapters(not disabled)
             peft_model._adapters_disabled = was_disabled
-
-    peft_model.disable_adapter = disable_adapter
 
 
 # adapter_names of the mixed-batch forward/generate calls in progress: layer → names, per thread and contextvars
