@@ -146,7 +146,8 @@ def _fwd(
     impl = _impl(backend)
     seed_arg = _seed_arg(backend, seed, dropout_p)
     y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
-    return y, s_mat
+    # The fake promises row-major outputs whatever the input layouts; .contiguous() is free when they already are.
+    return y.contiguous(), s_mat.contiguous()
 
 
 @_fwd.register_fake
@@ -177,11 +178,13 @@ def _bwd(
         needs_dx, needs_dweight, needs_dbias,
     )
     # Custom ops cannot return None: gradients not asked for come back as empty tensors and become None in backward.
+    # Every gradient is row-major whatever the layout of its input (a transposed trainable weight gave dW the
+    # weight's strides in the fake but not in the kernels, and inductor then read dW with the wrong strides).
     return (
-        dx if dx is not None else dy.new_empty(0),
-        d_a,
-        d_b,
-        dw if dw is not None else dy.new_empty(0),
+        dx.contiguous() if dx is not None else dy.new_empty(0),
+        d_a.contiguous(),
+        d_b.contiguous(),
+        dw.contiguous() if dw is not None else dy.new_empty(0),
         dbias.to(dy.dtype) if dbias is not None else dy.new_empty(0),
     )
 
@@ -192,7 +195,7 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, back
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else dy.new_empty(0),
         torch.empty_like(lora_A, memory_format=torch.contiguous_format),
         torch.empty_like(lora_B, memory_format=torch.contiguous_format),
-        torch.empty_like(weight) if needs_dweight else dy.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_dweight else dy.new_empty(0),
         dy.new_empty(weight.shape[0]) if needs_dbias else dy.new_empty(0),
     )
 

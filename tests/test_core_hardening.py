@@ -1,0 +1,100 @@
+"""Hardening of the single-adapter core: the custom ops' fake implementations against the real ones on every layout,
+argument checks of ``lora_linear``, autocast, merged training, tied weights, all-or-nothing ``inject_lora``, PiSSA
+and LoRA-GA edge cases, meta-device init, and the precision contracts (one rounding, adapter dtype under autocast).
+Torch backend and tiny shapes unless a test says otherwise."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_kernels as lk
+from lora_kernels.ops import lora_linear as op_mod
+
+from conftest import HAS_CUDA, INTERPRET
+
+needs_triton = pytest.mark.skipif(
+    not (HAS_CUDA or INTERPRET), reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (set by conftest without CUDA)"
+)
+
+
+# ------------------------------------------------------------------------------ fakes match the real ops' strides
+M, K, N, R = 7, 20, 12, 4
+
+
+def _layout(name: str, g: torch.Generator):
+    """(x, weight, lora_A, lora_B) of the shapes [M, K], [N, K], [R, K], [N, R] in the layout ``name``."""
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / math.sqrt(K)
+    a, b = torch.randn(R, K, generator=g) / math.sqrt(K), torch.randn(N, R, generator=g)
+    if name == "x_t":
+        x = torch.randn(K, M, generator=g).t()
+    elif name == "x_sliced":
+        x = torch.randn(M, 2 * K, generator=g)[:, 1::2]
+    elif name == "w_t":
+        w = torch.randn(K, N, generator=g).t()
+    elif name == "w_sliced":
+        w = torch.randn(N, 3 * K, generator=g)[:, ::3]
+    elif name == "ab_t":
+        a, b = torch.randn(K, R, generator=g).t(), torch.randn(R, N, generator=g).t()
+    elif name == "ab_sliced":
+        a, b = torch.randn(R, 2 * K, generator=g)[:, ::2], torch.randn(2 * N, R, generator=g)[::2]
+    elif name == "all_t":
+        x, w = torch.randn(K, M, generator=g).t(), torch.randn(K, N, generator=g).t()
+        a, b = torch.randn(K, R, generator=g).t(), torch.randn(R, N, generator=g).t()
+    else:
+        assert name == "contiguous"
+    return x, w, a, b
+
+
+LAYOUTS = ["contiguous", "x_t", "x_sliced", "w_t", "w_sliced", "ab_t", "ab_sliced", "all_t"]
+
+
+def _opcheck_both(backend, layout, p, bias, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    x, w, a, b = (t.to(device) for t in _layout(layout, g))
+    bb = torch.randn(N, generator=g).to(device) if bias else None
+    seed = torch.tensor(987654321, dtype=torch.int64, device=device)
+    leaves = [t.requires_grad_() for t in (x, w, a, b)]  # trainable W too: dW is formed
+    args = [*leaves, None if bb is None else bb.requires_grad_(), 0.5, p, seed, backend]
+    torch.library.opcheck(torch.ops.lora_kernels.lora_linear_fwd.default, args)
+    with torch.no_grad():
+        _, s_mat = torch.ops.lora_kernels.lora_linear_fwd(*[t.detach() for t in leaves], bb, 0.5, p, seed, backend)
+    dy = torch.randn(M, N, generator=g).to(device)
+    for flags in ((True, True, bias), (False, True, False), (True, False, False)):
+        bargs = [dy, *[t.detach() for t in leaves], s_mat, 0.5, p, seed, backend, *flags]
+        torch.library.opcheck(torch.ops.lora_kernels.lora_linear_bwd.default, bargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_opcheck_every_layout_torch_backend(layout, p):
+    """The fakes promise row-major outputs; the real ops return them for every input layout (a transposed trainable
+    weight used to get dW with the weight's strides in the fake and row-major strides from the kernels)."""
+    _opcheck_both("torch", layout, p, bias=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["w_t", "all_t", "ab_sliced"])
+def test_opcheck_every_layout_triton_backend(layout, device):
+    _opcheck_both("triton", layout, 0.25, bias=False, device=device)
+
+
+def test_compiled_backward_with_transposed_trainable_weight():
+    g = torch.Generator().manual_seed(5)
+    x, w, a, b = _layout("all_t", g)
+
+    def loss(x, w, a, b):
+        return lk.lora_linear(x, w, a, b, 0.5, backend="torch").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (loss, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, a, b)]
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for ge, gc in zip(*grads):
+        torch.testing.assert_close(gc, ge)
