@@ -98,3 +98,18 @@ def test_compiled_backward_with_transposed_trainable_weight():
         grads.append([t.grad for t in leaves])
     for ge, gc in zip(*grads):
         torch.testing.assert_close(gc, ge)
+
+
+# ------------------------------------------------------------------------------------------ scale is a constant
+@pytest.mark.parametrize("arg", ["scale", "dropout_p"])
+def test_tensor_argument_that_requires_grad_is_refused(arg):
+    g = torch.Generator().manual_seed(1)
+    x, w, a, b = _layout("contiguous", g)
+    kwargs = dict(scale=0.5, dropout_p=0.1)
+    kwargs[arg] = torch.tensor(0.5 if arg == "scale" else 0.1, requires_grad=True)
+    with pytest.raises(ValueError, match=arg):
+        lk.lora_linear(x, w, a, b, backend="torch", **kwargs)
+    # A tensor that does not ask for a gradient is still a valid constant.
+    kwargs[arg] = kwargs[arg].detach()
+    y = lk.lora_linear(x, w, a, b, backend="torch", training=False, **kwargs)
+    torch.testing.assert_close(y, lk.lora_linear(x, w, a, b, 0.5, backend="torch", training=False))
