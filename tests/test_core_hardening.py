@@ -113,3 +113,61 @@ def test_tensor_argument_that_requires_grad_is_refused(arg):
     kwargs[arg] = kwargs[arg].detach()
     y = lk.lora_linear(x, w, a, b, backend="torch", training=False, **kwargs)
     torch.testing.assert_close(y, lk.lora_linear(x, w, a, b, 0.5, backend="torch", training=False))
+
+
+# -------------------------------------------------------------------------------------------------------- autocast
+def test_op_ignores_autocast_for_fp32_inputs():
+    """The op's dtypes are its inputs' on every backend: under autocast the torch backend computed the fp32 math in
+    bf16 (S came back bf16 where the fake says fp32, adapter gradients ~1e4 times less accurate)."""
+    g = torch.Generator().manual_seed(2)
+    x, w, a, b = _layout("contiguous", g)
+    bb = torch.randn(N, generator=g)
+    results = []
+    for on in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, a, b, bb)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            y = lk.lora_linear(*leaves[:4], 0.5, bias=leaves[4], backend="torch")
+            _, s_mat = torch.ops.lora_kernels.lora_linear_fwd(*[t.detach() for t in leaves[:4]], None, 0.5, 0.0,
+                                                              torch.tensor(0), "torch")
+            y.square().sum().backward()  # backward inside the context too: autograd keeps the thread's autocast
+        assert y.dtype == s_mat.dtype == torch.float32
+        results.append((y.detach(), [t.grad for t in leaves]))
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y1, y0)
+    for a0, a1 in zip(g0, g1):
+        assert torch.equal(a1, a0)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_fp32_master_adapter_stays_fp32_under_autocast(base_dtype, monkeypatch):
+    """Under autocast(bf16) x, W0 and bias are cast like an nn.Linear's, and an fp32 adapter reaches the op as
+    fp32: the result equals the op on exactly those inputs, bit for bit (an adapter rounded to bf16 changes it)."""
+    torch.manual_seed(0)
+    layer = lk.LoRALinear(K, N, r=R, alpha=2 * R, dtype=base_dtype, lora_dtype=torch.float32, backend="torch")
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 would hide the adapter
+        layer.lora_A.mul_(1.0 + 1e-3 * torch.randn_like(layer.lora_A))  # values with low bits that bf16 drops
+    x = torch.randn(M, K, dtype=base_dtype)
+    seen = []
+    real_fwd = op_mod._fwd
+
+    def spy(x_, w_, a_, b_, *rest):
+        seen.append((x_.dtype, w_.dtype, a_.dtype, b_.dtype))
+        return real_fwd(x_, w_, a_, b_, *rest)
+
+    monkeypatch.setattr(op_mod, "_fwd", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    monkeypatch.setattr(op_mod, "_fwd", real_fwd)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)]
+    assert y.dtype == torch.bfloat16
+    bf = torch.bfloat16
+    expected = lk.lora_linear(x.to(bf), layer.weight.to(bf), layer.lora_A, layer.lora_B, layer.scaling,
+                              bias=layer.bias.to(bf), backend="torch")
+    assert torch.equal(y, expected)
+    # and the fp32 adapter is what the result used: rounding it to bf16 gives a different result
+    rounded = lk.lora_linear(x.to(bf), layer.weight.to(bf), layer.lora_A.to(bf), layer.lora_B.to(bf),
+                             layer.scaling, bias=layer.bias.to(bf), backend="torch")
+    assert not torch.equal(rounded, expected)
+    y.float().square().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
