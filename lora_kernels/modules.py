@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -56,6 +57,8 @@ class LoRALinear(nn.Module):
     ``alpha`` defaults to ``r`` (scaling 1). ``lora_dtype`` is the adapter's dtype: the base dtype (default) or
     float32. ``backend`` is passed to :func:`lora_kernels.lora_linear` (``None``: ``$LORA_KERNELS_BACKEND`` or auto).
     """
+
+    _warned_merged_training = False  # set on the instance by the first training-mode forward while merged
 
     def __init__(
         self,
@@ -257,10 +260,14 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                raise RuntimeError(
-                    "LoRALinear is merged and in training mode: the adapter would get no gradient. Call unmerge() "
-                    "before training, or eval() / torch.no_grad() for inference with the merged weight."
+            # PEFT computes a merged layer with the merged weight in either mode; so do we, and say once that the
+            # adapter learns nothing meanwhile (one message per process: the text and call site do not change).
+            if (self.training and torch.is_grad_enabled() and not self._warned_merged_training
+                    and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
+                self._warned_merged_training = True
+                warnings.warn(
+                    "a merged LoRALinear is run in training mode: it computes with the merged weight and its adapter "
+                    "gets no gradient until unmerge()", UserWarning, stacklevel=2,
                 )
             return F.linear(x, self.weight, self.bias)
         x, weight, bias, lora_A, lora_B = self._autocast(x)
