@@ -59,6 +59,9 @@ class LoRALinear(nn.Module):
     """
 
     _warned_merged_training = False  # set on the instance by the first training-mode forward while merged
+    # Qualified names of other parameters that are this layer's base weight (an lm_head tied to the embedding), as
+    # found by inject_lora. merge() and PiSSA write the weight in place and refuse while it is set; see untie_weight.
+    tied_with: Tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -157,6 +160,7 @@ class LoRALinear(nn.Module):
         (``inject_lora`` freezes it with the rest of the base model)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        check_replaceable("linear", linear)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init, lora_dtype, backend)
@@ -211,13 +215,35 @@ class LoRALinear(nn.Module):
             raise ValueError(f"merge refused: the merged weight overflows {w0.dtype}; nothing was changed")
         return merged
 
+    def check_untied(self, action: str) -> None:
+        """ValueError naming the tie when the base weight is shared with other parameters (``tied_with``):
+        ``action`` would write into the shared tensor and change those too."""
+        if self.tied_with:
+            raise ValueError(
+                f"{action} refused: this layer's base weight is tied to {', '.join(self.tied_with)} (one tensor), "
+                f"and {action} writes into it, which would change those too. Call untie_weight() first to give the "
+                f"layer its own copy, or leave this layer out; nothing was changed"
+            )
+
+    @torch.no_grad()
+    def untie_weight(self) -> None:
+        """Give this layer its own copy of the base weight (same dtype, device and ``requires_grad``), so that
+        :meth:`merge` and PiSSA change only this layer; the other owners in ``tied_with`` keep the old tensor."""
+        if self.merged:
+            raise RuntimeError("unmerge() before untie_weight()")
+        w = self.weight
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        self.tied_with = ()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold s·BA into the base weight, in place; forward becomes a plain ``F.linear``. Refuses with ValueError
-        (nothing changed) when the merged weight would not be finite. An exact copy of W0 is kept until
-        :meth:`unmerge`, which restores it bit for bit."""
+        (nothing changed) when the merged weight would not be finite, or when the weight is tied to another
+        parameter (``tied_with``). An exact copy of W0 is kept until :meth:`unmerge`, which restores it bit for
+        bit."""
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged")
+        self.check_untied("merge()")
         merged = self._merged_weight(self.weight, self.lora_A, self.lora_B)
         self._unmerged_weight = self.weight.detach().clone()
         self.weight.copy_(merged)
@@ -304,6 +330,50 @@ class LoRALinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- model helpers
+def check_replaceable(name: str, linear: nn.Linear) -> None:
+    """ValueError when a LoRALinear built from ``linear`` would not compute what ``linear`` computes, or would drop
+    part of its state: a subclass with its own ``forward`` (or a forward set on the instance) runs code the
+    LoRALinear does not; a parametrized or weight-normed Linear computes its weight from other parameters, which
+    would be frozen into a plain tensor and vanish from the state dict."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(linear):
+        raise ValueError(
+            f"{name} is a parametrized Linear (parametrizations on {', '.join(linear.parametrizations.keys())}, e.g. "
+            f"weight_norm or spectral_norm): wrapping it would freeze the computed weight into a plain tensor and "
+            f"drop the parametrization's parameters from the state dict; remove the parametrization first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations) or leave the layer out"
+        )
+    if not isinstance(linear._parameters.get("weight"), nn.Parameter):
+        raise ValueError(
+            f"{name}.weight is not a parameter of the layer (old-style torch.nn.utils.weight_norm/spectral_norm "
+            f"recompute it from other parameters in a forward pre-hook): wrapping it would drop those; remove the "
+            f"reparametrization first (e.g. torch.nn.utils.remove_weight_norm) or leave the layer out"
+        )
+    if type(linear).forward is not nn.Linear.forward or "forward" in vars(linear):
+        where = "on the instance" if "forward" in vars(linear) else f"in {type(linear).__qualname__}"
+        raise ValueError(
+            f"{name} is an nn.Linear with its own forward ({where}): LoRALinear computes nn.Linear's function and "
+            f"would silently drop that behaviour; leave the layer out of target_modules or wrap its inner Linear"
+        )
+
+
+def _tied_names(model: nn.Module, linears: Sequence[nn.Module]) -> Dict[int, Tuple[str, ...]]:
+    """id(linear) → qualified names of the parameters of *other* modules that are ``linear.weight`` itself (an
+    lm_head tied to the input embedding); linears without such a tie are left out."""
+    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((f"{mname}.{pname}" if mname else pname, mod))
+    out = {}
+    for lin in linears:
+        names = tuple(sorted({n for n, mod in owners.get(id(lin.weight), []) if mod is not lin}))
+        if names:
+            out[id(lin)] = names
+    return out
+
+
 def _matches(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
     # PEFT's rule: a string is a regex matched against the whole qualified name; a list matches by name suffix
     # on a "." boundary ("q_proj" matches "layers.0.attn.q_proj", not "layers.0.attn.xq_proj").
@@ -365,9 +435,10 @@ def inject_lora(
         raise ValueError(
             f"target_modules={target_modules!r} matched no nn.Linear; candidates: {shown or '(none)'}{extra}"
         )
-    # Build every replacement before touching the model, so a bad argument leaves it as it was.
-    plan: List[Tuple[nn.Module, str, LoRALinear]] = []
-    built: Dict[int, LoRALinear] = {}
+    # Check every target, then build every replacement, and only then touch the model: a bad argument or a bad
+    # layer anywhere leaves the model exactly as it was (flags included).
+    plan: List[Tuple[nn.Module, str, nn.Linear]] = []
+    targets: Dict[int, Tuple[str, nn.Linear]] = {}
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -377,20 +448,56 @@ def inject_lora(
                 f"target its parent's other Linear layers instead"
             )
         linear = getattr(parent, child)
-        if id(linear) not in built:
-            built[id(linear)] = LoRALinear.from_linear(
-                linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
-                lora_dtype=lora_dtype, backend=backend,
+        check_replaceable(name, linear)
+        targets.setdefault(id(linear), (name, linear))
+        plan.append((parent, child, linear))
+    tied = _tied_names(model, [lin for _, lin in targets.values()])
+    if init == "pissa":
+        if lora_scaling(r, _real("alpha", r if alpha is None else alpha), bool(use_rslora)) <= 0:
+            raise ValueError(f"init='pissa' needs a positive scaling (alpha > 0), got alpha={alpha!r}")
+        for lid, (name, lin) in targets.items():
+            if lid in tied:
+                raise ValueError(
+                    f"init='pissa' writes the residual into {name}.weight, which is tied to {', '.join(tied[lid])} "
+                    f"(one tensor) and would change those too; untie it first ({name}.weight = "
+                    f"nn.Parameter({name}.weight.detach().clone())) or leave {name} out; nothing was changed"
+                )
+            if isinstance(r, int) and r > min(lin.weight.shape):
+                raise ValueError(f"init='pissa' needs r ≤ min(out, in) for every target; {name} has weight "
+                                 f"{tuple(lin.weight.shape)} and r={r}; nothing was changed")
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        built: Dict[int, LoRALinear] = {}
+        factors = {}
+        for lid, (name, lin) in targets.items():
+            built[lid] = LoRALinear.from_linear(
+                lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                init="zeros" if init == "pissa" else init, lora_dtype=lora_dtype, backend=backend,
             )
-        plan.append((parent, child, built[id(linear)]))
+        if init == "pissa":
+            from .init.pissa import pissa_factors
+
+            for lid, layer in built.items():  # every SVD before the first write
+                factors[lid] = pissa_factors(layer.weight, layer.r, layer.scaling)
+    except BaseException:
+        for p, flag in saved_flags:  # from_linear froze the weights it wrapped
+            p.requires_grad_(flag)
+        raise
+    # Nothing below can fail.
+    for lid, layer in built.items():
+        layer.tied_with = tied.get(lid, ())
+        if lid in factors:
+            from .init.pissa import apply_pissa
+
+            apply_pissa(layer, *factors[lid])
     if freeze_base:
         # Everything but the adapters already in the model (an earlier inject_lora call) stops training.
         keep = {id(p) for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)}
         for p in model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
-    for parent, child, layer in plan:
-        setattr(parent, child, layer)
+    for parent, child, linear in plan:
+        setattr(parent, child, built[id(linear)])
     return chosen
 
 

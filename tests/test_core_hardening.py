@@ -171,3 +171,167 @@ def test_fp32_master_adapter_stays_fp32_under_autocast(base_dtype, monkeypatch):
     assert not torch.equal(rounded, expected)
     y.float().square().sum().backward()
     assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------- tied weights
+class TiedLM(nn.Module):
+    """A tiny language model whose output layer is tied to the input embedding (one Parameter, as HF ties them)."""
+
+    def __init__(self, vocab=11, hidden=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.proj(self.embed(ids))))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _assert_state(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_merge_refuses_a_tied_weight_and_untie_weight_allows_it():
+    torch.manual_seed(0)
+    model = TiedLM()
+    lk.inject_lora(model, ["lm_head", "proj"], r=2)
+    head = model.lm_head
+    assert head.tied_with == ("embed.weight",) and model.proj.tied_with == ()
+    with torch.no_grad():
+        head.lora_B.normal_()
+    emb = model.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"tied to embed\.weight"):
+        head.merge()
+    assert not head.merged and torch.equal(model.embed.weight, emb)
+    model.proj.merge()  # untied layers merge as before
+    head.untie_weight()
+    assert head.weight is not model.embed.weight and head.tied_with == ()
+    ids = torch.arange(11)
+    model.eval()
+    y = model(ids)
+    head.merge()
+    torch.testing.assert_close(model(ids), y, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.embed.weight, emb)
+
+
+def test_pissa_refuses_a_tied_weight_before_changing_anything():
+    torch.manual_seed(0)
+    model = TiedLM()
+    before = _state(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"lm_head\.weight, which is tied to embed\.weight"):
+        lk.inject_lora(model, ["proj", "lm_head"], r=2, init="pissa")
+    _assert_state(model, before)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert isinstance(model.proj, nn.Linear) and not isinstance(model.proj, lk.LoRALinear)
+    # after injection with another init, the layer-level PiSSA refuses as well
+    lk.inject_lora(model, ["lm_head"], r=2)
+    emb = model.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match="tied to embed.weight"):
+        model.lm_head.reset_lora_parameters("pissa")
+    assert torch.equal(model.embed.weight, emb)
+
+
+def test_lora_ga_refuses_a_tied_target():
+    torch.manual_seed(0)
+    model = TiedLM(vocab=12, hidden=8)
+    before = _state(model)
+    batches = [torch.randint(0, 12, (5,)) for _ in range(2)]
+
+    def loss_fn(m, ids):
+        return m(ids).logsumexp(-1).mean()
+
+    with pytest.raises(ValueError, match=r"lm_head\.weight is tied to embed\.weight"):
+        lk.lora_ga_init(model, batches, loss_fn, r=2, target_modules=["proj", "lm_head"])
+    _assert_state(model, before)
+    assert model.lm_head.weight is model.embed.weight
+
+
+# ----------------------------------------------------------------------------------------- inject_lora: all or none
+def test_failing_pissa_inject_leaves_the_model_unchanged():
+    """r fits the first layer but not the second: the first used to keep its PiSSA residual as a plain Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    before = _state(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"r ≤ min\(out, in\).*2 has weight \(3, 16\)"):
+        lk.inject_lora(model, ["0", "2"], r=4, init="pissa")
+    _assert_state(model, before)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(type(m) is nn.Linear for m in (model[0], model[2]))
+
+
+def test_failing_inject_on_a_later_layer_restores_requires_grad():
+    """A later layer that from_linear refuses (an fp16 weight with a bf16 lora_dtype) after earlier ones were built:
+    the earlier weights were left frozen."""
+    model = nn.Sequential(nn.Linear(8, 8).bfloat16(), nn.Linear(8, 8).half())
+    with pytest.raises(TypeError, match="lora_dtype"):
+        lk.inject_lora(model, ["0", "1"], r=2, lora_dtype=torch.bfloat16)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(type(m) is nn.Linear for m in model)
+
+
+def test_pissa_inject_still_keeps_the_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 5))
+    x = torch.randn(4, 16)
+    y = model(x).detach()
+    lk.inject_lora(model, ["0", "2"], r=3, init="pissa")
+    torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)
+    assert model[0].lora_B.abs().sum() > 0
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+def _weight_normed(old_style: bool):
+    lin = nn.Linear(6, 4)
+    if old_style:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the old-style API
+            return torch.nn.utils.weight_norm(lin)
+    return torch.nn.utils.parametrizations.weight_norm(lin)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("subclass_forward", "own forward"),
+    ("instance_forward", "own forward .on the instance"),
+    ("parametrized", "parametrized Linear"),
+    ("old_weight_norm", "weight is not a parameter"),
+])
+def test_inject_refuses_linears_it_cannot_replace_faithfully(case, match):
+    if case == "subclass_forward":
+        layer = ScaledLinear(6, 4)
+    elif case == "instance_forward":
+        layer = nn.Linear(6, 4)
+        layer.forward = lambda x, _f=layer.forward: _f(x) + 1.0
+    else:
+        layer = _weight_normed(case == "old_weight_norm")
+    model = nn.Sequential(nn.Linear(6, 6), layer)
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        lk.inject_lora(model, ["0", "1"], r=2)
+    _assert_state(model, before)
+    assert type(model[0]) is nn.Linear and model[1] is layer
+    with pytest.raises(ValueError, match=match):
+        lk.LoRALinear.from_linear(layer, r=2)
+
+
+def test_inject_accepts_a_subclass_without_its_own_forward():
+    model = nn.Sequential(PlainSubclass(6, 4))
+    assert lk.inject_lora(model, ["0"], r=2) == ["0"]
+    assert isinstance(model[0], lk.LoRALinear)

@@ -262,6 +262,16 @@ def lora_ga_init(
         if id(lin.weight) in seen:
             raise ValueError(f"{n} and {seen[id(lin.weight)]} share one weight tensor; LoRA-GA needs distinct weights")
         seen[id(lin.weight)] = n
+    from ..modules import _tied_names
+
+    tied = _tied_names(model, list(linears.values()))
+    for n, lin in linears.items():
+        if id(lin) in tied:
+            raise ValueError(
+                f"{n}.weight is tied to {', '.join(tied[id(lin)])} (one tensor): LoRA-GA writes W0 − ρ·B·A into it and "
+                f"would change those too; untie it first ({n}.weight = nn.Parameter({n}.weight.detach().clone())) "
+                f"or leave {n} out of target_modules; nothing was changed"
+            )
     report = _make_progress(progress)
     loss_fn = loss_fn if loss_fn is not None else _default_loss
     group, world = _dist_group(process_group)
