@@ -335,3 +335,27 @@ def test_inject_accepts_a_subclass_without_its_own_forward():
     model = nn.Sequential(PlainSubclass(6, 4))
     assert lk.inject_lora(model, ["0"], r=2) == ["0"]
     assert isinstance(model[0], lk.LoRALinear)
+
+
+# ------------------------------------------------------------------------------------------------- PiSSA twice
+@pytest.mark.parametrize("first", ["pissa", "lora_ga"])
+def test_second_pissa_init_is_refused(first):
+    """A second PiSSA took the residual for W0: the output changed and the init record (used to save against the
+    original weight) was overwritten."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    if first == "pissa":
+        lk.inject_lora(model, ["0"], r=2, init="pissa")
+    else:
+        batches = [torch.randn(3, 12) for _ in range(2)]
+        lk.lora_ga_init(model, batches, lambda m, x: m(x).square().mean(), r=2, target_modules=["0"])
+    layer = model[0]
+    before = _state(model)
+    record = [t.clone() for t in getattr(layer, lk.init.pissa.INIT_RECORD)]
+    with pytest.raises(ValueError, match="already replaced by a residual"):
+        layer.reset_lora_parameters("pissa")
+    with pytest.raises(ValueError, match="already replaced by a residual"):
+        lk.pissa_init(layer, niter=2)
+    _assert_state(model, before)
+    for a, b in zip(record, getattr(layer, lk.init.pissa.INIT_RECORD)):
+        assert torch.equal(a, b)
