@@ -359,3 +359,96 @@ def test_second_pissa_init_is_refused(first):
     _assert_state(model, before)
     for a, b in zip(record, getattr(layer, lk.init.pissa.INIT_RECORD)):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA-GA
+class ModeSpy(nn.Module):
+    """Records the training flag of every forward; dropout makes the gradient depend on the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(10, 8)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, 6)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((self.training, self.drop.training))
+        return self.head(self.drop(torch.tanh(self.up(x))))
+
+
+def _mse(m, x):
+    return m(x).square().mean()
+
+
+@pytest.mark.parametrize("train_mode, expected", [(True, (True, True)), (False, (False, False)),
+                                                  (None, (False, True))])
+def test_lora_ga_estimates_in_train_mode_and_restores_every_mode(train_mode, expected):
+    torch.manual_seed(0)
+    model = ModeSpy()
+    model.eval()
+    model.drop.train()  # mixed modes: each is restored as it was
+    batches = [torch.randn(4, 10) for _ in range(2)]
+    kwargs = {} if train_mode is True else {"train_mode": train_mode}  # True is the default
+    lk.lora_ga_init(model, batches, _mse, r=2, target_modules=["up"], **kwargs)
+    assert model.seen == [expected] * 2
+    assert not model.training and model.drop.training and not model.head.training and not model.up.training
+    with pytest.raises(TypeError, match="train_mode"):
+        lk.lora_ga_init(ModeSpy(), batches, _mse, r=2, target_modules=["up"], train_mode="yes")
+
+
+def test_lora_ga_warns_on_a_target_with_zero_gradient():
+    torch.manual_seed(0)
+
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.b = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.a(x) + 0.0 * self.b(x)
+
+    model = Dead()
+    batches = [torch.randn(3, 6) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"gradient of \['b'\] is exactly zero"):
+        lk.lora_ga_init(model, batches, _mse, r=2, target_modules=["a", "b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.lora_ga_init(Dead(), batches, _mse, r=2, target_modules=["a"])
+
+
+def test_lora_ga_factors_have_a_fixed_sign():
+    """Different random projections (or a gradient summed over another number of ranks) must give the same factors;
+    without a sign convention each singular pair came out with an arbitrary sign."""
+    gen = torch.Generator().manual_seed(1)
+    m, n, r = 16, 12, 3
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+    S = torch.tensor([10.0 * 0.8 ** i for i in range(n)])
+    G = (U[:, :n] * S) @ V.T
+    ref_a, ref_b = lk.init.lora_ga_factors(G, r, generator=torch.Generator().manual_seed(0))
+    assert bool((ref_b.gather(0, ref_b.abs().argmax(0, keepdim=True)) > 0).all())  # the convention itself
+    for seed in range(1, 6):
+        noisy = G * (1 + 1e-6 * torch.randn(m, n, generator=gen))  # another summation order's rounding
+        a, b = lk.init.lora_ga_factors(noisy, r, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(a, ref_a, atol=1e-4, rtol=0)
+        torch.testing.assert_close(b, ref_b, atol=1e-4, rtol=0)
+
+
+def test_lora_ga_shows_progress_over_the_batches(monkeypatch):
+    import lora_kernels.init.lora_ga as ga
+
+    calls = []
+
+    def fake_progress(iterable, **kw):
+        calls.append(kw)
+        yield from iterable
+
+    monkeypatch.setattr(ga, "progress_bar", fake_progress)
+    torch.manual_seed(0)
+    model = ModeSpy()
+    batches = iter([torch.randn(4, 10) for _ in range(5)])
+    lk.lora_ga_init(model, batches, _mse, r=2, target_modules=["up"], num_batches=3)
+    assert len(calls) == 1 and calls[0]["unit"] == "batch"
+    assert len(list(batches)) == 2  # the bar drew nothing beyond num_batches
