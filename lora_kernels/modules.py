@@ -50,6 +50,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@torch.no_grad()
+def _init_base(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    # nn.Linear's initialisation of the base layer, so a fresh LoRALinear behaves like a fresh nn.Linear.
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1.0 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0.0
+        nn.init.uniform_(bias, -bound, bound)
+
+
 class LoRALinear(nn.Module):
     """``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + bias`` with W0 frozen; ``merge()`` folds s·BA into W0.
 
@@ -87,12 +96,8 @@ class LoRALinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         weight = torch.empty(out_features, in_features, **factory)
         bias_t = torch.empty(out_features, **factory) if bias else None
-        # nn.Linear's initialisation of the base layer, so a fresh LoRALinear behaves like a fresh nn.Linear.
         if weight.device.type != "meta":
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-            if bias_t is not None:
-                bound = 1.0 / math.sqrt(in_features)
-                nn.init.uniform_(bias_t, -bound, bound)
+            _init_base(weight, bias_t)
         self._setup(nn.Parameter(weight, requires_grad=False),
                     nn.Parameter(bias_t) if bias_t is not None else None,
                     r, alpha, dropout, use_rslora, init, lora_dtype, backend)
@@ -131,6 +136,7 @@ class LoRALinear(nn.Module):
         self.scaling = lora_scaling(r, alpha, self.use_rslora)
         self.dropout = dropout
         self.backend = backend
+        self.init = init  # what reset_parameters() re-applies
         weight.requires_grad_(False)
         self.weight = weight
         self.bias = bias
@@ -167,6 +173,25 @@ class LoRALinear(nn.Module):
         layer.train(linear.training)
         layer.reset_lora_parameters(init)
         return layer
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the layer as the constructor does: the base weight and bias as ``nn.Linear`` does, then the
+        adapter with the layer's ``init``. This is what meta-device construction needs
+        (``layer.to_empty(device=...)`` then ``layer.reset_parameters()``, as FSDP does for every module). Like
+        ``nn.Linear.reset_parameters`` it overwrites the base weight in place: refused for a merged layer and for a
+        weight tied to another parameter."""
+        from .init.pissa import INIT_RECORD
+
+        if self.merged:
+            raise RuntimeError("unmerge() before reset_parameters()")
+        self.check_untied("reset_parameters()")
+        if self.weight.device.type == "meta":
+            return
+        _init_base(self.weight, self.bias)
+        if getattr(self, INIT_RECORD, None) is not None:
+            delattr(self, INIT_RECORD)  # the residual it described is gone
+        self.reset_lora_parameters(self.init)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default") -> None:

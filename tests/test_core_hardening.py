@@ -452,3 +452,35 @@ def test_lora_ga_shows_progress_over_the_batches(monkeypatch):
     lk.lora_ga_init(model, batches, _mse, r=2, target_modules=["up"], num_batches=3)
     assert len(calls) == 1 and calls[0]["unit"] == "batch"
     assert len(list(batches)) == 2  # the bar drew nothing beyond num_batches
+
+
+# ------------------------------------------------------------------------------------------------ meta-device init
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa"])
+def test_meta_device_init_with_to_empty_and_reset_parameters(init):
+    torch.manual_seed(3)
+    direct = lk.LoRALinear(16, 8, r=4, init=init)
+    with torch.device("meta"):
+        layer = lk.LoRALinear(16, 8, r=4, init=init)
+    assert layer.weight.is_meta
+    layer.to_empty(device="cpu")
+    torch.manual_seed(3)
+    layer.reset_parameters()  # the same draws as the constructor on a real device
+    for name, t in direct.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], t), name
+    assert not layer.weight.requires_grad and layer.lora_A.requires_grad
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.reset_parameters()
+
+
+def test_meta_model_through_inject_lora():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lk.inject_lora(model, ["0", "2"], r=2)
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    for n, t in model.state_dict().items():
+        assert torch.isfinite(t).all(), n
+    assert model[0].lora_A.abs().sum() > 0 and torch.equal(model[0].lora_B, torch.zeros_like(model[0].lora_B))
