@@ -484,3 +484,116 @@ def test_meta_model_through_inject_lora():
     for n, t in model.state_dict().items():
         assert torch.isfinite(t).all(), n
     assert model[0].lora_A.abs().sum() > 0 and torch.equal(model[0].lora_B, torch.zeros_like(model[0].lora_B))
+
+
+# ---------------------------------------------------------------------------------------------- wrapping keeps mode
+@pytest.mark.parametrize("training", [False, True])
+def test_from_linear_and_inject_keep_the_wrapped_layers_mode(training):
+    lin = nn.Linear(12, 6).train(training)
+    layer = lk.LoRALinear.from_linear(lin, r=2, dropout=0.5, backend="torch")
+    assert layer.training is training
+    model = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 6)).train(training)
+    lk.inject_lora(model, ["0", "1"], r=2, dropout=0.5, backend="torch")
+    assert [m.training for m in model] == [training, training]
+    if not training:  # an eval layer with dropout > 0 is deterministic
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        x = torch.randn(4, 12)
+        assert torch.equal(layer(x), layer(x))
+
+
+# ----------------------------------------------------------------------------------------- rounded once, to the ulp
+def _dyadic(shape, g, top, denom):
+    """Integers in [-top, top] / denom (a power of two): exact in fp16 and bf16 for top < 128."""
+    return torch.randint(-top, top + 1, shape, generator=g).double() / denom
+
+
+def _exact_case(M_, K_, N_, R_, p, g):
+    """Every product and partial sum of y and dx is a multiple of 2^-12 below 2^11, so exact in fp32 (and float64)
+    in any order: the only rounding an implementation may do is the final one to the output dtype. The base product
+    alone needs ~13 significant bits, more than fp16's 11 and bf16's 8, so rounding it first shows."""
+    x, w = _dyadic((M_, K_), g, 31, 1), _dyadic((N_, K_), g, 127, 1024)
+    a, b = _dyadic((R_, K_), g, 3, 4), _dyadic((N_, R_), g, 3, 4)
+    bias = _dyadic((N_,), g, 15, 16)
+    seed = 12345
+    keep = lk.reference.dropout_keep_mask(seed, M_, K_, p).double()
+    xd = x * keep / (1.0 - p) if p > 0 else x  # p = 0.5: 1/(1-p) = 2 is exact
+    scale = 0.5
+    y = x @ w.T + scale * ((xd @ a.T) @ b.T) + bias
+    dy = _dyadic((M_, N_), g, 15, 4)
+    dx = dy @ w + keep * ((scale * dy @ b) @ a) / (1.0 - p)
+    return x, w, a, b, bias, scale, seed, y, dy, dx
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_reference_rounds_once(dtype, p):
+    """y and dx equal the exact result rounded once to the output dtype, bit for bit: rounding the base product
+    or S (or the LoRA term) to fp16/bf16 first puts many elements one ulp off."""
+    g = torch.Generator().manual_seed(11)
+    x, w, a, b, bias, scale, seed, y64, dy, dx64 = _exact_case(33, 40, 24, 5, p, g)
+    ref = lk.reference.lora_linear
+    cast = [t.to(dtype) for t in (x, w, a, b, bias)]
+    assert all(torch.equal(c.double(), t) for c, t in zip(cast, (x, w, a, b, bias)))  # inputs exact in dtype
+    y, s_mat = ref.lora_linear_forward(*cast[:4], scale, cast[4], p, seed)
+    assert torch.equal(y, y64.to(dtype))
+    assert not torch.equal(y64.to(dtype).double(), y64)  # the case does need a rounding
+    dx, *_ = ref.lora_linear_backward(dy.to(dtype), *cast[:4], s_mat, scale, p, seed, True, False, False)
+    assert torch.equal(dx, dx64.to(dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_kernels_round_once(dtype, device, monkeypatch):
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("bf16 tl.dot is not exact in the Triton CPU interpreter")
+    from lora_kernels.triton import lora_linear as tri
+
+    monkeypatch.setattr(tri, "BASE_GEMM", "triton")  # the fused path (the cuBLAS base path rounds the base first)
+    g = torch.Generator().manual_seed(12)
+    p = 0.5
+    x, w, a, b, bias, scale, seed, y64, dy, dx64 = _exact_case(33, 40, 24, 5, p, g)
+    cast = [t.to(device=device, dtype=dtype) for t in (x, w, a, b, bias)]
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
+    y, s_mat = torch.ops.lora_kernels.lora_linear_fwd(*cast[:4], cast[4], scale, p, seed_t, "triton")
+    assert torch.equal(y.cpu(), y64.to(dtype))
+    dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(dy.to(device=device, dtype=dtype), *cast[:4], s_mat, scale, p,
+                                                    seed_t, "triton", True, False, False)
+    assert torch.equal(dx.cpu(), dx64.to(dtype))
+
+
+# --------------------------------------------------------------------------------- dropout offsets past 2^31, 2^32
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device with ~30 GB free")
+def test_dropout_mask_offsets_past_2_to_the_32_on_gpu(monkeypatch):
+    """The mask of element (m, k) is keyed by the int64 offset m·K + k. With x of more than 2^32 elements, an int32
+    (or uint32) offset wraps and the last rows get another row's mask. W0 = 0, so S = dropout(x)·Aᵀ and dX =
+    mask⊙(dS·A)/(1-p) of the last rows can be checked against the reference Philox at their true offsets."""
+    from lora_kernels.reference.dropout import RAND_BITS, dropout_threshold, philox_randint
+
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")  # no tile benchmarking on 8.6 GB inputs
+    K_, R_, N_, p, tail = 2048, 4, 8, 0.5, 48
+    M_ = (1 << 32) // K_ + tail  # 4.3e9 elements: fp16 x is 8.6 GB, dx as much
+    dev = "cuda"
+    torch.manual_seed(0)
+    x = torch.randn(M_, K_, device=dev, dtype=torch.float16)
+    w = torch.zeros(N_, K_, device=dev, dtype=torch.float16)
+    a = (torch.randn(R_, K_, device=dev) / K_ ** 0.5).half()
+    b = torch.randn(N_, R_, device=dev).half()
+    seed = 0x1234_5678_9ABC
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
+    _, s_mat = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, None, 1.0, p, seed_t, "triton")
+    dy = torch.randn(M_, N_, device=dev, dtype=torch.float16)
+    dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(dy, x, w, a, b, s_mat, 1.0, p, seed_t, "triton",
+                                                    True, False, False)
+    rows = torch.cat([torch.arange(0, 8), torch.arange((1 << 31) // K_ - 8, (1 << 31) // K_ + 8),
+                      torch.arange(M_ - tail, M_)]).to(dev)
+    offsets = rows[:, None].to(torch.int64) * K_ + torch.arange(K_, device=dev)[None, :]
+    assert int(offsets.max()) >= 1 << 32
+    keep = (philox_randint(seed, offsets) >> (32 - RAND_BITS)) >= dropout_threshold(p)
+    xd = torch.where(keep, x[rows].float() / (1 - p), torch.zeros((), device=dev))
+    s_ref = xd @ a.float().T
+    torch.testing.assert_close(s_mat[rows], s_ref, atol=1e-2, rtol=1e-2)
+    d_s = dy[rows].float() @ b.float()
+    dx_ref = torch.where(keep, (d_s @ a.float()) / (1 - p), torch.zeros((), device=dev))
+    torch.testing.assert_close(dx[rows].float(), dx_ref, atol=2e-3, rtol=1e-2)
