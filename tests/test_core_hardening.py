@@ -597,3 +597,13 @@ def test_dropout_mask_offsets_past_2_to_the_32_on_gpu(monkeypatch):
     d_s = dy[rows].float() @ b.float()
     dx_ref = torch.where(keep, (d_s @ a.float()) / (1 - p), torch.zeros((), device=dev))
     torch.testing.assert_close(dx[rows].float(), dx_ref, atol=2e-3, rtol=1e-2)
+
+
+def test_lora_ga_refuses_a_linear_it_cannot_replace_and_names_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), ScaledLinear(8, 8))
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"^1 is an nn.Linear with its own forward"):
+        lk.lora_ga_init(model, [torch.randn(3, 8)], _mse, r=2, target_modules=["0", "1"])
+    _assert_state(model, before)
+    assert type(model[0]) is nn.Linear

@@ -282,8 +282,10 @@ def lora_ga_init(
         if id(lin.weight) in seen:
             raise ValueError(f"{n} and {seen[id(lin.weight)]} share one weight tensor; LoRA-GA needs distinct weights")
         seen[id(lin.weight)] = n
-    from ..modules import _tied_names
+    from ..modules import _tied_names, check_replaceable
 
+    for n, lin in linears.items():
+        check_replaceable(n, lin)  # here, so that the error names the layer
     tied = _tied_names(model, list(linears.values()))
     for n, lin in linears.items():
         if id(lin) in tied:
