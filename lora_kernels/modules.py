@@ -14,6 +14,7 @@ merged layer loads W0, A and B and merges again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
@@ -48,6 +49,13 @@ def _real(name: str, value) -> float:
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(t: torch.Tensor):
+    # merge and delta_weight are fp32/fp64 math: inside a torch.autocast block their matmul ran in bf16 (a merged
+    # weight off by ~2e-3 in fp32) without this.
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -169,9 +177,14 @@ class LoRALinear(nn.Module):
         check_replaceable("linear", linear)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        flag = linear.weight.requires_grad
         layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init, lora_dtype, backend)
         layer.train(linear.training)
-        layer.reset_lora_parameters(init)
+        try:
+            layer.reset_lora_parameters(init)  # PiSSA may refuse (r > min(out, in)) after _setup froze the weight
+        except BaseException:
+            linear.weight.requires_grad_(flag)
+            raise
         return layer
 
     @torch.no_grad()
@@ -226,13 +239,15 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s·B·A, shape ``[out, in]``, in float32 (float64 for a float64 base); no autograd."""
         acc = _acc_dtype(self.weight.dtype)
-        return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
+        with _autocast_off(self.weight):
+            return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
 
     @torch.no_grad()
     def _merged_weight(self, w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         """``W0 + s·B·A`` rounded once to W0's dtype; raises ValueError (nothing changed) when not finite."""
         acc = _acc_dtype(w0.dtype)
-        merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))
+        with _autocast_off(w0):
+            merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))
         if not torch.isfinite(merged).all():
             raise ValueError("merge refused: the merged weight would contain inf or NaN; nothing was changed")
         merged = merged.to(w0.dtype)

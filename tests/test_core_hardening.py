@@ -607,3 +607,41 @@ def test_lora_ga_refuses_a_linear_it_cannot_replace_and_names_it():
         lk.lora_ga_init(model, [torch.randn(3, 8)], _mse, r=2, target_modules=["0", "1"])
     _assert_state(model, before)
     assert type(model[0]) is nn.Linear
+
+
+def test_merge_and_inits_ignore_an_enclosing_autocast():
+    """merge(), PiSSA and the LoRA-GA factors are fp32 math; called inside a user's autocast block their matmuls ran
+    in bf16 (merged weight off by ~2e-3, LoRA-GA factors by ~0.4)."""
+    torch.manual_seed(0)
+    layer = lk.LoRALinear(40, 24, r=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    layer.unmerge()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.merge()
+        delta = layer.delta_weight()
+    assert torch.equal(layer.weight, merged) and delta.dtype == torch.float32
+    lin = nn.Linear(40, 24)
+    twin = nn.Linear(40, 24)
+    twin.load_state_dict(lin.state_dict())
+    plain = lk.LoRALinear.from_linear(lin, r=4, init="pissa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = lk.LoRALinear.from_linear(twin, r=4, init="pissa")
+    for name, t in plain.state_dict().items():
+        assert torch.equal(under.state_dict()[name], t), name
+    G = torch.randn(24, 40)
+    outside = lk.init.lora_ga_factors(G, 4, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = lk.init.lora_ga_factors(G, 4, generator=torch.Generator().manual_seed(0))
+    for o, i in zip(outside, inside):
+        assert i.dtype == torch.float32 and torch.equal(i, o)
+
+
+def test_failing_pissa_from_linear_leaves_the_linear_as_it_was():
+    lin = nn.Linear(6, 3)
+    w = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match="r=4 exceeds"):
+        lk.LoRALinear.from_linear(lin, r=4, init="pissa")
+    assert lin.weight.requires_grad and torch.equal(lin.weight, w)

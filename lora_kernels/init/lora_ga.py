@@ -42,7 +42,7 @@ import torch.nn as nn
 from .._progress import progress as progress_bar  # the name "progress" is lora_ga_init's argument
 from ..modules import _matches
 from .pissa import INIT_RECORD
-from .svd import randomized_svd
+from .svd import autocast_off, randomized_svd
 
 logger = logging.getLogger("lora_kernels")
 
@@ -102,8 +102,9 @@ def lora_ga_factors(
         raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
     idx_a, idx_b = _direction_indices(r, direction, generator)
     G = G if G.dtype == torch.float64 else G.float()
-    U, _, Vh = randomized_svd(G, q=min(4 * r, min(m, n)), niter=niter, generator=generator)
-    U, Vh = _fix_signs(U, Vh)
+    with autocast_off(G):
+        U, _, Vh = randomized_svd(G, q=min(4 * r, min(m, n)), niter=niter, generator=generator)
+        U, Vh = _fix_signs(U, Vh)
     c = m ** 0.25 / math.sqrt(stable_gamma)  # "stable" scale: forward/backward magnitudes Θ(1) in width and rank
     A = Vh[..., idx_a.to(G.device), :] * c
     B = U[..., :, idx_b.to(G.device)] * c
@@ -418,7 +419,8 @@ def lora_ga_init(
             layer.lora_B.copy_(B)
             rho = layer.scaling  # ρ: α/√r with rsLoRA, α/r without
             W = layer.weight
-            W.copy_((W.float() - rho * (layer.lora_B.float() @ layer.lora_A.float())).to(W.dtype))
+            with autocast_off(W):
+                W.copy_((W.float() - rho * (layer.lora_B.float() @ layer.lora_A.float())).to(W.dtype))
             setattr(layer, INIT_RECORD, (layer.lora_A.detach().float().cpu().clone(),
                                          layer.lora_B.detach().float().cpu().clone()))
             layer.train(lin.training)

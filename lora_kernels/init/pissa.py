@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .svd import randomized_svd
+from .svd import autocast_off, randomized_svd
 
 INIT_RECORD = "_lk_init_adapter"  # attribute of a LoRALinear whose W0 an init changed: (A0, B0) fp32 on the CPU
 
@@ -27,7 +27,7 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: Optional[
     s = float(scaling)
     if s <= 0:
         raise ValueError(f"pissa_init needs a positive scaling, got {s}")
-    with torch.no_grad():
+    with torch.no_grad(), autocast_off(weight):
         W32 = weight.detach().float()
         if niter is None:
             U, S, Vh = torch.linalg.svd(W32, full_matrices=False)
@@ -44,7 +44,8 @@ def apply_pissa(layer, A: torch.Tensor, B: torch.Tensor) -> None:
     layer.lora_A.copy_(A)
     layer.lora_B.copy_(B)
     # Subtract with the adapter as stored (possibly rounded to lora dtype) so that W_res + s·B·A == W0 to W's rounding.
-    residual = W.detach().float() - float(layer.scaling) * (layer.lora_B.float() @ layer.lora_A.float())
+    with autocast_off(W):
+        residual = W.detach().float() - float(layer.scaling) * (layer.lora_B.float() @ layer.lora_A.float())
     W.copy_(residual.to(W.dtype))
     setattr(layer, INIT_RECORD, (layer.lora_A.detach().float().cpu().clone(), layer.lora_B.detach().float().cpu().clone()))
 
