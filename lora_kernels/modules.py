@@ -514,11 +514,13 @@ def inject_lora(
                 lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                 init="zeros" if init == "pissa" else init, lora_dtype=lora_dtype, backend=backend,
             )
+            built[lid].init = init  # what reset_parameters() re-applies
         if init == "pissa":
             from .init.pissa import pissa_factors
 
             for lid, layer in built.items():  # every SVD before the first write
-                factors[lid] = pissa_factors(layer.weight, layer.r, layer.scaling)
+                if not layer.weight.is_meta:  # a meta model gets PiSSA from reset_parameters() after to_empty()
+                    factors[lid] = pissa_factors(layer.weight, layer.r, layer.scaling)
     except BaseException:
         for p, flag in saved_flags:  # from_linear froze the weights it wrapped
             p.requires_grad_(flag)
