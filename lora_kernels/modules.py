@@ -9,7 +9,12 @@ Merging. ``merge()`` writes ``W0 + s·B·A`` into ``weight`` in place and keeps 
 buffer, so ``unmerge()`` is lossless in every dtype and the copy follows ``.to()`` / ``.cuda()``. The price is one
 extra copy of the base weight while merged. Whatever the merge state, ``state_dict()`` holds the *unmerged* W0 under
 ``weight`` (a checkpoint means the same thing to a merged and an unmerged receiver), and ``load_state_dict`` into a
-merged layer loads W0, A and B and merges again.
+merged layer loads W0, A and B and merges again. A merged layer computes with the merged weight in training mode
+too (as PEFT does); the adapter gets no gradient then, which is warned once.
+
+Tied weights. A base weight that is also another module's parameter (an ``lm_head`` tied to the input embedding) is
+recorded by ``inject_lora`` in ``LoRALinear.tied_with``; everything that writes W0 in place (``merge()``, PiSSA,
+``reset_parameters()``) refuses such a layer, naming the tie, until ``untie_weight()`` gives it its own copy.
 """
 
 from __future__ import annotations
@@ -440,7 +445,11 @@ def inject_lora(
     or one string matched as a regex against the full name. With ``freeze_base`` every parameter of the model other
     than the LoRA adapters is frozen, as PEFT does. Returns the replaced names (a layer reachable under several
     names, e.g. tied, is wrapped once and every name points at the same ``LoRALinear``). Raises ValueError listing the candidates when nothing
-    matches; on any error the model is left unchanged.
+    matches; on any error the model is left unchanged (weights, modules and ``requires_grad`` flags). Refused with
+    ValueError: an ``nn.Linear`` subclass with its own ``forward`` (its behaviour would be lost), a parametrized or
+    weight-normed Linear (its parametrization would be dropped), and with ``init="pissa"`` a weight tied to another
+    parameter or an r above min(out, in) of any target. A tied target is otherwise wrapped and recorded in
+    ``tied_with`` (see the module docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
