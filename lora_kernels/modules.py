@@ -9,14 +9,21 @@ Merging. ``merge()`` writes ``W0 + s·B·A`` into ``weight`` in place and keeps 
 buffer, so ``unmerge()`` is lossless in every dtype and the copy follows ``.to()`` / ``.cuda()``. The price is one
 extra copy of the base weight while merged. Whatever the merge state, ``state_dict()`` holds the *unmerged* W0 under
 ``weight`` (a checkpoint means the same thing to a merged and an unmerged receiver), and ``load_state_dict`` into a
-merged layer loads W0, A and B and merges again.
+merged layer loads W0, A and B and merges again. A merged layer computes with the merged weight in training mode
+too (as PEFT does); the adapter gets no gradient then, which is warned once.
+
+Tied weights. A base weight that is also another module's parameter (an ``lm_head`` tied to the input embedding) is
+recorded by ``inject_lora`` in ``LoRALinear.tied_with``; everything that writes W0 in place (``merge()``, PiSSA,
+``reset_parameters()``) refuses such a layer, naming the tie, until ``untie_weight()`` gives it its own copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
+import warnings
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -49,6 +56,22 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _autocast_off(t: torch.Tensor):
+    # merge and delta_weight are fp32/fp64 math: inside a torch.autocast block their matmul ran in bf16 (a merged
+    # weight off by ~2e-3 in fp32) without this.
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _init_base(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    # nn.Linear's initialisation of the base layer, so a fresh LoRALinear behaves like a fresh nn.Linear.
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1.0 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0.0
+        nn.init.uniform_(bias, -bound, bound)
+
+
 class LoRALinear(nn.Module):
     """``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + bias`` with W0 frozen; ``merge()`` folds s·BA into W0.
 
@@ -56,6 +79,11 @@ class LoRALinear(nn.Module):
     ``alpha`` defaults to ``r`` (scaling 1). ``lora_dtype`` is the adapter's dtype: the base dtype (default) or
     float32. ``backend`` is passed to :func:`lora_kernels.lora_linear` (``None``: ``$LORA_KERNELS_BACKEND`` or auto).
     """
+
+    _warned_merged_training = False  # set on the instance by the first training-mode forward while merged
+    # Qualified names of other parameters that are this layer's base weight (an lm_head tied to the embedding), as
+    # found by inject_lora. merge() and PiSSA write the weight in place and refuse while it is set; see untie_weight.
+    tied_with: Tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -81,12 +109,8 @@ class LoRALinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         weight = torch.empty(out_features, in_features, **factory)
         bias_t = torch.empty(out_features, **factory) if bias else None
-        # nn.Linear's initialisation of the base layer, so a fresh LoRALinear behaves like a fresh nn.Linear.
         if weight.device.type != "meta":
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-            if bias_t is not None:
-                bound = 1.0 / math.sqrt(in_features)
-                nn.init.uniform_(bias_t, -bound, bound)
+            _init_base(weight, bias_t)
         self._setup(nn.Parameter(weight, requires_grad=False),
                     nn.Parameter(bias_t) if bias_t is not None else None,
                     r, alpha, dropout, use_rslora, init, lora_dtype, backend)
@@ -125,6 +149,7 @@ class LoRALinear(nn.Module):
         self.scaling = lora_scaling(r, alpha, self.use_rslora)
         self.dropout = dropout
         self.backend = backend
+        self.init = init  # what reset_parameters() re-applies
         weight.requires_grad_(False)
         self.weight = weight
         self.bias = bias
@@ -154,12 +179,37 @@ class LoRALinear(nn.Module):
         (``inject_lora`` freezes it with the rest of the base model)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        check_replaceable("linear", linear)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        flag = linear.weight.requires_grad
         layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, init, lora_dtype, backend)
         layer.train(linear.training)
-        layer.reset_lora_parameters(init)
+        try:
+            layer.reset_lora_parameters(init)  # PiSSA may refuse (r > min(out, in)) after _setup froze the weight
+        except BaseException:
+            linear.weight.requires_grad_(flag)
+            raise
         return layer
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the layer as the constructor does: the base weight and bias as ``nn.Linear`` does, then the
+        adapter with the layer's ``init``. This is what meta-device construction needs
+        (``layer.to_empty(device=...)`` then ``layer.reset_parameters()``, as FSDP does for every module). Like
+        ``nn.Linear.reset_parameters`` it overwrites the base weight in place: refused for a merged layer and for a
+        weight tied to another parameter."""
+        from .init.pissa import INIT_RECORD
+
+        if self.merged:
+            raise RuntimeError("unmerge() before reset_parameters()")
+        self.check_untied("reset_parameters()")
+        if self.weight.device.type == "meta":
+            return
+        _init_base(self.weight, self.bias)
+        if getattr(self, INIT_RECORD, None) is not None:
+            delattr(self, INIT_RECORD)  # the residual it described is gone
+        self.reset_lora_parameters(self.init)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default") -> None:
@@ -194,13 +244,15 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s·B·A, shape ``[out, in]``, in float32 (float64 for a float64 base); no autograd."""
         acc = _acc_dtype(self.weight.dtype)
-        return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
+        with _autocast_off(self.weight):
+            return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
 
     @torch.no_grad()
     def _merged_weight(self, w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         """``W0 + s·B·A`` rounded once to W0's dtype; raises ValueError (nothing changed) when not finite."""
         acc = _acc_dtype(w0.dtype)
-        merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))
+        with _autocast_off(w0):
+            merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))
         if not torch.isfinite(merged).all():
             raise ValueError("merge refused: the merged weight would contain inf or NaN; nothing was changed")
         merged = merged.to(w0.dtype)
@@ -208,13 +260,35 @@ class LoRALinear(nn.Module):
             raise ValueError(f"merge refused: the merged weight overflows {w0.dtype}; nothing was changed")
         return merged
 
+    def check_untied(self, action: str) -> None:
+        """ValueError naming the tie when the base weight is shared with other parameters (``tied_with``):
+        ``action`` would write into the shared tensor and change those too."""
+        if self.tied_with:
+            raise ValueError(
+                f"{action} refused: this layer's base weight is tied to {', '.join(self.tied_with)} (one tensor), "
+                f"and {action} writes into it, which would change those too. Call untie_weight() first to give the "
+                f"layer its own copy, or leave this layer out; nothing was changed"
+            )
+
+    @torch.no_grad()
+    def untie_weight(self) -> None:
+        """Give this layer its own copy of the base weight (same dtype, device and ``requires_grad``), so that
+        :meth:`merge` and PiSSA change only this layer; the other owners in ``tied_with`` keep the old tensor."""
+        if self.merged:
+            raise RuntimeError("unmerge() before untie_weight()")
+        w = self.weight
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        self.tied_with = ()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold s·BA into the base weight, in place; forward becomes a plain ``F.linear``. Refuses with ValueError
-        (nothing changed) when the merged weight would not be finite. An exact copy of W0 is kept until
-        :meth:`unmerge`, which restores it bit for bit."""
+        (nothing changed) when the merged weight would not be finite, or when the weight is tied to another
+        parameter (``tied_with``). An exact copy of W0 is kept until :meth:`unmerge`, which restores it bit for
+        bit."""
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged")
+        self.check_untied("merge()")
         merged = self._merged_weight(self.weight, self.lora_A, self.lora_B)
         self._unmerged_weight = self.weight.detach().clone()
         self.weight.copy_(merged)
@@ -257,10 +331,14 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                raise RuntimeError(
-                    "LoRALinear is merged and in training mode: the adapter would get no gradient. Call unmerge() "
-                    "before training, or eval() / torch.no_grad() for inference with the merged weight."
+            # PEFT computes a merged layer with the merged weight in either mode; so do we, and say once that the
+            # adapter learns nothing meanwhile (one message per process: the text and call site do not change).
+            if (self.training and torch.is_grad_enabled() and not self._warned_merged_training
+                    and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
+                self._warned_merged_training = True
+                warnings.warn(
+                    "a merged LoRALinear is run in training mode: it computes with the merged weight and its adapter "
+                    "gets no gradient until unmerge()", UserWarning, stacklevel=2,
                 )
             return F.linear(x, self.weight, self.bias)
         x, weight, bias, lora_A, lora_B = self._autocast(x)
@@ -297,6 +375,50 @@ class LoRALinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- model helpers
+def check_replaceable(name: str, linear: nn.Linear) -> None:
+    """ValueError when a LoRALinear built from ``linear`` would not compute what ``linear`` computes, or would drop
+    part of its state: a subclass with its own ``forward`` (or a forward set on the instance) runs code the
+    LoRALinear does not; a parametrized or weight-normed Linear computes its weight from other parameters, which
+    would be frozen into a plain tensor and vanish from the state dict."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(linear):
+        raise ValueError(
+            f"{name} is a parametrized Linear (parametrizations on {', '.join(linear.parametrizations.keys())}, e.g. "
+            f"weight_norm or spectral_norm): wrapping it would freeze the computed weight into a plain tensor and "
+            f"drop the parametrization's parameters from the state dict; remove the parametrization first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations) or leave the layer out"
+        )
+    if not isinstance(linear._parameters.get("weight"), nn.Parameter):
+        raise ValueError(
+            f"{name}.weight is not a parameter of the layer (old-style torch.nn.utils.weight_norm/spectral_norm "
+            f"recompute it from other parameters in a forward pre-hook): wrapping it would drop those; remove the "
+            f"reparametrization first (e.g. torch.nn.utils.remove_weight_norm) or leave the layer out"
+        )
+    if type(linear).forward is not nn.Linear.forward or "forward" in vars(linear):
+        where = "on the instance" if "forward" in vars(linear) else f"in {type(linear).__qualname__}"
+        raise ValueError(
+            f"{name} is an nn.Linear with its own forward ({where}): LoRALinear computes nn.Linear's function and "
+            f"would silently drop that behaviour; leave the layer out of target_modules or wrap its inner Linear"
+        )
+
+
+def _tied_names(model: nn.Module, linears: Sequence[nn.Module]) -> Dict[int, Tuple[str, ...]]:
+    """id(linear) → qualified names of the parameters of *other* modules that are ``linear.weight`` itself (an
+    lm_head tied to the input embedding); linears without such a tie are left out."""
+    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((f"{mname}.{pname}" if mname else pname, mod))
+    out = {}
+    for lin in linears:
+        names = tuple(sorted({n for n, mod in owners.get(id(lin.weight), []) if mod is not lin}))
+        if names:
+            out[id(lin)] = names
+    return out
+
+
 def _matches(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
     # PEFT's rule: a string is a regex matched against the whole qualified name; a list matches by name suffix
     # on a "." boundary ("q_proj" matches "layers.0.attn.q_proj", not "layers.0.attn.xq_proj").
@@ -323,7 +445,11 @@ def inject_lora(
     or one string matched as a regex against the full name. With ``freeze_base`` every parameter of the model other
     than the LoRA adapters is frozen, as PEFT does. Returns the replaced names (a layer reachable under several
     names, e.g. tied, is wrapped once and every name points at the same ``LoRALinear``). Raises ValueError listing the candidates when nothing
-    matches; on any error the model is left unchanged.
+    matches; on any error the model is left unchanged (weights, modules and ``requires_grad`` flags). Refused with
+    ValueError: an ``nn.Linear`` subclass with its own ``forward`` (its behaviour would be lost), a parametrized or
+    weight-normed Linear (its parametrization would be dropped), and with ``init="pissa"`` a weight tied to another
+    parameter or an r above min(out, in) of any target. A tied target is otherwise wrapped and recorded in
+    ``tied_with`` (see the module docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -358,9 +484,10 @@ def inject_lora(
         raise ValueError(
             f"target_modules={target_modules!r} matched no nn.Linear; candidates: {shown or '(none)'}{extra}"
         )
-    # Build every replacement before touching the model, so a bad argument leaves it as it was.
-    plan: List[Tuple[nn.Module, str, LoRALinear]] = []
-    built: Dict[int, LoRALinear] = {}
+    # Check every target, then build every replacement, and only then touch the model: a bad argument or a bad
+    # layer anywhere leaves the model exactly as it was (flags included).
+    plan: List[Tuple[nn.Module, str, nn.Linear]] = []
+    targets: Dict[int, Tuple[str, nn.Linear]] = {}
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -370,20 +497,58 @@ def inject_lora(
                 f"target its parent's other Linear layers instead"
             )
         linear = getattr(parent, child)
-        if id(linear) not in built:
-            built[id(linear)] = LoRALinear.from_linear(
-                linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init,
-                lora_dtype=lora_dtype, backend=backend,
+        check_replaceable(name, linear)
+        targets.setdefault(id(linear), (name, linear))
+        plan.append((parent, child, linear))
+    tied = _tied_names(model, [lin for _, lin in targets.values()])
+    if init == "pissa":
+        if lora_scaling(r, _real("alpha", r if alpha is None else alpha), bool(use_rslora)) <= 0:
+            raise ValueError(f"init='pissa' needs a positive scaling (alpha > 0), got alpha={alpha!r}")
+        for lid, (name, lin) in targets.items():
+            if lid in tied:
+                raise ValueError(
+                    f"init='pissa' writes the residual into {name}.weight, which is tied to {', '.join(tied[lid])} "
+                    f"(one tensor) and would change those too; untie it first ({name}.weight = "
+                    f"nn.Parameter({name}.weight.detach().clone())) or leave {name} out; nothing was changed"
+                )
+            if isinstance(r, int) and r > min(lin.weight.shape):
+                raise ValueError(f"init='pissa' needs r ≤ min(out, in) for every target; {name} has weight "
+                                 f"{tuple(lin.weight.shape)} and r={r}; nothing was changed")
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        built: Dict[int, LoRALinear] = {}
+        factors = {}
+        for lid, (name, lin) in targets.items():
+            built[lid] = LoRALinear.from_linear(
+                lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                init="zeros" if init == "pissa" else init, lora_dtype=lora_dtype, backend=backend,
             )
-        plan.append((parent, child, built[id(linear)]))
+            built[lid].init = init  # what reset_parameters() re-applies
+        if init == "pissa":
+            from .init.pissa import pissa_factors
+
+            for lid, layer in built.items():  # every SVD before the first write
+                if not layer.weight.is_meta:  # a meta model gets PiSSA from reset_parameters() after to_empty()
+                    factors[lid] = pissa_factors(layer.weight, layer.r, layer.scaling)
+    except BaseException:
+        for p, flag in saved_flags:  # from_linear froze the weights it wrapped
+            p.requires_grad_(flag)
+        raise
+    # Nothing below can fail.
+    for lid, layer in built.items():
+        layer.tied_with = tied.get(lid, ())
+        if lid in factors:
+            from .init.pissa import apply_pissa
+
+            apply_pissa(layer, *factors[lid])
     if freeze_base:
         # Everything but the adapters already in the model (an earlier inject_lora call) stops training.
         keep = {id(p) for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)}
         for p in model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
-    for parent, child, layer in plan:
-        setattr(parent, child, layer)
+    for parent, child, linear in plan:
+        setattr(parent, child, built[id(linear)])
     return chosen
 
 

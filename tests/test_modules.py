@@ -5,6 +5,7 @@ kernels (interpreter on the CPU)."""
 import copy
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -295,13 +296,21 @@ def test_merge_refuses_non_finite(case):
         assert torch.equal(v, before[k]) or (v.isnan().all() and before[k].isnan().all()), k
 
 
-def test_training_while_merged_raises():
+def test_training_while_merged_computes_merged_and_warns_once():
+    # PEFT's behaviour: a merged layer computes with the merged weight in training mode too; the adapter gets no
+    # gradient meanwhile, which is said once.
     _, layer = _layer(7, 5)
     x = torch.randn(3, 7)
     y_ref = layer(x).detach()
     layer.merge()
-    with pytest.raises(RuntimeError, match="merged and in training mode"):
-        layer(x)
+    with pytest.warns(UserWarning, match="merged LoRALinear is run in training mode"):
+        y = layer(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y.sum().backward()
+        layer(x)  # once per layer
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y_ref, atol=1e-5, rtol=1e-5)
     layer.eval()

@@ -2,8 +2,11 @@
 
 Recipe (official repository Outsider565/LoRA-GA, ``lora_ga_init`` with ``scale="stable"``), per target layer:
 
-1. ``G`` = the gradient of the loss with respect to W0, averaged over the estimation batches (and over ranks), fp32.
+1. ``G`` = the gradient of the loss with respect to W0, averaged over the estimation batches (and over ranks), fp32,
+   with the model in training mode (``model.train()``, as the official code and PEFT do: dropout active).
 2. ``U, S, Vh`` = randomized SVD of G with ``q = min(4r, min(G.shape))`` and ``niter`` (4) power iterations.
+   Each singular pair's sign is fixed (largest-magnitude entry of u positive), so the result does not depend on the
+   SVD's random projections or on how many ranks summed G.
 3. ``direction="ArB2r"`` (default): ``A = Vh[:r]``, ``B = U[:, r:2r]``; "A2rBr": ``A = Vh[r:2r]``, ``B = U[:, :r]``;
    "ArBr": ``A = Vh[1:2r:2]``, ``B = U[:, 0:2r:2]``; "random": a seeded random split of the first 2r directions.
 4. Both A and B are multiplied by ``c = d_out^(1/4) / √γ`` (γ = ``stable_gamma``); no singular value enters them.
@@ -28,6 +31,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -35,9 +39,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 
+from .._progress import progress as progress_bar  # the name "progress" is lora_ga_init's argument
 from ..modules import _matches
 from .pissa import INIT_RECORD
-from .svd import randomized_svd
+from .svd import autocast_off, randomized_svd
 
 logger = logging.getLogger("lora_kernels")
 
@@ -52,6 +57,16 @@ ProgressFn = Callable[[str, int, int, str], None]
 
 
 # ------------------------------------------------------------------------------------------------------ factors
+def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A singular pair (u, v) is defined up to a joint sign, which the SVD picks from its random projections and
+    rounding (it changed with the number of ranks the gradient was summed over). Fix it: the largest-magnitude
+    entry of every left singular vector is positive (the first such entry on a tie); v flips with its u."""
+    idx = U.abs().argmax(dim=-2, keepdim=True)  # [..., 1, q]
+    sign = torch.gather(U, -2, idx).sign()
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, Vh * sign.transpose(-2, -1)
+
+
 def _direction_indices(r: int, direction: str, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices into the 2r leading singular directions: (those used for A, those used for B)."""
     if direction == "ArB2r":
@@ -87,7 +102,9 @@ def lora_ga_factors(
         raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
     idx_a, idx_b = _direction_indices(r, direction, generator)
     G = G if G.dtype == torch.float64 else G.float()
-    U, _, Vh = randomized_svd(G, q=min(4 * r, min(m, n)), niter=niter, generator=generator)
+    with autocast_off(G):
+        U, _, Vh = randomized_svd(G, q=min(4 * r, min(m, n)), niter=niter, generator=generator)
+        U, Vh = _fix_signs(U, Vh)
     c = m ** 0.25 / math.sqrt(stable_gamma)  # "stable" scale: forward/backward magnitudes Θ(1) in width and rank
     A = Vh[..., idx_a.to(G.device), :] * c
     B = U[..., :, idx_b.to(G.device)] * c
@@ -200,7 +217,7 @@ def lora_ga_init(
     dropout: float = 0.0,
     backend: Optional[str] = None,
     grad_buffer: str = "cpu",
-    train_mode: Optional[bool] = None,
+    train_mode: Optional[bool] = True,
     freeze_base: bool = True,
     process_group=None,
     progress: Union[None, bool, ProgressFn] = None,
@@ -217,8 +234,10 @@ def lora_ga_init(
     ``stable_gamma``, ``niter``: see the module docstring; ``seed`` fixes the SVD's random projections (identical
     on every rank). ``grad_buffer``: ``"cpu"`` (fp32 accumulators on the host: the accelerator holds at most one
     layer's gradient at a time) or ``"device"`` (fp32 accumulators next to the weights: faster, 4 bytes per target
-    weight element on the accelerator). ``train_mode``: None estimates in the model's current mode, True/False set
-    train()/eval() meanwhile; modes are restored afterwards either way. ``freeze_base``: afterwards only the adapters
+    weight element on the accelerator). ``train_mode``: True (default, the official recipe and PEFT's: dropout
+    active as in fine-tuning) calls ``model.train()`` for the estimate, False ``model.eval()``, None keeps the
+    model's current modes; every module's mode is restored afterwards either way. A target whose estimated gradient
+    is exactly zero (the loss does not reach it) gets a warning: its adapter then starts from arbitrary directions. ``freeze_base``: afterwards only the adapters
     require grad (as ``inject_lora``); False restores the other parameters' flags. With ``torch.distributed``
     initialised, gradients and batch counts are summed over ``process_group`` so every rank gets the average over the
     union of the data and the same adapters. ``progress``: None logs to the ``lora_kernels`` logger (INFO), True
@@ -245,6 +264,8 @@ def lora_ga_init(
         raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches <= 0):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if train_mode is not None and not isinstance(train_mode, bool):
+        raise TypeError(f"train_mode must be True, False or None, got {type(train_mode).__name__} {train_mode!r}")
     if grad_buffer not in ("cpu", "device"):
         raise ValueError(f"grad_buffer must be 'cpu' or 'device', got {grad_buffer!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -262,6 +283,18 @@ def lora_ga_init(
         if id(lin.weight) in seen:
             raise ValueError(f"{n} and {seen[id(lin.weight)]} share one weight tensor; LoRA-GA needs distinct weights")
         seen[id(lin.weight)] = n
+    from ..modules import _tied_names, check_replaceable
+
+    for n, lin in linears.items():
+        check_replaceable(n, lin)  # here, so that the error names the layer
+    tied = _tied_names(model, list(linears.values()))
+    for n, lin in linears.items():
+        if id(lin) in tied:
+            raise ValueError(
+                f"{n}.weight is tied to {', '.join(tied[id(lin)])} (one tensor): LoRA-GA writes W0 − ρ·B·A into it and "
+                f"would change those too; untie it first ({n}.weight = nn.Parameter({n}.weight.detach().clone())) "
+                f"or leave {n} out of target_modules; nothing was changed"
+            )
     report = _make_progress(progress)
     loss_fn = loss_fn if loss_fn is not None else _default_loss
     group, world = _dist_group(process_group)
@@ -286,6 +319,7 @@ def lora_ga_init(
     buffers: Dict[str, torch.Tensor] = {}
     hooks = []
     n_local = 0
+    batch_iter = None
     try:
         for p in params:
             p.requires_grad_(False)
@@ -306,7 +340,8 @@ def lora_ga_init(
         expected = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else 0)
         if hasattr(batches, "__len__") and num_batches is not None:
             expected = min(expected, len(batches))
-        for batch in batches:
+        batch_iter = progress_bar(batches, total=expected or None, desc="LoRA-GA gradient", unit="batch")
+        for batch in batch_iter:
             loss = _as_loss(loss_fn(model, batch))
             if not loss.requires_grad:
                 raise RuntimeError("the loss does not depend on any target weight (no grad_fn); check target_modules")
@@ -316,6 +351,8 @@ def lora_ga_init(
             if num_batches is not None and n_local >= num_batches:
                 break  # before drawing another batch: an iterator keeps its unused items
     finally:
+        if batch_iter is not None:
+            batch_iter.close()  # closes the bar now; draws nothing more from batches
         for h in hooks:
             h.remove()
         for p, flag in zip(params, saved_flags):
@@ -357,6 +394,13 @@ def lora_ga_init(
                 bad = [n for n, ok in zip(chunk, finite) if not ok]
                 raise ValueError(f"lora_ga_init: the estimated gradient of {bad} contains inf or NaN (check loss_fn "
                                  "and the batches); the model was not changed")
+            zero = (G == 0).flatten(1).all(dim=1).tolist()
+            if any(zero):
+                warnings.warn(
+                    f"lora_ga_init: the estimated gradient of {[n for n, z in zip(chunk, zero) if z]} is exactly zero "
+                    "(the loss does not reach that layer on these batches): its adapter starts from arbitrary "
+                    "directions, not from the gradient. Check target_modules and loss_fn.", stacklevel=2,
+                )
             A, B = lora_ga_factors(G, r, direction, float(stable_gamma), niter, gen)
             for j, n in enumerate(chunk):
                 factors[n] = (A[j], B[j])
@@ -375,7 +419,8 @@ def lora_ga_init(
             layer.lora_B.copy_(B)
             rho = layer.scaling  # ρ: α/√r with rsLoRA, α/r without
             W = layer.weight
-            W.copy_((W.float() - rho * (layer.lora_B.float() @ layer.lora_A.float())).to(W.dtype))
+            with autocast_off(W):
+                W.copy_((W.float() - rho * (layer.lora_B.float() @ layer.lora_A.float())).to(W.dtype))
             setattr(layer, INIT_RECORD, (layer.lora_A.detach().float().cpu().clone(),
                                          layer.lora_B.detach().float().cpu().clone()))
             layer.train(lin.training)

@@ -9,9 +9,17 @@ same-shaped gradients (a 7B model has 224 target matrices in 3 shapes), where th
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
+
+
+def autocast_off(t: torch.Tensor):
+    """Autocast disabled on ``t``'s device: the inits' matmuls are fp32 (or fp64) math, and inside a user's
+    ``torch.autocast`` block they ran in bf16 (LoRA-GA factors off by ~0.4, PiSSA residuals by ~1e-3)."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
 
 
 # Orthonormality CholeskyQR2 must reach (max |QᵀQ − I|) before its result is used; beyond it (numerically rank-
@@ -63,6 +71,12 @@ def randomized_svd(
         raise ValueError(f"q must be an int in [1, min(m, n)={min(m, n)}] for G of shape {tuple(G.shape)}, got {q!r}")
     if not isinstance(niter, int) or niter < 0:
         raise ValueError(f"niter must be a non-negative int, got {niter!r}")
+    with autocast_off(G):
+        return _randomized_svd(G, q, niter, generator)
+
+
+def _randomized_svd(G, q, niter, generator):
+    m, n = G.shape[-2:]
     omega = torch.randn(*G.shape[:-2], n, q, generator=generator, dtype=G.dtype).to(G.device)
     Gt = G.transpose(-2, -1)
     # Range finder: Q spans the dominant left singular subspace; the power iterations sharpen it by S^(2·niter),

@@ -32,6 +32,11 @@ def check_scale(name: str, value) -> float:
     between calls dynamo makes it symbolic, and ``math.isfinite`` on a symbolic float is a graph break (an error under
     ``fullgraph=True``); ``v - v != 0`` holds exactly for inf and nan and traces as a guard."""
     if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            # The ops take the value as a constant (read with .item()): a tensor that asks for a gradient would
+            # silently get none. A learnable scale belongs in the adapter (e.g. fold it into lora_B).
+            raise ValueError(f"{name} is a tensor that requires grad, but {name} is a constant of the op and would "
+                             f"get no gradient; pass a float or {name}.detach()")
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {shape(value)}")
         value = value.item()

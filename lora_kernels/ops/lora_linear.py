@@ -17,6 +17,7 @@ seed as a Python int (``.item()``, a host sync): with dropout it cannot be captu
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -131,6 +132,15 @@ def _seed_arg(backend: str, seed: torch.Tensor, dropout_p: float):
 
 
 # ------------------------------------------------------------------------------------------------------- custom ops
+def _no_autocast(t: torch.Tensor):
+    """Autocast off for the real implementations: the op's dtypes are its inputs' (the fakes say so), whatever
+    autocast context it is called or differentiated in. Without this the torch backend's fp32 matmuls ran in the
+    autocast dtype (S came back bf16 where the fake says fp32) while the Triton kernels ignored autocast.
+    ``LoRALinear`` applies autocast's casts to the inputs before the call."""
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+
+
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
 def _fwd(
     x: torch.Tensor,
@@ -145,8 +155,10 @@ def _fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     impl = _impl(backend)
     seed_arg = _seed_arg(backend, seed, dropout_p)
-    y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
-    return y, s_mat
+    with _no_autocast(x):
+        y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
+    # The fake promises row-major outputs whatever the input layouts; .contiguous() is free when they already are.
+    return y.contiguous(), s_mat.contiguous()
 
 
 @_fwd.register_fake
@@ -172,16 +184,19 @@ def _bwd(
     needs_dbias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _impl(backend)
-    dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
-        dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
-        needs_dx, needs_dweight, needs_dbias,
-    )
+    with _no_autocast(dy):
+        dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
+            dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
+            needs_dx, needs_dweight, needs_dbias,
+        )
     # Custom ops cannot return None: gradients not asked for come back as empty tensors and become None in backward.
+    # Every gradient is row-major whatever the layout of its input (a transposed trainable weight gave dW the
+    # weight's strides in the fake but not in the kernels, and inductor then read dW with the wrong strides).
     return (
-        dx if dx is not None else dy.new_empty(0),
-        d_a,
-        d_b,
-        dw if dw is not None else dy.new_empty(0),
+        dx.contiguous() if dx is not None else dy.new_empty(0),
+        d_a.contiguous(),
+        d_b.contiguous(),
+        dw.contiguous() if dw is not None else dy.new_empty(0),
         dbias.to(dy.dtype) if dbias is not None else dy.new_empty(0),
     )
 
@@ -192,7 +207,7 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, back
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else dy.new_empty(0),
         torch.empty_like(lora_A, memory_format=torch.contiguous_format),
         torch.empty_like(lora_B, memory_format=torch.contiguous_format),
-        torch.empty_like(weight) if needs_dweight else dy.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_dweight else dy.new_empty(0),
         dy.new_empty(weight.shape[0]) if needs_dbias else dy.new_empty(0),
     )
 
