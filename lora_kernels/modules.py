@@ -213,6 +213,9 @@ class LoRALinear(nn.Module):
         """Fold s·BA into the base weight, in place; forward becomes a plain ``F.linear``. Refuses with ValueError
         (nothing changed) when the merged weight would not be finite. An exact copy of W0 is kept until
         :meth:`unmerge`, which restores it bit for bit."""
+        from . import distributed  # FSDP2 / tensor-parallel shards: each rank merges its own block
+        if distributed.is_sharded_layer(self):
+            return distributed.merge_layer(self)
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged")
         merged = self._merged_weight(self.weight, self.lora_A, self.lora_B)
@@ -222,6 +225,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight saved by :meth:`merge`, bit for bit."""
+        from . import distributed  # FSDP2 / tensor-parallel shards: each rank restores its own block
+        if distributed.is_sharded_layer(self):
+            return distributed.unmerge_layer(self)
         if not self.merged:
             raise RuntimeError("this LoRALinear is not merged")
         self.weight.copy_(self._unmerged_weight)
