@@ -403,6 +403,9 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
     Like ``state_dict()`` the tensors are detached but share storage with the parameters: clone them to keep a
     snapshot across training steps."""
+    from . import distributed  # a sharded model: whole tensors on every rank (collective)
+    if distributed.is_sharded(model):
+        return distributed.lora_state_dict(model)
     out = {}
     for name, layer in lora_layers(model).items():
         prefix = f"{name}." if name else ""
