@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import threading
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -384,3 +385,324 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None,
             local(layer.lora_A).copy_(A[local_slices(layer.lora_A)])
             local(layer.lora_B).copy_(B[local_slices(layer.lora_B)])
     return OrderedDict(layers)
+
+
+# --------------------------------------------------------------------------------------- LoRA-GA / PiSSA re-init
+def _targeted_layers(model: nn.Module, target_modules) -> "OrderedDict[str, nn.Module]":
+    """The model's LoRALinear layers that ``target_modules`` selects (PEFT's rules, as ``resolve_targets``)."""
+    from .modules import _matches
+
+    layers = _layers(model)
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        out_layer = None
+        get_out = getattr(model, "get_output_embeddings", None)
+        if callable(get_out):
+            try:
+                out_layer = get_out()
+            except Exception:  # pragma: no cover - models that do not implement it
+                out_layer = None
+        return OrderedDict((n, l) for n, l in layers.items() if l is not out_layer and n.split(".")[-1] != "lm_head")
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    return OrderedDict((n, l) for n, l in layers.items() if _matches(n, target_modules))
+
+
+def lora_ga_reinit_applies(model, target_modules) -> bool:
+    """Whether ``lora_ga_init`` re-initialises existing LoRALinear layers (this module) rather than replacing
+    ``nn.Linear`` layers: the model is sharded, or ``target_modules`` selects LoRALinear layers."""
+    if _bypassed() or not isinstance(model, nn.Module):
+        return False
+    if is_sharded(model):
+        return True
+    try:
+        return bool(_targeted_layers(model, target_modules))
+    except (TypeError, ValueError, re.error):
+        return False  # the single-process path reports the bad target_modules
+
+
+def _ga_checks(model, batches, loss_fn, r, alpha, target_modules, direction, stable_gamma, use_rslora, num_batches,
+               dtype, niter, dropout, grad_buffer):
+    """Every argument check of ``lora_ga_init`` for the re-init path; returns the target layers."""
+    from .init.lora_ga import DIRECTIONS
+    from .modules import LoRALinear, _real
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) or None, got {type(loss_fn).__name__}")
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), "
+                        f"got {type(batches).__name__}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r} is not one of {', '.join(DIRECTIONS)}")
+    if not stable_gamma > 0:
+        raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches <= 0):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if grad_buffer not in ("cpu", "device"):
+        raise ValueError(f"grad_buffer must be 'cpu' or 'device', got {grad_buffer!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
+        raise ValueError(f"niter must be a non-negative int, got {niter!r}")
+    alpha = _real("alpha", alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    dropout = _real("dropout", dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        try:
+            re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
+    elif not isinstance(target_modules, str) and (not hasattr(target_modules, "__iter__") or not list(target_modules)):
+        raise ValueError(f"target_modules must be a regex, 'all-linear' or a non-empty list, got {target_modules!r}")
+    layers = _targeted_layers(model, target_modules)
+    if not layers:
+        raise ValueError(f"target_modules={target_modules!r} matched no LoRALinear layer of the sharded model "
+                         f"(inject_lora before sharding; lora_ga_init then re-initialises those layers)")
+    from .init.lora_ga import resolve_targets
+
+    try:
+        plain = resolve_targets(model, target_modules)
+    except ValueError:
+        plain = []
+    if plain:
+        raise ValueError(f"target_modules selects LoRALinear layers and plain nn.Linear layers ({', '.join(plain[:5])}"
+                         f"{' ...' if len(plain) > 5 else ''}); re-initialising injected layers and replacing plain "
+                         f"ones are separate calls: inject_lora those first, or narrow target_modules")
+    for n, layer in layers.items():
+        if layer.r != r:
+            raise ValueError(f"{n} has r={layer.r}; re-initialising an injected layer keeps its rank, pass r={layer.r}")
+        if 2 * r > min(layer.out_features, layer.in_features):
+            raise ValueError(f"LoRA-GA needs 2r = {2 * r} ≤ min(out, in) for every target; {n} has weight "
+                             f"{(layer.out_features, layer.in_features)}")
+        if layer.merged:
+            raise ValueError(f"{n} is merged; unmerge() it before re-initialising its adapter")
+        _row_sharded_or_whole(layer.weight, f"{n}.weight")
+        for a in ("lora_A", "lora_B"):
+            _placement_check(getattr(layer, a), f"{n}.{a}")
+        if is_dtensor(layer.weight) and local_slices(layer.lora_B)[0] != local_slices(layer.weight)[0] and \
+                not is_dtensor(layer.lora_B):
+            raise ValueError(f"{n}: lora_B and weight must be sharded alike")
+    seen = {}
+    for n, layer in layers.items():
+        if id(layer) in seen:
+            raise ValueError(f"{n} and {seen[id(layer)]} are one layer; LoRA-GA needs distinct weights")
+        seen[id(layer)] = n
+    return layers, alpha, dropout
+
+
+def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=None, direction="ArB2r",
+                   stable_gamma=16, use_rslora=True, num_batches=None, dtype=torch.float32, *, niter=4, seed=0,
+                   dropout=0.0, backend=None, grad_buffer="cpu", train_mode=None, freeze_base=True,
+                   process_group=None, progress=None, svd_chunk_bytes=None):
+    """``lora_ga_init`` on LoRALinear layers that are already in the model, sharded by FSDP2 or not.
+
+    Same recipe, data handling and results as ``lora_ga_init`` (see ``lora_kernels/init/lora_ga.py``) with these
+    differences, which make it work when the model only fits sharded:
+
+    * the layers are re-initialised in place (``r`` must be theirs; ``alpha``, ``use_rslora`` and ``dropout`` are set
+      on them; their adapter keeps its dtype and backend, so ``dtype`` and ``backend`` do not apply);
+    * W0's gradient is ``dYᵀ·X`` taken from each layer's input and output gradient (hooks), so W0 needs no
+      ``requires_grad`` and FSDP2 forms no gradient for it. For a row-sharded W0 every backward sums that one
+      layer's gradient over the ranks and keeps this rank's rows only: the accumulators are row blocks, and at most
+      one layer's whole gradient exists at a time (with FSDP2 every rank must run the same number of batches, as
+      FSDP's own collectives require). A whole (unsharded) W0 is accumulated locally and summed over
+      ``process_group`` once at the end, as in ``lora_ga_init`` (ranks may then have different numbers of batches);
+    * the SVD is :func:`~lora_kernels.init.dist_svd.sharded_randomized_svd` on the row blocks (whole W0: one block),
+      with its canonical signs, so the factors do not depend on the world size; every rank ends with the same A and
+      its own rows of B and of the new W0 = W0 − ρ·B·A.
+
+    ``svd_chunk_bytes`` is accepted for signature compatibility (layers are decomposed one at a time).
+    """
+    from .init.dist_svd import LOCAL, sharded_randomized_svd
+    from .init.lora_ga import DEFAULT_TARGETS, _as_loss, _default_loss, _direction_indices, _make_progress
+    from .init.pissa import INIT_RECORD
+    from .modules import lora_scaling
+
+    target_modules = DEFAULT_TARGETS if target_modules is None else target_modules
+    found = {}
+
+    def checks():
+        found["v"] = _ga_checks(model, batches, loss_fn, r, alpha, target_modules, direction, stable_gamma,
+                                use_rslora, num_batches, dtype, niter, dropout, grad_buffer)
+
+    agree(_check(checks), "the model was not changed")
+    layers, alpha, dropout = found["v"]
+    _reshard(model)
+    report = _make_progress(progress)
+    loss_fn = loss_fn if loss_fn is not None else _default_loss
+
+    # ---------------------------------------------------------------- 1. gradient estimate, row blocks
+    params = list(model.parameters())
+    saved_grads = [p.grad for p in params]
+    saved_modes = {m: m.training for m in model.modules()}
+    buffers: Dict[str, torch.Tensor] = {}
+    rows_of: Dict[str, slice] = {}
+    hooks = []
+    for n, layer in layers.items():
+        W = layer.weight
+        rows_of[n] = local_slices(W)[0]
+        where = local(W).device if grad_buffer == "device" else torch.device("cpu")
+        buffers[n] = torch.zeros(rows_of[n].stop - rows_of[n].start, layer.in_features, dtype=torch.float32,
+                                 device=where)
+
+    def make_hooks(n, layer):
+        sharded, group, rows = is_dtensor(layer.weight), _group_of(layer.weight), rows_of[n]
+
+        def on_grad(dy, x):
+            G = dy.reshape(-1, dy.shape[-1]).float().transpose(0, 1) @ x.reshape(-1, x.shape[-1]).float()
+            if sharded:  # this layer's gradient summed over the ranks' data; keep this rank's rows
+                dist.all_reduce(G, group=group)
+                G = G[rows]
+            buffers[n].add_(G.to(buffers[n].device))
+            return None
+
+        def on_forward(module, args, out):
+            if not torch.is_grad_enabled():
+                return
+            if not (isinstance(out, torch.Tensor) and out.requires_grad):
+                raise RuntimeError(f"lora_ga_init: the output of {n} does not require grad; the adapters must "
+                                   f"require grad while the gradient is estimated")
+            x = args[0].detach()
+            out.register_hook(lambda dy: on_grad(dy, x))
+
+        return layer.register_forward_hook(on_forward)
+
+    n_local = 0
+    try:
+        for p in params:
+            p.grad = None
+        for n, layer in layers.items():
+            hooks.append(make_hooks(n, layer))
+        if train_mode is not None:
+            model.train(bool(train_mode))
+        expected = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else 0)
+        for batch in batches:
+            loss = _as_loss(loss_fn(model, batch))
+            if not loss.requires_grad:
+                raise RuntimeError("the loss does not depend on any target layer (no grad_fn); check target_modules")
+            loss.backward()
+            n_local += 1
+            report("batch", n_local, expected, f"loss={loss.item():.4g}")
+            if num_batches is not None and n_local >= num_batches:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        for m, mode in saved_modes.items():
+            m.training = mode
+        _reshard(model)
+
+    count = torch.tensor([float(n_local)], dtype=torch.float64)
+    if _dist_on():
+        if "nccl" in str(dist.get_backend(process_group)) and torch.cuda.is_available():
+            count = count.cuda()
+        dist.all_reduce(count, group=process_group)
+    total = int(round(count.item()))
+    if total == 0:
+        raise ValueError("lora_ga_init got no batches (batches was empty or num_batches=0 on every rank)")
+    for n, layer in layers.items():
+        if not is_dtensor(layer.weight) and _dist_on():  # data parallel over whole weights: one sum at the end
+            from .init.lora_ga import _all_reduce_sum
+
+            buffers[n] = _all_reduce_sum(buffers[n], process_group, local(layer.weight))
+    bad = [n for n, b in buffers.items() if not bool(torch.isfinite(b).all())]
+    agree(ValueError(f"lora_ga_init: the estimated gradient of {bad} contains inf or NaN (check loss_fn and the "
+                     f"batches); the model was not changed") if bad else None)
+
+    # ---------------------------------------------------------------- 2. SVD of the row blocks, layer by layer
+    gen = torch.Generator().manual_seed(int(seed))
+    plan = OrderedDict()
+    for i, (n, layer) in enumerate(layers.items()):
+        W = layer.weight
+        m, k = layer.out_features, layer.in_features
+        idx_a, idx_b = _direction_indices(r, direction, gen)
+        G = buffers[n].to(local(W).device) / total
+        group = _group_of(W) if is_dtensor(W) else LOCAL
+        U_rows, _, Vh = sharded_randomized_svd(G, min(4 * r, min(m, k)), niter, gen, group)
+        c = m ** 0.25 / math.sqrt(float(stable_gamma))
+        A = Vh[idx_a.to(Vh.device)] * c
+        B = torch.zeros(m, r, dtype=A.dtype, device=A.device)
+        B[rows_of[n]] = U_rows[:, idx_b.to(Vh.device)] * c
+        if is_dtensor(W):
+            dist.all_reduce(B, group=group)  # B is small (m×r): every rank gets all rows
+        plan[n] = (A, B)
+        buffers[n] = None
+        del G, U_rows
+        report("layer", i + 1, len(layers), n)
+
+    # ---------------------------------------------------------------- 3. write, W0 ← W0 − ρ·B·A on each block
+    with torch.no_grad():
+        for n, layer in layers.items():
+            A, B = plan[n]
+            A = A.to(layer.lora_A.dtype)
+            B = B.to(layer.lora_B.dtype)
+            local(layer.lora_A).copy_(A[local_slices(layer.lora_A)])
+            local(layer.lora_B).copy_(B[local_slices(layer.lora_B)])
+            layer.alpha, layer.use_rslora, layer.dropout = alpha, bool(use_rslora), dropout
+            layer.scaling = lora_scaling(r, alpha, bool(use_rslora))
+            rows, cols = local_slices(layer.weight)
+            w = local(layer.weight)
+            w.copy_((w.float() - layer.scaling * (B[rows].float() @ A[:, cols].float())).to(w.dtype))
+            setattr(layer, INIT_RECORD, (A.detach().float().cpu().clone(), B.detach().float().cpu().clone()))
+    if freeze_base:
+        keep = {id(p) for l in layers.values() for p in (l.lora_A, l.lora_B)}
+        keep |= {id(p) for l in _layers(model).values() for p in (l.lora_A, l.lora_B) if p.requires_grad}
+        for p in model.parameters():
+            if id(p) not in keep and p.requires_grad:
+                p.requires_grad_(False)
+    return OrderedDict(layers)
+
+
+@torch.no_grad()
+def pissa_init_layer(layer, niter: Optional[int] = None, generator: Optional[torch.Generator] = None) -> None:
+    """``pissa_init`` of a layer whose W0 is sharded by rows (FSDP2): the randomized SVD runs on the row blocks
+    (:func:`~lora_kernels.init.dist_svd.sharded_randomized_svd`), every rank writes its own rows of B and of the
+    residual W0 and the same A. Collective. An exact SVD (``niter=None``) would need the whole W0 on one rank, so a
+    sharded layer needs ``niter`` (PEFT's ``pissa_niter_<k>``)."""
+    from .init.dist_svd import sharded_randomized_svd
+    from .init.pissa import INIT_RECORD
+
+    def checks():
+        if layer.merged:
+            raise RuntimeError("pissa_init: the layer is merged; unmerge() it first")
+        if niter is None:
+            raise ValueError("pissa_init: a sharded layer needs niter (a randomized SVD on the row shards; the "
+                             "exact SVD would gather the whole weight on one rank)")
+        if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
+            raise ValueError(f"pissa_init: niter must be a non-negative int, got {niter!r}")
+        if layer.r > min(layer.out_features, layer.in_features):
+            raise ValueError(f"pissa_init: r={layer.r} exceeds min(out, in) = "
+                             f"{min(layer.out_features, layer.in_features)}")
+        if float(layer.scaling) <= 0:
+            raise ValueError(f"pissa_init needs a positive scaling, got {layer.scaling}")
+        _row_sharded_or_whole(layer.weight, "weight")
+        for a in ("lora_A", "lora_B"):
+            _placement_check(getattr(layer, a), a)
+
+    agree(_check(checks), "the layer was not changed")
+    r, s = int(layer.r), float(layer.scaling)
+    m, k = layer.out_features, layer.in_features
+    W = layer.weight
+    rows, cols = local_slices(W)
+    w = local(W)
+    group = _group_of(W)
+    U_rows, S, Vh = sharded_randomized_svd(w.detach().float(), min(4 * r, min(m, k)), int(niter), generator, group)
+    root = torch.sqrt(S[:r] / s)
+    A = (root[:, None] * Vh[:r]).to(layer.lora_A.dtype)
+    B = torch.zeros(m, r, dtype=torch.float32, device=w.device)
+    B[rows] = U_rows[:, :r] * root[None, :]
+    if is_dtensor(W):
+        dist.all_reduce(B, group=group)
+    B = B.to(layer.lora_B.dtype)
+    local(layer.lora_A).copy_(A[local_slices(layer.lora_A)])
+    local(layer.lora_B).copy_(B[local_slices(layer.lora_B)])
+    w.copy_((w.float() - s * (B[rows].float() @ A[:, cols].float())).to(w.dtype))
+    setattr(layer, INIT_RECORD, (A.float().cpu().clone(), B.float().cpu().clone()))
