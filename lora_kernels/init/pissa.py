@@ -24,6 +24,9 @@ def pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Gen
     ``niter=None`` uses an exact ``torch.linalg.svd`` (PEFT's ``"pissa"``); an int uses a randomized SVD with that
     many power iterations (PEFT's ``"pissa_niter_<k>"``), much faster for large layers.
     """
+    from .. import distributed  # W0 sharded by rows (FSDP2): the SVD runs on the row shards
+    if distributed.is_sharded_layer(layer):
+        return distributed.pissa_init_layer(layer, niter, generator)
     for attr in ("weight", "lora_A", "lora_B", "r", "scaling"):
         if not hasattr(layer, attr):
             raise TypeError(f"pissa_init needs a LoRALinear-like layer; {type(layer).__name__} has no {attr!r}")
