@@ -706,3 +706,135 @@ def pissa_init_layer(layer, niter: Optional[int] = None, generator: Optional[tor
     local(layer.lora_B).copy_(B[local_slices(layer.lora_B)])
     w.copy_((w.float() - s * (B[rows].float() @ A[:, cols].float())).to(w.dtype))
     setattr(layer, INIT_RECORD, (A.float().cpu().clone(), B.float().cpu().clone()))
+
+
+# ----------------------------------------------------------------------------------------------- tensor parallel
+def _tp_kind(layer) -> str:
+    """"colwise" (W0, lora_B, bias: Shard(0); lora_A: Replicate) or "rowwise" (W0, lora_A: Shard(1); lora_B, bias:
+    Replicate), from the placements; ValueError for any other layout."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    def pl(t):
+        if t is None:
+            return None
+        if not is_dtensor(t) or t.device_mesh.ndim != 1:
+            return "other"
+        p = t.placements[0]
+        return "R" if isinstance(p, Replicate) else (f"S{p.dim}" if isinstance(p, Shard) else "other")
+
+    got = (pl(layer.weight), pl(layer.lora_A), pl(layer.lora_B), pl(layer.bias))
+    if got[:3] == ("S0", "R", "S0") and got[3] in (None, "S0"):
+        return "colwise"
+    if got[:3] == ("S1", "S1", "R") and got[3] in (None, "R"):
+        return "rowwise"
+    raise ValueError(f"tensor-parallel LoRALinear: placements (weight, lora_A, lora_B, bias) = {got} are neither "
+                     f"colwise (S0, R, S0, S0) nor rowwise (S1, S1, R, R); shard it with LoRAColwiseParallel or "
+                     f"LoRARowwiseParallel")
+
+
+def tp_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """``LoRALinear.forward`` with DTensor parameters: the fused op runs on each rank's shards (``local_map``), so no
+    weight is ever gathered.
+
+    colwise: every rank computes its own output columns, ``x·W0_iᵀ + s·(x·Aᵀ)·B_iᵀ + b_i`` (x and A replicated);
+    the gradients of x and A are partial sums (reduced by DTensor where needed).
+    rowwise: every rank computes ``x_i·W0_iᵀ + s·(x_i·A_iᵀ)·Bᵀ`` from its input columns, a partial sum whose
+    reduction (the layer's one all-reduce) also sums the LoRA branch; the bias is added once, to the sum."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor.experimental import local_map
+
+    from .ops.lora_linear import lora_linear
+
+    kind = _tp_kind(layer)
+    mesh = layer.weight.device_mesh
+    x, weight, bias, lora_A, lora_B = layer._autocast(x)
+    scale, p, training, backend = layer.scaling, layer.dropout, layer.training, layer.backend
+    if not isinstance(x, DTensor):  # a plain input is what each style's input layout says it is
+        x = DTensor.from_local(x, mesh, [Replicate() if kind == "colwise" else Shard(x.dim() - 1)], run_check=False)
+    last = Shard(x.dim() - 1)
+
+    if kind == "colwise":
+        if bias is None:
+            def fn(x_, w_, a_, b_):
+                return lora_linear(x_, w_, a_, b_, scale, None, dropout_p=p, training=training, backend=backend)
+
+            return local_map(fn, out_placements=[last], device_mesh=mesh,
+                             in_placements=([Replicate()], [Shard(0)], [Replicate()], [Shard(0)]),
+                             in_grad_placements=([Partial()], [Shard(0)], [Partial()], [Shard(0)]))(
+                x, weight, lora_A, lora_B)
+
+        def fn_b(x_, w_, a_, b_, bias_):
+            return lora_linear(x_, w_, a_, b_, scale, bias_, dropout_p=p, training=training, backend=backend)
+
+        return local_map(fn_b, out_placements=[last], device_mesh=mesh,
+                         in_placements=([Replicate()], [Shard(0)], [Replicate()], [Shard(0)], [Shard(0)]),
+                         in_grad_placements=([Partial()], [Shard(0)], [Partial()], [Shard(0)], [Shard(0)]))(
+            x, weight, lora_A, lora_B, bias)
+
+    if x.placements[0] != last:
+        x = x.redistribute(mesh, [last])
+
+    def fn_r(x_, w_, a_, b_):
+        return lora_linear(x_, w_, a_, b_, scale, None, dropout_p=p, training=training, backend=backend)
+
+    y = local_map(fn_r, out_placements=[Partial()], device_mesh=mesh,
+                  in_placements=([last], [Shard(1)], [Shard(1)], [Replicate()]),
+                  in_grad_placements=([last], [Shard(1)], [Shard(1)], [Partial()]))(x, weight, lora_A, lora_B)
+    return y if bias is None else y + bias
+
+
+def _styles():
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from functools import partial
+
+    from .modules import LoRALinear
+
+    def partition(placements, style, name, module, device_mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            dist_param = nn.Parameter(
+                distribute_tensor(param, device_mesh, [placements[pname]], src_data_rank=style.src_data_rank),
+                requires_grad=param.requires_grad)
+            module.register_parameter(pname, dist_param)
+
+    def apply(style, module, device_mesh, placements):
+        if module.merged:
+            raise ValueError(f"{type(style).__name__}: the LoRALinear is merged; unmerge() it before sharding")
+        return distribute_module(
+            module, device_mesh, partial(partition, placements, style),
+            partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
+            partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
+
+    class LoRAColwiseParallel(ColwiseParallel):
+        """``ColwiseParallel`` that also accepts :class:`~lora_kernels.LoRALinear`: W0, bias and lora_B are sharded by
+        output rows (``Shard(0)``), lora_A is replicated (PEFT + transformers' ``tp_plan`` layout). Plain
+        ``nn.Linear`` / ``nn.Embedding`` are handled as by ``ColwiseParallel``."""
+
+        def _apply(self, module, device_mesh):
+            if isinstance(module, LoRALinear):
+                return apply(self, module, device_mesh,
+                             {"weight": Shard(0), "bias": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0)})
+            return super()._apply(module, device_mesh)
+
+    class LoRARowwiseParallel(RowwiseParallel):
+        """``RowwiseParallel`` that also accepts :class:`~lora_kernels.LoRALinear`: W0 and lora_A are sharded by input
+        columns (``Shard(1)``), lora_B and the bias are replicated; the LoRA branch's partial sums are reduced in the
+        same all-reduce as the base output's. Plain ``nn.Linear`` / ``nn.Embedding`` as ``RowwiseParallel``."""
+
+        def _apply(self, module, device_mesh):
+            if isinstance(module, LoRALinear):
+                self.desired_input_layouts = (Shard(-1),)
+                return apply(self, module, device_mesh,
+                             {"weight": Shard(1), "bias": Replicate(), "lora_A": Shard(1), "lora_B": Replicate()})
+            return super()._apply(module, device_mesh)
+
+    return LoRAColwiseParallel, LoRARowwiseParallel
+
+
+def __getattr__(name):
+    # The styles subclass torch's; built on first use so that importing this module needs no tensor-parallel import.
+    if name in ("LoRAColwiseParallel", "LoRARowwiseParallel"):
+        col, row = _styles()
+        globals().update(LoRAColwiseParallel=col, LoRARowwiseParallel=row)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
