@@ -269,6 +269,9 @@ class LoRALinear(nn.Module):
                     "before training, or eval() / torch.no_grad() for inference with the merged weight."
                 )
             return F.linear(x, self.weight, self.bias)
+        from . import distributed  # tensor parallel (DTensor parameters): the op runs on each rank's shards
+        if distributed.is_sharded_layer(self):
+            return distributed.tp_forward(self, x)
         x, weight, bias, lora_A, lora_B = self._autocast(x)
         return lora_linear(
             x, weight, lora_A, lora_B, self.scaling, bias,
