@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 import threading
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -39,11 +40,10 @@ _STATE = threading.local()  # .bypass: inside one of our own calls of a public f
 
 # ------------------------------------------------------------------------------------------------------ detection
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without torch.distributed
-        return None
-    return DTensor
+    # No DTensor can exist before torch.distributed.tensor is imported, so a process that never imports it (one
+    # device) does not pay for that import (seconds) on its first forward.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
 
 
 def is_dtensor(t) -> bool:

@@ -238,3 +238,24 @@ def test_fsdp2_lora_two_ranks(tmp_path):
         assert r0 == r1, (tag, r0, r1)
         assert r0[0] == cls, (tag, r0)
         assert all(w in r0[1] for w in words), (tag, r0)
+
+
+def test_example_train_fsdp_runs_with_torchrun(tmp_path):
+    """examples/train_fsdp.py under torchrun on two CPU processes: LoRA-GA on the shards, training, save_adapter and
+    the PEFT reload check inside the script (it exits non-zero when the reload differs)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "adapter"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         os.path.join(root, "examples", "train_fsdp.py"), "--out", str(out), "--steps", "2"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PEFT reload max" in proc.stdout, proc.stdout
+    assert (out / lk.io.WEIGHTS_NAME).is_file() and (out / lk.io.CONFIG_NAME).is_file()
