@@ -485,6 +485,12 @@ def _ga_checks(model, batches, loss_fn, r, alpha, target_modules, direction, sta
         _row_sharded_or_whole(layer.weight, f"{n}.weight")
         for a in ("lora_A", "lora_B"):
             _placement_check(getattr(layer, a), f"{n}.{a}")
+        if is_dtensor(layer.weight) and is_dtensor(layer.lora_A) and not any(
+                type(p).__name__ == "Shard" for p in layer.lora_A.placements):
+            # A replicated A next to a row-sharded W0 is the colwise tensor-parallel layout: the ranks see the same
+            # batch, so the per-rank gradients must not be summed as FSDP2's data-parallel ones are.
+            raise ValueError(f"{n}: LoRA-GA on tensor-parallel layers is not supported (FSDP2-sharded or whole "
+                             f"layers only); run it before parallelize_module")
         if is_dtensor(layer.weight) and local_slices(layer.lora_B)[0] != local_slices(layer.weight)[0] and \
                 not is_dtensor(layer.lora_B):
             raise ValueError(f"{n}: lora_B and weight must be sharded alike")
@@ -838,3 +844,42 @@ def __getattr__(name):
         globals().update(LoRAColwiseParallel=col, LoRARowwiseParallel=row)
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_lora_state_dict(model: nn.Module, state_dict, strict: bool = True):
+    """``load_lora_state_dict`` into a sharded model, called on every rank with whole tensors (as
+    :func:`lora_state_dict` returns them): every rank runs all the single-process checks, the verdicts are exchanged,
+    then each rank copies its own blocks. Merged layers are refused (unmerge first)."""
+    from collections.abc import Mapping
+
+    from . import modules
+
+    def checks():
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
+        for n, layer in _layers(model).items():
+            if layer.merged:
+                raise ValueError(f"load_lora_state_dict: {n} is merged; unmerge() it before loading into a sharded "
+                                 f"model; nothing was loaded")
+            for a in ("lora_A", "lora_B"):
+                _placement_check(getattr(layer, a), f"{n}.{a}")
+
+    agree(_check(checks), "nothing was loaded")
+    _reshard(model)
+    layers = _layers(model)
+    scratch = OrderedDict((n, (full(l.lora_A).clone(), full(l.lora_B).clone())) for n, l in layers.items())
+    result, error = None, None
+    try:
+        with _whole_adapters(layers, scratch):
+            result = modules.load_lora_state_dict(model, state_dict, strict=strict)
+    except Exception as exc:
+        error = exc
+    agree(error, "nothing was loaded")
+    with torch.no_grad():
+        for n, layer in layers.items():
+            A, B = scratch[n]
+            local(layer.lora_A).copy_(A[local_slices(layer.lora_A)])
+            local(layer.lora_B).copy_(B[local_slices(layer.lora_B)])
+    return result
