@@ -433,6 +433,9 @@ def load_lora_state_dict(
     them in the result. Values are cast to each parameter's dtype and device. A merged layer stays merged, with the
     new adapter folded in (refused, nothing loaded, if that weight would not be finite).
     """
+    from . import distributed  # a sharded model: every rank checks, then copies its own blocks
+    if distributed.is_sharded(model):
+        return distributed.load_lora_state_dict(model, state_dict, strict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):
