@@ -174,6 +174,19 @@ def _worker(rank, out_dir):
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), ref(x), **close)
 
+    # load_lora_state_dict with whole tensors (what lora_state_dict returns) into a sharded model
+    other = _shard(_model(b_std=0.0), mesh)
+    res = lk.load_lora_state_dict(other, sd)
+    assert res.missing_keys == [] and res.unexpected_keys == []
+    for k, v in lk.lora_state_dict(other).items():
+        assert torch.equal(v, sd[k]), k
+    partial_sd = {k: v for k, v in sd.items() if rank == 0 or k != "2.lora_B"}  # rank 1 lacks a key
+    before_other = lk.lora_state_dict(other)
+    expect_error(lambda: lk.load_lora_state_dict(other, {k: v * 2 for k, v in partial_sd.items()}), out_dir, rank,
+                 "load_sd_missing")
+    for k, v in lk.lora_state_dict(other).items():
+        assert torch.equal(v, before_other[k]), k  # nothing loaded on either rank
+
     # -------- a bad argument on ONE rank: the same clear error on every rank, nothing written / loaded, no hang
     bad_path = os.path.join(out_dir, "never_written")
     expect_error(lambda: lk.save_adapter(model, bad_path if rank == 0 else 123), out_dir, rank, "save_bad_path")
@@ -233,7 +246,8 @@ def test_fsdp2_lora_two_ranks(tmp_path):
 
     # one bad rank: both ranks raised the same error, naming the bad rank and the argument
     for tag, cls, words in [("save_bad_path", "TypeError", ["path must be a str", "rank 1"]),
-                            ("load_missing", "FileNotFoundError", ["does_not_exist", "rank 1"])]:
+                            ("load_missing", "FileNotFoundError", ["does_not_exist", "rank 1"]),
+                            ("load_sd_missing", "ValueError", ["missing keys: 2.lora_B", "rank 1"])]:
         r0, r1 = torch.load(tmp_path / f"{tag}_rank0.pt"), torch.load(tmp_path / f"{tag}_rank1.pt")
         assert r0 == r1, (tag, r0, r1)
         assert r0[0] == cls, (tag, r0)

@@ -129,6 +129,11 @@ def _worker(rank, out_dir):
             ref[i].unmerge()
             assert torch.equal(local(mlp[i].weight), before[i])
         torch.testing.assert_close(mlp(x), ref(x), **CLOSE)
+    # LoRA-GA's gradient hooks assume data-parallel shards: refused on tensor-parallel layers, on every rank
+    from _dist_helpers import expect_error
+
+    expect_error(lambda: lk.lora_ga_init(mlp, [x], lambda m, b: m(b).sum(), r=3, target_modules=["0"]), out_dir,
+                 rank, "ga_tp")
     torch.save(report, os.path.join(out_dir, f"comms{rank}.pt"))
 
 
@@ -143,3 +148,5 @@ def test_tensor_parallel_lora_two_ranks(tmp_path):
         assert sum(report["mlp forward"].values()) == 1, report["mlp forward"]
         assert sum(v for k, v in report["mlp forward"].items() if "all_reduce" in k) == 1, report["mlp forward"]
         print(rank, report)
+    e0, e1 = torch.load(tmp_path / "ga_tp_rank0.pt"), torch.load(tmp_path / "ga_tp_rank1.pt")
+    assert e0 == e1 and e0[0] == "ValueError" and "tensor-parallel" in e0[1], (e0, e1)
