@@ -73,9 +73,10 @@ def is_sharded_layer(layer) -> bool:
 
 
 def _fsdp_modules(model: nn.Module) -> List[nn.Module]:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
+    # fully_shard lives in torch.distributed.fsdp: without that module imported no FSDP2 module exists (and a
+    # single-device process does not pay for importing it).
+    FSDPModule = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if FSDPModule is None:
         return []
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
