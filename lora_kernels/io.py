@@ -128,6 +128,10 @@ def save_adapter(
     from safetensors.torch import save_file
 
     from .modules import lora_layers
+    from . import distributed  # a sharded model: every rank calls, rank 0 writes
+    if distributed.is_sharded(model):
+        return distributed.save_adapter(model, path, convert_to_original=convert_to_original,
+                                        base_model_name_or_path=base_model_name_or_path)
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: model must be an nn.Module, got {type(model).__name__}")
@@ -397,6 +401,9 @@ def load_adapter(
     from . import _backend
     from .modules import LoRALinear, lora_layers, lora_scaling
     from .modules import _matches
+    from . import distributed  # a sharded model: every rank checks, then copies its own blocks
+    if distributed.is_sharded(model):
+        return distributed.load_adapter(model, path, backend=backend, lora_dtype=lora_dtype)
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter: model must be an nn.Module, got {type(model).__name__}")

@@ -286,6 +286,10 @@ class LoRALinear(nn.Module):
         (nothing changed) when the merged weight would not be finite, or when the weight is tied to another
         parameter (``tied_with``). An exact copy of W0 is kept until :meth:`unmerge`, which restores it bit for
         bit."""
+        self.check_untied("merge()")
+        from . import distributed  # FSDP2 / tensor-parallel shards: each rank merges its own block
+        if distributed.is_sharded_layer(self):
+            return distributed.merge_layer(self)
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged")
         self.check_untied("merge()")
@@ -296,6 +300,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight saved by :meth:`merge`, bit for bit."""
+        from . import distributed  # FSDP2 / tensor-parallel shards: each rank restores its own block
+        if distributed.is_sharded_layer(self):
+            return distributed.unmerge_layer(self)
         if not self.merged:
             raise RuntimeError("this LoRALinear is not merged")
         self.weight.copy_(self._unmerged_weight)
@@ -341,6 +348,9 @@ class LoRALinear(nn.Module):
                     "gets no gradient until unmerge()", UserWarning, stacklevel=2,
                 )
             return F.linear(x, self.weight, self.bias)
+        from . import distributed  # tensor parallel (DTensor parameters): the op runs on each rank's shards
+        if distributed.is_sharded_layer(self):
+            return distributed.tp_forward(self, x)
         x, weight, bias, lora_A, lora_B = self._autocast(x)
         return lora_linear(
             x, weight, lora_A, lora_B, self.scaling, bias,
@@ -562,6 +572,9 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
     Like ``state_dict()`` the tensors are detached but share storage with the parameters: clone them to keep a
     snapshot across training steps."""
+    from . import distributed  # a sharded model: whole tensors on every rank (collective)
+    if distributed.is_sharded(model):
+        return distributed.lora_state_dict(model)
     out = {}
     for name, layer in lora_layers(model).items():
         prefix = f"{name}." if name else ""
@@ -586,6 +599,9 @@ def load_lora_state_dict(
     them in the result. Values are cast to each parameter's dtype and device. A merged layer stays merged, with the
     new adapter folded in (refused, nothing loaded, if that weight would not be finite).
     """
+    from . import distributed  # a sharded model: every rank checks, then copies its own blocks
+    if distributed.is_sharded(model):
+        return distributed.load_lora_state_dict(model, state_dict, strict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):

@@ -247,6 +247,10 @@ def lora_ga_init(
     remembers its initial adapter so that :func:`lora_kernels.save_adapter` can write the adapter against the
     original W0 (PEFT's rank-2r form).
     """
+    args = dict(locals())  # FSDP2-sharded models and already-injected LoRALinear targets: re-initialised in place
+    from .. import distributed
+    if distributed.lora_ga_reinit_applies(model, target_modules):
+        return distributed.lora_ga_reinit(**args)
     from ..modules import LoRALinear
 
     if not isinstance(model, nn.Module):

@@ -60,6 +60,9 @@ def pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Gen
     (PiSSA, LoRA-GA) already replaced by a residual: a second PiSSA would take the residual for W0, change the
     layer's output and lose the record that saving against the original W0 needs.
     """
+    from .. import distributed  # W0 sharded by rows (FSDP2): the SVD runs on the row shards
+    if distributed.is_sharded_layer(layer):
+        return distributed.pissa_init_layer(layer, niter, generator)
     for attr in ("weight", "lora_A", "lora_B", "r", "scaling"):
         if not hasattr(layer, attr):
             raise TypeError(f"pissa_init needs a LoRALinear-like layer; {type(layer).__name__} has no {attr!r}")

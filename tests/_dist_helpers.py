@@ -1,0 +1,64 @@
+"""Spawning two gloo ranks on the CPU for the sharded tests: bounded waits everywhere, so a hang fails the test."""
+
+import datetime
+import os
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+PG_TIMEOUT_S = 90  # a collective that one rank never joins fails after this instead of blocking forever
+JOIN_TIMEOUT_S = 420  # the whole run of one spawn (process start-up is slow on a loaded machine)
+
+
+def gloo_available() -> bool:
+    return dist.is_available() and dist.is_gloo_available()
+
+
+def _entry(rank, fn, init_file, out_dir, args):
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+        try:
+            fn(rank, out_dir, *args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def spawn(fn, tmp_path, *args) -> None:
+    """Run ``fn(rank, out_dir, *args)`` on two gloo ranks (``file://`` rendezvous in ``tmp_path``); raise
+    AssertionError with the ranks' tracebacks when one fails or the run exceeds ``JOIN_TIMEOUT_S``."""
+    out_dir = str(tmp_path)
+    ctx = mp.start_processes(_entry, args=(fn, str(tmp_path / "pg_init"), out_dir, args), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the ranks did not finish within {JOIN_TIMEOUT_S} s (a hang)")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        errs = [p.read_text() for p in sorted(tmp_path.glob("rank*.err"))]
+        raise AssertionError(f"a rank failed: {exc}\n" + "\n".join(errs)) from None
+    finally:
+        for p in ctx.processes:  # only the processes this call started
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+def expect_error(fn, out_dir, rank, tag):
+    """Call ``fn()``, which must raise; record (type name, message) for the parent to compare across ranks."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - recorded and checked by the parent
+        torch.save((type(exc).__name__, str(exc)), os.path.join(out_dir, f"{tag}_rank{rank}.pt"))
+        return
+    torch.save(("no error", ""), os.path.join(out_dir, f"{tag}_rank{rank}.pt"))
