@@ -428,7 +428,7 @@ def test_lora_ga_factors_have_a_fixed_sign():
     S = torch.tensor([10.0 * 0.8 ** i for i in range(n)])
     G = (U[:, :n] * S) @ V.T
     ref_a, ref_b = lk.init.lora_ga_factors(G, r, generator=torch.Generator().manual_seed(0))
-    assert bool((ref_b.gather(0, ref_b.abs().argmax(0, keepdim=True)) > 0).all())  # the convention itself
+    assert bool((ref_a.gather(1, ref_a.abs().argmax(1, keepdim=True)) > 0).all())  # the convention itself (rows of Vh)
     for seed in range(1, 6):
         noisy = G * (1 + 1e-6 * torch.randn(m, n, generator=gen))  # another summation order's rounding
         a, b = lk.init.lora_ga_factors(noisy, r, generator=torch.Generator().manual_seed(seed))

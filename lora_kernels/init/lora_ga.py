@@ -5,8 +5,8 @@ Recipe (official repository Outsider565/LoRA-GA, ``lora_ga_init`` with ``scale="
 1. ``G`` = the gradient of the loss with respect to W0, averaged over the estimation batches (and over ranks), fp32,
    with the model in training mode (``model.train()``, as the official code and PEFT do: dropout active).
 2. ``U, S, Vh`` = randomized SVD of G with ``q = min(4r, min(G.shape))`` and ``niter`` (4) power iterations.
-   Each singular pair's sign is fixed (largest-magnitude entry of u positive), so the result does not depend on the
-   SVD's random projections or on how many ranks summed G.
+   Each singular pair's sign is fixed (largest-magnitude entry of v positive, ``dist_svd.canonical_signs``), so the
+   result does not depend on the SVD's random projections, on how many ranks summed G, or on how G was sharded.
 3. ``direction="ArB2r"`` (default): ``A = Vh[:r]``, ``B = U[:, r:2r]``; "A2rBr": ``A = Vh[r:2r]``, ``B = U[:, :r]``;
    "ArBr": ``A = Vh[1:2r:2]``, ``B = U[:, 0:2r:2]``; "random": a seeded random split of the first 2r directions.
 4. Both A and B are multiplied by ``c = d_out^(1/4) / √γ`` (γ = ``stable_gamma``); no singular value enters them.
@@ -42,6 +42,7 @@ import torch.nn as nn
 from .._progress import progress as progress_bar  # the name "progress" is lora_ga_init's argument
 from ..modules import _matches
 from .pissa import INIT_RECORD
+from .dist_svd import canonical_signs
 from .svd import autocast_off, randomized_svd
 
 logger = logging.getLogger("lora_kernels")
@@ -57,16 +58,6 @@ ProgressFn = Callable[[str, int, int, str], None]
 
 
 # ------------------------------------------------------------------------------------------------------ factors
-def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A singular pair (u, v) is defined up to a joint sign, which the SVD picks from its random projections and
-    rounding (it changed with the number of ranks the gradient was summed over). Fix it: the largest-magnitude
-    entry of every left singular vector is positive (the first such entry on a tie); v flips with its u."""
-    idx = U.abs().argmax(dim=-2, keepdim=True)  # [..., 1, q]
-    sign = torch.gather(U, -2, idx).sign()
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, Vh * sign.transpose(-2, -1)
-
-
 def _direction_indices(r: int, direction: str, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices into the 2r leading singular directions: (those used for A, those used for B)."""
     if direction == "ArB2r":
@@ -104,7 +95,7 @@ def lora_ga_factors(
     G = G if G.dtype == torch.float64 else G.float()
     with autocast_off(G):
         U, _, Vh = randomized_svd(G, q=min(4 * r, min(m, n)), niter=niter, generator=generator)
-        U, Vh = _fix_signs(U, Vh)
+        U, Vh = canonical_signs(U, Vh)
     c = m ** 0.25 / math.sqrt(stable_gamma)  # "stable" scale: forward/backward magnitudes Θ(1) in width and rank
     A = Vh[..., idx_a.to(G.device), :] * c
     B = U[..., :, idx_b.to(G.device)] * c
