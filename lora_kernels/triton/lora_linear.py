@@ -37,8 +37,8 @@ capturing it, with the same shapes (the autotune key buckets M to powers of two)
 cuBLAS path. ``BASE_GEMM = "cublas"`` computes the base products with cuBLAS (``addmm`` with the bias epilogue for y,
 ``mm`` for dX) and lets the same two kernels add only the LoRA term onto the result in place (``BASE=False``): one
 extra read and write of y / dX (and y / dX rounded twice to x's dtype, once by cuBLAS, once after the LoRA add), but
-cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than
-cuBLAS on H100 (ANCHORS.md), so the benchmark should compare both; the default stays the fused Triton kernel.
+cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than cuBLAS on an H100, so the default
+(``"auto"``) takes the cuBLAS path for batches of more than ``_TRITON_BASE_MAX_M`` rows; the benchmark times both.
 """
 
 from __future__ import annotations
@@ -58,8 +58,18 @@ from ..reference.dropout import RAND_BITS, dropout_threshold
 from ._compat import patch_interpreter
 
 # "triton": y and dX come from the fused Triton GEMMs. "cublas": cuBLAS computes the base product, the Triton kernels
-# add the LoRA term in place. Module-level so benchmarks can flip it; read on every call.
-BASE_GEMM = "triton"
+# add the LoRA term in place. "auto": see _TRITON_BASE_MAX_M. Module-level so benchmarks can flip it; read on every
+# call.
+BASE_GEMM = "auto"
+BASE_GEMMS = ("auto", "triton", "cublas")
+# The one place where "auto" chooses the base GEMM. A batch of more than this many rows takes the cuBLAS base:
+# the fused Triton GEMM here is the plain (cp.async + wgmma, non-TMA, non-persistent) kind, which measured 25-45%
+# slower than cuBLAS on an H100 (bf16, 2026-11-25), so at training sizes it would make the layer slower than PEFT's
+# unfused LoRA (1.26x / 1.32x the base); the cuBLAS path costs one extra read and write of y / dX instead (~6-12%
+# predicted by benchmarks/static_report.py). Decode-sized batches (≤ 256 rows, the largest decode shape of
+# BENCHMARKS.md) keep the fused kernel: there W0's read dominates and one launch fewer matters. Raise the limit only
+# when a GPU measurement shows the Triton path within 2% of cuBLAS at that shape class.
+_TRITON_BASE_MAX_M = 256
 
 # Philox draws 32 bits; the mask keeps the top RAND_BITS (see reference/dropout.py), so shift away the rest.
 _RAND_SHIFT = tl.constexpr(32 - RAND_BITS)
@@ -588,6 +598,15 @@ def _skinny_max_r(device: torch.device) -> int:
     return _SKINNY_MAX_R if _device_smem(index) >= 160 * 1024 else 64
 
 
+def _triton_base(M: int) -> bool:
+    """True when the fused Triton GEMM computes the base product (BASE_GEMM, "auto": by _TRITON_BASE_MAX_M)."""
+    if BASE_GEMM == "auto":
+        return M <= _TRITON_BASE_MAX_M
+    if BASE_GEMM not in BASE_GEMMS:
+        raise ValueError(f"BASE_GEMM must be one of {', '.join(BASE_GEMMS)}, got {BASE_GEMM!r}")
+    return BASE_GEMM == "triton"
+
+
 def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
 
@@ -639,7 +658,7 @@ def lora_linear_forward(
         bias = bias.contiguous()  # the epilogue indexes bias[n] with unit stride; N elements, a no-op when contiguous
     s_mat = _shrink(x, lora_A, dropout_p, seed)
     upcast, prec, lora_prec = _precisions(x.dtype)
-    base = BASE_GEMM != "cublas"
+    base = _triton_base(M)
     if base:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     elif bias is not None:
@@ -730,7 +749,7 @@ def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch
     K, R = weight.shape[1], lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, dy)
     upcast, prec, lora_prec = _precisions(dy.dtype)
-    base = BASE_GEMM != "cublas"
+    base = _triton_base(M)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if base else torch.mm(dy, weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     with _device_ctx(dy):
