@@ -14,6 +14,9 @@ Backward (three launches, plus cuBLAS for dW / a torch reduction for dbias when 
 Saved between the two: x, S (fp32) and the seed; never the mask, never x̂. The seed is a 0-dim int64 tensor on x's
 device that the kernels load (``seed_ptr``), never a by-value argument: no host sync, and a CUDA-graph replay of a
 training step reads the seed drawn on the device in that replay, so every replay gets a fresh mask.
+Every fp32 atomic is ``sem="relaxed"``: the partial sums are read only by later launches (the kernel boundary
+orders them), so the default acq_rel's fence before each atomic (a MEMBAR.ALL.GPU inside the dS/dB kernel's N loop on
+sm_90) buys nothing.
 Under ``torch.use_deterministic_algorithms(True)`` no reduction is split across programs and dB comes from a second,
 atomic-free pass over dY (dBᵀ = s·Sᵀ·dY through kernel 4), so results are bitwise reproducible.
 
@@ -122,6 +125,13 @@ _CUDA_TILES_FP32 = [
 _INTERPRETER_TILE = (32, 32, 32, 2, 4, 1)
 
 
+# The dX kernel draws the dropout mask of its whole output tile at once (Philox: ~57 SASS instructions per element,
+# many live registers): with more than 64 output elements per thread it spills on sm_90 (a 128×256 tile at 8 warps,
+# 128 elements per thread: 255 registers and ~20 KB of spill traffic per thread, compiled with triton 3.9). Those
+# tiles are not offered with dropout, so no config, including the one used with $LORA_KERNELS_AUTOTUNE=0, spills.
+_DROPOUT_MAX_PER_THREAD = 64
+
+
 def _gemm_configs(col_key: str, red_key: str, tiles=None):
     """Autotune list of a big GEMM whose output tile is BLOCK_M × ``col_key`` and whose reduction step is ``red_key``
     (forward: BLOCK_N × BLOCK_K; dX: BLOCK_K × BLOCK_N)."""
@@ -155,8 +165,8 @@ def _smem_budget(device: torch.device) -> int:
 
 
 def _gemm_pruner(operand: str, col_key: str, red_key: str):
-    """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles),
-    and cut num_stages until the operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list
+    """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles)
+    and, with dropout, tiles over _DROPOUT_MAX_PER_THREAD output elements per thread; cut num_stages until the operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list
     instead. With $LORA_KERNELS_AUTOTUNE=0 the first surviving config is used without benchmarking. Always returns
     at least one config."""
 
@@ -166,12 +176,15 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
         budget = _smem_budget(named_args[operand].device)
         if elem >= 4:
             configs = _gemm_configs(col_key, red_key, _CUDA_TILES_FP32)
+        dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
         kept = []
         for c in configs:
             kw = c.kwargs
             stage_bytes = (kw["BLOCK_M"] + kw[col_key]) * kw[red_key] * elem
             stages = min(c.num_stages, budget // stage_bytes)
             if stages < 2 or kw["BLOCK_M"] > max(_MIN_DOT, 2 * bucket):
+                continue
+            if dropout and kw["BLOCK_M"] * kw[col_key] > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps:
                 continue
             kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
         if not kept:  # a small safe tile: 64×64 outputs, 32-deep steps, 2 stages (≤ 32 KiB even in fp32)
@@ -283,7 +296,7 @@ def _shrink_kernel(
     if SPLIT_K == 1:
         tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
     else:
-        tl.atomic_add(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+        tl.atomic_add(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
 
 
 @triton.autotune(
@@ -404,13 +417,14 @@ def _ds_db_kernel(
         if COMPUTE_DB:
             db = _dot(tl.trans(dyt), st, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
             tl.atomic_add(
-                db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :]
+                db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :],
+                sem="relaxed",
             )
     ds_ptrs = ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
     if SPLIT_N == 1:
         tl.store(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
     else:
-        tl.atomic_add(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
+        tl.atomic_add(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -460,7 +474,7 @@ def _reduce_m_kernel(
     if SPLIT_M == 1:
         tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
     else:
-        tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+        tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 @triton.autotune(
