@@ -23,6 +23,7 @@ Other ops join by adding a case function to ``CASES`` (and, for new Triton kerne
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -35,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -161,7 +163,8 @@ def _resolve(kernel, grid, args, kwargs) -> Launch:
     g = grid(named) if callable(grid) else grid
     g = tuple(g) + (1,) * (3 - len(g))
     consts = {n: named[n] for i, n in enumerate(fn.arg_names) if i in fn.constexprs}
-    shown = {k: v for k, v in consts.items() if k.startswith(("BLOCK", "SPLIT", "GROUP"))}
+    shown = {k: v for k, v in consts.items()
+             if k.startswith(("BLOCK", "SPLIT", "GROUP", "BASE", "HAS_DROPOUT", "FUSE_SHRINK"))}
     launch = Launch("triton", fn.__name__, g, shown, warps, stages, named, fn, all_configs)
     model = TRAFFIC.get(fn.__name__)
     if model is not None:
@@ -269,13 +272,17 @@ def _t_fwd(l: Launch, a):
     if a["BASE"]:
         l.hbm_read = M * K * _el(a, "x_ptr") + N * K * _el(a, "w_ptr") + lora + (N * e if a["HAS_BIAS"] else 0)
         l.flops = 2 * M * N * K + 2 * M * N * R
+        if a["FUSE_SHRINK"]:  # S = x·Aᵀ recomputed by every column of tiles, A read (S written) instead of S read
+            l.hbm_read += R * K * _el(a, "a_ptr") - M * R * 4
+            l.hbm_write += M * R * 4
+            l.flops += 2 * M * K * R * _cdiv(N, a["BLOCK_N"])
         l.main_loop_trips = _cdiv(K, a["BLOCK_K"])
         l.gemm = True
     else:
         l.hbm_read = M * N * e + lora
         l.flops = 2 * M * N * R
         l.main_loop_trips = _cdiv(R, a["BLOCK_R"])
-    l.hbm_write = M * N * e
+    l.hbm_write += M * N * e
 
 
 def _t_ds_db(l: Launch, a):
@@ -447,8 +454,10 @@ def _sass_facts(sass: str) -> dict:
         "wgmma": any("HGMMA" in t for t in ops),
         "tma": any("UTMALDG" in t for t in ops),
         "mma_sync": any(re.search(r"\bHMMA\b", t) for t in ops),
-        "membar": sum(1 for t in ops if "MEMBAR" in t),
-        "membar_in_loops": sum(1 for a, t in instrs if "MEMBAR" in t and in_loop(a)),
+        # GPU- or system-scope fences (MEMBAR.ALL.GPU: what an acq_rel atomic costs); the CTA-scope MEMBAR next to
+        # FENCE.VIEW.ASYNC belongs to the cp.async / wgmma pipeline and is not counted.
+        "membar": sum(1 for t in ops if re.search(r"MEMBAR\S*\.(GPU|SYS)", t)),
+        "membar_in_loops": sum(1 for a, t in instrs if re.search(r"MEMBAR\S*\.(GPU|SYS)", t) and in_loop(a)),
         "atomics": sum(1 for t in ops if re.search(r"\b(ATOMG|REDG|RED)\b", t)),
         "sass_instrs": len(instrs),
         "loop_instrs": biggest,
@@ -462,15 +471,27 @@ def _ptxas_spills(log: str):
 
 
 def compile_and_read(l: Launch, arch: int) -> dict:
-    """Compile the launch for sm_<arch> and read its machine code; cached on disk by the compiled kernel's hash."""
+    """Compile the launch for sm_<arch> and read its machine code. What ptxas and the disassembler print is cached on
+    disk (keyed by the kernel source, its specialisation and the triton version), so the analysis can change without
+    recompiling."""
     sig, consts, attrs = _signature(l)
     opts = {"num_warps": l.num_warps, "num_stages": l.num_stages}
     key_src = repr((l.kernel, sorted(sig.items()), sorted(consts.items()), sorted(attrs), opts, arch,
                     triton.__version__, hashlib.sha1(l.jit.src.encode()).hexdigest()))
-    key = hashlib.sha1(key_src.encode()).hexdigest()
-    cached = _CACHE_DIR / f"{key}.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
+    cached = _CACHE_DIR / f"{hashlib.sha1(key_src.encode()).hexdigest()}.json"
+    raw = json.loads(cached.read_text()) if cached.exists() else {}
+    if "sass_z" not in raw:
+        raw = _compile_raw(l, sig, consts, attrs, opts, arch)
+        _CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(raw))
+    sass = zlib.decompress(base64.b64decode(raw["sass_z"])).decode()
+    st, ld = _ptxas_spills(raw["ptxas_log"])
+    return dict(_sass_facts(sass), regs=int(re.search(r"REG:(\d+)", raw["usage"]).group(1)),
+                stack_bytes=int(re.search(r"STACK:(\d+)", raw["usage"]).group(1)), spill_store_bytes=st,
+                spill_load_bytes=ld, spill_bytes=st + ld, smem_bytes=raw["smem"])
+
+
+def _compile_raw(l: Launch, sig, consts, attrs, opts, arch) -> dict:
     triton.knobs.nvidia.dump_ptxas_log = True
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -489,14 +510,8 @@ def compile_and_read(l: Launch, arch: int) -> dict:
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
                                text=True).stdout
         sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    st, ld = _ptxas_spills(log)
-    facts = dict(_sass_facts(sass), regs=regs, stack_bytes=stack, spill_store_bytes=st, spill_load_bytes=ld,
-                 spill_bytes=st + ld, smem_bytes=int(compiled.metadata.shared))
-    _CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(facts))
-    return facts
+    return {"ptxas_log": log, "usage": usage, "smem": int(compiled.metadata.shared),
+            "sass_z": base64.b64encode(zlib.compress(sass.encode(), 6)).decode()}
 
 
 # ------------------------------------------------------------------------------------------------------ prediction
@@ -672,9 +687,26 @@ def markdown(records, extra, quick) -> str:
             w(f"| **geo-mean** | | | | | " + " | ".join(f"**{_geo(per_op[o]):.3f}**" for o in ops[1:]) + " |")
             extra_line = f"; PEFT measured {PEFT_MEASURED[mode]}" if kind == "training" else ""
             w(f"\nGoal: ≤ {goal}{extra_line}.\n")
+    w("## Compiled Triton kernels (first config of each launch)\n")
+    w("| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | GPU membar in loops | used by |")
+    w("|" + "---|" * 11)
+    kernels = {}
+    for x in records:
+        if x["kind"] != "triton":
+            continue
+        key = (x["kernel"], json.dumps(x["config"], sort_keys=True), x["num_warps"], x["num_stages"], x["regs"],
+               x["spill_bytes"], x["smem_bytes"])
+        kernels.setdefault(key, (x, set()))[1].add(f"{x['op']} {x['mode']}" if x["shape_kind"] == "training"
+                                                     else f"{x['op']} decode")
+    for (name, _, warps, stages, regs, spill, smem), (x, users) in kernels.items():
+        tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items())
+        w(f"| {name} | {tile} | {warps}/{stages} | {x['arch']} | {regs} | {spill} | {smem / 1024:.0f} | "
+          f"{'yes' if x['wgmma'] else 'no'} | {'yes' if x['tma'] else 'no'} | {x['membar_in_loops']} | "
+          f"{len(users)} op/mode pairs |")
+    w("")
     w("## Launches (per op, mode, shape)\n")
     w("| op | mode | M×K×N r | # | kernel | grid | tile | warps/stages | regs | spill B | smem KiB | wgmma | TMA | "
-      "membar in loops | HBM read MB | HBM write MB | L2 atomics MB | GFLOP | predicted µs | bound |")
+      "GPU membar in loops | HBM read MB | HBM write MB | L2 atomics MB | GFLOP | predicted µs | bound |")
     w("|" + "---|" * 20)
     for x in records:
         s = x["shape"]
@@ -716,7 +748,13 @@ def main(argv=None):
                                                     "(default 90,80; --quick: 90)")
     ap.add_argument("--all-configs", action="store_true", help="also compile every config autotuning would try")
     ap.add_argument("--verbose", action="store_true", help="print each compile to stderr")
+    ap.add_argument("--from-json", metavar="PATH", help="print the markdown of an earlier --json run (no compiling)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        quick = {tuple(r["shape"].values()) for r in data["records"]} <= set(QUICK_TRAINING + QUICK_DECODE)
+        sys.stdout.write(markdown(data["records"], data["other_compiles"], quick))
+        return 0
     archs = [int(a) for a in (args.archs or ("90" if args.quick else "90,80")).split(",")]
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else (lambda m: None)
     records, extra = collect(args.quick, archs, args.all_configs, log)

@@ -97,3 +97,9 @@ def test_default_is_never_slower_than_the_cublas_base_path(report):
         auto = sum(r["predicted_us"] for r in _launches(report, "lora_kernels", mode))
         cub = sum(r["predicted_us"] for r in _launches(report, "lk_cublas_base", mode))
         assert auto <= cub * 1.0001, (mode, auto, cub)
+
+
+def test_decode_forward_is_one_launch(report):
+    # Decode-sized batch without dropout: the shrink runs inside the fused GEMM (no memset, no separate shrink).
+    launches = _launches(report, "lora_kernels", "fwd", kind="decode")
+    assert [r["kernel"] for r in launches] == ["_fwd_kernel"], [r["kernel"] for r in launches]

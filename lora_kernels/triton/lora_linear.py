@@ -3,7 +3,8 @@
 The graph is split at the small ``S = dropout(x)·Aᵀ`` (M×r), as in LoRAFusion (arXiv 2510.00206): the memory-bound
 LoRA pieces ride inside the compute-bound base products, so no M×N (or M×K) LoRA temporary is ever written.
 
-Forward (two launches):
+Forward (two launches; one for decode-sized batches without dropout, where the shrink runs inside the GEMM's main
+loop: ``FUSE_SHRINK``):
   1. ``_shrink_kernel``      S = dropout(x)·Aᵀ, fp32, the dropout mask drawn in-kernel from (seed, m·K + k).
   2. ``_fwd_kernel``         y = x·W0ᵀ + s·S·Bᵀ + bias: the fp32 accumulator of each output tile starts as the K = r
                              product S_tile·B_tileᵀ·s, then the ordinary K loop over x and W0, bias in the epilogue.
@@ -81,6 +82,13 @@ _MIN_DOT = 16
 # The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 S tile (BLOCK_M×32) and B tile
 # (32×BLOCK_N) stay small next to the main loop's buffers, and r = 16 or 32 (the common ranks) is one step.
 _PROLOGUE_MAX_R = 32
+# Forward without dropout at decode-sized batches (≤ this many rows): the shrink runs inside the base GEMM's main
+# loop (FUSE_SHRINK), so the forward is one launch instead of a memset, a split-K shrink and the GEMM (two extra
+# graph nodes, ~2 µs each against a ~10 µs base at K = N = 4096). Each column of output tiles recomputes its rows of
+# S, N/BLOCK_N times the shrink's FLOPs, which only memory-bound (small-M) products absorb.
+_FUSED_SHRINK_MAX_M = 256
+# ... and ranks up to 64: the fused S accumulator (BLOCK_M × r fp32) stays small next to the output tile's.
+_FUSED_SHRINK_MAX_R = 64
 # The skinny kernels hold all of r (up to 128) in one tile so dY / x are read once; larger r adds a grid axis.
 _SKINNY_MAX_R = 128
 # The autotune key buckets M to a power of two (capped): training with varying sequence lengths must not re-tune on
@@ -301,7 +309,7 @@ def _shrink_kernel(
 
 @triton.autotune(
     configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
-    key=["M_BUCKET", "N", "K", "R", "BASE"],
+    key=["M_BUCKET", "N", "K", "R", "BASE", "FUSE_SHRINK"],
     prune_configs_by={"early_config_prune": _gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")},
     restore_value=["y_ptr"],  # BASE=False adds into y: benchmarking must not compound
     do_bench=_autotune_bench,
@@ -311,8 +319,9 @@ def _shrink_kernel(
 def _fwd_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, any strides
     w_ptr,  # [N, K] x's dtype, any strides
-    s_ptr,  # [M, R] fp32 (S = dropout(x)·Aᵀ), any strides
+    s_ptr,  # [M, R] fp32 (S = dropout(x)·Aᵀ), any strides; written, not read, when FUSE_SHRINK
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
+    a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides (read only when FUSE_SHRINK)
     bias_ptr,  # [N] x's dtype, contiguous (read only when HAS_BIAS)
     y_ptr,  # [M, N] x's dtype out (read too when not BASE), any strides
     M, N, K, R, M_BUCKET,
@@ -320,10 +329,17 @@ def _fwd_kernel(
     stride_wn, stride_wk,
     stride_sm, stride_sr,
     stride_bn, stride_br,
+    stride_ar, stride_ak,
     stride_ym, stride_yn,
     scale,
     HAS_BIAS: tl.constexpr,
     BASE: tl.constexpr,  # True: y = base + LoRA (+ bias). False: y += LoRA (cuBLAS already wrote the base + bias)
+    # True (BASE only, no dropout): S = x·Aᵀ is accumulated in the main loop from the x tiles already loaded (A's
+    # tiles are small and come from L2), S·Bᵀ is added after it, and the programs of the first column of tiles write
+    # S: the whole forward is this one launch. Each column of tiles recomputes its rows of S, N/BLOCK_N times the
+    # shrink's FLOPs: cheap where the product is memory-bound (decode-sized batches), not at training sizes.
+    FUSE_SHRINK: tl.constexpr,
+    SHRINK_F32: tl.constexpr,  # the fused shrink's operands taken to fp32 first (A fp32, or bf16 in the interpreter)
     UPCAST: tl.constexpr, PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -338,12 +354,15 @@ def _fwd_kernel(
 
     # LoRA prologue: acc = s·S_tile·B_tileᵀ, a K = r product (r walked in BLOCK_R chunks).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        st = tl.load(s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < R, other=0.0)
-        bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R, other=0.0)
-        acc = _dot(st, bt, acc, True, LORA_PREC)
-    acc = acc * scale
+    if not FUSE_SHRINK:
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            st = tl.load(s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < R,
+                         other=0.0)
+            bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R,
+                         other=0.0)
+            acc = _dot(st, bt, acc, True, LORA_PREC)
+        acc = acc * scale
 
     y_mask = (rm[:, None] < M) & (rn[None, :] < N)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn
@@ -351,17 +370,35 @@ def _fwd_kernel(
         rk = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
         w_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]: W0ᵀ tile
+        if FUSE_SHRINK:
+            rr = tl.arange(0, BLOCK_R)  # all of r in one tile (the launcher guarantees R <= BLOCK_R)
+            s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            a_ptrs = a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak  # [BLOCK_K, BLOCK_R]: Aᵀ tile
         for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
             if EVEN_K:
                 xt = tl.load(x_ptrs)
                 wt = tl.load(w_ptrs)
             else:
-                k_left = K - k * BLOCK_K
                 xt = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
                 wt = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
             acc = _dot(xt, wt, acc, UPCAST, PREC)
+            if FUSE_SHRINK:
+                if EVEN_K:
+                    at = tl.load(a_ptrs, mask=rr[None, :] < R, other=0.0)
+                else:
+                    at = tl.load(a_ptrs, mask=(rr[None, :] < R) & (rk[:, None] < k_left), other=0.0)
+                s_acc = _dot(xt, at, s_acc, SHRINK_F32, LORA_PREC)
+                a_ptrs += BLOCK_K * stride_ak
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
+        if FUSE_SHRINK:
+            if pid_n == 0:  # one writer per row of S: the first column of tiles
+                tl.store(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr, s_acc,
+                         mask=(rm[:, None] < M) & (rr[None, :] < R))
+            bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R,
+                         other=0.0)
+            acc += _dot(s_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), True, LORA_PREC) * scale
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     else:
@@ -670,9 +707,13 @@ def lora_linear_forward(
         return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, 0)
     if bias is not None:
         bias = bias.contiguous()  # the epilogue indexes bias[n] with unit stride; N elements, a no-op when contiguous
-    s_mat = _shrink(x, lora_A, dropout_p, seed)
     upcast, prec, lora_prec = _precisions(x.dtype)
     base = _triton_base(M)
+    fuse = base and dropout_p <= 0.0 and M <= _FUSED_SHRINK_MAX_M and R <= _FUSED_SHRINK_MAX_R
+    if fuse:
+        s_mat = torch.empty((M, R), dtype=torch.float32, device=x.device)  # written by the GEMM's first tile column
+    else:
+        s_mat = _shrink(x, lora_A, dropout_p, seed)
     if base:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     elif bias is not None:
@@ -682,18 +723,21 @@ def lora_linear_forward(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with _device_ctx(x):
         _fwd_kernel[grid](
-            x, weight, s_mat, lora_B, bias if bias is not None else y, y,
+            x, weight, s_mat, lora_B, lora_A, bias if bias is not None else y, y,
             M, N, K, R, _m_bucket(M),
             x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1),
             s_mat.stride(0), s_mat.stride(1),
             lora_B.stride(0), lora_B.stride(1),
+            lora_A.stride(0), lora_A.stride(1),
             y.stride(0), y.stride(1),
             float(scale),
             HAS_BIAS=bias is not None and base,
             BASE=base,
+            FUSE_SHRINK=fuse,
+            SHRINK_F32=lora_A.dtype != x.dtype or upcast,
             UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
-            BLOCK_R=_r_block(R, _PROLOGUE_MAX_R),
+            BLOCK_R=_r_block(R, _FUSED_SHRINK_MAX_R if fuse else _PROLOGUE_MAX_R),
         )
     return y, s_mat
 
