@@ -6,10 +6,10 @@ import torch
 from lora_kernels.triton import lora_linear as tri
 
 
-def _prune(dropout, M_BUCKET=8192, dtype=torch.bfloat16):
+def _prune(dropout, M_BUCKET=8192, dtype=torch.bfloat16, base=True):
     configs = tri._gemm_configs("BLOCK_K", "BLOCK_N", tri._CUDA_TILES)
     named = {"dy_ptr": torch.empty(1, dtype=dtype), "M_BUCKET": M_BUCKET}
-    return tri._gemm_pruner("dy_ptr", "BLOCK_K", "BLOCK_N")(configs, named, HAS_DROPOUT=dropout)
+    return tri._gemm_pruner("dy_ptr", "BLOCK_K", "BLOCK_N")(configs, named, HAS_DROPOUT=dropout, BASE=base)
 
 
 def _per_thread(c):
@@ -19,6 +19,8 @@ def _per_thread(c):
 def test_dropout_drops_tiles_over_the_register_budget():
     kept = _prune(True)
     assert kept and all(_per_thread(c) <= tri._DROPOUT_MAX_PER_THREAD for c in kept), [str(c) for c in kept]
+    # 128×128 at 8 warps (64 elements per thread) still spilled on sm_90; the 4-warp tiles did not.
+    assert all(c.num_warps == tri._DROPOUT_WARPS for c in kept), [str(c) for c in kept]
     # The 128×256 tile at 8 warps (128 elements per thread: 255 registers and spills with the mask) is not offered.
     assert not any(c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_K"] == 256 for c in kept)
 
@@ -33,3 +35,10 @@ def test_autotune_off_keeps_one_non_spilling_config(monkeypatch):
     for bucket in (1, 16, 256, 8192):
         kept = _prune(True, M_BUCKET=bucket)
         assert len(kept) == 1 and _per_thread(kept[0]) <= tri._DROPOUT_MAX_PER_THREAD, (bucket, str(kept[0]))
+
+
+def test_lora_only_path_drops_deep_reduction_tiles():
+    # BASE=False has no reduction loop; the 128-deep decode tile spilled 8 bytes there.
+    for bucket in (1, 16, 8192):
+        kept = _prune(False, M_BUCKET=bucket, base=False)
+        assert kept and all(c.kwargs["BLOCK_N"] <= tri._LORA_ONLY_MAX_RED for c in kept), [str(c) for c in kept]
