@@ -19,8 +19,8 @@ def _per_thread(c):
 def test_dropout_drops_tiles_over_the_register_budget():
     kept = _prune(True)
     assert kept and all(_per_thread(c) <= tri._DROPOUT_MAX_PER_THREAD for c in kept), [str(c) for c in kept]
-    # 128×128 at 8 warps (64 elements per thread) still spilled on sm_90; the 4-warp tiles did not.
-    assert all(c.num_warps == tri._DROPOUT_WARPS for c in kept), [str(c) for c in kept]
+    # 64 elements per thread (128×128 at 8 warps, 64×128 at 4) still spilled on sm_90.
+    assert tri._DROPOUT_MAX_PER_THREAD <= 32
     # The 128×256 tile at 8 warps (128 elements per thread: 255 registers and spills with the mask) is not offered.
     assert not any(c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_K"] == 256 for c in kept)
 

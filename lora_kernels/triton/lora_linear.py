@@ -134,12 +134,18 @@ _INTERPRETER_TILE = (32, 32, 32, 2, 4, 1)
 
 
 # The dX kernel draws the dropout mask of its whole output tile at once (Philox: ~57 SASS instructions per element,
-# many live registers). Compiled for sm_90 with triton 3.9 (benchmarks/static_report.py --all-configs): a 128×256
-# tile at 8 warps (128 elements per thread) takes 255 registers and spills ~22 KB per thread; 128×128 at 8 warps
-# (64 per thread) still spills 2.4 KB; the 4-warp tiles of up to 64 elements per thread do not spill. Only those are
-# offered with dropout, so no config, including the one used with $LORA_KERNELS_AUTOTUNE=0, spills.
-_DROPOUT_MAX_PER_THREAD = 64
-_DROPOUT_WARPS = 4
+# many live registers). Compiled for sm_90 with triton 3.9 (benchmarks/static_report.py --all-configs), bf16: a
+# 128×256 tile at 8 warps (128 elements per thread) takes 255 registers and spills ~22 KB per thread; 64 elements per
+# thread still spill (128×128 at 8 warps: 2.4 KB; 64×128 and 128×64 at 4 warps: 2.4-2.7 KB). With dropout the dX
+# kernel gets its own list, 32 elements per thread at most, so no config, including the one used with
+# $LORA_KERNELS_AUTOTUNE=0, spills.
+_DROPOUT_MAX_PER_THREAD = 32
+_CUDA_TILES_DROPOUT = [
+    (128, 64, 64, 8, 8, 4),
+    (64, 128, 64, 8, 8, 4),
+    (32, 128, 128, 8, 4, 4),
+    (16, 64, 256, 8, 4, 4),
+]
 # BASE=False (the cuBLAS path: the kernels only add the LoRA term) has no reduction loop, so the reduction tile is
 # unused; the 128-deep decode tile (32×128, 4 warps) still spilled 8 bytes there on sm_90. Deeper ones are not offered
 # (the pruner's fallback tile serves decode-sized batches).
@@ -186,12 +192,14 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
 
     def prune(configs, named_args, **kwargs):
         elem = named_args[operand].element_size()
+        dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
+        base = bool(kwargs.get("BASE", named_args.get("BASE", True)))
         bucket = named_args["M_BUCKET"]
         budget = _smem_budget(named_args[operand].device)
         if elem >= 4:
             configs = _gemm_configs(col_key, red_key, _CUDA_TILES_FP32)
-        dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
-        base = bool(kwargs.get("BASE", named_args.get("BASE", True)))
+        elif dropout and not _INTERPRET_AT_IMPORT:
+            configs = _gemm_configs(col_key, red_key, _CUDA_TILES_DROPOUT)
         kept = []
         for c in configs:
             kw = c.kwargs
@@ -199,8 +207,7 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
             stages = min(c.num_stages, budget // stage_bytes)
             if stages < 2 or kw["BLOCK_M"] > max(_MIN_DOT, 2 * bucket):
                 continue
-            if dropout and (kw["BLOCK_M"] * kw[col_key] > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps
-                            or c.num_warps != _DROPOUT_WARPS):
+            if dropout and kw["BLOCK_M"] * kw[col_key] > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps:
                 continue
             if not base and kw[red_key] > _LORA_ONLY_MAX_RED:
                 continue
