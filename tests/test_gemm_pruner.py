@@ -42,3 +42,11 @@ def test_lora_only_path_drops_deep_reduction_tiles():
     for bucket in (1, 16, 8192):
         kept = _prune(False, M_BUCKET=bucket, base=False)
         assert kept and all(c.kwargs["BLOCK_N"] <= tri._LORA_ONLY_MAX_RED for c in kept), [str(c) for c in kept]
+
+
+def test_fused_shrink_keeps_small_tiles():
+    configs = tri._gemm_configs("BLOCK_N", "BLOCK_K", tri._CUDA_TILES)
+    for bucket in (1, 64, 256):
+        named = {"x_ptr": torch.empty(1, dtype=torch.bfloat16), "M_BUCKET": bucket}
+        kept = tri._gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")(configs, named, BASE=True, FUSE_SHRINK=True)
+        assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= tri._FUSED_SHRINK_MAX_TILE for c in kept)

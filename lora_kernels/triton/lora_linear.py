@@ -89,6 +89,10 @@ _PROLOGUE_MAX_R = 32
 _FUSED_SHRINK_MAX_M = 256
 # ... and ranks up to 64: the fused S accumulator (BLOCK_M × r fp32) stays small next to the output tile's.
 _FUSED_SHRINK_MAX_R = 64
+# ... and output tiles of at most 64×128: the 128×256 tile with the S accumulator spilled 2.6 KB per thread on sm_90,
+# and at these batch sizes the product is memory-bound: smaller tiles give more programs to pull W0 from HBM (a
+# 256-row batch at N = 4096 has 16 tiles of 128×256 for 132 SMs, 128 of 64×128).
+_FUSED_SHRINK_MAX_TILE = 64 * 128
 # The skinny kernels hold all of r (up to 128) in one tile so dY / x are read once; larger r adds a grid axis.
 _SKINNY_MAX_R = 128
 # The autotune key buckets M to a power of two (capped): training with varying sequence lengths must not re-tune on
@@ -194,6 +198,7 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
         elem = named_args[operand].element_size()
         dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
         base = bool(kwargs.get("BASE", named_args.get("BASE", True)))
+        fused = bool(kwargs.get("FUSE_SHRINK", named_args.get("FUSE_SHRINK", False)))
         bucket = named_args["M_BUCKET"]
         budget = _smem_budget(named_args[operand].device)
         if elem >= 4:
@@ -210,6 +215,8 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
             if dropout and kw["BLOCK_M"] * kw[col_key] > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps:
                 continue
             if not base and kw[red_key] > _LORA_ONLY_MAX_RED:
+                continue
+            if fused and kw["BLOCK_M"] * kw[col_key] > _FUSED_SHRINK_MAX_TILE:
                 continue
             kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
         if not kept:  # a small safe tile: 64×64 outputs, 32-deep steps, 2 stages (≤ 32 KiB even in fp32)
