@@ -546,10 +546,12 @@ def predict_us(l: Launch, facts: Optional[dict]) -> dict:
         programs = l.grid[0] * l.grid[1] * l.grid[2]
         per_warp = facts["sass_instrs"] + facts["loop_instrs"] * max(0, l.main_loop_trips - 1)
         issue = programs * l.num_warps * per_warp / (4 * CARD.sms * CARD.clock_hz)
-        if l.gemm:
-            slots = CARD.sms * _occupancy(facts, l.num_warps)
-            waves = programs / slots
-            compute *= math.ceil(waves) / waves if waves > 0 else 1.0
+        if l.gemm:  # tiles are not free: a grid smaller than the SMs leaves SMs idle, a partial last wave too
+            if programs < CARD.sms:
+                compute *= CARD.sms / programs
+            else:
+                waves = programs / (CARD.sms * _occupancy(facts, l.num_warps))
+                compute *= math.ceil(waves) / waves
         why = max((("memory", mem), ("compute", compute), ("issue", issue)), key=lambda kv: kv[1])[0]
     t = max(mem, compute, issue) * 1e6
     if t < CARD.min_launch_us:
