@@ -44,7 +44,7 @@ case "$phase" in
     card
     # (a) Correctness of every Triton kernel against the float64 reference, bf16 included (the interpreter cannot
     # check bf16 tl.dot), then the inputs checks. No -x: one failure must not hide the others.
-    run tests_kernels 240 $py -m pytest tests/test_lora_linear.py tests/test_multi_lora.py -q -rfE \
+    run tests_kernels 240 $py -m pytest tests/test_lora_linear.py tests/test_fused_shrink.py tests/test_multi_lora.py -q -rfE \
         -p no:cacheprovider --maxfail=25 --durations=10
     run tests_inputs 60 $py -m pytest tests/test_bad_inputs.py tests/test_base_gemm_choice.py -q -rfE \
         -p no:cacheprovider --maxfail=25
