@@ -1,56 +1,86 @@
 #!/usr/bin/env bash
-# The GPU session, in phases that each fit one call of the lent machine (≤ 10 minutes; the whole session has 30
-# minutes of device time). Run from the repository root on the GPU machine:
+# The GPU session: 15 minutes of device time in all (machine start included), each call under 10 minutes. Phases in
+# order of value; run them as separate calls, from the repository root on the GPU machine:
 #
-#   bash benchmarks/gpu_session.sh tests     # build the CUDA extension in place, GPU + CPU test suite, sanitizer
-#   bash benchmarks/gpu_session.sh train     # bench_lora_linear training shapes (fwd, fwd+bwd, dropout)
-#   bash benchmarks/gpu_session.sh serve     # decode shapes, multi-adapter layers, BGMV kernels, LoRA-GA, PEFT model
+#   bash benchmarks/gpu_session.sh tests   # (a) ~4 min: the kernels' correctness tests (bf16 included), compiled
+#   bash benchmarks/gpu_session.sh train   # (b) ~6 min: training ratios at the 6 shapes: cuBLAS, eager, PEFT and
+#                                          #     lora_kernels with both base GEMMs; fwd, fwd+bwd, fwd+bwd dropout
+#   bash benchmarks/gpu_session.sh serve   # (c) ~3 min: decode (CUDA graphs) and multi-adapter layers, few points
+#   bash benchmarks/gpu_session.sh extras  # only if time is left: CUDA extension build + tests, the full suite
 #
-# Everything printed is also written under $OUT (or ./out when OUT is unset), with the card, versions and command
-# line that BENCHMARKS.md needs. The GPU machine has no network: nothing is installed, the package runs from the
-# checkout (PYTHONPATH=.), and the extension is built in place with the image's cmake, ninja and pybind11.
+# Every step has its own timeout, and every result is written as soon as it exists: the logs are teed line by line,
+# the benchmarks run one shape per process with its own CSV, so a call cut short keeps every finished point.
+# Everything goes under $OUT (or ./out): logs, CSVs, card.txt (card, driver, versions). The machine has no network:
+# nothing is installed, the package runs from the checkout (PYTHONPATH=.).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # kernels compiled for the GPU, never interpreted
 phase="${1:-tests}"
 py=python3
 
-run() {  # run a command, tee its output into $out/<name>.log, keep going on failure (the log says what broke)
-  local name="$1"; shift
-  echo "=== $name: $*" | tee -a "$out/$name.log"
-  timeout "${STEP_TIMEOUT:-540}" "$@" 2>&1 | tee -a "$out/$name.log"
-  echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$out/$name.log"
+run() {  # run one step with a timeout (seconds), tee its output into $out/<name>.log, keep going on failure
+  local name="$1" limit="$2"; shift 2
+  echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$out/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
+  echo "=== $name exit ${PIPESTATUS[0]} ($(date -u +%T))" | tee -a "$out/$name.log"
 }
+
+card() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$out/card.txt"
+  $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/card.txt"
+}
+
+# Training: one process per shape (its CSV is written when the shape is done). Autotuning off: the first config of
+# each kernel runs, the one the static report (benchmarks/static_report.py) predicts; autotuning every config of
+# every kernel variant would not fit the session.
+TRAIN_SHAPES="4096:4096:16 4096:4096:64 4096:14336:16 14336:4096:16 4096:14336:64 14336:4096:64"
+TRAIN_PROVIDERS="base,eager,peft,lk_cublas_base,lk_triton_base"
 
 case "$phase" in
   tests)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/card.txt"
-    $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/card.txt"
-    run build $py setup.py build_ext --inplace
-    $py -c "from lora_kernels import cuda; print('cuda ext:', cuda.cuda_ops_unavailable_reason() or 'ok')" | tee -a "$out/card.txt"
-    # On a GPU the Triton kernels are compiled, not interpreted; the gpu-marked tests run too.
-    STEP_TIMEOUT=420 run tests $py -m pytest tests -q -x -p no:cacheprovider --durations=15
-    run sanitizer compute-sanitizer --tool memcheck $py csrc/sanitizer_check.py
+    card
+    # (a) Correctness of every Triton kernel against the float64 reference, bf16 included (the interpreter cannot
+    # check bf16 tl.dot), then the inputs checks. No -x: one failure must not hide the others.
+    run tests_kernels 240 $py -m pytest tests/test_lora_linear.py tests/test_fused_shrink.py tests/test_multi_lora.py \
+        tests/test_multi_lora_serving.py tests/test_lora_decode.py -q -rfE \
+        -p no:cacheprovider --maxfail=25 --durations=10
+    run tests_inputs 60 $py -m pytest tests/test_bad_inputs.py tests/test_base_gemm_choice.py -q -rfE \
+        -p no:cacheprovider --maxfail=25
     ;;
   train)
-    run bench_train $py benchmarks/bench_lora_linear.py --skip-decode --modes fwd,fwd+bwd \
-        --csv "$out/train.csv" --plot "$out/train.png"
-    ;;
-  train-dropout)
-    run bench_train_dropout $py benchmarks/bench_lora_linear.py --skip-decode --modes "fwd+bwd dropout" \
-        --csv "$out/train_dropout.csv"
+    card
+    for s in $TRAIN_SHAPES; do
+      IFS=: read -r k n r <<< "$s"
+      LORA_KERNELS_AUTOTUNE=0 run "train_${k}_${n}_r${r}" 75 $py benchmarks/bench_lora_linear.py --skip-decode \
+          --kn "$k:$n" --ranks "$r" --modes "fwd,fwd+bwd,fwd+bwd dropout" --providers "$TRAIN_PROVIDERS" \
+          --warmup-ms 10 --rep-ms 50 --csv "$out/train_${k}_${n}_r${r}.csv"
+    done
     ;;
   serve)
-    STEP_TIMEOUT=150 run bench_decode $py benchmarks/bench_lora_linear.py --skip-train --csv "$out/decode.csv"
-    STEP_TIMEOUT=200 run bench_multi $py benchmarks/bench_multi_lora.py --csv "$out/multi.csv" --plot "$out/multi.png"
-    STEP_TIMEOUT=90 run bench_bgmv $py csrc/bench_bgmv.py --csv "$out/bgmv.csv"
-    STEP_TIMEOUT=60 run bench_lora_ga $py benchmarks/bench_lora_ga.py --quick
-    STEP_TIMEOUT=60 run bench_peft $py benchmarks/bench_peft_model.py --csv "$out/peft_model.csv"
+    card
+    for d in 1:4096:4096 16:4096:4096 256:4096:4096 1:8192:8192; do
+      LORA_KERNELS_AUTOTUNE=0 run "decode_${d//:/_}" 45 $py benchmarks/bench_lora_linear.py --skip-train \
+          --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base \
+          --csv "$out/decode_${d//:/_}.csv"
+    done
+    for t in 1 16 256 4096; do
+      run "multi_T$t" 45 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform \
+          --timings graph --providers base,lora_kernels --csv "$out/multi_T$t.csv"
+    done
+    ;;
+  extras)
+    card
+    run build 240 $py setup.py build_ext --inplace
+    $py -c "from lora_kernels import cuda; print('cuda ext:', cuda.cuda_ops_unavailable_reason() or 'ok')" | tee -a "$out/card.txt"
+    run tests_cuda_ext 120 $py -m pytest tests/test_cuda_ext.py -q -rfE -p no:cacheprovider
+    run sanitizer 60 compute-sanitizer --tool memcheck $py csrc/sanitizer_check.py
+    run tests_all 420 $py -m pytest tests -q -rfE -p no:cacheprovider --maxfail=50 --durations=15
     ;;
   *)
-    echo "usage: $0 tests|train|train-dropout|serve" >&2
+    echo "usage: $0 tests|train|serve|extras" >&2
     exit 2
     ;;
 esac

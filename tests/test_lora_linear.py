@@ -552,8 +552,12 @@ fwd32 = L._gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")(L._gemm_configs("BLOCK_N",
                                                       dict(big, x_ptr=torch.empty(1)))[0]
 lora = dict(UPCAST=False, PREC="tf32", LORA_PREC="tf32", BLOCK_R=32)
 jobs = [
-    ("fwd", L._fwd_kernel, dict(fwd.kwargs, HAS_BIAS=True, BASE=True, EVEN_K=False, **lora), fwd),
+    ("fwd", L._fwd_kernel, dict(fwd.kwargs, HAS_BIAS=True, BASE=True, EVEN_K=False, FUSE_SHRINK=False,
+                                SHRINK_F32=True, **lora), fwd),
+    ("fwd fused shrink", L._fwd_kernel, dict(fwd.kwargs, HAS_BIAS=True, BASE=True, EVEN_K=False, FUSE_SHRINK=True,
+                                             SHRINK_F32=True, **dict(lora, BLOCK_R=64)), fwd),
     ("fwd fp32 ieee", L._fwd_kernel, dict(fwd32.kwargs, HAS_BIAS=False, BASE=True, EVEN_K=True, UPCAST=False,
+                                          FUSE_SHRINK=False, SHRINK_F32=False,
                                           PREC="ieee", LORA_PREC="ieee", BLOCK_R=16), fwd32),
     ("dx", L._dx_kernel, dict(dx.kwargs, HAS_DROPOUT=True, BASE=True, EVEN_N=False, **lora), dx),
     ("shrink", L._shrink_kernel, dict(HAS_DROPOUT=True, SPLIT_K=2, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_K=64,

@@ -3,7 +3,8 @@
 The graph is split at the small ``S = dropout(x)·Aᵀ`` (M×r), as in LoRAFusion (arXiv 2510.00206): the memory-bound
 LoRA pieces ride inside the compute-bound base products, so no M×N (or M×K) LoRA temporary is ever written.
 
-Forward (two launches):
+Forward (two launches; one for decode-sized batches without dropout, where the shrink runs inside the GEMM's main
+loop: ``FUSE_SHRINK``):
   1. ``_shrink_kernel``      S = dropout(x)·Aᵀ, fp32, the dropout mask drawn in-kernel from (seed, m·K + k).
   2. ``_fwd_kernel``         y = x·W0ᵀ + s·S·Bᵀ + bias: the fp32 accumulator of each output tile starts as the K = r
                              product S_tile·B_tileᵀ·s, then the ordinary K loop over x and W0, bias in the epilogue.
@@ -14,6 +15,9 @@ Backward (three launches, plus cuBLAS for dW / a torch reduction for dbias when 
 Saved between the two: x, S (fp32) and the seed; never the mask, never x̂. The seed is a 0-dim int64 tensor on x's
 device that the kernels load (``seed_ptr``), never a by-value argument: no host sync, and a CUDA-graph replay of a
 training step reads the seed drawn on the device in that replay, so every replay gets a fresh mask.
+Every fp32 atomic is ``sem="relaxed"``: the partial sums are read only by later launches (the kernel boundary
+orders them), so the default acq_rel's fence before each atomic (a MEMBAR.ALL.GPU inside the dS/dB kernel's N loop on
+sm_90) buys nothing.
 Under ``torch.use_deterministic_algorithms(True)`` no reduction is split across programs and dB comes from a second,
 atomic-free pass over dY (dBᵀ = s·Sᵀ·dY through kernel 4), so results are bitwise reproducible.
 
@@ -37,8 +41,8 @@ capturing it, with the same shapes (the autotune key buckets M to powers of two)
 cuBLAS path. ``BASE_GEMM = "cublas"`` computes the base products with cuBLAS (``addmm`` with the bias epilogue for y,
 ``mm`` for dX) and lets the same two kernels add only the LoRA term onto the result in place (``BASE=False``): one
 extra read and write of y / dX (and y / dX rounded twice to x's dtype, once by cuBLAS, once after the LoRA add), but
-cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than
-cuBLAS on H100 (ANCHORS.md), so the benchmark should compare both; the default stays the fused Triton kernel.
+cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than cuBLAS on an H100, so the default
+(``"auto"``) takes the cuBLAS path for batches of more than ``_TRITON_BASE_MAX_M`` rows; the benchmark times both.
 """
 
 from __future__ import annotations
@@ -58,8 +62,18 @@ from ..reference.dropout import RAND_BITS, dropout_threshold
 from ._compat import patch_interpreter
 
 # "triton": y and dX come from the fused Triton GEMMs. "cublas": cuBLAS computes the base product, the Triton kernels
-# add the LoRA term in place. Module-level so benchmarks can flip it; read on every call.
-BASE_GEMM = "triton"
+# add the LoRA term in place. "auto": see _TRITON_BASE_MAX_M. Module-level so benchmarks can flip it; read on every
+# call.
+BASE_GEMM = "auto"
+BASE_GEMMS = ("auto", "triton", "cublas")
+# The one place where "auto" chooses the base GEMM. A batch of more than this many rows takes the cuBLAS base:
+# the fused Triton GEMM here is the plain (cp.async + wgmma, non-TMA, non-persistent) kind, which measured 25-45%
+# slower than cuBLAS on an H100 (bf16, 2026-11-25), so at training sizes it would make the layer slower than PEFT's
+# unfused LoRA (1.26x / 1.32x the base); the cuBLAS path costs one extra read and write of y / dX instead (~6-12%
+# predicted by benchmarks/static_report.py). Decode-sized batches (≤ 256 rows, the largest decode shape of
+# BENCHMARKS.md) keep the fused kernel: there W0's read dominates and one launch fewer matters. Raise the limit only
+# when a GPU measurement shows the Triton path within 2% of cuBLAS at that shape class.
+_TRITON_BASE_MAX_M = 256
 
 # Philox draws 32 bits; the mask keeps the top RAND_BITS (see reference/dropout.py), so shift away the rest.
 _RAND_SHIFT = tl.constexpr(32 - RAND_BITS)
@@ -68,6 +82,17 @@ _MIN_DOT = 16
 # The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 S tile (BLOCK_M×32) and B tile
 # (32×BLOCK_N) stay small next to the main loop's buffers, and r = 16 or 32 (the common ranks) is one step.
 _PROLOGUE_MAX_R = 32
+# Forward without dropout at decode-sized batches (≤ this many rows): the shrink runs inside the base GEMM's main
+# loop (FUSE_SHRINK), so the forward is one launch instead of a memset, a split-K shrink and the GEMM (two extra
+# graph nodes, ~2 µs each against a ~10 µs base at K = N = 4096). Each column of output tiles recomputes its rows of
+# S, N/BLOCK_N times the shrink's FLOPs, which only memory-bound (small-M) products absorb.
+_FUSED_SHRINK_MAX_M = 256
+# ... and ranks up to 64: the fused S accumulator (BLOCK_M × r fp32) stays small next to the output tile's.
+_FUSED_SHRINK_MAX_R = 64
+# ... and output tiles of at most 64×128: the 128×256 tile with the S accumulator spilled 2.6 KB per thread on sm_90,
+# and at these batch sizes the product is memory-bound: smaller tiles give more programs to pull W0 from HBM (a
+# 256-row batch at N = 4096 has 16 tiles of 128×256 for 132 SMs, 128 of 64×128).
+_FUSED_SHRINK_MAX_TILE = 64 * 128
 # The skinny kernels hold all of r (up to 128) in one tile so dY / x are read once; larger r adds a grid axis.
 _SKINNY_MAX_R = 128
 # The autotune key buckets M to a power of two (capped): training with varying sequence lengths must not re-tune on
@@ -112,6 +137,25 @@ _CUDA_TILES_FP32 = [
 _INTERPRETER_TILE = (32, 32, 32, 2, 4, 1)
 
 
+# The dX kernel draws the dropout mask of its whole output tile at once (Philox: ~57 SASS instructions per element,
+# many live registers). Compiled for sm_90 with triton 3.9 (benchmarks/static_report.py --all-configs), bf16: a
+# 128×256 tile at 8 warps (128 elements per thread) takes 255 registers and spills ~22 KB per thread; 64 elements per
+# thread still spill (128×128 at 8 warps: 2.4 KB; 64×128 and 128×64 at 4 warps: 2.4-2.7 KB). With dropout the dX
+# kernel gets its own list, 32 elements per thread at most, so no config, including the one used with
+# $LORA_KERNELS_AUTOTUNE=0, spills.
+_DROPOUT_MAX_PER_THREAD = 32
+_CUDA_TILES_DROPOUT = [
+    (128, 64, 64, 8, 8, 4),
+    (64, 128, 64, 8, 8, 4),
+    (32, 128, 128, 8, 4, 4),
+    (16, 64, 256, 8, 4, 4),
+]
+# BASE=False (the cuBLAS path: the kernels only add the LoRA term) has no reduction loop, so the reduction tile is
+# unused; the 128-deep decode tile (32×128, 4 warps) still spilled 8 bytes there on sm_90. Deeper ones are not offered
+# (the pruner's fallback tile serves decode-sized batches).
+_LORA_ONLY_MAX_RED = 64
+
+
 def _gemm_configs(col_key: str, red_key: str, tiles=None):
     """Autotune list of a big GEMM whose output tile is BLOCK_M × ``col_key`` and whose reduction step is ``red_key``
     (forward: BLOCK_N × BLOCK_K; dX: BLOCK_K × BLOCK_N)."""
@@ -145,23 +189,34 @@ def _smem_budget(device: torch.device) -> int:
 
 
 def _gemm_pruner(operand: str, col_key: str, red_key: str):
-    """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles),
-    and cut num_stages until the operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list
+    """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles)
+    and, with dropout, tiles over _DROPOUT_MAX_PER_THREAD output elements per thread; cut num_stages until the operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list
     instead. With $LORA_KERNELS_AUTOTUNE=0 the first surviving config is used without benchmarking. Always returns
     at least one config."""
 
     def prune(configs, named_args, **kwargs):
         elem = named_args[operand].element_size()
+        dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
+        base = bool(kwargs.get("BASE", named_args.get("BASE", True)))
+        fused = bool(kwargs.get("FUSE_SHRINK", named_args.get("FUSE_SHRINK", False)))
         bucket = named_args["M_BUCKET"]
         budget = _smem_budget(named_args[operand].device)
         if elem >= 4:
             configs = _gemm_configs(col_key, red_key, _CUDA_TILES_FP32)
+        elif dropout and not _INTERPRET_AT_IMPORT:
+            configs = _gemm_configs(col_key, red_key, _CUDA_TILES_DROPOUT)
         kept = []
         for c in configs:
             kw = c.kwargs
             stage_bytes = (kw["BLOCK_M"] + kw[col_key]) * kw[red_key] * elem
             stages = min(c.num_stages, budget // stage_bytes)
             if stages < 2 or kw["BLOCK_M"] > max(_MIN_DOT, 2 * bucket):
+                continue
+            if dropout and kw["BLOCK_M"] * kw[col_key] > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps:
+                continue
+            if not base and kw[red_key] > _LORA_ONLY_MAX_RED:
+                continue
+            if fused and kw["BLOCK_M"] * kw[col_key] > _FUSED_SHRINK_MAX_TILE:
                 continue
             kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
         if not kept:  # a small safe tile: 64×64 outputs, 32-deep steps, 2 stages (≤ 32 KiB even in fp32)
@@ -273,12 +328,12 @@ def _shrink_kernel(
     if SPLIT_K == 1:
         tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
     else:
-        tl.atomic_add(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+        tl.atomic_add(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
 
 
 @triton.autotune(
     configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
-    key=["M_BUCKET", "N", "K", "R", "BASE"],
+    key=["M_BUCKET", "N", "K", "R", "BASE", "FUSE_SHRINK"],
     prune_configs_by={"early_config_prune": _gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")},
     restore_value=["y_ptr"],  # BASE=False adds into y: benchmarking must not compound
     do_bench=_autotune_bench,
@@ -288,8 +343,9 @@ def _shrink_kernel(
 def _fwd_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, any strides
     w_ptr,  # [N, K] x's dtype, any strides
-    s_ptr,  # [M, R] fp32 (S = dropout(x)·Aᵀ), any strides
+    s_ptr,  # [M, R] fp32 (S = dropout(x)·Aᵀ), any strides; written, not read, when FUSE_SHRINK
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
+    a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides (read only when FUSE_SHRINK)
     bias_ptr,  # [N] x's dtype, contiguous (read only when HAS_BIAS)
     y_ptr,  # [M, N] x's dtype out (read too when not BASE), any strides
     M, N, K, R, M_BUCKET,
@@ -297,10 +353,17 @@ def _fwd_kernel(
     stride_wn, stride_wk,
     stride_sm, stride_sr,
     stride_bn, stride_br,
+    stride_ar, stride_ak,
     stride_ym, stride_yn,
     scale,
     HAS_BIAS: tl.constexpr,
     BASE: tl.constexpr,  # True: y = base + LoRA (+ bias). False: y += LoRA (cuBLAS already wrote the base + bias)
+    # True (BASE only, no dropout): S = x·Aᵀ is accumulated in the main loop from the x tiles already loaded (A's
+    # tiles are small and come from L2), S·Bᵀ is added after it, and the programs of the first column of tiles write
+    # S: the whole forward is this one launch. Each column of tiles recomputes its rows of S, N/BLOCK_N times the
+    # shrink's FLOPs: cheap where the product is memory-bound (decode-sized batches), not at training sizes.
+    FUSE_SHRINK: tl.constexpr,
+    SHRINK_F32: tl.constexpr,  # the fused shrink's operands taken to fp32 first (A fp32, or bf16 in the interpreter)
     UPCAST: tl.constexpr, PREC: tl.constexpr, LORA_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -315,12 +378,15 @@ def _fwd_kernel(
 
     # LoRA prologue: acc = s·S_tile·B_tileᵀ, a K = r product (r walked in BLOCK_R chunks).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        st = tl.load(s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < R, other=0.0)
-        bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R, other=0.0)
-        acc = _dot(st, bt, acc, True, LORA_PREC)
-    acc = acc * scale
+    if not FUSE_SHRINK:
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            st = tl.load(s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < R,
+                         other=0.0)
+            bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R,
+                         other=0.0)
+            acc = _dot(st, bt, acc, True, LORA_PREC)
+        acc = acc * scale
 
     y_mask = (rm[:, None] < M) & (rn[None, :] < N)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn
@@ -328,17 +394,35 @@ def _fwd_kernel(
         rk = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
         w_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]: W0ᵀ tile
+        if FUSE_SHRINK:
+            rr = tl.arange(0, BLOCK_R)  # all of r in one tile (the launcher guarantees R <= BLOCK_R)
+            s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            a_ptrs = a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak  # [BLOCK_K, BLOCK_R]: Aᵀ tile
         for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
             if EVEN_K:
                 xt = tl.load(x_ptrs)
                 wt = tl.load(w_ptrs)
             else:
-                k_left = K - k * BLOCK_K
                 xt = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
                 wt = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
             acc = _dot(xt, wt, acc, UPCAST, PREC)
+            if FUSE_SHRINK:
+                if EVEN_K:
+                    at = tl.load(a_ptrs, mask=rr[None, :] < R, other=0.0)
+                else:
+                    at = tl.load(a_ptrs, mask=(rr[None, :] < R) & (rk[:, None] < k_left), other=0.0)
+                s_acc = _dot(xt, at, s_acc, SHRINK_F32, LORA_PREC)
+                a_ptrs += BLOCK_K * stride_ak
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
+        if FUSE_SHRINK:
+            if pid_n == 0:  # one writer per row of S: the first column of tiles
+                tl.store(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr, s_acc,
+                         mask=(rm[:, None] < M) & (rr[None, :] < R))
+            bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R,
+                         other=0.0)
+            acc += _dot(s_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), True, LORA_PREC) * scale
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     else:
@@ -394,13 +478,14 @@ def _ds_db_kernel(
         if COMPUTE_DB:
             db = _dot(tl.trans(dyt), st, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
             tl.atomic_add(
-                db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :]
+                db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :],
+                sem="relaxed",
             )
     ds_ptrs = ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
     if SPLIT_N == 1:
         tl.store(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
     else:
-        tl.atomic_add(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
+        tl.atomic_add(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -450,7 +535,7 @@ def _reduce_m_kernel(
     if SPLIT_M == 1:
         tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
     else:
-        tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+        tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 @triton.autotune(
@@ -588,6 +673,15 @@ def _skinny_max_r(device: torch.device) -> int:
     return _SKINNY_MAX_R if _device_smem(index) >= 160 * 1024 else 64
 
 
+def _triton_base(M: int) -> bool:
+    """True when the fused Triton GEMM computes the base product (BASE_GEMM, "auto": by _TRITON_BASE_MAX_M)."""
+    if BASE_GEMM == "auto":
+        return M <= _TRITON_BASE_MAX_M
+    if BASE_GEMM not in BASE_GEMMS:
+        raise ValueError(f"BASE_GEMM must be one of {', '.join(BASE_GEMMS)}, got {BASE_GEMM!r}")
+    return BASE_GEMM == "triton"
+
+
 def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
 
@@ -637,9 +731,13 @@ def lora_linear_forward(
         return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, 0)
     if bias is not None:
         bias = bias.contiguous()  # the epilogue indexes bias[n] with unit stride; N elements, a no-op when contiguous
-    s_mat = _shrink(x, lora_A, dropout_p, seed)
     upcast, prec, lora_prec = _precisions(x.dtype)
-    base = BASE_GEMM != "cublas"
+    base = _triton_base(M)
+    fuse = base and dropout_p <= 0.0 and M <= _FUSED_SHRINK_MAX_M and R <= _FUSED_SHRINK_MAX_R
+    if fuse:
+        s_mat = torch.empty((M, R), dtype=torch.float32, device=x.device)  # written by the GEMM's first tile column
+    else:
+        s_mat = _shrink(x, lora_A, dropout_p, seed)
     if base:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     elif bias is not None:
@@ -649,18 +747,21 @@ def lora_linear_forward(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with _device_ctx(x):
         _fwd_kernel[grid](
-            x, weight, s_mat, lora_B, bias if bias is not None else y, y,
+            x, weight, s_mat, lora_B, lora_A, bias if bias is not None else y, y,
             M, N, K, R, _m_bucket(M),
             x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1),
             s_mat.stride(0), s_mat.stride(1),
             lora_B.stride(0), lora_B.stride(1),
+            lora_A.stride(0), lora_A.stride(1),
             y.stride(0), y.stride(1),
             float(scale),
             HAS_BIAS=bias is not None and base,
             BASE=base,
+            FUSE_SHRINK=fuse,
+            SHRINK_F32=lora_A.dtype != x.dtype or upcast,
             UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
-            BLOCK_R=_r_block(R, _PROLOGUE_MAX_R),
+            BLOCK_R=_r_block(R, _FUSED_SHRINK_MAX_R if fuse else _PROLOGUE_MAX_R),
         )
     return y, s_mat
 
@@ -730,7 +831,7 @@ def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch
     K, R = weight.shape[1], lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, dy)
     upcast, prec, lora_prec = _precisions(dy.dtype)
-    base = BASE_GEMM != "cublas"
+    base = _triton_base(M)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if base else torch.mm(dy, weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     with _device_ctx(dy):

@@ -1,0 +1,771 @@
+"""Static performance report of the training path, made without a GPU.
+
+    python benchmarks/static_report.py [--quick] [--json PATH] [--archs 90,80] [--all-configs]
+
+For every case (lora_kernels with each base GEMM, the cuBLAS base, eager LoRA), mode (fwd, fwd+bwd, fwd+bwd with
+dropout 0.1) and shape (the training and decode shapes of BENCHMARKS.md), the case's code runs on ``meta`` tensors:
+the Triton launchers run for real but their kernels are swapped for recorders, and every torch op is recorded by a
+dispatch mode. So the launches listed are exactly the ones a GPU would run, with the grids and tile configurations
+the launchers and the autotuner's pruner choose (the first surviving config: what runs with
+``LORA_KERNELS_AUTOTUNE=0``, and what autotuning tries first). Each recorded Triton launch is then compiled for sm_90
+(and sm_80) with triton's compiler and ptxas, with the argument specialisation the JIT would use, and its machine
+code is read: registers, spill bytes (ptxas -v), shared memory, wgmma (HGMMA) and TMA (UTMALDG) in the SASS, memory
+barriers inside loops.
+
+Each launch also gets its HBM bytes (every operand read once and every output written once: L2 re-reads of tiles are
+not counted, so this is a lower bound) and FLOPs, and a predicted time from the card's roofline (see ``Card``). The
+predicted ratio of each case to the cuBLAS base of the same mode and shape is what the BENCHMARKS.md goals are
+stated in. All predictions are UNMEASURED models; measured numbers replace them when a GPU run is made.
+
+Other ops join by adding a case function to ``CASES`` (and, for new Triton kernels, a traffic model to ``TRAFFIC``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+# The kernels must be compiled, not interpreted: set before triton or lora_kernels are imported.
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the triton versions supported; no warning
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora_kernels.triton import lora_linear as LL  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------------------ card
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """H100 SXM5 80 GB. Peaks from NVIDIA's H100 Tensor Core GPU datasheet: 989.4 TFLOP/s dense BF16/FP16 tensor
+    (1979 with sparsity), 494.7 TFLOP/s dense TF32, 3.35 TB/s HBM3, 132 SMs, 1980 MHz max boost clock.
+    Reached rates, measured on one H100 80GB HBM3 on 2026-11-25 (torch 2.11, triton.testing.do_bench medians): an
+    8192³ bf16 torch.matmul (cuBLAS) at 732 TFLOP/s, i.e. 74% of the dense peak; a device-to-device copy at 2.96 TB/s
+    (read + write), 88% of the HBM peak. The model uses the reached rates, not the peaks."""
+
+    name: str = "H100 SXM5 80GB"
+    sms: int = 132
+    clock_hz: float = 1.98e9
+    peak_bf16_flops: float = 989.4e12
+    peak_tf32_flops: float = 494.7e12
+    peak_hbm_bps: float = 3.35e12
+    cublas_flops: float = 732e12  # measured, 8192³ bf16
+    copy_bps: float = 2.96e12  # measured, device-to-device copy
+    smem_per_sm: int = 228 * 1024
+    regs_per_sm: int = 65536
+    # Assumed, not measured: the shortest time of any launch (kernel ramp-up and drain; also the cost of a node in a
+    # CUDA graph), and how a Triton GEMM compares to cuBLAS by the machine code it compiles to. A plain Triton GEMM
+    # (cp.async + wgmma, no TMA, not persistent) measured 1.25-1.45x cuBLAS's time on the H100 above: the middle,
+    # 1.35, is used; a TMA + wgmma GEMM is assumed at cuBLAS's rate (the goal; unmeasured); mma.sync on Hopper at
+    # half of the plain wgmma GEMM's rate.
+    min_launch_us: float = 2.0
+    triton_wgmma_slowdown: float = 1.35
+    triton_tma_slowdown: float = 1.0
+    triton_mma_sync_slowdown: float = 2.7
+
+
+CARD = Card()
+GOALS = {"fwd": 1.06, "fwd+bwd": 1.10, "fwd+bwd dropout": 1.12}  # geo-mean over the six training shapes
+PEFT_MEASURED = {"fwd": 1.26, "fwd+bwd": 1.32, "fwd+bwd dropout": 1.42}  # H100, 2026-11-25, geo-mean of the six
+
+TRAINING_SHAPES = [(8192, k, n, r) for k, n in ((4096, 4096), (4096, 14336), (14336, 4096)) for r in (16, 64)]
+DECODE_SHAPES = [(m, 4096, 4096, 16) for m in (1, 16, 64, 256)] + [(1, 8192, 8192, 16), (256, 8192, 8192, 16)]
+QUICK_TRAINING = [(8192, 4096, 4096, 16)]
+QUICK_DECODE = [(16, 4096, 4096, 16)]
+TRAINING_MODES = ("fwd", "fwd+bwd", "fwd+bwd dropout")
+DROPOUT_P = 0.1
+
+
+# ------------------------------------------------------------------------------------------------------ recording
+@dataclasses.dataclass
+class Launch:
+    kind: str  # "triton" | "torch"
+    kernel: str
+    grid: tuple = ()
+    config: dict = dataclasses.field(default_factory=dict)  # tile constexprs of a Triton launch
+    num_warps: int = 0
+    num_stages: int = 0
+    named: dict = dataclasses.field(default_factory=dict, repr=False)  # every argument of a Triton launch, by name
+    jit: object = dataclasses.field(default=None, repr=False)
+    all_configs: list = dataclasses.field(default_factory=list, repr=False)  # what autotuning would benchmark
+    hbm_read: int = 0
+    hbm_write: int = 0
+    flops: int = 0
+    l2_atomic_bytes: int = 0
+    main_loop_trips: int = 1
+    gemm: bool = False  # a big product (cuBLAS or a Triton GEMM): timed at a GEMM rate
+
+
+_LAUNCHES: List[Launch] = []
+
+
+def _unwrap(kernel):
+    """(autotuner or None, heuristics values, JITFunction) of a decorated Triton kernel."""
+    tuner, heur = None, {}
+    k = kernel
+    while not isinstance(k, triton.runtime.jit.JITFunction):
+        if isinstance(k, triton.runtime.autotuner.Autotuner):
+            tuner = k
+        elif isinstance(k, triton.runtime.autotuner.Heuristics):
+            heur.update(k.values)
+        k = k.fn
+    return tuner, heur, k
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the launch instead of running it."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: _LAUNCHES.append(_resolve(self.kernel, grid, args, dict(kwargs)))
+
+
+def _resolve(kernel, grid, args, kwargs) -> Launch:
+    tuner, heur, fn = _unwrap(kernel)
+    warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
+    named = dict(zip(fn.arg_names, args), **kwargs)
+    all_configs = []
+    if tuner is not None:
+        configs = tuner.configs
+        if tuner.early_config_prune:
+            with _env(LL.AUTOTUNE_ENV_VAR, "1"):  # every config autotuning would benchmark; the first is what runs
+                configs = tuner.early_config_prune(configs, named)  # with autotuning off
+        all_configs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
+        first = configs[0]
+        named.update(first.kwargs)
+        warps, stages = first.num_warps, first.num_stages
+    for name, rule in heur.items():
+        named[name] = rule(named)
+    g = grid(named) if callable(grid) else grid
+    g = tuple(g) + (1,) * (3 - len(g))
+    consts = {n: named[n] for i, n in enumerate(fn.arg_names) if i in fn.constexprs}
+    shown = {k: v for k, v in consts.items()
+             if k.startswith(("BLOCK", "SPLIT", "GROUP", "BASE", "HAS_DROPOUT", "FUSE_SHRINK"))}
+    launch = Launch("triton", fn.__name__, g, shown, warps, stages, named, fn, all_configs)
+    model = TRAFFIC.get(fn.__name__)
+    if model is not None:
+        model(launch, named)
+    return launch
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+# aten ops that launch nothing on a GPU (views, allocation, metadata)
+_NO_LAUNCH = {
+    "t", "view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "detach", "empty", "empty_like",
+    "empty_strided", "new_empty", "as_strided", "alias", "select", "slice", "unsqueeze", "squeeze", "lift_fresh",
+    "_reshape_alias", "split", "unbind", "set_", "ones_like_meta",
+}
+_GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm"}
+
+
+class _TorchRecorder(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in _NO_LAUNCH:
+            return out
+        ins = [a for a in args if isinstance(a, torch.Tensor)]
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        launch = Launch("torch", f"aten.{name}")
+        if name in ("zeros", "zero_", "fill_", "full", "ones"):  # a memset: writes only
+            launch.hbm_write = sum(_nbytes(o) for o in outs)
+        else:
+            launch.hbm_read = sum(_nbytes(a) for a in ins)
+            launch.hbm_write = sum(_nbytes(o) for o in outs)
+        if name in _GEMM_OPS:
+            a, b = args[-2], args[-1]
+            launch.flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+            launch.gemm = True
+        _LAUNCHES.append(launch)
+        return out
+
+
+@contextlib.contextmanager
+def recording(*modules):
+    """Record every Triton launch of the kernels defined in ``modules`` and every torch op, into a fresh list."""
+    saved = []
+    for mod in modules:
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.KernelInterface):
+                saved.append((mod, name, obj))
+                setattr(mod, name, _Recorder(obj))
+    _LAUNCHES.clear()
+    try:
+        with _TorchRecorder():
+            yield _LAUNCHES
+    finally:
+        for mod, name, obj in saved:
+            setattr(mod, name, obj)
+
+
+# The launchers size split reductions for the card's SM count and read its shared memory; on meta tensors they would
+# see "not CUDA". Give them the H100's values.
+LL._target_programs = lambda t: 2 * CARD.sms
+LL._skinny_max_r = lambda device: LL._SKINNY_MAX_R
+
+
+# ------------------------------------------------------------------------------------------ traffic of Triton kernels
+# Per kernel: HBM bytes (each operand once, outputs once), FLOPs, L2 atomic bytes and the trip count of the main loop
+# (used for the instruction-issue bound), from the launch's named arguments. Add an entry for every new kernel.
+def _el(named, ptr):
+    return named[ptr].element_size()
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _t_shrink(l: Launch, a):
+    M, K, R = a["M"], a["K"], a["R"]
+    l.hbm_read = M * K * _el(a, "x_ptr") + R * K * _el(a, "a_ptr")
+    l.hbm_write = M * R * 4
+    l.l2_atomic_bytes = M * R * 4 * a["SPLIT_K"] if a["SPLIT_K"] > 1 else 0
+    l.flops = 2 * M * K * R
+    l.main_loop_trips = _cdiv(_cdiv(K, a["BLOCK_K"]), a["SPLIT_K"])
+
+
+def _t_fwd(l: Launch, a):
+    M, N, K, R = a["M"], a["N"], a["K"], a["R"]
+    e = _el(a, "y_ptr")
+    lora = M * R * 4 + N * R * _el(a, "b_ptr")
+    if a["BASE"]:
+        l.hbm_read = M * K * _el(a, "x_ptr") + N * K * _el(a, "w_ptr") + lora + (N * e if a["HAS_BIAS"] else 0)
+        l.flops = 2 * M * N * K + 2 * M * N * R
+        if a["FUSE_SHRINK"]:  # S = x·Aᵀ recomputed by every column of tiles, A read (S written) instead of S read
+            l.hbm_read += R * K * _el(a, "a_ptr") - M * R * 4
+            l.hbm_write += M * R * 4
+            l.flops += 2 * M * K * R * _cdiv(N, a["BLOCK_N"])
+        l.main_loop_trips = _cdiv(K, a["BLOCK_K"])
+        l.gemm = True
+    else:
+        l.hbm_read = M * N * e + lora
+        l.flops = 2 * M * N * R
+        l.main_loop_trips = _cdiv(R, a["BLOCK_R"])
+    l.hbm_write += M * N * e
+
+
+def _t_ds_db(l: Launch, a):
+    M, N, R = a["M"], a["N"], a["R"]
+    l.hbm_read = M * N * _el(a, "dy_ptr") + N * R * _el(a, "b_ptr") + M * R * 4
+    l.hbm_write = M * R * 4 + (N * R * 4 if a["COMPUTE_DB"] else 0)
+    m_tiles = _cdiv(M, a["BLOCK_M"])
+    l.l2_atomic_bytes = (m_tiles * N * R * 4 if a["COMPUTE_DB"] else 0) + (M * R * 4 * a["SPLIT_N"] if a["SPLIT_N"] > 1 else 0)
+    l.flops = (4 if a["COMPUTE_DB"] else 2) * M * N * R
+    l.main_loop_trips = _cdiv(_cdiv(N, a["BLOCK_N"]), a["SPLIT_N"])
+
+
+def _t_reduce_m(l: Launch, a):
+    M, K, R = a["M"], a["K"], a["R"]
+    l.hbm_read = M * K * _el(a, "x_ptr") + M * R * 4
+    l.hbm_write = R * K * 4
+    l.l2_atomic_bytes = R * K * 4 * a["SPLIT_M"] if a["SPLIT_M"] > 1 else 0
+    l.flops = 2 * M * K * R
+    l.main_loop_trips = _cdiv(_cdiv(M, a["BLOCK_M"]), a["SPLIT_M"])
+
+
+def _t_dx(l: Launch, a):
+    M, N, K, R = a["M"], a["N"], a["K"], a["R"]
+    e = _el(a, "dx_ptr")
+    lora = M * R * 4 + R * K * _el(a, "a_ptr")
+    if a["BASE"]:
+        l.hbm_read = M * N * _el(a, "dy_ptr") + N * K * _el(a, "w_ptr") + lora
+        l.flops = 2 * M * N * K + 2 * M * K * R
+        l.main_loop_trips = _cdiv(N, a["BLOCK_N"])
+        l.gemm = True
+    else:
+        l.hbm_read = M * K * e + lora
+        l.flops = 2 * M * K * R
+        l.main_loop_trips = _cdiv(R, a["BLOCK_R"])
+    l.hbm_write = M * K * e
+
+
+TRAFFIC: Dict[str, Callable[[Launch, dict], None]] = {
+    "_shrink_kernel": _t_shrink,
+    "_fwd_kernel": _t_fwd,
+    "_ds_db_kernel": _t_ds_db,
+    "_reduce_m_kernel": _t_reduce_m,
+    "_dx_kernel": _t_dx,
+}
+
+
+# -------------------------------------------------------------------------------------------------------- cases
+# A case runs one op's forward (and backward) on meta tensors inside ``recording``; it returns nothing. Signature:
+# case(M, K, N, r, mode) -> None. The first case is the base every ratio is taken to.
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _base_case(M, K, N, r, mode):
+    """cuBLAS F.linear, forward and (W0 frozen) backward dX: the goals' denominator."""
+    x, w = _meta(M, K), _meta(N, K)
+    y = F.linear(x, w)
+    if mode != "fwd":
+        torch.mm(_meta(M, N), w)
+
+
+def _lk_case(base_gemm: Optional[str]):
+    def case(M, K, N, r, mode):
+        x, w, a, b = _meta(M, K), _meta(N, K), _meta(r, K), _meta(N, r)
+        p = DROPOUT_P if "dropout" in mode else 0.0
+        seed = torch.empty((), dtype=torch.int64, device="meta")
+        saved = LL.BASE_GEMM
+        LL.BASE_GEMM = base_gemm or saved
+        try:
+            y, s = LL.lora_linear_forward(x, w, a, b, 2.0, None, p, seed)
+            if mode != "fwd":
+                LL.lora_linear_backward(_meta(M, N), x, w, a, b, s, 2.0, p, seed, True, False, False)
+        finally:
+            LL.BASE_GEMM = saved
+
+    return case
+
+
+def _eager_case(M, K, N, r, mode):
+    """F.linear(x, W0) + s·F.linear(F.linear(dropout(x), A), B), autograd, W0 frozen (PEFT's LoraLayer computes the
+    same ops)."""
+    grad = mode != "fwd"
+    x = _meta(M, K).requires_grad_(grad)
+    w = _meta(N, K)
+    a, b = _meta(r, K).requires_grad_(grad), _meta(N, r).requires_grad_(grad)
+    xd = F.dropout(x, DROPOUT_P) if "dropout" in mode else x
+    y = F.linear(x, w) + 2.0 * F.linear(F.linear(xd, a), b)
+    if grad:
+        y.backward(_meta(M, N))
+
+
+# (name, case function, modes it runs, shapes it runs: "training" / "decode")
+CASES = [
+    ("cublas", _base_case, TRAINING_MODES, ("training", "decode")),
+    ("lora_kernels", _lk_case(None), TRAINING_MODES, ("training", "decode")),
+    ("lk_triton_base", _lk_case("triton"), TRAINING_MODES, ("training", "decode")),
+    ("lk_cublas_base", _lk_case("cublas"), TRAINING_MODES, ("training", "decode")),
+    ("eager", _eager_case, TRAINING_MODES, ("training", "decode")),
+]
+
+
+# ---------------------------------------------------------------------------------------------- compile + machine code
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+_NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_CACHE_DIR = Path(os.environ.get("LORA_KERNELS_REPORT_CACHE", Path.home() / ".cache" / "lora_kernels_static_report"))
+
+
+def _tool(name):
+    for cand in (_NV_BIN / name, Path("/usr/local/cuda/bin") / name, Path("/usr/local/cuda-13.0/bin") / name):
+        if cand.exists():
+            return str(cand)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} not found (looked in triton's bundled tools and CUDA's bin)")
+    return found
+
+
+def _signature(l: Launch):
+    """Signature, constexprs and attributes as the JIT specialises this launch: ints equal to 1 become constants,
+    tensors and ints divisible by 16 get 16-divisibility."""
+    fn = l.jit
+    const_names = set(fn.arg_names[i] for i in fn.constexprs)
+    sig, consts, attrs = {}, {}, {}
+    for i, n in enumerate(fn.arg_names):
+        v = l.named[n]
+        if n in const_names:
+            sig[n], consts[n] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[n] = "*" + _TY[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[n] = "fp32"
+        elif isinstance(v, bool):
+            sig[n] = "i1"
+        elif v == 1:
+            sig[n], consts[n] = "constexpr", 1
+        else:
+            sig[n] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def _sass_facts(sass: str) -> dict:
+    """wgmma / TMA / mma.sync use, memory barriers inside loops (a loop: a backward branch and its target), the
+    static instruction count and the instruction count of the largest loop body."""
+    instrs = []  # (address, text)
+    labels = {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*$", line)
+        if m:
+            instrs.append((int(m.group(1), 16), m.group(2)))
+            continue
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = (instrs[-1][0] + 16) if instrs else 0
+    loops = []
+    for addr, text in instrs:
+        m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", text)
+        if m and m.group(1) in labels and labels[m.group(1)] <= addr:
+            loops.append((labels[m.group(1)], addr))
+    ops = [t for _, t in instrs]
+
+    def in_loop(addr):
+        return any(lo <= addr <= hi for lo, hi in loops)
+
+    biggest = max((sum(1 for a, _ in instrs if lo <= a <= hi) for lo, hi in loops), default=0)
+    return {
+        "wgmma": any("HGMMA" in t for t in ops),
+        "tma": any("UTMALDG" in t for t in ops),
+        "mma_sync": any(re.search(r"\bHMMA\b", t) for t in ops),
+        # GPU- or system-scope fences (MEMBAR.ALL.GPU: what an acq_rel atomic costs); the CTA-scope MEMBAR next to
+        # FENCE.VIEW.ASYNC belongs to the cp.async / wgmma pipeline and is not counted.
+        "membar": sum(1 for t in ops if re.search(r"MEMBAR\S*\.(GPU|SYS)", t)),
+        "membar_in_loops": sum(1 for a, t in instrs if re.search(r"MEMBAR\S*\.(GPU|SYS)", t) and in_loop(a)),
+        "atomics": sum(1 for t in ops if re.search(r"\b(ATOMG|REDG|RED)\b", t)),
+        "sass_instrs": len(instrs),
+        "loop_instrs": biggest,
+    }
+
+
+def _ptxas_spills(log: str):
+    st = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
+    ld = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log))
+    return st, ld
+
+
+def compile_and_read(l: Launch, arch: int) -> dict:
+    """Compile the launch for sm_<arch> and read its machine code. What ptxas and the disassembler print is cached on
+    disk (keyed by the kernel source, its specialisation and the triton version), so the analysis can change without
+    recompiling."""
+    sig, consts, attrs = _signature(l)
+    opts = {"num_warps": l.num_warps, "num_stages": l.num_stages}
+    key_src = repr((l.kernel, sorted(sig.items()), sorted(consts.items()), sorted(attrs), opts, arch,
+                    triton.__version__, hashlib.sha1(l.jit.src.encode()).hexdigest()))
+    cached = _CACHE_DIR / f"{hashlib.sha1(key_src.encode()).hexdigest()}.json"
+    raw = json.loads(cached.read_text()) if cached.exists() else {}
+    if "sass_z" not in raw:
+        raw = _compile_raw(l, sig, consts, attrs, opts, arch)
+        _CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(raw))
+    sass = zlib.decompress(base64.b64decode(raw["sass_z"])).decode()
+    st, ld = _ptxas_spills(raw["ptxas_log"])
+    return dict(_sass_facts(sass), regs=int(re.search(r"REG:(\d+)", raw["usage"]).group(1)),
+                stack_bytes=int(re.search(r"STACK:(\d+)", raw["usage"]).group(1)), spill_store_bytes=st,
+                spill_load_bytes=ld, spill_bytes=st + ld, smem_bytes=raw["smem"])
+
+
+def _compile_raw(l: Launch, sig, consts, attrs, opts, arch) -> dict:
+    triton.knobs.nvidia.dump_ptxas_log = True
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        compiled = triton.compile(ASTSource(l.jit, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                                  options=opts)
+    log = buf.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        if "spill" not in log:  # compiled from triton's cache: run ptxas -v on the PTX for the spill counts
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(compiled.asm["ptx"])
+            arch_name = "sm_90a" if arch == 90 else f"sm_{arch}"
+            log = subprocess.run([_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch_name}",
+                                  str(ptx), "-o", str(Path(tmp) / "v.o")], capture_output=True, text=True).stderr
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
+    return {"ptxas_log": log, "usage": usage, "smem": int(compiled.metadata.shared),
+            "sass_z": base64.b64encode(zlib.compress(sass.encode(), 6)).decode()}
+
+
+# ------------------------------------------------------------------------------------------------------ prediction
+def _occupancy(facts, warps) -> int:
+    """Programs resident per SM, by shared memory and registers."""
+    by_smem = CARD.smem_per_sm // max(1, facts["smem_bytes"] + 1024)
+    by_regs = CARD.regs_per_sm // max(1, facts["regs"] * 32 * warps)
+    return max(1, min(by_smem, by_regs, 32))
+
+
+def predict_us(l: Launch, facts: Optional[dict]) -> dict:
+    """Predicted time of one launch: the largest of memory (bytes / reached copy bandwidth), compute (flops / a GEMM
+    rate by kind of machine code) and instruction issue (warp instructions / (4 schedulers · SMs · clock)), never
+    below the shortest launch. Triton GEMMs also pay wave quantisation (the last wave of tiles partly idle)."""
+    mem = (l.hbm_read + l.hbm_write) / CARD.copy_bps
+    if l.kind == "torch":
+        compute = l.flops / CARD.cublas_flops
+        issue = 0.0
+        why = "cuBLAS" if l.gemm else "memory"
+    else:
+        rate = CARD.cublas_flops
+        if l.gemm:
+            if facts["wgmma"] and facts["tma"]:
+                rate /= CARD.triton_tma_slowdown
+            elif facts["wgmma"]:
+                rate /= CARD.triton_wgmma_slowdown
+            else:
+                rate /= CARD.triton_mma_sync_slowdown
+        else:
+            rate = CARD.peak_tf32_flops * 0.5  # skinny kernels: small TF32/bf16 dots, never the limit in practice
+        compute = l.flops / rate
+        programs = l.grid[0] * l.grid[1] * l.grid[2]
+        per_warp = facts["sass_instrs"] + facts["loop_instrs"] * max(0, l.main_loop_trips - 1)
+        issue = programs * l.num_warps * per_warp / (4 * CARD.sms * CARD.clock_hz)
+        if l.gemm:  # tiles are not free: a grid smaller than the SMs leaves SMs idle, a partial last wave too
+            if programs < CARD.sms:
+                compute *= CARD.sms / programs
+            else:
+                waves = programs / (CARD.sms * _occupancy(facts, l.num_warps))
+                compute *= math.ceil(waves) / waves
+        why = max((("memory", mem), ("compute", compute), ("issue", issue)), key=lambda kv: kv[1])[0]
+    t = max(mem, compute, issue) * 1e6
+    if t < CARD.min_launch_us:
+        t, why = CARD.min_launch_us, "launch"
+    return {"predicted_us": t, "bound": why}
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+def shapes_for(kind, quick):
+    if kind == "training":
+        return QUICK_TRAINING if quick else TRAINING_SHAPES
+    return QUICK_DECODE if quick else DECODE_SHAPES
+
+
+def modes_for(kind, modes):
+    return modes if kind == "training" else ("fwd",)
+
+
+def collect(quick: bool, archs, all_configs: bool, log=print):
+    records, extra = [], []
+    for case_name, case, modes, kinds in CASES:
+        for kind in kinds:
+            for M, K, N, r in shapes_for(kind, quick):
+                for mode in modes_for(kind, modes):
+                    with recording(LL):
+                        case(M, K, N, r, mode)
+                        launches = list(_LAUNCHES)
+                    for i, l in enumerate(launches):
+                        facts = None
+                        if l.kind == "triton":
+                            log(f"compile sm_{archs[0]} {l.kernel} {l.config} w{l.num_warps}/s{l.num_stages}")
+                            facts = compile_and_read(l, archs[0])
+                        pred = predict_us(l, facts)
+                        rec = {
+                            "op": case_name, "mode": mode, "shape_kind": kind,
+                            "shape": {"M": M, "K": K, "N": N, "r": r}, "launch": i,
+                            "kernel": l.kernel, "kind": l.kind, "grid": list(l.grid), "config": l.config,
+                            "num_warps": l.num_warps or None, "num_stages": l.num_stages or None,
+                            "arch": f"sm_{archs[0]}" if facts else None,
+                            "regs": facts["regs"] if facts else None,
+                            "spill_bytes": facts["spill_bytes"] if facts else None,
+                            "smem_bytes": facts["smem_bytes"] if facts else None,
+                            "wgmma": facts["wgmma"] if facts else None,
+                            "tma": facts["tma"] if facts else None,
+                            "membar_in_loops": facts["membar_in_loops"] if facts else None,
+                            "hbm_read_bytes": l.hbm_read, "hbm_write_bytes": l.hbm_write, "flops": l.flops,
+                            "l2_atomic_bytes": l.l2_atomic_bytes, "gemm": l.gemm, **pred,
+                        }
+                        records.append(rec)
+                        if l.kind != "triton":
+                            continue
+                        for arch in archs[1:]:
+                            log(f"compile sm_{arch} {l.kernel} {l.config}")
+                            f2 = compile_and_read(l, arch)
+                            extra.append({"op": case_name, "mode": mode, "shape": rec["shape"], "kernel": l.kernel,
+                                          "config": l.config, "arch": f"sm_{arch}", "num_warps": l.num_warps,
+                                          "num_stages": l.num_stages, "regs": f2["regs"],
+                                          "spill_bytes": f2["spill_bytes"], "smem_bytes": f2["smem_bytes"],
+                                          "wgmma": f2["wgmma"], "tma": f2["tma"], "which": "first config"})
+                        if all_configs and l.all_configs:
+                            for kw, w, st in l.all_configs[1:]:
+                                alt = dataclasses.replace(l, named=dict(l.named, **kw), num_warps=w, num_stages=st,
+                                                          config={k: v for k, v in kw.items()})
+                                _, heur, _ = _unwrap(getattr(LL, l.kernel))
+                                for name, rule in heur.items():
+                                    alt.named[name] = rule(alt.named)
+                                log(f"compile sm_{archs[0]} {l.kernel} {alt.config} w{w}/s{st} (autotune candidate)")
+                                f3 = compile_and_read(alt, archs[0])
+                                extra.append({"op": case_name, "mode": mode, "shape": rec["shape"],
+                                              "kernel": l.kernel, "config": alt.config, "arch": f"sm_{archs[0]}",
+                                              "num_warps": w, "num_stages": st, "regs": f3["regs"],
+                                              "spill_bytes": f3["spill_bytes"], "smem_bytes": f3["smem_bytes"],
+                                              "wgmma": f3["wgmma"], "tma": f3["tma"], "which": "autotune candidate"})
+    return records, extra
+
+
+def summarise(records):
+    """{(op, mode, kind, shape tuple): (total predicted µs, launches)}."""
+    tot = {}
+    for r in records:
+        s = r["shape"]
+        k = (r["op"], r["mode"], r["shape_kind"], (s["M"], s["K"], s["N"], s["r"]))
+        t, n = tot.get(k, (0.0, 0))
+        tot[k] = (t + r["predicted_us"], n + 1)
+    return tot
+
+
+def ratios(records):
+    tot = summarise(records)
+    out = {}
+    for (op, mode, kind, shape), (t, n) in tot.items():
+        base = tot.get(("cublas", mode, kind, shape))
+        out[(op, mode, kind, shape)] = (t, n, t / base[0] if base else float("nan"))
+    return out
+
+
+def _geo(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def _fmt_bytes(b):
+    return f"{b / 1e6:.1f}" if b else "0"
+
+
+def markdown(records, extra, quick) -> str:
+    lines = []
+    w = lines.append
+    r = ratios(records)
+    ops = [c[0] for c in CASES]
+    w("## Predicted ratios to the cuBLAS base (static report)\n")
+    w(f"Card model: {CARD.name}; cuBLAS GEMM at {CARD.cublas_flops / 1e12:.0f} TFLOP/s, memory at "
+      f"{CARD.copy_bps / 1e12:.2f} TB/s (both measured on an H100, 2026-11-25); Triton GEMM with wgmma, no TMA: "
+      f"{CARD.triton_wgmma_slowdown}x cuBLAS's time; every launch ≥ {CARD.min_launch_us} µs. Unmeasured.\n")
+    for kind in ("training", "decode"):
+        shapes = shapes_for(kind, quick)
+        for mode in modes_for(kind, TRAINING_MODES):
+            w(f"### {kind}, {mode}\n")
+            w("| M | K | N | r | cublas µs | " + " | ".join(f"{o} / base (launches)" for o in ops[1:]) + " |")
+            w("|" + "---|" * (5 + len(ops) - 1))
+            per_op = {o: [] for o in ops}
+            for shape in shapes:
+                base = r.get(("cublas", mode, kind, shape))
+                if base is None:
+                    continue
+                cells = []
+                for o in ops[1:]:
+                    v = r.get((o, mode, kind, shape))
+                    if v is None:
+                        cells.append("—")
+                        continue
+                    per_op[o].append(v[2])
+                    cells.append(f"{v[2]:.3f} ({v[1]})")
+                w(f"| {shape[0]} | {shape[1]} | {shape[2]} | {shape[3]} | {base[0]:.1f} | " + " | ".join(cells) + " |")
+            goal = GOALS.get(mode) if kind == "training" else 1.10
+            w(f"| **geo-mean** | | | | | " + " | ".join(f"**{_geo(per_op[o]):.3f}**" for o in ops[1:]) + " |")
+            extra_line = f"; PEFT measured {PEFT_MEASURED[mode]}" if kind == "training" else ""
+            w(f"\nGoal: ≤ {goal}{extra_line}.\n")
+    w("## Compiled Triton kernels (first config of each launch)\n")
+    w("| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | GPU membar in loops | used by |")
+    w("|" + "---|" * 11)
+    kernels = {}
+    for x in records:
+        if x["kind"] != "triton":
+            continue
+        key = (x["kernel"], json.dumps(x["config"], sort_keys=True), x["num_warps"], x["num_stages"], x["regs"],
+               x["spill_bytes"], x["smem_bytes"])
+        kernels.setdefault(key, (x, set()))[1].add(f"{x['op']} {x['mode']}" if x["shape_kind"] == "training"
+                                                     else f"{x['op']} decode")
+    for (name, _, warps, stages, regs, spill, smem), (x, users) in kernels.items():
+        tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items())
+        w(f"| {name} | {tile} | {warps}/{stages} | {x['arch']} | {regs} | {spill} | {smem / 1024:.0f} | "
+          f"{'yes' if x['wgmma'] else 'no'} | {'yes' if x['tma'] else 'no'} | {x['membar_in_loops']} | "
+          f"{len(users)} op/mode pairs |")
+    w("")
+    w("## Launches (per op, mode, shape)\n")
+    w("| op | mode | M×K×N r | # | kernel | grid | tile | warps/stages | regs | spill B | smem KiB | wgmma | TMA | "
+      "GPU membar in loops | HBM read MB | HBM write MB | L2 atomics MB | GFLOP | predicted µs | bound |")
+    w("|" + "---|" * 20)
+    for x in records:
+        s = x["shape"]
+        tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items())
+        trit = x["kind"] == "triton"
+        ws = f"{x['num_warps']}/{x['num_stages']}" if trit else ""
+        smem = f"{x['smem_bytes'] / 1024:.0f}" if trit else ""
+        w(f"| {x['op']} | {x['mode']} | {s['M']}×{s['K']}×{s['N']} r{s['r']} | {x['launch']} | {x['kernel']} | "
+          f"{tuple(x['grid']) if trit else ''} | {tile} | {ws} | "
+          f"{x['regs'] if trit else ''} | {x['spill_bytes'] if trit else ''} | "
+          f"{smem} | "
+          f"{('yes' if x['wgmma'] else 'no') if trit else ''} | {('yes' if x['tma'] else 'no') if trit else ''} | "
+          f"{x['membar_in_loops'] if trit else ''} | {_fmt_bytes(x['hbm_read_bytes'])} | "
+          f"{_fmt_bytes(x['hbm_write_bytes'])} | {_fmt_bytes(x['l2_atomic_bytes'])} | {x['flops'] / 1e9:.2f} | "
+          f"{x['predicted_us']:.1f} | {x['bound']} |")
+    if extra:
+        w("\n## Other compiles (sm_80; autotune candidates)\n")
+        w("| kernel | tile | arch | warps/stages | regs | spill B | smem KiB | wgmma | TMA | which |")
+        w("|" + "---|" * 10)
+        seen = set()
+        for x in extra:
+            key = (x["kernel"], json.dumps(x["config"], sort_keys=True), x["arch"], x["num_warps"], x["num_stages"],
+                   x["regs"], x["spill_bytes"])
+            if key in seen:
+                continue
+            seen.add(key)
+            tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items())
+            w(f"| {x['kernel']} | {tile} | {x['arch']} | {x['num_warps']}/{x['num_stages']} | {x['regs']} | "
+              f"{x['spill_bytes']} | {x['smem_bytes'] / 1024:.0f} | {'yes' if x['wgmma'] else 'no'} | "
+              f"{'yes' if x['tma'] else 'no'} | {x['which']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one training shape (8192×4096×4096, r=16), one decode (M=16)")
+    ap.add_argument("--json", metavar="PATH", help="write one record per (op, mode, shape, launch)")
+    ap.add_argument("--archs", default=None, help="compute capabilities to compile for, first one predicted "
+                                                    "(default 90,80; --quick: 90)")
+    ap.add_argument("--all-configs", action="store_true", help="also compile every config autotuning would try")
+    ap.add_argument("--verbose", action="store_true", help="print each compile to stderr")
+    ap.add_argument("--from-json", metavar="PATH", help="print the markdown of an earlier --json run (no compiling)")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        quick = {tuple(r["shape"].values()) for r in data["records"]} <= set(QUICK_TRAINING + QUICK_DECODE)
+        sys.stdout.write(markdown(data["records"], data["other_compiles"], quick))
+        return 0
+    archs = [int(a) for a in (args.archs or ("90" if args.quick else "90,80")).split(",")]
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else (lambda m: None)
+    records, extra = collect(args.quick, archs, args.all_configs, log)
+    sys.stdout.write(markdown(records, extra, args.quick))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"card": dataclasses.asdict(CARD), "records": records,
+                                               "other_compiles": extra}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
