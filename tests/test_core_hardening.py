@@ -648,3 +648,17 @@ def test_failing_pissa_from_linear_leaves_the_linear_as_it_was():
     with pytest.raises(ValueError, match="r=4 exceeds"):
         lk.LoRALinear.from_linear(lin, r=4, init="pissa")
     assert lin.weight.requires_grad and torch.equal(lin.weight, w)
+
+
+def test_output_is_not_a_view():
+    """A view output makes FSDP2 warn: an in-place op on it would drop FSDP's pre-backward hook. The op's result
+    owns its storage; gradients flow as before."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w, a, b = torch.randn(5, 8), torch.randn(2, 8, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    y = lk.lora_linear(x, w, a, b, 0.5, backend="torch")
+    assert y.shape == (2, 3, 5) and y._base is None
+    y.sum().backward()
+    ref = x.detach() @ w.T + 0.5 * (x.detach() @ a.detach().T) @ b.detach().T
+    torch.testing.assert_close(y.detach(), ref)
+    assert x.grad is not None and a.grad is not None and b.grad is not None

@@ -272,4 +272,7 @@ def lora_linear(
     x2d = x.reshape(lead.numel(), x.shape[-1])  # not reshape(-1, K): that fails for K = 0
     seed = _draw_seed(x, dropout_p)
     y, _ = _fwd(x2d, weight, lora_A, lora_B, bias, scale, dropout_p, seed, name)
-    return y.reshape(*lead, weight.shape[0])
+    # y is the op's own fresh [M, N] buffer: return it reshaped without marking the result a view of it. A view
+    # output makes FSDP2 warn (an in-place op on it, e.g. ``out += r``, would drop FSDP's pre-backward hook and
+    # skip the all-gather); torch.matmul returns its reshaped result the same way.
+    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
