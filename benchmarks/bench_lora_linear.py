@@ -1,7 +1,7 @@
 """Single-adapter LoRA linear: lora_kernels against cuBLAS F.linear, eager LoRA, torch.compile, the cuBLAS addmm
-trick and PEFT (issue 2).
+trick and PEFT.
 
-Training shapes (ANCHORS.md): M = 8192 tokens, (K, N) ∈ {(4096, 4096), (4096, 14336), (14336, 4096)}, r ∈ {16, 64};
+Training shapes (TARGETS.md): M = 8192 tokens, (K, N) ∈ {(4096, 4096), (4096, 14336), (14336, 4096)}, r ∈ {16, 64};
 three modes, each a do_bench median:
 
 - ``fwd``: the forward with autograd recording (x, A and B require grad, W0 frozen), as in a training step;
@@ -13,7 +13,7 @@ without autograd, timed three ways: in a CUDA graph with the weights hot in L2, 
 sets (as the layers of a model do), and eagerly (do_bench, launch overhead included).
 
 Each provider is checked against a float64 reference (output, and dX, dA, dB for fwd+bwd) before it is timed; one
-that is wrong is reported and not timed. Targets (issue 2, H100 bf16, geometric mean over the six training shapes):
+that is wrong is reported and not timed. Targets (TARGETS.md; H100 bf16, geometric mean over the six training shapes):
 forward ≤ 1.06× base, fwd+bwd ≤ 1.10×, with dropout ≤ 1.12×; decode M ≤ 256 in graphs ≤ 1.10× base.
 
 Run: ``python benchmarks/bench_lora_linear.py [--quick] [--csv out.csv] [--plot out.png]`` (``--help`` for more).
@@ -438,7 +438,7 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     parser.add_argument("--m", type=int, default=TRAIN_M, help="tokens of the training shapes")
     parser.add_argument("--kn", default=None,
-                        help="training (K, N) list as K:N,K:N (default the three ANCHORS shapes)")
+                        help="training (K, N) list as K:N,K:N (default: the three shapes of TARGETS.md)")
     parser.add_argument("--ranks", type=int, nargs="+", default=None, help="training ranks (default 16 64)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma list of training modes among {', '.join(MODES)}")
@@ -482,7 +482,7 @@ def main(argv=None) -> List[Table]:
     train, decode = shapes_from_args(args)
     ceilings = common.measure_ceilings(device, dtype, args)
     info = common.print_header(
-        "LoRA linear, one adapter (issue 2)", device, dtype, ceilings,
+        "LoRA linear, one adapter", device, dtype, ceilings,
         notes=[f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
                f"scale = {SCALE}, W0 frozen; fwd+bwd base = F.linear fwd + bwd with W0 frozen (dX only)"],
     )
@@ -499,7 +499,7 @@ LK_PROVIDERS = ("lora_kernels", "lk_cublas_base", "lk_triton_base")
 
 
 def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
-    """Issue 2's targets: geomean over the training shapes per mode; the worst decode point (M ≤ 256) in graphs."""
+    """The targets of TARGETS.md: geomean over the training shapes per mode; the worst decode point (M ≤ 256) in graphs."""
     lines = []
     for t in tables:
         lk = [p for p in LK_PROVIDERS if p in providers]

@@ -1,4 +1,4 @@
-"""Many adapters in one batch: whole layers (base product + per-token LoRA) against their roofline floor (issue 3).
+"""Many adapters in one batch: whole layers (base product + per-token LoRA) against their roofline floor.
 
 Points: K = N = 4096, r = 16, L ∈ {16, 128} adapters loaded, T ∈ {1, 16, 64, 256, 1024, 4096} tokens, and two
 distributions of adapters over tokens:
@@ -24,7 +24,7 @@ Timings: in a CUDA graph with the weights hot in L2; in a CUDA graph cycling sev
 stacks) so they come from DRAM; and eagerly (do_bench, launch overhead included). The batch metadata
 (``LoRABatch.prepare``) is built once per point outside the timed region: one prepared batch serves every layer of
 a step. Floor = max(flops / peak, bytes / bandwidth), bytes = W0 + A and B of the adapters present + x + y.
-Target (issue 3): lora_kernels within 1.2× its floor at every point, in graphs.
+Target (TARGETS.md): lora_kernels within 1.2× its floor at every point, in graphs.
 
 Run: ``python benchmarks/bench_multi_lora.py [--quick] [--csv out.csv] [--plot out.png]`` (``--help`` for more).
 """
@@ -336,7 +336,7 @@ def main(argv=None) -> List[Table]:
     providers = common.selected_providers(args.providers, PROVIDERS)
     ceilings = common.measure_ceilings(device, dtype, args)
     info = common.print_header(
-        "Multi-adapter LoRA layer (issue 3)", device, dtype, ceilings,
+        "Multi-adapter LoRA layer", device, dtype, ceilings,
         notes=[f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
                f"K = {args.k}, N = {args.n}, r = {args.r}, scale = {SCALE}; batch metadata prepared outside the "
                "timed region"],
@@ -351,7 +351,7 @@ PEERS = ("gather_bmm", "loop")
 
 
 def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
-    """Issue 3's targets, per graph table: the worst time / floor of each lora_kernels variant over all points, and
+    """The targets of TARGETS.md, per graph table: the worst time / floor of each lora_kernels variant over all points, and
     the points where it is not faster than every peer."""
     lines = []
     for t in tables:

@@ -1,4 +1,4 @@
-"""A tiny-but-real transformers model with PEFT vs lora_kernels (issue 6): training step and mixed-adapter decode.
+"""A tiny-but-real transformers model with PEFT vs lora_kernels: training step and mixed-adapter decode.
 
 Model: a Llama-like ``LlamaForCausalLM`` built from a config (random weights, no download), by default 4 layers at
 hidden 2048 (intermediate 5632, 16 heads, 8 KV heads, vocab 32000), LoRA r = 16 on every linear layer of the

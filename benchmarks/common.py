@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: timers, measured ceilings, the floor, correctness checks and the
 markdown / CSV / PNG writers.
 
-Method (the same as /work/shared/ANCHORS.md, so numbers can be compared with it):
+Method (the same as the reference run of TARGETS.md, so numbers can be compared with it):
 
 * Eager timings are medians of ``triton.testing.do_bench`` (it flushes L2 between calls and times each call with
   CUDA events). ``fwd+bwd`` calls ``y.backward(dy)`` and resets the listed ``.grad`` to None before every call.

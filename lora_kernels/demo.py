@@ -400,7 +400,7 @@ def _run(args, device, backend) -> Dict[str, object]:
           f"accuracy, {time.perf_counter() - t0:.1f} s on {device}")
     print(f"new task: digits 5–9, {len(data['train_y'])} train / {len(data['val_y'])} validation / "
           f"{len(data['test_y'])} test images; the pre-trained model scores "
-          f"{100 * accuracy(pretrained, data['test_x'], data['test_y']):.0f} % on its test images")
+          f"{100 * accuracy(pretrained, data['test_x'], data['test_y']):.0f} % on its test images (classes it has never seen)")
     print(f"fine-tuning: {', '.join(args.methods)}; LoRA arms r={args.rank}, α={args.alpha:g}, "
           f"ρ = α/√r = {args.alpha / math.sqrt(args.rank):.3g} (rsLoRA) for all; AdamW, batch {BATCH}, "
           f"{args.steps} steps; lrs {', '.join(_fmt_lr(v) for v in args.lrs)}; seeds 0..{args.seeds - 1}; "

@@ -65,7 +65,7 @@ def test_lora_linear_script_runs(tmp_path, capsys):
     assert [len(t.keys) for t in tables] == [2, 2, 2, 2, 2, 2]
     text = capsys.readouterr().out
     assert "**geomean**" in text and "measured ceilings" in text and "command:" in text
-    assert "fwd+bwd dropout, lora_kernels geomean / base" in text  # the summary against issue 2's targets
+    assert "fwd+bwd dropout, lora_kernels geomean / base" in text  # the summary against the targets (benchmarks/TARGETS.md)
     assert "decode M ≤ 256 in graphs (cycled), lora_kernels worst / base" in text
     rows = _read_csv(out_csv)
     assert len(rows) == 6 * 2 * 4
@@ -155,7 +155,7 @@ def test_multi_lora_script_runs(tmp_path, capsys):
     assert {"dist", "L", "T", "active", "ratio_floor"} <= set(rows[0])
     text = capsys.readouterr().out
     assert "floor µs (floor/base)" in text
-    assert "graphs (hot), lora_kernels worst time / floor" in text  # the summary against issue 3's target
+    assert "graphs (hot), lora_kernels worst time / floor" in text  # the summary against the target (benchmarks/TARGETS.md)
     if HAS_MPL:
         assert out_png.stat().st_size > 1000
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU session, in phases that each fit one call of the lent machine (≤ 10 minutes; the whole session has 30
-# minutes of device time). Run from the repository root on the GPU machine:
+# Tests and benchmarks on a GPU machine, in phases of at most 10 minutes each (one phase per call on a machine that
+# limits a command's run time). Run from the repository root on the GPU machine:
 #
-#   bash benchmarks/gpu_session.sh tests     # build the CUDA extension in place, GPU + CPU test suite, sanitizer
-#   bash benchmarks/gpu_session.sh train     # bench_lora_linear training shapes (fwd, fwd+bwd, dropout)
-#   bash benchmarks/gpu_session.sh serve     # decode shapes, multi-adapter layers, BGMV kernels, LoRA-GA, PEFT model
+#   bash benchmarks/run_on_gpu.sh tests     # build the CUDA extension in place, GPU + CPU test suite, sanitizer
+#   bash benchmarks/run_on_gpu.sh train     # bench_lora_linear training shapes (fwd, fwd+bwd, dropout)
+#   bash benchmarks/run_on_gpu.sh serve     # decode shapes, multi-adapter layers, BGMV kernels, LoRA-GA, PEFT model
 #
 # Everything printed is also written under $OUT (or ./out when OUT is unset), with the card, versions and command
 # line that BENCHMARKS.md needs. The GPU machine has no network: nothing is installed, the package runs from the
