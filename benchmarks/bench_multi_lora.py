@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
+from lora_kernels._progress import progress
 from benchmarks.common import ProviderUnavailable, Table
 
 K_DEFAULT = N_DEFAULT = 4096
@@ -256,7 +257,7 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
             sets += [WeightSet(L, args.k, args.n, args.r, dtype, device, wgen) for _ in range(n_sets - 1)]
             cycles_used.add(n_sets)
             for dist in args.dists:
-                for T in args.tokens:
+                for T in progress(args.tokens, desc=f"L={L} {dist}", unit="point"):
                     ids = token_ids(dist, L, T, gen)
                     n_active = int(torch.unique(ids).numel())
                     key = {"dist": dist, "L": L, "T": T, "active": n_active}
@@ -325,7 +326,19 @@ def parse_args(argv=None):
     args.timings = [t.strip() for t in args.timings.split(",") if t.strip()]
     args.adapters = args.adapters or ([128] if args.quick else ADAPTERS)
     args.tokens = args.tokens or ([1, 256, 4096] if args.quick else TOKENS)
+    args.cpu_quick_defaults = {"k": args.k == K_DEFAULT, "n": args.n == N_DEFAULT, "r": args.r == RANK,
+                               "adapters": args.adapters == [128], "tokens": args.tokens == [1, 256, 4096]}
     return args
+
+
+def _cpu_quick(args, device) -> None:
+    """--quick on the CPU: tiny layers for what the command line left at its default (a smoke run of seconds)."""
+    if not (args.quick and device.type == "cpu"):
+        return
+    tiny = {"k": 64, "n": 96, "r": 8, "adapters": [4], "tokens": [1, 16]}
+    for name, value in tiny.items():
+        if args.cpu_quick_defaults[name]:
+            setattr(args, name, value)
 
 
 def main(argv=None) -> List[Table]:
@@ -334,6 +347,7 @@ def main(argv=None) -> List[Table]:
     dtype = common.resolve_dtype(args.dtype)
     common.seed_all(args.seed)
     providers = common.selected_providers(args.providers, PROVIDERS)
+    _cpu_quick(args, device)
     ceilings = common.measure_ceilings(device, dtype, args)
     info = common.print_header(
         "Multi-adapter LoRA layer", device, dtype, ceilings,
@@ -341,6 +355,7 @@ def main(argv=None) -> List[Table]:
                f"K = {args.k}, N = {args.n}, r = {args.r}, scale = {SCALE}; batch metadata prepared outside the "
                "timed region"],
     )
+    common.begin_csv(args, info, dtype)
     tables = run(args, device, dtype, providers, ceilings)
     common.finish(args, tables, info, dtype, "multi-adapter layer: time / base", summarize(tables, providers))
     return tables
