@@ -1,8 +1,8 @@
-"""LoRA-GA initialisation (issue 4): the SVD stage and the whole init.
+"""LoRA-GA initialisation: the SVD stage and the whole init.
 
 (1) SVD stage: the 224 target matrices of a 7B-shaped model (32 layers × q, k, v, o 4096×4096, gate and up
     11008×4096, down 4096×11008), fp32 gradients, r = 8 and 32: a Python loop of ``torch.svd_lowrank(G, q=4r,
-    niter=4)`` (the official code's way; ANCHORS.md: 0.93 s at r = 8, 3.2 s at r = 32 on an H100) against
+    niter=4)`` (the official code's way; 0.93 s at r = 8, 3.2 s at r = 32 on an H100, TARGETS.md) against
     ``lora_kernels.init.lora_ga_factors`` on chunks of same-shaped matrices (batched matmul / QR / SVD), chunked as
     ``lora_ga_init`` does. Target: ≤ 0.3 s at r = 8. The factors of both are compared (subspaces, not raw vectors).
 (2) Whole init on a small Llama-shaped model (``transformers`` LlamaForCausalLM when installed, else an equivalent
@@ -217,7 +217,8 @@ def whole_init(device, dtype, cfg, n_batches, r):
           f"{n_batches} batches, r={r}, {str(dtype).replace('torch.', '')}\n")
     rows = ["| variant | time (s) | × fwd+bwd | peak mem (MiB) | × one training step |", "|---|---|---|---|---|",
             f"| {n_batches} plain fwd+bwd | {t_base:.3f} | 1.00 | {m_step:.0f} (one step) | 1.00 |"]
-    for buf in ("cpu", "device"):
+    # On the CPU both buffers are host memory: one variant is enough.
+    for buf in ("cpu", "device") if device.type == "cuda" else ("cpu",):
         model, _ = fresh()
         import lora_kernels as lk
 

@@ -1,7 +1,7 @@
 """Single-adapter LoRA linear: lora_kernels against cuBLAS F.linear, eager LoRA, torch.compile, the cuBLAS addmm
-trick and PEFT (issue 2).
+trick and PEFT.
 
-Training shapes (ANCHORS.md): M = 8192 tokens, (K, N) ∈ {(4096, 4096), (4096, 14336), (14336, 4096)}, r ∈ {16, 64};
+Training shapes (TARGETS.md): M = 8192 tokens, (K, N) ∈ {(4096, 4096), (4096, 14336), (14336, 4096)}, r ∈ {16, 64};
 three modes, each a do_bench median:
 
 - ``fwd``: the forward with autograd recording (x, A and B require grad, W0 frozen), as in a training step;
@@ -13,7 +13,7 @@ without autograd, timed three ways: in a CUDA graph with the weights hot in L2, 
 sets (as the layers of a model do), and eagerly (do_bench, launch overhead included).
 
 Each provider is checked against a float64 reference (output, and dX, dA, dB for fwd+bwd) before it is timed; one
-that is wrong is reported and not timed. Targets (issue 2, H100 bf16, geometric mean over the six training shapes):
+that is wrong is reported and not timed. Targets (TARGETS.md; H100 bf16, geometric mean over the six training shapes):
 forward ≤ 1.06× base, fwd+bwd ≤ 1.10×, with dropout ≤ 1.12×; decode M ≤ 256 in graphs ≤ 1.10× base.
 
 Run: ``python benchmarks/bench_lora_linear.py [--quick] [--csv out.csv] [--plot out.png]`` (``--help`` for more).
@@ -33,6 +33,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lora_kernels._progress import progress
 
 from benchmarks import common
 from benchmarks.common import ProviderUnavailable, Table
@@ -276,7 +278,7 @@ def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table
                  f"). Target for lora_kernels: geometric mean ≤ {target:.2f}.",
         )
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    for (M, K, N, r) in shapes:
+    for (M, K, N, r) in progress(shapes, desc="training shapes", unit="shape"):
         key = {"M": M, "K": K, "N": N, "r": r}
         print(f"[train] M={M} K={K} N={N} r={r}", flush=True)
         x = torch.randn(M, K, generator=gen, device=device).to(dtype).requires_grad_(True)
@@ -380,7 +382,7 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     cycles_used = set()
     with torch.no_grad():
-        for (M, K, N, r) in shapes:
+        for (M, K, N, r) in progress(shapes, desc="decode shapes", unit="shape"):
             key = {"M": M, "K": K, "N": N, "r": r}
             print(f"[decode] M={M} K={K} N={N} r={r}", flush=True)
             elt = torch.empty((), dtype=dtype).element_size()
@@ -438,7 +440,7 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     parser.add_argument("--m", type=int, default=TRAIN_M, help="tokens of the training shapes")
     parser.add_argument("--kn", default=None,
-                        help="training (K, N) list as K:N,K:N (default the three ANCHORS shapes)")
+                        help="training (K, N) list as K:N,K:N (default: the three shapes of TARGETS.md)")
     parser.add_argument("--ranks", type=int, nargs="+", default=None, help="training ranks (default 16 64)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma list of training modes among {', '.join(MODES)}")
@@ -458,7 +460,15 @@ def parse_args(argv=None):
     return args
 
 
-def shapes_from_args(args) -> Tuple[List[tuple], List[tuple]]:
+def shapes_from_args(args, device: Optional[torch.device] = None) -> Tuple[List[tuple], List[tuple]]:
+    if args.quick and device is not None and device.type == "cpu":
+        # --quick on the CPU: tiny shapes for what the command line left at its default (the numbers mean nothing
+        # there; a smoke run of seconds rather than minutes of 8192 x 14336 products).
+        args.m = 64 if args.m == TRAIN_M else args.m
+        args.kn = "64:96" if args.kn is None else args.kn
+        args.ranks = args.ranks or [8]
+        args.decode = "1:64:96,16:64:96" if args.decode is None else args.decode
+        args.decode_rank = 8 if args.decode_rank == DECODE_RANK else args.decode_rank
     kn = TRAIN_KN if args.kn is None else [tuple(int(v) for v in s.split(":")) for s in args.kn.split(",")]
     ranks = args.ranks or TRAIN_RANKS
     if args.decode is None:
@@ -479,13 +489,14 @@ def main(argv=None) -> List[Table]:
     dtype = common.resolve_dtype(args.dtype)
     common.seed_all(args.seed)
     providers = common.selected_providers(args.providers, PROVIDERS)
-    train, decode = shapes_from_args(args)
+    train, decode = shapes_from_args(args, device)
     ceilings = common.measure_ceilings(device, dtype, args)
     info = common.print_header(
-        "LoRA linear, one adapter (issue 2)", device, dtype, ceilings,
+        "LoRA linear, one adapter", device, dtype, ceilings,
         notes=[f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
                f"scale = {SCALE}, W0 frozen; fwd+bwd base = F.linear fwd + bwd with W0 frozen (dX only)"],
     )
+    common.begin_csv(args, info, dtype)
     tables: List[Table] = []
     if not args.skip_train and args.modes:
         tables += run_training(args, device, dtype, providers, ceilings, train)
@@ -499,7 +510,7 @@ LK_PROVIDERS = ("lora_kernels", "lk_cublas_base", "lk_triton_base")
 
 
 def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
-    """Issue 2's targets: geomean over the training shapes per mode; the worst decode point (M ≤ 256) in graphs."""
+    """The targets of TARGETS.md: geomean over the training shapes per mode; the worst decode point (M ≤ 256) in graphs."""
     lines = []
     for t in tables:
         lk = [p for p in LK_PROVIDERS if p in providers]

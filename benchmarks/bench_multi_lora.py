@@ -1,4 +1,4 @@
-"""Many adapters in one batch: whole layers (base product + per-token LoRA) against their roofline floor (issue 3).
+"""Many adapters in one batch: whole layers (base product + per-token LoRA) against their roofline floor.
 
 Points: K = N = 4096, r = 16, L ∈ {16, 128} adapters loaded, T ∈ {1, 16, 64, 256, 1024, 4096} tokens, and two
 distributions of adapters over tokens:
@@ -24,7 +24,7 @@ Timings: in a CUDA graph with the weights hot in L2; in a CUDA graph cycling sev
 stacks) so they come from DRAM; and eagerly (do_bench, launch overhead included). The batch metadata
 (``LoRABatch.prepare``) is built once per point outside the timed region: one prepared batch serves every layer of
 a step. Floor = max(flops / peak, bytes / bandwidth), bytes = W0 + A and B of the adapters present + x + y.
-Target (issue 3): lora_kernels within 1.2× its floor at every point, in graphs.
+Target (TARGETS.md): lora_kernels within 1.2× its floor at every point, in graphs.
 
 Run: ``python benchmarks/bench_multi_lora.py [--quick] [--csv out.csv] [--plot out.png]`` (``--help`` for more).
 """
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
+from lora_kernels._progress import progress
 from benchmarks.common import ProviderUnavailable, Table
 
 K_DEFAULT = N_DEFAULT = 4096
@@ -256,7 +257,7 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
             sets += [WeightSet(L, args.k, args.n, args.r, dtype, device, wgen) for _ in range(n_sets - 1)]
             cycles_used.add(n_sets)
             for dist in args.dists:
-                for T in args.tokens:
+                for T in progress(args.tokens, desc=f"L={L} {dist}", unit="point"):
                     ids = token_ids(dist, L, T, gen)
                     n_active = int(torch.unique(ids).numel())
                     key = {"dist": dist, "L": L, "T": T, "active": n_active}
@@ -325,7 +326,19 @@ def parse_args(argv=None):
     args.timings = [t.strip() for t in args.timings.split(",") if t.strip()]
     args.adapters = args.adapters or ([128] if args.quick else ADAPTERS)
     args.tokens = args.tokens or ([1, 256, 4096] if args.quick else TOKENS)
+    args.cpu_quick_defaults = {"k": args.k == K_DEFAULT, "n": args.n == N_DEFAULT, "r": args.r == RANK,
+                               "adapters": args.adapters == [128], "tokens": args.tokens == [1, 256, 4096]}
     return args
+
+
+def _cpu_quick(args, device) -> None:
+    """--quick on the CPU: tiny layers for what the command line left at its default (a smoke run of seconds)."""
+    if not (args.quick and device.type == "cpu"):
+        return
+    tiny = {"k": 64, "n": 96, "r": 8, "adapters": [4], "tokens": [1, 16]}
+    for name, value in tiny.items():
+        if args.cpu_quick_defaults[name]:
+            setattr(args, name, value)
 
 
 def main(argv=None) -> List[Table]:
@@ -334,13 +347,15 @@ def main(argv=None) -> List[Table]:
     dtype = common.resolve_dtype(args.dtype)
     common.seed_all(args.seed)
     providers = common.selected_providers(args.providers, PROVIDERS)
+    _cpu_quick(args, device)
     ceilings = common.measure_ceilings(device, dtype, args)
     info = common.print_header(
-        "Multi-adapter LoRA layer (issue 3)", device, dtype, ceilings,
+        "Multi-adapter LoRA layer", device, dtype, ceilings,
         notes=[f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
                f"K = {args.k}, N = {args.n}, r = {args.r}, scale = {SCALE}; batch metadata prepared outside the "
                "timed region"],
     )
+    common.begin_csv(args, info, dtype)
     tables = run(args, device, dtype, providers, ceilings)
     common.finish(args, tables, info, dtype, "multi-adapter layer: time / base", summarize(tables, providers))
     return tables
@@ -351,7 +366,7 @@ PEERS = ("gather_bmm", "loop")
 
 
 def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
-    """Issue 3's targets, per graph table: the worst time / floor of each lora_kernels variant over all points, and
+    """The targets of TARGETS.md, per graph table: the worst time / floor of each lora_kernels variant over all points, and
     the points where it is not faster than every peer."""
     lines = []
     for t in tables:

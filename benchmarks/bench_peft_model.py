@@ -1,4 +1,4 @@
-"""A tiny-but-real transformers model with PEFT vs lora_kernels (issue 6): training step and mixed-adapter decode.
+"""A tiny-but-real transformers model with PEFT vs lora_kernels: training step and mixed-adapter decode.
 
 Model: a Llama-like ``LlamaForCausalLM`` built from a config (random weights, no download), by default 4 layers at
 hidden 2048 (intermediate 5632, 16 heads, 8 KV heads, vocab 32000), LoRA r = 16 on every linear layer of the
@@ -40,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in-tree ``lora_kernels`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,8 +74,17 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny model and few steps (a smoke test, CPU friendly)")
-    p.add_argument("--csv", metavar="PATH", default=None, help="also write every number to PATH")
+    p.add_argument("--quick", action="store_true",
+                   help="on the CPU: the same as --tiny (seconds); on a GPU: 5 timed calls, decode batches 1 and 16")
+    p.add_argument("--csv", metavar="PATH", default=None,
+                   help="also write every number to PATH (rewritten after every measurement)")
     args = p.parse_args(argv)
+    if args.quick:
+        on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+        if on_cpu:
+            args.tiny = True
+        else:
+            args.steps, args.decode_batch = min(args.steps, 5), "1,16"
     if args.tiny:
         args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads = 2, 64, 128, 4, 2
         args.vocab, args.r, args.batch, args.seq, args.context, args.steps = 128, 4, 2, 16, 8, 3
@@ -296,19 +305,38 @@ def main(argv=None):
     print(f"## PEFT vs lora_kernels on a Llama-like model\n\n- date: {info['date']}\n- card: {info['card']}\n"
           f"- versions: torch {info['torch']}, triton {info['triton']}, peft {info['peft']}, transformers "
           f"{common._version('transformers')}\n- command: `{info['command']}`\n- dtype: {args.dtype}\n", flush=True)
-    rows: List[Dict] = []
+    rows: List[Dict] = _LiveRows(args.csv)
     if not args.skip_train:
         bench_train(args, device, dtype, rows)
     if not args.skip_decode:
         bench_decode(args, device, dtype, rows)
     if args.csv:
+        print(f"wrote {len(rows)} rows to {args.csv}")
+    return list(rows)
+
+
+class _LiveRows(list):
+    """The result rows; with a path, the CSV is rewritten (atomically) after every row, so that an interrupted run
+    keeps what it measured."""
+
+    def __init__(self, path: Optional[str]):
+        super().__init__()
+        self.path = path
+
+    def append(self, row) -> None:
+        super().append(row)
+        if not self.path:
+            return
         import csv
 
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        cols = list(dict.fromkeys(c for r in self for c in r))
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.partial"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=cols)
             writer.writeheader()
-            writer.writerows(rows)
-    return rows
+            writer.writerows(self)
+        os.replace(tmp, self.path)
 
 
 if __name__ == "__main__":

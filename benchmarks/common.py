@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: timers, measured ceilings, the floor, correctness checks and the
 markdown / CSV / PNG writers.
 
-Method (the same as /work/shared/ANCHORS.md, so numbers can be compared with it):
+Method (the same as the reference run of TARGETS.md, so numbers can be compared with it):
 
 * Eager timings are medians of ``triton.testing.do_bench`` (it flushes L2 between calls and times each call with
   CUDA events). ``fwd+bwd`` calls ``y.backward(dy)`` and resets the listed ``.grad`` to None before every call.
@@ -58,7 +58,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation/weight dtype")
     parser.add_argument("--csv", metavar="PATH", default=None, help="also write every timing to PATH (long format)")
     parser.add_argument("--plot", metavar="PATH", default=None, help="also write a PNG of the ratios (matplotlib)")
-    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few shapes only; on the CPU tiny shapes and short timings (a smoke run of seconds)")
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset of the providers to run (the base always runs)")
     parser.add_argument("--backend", default=None,
@@ -435,6 +436,9 @@ class Table:
         self.extra: Dict[tuple, Dict[str, object]] = {}
         self.errors: Dict[str, List[str]] = {}
         self.error_count: Dict[str, int] = {}
+        self.live = _LIVE  # the run's CSV, rewritten after every point (see begin_csv)
+        if self.live is not None:
+            self.live.tables.append(self)
 
     def _row(self, key: dict) -> tuple:
         k = tuple(key[c] for c in self.key_cols)
@@ -452,6 +456,8 @@ class Table:
             if error not in msgs:
                 msgs.append(error)
             self.error_count[provider] = self.error_count.get(provider, 0) + 1
+        if self.live is not None:
+            self.live.flush()
 
     def set_floor(self, key: dict, us: float) -> None:
         self.floors[self._row(key)] = us
@@ -539,7 +545,32 @@ def _round(v, nd=3):
     return None if v is None else round(v, nd)
 
 
-def write_csv(path: str, tables: Sequence[Table], meta: Dict[str, str]) -> None:
+class LiveCsv:
+    """The CSV of a run in progress: rewritten (whole, atomically) after every recorded point, so that a run that is
+    interrupted or times out keeps everything it measured. Tables created while it is active register with it."""
+
+    def __init__(self, path: str, meta: Dict[str, str]):
+        self.path, self.meta, self.tables = path, meta, []
+
+    def flush(self) -> None:
+        write_csv(self.path, self.tables, self.meta, quiet=True)
+
+
+_LIVE: Optional[LiveCsv] = None
+
+
+def begin_csv(args, info: Dict[str, str], dtype: torch.dtype) -> None:
+    """Start writing ``args.csv`` (if given) point by point; call after print_header, before creating the tables."""
+    global _LIVE
+    _LIVE = LiveCsv(args.csv, _meta(info, dtype)) if getattr(args, "csv", None) else None
+
+
+def _meta(info: Dict[str, str], dtype: torch.dtype) -> Dict[str, str]:
+    return {"device": info["card"], "dtype": _dtype_name(dtype), "date": info["date"], "torch": info["torch"],
+            "triton": info["triton"]}
+
+
+def write_csv(path: str, tables: Sequence[Table], meta: Dict[str, str], quiet: bool = False) -> None:
     rows = [r for t in tables for r in t.long_rows(meta)]
     cols: List[str] = []
     for r in rows:
@@ -547,12 +578,15 @@ def write_csv(path: str, tables: Sequence[Table], meta: Dict[str, str]) -> None:
             if c not in cols:
                 cols.append(c)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    tmp = f"{path}.partial"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
         for r in rows:
             writer.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
-    print(f"wrote {len(rows)} rows to {path}")
+    os.replace(tmp, path)  # readers never see a half-written file
+    if not quiet:
+        print(f"wrote {len(rows)} rows to {path}")
 
 
 def write_plot(path: str, tables: Sequence[Table], title: str) -> bool:
@@ -607,10 +641,12 @@ def finish(args, tables: Sequence[Table], info: Dict[str, str], dtype: torch.dty
         print(t.markdown(), flush=True)
     if summary:
         print("### Against the targets\n\n" + "\n".join(summary) + "\n", flush=True)
-    meta = {"device": info["card"], "dtype": _dtype_name(dtype), "date": info["date"], "torch": info["torch"],
-            "triton": info["triton"]}
+    global _LIVE
+    _LIVE = None
+    for t in tables:
+        t.live = None
     if args.csv:
-        write_csv(args.csv, tables, meta)
+        write_csv(args.csv, tables, _meta(info, dtype))
     if args.plot:
         write_plot(args.plot, tables, title)
 

@@ -176,7 +176,7 @@ def predict_us(launch_list: Sequence[Dict], bandwidth: float = COPY_BW, peak: fl
     """Sum over launches of max(DRAM bytes / bandwidth, flops / peak), plus ``launch_us`` per launch beyond
     ``base_kernels`` (the base layer's own). Serial launches, no overlap: a rough, static estimate.
     ``triton_gemm_factor`` scales the compute time of the Triton base GEMM (``_gemm_expand_kernel``) against
-    cuBLAS's (1.25-1.45 is what a plain, non-TMA Triton GEMM measured on an H100 in this project's anchors)."""
+    cuBLAS's (1.25-1.45 is what a plain, non-TMA Triton GEMM measured on an H100: benchmarks/TARGETS.md)."""
     t = 0.0
     for ln in launch_list:
         f = triton_gemm_factor if ln["kernel"] == "_gemm_expand_kernel" else 1.0

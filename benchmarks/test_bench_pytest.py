@@ -6,7 +6,7 @@
 
 It lives in benchmarks/, not tests/: CI's plain ``pytest`` (``testpaths = ["tests"]``) never collects it, and
 tests/test_benchmarks_smoke.py runs it once with ``--benchmark-disable`` so it cannot rot. On CUDA the points are the
-ANCHORS.md shapes (bf16); on the CPU they are tiny fp32 shapes with the torch backend (the numbers mean nothing).
+the shapes of TARGETS.md (bf16); on the CPU they are tiny fp32 shapes with the torch backend (the numbers mean nothing).
 The full tables with ratios, floors and the correctness checks come from the two scripts; this file only times.
 
 pytest-benchmark times with ``time.perf_counter`` on the host, so every CUDA target ends with a synchronize; decode

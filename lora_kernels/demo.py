@@ -1,23 +1,30 @@
-"""The main job: full fine-tuning vs LoRA vs LoRA-GA on a small model, no download, well under a minute on a CPU.
+"""The main job: full fine-tuning vs LoRA vs LoRA-GA vs PiSSA on real data, no download, under a minute on a CPU.
 
-    python -m lora_kernels.demo [--out DIR] [--steps N] [--quick] [--device cpu|cuda]
+    python -m lora_kernels.demo [--png PATH] [--quick] [--device cpu|cuda] [--help]
     lora-kernels-demo ...
 
-1. "Pre-training": an MLP (32 → 128 → 128 → 128 → 16, GELU) is trained briefly to imitate a fixed random teacher
-   network, from a fixed seed, so the weights are those of a trained model rather than a fresh init.
-2. The new task: imitate the pre-trained model with a rank-4 change in each of its four linear layers (a shifted
-   version of what it already does, the situation LoRA is made for), on fresh inputs.
-3. Fine-tuning with full fine-tuning, LoRA (PEFT's default init, r, α = 2r) and LoRA-GA (official recipe, same r and
-   α, rsLoRA, γ = 16, gradient from 8 batches), all with AdamW at the same learning rate, the same batches, and the
-   same number of steps. Every 5 steps the loss on a fixed validation set is recorded.
+The data: scikit-learn's bundled handwritten digits (1,797 8×8 images, shipped inside the scikit-learn package, so
+nothing is downloaded).
 
-Printed: a markdown table (trainable parameters, steps to reach the target validation loss, final validation loss,
-time with the LoRA-GA init included) and, on a GPU, the forward+backward speed of LoRALinear against nn.Linear.
-Saved: ``lora_demo_loss.png`` with the validation loss curves (log scale).
+1. Pre-training: an MLP (64 → 128 → 128 → 10, GELU) learns digits 0–4 (all 901 images of them).
+2. The new task: digits 5–9, a related task with new classes, split once into train (50 %), validation (25 %) and
+   test (25 %) images.
+3. Fine-tuning on the new task, every method on the same pre-trained weights and the same batches for a seed:
+   full fine-tuning; LoRA (PEFT's default init: A Kaiming-uniform, B = 0); LoRA-GA (``lora_kernels.lora_ga_init``,
+   official recipe, gradient from 8 training batches); PiSSA (principal singular directions of W0). The three LoRA
+   arms adapt all three linear layers at the same rank r and α with the same scaling rule, rsLoRA's ρ = α/√r (the
+   rule of the LoRA-GA paper). AdamW, constant learning rate, batch 32.
+4. Each method runs at every learning rate of a small grid and several seeds; its best learning rate is the one with
+   the fewest mean steps to the target accuracy on the validation images (ties: higher final validation accuracy).
+   Reported for that learning rate, over the seeds: steps until the test accuracy first reaches the target (checked
+   every 5 steps), final test accuracy, mean ± standard deviation, and the wall time of one run.
+
+Printed: a table; saved (with matplotlib): one PNG with the mean test-accuracy curves and a band (min..max over the
+seeds) per method at its best learning rate. On a GPU, also the forward+backward speed of LoRALinear vs nn.Linear.
 
 Why LoRA-GA gets there first: LoRA starts with B = 0 and a random A, so its first steps only grow B along random
-directions; LoRA-GA starts with A and B spanning the top singular directions of the full fine-tuning gradient, so its
-first steps already follow the best rank-2r approximation of full fine-tuning's.
+directions; LoRA-GA starts with A and B spanning the top singular directions of full fine-tuning's first gradient,
+so its first steps already follow the best rank-2r approximation of full fine-tuning's.
 """
 
 from __future__ import annotations
@@ -26,128 +33,181 @@ import argparse
 import copy
 import math
 import os
+import statistics
+import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-D_IN, HIDDEN, D_OUT = 32, 128, 16
-TARGETS = ["0", "2", "4", "6"]  # the four nn.Linear of the Sequential below
+D_IN, HIDDEN, N_CLASSES = 64, 128, 10
+TARGETS = ["0", "2", "4"]  # the three nn.Linear of the Sequential below
+METHODS = ("full", "lora", "lora-ga", "pissa")
 EVAL_EVERY = 5
+BATCH = 32
+GA_BATCHES = 8
+DEFAULT_PNG = "lora_demo.png"
 
 
 def make_mlp() -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(D_IN, HIDDEN), nn.GELU(),
         nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
-        nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
-        nn.Linear(HIDDEN, D_OUT),
+        nn.Linear(HIDDEN, N_CLASSES),
     )
 
 
-def _inputs(n: int, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.randn(n, D_IN, generator=gen).to(device)
+# ------------------------------------------------------------------------------------------------------------ data
+def load_digits_task(device="cpu") -> Dict[str, torch.Tensor]:
+    """The pre-training set (digits 0–4) and the new task's train / validation / test split (digits 5–9).
+
+    The split is fixed (one permutation from seed 0) so that every method and seed sees the same images."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit("lora-kernels-demo: the demo's data ships with scikit-learn, which is not installed "
+                         "(pip install scikit-learn)") from None
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X, dtype=torch.float32) / 16.0  # pixel values 0..16
+    y = torch.tensor(y, dtype=torch.long)
+    X = (X - X.mean()) / X.std()
+    old, new = y < 5, y >= 5
+    Xn, yn = X[new], y[new]
+    perm = torch.randperm(len(yn), generator=torch.Generator().manual_seed(0))
+    n_tr, n_va = len(perm) // 2, len(perm) // 4
+    tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
+    data = {"pre_x": X[old], "pre_y": y[old], "train_x": Xn[tr], "train_y": yn[tr], "val_x": Xn[va],
+            "val_y": yn[va], "test_x": Xn[te], "test_y": yn[te]}
+    return {k: v.to(device) for k, v in data.items()}
 
 
-def make_pretrained(steps: int, seed: int = 0, device="cpu") -> nn.Sequential:
-    """An MLP trained for ``steps`` Adam steps to imitate a random teacher: deterministic for a seed."""
-    torch.manual_seed(seed)
-    teacher = make_mlp().to(device)
+def make_pretrained(data, steps: int, device="cpu") -> nn.Sequential:
+    """The MLP after ``steps`` Adam steps on digits 0–4 (deterministic)."""
+    torch.manual_seed(0)
     model = make_mlp().to(device)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    n = len(data["pre_y"])
     for _ in range(steps):
-        x = _inputs(256, gen, device)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = nn.functional.mse_loss(model(x), y)
+        idx = torch.randint(n, (64,), generator=gen).to(device)
+        loss = nn.functional.cross_entropy(model(data["pre_x"][idx]), data["pre_y"][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return model.eval()
 
 
-def make_new_task(pretrained: nn.Sequential, seed: int = 0, rank: int = 4, strength: float = 1.0) -> nn.Sequential:
-    """The new task's target network: the pre-trained one with a rank-``rank`` change in every linear layer."""
-    gen = torch.Generator().manual_seed(seed + 2)
-    target = copy.deepcopy(pretrained)
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
-        for name in TARGETS:
-            W = target.get_submodule(name).weight
-            u = torch.randn(W.shape[0], rank, generator=gen)
-            v = torch.randn(rank, W.shape[1], generator=gen)
-            W += (strength / math.sqrt(W.shape[1] * rank)) * (u @ v).to(W.device, W.dtype)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    return target.eval()
+        return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def _count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+# ---------------------------------------------------------------------------------------------------- fine-tuning
+def _loss(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
-def finetune(pretrained, task, method: str, steps: int, lr: float, r: int, device, backend: Optional[str],
-             batch: int = 128, seed: int = 0, ga_batches: int = 8) -> Dict[str, object]:
-    """Fine-tune a copy of ``pretrained`` on ``task`` with ``method`` in {"full", "lora", "lora-ga"}."""
+def _batches(data, seed: int, count: int, offset: int):
+    """``count`` training batches from a generator of its own per seed: every method gets the same stream."""
+    gen = torch.Generator().manual_seed(1000 * seed + offset)
+    n = len(data["train_y"])
+    for _ in range(count):
+        idx = torch.randint(n, (BATCH,), generator=gen).to(data["train_y"].device)
+        yield data["train_x"][idx], data["train_y"][idx]
+
+
+def prepare(pretrained, data, method: str, r: int, alpha: float, seed: int, backend: Optional[str]) -> nn.Module:
+    """A copy of ``pretrained`` ready to fine-tune with ``method`` (its adapters initialised for ``seed``)."""
     import lora_kernels as lk
 
     model = copy.deepcopy(pretrained).train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    loss_fn = lambda m, b: nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
-    t0 = time.perf_counter()
-    if method == "lora":
-        lk.inject_lora(model, TARGETS, r=r, alpha=2 * r, backend=backend)
+    torch.manual_seed(seed)  # LoRA's random A
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method in ("lora", "pissa"):
+        lk.inject_lora(model, TARGETS, r=r, alpha=alpha, use_rslora=True, backend=backend,
+                       init="default" if method == "lora" else "pissa")
     elif method == "lora-ga":
-        gen = torch.Generator().manual_seed(seed + 10)  # estimation batches: drawn apart from the training stream
-        batches = []
-        for _ in range(ga_batches):
-            x = _inputs(batch, gen, device)
-            with torch.no_grad():
-                batches.append((x, task(x)))
-        lk.lora_ga_init(model, batches, loss_fn, r=r, alpha=2 * r, target_modules=TARGETS, backend=backend,
-                        seed=seed)
-    elif method != "full":
-        raise ValueError(f"method must be full, lora or lora-ga, got {method!r}")
-    init_s = time.perf_counter() - t0
+        lk.lora_ga_init(model, list(_batches(data, seed, GA_BATCHES, offset=1)), _loss, r=r, alpha=alpha,
+                        use_rslora=True, target_modules=TARGETS, backend=backend, seed=seed, progress=False)
+    else:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return model
+
+
+def finetune(model: nn.Module, data, lr: float, steps: int, seed: int) -> Dict[str, object]:
+    """AdamW on ``model``'s trainable parameters; accuracy on validation and test images every EVAL_EVERY steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    val_gen = torch.Generator().manual_seed(seed + 20)
-    xv = _inputs(2048, val_gen, device)
-    with torch.no_grad():
-        yv = task(xv)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    eval_x = torch.cat([data["val_x"], data["test_x"]])  # one forward for both sets
+    eval_y = torch.cat([data["val_y"], data["test_y"]])
+    n_val = len(data["val_y"])
+    steps_seen: List[int] = []
+    val: List[float] = []
+    test: List[float] = []
 
-    def val_loss() -> float:
+    def evaluate(step):
         with torch.no_grad():
-            return nn.functional.mse_loss(model(xv), yv).item()
+            hit = (model(eval_x).argmax(-1) == eval_y).float()
+        steps_seen.append(step)
+        val.append(hit[:n_val].mean().item())
+        test.append(hit[n_val:].mean().item())
 
-    curve: List[tuple] = [(0, val_loss())]
-    gen = torch.Generator().manual_seed(seed + 30)  # the same training batches for every method
-    for step in range(1, steps + 1):
-        x = _inputs(batch, gen, device)
-        with torch.no_grad():
-            y = task(x)
-        loss = loss_fn(model, (x, y))
+    model.eval()
+    evaluate(0)
+    model.train()
+    for step, batch in enumerate(_batches(data, seed, steps, offset=2), 1):
+        loss = _loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % EVAL_EVERY == 0 or step == steps:
-            curve.append((step, val_loss()))
-    if isinstance(device, torch.device) and device.type == "cuda" or device == "cuda":
-        torch.cuda.synchronize()
-    total_s = time.perf_counter() - t0
-    return {"method": method, "curve": curve, "trainable": _count_trainable(model), "seconds": total_s,
-            "init_seconds": init_s, "final": curve[-1][1]}
+            model.eval()
+            evaluate(step)
+            model.train()
+    return {"steps": steps_seen, "val": val, "test": test}
 
 
-def steps_to(curve, target: float) -> Optional[int]:
-    for step, loss in curve:
-        if loss <= target:
-            return step
+def steps_to(steps: Sequence[int], acc: Sequence[float], target: float) -> Optional[int]:
+    """The first recorded step whose accuracy is at least ``target`` (None: never)."""
+    for s, a in zip(steps, acc):
+        if a >= target:
+            return s
     return None
 
 
+def _mean_sd(xs: Sequence[float]):
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs: List[Dict[str, object]], target: float, steps: int) -> Dict[str, object]:
+    """Mean/sd over seeds of one (method, lr): steps to target (a miss counts as ``steps`` for ranking only)."""
+    val_hit = [steps_to(r["steps"], r["val"], target) for r in runs]
+    test_hit = [steps_to(r["steps"], r["test"], target) for r in runs]
+    rank_key = (statistics.fmean(s if s is not None else 2 * steps for s in val_hit),
+                -statistics.fmean(r["val"][-1] for r in runs))
+    return {"val_hit": val_hit, "test_hit": test_hit, "rank_key": rank_key,
+            "final": _mean_sd([r["test"][-1] for r in runs]), "seconds": statistics.fmean(r["seconds"] for r in runs)}
+
+
+def _fmt_steps(hits: List[Optional[int]], steps: int) -> str:
+    reached = [h for h in hits if h is not None]
+    if not reached:
+        return f"not reached in {steps}"
+    m, sd = _mean_sd(reached)
+    text = f"{m:.0f} ± {sd:.0f}"
+    if len(reached) < len(hits):
+        text += f" ({len(reached)}/{len(hits)} seeds reached)"
+    return text
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+# ---------------------------------------------------------------------------------------------------------- output
 def speed_table(device, dtype=torch.bfloat16, tokens: int = 4096, dims=(4096,), r: int = 16) -> str:
     """Forward+backward time of LoRALinear (fused kernels) against nn.Linear, CUDA only."""
     import lora_kernels as lk
@@ -185,25 +245,104 @@ def speed_table(device, dtype=torch.bfloat16, tokens: int = 4096, dims=(4096,), 
     return "\n".join(rows)
 
 
-def plot(results, target: float, path: str) -> None:
-    import matplotlib
+def plot(best: Dict[str, Dict[str, object]], target: float, r: int, alpha: float, path: str) -> Optional[str]:
+    """Mean test accuracy (line) and min..max over seeds (band) per method; returns None or why it was skipped."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for res in results:
-        steps, losses = zip(*res["curve"])
-        ax.plot(steps, losses, label=res["method"])
-    ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (MSE)")
-    ax.set_title("Fine-tuning a pre-trained MLP on a shifted task (same lr, r)")
-    ax.legend()
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for method, res in best.items():
+        curves = torch.tensor([run["test"] for run in res["runs"]]) * 100
+        steps = res["runs"][0]["steps"]
+        line, = ax.plot(steps, curves.mean(0), label=f"{method} (lr {_fmt_lr(res['lr'])})", linewidth=1.8)
+        ax.fill_between(steps, curves.min(0).values, curves.max(0).values, color=line.get_color(), alpha=0.18,
+                        linewidth=0)
+    ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1, label=f"target {100 * target:g} %")
+    ax.set_xlabel("fine-tuning step (batch of 32 images)")
+    ax.set_ylabel("test accuracy on digits 5–9 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    n_seeds = len(next(iter(best.values()))["runs"])
+    lrs = ", ".join(f"{m} {_fmt_lr(res['lr'])}" for m, res in best.items())
+    ax.set_title(f"Digits 0–4 → 5–9: rank r={r}, α={alpha:g}, ρ = α/√r = {alpha / math.sqrt(r):.3g} for every LoRA "
+                 f"arm\nbest AdamW lr: {lrs}; mean of {n_seeds} seeds, band = min..max", fontsize=10)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _lr_list(text: str) -> List[float]:
+    try:
+        lrs = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,3e-3, got {text!r}") from None
+    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
+        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
+    return lrs
+
+
+def _accuracy(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an accuracy in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected an accuracy in (0, 1] (0.9 means 90 %), got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-kernels-demo", description=__doc__.split("\n")[0],
+        epilog="Data: scikit-learn's bundled digits; nothing is downloaded. The protocol: "
+               "python -m pydoc lora_kernels.demo")
+    parser.add_argument("--png", default=DEFAULT_PNG, metavar="PATH",
+                        help=f"where to write the accuracy-curve plot; needs matplotlib, without it the plot is "
+                             f"skipped with a note (default: {DEFAULT_PNG} in the current directory)")
+    parser.add_argument("--no-png", action="store_true", help="do not write the plot (default: write it)")
+    parser.add_argument("--steps", type=_positive_int, default=150, metavar="N",
+                        help="fine-tuning steps per run (default: 150)")
+    parser.add_argument("--pretrain-steps", type=_positive_int, default=300, metavar="N",
+                        help="pre-training steps on digits 0–4 (default: 300)")
+    parser.add_argument("--lrs", type=_lr_list, default=[3e-3, 1e-2, 3e-2], metavar="LR,LR,...",
+                        help="AdamW learning-rate grid, the same for every method (default: 3e-3,1e-2,3e-2)")
+    parser.add_argument("--rank", type=_positive_int, default=4, metavar="R",
+                        help="LoRA rank of every LoRA arm; LoRA-GA needs 2r <= 10, the output layer's width "
+                             "(default: 4)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="LoRA alpha of every LoRA arm; scaling rho = alpha/sqrt(r) (default: 2r)")
+    parser.add_argument("--seeds", type=_positive_int, default=3, metavar="N",
+                        help="seeds per (method, lr), numbered 0, 1, ... (default: 3)")
+    parser.add_argument("--target", type=_accuracy, default=0.9, metavar="ACC",
+                        help="target test accuracy on digits 5–9, in (0, 1] (default: 0.9)")
+    parser.add_argument("--methods", default=",".join(METHODS), metavar="M,M,...",
+                        help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--show-grid", action="store_true",
+                        help="also print steps to target and final accuracy for every (method, lr) of the grid "
+                             "(default: off)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few seconds: at most 2 seeds, 100 steps and 200 pre-training steps; lr 1e-2 unless "
+                             "--lrs is given (default: off)")
+    return parser
 
 
 def main(argv=None) -> int:
@@ -214,24 +353,31 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> Dict[str, object]:
     """Run the demo with command-line style ``argv``; returns the results (also printed and plotted)."""
-    parser = argparse.ArgumentParser(prog="lora-kernels-demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=".", help="directory for lora_demo_loss.png (default: current)")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per method (default 300)")
-    parser.add_argument("--pretrain-steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, the same for all methods")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--target", type=float, default=0.25,
-                        help="target validation loss, as a fraction of the initial one (default 0.25)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--quick", action="store_true", help="a few seconds: fewer steps (for tests)")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        parser.error(f"--methods: {', '.join(bad) or 'none given'}; choose from {', '.join(METHODS)}")
+    args.methods = list(dict.fromkeys(methods))
+    if args.alpha is None:
+        args.alpha = 2.0 * args.rank
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        parser.error(f"--alpha must be a positive number, got {args.alpha}")
+    if "lora-ga" in args.methods and 2 * args.rank > N_CLASSES:
+        parser.error(f"--rank {args.rank}: LoRA-GA needs 2r <= {N_CLASSES} (the output layer has {N_CLASSES} rows)")
     if args.quick:
-        args.steps = min(args.steps, 60)
-        args.pretrain_steps = min(args.pretrain_steps, 60)
+        args.seeds = min(args.seeds, 2)
+        args.steps = min(args.steps, 100)
+        args.pretrain_steps = min(args.pretrain_steps, 200)
+        if not any(a == "--lrs" or a.startswith("--lrs=") for a in (argv if argv is not None else sys.argv[1:])):
+            args.lrs = [1e-2]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to this torch "
+                     f"({torch.__version__}); use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # The PyTorch reference path on the CPU (the Triton interpreter is for tests); "auto" picks the fused
-    # kernels on a GPU.
+    # The PyTorch reference path on the CPU (the Triton interpreter is for tests); "auto" picks the fused kernels on
+    # a GPU.
     backend = "torch" if device.type == "cpu" else None
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -244,38 +390,83 @@ def run(argv=None) -> Dict[str, object]:
 
 
 def _run(args, device, backend) -> Dict[str, object]:
+    from ._progress import progress
+
     t0 = time.perf_counter()
-    pretrained = make_pretrained(args.pretrain_steps, args.seed, device)
-    task = make_new_task(pretrained, args.seed)
-    print(f"pre-trained a {D_IN}-{HIDDEN}-{HIDDEN}-{HIDDEN}-{D_OUT} MLP in {time.perf_counter() - t0:.1f}s on {device}")
-    results = [finetune(pretrained, task, m, args.steps, args.lr, args.rank, device, backend, seed=args.seed)
-               for m in ("full", "lora", "lora-ga")]
-    initial = results[0]["curve"][0][1]
-    target = args.target * initial
-    print(f"\nnew task: initial validation loss {initial:.4g}, target {target:.4g} ({args.target:g}×); "
-          f"AdamW lr={args.lr:g}, r={args.rank}, α={2 * args.rank}, {args.steps} steps\n")
-    print("| method | trainable params | steps to target | final loss | time (s) |")
-    print("|---|---|---|---|---|")
-    for res in results:
-        s = steps_to(res["curve"], target)
-        res["steps_to_target"] = s
-        extra = f" (init {res['init_seconds']:.2f})" if res["method"] == "lora-ga" else ""
-        print(f"| {res['method']} | {res['trainable']:,} | {s if s is not None else f'> {args.steps}'} | "
-              f"{res['final']:.4g} | {res['seconds']:.1f}{extra} |")
-    lora_s, ga_s = results[1]["steps_to_target"], results[2]["steps_to_target"]
-    if ga_s is not None:
-        ratio = (lora_s / ga_s) if lora_s is not None else float("inf")
-        print(f"\nLoRA-GA reached the target in {ga_s} steps, LoRA in "
-              f"{lora_s if lora_s is not None else f'more than {args.steps}'}: {ratio:.1f}× fewer steps.")
-    os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "lora_demo_loss.png")
-    plot(results, target, png)
-    print(f"loss curves: {png}")
+    data = load_digits_task(device)
+    pretrained = make_pretrained(data, args.pretrain_steps, device)
+    print(f"pre-trained a {D_IN}-{HIDDEN}-{HIDDEN}-{N_CLASSES} MLP on digits 0–4 ({len(data['pre_y'])} images, "
+          f"{args.pretrain_steps} steps): {100 * accuracy(pretrained, data['pre_x'], data['pre_y']):.1f} % train "
+          f"accuracy, {time.perf_counter() - t0:.1f} s on {device}")
+    print(f"new task: digits 5–9, {len(data['train_y'])} train / {len(data['val_y'])} validation / "
+          f"{len(data['test_y'])} test images; the pre-trained model scores "
+          f"{100 * accuracy(pretrained, data['test_x'], data['test_y']):.0f} % on its test images (classes it has never seen)")
+    print(f"fine-tuning: {', '.join(args.methods)}; LoRA arms r={args.rank}, α={args.alpha:g}, "
+          f"ρ = α/√r = {args.alpha / math.sqrt(args.rank):.3g} (rsLoRA) for all; AdamW, batch {BATCH}, "
+          f"{args.steps} steps; lrs {', '.join(_fmt_lr(v) for v in args.lrs)}; seeds 0..{args.seeds - 1}; "
+          f"target {100 * args.target:g} % test accuracy\n")
+    jobs = [(m, s) for m in args.methods for s in range(args.seeds)]
+    runs: Dict[tuple, List[Dict[str, object]]] = {}
+    trainable: Dict[str, int] = {}
+    for method, seed in progress(jobs, desc="fine-tuning runs", unit="init"):
+        t_init = time.perf_counter()
+        start = prepare(pretrained, data, method, args.rank, args.alpha, seed, backend)
+        init_s = time.perf_counter() - t_init  # one init per (method, seed), shared by every lr: counted in each
+        trainable[method] = sum(p.numel() for p in start.parameters() if p.requires_grad)
+        for lr in args.lrs:
+            t1 = time.perf_counter()
+            res = finetune(copy.deepcopy(start), data, lr, args.steps, seed)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            res["seconds"] = init_s + time.perf_counter() - t1
+            runs.setdefault((method, lr), []).append(res)
+    best: Dict[str, Dict[str, object]] = {}
+    for method in args.methods:
+        summaries = {lr: summarize(runs[(method, lr)], args.target, args.steps) for lr in args.lrs}
+        lr = min(args.lrs, key=lambda v: summaries[v]["rank_key"])
+        best[method] = dict(summaries[lr], lr=lr, runs=runs[(method, lr)], trainable=trainable[method])
+    print(f"| method | trainable params | best lr | steps to {100 * args.target:g} % test acc. (mean ± sd) | "
+          f"final test acc. (%) | time per run (s) |")
+    print("|---|---|---|---|---|---|")
+    for method, res in best.items():
+        m, sd = res["final"]
+        print(f"| {method} | {res['trainable']:,} | {_fmt_lr(res['lr'])} | {_fmt_steps(res['test_hit'], args.steps)} | "
+              f"{100 * m:.1f} ± {100 * sd:.1f} | {res['seconds']:.2f} |")
+    if args.show_grid:
+        print("\n| method | lr | steps to target on validation images | final test acc. (%) |")
+        print("|---|---|---|---|")
+        for method in args.methods:
+            for lr in args.lrs:
+                res = summarize(runs[(method, lr)], args.target, args.steps)
+                print(f"| {method} | {_fmt_lr(lr)} | {_fmt_steps(res['val_hit'], args.steps)} | "
+                      f"{100 * res['final'][0]:.1f} ± {100 * res['final'][1]:.1f} |")
+    print(f"\n(best lr: fewest mean steps to the target on the validation images; {args.seeds} seeds; accuracy "
+          f"checked every {EVAL_EVERY} steps; time per run includes the init)")
+    if "lora" in best and "lora-ga" in best:
+        ga, lo = best["lora-ga"]["test_hit"], best["lora"]["test_hit"]
+        if all(h is not None for h in ga) and all(h is not None for h in lo):
+            ratio = statistics.fmean(lo) / statistics.fmean(ga)
+            print(f"LoRA-GA reached {100 * args.target:g} % in {ratio:.1f}× fewer steps than LoRA "
+                  f"(means {statistics.fmean(ga):.0f} vs {statistics.fmean(lo):.0f}).")
+        else:
+            print(f"LoRA-GA reached {100 * args.target:g} % in {sum(h is not None for h in ga)}/{len(ga)} seeds, "
+                  f"LoRA in {sum(h is not None for h in lo)}/{len(lo)} (within {args.steps} steps).")
+    png = None
+    if not args.no_png:
+        out_dir = os.path.dirname(os.path.abspath(args.png))
+        os.makedirs(out_dir, exist_ok=True)
+        why = plot(best, args.target, args.rank, args.alpha, args.png)
+        if why is None:
+            png = args.png
+            print(f"accuracy curves: {png}")
+        else:
+            print(f"plot skipped: {why}")
     if device.type == "cuda":
         print("\nforward+backward speed on " + torch.cuda.get_device_name(device) + ":\n")
         print(speed_table(device))
-    print(f"\ntotal {time.perf_counter() - t0:.1f}s")
-    return {"results": results, "target": target, "png": png}
+    total = time.perf_counter() - t0
+    print(f"\ntotal {total:.1f} s")
+    return {"best": best, "runs": runs, "target": args.target, "png": png, "seconds": total, "args": vars(args)}
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_lora_linear_script_runs(tmp_path, capsys):
     assert [len(t.keys) for t in tables] == [2, 2, 2, 2, 2, 2]
     text = capsys.readouterr().out
     assert "**geomean**" in text and "measured ceilings" in text and "command:" in text
-    assert "fwd+bwd dropout, lora_kernels geomean / base" in text  # the summary against issue 2's targets
+    assert "fwd+bwd dropout, lora_kernels geomean / base" in text  # the summary against the targets (benchmarks/TARGETS.md)
     assert "decode M ≤ 256 in graphs (cycled), lora_kernels worst / base" in text
     rows = _read_csv(out_csv)
     assert len(rows) == 6 * 2 * 4
@@ -114,9 +114,15 @@ def test_lora_linear_check_rejects_wrong_gradient(monkeypatch):
 def test_lora_linear_triton_base_gemm_switch():
     # The two BASE_GEMM variants of the Triton backend, in the interpreter (conftest sets TRITON_INTERPRET=1).
     pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("needs TRITON_INTERPRET=1 on a CPU-only machine")
-    tables = bll.main(CPU + ["--backend", "triton", "--m", "16", "--kn", "32:16", "--ranks", "4",
+    # CPU tensors reach the Triton kernels only through the interpreter; without it (a GPU machine running the
+    # compiled kernels) the same run goes to the GPU.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        where = CPU
+    elif torch.cuda.is_available():
+        where = ["--device", "cuda", "--dtype", "fp32", "--warmup-ms", "1", "--rep-ms", "1"]
+    else:
+        pytest.skip("the Triton backend needs TRITON_INTERPRET=1 on a machine without CUDA")
+    tables = bll.main(where + ["--backend", "triton", "--m", "16", "--kn", "32:16", "--ranks", "4",
                              "--modes", "fwd+bwd", "--skip-decode", "--providers", "lk_cublas_base,lk_triton_base"])
     _assert_all_timed(tables, ["base", "lk_cublas_base", "lk_triton_base"])
 
@@ -155,7 +161,7 @@ def test_multi_lora_script_runs(tmp_path, capsys):
     assert {"dist", "L", "T", "active", "ratio_floor"} <= set(rows[0])
     text = capsys.readouterr().out
     assert "floor µs (floor/base)" in text
-    assert "graphs (hot), lora_kernels worst time / floor" in text  # the summary against issue 3's target
+    assert "graphs (hot), lora_kernels worst time / floor" in text  # the summary against the target (benchmarks/TARGETS.md)
     if HAS_MPL:
         assert out_png.stat().st_size > 1000
 
@@ -265,3 +271,56 @@ def test_pytest_benchmark_entry_point():
         b = _FakeBenchmark()
         mod.test_multi_lora_graph(b, provider)
         assert b.calls > 0 and "multi-adapter" in b.group
+
+
+# ------------------------------------------------------------------------------------- every script, --quick, CPU
+QUICK_SCRIPTS = [
+    ("benchmarks/bench_lora_linear.py", ["--backend", "torch"], "### Against the targets"),
+    ("benchmarks/bench_multi_lora.py", ["--backend", "torch"], "### Against the targets"),
+    ("benchmarks/bench_lora_ga.py", [], "LoRA-GA"),
+    ("benchmarks/bench_peft_model.py", [], "PEFT vs lora_kernels"),
+]
+
+
+@pytest.mark.parametrize("script, extra, expect", QUICK_SCRIPTS, ids=[s[0].split("/")[-1] for s in QUICK_SCRIPTS])
+def test_every_script_quick_cpu_run_finishes_in_seconds(script, extra, expect, tmp_path):
+    """The documented smoke run, as a user types it: ``python benchmarks/<script> --quick --device cpu``."""
+    import subprocess
+    import time
+
+    if script.endswith("bench_peft_model.py"):
+        pytest.importorskip("peft")
+        pytest.importorskip("transformers")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)  # the torch backend: the interpreter is not needed (nor wanted: slow)
+    args = [sys.executable, os.path.join(ROOT, script), "--quick", "--device", "cpu", *extra]
+    csv_path = tmp_path / "out.csv"
+    if "bench_lora_ga" not in script:
+        args += ["--csv", str(csv_path)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expect in proc.stdout, proc.stdout[-3000:]
+    if "bench_lora_ga" not in script:
+        rows = _read_csv(csv_path)
+        assert rows and not (tmp_path / "out.csv.partial").exists()
+    # Seconds on an idle 2-core machine (the full-size shapes took many minutes); generous for a loaded one.
+    assert took < 300, took
+
+
+def test_csv_is_written_after_every_point(tmp_path, monkeypatch):
+    """An interrupted run keeps what it measured: the CSV holds every point recorded so far, before the end."""
+    out_csv = tmp_path / "live.csv"
+    seen = []
+    real_add = common.Table.add
+
+    def spy(self, key, provider, us, error=None):
+        real_add(self, key, provider, us, error)
+        seen.append(len(_read_csv(out_csv)))
+
+    monkeypatch.setattr(common.Table, "add", spy)
+    bll.main(CPU + ["--backend", "torch", "--m", "9", "--kn", "16:24,24:16", "--ranks", "2", "--modes", "fwd",
+                    "--skip-decode", "--providers", "eager", "--csv", str(out_csv)])
+    assert seen == list(range(1, len(seen) + 1)) and len(seen) == 4  # 2 shapes x (base, eager), one row each
+    assert len(_read_csv(out_csv)) == 4

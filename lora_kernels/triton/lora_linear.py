@@ -26,11 +26,11 @@ for fp32 inputs the same TF32 policy as cuBLAS: ``torch.backends.cuda.matmul.all
 or fp32 adapters run on fp32 operands in TF32 when x is half precision (fp16/bf16 values are exact in TF32, so only the
 fp32 operand is rounded, to 2^-11), and follow the same policy as the base product when x is fp32. The dropout
 rescale 1/(1-p) is applied to the fp32 accumulator, never to the half-precision x, so x̂ is never rounded.
-In the Triton interpreter a bf16 ``tl.dot`` is wrong (see the project notes), so bf16 operands are upcast to fp32
+In the Triton interpreter a bf16 ``tl.dot`` is wrong (checked with triton 3.6 and 3.9), so bf16 operands are upcast to fp32
 there (``UPCAST``); on a GPU they are not.
 
-Tiles. The CUDA configuration lists below are UNMEASURED starting points (this code was written on a machine without a
-GPU); a GPU session will tune them and compare with the cuBLAS path. The interpreter gets a single small configuration
+Tiles. The CUDA configuration lists below are starting points chosen by compiling for sm_90 (no spills, shared memory
+within the card's budget), not yet by timing; BENCHMARKS.md records their measurement against the cuBLAS path. The interpreter gets a single small configuration
 so the CPU tests stay fast and still cover several tiles, ragged edges and the split/atomic paths.
 
 CUDA graphs. The launchers do no host sync and size every buffer and grid from host ints, so a training step can be

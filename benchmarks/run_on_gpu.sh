@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU session: 15 minutes of device time in all (machine start included), each call under 10 minutes. Phases in
-# order of value; run them as separate calls, from the repository root on the GPU machine:
+# Tests and benchmarks on a GPU machine, in phases of at most 10 minutes each (about 15 minutes in all, machine start
+# included), in order of value; run them as separate commands from the repository root:
 #
-#   bash benchmarks/gpu_session.sh tests   # (a) ~4 min: the kernels' correctness tests (bf16 included), compiled
-#   bash benchmarks/gpu_session.sh train   # (b) ~6 min: training ratios at the 6 shapes: cuBLAS, eager, PEFT and
+#   bash benchmarks/run_on_gpu.sh tests   # (a) ~4 min: the kernels' correctness tests (bf16 included), compiled
+#   bash benchmarks/run_on_gpu.sh train   # (b) ~6 min: training ratios at the 6 shapes: cuBLAS, eager, PEFT and
 #                                          #     lora_kernels with both base GEMMs; fwd, fwd+bwd, fwd+bwd dropout
-#   bash benchmarks/gpu_session.sh serve   # (c) ~3 min: decode (CUDA graphs) and multi-adapter layers, few points
-#   bash benchmarks/gpu_session.sh extras  # only if time is left: CUDA extension build + tests, the full suite
+#   bash benchmarks/run_on_gpu.sh serve   # (c) ~3 min: decode (CUDA graphs) and multi-adapter layers, few points
+#   bash benchmarks/run_on_gpu.sh extras  # only if time is left: CUDA extension build + tests, the full suite
 #
 # Every step has its own timeout, and every result is written as soon as it exists: the logs are teed line by line,
 # the benchmarks run one shape per process with its own CSV, so a call cut short keeps every finished point.
@@ -35,7 +35,7 @@ card() {
 
 # Training: one process per shape (its CSV is written when the shape is done). Autotuning off: the first config of
 # each kernel runs, the one the static report (benchmarks/static_report.py) predicts; autotuning every config of
-# every kernel variant would not fit the session.
+# every kernel variant would not fit in the phase's 10 minutes.
 TRAIN_SHAPES="4096:4096:16 4096:4096:64 4096:14336:16 14336:4096:16 4096:14336:64 14336:4096:64"
 TRAIN_PROVIDERS="base,eager,peft,lk_cublas_base,lk_triton_base"
 
