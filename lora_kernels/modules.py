@@ -19,7 +19,6 @@ recorded by ``inject_lora`` in ``LoRALinear.tied_with``; everything that writes 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import re
@@ -27,6 +26,8 @@ import warnings
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+
+from . import _autocast
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -59,8 +60,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _autocast_off(t: torch.Tensor):
     # merge and delta_weight are fp32/fp64 math: inside a torch.autocast block their matmul ran in bf16 (a merged
     # weight off by ~2e-3 in fp32) without this.
-    dev = t.device.type
-    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+    return _autocast.autocast_off(t)
 
 
 @torch.no_grad()
@@ -365,7 +365,7 @@ class LoRALinear(nn.Module):
         usual mixed-precision setup, fp32 master adapter) and is cast otherwise. The casts are differentiable."""
         weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
         dev = x.device.type
-        if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        if not _autocast.autocast_enabled(dev):
             return x, weight, bias, lora_A, lora_B
         dt = torch.get_autocast_dtype(dev)
         if not x.is_floating_point() or x.dtype == torch.float64:

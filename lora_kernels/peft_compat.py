@@ -46,6 +46,8 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from . import _autocast
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -332,7 +334,7 @@ def _autocast_args(x, weight, bias, lora_A, lora_B):
     use: x, W0 and bias in the autocast dtype; the adapter kept when it is that dtype or float32 (the op takes an
     fp32 adapter), cast otherwise. The same rule as :class:`~lora_kernels.LoRALinear`; the casts are differentiable."""
     dev = x.device.type
-    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+    if not _autocast.autocast_enabled(dev):
         return x, weight, bias, lora_A, lora_B
     if not x.is_floating_point() or x.dtype == torch.float64:
         return x, weight, bias, lora_A, lora_B

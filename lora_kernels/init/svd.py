@@ -9,17 +9,17 @@ same-shaped gradients (a 7B model has 224 target matrices in 3 shapes), where th
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
+
+from .. import _autocast
 
 
 def autocast_off(t: torch.Tensor):
     """Autocast disabled on ``t``'s device: the inits' matmuls are fp32 (or fp64) math, and inside a user's
     ``torch.autocast`` block they ran in bf16 (LoRA-GA factors off by ~0.4, PiSSA residuals by ~1e-3)."""
-    dev = t.device.type
-    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+    return _autocast.autocast_off(t)
 
 
 # Orthonormality CholeskyQR2 must reach (max |QᵀQ − I|) before its result is used; beyond it (numerically rank-

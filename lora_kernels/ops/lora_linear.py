@@ -17,10 +17,11 @@ seed as a Python int (``.item()``, a host sync): with dropout it cannot be captu
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
+
+from .. import _autocast
 
 from .. import _backend
 from ..reference import lora_linear as _ref
@@ -137,8 +138,7 @@ def _no_autocast(t: torch.Tensor):
     autocast context it is called or differentiated in. Without this the torch backend's fp32 matmuls ran in the
     autocast dtype (S came back bf16 where the fake says fp32) while the Triton kernels ignored autocast.
     ``LoRALinear`` applies autocast's casts to the inputs before the call."""
-    dev = t.device.type
-    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+    return _autocast.autocast_off(t)
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
