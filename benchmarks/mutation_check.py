@@ -20,7 +20,8 @@ Before the mutants, each distinct test selection runs once on the unmutated copy
 a selection that already fails there says nothing about its mutants, which are then reported as "baseline fails".
 
 Results: ``caught`` (the tests failed, or the process crashed), ``MISSED`` (they passed: add or sharpen a test),
-``timeout`` (counted as caught: CI would fail too, but look at it), ``error`` (pytest could not run the selection,
+``timeout`` (counted as caught: CI would fail too, but look at it), ``needs GPU`` (gpu-marked tests, not run
+without CUDA; not scored), ``error`` (pytest could not run the selection,
 e.g. no test matched ``-k``: fix the record), ``stale`` (the old text is not in the file exactly once: the code
 changed, update the record). Exit status 0 when no mutant was missed, stale or in error; 1 otherwise.
 
@@ -52,14 +53,15 @@ class Mutant:
     new: str
     tests: Tuple[str, ...]  # pytest arguments: files / node ids, optionally "-k", "expr"
     why: str = ""  # the bug in words
+    gpu: bool = False  # its tests need a CUDA device (reported "needs GPU" elsewhere, not scored)
 
     @property
     def area(self) -> str:
         return self.name.split("/", 1)[0]
 
 
-def M(name, file, old, new, tests, why=""):
-    return Mutant(name, file, old, new, tuple(tests), why)
+def M(name, file, old, new, tests, why="", gpu=False):
+    return Mutant(name, file, old, new, tuple(tests), why, gpu)
 
 
 MUTANTS: List[Mutant] = [
@@ -99,6 +101,16 @@ MUTANTS: List[Mutant] = [
       "out = (torch.empty if split_m > 1 else torch.empty)((R, K)",
       ["tests/test_contracts.py", "-k", "split_buffers_are_zeroed"],
       "split-M buffer of dA not zero-filled before the atomics"),
+    M("kernels/multi-expand-int32-column-offset", "lora_kernels/triton/multi_lora.py",
+      "y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn",
+      "y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn",
+      ["tests/test_contracts.py", "-k", "column_major_y"],
+      "int32 column offsets into y: wrap past 2^31 elements for a column-major y", gpu=True),
+    M("kernels/multi-shrink-int32-out-column-offset", "lora_kernels/triton/multi_lora.py",
+      "out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_on",
+      "out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r)[None, :] * stride_on",
+      ["tests/test_contracts.py", "-k", "column_major_out"],
+      "int32 column offsets into the shrink output: wrap past 2^31 elements when it is column-major", gpu=True),
     # ------------------------------------------------------------------------------------------ CUDA extension
     M("cuda/bgmv-shrink-ignores-scales", "lora_kernels/cuda.py",
       "        scales=_ptr(scales), scale_strides=tuple(scales.stride()) if scales is not None else (0, 0),\n"
@@ -261,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run (default 900)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each test selection")
     ap.add_argument("--keep", action="store_true", help="keep the temporary tree (its path is printed)")
+    ap.add_argument("--verbose", action="store_true", help="print the end of each run's pytest output")
     args = ap.parse_args(argv)
     chosen = _select(args)
 
@@ -290,7 +303,8 @@ def main(argv=None) -> int:
     try:
         baseline: Dict[Tuple[str, ...], str] = {}
         if not args.no_baseline:
-            for tests in dict.fromkeys(m.tests for m in chosen if m.name not in stale):
+            for tests in dict.fromkeys(m.tests for m in chosen
+                                       if m.name not in stale and not (m.gpu and not _has_cuda())):
                 status, secs, tail = _run_tests(tree, tests, args.timeout)
                 baseline[tests] = status
                 print(f"baseline {' '.join(tests)}: {status} ({secs:.0f} s)", flush=True)
@@ -299,6 +313,9 @@ def main(argv=None) -> int:
         for m in chosen:
             if m.name in stale:
                 rows.append((m, "stale", 0.0, stale[m.name]))
+                continue
+            if m.gpu and not _has_cuda():
+                rows.append((m, "needs GPU", 0.0, ""))
                 continue
             if baseline.get(m.tests, "passed") != "passed":
                 rows.append((m, "baseline fails", 0.0, ""))
@@ -312,6 +329,8 @@ def main(argv=None) -> int:
             result = {"failed": "caught", "passed": "MISSED", "timeout": "timeout", "error": "error"}[status]
             rows.append((m, result, secs, tail if result == "error" else ""))
             print(f"{m.name}: {result} ({secs:.0f} s)", flush=True)
+            if args.verbose:
+                print(tail, flush=True)
     finally:
         if args.keep:
             print(f"kept {tree}")
@@ -325,10 +344,12 @@ def main(argv=None) -> int:
         print(f"| {m.name:46s} | {result:14s} | {secs:5.0f} | {m.why} |")
     caught = sum(r[1] in ("caught", "timeout") for r in rows)
     missed = sum(r[1] == "MISSED" for r in rows)
-    other = [r for r in rows if r[1] not in ("caught", "timeout", "MISSED")]
+    other = [r for r in rows if r[1] not in ("caught", "timeout", "MISSED", "needs GPU")]
     total = caught + missed
+    no_gpu = sum(r[1] == "needs GPU" for r in rows)
     print(f"\nscore: {caught}/{total} caught" + (f" ({100.0 * caught / total:.0f}%)" if total else "")
-          + (f"; {len(other)} not scored (stale / error / baseline fails)" if other else ""))
+          + (f"; {len(other)} not scored (stale / error / baseline fails)" if other else "")
+          + (f"; {no_gpu} need a GPU" if no_gpu else ""))
     for m, result, _, detail in other:
         if detail:
             print(f"\n{m.name} ({result}):\n{detail}")
