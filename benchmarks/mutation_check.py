@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -125,7 +125,8 @@ MUTANTS: List[Mutant] = [
       ["tests/test_contracts.py", "-k", "reference_reads_no_padding"],
       "the reference shrink reads the pool's padding rows"),
     M("reference/shrink-rank-unclamped", "lora_kernels/reference/multi_lora.py",
-      "        r = min(int(ranks[l]), R)\n        rows = (slots == l).nonzero().flatten()\n        xl = x[rows].to(acc)",
+      "        r = min(int(ranks[l]), R)\n        rows = (slots == l).nonzero().flatten()\n"
+      "        xl = x[rows].to(acc)",
       "        r = int(ranks[l])\n        rows = (slots == l).nonzero().flatten()\n        xl = x[rows].to(acc)",
       ["tests/test_contracts.py", "-k", "clamped and torch"],
       "the reference shrink trusts a rank above R"),
@@ -204,7 +205,8 @@ MUTANTS: List[Mutant] = [
       ["tests/test_multi_lora.py", "-k", "load_unload_reload and torch"],
       "unload leaves the slot's rank: an unloaded slot still computes (with zero weights) and passes checks"),
     M("serving/load-padding-not-zeroed", "lora_kernels/pool.py",
-      "            self.A_stack[slot].zero_()\n            self.B_stack[slot].zero_()\n            offs = self.slice_offsets",
+      "            self.A_stack[slot].zero_()\n            self.B_stack[slot].zero_()\n"
+      "            offs = self.slice_offsets",
       "            offs = self.slice_offsets",
       ["tests/test_multi_lora.py", "-k", "load_unload_reload and torch"],
       "a reused slot keeps the previous tenant's padding"),
