@@ -202,7 +202,7 @@ MUTANTS: List[Mutant] = [
     M("serving/unload-keeps-rank", "lora_kernels/pool.py",
       "            self.ranks[slot] = 0\n            self.scales[slot].zero_()",
       "            self.scales[slot].zero_()",
-      ["tests/test_multi_lora.py", "-k", "load_unload_reload and torch"],
+      ["tests/test_contracts.py", "-k", "unloaded_slot_reads_nothing and torch"],
       "unload leaves the slot's rank: an unloaded slot still computes (with zero weights) and passes checks"),
     M("serving/load-padding-not-zeroed", "lora_kernels/pool.py",
       "            self.A_stack[slot].zero_()\n            self.B_stack[slot].zero_()\n"

@@ -328,6 +328,28 @@ def test_no_backend_reads_padding_or_empty_slots(backend, request, monkeypatch):
         torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_unloaded_slot_reads_nothing(backend, request, monkeypatch):
+    """After unload the slot has rank 0 (the docstring's contract), so a token still naming it (check=False) gets the
+    base output without reading the slot: NaN planted in the freed slot's weights must not reach the output."""
+    _use_backend(backend, request, monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    K, R, N = 16, 4, 8
+    pool = AdapterPool(2, R, K, N, device=DEVICE)
+    pool.load("keep", (torch.randn(R, K, generator=g) / 4).to(DEVICE), torch.randn(N, R, generator=g).to(DEVICE))
+    slot = pool.load("gone", torch.randn(2, K, generator=g).to(DEVICE), torch.randn(N, 2, generator=g).to(DEVICE))
+    assert pool.unload("gone") == slot
+    assert int(pool.ranks[slot]) == 0 and float(pool.scales[slot].abs().sum()) == 0.0
+    pool.A_stack[slot] = NAN
+    pool.B_stack[slot] = NAN
+    x = torch.randn(3, K, generator=g).to(DEVICE)
+    W = torch.randn(N, K, generator=g).to(DEVICE)
+    for fused in (False, True):
+        got = lk.multi_lora_linear(x, W, None, pool, LoRABatch.prepare([slot, slot, -1], device=DEVICE),
+                                   backend=backend, check=False, fused=fused)
+        torch.testing.assert_close(got, x @ W.t(), rtol=1e-5, atol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------- precision contract
 def _dot_precisions(fn):
     """Run ``fn`` in the Triton interpreter and return {(a dtype, b dtype, input precision)} of every tl.dot."""
