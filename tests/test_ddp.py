@@ -2,6 +2,8 @@
 identical adapters equal to single-process SGD on the averaged gradients, and a base that did not move."""
 
 import datetime
+import faulthandler
+import gc
 import os
 import socket
 import time
@@ -21,8 +23,11 @@ WORLD = 2
 STEPS = 4
 LR = 0.5
 D_IN, D_HID, D_OUT = 12, 17, 5  # odd sizes on purpose
-JOIN_TIMEOUT_S = 120  # whole run; one gloo step takes milliseconds, process start-up a few seconds
-PG_TIMEOUT_S = 60  # a collective that hangs (a peer died) fails after this instead of blocking forever
+# One gloo step takes milliseconds, but each spawned rank imports torch first (12 s for `import lora_kernels` at a
+# load average of 40 on 2 cores), and the two ranks need not get the CPU at the same time: the rendezvous waits for
+# the slower one. These limits only bound a real hang, so they sit far above any start-up skew.
+JOIN_TIMEOUT_S = 600  # whole run
+PG_TIMEOUT_S = 300  # rendezvous and each collective: a peer that died fails the run after this, not never
 
 
 def _model() -> nn.Module:
@@ -42,25 +47,41 @@ def _data(rank: int, step: int):
     return torch.randn(6, D_IN, generator=g), torch.randn(6, D_OUT, generator=g)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _train(rank: int) -> dict:
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=LR)
+    for step in range(STEPS):
+        x, y = _data(rank, step)
+        opt.zero_grad()
+        F.mse_loss(ddp(x), y).backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    # A native abort (SIGABRT from C++) leaves no Python traceback: dump every thread's stack to a file the test reads.
+    fault = open(os.path.join(out_dir, f"rank{rank}.fault"), "w")
+    faulthandler.enable(file=fault)
     torch.set_num_threads(1)
     # Keep gloo on the loopback device: in containers the hostname may resolve to an address peers cannot reach.
     if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+        # Rendezvous through a file private to this run, not a TCP port: a port picked free in the parent stays
+        # unbound through the children's whole start-up, so any process on the machine (other test runs, gloo's own
+        # pair listeners, outgoing connections, all drawing from the same ephemeral range) can take it, and a rank
+        # can then meet a stranger's store or peer instead of its own. Gloo's pair sockets still use TCP, but each
+        # binds its own port atomically and publishes it through this store.
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                                world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
         try:
-            model = _model()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=LR)
-            for step in range(STEPS):
-                x, y = _data(rank, step)
-                opt.zero_grad()
-                F.mse_loss(ddp(x), y).backward()
-                opt.step()
-            result = {k: v.clone() for k, v in model.state_dict().items()}
-            dist.barrier()
+            # DDP's reducer owns a reference to the process group: train in a function and collect it, so that
+            # destroy_process_group really ends the group (its gloo threads and sockets) while the interpreter is
+            # alive, instead of the group outliving it into interpreter shutdown.
+            result = _train(rank)
+            gc.collect()
+            dist.barrier()  # no rank closes its sockets while a peer may still be inside a collective
         finally:
             dist.destroy_process_group()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -68,12 +89,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -100,14 +115,15 @@ def _reference():
 
 def _run_workers(out_dir) -> Optional[str]:
     """Spawn the ranks and wait for them (bounded); None on success, else what went wrong."""
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD, join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
                 return f"DDP workers did not finish within {JOIN_TIMEOUT_S} s"
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        errs = [p.read_text() for p in sorted(out_dir.glob("rank*.err"))]
+        errs = [f"{p.name}:\n{p.read_text()}" for p in sorted(out_dir.glob("rank*.*"))
+                if p.suffix in (".err", ".fault") and p.stat().st_size]
         return f"a DDP worker failed: {exc}\n" + "\n".join(errs)
     finally:
         for p in ctx.processes:  # only the processes this test started
@@ -120,20 +136,11 @@ def _run_workers(out_dir) -> Optional[str]:
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo "
                     "is not available in this build")
 def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path, one_thread):
-    # The port is free when chosen, but another process could take it before rank 0 binds it, and on a loaded machine
-    # a gloo worker has once died at start-up ("terminate called without an active exception"): retry the whole run
-    # once. A real defect fails both attempts (the results themselves are checked below, not retried).
-    for attempt in range(2):
-        out_dir = tmp_path / f"attempt{attempt}"
-        out_dir.mkdir()
-        error = _run_workers(out_dir)
-        if error is None:
-            break
-        if attempt == 0:
-            continue
+    error = _run_workers(tmp_path)
+    if error is not None:
         pytest.fail(error)
 
-    results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     initial = _model().state_dict()
     expected = _reference()
     lora_keys = sorted(k for k in initial if "lora_" in k)
