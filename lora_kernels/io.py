@@ -418,6 +418,7 @@ def load_adapter(
     path = os.fspath(path)
     cfg = read_config(path)
     state, metadata = read_tensors(path)
+    base = (metadata or {}).get("lora_kernels.base")  # "original" / "mutated"; absent in PEFT's own files
     r_glob, a_glob = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     use_rslora = bool(cfg.get("use_rslora") or False)
@@ -506,11 +507,19 @@ def load_adapter(
         if existing and existing[n].merged:
             problems.append(f"{n}: the model's layer is merged; unmerge() it first")
             continue
+        if existing and getattr(existing[n], INIT_RECORD, None) is not None and base != "mutated":
+            # The layer's W0 was replaced by a PiSSA / LoRA-GA residual; the file's adapter applies to the original
+            # W0 (a PEFT file, or one saved with convert_to_original=True): loaded here it would compute another
+            # function.
+            problems.append(f"{n}: the model's base weight was changed by a PiSSA / LoRA-GA init, but the file's "
+                            f"adapter applies to the original weight; load it into a model built from the original "
+                            f"weights")
+            continue
         plan[n] = (A, B, r, alpha)
     if problems:
         raise ValueError("load_adapter: nothing was loaded:\n  " + "\n  ".join(problems))
 
-    if metadata.get("lora_kernels.base") == "mutated":
+    if base == "mutated":
         fresh_base = [n for n in plan if not (existing and getattr(existing[n], INIT_RECORD, None) is not None)]
         if fresh_base:
             warnings.warn(

@@ -452,3 +452,24 @@ def test_target_modules_do_not_select_other_module_types(tmp_path):
     loaded = WithEmbedding()
     lk.load_adapter(loaded, tmp_path)
     assert list(lk.lora_layers(loaded)) == ["a.proj"]
+
+
+def test_original_base_adapter_into_a_pissa_changed_model_is_refused(tmp_path):
+    """A file whose adapter applies to the original W0 (rank-r, saved from a plain LoRA model, as PEFT files are)
+    loaded into layers whose W0 a PiSSA init replaced by the residual would compute another function: refused,
+    nothing changed. A file saved against that residual (convert_to_original=False) still loads."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6))
+    pissa = copy.deepcopy(plain)
+    lk.inject_lora(plain, ["0", "2"], r=2, alpha=4)
+    for layer in lk.lora_layers(plain).values():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    lk.save_adapter(plain, tmp_path / "original")
+    lk.inject_lora(pissa, ["0", "2"], r=2, alpha=4, init="pissa")
+    lk.save_adapter(pissa, tmp_path / "mutated", convert_to_original=False)
+    before = {k: v.clone() for k, v in pissa.state_dict().items()}
+    with pytest.raises(ValueError, match="PiSSA / LoRA-GA init.*original weight"):
+        lk.load_adapter(pissa, tmp_path / "original")
+    after = pissa.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    lk.load_adapter(pissa, tmp_path / "mutated")  # the residual's own adapter loads
