@@ -124,12 +124,14 @@ MUTANTS: List[Mutant] = [
       "            a = A_stack[l, s * R : s * R + R].to(acc)\n            result[rows, s * R : s * R + R] = xl @ a.t()",
       ["tests/test_contracts.py", "-k", "reference_reads_no_padding"],
       "the reference shrink reads the pool's padding rows"),
-    M("reference/shrink-rank-unclamped", "lora_kernels/reference/multi_lora.py",
+    # (The same bug in the reference *shrink* is equivalent: slicing stops at the stack's end, and the rows it reads
+    # past R are the next slice's, written into the next slice's columns, which that slice then overwrites.)
+    M("reference/expand-rank-unclamped", "lora_kernels/reference/multi_lora.py",
       "        r = min(int(ranks[l]), R)\n        rows = (slots == l).nonzero().flatten()\n"
-      "        xl = x[rows].to(acc)",
-      "        r = int(ranks[l])\n        rows = (slots == l).nonzero().flatten()\n        xl = x[rows].to(acc)",
+      "        upd = y[rows].to(acc)",
+      "        r = int(ranks[l])\n        rows = (slots == l).nonzero().flatten()\n        upd = y[rows].to(acc)",
       ["tests/test_contracts.py", "-k", "clamped and torch"],
-      "the reference shrink trusts a rank above R"),
+      "the reference expand trusts a rank above R"),
     M("reference/expand-scale-dropped", "lora_kernels/reference/multi_lora.py",
       "upd[:, off : off + width] += float(scales2[l, si]) * (sl @ b.t())",
       "upd[:, off : off + width] += sl @ b.t()",
