@@ -632,8 +632,6 @@ print(json.dumps({"finite": bool(torch.isfinite(out).all()), "err": float((out[r
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="the Triton shrink tile computes x's column offset as int32 "
-                   "(offs_k * stride_xk): it wraps for a column-major x with (K-1)·M >= 2^31")
 def test_gpu_multi_lora_column_major_x_past_2_31_elements():
     """lora_shrink from a column-major x [M, K] with (K-1)·M >= 2^31 (fp16: 4.4 GiB): the k·M offset of the last
     columns must be 64-bit. In a subprocess: a wrapped offset may be an illegal address, which would leave this

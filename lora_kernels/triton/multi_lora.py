@@ -193,8 +193,9 @@ def _shrink_tile(
     for k0 in range(0, K_LEN, BLOCK_K):
         offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(a_cols + offs_k[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        offs_k64 = offs_k.to(tl.int64)  # k·stride of a column-major x / W / A passes 2^31 on large tensors
+        xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_cols + offs_k64[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if CAST_FP32:
             acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
@@ -484,8 +485,9 @@ def _gemm_expand_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        offs_k64 = offs_k.to(tl.int64)  # k·stride of a column-major x / W / A passes 2^31 on large tensors
+        xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_cols + offs_k64[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if CAST_FP32:
             acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
         else:
