@@ -400,7 +400,7 @@ def load_adapter(
     """
     from . import _backend
     from .modules import LoRALinear, lora_layers, lora_scaling
-    from .modules import _matches
+    from .modules import _matches, check_replaceable
     from . import distributed  # a sharded model: every rank checks, then copies its own blocks
     if distributed.is_sharded(model):
         return distributed.load_adapter(model, path, backend=backend, lora_dtype=lora_dtype)
@@ -447,13 +447,7 @@ def load_adapter(
             if isinstance(modules[parent_name], nn.MultiheadAttention):  # the same refusal as inject_lora
                 raise ValueError(f"load_adapter: {n}: nn.MultiheadAttention reads {child}.weight directly and would "
                                  f"ignore the adapter; lora_kernels cannot load an adapter for it")
-            lin = modules[n]
-            if type(lin).forward is not nn.Linear.forward:  # a LoRALinear would drop the subclass's own forward
-                raise ValueError(f"load_adapter: {n} is a {type(lin).__name__}, an nn.Linear subclass with its own "
-                                 f"forward, which a LoRALinear would not run; only nn.Linear layers can be wrapped")
-            if nn.utils.parametrize.is_parametrized(lin):  # e.g. weight norm: the weight is computed, not stored
-                raise ValueError(f"load_adapter: {n} has parametrized weights ({type(lin).__name__} with "
-                                 f"torch.nn.utils.parametrize); remove the parametrization first")
+            check_replaceable(f"load_adapter: {n}", modules[n])  # inject_lora's rule
 
     # ---- every check before any change
     expected = set()

@@ -385,32 +385,36 @@ class LoRALinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- model helpers
-def check_replaceable(name: str, linear: nn.Linear) -> None:
-    """ValueError when a LoRALinear built from ``linear`` would not compute what ``linear`` computes, or would drop
-    part of its state: a subclass with its own ``forward`` (or a forward set on the instance) runs code the
-    LoRALinear does not; a parametrized or weight-normed Linear computes its weight from other parameters, which
-    would be frozen into a plain tensor and vanish from the state dict."""
+def linear_refusal(linear: nn.Linear) -> Optional[str]:
+    """Why a LoRA layer built from ``linear`` would not compute what ``linear`` computes, or would drop part of its
+    state, as a phrase ("a parametrized Linear (...): ..."); None when it can be wrapped. A subclass with its own
+    ``forward`` (or a forward set on the instance) runs code the LoRA layer does not; a parametrized or weight-normed
+    Linear computes its weight from other parameters, which would be frozen into a plain tensor and vanish from the
+    state dict. One rule for ``inject_lora``, ``inject_multi_lora``, ``load_adapter`` and ``load_adapters``."""
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(linear):
-        raise ValueError(
-            f"{name} is a parametrized Linear (parametrizations on {', '.join(linear.parametrizations.keys())}, e.g. "
-            f"weight_norm or spectral_norm): wrapping it would freeze the computed weight into a plain tensor and "
-            f"drop the parametrization's parameters from the state dict; remove the parametrization first "
-            f"(torch.nn.utils.parametrize.remove_parametrizations) or leave the layer out"
-        )
+        return (f"a parametrized Linear (parametrizations on {', '.join(linear.parametrizations.keys())}, e.g. "
+                f"weight_norm or spectral_norm): wrapping it would freeze the computed weight into a plain tensor and "
+                f"drop the parametrization's parameters from the state dict; remove the parametrization first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations) or leave the layer out")
     if not isinstance(linear._parameters.get("weight"), nn.Parameter):
-        raise ValueError(
-            f"{name}.weight is not a parameter of the layer (old-style torch.nn.utils.weight_norm/spectral_norm "
-            f"recompute it from other parameters in a forward pre-hook): wrapping it would drop those; remove the "
-            f"reparametrization first (e.g. torch.nn.utils.remove_weight_norm) or leave the layer out"
-        )
+        return ("a Linear whose weight is not a parameter of the layer (old-style torch.nn.utils.weight_norm/"
+                "spectral_norm recompute it from other parameters in a forward pre-hook): wrapping it would drop "
+                "those; remove the reparametrization first (e.g. torch.nn.utils.remove_weight_norm) or leave the "
+                "layer out")
     if type(linear).forward is not nn.Linear.forward or "forward" in vars(linear):
         where = "on the instance" if "forward" in vars(linear) else f"in {type(linear).__qualname__}"
-        raise ValueError(
-            f"{name} is an nn.Linear with its own forward ({where}): LoRALinear computes nn.Linear's function and "
-            f"would silently drop that behaviour; leave the layer out of target_modules or wrap its inner Linear"
-        )
+        return (f"an nn.Linear with its own forward ({where}): a LoRA layer computes nn.Linear's function and would "
+                f"silently drop that behaviour; leave the layer out of target_modules or wrap its inner Linear")
+    return None
+
+
+def check_replaceable(name: str, linear: nn.Linear) -> None:
+    """ValueError naming ``name`` when :func:`linear_refusal` refuses ``linear``."""
+    why = linear_refusal(linear)
+    if why:
+        raise ValueError(f"{name} is {why}")
 
 
 def _tied_names(model: nn.Module, linears: Sequence[nn.Module]) -> Dict[int, Tuple[str, ...]]:

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _backend
-from .modules import _matches
+from .modules import _matches, linear_refusal
 from .ops._validate import FLOAT_DTYPES
 from .ops.multi_lora import multi_lora_linear
 from .pool import _IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
@@ -111,19 +111,6 @@ def _check_pool_dtype(dtype, weight_dtype: torch.dtype, what: str = "dtype") -> 
     if dtype not in (weight_dtype, torch.float32):
         raise ValueError(f"{what}={dtype} cannot serve a layer whose weight is {weight_dtype}: the pool must be the "
                          f"weight's dtype or torch.float32")
-
-
-def _linear_refusal(module: nn.Module) -> Optional[str]:
-    """Why an nn.Linear cannot be wrapped (its behaviour would be lost), or None."""
-    if type(module).forward is not nn.Linear.forward:
-        return f"it is a {type(module).__name__}, an nn.Linear subclass with its own forward"
-    if "forward" in module.__dict__:
-        return "its forward is replaced on the instance (e.g. by an offloading hook)"
-    if getattr(module, "parametrizations", None) is not None:
-        return "its weight is parametrized (torch.nn.utils.parametrize)"
-    if not isinstance(module.weight, nn.Parameter):
-        return "its weight is computed by a hook (e.g. torch.nn.utils.weight_norm), not a Parameter"
-    return None
 
 
 class MultiLoRALinear(nn.Module):
@@ -303,7 +290,7 @@ def inject_multi_lora(
     chosen = [n for n, m in candidates if id(m) in chosen_modules]
     refused = []
     for n, m in candidates:
-        why = _linear_refusal(m) if id(m) in chosen_modules else None
+        why = linear_refusal(m) if id(m) in chosen_modules else None
         if why:
             refused.append(f"{n}: {why}")
     if refused:

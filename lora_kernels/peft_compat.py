@@ -916,7 +916,8 @@ def load_adapters(
     settings that cannot be served exactly (DoRA and other variants, ``lora_bias``, trained biases or
     ``modules_to_save``, an adapter saved for a mutated base) are refused with ValueError.
     """
-    from .multi_modules import _check_backend, _check_pool_dtype, _linear_refusal, multi_lora_layers
+    from .modules import linear_refusal
+    from .multi_modules import _check_backend, _check_pool_dtype, multi_lora_layers
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapters: model must be an nn.Module, got {type(model).__name__}")
@@ -959,7 +960,7 @@ def load_adapters(
             if mod is not None and seen.setdefault(id(mod), mod_name) != mod_name:
                 problems.append(f"{name}: {mod_name} and {seen[id(mod)]} are one shared module, given twice")
                 continue
-            refusal = (_linear_refusal(mod) if isinstance(mod, nn.Linear) and not isinstance(mod, MultiLoRALinear)
+            refusal = (linear_refusal(mod) if isinstance(mod, nn.Linear) and not isinstance(mod, MultiLoRALinear)
                        else None)
             if mod is None:
                 problems.append(f"{name}: the model has no module {mod_name!r}")
