@@ -422,30 +422,12 @@ def lora_ga_reinit_applies(model, target_modules) -> bool:
 
 
 def _ga_checks(model, batches, loss_fn, r, alpha, target_modules, direction, stable_gamma, use_rslora, num_batches,
-               dtype, niter, dropout, grad_buffer):
+               dtype, niter, dropout, grad_buffer, train_mode=None):
     """Every argument check of ``lora_ga_init`` for the re-init path; returns the target layers."""
-    from .init.lora_ga import DIRECTIONS
+    from .init.lora_ga import check_ga_args
     from .modules import LoRALinear, _real
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) or None, got {type(loss_fn).__name__}")
-    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
-        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), "
-                        f"got {type(batches).__name__}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r} is not one of {', '.join(DIRECTIONS)}")
-    if not stable_gamma > 0:
-        raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches <= 0):
-        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
-    if grad_buffer not in ("cpu", "device"):
-        raise ValueError(f"grad_buffer must be 'cpu' or 'device', got {grad_buffer!r}")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_ga_args(model, batches, loss_fn, r, direction, stable_gamma, num_batches, train_mode, grad_buffer, dtype)
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
         raise ValueError(f"niter must be a non-negative int, got {niter!r}")
     alpha = _real("alpha", alpha)
@@ -536,7 +518,7 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
 
     def checks():
         found["v"] = _ga_checks(model, batches, loss_fn, r, alpha, target_modules, direction, stable_gamma,
-                                use_rslora, num_batches, dtype, niter, dropout, grad_buffer)
+                                use_rslora, num_batches, dtype, niter, dropout, grad_buffer, train_mode)
 
     agree(_check(checks), "the model was not changed")
     layers, alpha, dropout = found["v"]

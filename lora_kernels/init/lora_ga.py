@@ -190,6 +190,32 @@ def _all_reduce_sum(t: torch.Tensor, group, like: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------- main entry
+def check_ga_args(model, batches, loss_fn, r, direction, stable_gamma, num_batches, train_mode, grad_buffer,
+                  dtype) -> None:
+    """The argument checks of :func:`lora_ga_init` that need no layer (also run by the sharded re-init path)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) or None, got {type(loss_fn).__name__}")
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), "
+                        f"got {type(batches).__name__}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r} is not one of {', '.join(DIRECTIONS)}")
+    if not stable_gamma > 0:
+        raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches <= 0):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if train_mode is not None and not isinstance(train_mode, bool):
+        raise TypeError(f"train_mode must be True, False or None, got {type(train_mode).__name__} {train_mode!r}")
+    if grad_buffer not in ("cpu", "device"):
+        raise ValueError(f"grad_buffer must be 'cpu' or 'device', got {grad_buffer!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+
 def lora_ga_init(
     model: nn.Module,
     batches: Iterable,
@@ -244,27 +270,7 @@ def lora_ga_init(
         return distributed.lora_ga_reinit(**args)
     from ..modules import LoRALinear
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) or None, got {type(loss_fn).__name__}")
-    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
-        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), "
-                        f"got {type(batches).__name__}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r} is not one of {', '.join(DIRECTIONS)}")
-    if not stable_gamma > 0:
-        raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches <= 0):
-        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
-    if train_mode is not None and not isinstance(train_mode, bool):
-        raise TypeError(f"train_mode must be True, False or None, got {type(train_mode).__name__} {train_mode!r}")
-    if grad_buffer not in ("cpu", "device"):
-        raise ValueError(f"grad_buffer must be 'cpu' or 'device', got {grad_buffer!r}")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_ga_args(model, batches, loss_fn, r, direction, stable_gamma, num_batches, train_mode, grad_buffer, dtype)
     names = resolve_targets(model, target_modules)
     linears: Dict[str, nn.Linear] = OrderedDict((n, model.get_submodule(n)) for n in names)
     for n, lin in linears.items():
