@@ -1,7 +1,10 @@
 """Spawning two gloo ranks on the CPU for the sharded tests: bounded waits everywhere, so a hang fails the test."""
 
 import datetime
+import faulthandler
+import gc
 import os
+import socket
 import time
 import traceback
 
@@ -19,12 +22,24 @@ def gloo_available() -> bool:
 
 
 def _entry(rank, fn, init_file, out_dir, args):
+    # A native abort (SIGABRT from C++) leaves no Python traceback: dump every thread's stack to a file.
+    fault = open(os.path.join(out_dir, f"rank{rank}.fault"), "w")
+    faulthandler.enable(file=fault)
     torch.set_num_threads(1)
+    # Keep gloo on the loopback device: in containers the hostname may resolve to an address peers cannot reach.
+    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
         try:
             fn(rank, out_dir, *args)
+            # Whatever the test built (FSDP states, device meshes, DTensors) may still hold the process group: collect
+            # it so that destroy_process_group really ends gloo's threads and sockets while the interpreter is alive
+            # (a group outliving it into interpreter shutdown aborts with "terminate called without an active
+            # exception"), and let no rank close its sockets while a peer may still be inside a collective.
+            gc.collect()
+            dist.barrier()
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -46,6 +61,7 @@ def spawn(fn, tmp_path, *args) -> None:
                 raise AssertionError(f"the ranks did not finish within {JOIN_TIMEOUT_S} s (a hang)")
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         errs = [p.read_text() for p in sorted(tmp_path.glob("rank*.err"))]
+        errs += [f"{p.name}:\n{p.read_text()}" for p in sorted(tmp_path.glob("rank*.fault")) if p.stat().st_size]
         raise AssertionError(f"a rank failed: {exc}\n" + "\n".join(errs)) from None
     finally:
         for p in ctx.processes:  # only the processes this call started

@@ -74,6 +74,7 @@ def _worker(rank, world, init_file, out_dir):
             U, S, Vh = sharded_randomized_svd(G[lo:hi].clone(), 6, niter=3,
                                               generator=torch.Generator().manual_seed(7))
             torch.save({"U": U, "S": S, "Vh": Vh}, os.path.join(out_dir, f"split{k}_rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer may still be inside a collective
     finally:
         dist.destroy_process_group()
 
