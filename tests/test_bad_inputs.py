@@ -331,6 +331,17 @@ def test_expand_bad_float_scales(scales, err, match):
     assert (y == 7).all()
 
 
+def test_expand_refuses_scales_that_require_grad():
+    # The multi-adapter ops register no gradient: a learnable scale would silently get none.
+    pool = _pool()
+    batch = lk.LoRABatch.prepare([0, 0, -1])
+    y = torch.full((3, 6), 7.0)
+    scales = torch.ones(pool.B_stack.shape[0], requires_grad=True)
+    with pytest.raises(ValueError, match="scales must not require grad"):
+        lk.lora_expand(_t(3, 4), pool.B_stack, batch, y, scales, backend="torch")
+    assert (y == 7).all()
+
+
 def test_expand_accepts_numpy_scale():
     pool = _pool()
     batch = lk.LoRABatch.prepare([0, 0, -1])

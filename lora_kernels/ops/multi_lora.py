@@ -158,6 +158,9 @@ def _normalize_scales(scales, L: int, S: int, device) -> torch.Tensor:
             raise ValueError(f"scales must be [L={L}] or [L, S]={(L, S)}, got {shape(scales)}")
         if scales.dtype != torch.float32:
             raise TypeError(f"scales must be float32, got {scales.dtype}")
+        if scales.requires_grad:  # the multi-adapter ops register no gradient: it would be lost without a word
+            raise ValueError("scales must not require grad: the multi-adapter ops are inference-only and take the "
+                             "scales as constants (pass scales.detach())")
         return scales.reshape(L, 1).expand(L, S).contiguous() if scales.dim() == 1 and S > 1 else scales.reshape(L, S)
     if isinstance(scales, bool) or not isinstance(scales, numbers.Real):
         raise TypeError(f"scales must be a float32 tensor [L] or [L, S], or a float, got {type(scales).__name__}")
