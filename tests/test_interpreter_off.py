@@ -1,8 +1,8 @@
 """The suite as a GPU machine sees it, checked on the CPU: Triton kernels compiled, not interpreted.
 
 On a machine without CUDA, conftest turns the Triton interpreter on, so a test that hands CPU tensors to the Triton
-backend passes here and fails on every GPU machine (where nothing turns the interpreter on, and the GPU session runs
-pytest with -x, so one such failure stops the GPU tests behind it). Running the suite's collection and the tests that
+backend passes here and fails on every GPU machine (where nothing turns the interpreter on, and a run with -x stops
+at the first such failure, before the GPU tests behind it). Running the suite's collection and the tests that
 once made that mistake in a child process with TRITON_INTERPRET=0 reproduces the GPU machine's view: "0" is kept by
 conftest's setdefault, and without CUDA such a test must then skip, not fail.
 """
