@@ -391,21 +391,10 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None,
 # --------------------------------------------------------------------------------------- LoRA-GA / PiSSA re-init
 def _targeted_layers(model: nn.Module, target_modules) -> "OrderedDict[str, nn.Module]":
     """The model's LoRALinear layers that ``target_modules`` selects (PEFT's rules, as ``resolve_targets``)."""
-    from .modules import _matches
+    from .init.lora_ga import select_targets
 
     layers = _layers(model)
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        out_layer = None
-        get_out = getattr(model, "get_output_embeddings", None)
-        if callable(get_out):
-            try:
-                out_layer = get_out()
-            except Exception:  # pragma: no cover - models that do not implement it
-                out_layer = None
-        return OrderedDict((n, l) for n, l in layers.items() if l is not out_layer and n.split(".")[-1] != "lm_head")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    return OrderedDict((n, l) for n, l in layers.items() if _matches(n, target_modules))
+    return OrderedDict((n, layers[n]) for n in select_targets(model, layers, target_modules))
 
 
 def lora_ga_reinit_applies(model, target_modules) -> bool:

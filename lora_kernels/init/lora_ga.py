@@ -103,12 +103,10 @@ def lora_ga_factors(
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def resolve_targets(model: nn.Module, target_modules) -> List[str]:
-    """Qualified names of the plain ``nn.Linear`` layers that ``target_modules`` selects (PEFT's matching rules;
-    ``"all-linear"`` = every nn.Linear except the output layer, as in PEFT)."""
-    from ..modules import LoRALinear
-
-    candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
+def select_targets(model: nn.Module, candidates: "Mapping[str, nn.Module]", target_modules) -> List[str]:
+    """The names among ``candidates`` (name → module of ``model``) that ``target_modules`` selects, by PEFT's rules:
+    ``"all-linear"`` = every candidate except the output layer (``get_output_embeddings()`` or a ``lm_head``), else
+    a regex or a list of name suffixes. Shared by the replacing and the re-initialising (sharded) LoRA-GA paths."""
     if isinstance(target_modules, str) and target_modules == "all-linear":
         out_layer = None
         get_out = getattr(model, "get_output_embeddings", None)
@@ -117,15 +115,27 @@ def resolve_targets(model: nn.Module, target_modules) -> List[str]:
                 out_layer = get_out()
             except Exception:  # pragma: no cover - models that do not implement it
                 out_layer = None
-        chosen = [n for n in candidates if model.get_submodule(n) is not out_layer and n.split(".")[-1] != "lm_head"]
-    else:
-        if not isinstance(target_modules, str):
-            target_modules = list(target_modules)
-            if not target_modules:
-                raise ValueError("target_modules is empty")
-        chosen = [n for n in candidates if _matches(n, target_modules)]
+        return [n for n, m in candidates.items() if m is not out_layer and n.split(".")[-1] != "lm_head"]
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    return [n for n in candidates if _matches(n, target_modules)]
+
+
+def resolve_targets(model: nn.Module, target_modules) -> List[str]:
+    """Qualified names of the plain ``nn.Linear`` layers that ``target_modules`` selects (PEFT's matching rules;
+    ``"all-linear"`` = every nn.Linear except the output layer, as in PEFT)."""
+    from ..modules import LoRALinear
+
+    candidates = OrderedDict((n, m) for n, m in model.named_modules()
+                             if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear))
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("target_modules is empty")
+    chosen = select_targets(model, candidates, target_modules)
     if not chosen:
-        shown = ", ".join(candidates[:50]) + (" ..." if len(candidates) > 50 else "")
+        names = list(candidates)
+        shown = ", ".join(names[:50]) + (" ..." if len(names) > 50 else "")
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; candidates: {shown or '(none)'}")
     return chosen
 
