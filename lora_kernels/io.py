@@ -400,7 +400,7 @@ def load_adapter(
     """
     from . import _backend
     from .modules import LoRALinear, lora_layers, lora_scaling
-    from .modules import _matches, check_replaceable
+    from .targets import check_replaceable, matches
     from . import distributed  # a sharded model: every rank checks, then copies its own blocks
     if distributed.is_sharded(model):
         return distributed.load_adapter(model, path, backend=backend, lora_dtype=lora_dtype)
@@ -439,7 +439,7 @@ def load_adapter(
             chosen = set(resolve_targets(model, "all-linear"))
             targets = OrderedDict((n, (m.out_features, m.in_features)) for n, m in linears if n in chosen)
         else:
-            targets = OrderedDict((n, (m.out_features, m.in_features)) for n, m in linears if _matches(n, tm))
+            targets = OrderedDict((n, (m.out_features, m.in_features)) for n, m in linears if matches(n, tm))
         if not targets:
             raise ValueError(f"load_adapter: target_modules={tm!r} matched no nn.Linear of the model")
         for n in targets:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import _backend
 from .ops.lora_linear import lora_linear
+from .targets import check_replaceable, linear_refusal, matches, tied_names  # noqa: F401 (re-exported)
 
 INITS = ("default", "gaussian", "pissa", "zeros")
 # Adapter dtypes the op accepts: the base dtype, or float32 (mixed-precision adapters, as LoRA-GA keeps them).
@@ -385,62 +386,6 @@ class LoRALinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- model helpers
-def linear_refusal(linear: nn.Linear) -> Optional[str]:
-    """Why a LoRA layer built from ``linear`` would not compute what ``linear`` computes, or would drop part of its
-    state, as a phrase ("a parametrized Linear (...): ..."); None when it can be wrapped. A subclass with its own
-    ``forward`` (or a forward set on the instance) runs code the LoRA layer does not; a parametrized or weight-normed
-    Linear computes its weight from other parameters, which would be frozen into a plain tensor and vanish from the
-    state dict. One rule for ``inject_lora``, ``inject_multi_lora``, ``load_adapter`` and ``load_adapters``."""
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(linear):
-        return (f"a parametrized Linear (parametrizations on {', '.join(linear.parametrizations.keys())}, e.g. "
-                f"weight_norm or spectral_norm): wrapping it would freeze the computed weight into a plain tensor and "
-                f"drop the parametrization's parameters from the state dict; remove the parametrization first "
-                f"(torch.nn.utils.parametrize.remove_parametrizations) or leave the layer out")
-    if not isinstance(linear._parameters.get("weight"), nn.Parameter):
-        return ("a Linear whose weight is not a parameter of the layer (old-style torch.nn.utils.weight_norm/"
-                "spectral_norm recompute it from other parameters in a forward pre-hook): wrapping it would drop "
-                "those; remove the reparametrization first (e.g. torch.nn.utils.remove_weight_norm) or leave the "
-                "layer out")
-    if type(linear).forward is not nn.Linear.forward or "forward" in vars(linear):
-        where = "on the instance" if "forward" in vars(linear) else f"in {type(linear).__qualname__}"
-        return (f"an nn.Linear with its own forward ({where}): a LoRA layer computes nn.Linear's function and would "
-                f"silently drop that behaviour; leave the layer out of target_modules or wrap its inner Linear")
-    return None
-
-
-def check_replaceable(name: str, linear: nn.Linear) -> None:
-    """ValueError naming ``name`` when :func:`linear_refusal` refuses ``linear``."""
-    why = linear_refusal(linear)
-    if why:
-        raise ValueError(f"{name} is {why}")
-
-
-def _tied_names(model: nn.Module, linears: Sequence[nn.Module]) -> Dict[int, Tuple[str, ...]]:
-    """id(linear) → qualified names of the parameters of *other* modules that are ``linear.weight`` itself (an
-    lm_head tied to the input embedding); linears without such a tie are left out."""
-    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((f"{mname}.{pname}" if mname else pname, mod))
-    out = {}
-    for lin in linears:
-        names = tuple(sorted({n for n, mod in owners.get(id(lin.weight), []) if mod is not lin}))
-        if names:
-            out[id(lin)] = names
-    return out
-
-
-def _matches(name: str, target_modules: Union[str, Sequence[str]]) -> bool:
-    # PEFT's rule: a string is a regex matched against the whole qualified name; a list matches by name suffix
-    # on a "." boundary ("q_proj" matches "layers.0.attn.q_proj", not "layers.0.attn.xq_proj").
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def inject_lora(
     model: nn.Module,
     target_modules: Union[str, Sequence[str]],
@@ -490,7 +435,7 @@ def inject_lora(
     # remove_duplicate=False: a Linear shared by two parents must be replaced under both names.
     named = list(model.named_modules(remove_duplicate=False))
     candidates = [n for n, m in named if isinstance(m, nn.Linear) and n]
-    chosen = [n for n in candidates if _matches(n, target_modules)]
+    chosen = [n for n in candidates if matches(n, target_modules)]
     if not chosen:
         shown = ", ".join(candidates[:50]) + (" ..." if len(candidates) > 50 else "")
         wrapped = [n for n, m in named if isinstance(m, LoRALinear)]
@@ -514,7 +459,7 @@ def inject_lora(
         check_replaceable(name, linear)
         targets.setdefault(id(linear), (name, linear))
         plan.append((parent, child, linear))
-    tied = _tied_names(model, [lin for _, lin in targets.values()])
+    tied = tied_names(model, [lin for _, lin in targets.values()])
     if init == "pissa":
         if lora_scaling(r, _real("alpha", r if alpha is None else alpha), bool(use_rslora)) <= 0:
             raise ValueError(f"init='pissa' needs a positive scaling (alpha > 0), got alpha={alpha!r}")

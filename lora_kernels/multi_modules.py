@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _backend
-from .modules import _matches, linear_refusal
+from .targets import linear_refusal, matches
 from .ops._validate import FLOAT_DTYPES
 from .ops.multi_lora import multi_lora_linear
 from .pool import _IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
@@ -281,7 +281,7 @@ def inject_multi_lora(
     candidates = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) and n]
     chosen_modules: Dict[int, nn.Linear] = {}
     for n, m in candidates:
-        if _matches(n, target_modules):
+        if matches(n, target_modules):
             chosen_modules.setdefault(id(m), m)
     if not chosen_modules:
         names = list(dict.fromkeys(n for n, _ in candidates))

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from .._progress import progress as progress_bar  # the name "progress" is lora_ga_init's argument
-from ..modules import _matches
+from ..targets import matches, tied_names
 from .pissa import INIT_RECORD
 from .dist_svd import canonical_signs
 from .svd import autocast_off, randomized_svd
@@ -118,7 +118,7 @@ def select_targets(model: nn.Module, candidates: "Mapping[str, nn.Module]", targ
         return [n for n, m in candidates.items() if m is not out_layer and n.split(".")[-1] != "lm_head"]
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
-    return [n for n in candidates if _matches(n, target_modules)]
+    return [n for n in candidates if matches(n, target_modules)]
 
 
 def resolve_targets(model: nn.Module, target_modules) -> List[str]:
@@ -294,11 +294,11 @@ def lora_ga_init(
         if id(lin.weight) in seen:
             raise ValueError(f"{n} and {seen[id(lin.weight)]} share one weight tensor; LoRA-GA needs distinct weights")
         seen[id(lin.weight)] = n
-    from ..modules import _tied_names, check_replaceable
+    from ..targets import check_replaceable
 
     for n, lin in linears.items():
         check_replaceable(n, lin)  # here, so that the error names the layer
-    tied = _tied_names(model, list(linears.values()))
+    tied = tied_names(model, list(linears.values()))
     for n, lin in linears.items():
         if id(lin) in tied:
             raise ValueError(
