@@ -51,13 +51,13 @@ def is_dtensor(t) -> bool:
     return DT is not None and isinstance(t, DT)
 
 
-def _bypassed() -> bool:
+def bypassed() -> bool:
     return getattr(_STATE, "bypass", False)
 
 
 @contextlib.contextmanager
-def _bypass():
-    old = _bypassed()
+def bypass():
+    old = bypassed()
     _STATE.bypass = True
     try:
         yield
@@ -67,7 +67,7 @@ def _bypass():
 
 def is_sharded_layer(layer) -> bool:
     """True when the layer's base weight or adapter is a DTensor (FSDP2 shards between steps, tensor parallel)."""
-    if _bypassed():
+    if bypassed():
         return False
     return any(is_dtensor(getattr(layer, a, None)) for a in ("weight", "lora_A", "lora_B"))
 
@@ -83,7 +83,7 @@ def _fsdp_modules(model: nn.Module) -> List[nn.Module]:
 
 def is_sharded(model: nn.Module) -> bool:
     """True when ``model`` is (or contains) an FSDP2 module or a LoRALinear with DTensor parameters."""
-    if _bypassed() or not isinstance(model, nn.Module):
+    if bypassed() or not isinstance(model, nn.Module):
         return False
     from .modules import LoRALinear
 
@@ -92,7 +92,7 @@ def is_sharded(model: nn.Module) -> bool:
     return any(is_sharded_layer(m) for m in model.modules() if isinstance(m, LoRALinear))
 
 
-def _reshard(model: nn.Module) -> None:
+def reshard(model: nn.Module) -> None:
     """Put every FSDP2 unit of ``model`` back into its sharded state. The root keeps its parameters unsharded after a
     forward without backward; writing into those would be lost at the next all-gather."""
     for m in _fsdp_modules(model):
@@ -100,7 +100,7 @@ def _reshard(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ consensus
-def _dist_on() -> bool:
+def dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -112,7 +112,7 @@ def agree(error: Optional[BaseException], what: str = "") -> None:
     """Collective: every rank passes the error its local checks raised (or None); if any rank failed, every rank
     raises the same error (the first failing rank's type and message, naming the rank). A no-op verdict exchange of
     one small object per rank; without torch.distributed it simply re-raises ``error``."""
-    if not _dist_on():
+    if not dist_on():
         if error is not None:
             raise error
         return
@@ -129,7 +129,7 @@ def agree(error: Optional[BaseException], what: str = "") -> None:
     raise cls(f"{msg} [on {where}; every rank refused{', ' + what if what else ''}]") from error
 
 
-def _check(fn) -> Optional[BaseException]:
+def capture_error(fn) -> Optional[BaseException]:
     """Run the local checks ``fn()``; return the error instead of raising it (for :func:`agree`)."""
     try:
         fn()
@@ -140,7 +140,7 @@ def _check(fn) -> Optional[BaseException]:
 
 def _same_on_every_rank(name: str, value) -> None:
     """Collective: ValueError on every rank when ``value`` differs between ranks (those settings must agree)."""
-    if not _dist_on():
+    if not dist_on():
         return
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
@@ -149,7 +149,7 @@ def _same_on_every_rank(name: str, value) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ local blocks
-def _placement_check(t: torch.Tensor, what: str) -> None:
+def check_placement(t: torch.Tensor, what: str) -> None:
     if not is_dtensor(t):
         return
     from torch.distributed.tensor import Replicate, Shard
@@ -181,16 +181,16 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor().detach() if is_dtensor(t) else t.detach()
 
 
-def _group_of(t: torch.Tensor):
+def group_of(t: torch.Tensor):
     return t.device_mesh.get_group() if is_dtensor(t) else None
 
 
-def _row_sharded_or_whole(t: torch.Tensor, what: str) -> None:
+def check_row_sharded_or_whole(t: torch.Tensor, what: str) -> None:
     """LoRA-GA/PiSSA work on row blocks of W0 (FSDP2's layout) or on a whole W0."""
     if is_dtensor(t):
         from torch.distributed.tensor import Shard
 
-        _placement_check(t, what)
+        check_placement(t, what)
         if not all(isinstance(p, Shard) and p.dim == 0 for p in t.placements):
             raise ValueError(f"{what}: placements {t.placements}; this init needs W0 whole or sharded by rows "
                              f"(Shard(0), as fully_shard does)")
@@ -201,7 +201,7 @@ def _merge_checks(layer) -> None:
     if layer.merged:
         raise RuntimeError("this LoRALinear is already merged")
     for attr in ("weight", "lora_A", "lora_B"):
-        _placement_check(getattr(layer, attr), attr)
+        check_placement(getattr(layer, attr), attr)
 
 
 @torch.no_grad()
@@ -209,14 +209,14 @@ def merge_layer(layer) -> None:
     """``LoRALinear.merge`` on a sharded layer: each rank adds its own block of s·B·A to its block of W0 (the adapter
     is gathered, the base weight never is). Collective. Refuses on every rank, nothing changed, when any rank's block
     of the merged weight would not be finite. ``unmerge`` restores every block bit for bit."""
-    from .modules import _acc_dtype
+    from ._numerics import acc_dtype
 
-    agree(_check(lambda: _merge_checks(layer)), "nothing was merged")
+    agree(capture_error(lambda: _merge_checks(layer)), "nothing was merged")
     W = layer.weight
     rows, cols = local_slices(W)
     A, B = full(layer.lora_A), full(layer.lora_B)
     w_loc = local(W)
-    acc = _acc_dtype(w_loc.dtype)
+    acc = acc_dtype(w_loc.dtype)
 
     def compute():
         merged = w_loc.to(acc) + layer.scaling * (B[rows].to(acc) @ A[:, cols].to(acc))
@@ -228,7 +228,7 @@ def merge_layer(layer) -> None:
         return out
 
     result = {}
-    agree(_check(lambda: result.setdefault("w", compute())))
+    agree(capture_error(lambda: result.setdefault("w", compute())))
     layer._unmerged_weight = W.detach().clone()  # a DTensor with W's placements: a local copy, no communication
     w_loc.copy_(result["w"])
 
@@ -243,7 +243,7 @@ def unmerge_layer(layer) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- state dicts
-def _layers(model: nn.Module):
+def lora_layers_of(model: nn.Module):
     from .modules import lora_layers
 
     return lora_layers(model)
@@ -252,10 +252,10 @@ def _layers(model: nn.Module):
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``lora_state_dict`` of a sharded model: the whole adapter tensors (plain, detached copies) on every rank, keyed
     as for an unsharded model. Collective (one all-gather per adapter tensor)."""
-    layers = _layers(model)
-    agree(_check(lambda: [_placement_check(getattr(l, a), f"{n}.{a}") for n, l in layers.items()
+    layers = lora_layers_of(model)
+    agree(capture_error(lambda: [check_placement(getattr(l, a), f"{n}.{a}") for n, l in layers.items()
                           for a in ("lora_A", "lora_B")]))
-    _reshard(model)
+    reshard(model)
     out = OrderedDict()
     for name, layer in layers.items():
         prefix = f"{name}." if name else ""
@@ -275,7 +275,7 @@ def _whole_adapters(layers, values: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
             A, B = values[name]
             layer._parameters["lora_A"] = nn.Parameter(A, requires_grad=False)
             layer._parameters["lora_B"] = nn.Parameter(B, requires_grad=False)
-        with _bypass():
+        with bypass():
             yield
     finally:
         for name, (a, b) in saved.items():
@@ -300,22 +300,22 @@ def save_adapter(model: nn.Module, path, *, convert_to_original: bool = True,
                             f"got {type(path).__name__}")
         if not isinstance(convert_to_original, bool):
             raise TypeError(f"save_adapter: convert_to_original must be a bool, got {convert_to_original!r}")
-        layers = _layers(io._unwrap_peft(model))
+        layers = lora_layers_of(io._unwrap_peft(model))
         if not layers:
             raise ValueError("save_adapter: the model has no LoRALinear layer (use inject_lora or lora_ga_init first)")
         for n, layer in layers.items():
             if layer.merged:
                 raise ValueError(f"save_adapter: {n} is merged; unmerge() it first (its W0 holds the adapter)")
             for a in ("lora_A", "lora_B"):
-                _placement_check(getattr(layer, a), f"{n}.{a}")
+                check_placement(getattr(layer, a), f"{n}.{a}")
 
-    agree(_check(checks), "nothing was written")
+    agree(capture_error(checks), "nothing was written")
     _same_on_every_rank("save_adapter: convert_to_original", convert_to_original)
     inner = io._unwrap_peft(model)
-    _reshard(inner)
-    layers = _layers(inner)
+    reshard(inner)
+    layers = lora_layers_of(inner)
     whole = OrderedDict((n, (full(l.lora_A).clone(), full(l.lora_B).clone())) for n, l in layers.items())
-    rank = dist.get_rank() if _dist_on() else 0
+    rank = dist.get_rank() if dist_on() else 0
     config, error = None, None
     if rank == 0:
         try:
@@ -325,7 +325,7 @@ def save_adapter(model: nn.Module, path, *, convert_to_original: bool = True,
         except Exception as exc:  # the write failed on rank 0: every rank must hear of it
             error = exc
     agree(error, "rank 0 could not write the adapter")
-    if _dist_on():
+    if dist_on():
         box = [config]
         dist.broadcast_object_list(box, src=0)
         config = box[0]
@@ -350,18 +350,18 @@ def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None,
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"load_adapter: path must be a str or os.PathLike (a directory), "
                             f"got {type(path).__name__}")
-        layers = _layers(io._unwrap_peft(model))
+        layers = lora_layers_of(io._unwrap_peft(model))
         if not layers:
             raise ValueError("load_adapter: this sharded model has no LoRALinear layer; call inject_lora before "
                              "fully_shard / parallelize_module (a sharded nn.Linear cannot be wrapped afterwards)")
         for n, layer in layers.items():
             for a in ("lora_A", "lora_B"):
-                _placement_check(getattr(layer, a), f"{n}.{a}")
+                check_placement(getattr(layer, a), f"{n}.{a}")
 
-    agree(_check(checks), "nothing was loaded")
+    agree(capture_error(checks), "nothing was loaded")
     inner = io._unwrap_peft(model)
-    _reshard(inner)
-    layers = _layers(inner)
+    reshard(inner)
+    layers = lora_layers_of(inner)
     scratch = OrderedDict()
     for n, layer in layers.items():
         A, B = layer.lora_A, layer.lora_B
@@ -393,14 +393,14 @@ def _targeted_layers(model: nn.Module, target_modules) -> "OrderedDict[str, nn.M
     """The model's LoRALinear layers that ``target_modules`` selects (PEFT's rules, as ``resolve_targets``)."""
     from .init.lora_ga import select_targets
 
-    layers = _layers(model)
+    layers = lora_layers_of(model)
     return OrderedDict((n, layers[n]) for n in select_targets(model, layers, target_modules))
 
 
 def lora_ga_reinit_applies(model, target_modules) -> bool:
     """Whether ``lora_ga_init`` re-initialises existing LoRALinear layers (this module) rather than replacing
     ``nn.Linear`` layers: the model is sharded, or ``target_modules`` selects LoRALinear layers."""
-    if _bypassed() or not isinstance(model, nn.Module):
+    if bypassed() or not isinstance(model, nn.Module):
         return False
     if is_sharded(model):
         return True
@@ -414,15 +414,16 @@ def _ga_checks(model, batches, loss_fn, r, alpha, target_modules, direction, sta
                dtype, niter, dropout, grad_buffer, train_mode=None):
     """Every argument check of ``lora_ga_init`` for the re-init path; returns the target layers."""
     from .init.lora_ga import check_ga_args
-    from .modules import LoRALinear, _real
+    from .modules import LoRALinear
+    from ._numerics import real_number
 
     check_ga_args(model, batches, loss_fn, r, direction, stable_gamma, num_batches, train_mode, grad_buffer, dtype)
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
         raise ValueError(f"niter must be a non-negative int, got {niter!r}")
-    alpha = _real("alpha", alpha)
+    alpha = real_number("alpha", alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
-    dropout = _real("dropout", dropout)
+    dropout = real_number("dropout", dropout)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if isinstance(target_modules, str) and target_modules != "all-linear":
@@ -454,9 +455,9 @@ def _ga_checks(model, batches, loss_fn, r, alpha, target_modules, direction, sta
                              f"{(layer.out_features, layer.in_features)}")
         if layer.merged:
             raise ValueError(f"{n} is merged; unmerge() it before re-initialising its adapter")
-        _row_sharded_or_whole(layer.weight, f"{n}.weight")
+        check_row_sharded_or_whole(layer.weight, f"{n}.weight")
         for a in ("lora_A", "lora_B"):
-            _placement_check(getattr(layer, a), f"{n}.{a}")
+            check_placement(getattr(layer, a), f"{n}.{a}")
         if is_dtensor(layer.weight) and is_dtensor(layer.lora_A) and not any(
                 type(p).__name__ == "Shard" for p in layer.lora_A.placements):
             # A replicated A next to a row-sharded W0 is the colwise tensor-parallel layout: the ranks see the same
@@ -498,7 +499,7 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
     ``svd_chunk_bytes`` is accepted for signature compatibility (layers are decomposed one at a time).
     """
     from .init.dist_svd import LOCAL, sharded_randomized_svd
-    from .init.lora_ga import DEFAULT_TARGETS, _as_loss, _default_loss, _direction_indices, _make_progress
+    from .init.lora_ga import DEFAULT_TARGETS, as_loss, default_loss, direction_indices, make_progress
     from .init.pissa import INIT_RECORD
     from .modules import lora_scaling
 
@@ -509,11 +510,11 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
         found["v"] = _ga_checks(model, batches, loss_fn, r, alpha, target_modules, direction, stable_gamma,
                                 use_rslora, num_batches, dtype, niter, dropout, grad_buffer, train_mode)
 
-    agree(_check(checks), "the model was not changed")
+    agree(capture_error(checks), "the model was not changed")
     layers, alpha, dropout = found["v"]
-    _reshard(model)
-    report = _make_progress(progress)
-    loss_fn = loss_fn if loss_fn is not None else _default_loss
+    reshard(model)
+    report = make_progress(progress)
+    loss_fn = loss_fn if loss_fn is not None else default_loss
 
     # ---------------------------------------------------------------- 1. gradient estimate, row blocks
     params = list(model.parameters())
@@ -530,7 +531,7 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
                                  device=where)
 
     def make_hooks(n, layer):
-        sharded, group, rows = is_dtensor(layer.weight), _group_of(layer.weight), rows_of[n]
+        sharded, group, rows = is_dtensor(layer.weight), group_of(layer.weight), rows_of[n]
 
         def on_grad(dy, x):
             G = dy.reshape(-1, dy.shape[-1]).float().transpose(0, 1) @ x.reshape(-1, x.shape[-1]).float()
@@ -561,7 +562,7 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
             model.train(bool(train_mode))
         expected = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else 0)
         for batch in batches:
-            loss = _as_loss(loss_fn(model, batch))
+            loss = as_loss(loss_fn(model, batch))
             if not loss.requires_grad:
                 raise RuntimeError("the loss does not depend on any target layer (no grad_fn); check target_modules")
             loss.backward()
@@ -576,10 +577,10 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
             p.grad = g
         for m, mode in saved_modes.items():
             m.training = mode
-        _reshard(model)
+        reshard(model)
 
     count = torch.tensor([float(n_local)], dtype=torch.float64)
-    if _dist_on():
+    if dist_on():
         if "nccl" in str(dist.get_backend(process_group)) and torch.cuda.is_available():
             count = count.cuda()
         dist.all_reduce(count, group=process_group)
@@ -587,10 +588,10 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
     if total == 0:
         raise ValueError("lora_ga_init got no batches (batches was empty or num_batches=0 on every rank)")
     for n, layer in layers.items():
-        if not is_dtensor(layer.weight) and _dist_on():  # data parallel over whole weights: one sum at the end
-            from .init.lora_ga import _all_reduce_sum
+        if not is_dtensor(layer.weight) and dist_on():  # data parallel over whole weights: one sum at the end
+            from .init.lora_ga import all_reduce_sum
 
-            buffers[n] = _all_reduce_sum(buffers[n], process_group, local(layer.weight))
+            buffers[n] = all_reduce_sum(buffers[n], process_group, local(layer.weight))
     bad = [n for n, b in buffers.items() if not bool(torch.isfinite(b).all())]
     agree(ValueError(f"lora_ga_init: the estimated gradient of {bad} contains inf or NaN (check loss_fn and the "
                      f"batches); the model was not changed") if bad else None)
@@ -601,9 +602,9 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
     for i, (n, layer) in enumerate(layers.items()):
         W = layer.weight
         m, k = layer.out_features, layer.in_features
-        idx_a, idx_b = _direction_indices(r, direction, gen)
+        idx_a, idx_b = direction_indices(r, direction, gen)
         G = buffers[n].to(local(W).device) / total
-        group = _group_of(W) if is_dtensor(W) else LOCAL
+        group = group_of(W) if is_dtensor(W) else LOCAL
         U_rows, _, Vh = sharded_randomized_svd(G, min(4 * r, min(m, k)), niter, gen, group)
         c = m ** 0.25 / math.sqrt(float(stable_gamma))
         A = Vh[idx_a.to(Vh.device)] * c
@@ -632,7 +633,7 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
             setattr(layer, INIT_RECORD, (A.detach().float().cpu().clone(), B.detach().float().cpu().clone()))
     if freeze_base:
         keep = {id(p) for l in layers.values() for p in (l.lora_A, l.lora_B)}
-        keep |= {id(p) for l in _layers(model).values() for p in (l.lora_A, l.lora_B) if p.requires_grad}
+        keep |= {id(p) for l in lora_layers_of(model).values() for p in (l.lora_A, l.lora_B) if p.requires_grad}
         for p in model.parameters():
             if id(p) not in keep and p.requires_grad:
                 p.requires_grad_(False)
@@ -661,17 +662,17 @@ def pissa_init_layer(layer, niter: Optional[int] = None, generator: Optional[tor
                              f"{min(layer.out_features, layer.in_features)}")
         if float(layer.scaling) <= 0:
             raise ValueError(f"pissa_init needs a positive scaling, got {layer.scaling}")
-        _row_sharded_or_whole(layer.weight, "weight")
+        check_row_sharded_or_whole(layer.weight, "weight")
         for a in ("lora_A", "lora_B"):
-            _placement_check(getattr(layer, a), a)
+            check_placement(getattr(layer, a), a)
 
-    agree(_check(checks), "the layer was not changed")
+    agree(capture_error(checks), "the layer was not changed")
     r, s = int(layer.r), float(layer.scaling)
     m, k = layer.out_features, layer.in_features
     W = layer.weight
     rows, cols = local_slices(W)
     w = local(W)
-    group = _group_of(W)
+    group = group_of(W)
     U_rows, S, Vh = sharded_randomized_svd(w.detach().float(), min(4 * r, min(m, k)), int(niter), generator, group)
     root = torch.sqrt(S[:r] / s)
     A = (root[:, None] * Vh[:r]).to(layer.lora_A.dtype)
@@ -831,16 +832,16 @@ def load_lora_state_dict(model: nn.Module, state_dict, strict: bool = True):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
-        for n, layer in _layers(model).items():
+        for n, layer in lora_layers_of(model).items():
             if layer.merged:
                 raise ValueError(f"load_lora_state_dict: {n} is merged; unmerge() it before loading into a sharded "
                                  f"model; nothing was loaded")
             for a in ("lora_A", "lora_B"):
-                _placement_check(getattr(layer, a), f"{n}.{a}")
+                check_placement(getattr(layer, a), f"{n}.{a}")
 
-    agree(_check(checks), "nothing was loaded")
-    _reshard(model)
-    layers = _layers(model)
+    agree(capture_error(checks), "nothing was loaded")
+    reshard(model)
+    layers = lora_layers_of(model)
     scratch = OrderedDict((n, (full(l.lora_A).clone(), full(l.lora_B).clone())) for n, l in layers.items())
     result, error = None, None
     try:

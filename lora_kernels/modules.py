@@ -32,30 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _backend
+from ._numerics import acc_dtype, lora_scaling, real_number  # noqa: F401 (lora_scaling is public here)
 from .ops.lora_linear import lora_linear
 from .targets import check_replaceable, linear_refusal, matches, tied_names  # noqa: F401 (re-exported)
 
 INITS = ("default", "gaussian", "pissa", "zeros")
 # Adapter dtypes the op accepts: the base dtype, or float32 (mixed-precision adapters, as LoRA-GA keeps them).
 _LORA_EXTRA_DTYPES = (torch.float32,)
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    """PEFT's scaling: α/r, or α/√r with rsLoRA."""
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    return float(alpha) / (math.sqrt(r) if use_rslora else r)
-
-
-def _real(name: str, value) -> float:
-    """``value`` as a float, or TypeError naming the argument (a str such as "16" is refused, not parsed)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _autocast_off(t: torch.Tensor):
@@ -121,10 +104,10 @@ class LoRALinear(nn.Module):
         """Check every argument, then set the state. Nothing is modified before all checks have passed."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        alpha = _real("alpha", r if alpha is None else alpha)
+        alpha = real_number("alpha", r if alpha is None else alpha)
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be finite, got {alpha}")
-        dropout = _real("dropout", dropout)
+        dropout = real_number("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init not in INITS:
@@ -244,14 +227,14 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A, shape ``[out, in]``, in float32 (float64 for a float64 base); no autograd."""
-        acc = _acc_dtype(self.weight.dtype)
+        acc = acc_dtype(self.weight.dtype)
         with _autocast_off(self.weight):
             return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
 
     @torch.no_grad()
     def _merged_weight(self, w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         """``W0 + s·B·A`` rounded once to W0's dtype; raises ValueError (nothing changed) when not finite."""
-        acc = _acc_dtype(w0.dtype)
+        acc = acc_dtype(w0.dtype)
         with _autocast_off(w0):
             merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))
         if not torch.isfinite(merged).all():
@@ -461,7 +444,7 @@ def inject_lora(
         plan.append((parent, child, linear))
     tied = tied_names(model, [lin for _, lin in targets.values()])
     if init == "pissa":
-        if lora_scaling(r, _real("alpha", r if alpha is None else alpha), bool(use_rslora)) <= 0:
+        if lora_scaling(r, real_number("alpha", r if alpha is None else alpha), bool(use_rslora)) <= 0:
             raise ValueError(f"init='pissa' needs a positive scaling (alpha > 0), got alpha={alpha!r}")
         for lid, (name, lin) in targets.items():
             if lid in tied:

@@ -41,7 +41,7 @@ from . import _backend
 from .targets import linear_refusal, matches
 from .ops._validate import FLOAT_DTYPES
 from .ops.multi_lora import multi_lora_linear
-from .pool import _IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
+from .pool import IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
 
 _POOL_BUFFERS = (("lora_A_stack", "A_stack"), ("lora_B_stack", "B_stack"), ("lora_ranks", "ranks"),
                  ("lora_scales", "scales"))
@@ -420,7 +420,7 @@ def unload_multi_adapter(model: nn.Module, name: str) -> int:
     pools = [m.pool for m in multi_lora_layers(model).values() if name in m.pool]
     if not pools:
         raise KeyError(f"adapter {name!r} is not loaded in this model")
-    with _IN_FLIGHT_LOCK:  # every layer or none: no request can start using the slot half way
+    with IN_FLIGHT_LOCK:  # every layer or none: no request can start using the slot half way
         for pool in pools:
             pool.check_unloadable(name)
         slots = {pool._unload(name) for pool in pools}

@@ -1149,7 +1149,7 @@ def _slots_for(layers: list, names: Sequence[str], batch_size: int) -> List[int]
 
 def _serving_pre_hook(module, args, kwargs):
     from .multi_modules import _swap_batches
-    from .pool import _IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
+    from .pool import IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
 
     saved = _FORWARD_SAVED.get()
     _FORWARD_SAVED.set(saved + (_NOTHING_SET,))  # first, so that the post hook (always called) pops this forward's
@@ -1167,7 +1167,7 @@ def _serving_pre_hook(module, args, kwargs):
         raise ValueError("adapter_names needs input_ids or inputs_embeds [batch, seq, ...] to size the batch")
     seq = x.shape[1] if x.dim() >= 2 else 1
     layers = getattr(module, _SERVING_ATTR).layers
-    with _IN_FLIGHT_LOCK:  # names → slots and the hold at once: no unload can come in between
+    with IN_FLIGHT_LOCK:  # names → slots and the hold at once: no unload can come in between
         slots = _slots_for(layers, names, x.shape[0])
         held = hold_slots([m.pool for m in layers], slots)
     try:

@@ -35,7 +35,7 @@ TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 # Guards the in-flight counts of every pool (below) together with unload, across threads: an adapter is never
 # unloaded (and its slot never handed to another tenant) while a request in progress uses it.
-_IN_FLIGHT_LOCK = threading.RLock()
+IN_FLIGHT_LOCK = threading.RLock()
 _UNKNOWN = -2  # in-flight key of a batch whose ids live on the device: it may use any slot
 
 
@@ -46,7 +46,7 @@ def hold_slots(pools: Iterable["AdapterPool"], slots: Optional[Iterable[int]]) -
     held = []
     if not keys:
         return held
-    with _IN_FLIGHT_LOCK:
+    with IN_FLIGHT_LOCK:
         for pool in pools:
             counts = pool._in_flight
             for k in keys:
@@ -56,7 +56,7 @@ def hold_slots(pools: Iterable["AdapterPool"], slots: Optional[Iterable[int]]) -
 
 
 def release_slots(held: List[Tuple["AdapterPool", list]]) -> None:
-    with _IN_FLIGHT_LOCK:
+    with IN_FLIGHT_LOCK:
         for pool, keys in held:
             counts = pool._in_flight
             for k in keys:
@@ -335,14 +335,14 @@ class AdapterPool:
         """Free the adapter's slot (rank set to 0, its weights zeroed) and return the slot. Refused (RuntimeError)
         while a request in progress in any thread uses the slot (:func:`lora_kernels.use_batch`, a forward with
         ``adapter_names``): its remaining layers would compute without the adapter, or with the next tenant's."""
-        with _IN_FLIGHT_LOCK:
+        with IN_FLIGHT_LOCK:
             self.check_unloadable(name)
             return self._unload(name)
 
     def check_unloadable(self, name: str) -> int:
         """The adapter's slot; raises when it cannot be unloaded now (see :meth:`unload`)."""
         slot = self.slot_of(name)
-        with _IN_FLIGHT_LOCK:
+        with IN_FLIGHT_LOCK:
             users = self._in_flight.get(slot, 0) + self._in_flight.get(_UNKNOWN, 0)
         if users:
             raise RuntimeError(f"adapter {name!r} (slot {slot}) is used by {users} request(s) in progress "

@@ -58,7 +58,7 @@ ProgressFn = Callable[[str, int, int, str], None]
 
 
 # ------------------------------------------------------------------------------------------------------ factors
-def _direction_indices(r: int, direction: str, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+def direction_indices(r: int, direction: str, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices into the 2r leading singular directions: (those used for A, those used for B)."""
     if direction == "ArB2r":
         return torch.arange(0, r), torch.arange(r, 2 * r)
@@ -91,7 +91,7 @@ def lora_ga_factors(
         raise ValueError(f"LoRA-GA needs 2r = {2 * r} ≤ min(out, in) = {min(m, n)}; got G of shape {tuple(G.shape)}")
     if not stable_gamma > 0:
         raise ValueError(f"stable_gamma must be positive, got {stable_gamma}")
-    idx_a, idx_b = _direction_indices(r, direction, generator)
+    idx_a, idx_b = direction_indices(r, direction, generator)
     G = G if G.dtype == torch.float64 else G.float()
     with autocast_off(G):
         U, _, Vh = randomized_svd(G, q=min(4 * r, min(m, n)), niter=niter, generator=generator)
@@ -140,7 +140,7 @@ def resolve_targets(model: nn.Module, target_modules) -> List[str]:
     return chosen
 
 
-def _make_progress(progress) -> ProgressFn:
+def make_progress(progress) -> ProgressFn:
     if callable(progress):
         return progress
     if progress:
@@ -153,7 +153,7 @@ def _make_progress(progress) -> ProgressFn:
     return _log
 
 
-def _default_loss(model: nn.Module, batch):
+def default_loss(model: nn.Module, batch):
     device = next((p.device for p in model.parameters()), None)
 
     def move(v):
@@ -164,7 +164,7 @@ def _default_loss(model: nn.Module, batch):
     return model(move(batch))
 
 
-def _as_loss(out) -> torch.Tensor:
+def as_loss(out) -> torch.Tensor:
     loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
     if loss is None and isinstance(out, Mapping):
         loss = out.get("loss")
@@ -186,7 +186,7 @@ def _dist_group(process_group):
     return process_group, dist.get_world_size(process_group)
 
 
-def _all_reduce_sum(t: torch.Tensor, group, like: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor, group, like: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks; NCCL needs CUDA tensors, so CPU buffers travel to ``like``'s device for the reduction."""
     import torch.distributed as dist
 
@@ -306,8 +306,8 @@ def lora_ga_init(
                 f"would change those too; untie it first ({n}.weight = nn.Parameter({n}.weight.detach().clone())) "
                 f"or leave {n} out of target_modules; nothing was changed"
             )
-    report = _make_progress(progress)
-    loss_fn = loss_fn if loss_fn is not None else _default_loss
+    report = make_progress(progress)
+    loss_fn = loss_fn if loss_fn is not None else default_loss
     group, world = _dist_group(process_group)
 
     # ---------------------------------------------------------------- 1. gradient estimation (state saved first)
@@ -353,7 +353,7 @@ def lora_ga_init(
             expected = min(expected, len(batches))
         batch_iter = progress_bar(batches, total=expected or None, desc="LoRA-GA gradient", unit="batch")
         for batch in batch_iter:
-            loss = _as_loss(loss_fn(model, batch))
+            loss = as_loss(loss_fn(model, batch))
             if not loss.requires_grad:
                 raise RuntimeError("the loss does not depend on any target weight (no grad_fn); check target_modules")
             loss.backward()
@@ -398,7 +398,7 @@ def lora_ga_init(
             chunk = members[i:i + per]
             G = torch.stack([buffers[n] for n in chunk])
             if distributed:
-                G = _all_reduce_sum(G, group, weights[chunk[0]])
+                G = all_reduce_sum(G, group, weights[chunk[0]])
             G = G.to(device) / total
             finite = torch.isfinite(G).flatten(1).all(dim=1).tolist()
             if not all(finite):
