@@ -104,7 +104,13 @@ class CMakeBuild(build_ext):
         os.makedirs(out_dir, exist_ok=True)
         os.makedirs(build_dir, exist_ok=True)
         args = [
-            cmake, "-S", src, "-B", build_dir, "-G", "Ninja",
+            cmake,
+            "-S",
+            src,
+            "-B",
+            build_dir,
+            "-G",
+            "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DPython_EXECUTABLE={sys.executable}",
