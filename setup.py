@@ -1,7 +1,7 @@
-"""Installs the pure-Python package ``lora_kernels``.
+"""Build step of the optional CUDA extension of ``lora_kernels``; the package's metadata is in pyproject.toml.
 
-The optional CUDA extension (csrc/, built through CMakeLists.txt) is added by the build step in this file when a CUDA
-toolkit is found and ``LORA_KERNELS_BUILD_CUDA`` is not ``0``; the package works without it.
+The extension (csrc/, built through CMakeLists.txt) is added when a CUDA toolkit is found and
+``LORA_KERNELS_BUILD_CUDA`` is not ``0``; the package works without it.
 """
 
 import os
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import sysconfig
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # ------------------------------------------------------------------------------------ CUDA extension (csrc/, CMake)
@@ -104,7 +104,13 @@ class CMakeBuild(build_ext):
         os.makedirs(out_dir, exist_ok=True)
         os.makedirs(build_dir, exist_ok=True)
         args = [
-            cmake, "-S", src, "-B", build_dir, "-G", "Ninja",
+            cmake,
+            "-S",
+            src,
+            "-B",
+            build_dir,
+            "-G",
+            "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -127,58 +133,9 @@ class CMakeBuild(build_ext):
         subprocess.check_call(build)
 
 
-
-# Supported versions (CI tests the oldest and the newest torch; see .ci/run):
-#   Python 3.10+ (CI: 3.11); torch 2.11 – 2.13 (CI: 2.11.0 with triton 3.6.0, 2.13.0 with triton 3.9.0);
-#   triton 3.6+; NVIDIA GPUs of compute capability 8.0 or newer (sm_80 A100, sm_86/sm_89 RTX 30xx/40xx, L4, L40,
-#   sm_90 H100/H200): the kernels use bf16 tensor-core dots and are sized for these GPUs' shared memory.
-#   Without a GPU everything runs on the PyTorch reference path (CPU).
-INSTALL_REQUIRES = [
-    "torch>=2.11",
-    "triton>=3.6; platform_system == 'Linux'",  # torch's own Linux wheels pin a matching triton
-    "safetensors>=0.4",
-    "numpy",
-    "tqdm>=4.60",  # progress bars of long loops (LoRA-GA gradient estimation, benchmark sweeps)
-    "scikit-learn>=1.0",  # the demo's data: the handwritten digits bundled with scikit-learn (no download)
-]
-
-DEMO_REQUIRES = ["matplotlib>=3.5"]  # the demo's plot; without it the demo prints its table and skips the plot
-
-TEST_REQUIRES = [
-    "pytest>=7",
-    "pytest-benchmark>=4",
-    "hypothesis>=6",
-    *DEMO_REQUIRES,
-    "peft>=0.17",  # equivalence tests against PEFT (tests/test_peft_compat.py)
-    "transformers>=4.45",  # tiny Llama / GPT-2 models built from configs, no download
-    "pybind11>=2.10",  # compile test of the CUDA extension (tests/test_cuda_ext.py)
-    "cmake>=3.24",
-    "ninja",
-]
-
+# Metadata, dependencies and extras are in pyproject.toml; this call only adds the optional CUDA extension.
 setup(
-    name="lora_kernels",
-    version="0.1.0",
-    description="Fused LoRA kernels (Triton, optional CUDA) for PyTorch: training, multi-adapter serving, LoRA-GA",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=INSTALL_REQUIRES,
-    extras_require={
-        "demo": DEMO_REQUIRES,
-        "plot": DEMO_REQUIRES,
-        "test": TEST_REQUIRES,
-        "peft": ["peft>=0.17", "transformers>=4.45"],
-    },
-    classifiers=[
-        "Programming Language :: Python :: 3",
-        "Environment :: GPU :: NVIDIA CUDA",
-        "Operating System :: POSIX :: Linux",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
-    entry_points={"console_scripts": ["lora-kernels-demo=lora_kernels.demo:main"]},
-    # The optional CUDA extension (see CMakeBuild above); skipped when no CUDA toolkit is found.
+    # Skipped when no CUDA toolkit is found (see CMakeBuild above).
     ext_modules=[CMakeExtension("lora_kernels._C_lora")],
     cmdclass={"build_ext": CMakeBuild},
 )
