@@ -13,7 +13,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import lora_kernels as lk
-from lora_kernels import io as lk_io
+from lora_kernels import adapter_files as lk_io
 
 
 class Attn(nn.Module):
@@ -91,7 +91,7 @@ def test_pattern_keys_select_exactly_one_layer_and_round_trip(tmp_path):
     assert cfg["rank_pattern"] == {r"^attn\.q": 3}
     assert cfg["alpha_pattern"] == {r"^attn\.q": 5, r"^attn\.q2": 7}
     for key in list(cfg["rank_pattern"]) + list(cfg["alpha_pattern"]):
-        names = [n for n, _ in model.named_modules() if lk_io._pattern_matches(key, n)]
+        names = [n for n, _ in model.named_modules() if lk_io.pattern_matches(key, n)]
         assert len(names) == 1, (key, names)
     loaded = nested()
     lk.load_adapter(loaded, tmp_path, backend="torch")
@@ -426,6 +426,72 @@ def test_public_reading_api(tmp_path):
         lk_io.check_config(dict(cfg, use_rslora="yes"), "somewhere/adapter_config.json", caller="load_adapters")
     with pytest.raises(FileNotFoundError, match="^load_adapters: "):
         lk_io.read_config(tmp_path / "nowhere", caller="load_adapters")
+
+
+def test_raw_config_then_check_config_needs_no_copy_of_the_file(tmp_path):
+    # A reader that handles a field itself (the serving loader takes fan_in_fan_out) reads the JSON unchecked, looks
+    # at its own fields, then checks the rest: no temporary copy of a patched config.
+    saved_nested(tmp_path)
+    cpath = tmp_path / "adapter_config.json"
+    cpath.write_text(json.dumps(dict(json.loads(cpath.read_text()), fan_in_fan_out=True)))
+    raw = lk_io.read_raw_config(tmp_path, caller="load_adapters")
+    assert raw["fan_in_fan_out"] is True and raw["r"] == 2
+    with pytest.raises(ValueError, match="fan_in_fan_out=True"):
+        lk_io.read_config(tmp_path)
+    assert lk_io.read_config(tmp_path, allow=("fan_in_fan_out",)) == raw
+    assert lk_io.check_config(raw, str(cpath), caller="load_adapters", allow=("fan_in_fan_out",)) is raw
+    # The raw reader still refuses what is no config at all, naming the caller and the file.
+    with pytest.raises(NotADirectoryError, match="^load_adapters: .* is a file"):
+        lk_io.read_raw_config(cpath, caller="load_adapters")
+    with pytest.raises(FileNotFoundError, match="^load_adapters: .*nowhere.adapter_config.json does not exist"):
+        lk_io.read_raw_config(tmp_path / "nowhere", caller="load_adapters")
+    cpath.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"^load_adapters: .*adapter_config.json must hold a JSON object, got list"):
+        lk_io.read_raw_config(tmp_path, caller="load_adapters")
+    cpath.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        lk_io.read_raw_config(tmp_path)
+
+
+def test_tensors_by_module_and_pattern_value(tmp_path):
+    model = nested_with_mixed_adapters()
+    cfg = lk.save_adapter(model, tmp_path)
+    tensors, _ = lk_io.read_tensors(tmp_path)
+    by_module, others = lk_io.tensors_by_module(tensors)
+    assert others == []
+    assert sorted(by_module) == sorted(lk.lora_layers(model))
+    for name, layer in lk.lora_layers(model).items():
+        assert set(by_module[name]) == {"A", "B"}
+        torch.testing.assert_close(by_module[name]["A"], layer.lora_A.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(by_module[name]["B"], layer.lora_B.detach(), rtol=0, atol=0)
+        assert lk_io.adapter_key(name, "A") in tensors and lk_io.adapter_key(name, "B") in tensors
+        # The config's patterns give each layer its own rank and alpha back.
+        assert lk_io.pattern_value(name, cfg["rank_pattern"], cfg["r"]) == layer.r
+        assert lk_io.pattern_value(name, cfg["alpha_pattern"], cfg["lora_alpha"]) == layer.alpha
+    # Keys that are no lora_A / lora_B weight under PEFT's prefix are returned, not dropped; a lone part is kept.
+    extra = {"base_model.model.x.bias": torch.zeros(1), "x.lora_A.weight": torch.zeros(1),
+             "base_model.model.lora_A.weight": torch.zeros(1), "base_model.model.y.lora_B.weight": torch.ones(1),
+             "base_model.model..lora_A.weight": torch.ones(1)}
+    by_module, others = lk_io.tensors_by_module(extra)
+    assert others == ["base_model.model.x.bias", "x.lora_A.weight", "base_model.model.lora_A.weight"]
+    assert list(by_module) == ["y", ""] and set(by_module["y"]) == {"B"} and set(by_module[""]) == {"A"}
+    with pytest.raises(ValueError, match="part must be 'A' or 'B'"):
+        lk_io.adapter_key("q", "C")
+    assert lk_io.adapter_key("", "A") == "base_model.model..lora_A.weight"  # the root module's key
+
+
+def test_old_module_name_still_works():
+    import lora_kernels.io as old
+    from lora_kernels import adapter_files
+
+    for name in ("save_adapter", "load_adapter", "read_config", "read_raw_config", "check_config", "read_tensors",
+                 "tensors_by_module", "pattern_value", "adapter_key", "exact_pattern_key", "WEIGHTS_NAME",
+                 "CONFIG_NAME", "PREFIX", "ADAPTER_DTYPES"):
+        assert getattr(old, name) is getattr(adapter_files, name), name
+    # Names code written before the rename used reach the same objects too.
+    assert old._read_config is adapter_files.read_config and old._write_files is adapter_files._write_files
+    with pytest.raises(AttributeError):
+        _ = old.no_such_name
 
 
 class WithEmbedding(nn.Module):
