@@ -154,15 +154,30 @@ def save_adapter(
     base_model_name_or_path: Optional[Union[str, os.PathLike]] = None,
 ) -> Dict[str, object]:
     """Write every :class:`~lora_kernels.LoRALinear` adapter of ``model`` to the directory ``path`` (created) in
-    PEFT's format; returns the config written. See the module docstring for ``convert_to_original``."""
-    from safetensors.torch import save_file
+    PEFT's format; returns the config written. See the module docstring for ``convert_to_original``.
 
-    from .modules import lora_layers
+    The steps: :func:`_check_save_args`, :func:`_layers_to_save`, :func:`_saved_tensors`, :func:`_saved_config`,
+    then :func:`_write_files` (both files under temporary names, then renamed, the config last; see there for what a
+    crash in the middle leaves)."""
     from . import distributed  # a sharded model: every rank calls, rank 0 writes
     if distributed.is_sharded(model):
         return distributed.save_adapter(model, path, convert_to_original=convert_to_original,
                                         base_model_name_or_path=base_model_name_or_path)
 
+    path, base_model_name_or_path = _check_save_args(model, path, convert_to_original, base_model_name_or_path)
+    model = _unwrap_peft(model)
+    layers = _layers_to_save(model)
+    tensors, per_layer, mutated = _saved_tensors(layers, convert_to_original)
+    config = _saved_config(model, per_layer, base_model_name_or_path)
+    text = json.dumps(config, indent=2) + "\n"  # before anything is written: a value JSON refuses fails here
+    metadata = {"format": "pt", "lora_kernels.base": "mutated" if mutated else "original"}
+    _write_adapter(path, tensors, metadata, text)
+    return dict(config)
+
+
+def _check_save_args(model, path, convert_to_original, base_model_name_or_path) -> Tuple[str, Optional[str]]:
+    """The arguments of :func:`save_adapter` checked (TypeError / NotADirectoryError); returns ``path`` and
+    ``base_model_name_or_path`` as the str the files hold."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(convert_to_original, bool):  # "no" would be truthy
@@ -178,7 +193,14 @@ def save_adapter(
     if isinstance(base_model_name_or_path, bytes) or not isinstance(base_model_name_or_path, (str, type(None))):
         raise TypeError(f"save_adapter: base_model_name_or_path must be a str, an os.PathLike or None, got "
                         f"{type(base_model_name_or_path).__name__} {base_model_name_or_path!r}")
-    model = _unwrap_peft(model)
+    return path, base_model_name_or_path
+
+
+def _layers_to_save(model: nn.Module) -> Dict[str, nn.Module]:
+    """The LoRALinear layers of ``model`` (unwrapped) that the file will hold; ValueError when the file would miss
+    adapters (PEFT layers left by ``from_peft``), when there is none, or when one is merged."""
+    from .modules import lora_layers
+
     left = _peft_lora_layers(model)
     if left:  # from_peft leaves what it cannot convert: the file would silently lack those adapters
         raise ValueError(f"save_adapter: the model still holds PEFT LoRA layers this file would not contain "
@@ -187,18 +209,32 @@ def save_adapter(
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear layer (use inject_lora or lora_ga_init first)")
-    tensors: Dict[str, torch.Tensor] = OrderedDict()
-    per_layer = {}
-    mutated = False
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"save_adapter: {name} is merged; unmerge() it first (its W0 holds the adapter)")
-        A, B, r, alpha = _adapter_tensors(layer, convert_to_original)
-        if getattr(layer, INIT_RECORD, None) is not None and not convert_to_original:
+    return layers
+
+
+def _saved_tensors(layers: Dict[str, nn.Module], convert: bool):
+    """``(tensors, per_layer, mutated)``: the file's tensors by key, name → ``(r, alpha, use_rslora, dropout)`` as
+    written, and whether the file holds an adapter for a mutated W0 (``convert=False`` after PiSSA / LoRA-GA)."""
+    tensors: Dict[str, torch.Tensor] = OrderedDict()
+    per_layer = OrderedDict()
+    mutated = False
+    for name, layer in layers.items():
+        A, B, r, alpha = _adapter_tensors(layer, convert)
+        if getattr(layer, INIT_RECORD, None) is not None and not convert:
             mutated = True
-        tensors[PREFIX + name + _SUFFIX_A] = A
-        tensors[PREFIX + name + _SUFFIX_B] = B
+        tensors[adapter_key(name, "A")] = A
+        tensors[adapter_key(name, "B")] = B
         per_layer[name] = (r, alpha, bool(layer.use_rslora), float(layer.dropout))
+    return tensors, per_layer, mutated
+
+
+def _saved_config(model: nn.Module, per_layer, base_model_name_or_path: Optional[str]) -> "OrderedDict[str, object]":
+    """PEFT's ``adapter_config.json`` for layers with ``per_layer`` = name → ``(r, alpha, use_rslora, dropout)``:
+    the most common (r, alpha) as ``r`` / ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``.
+    ValueError when the layers differ in what PEFT's config holds once (``use_rslora``, ``lora_dropout``)."""
     rslora = {v[2] for v in per_layer.values()}
     if len(rslora) > 1:
         raise ValueError("save_adapter: PEFT's config has one use_rslora for all layers; these layers mix both")
@@ -214,7 +250,7 @@ def save_adapter(
     module_names = [n for n, _ in model.named_modules()]
     rank_pattern = {exact_pattern_key(n, module_names): v[0] for n, v in per_layer.items() if v[0] != r_glob}
     alpha_pattern = {exact_pattern_key(n, module_names): v[1] for n, v in per_layer.items() if v[1] != a_glob}
-    config = OrderedDict(
+    return OrderedDict(
         alpha_pattern=alpha_pattern,
         auto_mapping=None,
         base_model_name_or_path=base_model_name_or_path,
@@ -231,16 +267,20 @@ def save_adapter(
         r=r_glob,
         rank_pattern=rank_pattern,
         revision=None,
-        target_modules=_short_targets(model, list(layers)),
+        target_modules=_short_targets(model, list(per_layer)),
         task_type=None,
         use_dora=False,
         use_rslora=rslora.pop(),
     )
-    text = json.dumps(config, indent=2) + "\n"  # before anything is written: a value JSON refuses fails here
-    metadata = {"format": "pt", "lora_kernels.base": "mutated" if mutated else "original"}
+
+
+def _write_adapter(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], text: str) -> None:
+    """Write the two files of an adapter into the directory ``path``; the config goes last (see
+    :func:`_write_files`)."""
+    from safetensors.torch import save_file
+
     _write_files(path, [(WEIGHTS_NAME, lambda p: save_file(dict(tensors), p, metadata=metadata)),
                         (CONFIG_NAME, lambda p: _write_text(p, text))])
-    return dict(config)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -249,31 +289,66 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _write_files(directory: str, writers) -> None:
-    """Write each ``(name, write(path))`` of ``writers`` into ``directory`` (created), all or nothing: every file goes
-    to a temporary name first and is renamed once all are written, so a crash never leaves a half-written adapter
-    under the final names; on an error the temporary files, and the directories this call created, are removed."""
+    """Write each ``(name, write(path))`` of ``writers`` into ``directory`` (created), all or nothing.
+
+    Every file is written to ``<name>.tmp`` first. Only then are the files already there under the final names
+    moved aside to ``<name>.bak`` (the last one first) and the new ones renamed into place (the last one last), and
+    the ``.bak`` files removed. An error at any step (in a write or in a rename) undoes the steps done: the
+    directory is left as it was, the old files back under their names, the temporary files and the directories this
+    call created removed.
+
+    A crash (a killed process, a power cut) cannot run that undo. The order makes what it leaves detectable instead
+    of silently wrong: from the first move to the last rename the last file of ``writers`` (the adapter's config) is
+    absent under its name, so a reader finds no adapter rather than new weights paired with an old config; the old
+    files are in the ``.bak`` files, the new ones in the ``.tmp`` files or already in place."""
     created = []
     head = os.path.abspath(directory)
     while not os.path.exists(head):
         created.append(head)
         head = os.path.dirname(head)
-    tmps = []
+    finals = [os.path.join(directory, name) for name, _ in writers]
+    tmps, moved, placed = [], [], []
     try:
         os.makedirs(directory, exist_ok=True)
-        for name, write in writers:
-            tmp = os.path.join(directory, name + ".tmp")
-            tmps.append(tmp)
-            write(tmp)
-        for (name, _), tmp in zip(writers, tmps):
-            os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        for tmp in tmps:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        for d in created:  # innermost first; only empty directories go (os.rmdir refuses the others)
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+        for (_, write), final in zip(writers, finals):
+            tmps.append(final + ".tmp")
+            write(tmps[-1])
+        for final in reversed(finals):  # the config first: from here until it is back, the directory holds no adapter
+            if os.path.lexists(final):
+                os.replace(final, final + ".bak")
+                moved.append(final)
+        for tmp, final in zip(tmps, finals):  # the config last: once it is there, the adapter is whole
+            os.replace(tmp, final)
+            placed.append(final)
+    except BaseException as exc:
+        _undo_write(exc, tmps, placed, moved, created)
         raise
+    for final in moved:
+        with contextlib.suppress(OSError):  # the new files are in place; a stale .bak is only clutter
+            os.remove(final + ".bak")
+
+
+def _undo_write(exc: BaseException, tmps, placed, moved, created) -> None:
+    """Undo what :func:`_write_files` did before ``exc``: remove the new files it renamed into place (``placed``)
+    and its temporary files, move the old files back (``moved``), remove the directories it ``created``. A step
+    that fails itself is noted on ``exc``, naming the file, so that nothing is lost without a word."""
+    failed = []
+    for final in placed:
+        with contextlib.suppress(OSError):
+            os.remove(final)
+    for tmp in tmps:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    for final in reversed(moved):
+        try:
+            os.replace(final + ".bak", final)
+        except OSError as undo_exc:
+            failed.append(f"{final}.bak could not be moved back to {final} ({undo_exc})")
+    for d in created:  # innermost first; only empty directories go (os.rmdir refuses the others)
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+    if failed and hasattr(exc, "add_note"):
+        exc.add_note("save_adapter: the previous files are kept: " + "; ".join(failed))
 
 
 # ------------------------------------------------------------------------------------------------------ loading

@@ -368,6 +368,111 @@ def test_failed_save_leaves_the_directory_as_before(tmp_path, monkeypatch, fail_
         assert listing(tmp_path) == before
 
 
+def save_other(path):
+    """Save a second adapter (other weights and alpha, same layers) over ``path``; returns its model."""
+    model = nested()
+    lk.inject_lora(model, r".*q", r=2, alpha=3, backend="torch")
+    randomize(model)
+    with torch.no_grad():
+        for layer in lk.lora_layers(model).values():
+            layer.lora_B.add_(1.0)
+    lk.save_adapter(model, path)
+    return model
+
+
+def pair_state(path):
+    """(weights bytes, config bytes) under the final names; None for a file that is absent."""
+    def read(name):
+        p = os.path.join(path, name)
+        return Path(p).read_bytes() if os.path.exists(p) else None
+
+    return read("adapter_model.safetensors"), read("adapter_config.json")
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_every_rename_of_a_save_can_fail_and_the_directory_stays_as_before(tmp_path, monkeypatch, existing):
+    # Over an old adapter a save moves the two old files aside and renames the two new ones into place; a failure
+    # at any of those steps (the config's rename, the last, included) leaves the old adapter whole: its weights are
+    # never paired with the new config or the other way round.
+    target = tmp_path / "adapter"
+    if existing:
+        old = saved_nested(target)
+    before = listing(tmp_path)
+    real_replace = os.replace
+    n_calls = 4 if existing else 2  # (move the config aside, move the weights aside,) rename weights, rename config
+    for fail_at in range(n_calls):
+        count = [0]
+
+        def failing(src, dst, fail_at=fail_at):
+            count[0] += 1
+            if count[0] == fail_at + 1:
+                raise OSError(f"rename {fail_at} failed")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", failing)
+        with pytest.raises(OSError, match=f"rename {fail_at} failed"):
+            save_other(target)
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert listing(tmp_path) == before, fail_at
+    calls = []
+    monkeypatch.setattr(os, "replace", lambda src, dst: (calls.append(dst), real_replace(src, dst)))
+    save_other(target)  # every rename of a save was made to fail above
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(calls) == n_calls
+    if existing:
+        lk.save_adapter(old, target)
+        loaded = nested()
+        lk.load_adapter(loaded, target, backend="torch")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(X), old(X), rtol=0, atol=0)
+
+
+def test_a_crash_between_the_renames_never_pairs_new_weights_with_an_old_config(tmp_path, monkeypatch):
+    # A killed process runs no undo. At every point of a save over an old adapter, what the final names hold is the
+    # old pair, the new pair, or no config at all (no adapter: a reader fails loudly instead of mixing the two).
+    target = tmp_path / "adapter"
+    saved_nested(target)
+    old_pair = pair_state(target)
+    states = [old_pair]
+    real_replace = os.replace
+
+    def recording(src, dst):
+        real_replace(src, dst)
+        states.append(pair_state(target))
+
+    monkeypatch.setattr(os, "replace", recording)
+    save_other(target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    new_pair = states[-1]
+    assert new_pair[0] != old_pair[0] and new_pair[1] != old_pair[1] and None not in new_pair
+    assert len(states) >= 3
+    for weights, config in states:
+        assert config is None or (weights, config) in (old_pair, new_pair), "a mixed pair was visible"
+    # Nothing is left but the adapter's two files.
+    assert sorted(os.listdir(target)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_failed_undo_is_named_in_the_error(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    saved_nested(target)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith("adapter_config.json.tmp") or str(src).endswith(".bak"):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="rename failed") as info:
+        save_other(target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "adapter_config.json.bak could not be moved back" in notes
+    assert "adapter_model.safetensors.bak could not be moved back" in notes
+    # The old files are still there, under the names the note gives.
+    assert (target / "adapter_config.json.bak").exists() and (target / "adapter_model.safetensors.bak").exists()
+
+
 class Scaled(nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)
