@@ -509,13 +509,34 @@ def load_adapter(
     each in the training mode of the layer it wraps.
     Every check runs before anything is changed; errors name the missing/unexpected keys and the mismatched shapes,
     and values that would not be finite in the adapter's dtype (e.g. 1e5 into float16) are refused.
+
+    The steps: :func:`_check_load_args`, read (:func:`read_config`, :func:`read_tensors`), :func:`_load_targets`,
+    :func:`_check_keys`, :func:`_load_plan` (every check), :func:`_build_layers`, :func:`_apply_plan`.
     """
-    from . import _backend
-    from .modules import LoRALinear, lora_layers, lora_scaling
-    from .targets import check_replaceable, matches
+    from .modules import lora_layers
     from . import distributed  # a sharded model: every rank checks, then copies its own blocks
     if distributed.is_sharded(model):
         return distributed.load_adapter(model, path, backend=backend, lora_dtype=lora_dtype)
+
+    path = _check_load_args(model, path, backend, lora_dtype)
+    model = _unwrap_peft(model)
+    cfg = read_config(path)
+    state, metadata = read_tensors(path)
+    base = (metadata or {}).get("lora_kernels.base")  # "original" / "mutated"; absent in PEFT's own files
+    existing = lora_layers(model)
+    modules = dict(model.named_modules())
+    targets = _load_targets(model, cfg, existing, modules)
+    _check_keys(path, targets, state)
+    plan = _load_plan(targets, state, cfg, existing, modules, lora_dtype, base)
+    if base == "mutated":
+        _warn_mutated_base(path, plan, existing)
+    built = {} if existing else _build_layers(plan, modules, cfg, lora_dtype, backend)
+    return _apply_plan(plan, cfg, existing, built, model)
+
+
+def _check_load_args(model, path, backend, lora_dtype) -> str:
+    """The arguments of :func:`load_adapter` checked (TypeError / ValueError naming them); returns ``path`` as str."""
+    from . import _backend
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter: model must be an nn.Module, got {type(model).__name__}")
@@ -526,46 +547,39 @@ def load_adapter(
     if lora_dtype is not None and not isinstance(lora_dtype, torch.dtype):
         raise TypeError(f"load_adapter: lora_dtype must be a torch.dtype (the base weight's or torch.float32) or "
                         f"None, got {type(lora_dtype).__name__} {lora_dtype!r}")
-    model = _unwrap_peft(model)
-    path = os.fspath(path)
-    cfg = read_config(path)
-    state, metadata = read_tensors(path)
-    base = (metadata or {}).get("lora_kernels.base")  # "original" / "mutated"; absent in PEFT's own files
-    r_glob, a_glob = int(cfg["r"]), float(cfg["lora_alpha"])
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    use_rslora = bool(cfg.get("use_rslora") or False)
-    dropout = float(cfg.get("lora_dropout") or 0.0)
+    return os.fspath(path)
 
-    existing = lora_layers(model)
-    modules = dict(model.named_modules())
+
+def _load_targets(model: nn.Module, cfg: dict, existing, modules) -> "OrderedDict[str, Tuple[int, int]]":
+    """Name → ``(out_features, in_features)`` of the layers the file must hold: the model's LoRALinear layers when
+    it has some (``existing``), else the ``nn.Linear`` layers the config's ``target_modules`` selects (ValueError
+    when none, or when one cannot be wrapped: inject_lora's rules)."""
+    from .targets import check_replaceable, named_linears, no_match_error, select
+
     if existing:
-        targets = OrderedDict((n, (m.out_features, m.in_features)) for n, m in existing.items())
-    else:
-        tm = cfg.get("target_modules")
-        if not tm:
-            raise ValueError("load_adapter: the config has no target_modules and the model has no LoRALinear layer")
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if tm == "all-linear":
-            from .init.lora_ga import resolve_targets
+        return OrderedDict((n, (m.out_features, m.in_features)) for n, m in existing.items())
+    tm = cfg.get("target_modules")
+    if not tm:
+        raise ValueError("load_adapter: the config has no target_modules and the model has no LoRALinear layer")
+    # Not the model itself (a bare nn.Linear): it cannot be replaced in place (inject_lora's rule too).
+    linears = named_linears(model, duplicates=False)
+    chosen = select(model, linears, tm)
+    if not chosen and tm == "all-linear":
+        raise no_match_error(tm, list(linears))
+    if not chosen:
+        raise ValueError(f"load_adapter: target_modules={tm!r} matched no nn.Linear of the model")
+    for n in chosen:
+        parent_name, _, child = n.rpartition(".")
+        if isinstance(modules[parent_name], nn.MultiheadAttention):  # the same refusal as inject_lora
+            raise ValueError(f"load_adapter: {n}: nn.MultiheadAttention reads {child}.weight directly and would "
+                             f"ignore the adapter; lora_kernels cannot load an adapter for it")
+        check_replaceable(f"load_adapter: {n}", modules[n])  # inject_lora's rule
+    return OrderedDict((n, (linears[n].out_features, linears[n].in_features)) for n in chosen)
 
-            chosen = set(resolve_targets(model, "all-linear"))
-            targets = OrderedDict((n, (m.out_features, m.in_features)) for n, m in linears if n in chosen)
-        else:
-            targets = OrderedDict((n, (m.out_features, m.in_features)) for n, m in linears if matches(n, tm))
-        if not targets:
-            raise ValueError(f"load_adapter: target_modules={tm!r} matched no nn.Linear of the model")
-        for n in targets:
-            parent_name, _, child = n.rpartition(".")
-            if isinstance(modules[parent_name], nn.MultiheadAttention):  # the same refusal as inject_lora
-                raise ValueError(f"load_adapter: {n}: nn.MultiheadAttention reads {child}.weight directly and would "
-                                 f"ignore the adapter; lora_kernels cannot load an adapter for it")
-            check_replaceable(f"load_adapter: {n}", modules[n])  # inject_lora's rule
 
-    # ---- every check before any change
-    expected = set()
-    for n in targets:
-        expected.add(PREFIX + n + _SUFFIX_A)
-        expected.add(PREFIX + n + _SUFFIX_B)
+def _check_keys(path: str, targets, state) -> None:
+    """ValueError listing every key the file lacks for ``targets`` and every key it holds beyond them."""
+    expected = {adapter_key(n, part) for n in targets for part in ("A", "B")}
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
@@ -573,99 +587,121 @@ def load_adapter(
             f"load_adapter: {path} does not match the model's adapted layers.\n"
             f"  missing keys ({len(missing)}): {missing}\n  unexpected keys ({len(unexpected)}): {unexpected}"
         )
+
+
+def _load_plan(targets, state, cfg: dict, existing, modules, lora_dtype, base) -> "OrderedDict[str, tuple]":
+    """Name → ``(A, B, r, alpha)`` to load, after every per-layer check (:func:`_layer_problem`); ValueError listing
+    all the problems, so that nothing is changed."""
     problems = []
     plan = OrderedDict()
-    for n, (out_f, in_f) in targets.items():
-        A, B = state[PREFIX + n + _SUFFIX_A], state[PREFIX + n + _SUFFIX_B]
-        r = int(pattern_value(n, rank_pattern, r_glob))
-        alpha = float(pattern_value(n, alpha_pattern, a_glob))
-        if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
-            problems.append(f"{n}: expected lora_A {(r, in_f)} and lora_B {(out_f, r)} (r={r} from the config), "
-                            f"file has {tuple(A.shape)} and {tuple(B.shape)}")
-            continue
-        if existing and existing[n].r != r:
-            hint = ""
-            if r == 2 * existing[n].r and getattr(existing[n], INIT_RECORD, None) is not None:
-                hint = (" (this looks like PiSSA/LoRA-GA's rank-2r form, which applies to the original W0: load it "
-                        "into a model without adapters built from the original weights)")
-            problems.append(f"{n}: the model's layer has r={existing[n].r}, the file r={r}{hint}")
-            continue
-        if existing:
-            dt = existing[n].lora_A.dtype
-            if lora_dtype is not None and lora_dtype != dt:
-                problems.append(f"{n}: lora_dtype={lora_dtype}, but the model's layer holds its adapter in {dt} "
-                                f"(existing layers keep their dtype)")
-                continue
+    for n, shape in targets.items():
+        A, B = state[adapter_key(n, "A")], state[adapter_key(n, "B")]
+        r = int(pattern_value(n, cfg.get("rank_pattern") or {}, int(cfg["r"])))
+        alpha = float(pattern_value(n, cfg.get("alpha_pattern") or {}, float(cfg["lora_alpha"])))
+        problem = _layer_problem(n, shape, A, B, r, existing.get(n), modules[n], lora_dtype, base)
+        if problem:
+            problems.append(f"{n}: {problem}")
         else:
-            w_dt = modules[n].weight.dtype
-            dt = w_dt if lora_dtype is None else lora_dtype
-            if dt != w_dt and dt != torch.float32:  # LoRALinear's rule, checked for every layer before any is built
-                problems.append(f"{n}: lora_dtype must be the base weight's dtype ({w_dt}) or torch.float32, "
-                                f"got {lora_dtype}")
-                continue
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            problems.append(f"{n}: the file's tensors contain inf or NaN")
-            continue
-        # load_lora_state_dict's rule: values that are finite in the file but not in the adapter's dtype are refused.
-        if not (torch.isfinite(A.to(dt)).all() and torch.isfinite(B.to(dt)).all()):
-            problems.append(f"{n}: the file's values overflow the adapter's dtype {dt}")
-            continue
-        if existing and existing[n].merged:
-            problems.append(f"{n}: the model's layer is merged; unmerge() it first")
-            continue
-        if existing and getattr(existing[n], INIT_RECORD, None) is not None and base != "mutated":
-            # The layer's W0 was replaced by a PiSSA / LoRA-GA residual; the file's adapter applies to the original
-            # W0 (a PEFT file, or one saved with convert_to_original=True): loaded here it would compute another
-            # function.
-            problems.append(f"{n}: the model's base weight was changed by a PiSSA / LoRA-GA init, but the file's "
-                            f"adapter applies to the original weight; load it into a model built from the original "
-                            f"weights")
-            continue
-        plan[n] = (A, B, r, alpha)
+            plan[n] = (A, B, r, alpha)
     if problems:
         raise ValueError("load_adapter: nothing was loaded:\n  " + "\n  ".join(problems))
+    return plan
 
-    if base == "mutated":
-        fresh_base = [n for n in plan if not (existing and getattr(existing[n], INIT_RECORD, None) is not None)]
-        if fresh_base:
-            warnings.warn(
-                f"load_adapter: {path} was saved with convert_to_original=False after an init that changed W0 "
-                f"(PiSSA / LoRA-GA); it is only correct on top of that changed (residual) W0, which layers such as "
-                f"{fresh_base[0]} do not appear to have. Save with convert_to_original=True for the original base.",
-                stacklevel=2,
-            )
 
-    # ---- build the new layers (from_linear freezes the wrapped weight: undone if a later one fails)
+def _layer_problem(n, shape, A, B, r, layer, linear, lora_dtype, base) -> Optional[str]:
+    """Why the file's ``A``, ``B`` (rank ``r`` by the config) cannot be loaded into the LoRALinear ``layer`` (None:
+    a new layer wrapping ``linear``) of ``shape`` = (out, in); None when they can."""
+    out_f, in_f = shape
+    if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
+        return (f"expected lora_A {(r, in_f)} and lora_B {(out_f, r)} (r={r} from the config), "
+                f"file has {tuple(A.shape)} and {tuple(B.shape)}")
+    record = None if layer is None else getattr(layer, INIT_RECORD, None)
+    if layer is not None and layer.r != r:
+        hint = ""
+        if r == 2 * layer.r and record is not None:
+            hint = (" (this looks like PiSSA/LoRA-GA's rank-2r form, which applies to the original W0: load it "
+                    "into a model without adapters built from the original weights)")
+        return f"the model's layer has r={layer.r}, the file r={r}{hint}"
+    if layer is not None:
+        dt = layer.lora_A.dtype
+        if lora_dtype is not None and lora_dtype != dt:
+            return (f"lora_dtype={lora_dtype}, but the model's layer holds its adapter in {dt} "
+                    f"(existing layers keep their dtype)")
+    else:
+        w_dt = linear.weight.dtype
+        dt = w_dt if lora_dtype is None else lora_dtype
+        if dt != w_dt and dt != torch.float32:  # LoRALinear's rule, checked for every layer before any is built
+            return f"lora_dtype must be the base weight's dtype ({w_dt}) or torch.float32, got {lora_dtype}"
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        return "the file's tensors contain inf or NaN"
+    # load_lora_state_dict's rule: values that are finite in the file but not in the adapter's dtype are refused.
+    if not (torch.isfinite(A.to(dt)).all() and torch.isfinite(B.to(dt)).all()):
+        return f"the file's values overflow the adapter's dtype {dt}"
+    if layer is not None and layer.merged:
+        return "the model's layer is merged; unmerge() it first"
+    if record is not None and base != "mutated":
+        # The layer's W0 was replaced by a PiSSA / LoRA-GA residual; the file's adapter applies to the original W0
+        # (a PEFT file, or one saved with convert_to_original=True): loaded here it would compute another function.
+        return ("the model's base weight was changed by a PiSSA / LoRA-GA init, but the file's adapter applies to "
+                "the original weight; load it into a model built from the original weights")
+    return None
+
+
+def _warn_mutated_base(path: str, plan, existing) -> None:
+    """The file holds an adapter for a W0 mutated by PiSSA / LoRA-GA: warn when a layer does not look mutated."""
+    fresh_base = [n for n in plan if not (existing and getattr(existing[n], INIT_RECORD, None) is not None)]
+    if fresh_base:
+        warnings.warn(
+            f"load_adapter: {path} was saved with convert_to_original=False after an init that changed W0 "
+            f"(PiSSA / LoRA-GA); it is only correct on top of that changed (residual) W0, which layers such as "
+            f"{fresh_base[0]} do not appear to have. Save with convert_to_original=True for the original base.",
+            stacklevel=3,
+        )
+
+
+def _build_layers(plan, modules, cfg: dict, lora_dtype, backend) -> "OrderedDict[str, nn.Module]":
+    """New LoRALinear layers (zero adapters) wrapping the planned ``nn.Linear`` layers, not yet in the model;
+    ``from_linear`` freezes the wrapped weight, which is undone when a later layer fails."""
+    from .modules import LoRALinear
+
     built = OrderedDict()
-    if not existing:
-        flags = {n: modules[n].weight.requires_grad for n in plan}
-        try:
-            for n, (A, B, r, alpha) in plan.items():
-                lin = modules[n]
-                layer = LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                               init="zeros", lora_dtype=lora_dtype, backend=backend)
-                layer.train(lin.training)  # an eval() model stays in eval: no dropout at inference
-                built[n] = layer
-        except BaseException:
-            for n, flag in flags.items():
-                modules[n].weight.requires_grad_(flag)
-            raise
-
-    # ---- apply
-    out = OrderedDict()
-    with torch.no_grad():
+    flags = {n: modules[n].weight.requires_grad for n in plan}
+    try:
         for n, (A, B, r, alpha) in plan.items():
-            if existing:
-                layer = existing[n]
-                layer.alpha, layer.use_rslora, layer.dropout = alpha, use_rslora, dropout
-                layer.scaling = lora_scaling(r, alpha, use_rslora)
-            else:
-                layer = built[n]
-                parent_name, _, child = n.rpartition(".")
-                setattr(modules[parent_name], child, layer)
-            layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B)
-            out[n] = layer
+            lin = modules[n]
+            layer = LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0),
+                                           use_rslora=bool(cfg.get("use_rslora") or False), init="zeros",
+                                           lora_dtype=lora_dtype, backend=backend)
+            layer.train(lin.training)  # an eval() model stays in eval: no dropout at inference
+            built[n] = layer
+    except BaseException:
+        for n, flag in flags.items():
+            modules[n].weight.requires_grad_(flag)
+        raise
+    return built
+
+
+@torch.no_grad()
+def _apply_plan(plan, cfg: dict, existing, built, model: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """Copy the planned tensors into the existing layers (which take the file's alpha, rsLoRA flag and dropout) or
+    into the ``built`` ones, which replace their ``nn.Linear``; returns name → layer."""
+    from ._numerics import lora_scaling
+    from .targets import replace_module
+
+    use_rslora = bool(cfg.get("use_rslora") or False)
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    out = OrderedDict()
+    for n, (A, B, r, alpha) in plan.items():
+        if existing:
+            layer = existing[n]
+            layer.alpha, layer.use_rslora, layer.dropout = alpha, use_rslora, dropout
+            layer.scaling = lora_scaling(r, alpha, use_rslora)
+        else:
+            layer = built[n]
+            replace_module(model, n, layer)
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+        out[n] = layer
     return out
 
 

@@ -644,3 +644,16 @@ def test_original_base_adapter_into_a_pissa_changed_model_is_refused(tmp_path):
     after = pissa.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     lk.load_adapter(pissa, tmp_path / "mutated")  # the residual's own adapter loads
+
+
+def test_a_bare_linear_model_is_refused_before_anything_changes(tmp_path):
+    # The model itself cannot be replaced in place: loading into a bare nn.Linear (a file keyed for the root module)
+    # is refused like a target that matches nothing, and its weight keeps requires_grad (no layer was built).
+    root = {"base_model.model..lora_A.weight": torch.randn(2, 6), "base_model.model..lora_B.weight": torch.randn(6, 2)}
+    save_file(root, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ".*"}))
+    lin = nn.Linear(6, 6)
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        lk.load_adapter(lin, tmp_path)
+    assert lin.weight.requires_grad and "" not in vars(lin)
