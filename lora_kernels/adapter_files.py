@@ -43,7 +43,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import _backend, distributed
+from ._numerics import lora_scaling
 from .init.pissa import INIT_RECORD
+from .modules import LoRALinear, lora_layers
+from .targets import check_replaceable, check_target_modules, named_linears, no_match_error, replace_module, select
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -159,10 +163,16 @@ def save_adapter(
     The steps: :func:`_check_save_args`, :func:`_layers_to_save`, :func:`_saved_tensors`, :func:`_saved_config`,
     then :func:`_write_files` (both files under temporary names, then renamed, the config last; see there for what a
     crash in the middle leaves)."""
-    from . import distributed  # a sharded model: every rank calls, rank 0 writes
-    if distributed.is_sharded(model):
-        return distributed.save_adapter(model, path, convert_to_original=convert_to_original,
-                                        base_model_name_or_path=base_model_name_or_path)
+    if distributed.is_sharded(model):  # every rank calls: the adapters are gathered whole, rank 0 writes
+        def check():
+            _check_save_args(model, path, convert_to_original, base_model_name_or_path)
+            return _layers_to_save(_unwrap_peft(model))
+
+        return distributed.collective_save(
+            model, check,
+            lambda: save_adapter(model, path, convert_to_original=convert_to_original,
+                                 base_model_name_or_path=base_model_name_or_path),
+            same={"save_adapter: convert_to_original": convert_to_original})
 
     path, base_model_name_or_path = _check_save_args(model, path, convert_to_original, base_model_name_or_path)
     model = _unwrap_peft(model)
@@ -199,8 +209,6 @@ def _check_save_args(model, path, convert_to_original, base_model_name_or_path) 
 def _layers_to_save(model: nn.Module) -> Dict[str, nn.Module]:
     """The LoRALinear layers of ``model`` (unwrapped) that the file will hold; ValueError when the file would miss
     adapters (PEFT layers left by ``from_peft``), when there is none, or when one is merged."""
-    from .modules import lora_layers
-
     left = _peft_lora_layers(model)
     if left:  # from_peft leaves what it cannot convert: the file would silently lack those adapters
         raise ValueError(f"save_adapter: the model still holds PEFT LoRA layers this file would not contain "
@@ -416,11 +424,11 @@ def check_config(cfg: dict, source: str = CONFIG_NAME, *, caller: str = "load_ad
         isinstance(tm, list) and all(isinstance(t, str) and t for t in tm)
     ):
         raise ValueError(f"{where}: target_modules must be a regex string or a list of module names, got {tm!r}")
-    if isinstance(tm, str) and tm != "all-linear":
+    if isinstance(tm, str):
         try:
-            re.compile(tm)
-        except re.error as exc:
-            raise ValueError(f"{where}: target_modules={tm!r} is not a valid regex: {exc}") from None
+            check_target_modules(tm, allow_all_linear=True)  # a valid regex, or "all-linear"
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     bad = [f"{k}={cfg[k]!r}" for k, test in _UNSUPPORTED.items() if k in cfg and k not in allow and test(cfg[k])]
     if bad:
         raise ValueError(f"{caller}: unsupported adapter_config.json settings: {', '.join(bad)}")
@@ -513,10 +521,18 @@ def load_adapter(
     The steps: :func:`_check_load_args`, read (:func:`read_config`, :func:`read_tensors`), :func:`_load_targets`,
     :func:`_check_keys`, :func:`_load_plan` (every check), :func:`_build_layers`, :func:`_apply_plan`.
     """
-    from .modules import lora_layers
-    from . import distributed  # a sharded model: every rank checks, then copies its own blocks
-    if distributed.is_sharded(model):
-        return distributed.load_adapter(model, path, backend=backend, lora_dtype=lora_dtype)
+    if distributed.is_sharded(model):  # every rank reads and checks, then copies its own blocks
+        def check():
+            _check_load_args(model, path, backend, lora_dtype)
+            layers = lora_layers(_unwrap_peft(model))
+            if not layers:
+                raise ValueError("load_adapter: this sharded model has no LoRALinear layer; call inject_lora before "
+                                 "fully_shard / parallelize_module (a sharded nn.Linear cannot be wrapped afterwards)")
+            return layers
+
+        return distributed.collective_load(
+            model, check, lambda: load_adapter(model, path, backend=backend, lora_dtype=lora_dtype),
+            from_current=False)
 
     path = _check_load_args(model, path, backend, lora_dtype)
     model = _unwrap_peft(model)
@@ -536,8 +552,6 @@ def load_adapter(
 
 def _check_load_args(model, path, backend, lora_dtype) -> str:
     """The arguments of :func:`load_adapter` checked (TypeError / ValueError naming them); returns ``path`` as str."""
-    from . import _backend
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapter: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
@@ -554,8 +568,6 @@ def _load_targets(model: nn.Module, cfg: dict, existing, modules) -> "OrderedDic
     """Name → ``(out_features, in_features)`` of the layers the file must hold: the model's LoRALinear layers when
     it has some (``existing``), else the ``nn.Linear`` layers the config's ``target_modules`` selects (ValueError
     when none, or when one cannot be wrapped: inject_lora's rules)."""
-    from .targets import check_replaceable, named_linears, no_match_error, select
-
     if existing:
         return OrderedDict((n, (m.out_features, m.in_features)) for n, m in existing.items())
     tm = cfg.get("target_modules")
@@ -662,12 +674,10 @@ def _warn_mutated_base(path: str, plan, existing) -> None:
 def _build_layers(plan, modules, cfg: dict, lora_dtype, backend) -> "OrderedDict[str, nn.Module]":
     """New LoRALinear layers (zero adapters) wrapping the planned ``nn.Linear`` layers, not yet in the model;
     ``from_linear`` freezes the wrapped weight, which is undone when a later layer fails."""
-    from .modules import LoRALinear
-
     built = OrderedDict()
     flags = {n: modules[n].weight.requires_grad for n in plan}
     try:
-        for n, (A, B, r, alpha) in plan.items():
+        for n, (_, _, r, alpha) in plan.items():
             lin = modules[n]
             layer = LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0),
                                            use_rslora=bool(cfg.get("use_rslora") or False), init="zeros",
@@ -685,9 +695,6 @@ def _build_layers(plan, modules, cfg: dict, lora_dtype, backend) -> "OrderedDict
 def _apply_plan(plan, cfg: dict, existing, built, model: nn.Module) -> "OrderedDict[str, nn.Module]":
     """Copy the planned tensors into the existing layers (which take the file's alpha, rsLoRA flag and dropout) or
     into the ``built`` ones, which replace their ``nn.Linear``; returns name → layer."""
-    from ._numerics import lora_scaling
-    from .targets import replace_module
-
     use_rslora = bool(cfg.get("use_rslora") or False)
     dropout = float(cfg.get("lora_dropout") or 0.0)
     out = OrderedDict()
