@@ -19,8 +19,9 @@ unchanged and ``W0 + s·B'·A' = W0' + s·B·A``. ``convert_to_original=False`` 
 :func:`load_adapter` checks everything first (keys missing or unexpected, listed exactly; shapes; ranks against the
 config; config values; values that overflow the adapter's dtype) and only then copies, so a failed load changes
 nothing; a truncated or corrupt file raises ``ValueError``, a tensor of a dtype the layers cannot take (fp8, integer)
-``TypeError``. :func:`save_adapter` writes both files under temporary names and renames them at the end; a failed
-save removes what it wrote.
+``TypeError``. :func:`save_adapter` writes both files under temporary names, then moves any old ones aside and
+renames the new ones into place, the config last; a failed save leaves the directory as it was, and a crash in the
+middle leaves no config (no adapter) rather than new weights beside an old config.
 
 The checked readers are public, for tools that read adapter directories themselves (the multi-adapter serving loader
 does): :func:`read_config` (:func:`read_raw_config` + :func:`check_config`), :func:`read_tensors`,
@@ -318,14 +319,14 @@ def _write_files(directory: str, writers) -> None:
     tmps, moved, placed = [], [], []
     try:
         os.makedirs(directory, exist_ok=True)
-        for (_, write), final in zip(writers, finals):
+        for (_, write), final in zip(writers, finals, strict=True):
             tmps.append(final + ".tmp")
             write(tmps[-1])
         for final in reversed(finals):  # the config first: from here until it is back, the directory holds no adapter
             if os.path.lexists(final):
                 os.replace(final, final + ".bak")
                 moved.append(final)
-        for tmp, final in zip(tmps, finals):  # the config last: once it is there, the adapter is whole
+        for tmp, final in zip(tmps, finals, strict=True):  # the config last: once it is there, the adapter is whole
             os.replace(tmp, final)
             placed.append(final)
     except BaseException as exc:

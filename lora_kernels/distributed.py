@@ -366,7 +366,7 @@ def collective_load(model: nn.Module, check, load, *, from_current: bool):
         agree(error, "nothing was loaded")
     except Exception:
         for n, values in snapshot.items():  # a rank whose own load passed: undo its settings
-            for a, v in zip(_SETTINGS, values):
+            for a, v in zip(_SETTINGS, values, strict=True):
                 setattr(layers[n], a, v)
         raise
     with torch.no_grad():
@@ -751,9 +751,10 @@ def tp_forward(layer, x: torch.Tensor, weight, bias, lora_A, lora_B, linear) -> 
 
 
 def _styles():
+    from functools import partial
+
     from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-    from functools import partial
 
     def partition(placements, style, name, module, device_mesh):
         for pname, param in list(module.named_parameters(recurse=False)):

@@ -403,7 +403,7 @@ def test_every_rename_of_a_save_can_fail_and_the_directory_stays_as_before(tmp_p
     for fail_at in range(n_calls):
         count = [0]
 
-        def failing(src, dst, fail_at=fail_at):
+        def failing(src, dst, fail_at=fail_at, count=count):
             count[0] += 1
             if count[0] == fail_at + 1:
                 raise OSError(f"rename {fail_at} failed")
