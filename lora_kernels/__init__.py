@@ -8,7 +8,8 @@ from .modules import LoRALinear, inject_lora, load_lora_state_dict, lora_layers,
 from ._backend import BackendError
 from .cuda import cuda_ops_available, cuda_ops_unavailable_reason
 from .init import lora_ga_init, pissa_init
-from .io import load_adapter, save_adapter
+from .adapter_files import load_adapter, save_adapter
+from . import io  # noqa: F401 (the former name of adapter_files: lora_kernels.io.<name> keeps working)
 from .pool import AdapterPool, LoRABatch
 from .ops.multi_lora import lora_expand, lora_shrink, multi_lora_linear
 from .multi_modules import (MultiLoRALinear, inject_multi_lora, load_multi_adapter, multi_adapter_slot,

@@ -8,6 +8,11 @@ the inits. The functions here are their collective versions; the public function
 ``lora_state_dict``, ``save_adapter``, ``load_adapter``, ``lora_ga_init``, ``pissa_init``) dispatch to them when a
 layer's parameters are DTensors, so a user calls the same API on every rank.
 
+This is a low layer: it imports no other module of the package above the leaves. It finds LoRA layers by their
+attributes (:func:`is_lora_layer`), and what only a higher layer knows comes in as an argument: the single-process
+save / load to run on whole tensors (:func:`collective_save`, :func:`collective_load`), the merged-weight rule, the
+fused op for tensor parallelism.
+
 Rules they follow:
 
 * every rank calls (they run collectives); arguments are checked on every rank first and the verdicts are exchanged
@@ -29,7 +34,7 @@ import re
 import sys
 import threading
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -81,15 +86,23 @@ def _fsdp_modules(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def is_lora_layer(module) -> bool:
+    """Whether ``module`` is a LoRALinear, recognised by the attributes the functions here use (a base ``weight``
+    and ``lora_A`` / ``lora_B`` tensors, ``r``, ``scaling`` and the ``merged`` flag), so that this module needs no
+    import of the one that defines the class. PEFT's own LoRA layers (``lora_A`` is a ModuleDict) and the
+    multi-adapter layers (no ``lora_A``) are not."""
+    return (isinstance(module, nn.Module)
+            and all(isinstance(getattr(module, a, None), torch.Tensor) for a in ("weight", "lora_A", "lora_B"))
+            and all(hasattr(module, a) for a in ("r", "scaling", "merged")))
+
+
 def is_sharded(model: nn.Module) -> bool:
     """True when ``model`` is (or contains) an FSDP2 module or a LoRALinear with DTensor parameters."""
     if bypassed() or not isinstance(model, nn.Module):
         return False
-    from .modules import LoRALinear
-
     if _fsdp_modules(model):
         return True
-    return any(is_sharded_layer(m) for m in model.modules() if isinstance(m, LoRALinear))
+    return any(is_sharded_layer(m) for m in model.modules() if is_lora_layer(m))
 
 
 def reshard(model: nn.Module) -> None:
@@ -205,30 +218,22 @@ def _merge_checks(layer) -> None:
 
 
 @torch.no_grad()
-def merge_layer(layer) -> None:
+def merge_layer(layer, merged_weight=None) -> None:
     """``LoRALinear.merge`` on a sharded layer: each rank adds its own block of s·B·A to its block of W0 (the adapter
-    is gathered, the base weight never is). Collective. Refuses on every rank, nothing changed, when any rank's block
-    of the merged weight would not be finite. ``unmerge`` restores every block bit for bit."""
-    from ._numerics import acc_dtype
-
+    is gathered, the base weight never is). Collective. ``merged_weight(w0, lora_A, lora_B)`` is the layer's rule
+    for ``W0 + s·B·A`` (rounded once to W0's dtype; ValueError when not finite), here given a block of W0 and the
+    matching columns of A and rows of B; by default the layer's own (``LoRALinear._merged_weight``). Refuses on every
+    rank, nothing changed, when any rank's block of the merged weight would not be finite. ``unmerge`` restores
+    every block bit for bit."""
+    if merged_weight is None:
+        merged_weight = layer._merged_weight
     agree(capture_error(lambda: _merge_checks(layer)), "nothing was merged")
     W = layer.weight
     rows, cols = local_slices(W)
     A, B = full(layer.lora_A), full(layer.lora_B)
     w_loc = local(W)
-    acc = acc_dtype(w_loc.dtype)
-
-    def compute():
-        merged = w_loc.to(acc) + layer.scaling * (B[rows].to(acc) @ A[:, cols].to(acc))
-        if not torch.isfinite(merged).all():
-            raise ValueError("merge refused: the merged weight would contain inf or NaN; nothing was changed")
-        out = merged.to(w_loc.dtype)
-        if not torch.isfinite(out).all():
-            raise ValueError(f"merge refused: the merged weight overflows {w_loc.dtype}; nothing was changed")
-        return out
-
     result = {}
-    agree(capture_error(lambda: result.setdefault("w", compute())))
+    agree(capture_error(lambda: result.setdefault("w", merged_weight(w_loc, A[:, cols], B[rows]))))
     layer._unmerged_weight = W.detach().clone()  # a DTensor with W's placements: a local copy, no communication
     w_loc.copy_(result["w"])
 
@@ -243,10 +248,11 @@ def unmerge_layer(layer) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- state dicts
-def lora_layers_of(model: nn.Module):
-    from .modules import lora_layers
-
-    return lora_layers(model)
+def lora_layers_of(model: nn.Module, is_layer=None) -> Dict[str, nn.Module]:
+    """Qualified name → LoRA layer of ``model``, in module order (a shared layer once, under its first name): the
+    modules :func:`is_lora_layer` recognises, or those for which ``is_layer(module)`` is true."""
+    test = is_lora_layer if is_layer is None else is_layer
+    return {n: m for n, m in model.named_modules() if test(m)}
 
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -283,109 +289,92 @@ def _whole_adapters(layers, values: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
             layers[name]._parameters["lora_B"] = b
 
 
-def save_adapter(model: nn.Module, path, *, convert_to_original: bool = True,
-                 base_model_name_or_path: Optional[str] = None) -> Dict[str, object]:
-    """``save_adapter`` of a sharded model, called on every rank: the adapters are gathered whole, rank 0 writes the
-    same file a single process would, the other ranks write nothing; every rank returns the config. A bad argument on
-    any rank, or a failed write on rank 0, raises the same error on every rank."""
-    import os
-
-    from . import io
+def _checked_layers(check, what: str) -> Dict[str, nn.Module]:
+    """Collective: every rank runs ``check()`` (the single-process checks of the arguments; it returns the LoRA
+    layers, name → layer) and checks their adapters' placements; the verdicts are exchanged (:func:`agree`), so a
+    failure on any rank raises on every rank before anything is gathered or changed."""
+    found = {}
 
     def checks():
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"save_adapter: model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"save_adapter: path must be a str or os.PathLike (a directory), "
-                            f"got {type(path).__name__}")
-        if not isinstance(convert_to_original, bool):
-            raise TypeError(f"save_adapter: convert_to_original must be a bool, got {convert_to_original!r}")
-        layers = lora_layers_of(io._unwrap_peft(model))
-        if not layers:
-            raise ValueError("save_adapter: the model has no LoRALinear layer (use inject_lora or lora_ga_init first)")
+        layers = found["layers"] = check()
         for n, layer in layers.items():
-            if layer.merged:
-                raise ValueError(f"save_adapter: {n} is merged; unmerge() it first (its W0 holds the adapter)")
             for a in ("lora_A", "lora_B"):
                 check_placement(getattr(layer, a), f"{n}.{a}")
 
-    agree(capture_error(checks), "nothing was written")
-    _same_on_every_rank("save_adapter: convert_to_original", convert_to_original)
-    inner = io._unwrap_peft(model)
-    reshard(inner)
-    layers = lora_layers_of(inner)
+    agree(capture_error(checks), what)
+    return found["layers"]
+
+
+def collective_save(model: nn.Module, check, save, same: Optional[Dict[str, object]] = None):
+    """A save of a sharded model (``save_adapter``), called on every rank: ``check()`` runs on every rank
+    (:func:`_checked_layers`; it returns the layers whose adapters are saved), the values of ``same`` (message →
+    value) must agree between ranks, the adapters are gathered whole, and rank 0 runs ``save()`` (the single-process
+    save, dispatch turned off) on them; the other ranks write nothing. Every rank returns rank 0's result; a failed
+    check on any rank, or a failed write on rank 0, raises the same error on every rank."""
+    layers = _checked_layers(check, "nothing was written")
+    for name, value in (same or {}).items():
+        _same_on_every_rank(name, value)
+    reshard(model)
     whole = OrderedDict((n, (full(l.lora_A).clone(), full(l.lora_B).clone())) for n, l in layers.items())
     rank = dist.get_rank() if dist_on() else 0
-    config, error = None, None
+    result, error = None, None
     if rank == 0:
         try:
             with _whole_adapters(layers, whole):
-                config = io.save_adapter(model, path, convert_to_original=convert_to_original,
-                                         base_model_name_or_path=base_model_name_or_path)
+                result = save()
         except Exception as exc:  # the write failed on rank 0: every rank must hear of it
             error = exc
     agree(error, "rank 0 could not write the adapter")
     if dist_on():
-        box = [config]
+        box = [result]
         dist.broadcast_object_list(box, src=0)
-        config = box[0]
-    return config
+        result = box[0]
+    return result
 
 
-def load_adapter(model: nn.Module, path, *, backend: Optional[str] = None,
-                 lora_dtype: Optional[torch.dtype] = None) -> Dict[str, nn.Module]:
-    """``load_adapter`` into a sharded model, called on every rank: every rank reads and checks the file (all checks
-    of the single-process load), the verdicts are exchanged, and only then does each rank copy its own blocks of the
-    adapter. Nothing changes on any rank when any rank's check fails. The model must already hold the LoRALinear
-    layers (inject before sharding): a sharded ``nn.Linear`` cannot be wrapped afterwards."""
-    import os
+# The layer settings a load may change (load_adapter gives the layers the file's); put back when a rank fails.
+_SETTINGS = ("alpha", "use_rslora", "dropout", "scaling")
 
-    from . import io
 
-    snapshot = {}
-
-    def checks():
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"load_adapter: model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"load_adapter: path must be a str or os.PathLike (a directory), "
-                            f"got {type(path).__name__}")
-        layers = lora_layers_of(io._unwrap_peft(model))
-        if not layers:
-            raise ValueError("load_adapter: this sharded model has no LoRALinear layer; call inject_lora before "
-                             "fully_shard / parallelize_module (a sharded nn.Linear cannot be wrapped afterwards)")
-        for n, layer in layers.items():
-            for a in ("lora_A", "lora_B"):
-                check_placement(getattr(layer, a), f"{n}.{a}")
-
-    agree(capture_error(checks), "nothing was loaded")
-    inner = io._unwrap_peft(model)
-    reshard(inner)
-    layers = lora_layers_of(inner)
+def collective_load(model: nn.Module, check, load, *, from_current: bool):
+    """A load into a sharded model (``load_adapter``, ``load_lora_state_dict``), called on every rank: ``check()``
+    runs on every rank (:func:`_checked_layers`; it returns the layers loaded into), then every rank runs ``load()``
+    (the single-process load with all its checks, dispatch turned off) on whole plain adapter tensors: copies of
+    the current ones (``from_current``: a load may keep some of them) or zeros (a load that replaces them all, no
+    gathering). The verdicts are exchanged; only when every rank's load passed does each rank copy its own blocks
+    into the parameters. When any rank fails, nothing changes on any rank (a rank whose own load passed puts its
+    layers' settings back). Returns ``load()``'s result."""
+    layers = _checked_layers(check, "nothing was loaded")
+    reshard(model)
     scratch = OrderedDict()
+    snapshot = {}
     for n, layer in layers.items():
         A, B = layer.lora_A, layer.lora_B
-        scratch[n] = (torch.zeros(tuple(A.shape), dtype=A.dtype, device=local(A).device),
-                      torch.zeros(tuple(B.shape), dtype=B.dtype, device=local(B).device))
-        snapshot[n] = (layer.alpha, layer.use_rslora, layer.dropout, layer.scaling)
-    error = None
+        if from_current:
+            scratch[n] = (full(A).clone(), full(B).clone())
+        else:
+            scratch[n] = (torch.zeros(tuple(A.shape), dtype=A.dtype, device=local(A).device),
+                          torch.zeros(tuple(B.shape), dtype=B.dtype, device=local(B).device))
+        snapshot[n] = tuple(getattr(layer, a) for a in _SETTINGS)
+    result, error = None, None
     try:
         with _whole_adapters(layers, scratch):
-            io.load_adapter(model, path, backend=backend, lora_dtype=lora_dtype)
+            result = load()
     except Exception as exc:
         error = exc
     try:
         agree(error, "nothing was loaded")
     except Exception:
-        for n, (alpha, rs, drop, scaling) in snapshot.items():  # a rank whose own load passed: undo its settings
-            layers[n].alpha, layers[n].use_rslora, layers[n].dropout, layers[n].scaling = alpha, rs, drop, scaling
+        for n, values in snapshot.items():  # a rank whose own load passed: undo its settings
+            for a, v in zip(_SETTINGS, values, strict=True):
+                setattr(layers[n], a, v)
         raise
     with torch.no_grad():
         for n, layer in layers.items():
             A, B = scratch[n]
             local(layer.lora_A).copy_(A[local_slices(layer.lora_A)])
             local(layer.lora_B).copy_(B[local_slices(layer.lora_B)])
-    return OrderedDict(layers)
+    return result
 
 
 # --------------------------------------------------------------------------------------- LoRA-GA / PiSSA re-init
@@ -711,9 +700,11 @@ def _tp_kind(layer) -> str:
                      f"LoRARowwiseParallel")
 
 
-def tp_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """``LoRALinear.forward`` with DTensor parameters: the fused op runs on each rank's shards (``local_map``), so no
-    weight is ever gathered.
+def tp_forward(layer, x: torch.Tensor, weight, bias, lora_A, lora_B, linear) -> torch.Tensor:
+    """``LoRALinear.forward`` with DTensor parameters: the fused op ``linear`` (``lora_linear``'s signature) runs on
+    each rank's shards (``local_map``), so no weight is ever gathered. ``x``, ``weight``, ``bias``, ``lora_A``,
+    ``lora_B`` are what the layer computes with (its parameters after its autocast casts); the scaling, dropout,
+    training mode and backend are the layer's.
 
     colwise: every rank computes its own output columns, ``x·W0_iᵀ + s·(x·Aᵀ)·B_iᵀ + b_i`` (x and A replicated);
     the gradients of x and A are partial sums (reduced by DTensor where needed).
@@ -722,11 +713,8 @@ def tp_forward(layer, x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
     from torch.distributed.tensor.experimental import local_map
 
-    from .ops.lora_linear import lora_linear
-
     kind = _tp_kind(layer)
     mesh = layer.weight.device_mesh
-    x, weight, bias, lora_A, lora_B = layer._autocast(x)
     scale, p, training, backend = layer.scaling, layer.dropout, layer.training, layer.backend
     if not isinstance(x, DTensor):  # a plain input is what each style's input layout says it is
         x = DTensor.from_local(x, mesh, [Replicate() if kind == "colwise" else Shard(x.dim() - 1)], run_check=False)
@@ -735,7 +723,7 @@ def tp_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if kind == "colwise":
         if bias is None:
             def fn(x_, w_, a_, b_):
-                return lora_linear(x_, w_, a_, b_, scale, None, dropout_p=p, training=training, backend=backend)
+                return linear(x_, w_, a_, b_, scale, None, dropout_p=p, training=training, backend=backend)
 
             return local_map(fn, out_placements=[last], device_mesh=mesh,
                              in_placements=([Replicate()], [Shard(0)], [Replicate()], [Shard(0)]),
@@ -743,7 +731,7 @@ def tp_forward(layer, x: torch.Tensor) -> torch.Tensor:
                 x, weight, lora_A, lora_B)
 
         def fn_b(x_, w_, a_, b_, bias_):
-            return lora_linear(x_, w_, a_, b_, scale, bias_, dropout_p=p, training=training, backend=backend)
+            return linear(x_, w_, a_, b_, scale, bias_, dropout_p=p, training=training, backend=backend)
 
         return local_map(fn_b, out_placements=[last], device_mesh=mesh,
                          in_placements=([Replicate()], [Shard(0)], [Replicate()], [Shard(0)], [Shard(0)]),
@@ -754,7 +742,7 @@ def tp_forward(layer, x: torch.Tensor) -> torch.Tensor:
         x = x.redistribute(mesh, [last])
 
     def fn_r(x_, w_, a_, b_):
-        return lora_linear(x_, w_, a_, b_, scale, None, dropout_p=p, training=training, backend=backend)
+        return linear(x_, w_, a_, b_, scale, None, dropout_p=p, training=training, backend=backend)
 
     y = local_map(fn_r, out_placements=[Partial()], device_mesh=mesh,
                   in_placements=([last], [Shard(1)], [Shard(1)], [Replicate()]),
@@ -763,11 +751,10 @@ def tp_forward(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _styles():
-    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
     from functools import partial
 
-    from .modules import LoRALinear
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     def partition(placements, style, name, module, device_mesh):
         for pname, param in list(module.named_parameters(recurse=False)):
@@ -790,7 +777,7 @@ def _styles():
         ``nn.Linear`` / ``nn.Embedding`` are handled as by ``ColwiseParallel``."""
 
         def _apply(self, module, device_mesh):
-            if isinstance(module, LoRALinear):
+            if is_lora_layer(module):
                 return apply(self, module, device_mesh,
                              {"weight": Shard(0), "bias": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0)})
             return super()._apply(module, device_mesh)
@@ -801,7 +788,7 @@ def _styles():
         same all-reduce as the base output's. Plain ``nn.Linear`` / ``nn.Embedding`` as ``RowwiseParallel``."""
 
         def _apply(self, module, device_mesh):
-            if isinstance(module, LoRALinear):
+            if is_lora_layer(module):
                 self.desired_input_layouts = (Shard(-1),)
                 return apply(self, module, device_mesh,
                              {"weight": Shard(1), "bias": Replicate(), "lora_A": Shard(1), "lora_B": Replicate()})
@@ -819,40 +806,23 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load_lora_state_dict(model: nn.Module, state_dict, strict: bool = True):
+def load_lora_state_dict(model: nn.Module, state_dict, strict: bool = True, *, load):
     """``load_lora_state_dict`` into a sharded model, called on every rank with whole tensors (as
-    :func:`lora_state_dict` returns them): every rank runs all the single-process checks, the verdicts are exchanged,
-    then each rank copies its own blocks. Merged layers are refused (unmerge first)."""
+    :func:`lora_state_dict` returns them): every rank runs all the single-process checks (``load(model, state_dict,
+    strict=strict)``, the single-process function), the verdicts are exchanged, then each rank copies its own
+    blocks (:func:`collective_load`). Merged layers are refused (unmerge first)."""
     from collections.abc import Mapping
 
-    from . import modules
-
-    def checks():
+    def check():
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
-        for n, layer in lora_layers_of(model).items():
+        layers = lora_layers_of(model)
+        for n, layer in layers.items():
             if layer.merged:
                 raise ValueError(f"load_lora_state_dict: {n} is merged; unmerge() it before loading into a sharded "
                                  f"model; nothing was loaded")
-            for a in ("lora_A", "lora_B"):
-                check_placement(getattr(layer, a), f"{n}.{a}")
+        return layers
 
-    agree(capture_error(checks), "nothing was loaded")
-    reshard(model)
-    layers = lora_layers_of(model)
-    scratch = OrderedDict((n, (full(l.lora_A).clone(), full(l.lora_B).clone())) for n, l in layers.items())
-    result, error = None, None
-    try:
-        with _whole_adapters(layers, scratch):
-            result = modules.load_lora_state_dict(model, state_dict, strict=strict)
-    except Exception as exc:
-        error = exc
-    agree(error, "nothing was loaded")
-    with torch.no_grad():
-        for n, layer in layers.items():
-            A, B = scratch[n]
-            local(layer.lora_A).copy_(A[local_slices(layer.lora_A)])
-            local(layer.lora_B).copy_(B[local_slices(layer.lora_B)])
-    return result
+    return collective_load(model, check, lambda: load(model, state_dict, strict=strict), from_current=True)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora_kernels as lk
+from lora_kernels.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from _dist_helpers import WORLD, expect_error, gloo_available, spawn
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
@@ -223,16 +224,16 @@ def test_fsdp2_lora_two_ranks(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "sharded" / lk.io.WEIGHTS_NAME), load_file(tmp_path / "single" / lk.io.WEIGHTS_NAME)
+    a, b = load_file(tmp_path / "sharded" / WEIGHTS_NAME), load_file(tmp_path / "single" / WEIGHTS_NAME)
     assert list(a) == list(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=2e-6)
-    cfg_a = json.loads((tmp_path / "sharded" / lk.io.CONFIG_NAME).read_text())
-    cfg_b = json.loads((tmp_path / "single" / lk.io.CONFIG_NAME).read_text())
+    cfg_a = json.loads((tmp_path / "sharded" / CONFIG_NAME).read_text())
+    cfg_b = json.loads((tmp_path / "single" / CONFIG_NAME).read_text())
     assert cfg_a == cfg_b
-    with safe_open(str(tmp_path / "sharded" / lk.io.WEIGHTS_NAME), framework="pt") as f:
+    with safe_open(str(tmp_path / "sharded" / WEIGHTS_NAME), framework="pt") as f:
         assert f.metadata()["lora_kernels.base"] == "original"
-    assert not (tmp_path / "sharded" / (lk.io.WEIGHTS_NAME + ".tmp")).exists()
+    assert not (tmp_path / "sharded" / (WEIGHTS_NAME + ".tmp")).exists()
 
     # PEFT loads the sharded run's file and computes the trained model's function
     peft = pytest.importorskip("peft")
@@ -272,4 +273,4 @@ def test_example_train_fsdp_runs_with_torchrun(tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PEFT reload max" in proc.stdout, proc.stdout
-    assert (out / lk.io.WEIGHTS_NAME).is_file() and (out / lk.io.CONFIG_NAME).is_file()
+    assert (out / WEIGHTS_NAME).is_file() and (out / CONFIG_NAME).is_file()

@@ -1,4 +1,4 @@
-"""PEFT-format adapter files: save_adapter / load_adapter (lora_kernels/io.py)."""
+"""PEFT-format adapter files: save_adapter / load_adapter (lora_kernels/adapter_files.py)."""
 
 import copy
 import json

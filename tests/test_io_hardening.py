@@ -13,7 +13,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import lora_kernels as lk
-from lora_kernels import io as lk_io
+from lora_kernels import adapter_files as lk_io
 
 
 class Attn(nn.Module):
@@ -91,7 +91,7 @@ def test_pattern_keys_select_exactly_one_layer_and_round_trip(tmp_path):
     assert cfg["rank_pattern"] == {r"^attn\.q": 3}
     assert cfg["alpha_pattern"] == {r"^attn\.q": 5, r"^attn\.q2": 7}
     for key in list(cfg["rank_pattern"]) + list(cfg["alpha_pattern"]):
-        names = [n for n, _ in model.named_modules() if lk_io._pattern_matches(key, n)]
+        names = [n for n, _ in model.named_modules() if lk_io.pattern_matches(key, n)]
         assert len(names) == 1, (key, names)
     loaded = nested()
     lk.load_adapter(loaded, tmp_path, backend="torch")
@@ -368,6 +368,111 @@ def test_failed_save_leaves_the_directory_as_before(tmp_path, monkeypatch, fail_
         assert listing(tmp_path) == before
 
 
+def save_other(path):
+    """Save a second adapter (other weights and alpha, same layers) over ``path``; returns its model."""
+    model = nested()
+    lk.inject_lora(model, r".*q", r=2, alpha=3, backend="torch")
+    randomize(model)
+    with torch.no_grad():
+        for layer in lk.lora_layers(model).values():
+            layer.lora_B.add_(1.0)
+    lk.save_adapter(model, path)
+    return model
+
+
+def pair_state(path):
+    """(weights bytes, config bytes) under the final names; None for a file that is absent."""
+    def read(name):
+        p = os.path.join(path, name)
+        return Path(p).read_bytes() if os.path.exists(p) else None
+
+    return read("adapter_model.safetensors"), read("adapter_config.json")
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_every_rename_of_a_save_can_fail_and_the_directory_stays_as_before(tmp_path, monkeypatch, existing):
+    # Over an old adapter a save moves the two old files aside and renames the two new ones into place; a failure
+    # at any of those steps (the config's rename, the last, included) leaves the old adapter whole: its weights are
+    # never paired with the new config or the other way round.
+    target = tmp_path / "adapter"
+    if existing:
+        old = saved_nested(target)
+    before = listing(tmp_path)
+    real_replace = os.replace
+    n_calls = 4 if existing else 2  # (move the config aside, move the weights aside,) rename weights, rename config
+    for fail_at in range(n_calls):
+        count = [0]
+
+        def failing(src, dst, fail_at=fail_at, count=count):
+            count[0] += 1
+            if count[0] == fail_at + 1:
+                raise OSError(f"rename {fail_at} failed")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", failing)
+        with pytest.raises(OSError, match=f"rename {fail_at} failed"):
+            save_other(target)
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert listing(tmp_path) == before, fail_at
+    calls = []
+    monkeypatch.setattr(os, "replace", lambda src, dst: (calls.append(dst), real_replace(src, dst)))
+    save_other(target)  # every rename of a save was made to fail above
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(calls) == n_calls
+    if existing:
+        lk.save_adapter(old, target)
+        loaded = nested()
+        lk.load_adapter(loaded, target, backend="torch")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(X), old(X), rtol=0, atol=0)
+
+
+def test_a_crash_between_the_renames_never_pairs_new_weights_with_an_old_config(tmp_path, monkeypatch):
+    # A killed process runs no undo. At every point of a save over an old adapter, what the final names hold is the
+    # old pair, the new pair, or no config at all (no adapter: a reader fails loudly instead of mixing the two).
+    target = tmp_path / "adapter"
+    saved_nested(target)
+    old_pair = pair_state(target)
+    states = [old_pair]
+    real_replace = os.replace
+
+    def recording(src, dst):
+        real_replace(src, dst)
+        states.append(pair_state(target))
+
+    monkeypatch.setattr(os, "replace", recording)
+    save_other(target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    new_pair = states[-1]
+    assert new_pair[0] != old_pair[0] and new_pair[1] != old_pair[1] and None not in new_pair
+    assert len(states) >= 3
+    for weights, config in states:
+        assert config is None or (weights, config) in (old_pair, new_pair), "a mixed pair was visible"
+    # Nothing is left but the adapter's two files.
+    assert sorted(os.listdir(target)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_failed_undo_is_named_in_the_error(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    saved_nested(target)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith("adapter_config.json.tmp") or str(src).endswith(".bak"):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="rename failed") as info:
+        save_other(target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "adapter_config.json.bak could not be moved back" in notes
+    assert "adapter_model.safetensors.bak could not be moved back" in notes
+    # The old files are still there, under the names the note gives.
+    assert (target / "adapter_config.json.bak").exists() and (target / "adapter_model.safetensors.bak").exists()
+
+
 class Scaled(nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)
@@ -428,6 +533,73 @@ def test_public_reading_api(tmp_path):
         lk_io.read_config(tmp_path / "nowhere", caller="load_adapters")
 
 
+def test_raw_config_then_check_config_needs_no_copy_of_the_file(tmp_path):
+    # A reader that handles a field itself (the serving loader takes fan_in_fan_out) reads the JSON unchecked, looks
+    # at its own fields, then checks the rest: no temporary copy of a patched config.
+    saved_nested(tmp_path)
+    cpath = tmp_path / "adapter_config.json"
+    cpath.write_text(json.dumps(dict(json.loads(cpath.read_text()), fan_in_fan_out=True)))
+    raw = lk_io.read_raw_config(tmp_path, caller="load_adapters")
+    assert raw["fan_in_fan_out"] is True and raw["r"] == 2
+    with pytest.raises(ValueError, match="fan_in_fan_out=True"):
+        lk_io.read_config(tmp_path)
+    assert lk_io.read_config(tmp_path, allow=("fan_in_fan_out",)) == raw
+    assert lk_io.check_config(raw, str(cpath), caller="load_adapters", allow=("fan_in_fan_out",)) is raw
+    # The raw reader still refuses what is no config at all, naming the caller and the file.
+    with pytest.raises(NotADirectoryError, match="^load_adapters: .* is a file"):
+        lk_io.read_raw_config(cpath, caller="load_adapters")
+    with pytest.raises(FileNotFoundError, match="^load_adapters: .*nowhere.adapter_config.json does not exist"):
+        lk_io.read_raw_config(tmp_path / "nowhere", caller="load_adapters")
+    cpath.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"^load_adapters: .*adapter_config.json must hold a JSON object, got list"):
+        lk_io.read_raw_config(tmp_path, caller="load_adapters")
+    cpath.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        lk_io.read_raw_config(tmp_path)
+
+
+def test_tensors_by_module_and_pattern_value(tmp_path):
+    model = nested_with_mixed_adapters()
+    cfg = lk.save_adapter(model, tmp_path)
+    tensors, _ = lk_io.read_tensors(tmp_path)
+    by_module, others = lk_io.tensors_by_module(tensors)
+    assert others == []
+    assert sorted(by_module) == sorted(lk.lora_layers(model))
+    for name, layer in lk.lora_layers(model).items():
+        assert set(by_module[name]) == {"A", "B"}
+        torch.testing.assert_close(by_module[name]["A"], layer.lora_A.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(by_module[name]["B"], layer.lora_B.detach(), rtol=0, atol=0)
+        assert lk_io.adapter_key(name, "A") in tensors and lk_io.adapter_key(name, "B") in tensors
+        # The config's patterns give each layer its own rank and alpha back.
+        assert lk_io.pattern_value(name, cfg["rank_pattern"], cfg["r"]) == layer.r
+        assert lk_io.pattern_value(name, cfg["alpha_pattern"], cfg["lora_alpha"]) == layer.alpha
+    # Keys that are no lora_A / lora_B weight under PEFT's prefix are returned, not dropped; a lone part is kept.
+    extra = {"base_model.model.x.bias": torch.zeros(1), "x.lora_A.weight": torch.zeros(1),
+             "base_model.model.lora_A.weight": torch.zeros(1), "base_model.model.y.lora_B.weight": torch.ones(1),
+             "base_model.model..lora_A.weight": torch.ones(1)}
+    by_module, others = lk_io.tensors_by_module(extra)
+    assert others == ["base_model.model.x.bias", "x.lora_A.weight", "base_model.model.lora_A.weight"]
+    assert list(by_module) == ["y", ""] and set(by_module["y"]) == {"B"} and set(by_module[""]) == {"A"}
+    with pytest.raises(ValueError, match="part must be 'A' or 'B'"):
+        lk_io.adapter_key("q", "C")
+    assert lk_io.adapter_key("", "A") == "base_model.model..lora_A.weight"  # the root module's key
+
+
+def test_old_module_name_still_works():
+    import lora_kernels.io as old
+    from lora_kernels import adapter_files
+
+    for name in ("save_adapter", "load_adapter", "read_config", "read_raw_config", "check_config", "read_tensors",
+                 "tensors_by_module", "pattern_value", "adapter_key", "exact_pattern_key", "WEIGHTS_NAME",
+                 "CONFIG_NAME", "PREFIX", "ADAPTER_DTYPES"):
+        assert getattr(old, name) is getattr(adapter_files, name), name
+    assert lk.io is old and lk.adapter_files is adapter_files
+    # Names code written before the rename used reach the same objects too.
+    assert old._read_config is adapter_files.read_config and old._write_files is adapter_files._write_files
+    with pytest.raises(AttributeError):
+        _ = old.no_such_name
+
+
 class WithEmbedding(nn.Module):
     def __init__(self):
         super().__init__()
@@ -473,3 +645,16 @@ def test_original_base_adapter_into_a_pissa_changed_model_is_refused(tmp_path):
     after = pissa.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     lk.load_adapter(pissa, tmp_path / "mutated")  # the residual's own adapter loads
+
+
+def test_a_bare_linear_model_is_refused_before_anything_changes(tmp_path):
+    # The model itself cannot be replaced in place: loading into a bare nn.Linear (a file keyed for the root module)
+    # is refused like a target that matches nothing, and its weight keeps requires_grad (no layer was built).
+    root = {"base_model.model..lora_A.weight": torch.randn(2, 6), "base_model.model..lora_B.weight": torch.randn(6, 2)}
+    save_file(root, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ".*"}))
+    lin = nn.Linear(6, 6)
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        lk.load_adapter(lin, tmp_path)
+    assert lin.weight.requires_grad and "" not in vars(lin)
