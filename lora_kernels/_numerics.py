@@ -25,3 +25,19 @@ def real_number(name: str, value) -> float:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype that products of ``dtype`` tensors are accumulated in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_alpha(alpha) -> float:
+    """``alpha`` as a finite float (TypeError for a non-number, ValueError for inf or NaN)."""
+    alpha = real_number("alpha", alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    return alpha
+
+
+def check_dropout(dropout) -> float:
+    """``dropout`` as a float in [0, 1) (TypeError for a non-number, ValueError outside the range)."""
+    dropout = real_number("dropout", dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return dropout
