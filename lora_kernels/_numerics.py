@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from ._autocast import autocast_off
+
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling: α/r, or α/√r with rsLoRA."""
@@ -41,3 +43,19 @@ def check_dropout(dropout) -> float:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     return dropout
+
+
+@torch.no_grad()
+def merged_weight(w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W0 + scaling·B·A``, accumulated in :func:`acc_dtype` with autocast off and rounded once to W0's dtype (also
+    for blocks: rows of B and columns of A against their block of W0). ValueError, saying nothing was changed, when
+    the result is not finite before or after the rounding."""
+    acc = acc_dtype(w0.dtype)
+    with autocast_off(w0):
+        merged = w0.to(acc) + scaling * (lora_B.to(acc) @ lora_A.to(acc))
+    if not torch.isfinite(merged).all():
+        raise ValueError("merge refused: the merged weight would contain inf or NaN; nothing was changed")
+    merged = merged.to(w0.dtype)
+    if not torch.isfinite(merged).all():
+        raise ValueError(f"merge refused: the merged weight overflows {w0.dtype}; nothing was changed")
+    return merged

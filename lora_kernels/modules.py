@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _autocast, _backend, distributed
-from ._numerics import acc_dtype, check_alpha, check_dropout, lora_scaling, real_number
+from ._numerics import acc_dtype, check_alpha, check_dropout, lora_scaling, merged_weight, real_number
 from .init.pissa import INIT_RECORD, apply_pissa, pissa_factors, pissa_init, record_initial_adapter
 from .ops.lora_linear import lora_linear
 from .targets import (check_replaceable, check_target_modules, linear_refusal, matches, named_linears,  # noqa: F401
@@ -73,8 +73,8 @@ class LoRALinear(nn.Module):
     # found by inject_lora. merge() and PiSSA write the weight in place and refuse while it is set; see untie_weight.
     tied_with: Tuple[str, ...] = ()
     # The initial adapter (A0, B0), fp32 on the CPU, when an init (PiSSA, LoRA-GA) replaced W0 by the residual
-    # W0 − s·B0·A0; None while W0 is the original weight. The attribute is named by init.pissa.INIT_RECORD; it follows
-    # the state dict (INITIAL_ADAPTER_KEYS), deepcopy and pickling, never .to() (it stays exact and off the device).
+    # W0 − s·B0·A0; None while W0 is the original weight. Named by init.pissa.INIT_RECORD; it follows the state dict
+    # (INITIAL_ADAPTER_KEYS), deepcopy and pickling, never .to() (it stays exact and off the device).
     _lk_init_adapter: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def __init__(
@@ -150,17 +150,9 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        r: int = 8,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "default",
-        lora_dtype=None,
-        backend: Optional[str] = None,
-    ) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+                    use_rslora: bool = False, init: str = "default", lora_dtype=None,
+                    backend: Optional[str] = None) -> "LoRALinear":
         """Wrap ``linear``: its weight (frozen here) and bias are shared, not copied; the adapter is created on the
         weight's device. With B = 0 (the default inits) the output is the ``nn.Linear``'s up to the backend's
         rounding (the reference accumulates in fp32 and rounds once). The bias keeps its ``requires_grad``
@@ -237,18 +229,9 @@ class LoRALinear(nn.Module):
         with _autocast_off(self.weight):
             return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
 
-    @torch.no_grad()
     def _merged_weight(self, w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         """``W0 + s·B·A`` rounded once to W0's dtype; raises ValueError (nothing changed) when not finite."""
-        acc = acc_dtype(w0.dtype)
-        with _autocast_off(w0):
-            merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))
-        if not torch.isfinite(merged).all():
-            raise ValueError("merge refused: the merged weight would contain inf or NaN; nothing was changed")
-        merged = merged.to(w0.dtype)
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merge refused: the merged weight overflows {w0.dtype}; nothing was changed")
-        return merged
+        return merged_weight(w0, lora_A, lora_B, self.scaling)
 
     def check_untied(self, action: str) -> None:
         """ValueError naming the tie when the base weight is shared with other parameters (``tied_with``):
@@ -380,7 +363,7 @@ class LoRALinear(nn.Module):
                     "gets no gradient until unmerge()", UserWarning, stacklevel=2,
                 )
             return F.linear(x, self.weight, self.bias)
-        if distributed.is_sharded_layer(self):  # tensor parallel (DTensor parameters): the op runs on each rank's shards
+        if distributed.is_sharded_layer(self):  # tensor parallel (DTensor parameters): the op runs on the shards
             return distributed.tp_forward(self, x)
         x, weight, bias, lora_A, lora_B = self._autocast(x)
         return lora_linear(

@@ -5,13 +5,15 @@ batches, progress reports and the batch count over ranks. Imports no layer class
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from collections.abc import Mapping
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .._progress import progress as progress_bar  # the name "progress" is lora_ga_init's argument
@@ -115,6 +117,37 @@ def as_loss(out) -> torch.Tensor:
     return loss.reshape(())
 
 
+@contextlib.contextmanager
+def estimation_state(model: nn.Module, train_mode: Optional[bool],
+                     trainable: Optional[Sequence[torch.Tensor]] = None) -> Iterator[list]:
+    """The model as a gradient estimate needs it, and as it was afterwards (also on error): every ``.grad`` is None
+    meanwhile, ``train_mode`` (None: unchanged) is set on every module, and with ``trainable`` only those tensors
+    require grad. Yields a list for the caller's hook handles, removed on exit; then every ``.grad``,
+    ``requires_grad`` flag and training mode is restored."""
+    params = list(model.parameters())
+    saved = [(p, p.grad, p.requires_grad) for p in params]
+    saved_modes = {m: m.training for m in model.modules()}
+    hooks: list = []
+    try:
+        for p in params:
+            p.grad = None
+            if trainable is not None:
+                p.requires_grad_(False)
+        for t in trainable or ():
+            t.requires_grad_(True)
+        if train_mode is not None:
+            model.train(bool(train_mode))
+        yield hooks
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, grad, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = grad
+        for m, mode in saved_modes.items():
+            m.training = mode
+
+
 def run_batches(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable], num_batches: Optional[int],
                 report: ProgressFn, what: str = "weight") -> int:
     """Forward and backward every batch (at most ``num_batches``), reporting each; returns how many ran. The hooks
@@ -145,17 +178,13 @@ def run_batches(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable]
 # ------------------------------------------------------------------------------------------------------ ranks
 def dist_group(process_group):
     """(group, world size) of ``process_group`` when torch.distributed is initialised, else (None, 1)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()):
         return None, 1
-    import torch.distributed as dist
-
     return process_group, dist.get_world_size(process_group)
 
 
 def all_reduce_sum(t: torch.Tensor, group, like: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks; NCCL needs CUDA tensors, so CPU buffers travel to ``like``'s device for the reduction."""
-    import torch.distributed as dist
-
     backend = dist.get_backend(group)
     if t.device.type == "cpu" and "nccl" in str(backend) and like.device.type == "cuda":
         dev = t.to(like.device)
@@ -171,8 +200,6 @@ def total_batches(n_local: int, process_group) -> int:
     group, world = dist_group(process_group)
     count = torch.tensor([float(n_local)], dtype=torch.float64)
     if world > 1:
-        import torch.distributed as dist
-
         if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
             count = count.cuda()
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)

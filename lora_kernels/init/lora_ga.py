@@ -37,8 +37,8 @@ import torch.nn as nn
 from ..modules import LoRALinear
 from ..targets import check_replaceable, replace_module, tied_names
 from .ga_common import (DEFAULT_TARGETS, SVD_CHUNK_BYTES, ProgressFn, all_reduce_sum, as_loss,  # noqa: F401
-                        check_ga_args, default_loss, dist_group, make_progress, resolve_targets, run_batches,
-                        select_targets, total_batches)
+                        check_ga_args, default_loss, dist_group, estimation_state, make_progress,
+                        resolve_targets, run_batches, select_targets, total_batches)
 from .ga_factors import DIRECTIONS, direction_indices, lora_ga_factors  # noqa: F401 (public here)
 from .pissa import record_initial_adapter
 from .sharded import lora_ga_reinit, lora_ga_reinit_applies
@@ -111,33 +111,13 @@ def estimate_gradients(model: nn.Module, weights: Dict[str, torch.Tensor], batch
     """Sum of the gradients of the loss w.r.t. each of ``weights`` over this rank's batches (fp32, on the CPU or,
     with ``grad_buffer="device"``, next to the weight), and how many batches ran. Only those weights require grad
     meanwhile; every flag, ``.grad`` and training mode is restored afterwards, also on error."""
-    params = list(model.parameters())
-    saved_flags = [p.requires_grad for p in params]
-    saved_modes = {m: m.training for m in model.modules()}
-    saved_grads = {n: w.grad for n, w in weights.items()}
     buffers: Dict[str, torch.Tensor] = {}
-    hooks = []
-    try:
-        for p in params:
-            p.requires_grad_(False)
+    with estimation_state(model, train_mode, trainable=list(weights.values())) as hooks:
         for n, w in weights.items():
-            w.grad = None
-            w.requires_grad_(True)
             where = w.device if grad_buffer == "device" else torch.device("cpu")
             buffers[n] = torch.zeros(w.shape, dtype=torch.float32, device=where)
             hooks.append(w.register_post_accumulate_grad_hook(_accumulate_into(buffers[n])))
-        if train_mode is not None:
-            model.train(bool(train_mode))
         n_local = run_batches(model, batches, loss_fn, num_batches, report, what="weight")
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in zip(params, saved_flags):
-            p.requires_grad_(flag)
-        for n, w in weights.items():
-            w.grad = saved_grads[n]
-        for m, mode in saved_modes.items():
-            m.training = mode
     return buffers, n_local
 
 

@@ -20,8 +20,8 @@ from .._numerics import check_alpha, check_dropout, lora_scaling
 from ..modules import LoRALinear, lora_layers
 from ..targets import check_target_modules, no_match_error
 from .dist_svd import LOCAL, sharded_randomized_svd
-from .ga_common import (DEFAULT_TARGETS, all_reduce_sum, check_ga_args, dist_group, make_progress, resolve_targets,
-                        run_batches, select_targets, total_batches)
+from .ga_common import (DEFAULT_TARGETS, all_reduce_sum, check_ga_args, dist_group, estimation_state,
+                        make_progress, resolve_targets, run_batches, select_targets, total_batches)
 from .ga_factors import direction_indices, stable_scale
 from .pissa import record_initial_adapter
 
@@ -131,29 +131,17 @@ def estimate_row_gradients(model: nn.Module, layers: Layers, batches, loss_fn, n
     """The average gradient of the loss w.r.t. each layer's W0 over the batches of every rank: fp32, this rank's
     rows of it for a row-sharded W0 (whole otherwise). W0 needs no ``requires_grad`` (hooks on the layer's input and
     output); ``.grad`` of every parameter and every module's training mode are restored, also on error."""
-    params = list(model.parameters())
-    saved_grads = [p.grad for p in params]
-    saved_modes = {m: m.training for m in model.modules()}
     buffers: Dict[str, torch.Tensor] = {}
-    hooks = []
     try:
-        for p in params:
-            p.grad = None
-        for n, layer in layers.items():
-            rows = distributed.local_slices(layer.weight)[0]
-            where = distributed.local(layer.weight).device if grad_buffer == "device" else torch.device("cpu")
-            buffers[n] = torch.zeros(rows.stop - rows.start, layer.in_features, dtype=torch.float32, device=where)
-            hooks.append(_gradient_hook(layer, n, buffers[n], rows))
-        if train_mode is not None:
-            model.train(bool(train_mode))
-        n_local = run_batches(model, batches, loss_fn, num_batches, report, what="layer")
+        with estimation_state(model, train_mode) as hooks:
+            for n, layer in layers.items():
+                rows = distributed.local_slices(layer.weight)[0]
+                where = distributed.local(layer.weight).device if grad_buffer == "device" else torch.device("cpu")
+                buffers[n] = torch.zeros(rows.stop - rows.start, layer.in_features, dtype=torch.float32,
+                                         device=where)
+                hooks.append(_gradient_hook(layer, n, buffers[n], rows))
+            n_local = run_batches(model, batches, loss_fn, num_batches, report, what="layer")
     finally:
-        for h in hooks:
-            h.remove()
-        for p, g in zip(params, saved_grads):
-            p.grad = g
-        for m, mode in saved_modes.items():
-            m.training = mode
         distributed.reshard(model)
     total = total_batches(n_local, process_group)
     _, world = dist_group(process_group)
