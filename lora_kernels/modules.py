@@ -15,6 +15,12 @@ too (as PEFT does); the adapter gets no gradient then, which is warned once.
 Tied weights. A base weight that is also another module's parameter (an ``lm_head`` tied to the input embedding) is
 recorded by ``inject_lora`` in ``LoRALinear.tied_with``; everything that writes W0 in place (``merge()``, PiSSA,
 ``reset_parameters()``) refuses such a layer, naming the tie, until ``untie_weight()`` gives it its own copy.
+
+Initial adapter. PiSSA and LoRA-GA replace W0 by a residual and record the adapter they started from
+(``initial_adapter``: (A0, B0), fp32 on the CPU), which ``save_adapter`` needs to write the adapter against the
+original W0. ``state_dict()`` carries it under ``initial_adapter_A`` / ``initial_adapter_B`` only for a layer that has
+one, and ``load_state_dict`` takes it back; a state dict without these keys (older checkpoints) loads with
+``strict=True`` and leaves the record as it is. ``lora_state_dict`` and adapter files never hold it.
 """
 
 from __future__ import annotations
