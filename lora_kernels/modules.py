@@ -15,28 +15,38 @@ too (as PEFT does); the adapter gets no gradient then, which is warned once.
 Tied weights. A base weight that is also another module's parameter (an ``lm_head`` tied to the input embedding) is
 recorded by ``inject_lora`` in ``LoRALinear.tied_with``; everything that writes W0 in place (``merge()``, PiSSA,
 ``reset_parameters()``) refuses such a layer, naming the tie, until ``untie_weight()`` gives it its own copy.
+
+Initial adapter. PiSSA and LoRA-GA replace W0 by a residual and record the adapter they started from
+(``initial_adapter``: (A0, B0), fp32 on the CPU), which ``save_adapter`` needs to write the adapter against the
+original W0. ``state_dict()`` carries it under ``initial_adapter_A`` / ``initial_adapter_B`` only for a layer that has
+one, and ``load_state_dict`` takes it back; a state dict without these keys (older checkpoints) loads with
+``strict=True`` and leaves the record as it is. ``lora_state_dict`` and adapter files never hold it.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import re
 import warnings
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
-
-from . import _autocast
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _backend
-from ._numerics import acc_dtype, lora_scaling, real_number  # noqa: F401 (lora_scaling is public here)
+from . import _autocast, _backend, distributed
+from ._numerics import acc_dtype, check_alpha, check_dropout, lora_scaling, merged_weight, real_number
+from .init.pissa import INIT_RECORD, apply_pissa, pissa_factors, pissa_init, record_initial_adapter
 from .ops.lora_linear import lora_linear
-from .targets import check_replaceable, linear_refusal, matches, tied_names  # noqa: F401 (re-exported)
+from .targets import (check_replaceable, check_target_modules, linear_refusal, matches, named_linears,  # noqa: F401
+                      no_match_error, parent_of, replace_module, tied_names)
+
+__all__ = ["INITS", "LoRALinear", "LoraLoadResult", "check_replaceable", "inject_lora", "linear_refusal",
+           "load_lora_state_dict", "lora_layers", "lora_scaling", "lora_state_dict"]
 
 INITS = ("default", "gaussian", "pissa", "zeros")
+# State-dict keys (after the layer's prefix) of the initial adapter that PiSSA / LoRA-GA record: written only when the
+# layer has one, so the state dict of any other layer is what it always was.
+INITIAL_ADAPTER_KEYS = ("initial_adapter_A", "initial_adapter_B")
 # Adapter dtypes the op accepts: the base dtype, or float32 (mixed-precision adapters, as LoRA-GA keeps them).
 _LORA_EXTRA_DTYPES = (torch.float32,)
 
@@ -68,6 +78,10 @@ class LoRALinear(nn.Module):
     # Qualified names of other parameters that are this layer's base weight (an lm_head tied to the embedding), as
     # found by inject_lora. merge() and PiSSA write the weight in place and refuse while it is set; see untie_weight.
     tied_with: Tuple[str, ...] = ()
+    # The initial adapter (A0, B0), fp32 on the CPU, when an init (PiSSA, LoRA-GA) replaced W0 by the residual
+    # W0 − s·B0·A0; None while W0 is the original weight. Named by init.pissa.INIT_RECORD; it follows the state dict
+    # (INITIAL_ADAPTER_KEYS), deepcopy and pickling, never .to() (it stays exact and off the device).
+    _lk_init_adapter: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def __init__(
         self,
@@ -104,12 +118,8 @@ class LoRALinear(nn.Module):
         """Check every argument, then set the state. Nothing is modified before all checks have passed."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        alpha = real_number("alpha", r if alpha is None else alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha}")
-        dropout = real_number("dropout", dropout)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        alpha = check_alpha(r if alpha is None else alpha)
+        dropout = check_dropout(dropout)
         if init not in INITS:
             raise ValueError(f"init={init!r} is not one of {', '.join(INITS)} (LoRA-GA: lora_kernels.lora_ga_init)")
         if backend is not None:
@@ -146,17 +156,9 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        r: int = 8,
-        alpha: Optional[float] = None,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        init: str = "default",
-        lora_dtype=None,
-        backend: Optional[str] = None,
-    ) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+                    use_rslora: bool = False, init: str = "default", lora_dtype=None,
+                    backend: Optional[str] = None) -> "LoRALinear":
         """Wrap ``linear``: its weight (frozen here) and bias are shared, not copied; the adapter is created on the
         weight's device. With B = 0 (the default inits) the output is the ``nn.Linear``'s up to the backend's
         rounding (the reference accumulates in fp32 and rounds once). The bias keeps its ``requires_grad``
@@ -183,16 +185,13 @@ class LoRALinear(nn.Module):
         (``layer.to_empty(device=...)`` then ``layer.reset_parameters()``, as FSDP does for every module). Like
         ``nn.Linear.reset_parameters`` it overwrites the base weight in place: refused for a merged layer and for a
         weight tied to another parameter."""
-        from .init.pissa import INIT_RECORD
-
         if self.merged:
             raise RuntimeError("unmerge() before reset_parameters()")
         self.check_untied("reset_parameters()")
         if self.weight.device.type == "meta":
             return
         _init_base(self.weight, self.bias)
-        if getattr(self, INIT_RECORD, None) is not None:
-            delattr(self, INIT_RECORD)  # the residual it described is gone
+        setattr(self, INIT_RECORD, None)  # the residual it described is gone
         self.reset_lora_parameters(self.init)
 
     @torch.no_grad()
@@ -216,11 +215,16 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_A)
             nn.init.zeros_(self.lora_B)
         elif init == "pissa":
-            from .init import pissa_init
-
             pissa_init(self)
 
     # ------------------------------------------------------------------------------------------------------ merging
+    @property
+    def initial_adapter(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(A0, B0)`` (fp32, CPU) when an init (PiSSA, LoRA-GA) replaced the base weight by the residual
+        ``W0 − s·B0·A0``, else None. :func:`lora_kernels.save_adapter` uses it to write the adapter against the
+        original W0. Kept in ``state_dict()`` (keys ``INITIAL_ADAPTER_KEYS``), deepcopy and pickling."""
+        return getattr(self, INIT_RECORD, None)
+
     @property
     def merged(self) -> bool:
         return self._unmerged_weight is not None
@@ -231,18 +235,9 @@ class LoRALinear(nn.Module):
         with _autocast_off(self.weight):
             return self.scaling * (self.lora_B.detach().to(acc) @ self.lora_A.detach().to(acc))
 
-    @torch.no_grad()
     def _merged_weight(self, w0: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
         """``W0 + s·B·A`` rounded once to W0's dtype; raises ValueError (nothing changed) when not finite."""
-        acc = acc_dtype(w0.dtype)
-        with _autocast_off(w0):
-            merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))
-        if not torch.isfinite(merged).all():
-            raise ValueError("merge refused: the merged weight would contain inf or NaN; nothing was changed")
-        merged = merged.to(w0.dtype)
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merge refused: the merged weight overflows {w0.dtype}; nothing was changed")
-        return merged
+        return merged_weight(w0, lora_A, lora_B, self.scaling)
 
     def check_untied(self, action: str) -> None:
         """ValueError naming the tie when the base weight is shared with other parameters (``tied_with``):
@@ -271,8 +266,7 @@ class LoRALinear(nn.Module):
         parameter (``tied_with``). An exact copy of W0 is kept until :meth:`unmerge`, which restores it bit for
         bit."""
         self.check_untied("merge()")
-        from . import distributed  # FSDP2 / tensor-parallel shards: each rank merges its own block
-        if distributed.is_sharded_layer(self):
+        if distributed.is_sharded_layer(self):  # FSDP2 / tensor-parallel shards: each rank merges its own block
             return distributed.merge_layer(self)
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged")
@@ -284,8 +278,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight saved by :meth:`merge`, bit for bit."""
-        from . import distributed  # FSDP2 / tensor-parallel shards: each rank restores its own block
-        if distributed.is_sharded_layer(self):
+        if distributed.is_sharded_layer(self):  # FSDP2 / tensor-parallel shards: each rank restores its own block
             return distributed.unmerge_layer(self)
         if not self.merged:
             raise RuntimeError("this LoRALinear is not merged")
@@ -299,21 +292,65 @@ class LoRALinear(nn.Module):
             # The checkpoint always carries W0, never W0 + s·BA: loading it must not apply the adapter twice.
             w0 = self._unmerged_weight
             destination[prefix + "weight"] = w0 if keep_vars else w0.detach()
+        record = self.initial_adapter
+        if record is not None:
+            for key, t in zip(INITIAL_ADAPTER_KEYS, record):
+                destination[prefix + key] = t
+
+    def _load_initial_adapter(self, state_dict, prefix, unexpected_keys, error_msgs) -> None:
+        """Take the initial adapter from ``state_dict`` when it has one. A state dict without it (written before it
+        was saved, or by a layer without one) leaves the record as it is, so that older checkpoints load with
+        ``strict=True``."""
+        keys = [prefix + k for k in INITIAL_ADAPTER_KEYS]
+        for k in keys:  # nn.Module reports keys it does not know as unexpected: these are this layer's
+            if k in unexpected_keys:
+                unexpected_keys.remove(k)
+        present = [k for k in keys if k in state_dict]
+        if not present:
+            return
+        where = prefix or f"{type(self).__name__}."
+        if len(present) != len(keys):
+            error_msgs.append(f"{where}initial adapter: {present[0]} without {(set(keys) - set(present)).pop()}")
+            return
+        A0, B0 = (state_dict[k] for k in keys)
+        shapes = ((self.r, self.in_features), (self.out_features, self.r))
+        for k, t, shape in zip(keys, (A0, B0), shapes):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+                error_msgs.append(f"{k}: expected a floating tensor of shape {shape} (the layer's initial adapter), "
+                                  f"got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+                return
+        record_initial_adapter(self, A0, B0)
+
+    def _load_own_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs) -> None:
+        """What ``nn.Module`` loads for this layer (its own parameters and buffers), plus the initial adapter."""
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, error_msgs)
+        self._load_initial_adapter(state_dict, prefix, unexpected_keys, error_msgs)
+
+    def _load_unless_merged(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                            error_msgs) -> bool:
+        """The start of every LoRA layer's ``_load_from_state_dict``: an unmerged layer loads as a module does, a
+        merged one refuses ``assign=True`` (which would make the caller's tensor the weight, and merging again would
+        write into it). True when that finished the load; False for a merged layer, which the caller loads."""
+        if not self.merged:
+            self._load_own_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                 error_msgs)
+            return True
+        if local_metadata.get("assign_to_params_buffers", False):
+            error_msgs.append(f"{prefix or type(self).__name__}: is merged; unmerge() before "
+                              f"load_state_dict(assign=True)")
+            return True
+        return False
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if not self.merged:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
-            return
-        if local_metadata.get("assign_to_params_buffers", False):
-            # assign=True would make the caller's tensor the weight, and merging again would write into it.
-            error_msgs.append(f"{prefix or 'LoRALinear'}: is merged; unmerge() before load_state_dict(assign=True)")
+        if self._load_unless_merged(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                    error_msgs):
             return
         # Merged: load into the unmerged state (the checkpoint holds W0, A, B), then merge again.
         self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        self._load_own_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         try:
             self.merge()
         except ValueError as exc:
@@ -332,8 +369,7 @@ class LoRALinear(nn.Module):
                     "gets no gradient until unmerge()", UserWarning, stacklevel=2,
                 )
             return F.linear(x, self.weight, self.bias)
-        from . import distributed  # tensor parallel (DTensor parameters): the op runs on each rank's shards
-        if distributed.is_sharded_layer(self):
+        if distributed.is_sharded_layer(self):  # tensor parallel (DTensor parameters): the op runs on the shards
             return distributed.tp_forward(self, x)
         x, weight, bias, lora_A, lora_B = self._autocast(x)
         return lora_linear(
@@ -393,6 +429,23 @@ def inject_lora(
     parameter or an r above min(out, in) of any target. A tied target is otherwise wrapped and recorded in
     ``tied_with`` (see the module docstring).
     """
+    target_modules = check_injection(model, target_modules)
+    chosen = plan_injection(model, target_modules)
+    targets: Dict[int, Tuple[str, nn.Linear]] = {}  # each layer once, under its first name
+    for name, lin in chosen.items():
+        targets.setdefault(id(lin), (name, lin))
+    tied = tied_names(model, [lin for _, lin in targets.values()])
+    if init == "pissa":
+        _check_pissa_targets(targets, tied, r, alpha, use_rslora)
+    built, factors = build_layers(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                  init=init, lora_dtype=lora_dtype, backend=backend)
+    install_layers(model, chosen, built, factors, tied, freeze_base)
+    return list(chosen)
+
+
+def check_injection(model: nn.Module, target_modules) -> Union[str, List[str]]:
+    """``inject_lora``'s checks of ``model`` and ``target_modules``; returns ``target_modules`` as
+    :func:`~lora_kernels.targets.matches` takes it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):
@@ -400,88 +453,81 @@ def inject_lora(
             f"inject_lora replaces submodules in place and cannot replace the model itself, which is a "
             f"{type(model).__name__}; use LoRALinear.from_linear(model, ...) instead"
         )
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as exc:
-            raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
-    else:
-        if not isinstance(target_modules, (list, tuple, set, frozenset)):
-            raise TypeError(f"target_modules must be a regex str or a list of module names, "
-                            f"got {type(target_modules).__name__} {target_modules!r}")
-        target_modules = list(target_modules)
-        if len(target_modules) == 0:
-            raise ValueError("target_modules is empty")
-        bad = [t for t in target_modules if not isinstance(t, str) or not t]
-        if bad:
-            raise TypeError(f"target_modules must be non-empty strings, got {bad!r}")
-    # remove_duplicate=False: a Linear shared by two parents must be replaced under both names.
-    named = list(model.named_modules(remove_duplicate=False))
-    candidates = [n for n, m in named if isinstance(m, nn.Linear) and n]
-    chosen = [n for n in candidates if matches(n, target_modules)]
+    return check_target_modules(target_modules)
+
+
+def plan_injection(model: nn.Module, target_modules: Union[str, List[str]]) -> Dict[str, nn.Linear]:
+    """Qualified name → ``nn.Linear`` for every layer ``inject_lora`` replaces, in module order; a layer reachable
+    under several names is listed under each, so that every name gets the same LoRALinear. ValueError (listing the
+    candidates) when nothing matches, or for a layer a LoRALinear cannot replace. Changes nothing."""
+    candidates = named_linears(model)
+    chosen = {n: lin for n, lin in candidates.items() if matches(n, target_modules)}
     if not chosen:
-        shown = ", ".join(candidates[:50]) + (" ..." if len(candidates) > 50 else "")
-        wrapped = [n for n, m in named if isinstance(m, LoRALinear)]
+        wrapped = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)]
         extra = f"; already LoRALinear: {', '.join(wrapped[:20])}" if wrapped else ""
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear; candidates: {shown or '(none)'}{extra}"
-        )
-    # Check every target, then build every replacement, and only then touch the model: a bad argument or a bad
-    # layer anywhere leaves the model exactly as it was (flags included).
-    plan: List[Tuple[nn.Module, str, nn.Linear]] = []
-    targets: Dict[int, Tuple[str, nn.Linear]] = {}
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        raise no_match_error(target_modules, list(candidates), extra=extra)
+    for name, linear in chosen.items():
+        parent, child = parent_of(model, name)
         if isinstance(parent, nn.MultiheadAttention):
             raise ValueError(
                 f"{name}: nn.MultiheadAttention reads {child}.weight directly and would ignore the adapter; "
                 f"target its parent's other Linear layers instead"
             )
-        linear = getattr(parent, child)
         check_replaceable(name, linear)
-        targets.setdefault(id(linear), (name, linear))
-        plan.append((parent, child, linear))
-    tied = tied_names(model, [lin for _, lin in targets.values()])
-    if init == "pissa":
-        if lora_scaling(r, real_number("alpha", r if alpha is None else alpha), bool(use_rslora)) <= 0:
-            raise ValueError(f"init='pissa' needs a positive scaling (alpha > 0), got alpha={alpha!r}")
-        for lid, (name, lin) in targets.items():
-            if lid in tied:
-                raise ValueError(
-                    f"init='pissa' writes the residual into {name}.weight, which is tied to {', '.join(tied[lid])} "
-                    f"(one tensor) and would change those too; untie it first ({name}.weight = "
-                    f"nn.Parameter({name}.weight.detach().clone())) or leave {name} out; nothing was changed"
-                )
-            if isinstance(r, int) and r > min(lin.weight.shape):
-                raise ValueError(f"init='pissa' needs r ≤ min(out, in) for every target; {name} has weight "
-                                 f"{tuple(lin.weight.shape)} and r={r}; nothing was changed")
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        built: Dict[int, LoRALinear] = {}
-        factors = {}
-        for lid, (name, lin) in targets.items():
-            built[lid] = LoRALinear.from_linear(
-                lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                init="zeros" if init == "pissa" else init, lora_dtype=lora_dtype, backend=backend,
+    return chosen
+
+
+def _check_pissa_targets(targets: Dict[int, Tuple[str, nn.Linear]], tied: Dict[int, Tuple[str, ...]], r, alpha,
+                         use_rslora) -> None:
+    """``init="pissa"`` writes every target's W0: refuse a tied weight, r > min(out, in) and a scaling ≤ 0 before
+    anything is built."""
+    if lora_scaling(r, real_number("alpha", r if alpha is None else alpha), bool(use_rslora)) <= 0:
+        raise ValueError(f"init='pissa' needs a positive scaling (alpha > 0), got alpha={alpha!r}")
+    for lid, (name, lin) in targets.items():
+        if lid in tied:
+            raise ValueError(
+                f"init='pissa' writes the residual into {name}.weight, which is tied to {', '.join(tied[lid])} "
+                f"(one tensor) and would change those too; untie it first ({name}.weight = "
+                f"nn.Parameter({name}.weight.detach().clone())) or leave {name} out; nothing was changed"
             )
+        if isinstance(r, int) and r > min(lin.weight.shape):
+            raise ValueError(f"init='pissa' needs r ≤ min(out, in) for every target; {name} has weight "
+                             f"{tuple(lin.weight.shape)} and r={r}; nothing was changed")
+
+
+def build_layers(model: nn.Module, targets: Dict[int, Tuple[str, nn.Linear]], *, init: str = "default",
+                 **settings) -> Tuple[Dict[int, "LoRALinear"], Dict[int, Tuple[torch.Tensor, torch.Tensor]]]:
+    """A LoRALinear for every target (keyed like ``targets``, by ``id`` of the ``nn.Linear``), not attached to the
+    model, and with ``init="pissa"`` the PiSSA factors of each (every SVD before the first write; a meta-device
+    layer gets PiSSA from ``reset_parameters()`` after ``to_empty()``). ``settings`` are
+    :meth:`LoRALinear.from_linear`'s. On error every ``requires_grad`` flag of the model is restored."""
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    built: Dict[int, LoRALinear] = {}
+    factors: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        for lid, (_, lin) in targets.items():
+            built[lid] = LoRALinear.from_linear(lin, init="zeros" if init == "pissa" else init, **settings)
             built[lid].init = init  # what reset_parameters() re-applies
         if init == "pissa":
-            from .init.pissa import pissa_factors
-
-            for lid, layer in built.items():  # every SVD before the first write
-                if not layer.weight.is_meta:  # a meta model gets PiSSA from reset_parameters() after to_empty()
+            for lid, layer in built.items():
+                if not layer.weight.is_meta:
                     factors[lid] = pissa_factors(layer.weight, layer.r, layer.scaling)
     except BaseException:
         for p, flag in saved_flags:  # from_linear froze the weights it wrapped
             p.requires_grad_(flag)
         raise
-    # Nothing below can fail.
+    return built, factors
+
+
+def install_layers(model: nn.Module, chosen: Dict[str, nn.Linear], built: Dict[int, "LoRALinear"],
+                   factors: Dict[int, Tuple[torch.Tensor, torch.Tensor]], tied: Dict[int, Tuple[str, ...]],
+                   freeze_base: bool) -> None:
+    """Put the built layers in place of their ``nn.Linear`` under every name, after recording ties, writing the
+    PiSSA factors and (``freeze_base``) freezing everything but the adapters already in the model. Cannot fail on
+    what :func:`plan_injection` and :func:`build_layers` accepted."""
     for lid, layer in built.items():
         layer.tied_with = tied.get(lid, ())
         if lid in factors:
-            from .init.pissa import apply_pissa
-
             apply_pissa(layer, *factors[lid])
     if freeze_base:
         # Everything but the adapters already in the model (an earlier inject_lora call) stops training.
@@ -489,9 +535,9 @@ def inject_lora(
         for p in model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
-    for parent, child, linear in plan:
-        setattr(parent, child, built[id(linear)])
-    return chosen
+    # Deepest names first: a target inside another target's subtree is replaced while its path still resolves.
+    for name in sorted(chosen, key=lambda n: n.count("."), reverse=True):
+        replace_module(model, name, built[id(chosen[name])])
 
 
 def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
@@ -504,8 +550,7 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
     Like ``state_dict()`` the tensors are detached but share storage with the parameters: clone them to keep a
     snapshot across training steps."""
-    from . import distributed  # a sharded model: whole tensors on every rank (collective)
-    if distributed.is_sharded(model):
+    if distributed.is_sharded(model):  # a sharded model: whole tensors on every rank (collective)
         return distributed.lora_state_dict(model)
     out = {}
     for name, layer in lora_layers(model).items():
@@ -531,8 +576,7 @@ def load_lora_state_dict(
     them in the result. Values are cast to each parameter's dtype and device. A merged layer stays merged, with the
     new adapter folded in (refused, nothing loaded, if that weight would not be finite).
     """
-    from . import distributed  # a sharded model: every rank checks, then copies its own blocks
-    if distributed.is_sharded(model):
+    if distributed.is_sharded(model):  # a sharded model: every rank checks, then copies its own blocks
         return distributed.load_lora_state_dict(model, state_dict, strict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -437,7 +437,7 @@ def test_lora_ga_factors_have_a_fixed_sign():
 
 
 def test_lora_ga_shows_progress_over_the_batches(monkeypatch):
-    import lora_kernels.init.lora_ga as ga
+    import lora_kernels.init.ga_common as ga_common
 
     calls = []
 
@@ -445,7 +445,7 @@ def test_lora_ga_shows_progress_over_the_batches(monkeypatch):
         calls.append(kw)
         yield from iterable
 
-    monkeypatch.setattr(ga, "progress_bar", fake_progress)
+    monkeypatch.setattr(ga_common, "progress_bar", fake_progress)
     torch.manual_seed(0)
     model = ModeSpy()
     batches = iter([torch.randn(4, 10) for _ in range(5)])

@@ -2,8 +2,11 @@
 
 With ``W0 = U·diag(S)·Vh`` and s the layer's scaling: ``A = diag(√(S_r/s))·Vh[:r]``, ``B = U[:, :r]·diag(√(S_r/s))``,
 so ``s·B·A`` is the best rank-r approximation of W0, and ``W0 ← W0 − s·B·A`` (the residual, in fp32, cast back) keeps
-the layer's output unchanged up to W0's rounding. The layer records its initial adapter so that
-:func:`lora_kernels.save_adapter` can write PEFT's rank-2r form against the original W0.
+the layer's output unchanged up to W0's rounding. The layer records its initial adapter (``initial_adapter``) so
+that :func:`lora_kernels.save_adapter` can write PEFT's rank-2r form against the original W0.
+
+Works on tensors and on any layer with ``weight``, ``lora_A``, ``lora_B``, ``r`` and ``scaling`` (a ``LoRALinear``);
+below the layer classes, it imports none of them.
 """
 
 from __future__ import annotations
@@ -11,10 +14,21 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
+from .. import distributed
+from .dist_svd import sharded_randomized_svd
 from .svd import autocast_off, randomized_svd
 
-INIT_RECORD = "_lk_init_adapter"  # attribute of a LoRALinear whose W0 an init changed: (A0, B0) fp32 on the CPU
+# The attribute of a layer that holds its initial adapter (A0, B0), fp32 on the CPU, when an init (PiSSA, LoRA-GA)
+# replaced its W0 by a residual. LoRALinear declares it (``initial_adapter``) and keeps it in its state dict.
+INIT_RECORD = "_lk_init_adapter"
+
+
+def record_initial_adapter(layer, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Remember ``(A, B)`` as ``layer``'s initial adapter: fp32 copies on the CPU, whatever the layer's device and
+    dtype, so that saving against the original W0 is exact and costs no accelerator memory."""
+    setattr(layer, INIT_RECORD, (A.detach().float().cpu().clone(), B.detach().float().cpu().clone()))
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: Optional[int] = None,
@@ -24,16 +38,16 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: Optional[
     out_f, in_f = weight.shape
     if r > min(out_f, in_f):
         raise ValueError(f"pissa_init: r={r} exceeds min(out, in) = {min(out_f, in_f)} of weight {tuple(weight.shape)}")
-    s = float(scaling)
-    if s <= 0:
-        raise ValueError(f"pissa_init needs a positive scaling, got {s}")
+    scale = float(scaling)
+    if scale <= 0:
+        raise ValueError(f"pissa_init needs a positive scaling, got {scale}")
     with torch.no_grad(), autocast_off(weight):
         W32 = weight.detach().float()
         if niter is None:
             U, S, Vh = torch.linalg.svd(W32, full_matrices=False)
         else:
             U, S, Vh = randomized_svd(W32, q=min(4 * r, min(out_f, in_f)), niter=int(niter), generator=generator)
-        root = torch.sqrt(S[:r] / s)
+        root = torch.sqrt(S[:r] / scale)
         return root[:, None] * Vh[:r], U[:, :r] * root[None, :]
 
 
@@ -47,7 +61,7 @@ def apply_pissa(layer, A: torch.Tensor, B: torch.Tensor) -> None:
     with autocast_off(W):
         residual = W.detach().float() - float(layer.scaling) * (layer.lora_B.float() @ layer.lora_A.float())
     W.copy_(residual.to(W.dtype))
-    setattr(layer, INIT_RECORD, (layer.lora_A.detach().float().cpu().clone(), layer.lora_B.detach().float().cpu().clone()))
+    record_initial_adapter(layer, layer.lora_A, layer.lora_B)
 
 
 @torch.no_grad()
@@ -58,11 +72,11 @@ def pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Gen
     many power iterations (PEFT's ``"pissa_niter_<k>"``), much faster for large layers. Refused (nothing changed)
     for a merged layer, a layer whose weight is tied to another parameter, and a layer whose weight an init
     (PiSSA, LoRA-GA) already replaced by a residual: a second PiSSA would take the residual for W0, change the
-    layer's output and lose the record that saving against the original W0 needs.
+    layer's output and lose the record that saving against the original W0 needs. A layer whose W0 is sharded by
+    rows (FSDP2) goes to :func:`sharded_pissa_init` (collective).
     """
-    from .. import distributed  # W0 sharded by rows (FSDP2): the SVD runs on the row shards
     if distributed.is_sharded_layer(layer):
-        return distributed.pissa_init_layer(layer, niter, generator)
+        return sharded_pissa_init(layer, niter, generator)
     for attr in ("weight", "lora_A", "lora_B", "r", "scaling"):
         if not hasattr(layer, attr):
             raise TypeError(f"pissa_init needs a LoRALinear-like layer; {type(layer).__name__} has no {attr!r}")
@@ -80,3 +94,49 @@ def pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Gen
         check("PiSSA init")
     A, B = pissa_factors(layer.weight, int(layer.r), float(layer.scaling), niter, generator)
     apply_pissa(layer, A, B)
+
+
+def _sharded_pissa_checks(layer, niter) -> None:
+    if layer.merged:
+        raise RuntimeError("pissa_init: the layer is merged; unmerge() it first")
+    if niter is None:
+        raise ValueError("pissa_init: a sharded layer needs niter (a randomized SVD on the row shards; the "
+                         "exact SVD would gather the whole weight on one rank)")
+    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
+        raise ValueError(f"pissa_init: niter must be a non-negative int, got {niter!r}")
+    if layer.r > min(layer.out_features, layer.in_features):
+        raise ValueError(f"pissa_init: r={layer.r} exceeds min(out, in) = "
+                         f"{min(layer.out_features, layer.in_features)}")
+    if float(layer.scaling) <= 0:
+        raise ValueError(f"pissa_init needs a positive scaling, got {layer.scaling}")
+    distributed.check_row_sharded_or_whole(layer.weight, "weight")
+    for a in ("lora_A", "lora_B"):
+        distributed.check_placement(getattr(layer, a), a)
+
+
+@torch.no_grad()
+def sharded_pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Generator] = None) -> None:
+    """``pissa_init`` of a layer whose W0 is sharded by rows (FSDP2): the randomized SVD runs on the row blocks
+    (:func:`~lora_kernels.init.dist_svd.sharded_randomized_svd`), every rank writes its own rows of B and of the
+    residual W0 and the same A. Collective. An exact SVD (``niter=None``) would need the whole W0 on one rank, so a
+    sharded layer needs ``niter`` (PEFT's ``pissa_niter_<k>``)."""
+    distributed.agree(distributed.capture_error(lambda: _sharded_pissa_checks(layer, niter)),
+                      "the layer was not changed")
+    r, scale = int(layer.r), float(layer.scaling)
+    m, k = layer.out_features, layer.in_features
+    W = layer.weight
+    rows, cols = distributed.local_slices(W)
+    w = distributed.local(W)
+    group = distributed.group_of(W)
+    U_rows, S, Vh = sharded_randomized_svd(w.detach().float(), min(4 * r, min(m, k)), int(niter), generator, group)
+    root = torch.sqrt(S[:r] / scale)
+    A = (root[:, None] * Vh[:r]).to(layer.lora_A.dtype)
+    B = torch.zeros(m, r, dtype=torch.float32, device=w.device)
+    B[rows] = U_rows[:, :r] * root[None, :]
+    if distributed.is_dtensor(W):
+        dist.all_reduce(B, group=group)
+    B = B.to(layer.lora_B.dtype)
+    distributed.local(layer.lora_A).copy_(A[distributed.local_slices(layer.lora_A)])
+    distributed.local(layer.lora_B).copy_(B[distributed.local_slices(layer.lora_B)])
+    w.copy_((w.float() - scale * (B[rows].float() @ A[:, cols].float())).to(w.dtype))
+    record_initial_adapter(layer, A, B)
