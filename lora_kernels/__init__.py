@@ -7,7 +7,13 @@ from .ops.lora_linear import lora_linear
 from .modules import LoRALinear, inject_lora, load_lora_state_dict, lora_layers, lora_scaling, lora_state_dict
 from ._backend import BackendError
 from .cuda import cuda_ops_available, cuda_ops_unavailable_reason
-from .init import lora_ga_init, pissa_init
+from . import init as _init_package
+from .init.lora_ga import lora_ga_init
+from .init.pissa import pissa_init
+
+# lora_ga_init builds LoRALinear layers, so init/__init__.py (below modules.py) cannot import it; the package root,
+# which every import of lora_kernels.init runs first, keeps the former path lora_kernels.init.lora_ga_init working.
+_init_package.lora_ga_init = lora_ga_init
 from .adapter_files import load_adapter, save_adapter
 from . import io  # noqa: F401 (the former name of adapter_files: lora_kernels.io.<name> keeps working)
 from .pool import AdapterPool, LoRABatch

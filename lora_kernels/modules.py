@@ -267,7 +267,7 @@ class LoRALinear(nn.Module):
         bit."""
         self.check_untied("merge()")
         if distributed.is_sharded_layer(self):  # FSDP2 / tensor-parallel shards: each rank merges its own block
-            return distributed.merge_layer(self)
+            return distributed.merge_layer(self, self._merged_weight)
         if self.merged:
             raise RuntimeError("this LoRALinear is already merged")
         self.check_untied("merge()")
@@ -370,7 +370,7 @@ class LoRALinear(nn.Module):
                 )
             return F.linear(x, self.weight, self.bias)
         if distributed.is_sharded_layer(self):  # tensor parallel (DTensor parameters): the op runs on the shards
-            return distributed.tp_forward(self, x)
+            return distributed.tp_forward(self, *self._autocast(x), lora_linear)
         x, weight, bias, lora_A, lora_B = self._autocast(x)
         return lora_linear(
             x, weight, lora_A, lora_B, self.scaling, bias,
@@ -577,7 +577,7 @@ def load_lora_state_dict(
     new adapter folded in (refused, nothing loaded, if that weight would not be finite).
     """
     if distributed.is_sharded(model):  # a sharded model: every rank checks, then copies its own blocks
-        return distributed.load_lora_state_dict(model, state_dict, strict)
+        return distributed.load_lora_state_dict(model, state_dict, strict, load=load_lora_state_dict)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):

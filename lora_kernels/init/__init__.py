@@ -8,21 +8,13 @@ The simple inits ("default", "gaussian", "zeros") live in ``LoRALinear.reset_lor
 
 Layering: ``svd``, ``dist_svd``, ``pissa``, ``ga_factors`` and ``ga_common`` work on tensors and on layers by their
 attributes, and sit below ``lora_kernels.modules`` (which uses PiSSA for ``init="pissa"``); ``lora_ga`` and
-``sharded`` build or re-initialise ``LoRALinear`` layers and sit above it, so this package loads them on first use.
+``sharded`` build or re-initialise ``LoRALinear`` layers and sit above it, so this package does not import them (``lora_kernels.init.lora_ga_init`` is set by the package
+root, for the former import path).
 """
 
 from .ga_factors import DIRECTIONS, lora_ga_factors
 from .pissa import pissa_init
 from .svd import randomized_svd
 
-__all__ = ["DIRECTIONS", "lora_ga_factors", "lora_ga_init", "pissa_init", "randomized_svd"]
+__all__ = ["DIRECTIONS", "lora_ga_factors", "pissa_init", "randomized_svd"]
 
-
-def __getattr__(name):
-    # lora_ga_init builds LoRALinear layers: importing it here eagerly would make lora_kernels.modules, which imports
-    # init.pissa, wait on itself.
-    if name == "lora_ga_init":
-        from .lora_ga import lora_ga_init
-
-        return lora_ga_init
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
