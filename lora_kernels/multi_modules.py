@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 import threading
 import warnings
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -38,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _backend
-from .targets import linear_refusal, matches
+from .targets import check_target_modules, linear_refusal, matches, named_linears, no_match_error, replace_module
 from .ops._validate import FLOAT_DTYPES
 from .ops.multi_lora import multi_lora_linear
 from .pool import IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
@@ -64,9 +63,10 @@ def _active_batches() -> Dict[nn.Module, LoRABatch]:
     return _ACTIVE.get() or _NO_BATCHES
 
 
-def _swap_batches(updates: Mapping[nn.Module, Optional[LoRABatch]]) -> Optional[Dict[nn.Module, LoRABatch]]:
-    """Set (None: clear) the batch of some layers in the current context; returns the previous mapping, for
-    :func:`_restore_batches`."""
+def swap_batches(updates: Mapping[nn.Module, Optional[LoRABatch]]) -> Optional[Dict[nn.Module, LoRABatch]]:
+    """Set (None: clear) the batch of some layers in the calling thread/context, unchecked; returns the previous
+    state, to hand to :func:`restore_batches`. The low-level form of :func:`use_batch`, for hooks that set a batch
+    before a forward and restore it after (the caller checks the batch and holds its slots)."""
     previous = _ACTIVE.get()
     new = dict(previous or _NO_BATCHES)
     for layer, batch in updates.items():
@@ -79,7 +79,8 @@ def _swap_batches(updates: Mapping[nn.Module, Optional[LoRABatch]]) -> Optional[
     return previous
 
 
-def _restore_batches(previous: Optional[Dict[nn.Module, LoRABatch]]) -> None:
+def restore_batches(previous: Optional[Dict[nn.Module, LoRABatch]]) -> None:
+    """Put back the state :func:`swap_batches` returned."""
     _ACTIVE.set(previous)
     _MIRROR.batches = previous
 
@@ -223,7 +224,7 @@ class MultiLoRALinear(nn.Module):
     @batch.setter
     def batch(self, batch: Optional[LoRABatch]) -> None:
         _check_batch_for([self], batch)
-        _swap_batches({self: batch})
+        swap_batches({self: batch})
 
     def forward(self, x: torch.Tensor, batch: Optional[LoRABatch] = None) -> torch.Tensor:
         """``batch`` (default: the one set in this thread/context by :func:`use_batch`); without any, the base layer
@@ -262,48 +263,33 @@ def inject_multi_lora(
     ``backend`` and a ``dtype`` other than the weight's or float32."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as exc:
-            raise ValueError(f"target_modules={target_modules!r} is not a valid regex: {exc}") from None
-    elif not isinstance(target_modules, (list, tuple, set, frozenset)) or not all(
-        isinstance(t, str) and t for t in target_modules
-    ):
-        raise TypeError(f"target_modules must be a regex str or a list of non-empty module names, "
-                        f"got {target_modules!r}")
-    if isinstance(target_modules, (list, tuple, set, frozenset)) and len(target_modules) == 0:
-        raise ValueError("target_modules is empty")
+    targets = check_target_modules(target_modules)
     _check_backend(backend)
-    # n != "": the model itself cannot be replaced in place (wrap a bare nn.Linear with MultiLoRALinear.from_linear).
-    # remove_duplicate=False: a Linear reachable under two names (shared, tied) is one layer; it is adapted once and
-    # replaced under every name, so that no path of the model keeps the unadapted module.
-    candidates = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear) and n]
-    chosen_modules: Dict[int, nn.Linear] = {}
-    for n, m in candidates:
-        if matches(n, target_modules):
-            chosen_modules.setdefault(id(m), m)
-    if not chosen_modules:
-        names = list(dict.fromkeys(n for n, _ in candidates))
-        shown = ", ".join(names[:50]) + (" ..." if len(names) > 50 else "")
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear; candidates: {shown or '(none)'}")
-    chosen = [n for n, m in candidates if id(m) in chosen_modules]
+    # The model itself ("") is no candidate (wrap a bare nn.Linear with MultiLoRALinear.from_linear). A Linear
+    # reachable under two names (shared, tied) is one layer; it is adapted once and replaced under every name, so
+    # that no path of the model keeps the unadapted module.
+    candidates = named_linears(model)
+    matched = {id(candidates[n]) for n in candidates if matches(n, targets)}
+    if not matched:
+        raise no_match_error(target_modules, list(candidates))
+    chosen = [n for n, m in candidates.items() if id(m) in matched]
     refused = []
-    for n, m in candidates:
-        why = linear_refusal(m) if id(m) in chosen_modules else None
+    for name in chosen:
+        why = linear_refusal(candidates[name])
         if why:
-            refused.append(f"{n}: {why}")
+            refused.append(f"{name}: {why}")
     if refused:
         raise ValueError("inject_multi_lora cannot wrap these layers without losing what they compute: "
                          + "; ".join(refused) + " (leave them out of target_modules)")
     # Build every replacement before touching the model, so a failure leaves it unchanged.
-    layers = {key: MultiLoRALinear.from_linear(m, max_adapters, max_rank, dtype=dtype, backend=backend)
-              for key, m in chosen_modules.items()}
-    original = dict(candidates)
+    layers: Dict[int, MultiLoRALinear] = {}
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layers[id(original[name])])
+        linear = candidates[name]
+        if id(linear) not in layers:
+            layers[id(linear)] = MultiLoRALinear.from_linear(linear, max_adapters, max_rank, dtype=dtype,
+                                                             backend=backend)
+    for name in chosen:
+        replace_module(model, name, layers[id(candidates[name])])
     return chosen
 
 
@@ -314,7 +300,7 @@ def set_batch(model: nn.Module, batch: Optional[LoRABatch]) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     layers = list(multi_lora_layers(model).values())
     _check_batch_for(layers, batch)
-    _swap_batches({m: batch for m in layers})
+    swap_batches({m: batch for m in layers})
 
 
 @contextlib.contextmanager
@@ -329,11 +315,11 @@ def use_batch(model: nn.Module, batch: Optional[LoRABatch]) -> Iterator[nn.Modul
         raise ValueError("the model has no MultiLoRALinear layer (see inject_multi_lora)")
     _check_batch_for(layers, batch)
     held = hold_slots([m.pool for m in layers], _batch_slots(batch))
-    previous = _swap_batches({m: batch for m in layers})
+    previous = swap_batches({m: batch for m in layers})
     try:
         yield model
     finally:
-        _restore_batches(previous)
+        restore_batches(previous)
         release_slots(held)
 
 

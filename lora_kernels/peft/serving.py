@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import io as lk_io
-from ..multi_modules import MultiLoRALinear, _active_batches, _check_backend, _restore_batches, _swap_batches, multi_lora_layers
+from .. import _backend
+from ..multi_modules import MultiLoRALinear, multi_lora_layers, restore_batches, swap_batches
 from ..pool import IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
 from ..targets import linear_refusal, replace_module
 from ..ops.multi_lora import multi_lora_linear
@@ -158,7 +159,8 @@ def load_adapters(
         raise TypeError(f"load_adapters: model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(adapters, "items") or not adapters:
         raise TypeError("adapters must be a non-empty {name: path} mapping")
-    _check_backend(backend)
+    if backend is not None:
+        _backend.requested_backend(backend)  # at the call, not at every later forward
     for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise ValueError(f"load_adapters: {arg} must be a positive int or None, got {v!r}")
@@ -304,7 +306,7 @@ class _MultiLoRAConv1D(MultiLoRALinear):
     state dict is unchanged) and the op reads its transpose, a strided view."""
 
     def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
-        batch = batch if batch is not None else _active_batches().get(self)
+        batch = batch if batch is not None else self.batch
         weight = self.weight.t()
         if batch is None:
             return F.linear(x, weight, self.bias)
@@ -404,7 +406,7 @@ def _serving_pre_hook(module, args, kwargs):
     except BaseException:
         release_slots(held)
         raise
-    previous = _swap_batches({m: batch for m in layers})
+    previous = swap_batches({m: batch for m in layers})
     _FORWARD_SAVED.set(saved + ((previous, held),))
     return args, kwargs
 
@@ -415,6 +417,6 @@ def _serving_post_hook(module, args, output):
         _FORWARD_SAVED.set(saved[:-1])
         if saved[-1] is not _NOTHING_SET:
             previous, held = saved[-1]
-            _restore_batches(previous)
+            restore_batches(previous)
             release_slots(held)
     return None
