@@ -114,12 +114,25 @@ def _check_pool_dtype(dtype, weight_dtype: torch.dtype, what: str = "dtype") -> 
                          f"weight's dtype or torch.float32")
 
 
+WEIGHT_LAYOUTS = ("out_in", "in_out")  # nn.Linear's [out, in]; transformers Conv1D's [in, out]
+
+
+def _check_weight_layout(weight_layout) -> None:
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {', '.join(map(repr, WEIGHT_LAYOUTS))}, got {weight_layout!r}")
+
+
 class MultiLoRALinear(nn.Module):
     """``y = x·Wᵀ + bias + scale_a·(x·A_aᵀ)·B_aᵀ`` with ``a`` the adapter (pool slot) of each token; inference only.
 
     ``out_features`` may be a list of widths for a fused projection (q|k|v, gate|up): each adapter then has one A and
-    one B per slice (see :class:`~lora_kernels.AdapterPool`). Build from an existing layer with :meth:`from_linear`.
+    one B per slice (see :class:`~lora_kernels.AdapterPool`). Build from an existing layer with :meth:`from_linear`,
+    or from an existing weight with :meth:`from_weight`. ``weight_layout`` says how ``weight`` is stored: ``"out_in"``
+    (``[out, in]``, nn.Linear's) or ``"in_out"`` (``[in, out]``, transformers' ``Conv1D``, as in GPT-2; the op reads
+    its transpose, a strided view, and the state dict keeps the checkpoint's layout).
     """
+
+    weight_layout = "out_in"  # the class's default, also for layers pickled before the flag existed
 
     def __init__(
         self,
@@ -132,24 +145,28 @@ class MultiLoRALinear(nn.Module):
         dtype=None,
         pool_dtype=None,
         backend: Optional[str] = None,
+        weight_layout: str = "out_in",
     ):
         super().__init__()
+        _check_weight_layout(weight_layout)
         _check_backend(backend)
         _check_pool_dtype(pool_dtype, dtype or torch.get_default_dtype(), "pool_dtype")
         pool = AdapterPool(max_adapters, max_rank, in_features, out_features,
                            dtype=pool_dtype if pool_dtype is not None else (dtype or torch.get_default_dtype()),
                            device=device)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(pool.out_features, in_features, **factory), requires_grad=False)
+        shape = (pool.out_features, in_features) if weight_layout == "out_in" else (in_features, pool.out_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(pool.out_features, **factory), requires_grad=False) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
-        self._init_pool(pool, backend)
+        self._init_pool(pool, backend, weight_layout)
+        nn.init.kaiming_uniform_(self.base_weight(), a=5 ** 0.5)  # nn.Linear's init, on the [out, in] view
 
-    def _init_pool(self, pool: AdapterPool, backend: Optional[str]) -> None:
+    def _init_pool(self, pool: AdapterPool, backend: Optional[str], weight_layout: str) -> None:
         self.in_features = pool.in_features
         self.out_features = pool.out_features
         self.pool = pool
         self.backend = backend
+        self.weight_layout = weight_layout
         for buf, attr in _POOL_BUFFERS:
             self.register_buffer(buf, getattr(pool, attr), persistent=False)
 
@@ -167,19 +184,49 @@ class MultiLoRALinear(nn.Module):
         ``slices``: output widths of a fused projection (default one slice of ``out_features``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        return cls.from_weight(linear.weight, linear.bias, max_adapters, max_rank, dtype=dtype, slices=slices,
+                               backend=backend)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: nn.Parameter,
+        bias: Optional[nn.Parameter],
+        max_adapters: int,
+        max_rank: int,
+        *,
+        weight_layout: str = "out_in",
+        dtype=None,
+        slices: Optional[Sequence[int]] = None,
+        backend: Optional[str] = None,
+    ) -> "MultiLoRALinear":
+        """A layer over an existing base ``weight`` and ``bias`` (parameters of another module, shared, not copied):
+        ``weight`` is ``[out, in]`` with ``weight_layout="out_in"``, ``[in, out]`` with ``"in_out"`` (a transformers
+        ``Conv1D``'s). ``dtype``, ``slices``, ``backend``: as :meth:`from_linear`."""
+        _check_weight_layout(weight_layout)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            raise TypeError(f"weight must be a 2-D nn.Parameter, got {type(weight).__name__}"
+                            + (f" of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else ""))
+        out_f, in_f = weight.shape if weight_layout == "out_in" else weight.shape[::-1]
+        if bias is not None and (not isinstance(bias, nn.Parameter) or tuple(bias.shape) != (out_f,)):
+            raise TypeError(f"bias must be None or an nn.Parameter of shape ({out_f},), got {type(bias).__name__}"
+                            + (f" of shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else ""))
         _check_backend(backend)
-        _check_pool_dtype(dtype, linear.weight.dtype)
-        out = linear.out_features if slices is None else list(slices)
-        if slices is not None and sum(out) != linear.out_features:
-            raise ValueError(f"slices {out} must sum to the layer's out_features={linear.out_features}")
-        w = linear.weight
-        pool = AdapterPool(max_adapters, max_rank, linear.in_features, out, dtype=dtype or w.dtype, device=w.device)
+        _check_pool_dtype(dtype, weight.dtype)
+        out = out_f if slices is None else list(slices)
+        if slices is not None and sum(out) != out_f:
+            raise ValueError(f"slices {out} must sum to the layer's out_features={out_f}")
+        pool = AdapterPool(max_adapters, max_rank, in_f, out, dtype=dtype or weight.dtype, device=weight.device)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer._init_pool(pool, backend)
+        layer.weight = weight
+        layer.bias = bias
+        layer._init_pool(pool, backend, weight_layout)
         return layer
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (for ``weight_layout="in_out"`` a transposed view, no copy)."""
+        return self.weight if self.weight_layout == "out_in" else self.weight.t()
 
     def _apply(self, fn, *args, **kwargs):
         scales, pool_dtype = self.lora_scales, self.lora_A_stack.dtype
@@ -230,15 +277,17 @@ class MultiLoRALinear(nn.Module):
         """``batch`` (default: the one set in this thread/context by :func:`use_batch`); without any, the base layer
         alone."""
         batch = batch if batch is not None else _active_batches().get(self)
+        weight = self.base_weight()
         if batch is None:
-            return F.linear(x, self.weight, self.bias)
-        return multi_lora_linear(x, self.weight, self.bias, self.pool, batch, backend=self.backend)
+            return F.linear(x, weight, self.bias)
+        return multi_lora_linear(x, weight, self.bias, self.pool, batch, backend=self.backend)
 
     def extra_repr(self) -> str:
         p = self.pool
         out = list(p.slices) if p.num_slices > 1 else p.out_features
+        layout = f", weight_layout={self.weight_layout!r}" if self.weight_layout != "out_in" else ""
         return (f"in_features={self.in_features}, out_features={out}, max_adapters={p.max_adapters}, "
-                f"max_rank={p.max_rank}, loaded={len(p)}, bias={self.bias is not None}")
+                f"max_rank={p.max_rank}, loaded={len(p)}, bias={self.bias is not None}{layout}")
 
 
 # --------------------------------------------------------------------------------------------------- model helpers

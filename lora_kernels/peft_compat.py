@@ -11,6 +11,7 @@ from .peft import (  # noqa: F401
     to_peft,
     unsupported_peft_layers,
 )
+from .multi_modules import MultiLoRALinear
 from .peft.common import BASE  # noqa: F401
 
 __all__ = [
@@ -35,7 +36,6 @@ _MOVED = {
     "_ServingGenerate": "serving",
     "_serving_pre_hook": "serving",
     "_serving_post_hook": "serving",
-    "_MultiLoRAConv1D": "serving",
 }
 
 
@@ -43,3 +43,10 @@ def __getattr__(name: str):
     if name in _MOVED:
         return getattr(importlib.import_module(f"{__package__}.peft.{_MOVED[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _MultiLoRAConv1D(MultiLoRALinear):
+    """A served Conv1D layer as a model saved whole before ``MultiLoRALinear(weight_layout="in_out")`` pickled it;
+    unpickling only (no such layer is built any more)."""
+
+    weight_layout = "in_out"

@@ -13,14 +13,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import io as lk_io
 from .. import _backend
 from ..multi_modules import MultiLoRALinear, multi_lora_layers, restore_batches, swap_batches
 from ..pool import IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
 from ..targets import linear_refusal, replace_module
-from ..ops.multi_lora import multi_lora_linear
 from .common import BASE, as_name_list, check_names_length, expand_for_beams, is_conv1d
 
 
@@ -286,34 +284,13 @@ def _out_in(module: nn.Module) -> Tuple[int, int]:
     return int(module.out_features), int(module.in_features)
 
 
-def _multi_from(module: nn.Module, L: int, R: int, dtype, backend):
-    """A MultiLoRALinear for ``module`` (an nn.Linear, or a Conv1D served by :class:`_MultiLoRAConv1D`)."""
-    if not is_conv1d(module):
-        return MultiLoRALinear.from_linear(module, L, R, dtype=dtype, backend=backend)
-    # from_linear reads in/out features, weight and bias: hand it a bare nn.Linear holding the Conv1D's tensors.
-    shim = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(shim)
-    out_f, in_f = _out_in(module)
-    shim.in_features, shim.out_features = in_f, out_f
-    shim.weight, shim.bias = module.weight, module.bias
-    layer = MultiLoRALinear.from_linear(shim, L, R, dtype=dtype, backend=backend)
-    layer.__class__ = _MultiLoRAConv1D
-    return layer
-
-
-class _MultiLoRAConv1D(MultiLoRALinear):
-    """A MultiLoRALinear over a transformers ``Conv1D``: ``weight`` stays the checkpoint's ``[in, out]`` tensor (the
-    state dict is unchanged) and the op reads its transpose, a strided view."""
-
-    def forward(self, x: torch.Tensor, batch=None) -> torch.Tensor:
-        batch = batch if batch is not None else self.batch
-        weight = self.weight.t()
-        if batch is None:
-            return F.linear(x, weight, self.bias)
-        return multi_lora_linear(x, weight, self.bias, self.pool, batch, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", conv1d=True"
+def _multi_from(module: nn.Module, L: int, R: int, dtype, backend) -> MultiLoRALinear:
+    """A MultiLoRALinear over ``module``'s weight and bias (an nn.Linear, or a Conv1D whose ``[in, out]`` weight the
+    layer reads through its transpose)."""
+    if is_conv1d(module):
+        return MultiLoRALinear.from_weight(module.weight, module.bias, L, R, weight_layout="in_out", dtype=dtype,
+                                           backend=backend)
+    return MultiLoRALinear.from_linear(module, L, R, dtype=dtype, backend=backend)
 
 
 class _Serving:
