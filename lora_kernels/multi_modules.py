@@ -427,7 +427,7 @@ def load_multi_adapter(
     if slot is None:
         free = set.intersection(*(set(m.pool.free_slots()) for m in layers.values()))
         if not free:
-            raise RuntimeError(f"no slot is free in every layer; unload an adapter first")
+            raise RuntimeError("no slot is free in every layer; unload an adapter first")
         slot = min(free)
     done: List[MultiLoRALinear] = []
     lname = ""

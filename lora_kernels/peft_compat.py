@@ -2,7 +2,9 @@
 
 import importlib
 
+from .multi_modules import MultiLoRALinear
 from .peft import (  # noqa: F401
+    __all__,
     PeftConversionWarning,
     PeftLoRALinear,
     from_peft,
@@ -11,18 +13,8 @@ from .peft import (  # noqa: F401
     to_peft,
     unsupported_peft_layers,
 )
-from .multi_modules import MultiLoRALinear
 from .peft.common import BASE  # noqa: F401
 
-__all__ = [
-    "PeftConversionWarning",
-    "PeftLoRALinear",
-    "from_peft",
-    "load_adapters",
-    "to_peft",
-    "set_adapter",
-    "unsupported_peft_layers",
-]
 
 # A model saved whole (torch.save) before the split names its hooks, patches and layer classes by this module's
 # path; unpickling looks them up here and finds them in their new modules.

@@ -36,7 +36,7 @@ def test_objects_pickled_under_the_old_path_unpickle(name, module):
     assert b"lora_kernels.peft_compat" in old
     assert pickle.loads(old) is obj
     with pytest.raises(AttributeError):
-        peft_compat._no_such_name
+        peft_compat.__getattr__("_no_such_name")
 
 
 def test_import_loads_neither_peft_nor_transformers():
@@ -148,3 +148,97 @@ def test_a_conv1d_layer_pickled_before_the_flag_unpickles_as_in_out():
     fresh = lk.MultiLoRALinear.from_weight(old.weight, None, 2, 2, weight_layout="in_out", backend="torch")
     fresh.load_adapter("a", old.pool.A_stack[0, :2], old.pool.B_stack[0, :, :2], scale=2.0)
     torch.testing.assert_close(old(x, batch), fresh(x, batch))
+
+
+# -------------------------------------------------------------------------- load_adapters' steps, on a tiny model
+class _Tiny:
+    @staticmethod
+    def build():
+        import torch.nn as nn
+
+        class Tiny(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.q_proj = nn.Linear(7, 5)
+                self.v_proj = nn.Linear(5, 7)
+
+            def forward(self, x):
+                return self.v_proj(self.q_proj(x))
+
+        return Tiny().double()
+
+
+def _saved_adapter(path, seed, **config):
+    import json
+
+    import torch
+
+    pytest.importorskip("safetensors")
+    torch.manual_seed(seed)
+    model = _Tiny.build()
+    lk.inject_lora(model, ["q_proj", "v_proj"], r=2, alpha=3)
+    for layer in lk.lora_layers(model).values():
+        layer.lora_B.data.normal_()
+    lk.save_adapter(model, path)
+    cfg_path = os.path.join(path, "adapter_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    with open(cfg_path, "w") as f:
+        json.dump({**cfg, **config}, f)
+    return model
+
+
+def test_load_adapters_checks_a_patched_config_in_memory(tmp_path, monkeypatch):
+    import tempfile
+
+    import torch
+
+    lora = _saved_adapter(tmp_path, 1, fan_in_fan_out=True)  # PEFT's Conv1D flag: served as the base module says
+
+    def no_temporary_files(*args, **kwargs):
+        raise AssertionError("load_adapters wrote a temporary copy of the config")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", no_temporary_files)
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temporary_files)
+    torch.manual_seed(1)
+    model = _Tiny.build()
+    assert lk.load_adapters(model, {"a": str(tmp_path)}, backend="torch") == {"a": 0}
+    x = torch.randn(3, 2, 7, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x, adapter_names=["a", "__base__", "a"])
+        torch.testing.assert_close(out[[0, 2]], lora(x[[0, 2]]), rtol=1e-12, atol=1e-12)
+        base = _Tiny.build()
+        base.load_state_dict(model.state_dict())
+        torch.testing.assert_close(out[1], base(x[1]), rtol=1e-12, atol=1e-12)
+
+
+def test_load_adapters_refuses_variants_naming_the_config(tmp_path):
+    _saved_adapter(tmp_path, 2, use_dora=True)
+    model = _Tiny.build()
+    with pytest.raises(ValueError, match=r"^load_adapters: .*adapter_config.json: LoRA variant settings cannot be "
+                                         r"served: use_dora=True"):
+        lk.load_adapters(model, {"a": str(tmp_path)})
+    assert not lk.multi_lora_layers(model)
+
+
+def test_load_adapters_failing_half_way_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    import torch.nn as nn
+
+    _saved_adapter(tmp_path / "a", 3)
+    _saved_adapter(tmp_path / "b", 4)
+    model = _Tiny.build()
+    before = dict(model.named_children())
+    calls = []
+    load = lk.AdapterPool.load
+
+    def failing_load(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second adapter's first layer
+            raise RuntimeError("injected failure")
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(lk.AdapterPool, "load", failing_load)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        lk.load_adapters(model, {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, backend="torch")
+    assert dict(model.named_children()) == before and all(type(m) is nn.Linear for m in before.values())
+    assert not model._forward_pre_hooks and not hasattr(model, "_lora_kernels_serving")

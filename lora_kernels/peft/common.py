@@ -5,6 +5,7 @@ Imports of ``peft`` and ``transformers`` happen inside the functions, so importi
 
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Sequence
 
 import torch.nn as nn
@@ -38,6 +39,16 @@ def conv1d_type() -> Optional[type]:
 def is_conv1d(module: nn.Module) -> bool:
     conv1d = conv1d_type()
     return conv1d is not None and type(module) is conv1d
+
+
+def pattern_value(name: str, pattern: Optional[dict], default):
+    """The value a ``rank_pattern`` / ``alpha_pattern`` gives the module ``name``, PEFT's rule
+    (``peft.utils.other.get_pattern_key``): the first key that, as a regex, matches the whole name or a suffix of it
+    after a "."; else ``default``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name) is not None:
+            return value
+    return default
 
 
 def check_requires_grad(requires_grad) -> None:

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .. import _backend
 from .. import io as lk_io
 from ..targets import replace_module
-from .common import PeftConversionWarning, check_requires_grad, conv1d_type, peft_lora
+from .common import PeftConversionWarning, check_requires_grad, conv1d_type, pattern_value, peft_lora
 from .layer import PeftLoRALinear
 from .patches import install_disable_adapter, install_mixed_batch_hooks, remove_mixed_batch_hooks
 
@@ -183,9 +183,10 @@ def _sync_peft_config(tuner) -> None:
         cfg = tuner.peft_config.get(ad)
         if cfg is None or not hasattr(cfg, "alpha_pattern"):
             continue
-        for field, pattern_field, idx, kind in (("r", "rank_pattern", 0, int), ("lora_alpha", "alpha_pattern", 1, float)):
+        for field, pattern_field, idx, kind in (("r", "rank_pattern", 0, int),
+                                                ("lora_alpha", "alpha_pattern", 1, float)):
             glob, pattern = getattr(cfg, field), dict(getattr(cfg, pattern_field) or {})
-            wrong = [n for n, v in layers.items() if kind(lk_io._pattern_value(n, pattern, glob)) != v[idx]]
+            wrong = [n for n, v in layers.items() if kind(pattern_value(n, pattern, glob)) != v[idx]]
             if not wrong:
                 continue  # the config already describes the layers: left as the user wrote it
             # Describe every layer again: the most common value in the plain field (the config's own on a tie), the

@@ -9,7 +9,8 @@ directories by name").
 from __future__ import annotations
 
 import contextvars
-from typing import Dict, List, Optional, Sequence, Tuple
+import os
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,102 +20,17 @@ from .. import _backend
 from ..multi_modules import MultiLoRALinear, multi_lora_layers, restore_batches, swap_batches
 from ..pool import IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
 from ..targets import linear_refusal, replace_module
-from .common import BASE, as_name_list, check_names_length, expand_for_beams, is_conv1d
+from .common import BASE, as_name_list, check_names_length, expand_for_beams, is_conv1d, pattern_value
 
 
 _SERVING_ATTR = "_lora_kernels_serving"
 
-
 # LoraConfig fields that change what an adapter computes beyond y += s·B·A·x: adapters using them are refused.
 _VARIANT_FIELDS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
                    "velora_config", "monteclora_config", "kasa_config", "use_mica", "mica")
+_LORA_SUFFIXES = (("A", ".lora_A.weight"), ("B", ".lora_B.weight"))  # PEFT's keys: PREFIX + module + suffix
 
-
-def _read_serving_config(path) -> dict:
-    """``adapter_config.json`` through lora_kernels.io's checks, except ``fan_in_fan_out``: it only says how PEFT
-    merges into a Conv1D weight; lora_A/lora_B are ``[r, in]``/``[out, r]`` whatever it says, and the served layer
-    follows its base module (nn.Linear or Conv1D)."""
-    import json
-    import os
-
-    if os.path.exists(os.fspath(path)) and not os.path.isdir(os.fspath(path)):
-        raise NotADirectoryError(f"load_adapters: {os.fspath(path)} is a file; pass the adapter's directory")
-    cpath = os.path.join(os.fspath(path), lk_io.CONFIG_NAME)
-    try:
-        with open(cpath) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_adapters: {cpath} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"load_adapters: {cpath} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"load_adapters: {cpath} must hold a JSON object")
-    fields, inits = set(_VARIANT_FIELDS), {"mica"}
-    try:  # the installed PEFT knows its own variants (fields tagged is_lora_variant, variant inits)
-        import dataclasses
-
-        from peft import LoraConfig
-
-        for fld in dataclasses.fields(LoraConfig):
-            if fld.metadata.get("is_lora_variant"):
-                fields.add(fld.name)
-            inits.update(fld.metadata.get("lora_variants", ()) if fld.name == "init_lora_weights" else ())
-    except Exception:  # peft not installed: the list above
-        pass
-    variants = [f"{k}={raw[k]!r}" for k in sorted(fields) if raw.get(k)]
-    if isinstance(raw.get("init_lora_weights"), str) and raw["init_lora_weights"] in inits:
-        variants.append(f"init_lora_weights={raw['init_lora_weights']!r}")
-    if variants:
-        raise ValueError(f"load_adapters: {cpath}: LoRA variant settings cannot be served: {', '.join(variants)}")
-    if raw.get("fan_in_fan_out"):
-        import tempfile
-
-        # io's reader refuses the flag (its layers are nn.Linear); check everything else through it on a copy.
-        with tempfile.TemporaryDirectory() as tmp:
-            with open(os.path.join(tmp, lk_io.CONFIG_NAME), "w") as f:
-                json.dump(dict(raw, fan_in_fan_out=False), f)
-            return lk_io._read_config(tmp)
-    return lk_io._read_config(path)
-
-
-def _read_peft_dir(name: str, path) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]], bool]:
-    """(config, module name → (A, B, scale), use_rslora) of a PEFT adapter directory; raises on anything it cannot
-    serve exactly. Module names are the base model's (PEFT's ``base_model.model.`` prefix removed)."""
-    cfg = _read_serving_config(path)
-    state = lk_io._read_tensors(path)
-    state, metadata = state if isinstance(state, tuple) else (state, {})
-    if metadata.get("lora_kernels.base") == "mutated":
-        raise ValueError(f"load_adapters: adapter {name!r} ({path}) was saved for a mutated base weight "
-                         "(PiSSA/LoRA-GA, convert_to_original=False); a served model shares one original base")
-    use_rslora = bool(cfg.get("use_rslora", False))
-    r_glob, a_glob = int(cfg["r"]), float(cfg["lora_alpha"])
-    found: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, t in state.items():
-        for part, suffix in (("A", lk_io._SUFFIX_A), ("B", lk_io._SUFFIX_B)):
-            if key.startswith(lk_io.PREFIX) and key.endswith(suffix):
-                found.setdefault(key[len(lk_io.PREFIX):-len(suffix)], {})[part] = t
-                break
-        else:
-            raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds {key!r}, which is not a LoRA "
-                             f"lora_A/lora_B weight under {lk_io.PREFIX!r}")
-    if not found:
-        raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds no LoRA weights")
-    out = {}
-    for module, parts in found.items():
-        if set(parts) != {"A", "B"}:
-            raise ValueError(f"load_adapters: adapter {name!r} has lora_{'A' if 'A' not in parts else 'B'} missing "
-                             f"for {module}")
-        A, B = parts["A"], parts["B"]
-        r = A.shape[0]
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
-            raise ValueError(f"load_adapters: adapter {name!r}, {module}: lora_A {tuple(A.shape)} and lora_B "
-                             f"{tuple(B.shape)} are not [r, in] and [out, r]")
-        r_cfg = int(lk_io._pattern_value(module, cfg.get("rank_pattern") or {}, r_glob))
-        if r != r_cfg:
-            raise ValueError(f"load_adapters: adapter {name!r}, {module}: rank {r} in the file, {r_cfg} in the config")
-        alpha = float(lk_io._pattern_value(module, cfg.get("alpha_pattern") or {}, a_glob))
-        out[module] = (A, B, alpha / (r ** 0.5 if use_rslora else r))
-    return cfg, out, use_rslora
+Weights = Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]  # module name → (lora_A, lora_B, scale)
 
 
 def load_adapters(
@@ -131,12 +47,11 @@ def load_adapters(
     ``adapters``: ``{name: path}`` of directories in PEFT's format (``adapter_config.json`` +
     ``adapter_model.safetensors``). Every ``nn.Linear`` (or transformers ``Conv1D``, as in GPT-2) any adapter
     targets becomes a :class:`~lora_kernels.MultiLoRALinear` (base weights shared, state dict unchanged) whose pool
-    holds every adapter at one model-wide
-    slot (reserved, at no cost, in the layers an adapter does not target). Afterwards
-    ``model(input_ids, adapter_names=[...])`` and ``model.generate(input_ids, adapter_names=[...])`` take one name
-    per sequence (``"__base__"``: no adapter), PEFT's mixed-batch argument; the per-token slot ids are prepared once
-    per forward into one :class:`~lora_kernels.LoRABatch` shared by all layers. Without ``adapter_names`` a forward
-    uses whatever batch is set (``use_batch``), by default none: the base model.
+    holds every adapter at one model-wide slot (reserved, at no cost, in the layers an adapter does not target).
+    Afterwards ``model(input_ids, adapter_names=[...])`` and ``model.generate(input_ids, adapter_names=[...])``
+    take one name per sequence (``"__base__"``: no adapter), PEFT's mixed-batch argument; the per-token slot ids are
+    prepared once per forward into one :class:`~lora_kernels.LoRABatch` shared by all layers. Without
+    ``adapter_names`` a forward uses whatever batch is set (``use_batch``), by default none: the base model.
 
     ``adapter_names`` must have exactly one name per sequence (ValueError otherwise, as in PEFT; a shorter list is
     never repeated to fit); ``generate(..., num_beams=k)`` repeats each name k times, PEFT's rule, and nothing else
@@ -152,7 +67,24 @@ def load_adapters(
     settings that cannot be served exactly (DoRA and other variants, ``lora_bias``, trained biases or
     ``modules_to_save``, an adapter saved for a mutated base) are refused with ValueError.
     """
+    _check_arguments(model, adapters, max_adapters, max_rank, dtype, backend)
+    weights = {name: _read_adapter_dir(name, path) for name, path in adapters.items()}
+    plan = _plan(model, weights, max_adapters, max_rank, dtype)
+    replaced = _install_layers(model, plan, dtype, backend)
+    try:
+        slots = _load_weights(model, plan, weights)
+    except BaseException:
+        for alias, original in replaced:  # all or nothing: the model as it was
+            replace_module(model, alias, original)
+        raise
+    _install_serving_hooks(model)
+    getattr(model, _SERVING_ATTR).layers = list(multi_lora_layers(model).values())
+    return slots
 
+
+# ----------------------------------------------------------------------------------------------- 1. the call
+def _check_arguments(model, adapters, max_adapters, max_rank, dtype, backend) -> None:
+    """Refuse bad arguments, encoder-decoder models and names already loaded, before anything is read."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_adapters: model must be an nn.Module, got {type(model).__name__}")
     if not hasattr(adapters, "items") or not adapters:
@@ -172,116 +104,191 @@ def load_adapters(
     bad = [n for n in adapters if not isinstance(n, str) or not n or n == BASE or "." in n]
     if bad:
         raise ValueError(f"adapter names must be non-empty strings without '.', not {BASE!r}: got {bad!r}")
-    existing = multi_lora_layers(model)
-    loaded = {n for m in existing.values() for n in m.pool.names}
+    loaded = {n for m in multi_lora_layers(model).values() for n in m.pool.names}
     clash = sorted(set(adapters) & loaded)
     if clash:
         raise ValueError(f"adapter(s) {clash} are already loaded in this model")
-    parsed = {name: _read_peft_dir(name, path)[1] for name, path in adapters.items()}
 
-    # ---- which layers: every module named by some adapter; new ones must be plain nn.Linear of matching shapes
+
+# ------------------------------------------------------------------------------------ 2. each adapter directory
+def _read_adapter_dir(name: str, path) -> Weights:
+    """Module name → (A, B, scale) of the PEFT adapter directory ``path``; raises on anything it cannot serve
+    exactly. Module names are the base model's (PEFT's ``base_model.model.`` prefix removed)."""
+    cfg = _read_serving_config(path)
+    state, metadata = lk_io.read_tensors(path, caller="load_adapters")
+    if metadata.get("lora_kernels.base") == "mutated":
+        raise ValueError(f"load_adapters: adapter {name!r} ({path}) was saved for a mutated base weight "
+                         "(PiSSA/LoRA-GA, convert_to_original=False); a served model shares one original base")
+    found, others = _tensors_by_module(state)
+    if others:
+        raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds {others[0]!r}, which is not a LoRA "
+                         f"lora_A/lora_B weight under {lk_io.PREFIX!r}")
+    if not found:
+        raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds no LoRA weights")
+    use_rslora = bool(cfg.get("use_rslora", False))
+    out = {}
+    for module, parts in found.items():
+        if set(parts) != {"A", "B"}:
+            raise ValueError(f"load_adapters: adapter {name!r} has lora_{'A' if 'A' not in parts else 'B'} missing "
+                             f"for {module}")
+        A, B = parts["A"], parts["B"]
+        r = A.shape[0]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+            raise ValueError(f"load_adapters: adapter {name!r}, {module}: lora_A {tuple(A.shape)} and lora_B "
+                             f"{tuple(B.shape)} are not [r, in] and [out, r]")
+        r_cfg = int(pattern_value(module, cfg.get("rank_pattern"), cfg["r"]))
+        if r != r_cfg:
+            raise ValueError(f"load_adapters: adapter {name!r}, {module}: rank {r} in the file, {r_cfg} in the config")
+        alpha = float(pattern_value(module, cfg.get("alpha_pattern"), cfg["lora_alpha"]))
+        out[module] = (A, B, alpha / (r ** 0.5 if use_rslora else r))
+    return out
+
+
+def _read_serving_config(path) -> dict:
+    """``adapter_config.json`` with lora_kernels' checks, LoRA variants refused by name, and ``fan_in_fan_out``
+    allowed: it only says how PEFT merges into a Conv1D weight; lora_A/lora_B are ``[r, in]``/``[out, r]`` whatever
+    it says, and the served layer follows its base module (nn.Linear or Conv1D)."""
+    fields, inits = set(_VARIANT_FIELDS), {"mica"}
+    try:  # the installed PEFT knows its own variants (fields tagged is_lora_variant, variant inits)
+        import dataclasses
+
+        from peft import LoraConfig
+
+        for fld in dataclasses.fields(LoraConfig):
+            if fld.metadata.get("is_lora_variant"):
+                fields.add(fld.name)
+            inits.update(fld.metadata.get("lora_variants", ()) if fld.name == "init_lora_weights" else ())
+    except Exception:  # peft not installed: the list above
+        pass
+    # The variant fields pass the general check, to be refused below under their own name.
+    cfg = lk_io.read_config(path, caller="load_adapters", allow=("fan_in_fan_out", *sorted(fields)))
+    variants = [f"{k}={cfg[k]!r}" for k in sorted(fields) if cfg.get(k)]
+    if isinstance(cfg.get("init_lora_weights"), str) and cfg["init_lora_weights"] in inits:
+        variants.append(f"init_lora_weights={cfg['init_lora_weights']!r}")
+    if variants:
+        cpath = os.path.join(os.fspath(path), lk_io.CONFIG_NAME)
+        raise ValueError(f"load_adapters: {cpath}: LoRA variant settings cannot be served: {', '.join(variants)}")
+    return cfg
+
+
+def _tensors_by_module(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:
+    """(module → {"A": lora_A, "B": lora_B} as far as present, keys that are no lora_A/lora_B weight under PEFT's
+    prefix), in file order."""
+    modules: Dict[str, Dict[str, torch.Tensor]] = {}
+    others = []
+    for key, t in state.items():
+        for part, suffix in _LORA_SUFFIXES:
+            if key.startswith(lk_io.PREFIX) and key.endswith(suffix):
+                modules.setdefault(key[len(lk_io.PREFIX):-len(suffix)], {})[part] = t
+                break
+        else:
+            others.append(key)
+    return modules, others
+
+
+# ------------------------------------------------------------------------------------------------- 3. the plan
+class _Plan(NamedTuple):
+    """What load_adapters changes, decided before anything is changed."""
+
+    targets: Dict[str, nn.Module]  # layer to serve (a shared module under its first name) → module
+    aliases: Dict[str, str]  # every name of a module the weights name → the name it is planned under
+    max_adapters: int  # slots of new pools
+    max_rank: int  # rank of new pools
+    slots: List[int]  # the slot of each adapter, in the order given
+
+
+def _plan(model: nn.Module, weights: Dict[str, Weights], max_adapters, max_rank, dtype) -> _Plan:
+    """The layers to serve and the slots, or ValueError listing every problem found."""
     # remove_duplicate=False: a module shared under several names is one layer, served under every name.
     all_names = list(model.named_modules(remove_duplicate=False))
     modules = dict(all_names)
-    canonical = {}
+    canonical: Dict[int, str] = {}
     for n, m in all_names:
         canonical.setdefault(id(m), n)
     targets: Dict[str, nn.Module] = {}
     problems = []
-    for name, weights in parsed.items():
-        seen = {}
-        for mod_name, (A, B, _) in weights.items():
+    for name, layers in weights.items():
+        seen: Dict[int, str] = {}
+        for mod_name, (A, B, _) in layers.items():
             mod = modules.get(mod_name)
             if mod is not None and seen.setdefault(id(mod), mod_name) != mod_name:
                 problems.append(f"{name}: {mod_name} and {seen[id(mod)]} are one shared module, given twice")
                 continue
-            refusal = (linear_refusal(mod) if isinstance(mod, nn.Linear) and not isinstance(mod, MultiLoRALinear)
-                       else None)
-            if mod is None:
-                problems.append(f"{name}: the model has no module {mod_name!r}")
-            elif not isinstance(mod, (nn.Linear, MultiLoRALinear)) and not is_conv1d(mod):
-                problems.append(f"{name}: {mod_name} is a {type(mod).__name__}, not an nn.Linear or Conv1D")
-            elif refusal:
-                problems.append(f"{name}: {mod_name} cannot be served: {refusal}")
-            elif dtype is not None and not isinstance(mod, MultiLoRALinear) and (
-                    dtype not in (mod.weight.dtype, torch.float32)):
-                problems.append(f"{name}: dtype={dtype} cannot serve {mod_name}, whose weight is "
-                                f"{mod.weight.dtype}: the pool must be the weight's dtype or torch.float32")
-            elif (B.shape[0], A.shape[1]) != _out_in(mod):
-                problems.append(f"{name}: {mod_name} is [out, in] = {list(_out_in(mod))} but the adapter is "
-                                f"lora_B {tuple(B.shape)} · lora_A {tuple(A.shape)}")
-            elif isinstance(mod, MultiLoRALinear) and A.shape[0] > mod.pool.max_rank:
-                problems.append(f"{name}: rank {A.shape[0]} exceeds the max_rank={mod.pool.max_rank} of {mod_name}")
+            why = _target_problem(mod, mod_name, A, B, dtype)
+            if why:
+                problems.append(f"{name}: {why}")
             else:
                 targets[canonical[id(mod)]] = mod
+    existing = multi_lora_layers(model)
     if existing:
         L = next(iter(existing.values())).pool.max_adapters
         if max_adapters is not None and max_adapters != L:
             problems.append(f"max_adapters={max_adapters}, but the model's pools have {L} slots")
     else:
-        L = max_adapters if max_adapters is not None else len(adapters)
+        L = max_adapters if max_adapters is not None else len(weights)
     free = set(range(L))
     for m in existing.values():
         free &= set(m.pool.free_slots())
-    if len(free) < len(adapters):
-        problems.append(f"{len(adapters)} adapters to load but only {len(free)} of {L} slots are free in every layer")
-    R = max(A.shape[0] for w in parsed.values() for A, _, _ in w.values())
+    if len(free) < len(weights):
+        problems.append(f"{len(weights)} adapters to load but only {len(free)} of {L} slots are free in every layer")
+    R = max(A.shape[0] for layers in weights.values() for A, _, _ in layers.values())
     if max_rank is not None:
         if max_rank < R:
             problems.append(f"max_rank={max_rank} is below the largest adapter rank {R}")
         R = max_rank
     if problems:
         raise ValueError("load_adapters: nothing was loaded:\n  " + "\n  ".join(problems))
+    aliases = {n: canonical[id(modules[n])] for layers in weights.values() for n in layers}
+    return _Plan(targets, aliases, L, R, sorted(free)[:len(weights)])
 
-    # ---- inject new layers (built first), reserving the slots of adapters loaded earlier
-    new_layers = {n: _multi_from(m, L, R, dtype, backend) for n, m in targets.items()
-                  if not isinstance(m, MultiLoRALinear)}
-    slots_before = {}
-    for m in existing.values():
-        slots_before.update(m.pool.names)
-    for layer in new_layers.values():
-        for prev, slot in slots_before.items():
-            layer.pool.reserve(prev, slot=slot)
-    replaced = []
-    for n, layer in new_layers.items():
-        original = modules[n]
-        for alias in [a for a, m in all_names if m is original]:  # every name of a shared module
-            replaced.append((alias, original))
-            replace_module(model, alias, layer)
-    layers = multi_lora_layers(model)
-    # The weights by the name each layer is listed under (a shared layer's first name).
-    parsed = {name: {canonical[id(modules[k])]: v for k, v in weights.items()} for name, weights in parsed.items()}
 
-    # ---- load, all or nothing
-    result: Dict[str, int] = {}
-    try:
-        for name, weights in parsed.items():
-            slot = min(free)
-            free.discard(slot)
-            for lname, layer in layers.items():
-                if lname in weights:
-                    A, B, scale = weights[lname]
-                    layer.pool.load(name, A, B, scale=scale, slot=slot)
-                else:
-                    layer.pool.reserve(name, slot=slot)
-            result[name] = slot
-    except Exception:
-        for layer in layers.values():
-            for name in adapters:
-                if name in layer.pool:
-                    layer.pool._unload(name)
-        for n, original in replaced:
-            replace_module(model, n, original)
-        raise
-    _install_serving_hooks(model)
-    getattr(model, _SERVING_ATTR).layers = list(multi_lora_layers(model).values())
-    return result
+def _target_problem(mod: Optional[nn.Module], mod_name: str, A: torch.Tensor, B: torch.Tensor, dtype) -> Optional[str]:
+    """Why the module ``mod_name`` cannot serve the adapter ``(A, B)``, None when it can."""
+    if mod is None:
+        return f"the model has no module {mod_name!r}"
+    served = isinstance(mod, MultiLoRALinear)  # by an earlier call: its pool is there
+    if not served and not isinstance(mod, nn.Linear) and not is_conv1d(mod):
+        return f"{mod_name} is a {type(mod).__name__}, not an nn.Linear or Conv1D"
+    refusal = linear_refusal(mod) if isinstance(mod, nn.Linear) else None
+    if refusal:
+        return f"{mod_name} cannot be served: {refusal}"
+    if dtype is not None and not served and dtype not in (mod.weight.dtype, torch.float32):
+        return (f"dtype={dtype} cannot serve {mod_name}, whose weight is {mod.weight.dtype}: the pool must be the "
+                f"weight's dtype or torch.float32")
+    if (B.shape[0], A.shape[1]) != _out_in(mod):
+        return (f"{mod_name} is [out, in] = {list(_out_in(mod))} but the adapter is lora_B {tuple(B.shape)} · "
+                f"lora_A {tuple(A.shape)}")
+    if served and A.shape[0] > mod.pool.max_rank:
+        return f"rank {A.shape[0]} exceeds the max_rank={mod.pool.max_rank} of {mod_name}"
+    return None
 
 
 def _out_in(module: nn.Module) -> Tuple[int, int]:
     if is_conv1d(module):
         return int(module.weight.shape[1]), int(module.weight.shape[0])  # Conv1D weight is [in, out]
     return int(module.out_features), int(module.in_features)
+
+
+# ------------------------------------------------------------------------------------------ 4. change the model
+def _install_layers(model: nn.Module, plan: _Plan, dtype, backend) -> List[Tuple[str, nn.Module]]:
+    """Replace each planned layer that is no MultiLoRALinear yet by one (built first, reserving the slots of the
+    adapters loaded earlier), under every name of the module; returns (name, original) to undo it."""
+    loaded_before: Dict[str, int] = {}
+    for m in multi_lora_layers(model).values():
+        loaded_before.update(m.pool.names)
+    new_layers = {n: _multi_from(m, plan.max_adapters, plan.max_rank, dtype, backend)
+                  for n, m in plan.targets.items() if not isinstance(m, MultiLoRALinear)}
+    for layer in new_layers.values():
+        for prev, slot in loaded_before.items():
+            layer.pool.reserve(prev, slot=slot)
+    replaced = []
+    all_names = list(model.named_modules(remove_duplicate=False))
+    for n, layer in new_layers.items():
+        original = plan.targets[n]
+        for alias in [a for a, m in all_names if m is original]:  # every name of a shared module
+            replaced.append((alias, original))
+            replace_module(model, alias, layer)
+    return replaced
 
 
 def _multi_from(module: nn.Module, L: int, R: int, dtype, backend) -> MultiLoRALinear:
@@ -291,6 +298,30 @@ def _multi_from(module: nn.Module, L: int, R: int, dtype, backend) -> MultiLoRAL
         return MultiLoRALinear.from_weight(module.weight, module.bias, L, R, weight_layout="in_out", dtype=dtype,
                                            backend=backend)
     return MultiLoRALinear.from_linear(module, L, R, dtype=dtype, backend=backend)
+
+
+def _load_weights(model: nn.Module, plan: _Plan, weights: Dict[str, Weights]) -> Dict[str, int]:
+    """Copy each adapter into its slot of every layer (reserved where it has no weights); all or nothing: on an
+    error no layer keeps any of them. Returns name → slot."""
+    layers = multi_lora_layers(model)  # each layer under its first name, as the plan names it
+    result: Dict[str, int] = {}
+    try:
+        for (name, by_module), slot in zip(weights.items(), plan.slots):
+            by_layer = {plan.aliases[k]: v for k, v in by_module.items()}
+            for lname, layer in layers.items():
+                if lname in by_layer:
+                    A, B, scale = by_layer[lname]
+                    layer.pool.load(name, A, B, scale=scale, slot=slot)
+                else:
+                    layer.pool.reserve(name, slot=slot)
+            result[name] = slot
+    except BaseException:
+        for layer in layers.values():
+            for name in weights:
+                if name in layer.pool:
+                    layer.pool._unload(name)  # unchecked: undoes a load that has not served yet
+        raise
+    return result
 
 
 class _Serving:
