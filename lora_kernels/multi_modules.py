@@ -30,17 +30,17 @@ import contextlib
 import contextvars
 import threading
 import warnings
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _backend
-from .targets import check_target_modules, linear_refusal, matches, named_linears, no_match_error, replace_module
 from .ops._validate import FLOAT_DTYPES
 from .ops.multi_lora import multi_lora_linear
 from .pool import IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
+from .targets import check_target_modules, linear_refusal, matches, named_linears, no_match_error, replace_module
 
 _POOL_BUFFERS = (("lora_A_stack", "A_stack"), ("lora_B_stack", "B_stack"), ("lora_ranks", "ranks"),
                  ("lora_scales", "scales"))
@@ -51,19 +51,19 @@ _POOL_BUFFERS = (("lora_A_stack", "A_stack"), ("lora_B_stack", "B_stack"), ("lor
 # contextvars context (replaced, never mutated), so concurrent requests on one model are isolated. Eager code reads
 # the ContextVar; compiled code reads _MIRROR, a thread-local that every change below keeps equal to the ContextVar
 # of the context that made it (Dynamo traces and guards a thread-local attribute, it cannot trace ContextVar.get).
-_NO_BATCHES: Dict[nn.Module, LoRABatch] = {}
-_ACTIVE: "contextvars.ContextVar[Optional[Dict[nn.Module, LoRABatch]]]" = contextvars.ContextVar(
+_NO_BATCHES: dict[nn.Module, LoRABatch] = {}
+_ACTIVE: contextvars.ContextVar[dict[nn.Module, LoRABatch] | None] = contextvars.ContextVar(
     "lora_kernels_active_batches", default=None)
 _MIRROR = threading.local()
 
 
-def _active_batches() -> Dict[nn.Module, LoRABatch]:
+def _active_batches() -> dict[nn.Module, LoRABatch]:
     if torch.compiler.is_compiling():
         return getattr(_MIRROR, "batches", None) or _NO_BATCHES
     return _ACTIVE.get() or _NO_BATCHES
 
 
-def swap_batches(updates: Mapping[nn.Module, Optional[LoRABatch]]) -> Optional[Dict[nn.Module, LoRABatch]]:
+def swap_batches(updates: Mapping[nn.Module, LoRABatch | None]) -> dict[nn.Module, LoRABatch] | None:
     """Set (None: clear) the batch of some layers in the calling thread/context, unchecked; returns the previous
     state, to hand to :func:`restore_batches`. The low-level form of :func:`use_batch`, for hooks that set a batch
     before a forward and restore it after (the caller checks the batch and holds its slots)."""
@@ -79,13 +79,13 @@ def swap_batches(updates: Mapping[nn.Module, Optional[LoRABatch]]) -> Optional[D
     return previous
 
 
-def restore_batches(previous: Optional[Dict[nn.Module, LoRABatch]]) -> None:
+def restore_batches(previous: dict[nn.Module, LoRABatch] | None) -> None:
     """Put back the state :func:`swap_batches` returned."""
     _ACTIVE.set(previous)
     _MIRROR.batches = previous
 
 
-def _check_batch_for(layers: Sequence["MultiLoRALinear"], batch: Optional[LoRABatch]) -> None:
+def _check_batch_for(layers: Sequence[MultiLoRALinear], batch: LoRABatch | None) -> None:
     if batch is None:
         return
     if not isinstance(batch, LoRABatch):
@@ -96,7 +96,7 @@ def _check_batch_for(layers: Sequence["MultiLoRALinear"], batch: Optional[LoRABa
                          f"{', '.join(sorted(map(str, devices)))}; prepare the batch with device=")
 
 
-def _check_backend(backend: Optional[str]) -> Optional[str]:
+def _check_backend(backend: str | None) -> str | None:
     """Refuse an unknown backend name at the call (a layer would otherwise fail on every forward)."""
     if backend is not None:
         _backend.requested_backend(backend)  # TypeError/ValueError naming `backend` and the accepted names
@@ -137,14 +137,14 @@ class MultiLoRALinear(nn.Module):
     def __init__(
         self,
         in_features: int,
-        out_features: Union[int, Sequence[int]],
+        out_features: int | Sequence[int],
         max_adapters: int,
         max_rank: int,
         bias: bool = True,
         device=None,
         dtype=None,
         pool_dtype=None,
-        backend: Optional[str] = None,
+        backend: str | None = None,
         weight_layout: str = "out_in",
     ):
         super().__init__()
@@ -161,7 +161,7 @@ class MultiLoRALinear(nn.Module):
         self._init_pool(pool, backend, weight_layout)
         nn.init.kaiming_uniform_(self.base_weight(), a=5 ** 0.5)  # nn.Linear's init, on the [out, in] view
 
-    def _init_pool(self, pool: AdapterPool, backend: Optional[str], weight_layout: str) -> None:
+    def _init_pool(self, pool: AdapterPool, backend: str | None, weight_layout: str) -> None:
         self.in_features = pool.in_features
         self.out_features = pool.out_features
         self.pool = pool
@@ -177,9 +177,9 @@ class MultiLoRALinear(nn.Module):
         max_adapters: int,
         max_rank: int,
         dtype=None,
-        slices: Optional[Sequence[int]] = None,
-        backend: Optional[str] = None,
-    ) -> "MultiLoRALinear":
+        slices: Sequence[int] | None = None,
+        backend: str | None = None,
+    ) -> MultiLoRALinear:
         """Wrap ``linear`` (its weight and bias are shared, not copied). ``dtype``: the pool's (default the weight's);
         ``slices``: output widths of a fused projection (default one slice of ``out_features``)."""
         if not isinstance(linear, nn.Linear):
@@ -191,15 +191,15 @@ class MultiLoRALinear(nn.Module):
     def from_weight(
         cls,
         weight: nn.Parameter,
-        bias: Optional[nn.Parameter],
+        bias: nn.Parameter | None,
         max_adapters: int,
         max_rank: int,
         *,
         weight_layout: str = "out_in",
         dtype=None,
-        slices: Optional[Sequence[int]] = None,
-        backend: Optional[str] = None,
-    ) -> "MultiLoRALinear":
+        slices: Sequence[int] | None = None,
+        backend: str | None = None,
+    ) -> MultiLoRALinear:
         """A layer over an existing base ``weight`` and ``bias`` (parameters of another module, shared, not copied):
         ``weight`` is ``[out, in]`` with ``weight_layout="out_in"``, ``[in, out]`` with ``"in_out"`` (a transformers
         ``Conv1D``'s). ``dtype``, ``slices``, ``backend``: as :meth:`from_linear`."""
@@ -252,7 +252,7 @@ class MultiLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- adapters
     def load_adapter(self, name: str, lora_A, lora_B, alpha=None, use_rslora: bool = False, scale=None,
-                     slot: Optional[int] = None) -> int:
+                     slot: int | None = None) -> int:
         """Copy an adapter into the pool (see :meth:`AdapterPool.load`); returns its slot."""
         return self.pool.load(name, lora_A, lora_B, alpha=alpha, use_rslora=use_rslora, scale=scale, slot=slot)
 
@@ -264,16 +264,16 @@ class MultiLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------ forward
     @property
-    def batch(self) -> Optional[LoRABatch]:
+    def batch(self) -> LoRABatch | None:
         """The batch set for this layer in the calling thread/context (:func:`use_batch`, :func:`set_batch`)."""
         return _active_batches().get(self)
 
     @batch.setter
-    def batch(self, batch: Optional[LoRABatch]) -> None:
+    def batch(self, batch: LoRABatch | None) -> None:
         _check_batch_for([self], batch)
         swap_batches({self: batch})
 
-    def forward(self, x: torch.Tensor, batch: Optional[LoRABatch] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: LoRABatch | None = None) -> torch.Tensor:
         """``batch`` (default: the one set in this thread/context by :func:`use_batch`); without any, the base layer
         alone."""
         batch = batch if batch is not None else _active_batches().get(self)
@@ -291,19 +291,19 @@ class MultiLoRALinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- model helpers
-def multi_lora_layers(model: nn.Module) -> Dict[str, MultiLoRALinear]:
+def multi_lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
     """Qualified name → MultiLoRALinear, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
 
 
 def inject_multi_lora(
     model: nn.Module,
-    target_modules: Union[str, Sequence[str]],
+    target_modules: str | Sequence[str],
     max_adapters: int,
     max_rank: int,
     dtype=None,
-    backend: Optional[str] = None,
-) -> List[str]:
+    backend: str | None = None,
+) -> list[str]:
     """Replace, in place, every ``nn.Linear`` whose qualified name matches ``target_modules`` (PEFT's matching, as in
     :func:`lora_kernels.inject_lora`) by a :class:`MultiLoRALinear` with an empty pool. Returns the replaced names;
     raises listing the candidates when nothing matches. A Linear shared under several names becomes one layer, under
@@ -331,7 +331,7 @@ def inject_multi_lora(
         raise ValueError("inject_multi_lora cannot wrap these layers without losing what they compute: "
                          + "; ".join(refused) + " (leave them out of target_modules)")
     # Build every replacement before touching the model, so a failure leaves it unchanged.
-    layers: Dict[int, MultiLoRALinear] = {}
+    layers: dict[int, MultiLoRALinear] = {}
     for name in chosen:
         linear = candidates[name]
         if id(linear) not in layers:
@@ -342,7 +342,7 @@ def inject_multi_lora(
     return chosen
 
 
-def set_batch(model: nn.Module, batch: Optional[LoRABatch]) -> None:
+def set_batch(model: nn.Module, batch: LoRABatch | None) -> None:
     """Set (None: clear) the batch every MultiLoRALinear of ``model`` uses when forward gets none, in the calling
     thread/context only (other threads keep theirs; a thread started later starts without one)."""
     if not isinstance(model, nn.Module):
@@ -353,7 +353,7 @@ def set_batch(model: nn.Module, batch: Optional[LoRABatch]) -> None:
 
 
 @contextlib.contextmanager
-def use_batch(model: nn.Module, batch: Optional[LoRABatch]) -> Iterator[nn.Module]:
+def use_batch(model: nn.Module, batch: LoRABatch | None) -> Iterator[nn.Module]:
     """``with use_batch(model, batch): model(...)``: every MultiLoRALinear inside uses ``batch`` in the calling
     thread/context (the previous batches are restored on exit). Concurrent requests, each in its own thread (or
     asyncio task) with its own ``use_batch``, do not see each other's batch."""
@@ -372,14 +372,14 @@ def use_batch(model: nn.Module, batch: Optional[LoRABatch]) -> Iterator[nn.Modul
         release_slots(held)
 
 
-def _batch_slots(batch: Optional[LoRABatch]) -> Optional[List[int]]:
+def _batch_slots(batch: LoRABatch | None) -> list[int] | None:
     """The slots a batch uses (host ids), None when unknown (ids on the device), [] for no batch."""
     if batch is None:
         return []
     return batch.host_unique
 
 
-def _layer_aliases(model: nn.Module) -> Dict[str, MultiLoRALinear]:
+def _layer_aliases(model: nn.Module) -> dict[str, MultiLoRALinear]:
     """Every qualified name of every MultiLoRALinear, a shared layer under each of its names."""
     return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, MultiLoRALinear)}
 
@@ -387,11 +387,11 @@ def _layer_aliases(model: nn.Module) -> Dict[str, MultiLoRALinear]:
 def load_multi_adapter(
     model: nn.Module,
     name: str,
-    weights: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+    weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     alpha=None,
     use_rslora: bool = False,
     scale=None,
-    slot: Optional[int] = None,
+    slot: int | None = None,
 ) -> int:
     """Load adapter ``name`` into every MultiLoRALinear of ``model`` at one slot, and return it (the id to use in a
     :class:`LoRABatch` for the tokens of this adapter).
@@ -414,7 +414,7 @@ def load_multi_adapter(
         raise KeyError(f"{unknown} are not MultiLoRALinear layers of the model; layers: {', '.join(aliases)}")
     # A shared layer may be named by any of its names, but only once: weights are given per layer.
     canonical = {id(m): n for n, m in layers.items()}
-    by_layer: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    by_layer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, v in weights.items():
         c = canonical[id(aliases[k])]
         if c in by_layer:
@@ -429,7 +429,7 @@ def load_multi_adapter(
         if not free:
             raise RuntimeError("no slot is free in every layer; unload an adapter first")
         slot = min(free)
-    done: List[MultiLoRALinear] = []
+    done: list[MultiLoRALinear] = []
     lname = ""
     try:
         for lname, m in layers.items():

@@ -4,9 +4,9 @@ import importlib
 
 from .multi_modules import MultiLoRALinear
 from .peft import (  # noqa: F401
-    __all__,
     PeftConversionWarning,
     PeftLoRALinear,
+    __all__,
     from_peft,
     load_adapters,
     set_adapter,
@@ -14,7 +14,6 @@ from .peft import (  # noqa: F401
     unsupported_peft_layers,
 )
 from .peft.common import BASE  # noqa: F401
-
 
 # A model saved whole (torch.save) before the split names its hooks, patches and layer classes by this module's
 # path; unpickling looks them up here and finds them in their new modules.

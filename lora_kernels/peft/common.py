@@ -6,7 +6,7 @@ Imports of ``peft`` and ``transformers`` happen inside the functions, so importi
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch.nn as nn
 
@@ -27,7 +27,7 @@ def peft_lora():
     return lora_layer
 
 
-def conv1d_type() -> Optional[type]:
+def conv1d_type() -> type | None:
     """transformers' ``Conv1D`` (GPT-2's projections, weight ``[in, out]``), None when transformers is missing."""
     try:
         from transformers.pytorch_utils import Conv1D
@@ -41,7 +41,7 @@ def is_conv1d(module: nn.Module) -> bool:
     return conv1d is not None and type(module) is conv1d
 
 
-def pattern_value(name: str, pattern: Optional[dict], default):
+def pattern_value(name: str, pattern: dict | None, default):
     """The value a ``rank_pattern`` / ``alpha_pattern`` gives the module ``name``, PEFT's rule
     (``peft.utils.other.get_pattern_key``): the first key that, as a regex, matches the whole name or a suffix of it
     after a "."; else ``default``."""
@@ -58,7 +58,7 @@ def check_requires_grad(requires_grad) -> None:
 
 
 # ------------------------------------------------------------------------------------- adapter_names rules
-def as_name_list(names) -> List[str]:
+def as_name_list(names) -> list[str]:
     """``adapter_names`` as a list of str, or TypeError (a str is not a list of names)."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise TypeError(f"adapter_names must be a list of str, one per sequence ({BASE!r}: no adapter), got "
@@ -69,7 +69,7 @@ def as_name_list(names) -> List[str]:
     return list(names)
 
 
-def expand_for_beams(names, num_beams) -> List[str]:
+def expand_for_beams(names, num_beams) -> list[str]:
     """PEFT's rule for ``generate(..., num_beams=k)``: generate repeats each input k times in place, so each name is
     repeated k times; no other expansion (``num_return_sequences`` without beams gets a length error, as in PEFT)."""
     names = as_name_list(names)

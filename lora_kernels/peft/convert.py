@@ -7,7 +7,6 @@ exactly becomes a :class:`PeftLoRALinear`; the others stay PEFT layers, named in
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +19,7 @@ from .layer import PeftLoRALinear
 from .patches import install_disable_adapter, install_mixed_batch_hooks, remove_mixed_batch_hooks
 
 
-def _unsupported_reason(layer, lora_layer_mod) -> Optional[str]:
+def _unsupported_reason(layer, lora_layer_mod) -> str | None:
     """None when ``layer`` (a PEFT LoraLayer) converts exactly, else why not."""
     if type(layer) is not lora_layer_mod.Linear:
         return f"{type(layer).__module__}.{type(layer).__name__} is not a plain PEFT lora.Linear"
@@ -66,7 +65,7 @@ def _unsupported_reason(layer, lora_layer_mod) -> Optional[str]:
     return None
 
 
-def unsupported_peft_layers(model: nn.Module) -> Dict[str, str]:
+def unsupported_peft_layers(model: nn.Module) -> dict[str, str]:
     """Qualified name → reason, for every PEFT LoRA layer of ``model`` that :func:`from_peft` would leave as is."""
     lora_layer_mod = peft_lora()
     out = {}
@@ -91,7 +90,7 @@ def _tuner(model: nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- public API
-def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True) -> nn.Module:
+def from_peft(model: nn.Module, backend: str | None = None, warn: bool = True) -> nn.Module:
     """Replace, in place, every PEFT LoRA Linear layer of ``model`` that converts exactly by a
     :class:`PeftLoRALinear` (all its adapters kept, the active one active, dropout, rsLoRA and scaling, base bias and
     its ``requires_grad`` as they are). Returns ``model``.
@@ -110,8 +109,8 @@ def from_peft(model: nn.Module, backend: Optional[str] = None, warn: bool = True
     if backend is not None:
         _backend.requested_backend(backend)  # at the call, not at every later forward
     lora_layer_mod = peft_lora()
-    skipped: Dict[str, str] = {}
-    chosen: List[Tuple[str, nn.Module]] = []
+    skipped: dict[str, str] = {}
+    chosen: list[tuple[str, nn.Module]] = []
     already = 0
     for name, module in model.named_modules():
         if isinstance(module, PeftLoRALinear):
@@ -170,7 +169,7 @@ def _sync_peft_config(tuner) -> None:
     layers when they agree, and a warning says when they do not."""
     lora_layer_mod = peft_lora()
     names = [n for n, _ in tuner.model.named_modules()]
-    per_adapter: Dict[str, Dict[str, tuple]] = {}
+    per_adapter: dict[str, dict[str, tuple]] = {}
     for n, m in tuner.model.named_modules():
         if isinstance(m, lora_layer_mod.LoraLayer):
             for ad in m.lora_A.keys():
@@ -211,7 +210,7 @@ def _json_number(v):
     return int(v) if float(v).is_integer() else float(v)
 
 
-def set_adapter(model: nn.Module, name: str, requires_grad: Optional[bool] = None) -> None:
+def set_adapter(model: nn.Module, name: str, requires_grad: bool | None = None) -> None:
     """Activate adapter ``name`` in every converted layer of ``model`` and, for a PeftModel, in PEFT's layers and
     records too. ``requires_grad``: as :meth:`PeftLoRALinear.set_adapter` (a PeftModel's own ``set_adapter`` makes
     the active adapter trainable, so pass ``True`` to get PEFT's behaviour on the converted layers)."""

@@ -9,7 +9,7 @@ lora_kernels' mask (equal in distribution, not sample for sample). See docs/peft
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -83,7 +83,7 @@ class PeftLoRALinear(LoRALinear):
         super().__setattr__(name, value)
 
     @classmethod
-    def from_peft_layer(cls, layer, backend: Optional[str]) -> "PeftLoRALinear":
+    def from_peft_layer(cls, layer, backend: str | None) -> PeftLoRALinear:
         """The converted layer of ``layer`` (a PEFT ``lora.Linear`` that :func:`~lora_kernels.from_peft` found
         convertible), sharing its tensors."""
         base = layer.base_layer
@@ -140,10 +140,10 @@ class PeftLoRALinear(LoRALinear):
 
     # ------------------------------------------------------------------------------------------------ adapters
     @property
-    def adapter_names(self) -> List[str]:
+    def adapter_names(self) -> list[str]:
         return list(self.lora_adapters.keys())
 
-    def set_adapter(self, name: str, requires_grad: Optional[bool] = None) -> None:
+    def set_adapter(self, name: str, requires_grad: bool | None = None) -> None:
         """Make ``name`` the active adapter. ``requires_grad`` (default: leave as is) sets the adapters' trainable
         flags the way PEFT's ``set_adapter`` does: the active one ``requires_grad``, the others not."""
         check_requires_grad(requires_grad)
@@ -216,7 +216,7 @@ class PeftLoRALinear(LoRALinear):
             self._unmerged_weight = self.weight.detach().clone()
             self.weight.copy_(merged)
 
-    def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         if self._disable_adapters:
             # The base layer alone: while merged, W0 is the exact copy kept by merge(), not the merged weight.
             w0 = self._unmerged_weight if self.merged else self.weight
@@ -253,7 +253,7 @@ class PeftLoRALinear(LoRALinear):
             return self._adapter_forward(x, weight, self.lora_adapters[name])
         # Each group of rows goes through the base product once, fused with its adapter (PEFT computes the base for
         # every row and then the adapter per group: twice the base reads for the adapted rows).
-        groups: Dict[str, List[int]] = {}
+        groups: dict[str, list[int]] = {}
         for i, n in enumerate(adapter_names):
             groups.setdefault(n if n in self.lora_adapters else BASE, []).append(i)
         order, parts = [], []

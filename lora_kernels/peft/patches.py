@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Dict, List, Optional
 
 import torch.nn as nn
 
@@ -94,7 +93,7 @@ class _DisableAdapter:
 # adapter_names of the mixed-batch forward/generate calls in progress: layer → names, per thread and contextvars
 # context, so two requests on one converted model never see each other's names (PEFT registers per-call hooks on the
 # shared layers, which mixes concurrent requests).
-_MIXED_NAMES: "contextvars.ContextVar[Optional[Dict[nn.Module, List[str]]]]" = contextvars.ContextVar(
+_MIXED_NAMES: contextvars.ContextVar[dict[nn.Module, list[str]] | None] = contextvars.ContextVar(
     "lora_kernels_mixed_adapter_names", default=None)
 
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextvars
 import os
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from .. import io as lk_io
 from .. import _backend
+from .. import io as lk_io
 from ..multi_modules import MultiLoRALinear, multi_lora_layers, restore_batches, swap_batches
 from ..pool import IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
 from ..targets import linear_refusal, replace_module
 from .common import BASE, as_name_list, check_names_length, expand_for_beams, is_conv1d, pattern_value
-
 
 _SERVING_ATTR = "_lora_kernels_serving"
 
@@ -30,18 +30,18 @@ _VARIANT_FIELDS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_toke
                    "velora_config", "monteclora_config", "kasa_config", "use_mica", "mica")
 _LORA_SUFFIXES = (("A", ".lora_A.weight"), ("B", ".lora_B.weight"))  # PEFT's keys: PREFIX + module + suffix
 
-Weights = Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]  # module name → (lora_A, lora_B, scale)
+Weights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name → (lora_A, lora_B, scale)
 
 
 def load_adapters(
     model: nn.Module,
     adapters,
     *,
-    max_adapters: Optional[int] = None,
-    max_rank: Optional[int] = None,
-    dtype: Optional[torch.dtype] = None,
-    backend: Optional[str] = None,
-) -> Dict[str, int]:
+    max_adapters: int | None = None,
+    max_rank: int | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> dict[str, int]:
     """Serve several PEFT adapter directories at once from one (e.g. transformers) model; returns name → slot.
 
     ``adapters``: ``{name: path}`` of directories in PEFT's format (``adapter_config.json`` +
@@ -171,10 +171,10 @@ def _read_serving_config(path) -> dict:
     return cfg
 
 
-def _tensors_by_module(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:
+def _tensors_by_module(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """(module → {"A": lora_A, "B": lora_B} as far as present, keys that are no lora_A/lora_B weight under PEFT's
     prefix), in file order."""
-    modules: Dict[str, Dict[str, torch.Tensor]] = {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     others = []
     for key, t in state.items():
         for part, suffix in _LORA_SUFFIXES:
@@ -190,25 +190,25 @@ def _tensors_by_module(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, Dict[s
 class _Plan(NamedTuple):
     """What load_adapters changes, decided before anything is changed."""
 
-    targets: Dict[str, nn.Module]  # layer to serve (a shared module under its first name) → module
-    aliases: Dict[str, str]  # every name of a module the weights name → the name it is planned under
+    targets: dict[str, nn.Module]  # layer to serve (a shared module under its first name) → module
+    aliases: dict[str, str]  # every name of a module the weights name → the name it is planned under
     max_adapters: int  # slots of new pools
     max_rank: int  # rank of new pools
-    slots: List[int]  # the slot of each adapter, in the order given
+    slots: list[int]  # the slot of each adapter, in the order given
 
 
-def _plan(model: nn.Module, weights: Dict[str, Weights], max_adapters, max_rank, dtype) -> _Plan:
+def _plan(model: nn.Module, weights: dict[str, Weights], max_adapters, max_rank, dtype) -> _Plan:
     """The layers to serve and the slots, or ValueError listing every problem found."""
     # remove_duplicate=False: a module shared under several names is one layer, served under every name.
     all_names = list(model.named_modules(remove_duplicate=False))
     modules = dict(all_names)
-    canonical: Dict[int, str] = {}
+    canonical: dict[int, str] = {}
     for n, m in all_names:
         canonical.setdefault(id(m), n)
-    targets: Dict[str, nn.Module] = {}
+    targets: dict[str, nn.Module] = {}
     problems = []
     for name, layers in weights.items():
-        seen: Dict[int, str] = {}
+        seen: dict[int, str] = {}
         for mod_name, (A, B, _) in layers.items():
             mod = modules.get(mod_name)
             if mod is not None and seen.setdefault(id(mod), mod_name) != mod_name:
@@ -242,7 +242,7 @@ def _plan(model: nn.Module, weights: Dict[str, Weights], max_adapters, max_rank,
     return _Plan(targets, aliases, L, R, sorted(free)[:len(weights)])
 
 
-def _target_problem(mod: Optional[nn.Module], mod_name: str, A: torch.Tensor, B: torch.Tensor, dtype) -> Optional[str]:
+def _target_problem(mod: nn.Module | None, mod_name: str, A: torch.Tensor, B: torch.Tensor, dtype) -> str | None:
     """Why the module ``mod_name`` cannot serve the adapter ``(A, B)``, None when it can."""
     if mod is None:
         return f"the model has no module {mod_name!r}"
@@ -263,17 +263,17 @@ def _target_problem(mod: Optional[nn.Module], mod_name: str, A: torch.Tensor, B:
     return None
 
 
-def _out_in(module: nn.Module) -> Tuple[int, int]:
+def _out_in(module: nn.Module) -> tuple[int, int]:
     if is_conv1d(module):
         return int(module.weight.shape[1]), int(module.weight.shape[0])  # Conv1D weight is [in, out]
     return int(module.out_features), int(module.in_features)
 
 
 # ------------------------------------------------------------------------------------------ 4. change the model
-def _install_layers(model: nn.Module, plan: _Plan, dtype, backend) -> List[Tuple[str, nn.Module]]:
+def _install_layers(model: nn.Module, plan: _Plan, dtype, backend) -> list[tuple[str, nn.Module]]:
     """Replace each planned layer that is no MultiLoRALinear yet by one (built first, reserving the slots of the
     adapters loaded earlier), under every name of the module; returns (name, original) to undo it."""
-    loaded_before: Dict[str, int] = {}
+    loaded_before: dict[str, int] = {}
     for m in multi_lora_layers(model).values():
         loaded_before.update(m.pool.names)
     new_layers = {n: _multi_from(m, plan.max_adapters, plan.max_rank, dtype, backend)
@@ -300,11 +300,11 @@ def _multi_from(module: nn.Module, L: int, R: int, dtype, backend) -> MultiLoRAL
     return MultiLoRALinear.from_linear(module, L, R, dtype=dtype, backend=backend)
 
 
-def _load_weights(model: nn.Module, plan: _Plan, weights: Dict[str, Weights]) -> Dict[str, int]:
+def _load_weights(model: nn.Module, plan: _Plan, weights: dict[str, Weights]) -> dict[str, int]:
     """Copy each adapter into its slot of every layer (reserved where it has no weights); all or nothing: on an
     error no layer keeps any of them. Returns name → slot."""
     layers = multi_lora_layers(model)  # each layer under its first name, as the plan names it
-    result: Dict[str, int] = {}
+    result: dict[str, int] = {}
     try:
         for (name, by_module), slot in zip(weights.items(), plan.slots):
             by_layer = {plan.aliases[k]: v for k, v in by_module.items()}
@@ -334,9 +334,9 @@ class _Serving:
 
 # Per thread and contextvars context: model → adapter_names of the generate call in progress (expanded for beams),
 # and the stack of the active batches each forward in progress replaced (the post hook restores them).
-_GENERATE_NAMES: "contextvars.ContextVar[Optional[Dict[nn.Module, List[str]]]]" = contextvars.ContextVar(
+_GENERATE_NAMES: contextvars.ContextVar[dict[nn.Module, list[str]] | None] = contextvars.ContextVar(
     "lora_kernels_generate_adapter_names", default=None)
-_FORWARD_SAVED: "contextvars.ContextVar[tuple]" = contextvars.ContextVar("lora_kernels_serving_saved", default=())
+_FORWARD_SAVED: contextvars.ContextVar[tuple] = contextvars.ContextVar("lora_kernels_serving_saved", default=())
 _NOTHING_SET = object()
 
 
@@ -375,7 +375,7 @@ class _ServingGenerate:
             _GENERATE_NAMES.set(previous)
 
 
-def _slots_for(layers: list, names: Sequence[str], batch_size: int) -> List[int]:
+def _slots_for(layers: list, names: Sequence[str], batch_size: int) -> list[int]:
     # Slots are model-wide (every layer holds or reserves every adapter at one slot): one pool tells them all.
     known = layers[0].pool.names if layers else {}
     names = as_name_list(names)
