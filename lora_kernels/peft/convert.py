@@ -1,7 +1,9 @@
 """Model-level conversion between PEFT and lora_kernels: ``from_peft`` (every PEFT ``lora.Linear`` that converts
 exactly becomes a :class:`PeftLoRALinear`; the others stay PEFT layers, named in one warning with the reason),
 ``to_peft`` (the PEFT layers back, holding the current tensors, and each ``LoraConfig`` made to describe them again),
-``set_adapter`` and ``unsupported_peft_layers``. See docs/peft.md ("Conversion").
+``set_adapter`` and ``unsupported_peft_layers``. A converted model's state dict names adapter tensors
+``<layer>.lora_adapters.<name>.lora_A``; for PEFT's names and files, ``to_peft`` then ``save_pretrained``.
+See docs/peft.md ("Conversion").
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn as nn
 from .. import _backend
 from .. import io as lk_io
 from ..targets import replace_module
-from .common import PeftConversionWarning, check_requires_grad, conv1d_type, pattern_value, peft_lora
+from .common import PeftConversionWarning, check_requires_grad, is_conv1d, pattern_value, peft_lora
 from .layer import PeftLoRALinear
 from .patches import install_disable_adapter, install_mixed_batch_hooks, remove_mixed_batch_hooks
 
@@ -24,11 +26,10 @@ def _unsupported_reason(layer, lora_layer_mod) -> str | None:
     if type(layer) is not lora_layer_mod.Linear:
         return f"{type(layer).__module__}.{type(layer).__name__} is not a plain PEFT lora.Linear"
     base = layer.base_layer
-    conv1d = conv1d_type()
     if type(base) is nn.Linear or (isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward):
         if layer.fan_in_fan_out:
             return "fan_in_fan_out=True on an nn.Linear base layer"
-    elif conv1d is not None and type(base) is conv1d:
+    elif is_conv1d(base):
         if not layer.fan_in_fan_out:
             return "Conv1D base layer with fan_in_fan_out=False"
     else:

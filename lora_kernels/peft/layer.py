@@ -2,8 +2,9 @@
 was converted from (``lora_adapters[name]``), one of them active. ``lora_A``, ``lora_B``, ``r``, ``alpha``,
 ``scaling``, ``dropout`` and ``use_rslora`` read and write the active adapter's, so the layer is a ``LoRALinear`` for
 the rest of lora_kernels. The tensors are the PEFT layer's own parameters (shared, never copied). A transformers
-``Conv1D`` base keeps its ``[in, out]`` weight and the op reads its transpose. Dropout keeps PEFT's probability with
-lora_kernels' mask (equal in distribution, not sample for sample). See docs/peft.md ("Conversion").
+``Conv1D`` base keeps its ``[in, out]`` weight and the op reads its transpose. Under ``torch.autocast`` the layer
+computes like an autocast ``nn.Linear`` (an fp32 adapter is kept), as PEFT's does. Dropout keeps PEFT's probability
+with lora_kernels' mask (equal in distribution, not sample for sample). See docs/peft.md ("Conversion").
 """
 
 from __future__ import annotations

@@ -324,6 +324,7 @@ def _load_weights(model: nn.Module, plan: _Plan, weights: dict[str, Weights]) ->
     return result
 
 
+# ---------------------------------------------------------------------------------- the adapter_names hooks
 class _Serving:
     """Per-model state of the adapter_names hooks: the model's MultiLoRALinear layers (found once per load_adapters,
     not per forward). What a call in progress sets lives in the calling thread/context, never here."""
