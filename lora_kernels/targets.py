@@ -39,7 +39,7 @@ def check_target_modules(target_modules, *, allow_all_linear: bool = False) -> U
         raise ValueError("target_modules is empty")
     bad = [t for t in names if not isinstance(t, str) or not t]
     if bad:
-        raise TypeError(f"target_modules must be non-empty strings, got {bad!r}")
+        raise TypeError(f"target_modules must be a regex str or a list of non-empty module names, got {bad!r}")
     return names
 
 

@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import lora_kernels as lk  # noqa: E402
-from lora_kernels import peft_compat as pc  # noqa: E402
+from lora_kernels import peft as pc  # noqa: E402
 
 VOCAB = 128
 
@@ -307,7 +307,7 @@ def test_mixed_support_converts_what_it_can_and_warns_once():
     assert len(converted_layers(conv)) == 2 and len(peft_layers(conv)) == 1
     ids = tokens()
     close(loss_of(conv, ids)[0], loss_of(pm, ids)[0], 1e-5)
-    assert lk.peft_compat.unsupported_peft_layers(conv).keys() == {"base_model.model.model.embed_tokens"}
+    assert lk.peft.unsupported_peft_layers(conv).keys() == {"base_model.model.model.embed_tokens"}
 
 
 @pytest.mark.parametrize("case", ["lora_bias", "conv2d", "two_active", "merged", "fan_in_fan_out_linear"])

@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import lora_kernels as lk  # noqa: E402
-from lora_kernels import peft_compat as pc  # noqa: E402
+from lora_kernels import peft as pc  # noqa: E402
 
 VOCAB = 64
 
