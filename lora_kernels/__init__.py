@@ -20,7 +20,7 @@ from .pool import AdapterPool, LoRABatch
 from .ops.multi_lora import lora_expand, lora_shrink, multi_lora_linear
 from .multi_modules import (MultiLoRALinear, inject_multi_lora, load_multi_adapter, multi_adapter_slot,
                             multi_lora_layers, set_batch, unload_multi_adapter, use_batch)
-from .peft_compat import PeftLoRALinear, from_peft, load_adapters, set_adapter, to_peft
+from .peft import PeftLoRALinear, from_peft, load_adapters, set_adapter, to_peft
 
 __version__ = "0.1.0"
 

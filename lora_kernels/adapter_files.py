@@ -712,9 +712,3 @@ def _apply_plan(plan, cfg: dict, existing, built, model: nn.Module) -> "OrderedD
         out[n] = layer
     return out
 
-
-# Earlier private names of the readers, kept for code written before they were public.
-_read_config = read_config
-_read_tensors = read_tensors
-_pattern_matches = pattern_matches
-_pattern_value = pattern_value

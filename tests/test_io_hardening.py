@@ -595,7 +595,7 @@ def test_old_module_name_still_works():
         assert getattr(old, name) is getattr(adapter_files, name), name
     assert lk.io is old and lk.adapter_files is adapter_files
     # Names code written before the rename used reach the same objects too.
-    assert old._read_config is adapter_files.read_config and old._write_files is adapter_files._write_files
+    assert old.read_config is adapter_files.read_config and old._write_files is adapter_files._write_files
     with pytest.raises(AttributeError):
         _ = old.no_such_name
 

@@ -5,7 +5,6 @@ Imports of ``peft`` and ``transformers`` happen inside the functions, so importi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch.nn as nn
@@ -39,16 +38,6 @@ def conv1d_type() -> type | None:
 def is_conv1d(module: nn.Module) -> bool:
     conv1d = conv1d_type()
     return conv1d is not None and type(module) is conv1d
-
-
-def pattern_value(name: str, pattern: dict | None, default):
-    """The value a ``rank_pattern`` / ``alpha_pattern`` gives the module ``name``, PEFT's rule
-    (``peft.utils.other.get_pattern_key``): the first key that, as a regex, matches the whole name or a suffix of it
-    after a "."; else ``default``."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name) is not None:
-            return value
-    return default
 
 
 def check_requires_grad(requires_grad) -> None:

@@ -13,10 +13,9 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .. import _backend
-from .. import io as lk_io
+from .. import _backend, adapter_files
 from ..targets import replace_module
-from .common import PeftConversionWarning, check_requires_grad, is_conv1d, pattern_value, peft_lora
+from .common import PeftConversionWarning, check_requires_grad, is_conv1d, peft_lora
 from .layer import PeftLoRALinear
 from .patches import install_disable_adapter, install_mixed_batch_hooks, remove_mixed_batch_hooks
 
@@ -186,7 +185,7 @@ def _sync_peft_config(tuner) -> None:
         for field, pattern_field, idx, kind in (("r", "rank_pattern", 0, int),
                                                 ("lora_alpha", "alpha_pattern", 1, float)):
             glob, pattern = getattr(cfg, field), dict(getattr(cfg, pattern_field) or {})
-            wrong = [n for n, v in layers.items() if kind(pattern_value(n, pattern, glob)) != v[idx]]
+            wrong = [n for n, v in layers.items() if kind(adapter_files.pattern_value(n, pattern, glob)) != v[idx]]
             if not wrong:
                 continue  # the config already describes the layers: left as the user wrote it
             # Describe every layer again: the most common value in the plain field (the config's own on a tie), the
@@ -195,7 +194,7 @@ def _sync_peft_config(tuner) -> None:
             top = max(values.count(v) for v in values)
             glob = kind(glob) if values.count(kind(glob)) == top else next(v for v in values if values.count(v) == top)
             setattr(cfg, field, _json_number(glob))
-            setattr(cfg, pattern_field, {lk_io.exact_pattern_key(n, names): _json_number(v[idx])
+            setattr(cfg, pattern_field, {adapter_files.exact_pattern_key(n, names): _json_number(v[idx])
                                          for n, v in layers.items() if v[idx] != glob})
         for field, idx in (("use_rslora", 2), ("lora_dropout", 3)):
             values = {v[idx] for v in layers.values()}

@@ -16,19 +16,17 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .. import _backend
-from .. import io as lk_io
+from .. import _backend, adapter_files
 from ..multi_modules import MultiLoRALinear, multi_lora_layers, restore_batches, swap_batches
 from ..pool import IN_FLIGHT_LOCK, LoRABatch, hold_slots, release_slots
 from ..targets import linear_refusal, replace_module
-from .common import BASE, as_name_list, check_names_length, expand_for_beams, is_conv1d, pattern_value
+from .common import BASE, as_name_list, check_names_length, expand_for_beams, is_conv1d
 
 _SERVING_ATTR = "_lora_kernels_serving"
 
 # LoraConfig fields that change what an adapter computes beyond y += s·B·A·x: adapters using them are refused.
 _VARIANT_FIELDS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
                    "velora_config", "monteclora_config", "kasa_config", "use_mica", "mica")
-_LORA_SUFFIXES = (("A", ".lora_A.weight"), ("B", ".lora_B.weight"))  # PEFT's keys: PREFIX + module + suffix
 
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name → (lora_A, lora_B, scale)
 
@@ -115,14 +113,14 @@ def _read_adapter_dir(name: str, path) -> Weights:
     """Module name → (A, B, scale) of the PEFT adapter directory ``path``; raises on anything it cannot serve
     exactly. Module names are the base model's (PEFT's ``base_model.model.`` prefix removed)."""
     cfg = _read_serving_config(path)
-    state, metadata = lk_io.read_tensors(path, caller="load_adapters")
+    state, metadata = adapter_files.read_tensors(path, caller="load_adapters")
     if metadata.get("lora_kernels.base") == "mutated":
         raise ValueError(f"load_adapters: adapter {name!r} ({path}) was saved for a mutated base weight "
                          "(PiSSA/LoRA-GA, convert_to_original=False); a served model shares one original base")
-    found, others = _tensors_by_module(state)
+    found, others = adapter_files.tensors_by_module(state)
     if others:
         raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds {others[0]!r}, which is not a LoRA "
-                         f"lora_A/lora_B weight under {lk_io.PREFIX!r}")
+                         f"lora_A/lora_B weight under {adapter_files.PREFIX!r}")
     if not found:
         raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds no LoRA weights")
     use_rslora = bool(cfg.get("use_rslora", False))
@@ -136,10 +134,10 @@ def _read_adapter_dir(name: str, path) -> Weights:
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
             raise ValueError(f"load_adapters: adapter {name!r}, {module}: lora_A {tuple(A.shape)} and lora_B "
                              f"{tuple(B.shape)} are not [r, in] and [out, r]")
-        r_cfg = int(pattern_value(module, cfg.get("rank_pattern"), cfg["r"]))
+        r_cfg = int(adapter_files.pattern_value(module, cfg.get("rank_pattern"), cfg["r"]))
         if r != r_cfg:
             raise ValueError(f"load_adapters: adapter {name!r}, {module}: rank {r} in the file, {r_cfg} in the config")
-        alpha = float(pattern_value(module, cfg.get("alpha_pattern"), cfg["lora_alpha"]))
+        alpha = float(adapter_files.pattern_value(module, cfg.get("alpha_pattern"), cfg["lora_alpha"]))
         out[module] = (A, B, alpha / (r ** 0.5 if use_rslora else r))
     return out
 
@@ -161,32 +159,16 @@ def _read_serving_config(path) -> dict:
     except Exception:  # peft not installed: the list above
         pass
     # The variant fields pass the general check, to be refused below under their own name.
-    cfg = lk_io.read_config(path, caller="load_adapters", allow=("fan_in_fan_out", *sorted(fields)))
+    cfg = adapter_files.read_config(path, caller="load_adapters", allow=("fan_in_fan_out", *sorted(fields)))
     variants = [f"{k}={cfg[k]!r}" for k in sorted(fields) if cfg.get(k)]
     if isinstance(cfg.get("init_lora_weights"), str) and cfg["init_lora_weights"] in inits:
         variants.append(f"init_lora_weights={cfg['init_lora_weights']!r}")
     if variants:
-        cpath = os.path.join(os.fspath(path), lk_io.CONFIG_NAME)
+        cpath = os.path.join(os.fspath(path), adapter_files.CONFIG_NAME)
         raise ValueError(f"load_adapters: {cpath}: LoRA variant settings cannot be served: {', '.join(variants)}")
     return cfg
 
 
-def _tensors_by_module(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """(module → {"A": lora_A, "B": lora_B} as far as present, keys that are no lora_A/lora_B weight under PEFT's
-    prefix), in file order."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    others = []
-    for key, t in state.items():
-        for part, suffix in _LORA_SUFFIXES:
-            if key.startswith(lk_io.PREFIX) and key.endswith(suffix):
-                modules.setdefault(key[len(lk_io.PREFIX):-len(suffix)], {})[part] = t
-                break
-        else:
-            others.append(key)
-    return modules, others
-
-
-# ------------------------------------------------------------------------------------------------- 3. the plan
 class _Plan(NamedTuple):
     """What load_adapters changes, decided before anything is changed."""
 
