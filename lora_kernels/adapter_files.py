@@ -1,32 +1,9 @@
-"""Adapter files in Hugging Face PEFT's LoRA format: ``adapter_model.safetensors`` + ``adapter_config.json``.
+"""Adapter files in PEFT's LoRA format (``adapter_model.safetensors`` + ``adapter_config.json``): ``save_adapter``,
+``load_adapter`` and the checked readers ``read_config``, ``check_config``, ``read_tensors``.
 
-Tensor keys are PEFT's for a model wrapped without a task type: ``base_model.model.<module>.lora_A.weight`` ``[r, in]``
-and ``base_model.model.<module>.lora_B.weight`` ``[out, r]``. The config carries the fields PEFT's ``LoraConfig``
-reads (``peft_type="LORA"``, ``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``, ``lora_dropout``, per-module
-``rank_pattern``/``alpha_pattern`` when layers differ, ...). PEFT matches a pattern key against a module name or any
-suffix of it after a ".", as a regex: each key written selects exactly one module (the full name, or ``^`` and the
-escaped name where the plain name would also select e.g. ``block.attn.q`` for ``attn.q``), and ``target_modules``
-selects exactly the adapted modules (short names, full names, or a regex when neither does).
-
-Inits that change W0 (PiSSA, LoRA-GA) leave the model with a *mutated* base ``W0' = W0 − s·B0·A0``. Such an adapter
-only means something on top of W0'. By default :func:`save_adapter` therefore writes PEFT's converted form, valid on
-top of the ORIGINAL W0 (what PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes):
-``B' = [B, −B0]``, ``A' = [A; A0]``, rank ``2r`` and ``α' = 2α`` (``α·√2`` with rsLoRA) so that the scaling is
-unchanged and ``W0 + s·B'·A' = W0' + s·B·A``. ``convert_to_original=False`` writes the rank-r adapter as it is
-(only valid on the mutated base, which you then have to save yourself). The safetensors metadata records which
-(``lora_kernels.base``: ``"original"`` or ``"mutated"``).
-
-:func:`load_adapter` checks everything first (keys missing or unexpected, listed exactly; shapes; ranks against the
-config; config values; values that overflow the adapter's dtype) and only then copies, so a failed load changes
-nothing; a truncated or corrupt file raises ``ValueError``, a tensor of a dtype the layers cannot take (fp8, integer)
-``TypeError``. :func:`save_adapter` writes both files under temporary names, then moves any old ones aside and
-renames the new ones into place, the config last; a failed save leaves the directory as it was, and a crash in the
-middle leaves no config (no adapter) rather than new weights beside an old config.
-
-The checked readers are public, for tools that read adapter directories themselves (the multi-adapter serving loader
-does): :func:`read_config` (:func:`read_raw_config` + :func:`check_config`), :func:`read_tensors`,
-:func:`tensors_by_module` (a file's tensors by module name) and :func:`pattern_value` (a module's value under
-``rank_pattern`` / ``alpha_pattern``).
+Keys ``base_model.model.<module>.lora_A.weight [r, in]`` / ``lora_B.weight [out, r]``. After an init that changed W0
+the default save is PEFT's rank-2r form on the original W0: ``B' = [B, −B0]``, ``A' = [A; A0]``, ``α' = 2α``.
+A load checks everything before it copies anything. See docs/peft.md ("Adapter files").
 """
 
 from __future__ import annotations

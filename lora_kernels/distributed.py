@@ -1,29 +1,11 @@
-"""LoRA on sharded models: FSDP2 (``fully_shard``) and tensor parallel (DTensor) versions of the model-level helpers.
+"""LoRA layers on sharded models (FSDP2 ``fully_shard``, DTensor tensor parallel): the low layer that the public
+functions call when a layer's parameters are DTensors (merge, state dicts, adapter files, tensor-parallel forward).
 
-A ``LoRALinear`` under ``fully_shard`` needs nothing special to train: FSDP2 swaps its parameters for the all-gathered
-(plain, unsharded) tensors before ``forward`` and before its backward, so the fused op only ever sees whole tensors,
-and between steps the module holds ``DTensor`` shards (``Shard(0)``: each rank owns a block of rows of W0, lora_A and
-lora_B). What breaks is everything that reads the parameters *outside* forward: merging, state dicts, adapter files,
-the inits. The functions here are their collective versions; the public functions (``LoRALinear.merge``,
-``lora_state_dict``, ``save_adapter``, ``load_adapter``, ``lora_ga_init``, ``pissa_init``) dispatch to them when a
-layer's parameters are DTensors, so a user calls the same API on every rank.
-
-This is a low layer: it imports no other module of the package above the leaves. It finds LoRA layers by their
-attributes (:func:`is_lora_layer`), and what only a higher layer knows comes in as an argument: the single-process
-save / load to run on whole tensors (:func:`collective_save`, :func:`collective_load`), the merged-weight rule, the
-fused op for tensor parallelism.
-
-Rules they follow:
-
-* every rank calls (they run collectives); arguments are checked on every rank first and the verdicts are exchanged
-  (:func:`agree`) before the first collective, so a bad argument on one rank raises the same error on every rank
-  instead of leaving the others blocked in a collective;
-* adapters are small (``r·(in + out)``), so they are gathered whole when needed; the base weight never is: merging,
-  the W0 offset of LoRA-GA and PiSSA work on each rank's own block of W0;
-* files: rank 0 writes, the others wait for its verdict (a failed write raises on every rank).
-
-Supported layouts of a layer's parameters: plain tensors, or DTensors on a 1-D device mesh with ``Shard(0)``,
-``Shard(1)`` or ``Replicate()`` placements (FSDP2 and the Colwise/Rowwise tensor-parallel plans).
+It imports nothing above it: LoRA layers are recognised by their attributes, and the single-process steps (check,
+save, load, the op) are passed in by the callers. Every rank calls; arguments are checked on every rank and the
+verdicts exchanged (``agree``) before the first collective; adapters are gathered whole, W0 never; rank 0 writes
+files. Layouts: plain tensors, or a 1-D mesh with ``Shard(0)`` / ``Shard(1)`` / ``Replicate()``. See
+docs/distributed.md.
 """
 
 from __future__ import annotations

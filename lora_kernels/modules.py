@@ -1,26 +1,10 @@
-"""``LoRALinear``: an ``nn.Linear`` drop-in with a LoRA adapter, plus ``inject_lora``, ``lora_state_dict`` and
-``load_lora_state_dict``.
+"""``LoRALinear`` (an ``nn.Linear`` drop-in with one adapter: ``y = x·W0ᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ + bias``),
+``inject_lora``, ``lora_state_dict``, ``load_lora_state_dict``.
 
-State only; the math is :func:`lora_kernels.lora_linear`. Parameter names: ``weight`` and ``bias`` are the base
-layer's (so a checkpoint of the model before injection loads with ``strict=False``), ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` are the
-adapter (PEFT's ``lora_A.weight`` / ``lora_B.weight``).
-
-Merging. ``merge()`` writes ``W0 + s·B·A`` into ``weight`` in place and keeps an exact copy of W0 in a non-persistent
-buffer, so ``unmerge()`` is lossless in every dtype and the copy follows ``.to()`` / ``.cuda()``. The price is one
-extra copy of the base weight while merged. Whatever the merge state, ``state_dict()`` holds the *unmerged* W0 under
-``weight`` (a checkpoint means the same thing to a merged and an unmerged receiver), and ``load_state_dict`` into a
-merged layer loads W0, A and B and merges again. A merged layer computes with the merged weight in training mode
-too (as PEFT does); the adapter gets no gradient then, which is warned once.
-
-Tied weights. A base weight that is also another module's parameter (an ``lm_head`` tied to the input embedding) is
-recorded by ``inject_lora`` in ``LoRALinear.tied_with``; everything that writes W0 in place (``merge()``, PiSSA,
-``reset_parameters()``) refuses such a layer, naming the tie, until ``untie_weight()`` gives it its own copy.
-
-Initial adapter. PiSSA and LoRA-GA replace W0 by a residual and record the adapter they started from
-(``initial_adapter``: (A0, B0), fp32 on the CPU), which ``save_adapter`` needs to write the adapter against the
-original W0. ``state_dict()`` carries it under ``initial_adapter_A`` / ``initial_adapter_B`` only for a layer that has
-one, and ``load_state_dict`` takes it back; a state dict without these keys (older checkpoints) loads with
-``strict=True`` and leaves the record as it is. ``lora_state_dict`` and adapter files never hold it.
+State only; the math is ``lora_kernels.lora_linear`` (docs/lora_linear.md). Parameters ``weight``/``bias`` (the base
+layer's names), ``lora_A [r, in]``, ``lora_B [out, r]``. ``merge()`` keeps an exact W0 copy, so ``unmerge()`` is
+lossless and ``state_dict()`` always holds the unmerged W0; layers whose weight is tied elsewhere refuse in-place
+writes until ``untie_weight()``. Inits: docs/init.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,8 @@
-"""``MultiLoRALinear``: an ``nn.Linear`` drop-in that serves many LoRA adapters at once, one per token; plus
-``inject_multi_lora``, the :func:`use_batch` context manager and model-level adapter loading.
+"""``MultiLoRALinear`` (an ``nn.Linear`` drop-in serving one adapter per token), ``inject_multi_lora``,
+``use_batch`` / ``set_batch`` and model-wide adapter loading (one slot id per adapter for the whole model).
 
-State only; the math is :func:`lora_kernels.multi_lora_linear`. A layer holds the base ``weight``/``bias`` (shared
-with the wrapped ``nn.Linear``, so the model's state dict is unchanged) and an :class:`~lora_kernels.AdapterPool`
-whose tensors are registered as non-persistent buffers (they follow ``.to()``/``.cuda()``, the pool's scales stay
-float32). Which adapter each token uses comes from a :class:`~lora_kernels.LoRABatch` passed to ``forward`` or set
-on every layer of a model by ``with use_batch(model, batch):``, so unmodified models (e.g. transformers) work.
-
-The batch set by :func:`use_batch` / :func:`set_batch` belongs to the calling thread (and ``contextvars`` context,
-e.g. one asyncio task): requests served at once on one model from several threads never see each other's batch, and
-a batch set in one thread is not seen by another. Under ``torch.compile`` the lookup is per thread (Dynamo traces a
-thread-local copy; it cannot trace ``ContextVar.get``).
-
-Example::
-
-    inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=64, max_rank=16)
-    slot = load_multi_adapter(model, "customer-42", {"layers.0.attn.q_proj": (A, B), ...}, alpha=32)
-    batch = LoRABatch.prepare([slot, -1, slot, ...], device="cuda")   # one id per token of the flattened input
-    with use_batch(model, batch):
-        out = model(input_ids)
-
-Slot ids are model-wide: :func:`load_multi_adapter` puts an adapter into the same slot of every layer (reserving the
-slot, at no cost, in layers the adapter does not target), so one batch of slot ids serves the whole model.
+State only; the math is ``lora_kernels.multi_lora_linear``. The batch set by ``use_batch`` belongs to the calling
+thread / contextvars context. See docs/multi_lora.md ("The module", "Isolation guarantees").
 """
 
 from __future__ import annotations

@@ -1,28 +1,8 @@
-"""LoRA-GA initialisation (Wang, Yu, Li, NeurIPS 2024, arXiv 2407.05000), following the authors' official code.
+"""LoRA-GA initialisation (Wang, Yu, Li, NeurIPS 2024, arXiv 2407.05000), the authors' official recipe (``scale="stable"``).
 
-Recipe (official repository Outsider565/LoRA-GA, ``lora_ga_init`` with ``scale="stable"``), per target layer:
-
-1. ``G`` = the gradient of the loss with respect to W0, averaged over the estimation batches (and over ranks), fp32,
-   with the model in training mode (``model.train()``, as the official code and PEFT do: dropout active).
-2. ``U, S, Vh`` = randomized SVD of G with ``q = min(4r, min(G.shape))`` and ``niter`` (4) power iterations.
-   Each singular pair's sign is fixed (largest-magnitude entry of v positive, ``dist_svd.canonical_signs``), so the
-   result does not depend on the SVD's random projections, on how many ranks summed G, or on how G was sharded.
-3. ``direction="ArB2r"`` (default): ``A = Vh[:r]``, ``B = U[:, r:2r]``; "A2rBr": ``A = Vh[r:2r]``, ``B = U[:, :r]``;
-   "ArBr": ``A = Vh[1:2r:2]``, ``B = U[:, 0:2r:2]``; "random": a seeded random split of the first 2r directions.
-4. Both A and B are multiplied by ``c = d_out^(1/4) / √γ`` (γ = ``stable_gamma``); no singular value enters them.
-5. ``ρ`` = the layer's scaling (α/√r with rsLoRA, which the paper's runs use; α/r without), and
-   ``W0 ← W0 − ρ·B·A`` in fp32, cast back, so the model's output is unchanged up to W0's rounding.
-
-Why: one SGD step of size λ on the adapters changes ``ρ·B·A`` by ``−λρ²(G·AᵀA + BBᵀ·G) = −λρ²c²·(U_{:2r} S_{:2r}
-Vh_{:2r})`` to first order, i.e. along the best rank-2r approximation of the full fine-tuning step.
-
-This is NOT Hugging Face PEFT's ``lora_ga`` variant, which sums (does not average) the gradients, puts S[r:2r] into
-B and scales only B: there the initial adapter's size depends on the gradient's scale and the number of batches.
-
-Gradient estimation holds at most one layer's full gradient on the accelerator: each target weight gets a
-``register_post_accumulate_grad_hook`` that adds the fresh ``.grad`` (cast to fp32) into a per-layer buffer (on the
-CPU by default) and frees it at once; every other parameter has ``requires_grad=False`` meanwhile, so no other
-gradient is formed. Flags, training modes and any pre-existing ``.grad`` are restored afterwards, also on error.
+Per target: G = mean gradient of the loss w.r.t. W0 (fp32); randomized SVD with canonical signs;
+``A = c·Vh[:r]``, ``B = c·U[:, r:2r]``, ``c = d_out^(1/4)/√γ``; ``W0 ← W0 − ρ·B·A``. Not PEFT's ``lora_ga`` variant.
+At most one layer's gradient on the accelerator. Recipe, options and why: docs/init.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""PiSSA initialisation (Meng, Wang, Zhang 2024, arXiv 2404.02948), with PEFT's conventions.
+"""PiSSA initialisation (Meng, Wang, Zhang 2024, arXiv 2404.02948), PEFT's conventions.
 
-With ``W0 = U·diag(S)·Vh`` and s the layer's scaling: ``A = diag(√(S_r/s))·Vh[:r]``, ``B = U[:, :r]·diag(√(S_r/s))``,
-so ``s·B·A`` is the best rank-r approximation of W0, and ``W0 ← W0 − s·B·A`` (the residual, in fp32, cast back) keeps
-the layer's output unchanged up to W0's rounding. The layer records its initial adapter (``initial_adapter``) so
-that :func:`lora_kernels.save_adapter` can write PEFT's rank-2r form against the original W0.
-
-Works on tensors and on any layer with ``weight``, ``lora_A``, ``lora_B``, ``r`` and ``scaling`` (a ``LoRALinear``);
-below the layer classes, it imports none of them.
+``W0 = U·diag(S)·Vh``: ``A = diag(√(S_r/scale))·Vh[:r]``, ``B = U[:, :r]·diag(√(S_r/scale))``, ``W0 ← W0 − scale·B·A``;
+the layer records its initial adapter for saving against the original W0. See docs/init.md.
 """
 
 from __future__ import annotations
