@@ -321,7 +321,7 @@ def _t_dx(l: Launch, a):
 
 
 TRAFFIC: Dict[str, Callable[[Launch, dict], None]] = {
-    "_shrink_kernel": _t_shrink,
+    "_dropout_shrink_kernel": _t_shrink,
     "_fwd_kernel": _t_fwd,
     "_ds_db_kernel": _t_ds_db,
     "_reduce_m_kernel": _t_reduce_m,

@@ -28,13 +28,14 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .ops._validate import MAX_SLICES
+
 MODULE_NAME = "lora_kernels._C_lora"
 DISABLE_ENV = "LORA_KERNELS_NO_CUDA_EXT"
 
 # Must match enum DType / IndexType in csrc/lora_cuda.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INDEX_CODES = {torch.int32: 0, torch.int64: 1}
-MAX_SLICES = 8  # kMaxSlices in csrc/lora_cuda.h
 TILE_TOKENS = 8  # kTileTokens in csrc/lora_cuda.h (tokens per pass of the tiled kernels)
 
 _lock = threading.Lock()
@@ -182,7 +183,7 @@ def bgmv_shrink(
     """``out[s, m, j] = scales[id, s] · x[m]·A_s[id, j]`` for ``j < ranks[id]``, 0 for the other ``j < R`` and for
     tokens whose ``id = token_slots[m]`` is -1, out of ``[0, L)`` or of rank 0 (nothing read for those).
 
-    x ``[M, K]``; ``A_slices``: 1..8 tensors ``[L, R, K]`` of x's dtype (any strides, e.g. views of one stack);
+    x ``[M, K]``; ``A_slices``: 1..MAX_SLICES (4) tensors ``[L, R, K]`` of x's dtype (any strides, e.g. views of one stack);
     token_slots ``[>= M]`` int32/int64; out ``[S, M, R]`` fp32/fp16/bf16 (any strides: a ``[M, S·R]`` buffer viewed
     as ``[S, M, R]`` works); ranks ``[L]`` int32/int64 (None: every slot has rank R); scales ``[L, S]`` fp32 or None.
     ``tiles``: a :class:`TileList` selects the tiled kernel (A read once per pass of up to 8 same-adapter tokens);

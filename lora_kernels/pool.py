@@ -27,9 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .ops._validate import FLOAT_DTYPES, shape
-
-MAX_SLICES = 4  # q|k|v needs 3, gate|up 2; the Triton expand kernel takes the widths as 4 scalars.
+from .ops._validate import FLOAT_DTYPES, MAX_SLICES, shape
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 

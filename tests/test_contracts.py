@@ -46,7 +46,9 @@ def _triton_lora_linear():
 
 def _precision_chooser():
     """(UPCAST, PREC, LORA_PREC) of the fused LoRA-linear kernels for an input dtype."""
-    return _triton_lora_linear()._precisions
+    from lora_kernels.triton import _utils
+
+    return _utils.tf32_precisions
 
 
 SPLIT_FN = "_split"  # lora_kernels.triton.lora_linear: split factor of an atomically reduced dimension

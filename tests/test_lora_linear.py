@@ -350,7 +350,7 @@ def test_gemm_config_pruning(monkeypatch):
     assert tri._autotune_bench(must_not_run, (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
     monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "1")
     for limit in (163 * 1024, 99 * 1024):
-        monkeypatch.setattr(tri, "_device_smem", lambda index, limit=limit: limit)
+        monkeypatch.setattr(tri._utils, "max_smem", lambda index, limit=limit: limit)
         for elem in (2, 4):
             kept = prune(configs, {"x_ptr": OnGpu(elem), "M_BUCKET": 8192})
             assert kept and all(smem(c, elem) <= limit - (227 * 1024 - tri._SMEM_BUDGET) for c in kept), limit
@@ -560,7 +560,7 @@ jobs = [
                                           FUSE_SHRINK=False, SHRINK_F32=False,
                                           PREC="ieee", LORA_PREC="ieee", BLOCK_R=16), fwd32),
     ("dx", L._dx_kernel, dict(dx.kwargs, HAS_DROPOUT=True, BASE=True, EVEN_N=False, **lora), dx),
-    ("shrink", L._shrink_kernel, dict(HAS_DROPOUT=True, SPLIT_K=2, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_K=64,
+    ("shrink", L._dropout_shrink_kernel, dict(HAS_DROPOUT=True, SPLIT_K=2, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_K=64,
                                       BLOCK_R=16), None),
     ("ds_db", L._ds_db_kernel, dict(SPLIT_N=2, COMPUTE_DB=True, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_N=64,
                                     BLOCK_R=128), None),

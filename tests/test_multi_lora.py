@@ -201,14 +201,14 @@ def test_shrink_has_no_split_k_atomics_in_deterministic_mode(monkeypatch):
     from lora_kernels.triton import multi_lora as ML
 
     grids = []
-    real = ML._shrink_kernel
+    real = ML._batched_shrink_kernel
 
     class Spy:
         def __getitem__(self, grid):
             grids.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(ML, "_shrink_kernel", Spy())
+    monkeypatch.setattr(ML, "_batched_shrink_kernel", Spy())
     g = torch.Generator().manual_seed(12)
     x, A = torch.randn(5, 100, generator=g).to(DEVICE), torch.randn(2, 16, 100, generator=g).to(DEVICE)
     ranks = torch.tensor([16, 5], dtype=torch.int32, device=DEVICE)
@@ -240,16 +240,16 @@ def test_k_pipeline_fits_shared_memory():
     keeps BLOCK_K = 256 at 3 stages; big tiles / ranks / fp32 shrink the pipeline until the estimate fits."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
-    from lora_kernels.triton import multi_lora as ML
+    from lora_kernels.triton import _utils as U
 
     h100, a100, ada = 227 * 1024, 163 * 1024, 99 * 1024
-    assert ML._k_pipeline(16, 256, 64, 2, 2, 16 * 64 * 4, h100) == (256, 3)
+    assert U.k_pipeline(16, 256, 64, 2, 2, 16 * 64 * 4, h100) == (256, 3)
     for smem in (h100, a100, ada):
         for bm in (16, 32, 64, 128):
             for br in (16, 64, 128):
                 for xb, ab in ((2, 2), (4, 4), (2, 4)):
                     reserve = bm * br * 4 + br * 256 * ab
-                    bk, st = ML._k_pipeline(bm, 256, br, xb, ab, reserve, smem)
+                    bk, st = U.k_pipeline(bm, 256, br, xb, ab, reserve, smem)
                     assert 32 <= bk <= 256 and 2 <= st <= 3
                     need = st * (bm * bk * xb + bk * br * ab) + reserve
                     assert need <= smem or (bk, st) == (32, 2), (smem, bm, br, xb, ab, bk, st, need)
@@ -831,6 +831,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.pool import auto_tile_m
+from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
 
 TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
@@ -845,10 +846,10 @@ class Recorder:
         return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
 
 
-for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel"):
+for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name)))
-ML._sm_count = lambda index: 132
-ML._max_smem = lambda index: 227 * 1024  # H100's opt-in limit per block (what the launchers size pipelines for)
+U.sm_count = lambda index: 132
+U.max_smem = lambda index: 227 * 1024  # H100's opt-in limit per block (what the launchers size pipelines for)
 
 
 def compile_for_sm90(kernel, args, kwargs):

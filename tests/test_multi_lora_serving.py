@@ -100,7 +100,7 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     from lora_kernels.triton import multi_lora as ML
 
     seen = []
-    for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel"):
+    for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel"):
         monkeypatch.setattr(ML, name, _BlockSpy(getattr(ML, name), seen))
     gen = torch.Generator().manual_seed(M)
     K, slices = 40, [24, 8, 8]
@@ -172,7 +172,7 @@ def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bia
 
     pool, weight, b, x, ids = _gemm_problem(T, dtype, slices, pattern, bias, seed=T)
     launched = []
-    for name in ("_shrink_kernel", "_gemm_expand_kernel", "_expand_kernel", "_fused_kernel"):
+    for name in ("_batched_shrink_kernel", "_gemm_expand_kernel", "_expand_kernel", "_fused_kernel"):
         real = getattr(ML, name)
         monkeypatch.setattr(ML, name, _NameSpy(real, name, launched))
     batch = LoRABatch.prepare(ids, device=DEVICE)
@@ -184,7 +184,7 @@ def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bia
     tol = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
     torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
     if pattern != "none":
-        assert launched == ["_shrink_kernel", "_gemm_expand_kernel"], launched
+        assert launched == ["_batched_shrink_kernel", "_gemm_expand_kernel"], launched
     # the torch backend's gemm path is the reference itself
     got_t = lk.multi_lora_linear(x, weight, b, pool, batch, backend="torch", path="gemm")
     torch.testing.assert_close(got_t.cpu().double(), want, rtol=tol, atol=tol)
@@ -276,6 +276,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.pool import auto_tile_m
 from lora_kernels.ops.multi_lora import step_tile_m
+from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
 
 TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
@@ -287,10 +288,10 @@ class Recorder:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: calls.append((self.kernel, grid, args, kwargs))
 
-for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
+for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name)))
-ML._sm_count = lambda index: 132
-ML._max_smem = lambda index: 227 * 1024
+U.sm_count = lambda index: 132
+U.max_smem = lambda index: 227 * 1024
 try:
     from triton.backends.nvidia.compiler import get_ptxas
     PTXAS = get_ptxas(90).path  # the ptxas triton itself uses for sm_90
@@ -375,7 +376,7 @@ for kernel, grid, args, kwargs in calls:
           "spill", st, ld, "regs", regs, "compile %.1fs" % (time.perf_counter() - t0), flush=True)
     assert smem <= 227 * 1024, (name, shown, smem)
     assert st == 0 and ld == 0, ("spills", name, shown, st, ld)
-assert {"_gemm_expand_kernel", "_shrink_kernel", "_fused_kernel", "_expand_kernel"} <= names, names
+assert {"_gemm_expand_kernel", "_batched_shrink_kernel", "_fused_kernel", "_expand_kernel"} <= names, names
 print("OK")
 """
 

@@ -20,7 +20,7 @@ def test_grid_launches_cover_the_grid():
         assert set(p["paths"]) == {"fused", "split", "gemm"} and p["chosen"] in p["paths"]
         assert [len(p["paths"][k]) for k in ("fused", "split", "gemm")] == [2, 4, 2]
         gemm = p["paths"]["gemm"]
-        assert [ln["kernel"] for ln in gemm] == ["_shrink_kernel", "_gemm_expand_kernel"]
+        assert [ln["kernel"] for ln in gemm] == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
         for lst in p["paths"].values():
             for ln in lst:
                 assert set(ln) >= {"kernel", "grid", "config", "bytes_read", "bytes_written", "flops"}
@@ -37,6 +37,7 @@ def test_configs_match_the_launchers(monkeypatch):
     from benchmarks import static_serving as ss
     from lora_kernels import _backend
     from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.triton import _utils as U
     from lora_kernels.triton import multi_lora as ML
 
     recorded = []
@@ -48,10 +49,10 @@ def test_configs_match_the_launchers(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **kw: recorded.append((self.name, grid, kw))
 
-    for name in ("_shrink_kernel", "_gemm_expand_kernel"):
+    for name in ("_batched_shrink_kernel", "_gemm_expand_kernel"):
         monkeypatch.setattr(ML, name, Rec(name))
-    monkeypatch.setattr(ML, "_sm_count", lambda i: ss.H100_SMS)
-    monkeypatch.setattr(ML, "_max_smem", lambda i: ss.H100_SMEM)
+    monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
+    monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
     monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
     L, T, K, N, R = 16, 64, 4096, 4096, 16
     ids = torch.arange(T) % L

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from .. import _backend
 from ..pool import AdapterPool, LoRABatch
 from ..reference import multi_lora as _ref
-from ._validate import check_same_device, check_scale, check_tensor, shape
+from ._validate import MAX_SLICES, check_same_device, check_scale, check_tensor, shape
 
 # Decode sizes: at most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer, no
 # zeroing; each output block recomputes its tile's shrink from L2). Not yet measured on a GPU: a guess from the byte
@@ -499,8 +499,8 @@ def lora_expand(
     check_tensor("y", y)
     L, N, R = B_stack.shape
     slices = [N] if slices is None else [int(n) for n in slices]
-    if not 1 <= len(slices) <= 4 or any(n <= 0 for n in slices) or sum(slices) != N:
-        raise ValueError(f"slices={slices} must be 1 to 4 positive widths summing to B_stack.shape[1]={N}")
+    if not 1 <= len(slices) <= MAX_SLICES or any(n <= 0 for n in slices) or sum(slices) != N:
+        raise ValueError(f"slices={slices} must be 1 to {MAX_SLICES} positive widths summing to B_stack.shape[1]={N}")
     S = len(slices)
     if s.shape[-1] != S * R:
         raise ValueError(f"s must be [..., S·R={S * R}] (S={S} slices, R={R}), got {shape(s)}")

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from . import _utils
 from ._compat import patch_interpreter
-from .multi_lora import _block_r, _cast_to_fp32, _device_ctx, _k_pipeline, _max_smem
 
 patch_interpreter()
 
@@ -40,7 +40,7 @@ _INTERP = (16, 16, 32)  # BLOCK_M, BLOCK_N, BLOCK_K under the interpreter: sever
 def decode_config(M: int, R: int, x_bytes: int, interp: bool, smem) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages) for M tokens of rank R; ``smem`` a callable
     (asked on a GPU only). Host ints only: the static report can call it."""
-    br = _block_r(R)
+    br = _utils.block_r(R)
     tile = next((t for t in DECODE_TILES if M <= t[0]), DECODE_TILES[-1])
     _, bm, bn, bk, warps, stages = tile
     if interp:
@@ -48,7 +48,7 @@ def decode_config(M: int, R: int, x_bytes: int, interp: bool, smem) -> tuple:
     # The K loop streams x [BM, BK], W0 [BK, BN] and A [BK, BR] per stage; the epilogue's fp32 S and B tiles also
     # pass through shared memory.
     reserve = bm * br * 4 + br * bn * 4
-    bk, stages = _k_pipeline(bm, bk, bn + br, x_bytes, x_bytes, reserve, smem(), stages)
+    bk, stages = _utils.k_pipeline(bm, bk, bn + br, x_bytes, x_bytes, reserve, smem(), stages)
     return bm, bn, bk, br, warps, stages
 
 
@@ -178,18 +178,17 @@ def lora_decode_linear(
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.reshape(*lead, N)
-    dev = x.device.index or 0
     bm, bn, bk, br, warps, stages = decode_config(M, r, x.element_size(), _backend.interpreter_enabled(),
-                                                  lambda: _max_smem(dev))
+                                                  lambda: _utils.smem_of(x.device))
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    with _device_ctx(x):
+    with _utils.device_ctx(x):
         _decode_kernel[grid](
             x2, weight, bias if bias is not None else weight, lora_A, lora_B, y, float(scale),
             M, N, K, r,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, HAS_BIAS=bias is not None,
-            CAST_FP32=_cast_to_fp32(x.dtype), LORA_FP32=_cast_to_fp32(x.dtype, lora_A.dtype),
+            CAST_FP32=_utils.cast_to_fp32(x.dtype), LORA_FP32=_utils.cast_to_fp32(x.dtype, lora_A.dtype),
             num_warps=warps, num_stages=stages,
         )
     return y.reshape(*lead, N)

@@ -5,7 +5,7 @@ LoRA pieces ride inside the compute-bound base products, so no M×N (or M×K) Lo
 
 Forward (two launches; one for decode-sized batches without dropout, where the shrink runs inside the GEMM's main
 loop: ``FUSE_SHRINK``):
-  1. ``_shrink_kernel``      S = dropout(x)·Aᵀ, fp32, the dropout mask drawn in-kernel from (seed, m·K + k).
+  1. ``_dropout_shrink_kernel``      S = dropout(x)·Aᵀ, fp32, the dropout mask drawn in-kernel from (seed, m·K + k).
   2. ``_fwd_kernel``         y = x·W0ᵀ + s·S·Bᵀ + bias: the fp32 accumulator of each output tile starts as the K = r
                              product S_tile·B_tileᵀ·s, then the ordinary K loop over x and W0, bias in the epilogue.
 Backward (three launches, plus cuBLAS for dW / a torch reduction for dbias when asked):
@@ -47,8 +47,6 @@ cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than cu
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 from typing import Optional
 
@@ -59,6 +57,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import lora_linear as _ref
 from ..reference.dropout import RAND_BITS, dropout_threshold
+from . import _utils
 from ._compat import patch_interpreter
 
 # "triton": y and dX come from the fused Triton GEMMs. "cublas": cuBLAS computes the base product, the Triton kernels
@@ -77,8 +76,6 @@ _TRITON_BASE_MAX_M = 256
 
 # Philox draws 32 bits; the mask keeps the top RAND_BITS (see reference/dropout.py), so shift away the rest.
 _RAND_SHIFT = tl.constexpr(32 - RAND_BITS)
-# Smallest K (and M, N) extent of a tl.dot operand: the tensor-core MMA shapes need 16.
-_MIN_DOT = 16
 # The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 S tile (BLOCK_M×32) and B tile
 # (32×BLOCK_N) stay small next to the main loop's buffers, and r = 16 or 32 (the common ranks) is one step.
 _PROLOGUE_MAX_R = 32
@@ -167,25 +164,13 @@ def _gemm_configs(col_key: str, red_key: str, tiles=None):
     ]
 
 
-@functools.lru_cache(maxsize=None)
-def _device_smem(index: int) -> int:
-    """Opt-in shared memory per block of GPU ``index`` (227 KiB on H100, 163 KiB on A100, 99 KiB on sm_86/89)."""
-    try:
-        from triton.runtime import driver
-
-        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    except Exception:  # pragma: no cover - driver API differences across triton versions
-        return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)) or 99 * 1024
-
-
 def _smem_budget(device: torch.device) -> int:
     """_SMEM_BUDGET on an H100 (and in the interpreter); on a GPU with less shared memory the same 35 KiB are left
     for the LoRA prologue and the epilogue, so that the first config (used without benchmarking when autotuning is
     off) still launches instead of failing with OutOfResources."""
     if device.type != "cuda":
         return _SMEM_BUDGET
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return min(_SMEM_BUDGET, _device_smem(index) - (227 * 1024 - _SMEM_BUDGET))
+    return min(_SMEM_BUDGET, _utils.smem_of(device) - (227 * 1024 - _SMEM_BUDGET))
 
 
 def _gemm_pruner(operand: str, col_key: str, red_key: str):
@@ -210,7 +195,7 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
             kw = c.kwargs
             stage_bytes = (kw["BLOCK_M"] + kw[col_key]) * kw[red_key] * elem
             stages = min(c.num_stages, budget // stage_bytes)
-            if stages < 2 or kw["BLOCK_M"] > max(_MIN_DOT, 2 * bucket):
+            if stages < 2 or kw["BLOCK_M"] > max(_utils.MIN_DOT, 2 * bucket):
                 continue
             if dropout and kw["BLOCK_M"] * kw[col_key] > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps:
                 continue
@@ -278,7 +263,7 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 # ---------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _shrink_kernel(
+def _dropout_shrink_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, any strides
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
     s_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_K > 1 (atomics)
@@ -607,21 +592,11 @@ def _dx_kernel(
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
-def _device_ctx(t: torch.Tensor):
-    """Launch on the tensors' GPU, not on whichever GPU is current; nothing to do on the CPU (interpreter)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(t: torch.Tensor) -> int:
     """How many programs the split kernels aim for: two per SM on a GPU; in the interpreter 2, so splits happen."""
     if t.device.type != "cuda":
         return 2
-    return 2 * _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 2 * _utils.sm_count_of(t.device)
 
 
 def _split(work_tiles: int, other_programs: int, target: int) -> int:
@@ -631,19 +606,6 @@ def _split(work_tiles: int, other_programs: int, target: int) -> int:
     if torch.are_deterministic_algorithms_enabled():
         return 1
     return max(1, min(work_tiles, triton.cdiv(target, max(1, other_programs)), 64))
-
-
-def _precisions(dtype: torch.dtype):
-    """(UPCAST, PREC, LORA_PREC): see the module docstring."""
-    fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    upcast = dtype == torch.bfloat16 and _backend.interpreter_enabled()
-    if dtype == torch.float32:
-        return upcast, fp32_prec, fp32_prec
-    return upcast, "tf32", "tf32"  # PREC is unused by half-precision operands; LoRA fp32 operands use TF32
-
-
-def _r_block(R: int, cap: int) -> int:
-    return max(_MIN_DOT, min(triton.next_power_of_2(R), cap))
 
 
 def _dropout_args(dropout_p: float, seed, like: torch.Tensor):
@@ -669,8 +631,12 @@ def _skinny_max_r(device: torch.device) -> int:
     step for r > 64, same results)."""
     if device.type != "cuda":
         return _SKINNY_MAX_R
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _SKINNY_MAX_R if _device_smem(index) >= 160 * 1024 else 64
+    return _SKINNY_MAX_R if _utils.smem_of(device) >= 160 * 1024 else 64
+
+
+def _skinny_block_m(M: int) -> int:
+    """Row tile of the skinny kernels: M rounded up to a power of two (at least MIN_DOT), at most _SKINNY_BLOCK."""
+    return min(_SKINNY_BLOCK, max(_utils.MIN_DOT, triton.next_power_of_2(M)))
 
 
 def _triton_base(M: int) -> bool:
@@ -691,15 +657,15 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> to
     M, K = x.shape
     R = lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
-    upcast, _, lora_prec = _precisions(x.dtype)
-    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
-    block_r = _r_block(R, _skinny_max_r(x.device))
+    upcast, _, lora_prec = _utils.tf32_precisions(x.dtype)
+    block_m = _skinny_block_m(M)
+    block_r = _utils.block_r(R, _skinny_max_r(x.device))
     m_tiles, r_tiles, k_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(K, _SKINNY_BLOCK)
     split_k = _split(k_tiles, m_tiles * r_tiles, _target_programs(x))
     s_mat = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
     same = lora_A.dtype == x.dtype and not upcast
-    with _device_ctx(x):
-        _shrink_kernel[(m_tiles, split_k, r_tiles)](
+    with _utils.device_ctx(x):
+        _dropout_shrink_kernel[(m_tiles, split_k, r_tiles)](
             x, lora_A, s_mat,
             M, K, R,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -731,7 +697,7 @@ def lora_linear_forward(
         return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, 0)
     if bias is not None:
         bias = bias.contiguous()  # the epilogue indexes bias[n] with unit stride; N elements, a no-op when contiguous
-    upcast, prec, lora_prec = _precisions(x.dtype)
+    upcast, prec, lora_prec = _utils.tf32_precisions(x.dtype)
     base = _triton_base(M)
     fuse = base and dropout_p <= 0.0 and M <= _FUSED_SHRINK_MAX_M and R <= _FUSED_SHRINK_MAX_R
     if fuse:
@@ -745,7 +711,7 @@ def lora_linear_forward(
     else:
         y = torch.mm(x, weight.t())
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    with _device_ctx(x):
+    with _utils.device_ctx(x):
         _fwd_kernel[grid](
             x, weight, s_mat, lora_B, lora_A, bias if bias is not None else y, y,
             M, N, K, R, _m_bucket(M),
@@ -761,7 +727,7 @@ def lora_linear_forward(
             FUSE_SHRINK=fuse,
             SHRINK_F32=lora_A.dtype != x.dtype or upcast,
             UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
-            BLOCK_R=_r_block(R, _FUSED_SHRINK_MAX_R if fuse else _PROLOGUE_MAX_R),
+            BLOCK_R=_utils.block_r(R, _FUSED_SHRINK_MAX_R if fuse else _PROLOGUE_MAX_R),
         )
     return y, s_mat
 
@@ -771,17 +737,17 @@ def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: f
     pass (dBᵀ = s·Sᵀ·dY through the dA kernel)."""
     M, N = dy.shape
     R = lora_B.shape[1]
-    upcast, _, lora_prec = _precisions(dy.dtype)
-    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
+    upcast, _, lora_prec = _utils.tf32_precisions(dy.dtype)
+    block_m = _skinny_block_m(M)
     block_n = _SKINNY_BLOCK
-    block_r = _r_block(R, _skinny_max_r(dy.device))
+    block_r = _utils.block_r(R, _skinny_max_r(dy.device))
     m_tiles, r_tiles, n_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
     split_n = _split(n_tiles, m_tiles * r_tiles, _target_programs(dy))
     d_s = (torch.zeros if split_n > 1 else torch.empty)((M, R), dtype=torch.float32, device=dy.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     d_b = torch.zeros((0 if deterministic else N, R), dtype=torch.float32, device=dy.device)
     same = lora_B.dtype == dy.dtype and not upcast
-    with _device_ctx(dy):
+    with _utils.device_ctx(dy):
         _ds_db_kernel[(m_tiles, split_n, r_tiles)](
             dy, lora_B, s_mat, d_s, d_b,
             M, N, R,
@@ -805,14 +771,14 @@ def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed) -> to
     R = left.shape[1]
     left = left.contiguous()
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
-    _, _, lora_prec = _precisions(x.dtype)
+    _, _, lora_prec = _utils.tf32_precisions(x.dtype)
     block_k = _SKINNY_BLOCK
-    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
-    block_r = _r_block(R, _skinny_max_r(x.device))
+    block_m = _skinny_block_m(M)
+    block_r = _utils.block_r(R, _skinny_max_r(x.device))
     k_tiles, r_tiles, m_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(M, block_m)
     split_m = _split(m_tiles, k_tiles * r_tiles, _target_programs(x))
     out = (torch.zeros if split_m > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
-    with _device_ctx(x):
+    with _utils.device_ctx(x):
         _reduce_m_kernel[(k_tiles, split_m, r_tiles)](
             left, x, out,
             M, K, R,
@@ -830,11 +796,11 @@ def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch
     M, N = dy.shape
     K, R = weight.shape[1], lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, dy)
-    upcast, prec, lora_prec = _precisions(dy.dtype)
+    upcast, prec, lora_prec = _utils.tf32_precisions(dy.dtype)
     base = _triton_base(M)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if base else torch.mm(dy, weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-    with _device_ctx(dy):
+    with _utils.device_ctx(dy):
         _dx_kernel[grid](
             dy, weight, d_s, lora_A, dx,
             M, N, K, R, _m_bucket(M),
@@ -844,7 +810,7 @@ def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch
             seed_t, threshold, inv_keep,
             HAS_DROPOUT=has_drop, BASE=base,
             UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
-            BLOCK_R=_r_block(R, _PROLOGUE_MAX_R),
+            BLOCK_R=_utils.block_r(R, _PROLOGUE_MAX_R),
         )
     return dx
 

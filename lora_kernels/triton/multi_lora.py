@@ -19,13 +19,13 @@ Own rank. Loads of A, B and s are masked to ``j < rank``: an adapter of rank 8 i
 bytes. The MMA itself is ``BLOCK_R = max(16, next_pow2(R))`` wide (tl.dot needs ≥ 16); the kernels are bound by
 memory and launch latency, not by those idle MMA columns.
 
-Slices. Up to 4 output slices (q|k|v, gate|up) of unequal widths ``N_0..N_3`` (0 for absent slices) are handled by one
-launch: the output-block axis enumerates the blocks of slice 0, then slice 1, …; a block never straddles two slices.
+Slices. Up to 4 (``MAX_SLICES``) output slices (q|k|v, gate|up) of unequal widths ``N_0..N_3`` (0 for absent
+slices) are handled by one launch: the output-block axis enumerates the blocks of slice 0, then slice 1, …; a block
+never straddles two slices.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence, Tuple
 
 import torch
@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 
 from .. import _backend
+from ..ops._validate import MAX_SLICES
+from . import _utils
 from ._compat import patch_interpreter
 
 # triton 3.6's interpreter + numpy >= 2.4 cannot run loops with runtime bounds (see _compat.py); no-op otherwise.
@@ -56,59 +58,6 @@ _FUSED_BLOCK_K = 256
 _INTERP_BLOCK_K = 32
 _INTERP_BLOCK_N = 32
 _INTERP_SPLIT_K = 2
-
-
-def _block_r(max_rank: int) -> int:
-    return max(16, triton.next_power_of_2(max_rank))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-# Shared memory a block may use when the device cannot be asked: the smallest of the GPUs this package targets
-# (sm_86/sm_89: 99 KiB; A100 has 163 KiB, H100 227 KiB).
-_SMEM_FALLBACK = 99 * 1024
-
-
-@functools.lru_cache(maxsize=None)
-def _max_smem(index: int) -> int:
-    """Opt-in shared memory per block of GPU ``index``: the limit Triton checks at launch (OutOfResources above it)."""
-    try:
-        from triton.runtime import driver
-
-        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    except Exception:  # pragma: no cover - driver API differences across triton versions
-        optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
-        return int(optin) or _SMEM_FALLBACK
-
-
-def _k_pipeline(block_m, block_k, block_r, x_bytes, a_bytes, reserve, smem, num_stages=3):
-    """(BLOCK_K, num_stages) of a K loop that streams [BLOCK_M, BLOCK_K] x tiles and [BLOCK_K, BLOCK_R] A tiles.
-
-    The software pipeline keeps up to ``num_stages`` such pairs in shared memory; with 64-128-row tiles, rank 64-128
-    or fp32 operands the default BLOCK_K = 256 at 3 stages needs 260-420 KiB, over any GPU's limit (Triton then fails
-    at launch with OutOfResources). So cut the stages' cost (fewer stages first, then a shorter BLOCK_K, never
-    below 32) until ``num_stages · stage + reserve`` fits ``smem``; the estimate is an upper bound of what Triton
-    3.6 allocates for these kernels on sm_80/sm_90 (checked by compiling, see tests/test_multi_lora.py)."""
-    stages = num_stages
-    while True:
-        need = stages * (block_m * block_k * x_bytes + block_k * block_r * a_bytes) + reserve
-        if need <= smem or (block_k <= 32 and stages <= 2):
-            return block_k, stages
-        if stages > 2:
-            stages -= 1
-        else:
-            block_k //= 2
-
-
-def _cast_to_fp32(*dtypes: torch.dtype) -> bool:
-    """True when the MMA must run on fp32 operands: fp32 data (exact IEEE products, as the reference), mixed dtypes,
-    or bf16 in the interpreter (whose bf16 tl.dot is wrong)."""
-    if any(d == torch.float32 for d in dtypes) or len(set(dtypes)) > 1:
-        return True
-    return _backend.interpreter_enabled() and torch.bfloat16 in dtypes
 
 
 def _num_tiles_bound(M: int, L: int, tile_m: int, capacity: int) -> int:
@@ -205,7 +154,7 @@ def _shrink_tile(
 
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _shrink_kernel(
+def _batched_shrink_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, token rows
     a_ptr,  # [L, S·R, K] pool dtype: slice s of slot l at rows s·R .. s·R+rank-1
     ranks_ptr,  # [L] int32
@@ -460,7 +409,7 @@ def _gemm_expand_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _cast_to_fp32)
+    CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _utils.cast_to_fp32)
     LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool or data) instead of tf32
 ):
     """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · S_rows·B_aᵀ.
@@ -531,26 +480,15 @@ def _gemm_expand_kernel(
 
 # -------------------------------------------------------------------------------------------------------- launchers
 def _widths(slices: Sequence[int]) -> Tuple[int, int, int, int]:
+    """The kernels' N0..N3 arguments: the slice widths, 0 for absent slices."""
     w = [int(n) for n in slices]
-    if not 1 <= len(w) <= 4:
-        raise ValueError(f"1 to 4 output slices are supported, got {len(w)}")
-    return tuple(w + [0] * (4 - len(w)))  # type: ignore[return-value]
+    if not 1 <= len(w) <= MAX_SLICES:
+        raise ValueError(f"1 to {MAX_SLICES} output slices are supported, got {len(w)}")
+    return tuple(w + [0] * (MAX_SLICES - len(w)))  # type: ignore[return-value]
 
 
 def _out_blocks(slices: Sequence[int], block_n: int) -> int:
     return sum(triton.cdiv(int(n), block_n) for n in slices)
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def shrink_config(M, K, L, R, num_slices, tile_m, cap, x_bytes, a_bytes, interp, smem, sm_count):
@@ -561,7 +499,8 @@ def shrink_config(M, K, L, R, num_slices, tile_m, cap, x_bytes, a_bytes, interp,
     if interp:
         return n_tiles, _INTERP_BLOCK_K, 3, min(_INTERP_SPLIT_K, triton.cdiv(K, _INTERP_BLOCK_K))
     block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K
-    block_k, stages = _k_pipeline(tile_m, block_k, _block_r(R), x_bytes, a_bytes, tile_m * _block_r(R) * 4, smem())
+    block_r = _utils.block_r(R)
+    block_k, stages = _utils.k_pipeline(tile_m, block_k, block_r, x_bytes, a_bytes, tile_m * block_r * 4, smem())
     k_blocks = triton.cdiv(K, block_k)
     want = max(1, (2 * sm_count()) // (n_tiles * num_slices))
     split = 1
@@ -581,23 +520,22 @@ def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_sta
     out.zero_()
     if M == 0:
         return out
-    dev = x.device.index or 0
     n_tiles, block_k, stages, split = shrink_config(
         M, K, L, R, num_slices, tile_m, cap, x.element_size(), A_stack.element_size(),
-        _backend.interpreter_enabled(), lambda: _max_smem(dev), lambda: _sm_count(dev),
+        _backend.interpreter_enabled(), lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device),
     )
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # fp32 atomics add in a run-dependent order: no split-K (bitwise reproducible, as lora_linear)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     grid = (n_tiles, num_slices, split)
-    with _device_ctx(x):
-        _shrink_kernel[grid](
+    with _utils.device_ctx(x):
+        _batched_shrink_kernel[grid](
             x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, out,
             M, K, L, cap, R, k_per_split,
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
             out.stride(0), out.stride(1), 0,
-            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, SPLIT_K=split,
-            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=True,
+            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, SPLIT_K=split,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=True,
             num_warps=4, num_stages=stages,
         )
     return out
@@ -616,14 +554,14 @@ def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, 
         return y
     block_n = expand_block_n(_backend.interpreter_enabled())
     grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
-    with _device_ctx(y):
+    with _utils.device_ctx(y):
         _expand_kernel[grid](
             s, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
             M, L, cap, R, *_widths(slices),
             s.stride(0), s.stride(1), scales.stride(0), scales.stride(1),
             B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
-            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_N=block_n,
-            CAST_FP32=_cast_to_fp32(B_stack.dtype) or y.dtype == torch.float32,
+            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_N=block_n,
+            CAST_FP32=_utils.cast_to_fp32(B_stack.dtype) or y.dtype == torch.float32,
             num_warps=4,
         )
     return y
@@ -638,9 +576,9 @@ def fused_config(tile_m, R, x_bytes, a_bytes, b_bytes, interp, smem):
     # tile_m · BLOCK_N constant instead (≥ 32 columns).
     block_n = max(32, _FUSED_BLOCK_N * 16 // tile_m)
     # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
-    block_r = _block_r(R)
+    block_r = _utils.block_r(R)
     reserve = tile_m * block_r * 4 + block_r * block_n * b_bytes
-    block_k, stages = _k_pipeline(tile_m, _FUSED_BLOCK_K, block_r, x_bytes, a_bytes, reserve, smem())
+    block_k, stages = _utils.k_pipeline(tile_m, _FUSED_BLOCK_K, block_r, x_bytes, a_bytes, reserve, smem())
     return block_n, block_k, stages
 
 
@@ -651,21 +589,20 @@ def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted
     cap = sorted_tokens.shape[0]
     if M == 0:
         return y
-    dev = y.device.index or 0
     block_n, block_k, stages = fused_config(
         tile_m, R, x.element_size(), A_stack.element_size(), B_stack.element_size(), _backend.interpreter_enabled(),
-        lambda: _max_smem(dev),
+        lambda: _utils.smem_of(x.device),
     )
     grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
-    with _device_ctx(y):
+    with _utils.device_ctx(y):
         _fused_kernel[grid](
             x, A_stack, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
             M, K, L, cap, R, *_widths(slices),
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
             B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
             y.stride(0), y.stride(1),
-            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, BLOCK_N=block_n,
-            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype, B_stack.dtype) or y.dtype == torch.float32,
+            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, BLOCK_N=block_n,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype, B_stack.dtype) or y.dtype == torch.float32,
             num_warps=4, num_stages=stages,
         )
     return y
@@ -690,8 +627,9 @@ def gemm_config(M, x_bytes, w_bytes, R, interp, smem):
     if interp:  # at most 32 rows: the tests' small batches still span several row tiles and segments
         return min(block_m, 32), _INTERP_GEMM_BLOCK_N, _INTERP_BLOCK_K, warps, 1
     # Reserve for the epilogue's fp32 S tile and B tile, which pass through shared memory for the dot.
-    reserve = block_m * _block_r(R) * 4 + _block_r(R) * block_n * 4
-    block_k, stages = _k_pipeline(block_m, block_k, block_n, x_bytes, w_bytes, reserve, smem(), stages)
+    block_r = _utils.block_r(R)
+    reserve = block_m * block_r * 4 + block_r * block_n * 4
+    block_k, stages = _utils.k_pipeline(block_m, block_k, block_n, x_bytes, w_bytes, reserve, smem(), stages)
     return block_m, block_n, block_k, warps, stages
 
 
@@ -711,25 +649,24 @@ def linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, s
     if M == 0:
         return y
     interp = _backend.interpreter_enabled()
-    dev = x.device.index or 0
     n_tiles, block_k, stages, split = shrink_config(
         M, K, L, R, S, tile_m, cap, x.element_size(), A_stack.element_size(), interp,
-        lambda: _max_smem(dev), lambda: _sm_count(dev),
+        lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device),
     )
     parts = torch.empty(split, M, SR, dtype=torch.float32, device=x.device)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    with _device_ctx(x):
-        _shrink_kernel[(n_tiles, S, split)](
+    with _utils.device_ctx(x):
+        _batched_shrink_kernel[(n_tiles, S, split)](
             x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, parts,
             M, K, L, cap, R, k_per_split,
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
             parts.stride(1), parts.stride(2), parts.stride(0),
-            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, SPLIT_K=split,
-            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=False,
+            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, SPLIT_K=split,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=False,
             num_warps=4, num_stages=stages,
         )
         block_m, block_n, gk, warps, gstages = gemm_config(
-            M, x.element_size(), weight.element_size(), R, interp, lambda: _max_smem(dev))
+            M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device))
         grid = (triton.cdiv(min(M, cap), block_m), _out_blocks(slices, block_n))
         _gemm_expand_kernel[grid](
             x, weight, bias if bias is not None else weight, parts, B_stack, ranks, scales, sorted_tokens,
@@ -739,9 +676,9 @@ def linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, s
             parts.stride(0), parts.stride(1), parts.stride(2),
             B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
             y.stride(0), y.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=gk, BLOCK_R=_block_r(R), HAS_BIAS=bias is not None,
-            CAST_FP32=_cast_to_fp32(x.dtype, weight.dtype),
-            LORA_IEEE=_cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=gk, BLOCK_R=_utils.block_r(R), HAS_BIAS=bias is not None,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, weight.dtype),
+            LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
             num_warps=warps, num_stages=gstages,
         )
     return y
