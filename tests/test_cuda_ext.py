@@ -240,7 +240,7 @@ def test_broken_module_warns_once_then_falls_back(fresh_loader, monkeypatch, tmp
 def test_ops_report_cuda_reason_on_cpu_tensors():
     from lora_kernels.ops import multi_lora as ops
 
-    assert ops._cuda_ok(torch.zeros(2, 3)) is not None
+    assert ops.BACKENDS.checks["cuda"](torch.zeros(2, 3)) is not None
 
 
 def test_wrappers_validate_before_calling_the_extension():
@@ -504,7 +504,7 @@ def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
     from lora_kernels.pool import AdapterPool, LoRABatch
     from lora_kernels.reference import multi_lora as ref
 
-    monkeypatch.setitem(ops._CHECKS, "cuda", lambda *a: None)
+    monkeypatch.setitem(ops.BACKENDS.checks, "cuda", lambda *a: None)
     gen = torch.Generator().manual_seed(11)
     K, slices = 24, [16, 8, 8]
     for pool_dtype, x_dtype in ((torch.float16, torch.float16), (torch.float32, torch.bfloat16)):
@@ -532,7 +532,7 @@ def test_emulated_fp16_shrink_beyond_fp16_range(emulated, monkeypatch, fused):
     from lora_kernels.pool import LoRABatch
     from test_multi_lora_serving import overflow_case, overflow_want
 
-    monkeypatch.setitem(ops._CHECKS, "cuda", lambda *a: None)
+    monkeypatch.setitem(ops.BACKENDS.checks, "cuda", lambda *a: None)
     pool, weight, x, ids = overflow_case(device="cpu")
     want = overflow_want(pool, weight, x, ids)
     got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids), backend="cuda", fused=fused)

@@ -713,12 +713,12 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_env_var_selects_the_backend(monkeypatch):
     x, w, a, b = _good()
     monkeypatch.setenv(_backend.ENV_VAR, "torch")
-    assert op_mod.resolve_backend(None, x, w, a, b, None) == "torch"
+    assert op_mod.BACKENDS.resolve(None, x, w, a, b, None) == "torch"
     monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match=r"\$LORA_KERNELS_BACKEND='nonsense' is not a backend"):
         lora_kernels.lora_linear(x, w, a, b, 1.0)
     # An explicit argument wins over the variable.
-    assert op_mod.resolve_backend("torch", x, w, a, b, None) == "torch"
+    assert op_mod.BACKENDS.resolve("torch", x, w, a, b, None) == "torch"
 
 
 @needs_triton
@@ -757,8 +757,8 @@ def test_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):
 def test_auto_on_cpu_uses_the_reference(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     x, w, a, b = _good("cpu")
-    assert op_mod.resolve_backend(None, x, w, a, b, None) == "torch"
-    assert op_mod.resolve_backend("auto", x, w, a, b, None) == "torch"
+    assert op_mod.BACKENDS.resolve(None, x, w, a, b, None) == "torch"
+    assert op_mod.BACKENDS.resolve("auto", x, w, a, b, None) == "torch"
 
 
 @needs_triton

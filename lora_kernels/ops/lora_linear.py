@@ -21,11 +21,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _autocast
-
-from .. import _backend
+from .. import _autocast, _backend
 from ..reference import lora_linear as _ref
-from ._validate import FLOAT_DTYPES, check_same_device, check_scale, check_tensor, shape
+from ._validate import check_same_device, check_scale, check_tensor, shape
 
 _LORA_DTYPES = (torch.float32,)  # A and B may be fp32 while x and W are half precision (LoRA-GA keeps them fp32)
 
@@ -73,37 +71,19 @@ def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, 
 
 
 # ---------------------------------------------------------------------------------------------------------- backends
-def _torch_ok(*tensors) -> Optional[str]:
-    return None
+def _triton_kernels():
+    from ..triton import lora_linear as tri
+
+    return tri
 
 
-def _triton_ok(*tensors) -> Optional[str]:
-    why = _backend.triton_device_reason(*tensors)
-    if why:
-        return why
-    if tensors[0].dtype == torch.float64:
-        return "float64 is not supported by the Triton kernels"
-    return None
-
-
-_CHECKS = {"torch": _torch_ok, "triton": _triton_ok}
-
-
-def _auto_order(x: torch.Tensor):
-    # "auto": Triton on CUDA, the PyTorch reference everywhere else (the interpreter is for tests, never a default).
-    return ("triton", "torch") if x.device.type == "cuda" else ("torch",)
-
-
-def resolve_backend(backend: Optional[str], x, *tensors) -> str:
-    return _backend.select("lora_linear", backend, _CHECKS, _auto_order(x), x, *tensors)
-
-
-def _impl(name: str):
-    if name == "triton":
-        from ..triton import lora_linear as tri
-
-        return tri
-    return _ref
+# Both implementations are modules with ``lora_linear_forward`` / ``lora_linear_backward`` of one contract.
+BACKENDS = _backend.BackendTable(
+    name="lora_linear",
+    checks={"torch": _backend.torch_reason, "triton": _backend.triton_reason},
+    loaders={"torch": lambda: _ref, "triton": _triton_kernels},
+    auto_on_cuda=("triton", "torch"),
+)
 
 
 # ------------------------------------------------------------------------------------------------------------ seeds
@@ -153,7 +133,7 @@ def _fwd(
     seed: torch.Tensor,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    impl = _impl(backend)
+    impl = BACKENDS.impl(backend)
     seed_arg = _seed_arg(backend, seed, dropout_p)
     with _no_autocast(x):
         y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
@@ -183,7 +163,7 @@ def _bwd(
     needs_dweight: bool,
     needs_dbias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _impl(backend)
+    impl = BACKENDS.impl(backend)
     with _no_autocast(dy):
         dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
             dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
@@ -267,7 +247,7 @@ def lora_linear(
         raise TypeError(f"training must be a bool, got {type(training).__name__} {training!r}")
     if not training:
         dropout_p = 0.0
-    name = resolve_backend(backend, x, weight, lora_A, lora_B, bias)
+    name = BACKENDS.resolve(backend, x, weight, lora_A, lora_B, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(lead.numel(), x.shape[-1])  # not reshape(-1, K): that fails for K = 0
     seed = _draw_seed(x, dropout_p)

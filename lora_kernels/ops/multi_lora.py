@@ -33,12 +33,11 @@ with -1) and replayed after ``batch.prepare_(new_ids)``. The one host-side short
 the host, name no adapter launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or
 capturing.
 
-Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend`): "torch" is the reference
-(:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the kernels of
-:mod:`lora_kernels.triton.multi_lora`. **Hook for "cuda":** ``_CHECKS["cuda"]`` imports :mod:`lora_kernels.cuda` and
-accepts it when the module defines ``multi_lora_shrink``, ``multi_lora_expand`` and ``multi_lora_fused`` with exactly
-the signatures of the Triton launchers, and ``multi_lora_reason(x, *tensors)`` (else ``cuda_ops_unavailable_reason()``)
-returns None:
+Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend` and ``BACKENDS`` below): "torch" is
+the reference (:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the
+kernels of :mod:`lora_kernels.triton.multi_lora`, "cuda" those of :mod:`lora_kernels.cuda`, accepted when its
+``multi_lora_reason(x, *tensors)`` returns None. The CUDA module's ``multi_lora_shrink``, ``multi_lora_expand`` and
+``multi_lora_fused`` have exactly the signatures of the Triton launchers:
 
 - ``multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices: int,
   tile_m: int)``: x ``[M, K]`` fp16/bf16/fp32 (any strides); A_stack ``[L, S·R, K]`` pool dtype; ranks ``[L]`` int32
@@ -188,55 +187,34 @@ def _rank_flags(ranks: torch.Tensor, R: int, what: str) -> List[bool]:
 
 
 # ---------------------------------------------------------------------------------------------------------- backends
-def _torch_ok(x, *tensors) -> Optional[str]:
-    return None
-
-
-def _triton_ok(x, *tensors) -> Optional[str]:
-    why = _backend.triton_device_reason(x, *tensors)
-    if why:
-        return why
-    if any(t is not None and t.dtype == torch.float64 for t in (x,) + tensors):
-        return "float64 is not supported by the Triton kernels"
-    return None
-
-
-def _cuda_ok(x, *tensors) -> Optional[str]:
+def _cuda_reason(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Optional[str]:
     if x.device.type != "cuda":
         return "tensors are not on a CUDA device"
-    try:
-        from .. import cuda as cuda_ext  # written separately; may be absent
-    except ImportError as exc:
-        return f"lora_kernels.cuda is not importable ({exc})"
-    if not all(hasattr(cuda_ext, f"multi_lora_{fn}") for fn in ("shrink", "expand", "fused")):
-        return "the CUDA extension has no multi-adapter kernels"
-    if hasattr(cuda_ext, "multi_lora_reason"):  # its own device/dtype checks
-        return cuda_ext.multi_lora_reason(x, *tensors)
-    return cuda_ext.cuda_ops_unavailable_reason()
+    from .. import cuda
+
+    return cuda.multi_lora_reason(x, *tensors)  # the extension's own load, device and dtype checks
 
 
-_CHECKS = {"torch": _torch_ok, "triton": _triton_ok, "cuda": _cuda_ok}
+def _triton_kernels():
+    from ..triton import multi_lora as tri
+
+    return {"shrink": tri.shrink, "expand": tri.expand, "fused": tri.fused}
 
 
-def _auto_order(x: torch.Tensor):
-    # "auto": the Triton kernels on CUDA (the CUDA extension when Triton is unavailable), the reference elsewhere.
-    return ("triton", "cuda", "torch") if x.device.type == "cuda" else ("torch",)
+def _cuda_kernels():
+    from .. import cuda
+
+    return {"shrink": cuda.multi_lora_shrink, "expand": cuda.multi_lora_expand, "fused": cuda.multi_lora_fused}
 
 
-def resolve_backend(op: str, backend: Optional[str], x, *tensors) -> str:
-    return _backend.select(op, backend, _CHECKS, _auto_order(x), x, *tensors)
-
-
-def _impl(name: str, fn: str):
-    if name == "triton":
-        from ..triton import multi_lora as tri
-
-        return {"shrink": tri.shrink, "expand": tri.expand, "fused": tri.fused}[fn]
-    if name == "cuda":
-        from .. import cuda as cuda_ext
-
-        return getattr(cuda_ext, "multi_lora_" + fn)
-    raise AssertionError(name)
+# Each loader returns the backend's launchers by role; "auto" on CUDA prefers the Triton kernels and falls back to the
+# CUDA extension when Triton is unavailable.
+BACKENDS = _backend.BackendTable(
+    name="multi_lora",
+    checks={"torch": _backend.torch_reason, "triton": _backend.triton_reason, "cuda": _cuda_reason},
+    loaders={"triton": _triton_kernels, "cuda": _cuda_kernels},
+    auto_on_cuda=("triton", "cuda", "torch"),
+)
 
 
 # ------------------------------------------------------------------------------------------------------- custom ops
@@ -257,7 +235,7 @@ def _shrink_op(
     if backend == "torch":
         _ref.lora_shrink(x, A_stack, token_slots, ranks, num_slices, out=out)
         return
-    _impl(backend, "shrink")(
+    BACKENDS.impl(backend)["shrink"](
         x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m
     )
 
@@ -286,7 +264,7 @@ def _expand_op(
     if backend == "torch":
         _ref.lora_expand(s, B_stack, token_slots, ranks, scales, y, slices)
         return
-    _impl(backend, "expand")(
+    BACKENDS.impl(backend)["expand"](
         s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m
     )
 
@@ -317,7 +295,7 @@ def _fused_op(
         s = _ref.lora_shrink(x, A_stack, token_slots, ranks, len(slices))
         _ref.lora_expand(s, B_stack, token_slots, ranks, scales, y, slices)
         return
-    _impl(backend, "fused")(
+    BACKENDS.impl(backend)["fused"](
         x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m
     )
 
@@ -462,7 +440,7 @@ def lora_shrink(
         check = not _in_graph_or_compile(x)
     if check:
         check_ids(batch, L, _rank_flags(ranks, SR // num_slices, "lora_shrink"), x2.shape[0], "lora_shrink")
-    name = resolve_backend("lora_shrink", backend, x2, A_stack, out)
+    name = BACKENDS.resolve(backend, x2, A_stack, out, op="lora_shrink")
     _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, step_tile_m(batch.tile_m, x2.shape[0]),
                name)
     return out
@@ -515,7 +493,7 @@ def lora_expand(
         check = not _in_graph_or_compile(y)
     if check:
         check_ids(batch, L, _rank_flags(ranks, R, "lora_expand"), y2.shape[0], "lora_expand")
-    name = resolve_backend("lora_expand", backend, y2, s2, B_stack)
+    name = BACKENDS.resolve(backend, y2, s2, B_stack, op="lora_expand")
     _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices,
                step_tile_m(batch.tile_m, y2.shape[0]), name)
     return y
@@ -575,7 +553,7 @@ def multi_lora_linear(
         check = not traced
     if check:
         check_ids(batch, pool.max_adapters, pool._in_use, M, "multi_lora_linear")
-    name = resolve_backend("multi_lora_linear", backend, x2, weight, pool.A_stack)
+    name = BACKENDS.resolve(backend, x2, weight, pool.A_stack, op="multi_lora_linear")
     chosen = choose_path(path, fused, M, name)
     if not traced and batch.has_adapter is False:
         return F.linear(x2, weight, bias).reshape(*x.shape[:-1], N)
