@@ -24,6 +24,7 @@ import torch
 import triton
 
 from lora_kernels.ops import multi_lora as ops
+from lora_kernels.ops._batch import max_tiles
 from lora_kernels.pool import auto_tile_m
 from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
@@ -93,7 +94,7 @@ def launches(
     if path == "fused":
         block_n, block_k, stages = ML.fused_config(tile_m, R, elt, elt, elt, False, lambda: smem)
         blocks = ML._out_blocks(slices, block_n)
-        grid = (ML._num_tiles_bound(T, L, tile_m, cap), blocks)
+        grid = (max_tiles(T, L, tile_m, cap), blocks)
         # every output block of a tile recomputes the tile's shrink for its slice over the full K
         shrink_flops = real_tiles * blocks * 2 * tile_m * br * K
         expand_flops = real_tiles * 2 * tile_m * br * N
@@ -117,7 +118,7 @@ def launches(
                            t_ad * S * R * 4, shrink_flops, shrink_useful, shrink_l2))
         block_n = ML.expand_block_n(False)
         blocks = ML._out_blocks(slices, block_n)
-        out.append(_launch("_expand_kernel", (ML._num_tiles_bound(T, L, tile_m, cap), blocks),
+        out.append(_launch("_expand_kernel", (max_tiles(T, L, tile_m, cap), blocks),
                            {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "num_warps": 4},
                            T * S * R * 4 + b_bytes + t_ad * N * elt, t_ad * N * elt,
                            real_tiles * 2 * tile_m * br * N, 2 * t_ad * R * N,

@@ -13,8 +13,8 @@ module that exists but fails to import gives one ``warnings.warn`` per process; 
 
 The ``multi_lora_*`` functions have the signatures of the Triton launchers in :mod:`lora_kernels.triton.multi_lora`
 (see :mod:`lora_kernels.ops.multi_lora`, which wraps them in the same ``torch.library`` custom ops as the Triton
-path, so torch.compile and CUDA graphs treat both alike). They use only ``token_slots`` of the batch: the kernels work
-per token and need no sorting.
+path, so torch.compile and CUDA graphs treat both alike). They take the batch as a :class:`BatchMeta`: the per-token
+kernels read only its ``token_slots``, the tiled ones (chosen when adapters repeat) its work list too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .ops._batch import BatchMeta, max_tiles
 from .ops._validate import MAX_SLICES
 
 MODULE_NAME = "lora_kernels._C_lora"
@@ -180,12 +181,13 @@ def bgmv_shrink(
     scales: Optional[torch.Tensor] = None,
     tiles: Optional["TileList"] = None,
 ) -> torch.Tensor:
-    """``out[s, m, j] = scales[id, s] · x[m]·A_s[id, j]`` for ``j < ranks[id]``, 0 for the other ``j < R`` and for
+    """``out[i, m, j] = scales[id, i] · x[m]·A_i[id, j]`` for ``j < ranks[id]``, 0 for the other ``j < R`` and for
     tokens whose ``id = token_slots[m]`` is -1, out of ``[0, L)`` or of rank 0 (nothing read for those).
 
-    x ``[M, K]``; ``A_slices``: 1..MAX_SLICES (4) tensors ``[L, R, K]`` of x's dtype (any strides, e.g. views of one stack);
-    token_slots ``[>= M]`` int32/int64; out ``[S, M, R]`` fp32/fp16/bf16 (any strides: a ``[M, S·R]`` buffer viewed
-    as ``[S, M, R]`` works); ranks ``[L]`` int32/int64 (None: every slot has rank R); scales ``[L, S]`` fp32 or None.
+    x ``[M, K]``; ``A_slices``: 1..MAX_SLICES (4) tensors ``[L, R, K]`` of x's dtype (any strides, e.g. views of one
+    stack); token_slots ``[>= M]`` int32/int64; out ``[S, M, R]`` fp32/fp16/bf16 (any strides: a ``[M, S·R]`` buffer
+    viewed as ``[S, M, R]`` works); ranks ``[L]`` int32/int64 (None: every slot has rank R); scales ``[L, S]`` fp32
+    or None.
     ``tiles``: a :class:`TileList` selects the tiled kernel (A read once per pass of up to 8 same-adapter tokens);
     it writes only tokens of valid slots, so ``out`` is zeroed here first.
     """
@@ -218,11 +220,8 @@ def bgmv_shrink(
     extension().shrink(
         x=x.data_ptr(), x_strides=tuple(x.stride()), M=M, K=K, dtype=dtype,
         a_slices=[(a.data_ptr(), *a.stride()) for a in A_slices], L=L, r_max=R,
-        ids=token_slots.data_ptr(), stride_id=token_slots.stride(0), ids_type=_index_code("token_slots", token_slots),
-        ranks=_ptr(ranks), ranks_type=_index_code("ranks", ranks) if ranks is not None else 0,
-        scales=_ptr(scales), scale_strides=tuple(scales.stride()) if scales is not None else (0, 0),
         out=out.data_ptr(), out_strides=tuple(out.stride()), out_dtype=out_dtype,
-        device=device, stream=_stream(device), **tile_kw,
+        **_slot_kwargs(token_slots, ranks, scales, device), **tile_kw,
     )
     return out
 
@@ -237,12 +236,12 @@ def bgmv_expand(
     scales: Optional[torch.Tensor] = None,
     tiles: Optional["TileList"] = None,
 ) -> torch.Tensor:
-    """``y[m, off_s + n] += scales[id, s] · buf[s, m, :rank]·B_s[id, n, :rank]`` in place for every slice s; tokens
+    """``y[m, off_i + n] += scales[id, i] · buf[i, m, :rank]·B_i[id, n, :rank]`` in place for every slice i; tokens
     whose id is -1, out of ``[0, L)`` or of rank 0 are left untouched.
 
-    buf ``[S, M, R]`` fp32/fp16/bf16 (any strides); ``B_slices``: S tensors ``[L, N_s, R]`` of y's dtype (any
-    strides); y ``[M, N]``; ``y_offsets``: first column of each slice in y (default: consecutive from 0); the slices
-    must not overlap. ranks, scales, tiles as in :func:`bgmv_shrink`.
+    buf ``[S, M, R]`` fp32/fp16/bf16 (any strides): the shrink output xa, per slice; ``B_slices``: S tensors
+    ``[L, N_i, R]`` of y's dtype (any strides); y ``[M, N]``; ``y_offsets``: first column of each slice in y
+    (default: consecutive from 0); the slices must not overlap. ranks, scales, tiles as in :func:`bgmv_shrink`.
     """
     if not 1 <= len(B_slices) <= MAX_SLICES:
         raise ValueError(f"B_slices must hold 1..{MAX_SLICES} tensors, got {len(B_slices)}")
@@ -282,10 +281,7 @@ def bgmv_expand(
         buf=buf.data_ptr(), buf_strides=tuple(buf.stride()), buf_dtype=_dtype_code("buf", buf), M=M, r_max=R,
         b_slices=[(b.data_ptr(), *b.stride(), w, o) for b, w, o in zip(B_slices, widths, y_offsets)],
         y=y.data_ptr(), y_strides=tuple(y.stride()), dtype=_dtype_code("y", y), L=L,
-        ids=token_slots.data_ptr(), stride_id=token_slots.stride(0), ids_type=_index_code("token_slots", token_slots),
-        ranks=_ptr(ranks), ranks_type=_index_code("ranks", ranks) if ranks is not None else 0,
-        scales=_ptr(scales), scale_strides=tuple(scales.stride()) if scales is not None else (0, 0),
-        device=device, stream=_stream(device), **_tile_kwargs(tiles, M),
+        **_slot_kwargs(token_slots, ranks, scales, device), **_tile_kwargs(tiles, M),
     )
     return y
 
@@ -320,7 +316,21 @@ def _tile_kwargs(tiles: Optional[TileList], M: int) -> dict:
             "cap": cap, "num_tiles": num_tiles, "tile_m": int(tiles.tile_m)}
 
 
-def _check_ids(token_slots, M, ranks, L, scales, S) -> None:
+def _slot_kwargs(token_slots: torch.Tensor, ranks: Optional[torch.Tensor], scales: Optional[torch.Tensor],
+                 device: int) -> dict:
+    """The per-slot arguments both extension calls take: ids, ranks and scales (pointer, strides, index type), and the
+    device and its current stream."""
+    return {
+        "ids": token_slots.data_ptr(), "stride_id": token_slots.stride(0),
+        "ids_type": _index_code("token_slots", token_slots),
+        "ranks": _ptr(ranks), "ranks_type": _index_code("ranks", ranks) if ranks is not None else 0,
+        "scales": _ptr(scales), "scale_strides": tuple(scales.stride()) if scales is not None else (0, 0),
+        "device": device, "stream": _stream(device),
+    }
+
+
+def _check_ids(token_slots: torch.Tensor, M: int, ranks: Optional[torch.Tensor], L: int,
+               scales: Optional[torch.Tensor], S: int) -> None:
     if token_slots.dim() != 1 or token_slots.shape[0] < M:
         raise ValueError(f"token_slots must be 1-D with at least M={M} entries, got {tuple(token_slots.shape)}")
     _index_code("token_slots", token_slots)
@@ -345,11 +355,11 @@ def _b_slices(B_stack: torch.Tensor, slices: Sequence[int]):
     return [B_stack[:, offs[i] : offs[i + 1]] for i in range(len(slices))], offs[:-1]
 
 
-def _as_slices_view(s: torch.Tensor, num_slices: int) -> torch.Tensor:
+def _as_slices_view(xa: torch.Tensor, num_slices: int) -> torch.Tensor:
     """``[M, S·R]`` → the ``[S, M, R]`` view the kernels index (no copy)."""
-    M, SR = s.shape
+    M, SR = xa.shape
     R = SR // num_slices
-    return s.as_strided((num_slices, M, R), (R * s.stride(1), s.stride(0), s.stride(1)), s.storage_offset())
+    return xa.as_strided((num_slices, M, R), (R * xa.stride(1), xa.stride(0), xa.stride(1)), xa.storage_offset())
 
 
 # Per-token or tiled kernels. The tiled ones read each adapter's weights once per pass of up to 8 of its tokens, at
@@ -360,20 +370,18 @@ TILED_MIN_TOKENS_PER_SLOT = 2.0
 _TILE_SMEM_LIMIT = 48 * 1024  # bytes of dynamic shared memory the tiled expand may use without opting in
 
 
-def _tiles_for(M, L, R, sorted_tokens, sorted_slots, tile_starts, tile_m) -> Optional[TileList]:
-    if sorted_tokens is None or sorted_slots is None or tile_starts is None or M == 0:
+def _tiles_for(M: int, L: int, R: int, meta: BatchMeta, tile_m: int) -> Optional[TileList]:
+    if meta.sorted_tokens is None or meta.sorted_slots is None or meta.tile_starts is None or M == 0:
         return None
     if M < TILED_MIN_TOKENS_PER_SLOT * L or R * 4 * TILE_TOKENS > _TILE_SMEM_LIMIT:
         return None
-    cap = sorted_tokens.shape[0]
-    # Same bound as the Triton launchers: one partial tile per used slot plus the full tiles.
-    bound = max(1, min(cap, M, -(-M // tile_m) + min(M, L)))
-    return TileList(sorted_tokens, sorted_slots, tile_starts, bound, int(tile_m))
+    bound = max_tiles(M, L, tile_m, meta.sorted_tokens.shape[0])  # the Triton launchers' grid bound
+    return TileList(meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, bound, int(tile_m))
 
 
-def multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices,
-                      tile_m):
-    """``out[M, S·R]`` ← per-token ``x·Aᵀ`` at the adapter's own rank, zeros elsewhere (signature of the Triton
+def multi_lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta,
+                      out: torch.Tensor, num_slices: int, tile_m: int) -> torch.Tensor:
+    """``out[M, S·R]`` ← per-token ``xa = x·Aᵀ`` at the adapter's own rank, zeros elsewhere (signature of the Triton
     launcher). Per-token kernel, or the tiled one over the batch's work list when adapters repeat enough."""
     if x.dtype != A_stack.dtype:
         # The kernel reads x and A in one dtype. Widen whichever is narrower (exact): x for a float32 pool with half
@@ -384,14 +392,14 @@ def multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slot
             A_stack = A_stack.to(torch.float32)
             x = x.to(torch.float32)
     A_list, R = _a_slices(A_stack, num_slices)
-    tiles = _tiles_for(x.shape[0], A_stack.shape[0], R, sorted_tokens, sorted_slots, tile_starts, tile_m)
-    bgmv_shrink(x, A_list, token_slots, _as_slices_view(out, num_slices), ranks=ranks, tiles=tiles)
+    tiles = _tiles_for(x.shape[0], A_stack.shape[0], R, meta, tile_m)
+    bgmv_shrink(x, A_list, meta.token_slots, _as_slices_view(out, num_slices), ranks=ranks, tiles=tiles)
     return out
 
 
-def multi_lora_expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices,
-                      tile_m):
-    """``y[M, N] += scale · s·Bᵀ`` per token's adapter and output slice, in place (signature of the Triton
+def multi_lora_expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+                      meta: BatchMeta, y: torch.Tensor, slices: Sequence[int], tile_m: int) -> torch.Tensor:
+    """``y[M, N] += scale · xa·Bᵀ`` per token's adapter and output slice, in place (signature of the Triton
     launcher)."""
     S = len(slices)
     B_list, offs = _b_slices(B_stack, slices)
@@ -402,23 +410,23 @@ def multi_lora_expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sor
         target = y.to(torch.float32)
         if B_stack.dtype != torch.float32:
             B_list = [b.to(torch.float32) for b in B_list]
-    tiles = _tiles_for(y.shape[0], B_stack.shape[0], B_stack.shape[2], sorted_tokens, sorted_slots, tile_starts,
-                       tile_m)
-    bgmv_expand(_as_slices_view(s, S), B_list, token_slots, target, offs, ranks=ranks, scales=scales, tiles=tiles)
+    tiles = _tiles_for(y.shape[0], B_stack.shape[0], B_stack.shape[2], meta, tile_m)
+    bgmv_expand(_as_slices_view(xa, S), B_list, meta.token_slots, target, offs, ranks=ranks, scales=scales,
+                tiles=tiles)
     if target is not y:
         y.copy_(target)
     return y
 
 
-def multi_lora_fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y,
-                     slices, tile_m):
-    """Shrink then expand (two launches through an fp32 buffer of ``M × S·R``: a few KiB at decode sizes)."""
+def multi_lora_fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor,
+                     scales: torch.Tensor, meta: BatchMeta, y: torch.Tensor, slices: Sequence[int],
+                     tile_m: int) -> torch.Tensor:
+    """Shrink then expand (two launches through an fp32 xa buffer of ``M × S·R``: a few KiB at decode sizes)."""
     S = len(slices)
     R = B_stack.shape[2]
-    buf = torch.empty(x.shape[0], S * R, dtype=torch.float32, device=x.device)
-    multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, buf, S, tile_m)
-    return multi_lora_expand(buf, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y,
-                             slices, tile_m)
+    xa = torch.empty(x.shape[0], S * R, dtype=torch.float32, device=x.device)
+    multi_lora_shrink(x, A_stack, ranks, meta, xa, S, tile_m)
+    return multi_lora_expand(xa, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 def _info() -> Tuple[Optional[str], dict]:

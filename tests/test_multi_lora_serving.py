@@ -252,11 +252,11 @@ def test_path_choice_and_argument_errors():
 def test_opcheck_gemm_op():
     pool, weight, b, x, ids = _gemm_problem(9, torch.float32, GEMM_SLICES, "repeats", True, seed=4)
     batch = LoRABatch.prepare(ids, device=DEVICE)
-    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    meta = batch.meta
     backends = ["torch"] + (["triton"] if TRITON_OK else [])
     for backend in backends:
         torch.library.opcheck(ops._gemm_op, (x, weight, b, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
-                                             *fields, list(pool.slices), batch.tile_m, backend))
+                                             *meta, list(pool.slices), batch.tile_m, backend))
 
 
 # --------------------------------------------------------------------------------------- sm_90 ahead-of-time compile
@@ -276,6 +276,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.pool import auto_tile_m
 from lora_kernels.ops.multi_lora import step_tile_m
+from lora_kernels.ops._batch import BatchMeta
 from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
 
@@ -352,13 +353,13 @@ for M, R, slices, dtype in ((1, 16, [4096], torch.bfloat16), (1, 64, [4096, 1024
     ranks = torch.empty(L, dtype=torch.int32)
     scales = torch.empty(L, S, dtype=torch.float32)
     ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
-    ML.linear_gemm(x, W, None, A, B, ranks, scales, ids, st_, ss, ts, slices, tile_m)
+    ML.linear_gemm(x, W, None, A, B, ranks, scales, BatchMeta(ids, st_, ss, ts), slices, tile_m)
     if M in (1, 4096) and R == 64:
         y = torch.empty(M, N, dtype=dtype)
         if M == 1:
-            ML.fused(x, A, B, ranks, scales, ids, st_, ss, ts, y, slices, tile_m)
+            ML.fused(x, A, B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
         else:
-            ML.expand(torch.empty(M, S * R), B, ranks, scales, ids, st_, ss, ts, y, slices, tile_m)
+            ML.expand(torch.empty(M, S * R), B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
 seen = set()
 names = set()
 for kernel, grid, args, kwargs in calls:

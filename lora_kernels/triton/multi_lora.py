@@ -26,13 +26,14 @@ never straddles two slices.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _backend
+from ..ops._batch import BatchMeta, max_tiles
 from ..ops._validate import MAX_SLICES
 from . import _utils
 from ._compat import patch_interpreter
@@ -58,13 +59,6 @@ _FUSED_BLOCK_K = 256
 _INTERP_BLOCK_K = 32
 _INTERP_BLOCK_N = 32
 _INTERP_SPLIT_K = 2
-
-
-def _num_tiles_bound(M: int, L: int, tile_m: int, capacity: int) -> int:
-    """Upper bound of the tiles covering the tokens < M whose slot is < L (tiles of slots >= L, of tokens >= M or
-    of no adapter come later in the list or do not exist): one partial tile per used slot plus full tiles. Same as
-    :meth:`lora_kernels.LoRABatch.max_tiles` (the launchers get the batch's tensors, not the batch)."""
-    return max(1, min(capacity, M, triton.cdiv(M, tile_m) + min(M, L)))
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -491,11 +485,13 @@ def _out_blocks(slices: Sequence[int], block_n: int) -> int:
     return sum(triton.cdiv(int(n), block_n) for n in slices)
 
 
-def shrink_config(M, K, L, R, num_slices, tile_m, cap, x_bytes, a_bytes, interp, smem, sm_count):
+def shrink_config(M: int, K: int, L: int, R: int, num_slices: int, tile_m: int, cap: int, x_bytes: int,
+                  a_bytes: int, interp: bool, smem: _utils.IntThunk,
+                  sm_count: _utils.IntThunk) -> Tuple[int, int, int, int]:
     """(grid tiles, BLOCK_K, num_stages, split-K) of the shrink launch; ``smem`` and ``sm_count`` are callables (only
     asked on a GPU). A function of host ints only, shared by the launchers and the static launch model
     (benchmarks/static_serving.py)."""
-    n_tiles = _num_tiles_bound(M, L, tile_m, cap)
+    n_tiles = max_tiles(M, L, tile_m, cap)
     if interp:
         return n_tiles, _INTERP_BLOCK_K, 3, min(_INTERP_SPLIT_K, triton.cdiv(K, _INTERP_BLOCK_K))
     block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K
@@ -509,56 +505,66 @@ def shrink_config(M, K, L, R, num_slices, tile_m, cap, x_bytes, a_bytes, interp,
     return n_tiles, block_k, stages, split
 
 
-def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m):
-    """``out[M, S·R]`` (fp32) ← per-token ``x·Aᵀ`` (zeros where no adapter applies). x ``[M, K]``; the batch
-    tensors as in :class:`lora_kernels.LoRABatch`. Zeroes ``out`` first, then one launch (split-K by atomics when the
-    tiles alone would not fill the GPU)."""
+def _launch_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta,
+                   out: torch.Tensor, out_split_stride: int, num_slices: int, tile_m: int, atomic: bool,
+                   interp: bool) -> int:
+    """One launch of the batched shrink into ``out`` ([M, S·R] fp32 rows, any strides). With ``atomic`` the K splits
+    add into ``out`` (zero it first); without, split k writes ``out + k·out_split_stride`` (a partial sum per split).
+    Returns the split count (decided here; ``out`` must already hold that many partials when not ``atomic``: see
+    :func:`shrink_config`)."""
     M, K = x.shape
     L, SR, _ = A_stack.shape
     R = SR // num_slices
-    cap = sorted_tokens.shape[0]
-    out.zero_()
-    if M == 0:
-        return out
     n_tiles, block_k, stages, split = shrink_config(
-        M, K, L, R, num_slices, tile_m, cap, x.element_size(), A_stack.element_size(),
-        _backend.interpreter_enabled(), lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device),
+        M, K, L, R, num_slices, tile_m, meta.capacity, x.element_size(), A_stack.element_size(), interp,
+        lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device),
     )
-    if torch.are_deterministic_algorithms_enabled():
+    if atomic and torch.are_deterministic_algorithms_enabled():
         split = 1  # fp32 atomics add in a run-dependent order: no split-K (bitwise reproducible, as lora_linear)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    grid = (n_tiles, num_slices, split)
     with _utils.device_ctx(x):
-        _batched_shrink_kernel[grid](
-            x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, out,
-            M, K, L, cap, R, k_per_split,
+        _batched_shrink_kernel[(n_tiles, num_slices, split)](
+            x, A_stack, ranks, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, out,
+            M, K, L, meta.capacity, R, k_per_split,
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
-            out.stride(0), out.stride(1), 0,
+            out.stride(0), out.stride(1), out_split_stride,
             BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, SPLIT_K=split,
-            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=True,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=atomic,
             num_warps=4, num_stages=stages,
         )
+    return split
+
+
+def shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta, out: torch.Tensor,
+           num_slices: int, tile_m: int) -> torch.Tensor:
+    """``out[M, S·R]`` (fp32) ← per-token ``xa = x·Aᵀ`` (zeros where no adapter applies). x ``[M, K]``; ``meta``:
+    the batch (:attr:`lora_kernels.LoRABatch.meta`). Zeroes ``out`` first, then one launch (split-K by atomics when
+    the tiles alone would not fill the GPU)."""
+    out.zero_()
+    if x.shape[0] == 0:
+        return out
+    _launch_shrink(x, A_stack, ranks, meta, out, 0, num_slices, tile_m, True, _backend.interpreter_enabled())
     return out
 
 
-def expand_block_n(interp):
+def expand_block_n(interp: bool) -> int:
     return _INTERP_BLOCK_N if interp else _EXPAND_BLOCK_N
 
 
-def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
-    """``y[M, N] += scale · s·Bᵀ`` per token's adapter and output slice, in place. s ``[M, S·R]`` fp32."""
+def expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta,
+           y: torch.Tensor, slices: Sequence[int], tile_m: int) -> torch.Tensor:
+    """``y[M, N] += scale · xa·Bᵀ`` per token's adapter and output slice, in place. xa ``[M, S·R]`` fp32."""
     M = y.shape[0]
     L, N, R = B_stack.shape
-    cap = sorted_tokens.shape[0]
     if M == 0:
         return y
     block_n = expand_block_n(_backend.interpreter_enabled())
-    grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
+    grid = (meta.max_tiles(M, L, tile_m), _out_blocks(slices, block_n))
     with _utils.device_ctx(y):
         _expand_kernel[grid](
-            s, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
-            M, L, cap, R, *_widths(slices),
-            s.stride(0), s.stride(1), scales.stride(0), scales.stride(1),
+            xa, B_stack, ranks, scales, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, y,
+            M, L, meta.capacity, R, *_widths(slices),
+            xa.stride(0), xa.stride(1), scales.stride(0), scales.stride(1),
             B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
             BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_N=block_n,
             CAST_FP32=_utils.cast_to_fp32(B_stack.dtype) or y.dtype == torch.float32,
@@ -567,7 +573,8 @@ def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, 
     return y
 
 
-def fused_config(tile_m, R, x_bytes, a_bytes, b_bytes, interp, smem):
+def fused_config(tile_m: int, R: int, x_bytes: int, a_bytes: int, b_bytes: int, interp: bool,
+                 smem: _utils.IntThunk) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_stages) of the fused kernel; host ints only (shared with the static launch model)."""
     if interp:
         return _INTERP_BLOCK_N, _INTERP_BLOCK_K, 3
@@ -575,29 +582,29 @@ def fused_config(tile_m, R, x_bytes, a_bytes, b_bytes, interp, smem):
     # rows and 4 warps, but 128-256 at 64-128 rows (spills, and minutes of ptxas for fp32 operands). Keep
     # tile_m · BLOCK_N constant instead (≥ 32 columns).
     block_n = max(32, _FUSED_BLOCK_N * 16 // tile_m)
-    # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
+    # Reserve: the fp32 xa tile and the B tile of the expand step, which also pass through shared memory.
     block_r = _utils.block_r(R)
     reserve = tile_m * block_r * 4 + block_r * block_n * b_bytes
     block_k, stages = _utils.k_pipeline(tile_m, _FUSED_BLOCK_K, block_r, x_bytes, a_bytes, reserve, smem())
     return block_n, block_k, stages
 
 
-def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
+def fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+          meta: BatchMeta, y: torch.Tensor, slices: Sequence[int], tile_m: int) -> torch.Tensor:
     """``y += scale · (x·Aᵀ)·Bᵀ`` per token in one launch (decode sizes: see ``ops.multi_lora.FUSED_MAX_TOKENS``)."""
     M, K = x.shape
     L, N, R = B_stack.shape
-    cap = sorted_tokens.shape[0]
     if M == 0:
         return y
     block_n, block_k, stages = fused_config(
         tile_m, R, x.element_size(), A_stack.element_size(), B_stack.element_size(), _backend.interpreter_enabled(),
         lambda: _utils.smem_of(x.device),
     )
-    grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
+    grid = (meta.max_tiles(M, L, tile_m), _out_blocks(slices, block_n))
     with _utils.device_ctx(y):
         _fused_kernel[grid](
-            x, A_stack, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
-            M, K, L, cap, R, *_widths(slices),
+            x, A_stack, B_stack, ranks, scales, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, y,
+            M, K, L, meta.capacity, R, *_widths(slices),
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
             B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
             y.stride(0), y.stride(1),
@@ -620,21 +627,23 @@ _GEMM_TILES = ((16, 16, 32, 256, 4, 4), (32, 32, 64, 128, 4, 4), (256, 64, 64, 1
 _INTERP_GEMM_BLOCK_N = 16
 
 
-def gemm_config(M, x_bytes, w_bytes, R, interp, smem):
+def gemm_config(M: int, x_bytes: int, w_bytes: int, R: int, interp: bool,
+                smem: _utils.IntThunk) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the expand-in-GEMM kernel for M tokens; ``smem`` a
     callable (asked on a GPU only). Host ints only: shared with the static launch model."""
     _, block_m, block_n, block_k, warps, stages = next(t for t in _GEMM_TILES if M <= t[0])
     if interp:  # at most 32 rows: the tests' small batches still span several row tiles and segments
         return min(block_m, 32), _INTERP_GEMM_BLOCK_N, _INTERP_BLOCK_K, warps, 1
-    # Reserve for the epilogue's fp32 S tile and B tile, which pass through shared memory for the dot.
+    # Reserve for the epilogue's fp32 xa tile and B tile, which pass through shared memory for the dot.
     block_r = _utils.block_r(R)
     reserve = block_m * block_r * 4 + block_r * block_n * 4
     block_k, stages = _utils.k_pipeline(block_m, block_k, block_n, x_bytes, w_bytes, reserve, smem(), stages)
     return block_m, block_n, block_k, warps, stages
 
 
-def linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots,
-                tile_starts, slices, tile_m):
+def linear_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A_stack: torch.Tensor,
+                B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta,
+                slices: Sequence[int], tile_m: int) -> torch.Tensor:
     """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` per token's adapter, y new ``[M, N]`` in x's dtype: two launches,
     the shrink into per-split fp32 partials (no zero-fill: rows without an adapter are never read) and the base GEMM
     with the expand in its epilogue (y written once, never read). Needs the batch prepared for exactly M tokens
@@ -644,33 +653,22 @@ def linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, s
     L, SR, _ = A_stack.shape
     S = len(slices)
     R = SR // S
-    cap = sorted_tokens.shape[0]
+    cap = meta.capacity
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
     interp = _backend.interpreter_enabled()
-    n_tiles, block_k, stages, split = shrink_config(
-        M, K, L, R, S, tile_m, cap, x.element_size(), A_stack.element_size(), interp,
-        lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device),
-    )
+    _, _, _, split = shrink_config(M, K, L, R, S, tile_m, cap, x.element_size(), A_stack.element_size(), interp,
+                                   lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device))
     parts = torch.empty(split, M, SR, dtype=torch.float32, device=x.device)
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp)
+    block_m, block_n, gk, warps, gstages = gemm_config(
+        M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device))
+    grid = (triton.cdiv(min(M, cap), block_m), _out_blocks(slices, block_n))
     with _utils.device_ctx(x):
-        _batched_shrink_kernel[(n_tiles, S, split)](
-            x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, parts,
-            M, K, L, cap, R, k_per_split,
-            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
-            parts.stride(1), parts.stride(2), parts.stride(0),
-            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, SPLIT_K=split,
-            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=False,
-            num_warps=4, num_stages=stages,
-        )
-        block_m, block_n, gk, warps, gstages = gemm_config(
-            M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device))
-        grid = (triton.cdiv(min(M, cap), block_m), _out_blocks(slices, block_n))
         _gemm_expand_kernel[grid](
-            x, weight, bias if bias is not None else weight, parts, B_stack, ranks, scales, sorted_tokens,
-            sorted_slots, y,
+            x, weight, bias if bias is not None else weight, parts, B_stack, ranks, scales, meta.sorted_tokens,
+            meta.sorted_slots, y,
             M, K, L, cap, R, *_widths(slices), split,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             parts.stride(0), parts.stride(1), parts.stride(2),
