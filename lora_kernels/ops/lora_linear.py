@@ -1,4 +1,4 @@
-"""The fused LoRA linear op: ``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ (+ bias)``.
+"""The fused LoRA linear op: ``y = x·W0ᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ (+ bias)``.
 
 Layers of this file, top to bottom: input checks; backend choice; the two ``torch.library`` custom ops
 (``lora_kernels::lora_linear_fwd`` and ``lora_kernels::lora_linear_bwd``) with fake implementations, tied together by
@@ -6,7 +6,7 @@ Layers of this file, top to bottom: input checks; backend choice; the two ``torc
 
 Semantics are PEFT's: dropout applies to the LoRA branch input only, kept elements are scaled by 1/(1-p). The mask is
 a function of a seed (a 0-dim int64 tensor, see :func:`_draw_seed`) and is regenerated in backward from the same saved
-seed tensor, never stored. Saved for backward: x (as passed, 2-D view), W0, A, B, S = dropout(x)·Aᵀ (M×r, fp32) and
+seed tensor, never stored. Saved for backward: x (as passed, 2-D view), W0, A, B, xa = dropout(x)·Aᵀ (M×r, fp32) and
 the seed. dW is formed only when ``weight.requires_grad``.
 
 CUDA graphs. For x on CUDA the seed is drawn on x's device by the CUDA generator and the Triton kernels load it
@@ -42,7 +42,8 @@ def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, 
     N = weight.shape[0]
     r = lora_A.shape[0]
     if weight.shape[1] != K:
-        raise ValueError(f"weight has in_features {weight.shape[1]} but x has {K}: weight {shape(weight)}, x {shape(x)}")
+        raise ValueError(f"weight has in_features {weight.shape[1]} but x has {K}: weight {shape(weight)}, "
+                         f"x {shape(x)}")
     if r == 0:
         raise ValueError(f"lora_A has rank 0 (shape {shape(lora_A)}); use F.linear for a layer without adapter")
     if lora_A.shape[1] != K:
@@ -116,7 +117,7 @@ def _seed_arg(backend: str, seed: torch.Tensor, dropout_p: float):
 def _no_autocast(t: torch.Tensor):
     """Autocast off for the real implementations: the op's dtypes are its inputs' (the fakes say so), whatever
     autocast context it is called or differentiated in. Without this the torch backend's fp32 matmuls ran in the
-    autocast dtype (S came back bf16 where the fake says fp32) while the Triton kernels ignored autocast.
+    autocast dtype (xa came back bf16 where the fake says fp32) while the Triton kernels ignored autocast.
     ``LoRALinear`` applies autocast's casts to the inputs before the call."""
     return _autocast.autocast_off(t)
 
@@ -136,9 +137,9 @@ def _fwd(
     impl = BACKENDS.impl(backend)
     seed_arg = _seed_arg(backend, seed, dropout_p)
     with _no_autocast(x):
-        y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
+        y, xa = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
     # The fake promises row-major outputs whatever the input layouts; .contiguous() is free when they already are.
-    return y.contiguous(), s_mat.contiguous()
+    return y.contiguous(), xa.contiguous()
 
 
 @_fwd.register_fake
@@ -154,7 +155,7 @@ def _bwd(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    s_mat: torch.Tensor,
+    xa: torch.Tensor,
     scale: float,
     dropout_p: float,
     seed: torch.Tensor,
@@ -166,7 +167,7 @@ def _bwd(
     impl = BACKENDS.impl(backend)
     with _no_autocast(dy):
         dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
-            dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
+            dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
             needs_dx, needs_dweight, needs_dbias,
         )
     # Custom ops cannot return None: gradients not asked for come back as empty tensors and become None in backward.
@@ -182,7 +183,8 @@ def _bwd(
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
+def _bwd_fake(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, backend, needs_dx, needs_dweight,
+              needs_dbias):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else dy.new_empty(0),
         torch.empty_like(lora_A, memory_format=torch.contiguous_format),
@@ -194,17 +196,17 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, back
 
 def _setup_context(ctx, inputs, output):
     x, weight, lora_A, lora_B, bias, scale, dropout_p, seed, backend = inputs
-    _, s_mat = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, s_mat, seed)
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _d_s_mat):
-    x, weight, lora_A, lora_B, s_mat, seed = ctx.saved_tensors
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, d_a, d_b, dw, dbias = _bwd(
-        dy.contiguous(), x, weight, lora_A, lora_B, s_mat, ctx.scale, ctx.dropout_p, seed, ctx.backend,
+        dy.contiguous(), x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, seed, ctx.backend,
         bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[4]),
     )
     return (

@@ -1,9 +1,9 @@
-"""Triton kernels for batched multi-adapter LoRA: shrink (``s = x·Aᵀ`` per token's adapter), expand (``y += scale ·
-s·Bᵀ`` in place), a fused shrink+expand for decode-sized batches, and the base GEMM with the expand in its epilogue
-(``y = x·W0ᵀ + bias + Σ_segments scale·S·Bᵀ``, :func:`linear_gemm`).
+"""Triton kernels for batched multi-adapter LoRA: shrink (``xa = x·Aᵀ`` per token's adapter), expand (``y += scale ·
+xa·Bᵀ`` in place), a fused shrink+expand for decode-sized batches, and the base GEMM with the expand in its epilogue
+(``y = x·W0ᵀ + bias + Σ_segments scale·xa·Bᵀ``, :func:`linear_gemm`).
 
-Precision. The shrink result S is fp32 from the shrink to the expand's MMA (tf32 operands for 16-bit data, exact
-fp32 for fp32 data): never rounded to fp16, whose 65504 limit a valid S can pass.
+Precision. The shrink result xa is fp32 from the shrink to the expand's MMA (tf32 operands for 16-bit data, exact
+fp32 for fp32 data): never rounded to fp16, whose 65504 limit a valid xa can pass.
 
 Work list. :class:`lora_kernels.LoRABatch` sorts tokens by slot once per step and cuts each slot's run of tokens into
 tiles of ``tile_m`` rows (``tile_starts``). Program ``(t, …)`` handles tile ``t``: it gathers its token rows through
@@ -15,7 +15,7 @@ tokens × adapters — and does not depend on the ids, which keeps it CUDA-graph
 Safety. A tile's slot is used only if ``0 <= slot < L`` and ``ranks[slot] > 0``; the rank is clamped to ``R``; token
 indices are masked to ``< M``. So an out-of-range or unloaded id reads nothing and writes nothing.
 
-Own rank. Loads of A, B and s are masked to ``j < rank``: an adapter of rank 8 in a pool of max rank 64 moves rank-8
+Own rank. Loads of A, B and xa are masked to ``j < rank``: an adapter of rank 8 in a pool of max rank 64 moves rank-8
 bytes. The MMA itself is ``BLOCK_R = max(16, next_pow2(R))`` wide (tl.dot needs ≥ 16); the kernels are bound by
 memory and launch latency, not by those idle MMA columns.
 
@@ -97,11 +97,11 @@ def _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N: tl.constexpr):
     c1 = tl.cdiv(N0, BLOCK_N)
     c2 = c1 + tl.cdiv(N1, BLOCK_N)
     c3 = c2 + tl.cdiv(N2, BLOCK_N)
-    s = (pid_n >= c1).to(tl.int32) + (pid_n >= c2).to(tl.int32) + (pid_n >= c3).to(tl.int32)
-    first_blk = tl.where(s == 0, 0, tl.where(s == 1, c1, tl.where(s == 2, c2, c3)))
-    off = tl.where(s == 0, 0, tl.where(s == 1, N0, tl.where(s == 2, N0 + N1, N0 + N1 + N2)))
-    width = tl.where(s == 0, N0, tl.where(s == 1, N1, tl.where(s == 2, N2, N3)))
-    return s, off + (pid_n - first_blk) * BLOCK_N, off + width
+    slice_idx = (pid_n >= c1).to(tl.int32) + (pid_n >= c2).to(tl.int32) + (pid_n >= c3).to(tl.int32)
+    first_blk = tl.where(slice_idx == 0, 0, tl.where(slice_idx == 1, c1, tl.where(slice_idx == 2, c2, c3)))
+    off = tl.where(slice_idx == 0, 0, tl.where(slice_idx == 1, N0, tl.where(slice_idx == 2, N0 + N1, N0 + N1 + N2)))
+    width = tl.where(slice_idx == 0, N0, tl.where(slice_idx == 1, N1, tl.where(slice_idx == 2, N2, N3)))
+    return slice_idx, off + (pid_n - first_blk) * BLOCK_N, off + width
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def _shrink_tile(
     tok,
     row_ok,
     rank,
-    s_idx,
+    slice_idx,
     k_lo,
     K,
     R,
@@ -127,11 +127,11 @@ def _shrink_tile(
     BLOCK_K: tl.constexpr,
     CAST_FP32: tl.constexpr,
 ):
-    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_lo+K_LEN] · A[slot, s·R + j, same k]ᵀ for j < rank."""
+    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_lo+K_LEN] · A[slot, slice_idx·R + j, same k]ᵀ for j < rank."""
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     x_rows = x_ptr + tok[:, None] * stride_xm
-    a_cols = a_ptr + slot * stride_al + (s_idx * R + offs_r)[None, :].to(tl.int64) * stride_ar
+    a_cols = a_ptr + slot * stride_al + (slice_idx * R + offs_r)[None, :].to(tl.int64) * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K_LEN, BLOCK_K):
         offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
@@ -150,7 +150,7 @@ def _shrink_tile(
 @triton.jit
 def _batched_shrink_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, token rows
-    a_ptr,  # [L, S·R, K] pool dtype: slice s of slot l at rows s·R .. s·R+rank-1
+    a_ptr,  # [L, S·R, K] pool dtype: slice i of slot l at rows i·R .. i·R+rank-1
     ranks_ptr,  # [L] int32
     sorted_tokens_ptr,  # [cap] int32
     sorted_slots_ptr,  # [cap] int32
@@ -169,7 +169,7 @@ def _batched_shrink_kernel(
     stride_ak,
     stride_om,
     stride_on,
-    stride_os,  # split k's partial sum goes to out + k·stride_os when not ATOMIC
+    stride_o_split,  # split k's partial sum goes to out + k·stride_o_split when not ATOMIC
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -178,7 +178,7 @@ def _batched_shrink_kernel(
     ATOMIC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    s_idx = tl.program_id(1)
+    slice_idx = tl.program_id(1)
     pid_k = tl.program_id(2)
     rank, slot, tok, row_ok = _tile(
         tile_starts_ptr, sorted_tokens_ptr, sorted_slots_ptr, ranks_ptr, pid_t, M, L, cap, R, BLOCK_M
@@ -186,25 +186,25 @@ def _batched_shrink_kernel(
     if rank == 0:
         return
     acc = _shrink_tile(
-        x_ptr, a_ptr, slot, tok, row_ok, rank, s_idx, pid_k * K_PER_SPLIT, K, R,
+        x_ptr, a_ptr, slot, tok, row_ok, rank, slice_idx, pid_k * K_PER_SPLIT, K, R,
         stride_xm, stride_xk, stride_al, stride_ar, stride_ak, K_PER_SPLIT,
         BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
     )
     offs_r = tl.arange(0, BLOCK_R)
-    out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_on
+    out = out_ptr + tok[:, None] * stride_om + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_on
     mask = row_ok[:, None] & (offs_r < rank)[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc, mask=mask)
     elif ATOMIC:
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
     else:  # one partial per split, summed by the consumer: no zero-fill, no atomics, deterministic
-        tl.store(out + pid_k * stride_os, acc, mask=mask)
+        tl.store(out + pid_k * stride_o_split, acc, mask=mask)
 
 
 @triton.jit
 def _expand_kernel(
-    s_ptr,  # [M, S·R] fp32: shrink output, any strides
-    b_ptr,  # [L, N, R] pool dtype: slice s of slot l at rows off_s .. off_s+N_s-1, columns 0..rank-1
+    xa_ptr,  # [M, S·R] fp32: shrink output xa, any strides
+    b_ptr,  # [L, N, R] pool dtype: slice i of slot l at rows off_i .. off_i+N_i-1, columns 0..rank-1
     ranks_ptr,  # [L] int32
     scales_ptr,  # [L, S] fp32, any strides
     sorted_tokens_ptr,  # [cap] int32
@@ -219,10 +219,10 @@ def _expand_kernel(
     N1,
     N2,
     N3,
-    stride_sm,
-    stride_sn,
-    stride_scl,
-    stride_scs,
+    stride_xam,
+    stride_xan,
+    stride_scale_l,
+    stride_scale_slice,
     stride_bl,
     stride_bn,
     stride_br,
@@ -240,23 +240,24 @@ def _expand_kernel(
     )
     if rank == 0:
         return
-    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
-    s_tile = tl.load(
-        s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_sn,
+    xa_tile = tl.load(
+        xa_ptr + tok[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan,
         mask=row_ok[:, None] & r_ok[None, :],
         other=0.0,
     )
     _expand_store(
-        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, stride_scl, stride_scs,
-        stride_bl, stride_bn, stride_br, stride_ym, stride_yn, BLOCK_R, BLOCK_N, CAST_FP32,
+        xa_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, slice_idx, n_lo, n_end,
+        stride_scale_l, stride_scale_slice, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+        BLOCK_R, BLOCK_N, CAST_FP32,
     )
 
 
 @triton.jit
 def _expand_store(
-    s_tile,  # [BLOCK_M, BLOCK_R] fp32
+    xa_tile,  # [BLOCK_M, BLOCK_R] fp32
     b_ptr,  # [L, N, R]
     scales_ptr,  # [L, S] fp32, any strides
     y_ptr,  # [M, N]
@@ -264,11 +265,11 @@ def _expand_store(
     tok,
     row_ok,
     r_ok,
-    s_idx,
+    slice_idx,
     n_lo,
     n_end,
-    stride_scl,
-    stride_scs,
+    stride_scale_l,
+    stride_scale_slice,
     stride_bl,
     stride_bn,
     stride_br,
@@ -278,7 +279,8 @@ def _expand_store(
     BLOCK_N: tl.constexpr,
     CAST_FP32: tl.constexpr,
 ):
-    """y[tok, n_lo:n_lo+BLOCK_N] += scale[slot, s] · s_tile · B[slot, same columns, :rank]ᵀ (masked to n < n_end)."""
+    """y[tok, n_lo:n_lo+BLOCK_N] += scale[slot, slice_idx] · xa_tile · B[slot, same columns, :rank]ᵀ (masked to
+    n < n_end)."""
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_end
     offs_r = tl.arange(0, BLOCK_R)
@@ -288,13 +290,13 @@ def _expand_store(
         other=0.0,
     )
     if CAST_FP32:
-        acc = tl.dot(s_tile, bt.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(xa_tile, bt.to(tl.float32), input_precision="ieee")
     else:
-        # s stays fp32 (tf32 MMA): rounded to fp16 it overflows past 65504 (x·Aᵀ = 1e5 with a final delta of 512 is
+        # xa stays fp32 (tf32 MMA): rounded to fp16 it overflows past 65504 (x·Aᵀ = 1e5 with a final delta of 512 is
         # a finite, valid input) and bf16 would keep 8 bits instead of tf32's 11. fp16/bf16 B converts to tf32
-        # exactly, so the only rounding is s to 11 bits, as fp16 would do, without its range limit.
-        acc = tl.dot(s_tile, bt.to(tl.float32))
-    scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
+        # exactly, so the only rounding is xa to 11 bits, as fp16 would do, without its range limit.
+        acc = tl.dot(xa_tile, bt.to(tl.float32))
+    scale = tl.load(scales_ptr + slot * stride_scale_l + slice_idx * stride_scale_slice)
     # int64 column offsets: a column-major y (stride_yn = M) would overflow int32 past 2^31 elements.
     y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
     mask = row_ok[:, None] & n_ok[None, :]
@@ -330,8 +332,8 @@ def _fused_kernel(
     stride_bl,
     stride_bn,
     stride_br,
-    stride_scl,
-    stride_scs,
+    stride_scale_l,
+    stride_scale_slice,
     stride_ym,
     stride_yn,
     BLOCK_M: tl.constexpr,
@@ -349,16 +351,17 @@ def _fused_kernel(
     )
     if rank == 0:
         return
-    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
-    s_tile = _shrink_tile(
-        x_ptr, a_ptr, slot, tok, row_ok, rank, s_idx, 0, K, R,
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    xa_tile = _shrink_tile(
+        x_ptr, a_ptr, slot, tok, row_ok, rank, slice_idx, 0, K, R,
         stride_xm, stride_xk, stride_al, stride_ar, stride_ak, K,
         BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
     )
     r_ok = tl.arange(0, BLOCK_R) < rank
     _expand_store(
-        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, stride_scl, stride_scs,
-        stride_bl, stride_bn, stride_br, stride_ym, stride_yn, BLOCK_R, BLOCK_N, CAST_FP32,
+        xa_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, slice_idx, n_lo, n_end,
+        stride_scale_l, stride_scale_slice, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+        BLOCK_R, BLOCK_N, CAST_FP32,
     )
 
 
@@ -367,7 +370,7 @@ def _gemm_expand_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, token rows
     w_ptr,  # [N, K] base weight, x's dtype
     bias_ptr,  # [N] (unused unless HAS_BIAS)
-    s_ptr,  # [SPLIT, M, S·R] fp32: the shrink's per-split partial sums (only rows of loaded adapters are read)
+    xa_ptr,  # [SPLIT, M, S·R] fp32: the shrink's per-split partial sums of xa (only rows of loaded adapters are read)
     b_ptr,  # [L, N, R] pool dtype
     ranks_ptr,  # [L] int32
     scales_ptr,  # [L, S] fp32, any strides
@@ -388,14 +391,14 @@ def _gemm_expand_kernel(
     stride_xk,
     stride_wn,
     stride_wk,
-    stride_ss,
-    stride_sm,
-    stride_sn,
+    stride_xa_split,
+    stride_xam,
+    stride_xan,
     stride_bl,
     stride_bn,
     stride_br,
-    stride_scl,
-    stride_scs,
+    stride_scale_l,
+    stride_scale_slice,
     stride_ym,
     stride_yn,
     BLOCK_M: tl.constexpr,
@@ -406,7 +409,7 @@ def _gemm_expand_kernel(
     CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _utils.cast_to_fp32)
     LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool or data) instead of tf32
 ):
-    """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · S_rows·B_aᵀ.
+    """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · xa_rows·B_aᵀ.
 
     Rows are BLOCK_M consecutive entries of the batch's sorted token list (gathered through sorted_tokens, so a tile
     holds few adapters: one segment each); the base K loop is a plain GEMM; the epilogue walks the tile's distinct
@@ -414,7 +417,7 @@ def _gemm_expand_kernel(
     writes y once. -1 rows, ids outside [0, L) and slots of rank 0 add nothing."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_list = (pos < M) & (pos < cap)
     tok = tl.load(sorted_tokens_ptr + pos, mask=in_list, other=0)
@@ -447,22 +450,22 @@ def _gemm_expand_kernel(
         slot = cur.to(tl.int64)
         rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
         r_ok = offs_r < rank
-        s_mask = rows_in[:, None] & r_ok[None, :]
-        s_ptrs = s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_sn
-        st = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        xa_mask = rows_in[:, None] & r_ok[None, :]
+        xa_ptrs = xa_ptr + tok[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
+        xat = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            st += tl.load(s_ptrs + sp * stride_ss, mask=s_mask, other=0.0)
+            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
         bt = tl.load(
             b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
             mask=r_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
-        # fp32 S (tf32 MMA on the GPU; exact fp32 for fp32 data): never rounded to the 16-bit dtype.
+        scale = tl.load(scales_ptr + slot * stride_scale_l + slice_idx * stride_scale_slice)
+        # fp32 xa (tf32 MMA on the GPU; exact fp32 for fp32 data): never rounded to the 16-bit dtype.
         if LORA_IEEE:
-            acc += scale * tl.dot(st, bt.to(tl.float32), input_precision="ieee")
+            acc += scale * tl.dot(xat, bt.to(tl.float32), input_precision="ieee")
         else:
-            acc += scale * tl.dot(st, bt.to(tl.float32))
+            acc += scale * tl.dot(xat, bt.to(tl.float32))
         key = tl.where(rows_in, NONE, key)
         cur = tl.min(key, axis=0)
 
