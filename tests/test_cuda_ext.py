@@ -1,4 +1,5 @@
-"""The optional CUDA extension (csrc/, lora_kernels._C_lora) and its loader (lora_kernels/cuda.py).
+"""The optional CUDA extension (csrc/, lora_kernels._C_lora) and its loader (lora_kernels/extension.py; lora_kernels.cuda
+is the same module under its former name).
 
 On every machine: the sources compile through CMakeLists.txt (sm_80 and sm_90) when nvcc, cmake, ninja and pybind11
 are present, so a compile error fails CI; the built module imports without a GPU and reports "no CUDA device" as a
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from lora_kernels import _backend
-from lora_kernels import cuda as lkc
+from lora_kernels import extension as lkc
 from lora_kernels.ops._batch import BatchMeta
 
 from conftest import HAS_CUDA
@@ -740,3 +741,13 @@ def test_gpu_compute_sanitizer_clean():
                               capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert proc.returncode == 0, f"{tool}: rc={proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
         assert "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+def test_former_module_name_is_the_same_module():
+    """``lora_kernels.cuda`` (the loader's former name) is the very module ``lora_kernels.extension``: a setting made
+    through one name (as the tests above do) is seen through the other."""
+    import lora_kernels
+    import lora_kernels.cuda as former
+
+    assert former is lkc is lora_kernels.cuda
+    assert former.multi_lora_shrink is lkc.multi_lora_shrink

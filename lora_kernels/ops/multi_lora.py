@@ -35,7 +35,7 @@ capturing.
 
 Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend` and ``BACKENDS`` below): "torch" is
 the reference (:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the
-kernels of :mod:`lora_kernels.triton.multi_lora`, "cuda" those of :mod:`lora_kernels.cuda`, accepted when its
+kernels of :mod:`lora_kernels.triton.multi_lora`, "cuda" those of :mod:`lora_kernels.extension`, accepted when its
 ``multi_lora_reason(x, *tensors)`` returns None. The CUDA module's ``multi_lora_shrink``, ``multi_lora_expand`` and
 ``multi_lora_fused`` have exactly the signatures of the Triton launchers:
 
@@ -220,15 +220,16 @@ def _triton_kernels():
 def _cuda_reason(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Optional[str]:
     if x.device.type != "cuda":
         return "tensors are not on a CUDA device"
-    from .. import cuda
+    from .. import extension
 
-    return cuda.multi_lora_reason(x, *tensors)  # the extension's own load, device and dtype checks
+    return extension.multi_lora_reason(x, *tensors)  # the extension's own load, device and dtype checks
 
 
 def _cuda_kernels():
-    from .. import cuda  # no "gemm": choose_path refuses that path on this backend
+    from .. import extension  # no "gemm": choose_path refuses that path on this backend
 
-    return {"shrink": cuda.multi_lora_shrink, "expand": cuda.multi_lora_expand, "fused": cuda.multi_lora_fused}
+    return {"shrink": extension.multi_lora_shrink, "expand": extension.multi_lora_expand,
+            "fused": extension.multi_lora_fused}
 
 
 # "auto" on CUDA prefers the Triton kernels and falls back to the CUDA extension when Triton is unavailable.
