@@ -502,7 +502,7 @@ def multi_lora_linear(
     if check is None:
         check = not traced
     if check:
-        check_ids(batch, pool.max_adapters, pool._in_use, M, "multi_lora_linear")
+        check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
     name = BACKENDS.resolve(backend, x2, weight, pool.A_stack, op="multi_lora_linear")
     chosen = choose_path(path, fused, M, name)
     if not traced and batch.has_adapter is False:
