@@ -285,12 +285,13 @@ def _t_fwd(l: Launch, a):
     l.hbm_write += M * N * e
 
 
-def _t_ds_db(l: Launch, a):
+def _t_dxa_db(l: Launch, a):
     M, N, R = a["M"], a["N"], a["R"]
     l.hbm_read = M * N * _el(a, "dy_ptr") + N * R * _el(a, "b_ptr") + M * R * 4
     l.hbm_write = M * R * 4 + (N * R * 4 if a["COMPUTE_DB"] else 0)
     m_tiles = _cdiv(M, a["BLOCK_M"])
-    l.l2_atomic_bytes = (m_tiles * N * R * 4 if a["COMPUTE_DB"] else 0) + (M * R * 4 * a["SPLIT_N"] if a["SPLIT_N"] > 1 else 0)
+    l.l2_atomic_bytes = ((m_tiles * N * R * 4 if a["COMPUTE_DB"] else 0)
+                         + (M * R * 4 * a["SPLIT_N"] if a["SPLIT_N"] > 1 else 0))
     l.flops = (4 if a["COMPUTE_DB"] else 2) * M * N * R
     l.main_loop_trips = _cdiv(_cdiv(N, a["BLOCK_N"]), a["SPLIT_N"])
 
@@ -321,9 +322,9 @@ def _t_dx(l: Launch, a):
 
 
 TRAFFIC: Dict[str, Callable[[Launch, dict], None]] = {
-    "_shrink_kernel": _t_shrink,
+    "_dropout_shrink_kernel": _t_shrink,
     "_fwd_kernel": _t_fwd,
-    "_ds_db_kernel": _t_ds_db,
+    "_dxa_db_kernel": _t_dxa_db,
     "_reduce_m_kernel": _t_reduce_m,
     "_dx_kernel": _t_dx,
 }
@@ -339,7 +340,7 @@ def _meta(*shape, dtype=torch.bfloat16):
 def _base_case(M, K, N, r, mode):
     """cuBLAS F.linear, forward and (W0 frozen) backward dX: the goals' denominator."""
     x, w = _meta(M, K), _meta(N, K)
-    y = F.linear(x, w)
+    F.linear(x, w)
     if mode != "fwd":
         torch.mm(_meta(M, N), w)
 
@@ -686,11 +687,12 @@ def markdown(records, extra, quick) -> str:
                     cells.append(f"{v[2]:.3f} ({v[1]})")
                 w(f"| {shape[0]} | {shape[1]} | {shape[2]} | {shape[3]} | {base[0]:.1f} | " + " | ".join(cells) + " |")
             goal = GOALS.get(mode) if kind == "training" else 1.10
-            w(f"| **geo-mean** | | | | | " + " | ".join(f"**{_geo(per_op[o]):.3f}**" for o in ops[1:]) + " |")
+            w("| **geo-mean** | | | | | " + " | ".join(f"**{_geo(per_op[o]):.3f}**" for o in ops[1:]) + " |")
             extra_line = f"; PEFT measured {PEFT_MEASURED[mode]}" if kind == "training" else ""
             w(f"\nGoal: ≤ {goal}{extra_line}.\n")
     w("## Compiled Triton kernels (first config of each launch)\n")
-    w("| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | GPU membar in loops | used by |")
+    w("| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | GPU membar in loops "
+      "| used by |")
     w("|" + "---|" * 11)
     kernels = {}
     for x in records:

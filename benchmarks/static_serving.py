@@ -24,7 +24,9 @@ import torch
 import triton
 
 from lora_kernels.ops import multi_lora as ops
+from lora_kernels.ops._batch import max_tiles
 from lora_kernels.pool import auto_tile_m
+from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
 
 # The multi-adapter grid of BENCHMARKS.md / benchmarks/bench_multi_lora.py.
@@ -80,7 +82,7 @@ def launches(
     active = len(counts)
     t_ad = sum(counts.values())  # tokens with an adapter
     real_tiles = sum(triton.cdiv(c, tile_m) for c in counts.values())
-    br = ML._block_r(R)
+    br = U.block_r(R)
     a_bytes = active * S * R * K * elt
     b_bytes = active * N * R * elt
     useful_lora = 2 * t_ad * R * (S * K + N)
@@ -92,7 +94,7 @@ def launches(
     if path == "fused":
         block_n, block_k, stages = ML.fused_config(tile_m, R, elt, elt, elt, False, lambda: smem)
         blocks = ML._out_blocks(slices, block_n)
-        grid = (ML._num_tiles_bound(T, L, tile_m, cap), blocks)
+        grid = (max_tiles(T, L, tile_m, cap), blocks)
         # every output block of a tile recomputes the tile's shrink for its slice over the full K
         shrink_flops = real_tiles * blocks * 2 * tile_m * br * K
         expand_flops = real_tiles * 2 * tile_m * br * N
@@ -112,18 +114,18 @@ def launches(
     shrink_l2 = real_tiles * S * (tile_m * K + br * K) * elt
     if path == "split":
         out.append(_launch("zero_ (memset of s)", (0,), {}, 0, T * S * R * 4, 0, 0))
-        out.append(_launch("_shrink_kernel", (n_tiles, S, split), dict(shrink_cfg, ATOMIC=True), shrink_read,
+        out.append(_launch("_batched_shrink_kernel", (n_tiles, S, split), dict(shrink_cfg, ATOMIC=True), shrink_read,
                            t_ad * S * R * 4, shrink_flops, shrink_useful, shrink_l2))
         block_n = ML.expand_block_n(False)
         blocks = ML._out_blocks(slices, block_n)
-        out.append(_launch("_expand_kernel", (ML._num_tiles_bound(T, L, tile_m, cap), blocks),
+        out.append(_launch("_expand_kernel", (max_tiles(T, L, tile_m, cap), blocks),
                            {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "num_warps": 4},
                            T * S * R * 4 + b_bytes + t_ad * N * elt, t_ad * N * elt,
                            real_tiles * 2 * tile_m * br * N, 2 * t_ad * R * N,
                            real_tiles * blocks * tile_m * br * 4 + real_tiles * (br * N + tile_m * N) * elt))
         return out
     # gemm: shrink into per-split partials, then the base GEMM with the expand in its epilogue
-    out.append(_launch("_shrink_kernel", (n_tiles, S, split), dict(shrink_cfg, ATOMIC=False), shrink_read,
+    out.append(_launch("_batched_shrink_kernel", (n_tiles, S, split), dict(shrink_cfg, ATOMIC=False), shrink_read,
                        split * t_ad * S * R * 4, shrink_flops, shrink_useful, shrink_l2))
     bm, bn, bk, warps, gstages = ML.gemm_config(T, elt, elt, R, False, lambda: smem)
     blocks = ML._out_blocks(slices, bn)

@@ -33,9 +33,11 @@ enum IndexType : int {
   kInt64 = 1,
 };
 
-// qkv (3) and gate/up (2) are the stacked projections met in practice; 8 leaves room and keeps the parameter block
-// (passed by value, no device allocation, so the launch is CUDA-graph safe) well under the 4 KiB kernel-argument limit.
-constexpr int kMaxSlices = 8;
+// qkv (3) and gate/up (2) are the stacked projections met in practice. Equal to MAX_SLICES of the Python package
+// (lora_kernels/ops/_validate.py: every backend accepts the same slice count; tests/test_cuda_ext.py checks that they
+// agree). Small enough that the parameter block (passed by value, no device allocation, so the launch is CUDA-graph
+// safe) stays well under the 4 KiB kernel-argument limit.
+constexpr int kMaxSlices = 4;
 
 // The work list of a LoRABatch (lora_kernels/pool.py): token indices stably sorted by slot, their slots, and the start
 // of each tile (<= tile_m consecutive sorted entries of one slot; -1 past the last tile). With it, a block serves up to

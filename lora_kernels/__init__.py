@@ -6,7 +6,7 @@ Importing the package queries no device and builds nothing; Triton and the CUDA 
 from .ops.lora_linear import lora_linear
 from .modules import LoRALinear, inject_lora, load_lora_state_dict, lora_layers, lora_scaling, lora_state_dict
 from ._backend import BackendError
-from .cuda import cuda_ops_available, cuda_ops_unavailable_reason
+from .extension import cuda_ops_available, cuda_ops_unavailable_reason
 from . import init as _init_package
 from .init.lora_ga import lora_ga_init
 from .init.pissa import pissa_init

@@ -1,19 +1,21 @@
 """Which backend serves a call.
 
 Backends are named ``"auto" | "triton" | "cuda" | "torch"``. A call may name one; otherwise the environment variable
-``LORA_KERNELS_BACKEND`` (same names) is used, and failing that ``"auto"``. Each op supplies, per backend, a function
-that returns ``None`` when the backend can serve these inputs or a short reason when it cannot. When the named backend
-cannot serve, or ``"auto"`` finds none, one error lists every backend with its reason.
+``LORA_KERNELS_BACKEND`` (same names) is used, and failing that ``"auto"``. Each op file declares one
+:class:`BackendTable`: per backend, a function that returns ``None`` when the backend can serve these inputs or a short
+reason when it cannot, and a loader of the backend's implementation. When the named backend cannot serve, or
+``"auto"`` finds none, one error lists every backend with its reason.
 
 Nothing here touches a device at import time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,3 +104,49 @@ def select(
             reasons.setdefault(other, "not considered by 'auto' for these inputs")
     detail = "; ".join(f"{k}: {v}" for k, v in reasons.items())
     raise BackendError(f"{op}: no backend can serve this call (asked for {name!r}). {detail}")
+
+
+# ------------------------------------------------------------------------------------------------- backend tables
+def torch_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """Checker of the PyTorch reference: it serves every input the op accepts."""
+    return None
+
+
+def triton_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """Checker of the Triton kernels: :func:`triton_device_reason`, and no float64 tensor (the kernels have no
+    float64 path; the reference has)."""
+    why = triton_device_reason(*tensors)
+    if why:
+        return why
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return "float64 is not supported by the Triton kernels"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendTable:
+    """The backends of one op file, declared once.
+
+    ``name``: the op named in errors (a call may name another, see :meth:`resolve`). ``checks``: backend → checker,
+    called with the call's tensors (the first one decides the device); a backend missing here is "not implemented".
+    ``loaders``: backend → function returning its implementation, called on first use only, so importing the package
+    loads neither triton nor the extension. ``auto_on_cuda``: the order ``"auto"`` tries for CUDA inputs; for inputs
+    elsewhere ``"auto"`` is the reference (the Triton interpreter is for tests, never a default)."""
+
+    name: str
+    checks: Dict[str, Checker]
+    loaders: Mapping[str, Callable[[], Any]]
+    auto_on_cuda: Tuple[str, ...]
+
+    def auto_order(self, x: torch.Tensor) -> Tuple[str, ...]:
+        return self.auto_on_cuda if x.device.type == "cuda" else ("torch",)
+
+    def resolve(self, backend: Optional[str], x: torch.Tensor, *tensors: Optional[torch.Tensor],
+                op: Optional[str] = None) -> str:
+        """The backend that serves this call (see :func:`select`); ``op`` names the op in the error (default
+        ``name``)."""
+        return select(op or self.name, backend, self.checks, self.auto_order(x), x, *tensors)
+
+    def impl(self, backend: str) -> Any:
+        """The implementation of a backend :meth:`resolve` returned."""
+        return self.loaders[backend]()

@@ -27,9 +27,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .ops._validate import FLOAT_DTYPES, shape
-
-MAX_SLICES = 4  # q|k|v needs 3, gate|up 2; the Triton expand kernel takes the widths as 4 scalars.
+from .ops._batch import BatchMeta, max_tiles
+from .ops._validate import FLOAT_DTYPES, MAX_SLICES, shape
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -399,8 +398,8 @@ class LoRABatch:
       starts; a tile is up to ``tile_m`` consecutive sorted tokens of one slot; ``-1`` past the last tile. Kernels
       launch one program per tile (times output blocks), so the grid follows the real work, not tokens × adapters.
       The last entry is scratch for the construction.
-    - ``num_tiles [1]``, ``num_active [1]`` int32: number of tiles, and of distinct adapter ids used (device tensors:
-      reading them would sync).
+
+    :attr:`meta` hands these four to the kernels as one :class:`lora_kernels.ops._batch.BatchMeta` record.
 
     Host side: ``num_tokens``; ``host_slots`` and ``host_unique`` (the ids as a CPU tensor, and their distinct values,
     when they were given on the host, else None) and ``has_adapter`` (False when no token names an adapter, None when
@@ -426,8 +425,6 @@ class LoRABatch:
         self.sorted_tokens = torch.arange(cap, **i32)
         self.sorted_slots = torch.full((cap,), _NONE_KEY, **i32)
         self.tile_starts = torch.full((cap + 1,), -1, **i32)
-        self.num_tiles = torch.zeros(1, **i32)
-        self.num_active = torch.zeros(1, **i32)
         self._positions = torch.arange(cap, dtype=torch.int64, device=device)
         self.num_tokens = 0
         self.host_slots: Optional[torch.Tensor] = torch.empty(0, dtype=torch.int64)
@@ -438,11 +435,14 @@ class LoRABatch:
     def device(self) -> torch.device:
         return self.token_slots.device
 
+    @property
+    def meta(self) -> BatchMeta:
+        """The four device tensors the kernels read, as one record."""
+        return BatchMeta(self.token_slots, self.sorted_tokens, self.sorted_slots, self.tile_starts)
+
     def max_tiles(self, M: int, L: int) -> int:
-        """Launch-grid bound: the tiles that cover tokens ``< M`` of slots ``< L`` come first in ``tile_starts`` and
-        number at most ``cdiv(M, tile_m) + min(M, L)`` (full tiles plus one partial tile per slot used), and never
-        more than the tokens. Depends on host ints only, so a captured grid stays valid for any ids."""
-        return max(1, min(self.capacity, M, -(-M // self.tile_m) + min(M, L)))
+        """Launch-grid bound for M tokens on L slots (see :func:`lora_kernels.ops._batch.max_tiles`)."""
+        return max_tiles(M, L, self.tile_m, self.capacity)
 
     @classmethod
     def prepare(
@@ -570,8 +570,6 @@ class LoRABatch:
         self.tile_starts.fill_(-1)
         self.tile_starts.scatter_(0, dest, pos.to(torch.int32))
         self.tile_starts[cap] = -1
-        self.num_tiles.copy_(is_start.sum().to(torch.int32).reshape(1))
-        self.num_active.copy_((new_seg & real).sum().to(torch.int32).reshape(1))
         return self
 
     def __repr__(self) -> str:

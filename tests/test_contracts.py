@@ -46,7 +46,9 @@ def _triton_lora_linear():
 
 def _precision_chooser():
     """(UPCAST, PREC, LORA_PREC) of the fused LoRA-linear kernels for an input dtype."""
-    return _triton_lora_linear()._precisions
+    from lora_kernels.triton import _utils
+
+    return _utils.tf32_precisions
 
 
 SPLIT_FN = "_split"  # lora_kernels.triton.lora_linear: split factor of an atomically reduced dimension
@@ -54,12 +56,12 @@ SPLIT_FN = "_split"  # lora_kernels.triton.lora_linear: split factor of an atomi
 
 def _cuda_backend_reason():
     """Why backend="cuda" cannot run the multi-adapter ops on this GPU (None: it can)."""
-    return ops._cuda_ok(torch.empty(1, device="cuda"))
+    return ops.BACKENDS.checks["cuda"](torch.empty(1, device="cuda"))
 
 
 def _accept_cuda_backend(monkeypatch):
     """Let backend="cuda" through the ops' availability check (the emulated module runs on CPU tensors)."""
-    monkeypatch.setitem(ops._CHECKS, "cuda", lambda *a: None)
+    monkeypatch.setitem(ops.BACKENDS.checks, "cuda", lambda *a: None)
 
 
 def _emulated_cuda_module(request):

@@ -1,4 +1,5 @@
-"""The optional CUDA extension (csrc/, lora_kernels._C_lora) and its loader (lora_kernels/cuda.py).
+"""The optional CUDA extension (csrc/, lora_kernels._C_lora) and its loader (lora_kernels/extension.py; lora_kernels.cuda
+is the same module under its former name).
 
 On every machine: the sources compile through CMakeLists.txt (sm_80 and sm_90) when nvcc, cmake, ninja and pybind11
 are present, so a compile error fails CI; the built module imports without a GPU and reports "no CUDA device" as a
@@ -25,7 +26,8 @@ import pytest
 import torch
 
 from lora_kernels import _backend
-from lora_kernels import cuda as lkc
+from lora_kernels import extension as lkc
+from lora_kernels.ops._batch import BatchMeta
 
 from conftest import HAS_CUDA
 
@@ -240,7 +242,7 @@ def test_broken_module_warns_once_then_falls_back(fresh_loader, monkeypatch, tmp
 def test_ops_report_cuda_reason_on_cpu_tensors():
     from lora_kernels.ops import multi_lora as ops
 
-    assert ops._cuda_ok(torch.zeros(2, 3)) is not None
+    assert ops.BACKENDS.checks["cuda"](torch.zeros(2, 3)) is not None
 
 
 def test_wrappers_validate_before_calling_the_extension():
@@ -382,10 +384,10 @@ def _check_case(device, M, K, slices, L, R, dtype, misaligned=False, seed=0, til
     lkc._tiles_for = spy
     try:
         out = torch.full((M, S * R), float("nan"), device=device)  # every element must be written
-        lkc.multi_lora_shrink(x, A, ranks, ids, *lists, out, S, tile_m)
+        lkc.multi_lora_shrink(x, A, ranks, BatchMeta(ids, *lists), out, S, tile_m)
         y0 = torch.randn(M, N, generator=gen).to(device, dtype)
         y = y0.clone()
-        lkc.multi_lora_expand(out, B, ranks, scales, ids, *lists, y, slices, tile_m)
+        lkc.multi_lora_expand(out, B, ranks, scales, BatchMeta(ids, *lists), y, slices, tile_m)
     finally:
         lkc.TILED_MIN_TOKENS_PER_SLOT = saved
         lkc._tiles_for = real_tiles_for
@@ -479,19 +481,19 @@ def test_emulated_strided_int64_ids_all_none(emulated):
     ids = torch.tensor([0, 1, 2, -1, 2, 1], dtype=torch.int64)
     x = torch.randn(M, 2 * K, generator=gen).half()[:, ::2]
     out = torch.full((M, R), float("nan"))
-    lkc.multi_lora_shrink(x, A, ranks, ids, None, None, None, out, 1, 16)
+    lkc.multi_lora_shrink(x, A, ranks, BatchMeta(ids, None, None, None), out, 1, 16)
     want_s = ref.lora_shrink(x.double(), A.double(), ids, ranks, 1)
     torch.testing.assert_close(out.double(), want_s, rtol=1e-4, atol=1e-4)
     y = torch.randn(M, 2 * N, generator=gen).half()[:, ::2]
     y0 = y.clone()
-    lkc.multi_lora_expand(out, B, ranks, scales, ids, None, None, None, y, [N], 16)
+    lkc.multi_lora_expand(out, B, ranks, scales, BatchMeta(ids, None, None, None), y, [N], 16)
     want_y = ref.lora_expand(want_s, B.double(), ids, ranks, scales, y0.double())
     torch.testing.assert_close(y.double(), want_y, rtol=4e-3, atol=4e-3)
     none = torch.full((M,), -1, dtype=torch.int32)
-    lkc.multi_lora_shrink(x, A, ranks, none, None, None, None, out, 1, 16)
+    lkc.multi_lora_shrink(x, A, ranks, BatchMeta(none, None, None, None), out, 1, 16)
     assert torch.equal(out, torch.zeros(M, R))
     y0 = y.clone()
-    lkc.multi_lora_expand(out, B, ranks, scales, none, None, None, None, y, [N], 16)
+    lkc.multi_lora_expand(out, B, ranks, scales, BatchMeta(none, None, None, None), y, [N], 16)
     assert torch.equal(y, y0)
 
 
@@ -504,7 +506,7 @@ def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
     from lora_kernels.pool import AdapterPool, LoRABatch
     from lora_kernels.reference import multi_lora as ref
 
-    monkeypatch.setitem(ops._CHECKS, "cuda", lambda *a: None)
+    monkeypatch.setitem(ops.BACKENDS.checks, "cuda", lambda *a: None)
     gen = torch.Generator().manual_seed(11)
     K, slices = 24, [16, 8, 8]
     for pool_dtype, x_dtype in ((torch.float16, torch.float16), (torch.float32, torch.bfloat16)):
@@ -532,7 +534,7 @@ def test_emulated_fp16_shrink_beyond_fp16_range(emulated, monkeypatch, fused):
     from lora_kernels.pool import LoRABatch
     from test_multi_lora_serving import overflow_case, overflow_want
 
-    monkeypatch.setitem(ops._CHECKS, "cuda", lambda *a: None)
+    monkeypatch.setitem(ops.BACKENDS.checks, "cuda", lambda *a: None)
     pool, weight, x, ids = overflow_case(device="cpu")
     want = overflow_want(pool, weight, x, ids)
     got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids), backend="cuda", fused=fused)
@@ -553,7 +555,7 @@ def test_emulated_opcheck_custom_ops_backend_cuda(emulated):
         pool.load(name, [torch.randn(r, K, generator=gen) for _ in slices],
                   [torch.randn(n, r, generator=gen) for n in slices])
     batch = LoRABatch.prepare([0, -1, 1, 1, 0, 1, 0], max_tokens=8)
-    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    meta = batch.meta
     x = torch.randn(7, K, generator=gen).half()
     for min_per_slot in (float("inf"), 0.0):  # per-token kernels, then tiled
         saved = lkc.TILED_MIN_TOKENS_PER_SLOT
@@ -561,11 +563,11 @@ def test_emulated_opcheck_custom_ops_backend_cuda(emulated):
         try:
             s_buf = torch.zeros(7, 2 * R)
             torch.library.opcheck(ops._shrink_op,
-                                  (x, pool.A_stack, pool.ranks, *fields, s_buf, 2, batch.tile_m, "cuda"))
+                                  (x, pool.A_stack, pool.ranks, *meta, s_buf, 2, batch.tile_m, "cuda"))
             y = torch.randn(7, sum(slices), generator=gen).half()
-            torch.library.opcheck(ops._expand_op, (s_buf, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices,
+            torch.library.opcheck(ops._expand_op, (s_buf, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices,
                                                    batch.tile_m, "cuda"))
-            torch.library.opcheck(ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y,
+            torch.library.opcheck(ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y,
                                                   slices, batch.tile_m, "cuda"))
         finally:
             lkc.TILED_MIN_TOKENS_PER_SLOT = saved
@@ -612,23 +614,23 @@ def test_gpu_strided_misaligned_and_all_none(dtype):
     base = torch.randn(M, 2 * K + 1, generator=gen).to("cuda", dtype)
     for x in (base[:, 1 : K + 1], base[:, : 2 * K : 2]):  # misaligned start; column stride 2
         out = torch.full((M, R), float("nan"), device="cuda")
-        lkc.multi_lora_shrink(x, A, ranks, ids, None, None, None, out, 1, 16)
+        lkc.multi_lora_shrink(x, A, ranks, BatchMeta(ids, None, None, None), out, 1, 16)
         want_s = ref.lora_shrink(x.cpu().double(), A.cpu().double(), ids.cpu(), ranks.cpu(), 1)
         torch.testing.assert_close(out.cpu().double(), want_s, rtol=1e-4, atol=1e-4)
         ybig = torch.randn(M, 2 * N, generator=gen).to("cuda", dtype)
         y = ybig[:, ::2]  # strided y
         y0 = y.clone()
-        lkc.multi_lora_expand(out, B, ranks, scales, ids, None, None, None, y, [N], 16)
+        lkc.multi_lora_expand(out, B, ranks, scales, BatchMeta(ids, None, None, None), y, [N], 16)
         want_y = ref.lora_expand(want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double())
         rtol, atol = GPU_TOL[dtype]
         torch.testing.assert_close(y.cpu().double(), want_y, rtol=rtol, atol=atol)
     none = torch.full((M,), -1, dtype=torch.int32, device="cuda")
     out = torch.full((M, R), float("nan"), device="cuda")
-    lkc.multi_lora_shrink(base[:, :K], A, ranks, none, None, None, None, out, 1, 16)
+    lkc.multi_lora_shrink(base[:, :K], A, ranks, BatchMeta(none, None, None, None), out, 1, 16)
     assert torch.equal(out.cpu(), torch.zeros(M, R))
     y = torch.randn(M, N, generator=gen).to("cuda", dtype)
     y0 = y.clone()
-    lkc.multi_lora_expand(out, B, ranks, scales, none, None, None, None, y, [N], 16)
+    lkc.multi_lora_expand(out, B, ranks, scales, BatchMeta(none, None, None, None), y, [N], 16)
     assert torch.equal(y, y0)
 
 
@@ -739,3 +741,13 @@ def test_gpu_compute_sanitizer_clean():
                               capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert proc.returncode == 0, f"{tool}: rc={proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
         assert "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
+def test_former_module_name_is_the_same_module():
+    """``lora_kernels.cuda`` (the loader's former name) is the very module ``lora_kernels.extension``: a setting made
+    through one name (as the tests above do) is seen through the other."""
+    import lora_kernels
+    import lora_kernels.cuda as former
+
+    assert former is lkc is lora_kernels.cuda
+    assert former.multi_lora_shrink is lkc.multi_lora_shrink

@@ -101,15 +101,15 @@ def test_reference_matches_float64_oracle(dtype, p, bias):
     g = torch.Generator().manual_seed(zlib.crc32(f"{dtype}{p}{bias}".encode()))
     M, K, N, r, scale, seed = 33, 37, 29, 8, 1.7, 987654321987
     x, w, a, b, bb = make_inputs((M,), K, N, r, dtype, dtype, bias, "cpu", gen=g)
-    y, s_mat = ref.lora_linear_forward(x, w, a, b, scale, bb, p, seed)
+    y, xa = ref.lora_linear_forward(x, w, a, b, scale, bb, p, seed)
     dy = torch.randn(M, N, generator=g).to(dtype)
-    dx, da, db, dw, dbias = ref.lora_linear_backward(dy, x, w, a, b, s_mat, scale, p, seed, True, True, bias)
+    dx, da, db, dw, dbias = ref.lora_linear_backward(dy, x, w, a, b, xa, scale, p, seed, True, True, bias)
 
     x64, w64, a64, b64, bb64 = (leaf64(t) for t in (x, w, a, b, bb))
     y64 = oracle(x64, w64, a64, b64, scale, bb64, p, seed)
     y64.backward(dy.to(torch.float64))
     tol = TOL[dtype]
-    assert y.dtype == dtype and s_mat.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert y.dtype == dtype and xa.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close_scaled(y, y64, tol, "y")
     assert_close_scaled(dx, x64.grad, tol, "dx")
     assert_close_scaled(da, a64.grad, tol, "dA")
@@ -350,7 +350,7 @@ def test_gemm_config_pruning(monkeypatch):
     assert tri._autotune_bench(must_not_run, (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
     monkeypatch.setenv(tri.AUTOTUNE_ENV_VAR, "1")
     for limit in (163 * 1024, 99 * 1024):
-        monkeypatch.setattr(tri, "_device_smem", lambda index, limit=limit: limit)
+        monkeypatch.setattr(tri._utils, "max_smem", lambda index, limit=limit: limit)
         for elem in (2, 4):
             kept = prune(configs, {"x_ptr": OnGpu(elem), "M_BUCKET": 8192})
             assert kept and all(smem(c, elem) <= limit - (227 * 1024 - tri._SMEM_BUDGET) for c in kept), limit
@@ -515,9 +515,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.triton import lora_linear as L
 
-UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_yn", "stride_dyn", "stride_ak"}
+UNIT = {"stride_xk", "stride_wk", "stride_xar", "stride_br", "stride_yn", "stride_dyn", "stride_ak"}
 PTR = {"x_ptr": "bf16", "w_ptr": "bf16", "bias_ptr": "bf16", "y_ptr": "bf16", "dy_ptr": "bf16", "dx_ptr": "bf16",
-       "s_ptr": "fp32", "ds_ptr": "fp32", "db_ptr": "fp32", "da_ptr": "fp32", "a_ptr": "fp32", "b_ptr": "fp32",
+       "xa_ptr": "fp32", "dxa_ptr": "fp32", "db_ptr": "fp32", "da_ptr": "fp32", "a_ptr": "fp32", "b_ptr": "fp32",
        "seed_ptr": "i64"}
 
 
@@ -560,10 +560,10 @@ jobs = [
                                           FUSE_SHRINK=False, SHRINK_F32=False,
                                           PREC="ieee", LORA_PREC="ieee", BLOCK_R=16), fwd32),
     ("dx", L._dx_kernel, dict(dx.kwargs, HAS_DROPOUT=True, BASE=True, EVEN_N=False, **lora), dx),
-    ("shrink", L._shrink_kernel, dict(HAS_DROPOUT=True, SPLIT_K=2, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_K=64,
-                                      BLOCK_R=16), None),
-    ("ds_db", L._ds_db_kernel, dict(SPLIT_N=2, COMPUTE_DB=True, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_N=64,
-                                    BLOCK_R=128), None),
+    ("shrink", L._dropout_shrink_kernel, dict(HAS_DROPOUT=True, SPLIT_K=2, F32=True, PREC="tf32", BLOCK_M=64,
+                                              BLOCK_K=64, BLOCK_R=16), None),
+    ("dxa_db", L._dxa_db_kernel, dict(SPLIT_N=2, COMPUTE_DB=True, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_N=64,
+                                      BLOCK_R=128), None),
     ("reduce_m", L._reduce_m_kernel, dict(HAS_DROPOUT=True, SPLIT_M=2, PREC="tf32", BLOCK_M=64, BLOCK_K=64,
                                           BLOCK_R=128), None),
 ]
@@ -670,10 +670,10 @@ def test_opcheck_fwd_torch_backend(p):
 def test_opcheck_bwd_torch_backend():
     x, w, a, b, bb, scale, p, seed, backend = _op_args("torch", 0.2)
     with torch.no_grad():
-        _, s_mat = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, bb, scale, p, seed, backend)
+        _, xa = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, bb, scale, p, seed, backend)
     dy = torch.randn(x.shape[0], w.shape[0])
     for flags in ((True, True, True), (False, False, False)):
-        args = [dy, x.detach(), w.detach(), a.detach(), b.detach(), s_mat, scale, p, seed, backend, *flags]
+        args = [dy, x.detach(), w.detach(), a.detach(), b.detach(), xa, scale, p, seed, backend, *flags]
         torch.library.opcheck(torch.ops.lora_kernels.lora_linear_bwd.default, args)
 
 
@@ -713,12 +713,12 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_env_var_selects_the_backend(monkeypatch):
     x, w, a, b = _good()
     monkeypatch.setenv(_backend.ENV_VAR, "torch")
-    assert op_mod.resolve_backend(None, x, w, a, b, None) == "torch"
+    assert op_mod.BACKENDS.resolve(None, x, w, a, b, None) == "torch"
     monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match=r"\$LORA_KERNELS_BACKEND='nonsense' is not a backend"):
         lora_kernels.lora_linear(x, w, a, b, 1.0)
     # An explicit argument wins over the variable.
-    assert op_mod.resolve_backend("torch", x, w, a, b, None) == "torch"
+    assert op_mod.BACKENDS.resolve("torch", x, w, a, b, None) == "torch"
 
 
 @needs_triton
@@ -757,8 +757,8 @@ def test_triton_on_cpu_without_interpreter_lists_reasons(monkeypatch):
 def test_auto_on_cpu_uses_the_reference(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     x, w, a, b = _good("cpu")
-    assert op_mod.resolve_backend(None, x, w, a, b, None) == "torch"
-    assert op_mod.resolve_backend("auto", x, w, a, b, None) == "torch"
+    assert op_mod.BACKENDS.resolve(None, x, w, a, b, None) == "torch"
+    assert op_mod.BACKENDS.resolve("auto", x, w, a, b, None) == "torch"
 
 
 @needs_triton

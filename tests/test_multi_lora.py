@@ -99,8 +99,7 @@ def test_batch_tiles_cover_each_adapter_token_once():
         sorted_slots = batch.sorted_slots.tolist()
         n_tiles = sum(1 for s in starts if s >= 0)
         assert starts[n_tiles:] == [-1] * (len(starts) - n_tiles), "tiles must be packed at the front"
-        assert batch.num_tiles.item() == n_tiles
-        assert batch.num_active.item() == len({i for i in ids if i >= 0})
+        assert len({sorted_slots[starts[t]] for t in range(n_tiles)}) == len({i for i in ids if i >= 0})
         covered = []
         for t in range(n_tiles):
             st = starts[t]
@@ -112,11 +111,7 @@ def test_batch_tiles_cover_each_adapter_token_once():
         # the tiles of slots < L come first and fit in the launch grid's bound
         n_valid = sum(1 for t in range(n_tiles) if sorted_slots[starts[t]] < L)
         assert all(sorted_slots[starts[t]] < L for t in range(n_valid))
-        assert n_valid <= batch.max_tiles(T, L)
-        if TRITON_OK:
-            from lora_kernels.triton.multi_lora import _num_tiles_bound
-
-            assert _num_tiles_bound(T, L, tile_m, batch.capacity) == batch.max_tiles(T, L)
+        assert n_valid <= batch.max_tiles(T, L) == batch.meta.max_tiles(T, L, tile_m)
 
 
 def test_batch_prepare_in_place_keeps_buffers():
@@ -132,7 +127,7 @@ def test_batch_prepare_in_place_keeps_buffers():
     with pytest.raises(TypeError):
         LoRABatch.prepare([0.5])
     batch.prepare_(torch.tensor([-1, -1]))
-    assert batch.has_adapter is False and batch.num_tiles.item() == 0
+    assert batch.has_adapter is False and batch.tile_starts.tolist() == [-1] * 9
     seq = LoRABatch.prepare_sequences([3, -1, 0], 2)
     assert seq.token_slots.tolist() == [3, 3, -1, -1, 0, 0]
     assert LoRABatch.prepare_sequences([1, 2], [1, 3]).token_slots.tolist() == [1, 2, 2, 2]
@@ -201,26 +196,26 @@ def test_shrink_has_no_split_k_atomics_in_deterministic_mode(monkeypatch):
     from lora_kernels.triton import multi_lora as ML
 
     grids = []
-    real = ML._shrink_kernel
+    real = ML._batched_shrink_kernel
 
     class Spy:
         def __getitem__(self, grid):
             grids.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(ML, "_shrink_kernel", Spy())
+    monkeypatch.setattr(ML, "_batched_shrink_kernel", Spy())
     g = torch.Generator().manual_seed(12)
     x, A = torch.randn(5, 100, generator=g).to(DEVICE), torch.randn(2, 16, 100, generator=g).to(DEVICE)
     ranks = torch.tensor([16, 5], dtype=torch.int32, device=DEVICE)
     batch = LoRABatch.prepare([1, 0, 1, -1, 0], device=DEVICE)
-    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    meta = batch.meta
     outs = []
     was = torch.are_deterministic_algorithms_enabled()
     for det in (False, True):
         torch.use_deterministic_algorithms(det)
         try:
             out = torch.empty(5, 16, device=DEVICE)
-            outs.append(ML.shrink(x, A, ranks, *fields, out, 1, batch.tile_m).cpu())
+            outs.append(ML.shrink(x, A, ranks, meta, out, 1, batch.tile_m).cpu())
         finally:
             torch.use_deterministic_algorithms(was)
     assert grids[1][2] == 1
@@ -240,16 +235,16 @@ def test_k_pipeline_fits_shared_memory():
     keeps BLOCK_K = 256 at 3 stages; big tiles / ranks / fp32 shrink the pipeline until the estimate fits."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
-    from lora_kernels.triton import multi_lora as ML
+    from lora_kernels.triton import _utils as U
 
     h100, a100, ada = 227 * 1024, 163 * 1024, 99 * 1024
-    assert ML._k_pipeline(16, 256, 64, 2, 2, 16 * 64 * 4, h100) == (256, 3)
+    assert U.k_pipeline(16, 256, 64, 2, 2, 16 * 64 * 4, h100) == (256, 3)
     for smem in (h100, a100, ada):
         for bm in (16, 32, 64, 128):
             for br in (16, 64, 128):
                 for xb, ab in ((2, 2), (4, 4), (2, 4)):
                     reserve = bm * br * 4 + br * 256 * ab
-                    bk, st = ML._k_pipeline(bm, 256, br, xb, ab, reserve, smem)
+                    bk, st = U.k_pipeline(bm, 256, br, xb, ab, reserve, smem)
                     assert 32 <= bk <= 256 and 2 <= st <= 3
                     need = st * (bm * bk * xb + bk * br * ab) + reserve
                     assert need <= smem or (bk, st) == (32, 2), (smem, bm, br, xb, ab, bk, st, need)
@@ -288,16 +283,16 @@ def test_triton_launchers_honour_strides_of_out_s_and_scales(fused):
     x, A, B, ranks, scales, y0 = (t.to(dev) for t in (x, A, B, ranks, scales, y0))
     assert not scales.is_contiguous()
     batch = LoRABatch.prepare(ids, device=dev)
-    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    meta = batch.meta
     y = y0.t().contiguous().t()  # column-major y as well
     if fused:
-        ML.fused(x, A, B, ranks, scales, *fields, y, slices, batch.tile_m)
+        ML.fused(x, A, B, ranks, scales, meta, y, slices, batch.tile_m)
     else:
         out = torch.full((S * R, M), float("nan"), device=dev).t()  # [M, S·R], strides (1, M)
-        ML.shrink(x, A, ranks, *fields, out, S, batch.tile_m)
+        ML.shrink(x, A, ranks, meta, out, S, batch.tile_m)
         torch.testing.assert_close(out.cpu().double(), s_want, rtol=1e-5, atol=1e-5)
         s_cm = s_want.float().t().contiguous().t().to(dev)  # column-major s
-        ML.expand(s_cm, B, ranks, scales, *fields, y, slices, batch.tile_m)
+        ML.expand(s_cm, B, ranks, scales, meta, y, slices, batch.tile_m)
     torch.testing.assert_close(y.cpu().double(), y_want, rtol=1e-5, atol=1e-5)
 
 
@@ -584,14 +579,14 @@ def test_no_adapter_launches_no_lora_kernel(monkeypatch):
 def test_opcheck_custom_ops():
     pool, _ = _make_pool(4, 8, [8, 2], slices=SLICES, device="cpu")
     batch = LoRABatch.prepare([0, -1, 1, 1, 0], max_tokens=8)
-    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    meta = batch.meta
     x = torch.randn(5, K)
     s = torch.zeros(5, 3 * 8)
-    torch.library.opcheck(ops._shrink_op, (x, pool.A_stack, pool.ranks, *fields, s, 3, 16, "torch"))
+    torch.library.opcheck(ops._shrink_op, (x, pool.A_stack, pool.ranks, *meta, s, 3, 16, "torch"))
     s = ref.lora_shrink(x, pool.A_stack, batch.token_slots, pool.ranks, 3)
     y = torch.randn(5, sum(SLICES))
-    torch.library.opcheck(ops._expand_op, (s, pool.B_stack, pool.ranks, pool.scales, *fields, y, SLICES, 16, "torch"))
-    torch.library.opcheck(ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y,
+    torch.library.opcheck(ops._expand_op, (s, pool.B_stack, pool.ranks, pool.scales, *meta, y, SLICES, 16, "torch"))
+    torch.library.opcheck(ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y,
                                           SLICES, 16, "torch"))
 
 
@@ -831,6 +826,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.pool import auto_tile_m
+from lora_kernels.ops._batch import BatchMeta
+from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
 
 TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
@@ -845,10 +842,10 @@ class Recorder:
         return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
 
 
-for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel"):
+for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name)))
-ML._sm_count = lambda index: 132
-ML._max_smem = lambda index: 227 * 1024  # H100's opt-in limit per block (what the launchers size pipelines for)
+U.sm_count = lambda index: 132
+U.max_smem = lambda index: 227 * 1024  # H100's opt-in limit per block (what the launchers size pipelines for)
 
 
 def compile_for_sm90(kernel, args, kwargs):
@@ -900,10 +897,10 @@ for dtype in (torch.float16, torch.bfloat16):
         y = torch.empty(M, N, dtype=dtype)
         s = torch.empty(M, S * R, dtype=torch.float32)
         if path == "fused":
-            ML.fused(x, A, B, ranks, scales, ids, st, ss, ts, y, slices, tile_m)
+            ML.fused(x, A, B, ranks, scales, BatchMeta(ids, st, ss, ts), y, slices, tile_m)
         else:
-            ML.shrink(x, A, ranks, ids, st, ss, ts, s, S, tile_m)
-            ML.expand(s, B, ranks, scales, ids, st, ss, ts, y, slices, tile_m)
+            ML.shrink(x, A, ranks, BatchMeta(ids, st, ss, ts), s, S, tile_m)
+            ML.expand(s, B, ranks, scales, BatchMeta(ids, st, ss, ts), y, slices, tile_m)
 for kernel, args, kwargs in calls:
     t0 = time.perf_counter()
     smem, consts = compile_for_sm90(kernel, args, dict(kwargs))

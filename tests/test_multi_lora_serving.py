@@ -100,7 +100,7 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     from lora_kernels.triton import multi_lora as ML
 
     seen = []
-    for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel"):
+    for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel"):
         monkeypatch.setattr(ML, name, _BlockSpy(getattr(ML, name), seen))
     gen = torch.Generator().manual_seed(M)
     K, slices = 40, [24, 8, 8]
@@ -172,7 +172,7 @@ def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bia
 
     pool, weight, b, x, ids = _gemm_problem(T, dtype, slices, pattern, bias, seed=T)
     launched = []
-    for name in ("_shrink_kernel", "_gemm_expand_kernel", "_expand_kernel", "_fused_kernel"):
+    for name in ("_batched_shrink_kernel", "_gemm_expand_kernel", "_expand_kernel", "_fused_kernel"):
         real = getattr(ML, name)
         monkeypatch.setattr(ML, name, _NameSpy(real, name, launched))
     batch = LoRABatch.prepare(ids, device=DEVICE)
@@ -184,7 +184,7 @@ def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bia
     tol = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
     torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
     if pattern != "none":
-        assert launched == ["_shrink_kernel", "_gemm_expand_kernel"], launched
+        assert launched == ["_batched_shrink_kernel", "_gemm_expand_kernel"], launched
     # the torch backend's gemm path is the reference itself
     got_t = lk.multi_lora_linear(x, weight, b, pool, batch, backend="torch", path="gemm")
     torch.testing.assert_close(got_t.cpu().double(), want, rtol=tol, atol=tol)
@@ -252,11 +252,11 @@ def test_path_choice_and_argument_errors():
 def test_opcheck_gemm_op():
     pool, weight, b, x, ids = _gemm_problem(9, torch.float32, GEMM_SLICES, "repeats", True, seed=4)
     batch = LoRABatch.prepare(ids, device=DEVICE)
-    fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    meta = batch.meta
     backends = ["torch"] + (["triton"] if TRITON_OK else [])
     for backend in backends:
         torch.library.opcheck(ops._gemm_op, (x, weight, b, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
-                                             *fields, list(pool.slices), batch.tile_m, backend))
+                                             *meta, list(pool.slices), batch.tile_m, backend))
 
 
 # --------------------------------------------------------------------------------------- sm_90 ahead-of-time compile
@@ -276,6 +276,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.pool import auto_tile_m
 from lora_kernels.ops.multi_lora import step_tile_m
+from lora_kernels.ops._batch import BatchMeta
+from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
 
 TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
@@ -287,10 +289,10 @@ class Recorder:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: calls.append((self.kernel, grid, args, kwargs))
 
-for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
+for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name)))
-ML._sm_count = lambda index: 132
-ML._max_smem = lambda index: 227 * 1024
+U.sm_count = lambda index: 132
+U.max_smem = lambda index: 227 * 1024
 try:
     from triton.backends.nvidia.compiler import get_ptxas
     PTXAS = get_ptxas(90).path  # the ptxas triton itself uses for sm_90
@@ -351,13 +353,13 @@ for M, R, slices, dtype in ((1, 16, [4096], torch.bfloat16), (1, 64, [4096, 1024
     ranks = torch.empty(L, dtype=torch.int32)
     scales = torch.empty(L, S, dtype=torch.float32)
     ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
-    ML.linear_gemm(x, W, None, A, B, ranks, scales, ids, st_, ss, ts, slices, tile_m)
+    ML.linear_gemm(x, W, None, A, B, ranks, scales, BatchMeta(ids, st_, ss, ts), slices, tile_m)
     if M in (1, 4096) and R == 64:
         y = torch.empty(M, N, dtype=dtype)
         if M == 1:
-            ML.fused(x, A, B, ranks, scales, ids, st_, ss, ts, y, slices, tile_m)
+            ML.fused(x, A, B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
         else:
-            ML.expand(torch.empty(M, S * R), B, ranks, scales, ids, st_, ss, ts, y, slices, tile_m)
+            ML.expand(torch.empty(M, S * R), B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
 seen = set()
 names = set()
 for kernel, grid, args, kwargs in calls:
@@ -375,7 +377,7 @@ for kernel, grid, args, kwargs in calls:
           "spill", st, ld, "regs", regs, "compile %.1fs" % (time.perf_counter() - t0), flush=True)
     assert smem <= 227 * 1024, (name, shown, smem)
     assert st == 0 and ld == 0, ("spills", name, shown, st, ld)
-assert {"_gemm_expand_kernel", "_shrink_kernel", "_fused_kernel", "_expand_kernel"} <= names, names
+assert {"_gemm_expand_kernel", "_batched_shrink_kernel", "_fused_kernel", "_expand_kernel"} <= names, names
 print("OK")
 """
 

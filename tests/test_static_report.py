@@ -78,12 +78,12 @@ def test_training_gemms_use_wgmma(report):
     assert all(r["wgmma"] for r in gemms), [(r["kernel"], r["config"]) for r in gemms if not r["wgmma"]]
 
 
-@pytest.mark.xfail(strict=True, reason="memsets of the split reductions' fp32 buffers (S, dS, dB, dA) and the dA/dB "
+@pytest.mark.xfail(strict=True, reason="memsets of the split reductions' fp32 buffers (xa, dxa, dB, dA) and the dA/dB "
                                       "casts are still separate launches: fwd 3 / bwd 8 on the Triton-base path")
 @pytest.mark.parametrize("op, fwd_max, bwd_max", [("lk_triton_base", 2, 4), ("lk_cublas_base", 3, 4)])
 @pytest.mark.parametrize("mode", ["fwd+bwd", "fwd+bwd dropout"])
 def test_launch_counts(report, op, fwd_max, bwd_max, mode):
-    # Forward: the shrink and the fused GEMM (plus cuBLAS's GEMM on the cuBLAS path); backward: dS/dB, dA, dX (plus
+    # Forward: the shrink and the fused GEMM (plus cuBLAS's GEMM on the cuBLAS path); backward: dxa/dB, dA, dX (plus
     # cuBLAS's dX GEMM). No memset or cast launches.
     fwd = _launches(report, op, "fwd")
     both = _launches(report, op, mode)

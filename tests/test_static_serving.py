@@ -20,7 +20,7 @@ def test_grid_launches_cover_the_grid():
         assert set(p["paths"]) == {"fused", "split", "gemm"} and p["chosen"] in p["paths"]
         assert [len(p["paths"][k]) for k in ("fused", "split", "gemm")] == [2, 4, 2]
         gemm = p["paths"]["gemm"]
-        assert [ln["kernel"] for ln in gemm] == ["_shrink_kernel", "_gemm_expand_kernel"]
+        assert [ln["kernel"] for ln in gemm] == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
         for lst in p["paths"].values():
             for ln in lst:
                 assert set(ln) >= {"kernel", "grid", "config", "bytes_read", "bytes_written", "flops"}
@@ -37,6 +37,8 @@ def test_configs_match_the_launchers(monkeypatch):
     from benchmarks import static_serving as ss
     from lora_kernels import _backend
     from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.ops._batch import BatchMeta
+    from lora_kernels.triton import _utils as U
     from lora_kernels.triton import multi_lora as ML
 
     recorded = []
@@ -48,10 +50,10 @@ def test_configs_match_the_launchers(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **kw: recorded.append((self.name, grid, kw))
 
-    for name in ("_shrink_kernel", "_gemm_expand_kernel"):
+    for name in ("_batched_shrink_kernel", "_gemm_expand_kernel"):
         monkeypatch.setattr(ML, name, Rec(name))
-    monkeypatch.setattr(ML, "_sm_count", lambda i: ss.H100_SMS)
-    monkeypatch.setattr(ML, "_max_smem", lambda i: ss.H100_SMEM)
+    monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
+    monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
     monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
     L, T, K, N, R = 16, 64, 4096, 4096, 16
     ids = torch.arange(T) % L
@@ -60,7 +62,7 @@ def test_configs_match_the_launchers(monkeypatch):
     tile_m = ops.step_tile_m(ss.auto_tile_m(T), T)
     ML.linear_gemm(torch.empty(T, K, dtype=e), torch.empty(N, K, dtype=e), None, torch.empty(L, R, K, dtype=e),
                    torch.empty(L, N, R, dtype=e), torch.empty(L, dtype=torch.int32), torch.empty(L, 1),
-                   *(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1)), [N], tile_m)
+                   BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))), [N], tile_m)
     assert [r[0] for r in recorded] == [ln["kernel"] for ln in model]
     assert model[1]["config"]["NUM_SPLITS"] == recorded[0][2]["SPLIT_K"]
     for (name, grid, kw), ln in zip(recorded, model):

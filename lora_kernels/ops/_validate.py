@@ -9,6 +9,10 @@ from typing import Optional
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Output slices of one multi-adapter layer (a fused projection: q|k|v needs 3, gate|up 2), on every backend. The
+# Triton kernels take the slice widths as this many scalar arguments (N0..N3), and the CUDA extension's parameter
+# blocks hold this many slices (kMaxSlices in csrc/lora_cuda.h; tests/test_cuda_ext.py checks that they agree).
+MAX_SLICES = 4
 
 
 def shape(t: Optional[torch.Tensor]) -> str:

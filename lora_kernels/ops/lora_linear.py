@@ -1,4 +1,4 @@
-"""The fused LoRA linear op: ``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ (+ bias)``.
+"""The fused LoRA linear op: ``y = x·W0ᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ (+ bias)``.
 
 Layers of this file, top to bottom: input checks; backend choice; the two ``torch.library`` custom ops
 (``lora_kernels::lora_linear_fwd`` and ``lora_kernels::lora_linear_bwd``) with fake implementations, tied together by
@@ -6,7 +6,7 @@ Layers of this file, top to bottom: input checks; backend choice; the two ``torc
 
 Semantics are PEFT's: dropout applies to the LoRA branch input only, kept elements are scaled by 1/(1-p). The mask is
 a function of a seed (a 0-dim int64 tensor, see :func:`_draw_seed`) and is regenerated in backward from the same saved
-seed tensor, never stored. Saved for backward: x (as passed, 2-D view), W0, A, B, S = dropout(x)·Aᵀ (M×r, fp32) and
+seed tensor, never stored. Saved for backward: x (as passed, 2-D view), W0, A, B, xa = dropout(x)·Aᵀ (M×r, fp32) and
 the seed. dW is formed only when ``weight.requires_grad``.
 
 CUDA graphs. For x on CUDA the seed is drawn on x's device by the CUDA generator and the Triton kernels load it
@@ -21,11 +21,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _autocast
-
-from .. import _backend
+from .. import _autocast, _backend
 from ..reference import lora_linear as _ref
-from ._validate import FLOAT_DTYPES, check_same_device, check_scale, check_tensor, shape
+from ._validate import check_same_device, check_scale, check_tensor, shape
 
 _LORA_DTYPES = (torch.float32,)  # A and B may be fp32 while x and W are half precision (LoRA-GA keeps them fp32)
 
@@ -44,7 +42,8 @@ def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, 
     N = weight.shape[0]
     r = lora_A.shape[0]
     if weight.shape[1] != K:
-        raise ValueError(f"weight has in_features {weight.shape[1]} but x has {K}: weight {shape(weight)}, x {shape(x)}")
+        raise ValueError(f"weight has in_features {weight.shape[1]} but x has {K}: weight {shape(weight)}, "
+                         f"x {shape(x)}")
     if r == 0:
         raise ValueError(f"lora_A has rank 0 (shape {shape(lora_A)}); use F.linear for a layer without adapter")
     if lora_A.shape[1] != K:
@@ -73,37 +72,19 @@ def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, 
 
 
 # ---------------------------------------------------------------------------------------------------------- backends
-def _torch_ok(*tensors) -> Optional[str]:
-    return None
+def _triton_kernels():
+    from ..triton import lora_linear as tri
+
+    return tri
 
 
-def _triton_ok(*tensors) -> Optional[str]:
-    why = _backend.triton_device_reason(*tensors)
-    if why:
-        return why
-    if tensors[0].dtype == torch.float64:
-        return "float64 is not supported by the Triton kernels"
-    return None
-
-
-_CHECKS = {"torch": _torch_ok, "triton": _triton_ok}
-
-
-def _auto_order(x: torch.Tensor):
-    # "auto": Triton on CUDA, the PyTorch reference everywhere else (the interpreter is for tests, never a default).
-    return ("triton", "torch") if x.device.type == "cuda" else ("torch",)
-
-
-def resolve_backend(backend: Optional[str], x, *tensors) -> str:
-    return _backend.select("lora_linear", backend, _CHECKS, _auto_order(x), x, *tensors)
-
-
-def _impl(name: str):
-    if name == "triton":
-        from ..triton import lora_linear as tri
-
-        return tri
-    return _ref
+# Both implementations are modules with ``lora_linear_forward`` / ``lora_linear_backward`` of one contract.
+BACKENDS = _backend.BackendTable(
+    name="lora_linear",
+    checks={"torch": _backend.torch_reason, "triton": _backend.triton_reason},
+    loaders={"torch": lambda: _ref, "triton": _triton_kernels},
+    auto_on_cuda=("triton", "torch"),
+)
 
 
 # ------------------------------------------------------------------------------------------------------------ seeds
@@ -136,7 +117,7 @@ def _seed_arg(backend: str, seed: torch.Tensor, dropout_p: float):
 def _no_autocast(t: torch.Tensor):
     """Autocast off for the real implementations: the op's dtypes are its inputs' (the fakes say so), whatever
     autocast context it is called or differentiated in. Without this the torch backend's fp32 matmuls ran in the
-    autocast dtype (S came back bf16 where the fake says fp32) while the Triton kernels ignored autocast.
+    autocast dtype (xa came back bf16 where the fake says fp32) while the Triton kernels ignored autocast.
     ``LoRALinear`` applies autocast's casts to the inputs before the call."""
     return _autocast.autocast_off(t)
 
@@ -153,12 +134,12 @@ def _fwd(
     seed: torch.Tensor,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    impl = _impl(backend)
+    impl = BACKENDS.impl(backend)
     seed_arg = _seed_arg(backend, seed, dropout_p)
     with _no_autocast(x):
-        y, s_mat = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
+        y, xa = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
     # The fake promises row-major outputs whatever the input layouts; .contiguous() is free when they already are.
-    return y.contiguous(), s_mat.contiguous()
+    return y.contiguous(), xa.contiguous()
 
 
 @_fwd.register_fake
@@ -174,7 +155,7 @@ def _bwd(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    s_mat: torch.Tensor,
+    xa: torch.Tensor,
     scale: float,
     dropout_p: float,
     seed: torch.Tensor,
@@ -183,10 +164,10 @@ def _bwd(
     needs_dweight: bool,
     needs_dbias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _impl(backend)
+    impl = BACKENDS.impl(backend)
     with _no_autocast(dy):
         dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
-            dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
+            dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
             needs_dx, needs_dweight, needs_dbias,
         )
     # Custom ops cannot return None: gradients not asked for come back as empty tensors and become None in backward.
@@ -202,7 +183,8 @@ def _bwd(
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
+def _bwd_fake(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, backend, needs_dx, needs_dweight,
+              needs_dbias):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else dy.new_empty(0),
         torch.empty_like(lora_A, memory_format=torch.contiguous_format),
@@ -214,17 +196,17 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, seed, back
 
 def _setup_context(ctx, inputs, output):
     x, weight, lora_A, lora_B, bias, scale, dropout_p, seed, backend = inputs
-    _, s_mat = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, s_mat, seed)
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _d_s_mat):
-    x, weight, lora_A, lora_B, s_mat, seed = ctx.saved_tensors
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, d_a, d_b, dw, dbias = _bwd(
-        dy.contiguous(), x, weight, lora_A, lora_B, s_mat, ctx.scale, ctx.dropout_p, seed, ctx.backend,
+        dy.contiguous(), x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, seed, ctx.backend,
         bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[4]),
     )
     return (
@@ -267,7 +249,7 @@ def lora_linear(
         raise TypeError(f"training must be a bool, got {type(training).__name__} {training!r}")
     if not training:
         dropout_p = 0.0
-    name = resolve_backend(backend, x, weight, lora_A, lora_B, bias)
+    name = BACKENDS.resolve(backend, x, weight, lora_A, lora_B, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(lead.numel(), x.shape[-1])  # not reshape(-1, K): that fails for K = 0
     seed = _draw_seed(x, dropout_p)

@@ -2,7 +2,7 @@
 
 Each token (row of x) uses the adapter in its pool slot (:class:`lora_kernels.LoRABatch`), ``-1`` = none::
 
-    y = x·Wᵀ + bias,   y[m, slice s] += scales[slot_m, s] · (x[m]·A[slot_m, s]ᵀ)·B[slot_m, s]ᵀ
+    y = x·Wᵀ + bias,   y[m, slice i] += scales[slot_m, i] · (x[m]·A[slot_m, i]ᵀ)·B[slot_m, i]ᵀ
 
 Typical serving step (one pool per layer, one batch per step shared by every layer)::
 
@@ -33,26 +33,22 @@ with -1) and replayed after ``batch.prepare_(new_ids)``. The one host-side short
 the host, name no adapter launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or
 capturing.
 
-Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend`): "torch" is the reference
-(:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the kernels of
-:mod:`lora_kernels.triton.multi_lora`. **Hook for "cuda":** ``_CHECKS["cuda"]`` imports :mod:`lora_kernels.cuda` and
-accepts it when the module defines ``multi_lora_shrink``, ``multi_lora_expand`` and ``multi_lora_fused`` with exactly
-the signatures of the Triton launchers, and ``multi_lora_reason(x, *tensors)`` (else ``cuda_ops_unavailable_reason()``)
-returns None:
+Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend` and ``BACKENDS`` below): "torch" is
+the reference (:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the
+kernels of :mod:`lora_kernels.triton.multi_lora`, "cuda" those of :mod:`lora_kernels.extension`, accepted when its
+``multi_lora_reason(x, *tensors)`` returns None. The CUDA module's ``multi_lora_shrink``, ``multi_lora_expand`` and
+``multi_lora_fused`` have exactly the signatures of the Triton launchers:
 
-- ``multi_lora_shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices: int,
-  tile_m: int)``: x ``[M, K]`` fp16/bf16/fp32 (any strides); A_stack ``[L, S·R, K]`` pool dtype; ranks ``[L]`` int32
-  (0 = empty slot); token_slots ``[cap]`` int32 (-1 = none, may hold any value); sorted_tokens ``[cap]`` int32 (token
-  indices sorted by slot); sorted_slots ``[cap]`` int32 (their slots, 2^31-1 = none); tile_starts ``[cap+1]`` int32
-  (start of each tile of same-slot entries in the sorted list, -1 past the end); tile_m: rows per kernel tile (a tile
-  of the list may be longer, cut at the batch's ``tile_m``: its entries past ``tile_m`` are then tokens ≥ M, see
-  :func:`step_tile_m`); out ``[M, S·R]`` fp32, to be fully written (zeros where no adapter applies).
-  R = S·R // num_slices.
-- ``multi_lora_expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y,
-  slices: list[int], tile_m: int)``: s ``[M, S·R]`` fp32; B_stack ``[L, N, R]`` pool dtype (slice s at rows
-  off_s..off_s+N_s-1); scales ``[L, S]`` fp32; y ``[M, N]`` (any strides), updated in place.
-- ``multi_lora_fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y,
-  slices, tile_m)``: both at once.
+- ``multi_lora_shrink(x, A_stack, ranks, meta, out, num_slices: int, tile_m: int)``: x ``[M, K]`` fp16/bf16/fp32 (any
+  strides); A_stack ``[L, S·R, K]`` pool dtype; ranks ``[L]`` int32 (0 = empty slot); ``meta``: the batch's
+  :class:`BatchMeta` (``token_slots``, ``sorted_tokens``, ``sorted_slots``, ``tile_starts``); tile_m: rows per kernel
+  tile (a tile of the list may be longer, cut at the batch's ``tile_m``: its entries past ``tile_m`` are then tokens
+  ≥ M, see :func:`step_tile_m`); out ``[M, S·R]`` fp32, to be fully written with ``xa = x·Aᵀ`` (zeros where no
+  adapter applies). R = S·R // num_slices.
+- ``multi_lora_expand(xa, B_stack, ranks, scales, meta, y, slices: list[int], tile_m: int)``: xa ``[M, S·R]`` fp32;
+  B_stack ``[L, N, R]`` pool dtype (slice i at rows off_i..off_i+N_i-1); scales ``[L, S]`` fp32; y ``[M, N]`` (any
+  strides), updated in place.
+- ``multi_lora_fused(x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)``: both at once.
 
 Every backend must treat a slot < 0, ≥ L, or of rank 0 as "no adapter" and never read outside the pool; token indices
 ≥ M in the sorted list are ignored.
@@ -68,8 +64,9 @@ import torch.nn.functional as F
 
 from .. import _backend
 from ..pool import AdapterPool, LoRABatch
+from ._batch import BatchMeta
 from ..reference import multi_lora as _ref
-from ._validate import check_same_device, check_scale, check_tensor, shape
+from ._validate import MAX_SLICES, check_same_device, check_scale, check_tensor, shape
 
 # Decode sizes: at most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer, no
 # zeroing; each output block recomputes its tile's shrink from L2). Not yet measured on a GPU: a guess from the byte
@@ -90,10 +87,6 @@ def _in_graph_or_compile(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return True
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _batch_fields(batch: LoRABatch):
-    return batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts
 
 
 def step_tile_m(batch_tile_m: int, M: int) -> int:
@@ -188,177 +181,113 @@ def _rank_flags(ranks: torch.Tensor, R: int, what: str) -> List[bool]:
 
 
 # ---------------------------------------------------------------------------------------------------------- backends
-def _torch_ok(x, *tensors) -> Optional[str]:
-    return None
+# Every backend offers the launchers of :mod:`lora_kernels.triton.multi_lora` by role, with their signatures: the batch
+# comes as one :class:`BatchMeta` record. The reference needs only its token_slots.
+def _ref_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta, out: torch.Tensor,
+                num_slices: int, tile_m: int) -> torch.Tensor:
+    return _ref.lora_shrink(x, A_stack, meta.token_slots, ranks, num_slices, out=out)
 
 
-def _triton_ok(x, *tensors) -> Optional[str]:
-    why = _backend.triton_device_reason(x, *tensors)
-    if why:
-        return why
-    if any(t is not None and t.dtype == torch.float64 for t in (x,) + tensors):
-        return "float64 is not supported by the Triton kernels"
-    return None
+def _ref_expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta,
+                y: torch.Tensor, slices: List[int], tile_m: int) -> torch.Tensor:
+    return _ref.lora_expand(xa, B_stack, meta.token_slots, ranks, scales, y, slices)
 
 
-def _cuda_ok(x, *tensors) -> Optional[str]:
+def _ref_fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor,
+               scales: torch.Tensor, meta: BatchMeta, y: torch.Tensor, slices: List[int], tile_m: int) -> torch.Tensor:
+    xa = _ref.lora_shrink(x, A_stack, meta.token_slots, ranks, len(slices))
+    return _ref.lora_expand(xa, B_stack, meta.token_slots, ranks, scales, y, slices)
+
+
+def _ref_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A_stack: torch.Tensor,
+              B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta, slices: List[int],
+              tile_m: int) -> torch.Tensor:
+    # the spec: base and LoRA in fp32 (float64), one rounding
+    return _ref.multi_lora_linear(x, weight, bias, A_stack, B_stack, ranks, scales, meta.token_slots[: x.shape[0]],
+                                  slices)
+
+
+def _torch_kernels():
+    return {"shrink": _ref_shrink, "expand": _ref_expand, "fused": _ref_fused, "gemm": _ref_gemm}
+
+
+def _triton_kernels():
+    from ..triton import multi_lora as tri
+
+    return {"shrink": tri.shrink, "expand": tri.expand, "fused": tri.fused, "gemm": tri.linear_gemm}
+
+
+def _cuda_reason(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Optional[str]:
     if x.device.type != "cuda":
         return "tensors are not on a CUDA device"
-    try:
-        from .. import cuda as cuda_ext  # written separately; may be absent
-    except ImportError as exc:
-        return f"lora_kernels.cuda is not importable ({exc})"
-    if not all(hasattr(cuda_ext, f"multi_lora_{fn}") for fn in ("shrink", "expand", "fused")):
-        return "the CUDA extension has no multi-adapter kernels"
-    if hasattr(cuda_ext, "multi_lora_reason"):  # its own device/dtype checks
-        return cuda_ext.multi_lora_reason(x, *tensors)
-    return cuda_ext.cuda_ops_unavailable_reason()
+    from .. import extension
+
+    return extension.multi_lora_reason(x, *tensors)  # the extension's own load, device and dtype checks
 
 
-_CHECKS = {"torch": _torch_ok, "triton": _triton_ok, "cuda": _cuda_ok}
+def _cuda_kernels():
+    from .. import extension  # no "gemm": choose_path refuses that path on this backend
+
+    return {"shrink": extension.multi_lora_shrink, "expand": extension.multi_lora_expand,
+            "fused": extension.multi_lora_fused}
 
 
-def _auto_order(x: torch.Tensor):
-    # "auto": the Triton kernels on CUDA (the CUDA extension when Triton is unavailable), the reference elsewhere.
-    return ("triton", "cuda", "torch") if x.device.type == "cuda" else ("torch",)
-
-
-def resolve_backend(op: str, backend: Optional[str], x, *tensors) -> str:
-    return _backend.select(op, backend, _CHECKS, _auto_order(x), x, *tensors)
-
-
-def _impl(name: str, fn: str):
-    if name == "triton":
-        from ..triton import multi_lora as tri
-
-        return {"shrink": tri.shrink, "expand": tri.expand, "fused": tri.fused}[fn]
-    if name == "cuda":
-        from .. import cuda as cuda_ext
-
-        return getattr(cuda_ext, "multi_lora_" + fn)
-    raise AssertionError(name)
+# "auto" on CUDA prefers the Triton kernels and falls back to the CUDA extension when Triton is unavailable.
+BACKENDS = _backend.BackendTable(
+    name="multi_lora",
+    checks={"torch": _backend.torch_reason, "triton": _backend.triton_reason, "cuda": _cuda_reason},
+    loaders={"torch": _torch_kernels, "triton": _triton_kernels, "cuda": _cuda_kernels},
+    auto_on_cuda=("triton", "cuda", "torch"),
+)
 
 
 # ------------------------------------------------------------------------------------------------------- custom ops
+# Registered ops take tensors only: the public functions pass ``*batch.meta`` (the four batch tensors) and each op
+# rebuilds the record for its backend. No op returns a new tensor but the gemm one, so the fakes have nothing to do.
 @torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=("out",))
-def _shrink_op(
-    x: torch.Tensor,
-    A_stack: torch.Tensor,
-    ranks: torch.Tensor,
-    token_slots: torch.Tensor,
-    sorted_tokens: torch.Tensor,
-    sorted_slots: torch.Tensor,
-    tile_starts: torch.Tensor,
-    out: torch.Tensor,
-    num_slices: int,
-    tile_m: int,
-    backend: str,
-) -> None:
-    if backend == "torch":
-        _ref.lora_shrink(x, A_stack, token_slots, ranks, num_slices, out=out)
-        return
-    _impl(backend, "shrink")(
-        x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m
-    )
-
-
-@_shrink_op.register_fake
-def _shrink_fake(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m,
-                 backend):
-    return None
+def _shrink_op(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor,
+               sorted_tokens: torch.Tensor, sorted_slots: torch.Tensor, tile_starts: torch.Tensor, out: torch.Tensor,
+               num_slices: int, tile_m: int, backend: str) -> None:
+    meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
+    BACKENDS.impl(backend)["shrink"](x, A_stack, ranks, meta, out, num_slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
-def _expand_op(
-    s: torch.Tensor,
-    B_stack: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_slots: torch.Tensor,
-    sorted_tokens: torch.Tensor,
-    sorted_slots: torch.Tensor,
-    tile_starts: torch.Tensor,
-    y: torch.Tensor,
-    slices: List[int],
-    tile_m: int,
-    backend: str,
-) -> None:
-    if backend == "torch":
-        _ref.lora_expand(s, B_stack, token_slots, ranks, scales, y, slices)
-        return
-    _impl(backend, "expand")(
-        s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m
-    )
-
-
-@_expand_op.register_fake
-def _expand_fake(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m,
-                 backend):
-    return None
+def _expand_op(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+               token_slots: torch.Tensor, sorted_tokens: torch.Tensor, sorted_slots: torch.Tensor,
+               tile_starts: torch.Tensor, y: torch.Tensor, slices: List[int], tile_m: int, backend: str) -> None:
+    meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
+    BACKENDS.impl(backend)["expand"](xa, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_fused_expand", mutates_args=("y",))
-def _fused_op(
-    x: torch.Tensor,
-    A_stack: torch.Tensor,
-    B_stack: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_slots: torch.Tensor,
-    sorted_tokens: torch.Tensor,
-    sorted_slots: torch.Tensor,
-    tile_starts: torch.Tensor,
-    y: torch.Tensor,
-    slices: List[int],
-    tile_m: int,
-    backend: str,
-) -> None:
-    if backend == "torch":
-        s = _ref.lora_shrink(x, A_stack, token_slots, ranks, len(slices))
-        _ref.lora_expand(s, B_stack, token_slots, ranks, scales, y, slices)
-        return
-    _impl(backend, "fused")(
-        x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m
-    )
-
-
-@_fused_op.register_fake
-def _fused_fake(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices,
-                tile_m, backend):
-    return None
+def _fused_op(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor,
+              scales: torch.Tensor, token_slots: torch.Tensor, sorted_tokens: torch.Tensor, sorted_slots: torch.Tensor,
+              tile_starts: torch.Tensor, y: torch.Tensor, slices: List[int], tile_m: int, backend: str) -> None:
+    meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
+    BACKENDS.impl(backend)["fused"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::multi_lora_gemm", mutates_args=())
-def _gemm_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    A_stack: torch.Tensor,
-    B_stack: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_slots: torch.Tensor,
-    sorted_tokens: torch.Tensor,
-    sorted_slots: torch.Tensor,
-    tile_starts: torch.Tensor,
-    slices: List[int],
-    tile_m: int,
-    backend: str,
-) -> torch.Tensor:
-    if backend == "torch":  # the spec: base and LoRA in fp32 (float64), one rounding
-        return _ref.multi_lora_linear(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots[: x.shape[0]],
-                                      slices)
-    if backend != "triton":
-        raise AssertionError(backend)
-    from ..triton import multi_lora as tri
+def _gemm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A_stack: torch.Tensor,
+             B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, token_slots: torch.Tensor,
+             sorted_tokens: torch.Tensor, sorted_slots: torch.Tensor, tile_starts: torch.Tensor, slices: List[int],
+             tile_m: int, backend: str) -> torch.Tensor:
+    meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
+    return BACKENDS.impl(backend)["gemm"](x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m)
 
-    return tri.linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens,
-                           sorted_slots, tile_starts, slices, tile_m)
+
+def _mutating_fake(*args) -> None:
+    return None
+
+
+_shrink_op.register_fake(_mutating_fake)
+_expand_op.register_fake(_mutating_fake)
+_fused_op.register_fake(_mutating_fake)
 
 
 @_gemm_op.register_fake
-def _gemm_fake(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts,
-               slices, tile_m, backend):
+def _gemm_fake(x, weight, *rest):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -462,14 +391,13 @@ def lora_shrink(
         check = not _in_graph_or_compile(x)
     if check:
         check_ids(batch, L, _rank_flags(ranks, SR // num_slices, "lora_shrink"), x2.shape[0], "lora_shrink")
-    name = resolve_backend("lora_shrink", backend, x2, A_stack, out)
-    _shrink_op(x2, A_stack, ranks, *_batch_fields(batch), out2, num_slices, step_tile_m(batch.tile_m, x2.shape[0]),
-               name)
+    name = BACKENDS.resolve(backend, x2, A_stack, out, op="lora_shrink")
+    _shrink_op(x2, A_stack, ranks, *batch.meta, out2, num_slices, step_tile_m(batch.tile_m, x2.shape[0]), name)
     return out
 
 
 def lora_expand(
-    s: torch.Tensor,
+    xa: torch.Tensor,
     B_stack: torch.Tensor,
     batch: LoRABatch,
     y: torch.Tensor,
@@ -479,16 +407,17 @@ def lora_expand(
     backend: Optional[str] = None,
     check: Optional[bool] = None,
 ) -> torch.Tensor:
-    """``y[m, slice i] += scales[slot_m, i] · s[m, i·R : i·R+rank]·B_stack[slot_m, slice i, :rank]ᵀ`` in place;
+    """``y[m, slice i] += scales[slot_m, i] · xa[m, i·R : i·R+rank]·B_stack[slot_m, slice i, :rank]ᵀ`` in place;
     returns y.
 
-    s ``[..., S·R]`` float32 (the shrink output); B_stack ``[L, N, R]`` (``AdapterPool.B_stack``: the per-slice B
-    stacks concatenated along N; a list of per-slice ``[L, N_s, R]`` stacks is accepted, concatenated (a copy), and
-    gives ``slices``); y ``[..., N]``; scales float32 ``[L]`` or ``[L, S]`` or a float; ``slices``: the
-    widths ``N_0..N_{S-1}`` (sum N, at most 4; default one slice of N); ranks as in :func:`lora_shrink`.
+    xa ``[..., S·R]`` float32 (the shrink output ``x·Aᵀ``); B_stack ``[L, N, R]`` (``AdapterPool.B_stack``: the
+    per-slice B stacks concatenated along N; a list of per-slice ``[L, N_s, R]`` stacks is accepted, concatenated (a
+    copy), and gives ``slices``); y ``[..., N]``; scales float32 ``[L]`` or ``[L, S]`` or a float; ``slices``: the
+    widths ``N_0..N_{S-1}`` (sum N, at most ``MAX_SLICES`` = 4; default one slice of N); ranks as in
+    :func:`lora_shrink`.
     """
     _check_batch(batch)
-    check_tensor("s", s, dtypes=(torch.float32, torch.float64))
+    check_tensor("xa", xa, dtypes=(torch.float32, torch.float64))
     if isinstance(B_stack, (list, tuple)):
         widths = [b.shape[1] if isinstance(b, torch.Tensor) and b.dim() == 3 else -1 for b in B_stack]
         if slices is not None and [int(n) for n in slices] != widths:
@@ -499,25 +428,24 @@ def lora_expand(
     check_tensor("y", y)
     L, N, R = B_stack.shape
     slices = [N] if slices is None else [int(n) for n in slices]
-    if not 1 <= len(slices) <= 4 or any(n <= 0 for n in slices) or sum(slices) != N:
-        raise ValueError(f"slices={slices} must be 1 to 4 positive widths summing to B_stack.shape[1]={N}")
+    if not 1 <= len(slices) <= MAX_SLICES or any(n <= 0 for n in slices) or sum(slices) != N:
+        raise ValueError(f"slices={slices} must be 1 to {MAX_SLICES} positive widths summing to B_stack.shape[1]={N}")
     S = len(slices)
-    if s.shape[-1] != S * R:
-        raise ValueError(f"s must be [..., S·R={S * R}] (S={S} slices, R={R}), got {shape(s)}")
-    s2 = s.reshape(-1, S * R)
+    if xa.shape[-1] != S * R:
+        raise ValueError(f"xa must be [..., S·R={S * R}] (S={S} slices, R={R}), got {shape(xa)}")
+    xa2 = xa.reshape(-1, S * R)
     y2 = _view_2d("y", y, N)
-    if s2.shape[0] != y2.shape[0]:
-        raise ValueError(f"s and y must have the same tokens: s {shape(s)}, y {shape(y)}")
+    if xa2.shape[0] != y2.shape[0]:
+        raise ValueError(f"xa and y must have the same tokens: xa {shape(xa)}, y {shape(y)}")
     ranks = _normalize_ranks(ranks, L, R, B_stack.device)
     scales = _normalize_scales(scales, L, S, B_stack.device)
-    check_same_device(s=s, B_stack=B_stack, y=y, ranks=ranks, scales=scales, batch=batch.token_slots)
+    check_same_device(xa=xa, B_stack=B_stack, y=y, ranks=ranks, scales=scales, batch=batch.token_slots)
     if check is None:
         check = not _in_graph_or_compile(y)
     if check:
         check_ids(batch, L, _rank_flags(ranks, R, "lora_expand"), y2.shape[0], "lora_expand")
-    name = resolve_backend("lora_expand", backend, y2, s2, B_stack)
-    _expand_op(s2, B_stack, ranks, scales, *_batch_fields(batch), y2, slices,
-               step_tile_m(batch.tile_m, y2.shape[0]), name)
+    name = BACKENDS.resolve(backend, y2, xa2, B_stack, op="lora_expand")
+    _expand_op(xa2, B_stack, ranks, scales, *batch.meta, y2, slices, step_tile_m(batch.tile_m, y2.shape[0]), name)
     return y
 
 
@@ -574,27 +502,27 @@ def multi_lora_linear(
     if check is None:
         check = not traced
     if check:
-        check_ids(batch, pool.max_adapters, pool._in_use, M, "multi_lora_linear")
-    name = resolve_backend("multi_lora_linear", backend, x2, weight, pool.A_stack)
+        check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
+    name = BACKENDS.resolve(backend, x2, weight, pool.A_stack, op="multi_lora_linear")
     chosen = choose_path(path, fused, M, name)
     if not traced and batch.has_adapter is False:
         return F.linear(x2, weight, bias).reshape(*x.shape[:-1], N)
     slices = list(pool.slices)
-    fields = _batch_fields(batch)
+    meta = batch.meta
     tile_m = step_tile_m(batch.tile_m, M)
     if chosen == "gemm":
         if batch.num_tokens != M:  # its row tiles walk sorted positions 0..M-1: they must be exactly the M tokens
             raise ValueError(f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
                              f"has {M} rows; prepare one id per token (pad with -1)")
-        y = _gemm_op(x2, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, slices, tile_m,
+        y = _gemm_op(x2, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, slices, tile_m,
                      name)
         return y.reshape(*x.shape[:-1], N)
     y = F.linear(x2, weight, bias)
     if chosen == "fused":
-        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, tile_m, name)
+        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
     else:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        s = torch.empty(M, pool.num_slices * pool.max_rank, dtype=acc, device=x.device)
-        _shrink_op(x2, pool.A_stack, pool.ranks, *fields, s, pool.num_slices, tile_m, name)
-        _expand_op(s, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, tile_m, name)
+        xa = torch.empty(M, pool.num_slices * pool.max_rank, dtype=acc, device=x.device)
+        _shrink_op(x2, pool.A_stack, pool.ranks, *meta, xa, pool.num_slices, tile_m, name)
+        _expand_op(xa, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
     return y.reshape(*x.shape[:-1], N)

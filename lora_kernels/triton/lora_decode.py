@@ -3,9 +3,9 @@
     y = x·W0ᵀ + bias + scale · (x·Aᵀ)·Bᵀ
 
 Each program owns a block of output columns (and of rows, past 64 tokens). Its K loop streams the x tile once and
-feeds two products from it: the base ``x·W0[cols]ᵀ`` and the shrink ``S = x·Aᵀ`` as BLOCK_R extra columns (A is
+feeds two products from it: the base ``x·W0[cols]ᵀ`` and the shrink ``xa = x·Aᵀ`` as BLOCK_R extra columns (A is
 ``r × K``: 128 KiB at K = 4096, r = 16, re-read from L2 by every program while W0 crosses HBM once). The epilogue adds
-``scale · S·B[cols]ᵀ`` with S still in fp32 (tf32 MMA for 16-bit data), then the bias, and writes y once: no memset,
+``scale · xa·B[cols]ᵀ`` with xa still in fp32 (tf32 MMA for 16-bit data), then the bias, and writes y once: no memset,
 no intermediate buffer in memory, no atomics, no second launch. The price is the recomputed shrink: BLOCK_R / BLOCK_N
 extra MMA work per program (the MMA units are mostly idle at decode sizes, where reading W0 sets the time).
 
@@ -15,15 +15,15 @@ Inference only (no dropout, no autograd). :func:`lora_decode_linear` is the laun
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _backend
+from . import _utils
 from ._compat import patch_interpreter
-from .multi_lora import _block_r, _cast_to_fp32, _device_ctx, _k_pipeline, _max_smem
 
 patch_interpreter()
 
@@ -37,18 +37,19 @@ MAX_TOKENS = DECODE_TILES[-1][0]
 _INTERP = (16, 16, 32)  # BLOCK_M, BLOCK_N, BLOCK_K under the interpreter: several blocks even at the tests' sizes
 
 
-def decode_config(M: int, R: int, x_bytes: int, interp: bool, smem) -> tuple:
+def decode_config(M: int, R: int, x_bytes: int, interp: bool,
+                  smem: _utils.IntThunk) -> Tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages) for M tokens of rank R; ``smem`` a callable
     (asked on a GPU only). Host ints only: the static report can call it."""
-    br = _block_r(R)
+    br = _utils.block_r(R)
     tile = next((t for t in DECODE_TILES if M <= t[0]), DECODE_TILES[-1])
     _, bm, bn, bk, warps, stages = tile
     if interp:
         return _INTERP[0], _INTERP[1], _INTERP[2], br, 4, 1
-    # The K loop streams x [BM, BK], W0 [BK, BN] and A [BK, BR] per stage; the epilogue's fp32 S and B tiles also
+    # The K loop streams x [BM, BK], W0 [BK, BN] and A [BK, BR] per stage; the epilogue's fp32 xa and B tiles also
     # pass through shared memory.
     reserve = bm * br * 4 + br * bn * 4
-    bk, stages = _k_pipeline(bm, bk, bn + br, x_bytes, x_bytes, reserve, smem(), stages)
+    bk, stages = _utils.k_pipeline(bm, bk, bn + br, x_bytes, x_bytes, reserve, smem(), stages)
     return bm, bn, bk, br, warps, stages
 
 
@@ -95,7 +96,7 @@ def _decode_kernel(
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
     a_cols = a_ptr + offs_r[None, :] * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -108,16 +109,16 @@ def _decode_kernel(
         else:
             acc += tl.dot(xt, wt)
         if LORA_FP32:
-            s += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+            xa += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
-            s += tl.dot(xt, at)
+            xa += tl.dot(xt, at)
     bt = tl.load(b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br,
                  mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    # S stays fp32 (tf32 MMA for 16-bit data): an fp16 copy would overflow past 65504.
+    # xa stays fp32 (tf32 MMA for 16-bit data): an fp16 copy would overflow past 65504.
     if LORA_FP32:
-        acc += scale * tl.dot(s, bt.to(tl.float32), input_precision="ieee")
+        acc += scale * tl.dot(xa, bt.to(tl.float32), input_precision="ieee")
     else:
-        acc += scale * tl.dot(s, bt.to(tl.float32))
+        acc += scale * tl.dot(xa, bt.to(tl.float32))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
@@ -178,18 +179,17 @@ def lora_decode_linear(
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.reshape(*lead, N)
-    dev = x.device.index or 0
     bm, bn, bk, br, warps, stages = decode_config(M, r, x.element_size(), _backend.interpreter_enabled(),
-                                                  lambda: _max_smem(dev))
+                                                  lambda: _utils.smem_of(x.device))
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    with _device_ctx(x):
+    with _utils.device_ctx(x):
         _decode_kernel[grid](
             x2, weight, bias if bias is not None else weight, lora_A, lora_B, y, float(scale),
             M, N, K, r,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, HAS_BIAS=bias is not None,
-            CAST_FP32=_cast_to_fp32(x.dtype), LORA_FP32=_cast_to_fp32(x.dtype, lora_A.dtype),
+            CAST_FP32=_utils.cast_to_fp32(x.dtype), LORA_FP32=_utils.cast_to_fp32(x.dtype, lora_A.dtype),
             num_warps=warps, num_stages=stages,
         )
     return y.reshape(*lead, N)

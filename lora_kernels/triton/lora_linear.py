@@ -1,37 +1,40 @@
-"""Triton kernels of the fused LoRA linear: ``y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` and its gradients.
+"""Triton kernels of the fused LoRA linear: ``y = x·W0ᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` and its gradients.
 
-The graph is split at the small ``S = dropout(x)·Aᵀ`` (M×r), as in LoRAFusion (arXiv 2510.00206): the memory-bound
+The graph is split at the small ``xa = dropout(x)·Aᵀ`` (M×r), as in LoRAFusion (arXiv 2510.00206): the memory-bound
 LoRA pieces ride inside the compute-bound base products, so no M×N (or M×K) LoRA temporary is ever written.
 
 Forward (two launches; one for decode-sized batches without dropout, where the shrink runs inside the GEMM's main
 loop: ``FUSE_SHRINK``):
-  1. ``_shrink_kernel``      S = dropout(x)·Aᵀ, fp32, the dropout mask drawn in-kernel from (seed, m·K + k).
-  2. ``_fwd_kernel``         y = x·W0ᵀ + s·S·Bᵀ + bias: the fp32 accumulator of each output tile starts as the K = r
-                             product S_tile·B_tileᵀ·s, then the ordinary K loop over x and W0, bias in the epilogue.
+  1. ``_dropout_shrink_kernel`` xa = dropout(x)·Aᵀ, fp32, the dropout mask drawn in-kernel from (seed, m·K + k).
+  2. ``_fwd_kernel``         y = x·W0ᵀ + scale·xa·Bᵀ + bias: the fp32 accumulator of each output tile starts as the
+                             K = r product xa_tile·B_tileᵀ·scale, then the ordinary K loop over x and W0, bias in the
+                             epilogue.
 Backward (three launches, plus cuBLAS for dW / a torch reduction for dbias when asked):
-  3. ``_ds_db_kernel``       one pass over dY: dS = s·dY·B (M×r) and dB = s·dYᵀ·S (N×r, fp32 atomics, split over N).
-  4. ``_reduce_m_kernel``    dA = dSᵀ·dropout(x), mask regenerated from the seed (split over M, fp32 atomics).
-  5. ``_dx_kernel``          dX = dY·W0 + mask⊙(dS·A)/(1-p): accumulator initialised with the masked K = r product.
-Saved between the two: x, S (fp32) and the seed; never the mask, never x̂. The seed is a 0-dim int64 tensor on x's
+  3. ``_dxa_db_kernel``      one pass over dY: dxa = scale·dY·B (M×r) and dB = scale·dYᵀ·xa (N×r, fp32 atomics, split
+                             over N).
+  4. ``_reduce_m_kernel``    dA = dxaᵀ·dropout(x), mask regenerated from the seed (split over M, fp32 atomics).
+  5. ``_dx_kernel``          dX = dY·W0 + mask⊙(dxa·A)/(1-p): accumulator initialised with the masked K = r product.
+Saved between the two: x, xa (fp32) and the seed; never the mask, never x̂. The seed is a 0-dim int64 tensor on x's
 device that the kernels load (``seed_ptr``), never a by-value argument: no host sync, and a CUDA-graph replay of a
 training step reads the seed drawn on the device in that replay, so every replay gets a fresh mask.
 Every fp32 atomic is ``sem="relaxed"``: the partial sums are read only by later launches (the kernel boundary
-orders them), so the default acq_rel's fence before each atomic (a MEMBAR.ALL.GPU inside the dS/dB kernel's N loop on
+orders them), so the default acq_rel's fence before each atomic (a MEMBAR.ALL.GPU inside the dxa/dB kernel's N loop on
 sm_90) buys nothing.
 Under ``torch.use_deterministic_algorithms(True)`` no reduction is split across programs and dB comes from a second,
-atomic-free pass over dY (dBᵀ = s·Sᵀ·dY through kernel 4), so results are bitwise reproducible.
+atomic-free pass over dY (dBᵀ = scale·xaᵀ·dY through kernel 4), so results are bitwise reproducible.
 
 Precision. Every accumulator is fp32. The base products multiply x·W0 in their own dtype (fp16/bf16 tensor cores;
-for fp32 inputs the same TF32 policy as cuBLAS: ``torch.backends.cuda.matmul.allow_tf32``). Products involving S, dS
+for fp32 inputs the same TF32 policy as cuBLAS: ``torch.backends.cuda.matmul.allow_tf32``). Products involving xa, dxa
 or fp32 adapters run on fp32 operands in TF32 when x is half precision (fp16/bf16 values are exact in TF32, so only the
 fp32 operand is rounded, to 2^-11), and follow the same policy as the base product when x is fp32. The dropout
 rescale 1/(1-p) is applied to the fp32 accumulator, never to the half-precision x, so x̂ is never rounded.
-In the Triton interpreter a bf16 ``tl.dot`` is wrong (checked with triton 3.6 and 3.9), so bf16 operands are upcast to fp32
-there (``UPCAST``); on a GPU they are not.
+In the Triton interpreter a bf16 ``tl.dot`` is wrong (checked with triton 3.6 and 3.9), so bf16 operands are upcast to
+fp32 there (``UPCAST``); on a GPU they are not.
 
 Tiles. The CUDA configuration lists below are starting points chosen by compiling for sm_90 (no spills, shared memory
-within the card's budget), not yet by timing; BENCHMARKS.md records their measurement against the cuBLAS path. The interpreter gets a single small configuration
-so the CPU tests stay fast and still cover several tiles, ragged edges and the split/atomic paths.
+within the card's budget), not yet by timing; BENCHMARKS.md records their measurement against the cuBLAS path. The
+interpreter gets a single small configuration so the CPU tests stay fast and still cover several tiles, ragged edges
+and the split/atomic paths.
 
 CUDA graphs. The launchers do no host sync and size every buffer and grid from host ints, so a training step can be
 captured. But the first call of a shape compiles the kernels and (unless $LORA_KERNELS_AUTOTUNE=0) benchmarks the
@@ -47,10 +50,8 @@ cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than cu
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -59,6 +60,7 @@ import triton.language as tl
 from .. import _backend
 from ..reference import lora_linear as _ref
 from ..reference.dropout import RAND_BITS, dropout_threshold
+from . import _utils
 from ._compat import patch_interpreter
 
 # "triton": y and dX come from the fused Triton GEMMs. "cublas": cuBLAS computes the base product, the Triton kernels
@@ -77,19 +79,17 @@ _TRITON_BASE_MAX_M = 256
 
 # Philox draws 32 bits; the mask keeps the top RAND_BITS (see reference/dropout.py), so shift away the rest.
 _RAND_SHIFT = tl.constexpr(32 - RAND_BITS)
-# Smallest K (and M, N) extent of a tl.dot operand: the tensor-core MMA shapes need 16.
-_MIN_DOT = 16
-# The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 S tile (BLOCK_M×32) and B tile
+# The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 xa tile (BLOCK_M×32) and B tile
 # (32×BLOCK_N) stay small next to the main loop's buffers, and r = 16 or 32 (the common ranks) is one step.
 _PROLOGUE_MAX_R = 32
 # Forward without dropout at decode-sized batches (≤ this many rows): the shrink runs inside the base GEMM's main
 # loop (FUSE_SHRINK), so the forward is one launch instead of a memset, a split-K shrink and the GEMM (two extra
 # graph nodes, ~2 µs each against a ~10 µs base at K = N = 4096). Each column of output tiles recomputes its rows of
-# S, N/BLOCK_N times the shrink's FLOPs, which only memory-bound (small-M) products absorb.
+# xa, N/BLOCK_N times the shrink's FLOPs, which only memory-bound (small-M) products absorb.
 _FUSED_SHRINK_MAX_M = 256
-# ... and ranks up to 64: the fused S accumulator (BLOCK_M × r fp32) stays small next to the output tile's.
+# ... and ranks up to 64: the fused xa accumulator (BLOCK_M × r fp32) stays small next to the output tile's.
 _FUSED_SHRINK_MAX_R = 64
-# ... and output tiles of at most 64×128: the 128×256 tile with the S accumulator spilled 2.6 KB per thread on sm_90,
+# ... and output tiles of at most 64×128: the 128×256 tile with the xa accumulator spilled 2.6 KB per thread on sm_90,
 # and at these batch sizes the product is memory-bound: smaller tiles give more programs to pull W0 from HBM (a
 # 256-row batch at N = 4096 has 16 tiles of 128×256 for 132 SMs, 128 of 64×128).
 _FUSED_SHRINK_MAX_TILE = 64 * 128
@@ -98,6 +98,9 @@ _SKINNY_MAX_R = 128
 # The autotune key buckets M to a power of two (capped): training with varying sequence lengths must not re-tune on
 # every new M.
 _M_BUCKET_CAP = 16384
+
+# The dropout seed: a 0-dim int64 tensor on the device (graph-safe, no host sync) or a Python int.
+Seed = Union[torch.Tensor, int]
 
 _INTERPRET_AT_IMPORT = _backend.interpreter_enabled()
 # triton 3.6's interpreter + numpy >= 2.4 cannot run loops with runtime bounds (see _compat.py); no-op otherwise.
@@ -167,32 +170,21 @@ def _gemm_configs(col_key: str, red_key: str, tiles=None):
     ]
 
 
-@functools.lru_cache(maxsize=None)
-def _device_smem(index: int) -> int:
-    """Opt-in shared memory per block of GPU ``index`` (227 KiB on H100, 163 KiB on A100, 99 KiB on sm_86/89)."""
-    try:
-        from triton.runtime import driver
-
-        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    except Exception:  # pragma: no cover - driver API differences across triton versions
-        return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)) or 99 * 1024
-
-
 def _smem_budget(device: torch.device) -> int:
     """_SMEM_BUDGET on an H100 (and in the interpreter); on a GPU with less shared memory the same 35 KiB are left
     for the LoRA prologue and the epilogue, so that the first config (used without benchmarking when autotuning is
     off) still launches instead of failing with OutOfResources."""
     if device.type != "cuda":
         return _SMEM_BUDGET
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return min(_SMEM_BUDGET, _device_smem(index) - (227 * 1024 - _SMEM_BUDGET))
+    return min(_SMEM_BUDGET, _utils.smem_of(device) - (227 * 1024 - _SMEM_BUDGET))
 
 
 def _gemm_pruner(operand: str, col_key: str, red_key: str):
     """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles)
-    and, with dropout, tiles over _DROPOUT_MAX_PER_THREAD output elements per thread; cut num_stages until the operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list
-    instead. With $LORA_KERNELS_AUTOTUNE=0 the first surviving config is used without benchmarking. Always returns
-    at least one config."""
+    and, with dropout, tiles over _DROPOUT_MAX_PER_THREAD output elements per thread; cut num_stages until the
+    operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list instead. With
+    $LORA_KERNELS_AUTOTUNE=0 the first surviving config is used without benchmarking. Always returns at least one
+    config."""
 
     def prune(configs, named_args, **kwargs):
         elem = named_args[operand].element_size()
@@ -210,7 +202,7 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
             kw = c.kwargs
             stage_bytes = (kw["BLOCK_M"] + kw[col_key]) * kw[red_key] * elem
             stages = min(c.num_stages, budget // stage_bytes)
-            if stages < 2 or kw["BLOCK_M"] > max(_MIN_DOT, 2 * bucket):
+            if stages < 2 or kw["BLOCK_M"] > max(_utils.MIN_DOT, 2 * bucket):
                 continue
             if dropout and kw["BLOCK_M"] * kw[col_key] > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps:
                 continue
@@ -278,10 +270,10 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 # ---------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _shrink_kernel(
+def _dropout_shrink_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, any strides
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
-    s_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_K > 1 (atomics)
+    xa_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_K > 1 (atomics)
     M, K, R,
     stride_xm, stride_xk,
     stride_ar, stride_ak,
@@ -292,9 +284,9 @@ def _shrink_kernel(
     F32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """S[m-tile, r-tile] = dropout(x)·Aᵀ over this program's share of K (grid: m-tiles, K splits, r-tiles)."""
+    """xa[m-tile, r-tile] = dropout(x)·Aᵀ over this program's share of K (grid: m-tiles, K splits, r-tiles)."""
     pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_split = tl.program_id(1)
     pid_r = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -302,12 +294,12 @@ def _shrink_kernel(
     r_ok = rr < R
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_end = tl.minimum((pid_s + 1) * per_split, k_tiles)
+    t_end = tl.minimum((pid_split + 1) * per_split, k_tiles)
     if HAS_DROPOUT:
         # Read on the device, not passed by value: a CUDA-graph replay sees the seed drawn in that replay.
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for t in range(pid_s * per_split, t_end):
+    for t in range(pid_split * per_split, t_end):
         rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         xt = tl.load(
@@ -324,11 +316,11 @@ def _shrink_kernel(
         acc = _dot(xt, at, acc, F32, PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    s_ptrs = s_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
+    xa_ptrs = xa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
     if SPLIT_K == 1:
-        tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+        tl.store(xa_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
     else:
-        tl.atomic_add(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
+        tl.atomic_add(xa_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
 
 
 @triton.autotune(
@@ -343,7 +335,7 @@ def _shrink_kernel(
 def _fwd_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, any strides
     w_ptr,  # [N, K] x's dtype, any strides
-    s_ptr,  # [M, R] fp32 (S = dropout(x)·Aᵀ), any strides; written, not read, when FUSE_SHRINK
+    xa_ptr,  # [M, R] fp32 (xa = dropout(x)·Aᵀ), any strides; written, not read, when FUSE_SHRINK
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides (read only when FUSE_SHRINK)
     bias_ptr,  # [N] x's dtype, contiguous (read only when HAS_BIAS)
@@ -351,16 +343,16 @@ def _fwd_kernel(
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
-    stride_sm, stride_sr,
+    stride_xam, stride_xar,
     stride_bn, stride_br,
     stride_ar, stride_ak,
     stride_ym, stride_yn,
     scale,
     HAS_BIAS: tl.constexpr,
     BASE: tl.constexpr,  # True: y = base + LoRA (+ bias). False: y += LoRA (cuBLAS already wrote the base + bias)
-    # True (BASE only, no dropout): S = x·Aᵀ is accumulated in the main loop from the x tiles already loaded (A's
-    # tiles are small and come from L2), S·Bᵀ is added after it, and the programs of the first column of tiles write
-    # S: the whole forward is this one launch. Each column of tiles recomputes its rows of S, N/BLOCK_N times the
+    # True (BASE only, no dropout): xa = x·Aᵀ is accumulated in the main loop from the x tiles already loaded (A's
+    # tiles are small and come from L2), xa·Bᵀ is added after it, and the programs of the first column of tiles write
+    # xa: the whole forward is this one launch. Each column of tiles recomputes its rows of xa, N/BLOCK_N times the
     # shrink's FLOPs: cheap where the product is memory-bound (decode-sized batches), not at training sizes.
     FUSE_SHRINK: tl.constexpr,
     SHRINK_F32: tl.constexpr,  # the fused shrink's operands taken to fp32 first (A fp32, or bf16 in the interpreter)
@@ -376,16 +368,16 @@ def _fwd_kernel(
     rm_in = (rm % M).to(tl.int64)
     rn_in = (rn % N).to(tl.int64)
 
-    # LoRA prologue: acc = s·S_tile·B_tileᵀ, a K = r product (r walked in BLOCK_R chunks).
+    # LoRA prologue: acc = scale·xa_tile·B_tileᵀ, a K = r product (r walked in BLOCK_R chunks).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if not FUSE_SHRINK:
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
-            st = tl.load(s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr, mask=rr[None, :] < R,
+            xat = tl.load(xa_ptr + rm_in[:, None] * stride_xam + rr[None, :] * stride_xar, mask=rr[None, :] < R,
                          other=0.0)
             bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R,
                          other=0.0)
-            acc = _dot(st, bt, acc, True, LORA_PREC)
+            acc = _dot(xat, bt, acc, True, LORA_PREC)
         acc = acc * scale
 
     y_mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -396,7 +388,7 @@ def _fwd_kernel(
         w_ptrs = w_ptr + rn_in[None, :] * stride_wn + rk[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]: W0ᵀ tile
         if FUSE_SHRINK:
             rr = tl.arange(0, BLOCK_R)  # all of r in one tile (the launcher guarantees R <= BLOCK_R)
-            s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            xa_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             a_ptrs = a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak  # [BLOCK_K, BLOCK_R]: Aᵀ tile
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_left = K - k * BLOCK_K
@@ -412,17 +404,17 @@ def _fwd_kernel(
                     at = tl.load(a_ptrs, mask=rr[None, :] < R, other=0.0)
                 else:
                     at = tl.load(a_ptrs, mask=(rr[None, :] < R) & (rk[:, None] < k_left), other=0.0)
-                s_acc = _dot(xt, at, s_acc, SHRINK_F32, LORA_PREC)
+                xa_acc = _dot(xt, at, xa_acc, SHRINK_F32, LORA_PREC)
                 a_ptrs += BLOCK_K * stride_ak
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         if FUSE_SHRINK:
-            if pid_n == 0:  # one writer per row of S: the first column of tiles
-                tl.store(s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr, s_acc,
+            if pid_n == 0:  # one writer per row of xa: the first column of tiles
+                tl.store(xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar, xa_acc,
                          mask=(rm[:, None] < M) & (rr[None, :] < R))
             bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R,
                          other=0.0)
-            acc += _dot(s_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), True, LORA_PREC) * scale
+            acc += _dot(xa_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), True, LORA_PREC) * scale
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     else:
@@ -431,39 +423,40 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _ds_db_kernel(
+def _dxa_db_kernel(
     dy_ptr,  # [M, N] x's dtype, any strides
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
-    s_ptr,  # [M, R] fp32 (forward's S), any strides
-    ds_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_N > 1 (atomics)
+    xa_ptr,  # [M, R] fp32 (forward's xa), any strides
+    dxa_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_N > 1 (atomics)
     db_ptr,  # [N, R] fp32 out, contiguous, zero-filled (atomics across m-tiles); unused unless COMPUTE_DB
     M, N, R,
     stride_dym, stride_dyn,
     stride_bn, stride_br,
-    stride_sm, stride_sr,
+    stride_xam, stride_xar,
     scale,
     SPLIT_N: tl.constexpr,
     COMPUTE_DB: tl.constexpr,  # False in deterministic mode: dB then comes from _reduce_m_kernel, without atomics
     F32: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One pass over dY (grid: m-tiles, N splits, r-tiles): dS = s·dY·B and dB += s·dYᵀ·S for each dY tile read."""
+    """One pass over dY (grid: m-tiles, N splits, r-tiles): dxa = scale·dY·B and dB += scale·dYᵀ·xa for each dY tile
+    read."""
     pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_split = tl.program_id(1)
     pid_r = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_ok = rm < M
     r_ok = rr < R
-    st = tl.load(
-        s_ptr + rm.to(tl.int64)[:, None] * stride_sm + rr[None, :] * stride_sr,
+    xat = tl.load(
+        xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
         mask=m_ok[:, None] & r_ok[None, :], other=0.0,
     )
-    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n_tiles = tl.cdiv(N, BLOCK_N)
     per_split = tl.cdiv(n_tiles, SPLIT_N)
-    t_end = tl.minimum((pid_s + 1) * per_split, n_tiles)
-    for t in range(pid_s * per_split, t_end):
+    t_end = tl.minimum((pid_split + 1) * per_split, n_tiles)
+    for t in range(pid_split * per_split, t_end):
         rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         dyt = tl.load(
@@ -474,23 +467,23 @@ def _ds_db_kernel(
             b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
             mask=n_ok[:, None] & r_ok[None, :], other=0.0,
         )
-        ds = _dot(dyt, bt, ds, F32, PREC)
+        dxa = _dot(dyt, bt, dxa, F32, PREC)
         if COMPUTE_DB:
-            db = _dot(tl.trans(dyt), st, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
+            db = _dot(tl.trans(dyt), xat, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
             tl.atomic_add(
                 db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :],
                 sem="relaxed",
             )
-    ds_ptrs = ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
+    dxa_ptrs = dxa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
     if SPLIT_N == 1:
-        tl.store(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :])
+        tl.store(dxa_ptrs, dxa * scale, mask=m_ok[:, None] & r_ok[None, :])
     else:
-        tl.atomic_add(ds_ptrs, ds * scale, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
+        tl.atomic_add(dxa_ptrs, dxa * scale, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
 
 
 @triton.jit
 def _reduce_m_kernel(
-    ds_ptr,  # [M, R] fp32 (dS = s·dY·B; S for the deterministic dBᵀ), contiguous
+    dxa_ptr,  # [M, R] fp32 (dxa = scale·dY·B; xa for the deterministic dBᵀ), contiguous
     x_ptr,  # [M, K] fp16/bf16/fp32 (x; dY for dBᵀ), any strides
     da_ptr,  # [R, K] fp32 out, contiguous; zero-filled when SPLIT_M > 1 (atomics)
     M, K, R,
@@ -502,11 +495,12 @@ def _reduce_m_kernel(
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """dA[r-tile, k-tile] = dSᵀ·dropout(x) over this program's share of M (grid: k-tiles, M splits, r-tiles).
+    """dA[r-tile, k-tile] = dxaᵀ·dropout(x) over this program's share of M (grid: k-tiles, M splits, r-tiles).
 
-    The same reduction over M gives dBᵀ = Sᵀ·dY (times s), which deterministic mode uses instead of dB's atomics."""
+    The same reduction over M gives dBᵀ = xaᵀ·dY (times scale), which deterministic mode uses instead of dB's
+    atomics."""
     pid_k = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_split = tl.program_id(1)
     pid_r = tl.program_id(2)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -515,20 +509,21 @@ def _reduce_m_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     m_tiles = tl.cdiv(M, BLOCK_M)
     per_split = tl.cdiv(m_tiles, SPLIT_M)
-    t_end = tl.minimum((pid_s + 1) * per_split, m_tiles)
+    t_end = tl.minimum((pid_split + 1) * per_split, m_tiles)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)  # the forward's seed tensor, saved for backward
-    for t in range(pid_s * per_split, t_end):
+    for t in range(pid_split * per_split, t_end):
         rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
-        dst = tl.load(ds_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        dxat = tl.load(dxa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                       other=0.0)
         xt = tl.load(
             x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
             mask=m_ok[:, None] & k_ok[None, :], other=0.0,
         )
         if HAS_DROPOUT:
             xt = tl.where(_keep_mask(seed, rm, rk, K, threshold), xt, tl.zeros_like(xt))
-        acc = _dot(tl.trans(dst), xt, acc, True, PREC)
+        acc = _dot(tl.trans(dxat), xt, acc, True, PREC)
     if HAS_DROPOUT:
         acc = acc * inv_keep
     da_ptrs = da_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :]
@@ -550,7 +545,7 @@ def _reduce_m_kernel(
 def _dx_kernel(
     dy_ptr,  # [M, N] x's dtype, any strides
     w_ptr,  # [N, K] x's dtype, any strides
-    ds_ptr,  # [M, R] fp32 (dS = s·dY·B), contiguous
+    dxa_ptr,  # [M, R] fp32 (dxa = scale·dY·B), contiguous
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
     dx_ptr,  # [M, K] x's dtype out (read too when not BASE), contiguous
     M, N, K, R, M_BUCKET,
@@ -574,13 +569,13 @@ def _dx_kernel(
     rm_in = (rm % M).to(tl.int64)
     rk_in = (rk % K).to(tl.int64)
 
-    # LoRA prologue: acc = mask ⊙ (dS_tile·A_tile) / (1-p).
+    # LoRA prologue: acc = mask ⊙ (dxa_tile·A_tile) / (1-p).
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
-        dst = tl.load(ds_ptr + rm_in[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
+        dxat = tl.load(dxa_ptr + rm_in[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
         at = tl.load(a_ptr + rr[:, None] * stride_ar + rk_in[None, :] * stride_ak, mask=rr[:, None] < R, other=0.0)
-        acc = _dot(dst, at, acc, True, LORA_PREC)
+        acc = _dot(dxat, at, acc, True, LORA_PREC)
     if HAS_DROPOUT:
         acc = tl.where(_keep_mask(tl.load(seed_ptr), rm, rk, K, threshold), acc * inv_keep, 0.0)
 
@@ -607,21 +602,11 @@ def _dx_kernel(
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
-def _device_ctx(t: torch.Tensor):
-    """Launch on the tensors' GPU, not on whichever GPU is current; nothing to do on the CPU (interpreter)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(t: torch.Tensor) -> int:
     """How many programs the split kernels aim for: two per SM on a GPU; in the interpreter 2, so splits happen."""
     if t.device.type != "cuda":
         return 2
-    return 2 * _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 2 * _utils.sm_count_of(t.device)
 
 
 def _split(work_tiles: int, other_programs: int, target: int) -> int:
@@ -633,20 +618,7 @@ def _split(work_tiles: int, other_programs: int, target: int) -> int:
     return max(1, min(work_tiles, triton.cdiv(target, max(1, other_programs)), 64))
 
 
-def _precisions(dtype: torch.dtype):
-    """(UPCAST, PREC, LORA_PREC): see the module docstring."""
-    fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    upcast = dtype == torch.bfloat16 and _backend.interpreter_enabled()
-    if dtype == torch.float32:
-        return upcast, fp32_prec, fp32_prec
-    return upcast, "tf32", "tf32"  # PREC is unused by half-precision operands; LoRA fp32 operands use TF32
-
-
-def _r_block(R: int, cap: int) -> int:
-    return max(_MIN_DOT, min(triton.next_power_of_2(R), cap))
-
-
-def _dropout_args(dropout_p: float, seed, like: torch.Tensor):
+def _dropout_args(dropout_p: float, seed: Seed, like: torch.Tensor) -> Tuple[bool, torch.Tensor, int, float]:
     """(HAS_DROPOUT, seed pointer, threshold, 1/(1-p)) for the kernels; p = 0 compiles the mask away.
 
     ``seed``: a 0-dim int64 tensor (what the op passes: drawn on x's device, so the kernels read it without a host
@@ -664,13 +636,17 @@ def _dropout_args(dropout_p: float, seed, like: torch.Tensor):
 
 
 def _skinny_max_r(device: torch.device) -> int:
-    """r-tile cap of the skinny kernels: their [64, 128] fp32 tiles take up to 160 KiB of shared memory (dS/dB kernel,
+    """r-tile cap of the skinny kernels: their [64, 128] fp32 tiles take up to 160 KiB of shared memory (dxa/dB kernel,
     fp32 adapters, sm_90), more than sm_86/sm_89 GPUs have (99 KiB); those get 64-wide r-tiles (one more grid axis
     step for r > 64, same results)."""
     if device.type != "cuda":
         return _SKINNY_MAX_R
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _SKINNY_MAX_R if _device_smem(index) >= 160 * 1024 else 64
+    return _SKINNY_MAX_R if _utils.smem_of(device) >= 160 * 1024 else 64
+
+
+def _skinny_block_m(M: int) -> int:
+    """Row tile of the skinny kernels: M rounded up to a power of two (at least MIN_DOT), at most _SKINNY_BLOCK."""
+    return min(_SKINNY_BLOCK, max(_utils.MIN_DOT, triton.next_power_of_2(M)))
 
 
 def _triton_base(M: int) -> bool:
@@ -686,21 +662,21 @@ def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
 
 
-def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
-    """S = dropout(x)·Aᵀ, fp32 [M, r]. x [M, K] (any strides), lora_A [r, K]."""
+def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: Seed) -> torch.Tensor:
+    """xa = dropout(x)·Aᵀ, fp32 [M, r]. x [M, K] (any strides), lora_A [r, K]."""
     M, K = x.shape
     R = lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
-    upcast, _, lora_prec = _precisions(x.dtype)
-    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
-    block_r = _r_block(R, _skinny_max_r(x.device))
+    upcast, _, lora_prec = _utils.tf32_precisions(x.dtype)
+    block_m = _skinny_block_m(M)
+    block_r = _utils.block_r(R, _skinny_max_r(x.device))
     m_tiles, r_tiles, k_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(K, _SKINNY_BLOCK)
     split_k = _split(k_tiles, m_tiles * r_tiles, _target_programs(x))
-    s_mat = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
+    xa = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
     same = lora_A.dtype == x.dtype and not upcast
-    with _device_ctx(x):
-        _shrink_kernel[(m_tiles, split_k, r_tiles)](
-            x, lora_A, s_mat,
+    with _utils.device_ctx(x):
+        _dropout_shrink_kernel[(m_tiles, split_k, r_tiles)](
+            x, lora_A, xa,
             M, K, R,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             seed_t, threshold, inv_keep,
@@ -709,7 +685,7 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> to
             BLOCK_M=block_m, BLOCK_K=_SKINNY_BLOCK, BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
         )
-    return s_mat
+    return xa
 
 
 def lora_linear_forward(
@@ -720,9 +696,9 @@ def lora_linear_forward(
     scale: float,
     bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
-    seed=0,
-):
-    """Same contract as ``reference.lora_linear.lora_linear_forward``: ``(y [M, N] in x.dtype, S [M, r] fp32)``.
+    seed: Seed = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``reference.lora_linear.lora_linear_forward``: ``(y [M, N] in x.dtype, xa [M, r] fp32)``.
 
     ``seed``: a 0-dim int64 tensor (read by the kernels on the device: CUDA-graph safe, no host sync) or an int."""
     M, K = x.shape
@@ -731,13 +707,13 @@ def lora_linear_forward(
         return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, 0)
     if bias is not None:
         bias = bias.contiguous()  # the epilogue indexes bias[n] with unit stride; N elements, a no-op when contiguous
-    upcast, prec, lora_prec = _precisions(x.dtype)
+    upcast, prec, lora_prec = _utils.tf32_precisions(x.dtype)
     base = _triton_base(M)
     fuse = base and dropout_p <= 0.0 and M <= _FUSED_SHRINK_MAX_M and R <= _FUSED_SHRINK_MAX_R
     if fuse:
-        s_mat = torch.empty((M, R), dtype=torch.float32, device=x.device)  # written by the GEMM's first tile column
+        xa = torch.empty((M, R), dtype=torch.float32, device=x.device)  # written by the GEMM's first tile column
     else:
-        s_mat = _shrink(x, lora_A, dropout_p, seed)
+        xa = _shrink(x, lora_A, dropout_p, seed)
     if base:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     elif bias is not None:
@@ -745,13 +721,13 @@ def lora_linear_forward(
     else:
         y = torch.mm(x, weight.t())
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    with _device_ctx(x):
+    with _utils.device_ctx(x):
         _fwd_kernel[grid](
-            x, weight, s_mat, lora_B, lora_A, bias if bias is not None else y, y,
+            x, weight, xa, lora_B, lora_A, bias if bias is not None else y, y,
             M, N, K, R, _m_bucket(M),
             x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1),
-            s_mat.stride(0), s_mat.stride(1),
+            xa.stride(0), xa.stride(1),
             lora_B.stride(0), lora_B.stride(1),
             lora_A.stride(0), lora_A.stride(1),
             y.stride(0), y.stride(1),
@@ -761,33 +737,34 @@ def lora_linear_forward(
             FUSE_SHRINK=fuse,
             SHRINK_F32=lora_A.dtype != x.dtype or upcast,
             UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
-            BLOCK_R=_r_block(R, _FUSED_SHRINK_MAX_R if fuse else _PROLOGUE_MAX_R),
+            BLOCK_R=_utils.block_r(R, _FUSED_SHRINK_MAX_R if fuse else _PROLOGUE_MAX_R),
         )
-    return y, s_mat
+    return y, xa
 
 
-def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: float):
-    """(dS [M, r] fp32, dB [N, r] fp32) from one pass over dY; in deterministic mode dB from a second, atomic-free
-    pass (dBᵀ = s·Sᵀ·dY through the dA kernel)."""
+def _dxa_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
+            scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dxa [M, r] fp32, dB [N, r] fp32) from one pass over dY; in deterministic mode dB from a second, atomic-free
+    pass (dBᵀ = scale·xaᵀ·dY through the dA kernel)."""
     M, N = dy.shape
     R = lora_B.shape[1]
-    upcast, _, lora_prec = _precisions(dy.dtype)
-    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
+    upcast, _, lora_prec = _utils.tf32_precisions(dy.dtype)
+    block_m = _skinny_block_m(M)
     block_n = _SKINNY_BLOCK
-    block_r = _r_block(R, _skinny_max_r(dy.device))
+    block_r = _utils.block_r(R, _skinny_max_r(dy.device))
     m_tiles, r_tiles, n_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
     split_n = _split(n_tiles, m_tiles * r_tiles, _target_programs(dy))
-    d_s = (torch.zeros if split_n > 1 else torch.empty)((M, R), dtype=torch.float32, device=dy.device)
+    dxa = (torch.zeros if split_n > 1 else torch.empty)((M, R), dtype=torch.float32, device=dy.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     d_b = torch.zeros((0 if deterministic else N, R), dtype=torch.float32, device=dy.device)
     same = lora_B.dtype == dy.dtype and not upcast
-    with _device_ctx(dy):
-        _ds_db_kernel[(m_tiles, split_n, r_tiles)](
-            dy, lora_B, s_mat, d_s, d_b,
+    with _utils.device_ctx(dy):
+        _dxa_db_kernel[(m_tiles, split_n, r_tiles)](
+            dy, lora_B, xa, dxa, d_b,
             M, N, R,
             dy.stride(0), dy.stride(1),
             lora_B.stride(0), lora_B.stride(1),
-            s_mat.stride(0), s_mat.stride(1),
+            xa.stride(0), xa.stride(1),
             float(scale),
             SPLIT_N=split_n, COMPUTE_DB=not deterministic,
             F32=not same, PREC=lora_prec,
@@ -795,24 +772,24 @@ def _ds_db(dy: torch.Tensor, lora_B: torch.Tensor, s_mat: torch.Tensor, scale: f
             num_warps=_SKINNY_WARPS,
         )
     if deterministic:
-        d_b = _reduce_m(s_mat, dy, 0.0, 0).mul_(scale).t().contiguous()
-    return d_s, d_b
+        d_b = _reduce_m(xa, dy, 0.0, 0).mul_(scale).t().contiguous()
+    return dxa, d_b
 
 
-def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed) -> torch.Tensor:
-    """leftᵀ·dropout(x), fp32 [r, K], for left [M, r] fp32 contiguous and x [M, K] any strides (dA = dSᵀ·x̂)."""
+def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: Seed) -> torch.Tensor:
+    """leftᵀ·dropout(x), fp32 [r, K], for left [M, r] fp32 contiguous and x [M, K] any strides (dA = dxaᵀ·x̂)."""
     M, K = x.shape
     R = left.shape[1]
     left = left.contiguous()
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
-    _, _, lora_prec = _precisions(x.dtype)
+    _, _, lora_prec = _utils.tf32_precisions(x.dtype)
     block_k = _SKINNY_BLOCK
-    block_m = min(_SKINNY_BLOCK, max(_MIN_DOT, triton.next_power_of_2(M)))
-    block_r = _r_block(R, _skinny_max_r(x.device))
+    block_m = _skinny_block_m(M)
+    block_r = _utils.block_r(R, _skinny_max_r(x.device))
     k_tiles, r_tiles, m_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(M, block_m)
     split_m = _split(m_tiles, k_tiles * r_tiles, _target_programs(x))
     out = (torch.zeros if split_m > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
-    with _device_ctx(x):
+    with _utils.device_ctx(x):
         _reduce_m_kernel[(k_tiles, split_m, r_tiles)](
             left, x, out,
             M, K, R,
@@ -825,18 +802,19 @@ def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed) -> to
     return out
 
 
-def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed):
-    """dX = dY·W0 + mask ⊙ (dS·A)/(1-p), x's dtype, contiguous [M, K]."""
+def _dx(dy: torch.Tensor, weight: torch.Tensor, dxa: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
+        seed: Seed) -> torch.Tensor:
+    """dX = dY·W0 + mask ⊙ (dxa·A)/(1-p), x's dtype, contiguous [M, K]."""
     M, N = dy.shape
     K, R = weight.shape[1], lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, dy)
-    upcast, prec, lora_prec = _precisions(dy.dtype)
+    upcast, prec, lora_prec = _utils.tf32_precisions(dy.dtype)
     base = _triton_base(M)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if base else torch.mm(dy, weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-    with _device_ctx(dy):
+    with _utils.device_ctx(dy):
         _dx_kernel[grid](
-            dy, weight, d_s, lora_A, dx,
+            dy, weight, dxa, lora_A, dx,
             M, N, K, R, _m_bucket(M),
             dy.stride(0), dy.stride(1),
             weight.stride(0), weight.stride(1),
@@ -844,7 +822,7 @@ def _dx(dy: torch.Tensor, weight: torch.Tensor, d_s: torch.Tensor, lora_A: torch
             seed_t, threshold, inv_keep,
             HAS_DROPOUT=has_drop, BASE=base,
             UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
-            BLOCK_R=_r_block(R, _PROLOGUE_MAX_R),
+            BLOCK_R=_utils.block_r(R, _PROLOGUE_MAX_R),
         )
     return dx
 
@@ -855,14 +833,14 @@ def lora_linear_backward(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    s_mat: torch.Tensor,
+    xa: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
-    seed=0,
+    seed: Seed = 0,
     needs_dx: bool = True,
     needs_dweight: bool = False,
     needs_dbias: bool = False,
-):
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Same contract as ``reference.lora_linear.lora_linear_backward``: ``(dx, dA, dB, dweight, dbias)``.
 
     dX, dA, dB come from the kernels above; dW = dYᵀ·x (only when asked) and dbias = Σ_m dY are left to cuBLAS / torch.
@@ -872,11 +850,11 @@ def lora_linear_backward(
     N = weight.shape[0]
     if M == 0 or N == 0 or K == 0:  # nothing to mask: the seed is not read (no sync)
         return _ref.lora_linear_backward(
-            dy, x, weight, lora_A, lora_B, s_mat, scale, dropout_p, 0, needs_dx, needs_dweight, needs_dbias
+            dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, 0, needs_dx, needs_dweight, needs_dbias
         )
-    d_s, d_b = _ds_db(dy, lora_B, s_mat, scale)
-    d_a = _reduce_m(d_s, x, dropout_p, seed)
-    dx = _dx(dy, weight, d_s, lora_A, dropout_p, seed) if needs_dx else None
+    dxa, d_b = _dxa_db(dy, lora_B, xa, scale)
+    d_a = _reduce_m(dxa, x, dropout_p, seed)
+    dx = _dx(dy, weight, dxa, lora_A, dropout_p, seed) if needs_dx else None
     dw = torch.mm(dy.t(), x) if needs_dweight else None
     dbias = dy.sum(0, dtype=torch.float32) if needs_dbias else None
     return dx, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), dw, dbias

@@ -1,9 +1,9 @@
-"""Triton kernels for batched multi-adapter LoRA: shrink (``s = x·Aᵀ`` per token's adapter), expand (``y += scale ·
-s·Bᵀ`` in place), a fused shrink+expand for decode-sized batches, and the base GEMM with the expand in its epilogue
-(``y = x·W0ᵀ + bias + Σ_segments scale·S·Bᵀ``, :func:`linear_gemm`).
+"""Triton kernels for batched multi-adapter LoRA: shrink (``xa = x·Aᵀ`` per token's adapter), expand (``y += scale ·
+xa·Bᵀ`` in place), a fused shrink+expand for decode-sized batches, and the base GEMM with the expand in its epilogue
+(``y = x·W0ᵀ + bias + Σ_segments scale·xa·Bᵀ``, :func:`linear_gemm`).
 
-Precision. The shrink result S is fp32 from the shrink to the expand's MMA (tf32 operands for 16-bit data, exact
-fp32 for fp32 data): never rounded to fp16, whose 65504 limit a valid S can pass.
+Precision. The shrink result xa is fp32 from the shrink to the expand's MMA (tf32 operands for 16-bit data, exact
+fp32 for fp32 data): never rounded to fp16, whose 65504 limit a valid xa can pass.
 
 Work list. :class:`lora_kernels.LoRABatch` sorts tokens by slot once per step and cuts each slot's run of tokens into
 tiles of ``tile_m`` rows (``tile_starts``). Program ``(t, …)`` handles tile ``t``: it gathers its token rows through
@@ -15,24 +15,27 @@ tokens × adapters — and does not depend on the ids, which keeps it CUDA-graph
 Safety. A tile's slot is used only if ``0 <= slot < L`` and ``ranks[slot] > 0``; the rank is clamped to ``R``; token
 indices are masked to ``< M``. So an out-of-range or unloaded id reads nothing and writes nothing.
 
-Own rank. Loads of A, B and s are masked to ``j < rank``: an adapter of rank 8 in a pool of max rank 64 moves rank-8
+Own rank. Loads of A, B and xa are masked to ``j < rank``: an adapter of rank 8 in a pool of max rank 64 moves rank-8
 bytes. The MMA itself is ``BLOCK_R = max(16, next_pow2(R))`` wide (tl.dot needs ≥ 16); the kernels are bound by
 memory and launch latency, not by those idle MMA columns.
 
-Slices. Up to 4 output slices (q|k|v, gate|up) of unequal widths ``N_0..N_3`` (0 for absent slices) are handled by one
-launch: the output-block axis enumerates the blocks of slice 0, then slice 1, …; a block never straddles two slices.
+Slices. Up to 4 (``MAX_SLICES``) output slices (q|k|v, gate|up) of unequal widths ``N_0..N_3`` (0 for absent
+slices) are handled by one launch: the output-block axis enumerates the blocks of slice 0, then slice 1, …; a block
+never straddles two slices.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _backend
+from ..ops._batch import BatchMeta, max_tiles
+from ..ops._validate import MAX_SLICES
+from . import _utils
 from ._compat import patch_interpreter
 
 # triton 3.6's interpreter + numpy >= 2.4 cannot run loops with runtime bounds (see _compat.py); no-op otherwise.
@@ -56,66 +59,6 @@ _FUSED_BLOCK_K = 256
 _INTERP_BLOCK_K = 32
 _INTERP_BLOCK_N = 32
 _INTERP_SPLIT_K = 2
-
-
-def _block_r(max_rank: int) -> int:
-    return max(16, triton.next_power_of_2(max_rank))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-# Shared memory a block may use when the device cannot be asked: the smallest of the GPUs this package targets
-# (sm_86/sm_89: 99 KiB; A100 has 163 KiB, H100 227 KiB).
-_SMEM_FALLBACK = 99 * 1024
-
-
-@functools.lru_cache(maxsize=None)
-def _max_smem(index: int) -> int:
-    """Opt-in shared memory per block of GPU ``index``: the limit Triton checks at launch (OutOfResources above it)."""
-    try:
-        from triton.runtime import driver
-
-        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    except Exception:  # pragma: no cover - driver API differences across triton versions
-        optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
-        return int(optin) or _SMEM_FALLBACK
-
-
-def _k_pipeline(block_m, block_k, block_r, x_bytes, a_bytes, reserve, smem, num_stages=3):
-    """(BLOCK_K, num_stages) of a K loop that streams [BLOCK_M, BLOCK_K] x tiles and [BLOCK_K, BLOCK_R] A tiles.
-
-    The software pipeline keeps up to ``num_stages`` such pairs in shared memory; with 64-128-row tiles, rank 64-128
-    or fp32 operands the default BLOCK_K = 256 at 3 stages needs 260-420 KiB, over any GPU's limit (Triton then fails
-    at launch with OutOfResources). So cut the stages' cost (fewer stages first, then a shorter BLOCK_K, never
-    below 32) until ``num_stages · stage + reserve`` fits ``smem``; the estimate is an upper bound of what Triton
-    3.6 allocates for these kernels on sm_80/sm_90 (checked by compiling, see tests/test_multi_lora.py)."""
-    stages = num_stages
-    while True:
-        need = stages * (block_m * block_k * x_bytes + block_k * block_r * a_bytes) + reserve
-        if need <= smem or (block_k <= 32 and stages <= 2):
-            return block_k, stages
-        if stages > 2:
-            stages -= 1
-        else:
-            block_k //= 2
-
-
-def _cast_to_fp32(*dtypes: torch.dtype) -> bool:
-    """True when the MMA must run on fp32 operands: fp32 data (exact IEEE products, as the reference), mixed dtypes,
-    or bf16 in the interpreter (whose bf16 tl.dot is wrong)."""
-    if any(d == torch.float32 for d in dtypes) or len(set(dtypes)) > 1:
-        return True
-    return _backend.interpreter_enabled() and torch.bfloat16 in dtypes
-
-
-def _num_tiles_bound(M: int, L: int, tile_m: int, capacity: int) -> int:
-    """Upper bound of the tiles covering the tokens < M whose slot is < L (tiles of slots >= L, of tokens >= M or
-    of no adapter come later in the list or do not exist): one partial tile per used slot plus full tiles. Same as
-    :meth:`lora_kernels.LoRABatch.max_tiles` (the launchers get the batch's tensors, not the batch)."""
-    return max(1, min(capacity, M, triton.cdiv(M, tile_m) + min(M, L)))
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -154,11 +97,11 @@ def _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N: tl.constexpr):
     c1 = tl.cdiv(N0, BLOCK_N)
     c2 = c1 + tl.cdiv(N1, BLOCK_N)
     c3 = c2 + tl.cdiv(N2, BLOCK_N)
-    s = (pid_n >= c1).to(tl.int32) + (pid_n >= c2).to(tl.int32) + (pid_n >= c3).to(tl.int32)
-    first_blk = tl.where(s == 0, 0, tl.where(s == 1, c1, tl.where(s == 2, c2, c3)))
-    off = tl.where(s == 0, 0, tl.where(s == 1, N0, tl.where(s == 2, N0 + N1, N0 + N1 + N2)))
-    width = tl.where(s == 0, N0, tl.where(s == 1, N1, tl.where(s == 2, N2, N3)))
-    return s, off + (pid_n - first_blk) * BLOCK_N, off + width
+    slice_idx = (pid_n >= c1).to(tl.int32) + (pid_n >= c2).to(tl.int32) + (pid_n >= c3).to(tl.int32)
+    first_blk = tl.where(slice_idx == 0, 0, tl.where(slice_idx == 1, c1, tl.where(slice_idx == 2, c2, c3)))
+    off = tl.where(slice_idx == 0, 0, tl.where(slice_idx == 1, N0, tl.where(slice_idx == 2, N0 + N1, N0 + N1 + N2)))
+    width = tl.where(slice_idx == 0, N0, tl.where(slice_idx == 1, N1, tl.where(slice_idx == 2, N2, N3)))
+    return slice_idx, off + (pid_n - first_blk) * BLOCK_N, off + width
 
 
 @triton.jit
@@ -169,7 +112,7 @@ def _shrink_tile(
     tok,
     row_ok,
     rank,
-    s_idx,
+    slice_idx,
     k_lo,
     K,
     R,
@@ -184,11 +127,11 @@ def _shrink_tile(
     BLOCK_K: tl.constexpr,
     CAST_FP32: tl.constexpr,
 ):
-    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_lo+K_LEN] · A[slot, s·R + j, same k]ᵀ for j < rank."""
+    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_lo+K_LEN] · A[slot, slice_idx·R + j, same k]ᵀ for j < rank."""
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     x_rows = x_ptr + tok[:, None] * stride_xm
-    a_cols = a_ptr + slot * stride_al + (s_idx * R + offs_r)[None, :].to(tl.int64) * stride_ar
+    a_cols = a_ptr + slot * stride_al + (slice_idx * R + offs_r)[None, :].to(tl.int64) * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K_LEN, BLOCK_K):
         offs_k = k_lo + k0 + tl.arange(0, BLOCK_K)
@@ -205,9 +148,9 @@ def _shrink_tile(
 
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _shrink_kernel(
+def _batched_shrink_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, token rows
-    a_ptr,  # [L, S·R, K] pool dtype: slice s of slot l at rows s·R .. s·R+rank-1
+    a_ptr,  # [L, S·R, K] pool dtype: slice i of slot l at rows i·R .. i·R+rank-1
     ranks_ptr,  # [L] int32
     sorted_tokens_ptr,  # [cap] int32
     sorted_slots_ptr,  # [cap] int32
@@ -226,7 +169,7 @@ def _shrink_kernel(
     stride_ak,
     stride_om,
     stride_on,
-    stride_os,  # split k's partial sum goes to out + k·stride_os when not ATOMIC
+    stride_o_split,  # split k's partial sum goes to out + k·stride_o_split when not ATOMIC
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -235,7 +178,7 @@ def _shrink_kernel(
     ATOMIC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
-    s_idx = tl.program_id(1)
+    slice_idx = tl.program_id(1)
     pid_k = tl.program_id(2)
     rank, slot, tok, row_ok = _tile(
         tile_starts_ptr, sorted_tokens_ptr, sorted_slots_ptr, ranks_ptr, pid_t, M, L, cap, R, BLOCK_M
@@ -243,25 +186,25 @@ def _shrink_kernel(
     if rank == 0:
         return
     acc = _shrink_tile(
-        x_ptr, a_ptr, slot, tok, row_ok, rank, s_idx, pid_k * K_PER_SPLIT, K, R,
+        x_ptr, a_ptr, slot, tok, row_ok, rank, slice_idx, pid_k * K_PER_SPLIT, K, R,
         stride_xm, stride_xk, stride_al, stride_ar, stride_ak, K_PER_SPLIT,
         BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
     )
     offs_r = tl.arange(0, BLOCK_R)
-    out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_on
+    out = out_ptr + tok[:, None] * stride_om + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_on
     mask = row_ok[:, None] & (offs_r < rank)[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc, mask=mask)
     elif ATOMIC:
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
     else:  # one partial per split, summed by the consumer: no zero-fill, no atomics, deterministic
-        tl.store(out + pid_k * stride_os, acc, mask=mask)
+        tl.store(out + pid_k * stride_o_split, acc, mask=mask)
 
 
 @triton.jit
 def _expand_kernel(
-    s_ptr,  # [M, S·R] fp32: shrink output, any strides
-    b_ptr,  # [L, N, R] pool dtype: slice s of slot l at rows off_s .. off_s+N_s-1, columns 0..rank-1
+    xa_ptr,  # [M, S·R] fp32: shrink output xa, any strides
+    b_ptr,  # [L, N, R] pool dtype: slice i of slot l at rows off_i .. off_i+N_i-1, columns 0..rank-1
     ranks_ptr,  # [L] int32
     scales_ptr,  # [L, S] fp32, any strides
     sorted_tokens_ptr,  # [cap] int32
@@ -276,10 +219,10 @@ def _expand_kernel(
     N1,
     N2,
     N3,
-    stride_sm,
-    stride_sn,
-    stride_scl,
-    stride_scs,
+    stride_xam,
+    stride_xan,
+    stride_scale_l,
+    stride_scale_slice,
     stride_bl,
     stride_bn,
     stride_br,
@@ -297,23 +240,24 @@ def _expand_kernel(
     )
     if rank == 0:
         return
-    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
-    s_tile = tl.load(
-        s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_sn,
+    xa_tile = tl.load(
+        xa_ptr + tok[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan,
         mask=row_ok[:, None] & r_ok[None, :],
         other=0.0,
     )
     _expand_store(
-        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, stride_scl, stride_scs,
-        stride_bl, stride_bn, stride_br, stride_ym, stride_yn, BLOCK_R, BLOCK_N, CAST_FP32,
+        xa_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, slice_idx, n_lo, n_end,
+        stride_scale_l, stride_scale_slice, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+        BLOCK_R, BLOCK_N, CAST_FP32,
     )
 
 
 @triton.jit
 def _expand_store(
-    s_tile,  # [BLOCK_M, BLOCK_R] fp32
+    xa_tile,  # [BLOCK_M, BLOCK_R] fp32
     b_ptr,  # [L, N, R]
     scales_ptr,  # [L, S] fp32, any strides
     y_ptr,  # [M, N]
@@ -321,11 +265,11 @@ def _expand_store(
     tok,
     row_ok,
     r_ok,
-    s_idx,
+    slice_idx,
     n_lo,
     n_end,
-    stride_scl,
-    stride_scs,
+    stride_scale_l,
+    stride_scale_slice,
     stride_bl,
     stride_bn,
     stride_br,
@@ -335,7 +279,8 @@ def _expand_store(
     BLOCK_N: tl.constexpr,
     CAST_FP32: tl.constexpr,
 ):
-    """y[tok, n_lo:n_lo+BLOCK_N] += scale[slot, s] · s_tile · B[slot, same columns, :rank]ᵀ (masked to n < n_end)."""
+    """y[tok, n_lo:n_lo+BLOCK_N] += scale[slot, slice_idx] · xa_tile · B[slot, same columns, :rank]ᵀ (masked to
+    n < n_end)."""
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_end
     offs_r = tl.arange(0, BLOCK_R)
@@ -345,13 +290,13 @@ def _expand_store(
         other=0.0,
     )
     if CAST_FP32:
-        acc = tl.dot(s_tile, bt.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(xa_tile, bt.to(tl.float32), input_precision="ieee")
     else:
-        # s stays fp32 (tf32 MMA): rounded to fp16 it overflows past 65504 (x·Aᵀ = 1e5 with a final delta of 512 is
+        # xa stays fp32 (tf32 MMA): rounded to fp16 it overflows past 65504 (x·Aᵀ = 1e5 with a final delta of 512 is
         # a finite, valid input) and bf16 would keep 8 bits instead of tf32's 11. fp16/bf16 B converts to tf32
-        # exactly, so the only rounding is s to 11 bits, as fp16 would do, without its range limit.
-        acc = tl.dot(s_tile, bt.to(tl.float32))
-    scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
+        # exactly, so the only rounding is xa to 11 bits, as fp16 would do, without its range limit.
+        acc = tl.dot(xa_tile, bt.to(tl.float32))
+    scale = tl.load(scales_ptr + slot * stride_scale_l + slice_idx * stride_scale_slice)
     # int64 column offsets: a column-major y (stride_yn = M) would overflow int32 past 2^31 elements.
     y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
     mask = row_ok[:, None] & n_ok[None, :]
@@ -387,8 +332,8 @@ def _fused_kernel(
     stride_bl,
     stride_bn,
     stride_br,
-    stride_scl,
-    stride_scs,
+    stride_scale_l,
+    stride_scale_slice,
     stride_ym,
     stride_yn,
     BLOCK_M: tl.constexpr,
@@ -406,16 +351,17 @@ def _fused_kernel(
     )
     if rank == 0:
         return
-    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
-    s_tile = _shrink_tile(
-        x_ptr, a_ptr, slot, tok, row_ok, rank, s_idx, 0, K, R,
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    xa_tile = _shrink_tile(
+        x_ptr, a_ptr, slot, tok, row_ok, rank, slice_idx, 0, K, R,
         stride_xm, stride_xk, stride_al, stride_ar, stride_ak, K,
         BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
     )
     r_ok = tl.arange(0, BLOCK_R) < rank
     _expand_store(
-        s_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, s_idx, n_lo, n_end, stride_scl, stride_scs,
-        stride_bl, stride_bn, stride_br, stride_ym, stride_yn, BLOCK_R, BLOCK_N, CAST_FP32,
+        xa_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, slice_idx, n_lo, n_end,
+        stride_scale_l, stride_scale_slice, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
+        BLOCK_R, BLOCK_N, CAST_FP32,
     )
 
 
@@ -424,7 +370,7 @@ def _gemm_expand_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, token rows
     w_ptr,  # [N, K] base weight, x's dtype
     bias_ptr,  # [N] (unused unless HAS_BIAS)
-    s_ptr,  # [SPLIT, M, S·R] fp32: the shrink's per-split partial sums (only rows of loaded adapters are read)
+    xa_ptr,  # [SPLIT, M, S·R] fp32: the shrink's per-split partial sums of xa (only rows of loaded adapters are read)
     b_ptr,  # [L, N, R] pool dtype
     ranks_ptr,  # [L] int32
     scales_ptr,  # [L, S] fp32, any strides
@@ -445,14 +391,14 @@ def _gemm_expand_kernel(
     stride_xk,
     stride_wn,
     stride_wk,
-    stride_ss,
-    stride_sm,
-    stride_sn,
+    stride_xa_split,
+    stride_xam,
+    stride_xan,
     stride_bl,
     stride_bn,
     stride_br,
-    stride_scl,
-    stride_scs,
+    stride_scale_l,
+    stride_scale_slice,
     stride_ym,
     stride_yn,
     BLOCK_M: tl.constexpr,
@@ -460,10 +406,10 @@ def _gemm_expand_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _cast_to_fp32)
+    CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _utils.cast_to_fp32)
     LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool or data) instead of tf32
 ):
-    """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · S_rows·B_aᵀ.
+    """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · xa_rows·B_aᵀ.
 
     Rows are BLOCK_M consecutive entries of the batch's sorted token list (gathered through sorted_tokens, so a tile
     holds few adapters: one segment each); the base K loop is a plain GEMM; the epilogue walks the tile's distinct
@@ -471,7 +417,7 @@ def _gemm_expand_kernel(
     writes y once. -1 rows, ids outside [0, L) and slots of rank 0 add nothing."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    s_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_list = (pos < M) & (pos < cap)
     tok = tl.load(sorted_tokens_ptr + pos, mask=in_list, other=0)
@@ -504,22 +450,22 @@ def _gemm_expand_kernel(
         slot = cur.to(tl.int64)
         rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
         r_ok = offs_r < rank
-        s_mask = rows_in[:, None] & r_ok[None, :]
-        s_ptrs = s_ptr + tok[:, None] * stride_sm + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_sn
-        st = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        xa_mask = rows_in[:, None] & r_ok[None, :]
+        xa_ptrs = xa_ptr + tok[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
+        xat = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            st += tl.load(s_ptrs + sp * stride_ss, mask=s_mask, other=0.0)
+            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
         bt = tl.load(
             b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
             mask=r_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        scale = tl.load(scales_ptr + slot * stride_scl + s_idx * stride_scs)
-        # fp32 S (tf32 MMA on the GPU; exact fp32 for fp32 data): never rounded to the 16-bit dtype.
+        scale = tl.load(scales_ptr + slot * stride_scale_l + slice_idx * stride_scale_slice)
+        # fp32 xa (tf32 MMA on the GPU; exact fp32 for fp32 data): never rounded to the 16-bit dtype.
         if LORA_IEEE:
-            acc += scale * tl.dot(st, bt.to(tl.float32), input_precision="ieee")
+            acc += scale * tl.dot(xat, bt.to(tl.float32), input_precision="ieee")
         else:
-            acc += scale * tl.dot(st, bt.to(tl.float32))
+            acc += scale * tl.dot(xat, bt.to(tl.float32))
         key = tl.where(rows_in, NONE, key)
         cur = tl.min(key, axis=0)
 
@@ -531,37 +477,29 @@ def _gemm_expand_kernel(
 
 # -------------------------------------------------------------------------------------------------------- launchers
 def _widths(slices: Sequence[int]) -> Tuple[int, int, int, int]:
+    """The kernels' N0..N3 arguments: the slice widths, 0 for absent slices."""
     w = [int(n) for n in slices]
-    if not 1 <= len(w) <= 4:
-        raise ValueError(f"1 to 4 output slices are supported, got {len(w)}")
-    return tuple(w + [0] * (4 - len(w)))  # type: ignore[return-value]
+    if not 1 <= len(w) <= MAX_SLICES:
+        raise ValueError(f"1 to {MAX_SLICES} output slices are supported, got {len(w)}")
+    return tuple(w + [0] * (MAX_SLICES - len(w)))  # type: ignore[return-value]
 
 
 def _out_blocks(slices: Sequence[int], block_n: int) -> int:
     return sum(triton.cdiv(int(n), block_n) for n in slices)
 
 
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def shrink_config(M, K, L, R, num_slices, tile_m, cap, x_bytes, a_bytes, interp, smem, sm_count):
+def shrink_config(M: int, K: int, L: int, R: int, num_slices: int, tile_m: int, cap: int, x_bytes: int,
+                  a_bytes: int, interp: bool, smem: _utils.IntThunk,
+                  sm_count: _utils.IntThunk) -> Tuple[int, int, int, int]:
     """(grid tiles, BLOCK_K, num_stages, split-K) of the shrink launch; ``smem`` and ``sm_count`` are callables (only
     asked on a GPU). A function of host ints only, shared by the launchers and the static launch model
     (benchmarks/static_serving.py)."""
-    n_tiles = _num_tiles_bound(M, L, tile_m, cap)
+    n_tiles = max_tiles(M, L, tile_m, cap)
     if interp:
         return n_tiles, _INTERP_BLOCK_K, 3, min(_INTERP_SPLIT_K, triton.cdiv(K, _INTERP_BLOCK_K))
     block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K
-    block_k, stages = _k_pipeline(tile_m, block_k, _block_r(R), x_bytes, a_bytes, tile_m * _block_r(R) * 4, smem())
+    block_r = _utils.block_r(R)
+    block_k, stages = _utils.k_pipeline(tile_m, block_k, block_r, x_bytes, a_bytes, tile_m * block_r * 4, smem())
     k_blocks = triton.cdiv(K, block_k)
     want = max(1, (2 * sm_count()) // (n_tiles * num_slices))
     split = 1
@@ -570,66 +508,76 @@ def shrink_config(M, K, L, R, num_slices, tile_m, cap, x_bytes, a_bytes, interp,
     return n_tiles, block_k, stages, split
 
 
-def shrink(x, A_stack, ranks, token_slots, sorted_tokens, sorted_slots, tile_starts, out, num_slices, tile_m):
-    """``out[M, S·R]`` (fp32) ← per-token ``x·Aᵀ`` (zeros where no adapter applies). x ``[M, K]``; the batch
-    tensors as in :class:`lora_kernels.LoRABatch`. Zeroes ``out`` first, then one launch (split-K by atomics when the
-    tiles alone would not fill the GPU)."""
+def _launch_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta,
+                   out: torch.Tensor, out_split_stride: int, num_slices: int, tile_m: int, atomic: bool,
+                   interp: bool) -> int:
+    """One launch of the batched shrink into ``out`` ([M, S·R] fp32 rows, any strides). With ``atomic`` the K splits
+    add into ``out`` (zero it first); without, split k writes ``out + k·out_split_stride`` (a partial sum per split).
+    Returns the split count (decided here; ``out`` must already hold that many partials when not ``atomic``: see
+    :func:`shrink_config`)."""
     M, K = x.shape
     L, SR, _ = A_stack.shape
     R = SR // num_slices
-    cap = sorted_tokens.shape[0]
-    out.zero_()
-    if M == 0:
-        return out
-    dev = x.device.index or 0
     n_tiles, block_k, stages, split = shrink_config(
-        M, K, L, R, num_slices, tile_m, cap, x.element_size(), A_stack.element_size(),
-        _backend.interpreter_enabled(), lambda: _max_smem(dev), lambda: _sm_count(dev),
+        M, K, L, R, num_slices, tile_m, meta.capacity, x.element_size(), A_stack.element_size(), interp,
+        lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device),
     )
-    if torch.are_deterministic_algorithms_enabled():
+    if atomic and torch.are_deterministic_algorithms_enabled():
         split = 1  # fp32 atomics add in a run-dependent order: no split-K (bitwise reproducible, as lora_linear)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    grid = (n_tiles, num_slices, split)
-    with _device_ctx(x):
-        _shrink_kernel[grid](
-            x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, out,
-            M, K, L, cap, R, k_per_split,
+    with _utils.device_ctx(x):
+        _batched_shrink_kernel[(n_tiles, num_slices, split)](
+            x, A_stack, ranks, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, out,
+            M, K, L, meta.capacity, R, k_per_split,
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
-            out.stride(0), out.stride(1), 0,
-            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, SPLIT_K=split,
-            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=True,
+            out.stride(0), out.stride(1), out_split_stride,
+            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, SPLIT_K=split,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=atomic,
             num_warps=4, num_stages=stages,
         )
+    return split
+
+
+def shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta, out: torch.Tensor,
+           num_slices: int, tile_m: int) -> torch.Tensor:
+    """``out[M, S·R]`` (fp32) ← per-token ``xa = x·Aᵀ`` (zeros where no adapter applies). x ``[M, K]``; ``meta``:
+    the batch (:attr:`lora_kernels.LoRABatch.meta`). Zeroes ``out`` first, then one launch (split-K by atomics when
+    the tiles alone would not fill the GPU)."""
+    out.zero_()
+    if x.shape[0] == 0:
+        return out
+    _launch_shrink(x, A_stack, ranks, meta, out, 0, num_slices, tile_m, True, _backend.interpreter_enabled())
     return out
 
 
-def expand_block_n(interp):
+def expand_block_n(interp: bool) -> int:
     return _INTERP_BLOCK_N if interp else _EXPAND_BLOCK_N
 
 
-def expand(s, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
-    """``y[M, N] += scale · s·Bᵀ`` per token's adapter and output slice, in place. s ``[M, S·R]`` fp32."""
+def expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta,
+           y: torch.Tensor, slices: Sequence[int], tile_m: int) -> torch.Tensor:
+    """``y[M, N] += scale · xa·Bᵀ`` per token's adapter and output slice, in place. xa ``[M, S·R]`` fp32."""
     M = y.shape[0]
     L, N, R = B_stack.shape
-    cap = sorted_tokens.shape[0]
     if M == 0:
         return y
     block_n = expand_block_n(_backend.interpreter_enabled())
-    grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
-    with _device_ctx(y):
+    grid = (meta.max_tiles(M, L, tile_m), _out_blocks(slices, block_n))
+    with _utils.device_ctx(y):
         _expand_kernel[grid](
-            s, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
-            M, L, cap, R, *_widths(slices),
-            s.stride(0), s.stride(1), scales.stride(0), scales.stride(1),
+            xa, B_stack, ranks, scales, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, y,
+            M, L, meta.capacity, R, *_widths(slices),
+            xa.stride(0), xa.stride(1), scales.stride(0), scales.stride(1),
             B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
-            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_N=block_n,
-            CAST_FP32=_cast_to_fp32(B_stack.dtype) or y.dtype == torch.float32,
+            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_N=block_n,
+            CAST_FP32=_utils.cast_to_fp32(B_stack.dtype) or y.dtype == torch.float32,
             num_warps=4,
         )
     return y
 
 
-def fused_config(tile_m, R, x_bytes, a_bytes, b_bytes, interp, smem):
+def fused_config(tile_m: int, R: int, x_bytes: int, a_bytes: int, b_bytes: int, interp: bool,
+                 smem: _utils.IntThunk) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_stages) of the fused kernel; host ints only (shared with the static launch model)."""
     if interp:
         return _INTERP_BLOCK_N, _INTERP_BLOCK_K, 3
@@ -637,35 +585,34 @@ def fused_config(tile_m, R, x_bytes, a_bytes, b_bytes, interp, smem):
     # rows and 4 warps, but 128-256 at 64-128 rows (spills, and minutes of ptxas for fp32 operands). Keep
     # tile_m · BLOCK_N constant instead (≥ 32 columns).
     block_n = max(32, _FUSED_BLOCK_N * 16 // tile_m)
-    # Reserve: the fp32 S tile and the B tile of the expand step, which also pass through shared memory.
-    block_r = _block_r(R)
+    # Reserve: the fp32 xa tile and the B tile of the expand step, which also pass through shared memory.
+    block_r = _utils.block_r(R)
     reserve = tile_m * block_r * 4 + block_r * block_n * b_bytes
-    block_k, stages = _k_pipeline(tile_m, _FUSED_BLOCK_K, block_r, x_bytes, a_bytes, reserve, smem())
+    block_k, stages = _utils.k_pipeline(tile_m, _FUSED_BLOCK_K, block_r, x_bytes, a_bytes, reserve, smem())
     return block_n, block_k, stages
 
 
-def fused(x, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots, tile_starts, y, slices, tile_m):
+def fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+          meta: BatchMeta, y: torch.Tensor, slices: Sequence[int], tile_m: int) -> torch.Tensor:
     """``y += scale · (x·Aᵀ)·Bᵀ`` per token in one launch (decode sizes: see ``ops.multi_lora.FUSED_MAX_TOKENS``)."""
     M, K = x.shape
     L, N, R = B_stack.shape
-    cap = sorted_tokens.shape[0]
     if M == 0:
         return y
-    dev = y.device.index or 0
     block_n, block_k, stages = fused_config(
         tile_m, R, x.element_size(), A_stack.element_size(), B_stack.element_size(), _backend.interpreter_enabled(),
-        lambda: _max_smem(dev),
+        lambda: _utils.smem_of(x.device),
     )
-    grid = (_num_tiles_bound(M, L, tile_m, cap), _out_blocks(slices, block_n))
-    with _device_ctx(y):
+    grid = (meta.max_tiles(M, L, tile_m), _out_blocks(slices, block_n))
+    with _utils.device_ctx(y):
         _fused_kernel[grid](
-            x, A_stack, B_stack, ranks, scales, sorted_tokens, sorted_slots, tile_starts, y,
-            M, K, L, cap, R, *_widths(slices),
+            x, A_stack, B_stack, ranks, scales, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, y,
+            M, K, L, meta.capacity, R, *_widths(slices),
             x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
             B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
             y.stride(0), y.stride(1),
-            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, BLOCK_N=block_n,
-            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype, B_stack.dtype) or y.dtype == torch.float32,
+            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, BLOCK_N=block_n,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype, B_stack.dtype) or y.dtype == torch.float32,
             num_warps=4, num_stages=stages,
         )
     return y
@@ -683,20 +630,23 @@ _GEMM_TILES = ((16, 16, 32, 256, 4, 4), (32, 32, 64, 128, 4, 4), (256, 64, 64, 1
 _INTERP_GEMM_BLOCK_N = 16
 
 
-def gemm_config(M, x_bytes, w_bytes, R, interp, smem):
+def gemm_config(M: int, x_bytes: int, w_bytes: int, R: int, interp: bool,
+                smem: _utils.IntThunk) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the expand-in-GEMM kernel for M tokens; ``smem`` a
     callable (asked on a GPU only). Host ints only: shared with the static launch model."""
     _, block_m, block_n, block_k, warps, stages = next(t for t in _GEMM_TILES if M <= t[0])
     if interp:  # at most 32 rows: the tests' small batches still span several row tiles and segments
         return min(block_m, 32), _INTERP_GEMM_BLOCK_N, _INTERP_BLOCK_K, warps, 1
-    # Reserve for the epilogue's fp32 S tile and B tile, which pass through shared memory for the dot.
-    reserve = block_m * _block_r(R) * 4 + _block_r(R) * block_n * 4
-    block_k, stages = _k_pipeline(block_m, block_k, block_n, x_bytes, w_bytes, reserve, smem(), stages)
+    # Reserve for the epilogue's fp32 xa tile and B tile, which pass through shared memory for the dot.
+    block_r = _utils.block_r(R)
+    reserve = block_m * block_r * 4 + block_r * block_n * 4
+    block_k, stages = _utils.k_pipeline(block_m, block_k, block_n, x_bytes, w_bytes, reserve, smem(), stages)
     return block_m, block_n, block_k, warps, stages
 
 
-def linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, sorted_tokens, sorted_slots,
-                tile_starts, slices, tile_m):
+def linear_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A_stack: torch.Tensor,
+                B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta,
+                slices: Sequence[int], tile_m: int) -> torch.Tensor:
     """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` per token's adapter, y new ``[M, N]`` in x's dtype: two launches,
     the shrink into per-split fp32 partials (no zero-fill: rows without an adapter are never read) and the base GEMM
     with the expand in its epilogue (y written once, never read). Needs the batch prepared for exactly M tokens
@@ -706,42 +656,30 @@ def linear_gemm(x, weight, bias, A_stack, B_stack, ranks, scales, token_slots, s
     L, SR, _ = A_stack.shape
     S = len(slices)
     R = SR // S
-    cap = sorted_tokens.shape[0]
+    cap = meta.capacity
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
     interp = _backend.interpreter_enabled()
-    dev = x.device.index or 0
-    n_tiles, block_k, stages, split = shrink_config(
-        M, K, L, R, S, tile_m, cap, x.element_size(), A_stack.element_size(), interp,
-        lambda: _max_smem(dev), lambda: _sm_count(dev),
-    )
+    _, _, _, split = shrink_config(M, K, L, R, S, tile_m, cap, x.element_size(), A_stack.element_size(), interp,
+                                   lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device))
     parts = torch.empty(split, M, SR, dtype=torch.float32, device=x.device)
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    with _device_ctx(x):
-        _shrink_kernel[(n_tiles, S, split)](
-            x, A_stack, ranks, sorted_tokens, sorted_slots, tile_starts, parts,
-            M, K, L, cap, R, k_per_split,
-            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
-            parts.stride(1), parts.stride(2), parts.stride(0),
-            BLOCK_M=tile_m, BLOCK_R=_block_r(R), BLOCK_K=block_k, SPLIT_K=split,
-            CAST_FP32=_cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=False,
-            num_warps=4, num_stages=stages,
-        )
-        block_m, block_n, gk, warps, gstages = gemm_config(
-            M, x.element_size(), weight.element_size(), R, interp, lambda: _max_smem(dev))
-        grid = (triton.cdiv(min(M, cap), block_m), _out_blocks(slices, block_n))
+    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp)
+    block_m, block_n, gk, warps, gstages = gemm_config(
+        M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device))
+    grid = (triton.cdiv(min(M, cap), block_m), _out_blocks(slices, block_n))
+    with _utils.device_ctx(x):
         _gemm_expand_kernel[grid](
-            x, weight, bias if bias is not None else weight, parts, B_stack, ranks, scales, sorted_tokens,
-            sorted_slots, y,
+            x, weight, bias if bias is not None else weight, parts, B_stack, ranks, scales, meta.sorted_tokens,
+            meta.sorted_slots, y,
             M, K, L, cap, R, *_widths(slices), split,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             parts.stride(0), parts.stride(1), parts.stride(2),
             B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
             y.stride(0), y.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=gk, BLOCK_R=_block_r(R), HAS_BIAS=bias is not None,
-            CAST_FP32=_cast_to_fp32(x.dtype, weight.dtype),
-            LORA_IEEE=_cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=gk, BLOCK_R=_utils.block_r(R), HAS_BIAS=bias is not None,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, weight.dtype),
+            LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
             num_warps=warps, num_stages=gstages,
         )
     return y
