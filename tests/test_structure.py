@@ -33,8 +33,6 @@ SHARED_INTERNALS = frozenset(
     }
 )
 
-STRUCTURE_PENDING = "the structure refactor (cycles and private imports above the kernels) has not landed yet"
-
 
 # ------------------------------------------------------------------------------------------------------ the reader
 def find_modules(root, package=PACKAGE):
@@ -270,7 +268,6 @@ def format_private(found):
 
 
 # ------------------------------------------------------------------------------------------------------- the tests
-@pytest.mark.xfail(strict=False, reason=STRUCTURE_PENDING)
 def test_import_graph_has_no_cycle():
     _, imports = read_imports(ROOT)
     cycles = find_cycles(imports)
@@ -278,7 +275,6 @@ def test_import_graph_has_no_cycle():
     assert not cycles, f"{len(cycles)} import cycle(s):\n{format_cycles(cycles)}"
 
 
-@pytest.mark.xfail(strict=False, reason=STRUCTURE_PENDING)
 def test_no_module_uses_another_modules_private_names():
     _, imports = read_imports(ROOT)
     found = find_private_uses(imports)
