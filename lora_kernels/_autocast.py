@@ -12,7 +12,8 @@ import torch
 
 # Device types whose autocast exists in this build ("meta" has none: torch.is_autocast_enabled("meta") raises).
 AUTOCAST_DEVICE_TYPES = frozenset(
-    d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "privateuseone")
+    d
+    for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "privateuseone")
     if torch.amp.is_autocast_available(d)
 )
 

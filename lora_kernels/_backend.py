@@ -15,25 +15,27 @@ import dataclasses
 import functools
 import importlib.util
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
-Checker = Callable[..., Optional[str]]
+Checker = Callable[..., str | None]
 
 
 class BackendError(RuntimeError):
     """No backend can serve a call; the message lists each backend's reason."""
 
 
-def requested_backend(backend: Optional[str]) -> str:
+def requested_backend(backend: str | None) -> str:
     """The backend name a call asked for: the argument, else ``$LORA_KERNELS_BACKEND``, else ``"auto"``."""
     if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str ({', '.join(BACKENDS)}) or None, got {type(backend).__name__} "
-                        f"{backend!r}")
+        raise TypeError(
+            f"backend must be a str ({', '.join(BACKENDS)}) or None, got {type(backend).__name__} {backend!r}"
+        )
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     name = str(name).strip().lower()
     if name not in BACKENDS:
@@ -47,8 +49,8 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_importable() -> Optional[str]:
+@functools.cache
+def triton_importable() -> str | None:
     """None when triton can be imported, else why not. Cached: importing is slow and the answer never changes."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
@@ -59,7 +61,7 @@ def triton_importable() -> Optional[str]:
     return None
 
 
-def triton_device_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+def triton_device_reason(*tensors: torch.Tensor | None) -> str | None:
     """Common Triton check: importable, and every tensor on CUDA (or on the CPU with the interpreter on)."""
     why = triton_importable()
     if why:
@@ -76,7 +78,7 @@ def triton_device_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
 
 def select(
     op: str,
-    backend: Optional[str],
+    backend: str | None,
     checks: Mapping[str, Checker],
     auto_order: Sequence[str],
     *args,
@@ -107,12 +109,12 @@ def select(
 
 
 # ------------------------------------------------------------------------------------------------- backend tables
-def torch_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+def torch_reason(*tensors: torch.Tensor | None) -> str | None:
     """Checker of the PyTorch reference: it serves every input the op accepts."""
     return None
 
 
-def triton_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+def triton_reason(*tensors: torch.Tensor | None) -> str | None:
     """Checker of the Triton kernels: :func:`triton_device_reason`, and no float64 tensor (the kernels have no
     float64 path; the reference has)."""
     why = triton_device_reason(*tensors)
@@ -134,15 +136,16 @@ class BackendTable:
     elsewhere ``"auto"`` is the reference (the Triton interpreter is for tests, never a default)."""
 
     name: str
-    checks: Dict[str, Checker]
+    checks: dict[str, Checker]
     loaders: Mapping[str, Callable[[], Any]]
-    auto_on_cuda: Tuple[str, ...]
+    auto_on_cuda: tuple[str, ...]
 
-    def auto_order(self, x: torch.Tensor) -> Tuple[str, ...]:
+    def auto_order(self, x: torch.Tensor) -> tuple[str, ...]:
         return self.auto_on_cuda if x.device.type == "cuda" else ("torch",)
 
-    def resolve(self, backend: Optional[str], x: torch.Tensor, *tensors: Optional[torch.Tensor],
-                op: Optional[str] = None) -> str:
+    def resolve(
+        self, backend: str | None, x: torch.Tensor, *tensors: torch.Tensor | None, op: str | None = None
+    ) -> str:
         """The backend that serves this call (see :func:`select`); ``op`` names the op in the error (default
         ``name``)."""
         return select(op or self.name, backend, self.checks, self.auto_order(x), x, *tensors)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, Optional, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
 PROGRESS_ENV = "LORA_KERNELS_PROGRESS"
 
 
-def progress_enabled(enabled: Optional[bool] = None) -> bool:
+def progress_enabled(enabled: bool | None = None) -> bool:
     """Whether to show a bar: ``enabled`` if given, else ``$LORA_KERNELS_PROGRESS``, else "stderr is a terminal"."""
     if enabled is not None:
         return bool(enabled)
@@ -30,8 +31,14 @@ def progress_enabled(enabled: Optional[bool] = None) -> bool:
         return False
 
 
-def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: Optional[str] = None,
-             enabled: Optional[bool] = None, unit: str = "it") -> Iterator[T]:
+def progress(
+    iterable: Iterable[T],
+    *,
+    total: int | None = None,
+    desc: str | None = None,
+    enabled: bool | None = None,
+    unit: str = "it",
+) -> Iterator[T]:
     """Yield from ``iterable``, showing a progress bar when :func:`progress_enabled` says so."""
     if not progress_enabled(enabled):
         yield from iterable
@@ -46,6 +53,5 @@ def progress(iterable: Iterable[T], *, total: Optional[int] = None, desc: Option
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-    with tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
-              dynamic_ncols=True) as bar:
+    with tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield from bar

@@ -16,7 +16,7 @@ import re
 import sys
 import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ _SUFFIX_B = ".lora_B.weight"
 
 
 # ------------------------------------------------------------------------------------------------------- saving
-def _adapter_tensors(layer, convert: bool) -> Tuple[torch.Tensor, torch.Tensor, int, float]:
+def _adapter_tensors(layer, convert: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """(A, B, r, alpha) to write for one layer; the rank-2r form when ``convert`` and the layer's W0 was mutated."""
     A = layer.lora_A.detach()
     B = layer.lora_B.detach()
@@ -58,19 +58,19 @@ def adapter_key(module: str, part: str) -> str:
     return PREFIX + module + (_SUFFIX_A if part == "A" else _SUFFIX_B)
 
 
-def tensors_by_module(state) -> Tuple["OrderedDict[str, Dict[str, torch.Tensor]]", List[str]]:
+def tensors_by_module(state) -> tuple[OrderedDict[str, dict[str, torch.Tensor]], list[str]]:
     """The tensors of an adapter file (as :func:`read_tensors` returns them) by module: ``(modules, others)`` with
     ``modules`` = module name (the base model's, PEFT's prefix removed) → ``{"A": lora_A, "B": lora_B}`` in file
     order (a part the file lacks is absent), and ``others`` = the keys that are no lora_A / lora_B weight under
     PEFT's prefix (e.g. a trained bias or ``modules_to_save``), in file order."""
-    modules: "OrderedDict[str, Dict[str, torch.Tensor]]" = OrderedDict()
+    modules: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
     others = []
     for key, t in state.items():
         for part, suffix in (("A", _SUFFIX_A), ("B", _SUFFIX_B)):
             # ">=": the root module's name is "" (key "base_model.model..lora_A.weight"); a shorter key would make
             # the prefix's "." and the suffix's overlap.
             if key.startswith(PREFIX) and key.endswith(suffix) and len(key) >= len(PREFIX) + len(suffix):
-                modules.setdefault(key[len(PREFIX):-len(suffix)], {})[part] = t
+                modules.setdefault(key[len(PREFIX) : -len(suffix)], {})[part] = t
                 break
         else:
             others.append(key)
@@ -95,7 +95,7 @@ def exact_pattern_key(name: str, names) -> str:
     return "^" + re.escape(name)
 
 
-def _short_targets(model: nn.Module, names: List[str]):
+def _short_targets(model: nn.Module, names: list[str]):
     """PEFT ``target_modules`` selecting exactly ``names`` among the model's modules (PEFT adapts any module type it
     supports, an Embedding or a Conv as well as a Linear): the short names (last components) when they do, else the
     full qualified names when they do (PEFT matches a list entry equal to the name or a suffix of it, so ``attn.q``
@@ -117,7 +117,7 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return model
 
 
-def _peft_lora_layers(model: nn.Module) -> List[str]:
+def _peft_lora_layers(model: nn.Module) -> list[str]:
     """Names of PEFT's own LoRA layers in ``model`` (none when PEFT was never imported: then there cannot be any)."""
     if "peft" not in sys.modules:
         return []
@@ -130,11 +130,11 @@ def _peft_lora_layers(model: nn.Module) -> List[str]:
 
 def save_adapter(
     model: nn.Module,
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     *,
     convert_to_original: bool = True,
-    base_model_name_or_path: Optional[Union[str, os.PathLike]] = None,
-) -> Dict[str, object]:
+    base_model_name_or_path: str | os.PathLike | None = None,
+) -> dict[str, object]:
     """Write every :class:`~lora_kernels.LoRALinear` adapter of ``model`` to the directory ``path`` (created) in
     PEFT's format; returns the config written. See the module docstring for ``convert_to_original``.
 
@@ -142,15 +142,19 @@ def save_adapter(
     then :func:`_write_files` (both files under temporary names, then renamed, the config last; see there for what a
     crash in the middle leaves)."""
     if distributed.is_sharded(model):  # every rank calls: the adapters are gathered whole, rank 0 writes
+
         def check():
             _check_save_args(model, path, convert_to_original, base_model_name_or_path)
             return _layers_to_save(_unwrap_peft(model))
 
         return distributed.collective_save(
-            model, check,
-            lambda: save_adapter(model, path, convert_to_original=convert_to_original,
-                                 base_model_name_or_path=base_model_name_or_path),
-            same={"save_adapter: convert_to_original": convert_to_original})
+            model,
+            check,
+            lambda: save_adapter(
+                model, path, convert_to_original=convert_to_original, base_model_name_or_path=base_model_name_or_path
+            ),
+            same={"save_adapter: convert_to_original": convert_to_original},
+        )
 
     path, base_model_name_or_path = _check_save_args(model, path, convert_to_original, base_model_name_or_path)
     model = _unwrap_peft(model)
@@ -163,14 +167,16 @@ def save_adapter(
     return dict(config)
 
 
-def _check_save_args(model, path, convert_to_original, base_model_name_or_path) -> Tuple[str, Optional[str]]:
+def _check_save_args(model, path, convert_to_original, base_model_name_or_path) -> tuple[str, str | None]:
     """The arguments of :func:`save_adapter` checked (TypeError / NotADirectoryError); returns ``path`` and
     ``base_model_name_or_path`` as the str the files hold."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_adapter: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(convert_to_original, bool):  # "no" would be truthy
-        raise TypeError(f"save_adapter: convert_to_original must be True or False, got "
-                        f"{type(convert_to_original).__name__} {convert_to_original!r}")
+        raise TypeError(
+            f"save_adapter: convert_to_original must be True or False, got "
+            f"{type(convert_to_original).__name__} {convert_to_original!r}"
+        )
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"save_adapter: path must be a str or os.PathLike (a directory), got {type(path).__name__}")
     path = os.fspath(path)
@@ -179,19 +185,23 @@ def _check_save_args(model, path, convert_to_original, base_model_name_or_path) 
     if isinstance(base_model_name_or_path, os.PathLike):
         base_model_name_or_path = os.fspath(base_model_name_or_path)  # JSON holds the str (PEFT writes a str too)
     if isinstance(base_model_name_or_path, bytes) or not isinstance(base_model_name_or_path, (str, type(None))):
-        raise TypeError(f"save_adapter: base_model_name_or_path must be a str, an os.PathLike or None, got "
-                        f"{type(base_model_name_or_path).__name__} {base_model_name_or_path!r}")
+        raise TypeError(
+            f"save_adapter: base_model_name_or_path must be a str, an os.PathLike or None, got "
+            f"{type(base_model_name_or_path).__name__} {base_model_name_or_path!r}"
+        )
     return path, base_model_name_or_path
 
 
-def _layers_to_save(model: nn.Module) -> Dict[str, nn.Module]:
+def _layers_to_save(model: nn.Module) -> dict[str, nn.Module]:
     """The LoRALinear layers of ``model`` (unwrapped) that the file will hold; ValueError when the file would miss
     adapters (PEFT layers left by ``from_peft``), when there is none, or when one is merged."""
     left = _peft_lora_layers(model)
     if left:  # from_peft leaves what it cannot convert: the file would silently lack those adapters
-        raise ValueError(f"save_adapter: the model still holds PEFT LoRA layers this file would not contain "
-                         f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''}); use lora_kernels.to_peft(model) "
-                         f"and PEFT's save_pretrained for it")
+        raise ValueError(
+            f"save_adapter: the model still holds PEFT LoRA layers this file would not contain "
+            f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''}); use lora_kernels.to_peft(model) "
+            f"and PEFT's save_pretrained for it"
+        )
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_adapter: the model has no LoRALinear layer (use inject_lora or lora_ga_init first)")
@@ -201,10 +211,10 @@ def _layers_to_save(model: nn.Module) -> Dict[str, nn.Module]:
     return layers
 
 
-def _saved_tensors(layers: Dict[str, nn.Module], convert: bool):
+def _saved_tensors(layers: dict[str, nn.Module], convert: bool):
     """``(tensors, per_layer, mutated)``: the file's tensors by key, name → ``(r, alpha, use_rslora, dropout)`` as
     written, and whether the file holds an adapter for a mutated W0 (``convert=False`` after PiSSA / LoRA-GA)."""
-    tensors: Dict[str, torch.Tensor] = OrderedDict()
+    tensors: dict[str, torch.Tensor] = OrderedDict()
     per_layer = OrderedDict()
     mutated = False
     for name, layer in layers.items():
@@ -217,7 +227,7 @@ def _saved_tensors(layers: Dict[str, nn.Module], convert: bool):
     return tensors, per_layer, mutated
 
 
-def _saved_config(model: nn.Module, per_layer, base_model_name_or_path: Optional[str]) -> "OrderedDict[str, object]":
+def _saved_config(model: nn.Module, per_layer, base_model_name_or_path: str | None) -> OrderedDict[str, object]:
     """PEFT's ``adapter_config.json`` for layers with ``per_layer`` = name → ``(r, alpha, use_rslora, dropout)``:
     the most common (r, alpha) as ``r`` / ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``.
     ValueError when the layers differ in what PEFT's config holds once (``use_rslora``, ``lora_dropout``)."""
@@ -260,13 +270,18 @@ def _saved_config(model: nn.Module, per_layer, base_model_name_or_path: Optional
     )
 
 
-def _write_adapter(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], text: str) -> None:
+def _write_adapter(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], text: str) -> None:
     """Write the two files of an adapter into the directory ``path``; the config goes last (see
     :func:`_write_files`)."""
     from safetensors.torch import save_file
 
-    _write_files(path, [(WEIGHTS_NAME, lambda p: save_file(dict(tensors), p, metadata=metadata)),
-                        (CONFIG_NAME, lambda p: _write_text(p, text))])
+    _write_files(
+        path,
+        [
+            (WEIGHTS_NAME, lambda p: save_file(dict(tensors), p, metadata=metadata)),
+            (CONFIG_NAME, lambda p: _write_text(p, text)),
+        ],
+    )
 
 
 def _write_text(path: str, text: str) -> None:
@@ -360,8 +375,9 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def check_config(cfg: dict, source: str = CONFIG_NAME, *, caller: str = "load_adapter",
-                 allow: Sequence[str] = ()) -> dict:
+def check_config(
+    cfg: dict, source: str = CONFIG_NAME, *, caller: str = "load_adapter", allow: Sequence[str] = ()
+) -> dict:
     """Check an ``adapter_config.json`` object (as read by ``json.load``) for what lora_kernels can load exactly;
     returns it unchanged, or raises ValueError naming ``source``, the key and what is accepted. ``allow``: fields of
     the unsupported list (e.g. ``"fan_in_fan_out"``) the caller handles itself. ``caller`` prefixes the messages."""
@@ -395,11 +411,14 @@ def check_config(cfg: dict, source: str = CONFIG_NAME, *, caller: str = "load_ad
         raise ValueError(f"{where}: lora_dropout must be a number in [0, 1) or null, got {drop!r}")
     for key in _BOOL_FIELDS:
         if key in cfg and cfg[key] is not None and not isinstance(cfg[key], bool):
-            raise ValueError(f"{where}: {key} must be true or false (a JSON boolean), got "
-                             f"{type(cfg[key]).__name__} {cfg[key]!r}")
+            raise ValueError(
+                f"{where}: {key} must be true or false (a JSON boolean), got {type(cfg[key]).__name__} {cfg[key]!r}"
+            )
     tm = cfg.get("target_modules")
-    if tm is not None and not isinstance(tm, str) and not (
-        isinstance(tm, list) and all(isinstance(t, str) and t for t in tm)
+    if (
+        tm is not None
+        and not isinstance(tm, str)
+        and not (isinstance(tm, list) and all(isinstance(t, str) and t for t in tm))
     ):
         raise ValueError(f"{where}: target_modules must be a regex string or a list of module names, got {tm!r}")
     if isinstance(tm, str):
@@ -413,14 +432,15 @@ def check_config(cfg: dict, source: str = CONFIG_NAME, *, caller: str = "load_ad
     return cfg
 
 
-def read_raw_config(path: Union[str, os.PathLike], *, caller: str = "load_adapter") -> dict:
+def read_raw_config(path: str | os.PathLike, *, caller: str = "load_adapter") -> dict:
     """The JSON object in the ``adapter_config.json`` of the adapter directory ``path``, not checked further (for a
     caller that looks at fields of its own first, then calls :func:`check_config`). NotADirectoryError when ``path``
     is a file, FileNotFoundError when the config is absent, ValueError when it is no JSON object."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"{caller}: {path} is a file; pass the adapter's directory (holding "
-                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise NotADirectoryError(
+            f"{caller}: {path} is a file; pass the adapter's directory (holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     cpath = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cpath):
         raise FileNotFoundError(f"{caller}: {cpath} does not exist")
@@ -434,16 +454,16 @@ def read_raw_config(path: Union[str, os.PathLike], *, caller: str = "load_adapte
     return cfg
 
 
-def read_config(path: Union[str, os.PathLike], *, caller: str = "load_adapter",
-                allow: Sequence[str] = ()) -> dict:
+def read_config(path: str | os.PathLike, *, caller: str = "load_adapter", allow: Sequence[str] = ()) -> dict:
     """The ``adapter_config.json`` of the adapter directory ``path`` (:func:`read_raw_config`), checked by
     :func:`check_config`."""
     cfg = read_raw_config(path, caller=caller)
     return check_config(cfg, os.path.join(os.fspath(path), CONFIG_NAME), caller=caller, allow=allow)
 
 
-def read_tensors(path: Union[str, os.PathLike], *, caller: str = "load_adapter"
-                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def read_tensors(
+    path: str | os.PathLike, *, caller: str = "load_adapter"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of the ``adapter_model.safetensors`` in the directory ``path``, on the CPU. A
     truncated or corrupt file raises ValueError; a tensor of a dtype other than :data:`ADAPTER_DTYPES` (fp8,
     integers) raises TypeError naming it."""
@@ -464,13 +484,15 @@ def read_tensors(path: Union[str, os.PathLike], *, caller: str = "load_adapter"
         raise ValueError(f"{caller}: {wpath} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     bad = [f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype not in ADAPTER_DTYPES]
     if bad:
-        raise TypeError(f"{caller}: {wpath}: adapter tensors must be one of "
-                        f"{', '.join(str(d) for d in ADAPTER_DTYPES)}; got {', '.join(bad[:5])}"
-                        + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+        raise TypeError(
+            f"{caller}: {wpath}: adapter tensors must be one of "
+            f"{', '.join(str(d) for d in ADAPTER_DTYPES)}; got {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        )
     return tensors, metadata
 
 
-def pattern_value(name: str, pattern: Optional[dict], default):
+def pattern_value(name: str, pattern: dict | None, default):
     """The value ``rank_pattern`` / ``alpha_pattern`` (``pattern``) gives the module ``name``, PEFT's rule: the first
     key that matches the name (:func:`pattern_matches`), else ``default`` (the config's ``r`` / ``lora_alpha``)."""
     for key, value in (pattern or {}).items():
@@ -481,11 +503,11 @@ def pattern_value(name: str, pattern: Optional[dict], default):
 
 def load_adapter(
     model: nn.Module,
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     *,
-    backend: Optional[str] = None,
-    lora_dtype: Optional[torch.dtype] = None,
-) -> Dict[str, nn.Module]:
+    backend: str | None = None,
+    lora_dtype: torch.dtype | None = None,
+) -> dict[str, nn.Module]:
     """Load a PEFT-format LoRA adapter from the directory ``path`` into ``model``; returns ``{name: LoRALinear}``.
 
     If the model already has LoRALinear layers, the file must hold exactly those layers, with matching shapes (the
@@ -500,17 +522,20 @@ def load_adapter(
     :func:`_check_keys`, :func:`_load_plan` (every check), :func:`_build_layers`, :func:`_apply_plan`.
     """
     if distributed.is_sharded(model):  # every rank reads and checks, then copies its own blocks
+
         def check():
             _check_load_args(model, path, backend, lora_dtype)
             layers = lora_layers(_unwrap_peft(model))
             if not layers:
-                raise ValueError("load_adapter: this sharded model has no LoRALinear layer; call inject_lora before "
-                                 "fully_shard / parallelize_module (a sharded nn.Linear cannot be wrapped afterwards)")
+                raise ValueError(
+                    "load_adapter: this sharded model has no LoRALinear layer; call inject_lora before "
+                    "fully_shard / parallelize_module (a sharded nn.Linear cannot be wrapped afterwards)"
+                )
             return layers
 
         return distributed.collective_load(
-            model, check, lambda: load_adapter(model, path, backend=backend, lora_dtype=lora_dtype),
-            from_current=False)
+            model, check, lambda: load_adapter(model, path, backend=backend, lora_dtype=lora_dtype), from_current=False
+        )
 
     path = _check_load_args(model, path, backend, lora_dtype)
     model = _unwrap_peft(model)
@@ -537,12 +562,14 @@ def _check_load_args(model, path, backend, lora_dtype) -> str:
     if backend is not None:
         _backend.requested_backend(backend)  # TypeError / ValueError naming backend and the accepted names
     if lora_dtype is not None and not isinstance(lora_dtype, torch.dtype):
-        raise TypeError(f"load_adapter: lora_dtype must be a torch.dtype (the base weight's or torch.float32) or "
-                        f"None, got {type(lora_dtype).__name__} {lora_dtype!r}")
+        raise TypeError(
+            f"load_adapter: lora_dtype must be a torch.dtype (the base weight's or torch.float32) or "
+            f"None, got {type(lora_dtype).__name__} {lora_dtype!r}"
+        )
     return os.fspath(path)
 
 
-def _load_targets(model: nn.Module, cfg: dict, existing, modules) -> "OrderedDict[str, Tuple[int, int]]":
+def _load_targets(model: nn.Module, cfg: dict, existing, modules) -> OrderedDict[str, tuple[int, int]]:
     """Name → ``(out_features, in_features)`` of the layers the file must hold: the model's LoRALinear layers when
     it has some (``existing``), else the ``nn.Linear`` layers the config's ``target_modules`` selects (ValueError
     when none, or when one cannot be wrapped: inject_lora's rules)."""
@@ -561,8 +588,10 @@ def _load_targets(model: nn.Module, cfg: dict, existing, modules) -> "OrderedDic
     for n in chosen:
         parent_name, _, child = n.rpartition(".")
         if isinstance(modules[parent_name], nn.MultiheadAttention):  # the same refusal as inject_lora
-            raise ValueError(f"load_adapter: {n}: nn.MultiheadAttention reads {child}.weight directly and would "
-                             f"ignore the adapter; lora_kernels cannot load an adapter for it")
+            raise ValueError(
+                f"load_adapter: {n}: nn.MultiheadAttention reads {child}.weight directly and would "
+                f"ignore the adapter; lora_kernels cannot load an adapter for it"
+            )
         check_replaceable(f"load_adapter: {n}", modules[n])  # inject_lora's rule
     return OrderedDict((n, (linears[n].out_features, linears[n].in_features)) for n in chosen)
 
@@ -579,7 +608,7 @@ def _check_keys(path: str, targets, state) -> None:
         )
 
 
-def _load_plan(targets, state, cfg: dict, existing, modules, lora_dtype, base) -> "OrderedDict[str, tuple]":
+def _load_plan(targets, state, cfg: dict, existing, modules, lora_dtype, base) -> OrderedDict[str, tuple]:
     """Name → ``(A, B, r, alpha)`` to load, after every per-layer check (:func:`_layer_problem`); ValueError listing
     all the problems, so that nothing is changed."""
     problems = []
@@ -598,25 +627,31 @@ def _load_plan(targets, state, cfg: dict, existing, modules, lora_dtype, base) -
     return plan
 
 
-def _layer_problem(n, shape, A, B, r, layer, linear, lora_dtype, base) -> Optional[str]:
+def _layer_problem(n, shape, A, B, r, layer, linear, lora_dtype, base) -> str | None:
     """Why the file's ``A``, ``B`` (rank ``r`` by the config) cannot be loaded into the LoRALinear ``layer`` (None:
     a new layer wrapping ``linear``) of ``shape`` = (out, in); None when they can."""
     out_f, in_f = shape
     if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
-        return (f"expected lora_A {(r, in_f)} and lora_B {(out_f, r)} (r={r} from the config), "
-                f"file has {tuple(A.shape)} and {tuple(B.shape)}")
+        return (
+            f"expected lora_A {(r, in_f)} and lora_B {(out_f, r)} (r={r} from the config), "
+            f"file has {tuple(A.shape)} and {tuple(B.shape)}"
+        )
     record = None if layer is None else getattr(layer, INIT_RECORD, None)
     if layer is not None and layer.r != r:
         hint = ""
         if r == 2 * layer.r and record is not None:
-            hint = (" (this looks like PiSSA/LoRA-GA's rank-2r form, which applies to the original W0: load it "
-                    "into a model without adapters built from the original weights)")
+            hint = (
+                " (this looks like PiSSA/LoRA-GA's rank-2r form, which applies to the original W0: load it "
+                "into a model without adapters built from the original weights)"
+            )
         return f"the model's layer has r={layer.r}, the file r={r}{hint}"
     if layer is not None:
         dt = layer.lora_A.dtype
         if lora_dtype is not None and lora_dtype != dt:
-            return (f"lora_dtype={lora_dtype}, but the model's layer holds its adapter in {dt} "
-                    f"(existing layers keep their dtype)")
+            return (
+                f"lora_dtype={lora_dtype}, but the model's layer holds its adapter in {dt} "
+                f"(existing layers keep their dtype)"
+            )
     else:
         w_dt = linear.weight.dtype
         dt = w_dt if lora_dtype is None else lora_dtype
@@ -632,8 +667,10 @@ def _layer_problem(n, shape, A, B, r, layer, linear, lora_dtype, base) -> Option
     if record is not None and base != "mutated":
         # The layer's W0 was replaced by a PiSSA / LoRA-GA residual; the file's adapter applies to the original W0
         # (a PEFT file, or one saved with convert_to_original=True): loaded here it would compute another function.
-        return ("the model's base weight was changed by a PiSSA / LoRA-GA init, but the file's adapter applies to "
-                "the original weight; load it into a model built from the original weights")
+        return (
+            "the model's base weight was changed by a PiSSA / LoRA-GA init, but the file's adapter applies to "
+            "the original weight; load it into a model built from the original weights"
+        )
     return None
 
 
@@ -649,7 +686,7 @@ def _warn_mutated_base(path: str, plan, existing) -> None:
         )
 
 
-def _build_layers(plan, modules, cfg: dict, lora_dtype, backend) -> "OrderedDict[str, nn.Module]":
+def _build_layers(plan, modules, cfg: dict, lora_dtype, backend) -> OrderedDict[str, nn.Module]:
     """New LoRALinear layers (zero adapters) wrapping the planned ``nn.Linear`` layers, not yet in the model;
     ``from_linear`` freezes the wrapped weight, which is undone when a later layer fails."""
     built = OrderedDict()
@@ -657,9 +694,16 @@ def _build_layers(plan, modules, cfg: dict, lora_dtype, backend) -> "OrderedDict
     try:
         for n, (_, _, r, alpha) in plan.items():
             lin = modules[n]
-            layer = LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0),
-                                           use_rslora=bool(cfg.get("use_rslora") or False), init="zeros",
-                                           lora_dtype=lora_dtype, backend=backend)
+            layer = LoRALinear.from_linear(
+                lin,
+                r=r,
+                alpha=alpha,
+                dropout=float(cfg.get("lora_dropout") or 0.0),
+                use_rslora=bool(cfg.get("use_rslora") or False),
+                init="zeros",
+                lora_dtype=lora_dtype,
+                backend=backend,
+            )
             layer.train(lin.training)  # an eval() model stays in eval: no dropout at inference
             built[n] = layer
     except BaseException:
@@ -670,7 +714,7 @@ def _build_layers(plan, modules, cfg: dict, lora_dtype, backend) -> "OrderedDict
 
 
 @torch.no_grad()
-def _apply_plan(plan, cfg: dict, existing, built, model: nn.Module) -> "OrderedDict[str, nn.Module]":
+def _apply_plan(plan, cfg: dict, existing, built, model: nn.Module) -> OrderedDict[str, nn.Module]:
     """Copy the planned tensors into the existing layers (which take the file's alpha, rsLoRA flag and dropout) or
     into the ``built`` ones, which replace their ``nn.Linear``; returns name → layer."""
     use_rslora = bool(cfg.get("use_rslora") or False)
@@ -688,4 +732,3 @@ def _apply_plan(plan, cfg: dict, existing, built, model: nn.Module) -> "OrderedD
         layer.lora_B.copy_(B)
         out[n] = layer
     return out
-

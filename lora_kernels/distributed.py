@@ -14,7 +14,6 @@ import contextlib
 import sys
 import threading
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,7 +56,7 @@ def is_sharded_layer(layer) -> bool:
     return any(is_dtensor(getattr(layer, a, None)) for a in ("weight", "lora_A", "lora_B"))
 
 
-def _fsdp_modules(model: nn.Module) -> List[nn.Module]:
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     # fully_shard lives in torch.distributed.fsdp: without that module imported no FSDP2 module exists (and a
     # single-device process does not pay for importing it).
     FSDPModule = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
@@ -71,9 +70,11 @@ def is_lora_layer(module) -> bool:
     and ``lora_A`` / ``lora_B`` tensors, ``r``, ``scaling`` and the ``merged`` flag), so that this module needs no
     import of the one that defines the class. PEFT's own LoRA layers (``lora_A`` is a ModuleDict) and the
     multi-adapter layers (no ``lora_A``) are not."""
-    return (isinstance(module, nn.Module)
-            and all(isinstance(getattr(module, a, None), torch.Tensor) for a in ("weight", "lora_A", "lora_B"))
-            and all(hasattr(module, a) for a in ("r", "scaling", "merged")))
+    return (
+        isinstance(module, nn.Module)
+        and all(isinstance(getattr(module, a, None), torch.Tensor) for a in ("weight", "lora_A", "lora_B"))
+        and all(hasattr(module, a) for a in ("r", "scaling", "merged"))
+    )
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -97,11 +98,13 @@ def dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-_ERRORS = {c.__name__: c for c in (TypeError, ValueError, RuntimeError, FileNotFoundError, NotADirectoryError,
-                                     PermissionError, OSError)}
+_ERRORS = {
+    c.__name__: c
+    for c in (TypeError, ValueError, RuntimeError, FileNotFoundError, NotADirectoryError, PermissionError, OSError)
+}
 
 
-def agree(error: Optional[BaseException], what: str = "") -> None:
+def agree(error: BaseException | None, what: str = "") -> None:
     """Collective: every rank passes the error its local checks raised (or None); if any rank failed, every rank
     raises the same error (the first failing rank's type and message, naming the rank). A no-op verdict exchange of
     one small object per rank; without torch.distributed it simply re-raises ``error``."""
@@ -110,7 +113,7 @@ def agree(error: Optional[BaseException], what: str = "") -> None:
             raise error
         return
     mine = None if error is None else (type(error).__name__, str(error))
-    verdicts: List[Optional[Tuple[str, str]]] = [None] * dist.get_world_size()
+    verdicts: list[tuple[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(verdicts, mine)
     failed = [(rank, v) for rank, v in enumerate(verdicts) if v is not None]
     if not failed:
@@ -122,7 +125,7 @@ def agree(error: Optional[BaseException], what: str = "") -> None:
     raise cls(f"{msg} [on {where}; every rank refused{', ' + what if what else ''}]") from error
 
 
-def capture_error(fn) -> Optional[BaseException]:
+def capture_error(fn) -> BaseException | None:
     """Run the local checks ``fn()``; return the error instead of raising it (for :func:`agree`)."""
     try:
         fn()
@@ -159,7 +162,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def local_slices(t: torch.Tensor) -> Tuple[slice, ...]:
+def local_slices(t: torch.Tensor) -> tuple[slice, ...]:
     """Which block of the global tensor this rank holds (every index when ``t`` is not a DTensor)."""
     if not is_dtensor(t):
         return tuple(slice(0, s) for s in t.shape)
@@ -185,8 +188,10 @@ def check_row_sharded_or_whole(t: torch.Tensor, what: str) -> None:
 
         check_placement(t, what)
         if not all(isinstance(p, Shard) and p.dim == 0 for p in t.placements):
-            raise ValueError(f"{what}: placements {t.placements}; this init needs W0 whole or sharded by rows "
-                             f"(Shard(0), as fully_shard does)")
+            raise ValueError(
+                f"{what}: placements {t.placements}; this init needs W0 whole or sharded by rows "
+                f"(Shard(0), as fully_shard does)"
+            )
 
 
 # --------------------------------------------------------------------------------------------- merge / unmerge
@@ -228,19 +233,24 @@ def unmerge_layer(layer) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- state dicts
-def lora_layers_of(model: nn.Module, is_layer=None) -> Dict[str, nn.Module]:
+def lora_layers_of(model: nn.Module, is_layer=None) -> dict[str, nn.Module]:
     """Qualified name → LoRA layer of ``model``, in module order (a shared layer once, under its first name): the
     modules :func:`is_lora_layer` recognises, or those for which ``is_layer(module)`` is true."""
     test = is_lora_layer if is_layer is None else is_layer
     return {n: m for n, m in model.named_modules() if test(m)}
 
 
-def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``lora_state_dict`` of a sharded model: the whole adapter tensors (plain, detached copies) on every rank, keyed
     as for an unsharded model. Collective (one all-gather per adapter tensor)."""
     layers = lora_layers_of(model)
-    agree(capture_error(lambda: [check_placement(getattr(l, a), f"{n}.{a}") for n, l in layers.items()
-                          for a in ("lora_A", "lora_B")]))
+    agree(
+        capture_error(
+            lambda: [
+                check_placement(getattr(l, a), f"{n}.{a}") for n, l in layers.items() for a in ("lora_A", "lora_B")
+            ]
+        )
+    )
     reshard(model)
     out = OrderedDict()
     for name, layer in layers.items():
@@ -251,7 +261,7 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _whole_adapters(layers, values: Dict[str, Tuple[torch.Tensor, torch.Tensor]]):
+def _whole_adapters(layers, values: dict[str, tuple[torch.Tensor, torch.Tensor]]):
     """Temporarily make each layer's lora_A/lora_B the given whole plain tensors (the DTensor parameters are put
     back afterwards, also on error); inside, the public functions run their single-process code on them."""
     saved = {}
@@ -269,7 +279,7 @@ def _whole_adapters(layers, values: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
             layers[name]._parameters["lora_B"] = b
 
 
-def _checked_layers(check, what: str) -> Dict[str, nn.Module]:
+def _checked_layers(check, what: str) -> dict[str, nn.Module]:
     """Collective: every rank runs ``check()`` (the single-process checks of the arguments; it returns the LoRA
     layers, name → layer) and checks their adapters' placements; the verdicts are exchanged (:func:`agree`), so a
     failure on any rank raises on every rank before anything is gathered or changed."""
@@ -285,7 +295,7 @@ def _checked_layers(check, what: str) -> Dict[str, nn.Module]:
     return found["layers"]
 
 
-def collective_save(model: nn.Module, check, save, same: Optional[Dict[str, object]] = None):
+def collective_save(model: nn.Module, check, save, same: dict[str, object] | None = None):
     """A save of a sharded model (``save_adapter``), called on every rank: ``check()`` runs on every rank
     (:func:`_checked_layers`; it returns the layers whose adapters are saved), the values of ``same`` (message →
     value) must agree between ranks, the adapters are gathered whole, and rank 0 runs ``save()`` (the single-process
@@ -333,8 +343,10 @@ def collective_load(model: nn.Module, check, load, *, from_current: bool):
         if from_current:
             scratch[n] = (full(A).clone(), full(B).clone())
         else:
-            scratch[n] = (torch.zeros(tuple(A.shape), dtype=A.dtype, device=local(A).device),
-                          torch.zeros(tuple(B.shape), dtype=B.dtype, device=local(B).device))
+            scratch[n] = (
+                torch.zeros(tuple(A.shape), dtype=A.dtype, device=local(A).device),
+                torch.zeros(tuple(B.shape), dtype=B.dtype, device=local(B).device),
+            )
         snapshot[n] = tuple(getattr(layer, a) for a in _SETTINGS)
     result, error = None, None
     try:
@@ -359,7 +371,7 @@ def collective_load(model: nn.Module, check, load, *, from_current: bool):
 
 # ----------------------------------------------------------------------------------------------- tensor parallel
 def _tp_kind(layer) -> str:
-    """"colwise" (W0, lora_B, bias: Shard(0); lora_A: Replicate) or "rowwise" (W0, lora_A: Shard(1); lora_B, bias:
+    """ "colwise" (W0, lora_B, bias: Shard(0); lora_A: Replicate) or "rowwise" (W0, lora_A: Shard(1); lora_B, bias:
     Replicate), from the placements; ValueError for any other layout."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -376,9 +388,11 @@ def _tp_kind(layer) -> str:
         return "colwise"
     if got[:3] == ("S1", "S1", "R") and got[3] in (None, "R"):
         return "rowwise"
-    raise ValueError(f"tensor-parallel LoRALinear: placements (weight, lora_A, lora_B, bias) = {got} are neither "
-                     f"colwise (S0, R, S0, S0) nor rowwise (S1, S1, R, R); shard it with LoRAColwiseParallel or "
-                     f"LoRARowwiseParallel")
+    raise ValueError(
+        f"tensor-parallel LoRALinear: placements (weight, lora_A, lora_B, bias) = {got} are neither "
+        f"colwise (S0, R, S0, S0) nor rowwise (S1, S1, R, R); shard it with LoRAColwiseParallel or "
+        f"LoRARowwiseParallel"
+    )
 
 
 def tp_forward(layer, x: torch.Tensor, weight, bias, lora_A, lora_B, linear) -> torch.Tensor:
@@ -403,21 +417,28 @@ def tp_forward(layer, x: torch.Tensor, weight, bias, lora_A, lora_B, linear) -> 
 
     if kind == "colwise":
         if bias is None:
+
             def fn(x_, w_, a_, b_):
                 return linear(x_, w_, a_, b_, scale, None, dropout_p=p, training=training, backend=backend)
 
-            return local_map(fn, out_placements=[last], device_mesh=mesh,
-                             in_placements=([Replicate()], [Shard(0)], [Replicate()], [Shard(0)]),
-                             in_grad_placements=([Partial()], [Shard(0)], [Partial()], [Shard(0)]))(
-                x, weight, lora_A, lora_B)
+            return local_map(
+                fn,
+                out_placements=[last],
+                device_mesh=mesh,
+                in_placements=([Replicate()], [Shard(0)], [Replicate()], [Shard(0)]),
+                in_grad_placements=([Partial()], [Shard(0)], [Partial()], [Shard(0)]),
+            )(x, weight, lora_A, lora_B)
 
         def fn_b(x_, w_, a_, b_, bias_):
             return linear(x_, w_, a_, b_, scale, bias_, dropout_p=p, training=training, backend=backend)
 
-        return local_map(fn_b, out_placements=[last], device_mesh=mesh,
-                         in_placements=([Replicate()], [Shard(0)], [Replicate()], [Shard(0)], [Shard(0)]),
-                         in_grad_placements=([Partial()], [Shard(0)], [Partial()], [Shard(0)], [Shard(0)]))(
-            x, weight, lora_A, lora_B, bias)
+        return local_map(
+            fn_b,
+            out_placements=[last],
+            device_mesh=mesh,
+            in_placements=([Replicate()], [Shard(0)], [Replicate()], [Shard(0)], [Shard(0)]),
+            in_grad_placements=([Partial()], [Shard(0)], [Partial()], [Shard(0)], [Shard(0)]),
+        )(x, weight, lora_A, lora_B, bias)
 
     if x.placements[0] != last:
         x = x.redistribute(mesh, [last])
@@ -425,9 +446,13 @@ def tp_forward(layer, x: torch.Tensor, weight, bias, lora_A, lora_B, linear) -> 
     def fn_r(x_, w_, a_, b_):
         return linear(x_, w_, a_, b_, scale, None, dropout_p=p, training=training, backend=backend)
 
-    y = local_map(fn_r, out_placements=[Partial()], device_mesh=mesh,
-                  in_placements=([last], [Shard(1)], [Shard(1)], [Replicate()]),
-                  in_grad_placements=([last], [Shard(1)], [Shard(1)], [Partial()]))(x, weight, lora_A, lora_B)
+    y = local_map(
+        fn_r,
+        out_placements=[Partial()],
+        device_mesh=mesh,
+        in_placements=([last], [Shard(1)], [Shard(1)], [Replicate()]),
+        in_grad_placements=([last], [Shard(1)], [Shard(1)], [Partial()]),
+    )(x, weight, lora_A, lora_B)
     return y if bias is None else y + bias
 
 
@@ -441,16 +466,20 @@ def _styles():
         for pname, param in list(module.named_parameters(recurse=False)):
             dist_param = nn.Parameter(
                 distribute_tensor(param, device_mesh, [placements[pname]], src_data_rank=style.src_data_rank),
-                requires_grad=param.requires_grad)
+                requires_grad=param.requires_grad,
+            )
             module.register_parameter(pname, dist_param)
 
     def apply(style, module, device_mesh, placements):
         if module.merged:
             raise ValueError(f"{type(style).__name__}: the LoRALinear is merged; unmerge() it before sharding")
         return distribute_module(
-            module, device_mesh, partial(partition, placements, style),
+            module,
+            device_mesh,
+            partial(partition, placements, style),
             partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
-            partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
+            partial(style._prepare_output_fn, style.output_layouts, style.use_local_output),
+        )
 
     class LoRAColwiseParallel(ColwiseParallel):
         """``ColwiseParallel`` that also accepts :class:`~lora_kernels.LoRALinear`: W0, bias and lora_B are sharded by
@@ -459,8 +488,12 @@ def _styles():
 
         def _apply(self, module, device_mesh):
             if is_lora_layer(module):
-                return apply(self, module, device_mesh,
-                             {"weight": Shard(0), "bias": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0)})
+                return apply(
+                    self,
+                    module,
+                    device_mesh,
+                    {"weight": Shard(0), "bias": Shard(0), "lora_A": Replicate(), "lora_B": Shard(0)},
+                )
             return super()._apply(module, device_mesh)
 
     class LoRARowwiseParallel(RowwiseParallel):
@@ -471,8 +504,12 @@ def _styles():
         def _apply(self, module, device_mesh):
             if is_lora_layer(module):
                 self.desired_input_layouts = (Shard(-1),)
-                return apply(self, module, device_mesh,
-                             {"weight": Shard(1), "bias": Replicate(), "lora_A": Shard(1), "lora_B": Replicate()})
+                return apply(
+                    self,
+                    module,
+                    device_mesh,
+                    {"weight": Shard(1), "bias": Replicate(), "lora_A": Shard(1), "lora_B": Replicate()},
+                )
             return super()._apply(module, device_mesh)
 
     return LoRAColwiseParallel, LoRARowwiseParallel
@@ -502,8 +539,10 @@ def load_lora_state_dict(model: nn.Module, state_dict, strict: bool = True, *, l
         layers = lora_layers_of(model)
         for n, layer in layers.items():
             if layer.merged:
-                raise ValueError(f"load_lora_state_dict: {n} is merged; unmerge() it before loading into a sharded "
-                                 f"model; nothing was loaded")
+                raise ValueError(
+                    f"load_lora_state_dict: {n} is merged; unmerge() it before loading into a sharded "
+                    f"model; nothing was loaded"
+                )
         return layers
 
     return collective_load(model, check, lambda: load(model, state_dict, strict=strict), from_current=True)

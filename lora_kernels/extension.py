@@ -24,7 +24,8 @@ import importlib.util
 import os
 import threading
 import warnings
-from typing import NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -43,7 +44,7 @@ _lock = threading.Lock()
 _state: dict = {}  # "module", "load_reason", "device_reason", "warned"
 
 
-def _truthy(value: Optional[str]) -> bool:
+def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -103,7 +104,7 @@ def cuda_ops_available() -> bool:
     return cuda_ops_unavailable_reason() is None
 
 
-def cuda_ops_unavailable_reason() -> Optional[str]:
+def cuda_ops_unavailable_reason() -> str | None:
     """None when the CUDA kernels can run here, else why not: disabled, not built, failed to load (warned once), or no
     CUDA device. Cached after the first call."""
     module, reason = _load()
@@ -136,7 +137,7 @@ def _index_code(name: str, t: torch.Tensor) -> int:
     return code
 
 
-def _check_cuda(**tensors: Optional[torch.Tensor]) -> int:
+def _check_cuda(**tensors: torch.Tensor | None) -> int:
     """All given tensors on one CUDA device; returns its index."""
     devices = {n: t.device for n, t in tensors.items() if t is not None}
     for n, d in devices.items():
@@ -152,11 +153,11 @@ def _stream(device: int) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
+def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def multi_lora_reason(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Optional[str]:
+def multi_lora_reason(x: torch.Tensor, *tensors: torch.Tensor | None) -> str | None:
     """Checker for ``ops.multi_lora``: None when the CUDA kernels can serve these tensors, else why not."""
     why = cuda_ops_unavailable_reason()
     if why:
@@ -177,9 +178,9 @@ def bgmv_shrink(
     A_slices: Sequence[torch.Tensor],
     token_slots: torch.Tensor,
     out: torch.Tensor,
-    ranks: Optional[torch.Tensor] = None,
-    scales: Optional[torch.Tensor] = None,
-    tiles: Optional["TileList"] = None,
+    ranks: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    tiles: TileList | None = None,
 ) -> torch.Tensor:
     """``out[i, m, j] = scales[id, i] · x[m]·A_i[id, j]`` for ``j < ranks[id]``, 0 for the other ``j < R`` and for
     tokens whose ``id = token_slots[m]`` is -1, out of ``[0, L)`` or of rank 0 (nothing read for those).
@@ -210,18 +211,33 @@ def bgmv_shrink(
     if out.shape != (S, M, R):
         raise ValueError(f"out must be [S={S}, M={M}, R={R}], got {tuple(out.shape)}")
     _check_ids(token_slots, M, ranks, L, scales, S)
-    device = _check_cuda(x=x, out=out, token_slots=token_slots, ranks=ranks, scales=scales,
-                         **{f"A_slices[{i}]": a for i, a in enumerate(A_slices)})
+    device = _check_cuda(
+        x=x,
+        out=out,
+        token_slots=token_slots,
+        ranks=ranks,
+        scales=scales,
+        **{f"A_slices[{i}]": a for i, a in enumerate(A_slices)},
+    )
     dtype = _dtype_code("x", x)
     out_dtype = _dtype_code("out", out)
     tile_kw = _tile_kwargs(tiles, M)
     if tiles is not None:
         out.zero_()
     extension().shrink(
-        x=x.data_ptr(), x_strides=tuple(x.stride()), M=M, K=K, dtype=dtype,
-        a_slices=[(a.data_ptr(), *a.stride()) for a in A_slices], L=L, r_max=R,
-        out=out.data_ptr(), out_strides=tuple(out.stride()), out_dtype=out_dtype,
-        **_slot_kwargs(token_slots, ranks, scales, device), **tile_kw,
+        x=x.data_ptr(),
+        x_strides=tuple(x.stride()),
+        M=M,
+        K=K,
+        dtype=dtype,
+        a_slices=[(a.data_ptr(), *a.stride()) for a in A_slices],
+        L=L,
+        r_max=R,
+        out=out.data_ptr(),
+        out_strides=tuple(out.stride()),
+        out_dtype=out_dtype,
+        **_slot_kwargs(token_slots, ranks, scales, device),
+        **tile_kw,
     )
     return out
 
@@ -231,10 +247,10 @@ def bgmv_expand(
     B_slices: Sequence[torch.Tensor],
     token_slots: torch.Tensor,
     y: torch.Tensor,
-    y_offsets: Optional[Sequence[int]] = None,
-    ranks: Optional[torch.Tensor] = None,
-    scales: Optional[torch.Tensor] = None,
-    tiles: Optional["TileList"] = None,
+    y_offsets: Sequence[int] | None = None,
+    ranks: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    tiles: TileList | None = None,
 ) -> torch.Tensor:
     """``y[m, off_i + n] += scales[id, i] · buf[i, m, :rank]·B_i[id, n, :rank]`` in place for every slice i; tokens
     whose id is -1, out of ``[0, L)`` or of rank 0 are left untouched.
@@ -268,20 +284,34 @@ def bgmv_expand(
     if len(y_offsets) != S:
         raise ValueError(f"y_offsets must have one entry per slice ({S}), got {y_offsets}")
     spans = sorted(zip(y_offsets, widths))
-    for (o, w) in spans:
+    for o, w in spans:
         if o < 0 or o + w > N:
             raise ValueError(f"slice columns [{o}, {o + w}) fall outside y's {N} columns")
     for (o1, w1), (o2, _) in zip(spans, spans[1:]):
         if o1 + w1 > o2:
             raise ValueError(f"output slices overlap: y_offsets={y_offsets}, widths={widths}")
     _check_ids(token_slots, M, ranks, L, scales, S)
-    device = _check_cuda(buf=buf, y=y, token_slots=token_slots, ranks=ranks, scales=scales,
-                         **{f"B_slices[{i}]": b for i, b in enumerate(B_slices)})
+    device = _check_cuda(
+        buf=buf,
+        y=y,
+        token_slots=token_slots,
+        ranks=ranks,
+        scales=scales,
+        **{f"B_slices[{i}]": b for i, b in enumerate(B_slices)},
+    )
     extension().expand(
-        buf=buf.data_ptr(), buf_strides=tuple(buf.stride()), buf_dtype=_dtype_code("buf", buf), M=M, r_max=R,
+        buf=buf.data_ptr(),
+        buf_strides=tuple(buf.stride()),
+        buf_dtype=_dtype_code("buf", buf),
+        M=M,
+        r_max=R,
         b_slices=[(b.data_ptr(), *b.stride(), w, o) for b, w, o in zip(B_slices, widths, y_offsets)],
-        y=y.data_ptr(), y_strides=tuple(y.stride()), dtype=_dtype_code("y", y), L=L,
-        **_slot_kwargs(token_slots, ranks, scales, device), **_tile_kwargs(tiles, M),
+        y=y.data_ptr(),
+        y_strides=tuple(y.stride()),
+        dtype=_dtype_code("y", y),
+        L=L,
+        **_slot_kwargs(token_slots, ranks, scales, device),
+        **_tile_kwargs(tiles, M),
     )
     return y
 
@@ -297,7 +327,7 @@ class TileList(NamedTuple):
     tile_m: int
 
 
-def _tile_kwargs(tiles: Optional[TileList], M: int) -> dict:
+def _tile_kwargs(tiles: TileList | None, M: int) -> dict:
     if tiles is None:
         return {}
     st, ss, ts = tiles.sorted_tokens, tiles.sorted_slots, tiles.tile_starts
@@ -306,31 +336,45 @@ def _tile_kwargs(tiles: Optional[TileList], M: int) -> dict:
             raise ValueError(f"tiles.{name} must be a contiguous 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
     cap = st.shape[0]
     if ss.shape[0] != cap or ts.shape[0] < min(tiles.num_tiles, cap):
-        raise ValueError(f"tile list sizes disagree: sorted_tokens {cap}, sorted_slots {ss.shape[0]}, "
-                         f"tile_starts {ts.shape[0]}, num_tiles {tiles.num_tiles}")
+        raise ValueError(
+            f"tile list sizes disagree: sorted_tokens {cap}, sorted_slots {ss.shape[0]}, "
+            f"tile_starts {ts.shape[0]}, num_tiles {tiles.num_tiles}"
+        )
     num_tiles = max(0, min(int(tiles.num_tiles), ts.shape[0]))
     if int(tiles.tile_m) < 1:
         raise ValueError(f"tile_m must be positive, got {tiles.tile_m}")
     _check_cuda(sorted_tokens=st, sorted_slots=ss, tile_starts=ts)
-    return {"sorted_tokens": st.data_ptr(), "sorted_slots": ss.data_ptr(), "tile_starts": ts.data_ptr(),
-            "cap": cap, "num_tiles": num_tiles, "tile_m": int(tiles.tile_m)}
-
-
-def _slot_kwargs(token_slots: torch.Tensor, ranks: Optional[torch.Tensor], scales: Optional[torch.Tensor],
-                 device: int) -> dict:
-    """The per-slot arguments both extension calls take: ids, ranks and scales (pointer, strides, index type), and the
-    device and its current stream."""
     return {
-        "ids": token_slots.data_ptr(), "stride_id": token_slots.stride(0),
-        "ids_type": _index_code("token_slots", token_slots),
-        "ranks": _ptr(ranks), "ranks_type": _index_code("ranks", ranks) if ranks is not None else 0,
-        "scales": _ptr(scales), "scale_strides": tuple(scales.stride()) if scales is not None else (0, 0),
-        "device": device, "stream": _stream(device),
+        "sorted_tokens": st.data_ptr(),
+        "sorted_slots": ss.data_ptr(),
+        "tile_starts": ts.data_ptr(),
+        "cap": cap,
+        "num_tiles": num_tiles,
+        "tile_m": int(tiles.tile_m),
     }
 
 
-def _check_ids(token_slots: torch.Tensor, M: int, ranks: Optional[torch.Tensor], L: int,
-               scales: Optional[torch.Tensor], S: int) -> None:
+def _slot_kwargs(
+    token_slots: torch.Tensor, ranks: torch.Tensor | None, scales: torch.Tensor | None, device: int
+) -> dict:
+    """The per-slot arguments both extension calls take: ids, ranks and scales (pointer, strides, index type), and the
+    device and its current stream."""
+    return {
+        "ids": token_slots.data_ptr(),
+        "stride_id": token_slots.stride(0),
+        "ids_type": _index_code("token_slots", token_slots),
+        "ranks": _ptr(ranks),
+        "ranks_type": _index_code("ranks", ranks) if ranks is not None else 0,
+        "scales": _ptr(scales),
+        "scale_strides": tuple(scales.stride()) if scales is not None else (0, 0),
+        "device": device,
+        "stream": _stream(device),
+    }
+
+
+def _check_ids(
+    token_slots: torch.Tensor, M: int, ranks: torch.Tensor | None, L: int, scales: torch.Tensor | None, S: int
+) -> None:
     if token_slots.dim() != 1 or token_slots.shape[0] < M:
         raise ValueError(f"token_slots must be 1-D with at least M={M} entries, got {tuple(token_slots.shape)}")
     _index_code("token_slots", token_slots)
@@ -370,7 +414,7 @@ TILED_MIN_TOKENS_PER_SLOT = 2.0
 _TILE_SMEM_LIMIT = 48 * 1024  # bytes of dynamic shared memory the tiled expand may use without opting in
 
 
-def _tiles_for(M: int, L: int, R: int, meta: BatchMeta, tile_m: int) -> Optional[TileList]:
+def _tiles_for(M: int, L: int, R: int, meta: BatchMeta, tile_m: int) -> TileList | None:
     if meta.sorted_tokens is None or meta.sorted_slots is None or meta.tile_starts is None or M == 0:
         return None
     if M < TILED_MIN_TOKENS_PER_SLOT * L or R * 4 * TILE_TOKENS > _TILE_SMEM_LIMIT:
@@ -379,8 +423,15 @@ def _tiles_for(M: int, L: int, R: int, meta: BatchMeta, tile_m: int) -> Optional
     return TileList(meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, bound, int(tile_m))
 
 
-def multi_lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta,
-                      out: torch.Tensor, num_slices: int, tile_m: int) -> torch.Tensor:
+def multi_lora_shrink(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: BatchMeta,
+    out: torch.Tensor,
+    num_slices: int,
+    tile_m: int,
+) -> torch.Tensor:
     """``out[M, S·R]`` ← per-token ``xa = x·Aᵀ`` at the adapter's own rank, zeros elsewhere (signature of the Triton
     launcher). Per-token kernel, or the tiled one over the batch's work list when adapters repeat enough."""
     if x.dtype != A_stack.dtype:
@@ -397,8 +448,16 @@ def multi_lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tenso
     return out
 
 
-def multi_lora_expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
-                      meta: BatchMeta, y: torch.Tensor, slices: Sequence[int], tile_m: int) -> torch.Tensor:
+def multi_lora_expand(
+    xa: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: Sequence[int],
+    tile_m: int,
+) -> torch.Tensor:
     """``y[M, N] += scale · xa·Bᵀ`` per token's adapter and output slice, in place (signature of the Triton
     launcher)."""
     S = len(slices)
@@ -411,16 +470,23 @@ def multi_lora_expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tens
         if B_stack.dtype != torch.float32:
             B_list = [b.to(torch.float32) for b in B_list]
     tiles = _tiles_for(y.shape[0], B_stack.shape[0], B_stack.shape[2], meta, tile_m)
-    bgmv_expand(_as_slices_view(xa, S), B_list, meta.token_slots, target, offs, ranks=ranks, scales=scales,
-                tiles=tiles)
+    bgmv_expand(_as_slices_view(xa, S), B_list, meta.token_slots, target, offs, ranks=ranks, scales=scales, tiles=tiles)
     if target is not y:
         y.copy_(target)
     return y
 
 
-def multi_lora_fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor,
-                     scales: torch.Tensor, meta: BatchMeta, y: torch.Tensor, slices: Sequence[int],
-                     tile_m: int) -> torch.Tensor:
+def multi_lora_fused(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: Sequence[int],
+    tile_m: int,
+) -> torch.Tensor:
     """Shrink then expand (two launches through an fp32 xa buffer of ``M × S·R``: a few KiB at decode sizes)."""
     S = len(slices)
     R = B_stack.shape[2]
@@ -429,11 +495,14 @@ def multi_lora_fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tens
     return multi_lora_expand(xa, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
-def _info() -> Tuple[Optional[str], dict]:
+def _info() -> tuple[str | None, dict]:
     """(availability reason, build facts) for bug reports and the benchmark's header."""
     module, _ = _load()
     facts = {}
     if module is not None:
-        facts = {"cuda_archs": module.CUDA_ARCHS, "runtime_version": module.runtime_version(),
-                 "driver_version": module.driver_version()}
+        facts = {
+            "cuda_archs": module.CUDA_ARCHS,
+            "runtime_version": module.runtime_version(),
+            "driver_version": module.driver_version(),
+        }
     return cuda_ops_unavailable_reason(), facts

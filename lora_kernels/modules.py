@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,11 +22,30 @@ from . import _autocast, _backend, distributed
 from ._numerics import acc_dtype, check_alpha, check_dropout, lora_scaling, merged_weight, real_number
 from .init.pissa import INIT_RECORD, apply_pissa, pissa_factors, pissa_init, record_initial_adapter
 from .ops.lora_linear import lora_linear
-from .targets import (check_replaceable, check_target_modules, linear_refusal, matches, named_linears,  # noqa: F401
-                      no_match_error, parent_of, replace_module, tied_names)
+from .targets import (  # noqa: F401
+    check_replaceable,
+    check_target_modules,
+    linear_refusal,
+    matches,
+    named_linears,
+    no_match_error,
+    parent_of,
+    replace_module,
+    tied_names,
+)
 
-__all__ = ["INITS", "LoRALinear", "LoraLoadResult", "check_replaceable", "inject_lora", "linear_refusal",
-           "load_lora_state_dict", "lora_layers", "lora_scaling", "lora_state_dict"]
+__all__ = [
+    "INITS",
+    "LoRALinear",
+    "LoraLoadResult",
+    "check_replaceable",
+    "inject_lora",
+    "linear_refusal",
+    "load_lora_state_dict",
+    "lora_layers",
+    "lora_scaling",
+    "lora_state_dict",
+]
 
 INITS = ("default", "gaussian", "pissa", "zeros")
 # State-dict keys (after the layer's prefix) of the initial adapter that PiSSA / LoRA-GA record: written only when the
@@ -42,7 +62,7 @@ def _autocast_off(t: torch.Tensor):
 
 
 @torch.no_grad()
-def _init_base(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+def _init_base(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     # nn.Linear's initialisation of the base layer, so a fresh LoRALinear behaves like a fresh nn.Linear.
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     if bias is not None:
@@ -61,18 +81,18 @@ class LoRALinear(nn.Module):
     _warned_merged_training = False  # set on the instance by the first training-mode forward while merged
     # Qualified names of other parameters that are this layer's base weight (an lm_head tied to the embedding), as
     # found by inject_lora. merge() and PiSSA write the weight in place and refuse while it is set; see untie_weight.
-    tied_with: Tuple[str, ...] = ()
+    tied_with: tuple[str, ...] = ()
     # The initial adapter (A0, B0), fp32 on the CPU, when an init (PiSSA, LoRA-GA) replaced W0 by the residual
     # W0 − s·B0·A0; None while W0 is the original weight. Named by init.pissa.INIT_RECORD; it follows the state dict
     # (INITIAL_ADAPTER_KEYS), deepcopy and pickling, never .to() (it stays exact and off the device).
-    _lk_init_adapter: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    _lk_init_adapter: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
         r: int = 8,
-        alpha: Optional[float] = None,
+        alpha: float | None = None,
         dropout: float = 0.0,
         use_rslora: bool = False,
         bias: bool = True,
@@ -80,7 +100,7 @@ class LoRALinear(nn.Module):
         device=None,
         dtype=None,
         lora_dtype=None,
-        backend: Optional[str] = None,
+        backend: str | None = None,
     ):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -93,9 +113,17 @@ class LoRALinear(nn.Module):
         bias_t = torch.empty(out_features, **factory) if bias else None
         if weight.device.type != "meta":
             _init_base(weight, bias_t)
-        self._setup(nn.Parameter(weight, requires_grad=False),
-                    nn.Parameter(bias_t) if bias_t is not None else None,
-                    r, alpha, dropout, use_rslora, init, lora_dtype, backend)
+        self._setup(
+            nn.Parameter(weight, requires_grad=False),
+            nn.Parameter(bias_t) if bias_t is not None else None,
+            r,
+            alpha,
+            dropout,
+            use_rslora,
+            init,
+            lora_dtype,
+            backend,
+        )
         self.reset_lora_parameters(init)
 
     def _setup(self, weight, bias, r, alpha, dropout, use_rslora, init, lora_dtype, backend) -> None:
@@ -112,11 +140,14 @@ class LoRALinear(nn.Module):
             raise TypeError(f"the base weight must be a 2-D floating tensor, got {weight.dtype} {tuple(weight.shape)}")
         lora_dtype = weight.dtype if lora_dtype is None else lora_dtype
         if not isinstance(lora_dtype, torch.dtype):
-            raise TypeError(f"lora_dtype must be a torch.dtype (the base weight's, {weight.dtype}, or torch.float32), "
-                            f"got {type(lora_dtype).__name__} {lora_dtype!r}")
+            raise TypeError(
+                f"lora_dtype must be a torch.dtype (the base weight's, {weight.dtype}, or torch.float32), "
+                f"got {type(lora_dtype).__name__} {lora_dtype!r}"
+            )
         if lora_dtype != weight.dtype and lora_dtype not in _LORA_EXTRA_DTYPES:
-            raise TypeError(f"lora_dtype must be the base weight's dtype ({weight.dtype}) or torch.float32, "
-                            f"got {lora_dtype}")
+            raise TypeError(
+                f"lora_dtype must be the base weight's dtype ({weight.dtype}) or torch.float32, got {lora_dtype}"
+            )
 
         out_features, in_features = weight.shape
         self.in_features = in_features
@@ -140,9 +171,17 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-                    use_rslora: bool = False, init: str = "default", lora_dtype=None,
-                    backend: Optional[str] = None) -> "LoRALinear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "default",
+        lora_dtype=None,
+        backend: str | None = None,
+    ) -> LoRALinear:
         """Wrap ``linear``: its weight (frozen here) and bias are shared, not copied; the adapter is created on the
         weight's device. With B = 0 (the default inits) the output is the ``nn.Linear``'s up to the backend's
         rounding (the reference accumulates in fp32 and rounds once). The bias keeps its ``requires_grad``
@@ -203,7 +242,7 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------ merging
     @property
-    def initial_adapter(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def initial_adapter(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A0, B0)`` (fp32, CPU) when an init (PiSSA, LoRA-GA) replaced the base weight by the residual
         ``W0 − s·B0·A0``, else None. :func:`lora_kernels.save_adapter` uses it to write the adapter against the
         original W0. Kept in ``state_dict()`` (keys ``INITIAL_ADAPTER_KEYS``), deepcopy and pickling."""
@@ -300,37 +339,44 @@ class LoRALinear(nn.Module):
         shapes = ((self.r, self.in_features), (self.out_features, self.r))
         for k, t, shape in zip(keys, (A0, B0), shapes):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
-                error_msgs.append(f"{k}: expected a floating tensor of shape {shape} (the layer's initial adapter), "
-                                  f"got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+                error_msgs.append(
+                    f"{k}: expected a floating tensor of shape {shape} (the layer's initial adapter), "
+                    f"got {type(t).__name__} {tuple(getattr(t, 'shape', ()))}"
+                )
                 return
         record_initial_adapter(self, A0, B0)
 
-    def _load_own_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                        error_msgs) -> None:
+    def _load_own_state(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         """What ``nn.Module`` loads for this layer (its own parameters and buffers), plus the initial adapter."""
-        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                        unexpected_keys, error_msgs)
+        nn.Module._load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._load_initial_adapter(state_dict, prefix, unexpected_keys, error_msgs)
 
-    def _load_unless_merged(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                            error_msgs) -> bool:
+    def _load_unless_merged(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> bool:
         """The start of every LoRA layer's ``_load_from_state_dict``: an unmerged layer loads as a module does, a
         merged one refuses ``assign=True`` (which would make the caller's tensor the weight, and merging again would
         write into it). True when that finished the load; False for a merged layer, which the caller loads."""
         if not self.merged:
-            self._load_own_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                 error_msgs)
+            self._load_own_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
             return True
         if local_metadata.get("assign_to_params_buffers", False):
-            error_msgs.append(f"{prefix or type(self).__name__}: is merged; unmerge() before "
-                              f"load_state_dict(assign=True)")
+            error_msgs.append(
+                f"{prefix or type(self).__name__}: is merged; unmerge() before load_state_dict(assign=True)"
+            )
             return True
         return False
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if self._load_unless_merged(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                    error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if self._load_unless_merged(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        ):
             return
         # Merged: load into the unmerged state (the checkpoint holds W0, A, B), then merge again.
         self.unmerge()
@@ -345,20 +391,33 @@ class LoRALinear(nn.Module):
         if self.merged:
             # PEFT computes a merged layer with the merged weight in either mode; so do we, and say once that the
             # adapter learns nothing meanwhile (one message per process: the text and call site do not change).
-            if (self.training and torch.is_grad_enabled() and not self._warned_merged_training
-                    and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
+            if (
+                self.training
+                and torch.is_grad_enabled()
+                and not self._warned_merged_training
+                and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+            ):
                 self._warned_merged_training = True
                 warnings.warn(
                     "a merged LoRALinear is run in training mode: it computes with the merged weight and its adapter "
-                    "gets no gradient until unmerge()", UserWarning, stacklevel=2,
+                    "gets no gradient until unmerge()",
+                    UserWarning,
+                    stacklevel=2,
                 )
             return F.linear(x, self.weight, self.bias)
         if distributed.is_sharded_layer(self):  # tensor parallel (DTensor parameters): the op runs on the shards
             return distributed.tp_forward(self, *self._autocast(x), lora_linear)
         x, weight, bias, lora_A, lora_B = self._autocast(x)
         return lora_linear(
-            x, weight, lora_A, lora_B, self.scaling, bias,
-            dropout_p=self.dropout, training=self.training, backend=self.backend,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            self.scaling,
+            bias,
+            dropout_p=self.dropout,
+            training=self.training,
+            backend=self.backend,
         )
 
     def _autocast(self, x: torch.Tensor):
@@ -391,22 +450,23 @@ class LoRALinear(nn.Module):
 # --------------------------------------------------------------------------------------------------- model helpers
 def inject_lora(
     model: nn.Module,
-    target_modules: Union[str, Sequence[str]],
+    target_modules: str | Sequence[str],
     r: int = 8,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     dropout: float = 0.0,
     use_rslora: bool = False,
     init: str = "default",
     lora_dtype=None,
-    backend: Optional[str] = None,
+    backend: str | None = None,
     freeze_base: bool = True,
-) -> List[str]:
+) -> list[str]:
     """Replace, in place, every ``nn.Linear`` whose qualified name matches ``target_modules`` by a ``LoRALinear``.
 
     ``target_modules`` is PEFT's: a list of names matched by suffix (``"q_proj"`` matches ``"layers.0.attn.q_proj"``)
     or one string matched as a regex against the full name. With ``freeze_base`` every parameter of the model other
     than the LoRA adapters is frozen, as PEFT does. Returns the replaced names (a layer reachable under several
-    names, e.g. tied, is wrapped once and every name points at the same ``LoRALinear``). Raises ValueError listing the candidates when nothing
+    names, e.g. tied, is wrapped once and every name points at the same ``LoRALinear``). Raises ValueError listing the
+    candidates when nothing
     matches; on any error the model is left unchanged (weights, modules and ``requires_grad`` flags). Refused with
     ValueError: an ``nn.Linear`` subclass with its own ``forward`` (its behaviour would be lost), a parametrized or
     weight-normed Linear (its parametrization would be dropped), and with ``init="pissa"`` a weight tied to another
@@ -415,19 +475,28 @@ def inject_lora(
     """
     target_modules = check_injection(model, target_modules)
     chosen = plan_injection(model, target_modules)
-    targets: Dict[int, Tuple[str, nn.Linear]] = {}  # each layer once, under its first name
+    targets: dict[int, tuple[str, nn.Linear]] = {}  # each layer once, under its first name
     for name, lin in chosen.items():
         targets.setdefault(id(lin), (name, lin))
     tied = tied_names(model, [lin for _, lin in targets.values()])
     if init == "pissa":
         _check_pissa_targets(targets, tied, r, alpha, use_rslora)
-    built, factors = build_layers(model, targets, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                  init=init, lora_dtype=lora_dtype, backend=backend)
+    built, factors = build_layers(
+        model,
+        targets,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        use_rslora=use_rslora,
+        init=init,
+        lora_dtype=lora_dtype,
+        backend=backend,
+    )
     install_layers(model, chosen, built, factors, tied, freeze_base)
     return list(chosen)
 
 
-def check_injection(model: nn.Module, target_modules) -> Union[str, List[str]]:
+def check_injection(model: nn.Module, target_modules) -> str | list[str]:
     """``inject_lora``'s checks of ``model`` and ``target_modules``; returns ``target_modules`` as
     :func:`~lora_kernels.targets.matches` takes it."""
     if not isinstance(model, nn.Module):
@@ -440,7 +509,7 @@ def check_injection(model: nn.Module, target_modules) -> Union[str, List[str]]:
     return check_target_modules(target_modules)
 
 
-def plan_injection(model: nn.Module, target_modules: Union[str, List[str]]) -> Dict[str, nn.Linear]:
+def plan_injection(model: nn.Module, target_modules: str | list[str]) -> dict[str, nn.Linear]:
     """Qualified name → ``nn.Linear`` for every layer ``inject_lora`` replaces, in module order; a layer reachable
     under several names is listed under each, so that every name gets the same LoRALinear. ValueError (listing the
     candidates) when nothing matches, or for a layer a LoRALinear cannot replace. Changes nothing."""
@@ -461,8 +530,9 @@ def plan_injection(model: nn.Module, target_modules: Union[str, List[str]]) -> D
     return chosen
 
 
-def _check_pissa_targets(targets: Dict[int, Tuple[str, nn.Linear]], tied: Dict[int, Tuple[str, ...]], r, alpha,
-                         use_rslora) -> None:
+def _check_pissa_targets(
+    targets: dict[int, tuple[str, nn.Linear]], tied: dict[int, tuple[str, ...]], r, alpha, use_rslora
+) -> None:
     """``init="pissa"`` writes every target's W0: refuse a tied weight, r > min(out, in) and a scaling ≤ 0 before
     anything is built."""
     if lora_scaling(r, real_number("alpha", r if alpha is None else alpha), bool(use_rslora)) <= 0:
@@ -475,19 +545,22 @@ def _check_pissa_targets(targets: Dict[int, Tuple[str, nn.Linear]], tied: Dict[i
                 f"nn.Parameter({name}.weight.detach().clone())) or leave {name} out; nothing was changed"
             )
         if isinstance(r, int) and r > min(lin.weight.shape):
-            raise ValueError(f"init='pissa' needs r ≤ min(out, in) for every target; {name} has weight "
-                             f"{tuple(lin.weight.shape)} and r={r}; nothing was changed")
+            raise ValueError(
+                f"init='pissa' needs r ≤ min(out, in) for every target; {name} has weight "
+                f"{tuple(lin.weight.shape)} and r={r}; nothing was changed"
+            )
 
 
-def build_layers(model: nn.Module, targets: Dict[int, Tuple[str, nn.Linear]], *, init: str = "default",
-                 **settings) -> Tuple[Dict[int, "LoRALinear"], Dict[int, Tuple[torch.Tensor, torch.Tensor]]]:
+def build_layers(
+    model: nn.Module, targets: dict[int, tuple[str, nn.Linear]], *, init: str = "default", **settings
+) -> tuple[dict[int, LoRALinear], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """A LoRALinear for every target (keyed like ``targets``, by ``id`` of the ``nn.Linear``), not attached to the
     model, and with ``init="pissa"`` the PiSSA factors of each (every SVD before the first write; a meta-device
     layer gets PiSSA from ``reset_parameters()`` after ``to_empty()``). ``settings`` are
     :meth:`LoRALinear.from_linear`'s. On error every ``requires_grad`` flag of the model is restored."""
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    built: Dict[int, LoRALinear] = {}
-    factors: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+    built: dict[int, LoRALinear] = {}
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         for lid, (_, lin) in targets.items():
             built[lid] = LoRALinear.from_linear(lin, init="zeros" if init == "pissa" else init, **settings)
@@ -503,9 +576,14 @@ def build_layers(model: nn.Module, targets: Dict[int, Tuple[str, nn.Linear]], *,
     return built, factors
 
 
-def install_layers(model: nn.Module, chosen: Dict[str, nn.Linear], built: Dict[int, "LoRALinear"],
-                   factors: Dict[int, Tuple[torch.Tensor, torch.Tensor]], tied: Dict[int, Tuple[str, ...]],
-                   freeze_base: bool) -> None:
+def install_layers(
+    model: nn.Module,
+    chosen: dict[str, nn.Linear],
+    built: dict[int, LoRALinear],
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    tied: dict[int, tuple[str, ...]],
+    freeze_base: bool,
+) -> None:
     """Put the built layers in place of their ``nn.Linear`` under every name, after recording ties, writing the
     PiSSA factors and (``freeze_base``) freezing everything but the adapters already in the model. Cannot fail on
     what :func:`plan_injection` and :func:`build_layers` accepted."""
@@ -524,12 +602,12 @@ def install_layers(model: nn.Module, chosen: Dict[str, nn.Linear], built: Dict[i
         replace_module(model, name, built[id(chosen[name])])
 
 
-def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Qualified name → LoRALinear, in module order (a shared layer appears once, under its first name)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, keyed ``<module>.lora_A`` / ``<module>.lora_B`` as in ``model.state_dict()``.
 
     Like ``state_dict()`` the tensors are detached but share storage with the parameters: clone them to keep a
@@ -545,8 +623,8 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 class LoraLoadResult(NamedTuple):
-    missing_keys: List[str]
-    unexpected_keys: List[str]
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 @torch.no_grad()
@@ -566,7 +644,7 @@ def load_lora_state_dict(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of name -> tensor, got {type(state_dict).__name__}")
-    expected: Dict[str, Tuple[LoRALinear, str]] = {}
+    expected: dict[str, tuple[LoRALinear, str]] = {}
     for name, layer in lora_layers(model).items():
         prefix = f"{name}." if name else ""
         expected[prefix + "lora_A"] = (layer, "lora_A")
@@ -602,7 +680,7 @@ def load_lora_state_dict(
         raise ValueError("load_lora_state_dict: nothing was loaded. " + "; ".join(errors))
 
     # Merged layers: compute the new merged weight first, so a non-finite result refuses before anything is written.
-    layers: Dict[int, LoRALinear] = {}
+    layers: dict[int, LoRALinear] = {}
     for key, (layer, _) in expected.items():
         if key in state_dict:
             layers[id(layer)] = layer

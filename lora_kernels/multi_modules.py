@@ -23,8 +23,12 @@ from .ops.multi_lora import multi_lora_linear
 from .pool import IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
 from .targets import check_target_modules, linear_refusal, matches, named_linears, no_match_error, replace_module
 
-_POOL_BUFFERS = (("lora_A_stack", "A_stack"), ("lora_B_stack", "B_stack"), ("lora_ranks", "ranks"),
-                 ("lora_scales", "scales"))
+_POOL_BUFFERS = (
+    ("lora_A_stack", "A_stack"),
+    ("lora_B_stack", "B_stack"),
+    ("lora_ranks", "ranks"),
+    ("lora_scales", "scales"),
+)
 
 
 # ------------------------------------------------------------------------------------------ per-context batches
@@ -34,7 +38,8 @@ _POOL_BUFFERS = (("lora_A_stack", "A_stack"), ("lora_B_stack", "B_stack"), ("lor
 # of the context that made it (Dynamo traces and guards a thread-local attribute, it cannot trace ContextVar.get).
 _NO_BATCHES: dict[nn.Module, LoRABatch] = {}
 _ACTIVE: contextvars.ContextVar[dict[nn.Module, LoRABatch] | None] = contextvars.ContextVar(
-    "lora_kernels_active_batches", default=None)
+    "lora_kernels_active_batches", default=None
+)
 _MIRROR = threading.local()
 
 
@@ -73,8 +78,10 @@ def _check_batch_for(layers: Sequence[MultiLoRALinear], batch: LoRABatch | None)
         raise TypeError(f"batch must be a LoRABatch or None, got {type(batch).__name__}")
     devices = {m.weight.device for m in layers}
     if any(d != batch.device for d in devices):
-        raise ValueError(f"batch is on {batch.device} but the model's MultiLoRALinear layers are on "
-                         f"{', '.join(sorted(map(str, devices)))}; prepare the batch with device=")
+        raise ValueError(
+            f"batch is on {batch.device} but the model's MultiLoRALinear layers are on "
+            f"{', '.join(sorted(map(str, devices)))}; prepare the batch with device="
+        )
 
 
 def _check_backend(backend: str | None) -> str | None:
@@ -91,8 +98,10 @@ def _check_pool_dtype(dtype, weight_dtype: torch.dtype, what: str = "dtype") -> 
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what} must be one of {', '.join(map(str, FLOAT_DTYPES))} or None, got {dtype!r}")
     if dtype not in (weight_dtype, torch.float32):
-        raise ValueError(f"{what}={dtype} cannot serve a layer whose weight is {weight_dtype}: the pool must be the "
-                         f"weight's dtype or torch.float32")
+        raise ValueError(
+            f"{what}={dtype} cannot serve a layer whose weight is {weight_dtype}: the pool must be the "
+            f"weight's dtype or torch.float32"
+        )
 
 
 WEIGHT_LAYOUTS = ("out_in", "in_out")  # nn.Linear's [out, in]; transformers Conv1D's [in, out]
@@ -132,15 +141,20 @@ class MultiLoRALinear(nn.Module):
         _check_weight_layout(weight_layout)
         _check_backend(backend)
         _check_pool_dtype(pool_dtype, dtype or torch.get_default_dtype(), "pool_dtype")
-        pool = AdapterPool(max_adapters, max_rank, in_features, out_features,
-                           dtype=pool_dtype if pool_dtype is not None else (dtype or torch.get_default_dtype()),
-                           device=device)
+        pool = AdapterPool(
+            max_adapters,
+            max_rank,
+            in_features,
+            out_features,
+            dtype=pool_dtype if pool_dtype is not None else (dtype or torch.get_default_dtype()),
+            device=device,
+        )
         factory = {"device": device, "dtype": dtype}
         shape = (pool.out_features, in_features) if weight_layout == "out_in" else (in_features, pool.out_features)
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(pool.out_features, **factory), requires_grad=False) if bias else None
         self._init_pool(pool, backend, weight_layout)
-        nn.init.kaiming_uniform_(self.base_weight(), a=5 ** 0.5)  # nn.Linear's init, on the [out, in] view
+        nn.init.kaiming_uniform_(self.base_weight(), a=5**0.5)  # nn.Linear's init, on the [out, in] view
 
     def _init_pool(self, pool: AdapterPool, backend: str | None, weight_layout: str) -> None:
         self.in_features = pool.in_features
@@ -165,8 +179,9 @@ class MultiLoRALinear(nn.Module):
         ``slices``: output widths of a fused projection (default one slice of ``out_features``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        return cls.from_weight(linear.weight, linear.bias, max_adapters, max_rank, dtype=dtype, slices=slices,
-                               backend=backend)
+        return cls.from_weight(
+            linear.weight, linear.bias, max_adapters, max_rank, dtype=dtype, slices=slices, backend=backend
+        )
 
     @classmethod
     def from_weight(
@@ -186,12 +201,16 @@ class MultiLoRALinear(nn.Module):
         ``Conv1D``'s). ``dtype``, ``slices``, ``backend``: as :meth:`from_linear`."""
         _check_weight_layout(weight_layout)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
-            raise TypeError(f"weight must be a 2-D nn.Parameter, got {type(weight).__name__}"
-                            + (f" of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else ""))
+            raise TypeError(
+                f"weight must be a 2-D nn.Parameter, got {type(weight).__name__}"
+                + (f" of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else "")
+            )
         out_f, in_f = weight.shape if weight_layout == "out_in" else weight.shape[::-1]
         if bias is not None and (not isinstance(bias, nn.Parameter) or tuple(bias.shape) != (out_f,)):
-            raise TypeError(f"bias must be None or an nn.Parameter of shape ({out_f},), got {type(bias).__name__}"
-                            + (f" of shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else ""))
+            raise TypeError(
+                f"bias must be None or an nn.Parameter of shape ({out_f},), got {type(bias).__name__}"
+                + (f" of shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else "")
+            )
         _check_backend(backend)
         _check_pool_dtype(dtype, weight.dtype)
         out = out_f if slices is None else list(slices)
@@ -216,24 +235,41 @@ class MultiLoRALinear(nn.Module):
         # before the cast: 1/3 through fp16 would come back 0.333984375, 1e5 inf), ranks int32.
         if self.lora_scales.dtype != torch.float32:
             self.lora_scales = scales.to(device=self.lora_scales.device, dtype=torch.float32, copy=True)
-        if self.lora_A_stack.dtype != pool_dtype and self.lora_A_stack.device.type != "meta" and not (
-                torch.isfinite(self.lora_A_stack).all() and torch.isfinite(self.lora_B_stack).all()):
+        if (
+            self.lora_A_stack.dtype != pool_dtype
+            and self.lora_A_stack.device.type != "meta"
+            and not (torch.isfinite(self.lora_A_stack).all() and torch.isfinite(self.lora_B_stack).all())
+        ):
             # AdapterPool.load refuses such values; a cast after loading cannot refuse, so it says so.
-            slots = sorted({int(i) for i in ((~torch.isfinite(self.lora_A_stack)).flatten(1).any(1)
-                                             | (~torch.isfinite(self.lora_B_stack)).flatten(1).any(1))
-                            .nonzero().flatten().tolist()})
+            slots = sorted(
+                {
+                    int(i)
+                    for i in (
+                        (~torch.isfinite(self.lora_A_stack)).flatten(1).any(1)
+                        | (~torch.isfinite(self.lora_B_stack)).flatten(1).any(1)
+                    )
+                    .nonzero()
+                    .flatten()
+                    .tolist()
+                }
+            )
             names = [n for n, s in self.pool.names.items() if s in slots]
-            warnings.warn(f"MultiLoRALinear: casting the pool to {self.lora_A_stack.dtype} overflowed adapter(s) "
-                          f"{names} to inf; keep the pool in float32 (MultiLoRALinear.from_linear(dtype=...)) or "
-                          f"reload them", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MultiLoRALinear: casting the pool to {self.lora_A_stack.dtype} overflowed adapter(s) "
+                f"{names} to inf; keep the pool in float32 (MultiLoRALinear.from_linear(dtype=...)) or "
+                f"reload them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         for buf, attr in _POOL_BUFFERS:
             setattr(self.pool, attr, getattr(self, buf))
         self.pool.dtype = self.lora_A_stack.dtype
         return self
 
     # ------------------------------------------------------------------------------------------------- adapters
-    def load_adapter(self, name: str, lora_A, lora_B, alpha=None, use_rslora: bool = False, scale=None,
-                     slot: int | None = None) -> int:
+    def load_adapter(
+        self, name: str, lora_A, lora_B, alpha=None, use_rslora: bool = False, scale=None, slot: int | None = None
+    ) -> int:
         """Copy an adapter into the pool (see :meth:`AdapterPool.load`); returns its slot."""
         return self.pool.load(name, lora_A, lora_B, alpha=alpha, use_rslora=use_rslora, scale=scale, slot=slot)
 
@@ -267,8 +303,10 @@ class MultiLoRALinear(nn.Module):
         p = self.pool
         out = list(p.slices) if p.num_slices > 1 else p.out_features
         layout = f", weight_layout={self.weight_layout!r}" if self.weight_layout != "out_in" else ""
-        return (f"in_features={self.in_features}, out_features={out}, max_adapters={p.max_adapters}, "
-                f"max_rank={p.max_rank}, loaded={len(p)}, bias={self.bias is not None}{layout}")
+        return (
+            f"in_features={self.in_features}, out_features={out}, max_adapters={p.max_adapters}, "
+            f"max_rank={p.max_rank}, loaded={len(p)}, bias={self.bias is not None}{layout}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- model helpers
@@ -309,15 +347,19 @@ def inject_multi_lora(
         if why:
             refused.append(f"{name}: {why}")
     if refused:
-        raise ValueError("inject_multi_lora cannot wrap these layers without losing what they compute: "
-                         + "; ".join(refused) + " (leave them out of target_modules)")
+        raise ValueError(
+            "inject_multi_lora cannot wrap these layers without losing what they compute: "
+            + "; ".join(refused)
+            + " (leave them out of target_modules)"
+        )
     # Build every replacement before touching the model, so a failure leaves it unchanged.
     layers: dict[int, MultiLoRALinear] = {}
     for name in chosen:
         linear = candidates[name]
         if id(linear) not in layers:
-            layers[id(linear)] = MultiLoRALinear.from_linear(linear, max_adapters, max_rank, dtype=dtype,
-                                                             backend=backend)
+            layers[id(linear)] = MultiLoRALinear.from_linear(
+                linear, max_adapters, max_rank, dtype=dtype, backend=backend
+            )
     for name in chosen:
         replace_module(model, name, layers[id(candidates[name])])
     return chosen

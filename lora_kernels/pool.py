@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from .ops._batch import BatchMeta, max_tiles
 from .ops._validate import FLOAT_DTYPES, MAX_SLICES, shape
 
-TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+TensorOrList = torch.Tensor | Sequence[torch.Tensor]
 
 # Guards the in-flight counts of every pool (below) together with unload, across threads: an adapter is never
 # unloaded (and its slot never handed to another tenant) while a request in progress uses it.
@@ -38,7 +38,7 @@ IN_FLIGHT_LOCK = threading.RLock()
 _UNKNOWN = -2  # in-flight key of a batch whose ids live on the device: it may use any slot
 
 
-def hold_slots(pools: Iterable["AdapterPool"], slots: Optional[Iterable[int]]) -> List[Tuple["AdapterPool", list]]:
+def hold_slots(pools: Iterable[AdapterPool], slots: Iterable[int] | None) -> list[tuple[AdapterPool, list]]:
     """Count ``slots`` (None: unknown, any slot) of every pool as used by a request in progress, until
     :func:`release_slots`; :meth:`AdapterPool.unload` refuses those slots meanwhile. Returns the token to release."""
     keys = [_UNKNOWN] if slots is None else sorted({int(s) for s in slots if s >= 0})
@@ -54,7 +54,7 @@ def hold_slots(pools: Iterable["AdapterPool"], slots: Optional[Iterable[int]]) -
     return held
 
 
-def release_slots(held: List[Tuple["AdapterPool", list]]) -> None:
+def release_slots(held: list[tuple[AdapterPool, list]]) -> None:
     with IN_FLIGHT_LOCK:
         for pool, keys in held:
             counts = pool._in_flight
@@ -66,7 +66,7 @@ def release_slots(held: List[Tuple["AdapterPool", list]]) -> None:
                     counts.pop(k, None)
 
 
-def _as_float_list(name: str, value, n: int) -> List[float]:
+def _as_float_list(name: str, value, n: int) -> list[float]:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"{name} has {len(value)} entries but the pool has {n} output slices")
@@ -95,8 +95,8 @@ class AdapterPool:
         max_adapters: int,
         max_rank: int,
         in_features: int,
-        out_features: Union[int, Sequence[int]],
-        dtype: Optional[torch.dtype] = None,
+        out_features: int | Sequence[int],
+        dtype: torch.dtype | None = None,
         device=None,
     ):
         for name, v in (("max_adapters", max_adapters), ("max_rank", max_rank), ("in_features", in_features)):
@@ -128,9 +128,9 @@ class AdapterPool:
         self.ranks = torch.zeros(L, dtype=torch.int32, device=device)
         self.scales = torch.zeros(L, S, dtype=torch.float32, device=device)
         self._host_ranks = [0] * L
-        self._slot_of: Dict[str, int] = {}
+        self._slot_of: dict[str, int] = {}
         self._in_use = [False] * L  # kept in step with _slot_of: the eager id check reads it on every call
-        self._in_flight: Dict[int, int] = {}  # slot (or _UNKNOWN) -> requests in progress using it (hold_slots)
+        self._in_flight: dict[int, int] = {}  # slot (or _UNKNOWN) -> requests in progress using it (hold_slots)
 
     def __getstate__(self):
         # A copy (deepcopy, pickle) serves no request yet: it starts with no slot in flight.
@@ -152,7 +152,7 @@ class AdapterPool:
         return len(self.slices)
 
     @property
-    def slice_offsets(self) -> List[int]:
+    def slice_offsets(self) -> list[int]:
         """``[0, N_0, N_0 + N_1, …, N]``."""
         offs = [0]
         for n in self.slices:
@@ -160,23 +160,23 @@ class AdapterPool:
         return offs
 
     @property
-    def B_slices(self) -> List[torch.Tensor]:
+    def B_slices(self) -> list[torch.Tensor]:
         """Per-slice B stacks ``[L, N_s, R]`` (views into ``B_stack``)."""
         offs = self.slice_offsets
         return [self.B_stack[:, offs[i] : offs[i + 1]] for i in range(self.num_slices)]
 
     @property
-    def names(self) -> Dict[str, int]:
+    def names(self) -> dict[str, int]:
         """Loaded adapters: name → slot (a copy)."""
         return dict(self._slot_of)
 
     @property
-    def host_ranks(self) -> List[int]:
+    def host_ranks(self) -> list[int]:
         """Rank of each slot (0 = empty or reserved), kept on the host so id checks need no device sync."""
         return list(self._host_ranks)
 
     @property
-    def slots_in_use(self) -> List[bool]:
+    def slots_in_use(self) -> list[bool]:
         """Per slot: does a name hold it (loaded, or reserved by :meth:`reserve`)? Those are the valid batch ids."""
         return list(self._in_use)
 
@@ -194,7 +194,7 @@ class AdapterPool:
             loaded = ", ".join(sorted(self._slot_of)) or "(none)"
             raise KeyError(f"adapter {name!r} is not loaded; loaded: {loaded}") from None
 
-    def free_slots(self) -> List[int]:
+    def free_slots(self) -> list[int]:
         used = self.slots_in_use
         return [i for i in range(self.max_adapters) if not used[i]]
 
@@ -206,7 +206,7 @@ class AdapterPool:
         )
 
     # ------------------------------------------------------------------------------------------------ load/unload
-    def _per_slice(self, what: str, t: TensorOrList, split_rows: bool) -> List[torch.Tensor]:
+    def _per_slice(self, what: str, t: TensorOrList, split_rows: bool) -> list[torch.Tensor]:
         S = self.num_slices
         if isinstance(t, torch.Tensor):
             if S == 1:
@@ -229,10 +229,10 @@ class AdapterPool:
         name: str,
         lora_A: TensorOrList,
         lora_B: TensorOrList,
-        alpha: Union[None, float, Sequence[float]] = None,
+        alpha: None | float | Sequence[float] = None,
         use_rslora: bool = False,
-        scale: Union[None, float, Sequence[float]] = None,
-        slot: Optional[int] = None,
+        scale: None | float | Sequence[float] = None,
+        slot: int | None = None,
     ) -> int:
         """Copy an adapter into a free slot and return the slot.
 
@@ -264,8 +264,9 @@ class AdapterPool:
                 if t.dtype not in FLOAT_DTYPES:
                     raise TypeError(f"{what} has dtype {t.dtype}; expected a float dtype")
                 if t.layout != torch.strided or t.device.type == "meta":
-                    raise ValueError(f"{what} must be a dense tensor holding values, got a {t.layout} tensor on "
-                                     f"{t.device}")
+                    raise ValueError(
+                        f"{what} must be a dense tensor holding values, got a {t.layout} tensor on {t.device}"
+                    )
             r = a.shape[0]
             if a.shape[1] != K:
                 raise ValueError(f"lora_A{tag} must be [r, in_features={K}], got {shape(a)}")
@@ -301,7 +302,7 @@ class AdapterPool:
         self._in_use[slot] = True
         return slot
 
-    def _pick_slot(self, slot: Optional[int]) -> int:
+    def _pick_slot(self, slot: int | None) -> int:
         if slot is None:
             free = self.free_slots()
             if not free:
@@ -317,7 +318,7 @@ class AdapterPool:
             raise ValueError(f"slot {slot} already holds adapter {holder!r}")
         return slot
 
-    def reserve(self, name: str, slot: Optional[int] = None) -> int:
+    def reserve(self, name: str, slot: int | None = None) -> int:
         """Register ``name`` in a slot without weights (rank 0): tokens of that slot get the base output here at no
         cost, and pass the id check. For an adapter that does not target this layer while it targets others of the
         model, so that one slot id serves the whole model."""
@@ -344,8 +345,10 @@ class AdapterPool:
         with IN_FLIGHT_LOCK:
             users = self._in_flight.get(slot, 0) + self._in_flight.get(_UNKNOWN, 0)
         if users:
-            raise RuntimeError(f"adapter {name!r} (slot {slot}) is used by {users} request(s) in progress "
-                               "(use_batch or a forward with adapter_names); unload it once they are done")
+            raise RuntimeError(
+                f"adapter {name!r} (slot {slot}) is used by {users} request(s) in progress "
+                "(use_batch or a forward with adapter_names); unload it once they are done"
+            )
         return slot
 
     def _unload(self, name: str) -> int:
@@ -368,9 +371,20 @@ _INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).
 _INT64_MAX = torch.iinfo(torch.int64).max
 # Integer dtypes accepted as ids (the unsigned ones beyond uint8 exist from torch 2.3 on).
 _UINT64 = getattr(torch, "uint64", None)
-_ID_DTYPES = tuple(d for d in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
-                               getattr(torch, "uint16", None), getattr(torch, "uint32", None), _UINT64)
-                   if d is not None)
+_ID_DTYPES = tuple(
+    d
+    for d in (
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        getattr(torch, "uint16", None),
+        getattr(torch, "uint32", None),
+        _UINT64,
+    )
+    if d is not None
+)
 
 
 def auto_tile_m(max_tokens: int) -> int:
@@ -409,7 +423,7 @@ class LoRABatch:
     negative, ``>= L`` or names an empty slot as "no adapter", so a bad id can never read outside the pool.
     """
 
-    def __init__(self, max_tokens: int, device=None, tile_m: Optional[int] = None):
+    def __init__(self, max_tokens: int, device=None, tile_m: int | None = None):
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         if tile_m is None:
@@ -427,9 +441,9 @@ class LoRABatch:
         self.tile_starts = torch.full((cap + 1,), -1, **i32)
         self._positions = torch.arange(cap, dtype=torch.int64, device=device)
         self.num_tokens = 0
-        self.host_slots: Optional[torch.Tensor] = torch.empty(0, dtype=torch.int64)
-        self.host_unique: Optional[List[int]] = []
-        self.has_adapter: Optional[bool] = False
+        self.host_slots: torch.Tensor | None = torch.empty(0, dtype=torch.int64)
+        self.host_unique: list[int] | None = []
+        self.has_adapter: bool | None = False
 
     @property
     def device(self) -> torch.device:
@@ -448,10 +462,10 @@ class LoRABatch:
     def prepare(
         cls,
         adapter_ids,
-        max_tokens: Optional[int] = None,
+        max_tokens: int | None = None,
         device=None,
-        tile_m: Optional[int] = None,
-    ) -> "LoRABatch":
+        tile_m: int | None = None,
+    ) -> LoRABatch:
         """A new batch for ``adapter_ids`` (pool slots, one per token, -1 = none): a list of ints or an integer
         tensor. ``max_tokens`` (capacity, default the number of ids) bounds later :meth:`prepare_` calls; ``device``
         defaults to the ids' device (CPU for a list). ``tile_m``: rows per work tile (the kernels' BLOCK_M; default
@@ -469,11 +483,11 @@ class LoRABatch:
     def prepare_sequences(
         cls,
         sequence_slots: Sequence[int],
-        tokens_per_sequence: Union[int, Sequence[int]],
-        max_tokens: Optional[int] = None,
+        tokens_per_sequence: int | Sequence[int],
+        max_tokens: int | None = None,
         device=None,
-        tile_m: Optional[int] = None,
-    ) -> "LoRABatch":
+        tile_m: int | None = None,
+    ) -> LoRABatch:
         """A batch where sequence ``b`` (``tokens_per_sequence`` tokens, an int for ``[B, S, K]`` inputs or one length
         per sequence for packed inputs) uses slot ``sequence_slots[b]`` (PEFT's per-sequence ``adapter_names``)."""
         slots = list(sequence_slots)
@@ -485,8 +499,10 @@ class LoRABatch:
         else:
             lengths = list(tokens_per_sequence)
         if len(lengths) != len(slots) or any(not isinstance(n, int) or n < 0 for n in lengths):
-            raise ValueError(f"tokens_per_sequence must be an int >= 0 or one per sequence ({len(slots)}), "
-                             f"got {tokens_per_sequence!r}")
+            raise ValueError(
+                f"tokens_per_sequence must be an int >= 0 or one per sequence ({len(slots)}), "
+                f"got {tokens_per_sequence!r}"
+            )
         ids = [s for s, n in zip(slots, lengths) for _ in range(n)]
         return cls.prepare(ids, max_tokens=max_tokens, device=device, tile_m=tile_m)
 
@@ -496,11 +512,15 @@ class LoRABatch:
         2^63 - 1: still out of range, never another slot."""
         if isinstance(adapter_ids, torch.Tensor):
             if adapter_ids.dtype not in _ID_DTYPES:
-                raise TypeError(f"adapter_ids must be an integer tensor ({', '.join(map(str, _ID_DTYPES))}), got "
-                                f"dtype {adapter_ids.dtype}")
+                raise TypeError(
+                    f"adapter_ids must be an integer tensor ({', '.join(map(str, _ID_DTYPES))}), got "
+                    f"dtype {adapter_ids.dtype}"
+                )
             if adapter_ids.layout != torch.strided or adapter_ids.device.type == "meta":
-                raise ValueError(f"adapter_ids must be a dense tensor holding values, got a {adapter_ids.layout} "
-                                 f"tensor on {adapter_ids.device}")
+                raise ValueError(
+                    f"adapter_ids must be a dense tensor holding values, got a {adapter_ids.layout} "
+                    f"tensor on {adapter_ids.device}"
+                )
             ids = adapter_ids.reshape(-1)
             if ids.dtype == _UINT64:
                 # Reinterpret the bits (a cast would wrap too): values ≥ 2^63 read negative and are saturated, so
@@ -509,16 +529,19 @@ class LoRABatch:
                 return torch.where(as_signed < 0, torch.full_like(as_signed, _INT64_MAX), as_signed)
             return ids.to(torch.int64)
         if isinstance(adapter_ids, (str, bytes)) or not hasattr(adapter_ids, "__iter__"):
-            raise TypeError(f"adapter_ids must be a sequence of ints or an integer tensor, "
-                            f"got {type(adapter_ids).__name__}")
+            raise TypeError(
+                f"adapter_ids must be a sequence of ints or an integer tensor, got {type(adapter_ids).__name__}"
+            )
         ids = list(adapter_ids)
         for i in ids:
             # numbers.Integral: numpy ints too (np.bool_ is not Integral; bool is, hence the explicit refusal).
             if isinstance(i, bool) or not isinstance(i, numbers.Integral):
                 raise TypeError(f"adapter_ids must be ints (pool slots, -1 = none), got {i!r}")
             if not -(2**63) <= int(i) <= _INT64_MAX:
-                raise ValueError(f"adapter_ids holds {int(i)}, outside the int64 range; pool slots are 0 .. "
-                                 f"max_adapters - 1 and -1 means no adapter")
+                raise ValueError(
+                    f"adapter_ids holds {int(i)}, outside the int64 range; pool slots are 0 .. "
+                    f"max_adapters - 1 and -1 means no adapter"
+                )
         return torch.tensor([int(i) for i in ids], dtype=torch.int64)
 
     @staticmethod
@@ -530,7 +553,7 @@ class LoRABatch:
         return torch.where(in_range, ids, torch.full_like(ids, -1)).to(torch.int32)
 
     @torch.no_grad()
-    def prepare_(self, adapter_ids) -> "LoRABatch":
+    def prepare_(self, adapter_ids) -> LoRABatch:
         """Refill the buffers in place for new ids (same capacity and device): run it before replaying a CUDA graph
         captured with this batch. Runs a few small device ops; syncs only if ``adapter_ids`` is a device tensor being
         copied from another device."""

@@ -8,8 +8,8 @@ The simple inits ("default", "gaussian", "zeros") live in ``LoRALinear.reset_lor
 
 Layering: ``svd``, ``dist_svd``, ``pissa``, ``ga_factors`` and ``ga_common`` work on tensors and on layers by their
 attributes, and sit below ``lora_kernels.modules`` (which uses PiSSA for ``init="pissa"``); ``lora_ga`` and
-``sharded`` build or re-initialise ``LoRALinear`` layers and sit above it, so this package does not import them (``lora_kernels.init.lora_ga_init`` is set by the package
-root, for the former import path).
+``sharded`` build or re-initialise ``LoRALinear`` layers and sit above it, so this package does not import them
+(``lora_kernels.init.lora_ga_init`` is set by the package root, for the former import path).
 """
 
 from .ga_factors import DIRECTIONS, lora_ga_factors
@@ -17,4 +17,3 @@ from .pissa import pissa_init
 from .svd import randomized_svd
 
 __all__ = ["DIRECTIONS", "lora_ga_factors", "pissa_init", "randomized_svd"]
-

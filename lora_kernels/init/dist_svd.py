@@ -18,8 +18,6 @@ so the factors do not depend on how ``G`` was split, nor on the world size.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.distributed as dist
 
@@ -59,7 +57,7 @@ def _cholesky_qr_rows(Y: torch.Tensor, group, rounds: int = 2) -> torch.Tensor:
     eye = torch.eye(q, dtype=torch.float64, device=Y.device)
     m_total = _all_reduce(torch.tensor([float(Y.shape[0])], dtype=torch.float64, device=Y.device), group)
 
-    def one_round(Z: torch.Tensor, shift: float = 0.0) -> Tuple[torch.Tensor, bool]:
+    def one_round(Z: torch.Tensor, shift: float = 0.0) -> tuple[torch.Tensor, bool]:
         gram = _all_reduce(Z.transpose(-2, -1) @ Z, group)
         if shift:
             gram = gram + shift * eye
@@ -113,7 +111,7 @@ def _row_offset(rows: int, group, device) -> int:
     return int(counts[: dist.get_rank(group)].sum())
 
 
-def canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each singular pair so that the largest-magnitude entry of its right singular vector (row of ``Vh``) is
     positive (the first such entry on ties). ``Vh`` is replicated on every rank, so all ranks flip alike; the SVD's
     sign ambiguity otherwise makes factors depend on rounding, hence on the world size."""
@@ -127,9 +125,9 @@ def sharded_randomized_svd(
     G_rows: torch.Tensor,
     q: int,
     niter: int = 4,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     group=None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top-``q`` SVD of the row-sharded ``G`` from this rank's rows ``G_rows [m_i, n]``.
 
     Returns ``U_rows [m_i, q]`` (this rank's rows of U), ``S [q]`` and ``Vh [q, n]`` (identical on every rank), with
@@ -139,13 +137,13 @@ def sharded_randomized_svd(
     Computed in float64 internally; results in ``G_rows``' dtype.
     """
     if not isinstance(G_rows, torch.Tensor) or G_rows.dim() != 2:
-        raise ValueError(f"G_rows must be a 2-D tensor [rows, n], got {type(G_rows).__name__} "
-                         f"{tuple(getattr(G_rows, 'shape', ()))}")
+        raise ValueError(
+            f"G_rows must be a 2-D tensor [rows, n], got {type(G_rows).__name__} {tuple(getattr(G_rows, 'shape', ()))}"
+        )
     if not G_rows.is_floating_point():
         raise TypeError(f"G_rows must be floating point, got {G_rows.dtype}")
     n = G_rows.shape[1]
-    m_total = int(_all_reduce(torch.tensor([float(G_rows.shape[0])], dtype=torch.float64,
-                                           device=G_rows.device), group))
+    m_total = int(_all_reduce(torch.tensor([float(G_rows.shape[0])], dtype=torch.float64, device=G_rows.device), group))
     if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= min(m_total, n):
         raise ValueError(f"q must be an int in [1, min(m, n)={min(m_total, n)}] for a {m_total}x{n} matrix, got {q!r}")
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:

@@ -9,8 +9,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Mapping
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,14 +31,14 @@ ProgressFn = Callable[[str, int, int, str], None]
 
 
 # ------------------------------------------------------------------------------------------------------ targets
-def select_targets(model: nn.Module, candidates: "Mapping[str, nn.Module]", target_modules) -> List[str]:
+def select_targets(model: nn.Module, candidates: Mapping[str, nn.Module], target_modules) -> list[str]:
     """The names among ``candidates`` (name → module of ``model``) that ``target_modules`` selects, by PEFT's rules:
     ``"all-linear"`` = every candidate except the output layer (``get_output_embeddings()`` or a ``lm_head``), else
     a regex or a list of name suffixes (:func:`lora_kernels.targets.select`)."""
     return select(model, candidates, target_modules)
 
 
-def resolve_targets(model: nn.Module, target_modules) -> List[str]:
+def resolve_targets(model: nn.Module, target_modules) -> list[str]:
     """Qualified names of the plain ``nn.Linear`` layers that ``target_modules`` selects (PEFT's matching rules;
     ``"all-linear"`` = every nn.Linear except the output layer, as in PEFT). ValueError when none is selected."""
     target_modules = check_target_modules(target_modules, allow_all_linear=True)
@@ -51,8 +50,9 @@ def resolve_targets(model: nn.Module, target_modules) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ checks
-def check_ga_args(model, batches, loss_fn, r, direction, stable_gamma, num_batches, train_mode, grad_buffer,
-                  dtype) -> None:
+def check_ga_args(
+    model, batches, loss_fn, r, direction, stable_gamma, num_batches, train_mode, grad_buffer, dtype
+) -> None:
     """The argument checks of ``lora_ga_init`` that need no layer (shared by both paths)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -61,8 +61,9 @@ def check_ga_args(model, batches, loss_fn, r, direction, stable_gamma, num_batch
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) or None, got {type(loss_fn).__name__}")
     if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
-        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader, a generator), "
-                        f"got {type(batches).__name__}")
+        raise TypeError(
+            f"batches must be an iterable of batches (a list, a DataLoader, a generator), got {type(batches).__name__}"
+        )
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is not one of {', '.join(DIRECTIONS)}")
     if not stable_gamma > 0:
@@ -83,12 +84,15 @@ def make_progress(progress) -> ProgressFn:
     if callable(progress):
         return progress
     if progress:
+
         def _print(stage, done, total, name=""):
             print(f"lora_ga_init: {stage} {done}/{total} {name}".rstrip(), file=sys.stderr, flush=True)
+
         return _print
 
     def _log(stage, done, total, name=""):
         logger.info("lora_ga_init: %s %d/%d %s", stage, done, total, name)
+
     return _log
 
 
@@ -118,8 +122,9 @@ def as_loss(out) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def estimation_state(model: nn.Module, train_mode: Optional[bool],
-                     trainable: Optional[Sequence[torch.Tensor]] = None) -> Iterator[list]:
+def estimation_state(
+    model: nn.Module, train_mode: bool | None, trainable: Sequence[torch.Tensor] | None = None
+) -> Iterator[list]:
     """The model as a gradient estimate needs it, and as it was afterwards (also on error): every ``.grad`` is None
     meanwhile, ``train_mode`` (None: unchanged) is set on every module, and with ``trainable`` only those tensors
     require grad. Yields a list for the caller's hook handles, removed on exit; then every ``.grad``,
@@ -148,8 +153,14 @@ def estimation_state(model: nn.Module, train_mode: Optional[bool],
             m.training = mode
 
 
-def run_batches(model: nn.Module, batches: Iterable, loss_fn: Optional[Callable], num_batches: Optional[int],
-                report: ProgressFn, what: str = "weight") -> int:
+def run_batches(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable | None,
+    num_batches: int | None,
+    report: ProgressFn,
+    what: str = "weight",
+) -> int:
     """Forward and backward every batch (at most ``num_batches``), reporting each; returns how many ran. The hooks
     that collect the gradients are the caller's. ``what`` names the targets in the error for a loss that does not
     reach them."""

@@ -4,7 +4,6 @@ tensors out, for a batch of same-shaped gradients."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 
@@ -14,7 +13,7 @@ from .svd import autocast_off, randomized_svd
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 
 
-def direction_indices(r: int, direction: str, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+def direction_indices(r: int, direction: str, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices into the 2r leading singular directions: (those used for A, those used for B)."""
     if direction == "ArB2r":
         return torch.arange(0, r), torch.arange(r, 2 * r)
@@ -31,7 +30,7 @@ def direction_indices(r: int, direction: str, generator: Optional[torch.Generato
 def stable_scale(out_features: int, stable_gamma: float) -> float:
     """The factor ``c = d_out^(1/4) / √γ`` that multiplies both A and B (the official ``scale="stable"``: forward and
     backward magnitudes Θ(1) in width and rank)."""
-    return out_features ** 0.25 / math.sqrt(float(stable_gamma))
+    return out_features**0.25 / math.sqrt(float(stable_gamma))
 
 
 def lora_ga_factors(
@@ -40,8 +39,8 @@ def lora_ga_factors(
     direction: str = "ArB2r",
     stable_gamma: float = 16.0,
     niter: int = 4,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-GA's ``A [..., r, n]`` and ``B [..., m, r]`` for gradients ``G [..., m, n]`` (steps 2-4 of the recipe).
 
     Computed in float32 (float64 if G is), batched over leading dimensions. Needs ``2r ≤ min(m, n)``.

@@ -1,4 +1,5 @@
-"""LoRA-GA initialisation (Wang, Yu, Li, NeurIPS 2024, arXiv 2407.05000), the authors' official recipe (``scale="stable"``).
+"""LoRA-GA initialisation (Wang, Yu, Li, NeurIPS 2024, arXiv 2407.05000), the authors' official recipe
+(``scale="stable"``).
 
 Per target: G = mean gradient of the loss w.r.t. W0 (fp32); randomized SVD with canonical signs;
 ``A = c·Vh[:r]``, ``B = c·U[:, r:2r]``, ``c = d_out^(1/4)/√γ``; ``W0 ← W0 − ρ·B·A``. Not PEFT's ``lora_ga`` variant.
@@ -9,16 +10,29 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..modules import LoRALinear
 from ..targets import check_replaceable, replace_module, tied_names
-from .ga_common import (DEFAULT_TARGETS, SVD_CHUNK_BYTES, ProgressFn, all_reduce_sum, as_loss,  # noqa: F401
-                        check_ga_args, default_loss, dist_group, estimation_state, make_progress,
-                        resolve_targets, run_batches, select_targets, total_batches)
+from .ga_common import (  # noqa: F401
+    DEFAULT_TARGETS,
+    SVD_CHUNK_BYTES,
+    ProgressFn,
+    all_reduce_sum,
+    as_loss,
+    check_ga_args,
+    default_loss,
+    dist_group,
+    estimation_state,
+    make_progress,
+    resolve_targets,
+    run_batches,
+    select_targets,
+    total_batches,
+)
 from .ga_factors import DIRECTIONS, direction_indices, lora_ga_factors  # noqa: F401 (public here)
 from .pissa import record_initial_adapter
 from .sharded import lora_ga_reinit, lora_ga_reinit_applies
@@ -33,11 +47,12 @@ def check_targets(model: nn.Module, target_modules, r: int) -> Linears:
     min(out, in), floating weights, one weight per layer, layers a LoRALinear can replace, no weight tied to another
     module. Changes nothing."""
     names = resolve_targets(model, target_modules)
-    linears: Dict[str, nn.Linear] = OrderedDict((n, model.get_submodule(n)) for n in names)
+    linears: dict[str, nn.Linear] = OrderedDict((n, model.get_submodule(n)) for n in names)
     for n, lin in linears.items():
         if 2 * r > min(lin.weight.shape):
-            raise ValueError(f"LoRA-GA needs 2r = {2 * r} ≤ min(out, in) for every target; {n} has weight "
-                             f"{tuple(lin.weight.shape)}")
+            raise ValueError(
+                f"LoRA-GA needs 2r = {2 * r} ≤ min(out, in) for every target; {n} has weight {tuple(lin.weight.shape)}"
+            )
         if not lin.weight.is_floating_point():
             raise TypeError(f"{n}.weight is {lin.weight.dtype}; LoRA-GA needs floating-point weights")
     seen = {}
@@ -58,8 +73,9 @@ def check_targets(model: nn.Module, target_modules, r: int) -> Linears:
     return linears
 
 
-def prepare_layers(model: nn.Module, linears: Linears, r: int, alpha, dropout, use_rslora: bool, dtype,
-                   backend) -> "OrderedDict[str, LoRALinear]":
+def prepare_layers(
+    model: nn.Module, linears: Linears, r: int, alpha, dropout, use_rslora: bool, dtype, backend
+) -> OrderedDict[str, LoRALinear]:
     """The new layers (adapters zero, not attached to the model), built before any work so that a bad alpha,
     dropout, dtype or backend fails first and never leaves the model half-converted; every ``requires_grad`` flag of
     the model is as it was afterwards."""
@@ -67,8 +83,19 @@ def prepare_layers(model: nn.Module, linears: Linears, r: int, alpha, dropout, u
     saved_flags = [p.requires_grad for p in params]
     try:
         return OrderedDict(
-            (n, LoRALinear.from_linear(lin, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init="zeros",
-                                       lora_dtype=dtype, backend=backend))
+            (
+                n,
+                LoRALinear.from_linear(
+                    lin,
+                    r=r,
+                    alpha=alpha,
+                    dropout=dropout,
+                    use_rslora=use_rslora,
+                    init="zeros",
+                    lora_dtype=dtype,
+                    backend=backend,
+                ),
+            )
             for n, lin in linears.items()
         )
     finally:
@@ -79,19 +106,28 @@ def prepare_layers(model: nn.Module, linears: Linears, r: int, alpha, dropout, u
 # ------------------------------------------------------------------------------------------ 1. gradient estimate
 def _accumulate_into(buffer: torch.Tensor):
     """A post-accumulate-grad hook adding a weight's fresh ``.grad`` (cast to fp32) into ``buffer`` and freeing it."""
+
     def hook(p):
         buffer.add_(p.grad.to(device=buffer.device, dtype=torch.float32))
         p.grad = None  # free the accelerator copy before the next layer's gradient arrives
+
     return hook
 
 
-def estimate_gradients(model: nn.Module, weights: Dict[str, torch.Tensor], batches: Iterable,
-                       loss_fn: Optional[Callable], num_batches: Optional[int], train_mode: Optional[bool],
-                       grad_buffer: str, report: ProgressFn) -> Tuple[Dict[str, torch.Tensor], int]:
+def estimate_gradients(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    batches: Iterable,
+    loss_fn: Callable | None,
+    num_batches: int | None,
+    train_mode: bool | None,
+    grad_buffer: str,
+    report: ProgressFn,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Sum of the gradients of the loss w.r.t. each of ``weights`` over this rank's batches (fp32, on the CPU or,
     with ``grad_buffer="device"``, next to the weight), and how many batches ran. Only those weights require grad
     meanwhile; every flag, ``.grad`` and training mode is restored afterwards, also on error."""
-    buffers: Dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
     with estimation_state(model, train_mode, trainable=list(weights.values())) as hooks:
         for n, w in weights.items():
             where = w.device if grad_buffer == "device" else torch.device("cpu")
@@ -102,10 +138,19 @@ def estimate_gradients(model: nn.Module, weights: Dict[str, torch.Tensor], batch
 
 
 # ------------------------------------------------------------------------------------------------ 2. decompose
-def decompose(weights: Dict[str, torch.Tensor], sums: Dict[str, torch.Tensor], total: int, r: int,
-              direction: str = "ArB2r", stable_gamma: float = 16.0, niter: int = 4, seed: int = 0,
-              process_group=None, svd_chunk_bytes: int = SVD_CHUNK_BYTES,
-              report: Optional[ProgressFn] = None) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+def decompose(
+    weights: dict[str, torch.Tensor],
+    sums: dict[str, torch.Tensor],
+    total: int,
+    r: int,
+    direction: str = "ArB2r",
+    stable_gamma: float = 16.0,
+    niter: int = 4,
+    seed: int = 0,
+    process_group=None,
+    svd_chunk_bytes: int = SVD_CHUNK_BYTES,
+    report: ProgressFn | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """LoRA-GA's ``(A, B)`` per weight from the gradient ``sums`` of ``total`` batches (summed over the ranks of
     ``process_group`` here when distributed): one batched SVD per chunk of same-shaped weights (at most
     ``svd_chunk_bytes`` of stacked fp32 gradients). ValueError for a non-finite gradient, a warning for a zero one.
@@ -113,15 +158,15 @@ def decompose(weights: Dict[str, torch.Tensor], sums: Dict[str, torch.Tensor], t
     report = report if report is not None else make_progress(None)
     group, world = dist_group(process_group)
     gen = torch.Generator().manual_seed(int(seed))
-    factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-    groups: Dict[tuple, List[str]] = OrderedDict()
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    groups: dict[tuple, list[str]] = OrderedDict()
     for n, w in weights.items():
         groups.setdefault((tuple(w.shape), w.device), []).append(n)
     done = 0
     for (shape, device), members in groups.items():
         per = max(1, int(svd_chunk_bytes) // (4 * shape[0] * shape[1]))
         for i in range(0, len(members), per):
-            chunk = members[i:i + per]
+            chunk = members[i : i + per]
             G = torch.stack([sums[n] for n in chunk])
             if world > 1:
                 G = all_reduce_sum(G, group, weights[chunk[0]])
@@ -141,25 +186,33 @@ def _check_gradients(names: Sequence[str], G: torch.Tensor) -> None:
     finite = torch.isfinite(G).flatten(1).all(dim=1).tolist()
     if not all(finite):
         bad = [n for n, ok in zip(names, finite) if not ok]
-        raise ValueError(f"lora_ga_init: the estimated gradient of {bad} contains inf or NaN (check loss_fn "
-                         "and the batches); the model was not changed")
+        raise ValueError(
+            f"lora_ga_init: the estimated gradient of {bad} contains inf or NaN (check loss_fn "
+            "and the batches); the model was not changed"
+        )
     zero = (G == 0).flatten(1).all(dim=1).tolist()
     if any(zero):
         warnings.warn(
             f"lora_ga_init: the estimated gradient of {[n for n, z in zip(names, zero) if z]} is exactly zero "
             "(the loss does not reach that layer on these batches): its adapter starts from arbitrary "
-            "directions, not from the gradient. Check target_modules and loss_fn.", stacklevel=4,
+            "directions, not from the gradient. Check target_modules and loss_fn.",
+            stacklevel=4,
         )
 
 
 # -------------------------------------------------------------------------------------------------- 3. install
 @torch.no_grad()
-def install(model: nn.Module, linears: Linears, prepared: "OrderedDict[str, LoRALinear]",
-            factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]], freeze_base: bool) -> "OrderedDict[str, LoRALinear]":
+def install(
+    model: nn.Module,
+    linears: Linears,
+    prepared: OrderedDict[str, LoRALinear],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    freeze_base: bool,
+) -> OrderedDict[str, LoRALinear]:
     """Write each factor pair into its prepared layer, ``W0 ← W0 − ρ·B·A`` (fp32, cast back), record the initial
     adapter, and put the layer in place of its ``nn.Linear``. Afterwards only the adapters require grad with
     ``freeze_base``; the new layers' base weights are frozen either way."""
-    new_layers: Dict[str, LoRALinear] = OrderedDict()
+    new_layers: dict[str, LoRALinear] = OrderedDict()
     for n, lin in linears.items():
         layer = prepared[n]
         A, B = factors[n]
@@ -187,27 +240,27 @@ def install(model: nn.Module, linears: Linears, prepared: "OrderedDict[str, LoRA
 def lora_ga_init(
     model: nn.Module,
     batches: Iterable,
-    loss_fn: Optional[Callable] = None,
+    loss_fn: Callable | None = None,
     r: int = 8,
     alpha: float = 16,
-    target_modules: Union[str, Sequence[str]] = DEFAULT_TARGETS,
+    target_modules: str | Sequence[str] = DEFAULT_TARGETS,
     direction: str = "ArB2r",
     stable_gamma: float = 16,
     use_rslora: bool = True,
-    num_batches: Optional[int] = None,
+    num_batches: int | None = None,
     dtype: torch.dtype = torch.float32,
     *,
     niter: int = 4,
     seed: int = 0,
     dropout: float = 0.0,
-    backend: Optional[str] = None,
+    backend: str | None = None,
     grad_buffer: str = "cpu",
-    train_mode: Optional[bool] = True,
+    train_mode: bool | None = True,
     freeze_base: bool = True,
     process_group=None,
-    progress: Union[None, bool, ProgressFn] = None,
+    progress: None | bool | ProgressFn = None,
     svd_chunk_bytes: int = SVD_CHUNK_BYTES,
-) -> Dict[str, nn.Module]:
+) -> dict[str, nn.Module]:
     """Estimate the gradient on ``batches`` and replace the target ``nn.Linear`` layers of ``model`` (in place) by
     LoRA-GA-initialised :class:`~lora_kernels.LoRALinear` layers; returns ``{qualified name: layer}``.
 
@@ -222,7 +275,8 @@ def lora_ga_init(
     weight element on the accelerator). ``train_mode``: True (default, the official recipe and PEFT's: dropout
     active as in fine-tuning) calls ``model.train()`` for the estimate, False ``model.eval()``, None keeps the
     model's current modes; every module's mode is restored afterwards either way. A target whose estimated gradient
-    is exactly zero (the loss does not reach it) gets a warning: its adapter then starts from arbitrary directions. ``freeze_base``: afterwards only the adapters
+    is exactly zero (the loss does not reach it) gets a warning: its adapter then starts from arbitrary directions.
+    ``freeze_base``: afterwards only the adapters
     require grad (as ``inject_lora``); False restores the other parameters' flags. With ``torch.distributed``
     initialised, gradients and batch counts are summed over ``process_group`` so every rank gets the average over the
     union of the data and the same adapters. ``progress``: None logs to the ``lora_kernels`` logger (INFO), True
@@ -241,6 +295,7 @@ def lora_ga_init(
     weights = OrderedDict((n, lin.weight) for n, lin in linears.items())
     sums, n_local = estimate_gradients(model, weights, batches, loss_fn, num_batches, train_mode, grad_buffer, report)
     total = total_batches(n_local, process_group)
-    factors = decompose(weights, sums, total, r, direction, stable_gamma, niter, seed, process_group,
-                        svd_chunk_bytes, report)
+    factors = decompose(
+        weights, sums, total, r, direction, stable_gamma, niter, seed, process_group, svd_chunk_bytes, report
+    )
     return install(model, linears, prepared, factors, freeze_base)

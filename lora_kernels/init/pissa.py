@@ -6,8 +6,6 @@ the layer records its initial adapter for saving against the original W0. See do
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.distributed as dist
 
@@ -26,8 +24,9 @@ def record_initial_adapter(layer, A: torch.Tensor, B: torch.Tensor) -> None:
     setattr(layer, INIT_RECORD, (A.detach().float().cpu().clone(), B.detach().float().cpu().clone()))
 
 
-def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def pissa_factors(
+    weight: torch.Tensor, r: int, scaling: float, niter: int | None = None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PiSSA's ``(A [r, in], B [out, r])`` for ``weight`` in float32, without writing anything: ``scaling·B·A`` is
     the best rank-r approximation of ``weight``. ValueError when r > min(out, in) or scaling ≤ 0."""
     out_f, in_f = weight.shape
@@ -60,7 +59,7 @@ def apply_pissa(layer, A: torch.Tensor, B: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Generator] = None) -> None:
+def pissa_init(layer, niter: int | None = None, generator: torch.Generator | None = None) -> None:
     """Set ``layer.lora_A``/``lora_B`` to W0's principal directions and replace ``layer.weight`` by the residual.
 
     ``niter=None`` uses an exact ``torch.linalg.svd`` (PEFT's ``"pissa"``); an int uses a randomized SVD with that
@@ -95,13 +94,14 @@ def _sharded_pissa_checks(layer, niter) -> None:
     if layer.merged:
         raise RuntimeError("pissa_init: the layer is merged; unmerge() it first")
     if niter is None:
-        raise ValueError("pissa_init: a sharded layer needs niter (a randomized SVD on the row shards; the "
-                         "exact SVD would gather the whole weight on one rank)")
+        raise ValueError(
+            "pissa_init: a sharded layer needs niter (a randomized SVD on the row shards; the "
+            "exact SVD would gather the whole weight on one rank)"
+        )
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
         raise ValueError(f"pissa_init: niter must be a non-negative int, got {niter!r}")
     if layer.r > min(layer.out_features, layer.in_features):
-        raise ValueError(f"pissa_init: r={layer.r} exceeds min(out, in) = "
-                         f"{min(layer.out_features, layer.in_features)}")
+        raise ValueError(f"pissa_init: r={layer.r} exceeds min(out, in) = {min(layer.out_features, layer.in_features)}")
     if float(layer.scaling) <= 0:
         raise ValueError(f"pissa_init needs a positive scaling, got {layer.scaling}")
     distributed.check_row_sharded_or_whole(layer.weight, "weight")
@@ -110,13 +110,14 @@ def _sharded_pissa_checks(layer, niter) -> None:
 
 
 @torch.no_grad()
-def sharded_pissa_init(layer, niter: Optional[int] = None, generator: Optional[torch.Generator] = None) -> None:
+def sharded_pissa_init(layer, niter: int | None = None, generator: torch.Generator | None = None) -> None:
     """``pissa_init`` of a layer whose W0 is sharded by rows (FSDP2): the randomized SVD runs on the row blocks
     (:func:`~lora_kernels.init.dist_svd.sharded_randomized_svd`), every rank writes its own rows of B and of the
     residual W0 and the same A. Collective. An exact SVD (``niter=None``) would need the whole W0 on one rank, so a
     sharded layer needs ``niter`` (PEFT's ``pissa_niter_<k>``)."""
-    distributed.agree(distributed.capture_error(lambda: _sharded_pissa_checks(layer, niter)),
-                      "the layer was not changed")
+    distributed.agree(
+        distributed.capture_error(lambda: _sharded_pissa_checks(layer, niter)), "the layer was not changed"
+    )
     r, scale = int(layer.r), float(layer.scaling)
     m, k = layer.out_features, layer.in_features
     W = layer.weight

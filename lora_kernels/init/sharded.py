@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Dict, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,8 +19,18 @@ from .._numerics import check_alpha, check_dropout, lora_scaling
 from ..modules import LoRALinear, lora_layers
 from ..targets import check_target_modules, no_match_error
 from .dist_svd import LOCAL, sharded_randomized_svd
-from .ga_common import (DEFAULT_TARGETS, all_reduce_sum, check_ga_args, dist_group, estimation_state,
-                        make_progress, resolve_targets, run_batches, select_targets, total_batches)
+from .ga_common import (
+    DEFAULT_TARGETS,
+    all_reduce_sum,
+    check_ga_args,
+    dist_group,
+    estimation_state,
+    make_progress,
+    resolve_targets,
+    run_batches,
+    select_targets,
+    total_batches,
+)
 from .ga_factors import direction_indices, stable_scale
 from .pissa import record_initial_adapter
 
@@ -52,27 +61,52 @@ def _check_layer(n: str, layer: LoRALinear, r: int) -> None:
     if layer.r != r:
         raise ValueError(f"{n} has r={layer.r}; re-initialising an injected layer keeps its rank, pass r={layer.r}")
     if 2 * r > min(layer.out_features, layer.in_features):
-        raise ValueError(f"LoRA-GA needs 2r = {2 * r} ≤ min(out, in) for every target; {n} has weight "
-                         f"{(layer.out_features, layer.in_features)}")
+        raise ValueError(
+            f"LoRA-GA needs 2r = {2 * r} ≤ min(out, in) for every target; {n} has weight "
+            f"{(layer.out_features, layer.in_features)}"
+        )
     if layer.merged:
         raise ValueError(f"{n} is merged; unmerge() it before re-initialising its adapter")
     distributed.check_row_sharded_or_whole(layer.weight, f"{n}.weight")
     for a in ("lora_A", "lora_B"):
         distributed.check_placement(getattr(layer, a), f"{n}.{a}")
     W, A, B = layer.weight, layer.lora_A, layer.lora_B
-    if distributed.is_dtensor(W) and distributed.is_dtensor(A) and not any(
-            type(p).__name__ == "Shard" for p in A.placements):
+    if (
+        distributed.is_dtensor(W)
+        and distributed.is_dtensor(A)
+        and not any(type(p).__name__ == "Shard" for p in A.placements)
+    ):
         # A replicated A next to a row-sharded W0 is the colwise tensor-parallel layout: the ranks see the same
         # batch, so the per-rank gradients must not be summed as FSDP2's data-parallel ones are.
-        raise ValueError(f"{n}: LoRA-GA on tensor-parallel layers is not supported (FSDP2-sharded or whole "
-                         f"layers only); run it before parallelize_module")
-    if distributed.is_dtensor(W) and not distributed.is_dtensor(B) and \
-            distributed.local_slices(B)[0] != distributed.local_slices(W)[0]:
+        raise ValueError(
+            f"{n}: LoRA-GA on tensor-parallel layers is not supported (FSDP2-sharded or whole "
+            f"layers only); run it before parallelize_module"
+        )
+    if (
+        distributed.is_dtensor(W)
+        and not distributed.is_dtensor(B)
+        and distributed.local_slices(B)[0] != distributed.local_slices(W)[0]
+    ):
         raise ValueError(f"{n}: lora_B and weight must be sharded alike")
 
 
-def check_reinit(model, batches, loss_fn, r, alpha, target_modules, direction, stable_gamma, use_rslora,
-                 num_batches, dtype, niter, dropout, grad_buffer, train_mode=None) -> Tuple[Layers, float, float]:
+def check_reinit(
+    model,
+    batches,
+    loss_fn,
+    r,
+    alpha,
+    target_modules,
+    direction,
+    stable_gamma,
+    use_rslora,
+    num_batches,
+    dtype,
+    niter,
+    dropout,
+    grad_buffer,
+    train_mode=None,
+) -> tuple[Layers, float, float]:
     """Every argument check of the re-init path, on this rank only; returns (the target layers, alpha, dropout)."""
     check_ga_args(model, batches, loss_fn, r, direction, stable_gamma, num_batches, train_mode, grad_buffer, dtype)
     if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
@@ -81,17 +115,23 @@ def check_reinit(model, batches, loss_fn, r, alpha, target_modules, direction, s
     target_modules = check_target_modules(target_modules, allow_all_linear=True)
     layers = targeted_layers(model, target_modules)
     if not layers:
-        raise no_match_error(target_modules, list(lora_layers(model)), "LoRALinear layer of the sharded model",
-                             " (inject_lora before sharding; lora_ga_init then re-initialises those layers)")
+        raise no_match_error(
+            target_modules,
+            list(lora_layers(model)),
+            "LoRALinear layer of the sharded model",
+            " (inject_lora before sharding; lora_ga_init then re-initialises those layers)",
+        )
     try:
         plain = resolve_targets(model, target_modules)
     except ValueError:
         plain = []
     if plain:
-        raise ValueError(f"target_modules selects LoRALinear layers and plain nn.Linear layers ({', '.join(plain[:5])}"
-                         f"{' ...' if len(plain) > 5 else ''}); re-initialising injected layers and replacing plain "
-                         f"ones are separate calls: inject_lora those first, or narrow target_modules")
-    seen: Dict[int, str] = {}
+        raise ValueError(
+            f"target_modules selects LoRALinear layers and plain nn.Linear layers ({', '.join(plain[:5])}"
+            f"{' ...' if len(plain) > 5 else ''}); re-initialising injected layers and replacing plain "
+            f"ones are separate calls: inject_lora those first, or narrow target_modules"
+        )
+    seen: dict[int, str] = {}
     for n, layer in layers.items():
         _check_layer(n, layer, r)
         if id(layer) in seen:
@@ -118,27 +158,29 @@ def _gradient_hook(layer: LoRALinear, name: str, buffer: torch.Tensor, rows: sli
         if not torch.is_grad_enabled():
             return
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
-            raise RuntimeError(f"lora_ga_init: the output of {name} does not require grad; the adapters must "
-                               f"require grad while the gradient is estimated")
+            raise RuntimeError(
+                f"lora_ga_init: the output of {name} does not require grad; the adapters must "
+                f"require grad while the gradient is estimated"
+            )
         x = args[0].detach()
         out.register_hook(lambda dy: on_grad(dy, x))
 
     return layer.register_forward_hook(on_forward)
 
 
-def estimate_row_gradients(model: nn.Module, layers: Layers, batches, loss_fn, num_batches, train_mode,
-                           grad_buffer: str, process_group, report) -> Dict[str, torch.Tensor]:
+def estimate_row_gradients(
+    model: nn.Module, layers: Layers, batches, loss_fn, num_batches, train_mode, grad_buffer: str, process_group, report
+) -> dict[str, torch.Tensor]:
     """The average gradient of the loss w.r.t. each layer's W0 over the batches of every rank: fp32, this rank's
     rows of it for a row-sharded W0 (whole otherwise). W0 needs no ``requires_grad`` (hooks on the layer's input and
     output); ``.grad`` of every parameter and every module's training mode are restored, also on error."""
-    buffers: Dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
     try:
         with estimation_state(model, train_mode) as hooks:
             for n, layer in layers.items():
                 rows = distributed.local_slices(layer.weight)[0]
                 where = distributed.local(layer.weight).device if grad_buffer == "device" else torch.device("cpu")
-                buffers[n] = torch.zeros(rows.stop - rows.start, layer.in_features, dtype=torch.float32,
-                                         device=where)
+                buffers[n] = torch.zeros(rows.stop - rows.start, layer.in_features, dtype=torch.float32, device=where)
                 hooks.append(_gradient_hook(layer, n, buffers[n], rows))
             n_local = run_batches(model, batches, loss_fn, num_batches, report, what="layer")
     finally:
@@ -150,14 +192,28 @@ def estimate_row_gradients(model: nn.Module, layers: Layers, batches, loss_fn, n
             buffers[n] = all_reduce_sum(buffers[n], process_group, distributed.local(layer.weight))
         buffers[n] = buffers[n] / total
     bad = [n for n, b in buffers.items() if not bool(torch.isfinite(b).all())]
-    distributed.agree(ValueError(f"lora_ga_init: the estimated gradient of {bad} contains inf or NaN (check loss_fn "
-                                 f"and the batches); the model was not changed") if bad else None)
+    distributed.agree(
+        ValueError(
+            f"lora_ga_init: the estimated gradient of {bad} contains inf or NaN (check loss_fn "
+            f"and the batches); the model was not changed"
+        )
+        if bad
+        else None
+    )
     return buffers
 
 
 # ------------------------------------------------------------------------------------------------ 2. decompose
-def decompose_rows(layers: Layers, grads: Dict[str, torch.Tensor], r: int, direction: str, stable_gamma: float,
-                   niter: int, seed: int, report) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+def decompose_rows(
+    layers: Layers,
+    grads: dict[str, torch.Tensor],
+    r: int,
+    direction: str,
+    stable_gamma: float,
+    niter: int,
+    seed: int,
+    report,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """LoRA-GA's whole ``(A, B)`` per layer from the (row blocks of the) averaged gradients, layer by layer, with
     :func:`~lora_kernels.init.dist_svd.sharded_randomized_svd` (collective for a row-sharded W0); ``grads`` are
     released as they are used."""
@@ -185,8 +241,14 @@ def decompose_rows(layers: Layers, grads: Dict[str, torch.Tensor], r: int, direc
 
 # -------------------------------------------------------------------------------------------------- 3. install
 @torch.no_grad()
-def install_factors(layers: Layers, factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]], r: int, alpha: float,
-                    use_rslora: bool, dropout: float) -> None:
+def install_factors(
+    layers: Layers,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    r: int,
+    alpha: float,
+    use_rslora: bool,
+    dropout: float,
+) -> None:
     """Write each layer's own blocks of ``A`` and ``B``, set its ``alpha``, ``use_rslora``, ``dropout`` and scaling
     ρ, write ``W0 ← W0 − ρ·B·A`` on its block of W0 and record the initial adapter. No communication."""
     for n, layer in layers.items():
@@ -203,10 +265,30 @@ def install_factors(layers: Layers, factors: Dict[str, Tuple[torch.Tensor, torch
         record_initial_adapter(layer, A, B)
 
 
-def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=None, direction="ArB2r",
-                   stable_gamma=16, use_rslora=True, num_batches=None, dtype=torch.float32, *, niter=4, seed=0,
-                   dropout=0.0, backend=None, grad_buffer="cpu", train_mode=None, freeze_base=True,
-                   process_group=None, progress=None, svd_chunk_bytes=None) -> Layers:
+def lora_ga_reinit(
+    model,
+    batches,
+    loss_fn=None,
+    r=8,
+    alpha=16,
+    target_modules=None,
+    direction="ArB2r",
+    stable_gamma=16,
+    use_rslora=True,
+    num_batches=None,
+    dtype=torch.float32,
+    *,
+    niter=4,
+    seed=0,
+    dropout=0.0,
+    backend=None,
+    grad_buffer="cpu",
+    train_mode=None,
+    freeze_base=True,
+    process_group=None,
+    progress=None,
+    svd_chunk_bytes=None,
+) -> Layers:
     """``lora_ga_init`` on LoRALinear layers that are already in the model, sharded by FSDP2 or not.
 
     Same recipe, data handling and results as ``lora_ga_init`` (see ``lora_kernels/init/lora_ga.py``) with these
@@ -230,21 +312,38 @@ def lora_ga_reinit(model, batches, loss_fn=None, r=8, alpha=16, target_modules=N
     found = {}
 
     def checks():
-        found["v"] = check_reinit(model, batches, loss_fn, r, alpha, target_modules, direction, stable_gamma,
-                                  use_rslora, num_batches, dtype, niter, dropout, grad_buffer, train_mode)
+        found["v"] = check_reinit(
+            model,
+            batches,
+            loss_fn,
+            r,
+            alpha,
+            target_modules,
+            direction,
+            stable_gamma,
+            use_rslora,
+            num_batches,
+            dtype,
+            niter,
+            dropout,
+            grad_buffer,
+            train_mode,
+        )
 
     distributed.agree(distributed.capture_error(checks), "the model was not changed")
     layers, alpha, dropout = found["v"]
     distributed.reshard(model)
     report = make_progress(progress)
-    grads = estimate_row_gradients(model, layers, batches, loss_fn, num_batches, train_mode, grad_buffer,
-                                   process_group, report)
+    grads = estimate_row_gradients(
+        model, layers, batches, loss_fn, num_batches, train_mode, grad_buffer, process_group, report
+    )
     factors = decompose_rows(layers, grads, r, direction, float(stable_gamma), niter, seed, report)
     install_factors(layers, factors, r, alpha, use_rslora, dropout)
     if freeze_base:
         keep = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
-        keep |= {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)
-                 if p.requires_grad}
+        keep |= {
+            id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad
+        }
         for p in model.parameters():
             if id(p) not in keep and p.requires_grad:
                 p.requires_grad_(False)

@@ -9,8 +9,6 @@ same-shaped gradients (a 7B model has 224 target matrices in 3 shapes), where th
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from .. import _autocast
@@ -54,8 +52,8 @@ def randomized_svd(
     G: torch.Tensor,
     q: int,
     niter: int = 4,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top-q SVD of every matrix in ``G`` ``[..., m, n]``.
 
     Returns ``U [..., m, q]``, ``S [..., q]`` (descending) and ``Vh [..., q, n]`` with ``G ≈ U·diag(S)·Vh``; computed in

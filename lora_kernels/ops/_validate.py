@@ -4,7 +4,6 @@ is written."""
 from __future__ import annotations
 
 import numbers
-from typing import Optional
 
 import torch
 
@@ -15,11 +14,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_SLICES = 4
 
 
-def shape(t: Optional[torch.Tensor]) -> str:
+def shape(t: torch.Tensor | None) -> str:
     return "None" if t is None else f"{tuple(t.shape)}"
 
 
-def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=FLOAT_DTYPES) -> None:
+def check_tensor(name: str, t, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -39,8 +38,10 @@ def check_scale(name: str, value) -> float:
         if value.requires_grad:
             # The ops take the value as a constant (read with .item()): a tensor that asks for a gradient would
             # silently get none. A learnable scale belongs in the adapter (e.g. fold it into lora_B).
-            raise ValueError(f"{name} is a tensor that requires grad, but {name} is a constant of the op and would "
-                             f"get no gradient; pass a float or {name}.detach()")
+            raise ValueError(
+                f"{name} is a tensor that requires grad, but {name} is a constant of the op and would "
+                f"get no gradient; pass a float or {name}.detach()"
+            )
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {shape(value)}")
         value = value.item()

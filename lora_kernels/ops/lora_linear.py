@@ -17,8 +17,6 @@ seed as a Python int (``.item()``, a host sync): with dropout it cannot be captu
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from .. import _autocast, _backend
@@ -29,7 +27,7 @@ _LORA_DTYPES = (torch.float32,)  # A and B may be fp32 while x and W are half pr
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
-def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, float]:
+def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> tuple[float, float]:
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension [..., in_features], got shape {shape(x)}")
@@ -42,8 +40,9 @@ def validate(x, weight, lora_A, lora_B, scale, bias, dropout_p) -> Tuple[float, 
     N = weight.shape[0]
     r = lora_A.shape[0]
     if weight.shape[1] != K:
-        raise ValueError(f"weight has in_features {weight.shape[1]} but x has {K}: weight {shape(weight)}, "
-                         f"x {shape(x)}")
+        raise ValueError(
+            f"weight has in_features {weight.shape[1]} but x has {K}: weight {shape(weight)}, x {shape(x)}"
+        )
     if r == 0:
         raise ValueError(f"lora_A has rank 0 (shape {shape(lora_A)}); use F.linear for a layer without adapter")
     if lora_A.shape[1] != K:
@@ -128,12 +127,12 @@ def _fwd(
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     scale: float,
     dropout_p: float,
     seed: torch.Tensor,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     impl = BACKENDS.impl(backend)
     seed_arg = _seed_arg(backend, seed, dropout_p)
     with _no_autocast(x):
@@ -163,12 +162,22 @@ def _bwd(
     needs_dx: bool,
     needs_dweight: bool,
     needs_dbias: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = BACKENDS.impl(backend)
     with _no_autocast(dy):
         dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
-            dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, _seed_arg(backend, seed, dropout_p),
-            needs_dx, needs_dweight, needs_dbias,
+            dy,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            xa,
+            scale,
+            dropout_p,
+            _seed_arg(backend, seed, dropout_p),
+            needs_dx,
+            needs_dweight,
+            needs_dbias,
         )
     # Custom ops cannot return None: gradients not asked for come back as empty tensors and become None in backward.
     # Every gradient is row-major whatever the layout of its input (a transposed trainable weight gave dW the
@@ -183,8 +192,7 @@ def _bwd(
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, backend, needs_dx, needs_dweight,
-              needs_dbias):
+def _bwd_fake(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else dy.new_empty(0),
         torch.empty_like(lora_A, memory_format=torch.contiguous_format),
@@ -206,8 +214,19 @@ def _backward(ctx, dy, _dxa):
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, d_a, d_b, dw, dbias = _bwd(
-        dy.contiguous(), x, weight, lora_A, lora_B, xa, ctx.scale, ctx.dropout_p, seed, ctx.backend,
-        bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[4]),
+        dy.contiguous(),
+        x,
+        weight,
+        lora_A,
+        lora_B,
+        xa,
+        ctx.scale,
+        ctx.dropout_p,
+        seed,
+        ctx.backend,
+        bool(needs[0]),
+        bool(needs[1]),
+        bool(ctx.has_bias and needs[4]),
     )
     return (
         dx if needs[0] else None,
@@ -215,7 +234,10 @@ def _backward(ctx, dy, _dxa):
         d_a if needs[2] else None,
         d_b if needs[3] else None,
         dbias if (ctx.has_bias and needs[4]) else None,
-        None, None, None, None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -229,10 +251,10 @@ def lora_linear(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scale · F.linear(F.linear(dropout(x), lora_A), lora_B)``, fused.
 

@@ -57,15 +57,15 @@ Every backend must treat a slot < 0, ≥ L, or of rank 0 as "no adapter" and nev
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import _backend
 from ..pool import AdapterPool, LoRABatch
-from ._batch import BatchMeta
 from ..reference import multi_lora as _ref
+from ._batch import BatchMeta
 from ._validate import MAX_SLICES, check_same_device, check_scale, check_tensor, shape
 
 # Decode sizes: at most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer, no
@@ -106,7 +106,7 @@ def step_tile_m(batch_tile_m: int, M: int) -> int:
     return min(step, batch_tile_m)
 
 
-def check_ids(batch: LoRABatch, num_slots: int, valid: Optional[Sequence[bool]], M: int, what: str) -> None:
+def check_ids(batch: LoRABatch, num_slots: int, valid: Sequence[bool] | None, M: int, what: str) -> None:
     """Raise ValueError naming every token id that is neither -1 nor a valid slot (``valid[slot]``; None = every slot
     in range), or when the batch's token count differs from M. Uses the host copy of the ids when there is one (no
     sync), else reads them back (syncs)."""
@@ -152,8 +152,10 @@ def _normalize_scales(scales, L: int, S: int, device) -> torch.Tensor:
         if scales.dtype != torch.float32:
             raise TypeError(f"scales must be float32, got {scales.dtype}")
         if scales.requires_grad:  # the multi-adapter ops register no gradient: it would be lost without a word
-            raise ValueError("scales must not require grad: the multi-adapter ops are inference-only and take the "
-                             "scales as constants (pass scales.detach())")
+            raise ValueError(
+                "scales must not require grad: the multi-adapter ops are inference-only and take the "
+                "scales as constants (pass scales.detach())"
+            )
         return scales.reshape(L, 1).expand(L, S).contiguous() if scales.dim() == 1 and S > 1 else scales.reshape(L, S)
     if isinstance(scales, bool) or not isinstance(scales, numbers.Real):
         raise TypeError(f"scales must be a float32 tensor [L] or [L, S], or a float, got {type(scales).__name__}")
@@ -169,7 +171,7 @@ def _normalize_ranks(ranks, L: int, R: int, device) -> torch.Tensor:
     return ranks
 
 
-def _rank_flags(ranks: torch.Tensor, R: int, what: str) -> List[bool]:
+def _rank_flags(ranks: torch.Tensor, R: int, what: str) -> list[bool]:
     """Per slot: rank > 0. Raises ValueError on a rank outside 0..R (the kernels would read past the slot's rows of
     the stack). Reads the ranks on the host: only on the checked (eager) path."""
     values = ranks.tolist()
@@ -183,28 +185,62 @@ def _rank_flags(ranks: torch.Tensor, R: int, what: str) -> List[bool]:
 # ---------------------------------------------------------------------------------------------------------- backends
 # Every backend offers the launchers of :mod:`lora_kernels.triton.multi_lora` by role, with their signatures: the batch
 # comes as one :class:`BatchMeta` record. The reference needs only its token_slots.
-def _ref_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta, out: torch.Tensor,
-                num_slices: int, tile_m: int) -> torch.Tensor:
+def _ref_shrink(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: BatchMeta,
+    out: torch.Tensor,
+    num_slices: int,
+    tile_m: int,
+) -> torch.Tensor:
     return _ref.lora_shrink(x, A_stack, meta.token_slots, ranks, num_slices, out=out)
 
 
-def _ref_expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta,
-                y: torch.Tensor, slices: List[int], tile_m: int) -> torch.Tensor:
+def _ref_expand(
+    xa: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+) -> torch.Tensor:
     return _ref.lora_expand(xa, B_stack, meta.token_slots, ranks, scales, y, slices)
 
 
-def _ref_fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor,
-               scales: torch.Tensor, meta: BatchMeta, y: torch.Tensor, slices: List[int], tile_m: int) -> torch.Tensor:
+def _ref_fused(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+) -> torch.Tensor:
     xa = _ref.lora_shrink(x, A_stack, meta.token_slots, ranks, len(slices))
     return _ref.lora_expand(xa, B_stack, meta.token_slots, ranks, scales, y, slices)
 
 
-def _ref_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A_stack: torch.Tensor,
-              B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta, slices: List[int],
-              tile_m: int) -> torch.Tensor:
+def _ref_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    slices: list[int],
+    tile_m: int,
+) -> torch.Tensor:
     # the spec: base and LoRA in fp32 (float64), one rounding
-    return _ref.multi_lora_linear(x, weight, bias, A_stack, B_stack, ranks, scales, meta.token_slots[: x.shape[0]],
-                                  slices)
+    return _ref.multi_lora_linear(
+        x, weight, bias, A_stack, B_stack, ranks, scales, meta.token_slots[: x.shape[0]], slices
+    )
 
 
 def _torch_kernels():
@@ -217,7 +253,7 @@ def _triton_kernels():
     return {"shrink": tri.shrink, "expand": tri.expand, "fused": tri.fused, "gemm": tri.linear_gemm}
 
 
-def _cuda_reason(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Optional[str]:
+def _cuda_reason(x: torch.Tensor, *tensors: torch.Tensor | None) -> str | None:
     if x.device.type != "cuda":
         return "tensors are not on a CUDA device"
     from .. import extension
@@ -228,8 +264,11 @@ def _cuda_reason(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> Optional[
 def _cuda_kernels():
     from .. import extension  # no "gemm": choose_path refuses that path on this backend
 
-    return {"shrink": extension.multi_lora_shrink, "expand": extension.multi_lora_expand,
-            "fused": extension.multi_lora_fused}
+    return {
+        "shrink": extension.multi_lora_shrink,
+        "expand": extension.multi_lora_expand,
+        "fused": extension.multi_lora_fused,
+    }
 
 
 # "auto" on CUDA prefers the Triton kernels and falls back to the CUDA extension when Triton is unavailable.
@@ -245,34 +284,79 @@ BACKENDS = _backend.BackendTable(
 # Registered ops take tensors only: the public functions pass ``*batch.meta`` (the four batch tensors) and each op
 # rebuilds the record for its backend. No op returns a new tensor but the gemm one, so the fakes have nothing to do.
 @torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=("out",))
-def _shrink_op(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor,
-               sorted_tokens: torch.Tensor, sorted_slots: torch.Tensor, tile_starts: torch.Tensor, out: torch.Tensor,
-               num_slices: int, tile_m: int, backend: str) -> None:
+def _shrink_op(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    out: torch.Tensor,
+    num_slices: int,
+    tile_m: int,
+    backend: str,
+) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
     BACKENDS.impl(backend)["shrink"](x, A_stack, ranks, meta, out, num_slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
-def _expand_op(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
-               token_slots: torch.Tensor, sorted_tokens: torch.Tensor, sorted_slots: torch.Tensor,
-               tile_starts: torch.Tensor, y: torch.Tensor, slices: List[int], tile_m: int, backend: str) -> None:
+def _expand_op(
+    xa: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    y: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+    backend: str,
+) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
     BACKENDS.impl(backend)["expand"](xa, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_fused_expand", mutates_args=("y",))
-def _fused_op(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor,
-              scales: torch.Tensor, token_slots: torch.Tensor, sorted_tokens: torch.Tensor, sorted_slots: torch.Tensor,
-              tile_starts: torch.Tensor, y: torch.Tensor, slices: List[int], tile_m: int, backend: str) -> None:
+def _fused_op(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    y: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+    backend: str,
+) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
     BACKENDS.impl(backend)["fused"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::multi_lora_gemm", mutates_args=())
-def _gemm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A_stack: torch.Tensor,
-             B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, token_slots: torch.Tensor,
-             sorted_tokens: torch.Tensor, sorted_slots: torch.Tensor, tile_starts: torch.Tensor, slices: List[int],
-             tile_m: int, backend: str) -> torch.Tensor:
+def _gemm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+    backend: str,
+) -> torch.Tensor:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
     return BACKENDS.impl(backend)["gemm"](x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m)
 
@@ -291,7 +375,7 @@ def _gemm_fake(x, weight, *rest):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def choose_path(path: Optional[str], fused: Optional[bool], M: int, backend: str) -> str:
+def choose_path(path: str | None, fused: bool | None, M: int, backend: str) -> str:
     """The one place that picks how :func:`multi_lora_linear` runs (see the module docstring):
 
     - ``"fused"``: F.linear, then one kernel for shrink and expand (adds into y). Default for M <= FUSED_MAX_TOKENS.
@@ -306,8 +390,9 @@ def choose_path(path: Optional[str], fused: Optional[bool], M: int, backend: str
         if fused is not None and path != ("fused" if fused else "split"):
             raise ValueError(f"fused={fused} contradicts path={path!r}; pass one of them")
         if path == "gemm" and backend == "cuda":
-            raise ValueError("path='gemm' has no CUDA-extension kernel; use backend='triton' or 'torch', or path "
-                             "'fused' / 'split'")
+            raise ValueError(
+                "path='gemm' has no CUDA-extension kernel; use backend='triton' or 'torch', or path 'fused' / 'split'"
+            )
         return path
     if fused is not None:
         if not isinstance(fused, bool):
@@ -332,8 +417,10 @@ def _cat_slices(name: str, parts, num_slices):
         raise ValueError(f"num_slices={num_slices} but {name} is a list of {len(parts)} slices")
     dims = {(t.shape[0], t.shape[2]) if name == "B_stack" else (t.shape[0], t.shape[1], t.shape[2]) for t in parts}
     if len(dims) != 1:
-        raise ValueError(f"the slices of {name} must agree in every dimension but dim 1 (B) or in all (A): "
-                         f"{[tuple(t.shape) for t in parts]}")
+        raise ValueError(
+            f"the slices of {name} must agree in every dimension but dim 1 (B) or in all (A): "
+            f"{[tuple(t.shape) for t in parts]}"
+        )
     return torch.cat(parts, dim=1), len(parts)
 
 
@@ -344,8 +431,9 @@ def _view_2d(name: str, t: torch.Tensor, cols: int) -> torch.Tensor:
     try:
         return t.view(-1, cols)
     except RuntimeError:
-        raise ValueError(f"{name} {shape(t)} with strides {t.stride()} cannot be viewed as 2-D; pass a contiguous "
-                         "tensor") from None
+        raise ValueError(
+            f"{name} {shape(t)} with strides {t.stride()} cannot be viewed as 2-D; pass a contiguous tensor"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------------------ public
@@ -354,10 +442,10 @@ def lora_shrink(
     A_stack: torch.Tensor,
     batch: LoRABatch,
     out: torch.Tensor,
-    ranks: Optional[torch.Tensor] = None,
+    ranks: torch.Tensor | None = None,
     num_slices: int = 1,
-    backend: Optional[str] = None,
-    check: Optional[bool] = None,
+    backend: str | None = None,
+    check: bool | None = None,
 ) -> torch.Tensor:
     """``out[m, s·R + j] = x[m]·A_stack[slot_m, s·R + j]`` for ``j < ranks[slot_m]``, zero elsewhere; returns out.
 
@@ -402,10 +490,10 @@ def lora_expand(
     batch: LoRABatch,
     y: torch.Tensor,
     scales,
-    slices: Optional[Sequence[int]] = None,
-    ranks: Optional[torch.Tensor] = None,
-    backend: Optional[str] = None,
-    check: Optional[bool] = None,
+    slices: Sequence[int] | None = None,
+    ranks: torch.Tensor | None = None,
+    backend: str | None = None,
+    check: bool | None = None,
 ) -> torch.Tensor:
     """``y[m, slice i] += scales[slot_m, i] · xa[m, i·R : i·R+rank]·B_stack[slot_m, slice i, :rank]ᵀ`` in place;
     returns y.
@@ -474,13 +562,13 @@ def validate_linear(x, weight, bias, pool: AdapterPool) -> None:
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     pool: AdapterPool,
     batch: LoRABatch,
-    backend: Optional[str] = None,
-    check: Optional[bool] = None,
-    fused: Optional[bool] = None,
-    path: Optional[str] = None,
+    backend: str | None = None,
+    check: bool | None = None,
+    fused: bool | None = None,
+    path: str | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` plus, for every token, the LoRA of its pool slot (none for -1).
 
@@ -512,10 +600,11 @@ def multi_lora_linear(
     tile_m = step_tile_m(batch.tile_m, M)
     if chosen == "gemm":
         if batch.num_tokens != M:  # its row tiles walk sorted positions 0..M-1: they must be exactly the M tokens
-            raise ValueError(f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
-                             f"has {M} rows; prepare one id per token (pad with -1)")
-        y = _gemm_op(x2, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, slices, tile_m,
-                     name)
+            raise ValueError(
+                f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
+                f"has {M} rows; prepare one id per token (pad with -1)"
+            )
+        y = _gemm_op(x2, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, slices, tile_m, name)
         return y.reshape(*x.shape[:-1], N)
     y = F.linear(x2, weight, bias)
     if chosen == "fused":

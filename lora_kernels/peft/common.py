@@ -42,16 +42,19 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def check_requires_grad(requires_grad) -> None:
     if requires_grad is not None and not isinstance(requires_grad, bool):  # "no" would be truthy
-        raise TypeError(f"set_adapter: requires_grad must be True, False or None, got {type(requires_grad).__name__} "
-                        f"{requires_grad!r}")
+        raise TypeError(
+            f"set_adapter: requires_grad must be True, False or None, got {type(requires_grad).__name__} "
+            f"{requires_grad!r}"
+        )
 
 
 # ------------------------------------------------------------------------------------- adapter_names rules
 def as_name_list(names) -> list[str]:
     """``adapter_names`` as a list of str, or TypeError (a str is not a list of names)."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
-        raise TypeError(f"adapter_names must be a list of str, one per sequence ({BASE!r}: no adapter), got "
-                        f"{type(names).__name__}")
+        raise TypeError(
+            f"adapter_names must be a list of str, one per sequence ({BASE!r}: no adapter), got {type(names).__name__}"
+        )
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
         raise TypeError(f"adapter_names must hold adapter names (str), got {bad[0]!r}")
@@ -70,5 +73,7 @@ def expand_for_beams(names, num_beams) -> list[str]:
 def check_names_length(names: Sequence[str], rows: int, shape_note: str = "") -> None:
     """One name per sequence, exactly (PEFT raises too): a shorter list is never repeated to fit."""
     if len(names) != rows:
-        raise ValueError(f"adapter_names has {len(names)} names but the batch has {rows} sequences{shape_note}; give "
-                         "one name per sequence (generate(num_beams=k) repeats each name k times, as PEFT does)")
+        raise ValueError(
+            f"adapter_names has {len(names)} names but the batch has {rows} sequences{shape_note}; give "
+            "one name per sequence (generate(num_beams=k) repeats each name k times, as PEFT does)"
+        )

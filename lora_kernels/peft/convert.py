@@ -123,8 +123,10 @@ def from_peft(model: nn.Module, backend: str | None = None, warn: bool = True) -
             else:
                 chosen.append((name, module))
     if not chosen and not skipped and not already:
-        raise ValueError(f"from_peft: {type(model).__name__} holds no PEFT LoRA layer (wrap it with "
-                         "peft.get_peft_model first, or use lora_kernels.inject_lora for a plain model)")
+        raise ValueError(
+            f"from_peft: {type(model).__name__} holds no PEFT LoRA layer (wrap it with "
+            "peft.get_peft_model first, or use lora_kernels.inject_lora for a plain model)"
+        )
     built = [(name, PeftLoRALinear.from_peft_layer(module, backend)) for name, module in chosen]  # then replace
     for name, layer in built:
         replace_module(model, name, layer)
@@ -135,8 +137,11 @@ def from_peft(model: nn.Module, backend: str | None = None, warn: bool = True) -
             install_disable_adapter(model)
     if skipped and warn:
         detail = "; ".join(f"{n}: {why}" for n, why in skipped.items())
-        warnings.warn(f"from_peft left {len(skipped)} PEFT layer(s) unconverted (they still run through PEFT): "
-                      f"{detail}", PeftConversionWarning, stacklevel=2)
+        warnings.warn(
+            f"from_peft left {len(skipped)} PEFT layer(s) unconverted (they still run through PEFT): {detail}",
+            PeftConversionWarning,
+            stacklevel=2,
+        )
     return model
 
 
@@ -175,15 +180,19 @@ def _sync_peft_config(tuner) -> None:
             for ad in m.lora_A.keys():
                 drop = m.lora_dropout[ad] if ad in m.lora_dropout else None
                 per_adapter.setdefault(ad, {})[n] = (
-                    int(m.r[ad]), float(m.lora_alpha[ad]), bool(m.use_rslora.get(ad, False)),
+                    int(m.r[ad]),
+                    float(m.lora_alpha[ad]),
+                    bool(m.use_rslora.get(ad, False)),
                     float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
                 )
     for ad, layers in per_adapter.items():
         cfg = tuner.peft_config.get(ad)
         if cfg is None or not hasattr(cfg, "alpha_pattern"):
             continue
-        for field, pattern_field, idx, kind in (("r", "rank_pattern", 0, int),
-                                                ("lora_alpha", "alpha_pattern", 1, float)):
+        for field, pattern_field, idx, kind in (
+            ("r", "rank_pattern", 0, int),
+            ("lora_alpha", "alpha_pattern", 1, float),
+        ):
             glob, pattern = getattr(cfg, field), dict(getattr(cfg, pattern_field) or {})
             wrong = [n for n, v in layers.items() if kind(adapter_files.pattern_value(n, pattern, glob)) != v[idx]]
             if not wrong:
@@ -194,16 +203,26 @@ def _sync_peft_config(tuner) -> None:
             top = max(values.count(v) for v in values)
             glob = kind(glob) if values.count(kind(glob)) == top else next(v for v in values if values.count(v) == top)
             setattr(cfg, field, _json_number(glob))
-            setattr(cfg, pattern_field, {adapter_files.exact_pattern_key(n, names): _json_number(v[idx])
-                                         for n, v in layers.items() if v[idx] != glob})
+            setattr(
+                cfg,
+                pattern_field,
+                {
+                    adapter_files.exact_pattern_key(n, names): _json_number(v[idx])
+                    for n, v in layers.items()
+                    if v[idx] != glob
+                },
+            )
         for field, idx in (("use_rslora", 2), ("lora_dropout", 3)):
             values = {v[idx] for v in layers.values()}
             if len(values) == 1:
                 setattr(cfg, field, values.pop())
             else:
-                warnings.warn(f"to_peft: the layers of adapter {ad!r} use several {field} values {sorted(values)}, "
-                              f"but PEFT's config holds one; save_pretrained will not reproduce them all",
-                              PeftConversionWarning, stacklevel=3)
+                warnings.warn(
+                    f"to_peft: the layers of adapter {ad!r} use several {field} values {sorted(values)}, "
+                    f"but PEFT's config holds one; save_pretrained will not reproduce them all",
+                    PeftConversionWarning,
+                    stacklevel=3,
+                )
 
 
 def _json_number(v):
@@ -222,22 +241,26 @@ def set_adapter(model: nn.Module, name: str, requires_grad: bool | None = None) 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, PeftLoRALinear)]
     missing = [n for n, m in layers if name not in m.lora_adapters]
     if missing:
-        raise ValueError(f"adapter {name!r} is missing from converted layer(s) {missing}; to_peft(model) and use "
-                         "PEFT's set_adapter, which leaves such layers without adapter")
+        raise ValueError(
+            f"adapter {name!r} is missing from converted layer(s) {missing}; to_peft(model) and use "
+            "PEFT's set_adapter, which leaves such layers without adapter"
+        )
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover
         PeftModel = ()
     if not layers and not isinstance(model, PeftModel):
-        raise ValueError(f"set_adapter: {type(model).__name__} has no converted PEFT layer (from_peft first); "
-                         "models served by load_adapters pick adapters per call with adapter_names=[...]")
+        raise ValueError(
+            f"set_adapter: {type(model).__name__} has no converted PEFT layer (from_peft first); "
+            "models served by load_adapters pick adapters per call with adapter_names=[...]"
+        )
     blocked = [n for n, m in layers if m.merged and m.active_adapter != name]
     if blocked:  # checked for every layer before any is switched
-        raise RuntimeError(f"set_adapter: converted layer(s) {blocked} are merged; unmerge() them before switching "
-                           f"the adapter (nothing was switched)")
+        raise RuntimeError(
+            f"set_adapter: converted layer(s) {blocked} are merged; unmerge() them before switching "
+            f"the adapter (nothing was switched)"
+        )
     if isinstance(model, PeftModel):
         model.set_adapter(name)  # PEFT layers that are left, and PeftModel.active_adapter
     for _, layer in layers:
         layer.set_adapter(name, requires_grad=requires_grad)
-
-

@@ -25,8 +25,16 @@ from .common import BASE, as_name_list, check_names_length, check_requires_grad
 class _Adapter(nn.Module):
     """One adapter of a :class:`PeftLoRALinear`: its two factors and the numbers that scale them."""
 
-    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter, r: int, alpha: float, scaling: float,
-                 dropout: float, use_rslora: bool):
+    def __init__(
+        self,
+        lora_A: nn.Parameter,
+        lora_B: nn.Parameter,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float,
+        use_rslora: bool,
+    ):
         super().__init__()
         self.lora_A = lora_A
         self.lora_B = lora_B
@@ -101,8 +109,12 @@ class PeftLoRALinear(LoRALinear):
         for name in layer.lora_A.keys():
             dropout = layer.lora_dropout[name]
             adapters[name] = _Adapter(
-                layer.lora_A[name].weight, layer.lora_B[name].weight, r=layer.r[name], alpha=layer.lora_alpha[name],
-                scaling=layer.scaling[name], dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+                layer.lora_A[name].weight,
+                layer.lora_B[name].weight,
+                r=layer.r[name],
+                alpha=layer.lora_alpha[name],
+                scaling=layer.scaling[name],
+                dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
                 use_rslora=getattr(layer, "use_rslora", {}).get(name, False),
             )
         self.lora_adapters = adapters
@@ -186,13 +198,15 @@ class PeftLoRALinear(LoRALinear):
             return super()._merged_weight(w0.t(), lora_A, lora_B).t()
         return super()._merged_weight(w0, lora_A, lora_B)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # The adapters are child modules, loaded after this method returns: LoRALinear's "unmerge, load, merge again"
         # would merge the OLD adapter. Merge with the active adapter's tensors from the checkpoint instead.
         if not self.merged:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
             return
         if local_metadata.get("assign_to_params_buffers", False):
             error_msgs.append(f"{prefix or 'PeftLoRALinear'}: is merged; unmerge() before load_state_dict(assign=True)")
@@ -206,8 +220,9 @@ class PeftLoRALinear(LoRALinear):
                 return  # the adapter's own load reports the mismatch; this layer stays as it is (merged)
             factors.append(new.detach().to(device=current.device, dtype=current.dtype))
         self.unmerge()
-        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                        unexpected_keys, error_msgs)
+        nn.Module._load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         try:
             merged = self._merged_weight(self.weight, *factors)
         except ValueError as exc:
@@ -228,16 +243,31 @@ class PeftLoRALinear(LoRALinear):
         if self.merged:
             # As PEFT (and LoRALinear): a merged layer computes with the merged weight in either mode; say once that
             # the adapter learns nothing meanwhile.
-            if (self.training and torch.is_grad_enabled() and not self._warned_merged_training
-                    and (self.lora_A.requires_grad or self.lora_B.requires_grad)):
+            if (
+                self.training
+                and torch.is_grad_enabled()
+                and not self._warned_merged_training
+                and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+            ):
                 self._warned_merged_training = True
-                warnings.warn("a merged PeftLoRALinear is run in training mode: it computes with the merged weight "
-                              "and its adapter gets no gradient until unmerge()", UserWarning, stacklevel=2)
+                warnings.warn(
+                    "a merged PeftLoRALinear is run in training mode: it computes with the merged weight "
+                    "and its adapter gets no gradient until unmerge()",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return F.linear(x, weight, self.bias)
         x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, self.lora_A, self.lora_B)
         return lora_linear(
-            x, weight, lora_A, lora_B, self.scaling, bias,
-            dropout_p=self.dropout, training=self.training, backend=self.backend,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            self.scaling,
+            bias,
+            dropout_p=self.dropout,
+            training=self.training,
+            backend=self.backend,
         )
 
     def _mixed_forward(self, x: torch.Tensor, weight: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
@@ -273,12 +303,23 @@ class PeftLoRALinear(LoRALinear):
 
     def _adapter_forward(self, x: torch.Tensor, weight: torch.Tensor, ad: _Adapter) -> torch.Tensor:
         x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, ad.lora_A, ad.lora_B)
-        return lora_linear(x, weight, lora_A, lora_B, ad.scaling, bias, dropout_p=ad.dropout,
-                           training=self.training, backend=self.backend)
+        return lora_linear(
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            ad.scaling,
+            bias,
+            dropout_p=ad.dropout,
+            training=self.training,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, active_adapter={self.active_adapter!r}, "
-                f"adapters={self.adapter_names}, fan_in_fan_out={self.fan_in_fan_out}")
+        return (
+            f"{super().extra_repr()}, active_adapter={self.active_adapter!r}, "
+            f"adapters={self.adapter_names}, fan_in_fan_out={self.fan_in_fan_out}"
+        )
 
 
 def _autocast_args(x, weight, bias, lora_A, lora_B):
@@ -296,5 +337,3 @@ def _autocast_args(x, weight, bias, lora_A, lora_B):
     if lora_A.dtype not in (dt, torch.float32):
         lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
     return x, weight, bias, lora_A, lora_B
-
-

@@ -94,7 +94,8 @@ class _DisableAdapter:
 # context, so two requests on one converted model never see each other's names (PEFT registers per-call hooks on the
 # shared layers, which mixes concurrent requests).
 _MIXED_NAMES: contextvars.ContextVar[dict[nn.Module, list[str]] | None] = contextvars.ContextVar(
-    "lora_kernels_mixed_adapter_names", default=None)
+    "lora_kernels_mixed_adapter_names", default=None
+)
 
 
 def _mixed_names_pre_hook(module, args, kwargs):
@@ -166,5 +167,3 @@ def _mixed_batch_context(tuner, *args, **kwargs):
         yield
     finally:
         _MIXED_NAMES.set(previous)
-
-

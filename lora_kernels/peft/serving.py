@@ -25,8 +25,19 @@ from .common import BASE, as_name_list, check_names_length, expand_for_beams, is
 _SERVING_ATTR = "_lora_kernels_serving"
 
 # LoraConfig fields that change what an adapter computes beyond y += s·B·A·x: adapters using them are refused.
-_VARIANT_FIELDS = ("use_dora", "lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
-                   "velora_config", "monteclora_config", "kasa_config", "use_mica", "mica")
+_VARIANT_FIELDS = (
+    "use_dora",
+    "lora_bias",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "use_mica",
+    "mica",
+)
 
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module name → (lora_A, lora_B, scale)
 
@@ -97,8 +108,10 @@ def _check_arguments(model, adapters, max_adapters, max_rank, dtype, backend) ->
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:
         # One batch of per-token ids serves every layer of a forward; an encoder-decoder runs its encoder and its
         # decoder on different token counts, so the ids could not fit both.
-        raise ValueError(f"load_adapters does not serve encoder-decoder models ({type(model).__name__} has "
-                         "config.is_encoder_decoder=True); convert a PeftModel of it with from_peft instead")
+        raise ValueError(
+            f"load_adapters does not serve encoder-decoder models ({type(model).__name__} has "
+            "config.is_encoder_decoder=True); convert a PeftModel of it with from_peft instead"
+        )
     bad = [n for n in adapters if not isinstance(n, str) or not n or n == BASE or "." in n]
     if bad:
         raise ValueError(f"adapter names must be non-empty strings without '.', not {BASE!r}: got {bad!r}")
@@ -115,30 +128,37 @@ def _read_adapter_dir(name: str, path) -> Weights:
     cfg = _read_serving_config(path)
     state, metadata = adapter_files.read_tensors(path, caller="load_adapters")
     if metadata.get("lora_kernels.base") == "mutated":
-        raise ValueError(f"load_adapters: adapter {name!r} ({path}) was saved for a mutated base weight "
-                         "(PiSSA/LoRA-GA, convert_to_original=False); a served model shares one original base")
+        raise ValueError(
+            f"load_adapters: adapter {name!r} ({path}) was saved for a mutated base weight "
+            "(PiSSA/LoRA-GA, convert_to_original=False); a served model shares one original base"
+        )
     found, others = adapter_files.tensors_by_module(state)
     if others:
-        raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds {others[0]!r}, which is not a LoRA "
-                         f"lora_A/lora_B weight under {adapter_files.PREFIX!r}")
+        raise ValueError(
+            f"load_adapters: adapter {name!r} ({path}) holds {others[0]!r}, which is not a LoRA "
+            f"lora_A/lora_B weight under {adapter_files.PREFIX!r}"
+        )
     if not found:
         raise ValueError(f"load_adapters: adapter {name!r} ({path}) holds no LoRA weights")
     use_rslora = bool(cfg.get("use_rslora", False))
     out = {}
     for module, parts in found.items():
         if set(parts) != {"A", "B"}:
-            raise ValueError(f"load_adapters: adapter {name!r} has lora_{'A' if 'A' not in parts else 'B'} missing "
-                             f"for {module}")
+            raise ValueError(
+                f"load_adapters: adapter {name!r} has lora_{'A' if 'A' not in parts else 'B'} missing for {module}"
+            )
         A, B = parts["A"], parts["B"]
         r = A.shape[0]
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
-            raise ValueError(f"load_adapters: adapter {name!r}, {module}: lora_A {tuple(A.shape)} and lora_B "
-                             f"{tuple(B.shape)} are not [r, in] and [out, r]")
+            raise ValueError(
+                f"load_adapters: adapter {name!r}, {module}: lora_A {tuple(A.shape)} and lora_B "
+                f"{tuple(B.shape)} are not [r, in] and [out, r]"
+            )
         r_cfg = int(adapter_files.pattern_value(module, cfg.get("rank_pattern"), cfg["r"]))
         if r != r_cfg:
             raise ValueError(f"load_adapters: adapter {name!r}, {module}: rank {r} in the file, {r_cfg} in the config")
         alpha = float(adapter_files.pattern_value(module, cfg.get("alpha_pattern"), cfg["lora_alpha"]))
-        out[module] = (A, B, alpha / (r ** 0.5 if use_rslora else r))
+        out[module] = (A, B, alpha / (r**0.5 if use_rslora else r))
     return out
 
 
@@ -221,7 +241,7 @@ def _plan(model: nn.Module, weights: dict[str, Weights], max_adapters, max_rank,
     if problems:
         raise ValueError("load_adapters: nothing was loaded:\n  " + "\n  ".join(problems))
     aliases = {n: canonical[id(modules[n])] for layers in weights.values() for n in layers}
-    return _Plan(targets, aliases, L, R, sorted(free)[:len(weights)])
+    return _Plan(targets, aliases, L, R, sorted(free)[: len(weights)])
 
 
 def _target_problem(mod: nn.Module | None, mod_name: str, A: torch.Tensor, B: torch.Tensor, dtype) -> str | None:
@@ -235,11 +255,15 @@ def _target_problem(mod: nn.Module | None, mod_name: str, A: torch.Tensor, B: to
     if refusal:
         return f"{mod_name} cannot be served: {refusal}"
     if dtype is not None and not served and dtype not in (mod.weight.dtype, torch.float32):
-        return (f"dtype={dtype} cannot serve {mod_name}, whose weight is {mod.weight.dtype}: the pool must be the "
-                f"weight's dtype or torch.float32")
+        return (
+            f"dtype={dtype} cannot serve {mod_name}, whose weight is {mod.weight.dtype}: the pool must be the "
+            f"weight's dtype or torch.float32"
+        )
     if (B.shape[0], A.shape[1]) != _out_in(mod):
-        return (f"{mod_name} is [out, in] = {list(_out_in(mod))} but the adapter is lora_B {tuple(B.shape)} · "
-                f"lora_A {tuple(A.shape)}")
+        return (
+            f"{mod_name} is [out, in] = {list(_out_in(mod))} but the adapter is lora_B {tuple(B.shape)} · "
+            f"lora_A {tuple(A.shape)}"
+        )
     if served and A.shape[0] > mod.pool.max_rank:
         return f"rank {A.shape[0]} exceeds the max_rank={mod.pool.max_rank} of {mod_name}"
     return None
@@ -258,8 +282,11 @@ def _install_layers(model: nn.Module, plan: _Plan, dtype, backend) -> list[tuple
     loaded_before: dict[str, int] = {}
     for m in multi_lora_layers(model).values():
         loaded_before.update(m.pool.names)
-    new_layers = {n: _multi_from(m, plan.max_adapters, plan.max_rank, dtype, backend)
-                  for n, m in plan.targets.items() if not isinstance(m, MultiLoRALinear)}
+    new_layers = {
+        n: _multi_from(m, plan.max_adapters, plan.max_rank, dtype, backend)
+        for n, m in plan.targets.items()
+        if not isinstance(m, MultiLoRALinear)
+    }
     for layer in new_layers.values():
         for prev, slot in loaded_before.items():
             layer.pool.reserve(prev, slot=slot)
@@ -277,8 +304,9 @@ def _multi_from(module: nn.Module, L: int, R: int, dtype, backend) -> MultiLoRAL
     """A MultiLoRALinear over ``module``'s weight and bias (an nn.Linear, or a Conv1D whose ``[in, out]`` weight the
     layer reads through its transpose)."""
     if is_conv1d(module):
-        return MultiLoRALinear.from_weight(module.weight, module.bias, L, R, weight_layout="in_out", dtype=dtype,
-                                           backend=backend)
+        return MultiLoRALinear.from_weight(
+            module.weight, module.bias, L, R, weight_layout="in_out", dtype=dtype, backend=backend
+        )
     return MultiLoRALinear.from_linear(module, L, R, dtype=dtype, backend=backend)
 
 
@@ -318,7 +346,8 @@ class _Serving:
 # Per thread and contextvars context: model → adapter_names of the generate call in progress (expanded for beams),
 # and the stack of the active batches each forward in progress replaced (the post hook restores them).
 _GENERATE_NAMES: contextvars.ContextVar[dict[nn.Module, list[str]] | None] = contextvars.ContextVar(
-    "lora_kernels_generate_adapter_names", default=None)
+    "lora_kernels_generate_adapter_names", default=None
+)
 _FORWARD_SAVED: contextvars.ContextVar[tuple] = contextvars.ContextVar("lora_kernels_serving_saved", default=())
 _NOTHING_SET = object()
 
@@ -364,8 +393,10 @@ def _slots_for(layers: list, names: Sequence[str], batch_size: int) -> list[int]
     names = as_name_list(names)
     unknown = sorted({n for n in names if n != BASE and n not in known})
     if unknown:
-        raise ValueError(f"adapter_names names adapter(s) {unknown} that are not loaded; loaded: {sorted(known)} "
-                         f"(and {BASE!r} for none)")
+        raise ValueError(
+            f"adapter_names names adapter(s) {unknown} that are not loaded; loaded: {sorted(known)} "
+            f"(and {BASE!r} for none)"
+        )
     check_names_length(names, batch_size)
     return [-1 if n == BASE else known[n] for n in names]
 

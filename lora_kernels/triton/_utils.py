@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, ContextManager, Tuple
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 
 import torch
 import triton
@@ -34,13 +35,13 @@ def device_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.type == "cuda" else 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(index: int) -> int:
     """Streaming multiprocessors of GPU ``index`` (132 on an H100 SXM)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def max_smem(index: int) -> int:
     """Opt-in shared memory per block of GPU ``index``: the limit Triton checks at launch (OutOfResources above it);
     227 KiB on H100, 163 KiB on A100, 99 KiB on sm_86/89."""
@@ -83,7 +84,7 @@ def k_pipeline(
     reserve: int,
     smem: int,
     num_stages: int = 3,
-) -> Tuple[int, int]:
+) -> tuple[int, int]:
     """(BLOCK_K, num_stages) of a K loop that streams [BLOCK_M, BLOCK_K] x tiles and [BLOCK_K, ``block_n``] tiles
     of the other operand (A in a shrink: ``block_n`` = BLOCK_R; W0 in a GEMM).
 
@@ -121,7 +122,7 @@ def cast_to_fp32(*dtypes: torch.dtype) -> bool:
     return interpreter_bf16(*dtypes)
 
 
-def tf32_precisions(dtype: torch.dtype) -> Tuple[bool, str, str]:
+def tf32_precisions(dtype: torch.dtype) -> tuple[bool, str, str]:
     """(UPCAST, PREC, LORA_PREC) of the training kernels for data of ``dtype``: UPCAST = bf16 in the interpreter;
     PREC (base product) and LORA_PREC (products on the fp32 xa / dxa) follow ``torch.backends.cuda.matmul.allow_tf32``
     for fp32 data; for 16-bit data the fp32 LoRA operands use TF32 (16-bit values are exact in TF32)."""

@@ -15,8 +15,6 @@ Inference only (no dropout, no autograd). :func:`lora_decode_linear` is the laun
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -37,8 +35,9 @@ MAX_TOKENS = DECODE_TILES[-1][0]
 _INTERP = (16, 16, 32)  # BLOCK_M, BLOCK_N, BLOCK_K under the interpreter: several blocks even at the tests' sizes
 
 
-def decode_config(M: int, R: int, x_bytes: int, interp: bool,
-                  smem: _utils.IntThunk) -> Tuple[int, int, int, int, int, int]:
+def decode_config(
+    M: int, R: int, x_bytes: int, interp: bool, smem: _utils.IntThunk
+) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps, num_stages) for M tokens of rank R; ``smem`` a callable
     (asked on a GPU only). Host ints only: the static report can call it."""
     br = _utils.block_r(R)
@@ -112,8 +111,11 @@ def _decode_kernel(
             xa += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
             xa += tl.dot(xt, at)
-    bt = tl.load(b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    bt = tl.load(
+        b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br,
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
     # xa stays fp32 (tf32 MMA for 16-bit data): an fp16 copy would overflow past 65504.
     if LORA_FP32:
         acc += scale * tl.dot(xa, bt.to(tl.float32), input_precision="ieee")
@@ -131,7 +133,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def lora_decode_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
@@ -147,16 +149,19 @@ def lora_decode_linear(
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if x.dim() < 1 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError(f"expected x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r]; got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}")
+        raise ValueError(
+            f"expected x [..., K], weight [N, K], lora_A [r, K], lora_B [N, r]; got x {tuple(x.shape)}, "
+            f"weight {tuple(weight.shape)}, lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+        )
     N, K = weight.shape
     r = lora_A.shape[0]
-    if x.shape[-1] != K or lora_A.shape[1] != K or lora_B.shape != (N, r) or (bias is not None
-                                                                             and bias.shape != (N,)):
-        raise ValueError(f"shapes disagree: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A "
-                         f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}, bias "
-                         f"{None if bias is None else tuple(bias.shape)}; expected x [..., K], weight [N, K], "
-                         "lora_A [r, K], lora_B [N, r], bias [N]")
+    if x.shape[-1] != K or lora_A.shape[1] != K or lora_B.shape != (N, r) or (bias is not None and bias.shape != (N,)):
+        raise ValueError(
+            f"shapes disagree: x {tuple(x.shape)}, weight {tuple(weight.shape)}, lora_A "
+            f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}, bias "
+            f"{None if bias is None else tuple(bias.shape)}; expected x [..., K], weight [N, K], "
+            "lora_A [r, K], lora_B [N, r], bias [N]"
+        )
     if r == 0:
         raise ValueError("lora_A has rank 0")
     tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
@@ -164,8 +169,9 @@ def lora_decode_linear(
     if x.dtype not in _DTYPES or any(t.dtype != x.dtype for t in base):
         raise TypeError(f"x, weight and bias must share one dtype of {_DTYPES}, got {[t.dtype for t in base]}")
     if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_A and lora_B must share x's dtype ({x.dtype}) or float32, got {lora_A.dtype} and "
-                        f"{lora_B.dtype}")
+        raise TypeError(
+            f"lora_A and lora_B must share x's dtype ({x.dtype}) or float32, got {lora_A.dtype} and {lora_B.dtype}"
+        )
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a real number, got {scale!r}")
     if len({t.device for t in tensors}) > 1:
@@ -179,17 +185,41 @@ def lora_decode_linear(
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.reshape(*lead, N)
-    bm, bn, bk, br, warps, stages = decode_config(M, r, x.element_size(), _backend.interpreter_enabled(),
-                                                  lambda: _utils.smem_of(x.device))
+    bm, bn, bk, br, warps, stages = decode_config(
+        M, r, x.element_size(), _backend.interpreter_enabled(), lambda: _utils.smem_of(x.device)
+    )
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     with _utils.device_ctx(x):
         _decode_kernel[grid](
-            x2, weight, bias if bias is not None else weight, lora_A, lora_B, y, float(scale),
-            M, N, K, r,
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-            lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, HAS_BIAS=bias is not None,
-            CAST_FP32=_utils.cast_to_fp32(x.dtype), LORA_FP32=_utils.cast_to_fp32(x.dtype, lora_A.dtype),
-            num_warps=warps, num_stages=stages,
+            x2,
+            weight,
+            bias if bias is not None else weight,
+            lora_A,
+            lora_B,
+            y,
+            float(scale),
+            M,
+            N,
+            K,
+            r,
+            x2.stride(0),
+            x2.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            lora_A.stride(0),
+            lora_A.stride(1),
+            lora_B.stride(0),
+            lora_B.stride(1),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            BLOCK_R=br,
+            HAS_BIAS=bias is not None,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype),
+            LORA_FP32=_utils.cast_to_fp32(x.dtype, lora_A.dtype),
+            num_warps=warps,
+            num_stages=stages,
         )
     return y.reshape(*lead, N)

@@ -51,7 +51,6 @@ cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than cu
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -100,7 +99,7 @@ _SKINNY_MAX_R = 128
 _M_BUCKET_CAP = 16384
 
 # The dropout seed: a 0-dim int64 tensor on the device (graph-safe, no host sync) or a Python int.
-Seed = Union[torch.Tensor, int]
+Seed = torch.Tensor | int
 
 _INTERPRET_AT_IMPORT = _backend.interpreter_enabled()
 # triton 3.6's interpreter + numpy >= 2.4 cannot run loops with runtime bounds (see _compat.py); no-op otherwise.
@@ -274,15 +273,23 @@ def _dropout_shrink_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, any strides
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
     xa_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_K > 1 (atomics)
-    M, K, R,
-    stride_xm, stride_xk,
-    stride_ar, stride_ak,
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
     seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
-    threshold, inv_keep,
+    threshold,
+    inv_keep,
     HAS_DROPOUT: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    F32: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """xa[m-tile, r-tile] = dropout(x)·Aᵀ over this program's share of K (grid: m-tiles, K splits, r-tiles)."""
     pid_m = tl.program_id(0)
@@ -304,14 +311,16 @@ def _dropout_shrink_kernel(
         k_ok = rk < K
         xt = tl.load(
             x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
         )
         if HAS_DROPOUT:
             # Zero the dropped elements in x's own dtype (exact); 1/(1-p) is applied to the fp32 sum below.
             xt = tl.where(_keep_mask(seed, rm, rk, K, threshold), xt, tl.zeros_like(xt))
         at = tl.load(  # [BLOCK_K, BLOCK_R] view of A: Aᵀ tile
             a_ptr + rr.to(tl.int64)[None, :] * stride_ar + rk.to(tl.int64)[:, None] * stride_ak,
-            mask=r_ok[None, :] & k_ok[:, None], other=0.0,
+            mask=r_ok[None, :] & k_ok[:, None],
+            other=0.0,
         )
         acc = _dot(xt, at, acc, F32, PREC)
     if HAS_DROPOUT:
@@ -340,13 +349,23 @@ def _fwd_kernel(
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides (read only when FUSE_SHRINK)
     bias_ptr,  # [N] x's dtype, contiguous (read only when HAS_BIAS)
     y_ptr,  # [M, N] x's dtype out (read too when not BASE), any strides
-    M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk,
-    stride_wn, stride_wk,
-    stride_xam, stride_xar,
-    stride_bn, stride_br,
-    stride_ar, stride_ak,
-    stride_ym, stride_yn,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_xam,
+    stride_xar,
+    stride_bn,
+    stride_br,
+    stride_ar,
+    stride_ak,
+    stride_ym,
+    stride_yn,
     scale,
     HAS_BIAS: tl.constexpr,
     BASE: tl.constexpr,  # True: y = base + LoRA (+ bias). False: y += LoRA (cuBLAS already wrote the base + bias)
@@ -356,9 +375,14 @@ def _fwd_kernel(
     # shrink's FLOPs: cheap where the product is memory-bound (decode-sized batches), not at training sizes.
     FUSE_SHRINK: tl.constexpr,
     SHRINK_F32: tl.constexpr,  # the fused shrink's operands taken to fp32 first (A fp32, or bf16 in the interpreter)
-    UPCAST: tl.constexpr, PREC: tl.constexpr, LORA_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    LORA_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -373,10 +397,10 @@ def _fwd_kernel(
     if not FUSE_SHRINK:
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
-            xat = tl.load(xa_ptr + rm_in[:, None] * stride_xam + rr[None, :] * stride_xar, mask=rr[None, :] < R,
-                         other=0.0)
-            bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R,
-                         other=0.0)
+            xat = tl.load(
+                xa_ptr + rm_in[:, None] * stride_xam + rr[None, :] * stride_xar, mask=rr[None, :] < R, other=0.0
+            )
+            bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R, other=0.0)
             acc = _dot(xat, bt, acc, True, LORA_PREC)
         acc = acc * scale
 
@@ -410,10 +434,12 @@ def _fwd_kernel(
             w_ptrs += BLOCK_K * stride_wk
         if FUSE_SHRINK:
             if pid_n == 0:  # one writer per row of xa: the first column of tiles
-                tl.store(xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar, xa_acc,
-                         mask=(rm[:, None] < M) & (rr[None, :] < R))
-            bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R,
-                         other=0.0)
+                tl.store(
+                    xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
+                    xa_acc,
+                    mask=(rm[:, None] < M) & (rr[None, :] < R),
+                )
+            bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R, other=0.0)
             acc += _dot(xa_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), True, LORA_PREC) * scale
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
@@ -429,15 +455,23 @@ def _dxa_db_kernel(
     xa_ptr,  # [M, R] fp32 (forward's xa), any strides
     dxa_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_N > 1 (atomics)
     db_ptr,  # [N, R] fp32 out, contiguous, zero-filled (atomics across m-tiles); unused unless COMPUTE_DB
-    M, N, R,
-    stride_dym, stride_dyn,
-    stride_bn, stride_br,
-    stride_xam, stride_xar,
+    M,
+    N,
+    R,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_xam,
+    stride_xar,
     scale,
     SPLIT_N: tl.constexpr,
     COMPUTE_DB: tl.constexpr,  # False in deterministic mode: dB then comes from _reduce_m_kernel, without atomics
-    F32: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    F32: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """One pass over dY (grid: m-tiles, N splits, r-tiles): dxa = scale·dY·B and dB += scale·dYᵀ·xa for each dY tile
     read."""
@@ -450,7 +484,8 @@ def _dxa_db_kernel(
     r_ok = rr < R
     xat = tl.load(
         xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
-        mask=m_ok[:, None] & r_ok[None, :], other=0.0,
+        mask=m_ok[:, None] & r_ok[None, :],
+        other=0.0,
     )
     dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -461,17 +496,21 @@ def _dxa_db_kernel(
         n_ok = rn < N
         dyt = tl.load(
             dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn.to(tl.int64)[None, :] * stride_dyn,
-            mask=m_ok[:, None] & n_ok[None, :], other=0.0,
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
         )
         bt = tl.load(
             b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
-            mask=n_ok[:, None] & r_ok[None, :], other=0.0,
+            mask=n_ok[:, None] & r_ok[None, :],
+            other=0.0,
         )
         dxa = _dot(dyt, bt, dxa, F32, PREC)
         if COMPUTE_DB:
             db = _dot(tl.trans(dyt), xat, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
             tl.atomic_add(
-                db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :], db * scale, mask=n_ok[:, None] & r_ok[None, :],
+                db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :],
+                db * scale,
+                mask=n_ok[:, None] & r_ok[None, :],
                 sem="relaxed",
             )
     dxa_ptrs = dxa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
@@ -486,14 +525,20 @@ def _reduce_m_kernel(
     dxa_ptr,  # [M, R] fp32 (dxa = scale·dY·B; xa for the deterministic dBᵀ), contiguous
     x_ptr,  # [M, K] fp16/bf16/fp32 (x; dY for dBᵀ), any strides
     da_ptr,  # [R, K] fp32 out, contiguous; zero-filled when SPLIT_M > 1 (atomics)
-    M, K, R,
-    stride_xm, stride_xk,
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
     seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
-    threshold, inv_keep,
+    threshold,
+    inv_keep,
     HAS_DROPOUT: tl.constexpr,
     SPLIT_M: tl.constexpr,
     PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """dA[r-tile, k-tile] = dxaᵀ·dropout(x) over this program's share of M (grid: k-tiles, M splits, r-tiles).
 
@@ -515,11 +560,13 @@ def _reduce_m_kernel(
     for t in range(pid_split * per_split, t_end):
         rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
-        dxat = tl.load(dxa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                       other=0.0)
+        dxat = tl.load(
+            dxa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        )
         xt = tl.load(
             x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
         )
         if HAS_DROPOUT:
             xt = tl.where(_keep_mask(seed, rm, rk, K, threshold), xt, tl.zeros_like(xt))
@@ -548,17 +595,30 @@ def _dx_kernel(
     dxa_ptr,  # [M, R] fp32 (dxa = scale·dY·B), contiguous
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
     dx_ptr,  # [M, K] x's dtype out (read too when not BASE), contiguous
-    M, N, K, R, M_BUCKET,
-    stride_dym, stride_dyn,
-    stride_wn, stride_wk,
-    stride_ar, stride_ak,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_dym,
+    stride_dyn,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
     seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
-    threshold, inv_keep,
+    threshold,
+    inv_keep,
     HAS_DROPOUT: tl.constexpr,
     BASE: tl.constexpr,  # True: dX = dY·W0 + LoRA term. False: dX += LoRA term (cuBLAS already wrote dY·W0)
-    UPCAST: tl.constexpr, PREC: tl.constexpr, LORA_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    LORA_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
     # Output tile is [BLOCK_M, BLOCK_K] of dX; the reduction runs over N in BLOCK_N steps (names keep their dimension:
@@ -618,7 +678,7 @@ def _split(work_tiles: int, other_programs: int, target: int) -> int:
     return max(1, min(work_tiles, triton.cdiv(target, max(1, other_programs)), 64))
 
 
-def _dropout_args(dropout_p: float, seed: Seed, like: torch.Tensor) -> Tuple[bool, torch.Tensor, int, float]:
+def _dropout_args(dropout_p: float, seed: Seed, like: torch.Tensor) -> tuple[bool, torch.Tensor, int, float]:
     """(HAS_DROPOUT, seed pointer, threshold, 1/(1-p)) for the kernels; p = 0 compiles the mask away.
 
     ``seed``: a 0-dim int64 tensor (what the op passes: drawn on x's device, so the kernels read it without a host
@@ -676,13 +736,26 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: Seed)
     same = lora_A.dtype == x.dtype and not upcast
     with _utils.device_ctx(x):
         _dropout_shrink_kernel[(m_tiles, split_k, r_tiles)](
-            x, lora_A, xa,
-            M, K, R,
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-            seed_t, threshold, inv_keep,
-            HAS_DROPOUT=has_drop, SPLIT_K=split_k,
-            F32=not same, PREC=lora_prec,
-            BLOCK_M=block_m, BLOCK_K=_SKINNY_BLOCK, BLOCK_R=block_r,
+            x,
+            lora_A,
+            xa,
+            M,
+            K,
+            R,
+            x.stride(0),
+            x.stride(1),
+            lora_A.stride(0),
+            lora_A.stride(1),
+            seed_t,
+            threshold,
+            inv_keep,
+            HAS_DROPOUT=has_drop,
+            SPLIT_K=split_k,
+            F32=not same,
+            PREC=lora_prec,
+            BLOCK_M=block_m,
+            BLOCK_K=_SKINNY_BLOCK,
+            BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
         )
     return xa
@@ -694,10 +767,10 @@ def lora_linear_forward(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: Seed = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``reference.lora_linear.lora_linear_forward``: ``(y [M, N] in x.dtype, xa [M, r] fp32)``.
 
     ``seed``: a 0-dim int64 tensor (read by the kernels on the device: CUDA-graph safe, no host sync) or an int."""
@@ -723,27 +796,46 @@ def lora_linear_forward(
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with _utils.device_ctx(x):
         _fwd_kernel[grid](
-            x, weight, xa, lora_B, lora_A, bias if bias is not None else y, y,
-            M, N, K, R, _m_bucket(M),
-            x.stride(0), x.stride(1),
-            weight.stride(0), weight.stride(1),
-            xa.stride(0), xa.stride(1),
-            lora_B.stride(0), lora_B.stride(1),
-            lora_A.stride(0), lora_A.stride(1),
-            y.stride(0), y.stride(1),
+            x,
+            weight,
+            xa,
+            lora_B,
+            lora_A,
+            bias if bias is not None else y,
+            y,
+            M,
+            N,
+            K,
+            R,
+            _m_bucket(M),
+            x.stride(0),
+            x.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            xa.stride(0),
+            xa.stride(1),
+            lora_B.stride(0),
+            lora_B.stride(1),
+            lora_A.stride(0),
+            lora_A.stride(1),
+            y.stride(0),
+            y.stride(1),
             float(scale),
             HAS_BIAS=bias is not None and base,
             BASE=base,
             FUSE_SHRINK=fuse,
             SHRINK_F32=lora_A.dtype != x.dtype or upcast,
-            UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
+            UPCAST=upcast,
+            PREC=prec,
+            LORA_PREC=lora_prec,
             BLOCK_R=_utils.block_r(R, _FUSED_SHRINK_MAX_R if fuse else _PROLOGUE_MAX_R),
         )
     return y, xa
 
 
-def _dxa_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
-            scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _dxa_db(
+    dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dxa [M, r] fp32, dB [N, r] fp32) from one pass over dY; in deterministic mode dB from a second, atomic-free
     pass (dBᵀ = scale·xaᵀ·dY through the dA kernel)."""
     M, N = dy.shape
@@ -760,15 +852,28 @@ def _dxa_db(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
     same = lora_B.dtype == dy.dtype and not upcast
     with _utils.device_ctx(dy):
         _dxa_db_kernel[(m_tiles, split_n, r_tiles)](
-            dy, lora_B, xa, dxa, d_b,
-            M, N, R,
-            dy.stride(0), dy.stride(1),
-            lora_B.stride(0), lora_B.stride(1),
-            xa.stride(0), xa.stride(1),
+            dy,
+            lora_B,
+            xa,
+            dxa,
+            d_b,
+            M,
+            N,
+            R,
+            dy.stride(0),
+            dy.stride(1),
+            lora_B.stride(0),
+            lora_B.stride(1),
+            xa.stride(0),
+            xa.stride(1),
             float(scale),
-            SPLIT_N=split_n, COMPUTE_DB=not deterministic,
-            F32=not same, PREC=lora_prec,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            SPLIT_N=split_n,
+            COMPUTE_DB=not deterministic,
+            F32=not same,
+            PREC=lora_prec,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
         )
     if deterministic:
@@ -791,19 +896,31 @@ def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: Seed)
     out = (torch.zeros if split_m > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
     with _utils.device_ctx(x):
         _reduce_m_kernel[(k_tiles, split_m, r_tiles)](
-            left, x, out,
-            M, K, R,
-            x.stride(0), x.stride(1),
-            seed_t, threshold, inv_keep,
-            HAS_DROPOUT=has_drop, SPLIT_M=split_m, PREC=lora_prec,
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+            left,
+            x,
+            out,
+            M,
+            K,
+            R,
+            x.stride(0),
+            x.stride(1),
+            seed_t,
+            threshold,
+            inv_keep,
+            HAS_DROPOUT=has_drop,
+            SPLIT_M=split_m,
+            PREC=lora_prec,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
         )
     return out
 
 
-def _dx(dy: torch.Tensor, weight: torch.Tensor, dxa: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
-        seed: Seed) -> torch.Tensor:
+def _dx(
+    dy: torch.Tensor, weight: torch.Tensor, dxa: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: Seed
+) -> torch.Tensor:
     """dX = dY·W0 + mask ⊙ (dxa·A)/(1-p), x's dtype, contiguous [M, K]."""
     M, N = dy.shape
     K, R = weight.shape[1], lora_A.shape[0]
@@ -814,14 +931,30 @@ def _dx(dy: torch.Tensor, weight: torch.Tensor, dxa: torch.Tensor, lora_A: torch
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     with _utils.device_ctx(dy):
         _dx_kernel[grid](
-            dy, weight, dxa, lora_A, dx,
-            M, N, K, R, _m_bucket(M),
-            dy.stride(0), dy.stride(1),
-            weight.stride(0), weight.stride(1),
-            lora_A.stride(0), lora_A.stride(1),
-            seed_t, threshold, inv_keep,
-            HAS_DROPOUT=has_drop, BASE=base,
-            UPCAST=upcast, PREC=prec, LORA_PREC=lora_prec,
+            dy,
+            weight,
+            dxa,
+            lora_A,
+            dx,
+            M,
+            N,
+            K,
+            R,
+            _m_bucket(M),
+            dy.stride(0),
+            dy.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            lora_A.stride(0),
+            lora_A.stride(1),
+            seed_t,
+            threshold,
+            inv_keep,
+            HAS_DROPOUT=has_drop,
+            BASE=base,
+            UPCAST=upcast,
+            PREC=prec,
+            LORA_PREC=lora_prec,
             BLOCK_R=_utils.block_r(R, _PROLOGUE_MAX_R),
         )
     return dx
@@ -840,7 +973,7 @@ def lora_linear_backward(
     needs_dx: bool = True,
     needs_dweight: bool = False,
     needs_dbias: bool = False,
-) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as ``reference.lora_linear.lora_linear_backward``: ``(dx, dA, dB, dweight, dbias)``.
 
     dX, dA, dB come from the kernels above; dW = dYᵀ·x (only when asked) and dbias = Σ_m dY are left to cuBLAS / torch.

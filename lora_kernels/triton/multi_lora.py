@@ -26,7 +26,7 @@ never straddles two slices.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -186,9 +186,26 @@ def _batched_shrink_kernel(
     if rank == 0:
         return
     acc = _shrink_tile(
-        x_ptr, a_ptr, slot, tok, row_ok, rank, slice_idx, pid_k * K_PER_SPLIT, K, R,
-        stride_xm, stride_xk, stride_al, stride_ar, stride_ak, K_PER_SPLIT,
-        BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
+        x_ptr,
+        a_ptr,
+        slot,
+        tok,
+        row_ok,
+        rank,
+        slice_idx,
+        pid_k * K_PER_SPLIT,
+        K,
+        R,
+        stride_xm,
+        stride_xk,
+        stride_al,
+        stride_ar,
+        stride_ak,
+        K_PER_SPLIT,
+        BLOCK_M,
+        BLOCK_R,
+        BLOCK_K,
+        CAST_FP32,
     )
     offs_r = tl.arange(0, BLOCK_R)
     out = out_ptr + tok[:, None] * stride_om + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_on
@@ -249,9 +266,27 @@ def _expand_kernel(
         other=0.0,
     )
     _expand_store(
-        xa_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, slice_idx, n_lo, n_end,
-        stride_scale_l, stride_scale_slice, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-        BLOCK_R, BLOCK_N, CAST_FP32,
+        xa_tile,
+        b_ptr,
+        scales_ptr,
+        y_ptr,
+        slot,
+        tok,
+        row_ok,
+        r_ok,
+        slice_idx,
+        n_lo,
+        n_end,
+        stride_scale_l,
+        stride_scale_slice,
+        stride_bl,
+        stride_bn,
+        stride_br,
+        stride_ym,
+        stride_yn,
+        BLOCK_R,
+        BLOCK_N,
+        CAST_FP32,
     )
 
 
@@ -353,15 +388,50 @@ def _fused_kernel(
         return
     slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
     xa_tile = _shrink_tile(
-        x_ptr, a_ptr, slot, tok, row_ok, rank, slice_idx, 0, K, R,
-        stride_xm, stride_xk, stride_al, stride_ar, stride_ak, K,
-        BLOCK_M, BLOCK_R, BLOCK_K, CAST_FP32,
+        x_ptr,
+        a_ptr,
+        slot,
+        tok,
+        row_ok,
+        rank,
+        slice_idx,
+        0,
+        K,
+        R,
+        stride_xm,
+        stride_xk,
+        stride_al,
+        stride_ar,
+        stride_ak,
+        K,
+        BLOCK_M,
+        BLOCK_R,
+        BLOCK_K,
+        CAST_FP32,
     )
     r_ok = tl.arange(0, BLOCK_R) < rank
     _expand_store(
-        xa_tile, b_ptr, scales_ptr, y_ptr, slot, tok, row_ok, r_ok, slice_idx, n_lo, n_end,
-        stride_scale_l, stride_scale_slice, stride_bl, stride_bn, stride_br, stride_ym, stride_yn,
-        BLOCK_R, BLOCK_N, CAST_FP32,
+        xa_tile,
+        b_ptr,
+        scales_ptr,
+        y_ptr,
+        slot,
+        tok,
+        row_ok,
+        r_ok,
+        slice_idx,
+        n_lo,
+        n_end,
+        stride_scale_l,
+        stride_scale_slice,
+        stride_bl,
+        stride_bn,
+        stride_br,
+        stride_ym,
+        stride_yn,
+        BLOCK_R,
+        BLOCK_N,
+        CAST_FP32,
     )
 
 
@@ -476,7 +546,7 @@ def _gemm_expand_kernel(
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
-def _widths(slices: Sequence[int]) -> Tuple[int, int, int, int]:
+def _widths(slices: Sequence[int]) -> tuple[int, int, int, int]:
     """The kernels' N0..N3 arguments: the slice widths, 0 for absent slices."""
     w = [int(n) for n in slices]
     if not 1 <= len(w) <= MAX_SLICES:
@@ -488,9 +558,20 @@ def _out_blocks(slices: Sequence[int], block_n: int) -> int:
     return sum(triton.cdiv(int(n), block_n) for n in slices)
 
 
-def shrink_config(M: int, K: int, L: int, R: int, num_slices: int, tile_m: int, cap: int, x_bytes: int,
-                  a_bytes: int, interp: bool, smem: _utils.IntThunk,
-                  sm_count: _utils.IntThunk) -> Tuple[int, int, int, int]:
+def shrink_config(
+    M: int,
+    K: int,
+    L: int,
+    R: int,
+    num_slices: int,
+    tile_m: int,
+    cap: int,
+    x_bytes: int,
+    a_bytes: int,
+    interp: bool,
+    smem: _utils.IntThunk,
+    sm_count: _utils.IntThunk,
+) -> tuple[int, int, int, int]:
     """(grid tiles, BLOCK_K, num_stages, split-K) of the shrink launch; ``smem`` and ``sm_count`` are callables (only
     asked on a GPU). A function of host ints only, shared by the launchers and the static launch model
     (benchmarks/static_serving.py)."""
@@ -508,9 +589,18 @@ def shrink_config(M: int, K: int, L: int, R: int, num_slices: int, tile_m: int, 
     return n_tiles, block_k, stages, split
 
 
-def _launch_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta,
-                   out: torch.Tensor, out_split_stride: int, num_slices: int, tile_m: int, atomic: bool,
-                   interp: bool) -> int:
+def _launch_shrink(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: BatchMeta,
+    out: torch.Tensor,
+    out_split_stride: int,
+    num_slices: int,
+    tile_m: int,
+    atomic: bool,
+    interp: bool,
+) -> int:
     """One launch of the batched shrink into ``out`` ([M, S·R] fp32 rows, any strides). With ``atomic`` the K splits
     add into ``out`` (zero it first); without, split k writes ``out + k·out_split_stride`` (a partial sum per split).
     Returns the split count (decided here; ``out`` must already hold that many partials when not ``atomic``: see
@@ -519,27 +609,66 @@ def _launch_shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, 
     L, SR, _ = A_stack.shape
     R = SR // num_slices
     n_tiles, block_k, stages, split = shrink_config(
-        M, K, L, R, num_slices, tile_m, meta.capacity, x.element_size(), A_stack.element_size(), interp,
-        lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device),
+        M,
+        K,
+        L,
+        R,
+        num_slices,
+        tile_m,
+        meta.capacity,
+        x.element_size(),
+        A_stack.element_size(),
+        interp,
+        lambda: _utils.smem_of(x.device),
+        lambda: _utils.sm_count_of(x.device),
     )
     if atomic and torch.are_deterministic_algorithms_enabled():
         split = 1  # fp32 atomics add in a run-dependent order: no split-K (bitwise reproducible, as lora_linear)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     with _utils.device_ctx(x):
         _batched_shrink_kernel[(n_tiles, num_slices, split)](
-            x, A_stack, ranks, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, out,
-            M, K, L, meta.capacity, R, k_per_split,
-            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
-            out.stride(0), out.stride(1), out_split_stride,
-            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, SPLIT_K=split,
-            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype), ATOMIC=atomic,
-            num_warps=4, num_stages=stages,
+            x,
+            A_stack,
+            ranks,
+            meta.sorted_tokens,
+            meta.sorted_slots,
+            meta.tile_starts,
+            out,
+            M,
+            K,
+            L,
+            meta.capacity,
+            R,
+            k_per_split,
+            x.stride(0),
+            x.stride(1),
+            A_stack.stride(0),
+            A_stack.stride(1),
+            A_stack.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out_split_stride,
+            BLOCK_M=tile_m,
+            BLOCK_R=_utils.block_r(R),
+            BLOCK_K=block_k,
+            SPLIT_K=split,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype),
+            ATOMIC=atomic,
+            num_warps=4,
+            num_stages=stages,
         )
     return split
 
 
-def shrink(x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta, out: torch.Tensor,
-           num_slices: int, tile_m: int) -> torch.Tensor:
+def shrink(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: BatchMeta,
+    out: torch.Tensor,
+    num_slices: int,
+    tile_m: int,
+) -> torch.Tensor:
     """``out[M, S·R]`` (fp32) ← per-token ``xa = x·Aᵀ`` (zeros where no adapter applies). x ``[M, K]``; ``meta``:
     the batch (:attr:`lora_kernels.LoRABatch.meta`). Zeroes ``out`` first, then one launch (split-K by atomics when
     the tiles alone would not fill the GPU)."""
@@ -554,8 +683,16 @@ def expand_block_n(interp: bool) -> int:
     return _INTERP_BLOCK_N if interp else _EXPAND_BLOCK_N
 
 
-def expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta,
-           y: torch.Tensor, slices: Sequence[int], tile_m: int) -> torch.Tensor:
+def expand(
+    xa: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: Sequence[int],
+    tile_m: int,
+) -> torch.Tensor:
     """``y[M, N] += scale · xa·Bᵀ`` per token's adapter and output slice, in place. xa ``[M, S·R]`` fp32."""
     M = y.shape[0]
     L, N, R = B_stack.shape
@@ -565,19 +702,40 @@ def expand(xa: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales:
     grid = (meta.max_tiles(M, L, tile_m), _out_blocks(slices, block_n))
     with _utils.device_ctx(y):
         _expand_kernel[grid](
-            xa, B_stack, ranks, scales, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, y,
-            M, L, meta.capacity, R, *_widths(slices),
-            xa.stride(0), xa.stride(1), scales.stride(0), scales.stride(1),
-            B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), y.stride(0), y.stride(1),
-            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_N=block_n,
+            xa,
+            B_stack,
+            ranks,
+            scales,
+            meta.sorted_tokens,
+            meta.sorted_slots,
+            meta.tile_starts,
+            y,
+            M,
+            L,
+            meta.capacity,
+            R,
+            *_widths(slices),
+            xa.stride(0),
+            xa.stride(1),
+            scales.stride(0),
+            scales.stride(1),
+            B_stack.stride(0),
+            B_stack.stride(1),
+            B_stack.stride(2),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=tile_m,
+            BLOCK_R=_utils.block_r(R),
+            BLOCK_N=block_n,
             CAST_FP32=_utils.cast_to_fp32(B_stack.dtype) or y.dtype == torch.float32,
             num_warps=4,
         )
     return y
 
 
-def fused_config(tile_m: int, R: int, x_bytes: int, a_bytes: int, b_bytes: int, interp: bool,
-                 smem: _utils.IntThunk) -> Tuple[int, int, int]:
+def fused_config(
+    tile_m: int, R: int, x_bytes: int, a_bytes: int, b_bytes: int, interp: bool, smem: _utils.IntThunk
+) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_stages) of the fused kernel; host ints only (shared with the static launch model)."""
     if interp:
         return _INTERP_BLOCK_N, _INTERP_BLOCK_K, 3
@@ -592,28 +750,68 @@ def fused_config(tile_m: int, R: int, x_bytes: int, a_bytes: int, b_bytes: int, 
     return block_n, block_k, stages
 
 
-def fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
-          meta: BatchMeta, y: torch.Tensor, slices: Sequence[int], tile_m: int) -> torch.Tensor:
+def fused(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: Sequence[int],
+    tile_m: int,
+) -> torch.Tensor:
     """``y += scale · (x·Aᵀ)·Bᵀ`` per token in one launch (decode sizes: see ``ops.multi_lora.FUSED_MAX_TOKENS``)."""
     M, K = x.shape
     L, N, R = B_stack.shape
     if M == 0:
         return y
     block_n, block_k, stages = fused_config(
-        tile_m, R, x.element_size(), A_stack.element_size(), B_stack.element_size(), _backend.interpreter_enabled(),
+        tile_m,
+        R,
+        x.element_size(),
+        A_stack.element_size(),
+        B_stack.element_size(),
+        _backend.interpreter_enabled(),
         lambda: _utils.smem_of(x.device),
     )
     grid = (meta.max_tiles(M, L, tile_m), _out_blocks(slices, block_n))
     with _utils.device_ctx(y):
         _fused_kernel[grid](
-            x, A_stack, B_stack, ranks, scales, meta.sorted_tokens, meta.sorted_slots, meta.tile_starts, y,
-            M, K, L, meta.capacity, R, *_widths(slices),
-            x.stride(0), x.stride(1), A_stack.stride(0), A_stack.stride(1), A_stack.stride(2),
-            B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
-            y.stride(0), y.stride(1),
-            BLOCK_M=tile_m, BLOCK_R=_utils.block_r(R), BLOCK_K=block_k, BLOCK_N=block_n,
+            x,
+            A_stack,
+            B_stack,
+            ranks,
+            scales,
+            meta.sorted_tokens,
+            meta.sorted_slots,
+            meta.tile_starts,
+            y,
+            M,
+            K,
+            L,
+            meta.capacity,
+            R,
+            *_widths(slices),
+            x.stride(0),
+            x.stride(1),
+            A_stack.stride(0),
+            A_stack.stride(1),
+            A_stack.stride(2),
+            B_stack.stride(0),
+            B_stack.stride(1),
+            B_stack.stride(2),
+            scales.stride(0),
+            scales.stride(1),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=tile_m,
+            BLOCK_R=_utils.block_r(R),
+            BLOCK_K=block_k,
+            BLOCK_N=block_n,
             CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype, B_stack.dtype) or y.dtype == torch.float32,
-            num_warps=4, num_stages=stages,
+            num_warps=4,
+            num_stages=stages,
         )
     return y
 
@@ -625,13 +823,18 @@ def fused(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, ranks: 
 # programs at 256 tokens, where 128×128 would leave half the SMs idle); past that, 128×128×64 at 8 warps (the fp32
 # accumulator is 64 registers per thread) for the compute-bound steps. First guesses from the byte and register
 # counts, NOT yet measured on a GPU; the sm_90 compile test checks shared memory and spills.
-_GEMM_TILES = ((16, 16, 32, 256, 4, 4), (32, 32, 64, 128, 4, 4), (256, 64, 64, 128, 4, 4),
-               (1 << 62, 128, 128, 64, 8, 3))
+_GEMM_TILES = (
+    (16, 16, 32, 256, 4, 4),
+    (32, 32, 64, 128, 4, 4),
+    (256, 64, 64, 128, 4, 4),
+    (1 << 62, 128, 128, 64, 8, 3),
+)
 _INTERP_GEMM_BLOCK_N = 16
 
 
-def gemm_config(M: int, x_bytes: int, w_bytes: int, R: int, interp: bool,
-                smem: _utils.IntThunk) -> Tuple[int, int, int, int, int]:
+def gemm_config(
+    M: int, x_bytes: int, w_bytes: int, R: int, interp: bool, smem: _utils.IntThunk
+) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the expand-in-GEMM kernel for M tokens; ``smem`` a
     callable (asked on a GPU only). Host ints only: shared with the static launch model."""
     _, block_m, block_n, block_k, warps, stages = next(t for t in _GEMM_TILES if M <= t[0])
@@ -644,9 +847,18 @@ def gemm_config(M: int, x_bytes: int, w_bytes: int, R: int, interp: bool,
     return block_m, block_n, block_k, warps, stages
 
 
-def linear_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A_stack: torch.Tensor,
-                B_stack: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, meta: BatchMeta,
-                slices: Sequence[int], tile_m: int) -> torch.Tensor:
+def linear_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    slices: Sequence[int],
+    tile_m: int,
+) -> torch.Tensor:
     """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` per token's adapter, y new ``[M, N]`` in x's dtype: two launches,
     the shrink into per-split fp32 partials (no zero-fill: rows without an adapter are never read) and the base GEMM
     with the expand in its epilogue (y written once, never read). Needs the batch prepared for exactly M tokens
@@ -661,25 +873,67 @@ def linear_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if M == 0:
         return y
     interp = _backend.interpreter_enabled()
-    _, _, _, split = shrink_config(M, K, L, R, S, tile_m, cap, x.element_size(), A_stack.element_size(), interp,
-                                   lambda: _utils.smem_of(x.device), lambda: _utils.sm_count_of(x.device))
+    _, _, _, split = shrink_config(
+        M,
+        K,
+        L,
+        R,
+        S,
+        tile_m,
+        cap,
+        x.element_size(),
+        A_stack.element_size(),
+        interp,
+        lambda: _utils.smem_of(x.device),
+        lambda: _utils.sm_count_of(x.device),
+    )
     parts = torch.empty(split, M, SR, dtype=torch.float32, device=x.device)
     _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp)
     block_m, block_n, gk, warps, gstages = gemm_config(
-        M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device))
+        M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device)
+    )
     grid = (triton.cdiv(min(M, cap), block_m), _out_blocks(slices, block_n))
     with _utils.device_ctx(x):
         _gemm_expand_kernel[grid](
-            x, weight, bias if bias is not None else weight, parts, B_stack, ranks, scales, meta.sorted_tokens,
-            meta.sorted_slots, y,
-            M, K, L, cap, R, *_widths(slices), split,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            parts.stride(0), parts.stride(1), parts.stride(2),
-            B_stack.stride(0), B_stack.stride(1), B_stack.stride(2), scales.stride(0), scales.stride(1),
-            y.stride(0), y.stride(1),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=gk, BLOCK_R=_utils.block_r(R), HAS_BIAS=bias is not None,
+            x,
+            weight,
+            bias if bias is not None else weight,
+            parts,
+            B_stack,
+            ranks,
+            scales,
+            meta.sorted_tokens,
+            meta.sorted_slots,
+            y,
+            M,
+            K,
+            L,
+            cap,
+            R,
+            *_widths(slices),
+            split,
+            x.stride(0),
+            x.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            parts.stride(0),
+            parts.stride(1),
+            parts.stride(2),
+            B_stack.stride(0),
+            B_stack.stride(1),
+            B_stack.stride(2),
+            scales.stride(0),
+            scales.stride(1),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=gk,
+            BLOCK_R=_utils.block_r(R),
+            HAS_BIAS=bias is not None,
             CAST_FP32=_utils.cast_to_fp32(x.dtype, weight.dtype),
             LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
-            num_warps=warps, num_stages=gstages,
+            num_warps=warps,
+            num_stages=gstages,
         )
     return y
