@@ -386,24 +386,27 @@ class LoRALinear(nn.Module):
         except ValueError as exc:
             error_msgs.append(f"{prefix or 'LoRALinear'}: loaded but left unmerged: {exc}")
 
+    def _warn_merged_training(self) -> None:
+        """PEFT computes a merged layer with the merged weight in either mode; so do we, and say once per layer that
+        the adapter learns nothing meanwhile."""
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and not self._warned_merged_training
+            and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        ):
+            self._warned_merged_training = True
+            warnings.warn(
+                f"a merged {type(self).__name__} is run in training mode: it computes with the merged weight and its "
+                "adapter gets no gradient until unmerge()",
+                UserWarning,
+                stacklevel=3,
+            )
+
     # ------------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            # PEFT computes a merged layer with the merged weight in either mode; so do we, and say once that the
-            # adapter learns nothing meanwhile (one message per process: the text and call site do not change).
-            if (
-                self.training
-                and torch.is_grad_enabled()
-                and not self._warned_merged_training
-                and (self.lora_A.requires_grad or self.lora_B.requires_grad)
-            ):
-                self._warned_merged_training = True
-                warnings.warn(
-                    "a merged LoRALinear is run in training mode: it computes with the merged weight and its adapter "
-                    "gets no gradient until unmerge()",
-                    UserWarning,
-                    stacklevel=2,
-                )
+            self._warn_merged_training()
             return F.linear(x, self.weight, self.bias)
         if distributed.is_sharded_layer(self):  # tensor parallel (DTensor parameters): the op runs on the shards
             return distributed.tp_forward(self, *self._autocast(x), lora_linear)

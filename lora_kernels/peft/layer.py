@@ -9,7 +9,6 @@ with lora_kernels' mask (equal in distribution, not sample for sample). See docs
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -203,13 +202,9 @@ class PeftLoRALinear(LoRALinear):
     ):
         # The adapters are child modules, loaded after this method returns: LoRALinear's "unmerge, load, merge again"
         # would merge the OLD adapter. Merge with the active adapter's tensors from the checkpoint instead.
-        if not self.merged:
-            super()._load_from_state_dict(
-                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-            )
-            return
-        if local_metadata.get("assign_to_params_buffers", False):
-            error_msgs.append(f"{prefix or 'PeftLoRALinear'}: is merged; unmerge() before load_state_dict(assign=True)")
+        if self._load_unless_merged(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        ):
             return
         ad_prefix = f"{prefix}lora_adapters.{self.active_adapter}."
         factors = []
@@ -220,9 +215,7 @@ class PeftLoRALinear(LoRALinear):
                 return  # the adapter's own load reports the mismatch; this layer stays as it is (merged)
             factors.append(new.detach().to(device=current.device, dtype=current.dtype))
         self.unmerge()
-        nn.Module._load_from_state_dict(
-            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        self._load_own_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         try:
             merged = self._merged_weight(self.weight, *factors)
         except ValueError as exc:
@@ -241,21 +234,7 @@ class PeftLoRALinear(LoRALinear):
         if adapter_names is not None:
             return self._mixed_forward(x, weight, adapter_names)
         if self.merged:
-            # As PEFT (and LoRALinear): a merged layer computes with the merged weight in either mode; say once that
-            # the adapter learns nothing meanwhile.
-            if (
-                self.training
-                and torch.is_grad_enabled()
-                and not self._warned_merged_training
-                and (self.lora_A.requires_grad or self.lora_B.requires_grad)
-            ):
-                self._warned_merged_training = True
-                warnings.warn(
-                    "a merged PeftLoRALinear is run in training mode: it computes with the merged weight "
-                    "and its adapter gets no gradient until unmerge()",
-                    UserWarning,
-                    stacklevel=2,
-                )
+            self._warn_merged_training()
             return F.linear(x, weight, self.bias)
         x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, self.lora_A, self.lora_B)
         return lora_linear(
