@@ -214,16 +214,12 @@ def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend:
 
 
 def reference(x, ws: WeightSet, ids_host: torch.Tensor) -> torch.Tensor:
-    """float64 loop over the adapters present (float64: immune to any TF32 setting)."""
-    xf = x.double()
-    y = xf @ ws.W.double().t()
-    ids = ids_host.to(x.device)
-    for l in torch.unique(ids_host).tolist():
-        if l < 0:
-            continue
-        idx = (ids == l).nonzero().flatten()
-        y[idx] += ws.host_scales[l] * ((xf[idx] @ ws.A_stack[l].double().t()) @ ws.B_stack[l].double().t())
-    return y
+    """The PyTorch reference with float64 arithmetic and output (float64: immune to any TF32 setting)."""
+    from lora_kernels.reference import multi_lora as ref
+
+    pool = ws.pool
+    return ref.multi_lora_linear(x, ws.W, None, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
+                                 ids_host.to(x.device), acc_dtype=torch.float64, out_dtype=torch.float64)
 
 
 def floor_of(T: int, K: int, N: int, r: int, n_active: int, elt: int, ceilings) -> float:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import lora_kernels as lk
 from lora_kernels import LoRALinear
 
+from _oracle import lora_linear_f64
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = {  # (atol, rtol) for outputs computed in fp32 and rounded once to the dtype
@@ -50,11 +52,7 @@ def _layer(in_f, out_f, dtype=torch.float32, bias=True, r=4, alpha=8.0, randomiz
 def _expected(layer, x):
     """y = x·W0ᵀ + b + s·x·Aᵀ·Bᵀ in float64, from the layer's tensors (no dropout)."""
     w0 = layer._unmerged_weight if layer.merged else layer.weight
-    xd = x.double()
-    y = xd @ w0.double().t() + layer.scaling * (xd @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
-    if layer.bias is not None:
-        y = y + layer.bias.double()
-    return y
+    return lora_linear_f64(x, w0, layer.lora_A, layer.lora_B, layer.scaling, layer.bias)
 
 
 # ------------------------------------------------------------------------------------------------- construction
