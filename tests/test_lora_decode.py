@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from _aot import run_child
 from _oracle import lora_linear_f64, lora_linear_in_dtype
 from _tolerances import assert_close_to_oracle, close
 from conftest import DEVICE, HAS_CUDA, INTERPRET
@@ -116,22 +117,13 @@ def test_decode_bad_arguments():
 
 # --------------------------------------------------------------------------------------- sm_90 ahead-of-time compile
 _AOT_SCRIPT = r"""
-import os
-import re
-import subprocess
-import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.triton import lora_decode as D
+from _aot import ptxas_report
 
-try:
-    from triton.backends.nvidia.compiler import get_ptxas
-    PTXAS = get_ptxas(90).path
-except (ImportError, TypeError):
-    from triton.backends.nvidia.compiler import _path_to_binary
-    PTXAS = _path_to_binary("ptxas")[0]
 TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 K = N = 4096
 for dtype in (torch.float16, torch.bfloat16):
@@ -160,13 +152,8 @@ for dtype in (torch.float16, torch.bfloat16):
                         attrs[(i,)] = [["tt.divisibility", 16]]
             c = triton.compile(ASTSource(D._decode_kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                                options={"num_warps": warps, "num_stages": stages})
-            with tempfile.TemporaryDirectory() as d:
-                src = os.path.join(d, "k.ptx")
-                open(src, "w").write(c.asm["ptx"])
-                out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.cubin")],
-                                     capture_output=True, text=True)
-            assert out.returncode == 0, out.stderr
-            spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stderr))
+            spill_stores, spill_loads, _ = ptxas_report(c)
+            spills = spill_stores + spill_loads
             print(dtype, M, R, (bm, bn, bk, br, warps, stages), "smem", c.metadata.shared, "spills", spills,
                   flush=True)
             assert c.metadata.shared <= 227 * 1024 and spills == 0, (M, R, c.metadata.shared, spills)
@@ -176,13 +163,4 @@ print("OK")
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernel is compiled and run by the tests above")
 def test_decode_kernel_compiles_for_sm90_without_spills(tmp_path):
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_child(_AOT_SCRIPT, tmp_path, timeout=900)

@@ -16,6 +16,7 @@ from lora_kernels.ops import lora_linear as op_mod
 from lora_kernels.reference import dropout_keep_mask
 from lora_kernels.reference import lora_linear as ref
 
+from _aot import run_child
 from _tolerances import FP32_SMALL_K, TOL, assert_close_scaled, assert_close_to_oracle
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
@@ -509,6 +510,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.triton import lora_linear as L
+from _aot import jit_function
 
 UNIT = {"stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_yn", "stride_dyn", "stride_ak"}
 PTR = {"x_ptr": "bf16", "w_ptr": "bf16", "bias_ptr": "bf16", "y_ptr": "bf16", "dy_ptr": "bf16", "dx_ptr": "bf16",
@@ -516,14 +518,8 @@ PTR = {"x_ptr": "bf16", "w_ptr": "bf16", "bias_ptr": "bf16", "y_ptr": "bf16", "d
        "seed_ptr": "i64"}
 
 
-def jit_fn(k):
-    while not isinstance(k, triton.runtime.jit.JITFunction):
-        k = k.fn
-    return k
-
-
 def compile_for_sm90(kernel, consts, num_warps, num_stages, dtype):
-    fn = jit_fn(kernel)
+    fn = jit_function(kernel)
     consts = dict(consts, **{n: 1 for n in fn.arg_names if n in UNIT})  # contiguous operands, as the JIT specialises
     sig = {}
     for n in fn.arg_names:
@@ -573,22 +569,15 @@ print("OK")
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled and run by the tests above")
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
-    import os
     import pathlib
     import shutil
-    import subprocess
-    import sys
 
     import triton
 
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists() and shutil.which("ptxas") is None:
         pytest.skip("no ptxas available to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
-    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_child(_AOT_SCRIPT, tmp_path, timeout=600)
 
 
 # -------------------------------------------------------------------------------------------------- bad inputs

@@ -18,6 +18,7 @@ from lora_kernels.ops import multi_lora as ops
 from lora_kernels.pool import AdapterPool, LoRABatch
 from lora_kernels.reference import multi_lora as ref
 
+from _aot import run_child
 from _oracle import multi_lora_in_dtype
 from _tolerances import assert_close_to_oracle, close, close_small_k
 from conftest import DEVICE, HAS_CUDA, INTERPRET
@@ -826,58 +827,15 @@ def test_gpu_compile_fullgraph_triton():
 _AOT_SCRIPT = r"""
 import time
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from lora_kernels.pool import auto_tile_m
 from lora_kernels.triton import multi_lora as ML
+from _aot import Recorder, compile_for_sm90
 
-TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
 calls = []
-
-
-class Recorder:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
-
-
 for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel"):
-    setattr(ML, name, Recorder(getattr(ML, name)))
+    setattr(ML, name, Recorder(getattr(ML, name), calls))
 ML._sm_count = lambda index: 132
 ML._max_smem = lambda index: 227 * 1024  # H100's opt-in limit per block (what the launchers size pipelines for)
-
-
-def compile_for_sm90(kernel, args, kwargs):
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    launch = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = dict(zip(fn.arg_names, args), **kwargs)
-    assert set(values) == set(fn.arg_names), sorted(set(fn.arg_names) ^ set(values))
-    sig, consts, attrs = {}, {}, {}
-    for i, n in enumerate(fn.arg_names):
-        v = values[n]
-        if n in kwargs:  # the constexpr keyword arguments of the launch
-            sig[n], consts[n] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[n] = "*" + TY[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[n] = "fp32"
-        elif v == 1:
-            sig[n], consts[n] = "constexpr", 1
-        else:
-            sig[n] = "i32" if -2**31 <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": launch.get("num_warps", 4),
-                                       "num_stages": launch.get("num_stages", 3)})
-    return compiled.metadata.shared, consts
-
 
 K, L = 4096, 8
 jobs = []
@@ -903,26 +861,24 @@ for dtype in (torch.float16, torch.bfloat16):
         else:
             ML.shrink(x, A, ranks, ids, st, ss, ts, s, S, tile_m)
             ML.expand(s, B, ranks, scales, ids, st, ss, ts, y, slices, tile_m)
-for kernel, args, kwargs in calls:
+for kernel, _, args, kwargs in calls:
     t0 = time.perf_counter()
-    smem, consts = compile_for_sm90(kernel, args, dict(kwargs))
+    compiled, consts = compile_for_sm90(kernel, args, kwargs)
+    smem = compiled.metadata.shared
     dtype = next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16))
     shown = {k: v for k, v in consts.items() if k.isupper()}
     print(str(kernel).split(":")[-1], dtype, shown, "smem", smem, "compile %.1fs" % (time.perf_counter() - t0))
     assert smem <= 227 * 1024, (kernel, shown, smem)
 assert len(calls) == 2 * (3 + 2 * 2), len(calls)
-assert any(kw.get("SPLIT_K", 1) > 1 for k, a, kw in calls), "no split-K shrink was compiled"
+assert any(kw.get("SPLIT_K", 1) > 1 for k, g, a, kw in calls), "no split-K shrink was compiled"
 print("OK")
 """
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled and run by the GPU tests above")
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
-    import os
     import pathlib
     import shutil
-    import subprocess
-    import sys
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
@@ -931,8 +887,4 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists() and shutil.which("ptxas") is None:
         pytest.skip("no ptxas available to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
-    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_child(_AOT_SCRIPT, tmp_path, timeout=600)

@@ -16,6 +16,7 @@ from lora_kernels.ops import multi_lora as ops
 from lora_kernels.pool import AdapterPool, LoRABatch
 from lora_kernels.reference import multi_lora as ref
 
+from _aot import run_child
 from _oracle import F64, multi_lora_in_dtype
 from _tolerances import assert_close_to_oracle, close
 from conftest import DEVICE, HAS_CUDA, INTERPRET
@@ -272,76 +273,18 @@ def test_opcheck_gemm_op():
 # recorders), compiled for sm_90 in a child process without TRITON_INTERPRET, then assembled by the ptxas triton uses
 # with -v: no spill stores or loads, and shared memory within the 227 KiB a block may use on an H100.
 _AOT_SCRIPT = r"""
-import os
-import re
-import subprocess
-import tempfile
 import time
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from lora_kernels.pool import auto_tile_m
 from lora_kernels.ops.multi_lora import step_tile_m
 from lora_kernels.triton import multi_lora as ML
+from _aot import Recorder, compile_for_sm90, ptxas_report
 
-TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
 calls = []
-
-class Recorder:
-    def __init__(self, kernel):
-        self.kernel = kernel
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: calls.append((self.kernel, grid, args, kwargs))
-
 for name in ("_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
-    setattr(ML, name, Recorder(getattr(ML, name)))
+    setattr(ML, name, Recorder(getattr(ML, name), calls))
 ML._sm_count = lambda index: 132
 ML._max_smem = lambda index: 227 * 1024
-try:
-    from triton.backends.nvidia.compiler import get_ptxas
-    PTXAS = get_ptxas(90).path  # the ptxas triton itself uses for sm_90
-except (ImportError, TypeError):
-    from triton.backends.nvidia.compiler import _path_to_binary
-    PTXAS = _path_to_binary("ptxas")[0]
-
-def compile_for_sm90(kernel, args, kwargs):
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    launch = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = dict(zip(fn.arg_names, args), **kwargs)
-    assert set(values) == set(fn.arg_names), sorted(set(fn.arg_names) ^ set(values))
-    sig, consts, attrs = {}, {}, {}
-    for i, n in enumerate(fn.arg_names):
-        v = values[n]
-        if n in kwargs:
-            sig[n], consts[n] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[n] = "*" + TY[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[n] = "fp32"
-        elif v == 1:
-            sig[n], consts[n] = "constexpr", 1
-        else:
-            sig[n] = "i32" if -2**31 <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": launch.get("num_warps", 4),
-                                       "num_stages": launch.get("num_stages", 3)})
-    ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        open(src, "w").write(ptx)
-        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    st = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", out.stderr))
-    ld = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", out.stderr))
-    regs = max([int(v) for v in re.findall(r"Used (\d+) registers", out.stderr)] or [0])
-    return compiled.metadata.shared, st, ld, regs, consts
 
 K, L = 4096, 16
 # (tokens, rank, output slices, dtype): every row tile of the gemm path (16/32/64/128 rows), rank 16 and rank 64 with
@@ -374,7 +317,9 @@ for kernel, grid, args, kwargs in calls:
         continue
     seen.add(key)
     t0 = time.perf_counter()
-    smem, st, ld, regs, consts = compile_for_sm90(kernel, args, dict(kwargs))
+    compiled, consts = compile_for_sm90(kernel, args, kwargs)
+    smem = compiled.metadata.shared
+    st, ld, regs = ptxas_report(compiled)
     name = str(kernel).split(":")[-1].strip(">) ")
     names.add(name)
     shown = {k: v for k, v in consts.items() if k.isupper()}
@@ -389,18 +334,9 @@ print("OK")
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled and run by the GPU tests")
 def test_serving_kernels_compile_for_sm90_without_spills(tmp_path):
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from an earlier run's cache
-    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_child(_AOT_SCRIPT, tmp_path, timeout=900)
 
 
 def test_compile_fullgraph_gemm_path():
