@@ -40,3 +40,23 @@ def multi_lora_in_dtype(x, weight, bias, pool, token_slots, slices=None) -> torc
     slots = torch.as_tensor(token_slots, device=x.device)
     return _ref_multi.multi_lora_linear(x, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, slots,
                                         slices, acc_dtype=x.dtype)
+
+
+def naive_multi_lora(x, weight, bias, adapters, ids, slices) -> torch.Tensor:
+    """An oracle independent of the reference and of the pool: float64, token by token, from the adapters as given.
+
+    ``adapters``: ``{slot: (A per slice, B per slice, scale per slice)}``; a token whose id is not a key gets the base
+    output only. ``x [..., K]`` (leading dims flattened; ``ids`` index the flattened rows)."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    y = x2 @ weight.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    for m, slot in enumerate(ids):
+        if slot not in adapters:
+            continue
+        a, b, scales = adapters[slot]
+        off = 0
+        for i, n in enumerate(slices):
+            y[m, off : off + n] += scales[i] * (x2[m] @ a[i].double().t()) @ b[i].double().t()
+            off += n
+    return y.reshape(*x.shape[:-1], sum(slices))

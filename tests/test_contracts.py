@@ -27,6 +27,7 @@ from lora_kernels.ops import multi_lora as ops
 from lora_kernels.pool import AdapterPool, LoRABatch
 from lora_kernels.reference import multi_lora as ref
 
+from _oracle import naive_multi_lora
 from _tolerances import close, close_small_k
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
@@ -248,20 +249,6 @@ def _poisoned_pool(seed):
     return pool, adapters
 
 
-def _naive(x, W, adapters, ids, slices):
-    """float64 oracle from the adapters as loaded (never the pool's stacks)."""
-    y = x.double() @ W.double().t()
-    for m, l in enumerate(ids):
-        if l not in adapters:
-            continue
-        a, b, sc = adapters[l]
-        off = 0
-        for s, n in enumerate(slices):
-            y[m, off : off + n] += sc[s] * (x[m].double() @ a[s].double().t()) @ b[s].double().t()
-            off += n
-    return y
-
-
 def _naive_shrink(x, adapters, ids, S, R):
     out = torch.zeros(x.shape[0], S * R, dtype=torch.float64)
     for m, l in enumerate(ids):
@@ -292,7 +279,8 @@ def test_reference_reads_no_padding_and_no_empty_slot():
         assert torch.isfinite(y).all()
         got = ref.multi_lora_linear(x.to(dtype), W.to(dtype), None, A, B, ranks, scales, ids, POISON_SLICES)
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got.double(), _naive(x, W, adapters, POISON_IDS, POISON_SLICES), **close(torch.float32))
+        want = naive_multi_lora(x, W, None, adapters, POISON_IDS, POISON_SLICES)
+        torch.testing.assert_close(got.double(), want, **close(torch.float32))
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -318,7 +306,7 @@ def test_no_backend_reads_padding_or_empty_slots(backend, request, monkeypatch):
     lk.lora_expand(out, pool.B_stack, batch, y, pool.scales, slices=POISON_SLICES, ranks=pool.ranks, backend=backend,
                    check=False)
     assert torch.isfinite(y).all()
-    want = _naive(x, W, adapters, POISON_IDS, POISON_SLICES)
+    want = naive_multi_lora(x, W, None, adapters, POISON_IDS, POISON_SLICES)
     torch.testing.assert_close((y - y0).cpu().double(), want - x.double() @ W.double().t(), **close(torch.float32))
     for fused in (False, True):
         got = lk.multi_lora_linear(x.to(DEVICE), W.to(DEVICE), None, pool, batch, backend=backend, check=False,
@@ -538,7 +526,7 @@ def test_multi_lora_split_k_buffer_is_zeroed_before_atomics(monkeypatch):
     x = torch.randn(len(ids), K, generator=g)
     W = torch.randn(sum(slices), K, generator=g) / math.sqrt(K)
     batch = LoRABatch.prepare(ids, device=DEVICE)
-    want = _naive(x, W, adapters, ids, slices)
+    want = naive_multi_lora(x, W, None, adapters, ids, slices)
     _nan_empty(monkeypatch)
     got = lk.multi_lora_linear(x.to(DEVICE), W.to(DEVICE), None, pool, batch, backend="triton", fused=False)
     out = torch.full((len(ids), 2 * R), NAN, device=DEVICE)

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import lora_kernels as lk
 
+from _models import assert_same_state, snapshot
+
 
 class Block(nn.Module):
     def __init__(self):
@@ -47,17 +49,6 @@ def randomize_adapters(model, seed=1):
         for layer in lk.lora_layers(model).values():
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen) * 0.3)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, snap):
-    state = model.state_dict()
-    assert sorted(state) == sorted(snap)
-    for k, v in state.items():
-        assert torch.equal(v, snap[k]), k
 
 
 X = torch.randn(5, 12, generator=torch.Generator().manual_seed(9))

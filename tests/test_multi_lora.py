@@ -19,7 +19,7 @@ from lora_kernels.pool import AdapterPool, LoRABatch
 from lora_kernels.reference import multi_lora as ref
 
 from _aot import run_child
-from _oracle import multi_lora_in_dtype
+from _oracle import multi_lora_in_dtype, naive_multi_lora
 from _tolerances import assert_close_to_oracle, close, close_small_k
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
@@ -52,21 +52,7 @@ def _make_pool(L, R, ranks, slices=SLICES, dtype=torch.float32, device=DEVICE, s
     return pool, adapters
 
 
-def _naive(x, weight, bias, adapters, ids, slices):
-    """Independent oracle: per token, from the adapters as given (not the pool stacks), float64."""
-    x2 = x.reshape(-1, x.shape[-1]).double()
-    y = x2 @ weight.double().t()
-    if bias is not None:
-        y = y + bias.double()
-    for m, slot in enumerate(ids):
-        if slot not in adapters:
-            continue
-        a, b, scales = adapters[slot]
-        off = 0
-        for s, n in enumerate(slices):
-            y[m, off : off + n] += scales[s] * (x2[m] @ a[s].double().t()) @ b[s].double().t()
-            off += n
-    return y.reshape(*x.shape[:-1], sum(slices))
+_naive = naive_multi_lora  # the independent float64 oracle (also used by test_cuda_ext)
 
 
 def _ids(pattern, T, slots, gen):
