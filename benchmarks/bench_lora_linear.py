@@ -418,19 +418,12 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
                     for t in tables.values():
                         t.add(key, prov, None, f"failed: {type(exc).__name__}: {exc}")
                     continue
-                for timing, table in tables.items():
-                    try:
-                        us = common.time_calls(timing, [(lambda b=b: b.forward(x)) for b in built], device, args)
-                    except Exception as exc:
-                        table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-                        continue
-                    table.add(key, prov, us)
-                    print(f"  {timing:7s} {prov:22s} {us:10.2f} µs", flush=True)
+                common.time_into_tables(tables, key, prov, [(lambda b=b: b.forward(x)) for b in built], device, args,
+                                        width=22)
                 del built
             del x, sets
             common.free_memory(device)
-    if "cycled" in tables:
-        tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
+    common.name_cycled_table(tables, titles, cycles_used)
     return [tables[t] for t in timings]
 
 

@@ -282,24 +282,15 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
                                 t.add(key, prov, None, msg)
                             print(f"  {prov}: {msg}", flush=True)
                             continue
-                        for timing, table in tables.items():
-                            if prov in EAGER_ONLY and timing != "eager":
-                                table.add(key, prov, None, EAGER_ONLY[prov])
-                                continue
-                            try:
-                                us = common.time_calls(timing, [(lambda f=f: f(x)) for f in fns], device, args)
-                            except Exception as exc:
-                                table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-                                print(f"  {timing:7s} {prov}: {exc}", flush=True)
-                                continue
-                            table.add(key, prov, us)
-                            print(f"  {timing:7s} {prov:14s} {us:10.2f} µs", flush=True)
+                        not_timed = {t: EAGER_ONLY[prov] for t in tables if t != "eager"} if prov in EAGER_ONLY \
+                            else None
+                        common.time_into_tables(tables, key, prov, [(lambda f=f: f(x)) for f in fns], device, args,
+                                                width=14, not_timed=not_timed)
                         del fns
                     del x, ref
             del sets
             common.free_memory(device)
-    if "cycled" in tables:
-        tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
+    common.name_cycled_table(tables, titles, cycles_used)
     return [tables[t] for t in timings]
 
 
