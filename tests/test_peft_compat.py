@@ -368,16 +368,12 @@ def test_mixed_batch_forward_matches_peft():
         conv(ids, adapter_names=names)
 
 
-def test_mixed_batch_generation_equals_each_sequence_alone_in_peft():
-    pm = three_adapter_model()
-    conv, _ = convert(pm, expect_warning=True)
-    pm.eval()
-    conv.eval()
-    ids = tokens(batch=4, seq=6, seed=11)
-    names = ["third", "default", "__base__", "other"]
+def assert_mixed_generation_equals_peft(model, pm, ids, names):
+    """Greedy generation of a mixed batch (one adapter name per sequence) equals PEFT generating each sequence alone
+    with its adapter set (``"__base__"``: adapters disabled): same tokens, scores within 1e-4."""
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
-        out = conv.generate(input_ids=ids, adapter_names=names, **gen)
+        out = model.generate(input_ids=ids, adapter_names=names, **gen)
         for i, name in enumerate(names):
             if name == "__base__":
                 with pm.disable_adapter():
@@ -388,6 +384,16 @@ def test_mixed_batch_generation_equals_each_sequence_alone_in_peft():
             assert torch.equal(out.sequences[i], ref.sequences[0]), (i, name)
             for s, s_ref in zip(out.scores, ref.scores):
                 close(s[i], s_ref[0], 1e-4)
+
+
+def test_mixed_batch_generation_equals_each_sequence_alone_in_peft():
+    pm = three_adapter_model()
+    conv, _ = convert(pm, expect_warning=True)
+    pm.eval()
+    conv.eval()
+    ids = tokens(batch=4, seq=6, seed=11)
+    names = ["third", "default", "__base__", "other"]
+    assert_mixed_generation_equals_peft(conv, pm, ids, names)
 
 
 # --------------------------------------------------------------------------------------------- adapter files
@@ -502,19 +508,7 @@ def test_load_adapters_mixed_generation_equals_each_sequence_alone_in_peft(adapt
     model = served(adapter_dirs)
     ids = tokens(batch=4, seq=6, seed=12)
     names = ["other", "third", "__base__", "default"]
-    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, adapter_names=names, **gen)
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with pm.disable_adapter():
-                    ref = pm.generate(input_ids=ids[i:i + 1], **gen)
-            else:
-                pm.set_adapter(name)
-                ref = pm.generate(input_ids=ids[i:i + 1], **gen)
-            assert torch.equal(out.sequences[i], ref.sequences[0]), (i, name)
-            for s, s_ref in zip(out.scores, ref.scores):
-                close(s[i], s_ref[0], 1e-4)
+    assert_mixed_generation_equals_peft(model, pm, ids, names)
     pm.set_adapter("default")
 
 
