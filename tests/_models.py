@@ -1,4 +1,4 @@
-"""Small models and state helpers shared by the adapter-file and PEFT tests."""
+"""Small models and model-state snapshots shared by the adapter-file and PEFT tests."""
 
 from __future__ import annotations
 
