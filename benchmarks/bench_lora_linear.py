@@ -212,18 +212,19 @@ def _cpu_compile_ok() -> bool:
 def _reference(x, W, A, B, dy=None, lora: bool = True):
     """float64 forward (and dX, dA, dB when dy is given); ``lora=False``: the base layer alone (dX only).
 
-    float64, not float32: a TF32 setting left on by any library would otherwise blur the oracle."""
-    xr = x.detach().double().requires_grad_(dy is not None)
-    ar = A.detach().double().requires_grad_(dy is not None)
-    br = B.detach().double().requires_grad_(dy is not None)
-    with torch.enable_grad():
-        y = xr @ W.detach().double().t()
-        if lora:
-            y = y + SCALE * ((xr @ ar.t()) @ br.t())
-        if dy is None:
-            return y.detach(), None
-        y.backward(dy.double())
-    return y.detach(), (xr.grad, ar.grad, br.grad) if lora else (xr.grad,)
+    The PyTorch reference with float64 arithmetic and outputs, not float32: a TF32 setting left on by any library
+    would otherwise blur the oracle."""
+    from lora_kernels.reference import lora_linear as ref
+
+    f64 = {"acc_dtype": torch.float64, "out_dtype": torch.float64}
+    x, W, A, B = (t.detach() for t in (x, W, A, B))
+    if not lora:
+        A, B = A[:0], B[:, :0]  # rank 0: the base layer alone
+    y, xa = ref.lora_linear_forward(x, W, A, B, SCALE, **f64)
+    if dy is None:
+        return y, None
+    dx, d_a, d_b, _, _ = ref.lora_linear_backward(dy, x, W, A, B, xa, SCALE, **f64)
+    return y, (dx, d_a, d_b) if lora else (dx,)
 
 
 def _check(name: str, built: Built, x, W, A, B, dy, dtype) -> Optional[str]:
@@ -417,19 +418,12 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
                     for t in tables.values():
                         t.add(key, prov, None, f"failed: {type(exc).__name__}: {exc}")
                     continue
-                for timing, table in tables.items():
-                    try:
-                        us = common.time_calls(timing, [(lambda b=b: b.forward(x)) for b in built], device, args)
-                    except Exception as exc:
-                        table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-                        continue
-                    table.add(key, prov, us)
-                    print(f"  {timing:7s} {prov:22s} {us:10.2f} µs", flush=True)
+                common.time_into_tables(tables, key, prov, [(lambda b=b: b.forward(x)) for b in built], device, args,
+                                        width=22)
                 del built
             del x, sets
             common.free_memory(device)
-    if "cycled" in tables:
-        tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
+    common.name_cycled_table(tables, titles, cycles_used)
     return [tables[t] for t in timings]
 
 

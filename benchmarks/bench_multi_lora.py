@@ -214,16 +214,12 @@ def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend:
 
 
 def reference(x, ws: WeightSet, ids_host: torch.Tensor) -> torch.Tensor:
-    """float64 loop over the adapters present (float64: immune to any TF32 setting)."""
-    xf = x.double()
-    y = xf @ ws.W.double().t()
-    ids = ids_host.to(x.device)
-    for l in torch.unique(ids_host).tolist():
-        if l < 0:
-            continue
-        idx = (ids == l).nonzero().flatten()
-        y[idx] += ws.host_scales[l] * ((xf[idx] @ ws.A_stack[l].double().t()) @ ws.B_stack[l].double().t())
-    return y
+    """The PyTorch reference with float64 arithmetic and output (float64: immune to any TF32 setting)."""
+    from lora_kernels.reference import multi_lora as ref
+
+    pool = ws.pool
+    return ref.multi_lora_linear(x, ws.W, None, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
+                                 ids_host.to(x.device), acc_dtype=torch.float64, out_dtype=torch.float64)
 
 
 def floor_of(T: int, K: int, N: int, r: int, n_active: int, elt: int, ceilings) -> float:
@@ -286,24 +282,15 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
                                 t.add(key, prov, None, msg)
                             print(f"  {prov}: {msg}", flush=True)
                             continue
-                        for timing, table in tables.items():
-                            if prov in EAGER_ONLY and timing != "eager":
-                                table.add(key, prov, None, EAGER_ONLY[prov])
-                                continue
-                            try:
-                                us = common.time_calls(timing, [(lambda f=f: f(x)) for f in fns], device, args)
-                            except Exception as exc:
-                                table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-                                print(f"  {timing:7s} {prov}: {exc}", flush=True)
-                                continue
-                            table.add(key, prov, us)
-                            print(f"  {timing:7s} {prov:14s} {us:10.2f} µs", flush=True)
+                        not_timed = {t: EAGER_ONLY[prov] for t in tables if t != "eager"} if prov in EAGER_ONLY \
+                            else None
+                        common.time_into_tables(tables, key, prov, [(lambda f=f: f(x)) for f in fns], device, args,
+                                                width=14, not_timed=not_timed)
                         del fns
                     del x, ref
             del sets
             common.free_memory(device)
-    if "cycled" in tables:
-        tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
+    common.name_cycled_table(tables, titles, cycles_used)
     return [tables[t] for t in timings]
 
 

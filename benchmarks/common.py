@@ -361,6 +361,30 @@ def time_calls(timing: str, calls: Sequence[Callable[[], object]], device: torch
     return time_eager(calls[0], device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
 
 
+def time_into_tables(tables: Dict[str, "Table"], key, prov: str, calls: Sequence[Callable[[], object]],
+                     device: torch.device, args, width: int, not_timed: Optional[Dict[str, str]] = None) -> None:
+    """Time one provider under each timing of ``tables`` (``time_calls``) and add the µs, or the error, to that
+    timing's table; ``not_timed``: timings skipped, with the reason the table shows."""
+    for timing, table in tables.items():
+        if not_timed and timing in not_timed:
+            table.add(key, prov, None, not_timed[timing])
+            continue
+        try:
+            us = time_calls(timing, calls, device, args)
+        except Exception as exc:
+            table.add(key, prov, None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+            print(f"  {timing:7s} {prov}: {exc}", flush=True)
+            continue
+        table.add(key, prov, us)
+        print(f"  {timing:7s} {prov:{width}s} {us:10.2f} µs", flush=True)
+
+
+def name_cycled_table(tables: Dict[str, "Table"], titles: Dict[str, str], cycles_used) -> None:
+    """Put the weight-set counts that were cycled through into the "cycled" table's title."""
+    if "cycled" in tables:
+        tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
+
+
 def free_memory(device: torch.device) -> None:
     """Drop what the last shape left behind before the next one allocates (peak memory stays one shape's)."""
     gc.collect()

@@ -29,6 +29,8 @@ from lora_kernels import _backend
 from lora_kernels import extension as lkc
 from lora_kernels.ops._batch import BatchMeta
 
+from _oracle import F64, multi_lora_in_dtype
+from _tolerances import assert_close_to_oracle, close
 from conftest import HAS_CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,7 +328,6 @@ needs_ext = pytest.mark.skipif(
     not HAS_CUDA or importlib.util.find_spec(lkc.MODULE_NAME) is None,
     reason="needs a CUDA device and the built extension (python setup.py build_ext --inplace)",
 )
-GPU_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 
 
 def _poison_padding(A_cpu, B_cpu, ranks, S, R):
@@ -392,13 +393,12 @@ def _check_case(device, M, K, slices, L, R, dtype, misaligned=False, seed=0, til
         lkc.TILED_MIN_TOKENS_PER_SLOT = saved
         lkc._tiles_for = real_tiles_for
     assert used == [tiled, tiled]
-    want_s = ref.lora_shrink(x.cpu().double(), A.cpu().double(), ids.cpu(), ranks.cpu(), S)
-    torch.testing.assert_close(out.cpu().double(), want_s, rtol=1e-4, atol=1e-4)
+    want_s = ref.lora_shrink(x.cpu(), A.cpu(), ids.cpu(), ranks.cpu(), S, acc_dtype=torch.float64)
+    torch.testing.assert_close(out.cpu().double(), want_s, **close(torch.float32))
     want_y = ref.lora_expand(want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double(),
                              slices)
-    rtol, atol = GPU_TOL[dtype]
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(y.cpu().double(), want_y, rtol=rtol, atol=atol)
+    torch.testing.assert_close(y.cpu().double(), want_y, **close(dtype))
     untouched = torch.tensor([not (0 <= i < L and ranks_l[i] > 0) for i in ids_l])
     assert torch.equal(y.cpu()[untouched], y0.cpu()[untouched])
 
@@ -482,13 +482,13 @@ def test_emulated_strided_int64_ids_all_none(emulated):
     x = torch.randn(M, 2 * K, generator=gen).half()[:, ::2]
     out = torch.full((M, R), float("nan"))
     lkc.multi_lora_shrink(x, A, ranks, BatchMeta(ids, None, None, None), out, 1, 16)
-    want_s = ref.lora_shrink(x.double(), A.double(), ids, ranks, 1)
-    torch.testing.assert_close(out.double(), want_s, rtol=1e-4, atol=1e-4)
+    want_s = ref.lora_shrink(x, A, ids, ranks, 1, acc_dtype=torch.float64)
+    torch.testing.assert_close(out.double(), want_s, **close(torch.float32))
     y = torch.randn(M, 2 * N, generator=gen).half()[:, ::2]
     y0 = y.clone()
     lkc.multi_lora_expand(out, B, ranks, scales, BatchMeta(ids, None, None, None), y, [N], 16)
     want_y = ref.lora_expand(want_s, B.double(), ids, ranks, scales, y0.double())
-    torch.testing.assert_close(y.double(), want_y, rtol=4e-3, atol=4e-3)
+    torch.testing.assert_close(y.double(), want_y, **close(torch.float16))
     none = torch.full((M,), -1, dtype=torch.int32)
     lkc.multi_lora_shrink(x, A, ranks, BatchMeta(none, None, None, None), out, 1, 16)
     assert torch.equal(out, torch.zeros(M, R))
@@ -518,11 +518,10 @@ def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
         x = torch.randn(5, K, generator=gen).to(x_dtype)
         ids = [0, -1, 1, 1, 0]
         got = lk.multi_lora_linear(x, W, None, pool, LoRABatch.prepare(ids), backend="cuda", fused=fused)
-        want = ref.multi_lora_linear(x.double(), W.double(), None, pool.A_stack, pool.B_stack, pool.ranks,
-                                     pool.scales, torch.tensor(ids), slices)
-        tol = 4e-3 if x_dtype == torch.float16 else 3e-2
+        want = ref.multi_lora_linear(x, W, None, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
+                                     torch.tensor(ids), slices, **F64)
         assert got.dtype == x_dtype
-        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got.double(), want, **close(x_dtype))
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -539,7 +538,7 @@ def test_emulated_fp16_shrink_beyond_fp16_range(emulated, monkeypatch, fused):
     want = overflow_want(pool, weight, x, ids)
     got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids), backend="cuda", fused=fused)
     assert torch.isfinite(got).all(), got
-    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got.double(), want, **close(torch.float16))
 
 
 def test_emulated_opcheck_custom_ops_backend_cuda(emulated):
@@ -615,15 +614,16 @@ def test_gpu_strided_misaligned_and_all_none(dtype):
     for x in (base[:, 1 : K + 1], base[:, : 2 * K : 2]):  # misaligned start; column stride 2
         out = torch.full((M, R), float("nan"), device="cuda")
         lkc.multi_lora_shrink(x, A, ranks, BatchMeta(ids, None, None, None), out, 1, 16)
-        want_s = ref.lora_shrink(x.cpu().double(), A.cpu().double(), ids.cpu(), ranks.cpu(), 1)
-        torch.testing.assert_close(out.cpu().double(), want_s, rtol=1e-4, atol=1e-4)
+        want_s = ref.lora_shrink(x.cpu(), A.cpu(), ids.cpu(), ranks.cpu(), 1, acc_dtype=torch.float64)
+        torch.testing.assert_close(out.cpu().double(), want_s, **close(torch.float32))
         ybig = torch.randn(M, 2 * N, generator=gen).to("cuda", dtype)
         y = ybig[:, ::2]  # strided y
         y0 = y.clone()
         lkc.multi_lora_expand(out, B, ranks, scales, BatchMeta(ids, None, None, None), y, [N], 16)
-        want_y = ref.lora_expand(want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double())
-        rtol, atol = GPU_TOL[dtype]
-        torch.testing.assert_close(y.cpu().double(), want_y, rtol=rtol, atol=atol)
+        want_y = ref.lora_expand(want_s, B.cpu(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double())
+        y_lowp = ref.lora_expand(want_s.to(dtype), B.cpu(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().clone(),
+                                 acc_dtype=dtype)
+        assert_close_to_oracle(y, y_lowp, want_y)
     none = torch.full((M,), -1, dtype=torch.int32, device="cuda")
     out = torch.full((M, R), float("nan"), device="cuda")
     lkc.multi_lora_shrink(base[:, :K], A, ranks, BatchMeta(none, None, None, None), out, 1, 16)
@@ -658,7 +658,7 @@ def test_gpu_ops_backend_cuda_on_triton_cases():
         want = tml._naive(x.cpu(), weight.cpu(), bias.cpu(),
                           {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
                           ids, slices)
-        torch.testing.assert_close(got.cpu().double(), want, rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
     for dtype in (torch.float16, torch.bfloat16):
         gen = torch.Generator().manual_seed(5)
         pool, adapters = tml._make_pool(6, 16, [16, 8, 1], dtype=dtype, device="cuda")
@@ -669,8 +669,7 @@ def test_gpu_ops_backend_cuda_on_triton_cases():
         want = tml._naive(x.cpu(), weight.cpu(), None,
                           {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
                           ids, tml.SLICES)
-        rtol, atol = tml._tol(dtype)
-        torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol)
+        assert_close_to_oracle(got, multi_lora_in_dtype(x, weight, None, pool, ids, tml.SLICES), want)
 
 
 @needs_ext
@@ -705,7 +704,7 @@ def test_gpu_cuda_graph_capture_and_replay():
         want = tml._naive(x.cpu(), weight.cpu(), None,
                           {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
                           ids, tml.SLICES)
-        torch.testing.assert_close(y.cpu().double(), want, rtol=2e-2, atol=2e-2)
+        assert_close_to_oracle(y, multi_lora_in_dtype(x, weight, None, pool, ids, tml.SLICES), want)
 
 
 @needs_ext

@@ -1,25 +1,18 @@
 """DistributedDataParallel over LoRALinear: two gloo processes on the CPU, different data per rank, must end with
 identical adapters equal to single-process SGD on the averaged gradients, and a base that did not move."""
 
-import datetime
-import faulthandler
-import gc
 import os
-import socket
-import time
-import traceback
-from typing import Optional
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora_kernels as lk
 
-WORLD = 2
+from _dist_helpers import WORLD, gloo_available, spawn
+from _tolerances import close_small_k
+
 STEPS = 4
 LR = 0.5
 D_IN, D_HID, D_OUT = 12, 17, 5  # odd sizes on purpose
@@ -60,35 +53,9 @@ def _train(rank: int) -> dict:
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    # A native abort (SIGABRT from C++) leaves no Python traceback: dump every thread's stack to a file the test reads.
-    fault = open(os.path.join(out_dir, f"rank{rank}.fault"), "w")
-    faulthandler.enable(file=fault)
-    torch.set_num_threads(1)
-    # Keep gloo on the loopback device: in containers the hostname may resolve to an address peers cannot reach.
-    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    try:
-        # Rendezvous through a file private to this run, not a TCP port: a port picked free in the parent stays
-        # unbound through the children's whole start-up, so any process on the machine (other test runs, gloo's own
-        # pair listeners, outgoing connections, all drawing from the same ephemeral range) can take it, and a rank
-        # can then meet a stranger's store or peer instead of its own. Gloo's pair sockets still use TCP, but each
-        # binds its own port atomically and publishes it through this store.
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                                world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        try:
-            # DDP's reducer owns a reference to the process group: train in a function and collect it, so that
-            # destroy_process_group really ends the group (its gloo threads and sockets) while the interpreter is
-            # alive, instead of the group outliving it into interpreter shutdown.
-            result = _train(rank)
-            gc.collect()
-            dist.barrier()  # no rank closes its sockets while a peer may still be inside a collective
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    # DDP's reducer owns a reference to the process group: train in a function, so that nothing of it is left when the
+    # group is destroyed (spawn collects garbage, then barriers, then destroys).
+    torch.save(_train(rank), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture
@@ -113,32 +80,9 @@ def _reference():
     return model.state_dict()
 
 
-def _run_workers(out_dir) -> Optional[str]:
-    """Spawn the ranks and wait for them (bounded); None on success, else what went wrong."""
-    ctx = mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                return f"DDP workers did not finish within {JOIN_TIMEOUT_S} s"
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        errs = [f"{p.name}:\n{p.read_text()}" for p in sorted(out_dir.glob("rank*.*"))
-                if p.suffix in (".err", ".fault") and p.stat().st_size]
-        return f"a DDP worker failed: {exc}\n" + "\n".join(errs)
-    finally:
-        for p in ctx.processes:  # only the processes this test started
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return None
-
-
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo "
-                    "is not available in this build")
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available in this build")
 def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path, one_thread):
-    error = _run_workers(tmp_path)
-    if error is not None:
-        pytest.fail(error)
+    spawn(_worker, tmp_path, pg_timeout_s=PG_TIMEOUT_S, join_timeout_s=JOIN_TIMEOUT_S)
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     initial = _model().state_dict()
@@ -152,6 +96,6 @@ def test_ddp_two_gloo_processes_end_with_identical_adapters(tmp_path, one_thread
         if key in lora_keys:
             assert not torch.equal(a, initial[key]), f"{key} did not train"
             # start + (-lr)·(average of the ranks' gradients), step after step
-            torch.testing.assert_close(a, expected[key], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, expected[key], **close_small_k())
         else:
             assert torch.equal(a, initial[key]), f"frozen {key} moved"

@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lora_kernels.init.dist_svd import canonical_signs, sharded_randomized_svd
+
+from _dist_helpers import gloo_available, spawn
 
 
 def _matrix(m, n, rank, seed=0, noise=1e-3):
@@ -64,24 +64,17 @@ def test_bad_arguments(bad, match):
 SPLITS = [(0, 20, 37), (0, 3, 37)]
 
 
-def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        G = _matrix(37, 23, rank=5, seed=3)
-        for k, splits in enumerate(SPLITS):
-            lo, hi = splits[rank], splits[rank + 1]
-            U, S, Vh = sharded_randomized_svd(G[lo:hi].clone(), 6, niter=3,
-                                              generator=torch.Generator().manual_seed(7))
-            torch.save({"U": U, "S": S, "Vh": Vh}, os.path.join(out_dir, f"split{k}_rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while its peer may still be inside a collective
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, out_dir):
+    G = _matrix(37, 23, rank=5, seed=3)
+    for k, splits in enumerate(SPLITS):
+        lo, hi = splits[rank], splits[rank + 1]
+        U, S, Vh = sharded_randomized_svd(G[lo:hi].clone(), 6, niter=3, generator=torch.Generator().manual_seed(7))
+        torch.save({"U": U, "S": S, "Vh": Vh}, os.path.join(out_dir, f"split{k}_rank{rank}.pt"))
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available in this build")
 def test_two_ranks_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, tmp_path)
     G = _matrix(37, 23, rank=5, seed=3)
     U, S, Vh = sharded_randomized_svd(G, 6, niter=3, generator=torch.Generator().manual_seed(7))
     for k, splits in enumerate(SPLITS):

@@ -12,6 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import lora_kernels as lk
 
+from _models import assert_same_state, snapshot
+from _tolerances import close_small_k
+
 
 class Block(nn.Module):
     def __init__(self):
@@ -47,17 +50,6 @@ def randomize_adapters(model, seed=1):
         for layer in lk.lora_layers(model).values():
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen) * 0.3)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, snap):
-    state = model.state_dict()
-    assert sorted(state) == sorted(snap)
-    for k, v in state.items():
-        assert torch.equal(v, snap[k]), k
 
 
 X = torch.randn(5, 12, generator=torch.Generator().manual_seed(9))
@@ -165,7 +157,7 @@ def test_mutated_base_saved_as_rank_2r_against_original(tmp_path, init, use_rslo
     lk.load_adapter(target, tmp_path / "converted", backend="torch")
     assert target.layers[0].q_proj.scaling == pytest.approx(model.layers[0].q_proj.scaling)
     with torch.no_grad():
-        torch.testing.assert_close(target(X), y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(target(X), y, **close_small_k())
 
     cfg_raw = lk.save_adapter(model, tmp_path / "raw", convert_to_original=False)
     assert cfg_raw["r"] == 2
@@ -300,7 +292,7 @@ def test_peft_written_file_loads(tmp_path):
     assert layer.dropout == pytest.approx(0.05)
     W = ref.layers[1].v_proj.weight + 2.0 * tensors["base_model.model.layers.1.v_proj.lora_B.weight"] @ \
         tensors["base_model.model.layers.1.v_proj.lora_A.weight"]
-    torch.testing.assert_close(layer.weight + layer.delta_weight(), W.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight + layer.delta_weight(), W.detach(), **close_small_k())
     for field, value in (("use_dora", True), ("fan_in_fan_out", True), ("peft_type", "IA3")):
         bad = dict(cfg, **{field: value})
         (tmp_path / "adapter_config.json").write_text(json.dumps(bad))

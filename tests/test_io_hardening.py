@@ -15,34 +15,7 @@ from safetensors.torch import load_file, save_file
 import lora_kernels as lk
 from lora_kernels import adapter_files as lk_io
 
-
-class Attn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(6, 6)
-        self.q2 = nn.Linear(6, 6)
-
-    def forward(self, x):
-        return torch.tanh(self.q(x)) + self.q2(x)
-
-
-class Nested(nn.Module):
-    """``attn.q`` is a suffix of ``block.attn.q`` and a prefix of ``attn.q2``: PEFT's pattern rule (suffix after a
-    ".", regex) makes a plain key ``attn.q`` select more than one layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = Attn()
-        self.block = nn.Module()
-        self.block.attn = Attn()
-
-    def forward(self, x):
-        return self.block.attn(self.attn(x))
-
-
-def nested(seed=0):
-    torch.manual_seed(seed)
-    return Nested()
+from _models import assert_same_state, nested, snapshot
 
 
 def randomize(model, seed=1, scale=0.3):
@@ -62,17 +35,6 @@ def nested_with_mixed_adapters():
     lk.inject_lora(model, r"block\.attn\.q2", r=2, alpha=2, backend="torch")
     randomize(model)
     return model
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, snap):
-    state = model.state_dict()
-    assert sorted(state) == sorted(snap)
-    for k, v in state.items():
-        assert torch.equal(v, snap[k]), k
 
 
 def layer_numbers(model):

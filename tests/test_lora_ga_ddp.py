@@ -2,20 +2,15 @@
 their data (rank 0 has 3 batches, rank 1 has 1: the average is over the union's 4 batches)."""
 
 import copy
-import datetime
-import faulthandler
 import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import lora_kernels as lk
+
+from _dist_helpers import gloo_available, spawn
 
 TARGETS = ["up", "mid", "head"]
 # Each spawned rank imports torch first (12 s for `import lora_kernels` at a load average of 40 on 2 cores) and the
@@ -52,60 +47,18 @@ def rank_batches(batches, rank):
     return batches[:3] if rank == 0 else batches[3:]
 
 
-def _worker(rank, world, out_dir):
-    # A native abort (SIGABRT from C++) leaves no Python traceback: dump every thread's stack to a file the test reads.
-    fault = open(os.path.join(out_dir, f"rank{rank}.fault"), "w")
-    faulthandler.enable(file=fault)
-    torch.set_num_threads(1)
-    # Keep gloo on the loopback device: in containers the hostname may resolve to an address peers cannot reach.
-    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    try:
-        # A store file private to this run (fresh directory: a leftover file from an earlier run would be joined).
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        try:
-            model, batches = make_model_and_data()
-            layers = lk.lora_ga_init(model, rank_batches(batches, rank), loss_fn, r=2, alpha=8,
-                                     target_modules=TARGETS, backend="torch")
-            state = {f"{n}.{k}": getattr(l, k).detach().clone() for n, l in layers.items()
-                     for k in ("lora_A", "lora_B", "weight")}
-            dist.barrier()  # no rank closes its sockets while a peer may still be inside lora_ga_init's all_reduce
-        finally:
-            dist.destroy_process_group()
-        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _worker(rank, out_dir):
+    model, batches = make_model_and_data()
+    layers = lk.lora_ga_init(model, rank_batches(batches, rank), loss_fn, r=2, alpha=8, target_modules=TARGETS,
+                             backend="torch")
+    state = {f"{n}.{k}": getattr(l, k).detach().clone() for n, l in layers.items()
+             for k in ("lora_A", "lora_B", "weight")}
+    torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _run_workers(out_dir):
-    """Spawn the ranks and wait for them (bounded); None on success, else what went wrong."""
-    ctx = mp.spawn(_worker, args=(2, str(out_dir)), nprocs=2, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                return f"LoRA-GA workers did not finish within {JOIN_TIMEOUT_S} s"
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        errs = [f"{p.name}:\n{p.read_text()}" for p in sorted(out_dir.glob("rank*.*"))
-                if p.suffix in (".err", ".fault") and p.stat().st_size]
-        return f"a LoRA-GA worker failed: {exc}\n" + "\n".join(errs)
-    finally:
-        for p in ctx.processes:  # only the processes this test started
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return None
-
-
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo "
-                    "is not available in this build")
+@pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available in this build")
 def test_two_gloo_ranks_match_single_process_over_union(tmp_path):
-    error = _run_workers(tmp_path)
-    if error is not None:
-        pytest.fail(error)
+    spawn(_worker, tmp_path, pg_timeout_s=PG_TIMEOUT_S, join_timeout_s=JOIN_TIMEOUT_S)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
 

@@ -105,6 +105,17 @@ def check_grads(pm, conv, rtol):
     return n_checked
 
 
+def matches_peft(pm, conv, ids, rtol, grad_rtol=None):
+    """The converted model's logits equal PEFT's (relative ``rtol``) and, after a backward of each model's loss, so
+    do the gradients (``grad_rtol``, default ``rtol``); returns how many gradients were compared."""
+    ref_logits, ref_loss = loss_of(pm, ids)
+    logits, loss = loss_of(conv, ids)
+    close(logits.float(), ref_logits.float(), rtol)
+    ref_loss.backward()
+    loss.backward()
+    return check_grads(pm, conv, rtol if grad_rtol is None else grad_rtol)
+
+
 # ----------------------------------------------------------------------------------- forward and gradients
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize(
@@ -116,12 +127,7 @@ def test_llama_forward_and_grads_match_peft(use_rslora, targets):
     layers = converted_layers(conv)
     assert len(layers) == 2 * len(targets) and not peft_layers(conv)
     ids = tokens()
-    ref_logits, ref_loss = loss_of(pm, ids)
-    logits, loss = loss_of(conv, ids)
-    close(logits, ref_logits, 1e-5)
-    ref_loss.backward()
-    loss.backward()
-    assert check_grads(pm, conv, 1e-5) == 2 * 2 * len(targets)
+    assert matches_peft(pm, conv, ids, 1e-5) == 2 * 2 * len(targets)
     # The base stays frozen and nothing else got a gradient.
     for (n, p), (_, q) in zip(pm.named_parameters(), conv.named_parameters()):
         assert p.requires_grad == q.requires_grad, n
@@ -132,12 +138,7 @@ def test_llama_bias_all_trains_base_bias_like_peft():
     pm = peft_model(llama(bias=True), lora_config(["q_proj", "v_proj"], bias="all"))
     conv, _ = convert(pm)
     ids = tokens()
-    ref_logits, ref_loss = loss_of(pm, ids)
-    logits, loss = loss_of(conv, ids)
-    close(logits, ref_logits, 1e-5)
-    ref_loss.backward()
-    loss.backward()
-    check_grads(pm, conv, 1e-5)
+    matches_peft(pm, conv, ids, 1e-5)
     ref_b = pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias
     got_b = conv.base_model.model.model.layers[0].self_attn.q_proj.bias
     assert got_b.requires_grad and got_b.grad is not None
@@ -150,12 +151,7 @@ def test_llama_bf16_matches_peft_within_bf16_tolerance():
     conv, _ = convert(pm)
     assert conv.base_model.model.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32
     ids = tokens()
-    ref_logits, ref_loss = loss_of(pm, ids)
-    logits, loss = loss_of(conv, ids)
-    close(logits.float(), ref_logits.float(), 3e-2)
-    ref_loss.backward()
-    loss.backward()
-    check_grads(pm, conv, 5e-2)
+    matches_peft(pm, conv, ids, 3e-2, grad_rtol=5e-2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -189,12 +185,7 @@ def test_gpt2_conv1d_converted_exactly():
     layers = converted_layers(conv)
     assert len(layers) == 8 and all(m.fan_in_fan_out for m in layers.values())  # c_proj: attn's and mlp's
     ids = tokens()
-    ref_logits, ref_loss = loss_of(pm, ids)
-    logits, loss = loss_of(conv, ids)
-    close(logits, ref_logits, 1e-5)
-    ref_loss.backward()
-    loss.backward()
-    assert check_grads(pm, conv, 1e-5) == 16
+    assert matches_peft(pm, conv, ids, 1e-5) == 16
     # merge / unmerge in the [in, out] layout: same output merged, and W0 restored exactly.
     conv.eval()
     with torch.no_grad():
@@ -217,12 +208,7 @@ def test_triton_backend_small_llama():
         pytest.skip(f"the triton backend cannot run here: {exc}")
     conv, _ = convert(pm, backend="triton")
     ids = tokens(batch=1, seq=5)
-    ref_logits, ref_loss = loss_of(pm, ids)
-    logits, loss = loss_of(conv, ids)
-    close(logits, ref_logits, 1e-4)
-    ref_loss.backward()
-    loss.backward()
-    check_grads(pm, conv, 1e-4)
+    matches_peft(pm, conv, ids, 1e-4)
 
 
 # ---------------------------------------------------------------------------- several adapters, to_peft
@@ -368,16 +354,12 @@ def test_mixed_batch_forward_matches_peft():
         conv(ids, adapter_names=names)
 
 
-def test_mixed_batch_generation_equals_each_sequence_alone_in_peft():
-    pm = three_adapter_model()
-    conv, _ = convert(pm, expect_warning=True)
-    pm.eval()
-    conv.eval()
-    ids = tokens(batch=4, seq=6, seed=11)
-    names = ["third", "default", "__base__", "other"]
+def assert_mixed_generation_equals_peft(model, pm, ids, names):
+    """Greedy generation of a mixed batch (one adapter name per sequence) equals PEFT generating each sequence alone
+    with its adapter set (``"__base__"``: adapters disabled): same tokens, scores within 1e-4."""
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
-        out = conv.generate(input_ids=ids, adapter_names=names, **gen)
+        out = model.generate(input_ids=ids, adapter_names=names, **gen)
         for i, name in enumerate(names):
             if name == "__base__":
                 with pm.disable_adapter():
@@ -388,6 +370,16 @@ def test_mixed_batch_generation_equals_each_sequence_alone_in_peft():
             assert torch.equal(out.sequences[i], ref.sequences[0]), (i, name)
             for s, s_ref in zip(out.scores, ref.scores):
                 close(s[i], s_ref[0], 1e-4)
+
+
+def test_mixed_batch_generation_equals_each_sequence_alone_in_peft():
+    pm = three_adapter_model()
+    conv, _ = convert(pm, expect_warning=True)
+    pm.eval()
+    conv.eval()
+    ids = tokens(batch=4, seq=6, seed=11)
+    names = ["third", "default", "__base__", "other"]
+    assert_mixed_generation_equals_peft(conv, pm, ids, names)
 
 
 # --------------------------------------------------------------------------------------------- adapter files
@@ -502,19 +494,7 @@ def test_load_adapters_mixed_generation_equals_each_sequence_alone_in_peft(adapt
     model = served(adapter_dirs)
     ids = tokens(batch=4, seq=6, seed=12)
     names = ["other", "third", "__base__", "default"]
-    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, adapter_names=names, **gen)
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with pm.disable_adapter():
-                    ref = pm.generate(input_ids=ids[i:i + 1], **gen)
-            else:
-                pm.set_adapter(name)
-                ref = pm.generate(input_ids=ids[i:i + 1], **gen)
-            assert torch.equal(out.sequences[i], ref.sequences[0]), (i, name)
-            for s, s_ref in zip(out.scores, ref.scores):
-                close(s[i], s_ref[0], 1e-4)
+    assert_mixed_generation_equals_peft(model, pm, ids, names)
     pm.set_adapter("default")
 
 
@@ -628,12 +608,7 @@ def test_gradient_checkpointing_matches_peft(use_reentrant):
     pm.train()
     conv, _ = convert(pm)
     ids = tokens()
-    ref_logits, ref_loss = loss_of(pm, ids)
-    logits, loss = loss_of(conv, ids)
-    close(logits, ref_logits, 1e-5)
-    ref_loss.backward()
-    loss.backward()
-    assert check_grads(pm, conv, 1e-5) == 8
+    assert matches_peft(pm, conv, ids, 1e-5) == 8
 
 
 def test_load_adapters_gpt2_conv1d_mixed_generation_matches_peft(tmp_path):

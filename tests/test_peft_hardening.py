@@ -9,13 +9,14 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import lora_kernels as lk  # noqa: E402
 from lora_kernels import peft as pc  # noqa: E402
+
+from _models import nested  # noqa: E402
 
 VOCAB = 64
 
@@ -220,32 +221,6 @@ def test_from_peft_bad_backend_refused_at_the_call():
 
 
 # ------------------------------------------------------------------------------------------ files in PEFT
-class Attn(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(6, 6)
-        self.q2 = nn.Linear(6, 6)
-
-    def forward(self, x):
-        return torch.tanh(self.q(x)) + self.q2(x)
-
-
-class Nested(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = Attn()
-        self.block = nn.Module()
-        self.block.attn = Attn()
-
-    def forward(self, x):
-        return self.block.attn(self.attn(x))
-
-
-def nested(seed=0):
-    torch.manual_seed(seed)
-    return Nested()
-
-
 @pytest.mark.parametrize("all_layers", [True, False])
 def test_suffix_ambiguous_names_load_in_peft_to_the_same_numbers(tmp_path, all_layers):
     model = nested()

@@ -17,6 +17,8 @@ import torch.nn as nn
 import lora_kernels as lk
 from lora_kernels.pool import LoRABatch
 
+from _tolerances import close_small_k
+
 K = 16
 TIMEOUT = 60
 
@@ -207,7 +209,7 @@ def test_converted_peft_model_concurrent_requests_get_their_own_adapter():
     with torch.no_grad():
         refs = [pm(ids, adapter_names=n).logits for n in requests]
         for n, ref in zip(requests, refs):
-            torch.testing.assert_close(conv(ids, adapter_names=n).logits, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(conv(ids, adapter_names=n).logits, ref, **close_small_k())
     barrier = threading.Barrier(2)
     handle = conv.base_model.model.model.layers[1].register_forward_pre_hook(_barrier_hook(barrier))
 
@@ -220,7 +222,7 @@ def test_converted_peft_model_concurrent_requests_get_their_own_adapter():
     outs = _run_threads(*(request(n) for n in requests))
     handle.remove()
     for out, ref in zip(outs, refs):
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, ref, **close_small_k())
 
 
 # ------------------------------------------------------------------------------- 2. adapter_names length
@@ -313,7 +315,7 @@ def test_ids_of_every_integer_dtype_never_alias_a_slot(dtype):
     assert all(s < 0 or s >= 4 for s in batch.token_slots[: len(values)].tolist()[4:])
     want = _manual(layer, x, [v if v < 4 else -1 for v in values])
     got = lk.multi_lora_linear(x, layer.weight, layer.bias, layer.pool, batch, backend="torch", check=False)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, **close_small_k())
     with pytest.raises(ValueError, match="token 4"):  # the eager check still names them
         lk.multi_lora_linear(x, layer.weight, layer.bias, layer.pool, batch, backend="torch")
 
@@ -332,7 +334,7 @@ def test_out_of_range_ids_stay_no_adapter_under_torch_compile():
         got = compiled(x)
     with torch.no_grad(), lk.use_batch(model, LoRABatch.prepare([0, -1, 2, -1, 1, -1])):
         want = model(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **close_small_k())
 
 
 def test_ids_refused_with_a_clear_error():
@@ -383,7 +385,7 @@ def test_deepcopy_and_pickle_of_a_converted_peft_model_honour_adapter_names():
     with torch.no_grad():
         ref = pm(ids, adapter_names=names).logits
         twin = copy.deepcopy(conv)
-        torch.testing.assert_close(twin(ids, adapter_names=names).logits, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(twin(ids, adapter_names=names).logits, ref, **close_small_k())
     # The tuner (which holds the mixed-batch hooks) pickles, and the loaded copy serves mixed batches.
     buf = io.BytesIO()
     torch.save(conv.base_model, buf)
@@ -392,7 +394,7 @@ def test_deepcopy_and_pickle_of_a_converted_peft_model_honour_adapter_names():
     with torch.no_grad():
         with tuner._enable_peft_forward_hooks(adapter_names=names):
             got = tuner(input_ids=ids).logits
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, **close_small_k())
 
 
 # ------------------------------------------------------------------------------------- 9. scales stay fp32
@@ -442,7 +444,7 @@ def test_shared_linear_is_adapted_once_under_every_name(targets):
     def layer(t):
         return nn.functional.linear(t, model.enc.weight, model.enc.bias) + (t @ a.t()) @ b.t()
 
-    torch.testing.assert_close(got, layer(layer(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, layer(layer(x)), **close_small_k())
     with pytest.raises(ValueError, match="shared layer twice"):
         lk.load_multi_adapter(model, "y", {"enc": (a, b), "dec": (a, b)})
 
@@ -555,7 +557,7 @@ def test_load_adapters_serves_a_shared_linear_under_every_name(tmp_path, named):
         return nn.functional.linear(t, model.enc.weight, model.enc.bias) + on * 2 * (t @ a.t()) @ b.t()
 
     on = torch.tensor([1.0, 0.0, 1.0])[:, None, None]
-    torch.testing.assert_close(got, layer(layer(x, on), on), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, layer(layer(x, on), on), **close_small_k())
     with pytest.raises(ValueError, match="one shared module, given twice"):
         lk.load_adapters(_Shared(), {"y": _write_adapter(tmp_path / "y", {"enc": (a, b), "dec": (a, b)}, 2, 4)})
 

@@ -5,19 +5,22 @@ Every token (row m of x) names a pool slot ``token_slots[m]``; ``-1`` means "no 
 treated exactly like ``-1``: the token gets the base output only and nothing outside the pool is read.
 
 Shapes (2-D at this level; the op flattens leading dims). ``L`` slots, ``R`` = max rank, ``S`` output slices of widths
-``N_0 .. N_{S-1}`` (``N = ΣN_s``), ``M`` tokens:
+``N_0 .. N_{S-1}`` (``N = ΣN_i``), ``M`` tokens:
 
-- ``x [M, K]``; ``A_stack [L, S·R, K]``: rows ``s·R .. s·R + rank - 1`` of slot ``l`` hold slice ``s``'s ``lora_A``;
+- ``x [M, K]``; ``A_stack [L, S·R, K]``: rows ``i·R .. i·R + rank - 1`` of slot ``l`` hold slice ``i``'s ``lora_A``;
   rows from ``rank`` to ``R-1`` of each slice are padding and are never read.
-- ``B_stack [L, N, R]``: rows ``off_s .. off_s + N_s - 1`` hold slice ``s``'s ``lora_B`` (``[N_s, rank]``, padded
-  to ``R`` columns); ``off_s = N_0 + … + N_{s-1}``.
+- ``B_stack [L, N, R]``: rows ``off_i .. off_i + N_i - 1`` hold slice ``i``'s ``lora_B`` (``[N_i, rank]``, padded
+  to ``R`` columns); ``off_i = N_0 + … + N_{i-1}``.
 - ``ranks [L]`` int32 (0 = empty slot), ``scales [L, S]`` float32.
-- shrink output ``s [M, S·R]`` float32 (float64 for float64 x): ``s[m, s·R + j] = x[m]·A[slot, s·R + j]`` for
+- shrink output ``xa [M, S·R]`` in the accumulation dtype: ``xa[m, i·R + j] = x[m]·A[slot, i·R + j]`` for
   ``j < rank``, zero elsewhere (padding columns, and rows whose token has no adapter).
-- expand: ``y[m, off_s:off_s+N_s] += scales[slot, s] · s[m, s·R : s·R+rank] · B[slot, off_s:off_s+N_s, :rank]ᵀ``.
+- expand: ``y[m, off_i:off_i+N_i] += scales[slot, i] · xa[m, i·R : i·R+rank] · B[slot, off_i:off_i+N_i, :rank]ᵀ``.
 
 The implementation is the obvious loop over the adapters present in the batch (host-side ``unique``: it syncs, which
-is fine for a spec and for the CPU path). Arithmetic is float32 (float64 for float64 inputs), one cast at the end.
+is fine for a spec and for the CPU path). Arithmetic is in the accumulation dtype, one cast at the end: float32
+(float64 for float64 inputs) by default; every function takes ``acc_dtype=`` (float32 or float64) to choose it, and
+the float64 oracle of tests and benchmarks is ``acc_dtype=torch.float64`` (``out_dtype=torch.float64`` too for
+``multi_lora_linear``; a float64 ``y`` for ``lora_expand``, which writes in place).
 """
 
 from __future__ import annotations
@@ -26,9 +29,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .dtypes import accumulation_dtype, check_out_dtype
 
 
 def active_slots(token_slots: torch.Tensor, ranks: torch.Tensor) -> List[int]:
@@ -47,12 +48,15 @@ def lora_shrink(
     ranks: torch.Tensor,
     num_slices: int = 1,
     out: Optional[torch.Tensor] = None,
+    *,
+    acc_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``out[M, S·R] = x · A[slot]ᵀ`` per token at the adapter's own rank (see the module docstring).
+    """``xa[M, S·R] = x · A[slot]ᵀ`` per token at the adapter's own rank (see the module docstring).
 
     Writes ``out`` when given (every element: zeros where no adapter applies) and returns it; otherwise returns a new
-    tensor in the accumulation dtype."""
-    acc = _acc_dtype(x)
+    tensor in the accumulation dtype. ``acc_dtype``: float32 or float64; ``None`` (default) is float32, float64 for
+    float64 ``x``."""
+    acc = accumulation_dtype(x, acc_dtype=acc_dtype)
     M = x.shape[0]
     L, SR, _ = A_stack.shape
     R = SR // num_slices
@@ -62,9 +66,9 @@ def lora_shrink(
         r = min(int(ranks[l]), R)
         rows = (slots == l).nonzero().flatten()
         xl = x[rows].to(acc)
-        for s in range(num_slices):
-            a = A_stack[l, s * R : s * R + r].to(acc)
-            result[rows, s * R : s * R + r] = xl @ a.t()
+        for i in range(num_slices):
+            a = A_stack[l, i * R : i * R + r].to(acc)
+            result[rows, i * R : i * R + r] = xl @ a.t()
     if out is None:
         return result
     out.copy_(result)
@@ -72,22 +76,26 @@ def lora_shrink(
 
 
 def lora_expand(
-    s_mat: torch.Tensor,
+    xa: torch.Tensor,
     B_stack: torch.Tensor,
     token_slots: torch.Tensor,
     ranks: torch.Tensor,
     scales: torch.Tensor,
     y: torch.Tensor,
     slices: Optional[Sequence[int]] = None,
+    *,
+    acc_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``y[m, slice s] += scales[slot, s] · s[m, s·R:s·R+rank] · B[slot, slice s, :rank]ᵀ`` in place; returns y.
+    """``y[m, slice i] += scales[slot, i] · xa[m, i·R:i·R+rank] · B[slot, slice i, :rank]ᵀ`` in place; returns y.
 
-    ``y [M, N]`` any float dtype: the update is computed in float32 (float64) and added to y's values, one rounding.
+    ``y [M, N]`` any float dtype: the update is computed in the accumulation dtype and added to y's values, one
+    rounding to y's dtype. ``acc_dtype``: float32 or float64; ``None`` (default) is float64 when ``y`` or ``xa`` is
+    float64, else float32.
     """
     M = y.shape[0]
     L, N, R = B_stack.shape
     slices = [N] if slices is None else [int(n) for n in slices]
-    acc = torch.float64 if y.dtype == torch.float64 or s_mat.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(y, xa, acc_dtype=acc_dtype)
     slots = token_slots[:M].to(torch.int64)
     scales2 = scales.reshape(L, -1)
     for l in active_slots(slots, ranks):
@@ -96,7 +104,7 @@ def lora_expand(
         upd = y[rows].to(acc)
         off = 0
         for si, width in enumerate(slices):
-            sl = s_mat[rows, si * R : si * R + r].to(acc)
+            sl = xa[rows, si * R : si * R + r].to(acc)
             b = B_stack[l, off : off + width, :r].to(acc)
             upd[:, off : off + width] += float(scales2[l, si]) * (sl @ b.t())
             off += width
@@ -114,18 +122,25 @@ def multi_lora_linear(
     scales: torch.Tensor,
     token_slots: torch.Tensor,
     slices: Optional[Sequence[int]] = None,
+    *,
+    acc_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """``y = x·Wᵀ + bias + Σ_s scale·(x·A_sᵀ)·B_sᵀ`` per token, all in float32 (float64), cast once to x's dtype.
+    """``y = x·Wᵀ + bias + Σ_i scale_i·(x·A_iᵀ)·B_iᵀ`` per token, all in the accumulation dtype, cast once at the end.
 
-    ``x [..., K]`` (leading dims flattened, ``token_slots`` indexes the flattened rows), ``weight [N, K]``."""
+    ``x [..., K]`` (leading dims flattened, ``token_slots`` indexes the flattened rows), ``weight [N, K]``.
+    ``acc_dtype``: float32 or float64; ``None`` (default) is float32, float64 for float64 ``x``. ``out_dtype``: the
+    dtype of ``y``; ``None`` (default) is ``x.dtype``. The float64 oracle is
+    ``acc_dtype=torch.float64, out_dtype=torch.float64``."""
+    check_out_dtype(out_dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    acc = _acc_dtype(x2)
+    acc = accumulation_dtype(x2, acc_dtype=acc_dtype)
     N = weight.shape[0]
     slices = [N] if slices is None else [int(n) for n in slices]
     y = x2.to(acc) @ weight.to(acc).t()
     if bias is not None:
         y = y + bias.to(acc)
-    s_mat = lora_shrink(x2.to(acc), A_stack, token_slots, ranks, len(slices))
-    lora_expand(s_mat, B_stack, token_slots, ranks, scales, y, slices)
-    return y.to(x.dtype).reshape(*lead, N)
+    xa = lora_shrink(x2.to(acc), A_stack, token_slots, ranks, len(slices), acc_dtype=acc)
+    lora_expand(xa, B_stack, token_slots, ranks, scales, y, slices, acc_dtype=acc)
+    return y.to(x.dtype if out_dtype is None else out_dtype).reshape(*lead, N)
