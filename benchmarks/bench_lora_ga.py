@@ -60,17 +60,21 @@ def svd_stage(device, ranks, layers, shapes, chunk_bytes):
     for shape in shapes:
         groups.setdefault(shape, 0)
         groups[shape] += layers
+
     # Gradients of real models have a decaying spectrum; a flat (Gaussian) one would make every randomized SVD look
     # inaccurate. Rank-64 signal with decaying weights plus a small full-rank noise.
     def grad_like(m, n):
         decay = 0.9 ** torch.arange(64, device=device, dtype=torch.float32)
         left = torch.randn(m, 64, device=device, generator=gen) * decay
         return left @ torch.randn(64, n, device=device, generator=gen) / math.sqrt(n) + 1e-3 * torch.randn(
-            m, n, device=device, generator=gen)
+            m, n, device=device, generator=gen
+        )
 
     base = {s: grad_like(*s) for s in groups}
-    rows = ["| r | loop of torch.svd_lowrank (s) | batched lora_ga_factors (s) | speed-up | max projector diff |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| r | loop of torch.svd_lowrank (s) | batched lora_ga_factors (s) | speed-up | max projector diff |",
+        "|---|---|---|---|---|",
+    ]
     for r in ranks:
         q = 4 * r
 
@@ -153,9 +157,15 @@ def make_model(cfg, device, dtype):
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        conf = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["d"], intermediate_size=cfg["inter"],
-                           num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-                           num_key_value_heads=cfg["heads"], max_position_embeddings=cfg["seq"])
+        conf = LlamaConfig(
+            vocab_size=cfg["vocab"],
+            hidden_size=cfg["d"],
+            intermediate_size=cfg["inter"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            num_key_value_heads=cfg["heads"],
+            max_position_embeddings=cfg["seq"],
+        )
         model, kind = LlamaForCausalLM(conf), "transformers LlamaForCausalLM"
     except ImportError:
         model, kind = _TinyLlama(cfg["vocab"], cfg["d"], cfg["inter"], cfg["layers"], cfg["heads"]), "_TinyLlama"
@@ -165,8 +175,9 @@ def make_model(cfg, device, dtype):
 def whole_init(device, dtype, cfg, n_batches, r):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen).to(device)
-               for _ in range(n_batches)]
+    batches = [
+        torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen).to(device) for _ in range(n_batches)
+    ]
 
     def loss_fn(model, ids):
         out = model(input_ids=ids, labels=ids)
@@ -213,10 +224,15 @@ def whole_init(device, dtype, cfg, n_batches, r):
     m_adamw = peak()
     del model, opt
     n_params = None
-    print(f"\n## Whole init: {kind}, d={cfg['d']}, {cfg['layers']} layers, batch {cfg['batch']}×{cfg['seq']}, "
-          f"{n_batches} batches, r={r}, {str(dtype).replace('torch.', '')}\n")
-    rows = ["| variant | time (s) | × fwd+bwd | peak mem (MiB) | × one training step |", "|---|---|---|---|---|",
-            f"| {n_batches} plain fwd+bwd | {t_base:.3f} | 1.00 | {m_step:.0f} (one step) | 1.00 |"]
+    print(
+        f"\n## Whole init: {kind}, d={cfg['d']}, {cfg['layers']} layers, batch {cfg['batch']}×{cfg['seq']}, "
+        f"{n_batches} batches, r={r}, {str(dtype).replace('torch.', '')}\n"
+    )
+    rows = [
+        "| variant | time (s) | × fwd+bwd | peak mem (MiB) | × one training step |",
+        "|---|---|---|---|---|",
+        f"| {n_batches} plain fwd+bwd | {t_base:.3f} | 1.00 | {m_step:.0f} (one step) | 1.00 |",
+    ]
     # On the CPU both buffers are host memory: one variant is enough.
     for buf in ("cpu", "device") if device.type == "cuda" else ("cpu",):
         model, _ = fresh()
@@ -233,8 +249,10 @@ def whole_init(device, dtype, cfg, n_batches, r):
         _sync(device)
         t_init = time.perf_counter() - t
         m_init = peak()
-        rows.append(f"| lora_ga_init grad_buffer={buf} | {t_init:.3f} | {t_init / t_base:.2f} | {m_init:.0f} | "
-                    f"{m_init / m_step:.2f} |")
+        rows.append(
+            f"| lora_ga_init grad_buffer={buf} | {t_init:.3f} | {t_init / t_base:.2f} | {m_init:.0f} | "
+            f"{m_init / m_step:.2f} |"
+        )
         del model
     print("\n".join(rows))
     print(f"\n({n_params / 1e6:.1f} M parameters; a full fine-tuning AdamW step peaks at {m_adamw:.0f} MiB)")
@@ -251,8 +269,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ranks = [int(v) for v in args.ranks.split(",")]
-    print(f"# LoRA-GA benchmark — torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (smoke run: tiny shapes)"))
+    print(
+        f"# LoRA-GA benchmark — torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else " (smoke run: tiny shapes)")
+    )
     print("command: " + " ".join(sys.argv))
     if device.type == "cuda":
         shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]

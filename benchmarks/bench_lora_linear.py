@@ -25,7 +25,7 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in-tree ``lora_kernels`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,8 +42,14 @@ from benchmarks.common import ProviderUnavailable, Table
 TRAIN_M = 8192
 TRAIN_KN = [(4096, 4096), (4096, 14336), (14336, 4096)]
 TRAIN_RANKS = [16, 64]
-DECODE_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (256, 4096, 4096),
-                 (1, 8192, 8192), (256, 8192, 8192)]
+DECODE_SHAPES = [
+    (1, 4096, 4096),
+    (16, 4096, 4096),
+    (64, 4096, 4096),
+    (256, 4096, 4096),
+    (1, 8192, 8192),
+    (256, 8192, 8192),
+]
 DECODE_RANK = 16
 SCALE = 2.0  # alpha = 2r: the LoRA delta is as large as the base output, so a wrong delta cannot hide in rounding
 DROPOUT = 0.1
@@ -81,8 +87,12 @@ def _compiled():
 
         # Every shape and mode is one more specialisation of the same function; the default limit (8) would make
         # dynamo silently fall back to eager after a few shapes.
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                     "accumulated_cache_size_limit"):
+        for name in (
+            "recompile_limit",
+            "cache_size_limit",
+            "accumulated_recompile_limit",
+            "accumulated_cache_size_limit",
+        ):
             if hasattr(dynamo.config, name):
                 try:
                     setattr(dynamo.config, name, max(256, getattr(dynamo.config, name)))
@@ -101,7 +111,7 @@ class _BaseGemm:
         try:
             from lora_kernels.triton import lora_linear as tri
         except Exception as exc:
-            raise ProviderUnavailable(f"lora_kernels.triton.lora_linear does not import: {exc}")
+            raise ProviderUnavailable(f"lora_kernels.triton.lora_linear does not import: {exc}") from exc
         if not isinstance(getattr(tri, "BASE_GEMM", None), str):
             raise ProviderUnavailable("lora_kernels.triton.lora_linear has no BASE_GEMM switch")
         self.module, self.value = tri, value
@@ -128,7 +138,7 @@ def _peft_layer(W, A, B, scale: float, p: float):
     try:
         from peft import LoraConfig, get_peft_model
     except Exception as exc:
-        raise ProviderUnavailable(f"peft is not importable ({type(exc).__name__}: {exc})")
+        raise ProviderUnavailable(f"peft is not importable ({type(exc).__name__}: {exc})") from exc
     N, K = W.shape
     r = A.shape[0]
     lin = nn.Linear(K, N, bias=False, device=W.device, dtype=W.dtype)
@@ -169,7 +179,7 @@ class Built:
         return y
 
 
-def build(provider: str, W, A, B, p: float, training: bool, backend: Optional[str]) -> Built:
+def build(provider: str, W, A, B, p: float, training: bool, backend: str | None) -> Built:
     """Provider ``provider`` on weights (W, A, B); A and B are leaf tensors shared by all but PEFT."""
     s = SCALE
     if provider == "base":
@@ -191,12 +201,13 @@ def build(provider: str, W, A, B, p: float, training: bool, backend: Optional[st
         try:
             import lora_kernels as lk
         except Exception as exc:
-            raise ProviderUnavailable(f"lora_kernels is not importable: {exc}")
+            raise ProviderUnavailable(f"lora_kernels is not importable: {exc}") from exc
         if provider == "lora_kernels":
             return Built(lambda x: lk.lora_linear(x, W, A, B, s, None, p, training, backend), (A, B))
         if W.device.type != "cuda" and backend != "triton":
-            raise ProviderUnavailable("a switch of the Triton backend; on the CPU pass --backend triton "
-                                      "(with TRITON_INTERPRET=1)")
+            raise ProviderUnavailable(
+                "a switch of the Triton backend; on the CPU pass --backend triton (with TRITON_INTERPRET=1)"
+            )
         switch = _BaseGemm("cublas" if provider == "lk_cublas_base" else "triton")
         return Built(lambda x: lk.lora_linear(x, W, A, B, s, None, p, training, "triton"), (A, B), ctx=switch)
     raise ValueError(provider)
@@ -227,7 +238,7 @@ def _reference(x, W, A, B, dy=None, lora: bool = True):
     return y, (dx, d_a, d_b) if lora else (dx,)
 
 
-def _check(name: str, built: Built, x, W, A, B, dy, dtype) -> Optional[str]:
+def _check(name: str, built: Built, x, W, A, B, dy, dtype) -> str | None:
     """None when the provider's output (and gradients, when dy is given) match the float64 reference."""
     try:
         for t in [x] + built.params:
@@ -266,20 +277,23 @@ def _floor(mode: str, M, K, N, r, elt: int, ceilings) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- runs
-def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
+def run_training(args, device, dtype, providers, ceilings, shapes) -> list[Table]:
     tables = {}
     for mode in args.modes:
         target = TARGETS[mode]
         tables[mode] = Table(
-            f"training shapes, {mode}" + (f" (p = {DROPOUT})" if mode.endswith("dropout") else "")
+            f"training shapes, {mode}"
+            + (f" (p = {DROPOUT})" if mode.endswith("dropout") else "")
             + ", do_bench median",
-            ["M", "K", "N", "r"], providers, show_us=["lora_kernels"] if "lora_kernels" in providers else (),
+            ["M", "K", "N", "r"],
+            providers,
+            show_us=["lora_kernels"] if "lora_kernels" in providers else (),
             geomean_row=True,
             note=f"Ratios are time / base (base = F.linear{' fwd + bwd, W0 frozen (dX only)' if mode != 'fwd' else ''}"
-                 f"). Target for lora_kernels: geometric mean ≤ {target:.2f}.",
+            f"). Target for lora_kernels: geometric mean ≤ {target:.2f}.",
         )
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    for (M, K, N, r) in progress(shapes, desc="training shapes", unit="shape"):
+    for M, K, N, r in progress(shapes, desc="training shapes", unit="shape"):
         key = {"M": M, "K": K, "N": N, "r": r}
         print(f"[train] M={M} K={K} N={N} r={r}", flush=True)
         x = torch.randn(M, K, generator=gen, device=device).to(dtype).requires_grad_(True)
@@ -287,7 +301,7 @@ def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table
         A = (torch.randn(r, K, generator=gen, device=device) / K**0.5).to(dtype).requires_grad_(True)
         B = (torch.randn(N, r, generator=gen, device=device) / r**0.5).to(dtype).requires_grad_(True)
         dy = torch.randn(M, N, generator=gen, device=device).to(dtype)
-        broken: Dict[str, str] = {}  # provider -> why it is not timed at this shape
+        broken: dict[str, str] = {}  # provider -> why it is not timed at this shape
         verified = set()  # providers whose output and gradients matched the reference at p = 0 at this shape
         for mode in args.modes:
             table = tables[mode]
@@ -324,14 +338,15 @@ def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table
                     print(f"  {prov}: {bad}", flush=True)
                     continue
                 if backward:
-                    timed = (lambda b=built: b.forward_backward(x, dy))
+                    timed = lambda b=built: b.forward_backward(x, dy)  # noqa: E731 (a one-line closure over the loop's values)
                     grads = [x] + built.params
                 else:
-                    timed = (lambda b=built: b.forward(x))
+                    timed = lambda b=built: b.forward(x)  # noqa: E731 (a one-line closure over the loop's values)
                     grads = None
                 try:
-                    us = common.time_eager(timed, device, grad_to_none=grads, warmup_ms=args.warmup_ms,
-                                           rep_ms=args.rep_ms)
+                    us = common.time_eager(
+                        timed, device, grad_to_none=grads, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms
+                    )
                 except Exception as exc:
                     table.add(key, prov, None, f"timing failed: {type(exc).__name__}: {exc}")
                     continue
@@ -343,7 +358,7 @@ def run_training(args, device, dtype, providers, ceilings, shapes) -> List[Table
     return [tables[m] for m in args.modes]
 
 
-def _check_dropout(built: Built, x, W, A, B, dy, dtype) -> Optional[str]:
+def _check_dropout(built: Built, x, W, A, B, dy, dtype) -> str | None:
     """With dropout the mask is the provider's own: check the output is finite, differs from the no-dropout output
     (dropout applied) and that the gradients exist and are finite. Exactness is checked at p = 0 and by the tests."""
     try:
@@ -366,7 +381,7 @@ def _check_dropout(built: Built, x, W, A, B, dy, dtype) -> Optional[str]:
             t.grad = None
 
 
-def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
+def run_decode(args, device, dtype, providers, ceilings, shapes) -> list[Table]:
     timings = [t for t in ("graph", "cycled", "eager") if t in args.decode_timings]
     titles = {
         "graph": "decode, unmerged forward in a CUDA graph, weights hot in L2",
@@ -374,16 +389,21 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
         "eager": "decode, unmerged forward, eager (do_bench, launch overhead included)",
     }
     tables = {
-        t: Table(titles[t], ["M", "K", "N", "r"], providers, show_floor=True,
-                 show_us=["lora_kernels"] if "lora_kernels" in providers else (),
-                 note="Ratios are time / base (time / floor in brackets). Floor = max(flops / peak, bytes / "
-                      "bandwidth), bytes = W0 + A + B + x + y. Target for lora_kernels in graphs: ≤ 1.10 × base.")
+        t: Table(
+            titles[t],
+            ["M", "K", "N", "r"],
+            providers,
+            show_floor=True,
+            show_us=["lora_kernels"] if "lora_kernels" in providers else (),
+            note="Ratios are time / base (time / floor in brackets). Floor = max(flops / peak, bytes / "
+            "bandwidth), bytes = W0 + A + B + x + y. Target for lora_kernels in graphs: ≤ 1.10 × base.",
+        )
         for t in timings
     }
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     cycles_used = set()
     with torch.no_grad():
-        for (M, K, N, r) in progress(shapes, desc="decode shapes", unit="shape"):
+        for M, K, N, r in progress(shapes, desc="decode shapes", unit="shape"):
             key = {"M": M, "K": K, "N": N, "r": r}
             print(f"[decode] M={M} K={K} N={N} r={r}", flush=True)
             elt = torch.empty((), dtype=dtype).element_size()
@@ -393,13 +413,16 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
             x = torch.randn(M, K, generator=gen, device=device).to(dtype)
             sets = []
             for _ in range(n_sets):
-                sets.append((
-                    (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype),
-                    (torch.randn(r, K, generator=gen, device=device) / K**0.5).to(dtype),
-                    (torch.randn(N, r, generator=gen, device=device) / r**0.5).to(dtype),
-                ))
-            floor = common.floor_us(2 * M * K * N + 2 * M * r * (K + N),
-                                    (N * K + r * (K + N) + M * K + M * N) * elt, ceilings)
+                sets.append(
+                    (
+                        (torch.randn(N, K, generator=gen, device=device) / K**0.5).to(dtype),
+                        (torch.randn(r, K, generator=gen, device=device) / K**0.5).to(dtype),
+                        (torch.randn(N, r, generator=gen, device=device) / r**0.5).to(dtype),
+                    )
+                )
+            floor = common.floor_us(
+                2 * M * K * N + 2 * M * r * (K + N), (N * K + r * (K + N) + M * K + M * N) * elt, ceilings
+            )
             for t in tables.values():
                 t.set_floor(key, floor)
             W, A, B = sets[0]
@@ -418,8 +441,9 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
                     for t in tables.values():
                         t.add(key, prov, None, f"failed: {type(exc).__name__}: {exc}")
                     continue
-                common.time_into_tables(tables, key, prov, [(lambda b=b: b.forward(x)) for b in built], device, args,
-                                        width=22)
+                common.time_into_tables(
+                    tables, key, prov, [(lambda b=b: b.forward(x)) for b in built], device, args, width=22
+                )
                 del built
             del x, sets
             common.free_memory(device)
@@ -429,20 +453,25 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> List[Table]:
 
 # --------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(parser)
     parser.add_argument("--m", type=int, default=TRAIN_M, help="tokens of the training shapes")
-    parser.add_argument("--kn", default=None,
-                        help="training (K, N) list as K:N,K:N (default: the three shapes of TARGETS.md)")
+    parser.add_argument(
+        "--kn", default=None, help="training (K, N) list as K:N,K:N (default: the three shapes of TARGETS.md)"
+    )
     parser.add_argument("--ranks", type=int, nargs="+", default=None, help="training ranks (default 16 64)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma list of training modes among {', '.join(MODES)}")
-    parser.add_argument("--decode", default=None,
-                        help="decode shapes as M:K:N,... (default M ∈ 1,16,64,256 at 4096² and 1,256 at 8192²)")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma list of training modes among {', '.join(MODES)}"
+    )
+    parser.add_argument(
+        "--decode",
+        default=None,
+        help="decode shapes as M:K:N,... (default M ∈ 1,16,64,256 at 4096² and 1,256 at 8192²)",
+    )
     parser.add_argument("--decode-rank", type=int, default=DECODE_RANK)
-    parser.add_argument("--decode-timings", default="graph,cycled,eager",
-                        help="comma list among graph, cycled, eager")
+    parser.add_argument("--decode-timings", default="graph,cycled,eager", help="comma list among graph, cycled, eager")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args(argv)
@@ -454,7 +483,7 @@ def parse_args(argv=None):
     return args
 
 
-def shapes_from_args(args, device: Optional[torch.device] = None) -> Tuple[List[tuple], List[tuple]]:
+def shapes_from_args(args, device: torch.device | None = None) -> tuple[list[tuple], list[tuple]]:
     if args.quick and device is not None and device.type == "cpu":
         # --quick on the CPU: tiny shapes for what the command line left at its default (the numbers mean nothing
         # there; a smoke run of seconds rather than minutes of 8192 x 14336 products).
@@ -477,7 +506,7 @@ def shapes_from_args(args, device: Optional[torch.device] = None) -> Tuple[List[
     return train, decode
 
 
-def main(argv=None) -> List[Table]:
+def main(argv=None) -> list[Table]:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype)
@@ -486,12 +515,17 @@ def main(argv=None) -> List[Table]:
     train, decode = shapes_from_args(args, device)
     ceilings = common.measure_ceilings(device, dtype, args)
     info = common.print_header(
-        "LoRA linear, one adapter", device, dtype, ceilings,
-        notes=[f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
-               f"scale = {SCALE}, W0 frozen; fwd+bwd base = F.linear fwd + bwd with W0 frozen (dX only)"],
+        "LoRA linear, one adapter",
+        device,
+        dtype,
+        ceilings,
+        notes=[
+            f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
+            f"scale = {SCALE}, W0 frozen; fwd+bwd base = F.linear fwd + bwd with W0 frozen (dX only)",
+        ],
     )
     common.begin_csv(args, info, dtype)
-    tables: List[Table] = []
+    tables: list[Table] = []
     if not args.skip_train and args.modes:
         tables += run_training(args, device, dtype, providers, ceilings, train)
     if not args.skip_decode and args.decode_timings:
@@ -503,8 +537,9 @@ def main(argv=None) -> List[Table]:
 LK_PROVIDERS = ("lora_kernels", "lk_cublas_base", "lk_triton_base")
 
 
-def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
-    """The targets of TARGETS.md: geomean over the training shapes per mode; the worst decode point (M ≤ 256) in graphs."""
+def summarize(tables: Sequence[Table], providers: Sequence[str]) -> list[str]:
+    """The targets of TARGETS.md: geomean over the training shapes per mode; the worst decode point (M ≤ 256) in
+    graphs."""
     lines = []
     for t in tables:
         lk = [p for p in LK_PROVIDERS if p in providers]
@@ -518,8 +553,9 @@ def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
             for p in lk:
                 ratios = [t.ratio(k, p) for k in t.keys if k[0] <= 256]
                 worst = None if not ratios or any(r is None for r in ratios) else max(ratios)
-                lines.append(common.verdict(f"decode M ≤ 256 in graphs ({kind}), {p} worst / base", worst,
-                                            TARGETS["decode"]))
+                lines.append(
+                    common.verdict(f"decode M ≤ 256 in graphs ({kind}), {p} worst / base", worst, TARGETS["decode"])
+                )
     return lines
 
 

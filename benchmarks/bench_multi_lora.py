@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in-tree ``lora_kernels`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,8 +42,9 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
 from lora_kernels._progress import progress
+
+from benchmarks import common
 from benchmarks.common import ProviderUnavailable, Table
 
 K_DEFAULT = N_DEFAULT = 4096
@@ -75,7 +76,7 @@ def token_ids(dist: str, L: int, T: int, gen: torch.Generator) -> torch.Tensor:
         ids = torch.empty(T, dtype=torch.long)
         for i in range(n_req):
             pick = pool[torch.multinomial(weights, 1, generator=gen)].item()
-            ids[bounds[i]: bounds[i + 1]] = pick
+            ids[bounds[i] : bounds[i + 1]] = pick
         return ids
     raise ValueError(f"unknown distribution {dist!r}; choose from {', '.join(DISTS)}")
 
@@ -106,7 +107,7 @@ def _lk_attr(name: str, module: str):
     try:
         import lora_kernels as lk
     except Exception as exc:
-        raise ProviderUnavailable(f"lora_kernels is not importable: {exc}")
+        raise ProviderUnavailable(f"lora_kernels is not importable: {exc}") from exc
     if hasattr(lk, name):
         return getattr(lk, name)
     import importlib
@@ -114,7 +115,7 @@ def _lk_attr(name: str, module: str):
     try:
         return getattr(importlib.import_module(module), name)
     except Exception as exc:
-        raise ProviderUnavailable(f"lora_kernels has no {name} ({exc})")
+        raise ProviderUnavailable(f"lora_kernels has no {name} ({exc})") from exc
 
 
 # ----------------------------------------------------------------------------------------------------- providers
@@ -126,7 +127,7 @@ def _gather_bmm(x, ws: WeightSet, ids):
     return y
 
 
-def _groups(ids: torch.Tensor, device) -> List[Tuple[int, torch.Tensor]]:
+def _groups(ids: torch.Tensor, device) -> list[tuple[int, torch.Tensor]]:
     """(slot, token indices on the device) per adapter present, in the order PEFT visits them (first appearance)."""
     order = []
     for i in ids.tolist():
@@ -157,7 +158,7 @@ def _peft_mixed(ws: WeightSet, ids_host: torch.Tensor) -> Callable:
     try:
         from peft import LoraConfig, get_peft_model
     except Exception as exc:
-        raise ProviderUnavailable(f"peft is not importable ({type(exc).__name__}: {exc})")
+        raise ProviderUnavailable(f"peft is not importable ({type(exc).__name__}: {exc})") from exc
     L, r, K = ws.A_stack.shape
     N = ws.W.shape[0]
     lin = torch.nn.Linear(K, N, bias=False, device=ws.W.device, dtype=ws.W.dtype)
@@ -181,7 +182,7 @@ def _peft_mixed(ws: WeightSet, ids_host: torch.Tensor) -> Callable:
     return lambda x: model(x, adapter_names=names)
 
 
-def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend: Optional[str]) -> Callable:
+def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend: str | None) -> Callable:
     """``fn(x) -> y`` for one weight set; the per-batch metadata is prepared here, outside the timed calls."""
     if provider == "base":
         return lambda x: F.linear(x, ws.W)
@@ -200,7 +201,7 @@ def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend:
         try:
             from lora_kernels import cuda as cuda_ext
         except Exception as exc:
-            raise ProviderUnavailable(f"lora_kernels.cuda is not importable: {exc}")
+            raise ProviderUnavailable(f"lora_kernels.cuda is not importable: {exc}") from exc
         why = cuda_ext.cuda_ops_unavailable_reason()
         if why:
             raise ProviderUnavailable(f"CUDA extension unavailable: {why}")
@@ -218,8 +219,18 @@ def reference(x, ws: WeightSet, ids_host: torch.Tensor) -> torch.Tensor:
     from lora_kernels.reference import multi_lora as ref
 
     pool = ws.pool
-    return ref.multi_lora_linear(x, ws.W, None, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
-                                 ids_host.to(x.device), acc_dtype=torch.float64, out_dtype=torch.float64)
+    return ref.multi_lora_linear(
+        x,
+        ws.W,
+        None,
+        pool.A_stack,
+        pool.B_stack,
+        pool.ranks,
+        pool.scales,
+        ids_host.to(x.device),
+        acc_dtype=torch.float64,
+        out_dtype=torch.float64,
+    )
 
 
 def floor_of(T: int, K: int, N: int, r: int, n_active: int, elt: int, ceilings) -> float:
@@ -229,18 +240,29 @@ def floor_of(T: int, K: int, N: int, r: int, n_active: int, elt: int, ceilings) 
 
 
 # ------------------------------------------------------------------------------------------------------------ run
-def run(args, device, dtype, providers, ceilings) -> List[Table]:
+def run(args, device, dtype, providers, ceilings) -> list[Table]:
     timings = [t for t in ("graph", "cycled", "eager") if t in args.timings]
     titles = {
         "graph": "whole layer in a CUDA graph, weights hot in L2",
         "cycled": "whole layer in a CUDA graph, {n} weight sets cycled (weights from DRAM)",
         "eager": "whole layer, eager (do_bench, launch overhead included)",
     }
-    note = (f"K = {args.k}, N = {args.n}, r = {args.r}. Cells: time / base (time / floor). Floor = max(flops / peak, "
-            "bytes / bandwidth), bytes = W0 + A and B of the adapters present + x + y. Target for lora_kernels: "
-            f"≤ {TARGET_FLOOR} × floor at every point (graphs).")
-    tables = {t: Table(titles[t], ["dist", "L", "T", "active"], providers, show_floor=True,
-                       show_us=[p for p in ("lora_kernels",) if p in providers], note=note) for t in timings}
+    note = (
+        f"K = {args.k}, N = {args.n}, r = {args.r}. Cells: time / base (time / floor). Floor = max(flops / peak, "
+        "bytes / bandwidth), bytes = W0 + A and B of the adapters present + x + y. Target for lora_kernels: "
+        f"≤ {TARGET_FLOOR} × floor at every point (graphs)."
+    )
+    tables = {
+        t: Table(
+            titles[t],
+            ["dist", "L", "T", "active"],
+            providers,
+            show_floor=True,
+            show_us=[p for p in ("lora_kernels",) if p in providers],
+            note=note,
+        )
+        for t in timings
+    }
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     wgen = torch.Generator(device=device).manual_seed(args.seed + 1)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -282,10 +304,19 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
                                 t.add(key, prov, None, msg)
                             print(f"  {prov}: {msg}", flush=True)
                             continue
-                        not_timed = {t: EAGER_ONLY[prov] for t in tables if t != "eager"} if prov in EAGER_ONLY \
-                            else None
-                        common.time_into_tables(tables, key, prov, [(lambda f=f: f(x)) for f in fns], device, args,
-                                                width=14, not_timed=not_timed)
+                        not_timed = (
+                            {t: EAGER_ONLY[prov] for t in tables if t != "eager"} if prov in EAGER_ONLY else None
+                        )
+                        common.time_into_tables(
+                            tables,
+                            key,
+                            prov,
+                            [(lambda f=f: f(x)) for f in fns],
+                            device,
+                            args,
+                            width=14,
+                            not_timed=not_timed,
+                        )
                         del fns
                     del x, ref
             del sets
@@ -295,8 +326,9 @@ def run(args, device, dtype, providers, ceilings) -> List[Table]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(parser)
     parser.add_argument("--k", type=int, default=K_DEFAULT, help="in_features")
     parser.add_argument("--n", type=int, default=N_DEFAULT, help="out_features")
@@ -313,8 +345,13 @@ def parse_args(argv=None):
     args.timings = [t.strip() for t in args.timings.split(",") if t.strip()]
     args.adapters = args.adapters or ([128] if args.quick else ADAPTERS)
     args.tokens = args.tokens or ([1, 256, 4096] if args.quick else TOKENS)
-    args.cpu_quick_defaults = {"k": args.k == K_DEFAULT, "n": args.n == N_DEFAULT, "r": args.r == RANK,
-                               "adapters": args.adapters == [128], "tokens": args.tokens == [1, 256, 4096]}
+    args.cpu_quick_defaults = {
+        "k": args.k == K_DEFAULT,
+        "n": args.n == N_DEFAULT,
+        "r": args.r == RANK,
+        "adapters": args.adapters == [128],
+        "tokens": args.tokens == [1, 256, 4096],
+    }
     return args
 
 
@@ -328,7 +365,7 @@ def _cpu_quick(args, device) -> None:
             setattr(args, name, value)
 
 
-def main(argv=None) -> List[Table]:
+def main(argv=None) -> list[Table]:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype)
@@ -337,10 +374,15 @@ def main(argv=None) -> List[Table]:
     _cpu_quick(args, device)
     ceilings = common.measure_ceilings(device, dtype, args)
     info = common.print_header(
-        "Multi-adapter LoRA layer", device, dtype, ceilings,
-        notes=[f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
-               f"K = {args.k}, N = {args.n}, r = {args.r}, scale = {SCALE}; batch metadata prepared outside the "
-               "timed region"],
+        "Multi-adapter LoRA layer",
+        device,
+        dtype,
+        ceilings,
+        notes=[
+            f"providers: {', '.join(providers)}; lora_kernels backend: {args.backend or 'auto'}",
+            f"K = {args.k}, N = {args.n}, r = {args.r}, scale = {SCALE}; batch metadata prepared outside the "
+            "timed region",
+        ],
     )
     common.begin_csv(args, info, dtype)
     tables = run(args, device, dtype, providers, ceilings)
@@ -352,8 +394,9 @@ LK_PROVIDERS = ("lora_kernels", "lk_fused", "lk_split", "lk_cuda")
 PEERS = ("gather_bmm", "loop")
 
 
-def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
-    """The targets of TARGETS.md, per graph table: the worst time / floor of each lora_kernels variant over all points, and
+def summarize(tables: Sequence[Table], providers: Sequence[str]) -> list[str]:
+    """The targets of TARGETS.md, per graph table: the worst time / floor of each lora_kernels variant over all points,
+    and
     the points where it is not faster than every peer."""
     lines = []
     for t in tables:
@@ -366,9 +409,12 @@ def summarize(tables: Sequence[Table], providers: Sequence[str]) -> List[str]:
                 continue
             worst = None if any(r is None for r in ratios) else max(ratios)
             lines.append(common.verdict(f"graphs ({kind}), {p} worst time / floor", worst, TARGET_FLOOR))
-            slower = [k for k in t.keys for q in PEERS
-                      if t.times[k].get(q) is not None and t.times[k].get(p) is not None
-                      and t.times[k][p] >= t.times[k][q]]
+            slower = [
+                k
+                for k in t.keys
+                for q in PEERS
+                if t.times[k].get(q) is not None and t.times[k].get(p) is not None and t.times[k][p] >= t.times[k][q]
+            ]
             if slower:
                 shown = ", ".join(f"{k[0]} L={k[1]} T={k[2]}" for k in dict.fromkeys(slower))
                 lines.append(f"  - {p} is not faster than every peer at: {shown}")

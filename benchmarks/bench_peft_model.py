@@ -40,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and the in-tree ``lora_kernels`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,10 +74,17 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a tiny model and few steps (a smoke test, CPU friendly)")
-    p.add_argument("--quick", action="store_true",
-                   help="on the CPU: the same as --tiny (seconds); on a GPU: 5 timed calls, decode batches 1 and 16")
-    p.add_argument("--csv", metavar="PATH", default=None,
-                   help="also write every number to PATH (rewritten after every measurement)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="on the CPU: the same as --tiny (seconds); on a GPU: 5 timed calls, decode batches 1 and 16",
+    )
+    p.add_argument(
+        "--csv",
+        metavar="PATH",
+        default=None,
+        help="also write every number to PATH (rewritten after every measurement)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
@@ -99,8 +106,12 @@ def build_base(args, device, dtype, seed=0):
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
         max_position_embeddings=max(args.seq, args.context + 8) * 2,
     )
     with torch.device(device):
@@ -112,8 +123,9 @@ def lora_config(args, seed_offset=0):
     import peft
 
     # init_lora_weights=False: B is random, so the equivalence checks below compare non-trivial adapters.
-    return peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS, lora_dropout=0.0,
-                           init_lora_weights=False)
+    return peft.LoraConfig(
+        r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False
+    )
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, steps: int, warmup: int = 3) -> float:
@@ -162,7 +174,7 @@ def check(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
 
 
 # --------------------------------------------------------------------------------------------------- training
-def bench_train(args, device, dtype, rows: List[Dict]):
+def bench_train(args, device, dtype, rows: list[dict]):
     import peft
 
     import lora_kernels as lk
@@ -198,26 +210,40 @@ def bench_train(args, device, dtype, rows: List[Dict]):
         results[name] = (ms, mem_step, mem_abs)
         del opt
     tokens = args.batch * args.seq
-    print(f"### Training step: {args.layers} layers, hidden {args.hidden}, r={args.r} on {len(TARGETS)} modules, "
-          f"{args.batch}×{args.seq} = {tokens} tokens (check: {status})\n")
+    print(
+        f"### Training step: {args.layers} layers, hidden {args.hidden}, r={args.r} on {len(TARGETS)} modules, "
+        f"{args.batch}×{args.seq} = {tokens} tokens (check: {status})\n"
+    )
     print("| model | step ms | tokens/s | peak GiB above start | peak GiB | vs PEFT (time) | vs PEFT (peak) |")
     print("|---|---|---|---|---|---|---|")
     p_ms, p_mem, _ = results["peft"]
     for name in ("peft", "converted"):
         ms, mem, mem_abs = results[name]
-        fmt = (lambda v: f"{v:.2f}" if v is not None else "—")
+        fmt = lambda v: f"{v:.2f}" if v is not None else "—"  # noqa: E731 (a one-line closure over the loop's values)
         mem_ratio = f"{mem / p_mem:.3f}" if mem is not None and p_mem else "—"
-        print(f"| {name} | {ms:.2f} | {tokens / ms * 1e3:,.0f} | {fmt(mem)} | {fmt(mem_abs)} | {ms / p_ms:.3f} | "
-              f"{mem_ratio} |")
-        rows.append({"bench": "train", "model": name, "batch": args.batch, "seq": args.seq, "ms": ms,
-                     "peak_gib_step": mem, "peak_gib": mem_abs, "check": status})
+        print(
+            f"| {name} | {ms:.2f} | {tokens / ms * 1e3:,.0f} | {fmt(mem)} | {fmt(mem_abs)} | {ms / p_ms:.3f} | "
+            f"{mem_ratio} |"
+        )
+        rows.append(
+            {
+                "bench": "train",
+                "model": name,
+                "batch": args.batch,
+                "seq": args.seq,
+                "ms": ms,
+                "peak_gib_step": mem,
+                "peak_gib": mem_abs,
+                "check": status,
+            }
+        )
     print(flush=True)
     del model, base
     common.free_memory(device)
 
 
 # ----------------------------------------------------------------------------------------------------- decode
-def bench_decode(args, device, dtype, rows: List[Dict]):
+def bench_decode(args, device, dtype, rows: list[dict]):
     import peft
     from transformers import DynamicCache
 
@@ -249,15 +275,19 @@ def bench_decode(args, device, dtype, rows: List[Dict]):
         g = torch.Generator().manual_seed(bsz)
         prompt = torch.randint(0, args.vocab, (bsz, args.context + 1), generator=g).to(device)
         last = prompt[:, -1:]
-        timings: Dict[str, float] = {}
-        logits: Dict[str, torch.Tensor] = {}
+        timings: dict[str, float] = {}
+        logits: dict[str, torch.Tensor] = {}
         runs = {
             "base": (pm, lambda m, c: m.get_base_model()(input_ids=last, past_key_values=c, use_cache=True)),
             "peft": (pm, lambda m, c: m(input_ids=last, past_key_values=c, use_cache=True, adapter_names=seq_names)),
-            "converted": (converted, lambda m, c: m(input_ids=last, past_key_values=c, use_cache=True,
-                                                    adapter_names=seq_names)),
-            "served": (served, lambda m, c: m(input_ids=last, past_key_values=c, use_cache=True,
-                                              adapter_names=seq_names)),
+            "converted": (
+                converted,
+                lambda m, c: m(input_ids=last, past_key_values=c, use_cache=True, adapter_names=seq_names),
+            ),
+            "served": (
+                served,
+                lambda m, c: m(input_ids=last, past_key_values=c, use_cache=True, adapter_names=seq_names),
+            ),
         }
         for name, (model, call) in runs.items():
             with torch.no_grad():
@@ -266,8 +296,7 @@ def bench_decode(args, device, dtype, rows: List[Dict]):
                     with pm.disable_adapter():
                         model.get_base_model()(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True)
                 else:
-                    model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True,
-                          adapter_names=seq_names)
+                    model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True, adapter_names=seq_names)
 
                 def one():
                     out = call(model, cache)
@@ -287,11 +316,23 @@ def bench_decode(args, device, dtype, rows: List[Dict]):
             if check(f"decode b={bsz} {name} vs peft", logits[name], logits["peft"], dtype) != "ok":
                 status = "MISMATCH"
         t = timings
-        print(f"| {bsz} | {t['base']:.3f} | {t['peft']:.3f} | {t['converted']:.3f} | {t['served']:.3f} | "
-              f"{t['served'] / t['peft']:.3f} | {t['served'] / t['base']:.3f} | {status} |")
+        print(
+            f"| {bsz} | {t['base']:.3f} | {t['peft']:.3f} | {t['converted']:.3f} | {t['served']:.3f} | "
+            f"{t['served'] / t['peft']:.3f} | {t['served'] / t['base']:.3f} | {status} |"
+        )
         for name, ms in t.items():
-            rows.append({"bench": "decode", "model": name, "batch": bsz, "seq": args.context, "ms": ms,
-                         "peak_gib_step": None, "peak_gib": None, "check": status})
+            rows.append(
+                {
+                    "bench": "decode",
+                    "model": name,
+                    "batch": bsz,
+                    "seq": args.context,
+                    "ms": ms,
+                    "peak_gib_step": None,
+                    "peak_gib": None,
+                    "check": status,
+                }
+            )
     print(flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -302,10 +343,13 @@ def main(argv=None):
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype)
     info = common.environment(device)
-    print(f"## PEFT vs lora_kernels on a Llama-like model\n\n- date: {info['date']}\n- card: {info['card']}\n"
-          f"- versions: torch {info['torch']}, triton {info['triton']}, peft {info['peft']}, transformers "
-          f"{common._version('transformers')}\n- command: `{info['command']}`\n- dtype: {args.dtype}\n", flush=True)
-    rows: List[Dict] = _LiveRows(args.csv)
+    print(
+        f"## PEFT vs lora_kernels on a Llama-like model\n\n- date: {info['date']}\n- card: {info['card']}\n"
+        f"- versions: torch {info['torch']}, triton {info['triton']}, peft {info['peft']}, transformers "
+        f"{common._version('transformers')}\n- command: `{info['command']}`\n- dtype: {args.dtype}\n",
+        flush=True,
+    )
+    rows: list[dict] = _LiveRows(args.csv)
     if not args.skip_train:
         bench_train(args, device, dtype, rows)
     if not args.skip_decode:
@@ -319,7 +363,7 @@ class _LiveRows(list):
     """The result rows; with a path, the CSV is rewritten (atomically) after every row, so that an interrupted run
     keeps what it measured."""
 
-    def __init__(self, path: Optional[str]):
+    def __init__(self, path: str | None):
         super().__init__()
         self.path = path
 

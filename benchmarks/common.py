@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import datetime as _dt
+import gc
 import math
 import os
 import platform
@@ -31,13 +31,19 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 # Relative tolerances of the correctness check, per output dtype: the error of one bf16 rounding is 2^-8 ≈ 0.4%
 # of a value, fp16's 2^-11; fp32 allows TF32 inside Triton kernels (10-bit mantissa products).
@@ -58,24 +64,38 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation/weight dtype")
     parser.add_argument("--csv", metavar="PATH", default=None, help="also write every timing to PATH (long format)")
     parser.add_argument("--plot", metavar="PATH", default=None, help="also write a PNG of the ratios (matplotlib)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a few shapes only; on the CPU tiny shapes and short timings (a smoke run of seconds)")
-    parser.add_argument("--providers", default=None,
-                        help="comma-separated subset of the providers to run (the base always runs)")
-    parser.add_argument("--backend", default=None,
-                        help="lora_kernels backend for the lora_kernels provider (auto|triton|cuda|torch)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few shapes only; on the CPU tiny shapes and short timings (a smoke run of seconds)",
+    )
+    parser.add_argument(
+        "--providers", default=None, help="comma-separated subset of the providers to run (the base always runs)"
+    )
+    parser.add_argument(
+        "--backend", default=None, help="lora_kernels backend for the lora_kernels provider (auto|triton|cuda|torch)"
+    )
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per point")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per point")
-    parser.add_argument("--cycle", type=int, default=None,
-                        help="weight sets cycled in the 'cycled' graph timing (default: enough to overflow L2 twice)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="use this matmul peak for the floor instead of the measured one")
-    parser.add_argument("--bandwidth-tbs", type=float, default=None,
-                        help="use this DRAM bandwidth (TB/s) for the floor instead of the measured copy bandwidth")
+    parser.add_argument(
+        "--cycle",
+        type=int,
+        default=None,
+        help="weight sets cycled in the 'cycled' graph timing (default: enough to overflow L2 twice)",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="use this matmul peak for the floor instead of the measured one"
+    )
+    parser.add_argument(
+        "--bandwidth-tbs",
+        type=float,
+        default=None,
+        help="use this DRAM bandwidth (TB/s) for the floor instead of the measured copy bandwidth",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
-def resolve_device(name: Optional[str]) -> torch.device:
+def resolve_device(name: str | None) -> torch.device:
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
@@ -90,7 +110,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def selected_providers(arg: Optional[str], available: Sequence[str]) -> List[str]:
+def selected_providers(arg: str | None, available: Sequence[str]) -> list[str]:
     """The providers to run, in ``available``'s order; ``arg`` is a comma list (unknown names are an error)."""
     if not arg:
         return list(available)
@@ -102,7 +122,7 @@ def selected_providers(arg: Optional[str], available: Sequence[str]) -> List[str
 
 
 # ------------------------------------------------------------------------------------------------------- header
-def _version(dist_name: str) -> Optional[str]:
+def _version(dist_name: str) -> str | None:
     """Installed version from the package metadata (importing peft would pull in transformers: seconds)."""
     try:
         from importlib.metadata import version
@@ -119,18 +139,24 @@ def _git_revision() -> str:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if not rev:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
 
 
-def environment(device: torch.device) -> Dict[str, str]:
+def environment(device: torch.device) -> dict[str, str]:
     """Card, versions, date and command line: what BENCHMARKS.md needs next to every table."""
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -141,15 +167,20 @@ def environment(device: torch.device) -> Dict[str, str]:
         "lora_kernels": (_version("lora_kernels") or "in-tree") + f" (git {_git_revision()})",
         "python": platform.python_version(),
         # Variables that change what runs (backend choice, autotuning, interpreter, allocator): part of the record.
-        "env": ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                         if k.startswith(("LORA_KERNELS_", "TRITON_", "PYTORCH_", "TORCHINDUCTOR_"))
-                         or k == "CUDA_VISIBLE_DEVICES") or "no LORA_KERNELS_/TRITON_/PYTORCH_ variables set",
+        "env": ", ".join(
+            f"{k}={v}"
+            for k, v in sorted(os.environ.items())
+            if k.startswith(("LORA_KERNELS_", "TRITON_", "PYTORCH_", "TORCHINDUCTOR_")) or k == "CUDA_VISIBLE_DEVICES"
+        )
+        or "no LORA_KERNELS_/TRITON_/PYTORCH_ variables set",
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         l2 = getattr(props, "L2_cache_size", 0)
-        info["card"] = (f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
-                        f"{props.total_memory / 2**30:.0f} GiB, L2 {l2 / 2**20:.0f} MiB)")
+        info["card"] = (
+            f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+            f"{props.total_memory / 2**30:.0f} GiB, L2 {l2 / 2**20:.0f} MiB)"
+        )
         info["cuda"] = str(torch.version.cuda)
     else:
         info["card"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores): smoke run only"
@@ -162,7 +193,7 @@ def l2_bytes(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20)
 
 
-def cycle_count(requested: Optional[int], bytes_per_set: int, device: torch.device) -> int:
+def cycle_count(requested: int | None, bytes_per_set: int, device: torch.device) -> int:
     """Weight sets to cycle so that one pass over them is at least twice L2 (a call never finds its weights there)."""
     if requested is not None:
         return max(1, requested)
@@ -180,11 +211,15 @@ class Ceilings:
     matmul_size: int
 
     def describe(self, dtype: torch.dtype) -> str:
-        text = (f"measured ceilings: device-to-device copy {self.measured_bandwidth / 1e12:.3f} TB/s (read + write), "
-                f"{_dtype_name(dtype)} matmul {self.matmul_size}³ {self.measured_flops / 1e12:.1f} TFLOP/s")
+        text = (
+            f"measured ceilings: device-to-device copy {self.measured_bandwidth / 1e12:.3f} TB/s (read + write), "
+            f"{_dtype_name(dtype)} matmul {self.matmul_size}³ {self.measured_flops / 1e12:.1f} TFLOP/s"
+        )
         if self.bandwidth != self.measured_bandwidth or self.flops != self.measured_flops:
-            text += (f"; floor uses {self.bandwidth / 1e12:.3f} TB/s and {self.flops / 1e12:.1f} TFLOP/s "
-                     "(given on the command line)")
+            text += (
+                f"; floor uses {self.bandwidth / 1e12:.3f} TB/s and {self.flops / 1e12:.1f} TFLOP/s "
+                "(given on the command line)"
+            )
         return text
 
 
@@ -220,7 +255,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def print_header(title: str, device: torch.device, dtype: torch.dtype, ceilings: Ceilings, notes=()) -> Dict:
+def print_header(title: str, device: torch.device, dtype: torch.dtype, ceilings: Ceilings, notes=()) -> dict:
     info = environment(device)
     lines = [
         f"## {title}",
@@ -245,7 +280,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_cpu(fn: Callable[[], object], grad_to_none: Optional[Iterable[torch.Tensor]] = None) -> float:
+def _time_cpu(fn: Callable[[], object], grad_to_none: Iterable[torch.Tensor] | None = None) -> float:
     """Median µs of a perf_counter loop; the CPU stand-in for do_bench and graph replays."""
     grads = list(grad_to_none or ())
 
@@ -264,8 +299,9 @@ def _time_cpu(fn: Callable[[], object], grad_to_none: Optional[Iterable[torch.Te
     return statistics.median(times) * 1e6
 
 
-def time_eager(fn: Callable[[], object], device: torch.device, grad_to_none=None,
-               warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+def time_eager(
+    fn: Callable[[], object], device: torch.device, grad_to_none=None, warmup_ms: float = 25.0, rep_ms: float = 100.0
+) -> float:
     """Median µs per call: ``triton.testing.do_bench`` on CUDA, a perf_counter loop on the CPU."""
     if device.type != "cuda":
         return _time_cpu(fn, grad_to_none)
@@ -305,8 +341,9 @@ def capture_graph(fn: Callable[[], object], device: torch.device, inner: int = 1
     return graph
 
 
-def time_graph(fn: Callable[[], object], device: torch.device, inner: int = 10, batches: int = 5,
-               batch_ms: float = 20.0) -> float:
+def time_graph(
+    fn: Callable[[], object], device: torch.device, inner: int = 10, batches: int = 5, batch_ms: float = 20.0
+) -> float:
     """Median µs per call of ``fn`` replayed from a CUDA graph holding ``inner`` back-to-back calls.
 
     The graph (see :func:`capture_graph`) is replayed in batches of about ``batch_ms`` each, timed with CUDA events;
@@ -361,8 +398,16 @@ def time_calls(timing: str, calls: Sequence[Callable[[], object]], device: torch
     return time_eager(calls[0], device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
 
 
-def time_into_tables(tables: Dict[str, "Table"], key, prov: str, calls: Sequence[Callable[[], object]],
-                     device: torch.device, args, width: int, not_timed: Optional[Dict[str, str]] = None) -> None:
+def time_into_tables(
+    tables: dict[str, Table],
+    key,
+    prov: str,
+    calls: Sequence[Callable[[], object]],
+    device: torch.device,
+    args,
+    width: int,
+    not_timed: dict[str, str] | None = None,
+) -> None:
     """Time one provider under each timing of ``tables`` (``time_calls``) and add the µs, or the error, to that
     timing's table; ``not_timed``: timings skipped, with the reason the table shows."""
     for timing, table in tables.items():
@@ -379,7 +424,7 @@ def time_into_tables(tables: Dict[str, "Table"], key, prov: str, calls: Sequence
         print(f"  {timing:7s} {prov:{width}s} {us:10.2f} µs", flush=True)
 
 
-def name_cycled_table(tables: Dict[str, "Table"], titles: Dict[str, str], cycles_used) -> None:
+def name_cycled_table(tables: dict[str, Table], titles: dict[str, str], cycles_used) -> None:
     """Put the weight-set counts that were cycled through into the "cycled" table's title."""
     if "cycled" in tables:
         tables["cycled"].title = titles["cycled"].format(n="/".join(str(n) for n in sorted(cycles_used)))
@@ -393,7 +438,7 @@ def free_memory(device: torch.device) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- correctness
-def mismatch(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+def mismatch(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> str | None:
     """None when ``actual`` matches the fp32/fp64 ``expected`` within ``dtype``'s tolerance, else what is wrong.
 
     Two checks: relative Frobenius error ≤ tol, and every element within 8·tol·rms(expected) + tol·|expected|
@@ -418,20 +463,20 @@ def mismatch(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: tor
 
 
 # ------------------------------------------------------------------------------------------------------- tables
-def geomean(values: Iterable[float]) -> Optional[float]:
+def geomean(values: Iterable[float]) -> float | None:
     vals = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     if not vals:
         return None
     return math.exp(sum(math.log(v) for v in vals) / len(vals))
 
 
-def _fmt_us(v: Optional[float]) -> str:
+def _fmt_us(v: float | None) -> str:
     if v is None:
         return "—"
     return f"{v:.1f}" if v < 1000 else f"{v:.0f}"
 
 
-def _fmt_ratio(v: Optional[float]) -> str:
+def _fmt_ratio(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
@@ -443,9 +488,17 @@ class Table:
     geometric-mean row. ``long_rows()`` gives every timing for the CSV.
     """
 
-    def __init__(self, title: str, key_cols: Sequence[str], providers: Sequence[str], base: str = "base",
-                 show_floor: bool = False, show_us: Sequence[str] = (), geomean_row: bool = False,
-                 note: Optional[str] = None):
+    def __init__(
+        self,
+        title: str,
+        key_cols: Sequence[str],
+        providers: Sequence[str],
+        base: str = "base",
+        show_floor: bool = False,
+        show_us: Sequence[str] = (),
+        geomean_row: bool = False,
+        note: str | None = None,
+    ):
         self.title = title
         self.key_cols = list(key_cols)
         self.providers = [p for p in providers if p != base]
@@ -454,12 +507,12 @@ class Table:
         self.show_us = list(show_us)
         self.geomean_row = geomean_row
         self.note = note
-        self.keys: List[tuple] = []
-        self.times: Dict[tuple, Dict[str, Optional[float]]] = {}
-        self.floors: Dict[tuple, float] = {}
-        self.extra: Dict[tuple, Dict[str, object]] = {}
-        self.errors: Dict[str, List[str]] = {}
-        self.error_count: Dict[str, int] = {}
+        self.keys: list[tuple] = []
+        self.times: dict[tuple, dict[str, float | None]] = {}
+        self.floors: dict[tuple, float] = {}
+        self.extra: dict[tuple, dict[str, object]] = {}
+        self.errors: dict[str, list[str]] = {}
+        self.error_count: dict[str, int] = {}
         self.live = _LIVE  # the run's CSV, rewritten after every point (see begin_csv)
         if self.live is not None:
             self.live.tables.append(self)
@@ -472,7 +525,7 @@ class Table:
             self.extra[k] = {}
         return k
 
-    def add(self, key: dict, provider: str, us: Optional[float], error: Optional[str] = None) -> None:
+    def add(self, key: dict, provider: str, us: float | None, error: str | None = None) -> None:
         k = self._row(key)
         self.times[k][provider] = us
         if error:
@@ -489,7 +542,7 @@ class Table:
     def set_extra(self, key: dict, name: str, value) -> None:
         self.extra[self._row(key)][name] = value
 
-    def ratio(self, k: tuple, provider: str, to: str = "base") -> Optional[float]:
+    def ratio(self, k: tuple, provider: str, to: str = "base") -> float | None:
         t = self.times[k].get(provider)
         ref = self.times[k].get(self.base) if to == "base" else self.floors.get(k)
         if t is None or not ref:
@@ -547,19 +600,24 @@ class Table:
             lines.append(f"- {p}: {msgs[0]}{tail}")
         return "\n".join(lines) + "\n"
 
-    def long_rows(self, meta: Dict[str, str]) -> List[Dict[str, object]]:
+    def long_rows(self, meta: dict[str, str]) -> list[dict[str, object]]:
         rows = []
         for k in self.keys:
             for p in [self.base] + self.providers:
                 if p not in self.times[k]:
                     continue
                 us = self.times[k][p]
-                row = {"table": self.title, **dict(zip(self.key_cols, k)), **self.extra[k], "provider": p,
-                       "us": None if us is None else round(us, 3),
-                       "base_us": _round(self.times[k].get(self.base)),
-                       "floor_us": _round(self.floors.get(k)),
-                       "ratio_base": _round(self.ratio(k, p), 4),
-                       "ratio_floor": _round(self.ratio(k, p, "floor"), 4)}
+                row = {
+                    "table": self.title,
+                    **dict(zip(self.key_cols, k)),
+                    **self.extra[k],
+                    "provider": p,
+                    "us": None if us is None else round(us, 3),
+                    "base_us": _round(self.times[k].get(self.base)),
+                    "floor_us": _round(self.floors.get(k)),
+                    "ratio_base": _round(self.ratio(k, p), 4),
+                    "ratio_floor": _round(self.ratio(k, p, "floor"), 4),
+                }
                 row.update(meta)
                 rows.append(row)
         return rows
@@ -573,30 +631,35 @@ class LiveCsv:
     """The CSV of a run in progress: rewritten (whole, atomically) after every recorded point, so that a run that is
     interrupted or times out keeps everything it measured. Tables created while it is active register with it."""
 
-    def __init__(self, path: str, meta: Dict[str, str]):
+    def __init__(self, path: str, meta: dict[str, str]):
         self.path, self.meta, self.tables = path, meta, []
 
     def flush(self) -> None:
         write_csv(self.path, self.tables, self.meta, quiet=True)
 
 
-_LIVE: Optional[LiveCsv] = None
+_LIVE: LiveCsv | None = None
 
 
-def begin_csv(args, info: Dict[str, str], dtype: torch.dtype) -> None:
+def begin_csv(args, info: dict[str, str], dtype: torch.dtype) -> None:
     """Start writing ``args.csv`` (if given) point by point; call after print_header, before creating the tables."""
     global _LIVE
     _LIVE = LiveCsv(args.csv, _meta(info, dtype)) if getattr(args, "csv", None) else None
 
 
-def _meta(info: Dict[str, str], dtype: torch.dtype) -> Dict[str, str]:
-    return {"device": info["card"], "dtype": _dtype_name(dtype), "date": info["date"], "torch": info["torch"],
-            "triton": info["triton"]}
+def _meta(info: dict[str, str], dtype: torch.dtype) -> dict[str, str]:
+    return {
+        "device": info["card"],
+        "dtype": _dtype_name(dtype),
+        "date": info["date"],
+        "torch": info["torch"],
+        "triton": info["triton"],
+    }
 
 
-def write_csv(path: str, tables: Sequence[Table], meta: Dict[str, str], quiet: bool = False) -> None:
+def write_csv(path: str, tables: Sequence[Table], meta: dict[str, str], quiet: bool = False) -> None:
     rows = [r for t in tables for r in t.long_rows(meta)]
-    cols: List[str] = []
+    cols: list[str] = []
     for r in rows:
         for c in r:
             if c not in cols:
@@ -626,8 +689,9 @@ def write_plot(path: str, tables: Sequence[Table], title: str) -> bool:
     tables = [t for t in tables if t.keys]
     if not tables:
         return False
-    fig, axes = plt.subplots(len(tables), 1, figsize=(max(8, 0.9 * max(len(t.keys) for t in tables) + 4),
-                                                    3.2 * len(tables)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(tables), 1, figsize=(max(8, 0.9 * max(len(t.keys) for t in tables) + 4), 3.2 * len(tables)), squeeze=False
+    )
     for ax, t in zip(axes[:, 0], tables):
         shown = [p for p in t.providers if any(t.ratio(k, p) for k in t.keys)]
         width = 0.8 / max(1, len(shown))
@@ -651,15 +715,16 @@ def write_plot(path: str, tables: Sequence[Table], title: str) -> bool:
     return True
 
 
-def verdict(what: str, value: Optional[float], target: float) -> str:
+def verdict(what: str, value: float | None, target: float) -> str:
     """One line of the summary: ``what: 1.04 (target ≤ 1.06): met``."""
     if value is None:
         return f"- {what}: not measured (target ≤ {target:.2f})"
     return f"- {what}: {value:.2f} (target ≤ {target:.2f}): {'met' if value <= target else 'NOT met'}"
 
 
-def finish(args, tables: Sequence[Table], info: Dict[str, str], dtype: torch.dtype, title: str,
-           summary: Sequence[str] = ()) -> None:
+def finish(
+    args, tables: Sequence[Table], info: dict[str, str], dtype: torch.dtype, title: str, summary: Sequence[str] = ()
+) -> None:
     """Print every table and the summary against the targets, then write the CSV and the PNG when asked."""
     for t in tables:
         print(t.markdown(), flush=True)

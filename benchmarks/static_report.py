@@ -37,8 +37,8 @@ import subprocess
 import sys
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 # The kernels must be compiled, not interpreted: set before triton or lora_kernels are imported.
 os.environ["TRITON_INTERPRET"] = "0"
@@ -46,9 +46,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the tri
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
 import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -118,7 +117,7 @@ class Launch:
     gemm: bool = False  # a big product (cuBLAS or a Triton GEMM): timed at a GEMM rate
 
 
-_LAUNCHES: List[Launch] = []
+_LAUNCHES: list[Launch] = []
 
 
 def _unwrap(kernel):
@@ -163,8 +162,11 @@ def _resolve(kernel, grid, args, kwargs) -> Launch:
     g = grid(named) if callable(grid) else grid
     g = tuple(g) + (1,) * (3 - len(g))
     consts = {n: named[n] for i, n in enumerate(fn.arg_names) if i in fn.constexprs}
-    shown = {k: v for k, v in consts.items()
-             if k.startswith(("BLOCK", "SPLIT", "GROUP", "BASE", "HAS_DROPOUT", "FUSE_SHRINK"))}
+    shown = {
+        k: v
+        for k, v in consts.items()
+        if k.startswith(("BLOCK", "SPLIT", "GROUP", "BASE", "HAS_DROPOUT", "FUSE_SHRINK"))
+    }
     launch = Launch("triton", fn.__name__, g, shown, warps, stages, named, fn, all_configs)
     model = TRAFFIC.get(fn.__name__)
     if model is not None:
@@ -191,9 +193,30 @@ def _nbytes(t) -> int:
 
 # aten ops that launch nothing on a GPU (views, allocation, metadata)
 _NO_LAUNCH = {
-    "t", "view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "detach", "empty", "empty_like",
-    "empty_strided", "new_empty", "as_strided", "alias", "select", "slice", "unsqueeze", "squeeze", "lift_fresh",
-    "_reshape_alias", "split", "unbind", "set_", "ones_like_meta",
+    "t",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "transpose",
+    "permute",
+    "expand",
+    "detach",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "as_strided",
+    "alias",
+    "select",
+    "slice",
+    "unsqueeze",
+    "squeeze",
+    "lift_fresh",
+    "_reshape_alias",
+    "split",
+    "unbind",
+    "set_",
+    "ones_like_meta",
 }
 _GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm"}
 
@@ -290,8 +313,9 @@ def _t_dxa_db(l: Launch, a):
     l.hbm_read = M * N * _el(a, "dy_ptr") + N * R * _el(a, "b_ptr") + M * R * 4
     l.hbm_write = M * R * 4 + (N * R * 4 if a["COMPUTE_DB"] else 0)
     m_tiles = _cdiv(M, a["BLOCK_M"])
-    l.l2_atomic_bytes = ((m_tiles * N * R * 4 if a["COMPUTE_DB"] else 0)
-                         + (M * R * 4 * a["SPLIT_N"] if a["SPLIT_N"] > 1 else 0))
+    l.l2_atomic_bytes = (m_tiles * N * R * 4 if a["COMPUTE_DB"] else 0) + (
+        M * R * 4 * a["SPLIT_N"] if a["SPLIT_N"] > 1 else 0
+    )
     l.flops = (4 if a["COMPUTE_DB"] else 2) * M * N * R
     l.main_loop_trips = _cdiv(_cdiv(N, a["BLOCK_N"]), a["SPLIT_N"])
 
@@ -321,7 +345,7 @@ def _t_dx(l: Launch, a):
     l.hbm_write = M * K * e
 
 
-TRAFFIC: Dict[str, Callable[[Launch, dict], None]] = {
+TRAFFIC: dict[str, Callable[[Launch, dict], None]] = {
     "_dropout_shrink_kernel": _t_shrink,
     "_fwd_kernel": _t_fwd,
     "_dxa_db_kernel": _t_dxa_db,
@@ -345,7 +369,7 @@ def _base_case(M, K, N, r, mode):
         torch.mm(_meta(M, N), w)
 
 
-def _lk_case(base_gemm: Optional[str]):
+def _lk_case(base_gemm: str | None):
     def case(M, K, N, r, mode):
         x, w, a, b = _meta(M, K), _meta(N, K), _meta(r, K), _meta(N, r)
         p = DROPOUT_P if "dropout" in mode else 0.0
@@ -421,7 +445,7 @@ def _signature(l: Launch):
         elif v == 1:
             sig[n], consts[n] = "constexpr", 1
         else:
-            sig[n] = "i32" if -2**31 <= v < 2**31 else "i64"
+            sig[n] = "i32" if -(2**31) <= v < 2**31 else "i64"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, consts, attrs
@@ -477,8 +501,18 @@ def compile_and_read(l: Launch, arch: int) -> dict:
     recompiling."""
     sig, consts, attrs = _signature(l)
     opts = {"num_warps": l.num_warps, "num_stages": l.num_stages}
-    key_src = repr((l.kernel, sorted(sig.items()), sorted(consts.items()), sorted(attrs), opts, arch,
-                    triton.__version__, hashlib.sha1(l.jit.src.encode()).hexdigest()))
+    key_src = repr(
+        (
+            l.kernel,
+            sorted(sig.items()),
+            sorted(consts.items()),
+            sorted(attrs),
+            opts,
+            arch,
+            triton.__version__,
+            hashlib.sha1(l.jit.src.encode()).hexdigest(),
+        )
+    )
     cached = _CACHE_DIR / f"{hashlib.sha1(key_src.encode()).hexdigest()}.json"
     raw = json.loads(cached.read_text()) if cached.exists() else {}
     if "sass_z" not in raw:
@@ -487,17 +521,24 @@ def compile_and_read(l: Launch, arch: int) -> dict:
         cached.write_text(json.dumps(raw))
     sass = zlib.decompress(base64.b64decode(raw["sass_z"])).decode()
     st, ld = _ptxas_spills(raw["ptxas_log"])
-    return dict(_sass_facts(sass), regs=int(re.search(r"REG:(\d+)", raw["usage"]).group(1)),
-                stack_bytes=int(re.search(r"STACK:(\d+)", raw["usage"]).group(1)), spill_store_bytes=st,
-                spill_load_bytes=ld, spill_bytes=st + ld, smem_bytes=raw["smem"])
+    return dict(
+        _sass_facts(sass),
+        regs=int(re.search(r"REG:(\d+)", raw["usage"]).group(1)),
+        stack_bytes=int(re.search(r"STACK:(\d+)", raw["usage"]).group(1)),
+        spill_store_bytes=st,
+        spill_load_bytes=ld,
+        spill_bytes=st + ld,
+        smem_bytes=raw["smem"],
+    )
 
 
 def _compile_raw(l: Launch, sig, consts, attrs, opts, arch) -> dict:
     triton.knobs.nvidia.dump_ptxas_log = True
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        compiled = triton.compile(ASTSource(l.jit, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                                  options=opts)
+        compiled = triton.compile(
+            ASTSource(l.jit, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts
+        )
     log = buf.getvalue()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -506,13 +547,30 @@ def _compile_raw(l: Launch, sig, consts, attrs, opts, arch) -> dict:
             ptx = Path(tmp) / "k.ptx"
             ptx.write_text(compiled.asm["ptx"])
             arch_name = "sm_90a" if arch == 90 else f"sm_{arch}"
-            log = subprocess.run([_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch_name}",
-                                  str(ptx), "-o", str(Path(tmp) / "v.o")], capture_output=True, text=True).stderr
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True).stdout
+            log = subprocess.run(
+                [
+                    _tool("ptxas"),
+                    "-lineinfo",
+                    "-v",
+                    "--regAllocOptLevel=2",
+                    f"--gpu-name={arch_name}",
+                    str(ptx),
+                    "-o",
+                    str(Path(tmp) / "v.o"),
+                ],
+                capture_output=True,
+                text=True,
+            ).stderr
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True
+        ).stdout
         sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True).stdout
-    return {"ptxas_log": log, "usage": usage, "smem": int(compiled.metadata.shared),
-            "sass_z": base64.b64encode(zlib.compress(sass.encode(), 6)).decode()}
+    return {
+        "ptxas_log": log,
+        "usage": usage,
+        "smem": int(compiled.metadata.shared),
+        "sass_z": base64.b64encode(zlib.compress(sass.encode(), 6)).decode(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ prediction
@@ -523,7 +581,7 @@ def _occupancy(facts, warps) -> int:
     return max(1, min(by_smem, by_regs, 32))
 
 
-def predict_us(l: Launch, facts: Optional[dict]) -> dict:
+def predict_us(l: Launch, facts: dict | None) -> dict:
     """Predicted time of one launch: the largest of memory (bytes / reached copy bandwidth), compute (flops / a GEMM
     rate by kind of machine code) and instruction issue (warp instructions / (4 schedulers · SMs · clock)), never
     below the shortest launch. Triton GEMMs also pay wave quantisation (the last wave of tiles partly idle)."""
@@ -587,10 +645,17 @@ def collect(quick: bool, archs, all_configs: bool, log=print):
                             facts = compile_and_read(l, archs[0])
                         pred = predict_us(l, facts)
                         rec = {
-                            "op": case_name, "mode": mode, "shape_kind": kind,
-                            "shape": {"M": M, "K": K, "N": N, "r": r}, "launch": i,
-                            "kernel": l.kernel, "kind": l.kind, "grid": list(l.grid), "config": l.config,
-                            "num_warps": l.num_warps or None, "num_stages": l.num_stages or None,
+                            "op": case_name,
+                            "mode": mode,
+                            "shape_kind": kind,
+                            "shape": {"M": M, "K": K, "N": N, "r": r},
+                            "launch": i,
+                            "kernel": l.kernel,
+                            "kind": l.kind,
+                            "grid": list(l.grid),
+                            "config": l.config,
+                            "num_warps": l.num_warps or None,
+                            "num_stages": l.num_stages or None,
                             "arch": f"sm_{archs[0]}" if facts else None,
                             "regs": facts["regs"] if facts else None,
                             "spill_bytes": facts["spill_bytes"] if facts else None,
@@ -598,8 +663,12 @@ def collect(quick: bool, archs, all_configs: bool, log=print):
                             "wgmma": facts["wgmma"] if facts else None,
                             "tma": facts["tma"] if facts else None,
                             "membar_in_loops": facts["membar_in_loops"] if facts else None,
-                            "hbm_read_bytes": l.hbm_read, "hbm_write_bytes": l.hbm_write, "flops": l.flops,
-                            "l2_atomic_bytes": l.l2_atomic_bytes, "gemm": l.gemm, **pred,
+                            "hbm_read_bytes": l.hbm_read,
+                            "hbm_write_bytes": l.hbm_write,
+                            "flops": l.flops,
+                            "l2_atomic_bytes": l.l2_atomic_bytes,
+                            "gemm": l.gemm,
+                            **pred,
                         }
                         records.append(rec)
                         if l.kind != "triton":
@@ -607,25 +676,56 @@ def collect(quick: bool, archs, all_configs: bool, log=print):
                         for arch in archs[1:]:
                             log(f"compile sm_{arch} {l.kernel} {l.config}")
                             f2 = compile_and_read(l, arch)
-                            extra.append({"op": case_name, "mode": mode, "shape": rec["shape"], "kernel": l.kernel,
-                                          "config": l.config, "arch": f"sm_{arch}", "num_warps": l.num_warps,
-                                          "num_stages": l.num_stages, "regs": f2["regs"],
-                                          "spill_bytes": f2["spill_bytes"], "smem_bytes": f2["smem_bytes"],
-                                          "wgmma": f2["wgmma"], "tma": f2["tma"], "which": "first config"})
+                            extra.append(
+                                {
+                                    "op": case_name,
+                                    "mode": mode,
+                                    "shape": rec["shape"],
+                                    "kernel": l.kernel,
+                                    "config": l.config,
+                                    "arch": f"sm_{arch}",
+                                    "num_warps": l.num_warps,
+                                    "num_stages": l.num_stages,
+                                    "regs": f2["regs"],
+                                    "spill_bytes": f2["spill_bytes"],
+                                    "smem_bytes": f2["smem_bytes"],
+                                    "wgmma": f2["wgmma"],
+                                    "tma": f2["tma"],
+                                    "which": "first config",
+                                }
+                            )
                         if all_configs and l.all_configs:
                             for kw, w, st in l.all_configs[1:]:
-                                alt = dataclasses.replace(l, named=dict(l.named, **kw), num_warps=w, num_stages=st,
-                                                          config={k: v for k, v in kw.items()})
+                                alt = dataclasses.replace(
+                                    l,
+                                    named=dict(l.named, **kw),
+                                    num_warps=w,
+                                    num_stages=st,
+                                    config={k: v for k, v in kw.items()},
+                                )
                                 _, heur, _ = _unwrap(getattr(LL, l.kernel))
                                 for name, rule in heur.items():
                                     alt.named[name] = rule(alt.named)
                                 log(f"compile sm_{archs[0]} {l.kernel} {alt.config} w{w}/s{st} (autotune candidate)")
                                 f3 = compile_and_read(alt, archs[0])
-                                extra.append({"op": case_name, "mode": mode, "shape": rec["shape"],
-                                              "kernel": l.kernel, "config": alt.config, "arch": f"sm_{archs[0]}",
-                                              "num_warps": w, "num_stages": st, "regs": f3["regs"],
-                                              "spill_bytes": f3["spill_bytes"], "smem_bytes": f3["smem_bytes"],
-                                              "wgmma": f3["wgmma"], "tma": f3["tma"], "which": "autotune candidate"})
+                                extra.append(
+                                    {
+                                        "op": case_name,
+                                        "mode": mode,
+                                        "shape": rec["shape"],
+                                        "kernel": l.kernel,
+                                        "config": alt.config,
+                                        "arch": f"sm_{archs[0]}",
+                                        "num_warps": w,
+                                        "num_stages": st,
+                                        "regs": f3["regs"],
+                                        "spill_bytes": f3["spill_bytes"],
+                                        "smem_bytes": f3["smem_bytes"],
+                                        "wgmma": f3["wgmma"],
+                                        "tma": f3["tma"],
+                                        "which": "autotune candidate",
+                                    }
+                                )
     return records, extra
 
 
@@ -663,9 +763,11 @@ def markdown(records, extra, quick) -> str:
     r = ratios(records)
     ops = [c[0] for c in CASES]
     w("## Predicted ratios to the cuBLAS base (static report)\n")
-    w(f"Card model: {CARD.name}; cuBLAS GEMM at {CARD.cublas_flops / 1e12:.0f} TFLOP/s, memory at "
-      f"{CARD.copy_bps / 1e12:.2f} TB/s (both measured on an H100, 2026-11-25); Triton GEMM with wgmma, no TMA: "
-      f"{CARD.triton_wgmma_slowdown}x cuBLAS's time; every launch ≥ {CARD.min_launch_us} µs. Unmeasured.\n")
+    w(
+        f"Card model: {CARD.name}; cuBLAS GEMM at {CARD.cublas_flops / 1e12:.0f} TFLOP/s, memory at "
+        f"{CARD.copy_bps / 1e12:.2f} TB/s (both measured on an H100, 2026-11-25); Triton GEMM with wgmma, no TMA: "
+        f"{CARD.triton_wgmma_slowdown}x cuBLAS's time; every launch ≥ {CARD.min_launch_us} µs. Unmeasured.\n"
+    )
     for kind in ("training", "decode"):
         shapes = shapes_for(kind, quick)
         for mode in modes_for(kind, TRAINING_MODES):
@@ -691,26 +793,40 @@ def markdown(records, extra, quick) -> str:
             extra_line = f"; PEFT measured {PEFT_MEASURED[mode]}" if kind == "training" else ""
             w(f"\nGoal: ≤ {goal}{extra_line}.\n")
     w("## Compiled Triton kernels (first config of each launch)\n")
-    w("| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | GPU membar in loops "
-      "| used by |")
+    w(
+        "| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | GPU membar in loops "
+        "| used by |"
+    )
     w("|" + "---|" * 11)
     kernels = {}
     for x in records:
         if x["kind"] != "triton":
             continue
-        key = (x["kernel"], json.dumps(x["config"], sort_keys=True), x["num_warps"], x["num_stages"], x["regs"],
-               x["spill_bytes"], x["smem_bytes"])
-        kernels.setdefault(key, (x, set()))[1].add(f"{x['op']} {x['mode']}" if x["shape_kind"] == "training"
-                                                     else f"{x['op']} decode")
+        key = (
+            x["kernel"],
+            json.dumps(x["config"], sort_keys=True),
+            x["num_warps"],
+            x["num_stages"],
+            x["regs"],
+            x["spill_bytes"],
+            x["smem_bytes"],
+        )
+        kernels.setdefault(key, (x, set()))[1].add(
+            f"{x['op']} {x['mode']}" if x["shape_kind"] == "training" else f"{x['op']} decode"
+        )
     for (name, _, warps, stages, regs, spill, smem), (x, users) in kernels.items():
         tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items())
-        w(f"| {name} | {tile} | {warps}/{stages} | {x['arch']} | {regs} | {spill} | {smem / 1024:.0f} | "
-          f"{'yes' if x['wgmma'] else 'no'} | {'yes' if x['tma'] else 'no'} | {x['membar_in_loops']} | "
-          f"{len(users)} op/mode pairs |")
+        w(
+            f"| {name} | {tile} | {warps}/{stages} | {x['arch']} | {regs} | {spill} | {smem / 1024:.0f} | "
+            f"{'yes' if x['wgmma'] else 'no'} | {'yes' if x['tma'] else 'no'} | {x['membar_in_loops']} | "
+            f"{len(users)} op/mode pairs |"
+        )
     w("")
     w("## Launches (per op, mode, shape)\n")
-    w("| op | mode | M×K×N r | # | kernel | grid | tile | warps/stages | regs | spill B | smem KiB | wgmma | TMA | "
-      "GPU membar in loops | HBM read MB | HBM write MB | L2 atomics MB | GFLOP | predicted µs | bound |")
+    w(
+        "| op | mode | M×K×N r | # | kernel | grid | tile | warps/stages | regs | spill B | smem KiB | wgmma | TMA | "
+        "GPU membar in loops | HBM read MB | HBM write MB | L2 atomics MB | GFLOP | predicted µs | bound |"
+    )
     w("|" + "---|" * 20)
     for x in records:
         s = x["shape"]
@@ -718,29 +834,40 @@ def markdown(records, extra, quick) -> str:
         trit = x["kind"] == "triton"
         ws = f"{x['num_warps']}/{x['num_stages']}" if trit else ""
         smem = f"{x['smem_bytes'] / 1024:.0f}" if trit else ""
-        w(f"| {x['op']} | {x['mode']} | {s['M']}×{s['K']}×{s['N']} r{s['r']} | {x['launch']} | {x['kernel']} | "
-          f"{tuple(x['grid']) if trit else ''} | {tile} | {ws} | "
-          f"{x['regs'] if trit else ''} | {x['spill_bytes'] if trit else ''} | "
-          f"{smem} | "
-          f"{('yes' if x['wgmma'] else 'no') if trit else ''} | {('yes' if x['tma'] else 'no') if trit else ''} | "
-          f"{x['membar_in_loops'] if trit else ''} | {_fmt_bytes(x['hbm_read_bytes'])} | "
-          f"{_fmt_bytes(x['hbm_write_bytes'])} | {_fmt_bytes(x['l2_atomic_bytes'])} | {x['flops'] / 1e9:.2f} | "
-          f"{x['predicted_us']:.1f} | {x['bound']} |")
+        w(
+            f"| {x['op']} | {x['mode']} | {s['M']}×{s['K']}×{s['N']} r{s['r']} | {x['launch']} | {x['kernel']} | "
+            f"{tuple(x['grid']) if trit else ''} | {tile} | {ws} | "
+            f"{x['regs'] if trit else ''} | {x['spill_bytes'] if trit else ''} | "
+            f"{smem} | "
+            f"{('yes' if x['wgmma'] else 'no') if trit else ''} | {('yes' if x['tma'] else 'no') if trit else ''} | "
+            f"{x['membar_in_loops'] if trit else ''} | {_fmt_bytes(x['hbm_read_bytes'])} | "
+            f"{_fmt_bytes(x['hbm_write_bytes'])} | {_fmt_bytes(x['l2_atomic_bytes'])} | {x['flops'] / 1e9:.2f} | "
+            f"{x['predicted_us']:.1f} | {x['bound']} |"
+        )
     if extra:
         w("\n## Other compiles (sm_80; autotune candidates)\n")
         w("| kernel | tile | arch | warps/stages | regs | spill B | smem KiB | wgmma | TMA | which |")
         w("|" + "---|" * 10)
         seen = set()
         for x in extra:
-            key = (x["kernel"], json.dumps(x["config"], sort_keys=True), x["arch"], x["num_warps"], x["num_stages"],
-                   x["regs"], x["spill_bytes"])
+            key = (
+                x["kernel"],
+                json.dumps(x["config"], sort_keys=True),
+                x["arch"],
+                x["num_warps"],
+                x["num_stages"],
+                x["regs"],
+                x["spill_bytes"],
+            )
             if key in seen:
                 continue
             seen.add(key)
             tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items())
-            w(f"| {x['kernel']} | {tile} | {x['arch']} | {x['num_warps']}/{x['num_stages']} | {x['regs']} | "
-              f"{x['spill_bytes']} | {x['smem_bytes'] / 1024:.0f} | {'yes' if x['wgmma'] else 'no'} | "
-              f"{'yes' if x['tma'] else 'no'} | {x['which']} |")
+            w(
+                f"| {x['kernel']} | {tile} | {x['arch']} | {x['num_warps']}/{x['num_stages']} | {x['regs']} | "
+                f"{x['spill_bytes']} | {x['smem_bytes'] / 1024:.0f} | {'yes' if x['wgmma'] else 'no'} | "
+                f"{'yes' if x['tma'] else 'no'} | {x['which']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -748,8 +875,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one training shape (8192×4096×4096, r=16), one decode (M=16)")
     ap.add_argument("--json", metavar="PATH", help="write one record per (op, mode, shape, launch)")
-    ap.add_argument("--archs", default=None, help="compute capabilities to compile for, first one predicted "
-                                                    "(default 90,80; --quick: 90)")
+    ap.add_argument(
+        "--archs",
+        default=None,
+        help="compute capabilities to compile for, first one predicted (default 90,80; --quick: 90)",
+    )
     ap.add_argument("--all-configs", action="store_true", help="also compile every config autotuning would try")
     ap.add_argument("--verbose", action="store_true", help="print each compile to stderr")
     ap.add_argument("--from-json", metavar="PATH", help="print the markdown of an earlier --json run (no compiling)")
@@ -764,8 +894,9 @@ def main(argv=None):
     records, extra = collect(args.quick, archs, args.all_configs, log)
     sys.stdout.write(markdown(records, extra, args.quick))
     if args.json:
-        Path(args.json).write_text(json.dumps({"card": dataclasses.asdict(CARD), "records": records,
-                                               "other_compiles": extra}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"card": dataclasses.asdict(CARD), "records": records, "other_compiles": extra}, indent=1)
+        )
     return 0
 
 

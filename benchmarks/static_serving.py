@@ -18,7 +18,7 @@ cost per launch); the ceilings default to the H100 numbers BENCHMARKS.md records
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -49,10 +49,17 @@ def _ids(dist: str, L: int, T: int, seed: int) -> torch.Tensor:
     return token_ids(dist, L, T, torch.Generator().manual_seed(seed))
 
 
-def _launch(kernel, grid, config, read, written, flops, useful, l2_read=None) -> Dict:
-    return {"kernel": kernel, "grid": tuple(int(g) for g in grid), "config": config, "bytes_read": int(read),
-            "bytes_written": int(written), "l2_read": int(l2_read if l2_read is not None else read),
-            "flops": int(flops), "useful_flops": int(useful)}
+def _launch(kernel, grid, config, read, written, flops, useful, l2_read=None) -> dict:
+    return {
+        "kernel": kernel,
+        "grid": tuple(int(g) for g in grid),
+        "config": config,
+        "bytes_read": int(read),
+        "bytes_written": int(written),
+        "l2_read": int(l2_read if l2_read is not None else read),
+        "flops": int(flops),
+        "useful_flops": int(useful),
+    }
 
 
 def launches(
@@ -62,11 +69,11 @@ def launches(
     slices: Sequence[int] = (N_DEFAULT,),
     R: int = RANK,
     elt: int = 2,
-    path: Optional[str] = None,
-    capacity: Optional[int] = None,
+    path: str | None = None,
+    capacity: int | None = None,
     sm_count: int = H100_SMS,
     smem: int = H100_SMEM,
-) -> List[Dict]:
+) -> list[dict]:
     """The launches of one ``multi_lora_linear`` call (Triton backend) for token ids ``ids`` (slot per token, -1 =
     none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
     ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks);
@@ -89,8 +96,9 @@ def launches(
     base_flops = 2 * T * K * N
     out = []
     if path in ("fused", "split"):
-        out.append(_launch("cublas_gemm (F.linear)", (0,), {}, (N * K + T * K) * elt, T * N * elt, base_flops,
-                           base_flops))
+        out.append(
+            _launch("cublas_gemm (F.linear)", (0,), {}, (N * K + T * K) * elt, T * N * elt, base_flops, base_flops)
+        )
     if path == "fused":
         block_n, block_k, stages = ML.fused_config(tile_m, R, elt, elt, elt, False, lambda: smem)
         blocks = ML._out_blocks(slices, block_n)
@@ -99,48 +107,113 @@ def launches(
         shrink_flops = real_tiles * blocks * 2 * tile_m * br * K
         expand_flops = real_tiles * 2 * tile_m * br * N
         l2 = real_tiles * blocks * (tile_m * K + br * K) * elt + real_tiles * (br * N + 2 * tile_m * N) * elt
-        out.append(_launch("_fused_kernel", grid, {"BLOCK_M": tile_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                                   "BLOCK_R": br, "num_warps": 4, "num_stages": stages},
-                           t_ad * K * elt + a_bytes + b_bytes + t_ad * N * elt, t_ad * N * elt,
-                           shrink_flops + expand_flops, useful_lora, l2))
+        out.append(
+            _launch(
+                "_fused_kernel",
+                grid,
+                {
+                    "BLOCK_M": tile_m,
+                    "BLOCK_N": block_n,
+                    "BLOCK_K": block_k,
+                    "BLOCK_R": br,
+                    "num_warps": 4,
+                    "num_stages": stages,
+                },
+                t_ad * K * elt + a_bytes + b_bytes + t_ad * N * elt,
+                t_ad * N * elt,
+                shrink_flops + expand_flops,
+                useful_lora,
+                l2,
+            )
+        )
         return out
-    n_tiles, block_k, stages, split = ML.shrink_config(T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem,
-                                                       lambda: sm_count)
-    shrink_cfg = {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4,
-                  "num_stages": stages}
+    n_tiles, block_k, stages, split = ML.shrink_config(
+        T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count
+    )
+    shrink_cfg = {
+        "BLOCK_M": tile_m,
+        "BLOCK_R": br,
+        "BLOCK_K": block_k,
+        "SPLIT_K": split,
+        "num_warps": 4,
+        "num_stages": stages,
+    }
     shrink_flops = real_tiles * S * 2 * tile_m * br * K
     shrink_useful = 2 * t_ad * R * S * K
     shrink_read = t_ad * K * elt + a_bytes
     shrink_l2 = real_tiles * S * (tile_m * K + br * K) * elt
     if path == "split":
         out.append(_launch("zero_ (memset of s)", (0,), {}, 0, T * S * R * 4, 0, 0))
-        out.append(_launch("_batched_shrink_kernel", (n_tiles, S, split), dict(shrink_cfg, ATOMIC=True), shrink_read,
-                           t_ad * S * R * 4, shrink_flops, shrink_useful, shrink_l2))
+        out.append(
+            _launch(
+                "_batched_shrink_kernel",
+                (n_tiles, S, split),
+                dict(shrink_cfg, ATOMIC=True),
+                shrink_read,
+                t_ad * S * R * 4,
+                shrink_flops,
+                shrink_useful,
+                shrink_l2,
+            )
+        )
         block_n = ML.expand_block_n(False)
         blocks = ML._out_blocks(slices, block_n)
-        out.append(_launch("_expand_kernel", (max_tiles(T, L, tile_m, cap), blocks),
-                           {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "num_warps": 4},
-                           T * S * R * 4 + b_bytes + t_ad * N * elt, t_ad * N * elt,
-                           real_tiles * 2 * tile_m * br * N, 2 * t_ad * R * N,
-                           real_tiles * blocks * tile_m * br * 4 + real_tiles * (br * N + tile_m * N) * elt))
+        out.append(
+            _launch(
+                "_expand_kernel",
+                (max_tiles(T, L, tile_m, cap), blocks),
+                {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "num_warps": 4},
+                T * S * R * 4 + b_bytes + t_ad * N * elt,
+                t_ad * N * elt,
+                real_tiles * 2 * tile_m * br * N,
+                2 * t_ad * R * N,
+                real_tiles * blocks * tile_m * br * 4 + real_tiles * (br * N + tile_m * N) * elt,
+            )
+        )
         return out
     # gemm: shrink into per-split partials, then the base GEMM with the expand in its epilogue
-    out.append(_launch("_batched_shrink_kernel", (n_tiles, S, split), dict(shrink_cfg, ATOMIC=False), shrink_read,
-                       split * t_ad * S * R * 4, shrink_flops, shrink_useful, shrink_l2))
+    out.append(
+        _launch(
+            "_batched_shrink_kernel",
+            (n_tiles, S, split),
+            dict(shrink_cfg, ATOMIC=False),
+            shrink_read,
+            split * t_ad * S * R * 4,
+            shrink_flops,
+            shrink_useful,
+            shrink_l2,
+        )
+    )
     bm, bn, bk, warps, gstages = ML.gemm_config(T, elt, elt, R, False, lambda: smem)
     blocks = ML._out_blocks(slices, bn)
     m_tiles = triton.cdiv(T, bm)
     # distinct adapters per row tile of the sorted token list: one epilogue dot each
     order = sorted(range(T), key=lambda i: (ids[i].item() if 0 <= ids[i].item() < L else 1 << 31, i))
     keys = [int(ids[i]) if 0 <= int(ids[i]) < L else None for i in order]
-    segs = sum(len({k for k in keys[m * bm:(m + 1) * bm] if k is not None}) for m in range(m_tiles))
+    segs = sum(len({k for k in keys[m * bm : (m + 1) * bm] if k is not None}) for m in range(m_tiles))
     epi_flops = segs * blocks * 2 * bm * br * bn
     read = (N * K + T * K) * elt + split * t_ad * S * R * 4 + b_bytes
     l2 = m_tiles * blocks * (bm + bn) * K * elt + segs * blocks * (split * bm * br * 4 + br * bn * elt)
-    out.append(_launch("_gemm_expand_kernel", (m_tiles, blocks), {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                                                   "BLOCK_R": br, "NUM_SPLITS": split,
-                                                                   "num_warps": warps, "num_stages": gstages},
-                       read, T * N * elt, m_tiles * bm * 2 * K * N + epi_flops, base_flops + 2 * t_ad * R * N, l2))
+    out.append(
+        _launch(
+            "_gemm_expand_kernel",
+            (m_tiles, blocks),
+            {
+                "BLOCK_M": bm,
+                "BLOCK_N": bn,
+                "BLOCK_K": bk,
+                "BLOCK_R": br,
+                "NUM_SPLITS": split,
+                "num_warps": warps,
+                "num_stages": gstages,
+            },
+            read,
+            T * N * elt,
+            m_tiles * bm * 2 * K * N + epi_flops,
+            base_flops + 2 * t_ad * R * N,
+            l2,
+        )
+    )
     return out
 
 
@@ -148,7 +221,7 @@ def launches(
 DECODE_POINTS = ((1, 4096), (16, 4096), (64, 4096), (256, 4096), (1, 8192), (256, 8192))
 
 
-def decode_launches(M: int, K: int, N: int, R: int = RANK, elt: int = 2, smem: int = H100_SMEM) -> List[Dict]:
+def decode_launches(M: int, K: int, N: int, R: int = RANK, elt: int = 2, smem: int = H100_SMEM) -> list[dict]:
     """The one launch of :func:`lora_kernels.triton.lora_decode.lora_decode_linear` (single adapter, bias-free):
     W0, x, A and B read once from DRAM; A re-read from L2 by every output block (``l2_read``)."""
     from lora_kernels.triton import lora_decode as D
@@ -159,22 +232,44 @@ def decode_launches(M: int, K: int, N: int, R: int = RANK, elt: int = 2, smem: i
     useful = 2 * M * K * N + 2 * M * R * (K + N)
     read = (N * K + M * K + R * K + N * R) * elt
     l2 = m_tiles * n_blocks * ((bm + bn + br) * K + br * bn) * elt
-    return [_launch("_decode_kernel", (m_tiles, n_blocks), {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                                            "BLOCK_R": br, "num_warps": warps,
-                                                            "num_stages": stages},
-                    read, M * N * elt, flops, useful, l2)]
+    return [
+        _launch(
+            "_decode_kernel",
+            (m_tiles, n_blocks),
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br, "num_warps": warps, "num_stages": stages},
+            read,
+            M * N * elt,
+            flops,
+            useful,
+            l2,
+        )
+    ]
 
 
-def floor_us(T: int, active: int, K: int = K_DEFAULT, N: int = N_DEFAULT, R: int = RANK, elt: int = 2,
-             bandwidth: float = COPY_BW, peak: float = PEAK_FLOPS) -> float:
+def floor_us(
+    T: int,
+    active: int,
+    K: int = K_DEFAULT,
+    N: int = N_DEFAULT,
+    R: int = RANK,
+    elt: int = 2,
+    bandwidth: float = COPY_BW,
+    peak: float = PEAK_FLOPS,
+) -> float:
     """The benchmark's floor: max(flops / peak, bytes / bandwidth), bytes = W0 + the adapters present + x + y."""
     flops = 2 * T * K * N + 2 * T * R * (K + N)
     nbytes = (N * K + active * R * (K + N) + T * K + T * N) * elt
     return max(flops / peak, nbytes / bandwidth) * 1e6
 
 
-def predict_us(launch_list: Sequence[Dict], bandwidth: float = COPY_BW, peak: float = PEAK_FLOPS,
-               launch_us: float = LAUNCH_US, base_kernels: int = 1, triton_gemm_factor: float = 1.0) -> float:
+def predict_us(
+    launch_list: Sequence[dict],
+    bandwidth: float = COPY_BW,
+    peak: float = PEAK_FLOPS,
+    launch_us: float = LAUNCH_US,
+    base_kernels: int = 1,
+    triton_gemm_factor: float = 1.0,
+) -> float:
     """Sum over launches of max(DRAM bytes / bandwidth, flops / peak), plus ``launch_us`` per launch beyond
     ``base_kernels`` (the base layer's own). Serial launches, no overlap: a rough, static estimate.
     ``triton_gemm_factor`` scales the compute time of the Triton base GEMM (``_gemm_expand_kernel``) against
@@ -186,8 +281,9 @@ def predict_us(launch_list: Sequence[Dict], bandwidth: float = COPY_BW, peak: fl
     return t + launch_us * max(0, len(launch_list) - base_kernels)
 
 
-def grid_launches(paths: Sequence[str] = ops.PATHS, seed: int = 0, K: int = K_DEFAULT, N: int = N_DEFAULT,
-                  R: int = RANK, elt: int = 2) -> List[Dict]:
+def grid_launches(
+    paths: Sequence[str] = ops.PATHS, seed: int = 0, K: int = K_DEFAULT, N: int = N_DEFAULT, R: int = RANK, elt: int = 2
+) -> list[dict]:
     """One entry per point of the multi-adapter grid (dist, L, T): the token ids' ``active`` adapter count, the
     ``chosen`` default path, the ``floor_us``, and ``paths``: path name → list of launches (see :func:`launches`)."""
     points = []
@@ -196,12 +292,20 @@ def grid_launches(paths: Sequence[str] = ops.PATHS, seed: int = 0, K: int = K_DE
             for T in TOKENS:
                 ids = _ids(dist, L, T, seed)
                 active = len(set(int(i) for i in ids.tolist()))
-                points.append({
-                    "dist": dist, "L": L, "T": T, "active": active, "K": K, "N": N, "r": R,
-                    "chosen": ops.choose_path(None, None, T, "triton"),
-                    "floor_us": floor_us(T, active, K, N, R, elt),
-                    "paths": {p: launches(ids, L, K, (N,), R, elt, path=p) for p in paths},
-                })
+                points.append(
+                    {
+                        "dist": dist,
+                        "L": L,
+                        "T": T,
+                        "active": active,
+                        "K": K,
+                        "N": N,
+                        "r": R,
+                        "chosen": ops.choose_path(None, None, T, "triton"),
+                        "floor_us": floor_us(T, active, K, N, R, elt),
+                        "paths": {p: launches(ids, L, K, (N,), R, elt, path=p) for p in paths},
+                    }
+                )
     return points
 
 
@@ -222,5 +326,7 @@ if __name__ == "__main__":
         for name, lst in p["paths"].items():
             mb = sum(ln["bytes_read"] + ln["bytes_written"] for ln in lst) / 2**20
             mark = " (default)" if name == p["chosen"] else ""
-            print(f"| {p['dist']} | {p['L']} | {p['T']} | {p['active']} | {name}{mark} | {len(lst)} | {mb:.1f} | "
-                  f"{predict_us(lst) / p['floor_us']:.2f} |")
+            print(
+                f"| {p['dist']} | {p['L']} | {p['T']} | {p['active']} | {name}{mark} | {len(lst)} | {mb:.1f} | "
+                f"{predict_us(lst) / p['floor_us']:.2f} |"
+            )

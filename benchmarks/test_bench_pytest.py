@@ -81,10 +81,12 @@ def test_lora_linear_train(benchmark, provider, mode):
     if mode == "fwd":
         fn = lambda: built.forward(x)  # noqa: E731
     else:
+
         def fn():
             for t in [x] + built.params:
                 t.grad = None
             built.forward_backward(x, dy)
+
     _run(benchmark, fn)
 
 

@@ -21,11 +21,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks.common import GraphCaptureError, time_graph  # noqa: E402
 from lora_kernels import cuda as lkc  # noqa: E402
 from lora_kernels.ops import multi_lora as ops  # noqa: E402
 from lora_kernels.pool import AdapterPool, LoRABatch  # noqa: E402
 from lora_kernels.reference import multi_lora as ref  # noqa: E402
+
+from benchmarks.common import GraphCaptureError, time_graph  # noqa: E402
 
 PROVIDERS = ("triton", "triton_fused", "cuda_token", "cuda_tiled")
 
@@ -33,8 +34,9 @@ PROVIDERS = ("triton", "triton_fused", "cuda_token", "cuda_tiled")
 def make_case(T, L, r, K, N, dtype, gen):
     pool = AdapterPool(L, r, K, N, dtype=dtype, device="cuda")
     for i in range(L):
-        pool.load(f"a{i}", torch.randn(r, K, generator=gen) / math.sqrt(K), torch.randn(N, r, generator=gen),
-                  alpha=float(r))
+        pool.load(
+            f"a{i}", torch.randn(r, K, generator=gen) / math.sqrt(K), torch.randn(N, r, generator=gen), alpha=float(r)
+        )
     ids = torch.randint(0, L, (T,), generator=gen).tolist()
     batch = LoRABatch.prepare(ids, device="cuda")
     x = torch.randn(T, K, generator=gen).to("cuda", dtype)
@@ -46,8 +48,9 @@ def run(provider, pool, batch, x, y):
     fields = (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
     slices = list(pool.slices)
     if provider == "triton_fused":
-        ops._fused_op(x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, batch.tile_m,
-                      "triton")
+        ops._fused_op(
+            x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *fields, y, slices, batch.tile_m, "triton"
+        )
         return
     backend = "triton" if provider == "triton" else "cuda"
     s = torch.empty(x.shape[0], pool.max_rank, dtype=torch.float32, device=x.device)
@@ -84,8 +87,12 @@ def main() -> int:
                 pool, batch, x, y, ids = make_case(T, L, r, args.K, args.N, dtype, gen)
                 want = ref.lora_expand(
                     ref.lora_shrink(x.double().cpu(), pool.A_stack.cpu(), torch.tensor(ids), pool.ranks.cpu()),
-                    pool.B_stack.cpu(), torch.tensor(ids), pool.ranks.cpu(), pool.scales.cpu(),
-                    torch.zeros(T, args.N, dtype=torch.float64))
+                    pool.B_stack.cpu(),
+                    torch.tensor(ids),
+                    pool.ranks.cpu(),
+                    pool.scales.cpu(),
+                    torch.zeros(T, args.N, dtype=torch.float64),
+                )
                 times = {}
                 for prov in PROVIDERS:
                     lkc.TILED_MIN_TOKENS_PER_SLOT = 0.0 if prov == "cuda_tiled" else float("inf")
@@ -108,8 +115,9 @@ def main() -> int:
         with open(args.csv, "w", encoding="utf-8") as f:
             f.write("T,L,r," + ",".join(f"{p}_us" for p in PROVIDERS) + ",best\n")
             for row in rows:
-                f.write(",".join("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row)
-                        + "\n")
+                f.write(
+                    ",".join("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row) + "\n"
+                )
     return 0
 
 

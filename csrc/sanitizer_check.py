@@ -45,8 +45,9 @@ def main() -> int:
                 lkc.multi_lora_expand(out, B, ranks, scales, ids, None, None, None, y, slices, 16)
                 torch.cuda.synchronize()
                 want_s = ref.lora_shrink(x.cpu().double(), A.cpu().double(), ids.cpu(), ranks.cpu(), S)
-                want_y = ref.lora_expand(want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(),
-                                         y0.cpu().double(), slices)
+                want_y = ref.lora_expand(
+                    want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double(), slices
+                )
                 torch.testing.assert_close(out.cpu().double(), want_s, rtol=1e-4, atol=1e-4)
                 tol = 3e-2 if dtype == torch.bfloat16 else 4e-3
                 torch.testing.assert_close(y.cpu().double(), want_y, rtol=tol, atol=tol)

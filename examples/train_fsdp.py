@@ -26,8 +26,14 @@ def build_model(device):
     import transformers
 
     torch.manual_seed(0)  # the same base weights on every rank (and for the PEFT reload below)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=VOCAB)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
     return transformers.LlamaForCausalLM(cfg).to(device)
 
 

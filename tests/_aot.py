@@ -64,8 +64,7 @@ def compile_for_sm90(kernel, args, kwargs):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
-          torch.int64: "i64"}
+    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
     fn = jit_function(kernel)
     kwargs = dict(kwargs)
     launch = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
@@ -84,12 +83,14 @@ def compile_for_sm90(kernel, args, kwargs):
         elif v == 1:
             sig[n], consts[n] = "constexpr", 1
         else:
-            sig[n] = "i32" if -2**31 <= v < 2**31 else "i64"
+            sig[n] = "i32" if -(2**31) <= v < 2**31 else "i64"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": launch.get("num_warps", 4),
-                                       "num_stages": launch.get("num_stages", 3)})
+    compiled = triton.compile(
+        ASTSource(fn, sig, consts, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": launch.get("num_warps", 4), "num_stages": launch.get("num_stages", 3)},
+    )
     return compiled, consts
 
 
@@ -110,8 +111,11 @@ def ptxas_report(compiled):
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(compiled.asm["ptx"])
-        out = subprocess.run([_ptxas(), "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [_ptxas(), "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
     assert out.returncode == 0, out.stderr
     st = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", out.stderr))
     ld = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", out.stderr))

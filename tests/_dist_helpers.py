@@ -34,8 +34,13 @@ def _entry(rank, fn, init_file, out_dir, args, pg_timeout_s):
         # unbound through the children's whole start-up, so any process on the machine can take it, and a rank can
         # then meet a stranger's store or peer instead of its own. Gloo's pair sockets still use TCP, but each binds
         # its own port atomically and publishes it through this store.
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=pg_timeout_s))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+        )
         try:
             fn(rank, out_dir, *args)
             # Whatever the test built (FSDP states, device meshes, DTensors) may still hold the process group: collect
@@ -57,8 +62,13 @@ def spawn(fn, tmp_path, *args, pg_timeout_s: float = PG_TIMEOUT_S, join_timeout_
     a leftover store file from an earlier run would be joined); raise AssertionError with the ranks' tracebacks when
     one fails or the run exceeds ``join_timeout_s``. ``pg_timeout_s`` bounds the rendezvous and each collective."""
     out_dir = str(tmp_path)
-    ctx = mp.start_processes(_entry, args=(fn, str(tmp_path / "pg_init"), out_dir, args, pg_timeout_s), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _entry,
+        args=(fn, str(tmp_path / "pg_init"), out_dir, args, pg_timeout_s),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + join_timeout_s
     try:
         while not ctx.join(timeout=1.0):

@@ -19,18 +19,19 @@ def _d(t):
 def lora_linear_f64(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=0) -> torch.Tensor:
     """float64 ``y = x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ (+ bias)``; ``x [..., K]`` keeps its leading dims."""
     x2 = _d(x).reshape(-1, x.shape[-1])
-    y, _ = _ref_linear.lora_linear_forward(x2, _d(weight), _d(lora_A), _d(lora_B), scale, _d(bias), dropout_p, seed,
-                                           **F64)
+    y, _ = _ref_linear.lora_linear_forward(
+        x2, _d(weight), _d(lora_A), _d(lora_B), scale, _d(bias), dropout_p, seed, **F64
+    )
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
 
 
 def lora_linear_in_dtype(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=0) -> torch.Tensor:
     """The same layer computed by PyTorch in ``x``'s dtype (every product rounded to it): the baseline of the 2x rule
     of ``_tolerances.assert_close_to_oracle``."""
     x2 = _d(x).reshape(-1, x.shape[-1])
-    y, _ = _ref_linear.lora_linear_forward(x2, _d(weight), _d(lora_A), _d(lora_B), scale, _d(bias), dropout_p, seed,
-                                           acc_dtype=x.dtype)
+    y, _ = _ref_linear.lora_linear_forward(
+        x2, _d(weight), _d(lora_A), _d(lora_B), scale, _d(bias), dropout_p, seed, acc_dtype=x.dtype
+    )
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -38,8 +39,9 @@ def multi_lora_in_dtype(x, weight, bias, pool, token_slots, slices=None) -> torc
     """The batched multi-adapter layer computed by PyTorch in ``x``'s dtype from ``pool``'s stacks: the baseline of
     the 2x rule of ``_tolerances.assert_close_to_oracle``."""
     slots = torch.as_tensor(token_slots, device=x.device)
-    return _ref_multi.multi_lora_linear(x, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, slots,
-                                        slices, acc_dtype=x.dtype)
+    return _ref_multi.multi_lora_linear(
+        x, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, slots, slices, acc_dtype=x.dtype
+    )
 
 
 def naive_multi_lora(x, weight, bias, adapters, ids, slices) -> torch.Tensor:

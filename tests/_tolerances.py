@@ -74,15 +74,20 @@ def assert_close_to_oracle(out, out_same_precision_torch, oracle, atol=None, wha
     (for example the reference with ``acc_dtype=out.dtype``); ``oracle``: the float64 oracle. ``atol`` defaults to
     ``ORACLE_ATOL[out.dtype]``."""
     assert out.shape == oracle.shape == out_same_precision_torch.shape, (
-        f"{what}: shapes {tuple(out.shape)}, {tuple(out_same_precision_torch.shape)}, {tuple(oracle.shape)}")
+        f"{what}: shapes {tuple(out.shape)}, {tuple(out_same_precision_torch.shape)}, {tuple(oracle.shape)}"
+    )
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     if atol is None:
         atol = ORACLE_ATOL[out.dtype]
     o = oracle.detach().to(torch.float64)
     o_dev = o.to(out.device)
     err = (out.detach().to(torch.float64) - o_dev).abs().max().item() if out.numel() else 0.0
-    err_torch = ((out_same_precision_torch.detach().to(torch.float64) - o.to(out_same_precision_torch.device))
-                 .abs().max().item() if out.numel() else 0.0)
+    err_torch = (
+        (out_same_precision_torch.detach().to(torch.float64) - o.to(out_same_precision_torch.device)).abs().max().item()
+        if out.numel()
+        else 0.0
+    )
     assert err <= 2 * err_torch + atol, (
         f"{what}: max error {err:.3g} against the float64 oracle > 2 x {err_torch:.3g} (PyTorch in {out.dtype}) + "
-        f"{atol:.3g}")
+        f"{atol:.3g}"
+    )

@@ -46,14 +46,17 @@ def test_lora_linear_accepts_any_real_scale(scale):
     torch.testing.assert_close(y, lk.lora_linear(X, W, A, B, float(scale), backend="torch"))
 
 
-@pytest.mark.parametrize("scale, err, match", [
-    (True, TypeError, "scale must be a float, got bool"),
-    (np.bool_(True), TypeError, "scale must be a float"),
-    ("1", TypeError, "scale must be a float, got str"),
-    (float("nan"), ValueError, "scale must be finite"),
-    (np.float32("inf"), ValueError, "scale must be finite"),
-    (torch.ones(2), ValueError, r"scale must be a scalar.*\(2,\)"),
-])
+@pytest.mark.parametrize(
+    "scale, err, match",
+    [
+        (True, TypeError, "scale must be a float, got bool"),
+        (np.bool_(True), TypeError, "scale must be a float"),
+        ("1", TypeError, "scale must be a float, got str"),
+        (float("nan"), ValueError, "scale must be finite"),
+        (np.float32("inf"), ValueError, "scale must be finite"),
+        (torch.ones(2), ValueError, r"scale must be a scalar.*\(2,\)"),
+    ],
+)
 def test_lora_linear_bad_scale(scale, err, match):
     with pytest.raises(err, match=match):
         lk.lora_linear(X, W, A, B, scale, backend="torch")
@@ -74,10 +77,13 @@ def test_lora_linear_training_must_be_bool(training):
         lk.lora_linear(X, W, A, B, 1.0, dropout_p=0.5, training=training, backend="torch")
 
 
-@pytest.mark.parametrize("backend, err, match", [
-    (3, TypeError, "backend must be a str .* got int 3"),
-    ("gpu", ValueError, "backend='gpu' is not a backend"),
-])
+@pytest.mark.parametrize(
+    "backend, err, match",
+    [
+        (3, TypeError, "backend must be a str .* got int 3"),
+        ("gpu", ValueError, "backend='gpu' is not a backend"),
+    ],
+)
 def test_bad_backend_names(backend, err, match):
     with pytest.raises(err, match=match):
         lk.lora_linear(X, W, A, B, 1.0, backend=backend)
@@ -107,13 +113,16 @@ def test_lora_linear_empty_in_features(backend, lead, device):
 
 
 # ------------------------------------------------------------------------------------------------------- LoRALinear
-@pytest.mark.parametrize("kwargs, err, match", [
-    ({"alpha": "16"}, TypeError, "alpha must be a real number, got str"),
-    ({"alpha": None, "dropout": None}, TypeError, "dropout must be a real number, got NoneType"),
-    ({"dropout": "0.1"}, TypeError, "dropout must be a real number"),
-    ({"dtype": torch.int32}, TypeError, "dtype must be a floating torch.dtype"),
-    ({"lora_dtype": "float32"}, TypeError, "lora_dtype must be a torch.dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"alpha": "16"}, TypeError, "alpha must be a real number, got str"),
+        ({"alpha": None, "dropout": None}, TypeError, "dropout must be a real number, got NoneType"),
+        ({"dropout": "0.1"}, TypeError, "dropout must be a real number"),
+        ({"dtype": torch.int32}, TypeError, "dtype must be a floating torch.dtype"),
+        ({"lora_dtype": "float32"}, TypeError, "lora_dtype must be a torch.dtype"),
+    ],
+)
 def test_lora_linear_module_bad_args(kwargs, err, match):
     with pytest.raises(err, match=match):
         lk.LoRALinear(8, 4, r=2, **kwargs)
@@ -124,10 +133,13 @@ def test_lora_scaling_bad_rank():
         lk.lora_scaling(0, 8, False)
 
 
-@pytest.mark.parametrize("target, err, match", [
-    (None, TypeError, "target_modules must be a regex str or a list"),
-    (0, TypeError, "target_modules must be a regex str or a list"),
-])
+@pytest.mark.parametrize(
+    "target, err, match",
+    [
+        (None, TypeError, "target_modules must be a regex str or a list"),
+        (0, TypeError, "target_modules must be a regex str or a list"),
+    ],
+)
 def test_inject_lora_bad_targets(target, err, match):
     model = TwoLayer()
     snap = _snapshot(model)
@@ -136,12 +148,28 @@ def test_inject_lora_bad_targets(target, err, match):
     assert _same(model, snap) and isinstance(model.q_proj, nn.Linear)
 
 
-@pytest.mark.parametrize("fn", ["inject_lora", "load_lora_state_dict", "save_adapter", "load_adapter", "from_peft",
-                                "set_adapter", "load_adapters", "inject_multi_lora"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        "inject_lora",
+        "load_lora_state_dict",
+        "save_adapter",
+        "load_adapter",
+        "from_peft",
+        "set_adapter",
+        "load_adapters",
+        "inject_multi_lora",
+    ],
+)
 def test_model_must_be_a_module(fn, tmp_path):
     args = {
-        "inject_lora": (["q_proj"],), "load_lora_state_dict": ({},), "save_adapter": (tmp_path,),
-        "load_adapter": (tmp_path,), "from_peft": (), "set_adapter": ("a",), "load_adapters": ({"a": tmp_path},),
+        "inject_lora": (["q_proj"],),
+        "load_lora_state_dict": ({},),
+        "save_adapter": (tmp_path,),
+        "load_adapter": (tmp_path,),
+        "from_peft": (),
+        "set_adapter": ("a",),
+        "load_adapters": ({"a": tmp_path},),
         "inject_multi_lora": (["q_proj"], 2, 2),
     }[fn]
     if fn in ("from_peft", "set_adapter"):
@@ -174,13 +202,16 @@ def test_pissa_init_refuses_a_merged_layer():
 
 
 @pytest.mark.parametrize("merged", [False, True])
-@pytest.mark.parametrize("case, match", [
-    ("nan", "v_proj.lora_A: contains inf or NaN"),
-    ("inf", "v_proj.lora_B: contains inf or NaN"),
-    ("meta", "v_proj.lora_A: is on the meta device"),
-    ("sparse", "v_proj.lora_A: layout torch.sparse_coo"),
-    ("fp16_overflow", "v_proj.lora_B: overflows"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("nan", "v_proj.lora_A: contains inf or NaN"),
+        ("inf", "v_proj.lora_B: contains inf or NaN"),
+        ("meta", "v_proj.lora_A: is on the meta device"),
+        ("sparse", "v_proj.lora_A: layout torch.sparse_coo"),
+        ("fp16_overflow", "v_proj.lora_B: overflows"),
+    ],
+)
 def test_load_lora_state_dict_refuses_unusable_values(case, match, merged):
     # Each used to be loaded (NaN/inf: silently; fp16 overflow: as inf) or to fail half-way through the writes
     # (meta, sparse: after q_proj was already overwritten).
@@ -224,13 +255,19 @@ def _pool():
 
 
 def _pool_state(pool):
-    return (pool.A_stack.clone(), pool.B_stack.clone(), pool.ranks.clone(), pool.scales.clone(), pool.names,
-            pool.slots_in_use, pool.host_ranks)
+    return (
+        pool.A_stack.clone(),
+        pool.B_stack.clone(),
+        pool.ranks.clone(),
+        pool.scales.clone(),
+        pool.names,
+        pool.slots_in_use,
+        pool.host_ranks,
+    )
 
 
 def _pool_same(pool, state):
-    return all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-               for a, b in zip(_pool_state(pool), state))
+    return all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(_pool_state(pool), state))
 
 
 @pytest.mark.parametrize("case", ["A_meta", "B_meta", "A_sparse"])
@@ -251,14 +288,17 @@ def test_pool_load_refuses_tensors_without_values(case):
     assert _pool_same(pool, state)
 
 
-@pytest.mark.parametrize("kwargs, err, match", [
-    ({"alpha": "16"}, TypeError, "alpha must be a real number or a list of one per slice, got '16'"),
-    ({"scale": None, "alpha": [1.0, "x"]}, ValueError, "alpha has 2 entries but the pool has 1 output slices"),
-    ({"scale": True}, TypeError, "scale must be a real number"),
-    ({"scale": float("nan")}, ValueError, "scale must be finite"),
-    ({"slot": 7}, ValueError, r"slot must be an int in \[0, 3\), got 7"),
-    ({"slot": 0}, ValueError, "slot 0 already holds adapter 'a'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"alpha": "16"}, TypeError, "alpha must be a real number or a list of one per slice, got '16'"),
+        ({"scale": None, "alpha": [1.0, "x"]}, ValueError, "alpha has 2 entries but the pool has 1 output slices"),
+        ({"scale": True}, TypeError, "scale must be a real number"),
+        ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"slot": 7}, ValueError, r"slot must be an int in \[0, 3\), got 7"),
+        ({"slot": 0}, ValueError, "slot 0 already holds adapter 'a'"),
+    ],
+)
 def test_pool_load_bad_settings(kwargs, err, match):
     pool = _pool()
     state = _pool_state(pool)
@@ -273,14 +313,17 @@ def test_batch_accepts_numpy_ints(ids):
     assert batch.num_tokens == 3 and batch.token_slots.tolist() == [0, -1, 2]
 
 
-@pytest.mark.parametrize("ids, err, match", [
-    (None, TypeError, "adapter_ids must be a sequence of ints or an integer tensor, got NoneType"),
-    (3, TypeError, "adapter_ids must be a sequence of ints or an integer tensor, got int"),
-    ("01", TypeError, "adapter_ids must be a sequence of ints"),
-    ([0.0, 1.0], TypeError, "adapter_ids must be ints"),
-    ([np.bool_(True)], TypeError, "adapter_ids must be ints"),
-    (torch.tensor([0, 1], device="meta"), ValueError, "adapter_ids must be a dense tensor holding values"),
-])
+@pytest.mark.parametrize(
+    "ids, err, match",
+    [
+        (None, TypeError, "adapter_ids must be a sequence of ints or an integer tensor, got NoneType"),
+        (3, TypeError, "adapter_ids must be a sequence of ints or an integer tensor, got int"),
+        ("01", TypeError, "adapter_ids must be a sequence of ints"),
+        ([0.0, 1.0], TypeError, "adapter_ids must be ints"),
+        ([np.bool_(True)], TypeError, "adapter_ids must be ints"),
+        (torch.tensor([0, 1], device="meta"), ValueError, "adapter_ids must be a dense tensor holding values"),
+    ],
+)
 def test_batch_prepare_bad_ids(ids, err, match):
     with pytest.raises(err, match=match):
         lk.LoRABatch.prepare(ids)
@@ -316,11 +359,14 @@ def test_shrink_expand_refuse_ranks_out_of_range(op, ranks, match):
     assert (out == 7).all() and (y == 7).all()
 
 
-@pytest.mark.parametrize("scales, err, match", [
-    (float("nan"), ValueError, "scales must be finite, got nan"),
-    (float("inf"), ValueError, "scales must be finite"),
-    ("1", TypeError, "scales must be a float32 tensor"),
-])
+@pytest.mark.parametrize(
+    "scales, err, match",
+    [
+        (float("nan"), ValueError, "scales must be finite, got nan"),
+        (float("inf"), ValueError, "scales must be finite"),
+        ("1", TypeError, "scales must be a float32 tensor"),
+    ],
+)
 def test_expand_bad_float_scales(scales, err, match):
     # A NaN scale used to be written into y.
     pool = _pool()
@@ -363,11 +409,14 @@ def _multi_model():
     return model
 
 
-@pytest.mark.parametrize("target, err, match", [
-    (None, TypeError, "target_modules must be a regex str or a list"),
-    ("(", ValueError, "not a valid regex"),
-    ([""], TypeError, "target_modules must be a regex str or a list"),
-])
+@pytest.mark.parametrize(
+    "target, err, match",
+    [
+        (None, TypeError, "target_modules must be a regex str or a list"),
+        ("(", ValueError, "not a valid regex"),
+        ([""], TypeError, "target_modules must be a regex str or a list"),
+    ],
+)
 def test_inject_multi_lora_bad_targets(target, err, match):
     model = nn.Sequential(nn.Linear(8, 6))
     with pytest.raises(err, match=match):
@@ -381,11 +430,18 @@ def test_inject_multi_lora_cannot_replace_the_model_itself():
         lk.inject_multi_lora(nn.Linear(4, 4), ".*", 2, 2)
 
 
-@pytest.mark.parametrize("weights, err, match", [
-    ([("0", (_t(2, 8), _t(6, 2)))], TypeError, "weights must be a mapping"),
-    ({"0": _t(2, 8)}, ValueError, r"weights\['0'\] must be a pair"),
-    ({"0": (_t(2, 8), _t(6, 2)), "2": (_t(2, 6), _t(6, 3))}, ValueError, r"layer '2': lora_B must be \[out_features=6"),
-])
+@pytest.mark.parametrize(
+    "weights, err, match",
+    [
+        ([("0", (_t(2, 8), _t(6, 2)))], TypeError, "weights must be a mapping"),
+        ({"0": _t(2, 8)}, ValueError, r"weights\['0'\] must be a pair"),
+        (
+            {"0": (_t(2, 8), _t(6, 2)), "2": (_t(2, 6), _t(6, 3))},
+            ValueError,
+            r"layer '2': lora_B must be \[out_features=6",
+        ),
+    ],
+)
 def test_load_multi_adapter_bad_weights(weights, err, match):
     model = _multi_model()
     with pytest.raises(err, match=match):
@@ -425,13 +481,16 @@ def test_load_from_a_file_path(fn, tmp_path):
     assert _same(model, snap) and isinstance(model.q_proj, nn.Linear)
 
 
-@pytest.mark.parametrize("update, match", [
-    ({"r": 2.5}, "r must be a positive int, got 2.5"),  # used to be truncated to r = 2 without a word
-    ({"rank_pattern": {"q_proj": "x"}}, r"rank_pattern\['q_proj'\] must be a positive int, got 'x'"),
-    ({"rank_pattern": ["q_proj"]}, "rank_pattern must be an object"),
-    ({"alpha_pattern": {"q_proj": float("nan")}}, r"alpha_pattern\['q_proj'\] must be a positive number"),
-    ({"target_modules": 3}, "target_modules must be a regex string or a list of module names, got 3"),
-])
+@pytest.mark.parametrize(
+    "update, match",
+    [
+        ({"r": 2.5}, "r must be a positive int, got 2.5"),  # used to be truncated to r = 2 without a word
+        ({"rank_pattern": {"q_proj": "x"}}, r"rank_pattern\['q_proj'\] must be a positive int, got 'x'"),
+        ({"rank_pattern": ["q_proj"]}, "rank_pattern must be an object"),
+        ({"alpha_pattern": {"q_proj": float("nan")}}, r"alpha_pattern\['q_proj'\] must be a positive number"),
+        ({"target_modules": 3}, "target_modules must be a regex string or a list of module names, got 3"),
+    ],
+)
 @pytest.mark.parametrize("fn", ["load_adapter", "load_adapters"])
 def test_load_adapter_bad_config_values(update, match, fn, tmp_path):
     pytest.importorskip("safetensors")
@@ -456,12 +515,19 @@ def _loss(model, batch):
     return model(batch).pow(2).mean()
 
 
-@pytest.mark.parametrize("batches, loss_fn, err, match", [
-    (None, _loss, TypeError, "batches must be an iterable of batches"),
-    ([torch.randn(2, 8)], 3, TypeError, "loss_fn must be callable"),
-    ([torch.randn(2, 8)], lambda m, b: m(b).sum() * float("nan"), ValueError,
-     r"estimated gradient of \['q_proj'\] contains inf or NaN"),
-])
+@pytest.mark.parametrize(
+    "batches, loss_fn, err, match",
+    [
+        (None, _loss, TypeError, "batches must be an iterable of batches"),
+        ([torch.randn(2, 8)], 3, TypeError, "loss_fn must be callable"),
+        (
+            [torch.randn(2, 8)],
+            lambda m, b: m(b).sum() * float("nan"),
+            ValueError,
+            r"estimated gradient of \['q_proj'\] contains inf or NaN",
+        ),
+    ],
+)
 def test_lora_ga_init_bad_batches_or_loss(batches, loss_fn, err, match):
     # A NaN loss used to surface as torch's _LinAlgError from the SVD.
     model = TwoLayer()

@@ -3,10 +3,10 @@ base beyond decode-sized batches (the Triton base GEMM has not been measured wit
 
 import pytest
 import torch
+from _tolerances import close
 
 from lora_kernels.reference import lora_linear as ref
 
-from _tolerances import close
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
 needs_triton = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")

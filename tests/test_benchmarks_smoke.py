@@ -53,11 +53,31 @@ def _read_csv(path):
 # ----------------------------------------------------------------------------------------------- single adapter
 def test_lora_linear_script_runs(tmp_path, capsys):
     out_csv, out_png = tmp_path / "lora.csv", tmp_path / "lora.png"
-    tables = bll.main(CPU + [
-        "--backend", "torch", "--m", "17", "--kn", "24:40,40:8", "--ranks", "3",
-        "--decode", "1:24:40,5:32:16", "--decode-rank", "3", "--cycle", "2",
-        "--providers", "eager,addmm,lora_kernels", "--csv", str(out_csv), "--plot", str(out_png),
-    ])
+    tables = bll.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--m",
+            "17",
+            "--kn",
+            "24:40,40:8",
+            "--ranks",
+            "3",
+            "--decode",
+            "1:24:40,5:32:16",
+            "--decode-rank",
+            "3",
+            "--cycle",
+            "2",
+            "--providers",
+            "eager,addmm,lora_kernels",
+            "--csv",
+            str(out_csv),
+            "--plot",
+            str(out_png),
+        ]
+    )
     titles = [t.title for t in tables]
     assert len(tables) == 6, titles  # fwd, fwd+bwd, fwd+bwd dropout; decode graph, cycled, eager
     assert "2 weight sets cycled" in titles[4]
@@ -65,7 +85,9 @@ def test_lora_linear_script_runs(tmp_path, capsys):
     assert [len(t.keys) for t in tables] == [2, 2, 2, 2, 2, 2]
     text = capsys.readouterr().out
     assert "**geomean**" in text and "measured ceilings" in text and "command:" in text
-    assert "fwd+bwd dropout, lora_kernels geomean / base" in text  # the summary against the targets (benchmarks/TARGETS.md)
+    assert (
+        "fwd+bwd dropout, lora_kernels geomean / base" in text
+    )  # the summary against the targets (benchmarks/TARGETS.md)
     assert "decode M ≤ 256 in graphs (cycled), lora_kernels worst / base" in text
     rows = _read_csv(out_csv)
     assert len(rows) == 6 * 2 * 4
@@ -82,8 +104,24 @@ def test_lora_linear_check_rejects_wrong_forward(monkeypatch):
         return F.linear(x, W) + 0.0 * F.linear(F.linear(x, A), B)
 
     monkeypatch.setattr(bll, "_eager_lora", no_lora)
-    tables = bll.main(CPU + ["--backend", "torch", "--m", "9", "--kn", "16:24", "--ranks", "2", "--modes", "fwd",
-                             "--skip-decode", "--providers", "eager,lora_kernels"])
+    tables = bll.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--m",
+            "9",
+            "--kn",
+            "16:24",
+            "--ranks",
+            "2",
+            "--modes",
+            "fwd",
+            "--skip-decode",
+            "--providers",
+            "eager,lora_kernels",
+        ]
+    )
     (t,) = tables
     (k,) = t.keys
     assert t.times[k]["eager"] is None
@@ -96,16 +134,48 @@ def test_lora_linear_check_rejects_wrong_gradient(monkeypatch):
         return F.linear(x, W) + scale * F.linear(F.linear(x, A.detach()), B)  # right output, dA missing
 
     monkeypatch.setattr(bll, "_eager_lora", frozen_a)
-    tables = bll.main(CPU + ["--backend", "torch", "--m", "9", "--kn", "16:24", "--ranks", "2",
-                             "--modes", "fwd,fwd+bwd", "--skip-decode", "--providers", "eager"])
+    tables = bll.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--m",
+            "9",
+            "--kn",
+            "16:24",
+            "--ranks",
+            "2",
+            "--modes",
+            "fwd,fwd+bwd",
+            "--skip-decode",
+            "--providers",
+            "eager",
+        ]
+    )
     fwd, bwd = tables
     (k,) = fwd.keys
     # Checked at the first mode (forward only: passes); the fwd+bwd check catches the missing gradient.
     assert fwd.times[k]["eager"] is not None
     assert bwd.times[k]["eager"] is None and "dA" in bwd.errors["eager"][0]
     # A dropout-only run still checks exactness at p = 0 first (the dropout check itself is only a sanity check).
-    (drop,) = bll.main(CPU + ["--backend", "torch", "--m", "9", "--kn", "16:24", "--ranks", "2",
-                              "--modes", "fwd+bwd dropout", "--skip-decode", "--providers", "eager,lora_kernels"])
+    (drop,) = bll.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--m",
+            "9",
+            "--kn",
+            "16:24",
+            "--ranks",
+            "2",
+            "--modes",
+            "fwd+bwd dropout",
+            "--skip-decode",
+            "--providers",
+            "eager,lora_kernels",
+        ]
+    )
     (k,) = drop.keys
     assert drop.times[k]["eager"] is None and "dA" in drop.errors["eager"][0]
     assert drop.times[k]["lora_kernels"] is not None
@@ -122,20 +192,76 @@ def test_lora_linear_triton_base_gemm_switch():
         where = ["--device", "cuda", "--dtype", "fp32", "--warmup-ms", "1", "--rep-ms", "1"]
     else:
         pytest.skip("the Triton backend needs TRITON_INTERPRET=1 on a machine without CUDA")
-    tables = bll.main(where + ["--backend", "triton", "--m", "16", "--kn", "32:16", "--ranks", "4",
-                             "--modes", "fwd+bwd", "--skip-decode", "--providers", "lk_cublas_base,lk_triton_base"])
+    tables = bll.main(
+        where
+        + [
+            "--backend",
+            "triton",
+            "--m",
+            "16",
+            "--kn",
+            "32:16",
+            "--ranks",
+            "4",
+            "--modes",
+            "fwd+bwd",
+            "--skip-decode",
+            "--providers",
+            "lk_cublas_base,lk_triton_base",
+        ]
+    )
     _assert_all_timed(tables, ["base", "lk_cublas_base", "lk_triton_base"])
 
 
 def test_peft_providers():
     pytest.importorskip("peft")
-    tables = bll.main(CPU + ["--backend", "torch", "--m", "9", "--kn", "16:24", "--ranks", "2",
-                             "--modes", "fwd+bwd,fwd+bwd dropout", "--decode", "3:16:24", "--decode-rank", "2",
-                             "--decode-timings", "graph", "--providers", "peft"])
+    tables = bll.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--m",
+            "9",
+            "--kn",
+            "16:24",
+            "--ranks",
+            "2",
+            "--modes",
+            "fwd+bwd,fwd+bwd dropout",
+            "--decode",
+            "3:16:24",
+            "--decode-rank",
+            "2",
+            "--decode-timings",
+            "graph",
+            "--providers",
+            "peft",
+        ]
+    )
     _assert_all_timed(tables, ["base", "peft"])
-    graph, eager = bml.main(CPU + ["--backend", "torch", "--k", "16", "--n", "24", "--r", "2", "--adapters", "4",
-                                   "--tokens", "9", "--dists", "uniform", "--timings", "graph,eager",
-                                   "--providers", "peft_mixed"])
+    graph, eager = bml.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--k",
+            "16",
+            "--n",
+            "24",
+            "--r",
+            "2",
+            "--adapters",
+            "4",
+            "--tokens",
+            "9",
+            "--dists",
+            "uniform",
+            "--timings",
+            "graph,eager",
+            "--providers",
+            "peft_mixed",
+        ]
+    )
     _assert_all_timed([eager], ["base", "peft_mixed"])
     (k,) = graph.keys
     assert graph.times[k]["peft_mixed"] is None and "eager only" in graph.errors["peft_mixed"][0]
@@ -144,10 +270,32 @@ def test_peft_providers():
 # ---------------------------------------------------------------------------------------------- many adapters
 def test_multi_lora_script_runs(tmp_path, capsys):
     out_csv, out_png = tmp_path / "multi.csv", tmp_path / "multi.png"
-    tables = bml.main(CPU + [
-        "--backend", "torch", "--k", "24", "--n", "40", "--r", "3", "--adapters", "5", "--tokens", "1", "9",
-        "--cycle", "2", "--providers", "gather_bmm,loop,lora_kernels", "--csv", str(out_csv), "--plot", str(out_png),
-    ])
+    tables = bml.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--k",
+            "24",
+            "--n",
+            "40",
+            "--r",
+            "3",
+            "--adapters",
+            "5",
+            "--tokens",
+            "1",
+            "9",
+            "--cycle",
+            "2",
+            "--providers",
+            "gather_bmm,loop,lora_kernels",
+            "--csv",
+            str(out_csv),
+            "--plot",
+            str(out_png),
+        ]
+    )
     assert len(tables) == 3  # graph, cycled, eager
     _assert_all_timed(tables, ["base", "gather_bmm", "loop", "lora_kernels"])
     keys = tables[0].keys
@@ -161,7 +309,9 @@ def test_multi_lora_script_runs(tmp_path, capsys):
     assert {"dist", "L", "T", "active", "ratio_floor"} <= set(rows[0])
     text = capsys.readouterr().out
     assert "floor µs (floor/base)" in text
-    assert "graphs (hot), lora_kernels worst time / floor" in text  # the summary against the target (benchmarks/TARGETS.md)
+    assert (
+        "graphs (hot), lora_kernels worst time / floor" in text
+    )  # the summary against the target (benchmarks/TARGETS.md)
     if HAS_MPL:
         assert out_png.stat().st_size > 1000
 
@@ -173,9 +323,29 @@ def test_multi_lora_check_rejects_wrong_provider(monkeypatch):
         return y + torch.bmm(s, ws.B_stack[ids].transpose(1, 2)).squeeze(1)
 
     monkeypatch.setattr(bml, "_gather_bmm", unscaled)
-    tables = bml.main(CPU + ["--backend", "torch", "--k", "16", "--n", "24", "--r", "2", "--adapters", "3",
-                             "--tokens", "5", "--dists", "uniform", "--timings", "graph",
-                             "--providers", "gather_bmm,loop"])
+    tables = bml.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--k",
+            "16",
+            "--n",
+            "24",
+            "--r",
+            "2",
+            "--adapters",
+            "3",
+            "--tokens",
+            "5",
+            "--dists",
+            "uniform",
+            "--timings",
+            "graph",
+            "--providers",
+            "gather_bmm,loop",
+        ]
+    )
     (t,) = tables
     (k,) = t.keys
     assert t.times[k]["gather_bmm"] is None and "wrong result" in t.errors["gather_bmm"][0]
@@ -320,7 +490,25 @@ def test_csv_is_written_after_every_point(tmp_path, monkeypatch):
         seen.append(len(_read_csv(out_csv)))
 
     monkeypatch.setattr(common.Table, "add", spy)
-    bll.main(CPU + ["--backend", "torch", "--m", "9", "--kn", "16:24,24:16", "--ranks", "2", "--modes", "fwd",
-                    "--skip-decode", "--providers", "eager", "--csv", str(out_csv)])
+    bll.main(
+        CPU
+        + [
+            "--backend",
+            "torch",
+            "--m",
+            "9",
+            "--kn",
+            "16:24,24:16",
+            "--ranks",
+            "2",
+            "--modes",
+            "fwd",
+            "--skip-decode",
+            "--providers",
+            "eager",
+            "--csv",
+            str(out_csv),
+        ]
+    )
     assert seen == list(range(1, len(seen) + 1)) and len(seen) == 4  # 2 shapes x (base, eager), one row each
     assert len(_read_csv(out_csv)) == 4

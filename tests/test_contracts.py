@@ -20,6 +20,8 @@ import math
 
 import pytest
 import torch
+from _oracle import naive_multi_lora
+from _tolerances import close, close_small_k
 
 import lora_kernels as lk
 from lora_kernels import cuda as lkc
@@ -27,14 +29,13 @@ from lora_kernels.ops import multi_lora as ops
 from lora_kernels.pool import AdapterPool, LoRABatch
 from lora_kernels.reference import multi_lora as ref
 
-from _oracle import naive_multi_lora
-from _tolerances import close, close_small_k
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
 TRITON_OK = (HAS_CUDA or INTERPRET) and importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs triton, and CUDA or TRITON_INTERPRET=1")
-needs_interpreter = pytest.mark.skipif(not (INTERPRET and TRITON_OK), reason="observes tl.dot through the Triton "
-                                       "interpreter (TRITON_INTERPRET=1)")
+needs_interpreter = pytest.mark.skipif(
+    not (INTERPRET and TRITON_OK), reason="observes tl.dot through the Triton interpreter (TRITON_INTERPRET=1)"
+)
 NAN = float("nan")
 
 
@@ -130,7 +131,8 @@ def _oracle_expand(xa, B, ids, ranks, scales, y0, slices, R):
         off = 0
         for si, n in enumerate(slices):
             y[m, off : off + n] += float(scales[l][si]) * (
-                xa[m, si * R : si * R + r].double() @ B[l, off : off + n, :r].double().t())
+                xa[m, si * R : si * R + r].double() @ B[l, off : off + n, :r].double().t()
+            )
             off += n
     return y
 
@@ -161,7 +163,7 @@ def test_rank_above_R_is_clamped_by_shrink_and_expand(backend):
     R. The stacks, the shrink output and s are views into NaN/sentinel-fenced storage, so reading past R gives NaN and
     writing past R changes the fence or a neighbour's columns."""
     A, B, x, scales = _clamp_case(1)
-    L, S, R, M = A.shape[0], len(CLAMP_SLICES), CLAMP_R, x.shape[0]
+    S, R, M = len(CLAMP_SLICES), CLAMP_R, x.shape[0]
     _, A_v = _fenced(A.to(DEVICE), 0, 4, NAN)
     _, B_v = _fenced(B.to(DEVICE), 0, 4, NAN)
     ranks = torch.tensor(CLAMP_RANKS, dtype=torch.int32, device=DEVICE)
@@ -177,8 +179,9 @@ def test_rank_above_R_is_clamped_by_shrink_and_expand(backend):
     s_big, s_v = _fenced(want_s.float().to(DEVICE), 0, 3, NAN)
     y0 = torch.randn(M, sum(CLAMP_SLICES), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     y = y0.clone()
-    lk.lora_expand(s_v, B_v, batch, y, scales.to(DEVICE), slices=CLAMP_SLICES, ranks=ranks, backend=backend,
-                   check=False)
+    lk.lora_expand(
+        s_v, B_v, batch, y, scales.to(DEVICE), slices=CLAMP_SLICES, ranks=ranks, backend=backend, check=False
+    )
     want_y = _oracle_expand(want_s, B, CLAMP_IDS, CLAMP_RANKS, scales.tolist(), y0.cpu(), CLAMP_SLICES, R)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.cpu().double(), want_y, **close_small_k())
@@ -195,19 +198,39 @@ def test_rank_above_R_is_clamped_by_multi_lora_linear(backend, fused):
     N = sum(CLAMP_SLICES)
     pool = AdapterPool(L, R, K, CLAMP_SLICES, device=DEVICE)
     for l in range(L):  # full-rank adapters: rank R is what the over-rank slots must compute
-        pool.load(f"ad{l}", [A[l, s * R : (s + 1) * R] for s in range(S)],
-                  [B[l, sum(CLAMP_SLICES[:s]) : sum(CLAMP_SLICES[: s + 1])] for s in range(S)], alpha=1.0)
+        pool.load(
+            f"ad{l}",
+            [A[l, s * R : (s + 1) * R] for s in range(S)],
+            [B[l, sum(CLAMP_SLICES[:s]) : sum(CLAMP_SLICES[: s + 1])] for s in range(S)],
+            alpha=1.0,
+        )
     pool.scales.copy_(scales)
     _, pool.A_stack = _fenced(pool.A_stack, 0, 4, NAN)
     _, pool.B_stack = _fenced(pool.B_stack, 0, 4, NAN)
     pool.ranks.copy_(torch.tensor(CLAMP_RANKS, dtype=torch.int32))
     g = torch.Generator().manual_seed(4)
     W = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(DEVICE)
-    got = lk.multi_lora_linear(x.to(DEVICE), W, None, pool, LoRABatch.prepare(CLAMP_IDS, device=DEVICE),
-                               backend=backend, check=False, fused=fused)
+    got = lk.multi_lora_linear(
+        x.to(DEVICE),
+        W,
+        None,
+        pool,
+        LoRABatch.prepare(CLAMP_IDS, device=DEVICE),
+        backend=backend,
+        check=False,
+        fused=fused,
+    )
     want = x.double() @ W.cpu().double().t()
-    want = _oracle_expand(_oracle_shrink(x, A, CLAMP_IDS, CLAMP_RANKS, S, R), B, CLAMP_IDS, CLAMP_RANKS,
-                          scales.tolist(), want, CLAMP_SLICES, R)
+    want = _oracle_expand(
+        _oracle_shrink(x, A, CLAMP_IDS, CLAMP_RANKS, S, R),
+        B,
+        CLAMP_IDS,
+        CLAMP_RANKS,
+        scales.tolist(),
+        want,
+        CLAMP_SLICES,
+        R,
+    )
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
 
@@ -298,21 +321,22 @@ def test_no_backend_reads_padding_or_empty_slots(backend, request, monkeypatch):
     W = torch.randn(N, K, generator=g) / math.sqrt(K)
     batch = LoRABatch.prepare(POISON_IDS, device=DEVICE)
     out = torch.full((M, S * R), NAN, device=DEVICE)
-    lk.lora_shrink(x.to(DEVICE), pool.A_stack, batch, out, ranks=pool.ranks, num_slices=S, backend=backend,
-                   check=False)
+    lk.lora_shrink(x.to(DEVICE), pool.A_stack, batch, out, ranks=pool.ranks, num_slices=S, backend=backend, check=False)
     want_s = _naive_shrink(x, adapters, POISON_IDS, S, R)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.cpu().double(), want_s, **close_small_k())
     y0 = torch.randn(M, N, generator=g).to(DEVICE)
     y = y0.clone()
-    lk.lora_expand(out, pool.B_stack, batch, y, pool.scales, slices=POISON_SLICES, ranks=pool.ranks, backend=backend,
-                   check=False)
+    lk.lora_expand(
+        out, pool.B_stack, batch, y, pool.scales, slices=POISON_SLICES, ranks=pool.ranks, backend=backend, check=False
+    )
     assert torch.isfinite(y).all()
     want = naive_multi_lora(x, W, None, adapters, POISON_IDS, POISON_SLICES)
     torch.testing.assert_close((y - y0).cpu().double(), want - x.double() @ W.double().t(), **close(torch.float32))
     for fused in (False, True):
-        got = lk.multi_lora_linear(x.to(DEVICE), W.to(DEVICE), None, pool, batch, backend=backend, check=False,
-                                   fused=fused)
+        got = lk.multi_lora_linear(
+            x.to(DEVICE), W.to(DEVICE), None, pool, batch, backend=backend, check=False, fused=fused
+        )
         assert torch.isfinite(got).all(), f"fused={fused}"
         torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
 
@@ -334,8 +358,16 @@ def test_unloaded_slot_reads_nothing(backend, request, monkeypatch):
     x = torch.randn(3, K, generator=g).to(DEVICE)
     W = torch.randn(N, K, generator=g).to(DEVICE)
     for fused in (False, True):
-        got = lk.multi_lora_linear(x, W, None, pool, LoRABatch.prepare([slot, slot, -1], device=DEVICE),
-                                   backend=backend, check=False, fused=fused)
+        got = lk.multi_lora_linear(
+            x,
+            W,
+            None,
+            pool,
+            LoRABatch.prepare([slot, slot, -1], device=DEVICE),
+            backend=backend,
+            check=False,
+            fused=fused,
+        )
         torch.testing.assert_close(got, x @ W.t(), **close_small_k())
 
 
@@ -440,9 +472,15 @@ def test_bgmv_shrink_applies_scales(tiled, request):
     if tiled:
         batch = LoRABatch.prepare(ids_l, device=device, tile_m=16)
         tiles = lkc.TileList(batch.sorted_tokens, batch.sorted_slots, batch.tile_starts, batch.max_tiles(M, L), 16)
-    lkc.bgmv_shrink(x.to(device), [a.to(device) for a in A], torch.tensor(ids_l, dtype=torch.int32, device=device),
-                    out, ranks=torch.tensor(ranks_l, dtype=torch.int32, device=device), scales=scales.to(device),
-                    tiles=tiles)
+    lkc.bgmv_shrink(
+        x.to(device),
+        [a.to(device) for a in A],
+        torch.tensor(ids_l, dtype=torch.int32, device=device),
+        out,
+        ranks=torch.tensor(ranks_l, dtype=torch.int32, device=device),
+        scales=scales.to(device),
+        tiles=tiles,
+    )
     want = torch.zeros(S, M, R, dtype=torch.float64)
     for m, l in enumerate(ids_l):
         if l < 0:
@@ -634,8 +672,7 @@ def test_gpu_multi_lora_column_major_x_past_2_31_elements():
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _COLUMN_MAJOR_X], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _COLUMN_MAJOR_X], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["finite"] and got["err"] < 2e-2, got

@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from _tolerances import close_small_k
 
 import lora_kernels as lk
 from lora_kernels.ops import lora_linear as op_mod
 
-from _tolerances import close_small_k
 from conftest import HAS_CUDA, INTERPRET
 
 needs_triton = pytest.mark.skipif(
@@ -128,8 +128,9 @@ def test_op_ignores_autocast_for_fp32_inputs():
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, a, b, bb)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
             y = lk.lora_linear(*leaves[:4], 0.5, bias=leaves[4], backend="torch")
-            _, xa = torch.ops.lora_kernels.lora_linear_fwd(*[t.detach() for t in leaves[:4]], None, 0.5, 0.0,
-                                                              torch.tensor(0), "torch")
+            _, xa = torch.ops.lora_kernels.lora_linear_fwd(
+                *[t.detach() for t in leaves[:4]], None, 0.5, 0.0, torch.tensor(0), "torch"
+            )
             y.square().sum().backward()  # backward inside the context too: autograd keeps the thread's autocast
         assert y.dtype == xa.dtype == torch.float32
         results.append((y.detach(), [t.grad for t in leaves]))
@@ -163,12 +164,26 @@ def test_fp32_master_adapter_stays_fp32_under_autocast(base_dtype, monkeypatch):
     assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)]
     assert y.dtype == torch.bfloat16
     bf = torch.bfloat16
-    expected = lk.lora_linear(x.to(bf), layer.weight.to(bf), layer.lora_A, layer.lora_B, layer.scaling,
-                              bias=layer.bias.to(bf), backend="torch")
+    expected = lk.lora_linear(
+        x.to(bf),
+        layer.weight.to(bf),
+        layer.lora_A,
+        layer.lora_B,
+        layer.scaling,
+        bias=layer.bias.to(bf),
+        backend="torch",
+    )
     assert torch.equal(y, expected)
     # and the fp32 adapter is what the result used: rounding it to bf16 gives a different result
-    rounded = lk.lora_linear(x.to(bf), layer.weight.to(bf), layer.lora_A.to(bf), layer.lora_B.to(bf),
-                             layer.scaling, bias=layer.bias.to(bf), backend="torch")
+    rounded = lk.lora_linear(
+        x.to(bf),
+        layer.weight.to(bf),
+        layer.lora_A.to(bf),
+        layer.lora_B.to(bf),
+        layer.scaling,
+        bias=layer.bias.to(bf),
+        backend="torch",
+    )
     assert not torch.equal(rounded, expected)
     y.float().square().sum().backward()
     assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
@@ -308,12 +323,15 @@ def _weight_normed(old_style: bool):
     return torch.nn.utils.parametrizations.weight_norm(lin)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("subclass_forward", "own forward"),
-    ("instance_forward", "own forward .on the instance"),
-    ("parametrized", "parametrized Linear"),
-    ("old_weight_norm", "weight is not a parameter"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("subclass_forward", "own forward"),
+        ("instance_forward", "own forward .on the instance"),
+        ("parametrized", "parametrized Linear"),
+        ("old_weight_norm", "weight is not a parameter"),
+    ],
+)
 def test_inject_refuses_linears_it_cannot_replace_faithfully(case, match):
     if case == "subclass_forward":
         layer = ScaledLinear(6, 4)
@@ -382,8 +400,7 @@ def _mse(m, x):
     return m(x).square().mean()
 
 
-@pytest.mark.parametrize("train_mode, expected", [(True, (True, True)), (False, (False, False)),
-                                                  (None, (False, True))])
+@pytest.mark.parametrize("train_mode, expected", [(True, (True, True)), (False, (False, False)), (None, (False, True))])
 def test_lora_ga_estimates_in_train_mode_and_restores_every_mode(train_mode, expected):
     torch.manual_seed(0)
     model = ModeSpy()
@@ -426,7 +443,7 @@ def test_lora_ga_factors_have_a_fixed_sign():
     m, n, r = 16, 12, 3
     U, _ = torch.linalg.qr(torch.randn(m, m, generator=gen))
     V, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
-    S = torch.tensor([10.0 * 0.8 ** i for i in range(n)])
+    S = torch.tensor([10.0 * 0.8**i for i in range(n)])
     G = (U[:, :n] * S) @ V.T
     ref_a, ref_b = lk.init.lora_ga_factors(G, r, generator=torch.Generator().manual_seed(0))
     assert bool((ref_a.gather(1, ref_a.abs().argmax(1, keepdim=True)) > 0).all())  # the convention itself (rows of Vh)
@@ -561,8 +578,9 @@ def test_triton_kernels_round_once(dtype, device, monkeypatch):
     seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
     y, xa = torch.ops.lora_kernels.lora_linear_fwd(*cast[:4], cast[4], scale, p, seed_t, "triton")
     assert torch.equal(y.cpu(), y64.to(dtype))
-    dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(dy.to(device=device, dtype=dtype), *cast[:4], xa, scale, p,
-                                                    seed_t, "triton", True, False, False)
+    dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(
+        dy.to(device=device, dtype=dtype), *cast[:4], xa, scale, p, seed_t, "triton", True, False, False
+    )
     assert torch.equal(dx.cpu(), dx64.to(dtype))
 
 
@@ -582,16 +600,16 @@ def test_dropout_mask_offsets_past_2_to_the_32_on_gpu(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(M_, K_, device=dev, dtype=torch.float16)
     w = torch.zeros(N_, K_, device=dev, dtype=torch.float16)
-    a = (torch.randn(R_, K_, device=dev) / K_ ** 0.5).half()
+    a = (torch.randn(R_, K_, device=dev) / K_**0.5).half()
     b = torch.randn(N_, R_, device=dev).half()
     seed = 0x1234_5678_9ABC
     seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
     _, xa = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, None, 1.0, p, seed_t, "triton")
     dy = torch.randn(M_, N_, device=dev, dtype=torch.float16)
-    dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(dy, x, w, a, b, xa, 1.0, p, seed_t, "triton",
-                                                    True, False, False)
-    rows = torch.cat([torch.arange(0, 8), torch.arange((1 << 31) // K_ - 8, (1 << 31) // K_ + 8),
-                      torch.arange(M_ - tail, M_)]).to(dev)
+    dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(dy, x, w, a, b, xa, 1.0, p, seed_t, "triton", True, False, False)
+    rows = torch.cat(
+        [torch.arange(0, 8), torch.arange((1 << 31) // K_ - 8, (1 << 31) // K_ + 8), torch.arange(M_ - tail, M_)]
+    ).to(dev)
     offsets = rows[:, None].to(torch.int64) * K_ + torch.arange(K_, device=dev)[None, :]
     assert int(offsets.max()) >= 1 << 32
     keep = (philox_randint(seed, offsets) >> (32 - RAND_BITS)) >= dropout_threshold(p)

@@ -1,5 +1,5 @@
-"""The optional CUDA extension (csrc/, lora_kernels._C_lora) and its loader (lora_kernels/extension.py; lora_kernels.cuda
-is the same module under its former name).
+"""The optional CUDA extension (csrc/, lora_kernels._C_lora) and its loader (lora_kernels/extension.py;
+lora_kernels.cuda is the same module under its former name).
 
 On every machine: the sources compile through CMakeLists.txt (sm_80 and sm_90) when nvcc, cmake, ninja and pybind11
 are present, so a compile error fails CI; the built module imports without a GPU and reports "no CUDA device" as a
@@ -24,18 +24,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from _oracle import F64, multi_lora_in_dtype
+from _tolerances import assert_close_to_oracle, close
 
 from lora_kernels import _backend
 from lora_kernels import extension as lkc
 from lora_kernels.ops._batch import BatchMeta
 
-from _oracle import F64, multi_lora_in_dtype
-from _tolerances import assert_close_to_oracle, close
 from conftest import HAS_CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
-NVCC = os.environ.get("CUDACXX") or shutil.which("nvcc") or (
-    "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+NVCC = (
+    os.environ.get("CUDACXX")
+    or shutil.which("nvcc")
+    or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 )
 
 
@@ -94,9 +96,18 @@ def built_module(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cuda_ext")
     out = tmp / "out"
     configure = [
-        cmake, "-S", str(ROOT), "-B", str(tmp / "build"), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
-        f"-DCMAKE_CUDA_COMPILER={NVCC}", f"-DPython_EXECUTABLE={sys.executable}",
-        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DLORA_KERNELS_OUTPUT_DIR={out}",
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(tmp / "build"),
+        "-G",
+        "Ninja",
+        f"-DCMAKE_MAKE_PROGRAM={ninja}",
+        f"-DCMAKE_CUDA_COMPILER={NVCC}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        f"-DLORA_KERNELS_OUTPUT_DIR={out}",
         "-DCMAKE_CUDA_ARCHITECTURES=80;90",
     ]
     for cmd in (configure, [cmake, "--build", str(tmp / "build")]):
@@ -112,7 +123,10 @@ def test_extension_compiles_and_imports_without_gpu(built_module):
     assert mod.CUDA_ARCHS == "80,90"
     assert mod.MAX_SLICES == lkc.MAX_SLICES
     assert (mod.DTYPE_FLOAT32, mod.DTYPE_FLOAT16, mod.DTYPE_BFLOAT16) == (
-        lkc.DTYPE_CODES[torch.float32], lkc.DTYPE_CODES[torch.float16], lkc.DTYPE_CODES[torch.bfloat16])
+        lkc.DTYPE_CODES[torch.float32],
+        lkc.DTYPE_CODES[torch.float16],
+        lkc.DTYPE_CODES[torch.bfloat16],
+    )
     assert (mod.INDEX_INT32, mod.INDEX_INT64) == (lkc.INDEX_CODES[torch.int32], lkc.INDEX_CODES[torch.int64])
     assert mod.runtime_version() >= 12000
     assert issubclass(mod.CudaError, RuntimeError)
@@ -188,8 +202,10 @@ def test_installed_module_if_built(fresh_loader):
 
 # --------------------------------------------------------------------------------------------------- the loader
 def test_package_import_loads_no_extension():
-    code = ("import sys, lora_kernels, lora_kernels.cuda, lora_kernels.ops.multi_lora; "
-            "print('lora_kernels._C_lora' in sys.modules)")
+    code = (
+        "import sys, lora_kernels, lora_kernels.cuda, lora_kernels.ops.multi_lora; "
+        "print('lora_kernels._C_lora' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
@@ -227,12 +243,16 @@ def test_broken_module_warns_once_then_falls_back(fresh_loader, monkeypatch, tmp
         reasons = [fresh_loader.cuda_ops_unavailable_reason() for _ in range(3)]
         assert fresh_loader.cuda_ops_available() is False
         # The backend chooser then takes the next backend ("triton" on a GPU; "torch" stands in for it here).
-        chosen = _backend.select("multi_lora_linear", "auto",
-                                 {"cuda": lambda *a: lkc.cuda_ops_unavailable_reason(), "torch": lambda *a: None},
-                                 ("cuda", "torch"))
+        chosen = _backend.select(
+            "multi_lora_linear",
+            "auto",
+            {"cuda": lambda *a: lkc.cuda_ops_unavailable_reason(), "torch": lambda *a: None},
+            ("cuda", "torch"),
+        )
         with pytest.raises(_backend.BackendError, match="failed to load"):
-            _backend.select("multi_lora_linear", "cuda", {"cuda": lambda *a: lkc.cuda_ops_unavailable_reason()},
-                            ("cuda",))
+            _backend.select(
+                "multi_lora_linear", "cuda", {"cuda": lambda *a: lkc.cuda_ops_unavailable_reason()}, ("cuda",)
+            )
     assert chosen == "torch"
     assert all(r == reasons[0] for r in reasons)
     assert "failed to load" in reasons[0] and "undefined symbol" in reasons[0]
@@ -395,8 +415,7 @@ def _check_case(device, M, K, slices, L, R, dtype, misaligned=False, seed=0, til
     assert used == [tiled, tiled]
     want_s = ref.lora_shrink(x.cpu(), A.cpu(), ids.cpu(), ranks.cpu(), S, acc_dtype=torch.float64)
     torch.testing.assert_close(out.cpu().double(), want_s, **close(torch.float32))
-    want_y = ref.lora_expand(want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double(),
-                             slices)
+    want_y = ref.lora_expand(want_s, B.cpu().double(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double(), slices)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.cpu().double(), want_y, **close(dtype))
     untouched = torch.tensor([not (0 <= i < L and ranks_l[i] > 0) for i in ids_l])
@@ -418,18 +437,39 @@ def emu_module(tmp_path_factory):
 
     import pybind11
 
-    lib = next((d for d in ("lib64", "lib", "targets/x86_64-linux/lib")
-                if (cuda_root / d / "libcudart_static.a").exists()), None)
+    lib = next(
+        (d for d in ("lib64", "lib", "targets/x86_64-linux/lib") if (cuda_root / d / "libcudart_static.a").exists()),
+        None,
+    )
     if lib is None:
         pytest.skip("libcudart_static.a not found in the CUDA toolkit")
     out = tmp_path_factory.mktemp("cuda_emu") / ("_C_lora_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
     cmd = [
-        cxx, "-O1", "-std=c++20", "-shared", "-fPIC", "-DLORA_CUDA_EMULATION",
-        "-DLORA_CUDA_MODULE_NAME=_C_lora_emu", f"-I{ROOT / 'csrc'}",
-        f"-I{cuda_root / 'include'}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}",
-        "-x", "c++", str(ROOT / "csrc" / "bindings.cpp"), str(ROOT / "csrc" / "bgmv_shrink.cu"),
-        str(ROOT / "csrc" / "bgmv_expand.cu"), "-x", "none", f"-L{cuda_root / lib}", "-lcudart_static", "-ldl", "-lrt",
-        "-lpthread", "-o", str(out),
+        cxx,
+        "-O1",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-DLORA_CUDA_EMULATION",
+        "-DLORA_CUDA_MODULE_NAME=_C_lora_emu",
+        f"-I{ROOT / 'csrc'}",
+        f"-I{cuda_root / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{pybind11.get_include()}",
+        "-x",
+        "c++",
+        str(ROOT / "csrc" / "bindings.cpp"),
+        str(ROOT / "csrc" / "bgmv_shrink.cu"),
+        str(ROOT / "csrc" / "bgmv_expand.cu"),
+        "-x",
+        "none",
+        f"-L{cuda_root / lib}",
+        "-lcudart_static",
+        "-ldl",
+        "-lrt",
+        "-lpthread",
+        "-o",
+        str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
@@ -512,14 +552,19 @@ def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
     for pool_dtype, x_dtype in ((torch.float16, torch.float16), (torch.float32, torch.bfloat16)):
         pool = AdapterPool(4, 16, K, slices, dtype=pool_dtype)
         for name, r in (("a", 16), ("b", 3)):
-            pool.load(name, [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
-                      [torch.randn(n, r, generator=gen) for n in slices], alpha=2.0 * r)
+            pool.load(
+                name,
+                [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+                [torch.randn(n, r, generator=gen) for n in slices],
+                alpha=2.0 * r,
+            )
         W = (torch.randn(sum(slices), K, generator=gen) / math.sqrt(K)).to(x_dtype)
         x = torch.randn(5, K, generator=gen).to(x_dtype)
         ids = [0, -1, 1, 1, 0]
         got = lk.multi_lora_linear(x, W, None, pool, LoRABatch.prepare(ids), backend="cuda", fused=fused)
-        want = ref.multi_lora_linear(x, W, None, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
-                                     torch.tensor(ids), slices, **F64)
+        want = ref.multi_lora_linear(
+            x, W, None, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, torch.tensor(ids), slices, **F64
+        )
         assert got.dtype == x_dtype
         torch.testing.assert_close(got.double(), want, **close(x_dtype))
 
@@ -528,10 +573,11 @@ def test_emulated_backend_cuda_through_the_ops(emulated, monkeypatch, fused):
 def test_emulated_fp16_shrink_beyond_fp16_range(emulated, monkeypatch, fused):
     """The shrink result stays fp32 up to the expand: x·Aᵀ = 102400 (past fp16's 65504) with a finite output of a
     few hundred, fp16 data, backend="cuda" (the case of tests/test_multi_lora_serving.py)."""
+    from test_multi_lora_serving import overflow_case, overflow_want
+
     import lora_kernels as lk
     from lora_kernels.ops import multi_lora as ops
     from lora_kernels.pool import LoRABatch
-    from test_multi_lora_serving import overflow_case, overflow_want
 
     monkeypatch.setitem(ops.BACKENDS.checks, "cuda", lambda *a: None)
     pool, weight, x, ids = overflow_case(device="cpu")
@@ -551,8 +597,9 @@ def test_emulated_opcheck_custom_ops_backend_cuda(emulated):
     K, slices, R = 16, [8, 4], 8
     pool = AdapterPool(3, R, K, slices, dtype=torch.float16)
     for name, r in (("a", R), ("b", 3)):
-        pool.load(name, [torch.randn(r, K, generator=gen) for _ in slices],
-                  [torch.randn(n, r, generator=gen) for n in slices])
+        pool.load(
+            name, [torch.randn(r, K, generator=gen) for _ in slices], [torch.randn(n, r, generator=gen) for n in slices]
+        )
     batch = LoRABatch.prepare([0, -1, 1, 1, 0, 1, 0], max_tokens=8)
     meta = batch.meta
     x = torch.randn(7, K, generator=gen).half()
@@ -561,13 +608,15 @@ def test_emulated_opcheck_custom_ops_backend_cuda(emulated):
         lkc.TILED_MIN_TOKENS_PER_SLOT = min_per_slot
         try:
             s_buf = torch.zeros(7, 2 * R)
-            torch.library.opcheck(ops._shrink_op,
-                                  (x, pool.A_stack, pool.ranks, *meta, s_buf, 2, batch.tile_m, "cuda"))
+            torch.library.opcheck(ops._shrink_op, (x, pool.A_stack, pool.ranks, *meta, s_buf, 2, batch.tile_m, "cuda"))
             y = torch.randn(7, sum(slices), generator=gen).half()
-            torch.library.opcheck(ops._expand_op, (s_buf, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices,
-                                                   batch.tile_m, "cuda"))
-            torch.library.opcheck(ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y,
-                                                  slices, batch.tile_m, "cuda"))
+            torch.library.opcheck(
+                ops._expand_op, (s_buf, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, batch.tile_m, "cuda")
+            )
+            torch.library.opcheck(
+                ops._fused_op,
+                (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, batch.tile_m, "cuda"),
+            )
         finally:
             lkc.TILED_MIN_TOKENS_PER_SLOT = saved
 
@@ -621,8 +670,9 @@ def test_gpu_strided_misaligned_and_all_none(dtype):
         y0 = y.clone()
         lkc.multi_lora_expand(out, B, ranks, scales, BatchMeta(ids, None, None, None), y, [N], 16)
         want_y = ref.lora_expand(want_s, B.cpu(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().double())
-        y_lowp = ref.lora_expand(want_s.to(dtype), B.cpu(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().clone(),
-                                 acc_dtype=dtype)
+        y_lowp = ref.lora_expand(
+            want_s.to(dtype), B.cpu(), ids.cpu(), ranks.cpu(), scales.cpu(), y0.cpu().clone(), acc_dtype=dtype
+        )
         assert_close_to_oracle(y, y_lowp, want_y)
     none = torch.full((M,), -1, dtype=torch.int32, device="cuda")
     out = torch.full((M, R), float("nan"), device="cuda")
@@ -638,9 +688,10 @@ def test_gpu_strided_misaligned_and_all_none(dtype):
 @pytest.mark.gpu
 def test_gpu_ops_backend_cuda_on_triton_cases():
     """lk.multi_lora_linear(backend="cuda") on the cases of tests/test_multi_lora.py's Triton test."""
+    import test_multi_lora as tml
+
     import lora_kernels as lk
     from lora_kernels.pool import LoRABatch
-    import test_multi_lora as tml
 
     for T, pattern, slices, fused, lead in tml.CASES:
         gen = torch.Generator().manual_seed(T * 7 + len(pattern))
@@ -655,9 +706,14 @@ def test_gpu_ops_backend_cuda_on_triton_cases():
         x = torch.randn(*lead, T, tml.K, generator=gen).cuda() if lead else torch.randn(T, tml.K, generator=gen).cuda()
         batch = LoRABatch.prepare(ids, device="cuda")
         got = lk.multi_lora_linear(x, weight, bias, pool, batch, backend="cuda", fused=fused)
-        want = tml._naive(x.cpu(), weight.cpu(), bias.cpu(),
-                          {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
-                          ids, slices)
+        want = tml._naive(
+            x.cpu(),
+            weight.cpu(),
+            bias.cpu(),
+            {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+            ids,
+            slices,
+        )
         torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
     for dtype in (torch.float16, torch.bfloat16):
         gen = torch.Generator().manual_seed(5)
@@ -666,18 +722,24 @@ def test_gpu_ops_backend_cuda_on_triton_cases():
         x = torch.randn(21, tml.K, generator=gen).to("cuda", dtype)
         ids = tml._ids("repeats", 21, sorted(adapters), gen)
         got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device="cuda"), backend="cuda")
-        want = tml._naive(x.cpu(), weight.cpu(), None,
-                          {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
-                          ids, tml.SLICES)
+        want = tml._naive(
+            x.cpu(),
+            weight.cpu(),
+            None,
+            {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+            ids,
+            tml.SLICES,
+        )
         assert_close_to_oracle(got, multi_lora_in_dtype(x, weight, None, pool, ids, tml.SLICES), want)
 
 
 @needs_ext
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_and_replay():
+    import test_multi_lora as tml
+
     import lora_kernels as lk
     from lora_kernels.pool import LoRABatch
-    import test_multi_lora as tml
 
     T = 16
     gen = torch.Generator().manual_seed(14)
@@ -701,18 +763,24 @@ def test_gpu_cuda_graph_capture_and_replay():
         x.copy_(torch.randn(T, tml.K, generator=gen).to("cuda", torch.float16))
         graph.replay()
         torch.cuda.synchronize()
-        want = tml._naive(x.cpu(), weight.cpu(), None,
-                          {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
-                          ids, tml.SLICES)
+        want = tml._naive(
+            x.cpu(),
+            weight.cpu(),
+            None,
+            {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+            ids,
+            tml.SLICES,
+        )
         assert_close_to_oracle(y, multi_lora_in_dtype(x, weight, None, pool, ids, tml.SLICES), want)
 
 
 @needs_ext
 @pytest.mark.gpu
 def test_gpu_compile_fullgraph_backend_cuda():
+    import test_multi_lora as tml
+
     import lora_kernels as lk
     from lora_kernels.pool import LoRABatch
-    import test_multi_lora as tml
 
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(15)
@@ -721,8 +789,9 @@ def test_gpu_compile_fullgraph_backend_cuda():
     x = torch.randn(40, tml.K, generator=gen).to("cuda", torch.float16)
     batch = LoRABatch.prepare(tml._ids("repeats", 40, [0, 1, 2], gen), device="cuda")
     eager = lk.multi_lora_linear(x, weight, None, pool, batch, backend="cuda")
-    compiled = torch.compile(lambda x: lk.multi_lora_linear(x, weight, None, pool, batch, backend="cuda"),
-                             fullgraph=True)
+    compiled = torch.compile(
+        lambda x: lk.multi_lora_linear(x, weight, None, pool, batch, backend="cuda"), fullgraph=True
+    )
     torch.testing.assert_close(compiled(x), eager, rtol=1e-2, atol=1e-2)
 
 
@@ -731,13 +800,26 @@ def test_gpu_compile_fullgraph_backend_cuda():
 @pytest.mark.slow
 def test_gpu_compute_sanitizer_clean():
     sanitizer = shutil.which("compute-sanitizer") or (
-        "/usr/local/cuda/bin/compute-sanitizer" if os.path.exists("/usr/local/cuda/bin/compute-sanitizer") else None)
+        "/usr/local/cuda/bin/compute-sanitizer" if os.path.exists("/usr/local/cuda/bin/compute-sanitizer") else None
+    )
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not installed")
     for tool in ("memcheck", "racecheck"):  # initcheck also inspects torch's own copies: run it by hand
-        proc = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable,
-                               str(ROOT / "csrc" / "sanitizer_check.py")],
-                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+        proc = subprocess.run(
+            [
+                sanitizer,
+                "--tool",
+                tool,
+                "--error-exitcode",
+                "3",
+                sys.executable,
+                str(ROOT / "csrc" / "sanitizer_check.py"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
         assert proc.returncode == 0, f"{tool}: rc={proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
         assert "ERROR SUMMARY: 0 errors" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 

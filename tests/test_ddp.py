@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _tolerances import close_small_k
 
 import lora_kernels as lk
 
 from _dist_helpers import WORLD, gloo_available, spawn
-from _tolerances import close_small_k
 
 STEPS = 4
 LR = 0.5
@@ -25,8 +25,9 @@ PG_TIMEOUT_S = 300  # rendezvous and each collective: a peer that died fails the
 
 def _model() -> nn.Module:
     torch.manual_seed(0)  # the same base and adapter on every rank
-    model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_HID), nn.Tanh(),
-                          nn.Linear(D_HID, D_OUT))
+    model = nn.Sequential(
+        nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT)
+    )
     # gaussian init with a non-zero B so both A and B get gradients from the first step
     lk.inject_lora(model, ["0", "2"], r=3, alpha=6, init="gaussian", backend="torch")
     with torch.no_grad():

@@ -70,26 +70,44 @@ def test_demo_without_matplotlib_finishes_with_a_note(tmp_path, capsys, monkeypa
 
 
 def test_demo_not_reached_is_reported_plainly(capsys):
-    out = demo.run(["--steps", "5", "--seeds", "2", "--pretrain-steps", "20", "--lrs", "1e-4", "--methods",
-                    "lora,lora-ga", "--no-png", "--target", "1.0"])
+    out = demo.run(
+        [
+            "--steps",
+            "5",
+            "--seeds",
+            "2",
+            "--pretrain-steps",
+            "20",
+            "--lrs",
+            "1e-4",
+            "--methods",
+            "lora,lora-ga",
+            "--no-png",
+            "--target",
+            "1.0",
+        ]
+    )
     text = capsys.readouterr().out
     assert out["best"]["lora"]["test_hit"] == [None, None]
     assert "not reached in 5" in text and "inf" not in text
     assert "LoRA-GA reached 100 % in 0/2 seeds, LoRA in 0/2 (within 5 steps)" in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--target", "1.5"], "--target: expected an accuracy in (0, 1]"),
-    (["--target", "0"], "--target: expected an accuracy in (0, 1]"),
-    (["--target", "abc"], "--target: expected an accuracy in (0, 1]"),
-    (["--rank", "6"], "--rank 6: LoRA-GA needs 2r <= 10"),
-    (["--rank", "0"], "--rank: expected a positive integer"),
-    (["--steps", "-3"], "--steps: expected a positive integer"),
-    (["--lrs", "1e-3,x"], "--lrs: expected comma-separated numbers"),
-    (["--lrs", "0"], "--lrs: expected positive learning rates"),
-    (["--methods", "lora,dora"], "--methods: dora; choose from full, lora, lora-ga, pissa"),
-    (["--alpha", "-1"], "--alpha must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target", "1.5"], "--target: expected an accuracy in (0, 1]"),
+        (["--target", "0"], "--target: expected an accuracy in (0, 1]"),
+        (["--target", "abc"], "--target: expected an accuracy in (0, 1]"),
+        (["--rank", "6"], "--rank 6: LoRA-GA needs 2r <= 10"),
+        (["--rank", "0"], "--rank: expected a positive integer"),
+        (["--steps", "-3"], "--steps: expected a positive integer"),
+        (["--lrs", "1e-3,x"], "--lrs: expected comma-separated numbers"),
+        (["--lrs", "0"], "--lrs: expected positive learning rates"),
+        (["--methods", "lora,dora"], "--methods: dora; choose from full, lora, lora-ga, pissa"),
+        (["--alpha", "-1"], "--alpha must be a positive number"),
+    ],
+)
 def test_demo_bad_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         demo.run(argv)
@@ -114,16 +132,27 @@ def test_demo_help_documents_every_option_with_its_default():
             continue
         assert action.help and "(default: " in action.help, action.dest
     text = " ".join(parser.format_help().split())
-    for default in ("(default: lora_demo.png in the current directory)", "(default: 150)", "(default: 0.9)",
-                    "(default: 4)", "(default: 3)", "(default: 3e-3,1e-2,3e-2)"):
+    for default in (
+        "(default: lora_demo.png in the current directory)",
+        "(default: 150)",
+        "(default: 0.9)",
+        "(default: 4)",
+        "(default: 3)",
+        "(default: 3e-3,1e-2,3e-2)",
+    ):
         assert default in text, default
 
 
 def test_demo_runs_as_module(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "lora_kernels.demo", *_tiny("--methods", "lora,lora-ga"),
-                           "--no-png", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_kernels.demo", *_tiny("--methods", "lora,lora-ga"), "--no-png", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| lora-ga |" in proc.stdout and not list(tmp_path.iterdir())
 

@@ -53,8 +53,9 @@ def test_canonical_signs_fix_the_largest_entry_positive():
     torch.testing.assert_close(U2 @ Vh2, U @ Vh)  # each pair flipped together: the product is unchanged
 
 
-@pytest.mark.parametrize("bad,match", [(dict(q=0), "q must be"), (dict(q=10), "q must be"),
-                                       (dict(q=2, niter=-1), "niter")])
+@pytest.mark.parametrize(
+    "bad,match", [(dict(q=0), "q must be"), (dict(q=10), "q must be"), (dict(q=2, niter=-1), "niter")]
+)
 def test_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
         sharded_randomized_svd(torch.randn(6, 5), **bad)

@@ -6,7 +6,6 @@ state dict, ``save_adapter`` (rank 0 writes, once; the file equals the single-pr
 ``load_adapter`` into a sharded model; a bf16 mixed-precision policy with fp32 reduction; and a bad argument on one
 rank raising the same error on both ranks, with nothing written or loaded."""
 
-import copy
 import json
 import os
 
@@ -15,11 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from _tolerances import close_small_k
 
 import lora_kernels as lk
 from lora_kernels.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+
 from _dist_helpers import WORLD, expect_error, gloo_available, spawn
-from _tolerances import close_small_k
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
 
@@ -30,8 +30,7 @@ TARGETS = ["0", "2"]
 
 def _base():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_HID), nn.Tanh(),
-                         nn.Linear(D_HID, D_OUT))
+    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
 
 
 def _model(b_std=0.1):
@@ -68,9 +67,10 @@ def _trainable(model):
 
 
 def _worker(rank, out_dir):
+    import safetensors.torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
-    import safetensors.torch
+
     from lora_kernels.distributed import full, is_dtensor, local
     from lora_kernels.reference import lora_linear as ref_op
 
@@ -94,8 +94,9 @@ def _worker(rank, out_dir):
     # -------- training: FSDP2 on the rank's data == one process on the union
     ref = _model()
     model = _shard(_model(), mesh)
-    assert is_dtensor(model[0].weight) and tuple(local(model[0].weight).shape) == ((9, D_IN) if rank == 0 else
-                                                                                 (8, D_IN))
+    assert is_dtensor(model[0].weight) and tuple(local(model[0].weight).shape) == (
+        (9, D_IN) if rank == 0 else (8, D_IN)
+    )
     opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
     ref_opt = torch.optim.AdamW(_trainable(ref), lr=1e-2)
     for step in range(STEPS):
@@ -184,8 +185,12 @@ def _worker(rank, out_dir):
         assert torch.equal(v, sd[k]), k
     partial_sd = {k: v for k, v in sd.items() if rank == 0 or k != "2.lora_B"}  # rank 1 lacks a key
     before_other = lk.lora_state_dict(other)
-    expect_error(lambda: lk.load_lora_state_dict(other, {k: v * 2 for k, v in partial_sd.items()}), out_dir, rank,
-                 "load_sd_missing")
+    expect_error(
+        lambda: lk.load_lora_state_dict(other, {k: v * 2 for k, v in partial_sd.items()}),
+        out_dir,
+        rank,
+        "load_sd_missing",
+    )
     for k, v in lk.lora_state_dict(other).items():
         assert torch.equal(v, before_other[k]), k  # nothing loaded on either rank
 
@@ -247,9 +252,11 @@ def test_fsdp2_lora_two_ranks(tmp_path):
         torch.testing.assert_close(pm(x), trained(x), **close_small_k())
 
     # one bad rank: both ranks raised the same error, naming the bad rank and the argument
-    for tag, cls, words in [("save_bad_path", "TypeError", ["path must be a str", "rank 1"]),
-                            ("load_missing", "FileNotFoundError", ["does_not_exist", "rank 1"]),
-                            ("load_sd_missing", "ValueError", ["missing keys: 2.lora_B", "rank 1"])]:
+    for tag, cls, words in [
+        ("save_bad_path", "TypeError", ["path must be a str", "rank 1"]),
+        ("load_missing", "FileNotFoundError", ["does_not_exist", "rank 1"]),
+        ("load_sd_missing", "ValueError", ["missing keys: 2.lora_B", "rank 1"]),
+    ]:
         r0, r1 = torch.load(tmp_path / f"{tag}_rank0.pt"), torch.load(tmp_path / f"{tag}_rank1.pt")
         assert r0 == r1, (tag, r0, r1)
         assert r0[0] == cls, (tag, r0)
@@ -265,13 +272,32 @@ def test_example_train_fsdp_runs_with_torchrun(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    )
     out = tmp_path / "adapter"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         os.path.join(root, "examples", "train_fsdp.py"), "--out", str(out), "--steps", "2"],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            os.path.join(root, "examples", "train_fsdp.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PEFT reload max" in proc.stdout, proc.stdout
     assert (out / WEIGHTS_NAME).is_file() and (out / CONFIG_NAME).is_file()

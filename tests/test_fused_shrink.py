@@ -3,10 +3,10 @@ the base GEMM's main loop (one launch), and S, which backward needs, is still wr
 
 import pytest
 import torch
+from _tolerances import TOL, assert_close_scaled
 
 from lora_kernels.reference import lora_linear as ref
 
-from _tolerances import TOL, assert_close_scaled
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
 pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -36,12 +36,15 @@ def _inputs(M, K, N, r, dtype, lora_dtype, seed):
     return [t.to(DEVICE, dt) for t, dt in ((x, dtype), (w, dtype), (a, lora_dtype), (b, lora_dtype), (bias, dtype))]
 
 
-@pytest.mark.parametrize("M, K, N, r, dtype, lora_dtype, fused", [
-    (7, 50, 45, 8, torch.float32, torch.float32, True),
-    (33, 70, 40, 16, torch.float16, torch.float32, True),  # A fp32 with half x: the fused dot upcasts
-    (5, 40, 33, 64, torch.float16, torch.float16, True),  # the largest fused rank
-    (5, 40, 33, 65, torch.float32, torch.float32, False),  # past it: the separate shrink
-])
+@pytest.mark.parametrize(
+    "M, K, N, r, dtype, lora_dtype, fused",
+    [
+        (7, 50, 45, 8, torch.float32, torch.float32, True),
+        (33, 70, 40, 16, torch.float16, torch.float32, True),  # A fp32 with half x: the fused dot upcasts
+        (5, 40, 33, 64, torch.float16, torch.float16, True),  # the largest fused rank
+        (5, 40, 33, 65, torch.float32, torch.float32, False),  # past it: the separate shrink
+    ],
+)
 def test_fused_forward_matches_reference(tri, M, K, N, r, dtype, lora_dtype, fused):
     x, w, a, b, bias = _inputs(M, K, N, r, dtype, lora_dtype, seed=M + r)
     y, s = tri.lora_linear_forward(x, w, a, b, 0.8, bias, 0.0, 0)

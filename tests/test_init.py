@@ -52,8 +52,9 @@ def make_problem(seed=0, n_batches=4, dtype=torch.float32):
     torch.manual_seed(seed)
     model = MLP(dtype=dtype)
     gen = torch.Generator().manual_seed(seed + 1)
-    batches = [(torch.randn(16, 12, generator=gen).to(dtype), torch.randn(16, 3, generator=gen))
-               for _ in range(n_batches)]
+    batches = [
+        (torch.randn(16, 12, generator=gen).to(dtype), torch.randn(16, 3, generator=gen)) for _ in range(n_batches)
+    ]
     return model, batches
 
 
@@ -68,7 +69,7 @@ def reference_grads(model, batches, names):
 # ---------------------------------------------------------------------------------------------- randomized SVD
 def test_randomized_svd_matches_exact_svd_batched():
     gen = torch.Generator().manual_seed(0)
-    sv = [10.0 * 0.6 ** i for i in range(20)]
+    sv = [10.0 * 0.6**i for i in range(20)]
     G = spectrum_matrix(33, 47, sv, gen, batch=(3,)).float()
     q, k = 8, 4
     U, S, Vh = randomized_svd(G, q=q, niter=4, generator=torch.Generator().manual_seed(1))
@@ -85,7 +86,7 @@ def test_randomized_svd_matches_exact_svd_batched():
 
 def test_randomized_svd_agrees_with_svd_lowrank_and_batches_like_a_loop():
     gen = torch.Generator().manual_seed(3)
-    sv = [5.0 * 0.7 ** i for i in range(16)]
+    sv = [5.0 * 0.7**i for i in range(16)]
     G = spectrum_matrix(40, 24, sv, gen, batch=(2,)).float()
     U, S, Vh = randomized_svd(G, q=12, niter=2, generator=torch.Generator().manual_seed(0))
     for b in range(2):
@@ -116,8 +117,9 @@ def test_orthonormalize_cholesky_qr2_and_fallback(monkeypatch):
     for bad in (Xd, torch.zeros(2, 50, 6)):
         Qb = svd_mod._orthonormalize(bad)
         assert torch.isfinite(Qb).all()
-        torch.testing.assert_close(Qb.transpose(-2, -1) @ Qb, torch.eye(bad.shape[-1]).expand_as(
-            Qb.transpose(-2, -1) @ Qb), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            Qb.transpose(-2, -1) @ Qb, torch.eye(bad.shape[-1]).expand_as(Qb.transpose(-2, -1) @ Qb), atol=1e-5, rtol=0
+        )
 
 
 def test_randomized_svd_low_rank_and_zero_matrices():
@@ -148,18 +150,22 @@ def test_randomized_svd_bad_arguments():
 def test_lora_ga_factors_directions_and_scale(direction):
     gen = torch.Generator().manual_seed(5)
     r, m, n = 3, 20, 12
-    sv = [8.0 * 0.7 ** i for i in range(12)]
+    sv = [8.0 * 0.7**i for i in range(12)]
     G = spectrum_matrix(m, n, sv, gen).float()
-    A, B = lora_ga_factors(G, r, direction=direction, stable_gamma=16, niter=4,
-                           generator=torch.Generator().manual_seed(0))
+    A, B = lora_ga_factors(
+        G, r, direction=direction, stable_gamma=16, niter=4, generator=torch.Generator().manual_seed(0)
+    )
     assert A.shape == (r, n) and B.shape == (m, r)
-    c = m ** 0.25 / 4.0
+    c = m**0.25 / 4.0
     # Rows of A/c and columns of B/c are orthonormal: no singular value enters them (official "stable" scale).
     torch.testing.assert_close(A @ A.T / c**2, torch.eye(r), atol=1e-5, rtol=0)
     torch.testing.assert_close(B.T @ B / c**2, torch.eye(r), atol=1e-5, rtol=0)
     U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
-    idx = {"ArB2r": (range(0, r), range(r, 2 * r)), "A2rBr": (range(r, 2 * r), range(0, r)),
-           "ArBr": (range(1, 2 * r, 2), range(0, 2 * r, 2))}
+    idx = {
+        "ArB2r": (range(0, r), range(r, 2 * r)),
+        "A2rBr": (range(r, 2 * r), range(0, r)),
+        "ArBr": (range(1, 2 * r, 2), range(0, 2 * r, 2)),
+    }
     if direction in idx:
         ia, ib = idx[direction]
         torch.testing.assert_close(projector(A.T), projector(Vh[list(ia)].T), atol=1e-4, rtol=0)
@@ -184,8 +190,16 @@ def test_lora_ga_init_preserves_output_and_leaves_clean_state():
     model.head.eval()  # a mixed state that must come back exactly
     modes = {n: m.training for n, m in model.named_modules()}
     events = []
-    layers = lk.lora_ga_init(model, batches, mse, r=2, alpha=16, target_modules=["up", "mid"], backend="torch",
-                             progress=lambda stage, done, total, name: events.append((stage, done, total)))
+    layers = lk.lora_ga_init(
+        model,
+        batches,
+        mse,
+        r=2,
+        alpha=16,
+        target_modules=["up", "mid"],
+        backend="torch",
+        progress=lambda stage, done, total, name: events.append((stage, done, total)),
+    )
     assert list(layers) == ["up", "mid"]
     assert isinstance(model.up, lk.LoRALinear) and isinstance(model.mid, lk.LoRALinear)
     assert isinstance(model.head, nn.Linear) and not isinstance(model.head, lk.LoRALinear)
@@ -196,7 +210,11 @@ def test_lora_ga_init_preserves_output_and_leaves_clean_state():
     # no gradient left anywhere, only the adapters train (freeze_base=True), no hook left behind
     assert all(p.grad is None for p in model.parameters())
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
-        "mid.lora_A", "mid.lora_B", "up.lora_A", "up.lora_B"]
+        "mid.lora_A",
+        "mid.lora_B",
+        "up.lora_A",
+        "up.lora_B",
+    ]
     assert not model.up.weight._post_accumulate_grad_hooks
     # same output (fp32: W0 − ρBA then +ρBA rounds at ~1e-7 relative)
     x = torch.randn(9, 12)
@@ -218,7 +236,7 @@ def test_lora_ga_first_sgd_step_follows_best_rank_2r_of_full_gradient():
     loss = sum(mse(model, b) for b in batches) / len(batches)
     loss.backward()
     for n, l in layers.items():
-        rho, c2 = l.scaling, l.out_features ** 0.5 / 16
+        rho, c2 = l.scaling, l.out_features**0.5 / 16
         first_order = rho * (l.lora_B.grad.double() @ l.lora_A.double() + l.lora_B.double() @ l.lora_A.grad.double())
         expected = rho**2 * c2 * best_rank(G[n], 2 * r)
         scale = expected.abs().max()
@@ -228,7 +246,7 @@ def test_lora_ga_first_sgd_step_follows_best_rank_2r_of_full_gradient():
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     opt.step()
     for n, l in layers.items():
-        rho, c2 = l.scaling, l.out_features ** 0.5 / 16
+        rho, c2 = l.scaling, l.out_features**0.5 / 16
         delta = (l.scaling * (l.lora_B.double() @ l.lora_A.double())).detach() - before[n]
         expected = -lr * rho**2 * c2 * best_rank(G[n], 2 * r)
         cos = (delta * expected).sum() / (delta.norm() * expected.norm())
@@ -246,8 +264,7 @@ def test_lora_ga_init_averages_over_batches_and_respects_num_batches():
 
     m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
     it = iter(batches)
-    l1 = lk.lora_ga_init(m1, it, counting_loss, r=2, target_modules=["up"], num_batches=3,
-                         backend="torch")
+    l1 = lk.lora_ga_init(m1, it, counting_loss, r=2, target_modules=["up"], num_batches=3, backend="torch")
     assert len(seen) == 3
     assert len(list(it)) == 3  # the iterator's remaining batches were not drawn
     l2 = lk.lora_ga_init(m2, batches[:3], mse, r=2, target_modules=["up"], backend="torch")
@@ -264,8 +281,7 @@ def test_lora_ga_init_device_buffer_equals_cpu_buffer_and_seed_is_deterministic(
     model, batches = make_problem(seed=3)
     m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
     l1 = lk.lora_ga_init(m1, batches, mse, r=2, target_modules=["up", "mid"], grad_buffer="cpu", backend="torch")
-    l2 = lk.lora_ga_init(m2, batches, mse, r=2, target_modules=["up", "mid"], grad_buffer="device",
-                         backend="torch")
+    l2 = lk.lora_ga_init(m2, batches, mse, r=2, target_modules=["up", "mid"], grad_buffer="device", backend="torch")
     for n in l1:
         torch.testing.assert_close(l1[n].lora_A, l2[n].lora_A, atol=0, rtol=0)
         torch.testing.assert_close(l1[n].weight, l2[n].weight, atol=0, rtol=0)
@@ -362,8 +378,9 @@ def test_lora_ga_init_errors_leave_model_untouched():
 def test_lora_ga_init_freeze_base_false_restores_flags():
     model, batches = make_problem(seed=6)
     model.head.bias.requires_grad_(False)
-    lk.lora_ga_init(model, batches, mse, r=2, target_modules=["up"], freeze_base=False, backend="torch",
-                    train_mode=False)
+    lk.lora_ga_init(
+        model, batches, mse, r=2, target_modules=["up"], freeze_base=False, backend="torch", train_mode=False
+    )
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     assert flags["head.weight"] and not flags["head.bias"] and flags["mid.weight"]
     assert not flags["up.weight"] and flags["up.lora_A"] and flags["up.lora_B"]
@@ -434,8 +451,15 @@ def test_at_most_one_target_gradient_alive_at_a_time():
 
 def test_lora_ga_on_transformers_llama_then_save_and_load_on_original(tmp_path):
     transformers = pytest.importorskip("transformers")
-    conf = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    conf = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(conf).eval()
     original = copy.deepcopy(model)
@@ -444,8 +468,9 @@ def test_lora_ga_on_transformers_llama_then_save_and_load_on_original(tmp_path):
     for _ in range(2):
         ids = torch.randint(0, 64, (2, 12), generator=gen)
         batches.append({"input_ids": ids, "labels": ids})
-    layers = lk.lora_ga_init(model, batches, r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                             backend="torch")  # default loss: model(**batch).loss
+    layers = lk.lora_ga_init(
+        model, batches, r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], backend="torch"
+    )  # default loss: model(**batch).loss
     assert len(layers) == 3 and not model.training
     ids = batches[0]["input_ids"]
     with torch.no_grad():
@@ -488,14 +513,22 @@ def test_gpu_memory_holds_one_layer_gradient_and_buffers_agree(dtype):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    layers = lk.lora_ga_init(model, batches, lambda m, x: m(x), r=8, target_modules=r"layers\.\d+",
-                             grad_buffer="cpu", svd_chunk_bytes=4 * d * d)
+    layers = lk.lora_ga_init(
+        model,
+        batches,
+        lambda m, x: m(x),
+        r=8,
+        target_modules=r"layers\.\d+",
+        grad_buffer="cpu",
+        svd_chunk_bytes=4 * d * d,
+    )
     peak = torch.cuda.max_memory_allocated() - base
     # one gradient in flight (+ one being accumulated into), one fp32 G and the SVD's workspace; never all six
     assert peak < 2 * one_grad + 3 * 4 * d * d, (peak, one_grad)
     other = copy.deepcopy(ref)
-    layers2 = lk.lora_ga_init(other, batches, lambda m, x: m(x), r=8, target_modules=r"layers\.\d+",
-                              grad_buffer="device")
+    layers2 = lk.lora_ga_init(
+        other, batches, lambda m, x: m(x), r=8, target_modules=r"layers\.\d+", grad_buffer="device"
+    )
     for n in layers:
         torch.testing.assert_close(layers[n].lora_A, layers2[n].lora_A, atol=1e-4, rtol=1e-3)
     x = torch.randn(4, d, device="cuda", dtype=dtype)

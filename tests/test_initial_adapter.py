@@ -43,8 +43,15 @@ def lora_ga_model(seed=0):
     model = base(seed)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 12, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(3)]
-    lk.lora_ga_init(model, batches, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), r=2, alpha=4,
-                    target_modules=TARGETS, backend="torch")
+    lk.lora_ga_init(
+        model,
+        batches,
+        lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(),
+        r=2,
+        alpha=4,
+        target_modules=TARGETS,
+        backend="torch",
+    )
     return model
 
 
@@ -111,8 +118,10 @@ def test_the_record_survives_deepcopy_and_pickling():
 
 def test_a_layer_without_a_record_has_the_state_dict_it_always_had():
     model = fresh()
-    assert set(model.state_dict()) == {f"{n}.{p}" for n in TARGETS for p in ("weight", "bias", "lora_A", "lora_B")} \
-        | {"head.weight", "head.bias"}
+    assert set(model.state_dict()) == {f"{n}.{p}" for n in TARGETS for p in ("weight", "bias", "lora_A", "lora_B")} | {
+        "head.weight",
+        "head.bias",
+    }
     # lora_state_dict (and the adapter files built on it) never carry the record
     assert set(lk.lora_state_dict(pissa_model())) == {f"{n}.{p}" for n in TARGETS for p in ("lora_A", "lora_B")}
 

@@ -8,12 +8,11 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from _models import assert_same_state, snapshot
+from _tolerances import close_small_k
 from safetensors.torch import load_file, save_file
 
 import lora_kernels as lk
-
-from _models import assert_same_state, snapshot
-from _tolerances import close_small_k
 
 
 class Block(nn.Module):
@@ -61,13 +60,18 @@ def test_save_writes_peft_keys_and_config(tmp_path):
     randomize_adapters(model)
     cfg = lk.save_adapter(model, tmp_path, base_model_name_or_path="my/base")
     tensors = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    expected = {f"base_model.model.layers.{i}.{m}.lora_{ab}.weight"
-                for i in range(2) for m in ("q_proj", "v_proj") for ab in "AB"}
+    expected = {
+        f"base_model.model.layers.{i}.{m}.lora_{ab}.weight"
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
     assert set(tensors) == expected
     assert tensors["base_model.model.layers.0.q_proj.lora_A.weight"].shape == (4, 12)
     assert tensors["base_model.model.layers.1.v_proj.lora_B.weight"].shape == (12, 4)
-    torch.testing.assert_close(tensors["base_model.model.layers.1.v_proj.lora_B.weight"],
-                               model.layers[1].v_proj.lora_B.detach())
+    torch.testing.assert_close(
+        tensors["base_model.model.layers.1.v_proj.lora_B.weight"], model.layers[1].v_proj.lora_B.detach()
+    )
     with open(os.path.join(tmp_path, "adapter_config.json")) as f:
         on_disk = json.load(f)
     assert on_disk == json.loads(json.dumps(cfg))
@@ -141,11 +145,18 @@ def test_mutated_base_saved_as_rank_2r_against_original(tmp_path, init, use_rslo
     if init == "lora-ga":
         gen = torch.Generator().manual_seed(3)
         batches = [torch.randn(8, 12, generator=gen) for _ in range(2)]
-        lk.lora_ga_init(model, batches, lambda m, b: (m(b) ** 2).mean(), r=2, alpha=4, use_rslora=use_rslora,
-                        target_modules=["q_proj", "v_proj"], backend="torch")
+        lk.lora_ga_init(
+            model,
+            batches,
+            lambda m, b: (m(b) ** 2).mean(),
+            r=2,
+            alpha=4,
+            use_rslora=use_rslora,
+            target_modules=["q_proj", "v_proj"],
+            backend="torch",
+        )
     else:
-        lk.inject_lora(model, ["q_proj", "v_proj"], r=2, alpha=4, use_rslora=use_rslora, init="pissa",
-                       backend="torch")
+        lk.inject_lora(model, ["q_proj", "v_proj"], r=2, alpha=4, use_rslora=use_rslora, init="pissa", backend="torch")
     assert not torch.equal(model.layers[0].q_proj.weight, original.layers[0].q_proj.weight)  # W0 was mutated
     _train_a_bit(model)
     with torch.no_grad():
@@ -276,13 +287,35 @@ def test_peft_written_file_loads(tmp_path):
         tensors[f"base_model.model.layers.{i}.v_proj.lora_B.weight"] = torch.randn(12, 8, generator=gen)
     save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
     cfg = {
-        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": "toy", "bias": "none",
-        "corda_config": None, "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
-        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 16, "lora_bias": False, "lora_dropout": 0.05,
-        "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None, "peft_type": "LORA",
-        "r": 8, "rank_pattern": {}, "revision": None, "target_modules": r".*\.v_proj", "task_type": None,
-        "trainable_token_indices": None, "use_dora": False, "use_rslora": False,
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": "toy",
+        "bias": "none",
+        "corda_config": None,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": 16,
+        "lora_bias": False,
+        "lora_dropout": 0.05,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": 8,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": r".*\.v_proj",
+        "task_type": None,
+        "trainable_token_indices": None,
+        "use_dora": False,
+        "use_rslora": False,
     }
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     ref = copy.deepcopy(base)
@@ -290,8 +323,12 @@ def test_peft_written_file_loads(tmp_path):
     layer = base.layers[1].v_proj
     assert isinstance(layer, lk.LoRALinear) and layer.r == 8 and layer.scaling == pytest.approx(2.0)
     assert layer.dropout == pytest.approx(0.05)
-    W = ref.layers[1].v_proj.weight + 2.0 * tensors["base_model.model.layers.1.v_proj.lora_B.weight"] @ \
-        tensors["base_model.model.layers.1.v_proj.lora_A.weight"]
+    W = (
+        ref.layers[1].v_proj.weight
+        + 2.0
+        * tensors["base_model.model.layers.1.v_proj.lora_B.weight"]
+        @ tensors["base_model.model.layers.1.v_proj.lora_A.weight"]
+    )
     torch.testing.assert_close(layer.weight + layer.delta_weight(), W.detach(), **close_small_k())
     for field, value in (("use_dora", True), ("fan_in_fan_out", True), ("peft_type", "IA3")):
         bad = dict(cfg, **{field: value})

@@ -3,19 +3,17 @@ call that leave the model as it was, clear errors, nothing left on disk by a fai
 
 import copy
 import json
-import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from _models import assert_same_state, nested, snapshot
 from safetensors.torch import load_file, save_file
 
 import lora_kernels as lk
 from lora_kernels import adapter_files as lk_io
-
-from _models import assert_same_state, nested, snapshot
 
 
 def randomize(model, seed=1, scale=0.3):
@@ -173,8 +171,11 @@ def test_values_overflowing_the_model_dtype_are_refused(tmp_path, into):
     if into == "existing":
         lk.inject_lora(target, r".*q", r=2, alpha=2, backend="torch")
     snap = snapshot(target)
-    with pytest.raises(ValueError, match=r"block\.attn\.q: the file's values overflow the adapter's dtype "
-                                         r"torch\.float16"):
+    with pytest.raises(
+        ValueError,
+        match=r"block\.attn\.q: the file's values overflow the adapter's dtype "
+        r"torch\.float16",
+    ):
         lk.load_adapter(target, tmp_path)
     assert_same_state(target, snap)
     assert len(lk.lora_layers(target)) == (2 if into == "existing" else 0)
@@ -198,8 +199,9 @@ def test_multihead_attention_out_proj_refused(tmp_path):
         tensors[f"base_model.model.{n}.lora_A.weight"] = torch.randn(2, 8, generator=gen)
         tensors[f"base_model.model.{n}.lora_B.weight"] = torch.randn(8, 2, generator=gen)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["out_proj", "proj"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["out_proj", "proj"]})
+    )
     model = WithMHA()
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"mha\.out_proj: nn\.MultiheadAttention"):
@@ -223,21 +225,24 @@ def with_config(tmp_path, **changes):
     path.write_text(json.dumps(cfg))  # json writes NaN / Infinity as Python's json reads them back
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("lora_alpha", float("nan"), "lora_alpha"),
-    ("lora_alpha", float("inf"), "lora_alpha"),
-    ("lora_dropout", 1.5, "lora_dropout"),
-    ("lora_dropout", -0.5, "lora_dropout"),
-    ("lora_dropout", float("nan"), "lora_dropout"),
-    ("lora_dropout", "abc", "lora_dropout"),
-    ("lora_dropout", True, "lora_dropout"),
-    ("use_rslora", "false", "use_rslora"),
-    ("use_rslora", 1, "use_rslora"),
-    ("alpha_pattern", {"attn.q": float("inf")}, "alpha_pattern"),
-    ("alpha_pattern", {"attn.(q": 3}, r"alpha_pattern key 'attn.\(q' is not a valid regex"),
-    ("rank_pattern", {"[": 2}, r"rank_pattern key '\[' is not a valid regex"),
-    ("target_modules", "(q", r"target_modules='\(q' is not a valid regex"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("lora_alpha", float("nan"), "lora_alpha"),
+        ("lora_alpha", float("inf"), "lora_alpha"),
+        ("lora_dropout", 1.5, "lora_dropout"),
+        ("lora_dropout", -0.5, "lora_dropout"),
+        ("lora_dropout", float("nan"), "lora_dropout"),
+        ("lora_dropout", "abc", "lora_dropout"),
+        ("lora_dropout", True, "lora_dropout"),
+        ("use_rslora", "false", "use_rslora"),
+        ("use_rslora", 1, "use_rslora"),
+        ("alpha_pattern", {"attn.q": float("inf")}, "alpha_pattern"),
+        ("alpha_pattern", {"attn.(q": 3}, r"alpha_pattern key 'attn.\(q' is not a valid regex"),
+        ("rank_pattern", {"[": 2}, r"rank_pattern key '\[' is not a valid regex"),
+        ("target_modules", "(q", r"target_modules='\(q' is not a valid regex"),
+    ],
+)
 @pytest.mark.parametrize("into", ["fresh", "existing"])
 def test_bad_config_values_refused_at_the_call(tmp_path, key, value, match, into):
     src = saved_nested(tmp_path)
@@ -272,9 +277,12 @@ def test_fp8_adapter_tensors_get_a_clear_type_error(tmp_path):
     tensors[key] = tensors[key].to(torch.float8_e4m3fn)
     save_file(tensors, path)
     target = nested()
-    with pytest.raises(TypeError, match=r"must be one of torch\.float16, torch\.bfloat16, torch\.float32, "
-                                        r"torch\.float64; got base_model\.model\.attn\.q\.lora_A\.weight "
-                                        r"\(torch\.float8_e4m3fn\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"must be one of torch\.float16, torch\.bfloat16, torch\.float32, "
+        r"torch\.float64; got base_model\.model\.attn\.q\.lora_A\.weight "
+        r"\(torch\.float8_e4m3fn\)",
+    ):
         lk.load_adapter(target, tmp_path)
     assert not lk.lora_layers(target)
 
@@ -344,6 +352,7 @@ def save_other(path):
 
 def pair_state(path):
     """(weights bytes, config bytes) under the final names; None for a file that is absent."""
+
     def read(name):
         p = os.path.join(path, name)
         return Path(p).read_bytes() if os.path.exists(p) else None
@@ -450,8 +459,13 @@ class Odd(nn.Module):
             self.odd = nn.utils.parametrizations.weight_norm(nn.Linear(6, 6))
 
 
-@pytest.mark.parametrize("kind, match", [("subclass", "odd is an nn.Linear with its own forward .in .*Scaled"),
-                                         ("weight_norm", "odd is a parametrized Linear")])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("subclass", "odd is an nn.Linear with its own forward .in .*Scaled"),
+        ("weight_norm", "odd is a parametrized Linear"),
+    ],
+)
 def test_linears_a_lora_layer_cannot_stand_for_are_refused(tmp_path, kind, match):
     gen = torch.Generator().manual_seed(0)
     tensors = {}
@@ -459,8 +473,9 @@ def test_linears_a_lora_layer_cannot_stand_for_are_refused(tmp_path, kind, match
         tensors[f"base_model.model.{n}.lora_A.weight"] = torch.randn(2, 6, generator=gen)
         tensors[f"base_model.model.{n}.lora_B.weight"] = torch.randn(6, 2, generator=gen)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["plain", "odd"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["plain", "odd"]})
+    )
     model = Odd(kind)
     snap = snapshot(model)
     with pytest.raises(ValueError, match=match):
@@ -486,8 +501,11 @@ def test_public_reading_api(tmp_path):
     # A caller that handles a field itself checks the rest without a copy of the file, under its own name.
     raw = dict(cfg, fan_in_fan_out=True)
     assert lk_io.check_config(raw, "adapter_config.json", caller="load_adapters", allow=("fan_in_fan_out",)) is raw
-    with pytest.raises(ValueError, match=r"^load_adapters: unsupported adapter_config.json settings: "
-                                         r"fan_in_fan_out=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"^load_adapters: unsupported adapter_config.json settings: "
+        r"fan_in_fan_out=True",
+    ):
         lk_io.check_config(raw, caller="load_adapters")
     with pytest.raises(ValueError, match=r"^load_adapters: somewhere/adapter_config.json: use_rslora"):
         lk_io.check_config(dict(cfg, use_rslora="yes"), "somewhere/adapter_config.json", caller="load_adapters")
@@ -536,9 +554,13 @@ def test_tensors_by_module_and_pattern_value(tmp_path):
         assert lk_io.pattern_value(name, cfg["rank_pattern"], cfg["r"]) == layer.r
         assert lk_io.pattern_value(name, cfg["alpha_pattern"], cfg["lora_alpha"]) == layer.alpha
     # Keys that are no lora_A / lora_B weight under PEFT's prefix are returned, not dropped; a lone part is kept.
-    extra = {"base_model.model.x.bias": torch.zeros(1), "x.lora_A.weight": torch.zeros(1),
-             "base_model.model.lora_A.weight": torch.zeros(1), "base_model.model.y.lora_B.weight": torch.ones(1),
-             "base_model.model..lora_A.weight": torch.ones(1)}
+    extra = {
+        "base_model.model.x.bias": torch.zeros(1),
+        "x.lora_A.weight": torch.zeros(1),
+        "base_model.model.lora_A.weight": torch.zeros(1),
+        "base_model.model.y.lora_B.weight": torch.ones(1),
+        "base_model.model..lora_A.weight": torch.ones(1),
+    }
     by_module, others = lk_io.tensors_by_module(extra)
     assert others == ["base_model.model.x.bias", "x.lora_A.weight", "base_model.model.lora_A.weight"]
     assert list(by_module) == ["y", ""] and set(by_module["y"]) == {"B"} and set(by_module[""]) == {"A"}
@@ -551,9 +573,22 @@ def test_old_module_name_still_works():
     import lora_kernels.io as old
     from lora_kernels import adapter_files
 
-    for name in ("save_adapter", "load_adapter", "read_config", "read_raw_config", "check_config", "read_tensors",
-                 "tensors_by_module", "pattern_value", "adapter_key", "exact_pattern_key", "WEIGHTS_NAME",
-                 "CONFIG_NAME", "PREFIX", "ADAPTER_DTYPES"):
+    for name in (
+        "save_adapter",
+        "load_adapter",
+        "read_config",
+        "read_raw_config",
+        "check_config",
+        "read_tensors",
+        "tensors_by_module",
+        "pattern_value",
+        "adapter_key",
+        "exact_pattern_key",
+        "WEIGHTS_NAME",
+        "CONFIG_NAME",
+        "PREFIX",
+        "ADAPTER_DTYPES",
+    ):
         assert getattr(old, name) is getattr(adapter_files, name), name
     assert lk.io is old and lk.adapter_files is adapter_files
     # Names code written before the rename used reach the same objects too.
@@ -579,6 +614,7 @@ def test_target_modules_do_not_select_other_module_types(tmp_path):
     names = [n for n, _ in model.named_modules() if n]
     if isinstance(tm, str):
         import re
+
         selected = [n for n in names if re.fullmatch(tm, n)]
     else:
         selected = [n for n in names if any(n == t or n.endswith("." + t) for t in tm)]
@@ -614,8 +650,9 @@ def test_a_bare_linear_model_is_refused_before_anything_changes(tmp_path):
     # is refused like a target that matches nothing, and its weight keeps requires_grad (no layer was built).
     root = {"base_model.model..lora_A.weight": torch.randn(2, 6), "base_model.model..lora_B.weight": torch.randn(6, 2)}
     save_file(root, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ".*"}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ".*"})
+    )
     lin = nn.Linear(6, 6)
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         lk.load_adapter(lin, tmp_path)

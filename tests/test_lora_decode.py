@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-
 from _aot import run_child
 from _oracle import lora_linear_f64, lora_linear_in_dtype
 from _tolerances import assert_close_to_oracle, close
+
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
 TRITON_OK = (HAS_CUDA or INTERPRET) and importlib.util.find_spec("triton") is not None
@@ -30,8 +30,15 @@ CASES = [
     (16, 33, 100, 16, torch.float32, False),
     (33, 64, 40, 5, torch.float16, True),
     (100, 40, 7, 12, torch.float32, True),
-    pytest.param(16, 256, 96, 16, torch.bfloat16, True, marks=pytest.mark.skipif(
-        not HAS_CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; run on a GPU")),
+    pytest.param(
+        16,
+        256,
+        96,
+        16,
+        torch.bfloat16,
+        True,
+        marks=pytest.mark.skipif(not HAS_CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; run on a GPU"),
+    ),
 ]
 
 

@@ -49,10 +49,12 @@ def rank_batches(batches, rank):
 
 def _worker(rank, out_dir):
     model, batches = make_model_and_data()
-    layers = lk.lora_ga_init(model, rank_batches(batches, rank), loss_fn, r=2, alpha=8, target_modules=TARGETS,
-                             backend="torch")
-    state = {f"{n}.{k}": getattr(l, k).detach().clone() for n, l in layers.items()
-             for k in ("lora_A", "lora_B", "weight")}
+    layers = lk.lora_ga_init(
+        model, rank_batches(batches, rank), loss_fn, r=2, alpha=8, target_modules=TARGETS, backend="torch"
+    )
+    state = {
+        f"{n}.{k}": getattr(l, k).detach().clone() for n, l in layers.items() for k in ("lora_A", "lora_B", "weight")
+    }
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -63,10 +65,12 @@ def test_two_gloo_ranks_match_single_process_over_union(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt")
 
     model, batches = make_model_and_data()
-    single = lk.lora_ga_init(copy.deepcopy(model), batches, loss_fn, r=2, alpha=8, target_modules=TARGETS,
-                             backend="torch")
-    alone = lk.lora_ga_init(copy.deepcopy(model), rank_batches(batches, 0), loss_fn, r=2, alpha=8,
-                            target_modules=TARGETS, backend="torch")
+    single = lk.lora_ga_init(
+        copy.deepcopy(model), batches, loss_fn, r=2, alpha=8, target_modules=TARGETS, backend="torch"
+    )
+    alone = lk.lora_ga_init(
+        copy.deepcopy(model), rank_batches(batches, 0), loss_fn, r=2, alpha=8, target_modules=TARGETS, backend="torch"
+    )
     for n, layer in single.items():
         for k in ("lora_A", "lora_B", "weight"):
             key = f"{n}.{k}"
@@ -75,5 +79,6 @@ def test_two_gloo_ranks_match_single_process_over_union(tmp_path):
             # ... equal to one process over all the data, up to the summation order of the reduction
             torch.testing.assert_close(r0[key], getattr(layer, k).detach(), atol=2e-5, rtol=1e-4)
         # and not what rank 0 would compute from its own data alone (the reduction really happened)
-        assert not torch.allclose(r0[f"{n}.lora_B"] @ r0[f"{n}.lora_A"],
-                                  (alone[n].lora_B @ alone[n].lora_A).detach(), atol=1e-3)
+        assert not torch.allclose(
+            r0[f"{n}.lora_B"] @ r0[f"{n}.lora_A"], (alone[n].lora_B @ alone[n].lora_A).detach(), atol=1e-3
+        )

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from _tolerances import close_small_k
 
 import lora_kernels as lk
 from lora_kernels.init.pissa import INIT_RECORD
+
 from _dist_helpers import WORLD, expect_error, gloo_available, spawn
-from _tolerances import close_small_k
 
 TARGETS = ["up", "mid", "head"]
 
@@ -55,8 +56,9 @@ def _align(A, B, A_ref, B_ref):
 
 def test_reinit_of_injected_layers_matches_the_replacing_path():
     model, batches = make_model_and_data()
-    plain = lk.lora_ga_init(copy.deepcopy(model), batches, loss_fn, r=2, alpha=8, target_modules=TARGETS,
-                            backend="torch")
+    plain = lk.lora_ga_init(
+        copy.deepcopy(model), batches, loss_fn, r=2, alpha=8, target_modules=TARGETS, backend="torch"
+    )
     m2 = injected(copy.deepcopy(model))
     before = {n: l for n, l in lk.lora_layers(m2).items()}
     re = lk.lora_ga_init(m2, batches, loss_fn, r=2, alpha=8, target_modules=TARGETS)
@@ -120,8 +122,11 @@ def _shard_all(model, mesh):
 def _whole(model):
     from lora_kernels.distributed import full
 
-    return {f"{n}.{k}": full(getattr(l, k)).clone() for n, l in lk.lora_layers(model).items()
-            for k in ("lora_A", "lora_B", "weight")}
+    return {
+        f"{n}.{k}": full(getattr(l, k)).clone()
+        for n, l in lk.lora_layers(model).items()
+        for k in ("lora_A", "lora_B", "weight")
+    }
 
 
 def _rss():
@@ -202,8 +207,12 @@ def _worker(rank, out_dir):
 
     # one rank with a bad argument: the same error everywhere, nothing changed
     before = _whole(sharded)
-    expect_error(lambda: lk.lora_ga_init(sharded, mine, loss_fn, r=2 if rank == 0 else 5, alpha=8,
-                                         target_modules=TARGETS), out_dir, rank, "ga_bad_r")
+    expect_error(
+        lambda: lk.lora_ga_init(sharded, mine, loss_fn, r=2 if rank == 0 else 5, alpha=8, target_modules=TARGETS),
+        out_dir,
+        rank,
+        "ga_bad_r",
+    )
     expect_error(lambda: lk.pissa_init(lk.lora_layers(pissa)["up"], niter=None), out_dir, rank, "pissa_no_niter")
     after = _whole(sharded)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -244,8 +253,10 @@ def test_lora_ga_and_pissa_on_fsdp2_shards_match_one_process(tmp_path):
         torch.testing.assert_close(got[f"{n}.weight"], layer.weight.detach(), atol=1e-5, rtol=0)
         torch.testing.assert_close(got[f"{n}.lora_A"].abs(), layer.lora_A.detach().abs(), atol=1e-4, rtol=0)
 
-    for tag, cls, words in [("ga_bad_r", "ValueError", ["keeps its rank", "rank 1"]),
-                            ("pissa_no_niter", "ValueError", ["needs niter"])]:
+    for tag, cls, words in [
+        ("ga_bad_r", "ValueError", ["keeps its rank", "rank 1"]),
+        ("pissa_no_niter", "ValueError", ["needs niter"]),
+    ]:
         e0, e1 = torch.load(tmp_path / f"{tag}_rank0.pt"), torch.load(tmp_path / f"{tag}_rank1.pt")
         assert e0 == e1 and e0[0] == cls and all(w in e0[1] for w in words), (tag, e0, e1)
 

@@ -9,6 +9,8 @@ import zlib
 
 import pytest
 import torch
+from _aot import run_child
+from _tolerances import FP32_SMALL_K, TOL, assert_close_scaled, assert_close_to_oracle
 
 import lora_kernels
 from lora_kernels import _backend
@@ -16,9 +18,7 @@ from lora_kernels.ops import lora_linear as op_mod
 from lora_kernels.reference import dropout_keep_mask
 from lora_kernels.reference import lora_linear as ref
 
-from _aot import run_child
-from _tolerances import FP32_SMALL_K, TOL, assert_close_scaled, assert_close_to_oracle
-from conftest import DEVICE, HAS_CUDA, INTERPRET
+from conftest import HAS_CUDA, INTERPRET
 
 AUTOTUNE_ENV_VAR = "LORA_KERNELS_AUTOTUNE"  # lora_kernels.triton.lora_linear.AUTOTUNE_ENV_VAR (checked below)
 
@@ -147,8 +147,8 @@ def test_dropout_mask_is_seeded_and_has_the_right_rate():
 # ------------------------------------------------------------------------------------- Triton vs the reference
 # (lead dims, K, N, r, dtype, lora dtype, bias, dropout p, weight trainable, x layout, weight transposed)
 # A covering set, not the product: every M in {1, 7, 33, 100}, every r in {1, 8, 16, 64} plus r > 128 (several
-# r-tiles), K and N off the 32-wide interpreter tiles, once on them (EVEN_K / EVEN_N) and once below 16, each dtype, mixed fp32
-# adapters, dropout on and off, bias on and off, frozen and trainable W0, leading dims, strided x and W0.
+# r-tiles), K and N off the 32-wide interpreter tiles, once on them (EVEN_K / EVEN_N) and once below 16, each dtype,
+# mixed fp32 adapters, dropout on and off, bias on and off, frozen and trainable W0, leading dims, strided x and W0.
 CASES = [
     ((1,), 33, 40, 1, torch.float32, torch.float32, True, 0.0, False, "contig", False),
     ((7,), 50, 70, 8, torch.float16, torch.float16, False, 0.1, True, "strided", False),
@@ -188,8 +188,17 @@ def _check_triton_against_reference(case, device, seed):
         pytest.skip("bf16 Triton on the CPU needs the interpreter's upcast path")
     g = torch.Generator().manual_seed(seed)
     x, w, a, b, bb = make_inputs(
-        lead, K, N, r, dtype, lora_dtype, bias, device,
-        noncontig=layout == "strided", weight_t=weight_t, gen=g,
+        lead,
+        K,
+        N,
+        r,
+        dtype,
+        lora_dtype,
+        bias,
+        device,
+        noncontig=layout == "strided",
+        weight_t=weight_t,
+        gen=g,
     )
     assert x.is_contiguous() == (layout == "contig") and w.is_contiguous() != weight_t
     dy = torch.randn(*lead, N, generator=g).to(device, dtype)
@@ -222,7 +231,9 @@ def test_triton_matches_reference(case, device):
 
 
 @needs_triton
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[4]], ids=[_case_id(c) for c in (CASES[2], CASES[3], CASES[4])])
+@pytest.mark.parametrize(
+    "case", [CASES[2], CASES[3], CASES[4]], ids=[_case_id(c) for c in (CASES[2], CASES[3], CASES[4])]
+)
 def test_triton_cublas_base_path_matches_reference(case, device, monkeypatch):
     """BASE_GEMM = "cublas": torch computes the base product, the kernels add the LoRA term in place."""
     from lora_kernels.triton import lora_linear as tri
@@ -293,6 +304,7 @@ def test_gemm_config_pruning(monkeypatch):
     """The CUDA tile list after pruning: fits shared memory, short tiles for decode, the fp32 list for fp32, and one
     config with $LORA_KERNELS_AUTOTUNE=0. (Pure Python: runs on the CPU too.)"""
     import triton
+
     from lora_kernels.triton import lora_linear as tri
 
     configs = [
@@ -438,7 +450,6 @@ def test_triton_dropout_under_cuda_graph_replays_fresh_masks(monkeypatch):
     """A forward + backward with dropout captured in torch.cuda.graph: each replay draws a new seed on the device
     (fresh mask), and each replay's y and gradients equal the reference for the seed that replay drew. Capture itself
     fails on any host sync; an eager step also runs under set_sync_debug_mode("error")."""
-    from lora_kernels.triton import lora_linear as tri
 
     g = torch.Generator().manual_seed(23)
     x, w, a, b, bb = make_inputs((2, 50), 96, 80, 16, torch.float16, torch.float32, True, "cuda", gen=g)
@@ -592,7 +603,12 @@ def _good(device="cpu"):
 
 BAD = [
     # (description, mutate(x, w, a, b) -> kwargs for lora_linear, exception, message fragment)
-    ("K of weight", lambda x, w, a, b: dict(weight=torch.randn(5, 9)), ValueError, r"in_features 9.*\(5, 9\).*\(6, 8\)"),
+    (
+        "K of weight",
+        lambda x, w, a, b: dict(weight=torch.randn(5, 9)),
+        ValueError,
+        r"in_features 9.*\(5, 9\).*\(6, 8\)",
+    ),
     ("K of lora_A", lambda x, w, a, b: dict(lora_A=torch.randn(2, 7)), ValueError, r"lora_A.*\(2, 7\)"),
     ("r of lora_B", lambda x, w, a, b: dict(lora_B=torch.randn(5, 3)), ValueError, r"lora_B.*\(5, 3\)"),
     ("N of lora_B", lambda x, w, a, b: dict(lora_B=torch.randn(4, 2)), ValueError, r"lora_B.*\(4, 2\)"),
@@ -642,8 +658,17 @@ def _op_args(backend, p, device="cpu", bias=True):
     x, w, a, b, bb = make_inputs((7,), 20, 12, 4, torch.float32, torch.float32, bias, device, gen=g)
     x = x.contiguous()
     seed = torch.tensor(123456789, dtype=torch.int64)
-    return [x.requires_grad_(), w.requires_grad_(), a.requires_grad_(), b.requires_grad_(),
-            None if bb is None else bb.requires_grad_(), 0.5, p, seed, backend]
+    return [
+        x.requires_grad_(),
+        w.requires_grad_(),
+        a.requires_grad_(),
+        b.requires_grad_(),
+        None if bb is None else bb.requires_grad_(),
+        0.5,
+        p,
+        seed,
+        backend,
+    ]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])

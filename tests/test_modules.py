@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _oracle import lora_linear_f64
+from _tolerances import TOL, close, close_small_k
 
 import lora_kernels as lk
 from lora_kernels import LoRALinear
-
-from _oracle import lora_linear_f64
-from _tolerances import TOL, close, close_small_k
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -454,8 +453,13 @@ def test_inject_lora_no_match_lists_candidates():
 def test_inject_lora_bad_input_leaves_model_unchanged():
     model = _Tiny()
     before = copy.deepcopy(model.state_dict())
-    for kwargs, exc in [({"r": 0}, ValueError), ({"init": "nope"}, ValueError), ({"target_modules": []}, ValueError),
-                        ({"target_modules": "("}, ValueError), ({"target_modules": [3]}, TypeError)]:
+    for kwargs, exc in [
+        ({"r": 0}, ValueError),
+        ({"init": "nope"}, ValueError),
+        ({"target_modules": []}, ValueError),
+        ({"target_modules": "("}, ValueError),
+        ({"target_modules": [3]}, TypeError),
+    ]:
         kw = {"target_modules": ["q_proj"], "r": 2, **kwargs}
         with pytest.raises(exc):
             lk.inject_lora(model, **kw)
@@ -524,8 +528,14 @@ def test_lora_state_dict_round_trip():
     model, _, _ = _trained_model(steps=5)
     model.eval()
     sd = lk.lora_state_dict(model)
-    names = ["layers.0.attn.q_proj", "layers.0.attn.v_proj", "layers.0.up",
-             "layers.1.attn.q_proj", "layers.1.attn.v_proj", "layers.1.up"]
+    names = [
+        "layers.0.attn.q_proj",
+        "layers.0.attn.v_proj",
+        "layers.0.up",
+        "layers.1.attn.q_proj",
+        "layers.1.attn.v_proj",
+        "layers.1.up",
+    ]
     assert sorted(sd) == sorted(f"{n}.{p}" for n in names for p in ("lora_A", "lora_B"))
     assert all(not t.requires_grad for t in sd.values())
     x = torch.randn(3, 5, 12)
@@ -581,8 +591,13 @@ def test_load_lora_state_dict_errors_load_nothing():
     # A merged layer whose new merge would overflow refuses, and nothing at all is loaded.
     target.layers[1].up.merge()
     w_merged = target.layers[1].up.weight.clone()
-    huge = dict(sd, **{"layers.1.up.lora_B": torch.full_like(sd["layers.1.up.lora_B"], 1e38),
-                       "layers.1.up.lora_A": torch.ones_like(sd["layers.1.up.lora_A"])})
+    huge = dict(
+        sd,
+        **{
+            "layers.1.up.lora_B": torch.full_like(sd["layers.1.up.lora_B"], 1e38),
+            "layers.1.up.lora_A": torch.ones_like(sd["layers.1.up.lora_A"]),
+        },
+    )
     with pytest.raises(ValueError, match="inf or NaN"):
         lk.load_lora_state_dict(target, huge)
     assert unchanged() and torch.equal(target.layers[1].up.weight, w_merged)

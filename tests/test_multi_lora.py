@@ -12,15 +12,15 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from _aot import run_child
+from _oracle import multi_lora_in_dtype, naive_multi_lora
+from _tolerances import assert_close_to_oracle, close, close_small_k
 
 import lora_kernels as lk
 from lora_kernels.ops import multi_lora as ops
 from lora_kernels.pool import AdapterPool, LoRABatch
 from lora_kernels.reference import multi_lora as ref
 
-from _aot import run_child
-from _oracle import multi_lora_in_dtype, naive_multi_lora
-from _tolerances import assert_close_to_oracle, close, close_small_k
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
 TRITON_OK = (HAS_CUDA or INTERPRET) and importlib.util.find_spec("triton") is not None
@@ -46,8 +46,9 @@ def _make_pool(L, R, ranks, slices=SLICES, dtype=torch.float32, device=DEVICE, s
     for i, r in enumerate(ranks):
         a, b = _adapter(r, K, slices, gen, dtype, device)
         alpha = [2.0 * r + s for s in range(len(slices))]  # a different scale per slice
-        slot = pool.load(f"ad{i}", a if len(slices) > 1 else a[0], b if len(slices) > 1 else b[0], alpha=alpha,
-                         use_rslora=use_rslora)
+        slot = pool.load(
+            f"ad{i}", a if len(slices) > 1 else a[0], b if len(slices) > 1 else b[0], alpha=alpha, use_rslora=use_rslora
+        )
         adapters[slot] = (a, b, [al / (math.sqrt(r) if use_rslora else r) for al in alpha])
     return pool, adapters
 
@@ -103,8 +104,9 @@ def test_batch_prepare_in_place_keeps_buffers():
     batch = LoRABatch.prepare([0, 1, -1], max_tokens=8)
     ptrs = [t.data_ptr() for t in (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)]
     batch.prepare_([2, 2, 2, 2, 0])
-    assert [t.data_ptr() for t in (batch.token_slots, batch.sorted_tokens, batch.sorted_slots,
-                                   batch.tile_starts)] == ptrs
+    assert [
+        t.data_ptr() for t in (batch.token_slots, batch.sorted_tokens, batch.sorted_slots, batch.tile_starts)
+    ] == ptrs
     assert batch.token_slots.tolist() == [2, 2, 2, 2, 0, -1, -1, -1]
     assert batch.num_tokens == 5 and batch.has_adapter is True
     with pytest.raises(ValueError, match="capacity"):
@@ -129,8 +131,9 @@ def test_reference_matches_independent_oracle():
     x = torch.randn(2, 17, K, generator=gen)
     ids = _ids("repeats", 34, sorted(adapters), gen) + []
     ids[3] = 7  # an empty slot in range: no adapter
-    got = ref.multi_lora_linear(x.double(), weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
-                                torch.tensor(ids), SLICES)
+    got = ref.multi_lora_linear(
+        x.double(), weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, torch.tensor(ids), SLICES
+    )
     # float64 data, but the pool holds its scales in fp32: the fp32 bound
     torch.testing.assert_close(got, _naive(x, weight, bias, adapters, ids, SLICES), **close_small_k())
 
@@ -167,8 +170,14 @@ def test_multi_lora_linear_triton_matches_reference(T, pattern, slices, fused, l
     x = torch.randn(*lead, T, K, generator=gen).to(DEVICE) if lead else torch.randn(T, K, generator=gen).to(DEVICE)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     got = lk.multi_lora_linear(x, weight, bias, pool, batch, backend="triton", fused=fused)
-    want = _naive(x.cpu(), weight.cpu(), bias.cpu(), {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                                     for s, (a, b, sc) in adapters.items()}, ids, slices)
+    want = _naive(
+        x.cpu(),
+        weight.cpu(),
+        bias.cpu(),
+        {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+        ids,
+        slices,
+    )
     assert got.shape == (*lead, T, N)
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
     # the torch backend gives the same
@@ -264,7 +273,8 @@ def test_triton_launchers_honour_strides_of_out_s_and_scales(fused):
             sv = x[m].double() @ A[l, i * R : i * R + r].double().t()
             s_want[m, i * R : i * R + r] = sv
             y_want[m, offs[i] : offs[i] + slices[i]] += scales[l, i].double() * (
-                B[l, offs[i] : offs[i] + slices[i], :r].double() @ sv)
+                B[l, offs[i] : offs[i] + slices[i], :r].double() @ sv
+            )
     dev = DEVICE
     x, A, B, ranks, scales, y0 = (t.to(dev) for t in (x, A, B, ranks, scales, y0))
     assert not scales.is_contiguous()
@@ -294,8 +304,14 @@ def test_tile_sizes(tile_m, fused):
     batch = LoRABatch.prepare(ids, max_tokens=80, device=DEVICE, tile_m=tile_m)
     assert batch.tile_m == tile_m
     got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=fused)
-    want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                                for s, (a, b, sc) in adapters.items()}, ids, SLICES)
+    want = _naive(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+        ids,
+        SLICES,
+    )
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
 
 
@@ -309,11 +325,18 @@ def test_half_precision(dtype, fused):
     weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE, dtype)
     x = torch.randn(21, K, generator=gen).to(DEVICE, dtype)
     ids = _ids("repeats", 21, sorted(adapters), gen)
-    got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend="triton",
-                               fused=fused)
+    got = lk.multi_lora_linear(
+        x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend="triton", fused=fused
+    )
     assert got.dtype == dtype
-    want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                                for s, (a, b, sc) in adapters.items()}, ids, SLICES)
+    want = _naive(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+        ids,
+        SLICES,
+    )
     torch.testing.assert_close(got.cpu().double(), want, **close(dtype))
 
 
@@ -325,8 +348,14 @@ def test_fp32_pool_with_half_activations():
     x = torch.randn(9, K, generator=gen).to(DEVICE, torch.float16)
     ids = [0, 1, -1, 1, 0, 0, 1, -1, 1]
     got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend="triton")
-    want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                                for s, (a, b, sc) in adapters.items()}, ids, [40])
+    want = _naive(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+        ids,
+        [40],
+    )
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
 
 
@@ -348,8 +377,9 @@ def test_low_level_shrink_expand(backend):
     y = y0.clone()
     ret = lk.lora_expand(out, pool.B_stack, batch, y, pool.scales, slices=SLICES, ranks=pool.ranks, backend=backend)
     assert ret is y
-    want_y = ref.lora_expand(want_s, pool.B_stack.cpu(), torch.tensor(ids), pool.ranks.cpu(), pool.scales.cpu(),
-                             y0.cpu().double(), SLICES)
+    want_y = ref.lora_expand(
+        want_s, pool.B_stack.cpu(), torch.tensor(ids), pool.ranks.cpu(), pool.scales.cpu(), y0.cpu().double(), SLICES
+    )
     torch.testing.assert_close(y.cpu().double(), want_y, **close_small_k())
     # per-slice stack lists (vLLM style) give the same
     out_l = torch.zeros_like(out)
@@ -361,8 +391,15 @@ def test_low_level_shrink_expand(backend):
     # a float scale and no ranks (every slot at full rank R: padding is zero, so same products)
     y2 = y0.clone()
     lk.lora_expand(out, pool.B_stack, batch, y2, 0.5, slices=SLICES, backend=backend)
-    want2 = ref.lora_expand(want_s, pool.B_stack.cpu(), torch.tensor(ids), torch.full((5,), 16, dtype=torch.int32),
-                            torch.full((5, S), 0.5), y0.cpu().double(), SLICES)
+    want2 = ref.lora_expand(
+        want_s,
+        pool.B_stack.cpu(),
+        torch.tensor(ids),
+        torch.full((5,), 16, dtype=torch.int32),
+        torch.full((5, S), 0.5),
+        y0.cpu().double(),
+        SLICES,
+    )
     torch.testing.assert_close(y2.cpu().double(), want2, **close_small_k())
 
 
@@ -381,8 +418,14 @@ def test_load_unload_reload(backend):
     ids = [s1, -1, s1, 1, s1, -1]
     batch = LoRABatch.prepare(ids, device=DEVICE)
     y1 = lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend)
-    want1 = _naive(x.cpu(), weight.cpu(), None, {s1: ([a1[0].cpu()], [b1[0].cpu()], [2.0]),
-                                                 1: ([a2[0].cpu()], [b2[0].cpu()], [1.0])}, ids, [40])
+    want1 = _naive(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        {s1: ([a1[0].cpu()], [b1[0].cpu()], [2.0]), 1: ([a2[0].cpu()], [b2[0].cpu()], [1.0])},
+        ids,
+        [40],
+    )
     torch.testing.assert_close(y1.cpu().double(), want1, **close(torch.float32))
     assert pool.unload("first") == s1
     assert "first" not in pool and pool.free_slots() == [0, 2]
@@ -395,14 +438,26 @@ def test_load_unload_reload(backend):
     a3, b3 = _adapter(8, K, [40], gen, device=DEVICE)
     assert pool.load("second", a3[0], b3[0], alpha=4, use_rslora=True) == s1  # the freed slot is reused
     y3 = lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend)
-    want3 = _naive(x.cpu(), weight.cpu(), None, {s1: ([a3[0].cpu()], [b3[0].cpu()], [4 / math.sqrt(8)]),
-                                                 1: ([a2[0].cpu()], [b2[0].cpu()], [1.0])}, ids, [40])
+    want3 = _naive(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        {s1: ([a3[0].cpu()], [b3[0].cpu()], [4 / math.sqrt(8)]), 1: ([a2[0].cpu()], [b2[0].cpu()], [1.0])},
+        ids,
+        [40],
+    )
     torch.testing.assert_close(y3.cpu().double(), want3, **close(torch.float32))
 
 
 def _snapshot(pool):
-    return (pool.names, pool.host_ranks, pool.A_stack.clone(), pool.B_stack.clone(), pool.ranks.clone(),
-            pool.scales.clone())
+    return (
+        pool.names,
+        pool.host_ranks,
+        pool.A_stack.clone(),
+        pool.B_stack.clone(),
+        pool.ranks.clone(),
+        pool.scales.clone(),
+    )
 
 
 def _assert_same(pool, snap):
@@ -469,12 +524,19 @@ def test_bad_ids_raise_or_count_as_none(backend):
         assert piece in str(err.value)
     # device-side ids take the same check (read back)
     with pytest.raises(ValueError, match="token 4: 1000"):
-        lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(torch.tensor(ids, device=DEVICE)),
-                             backend=backend)
+        lk.multi_lora_linear(
+            x, weight, None, pool, LoRABatch.prepare(torch.tensor(ids, device=DEVICE)), backend=backend
+        )
     for fused in (False, True):
         got = lk.multi_lora_linear(x, weight, None, pool, batch, backend=backend, check=False, fused=fused)
-        want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                                    for s, (a, b, sc) in adapters.items()}, ids, [40])
+        want = _naive(
+            x.cpu(),
+            weight.cpu(),
+            None,
+            {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+            ids,
+            [40],
+        )
         torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
     # ids beyond int32 saturate (never wrap onto a loaded slot: 2^32 + 1 must not become slot 1)
     big = [0, 2**32 + 1, -(2**32) + 1, 1]
@@ -482,8 +544,14 @@ def test_bad_ids_raise_or_count_as_none(backend):
     with pytest.raises(ValueError, match="token 1: 4294967297"):
         lk.multi_lora_linear(x[:4], weight, None, pool, big_batch, backend=backend)
     got = lk.multi_lora_linear(x[:4], weight, None, pool, big_batch, backend=backend, check=False)
-    want = _naive(x[:4].cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                                    for s, (a, b, sc) in adapters.items()}, [0, -1, -1, 1], [40])
+    want = _naive(
+        x[:4].cpu(),
+        weight.cpu(),
+        None,
+        {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+        [0, -1, -1, 1],
+        [40],
+    )
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
     with pytest.raises(ValueError, match="prepared for 7 tokens"):
         lk.multi_lora_linear(x[:5], weight, None, pool, batch, backend=backend)
@@ -519,8 +587,14 @@ def test_kernels_read_nothing_outside_the_pool_or_past_a_rank(fused):
     ids = [0, -1, 1, L, 2, 3, -2, 1, L + 1]
     batch = LoRABatch.prepare(ids, device=DEVICE)
     got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", check=False, fused=fused)
-    want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                                for s, (a, b, sc) in adapters.items()}, ids, SLICES)
+    want = _naive(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+        ids,
+        SLICES,
+    )
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
 
 
@@ -571,8 +645,9 @@ def test_opcheck_custom_ops():
     s = ref.lora_shrink(x, pool.A_stack, batch.token_slots, pool.ranks, 3)
     y = torch.randn(5, sum(SLICES))
     torch.library.opcheck(ops._expand_op, (s, pool.B_stack, pool.ranks, pool.scales, *meta, y, SLICES, 16, "torch"))
-    torch.library.opcheck(ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y,
-                                          SLICES, 16, "torch"))
+    torch.library.opcheck(
+        ops._fused_op, (x, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, SLICES, 16, "torch")
+    )
 
 
 def test_compile_fullgraph_matches_eager():
@@ -593,8 +668,11 @@ def test_compile_fullgraph_matches_eager():
     with torch._dynamo.config.patch(error_on_recompile=True):
         torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)
 
-    fused = torch.compile(lambda x: lk.multi_lora_linear(x, weight, bias, pool, batch, backend="torch", fused=True),
-                          fullgraph=True, backend="aot_eager")
+    fused = torch.compile(
+        lambda x: lk.multi_lora_linear(x, weight, bias, pool, batch, backend="torch", fused=True),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     torch.testing.assert_close(fused(x), step(x) / 2.0, rtol=1e-6, atol=1e-6)
 
 
@@ -645,8 +723,11 @@ def test_module_and_model_helpers():
     idt = torch.tensor(ids, device=DEVICE)[:, None]
     q = model.q_proj.weight
     yq = xf @ q.t() + model.q_proj.bias + torch.where(idt == s_a, 2.0 * (xf @ aq.t()) @ bq.t(), 0.0)
-    yv = xf @ model.v_proj.weight.t() + torch.where(idt == s_a, 16 / 3 * (xf @ av.t()) @ bv.t(), 0.0) \
+    yv = (
+        xf @ model.v_proj.weight.t()
+        + torch.where(idt == s_a, 16 / 3 * (xf @ av.t()) @ bv.t(), 0.0)
         + torch.where(idt == s_b, (xf @ (2 * av).t()) @ bv.t(), 0.0)
+    )
     want = model.out(torch.relu(yq) + yv).reshape(2, 6, 8)
     torch.testing.assert_close(got, want, **close(torch.float32))
 
@@ -655,8 +736,7 @@ def test_module_and_model_helpers():
     assert lk.unload_multi_adapter(model, "B") == s_b
     with pytest.raises(KeyError):
         lk.multi_adapter_slot(model, "B")
-    layer = lk.MultiLoRALinear.from_linear(nn.Linear(K, 40).to(DEVICE), max_adapters=2, max_rank=4,
-                                           slices=[24, 16])
+    layer = lk.MultiLoRALinear.from_linear(nn.Linear(K, 40).to(DEVICE), max_adapters=2, max_rank=4, slices=[24, 16])
     assert layer.load_adapter("z", [torch.randn(4, K)] * 2, torch.randn(40, 4)) == 0
     assert layer.pool.slices == (24, 16) and layer.slot_of("z") == 0
     assert "max_rank=4" in repr(layer)
@@ -668,8 +748,14 @@ def test_compiled_model_with_use_batch():
     model = _Block()
     lk.inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=3, max_rank=4, backend="torch")
     for i in range(2):
-        lk.load_multi_adapter(model, f"a{i}", {"q_proj": (torch.randn(4, K) / 7, torch.randn(K, 4)),
-                                               "v_proj": (torch.randn(2, K) / 7, torch.randn(K, 2))})
+        lk.load_multi_adapter(
+            model,
+            f"a{i}",
+            {
+                "q_proj": (torch.randn(4, K) / 7, torch.randn(K, 4)),
+                "v_proj": (torch.randn(2, K) / 7, torch.randn(K, 2)),
+            },
+        )
     x = torch.randn(10, K)
     batch = LoRABatch.prepare([0, 1, -1, 1, 0, 0, 1, -1, 1, 1], max_tokens=10)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -701,10 +787,17 @@ def test_gpu_bf16_matches_reference(fused):
     for T in (1, 16, 77):
         x = torch.randn(T, K, generator=gen).to("cuda", torch.bfloat16)
         ids = _ids("repeats", T, sorted(adapters), gen)
-        got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device="cuda"), backend="triton",
-                                   fused=fused)
-        want = _naive(x.cpu(), weight.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                                    for s, (a, b, sc) in adapters.items()}, ids, SLICES)
+        got = lk.multi_lora_linear(
+            x, weight, None, pool, LoRABatch.prepare(ids, device="cuda"), backend="triton", fused=fused
+        )
+        want = _naive(
+            x.cpu(),
+            weight.cpu(),
+            None,
+            {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+            ids,
+            SLICES,
+        )
         assert_close_to_oracle(got, multi_lora_in_dtype(x, weight, None, pool, ids, SLICES), want)
 
 
@@ -733,9 +826,14 @@ def test_gpu_cuda_graph_capture_and_replay_with_new_ids(T):
         x.copy_(torch.randn(T, K, generator=gen).to("cuda", torch.float16))
         graph.replay()
         torch.cuda.synchronize()
-        want = _naive(x.cpu(), weight.cpu(), bias.cpu(),
-                      {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
-                      ids, SLICES)
+        want = _naive(
+            x.cpu(),
+            weight.cpu(),
+            bias.cpu(),
+            {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+            ids,
+            SLICES,
+        )
         assert_close_to_oracle(y, multi_lora_in_dtype(x, weight, bias, pool, ids, SLICES), want)
 
 
@@ -758,8 +856,14 @@ def test_gpu_serving_shapes_fp16(L, T):
         x = torch.randn(T, Kb, generator=gen).half().cuda()
         ids = torch.randint(-1, L, (T,), generator=gen).tolist()
         batch = LoRABatch.prepare(ids, device="cuda")
-        want = _naive(x.cpu(), W.cpu(), None, {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc)
-                                               for s, (a, b, sc) in adapters.items()}, ids, slices)
+        want = _naive(
+            x.cpu(),
+            W.cpu(),
+            None,
+            {s: ([t.cpu() for t in a], [t.cpu() for t in b], sc) for s, (a, b, sc) in adapters.items()},
+            ids,
+            slices,
+        )
         want_fp16 = multi_lora_in_dtype(x, W, None, pool, ids, slices)
         for fused in (False, True):
             got = lk.multi_lora_linear(x, W, None, pool, batch, backend="triton", fused=fused)
@@ -793,8 +897,9 @@ def test_gpu_compile_fullgraph_triton():
     x = torch.randn(40, K, generator=gen).to("cuda", torch.float16)
     batch = LoRABatch.prepare(_ids("repeats", 40, [0, 1, 2], gen), device="cuda")
     eager = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton")
-    compiled = torch.compile(lambda x: lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton"),
-                             fullgraph=True)
+    compiled = torch.compile(
+        lambda x: lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton"), fullgraph=True
+    )
     torch.testing.assert_close(compiled(x), eager, rtol=1e-2, atol=1e-2)
 
 

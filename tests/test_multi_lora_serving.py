@@ -10,15 +10,15 @@ import math
 
 import pytest
 import torch
+from _aot import run_child
+from _oracle import F64, multi_lora_in_dtype
+from _tolerances import assert_close_to_oracle, close
 
 import lora_kernels as lk
 from lora_kernels.ops import multi_lora as ops
 from lora_kernels.pool import AdapterPool, LoRABatch
 from lora_kernels.reference import multi_lora as ref
 
-from _aot import run_child
-from _oracle import F64, multi_lora_in_dtype
-from _tolerances import assert_close_to_oracle, close
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
 TRITON_OK = (HAS_CUDA or INTERPRET) and importlib.util.find_spec("triton") is not None
@@ -44,22 +44,38 @@ def overflow_case(device=DEVICE, dtype=torch.float16):
 
 
 def overflow_want(pool, weight, x, ids):
-    want = ref.multi_lora_linear(x.cpu(), weight.cpu(), None, pool.A_stack.cpu(), pool.B_stack.cpu(), pool.ranks.cpu(),
-                                 pool.scales.cpu(), torch.tensor(ids), list(pool.slices), **F64)
-    s_max = (x[0].double().cpu() @ pool.A_stack[0, 0].double().cpu())
+    want = ref.multi_lora_linear(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        pool.A_stack.cpu(),
+        pool.B_stack.cpu(),
+        pool.ranks.cpu(),
+        pool.scales.cpu(),
+        torch.tensor(ids),
+        list(pool.slices),
+        **F64,
+    )
+    s_max = x[0].double().cpu() @ pool.A_stack[0, 0].double().cpu()
     assert s_max > 65504 and want.abs().max() < 1000 and want[0].abs().min() > 100  # the case tests what it says
     return want
 
 
-@pytest.mark.parametrize("backend,path", [
-    ("torch", "fused"), ("torch", "split"),
-    pytest.param("triton", "fused", marks=needs_triton), pytest.param("triton", "split", marks=needs_triton),
-])
+@pytest.mark.parametrize(
+    "backend,path",
+    [
+        ("torch", "fused"),
+        ("torch", "split"),
+        pytest.param("triton", "fused", marks=needs_triton),
+        pytest.param("triton", "split", marks=needs_triton),
+    ],
+)
 def test_fp16_shrink_beyond_fp16_range_gives_finite_output(backend, path):
     pool, weight, x, ids = overflow_case()
     want = overflow_want(pool, weight, x, ids)
-    got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend=backend,
-                               fused=path == "fused")
+    got = lk.multi_lora_linear(
+        x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend=backend, fused=path == "fused"
+    )
     assert torch.isfinite(got).all(), got
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
     # the low-level ops: the shrink output is fp32 and the expand reads it as such
@@ -74,8 +90,17 @@ def test_fp16_shrink_beyond_fp16_range_gives_finite_output(backend, path):
 
 # ------------------------------------------------------------------------------------------- decode-sized tiles
 def test_step_tile_m_follows_the_tokens():
-    assert [ops.step_tile_m(64, M) for M in (0, 1, 16, 17, 32, 33, 64, 65, 4096)] == [16, 16, 16, 32, 32, 64, 64,
-                                                                                       64, 64]
+    assert [ops.step_tile_m(64, M) for M in (0, 1, 16, 17, 32, 33, 64, 65, 4096)] == [
+        16,
+        16,
+        16,
+        32,
+        32,
+        64,
+        64,
+        64,
+        64,
+    ]
     assert [ops.step_tile_m(16, M) for M in (1, 100)] == [16, 16]
     assert [ops.step_tile_m(128, M) for M in (40, 100, 129)] == [64, 128, 128]
 
@@ -90,6 +115,7 @@ class _BlockSpy:
         def launch(*args, **kwargs):
             self.seen.append(kwargs["BLOCK_M"])
             return self.kernel[grid](*args, **kwargs)
+
         return launch
 
 
@@ -108,16 +134,30 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     K, slices = 40, [24, 8, 8]
     pool = AdapterPool(5, 16, K, slices, dtype=torch.float32, device=DEVICE)
     for name, r in (("a", 16), ("b", 3), ("c", 8)):
-        pool.load(name, [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
-                  [torch.randn(n, r, generator=gen) for n in slices], alpha=2.0 * r)
+        pool.load(
+            name,
+            [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+            [torch.randn(n, r, generator=gen) for n in slices],
+            alpha=2.0 * r,
+        )
     pool.unload("c")  # slot 2: unloaded
     weight = (torch.randn(sum(slices), K, generator=gen) / math.sqrt(K)).to(DEVICE)
     ids = torch.tensor([0, 1, -1, 2, 0])[torch.randint(5, (M,), generator=gen)].tolist()
     x = torch.randn(M, K, generator=gen).to(DEVICE)
     batch = LoRABatch.prepare(ids, max_tokens=4096, device=DEVICE, tile_m=128 if M == 40 else None)
     got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=path == "fused", check=False)
-    want = ref.multi_lora_linear(x.cpu(), weight.cpu(), None, pool.A_stack.cpu(), pool.B_stack.cpu(), pool.ranks.cpu(),
-                                 pool.scales.cpu(), torch.tensor(ids), slices, **F64)
+    want = ref.multi_lora_linear(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        pool.A_stack.cpu(),
+        pool.B_stack.cpu(),
+        pool.ranks.cpu(),
+        pool.scales.cpu(),
+        torch.tensor(ids),
+        slices,
+        **F64,
+    )
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
     assert seen and set(seen) == {ops.step_tile_m(batch.tile_m, M)} and seen[0] < batch.tile_m, seen
 
@@ -133,8 +173,14 @@ GEMM_CASES = [
     (100, torch.float32, [40], "repeats", False),
     (100, torch.float16, GEMM_SLICES, "repeats", True),
     (20, torch.float32, GEMM_SLICES, "none", True),
-    pytest.param(33, torch.bfloat16, GEMM_SLICES, "repeats", True, marks=pytest.mark.skipif(
-        not HAS_CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; run on a GPU")),
+    pytest.param(
+        33,
+        torch.bfloat16,
+        GEMM_SLICES,
+        "repeats",
+        True,
+        marks=pytest.mark.skipif(not HAS_CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; run on a GPU"),
+    ),
 ]
 
 
@@ -144,8 +190,12 @@ def _gemm_problem(T, dtype, slices, pattern, bias, seed, pool_dtype=None):
     L, R = 8, 32
     pool = AdapterPool(L, R, K, slices if len(slices) > 1 else slices[0], dtype=pool_dtype or dtype, device=DEVICE)
     for i, r in enumerate((1, 8, 16, 32, 5)):  # mixed ranks below the pool's max
-        pool.load(f"a{i}", [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
-                  [torch.randn(n, r, generator=gen) for n in slices], alpha=[2.0 * r + s for s in range(len(slices))])
+        pool.load(
+            f"a{i}",
+            [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+            [torch.randn(n, r, generator=gen) for n in slices],
+            alpha=[2.0 * r + s for s in range(len(slices))],
+        )
     pool.unload("a3")  # slot 3: unloaded (rank 0) ...
     pool.reserve("r")  # ... and then reserved without weights
     N = sum(slices)
@@ -160,9 +210,18 @@ def _gemm_problem(T, dtype, slices, pattern, bias, seed, pool_dtype=None):
 
 
 def _want(pool, weight, bias, x, ids):
-    return ref.multi_lora_linear(x.cpu(), weight.cpu(), None if bias is None else bias.cpu(), pool.A_stack.cpu(),
-                                 pool.B_stack.cpu(), pool.ranks.cpu(), pool.scales.cpu(), torch.tensor(ids),
-                                 list(pool.slices), **F64)
+    return ref.multi_lora_linear(
+        x.cpu(),
+        weight.cpu(),
+        None if bias is None else bias.cpu(),
+        pool.A_stack.cpu(),
+        pool.B_stack.cpu(),
+        pool.ranks.cpu(),
+        pool.scales.cpu(),
+        torch.tensor(ids),
+        list(pool.slices),
+        **F64,
+    )
 
 
 @needs_triton
@@ -206,12 +265,14 @@ class _NameSpy:
         def launch(*args, **kwargs):
             self.log.append(self.name)
             return self.kernel[grid](*args, **kwargs)
+
         return launch
 
 
 def _no_call(what):
     def boom(*args, **kwargs):
         raise AssertionError(f"{what} called on the gemm path")
+
     return boom
 
 
@@ -219,8 +280,9 @@ def _no_call(what):
 def test_gemm_path_bad_ids_and_fp32_pool_with_half_data():
     """Ids outside -1..L-1 (unchecked: they count as none and read nothing), a float32 pool with fp16 activations,
     the fp16 overflow case, and a batch whose capacity exceeds the step (padding entries)."""
-    pool, weight, b, x, ids = _gemm_problem(37, torch.float16, GEMM_SLICES, "repeats", True, seed=3,
-                                            pool_dtype=torch.float32)
+    pool, weight, b, x, ids = _gemm_problem(
+        37, torch.float16, GEMM_SLICES, "repeats", True, seed=3, pool_dtype=torch.float32
+    )
     bad = list(ids)
     bad[0], bad[5], bad[9] = 8, 1000, -7
     batch = LoRABatch.prepare(bad, max_tokens=64, device=DEVICE)
@@ -230,8 +292,9 @@ def test_gemm_path_bad_ids_and_fp32_pool_with_half_data():
     with pytest.raises(ValueError, match="ids outside"):
         lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
     pool2, w2, x2, ids2 = overflow_case()
-    got2 = lk.multi_lora_linear(x2, w2, None, pool2, LoRABatch.prepare(ids2, device=DEVICE), backend="triton",
-                                path="gemm")
+    got2 = lk.multi_lora_linear(
+        x2, w2, None, pool2, LoRABatch.prepare(ids2, device=DEVICE), backend="triton", path="gemm"
+    )
     assert torch.isfinite(got2).all()
     torch.testing.assert_close(got2.cpu().double(), overflow_want(pool2, w2, x2, ids2), **close(torch.float16))
 
@@ -263,8 +326,22 @@ def test_opcheck_gemm_op():
     meta = batch.meta
     backends = ["torch"] + (["triton"] if TRITON_OK else [])
     for backend in backends:
-        torch.library.opcheck(ops._gemm_op, (x, weight, b, pool.A_stack, pool.B_stack, pool.ranks, pool.scales,
-                                             *meta, list(pool.slices), batch.tile_m, backend))
+        torch.library.opcheck(
+            ops._gemm_op,
+            (
+                x,
+                weight,
+                b,
+                pool.A_stack,
+                pool.B_stack,
+                pool.ranks,
+                pool.scales,
+                *meta,
+                list(pool.slices),
+                batch.tile_m,
+                backend,
+            ),
+        )
 
 
 # --------------------------------------------------------------------------------------- sm_90 ahead-of-time compile
@@ -384,5 +461,6 @@ def test_gpu_gemm_path_graph_replay_with_new_ids(T):
         x.copy_(torch.randn(T, x.shape[1], generator=gen).to("cuda", torch.float16))
         graph.replay()
         torch.cuda.synchronize()
-        assert_close_to_oracle(y, multi_lora_in_dtype(x, weight, b, pool, new, list(pool.slices)),
-                               _want(pool, weight, b, x, new))
+        assert_close_to_oracle(
+            y, multi_lora_in_dtype(x, weight, b, pool, new, list(pool.slices)), _want(pool, weight, b, x, new)
+        )

@@ -25,16 +25,32 @@ VOCAB = 128
 # ------------------------------------------------------------------------------------------------------ models
 def llama(seed=0, bias=False, dtype=torch.float32):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=VOCAB, attention_bias=bias)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        attention_bias=bias,
+    )
     return transformers.LlamaForCausalLM(cfg).to(dtype)
 
 
 def gpt2(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                  eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -202,8 +218,9 @@ def test_gpt2_conv1d_converted_exactly():
 def test_triton_backend_small_llama():
     pm = peft_model(llama(), lora_config(["q_proj", "down_proj"], use_rslora=True))
     try:
-        lk.lora_linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2), 1.0,
-                       backend="triton")
+        lk.lora_linear(
+            torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2), 1.0, backend="triton"
+        )
     except (lk.BackendError, ImportError, NotImplementedError) as exc:
         pytest.skip(f"the triton backend cannot run here: {exc}")
     conv, _ = convert(pm, backend="triton")
@@ -363,10 +380,10 @@ def assert_mixed_generation_equals_peft(model, pm, ids, names):
         for i, name in enumerate(names):
             if name == "__base__":
                 with pm.disable_adapter():
-                    ref = pm.generate(input_ids=ids[i:i + 1], **gen)
+                    ref = pm.generate(input_ids=ids[i : i + 1], **gen)
             else:
                 pm.set_adapter(name)
-                ref = pm.generate(input_ids=ids[i:i + 1], **gen)
+                ref = pm.generate(input_ids=ids[i : i + 1], **gen)
             assert torch.equal(out.sequences[i], ref.sequences[0]), (i, name)
             for s, s_ref in zip(out.scores, ref.scores):
                 close(s[i], s_ref[0], 1e-4)
@@ -472,8 +489,11 @@ def test_load_adapters_mixed_forward_matches_peft(adapter_dirs, monkeypatch):
     names = ["third", "__base__", "other", "default", "third"]
     prepared = []
     real_prepare = lk.LoRABatch.prepare.__func__
-    monkeypatch.setattr(lk.LoRABatch, "prepare",
-                        classmethod(lambda cls, *a, **k: prepared.append(real_prepare(cls, *a, **k)) or prepared[-1]))
+    monkeypatch.setattr(
+        lk.LoRABatch,
+        "prepare",
+        classmethod(lambda cls, *a, **k: prepared.append(real_prepare(cls, *a, **k)) or prepared[-1]),
+    )
     seen = set()
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.add(id(mod.batch))) for m in layers.values()]
     with torch.no_grad():
@@ -506,16 +526,19 @@ def test_load_adapters_beam_search_matches_peft(adapter_dirs):
     names = ["third", "other"]
     gen = dict(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
     with torch.no_grad():
-        assert torch.equal(model.generate(input_ids=ids, adapter_names=names, **gen),
-                           pm.generate(input_ids=ids, adapter_names=names, **gen))
+        assert torch.equal(
+            model.generate(input_ids=ids, adapter_names=names, **gen),
+            pm.generate(input_ids=ids, adapter_names=names, **gen),
+        )
 
 
 def test_load_adapters_adds_to_existing_pools_and_checks_inputs(adapter_dirs, tmp_path):
     pm, dirs = adapter_dirs
     pm.eval()
     model = llama().eval()
-    assert lk.load_adapters(model, {"default": dirs["default"]}, max_adapters=3, max_rank=8,
-                            backend="torch") == {"default": 0}
+    assert lk.load_adapters(model, {"default": dirs["default"]}, max_adapters=3, max_rank=8, backend="torch") == {
+        "default": 0
+    }
     # "third" also targets down_proj: new layers there reserve the slot of "default".
     assert lk.load_adapters(model, {"third": dirs["third"], "other": dirs["other"]}) == {"third": 1, "other": 2}
     ids = tokens(batch=3)
@@ -573,8 +596,10 @@ def test_gpt2_converted_mixed_generation_equals_peft():
     names = ["b", "__base__", "default"]
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        assert torch.equal(conv.generate(input_ids=ids, adapter_names=names, **gen),
-                           pm.generate(input_ids=ids, adapter_names=names, **gen))
+        assert torch.equal(
+            conv.generate(input_ids=ids, adapter_names=names, **gen),
+            pm.generate(input_ids=ids, adapter_names=names, **gen),
+        )
 
 
 def test_converted_model_deepcopies_and_state_dict_round_trips():
@@ -624,7 +649,12 @@ def test_load_adapters_gpt2_conv1d_mixed_generation_matches_peft(tmp_path):
     ids = tokens(batch=3, seq=5)
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        close(model(ids, adapter_names=["b", "a", "__base__"]).logits,
-              pm(ids, adapter_names=["b", "default", "__base__"]).logits, 1e-5)
-        assert torch.equal(model.generate(input_ids=ids, adapter_names=["b", "__base__", "a"], **gen),
-                           pm.generate(input_ids=ids, adapter_names=["b", "__base__", "default"], **gen))
+        close(
+            model(ids, adapter_names=["b", "a", "__base__"]).logits,
+            pm(ids, adapter_names=["b", "default", "__base__"]).logits,
+            1e-5,
+        )
+        assert torch.equal(
+            model.generate(input_ids=ids, adapter_names=["b", "__base__", "a"], **gen),
+            pm.generate(input_ids=ids, adapter_names=["b", "__base__", "default"], **gen),
+        )

@@ -4,7 +4,6 @@ suffix-ambiguous layer names load in PEFT to the same numbers."""
 
 import copy
 import json
-import os
 import warnings
 
 import pytest
@@ -13,18 +12,24 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from _models import nested  # noqa: E402
+
 import lora_kernels as lk  # noqa: E402
 from lora_kernels import peft as pc  # noqa: E402
-
-from _models import nested  # noqa: E402
 
 VOCAB = 64
 
 
 def llama(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=VOCAB)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -192,8 +197,9 @@ def test_load_state_dict_into_merged_layer_merges_the_new_adapter():
     close(logits(conv), expected)
     layer.unmerge()
     close(logits(conv), expected)
-    torch.testing.assert_close(layer.weight, donor.base_model.model.model.layers[1].self_attn.v_proj.weight,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        layer.weight, donor.base_model.model.model.layers[1].self_attn.v_proj.weight, rtol=0, atol=0
+    )
 
 
 # ------------------------------------------------------------------------------------------ all or nothing
@@ -240,8 +246,9 @@ def test_suffix_ambiguous_names_load_in_peft_to_the_same_numbers(tmp_path, all_l
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         close(loaded(x), model(x))
-    peft_layers = {n: m for n, m in loaded.base_model.model.named_modules()
-                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    peft_layers = {
+        n: m for n, m in loaded.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     assert sorted(peft_layers) == sorted(lk.lora_layers(model))
     for n, m in peft_layers.items():
         ours = lk.lora_layers(model)[n]

@@ -25,11 +25,20 @@ def test_old_module_path_reexports_every_public_name():
         assert getattr(lk, name) is getattr(lk_peft, name)
 
 
-@pytest.mark.parametrize("name, module", [("_DisableAdapter", "patches"), ("_EnableAdapterLayers", "patches"),
-                                          ("_MixedBatchHooks", "patches"), ("_mixed_names_pre_hook", "patches"),
-                                          ("_ServingGenerate", "serving"), ("_Serving", "serving"),
-                                          ("_serving_pre_hook", "serving"), ("_serving_post_hook", "serving"),
-                                          ("_Adapter", "layer")])
+@pytest.mark.parametrize(
+    "name, module",
+    [
+        ("_DisableAdapter", "patches"),
+        ("_EnableAdapterLayers", "patches"),
+        ("_MixedBatchHooks", "patches"),
+        ("_mixed_names_pre_hook", "patches"),
+        ("_ServingGenerate", "serving"),
+        ("_Serving", "serving"),
+        ("_serving_pre_hook", "serving"),
+        ("_serving_post_hook", "serving"),
+        ("_Adapter", "layer"),
+    ],
+)
 def test_objects_pickled_under_the_old_path_unpickle(name, module):
     obj = getattr(getattr(lk_peft, module), name)
     old = pickle.dumps(obj, protocol=2).replace(f"lora_kernels.peft.{module}".encode(), b"lora_kernels.peft_compat")
@@ -40,10 +49,17 @@ def test_objects_pickled_under_the_old_path_unpickle(name, module):
 
 
 def test_import_loads_neither_peft_nor_transformers():
-    code = ("import sys, lora_kernels, lora_kernels.peft, lora_kernels.peft_compat; "
-            "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(lk.__file__))})
+    code = (
+        "import sys, lora_kernels, lora_kernels.peft, lora_kernels.peft_compat; "
+        "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(lk.__file__))},
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
@@ -215,8 +231,11 @@ def test_load_adapters_checks_a_patched_config_in_memory(tmp_path, monkeypatch):
 def test_load_adapters_refuses_variants_naming_the_config(tmp_path):
     _saved_adapter(tmp_path, 2, use_dora=True)
     model = _Tiny.build()
-    with pytest.raises(ValueError, match=r"^load_adapters: .*adapter_config.json: LoRA variant settings cannot be "
-                                         r"served: use_dora=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"^load_adapters: .*adapter_config.json: LoRA variant settings cannot be "
+        r"served: use_dora=True",
+    ):
         lk.load_adapters(model, {"a": str(tmp_path)})
     assert not lk.multi_lora_layers(model)
 

@@ -10,16 +10,20 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from _tolerances import TOL, assert_close_scaled  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import lora_kernels as lk  # noqa: E402
 from lora_kernels.pool import AdapterPool, LoRABatch  # noqa: E402
 
-from _tolerances import TOL, assert_close_scaled  # noqa: E402
-
-SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 SIZES = st.sampled_from([1, 2, 7, 16, 33, 40])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -27,8 +31,9 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 def triton_usable():
     try:
-        lk.lora_linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2), 1.0,
-                       backend="triton")
+        lk.lora_linear(
+            torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2), 1.0, backend="triton"
+        )
     except (lk.BackendError, ImportError, NotImplementedError) as exc:
         return str(exc)
     return None
@@ -79,8 +84,8 @@ def run_lora_case(case, backend):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dt)
 
     x = strided(rnd(*lead, K), layout_x).requires_grad_(True)
-    W = strided(rnd(N, K, std=K ** -0.5), layout_w)
-    A = rnd(r, K, dt=lora_dtype, std=K ** -0.5).requires_grad_(True)
+    W = strided(rnd(N, K, std=K**-0.5), layout_w)
+    A = rnd(r, K, dt=lora_dtype, std=K**-0.5).requires_grad_(True)
     B = rnd(N, r, dt=lora_dtype).requires_grad_(True)
     bias = rnd(N).requires_grad_(True) if has_bias else None
     dy = rnd(*lead, N)
@@ -120,8 +125,13 @@ def test_lora_linear_triton_matches_float64(case):
 
 
 @settings(max_examples=15, **SETTINGS)
-@given(p=st.sampled_from([0.1, 0.5, 0.9]), M=SIZES, K=SIZES, r=st.sampled_from([1, 4]),
-       backend=st.sampled_from(["torch", "triton"]))
+@given(
+    p=st.sampled_from([0.1, 0.5, 0.9]),
+    M=SIZES,
+    K=SIZES,
+    r=st.sampled_from([1, 4]),
+    backend=st.sampled_from(["torch", "triton"]),
+)
 def test_lora_linear_dropout_is_off_outside_training(p, M, K, r, backend):
     if backend == "triton" and triton_usable():
         pytest.skip("the triton backend cannot run here")
@@ -147,8 +157,9 @@ def multi_case(draw, dtypes):
     loaded = draw(st.lists(st.booleans(), min_size=L, max_size=L))
     ranks = [draw(st.lists(st.integers(1, R), min_size=len(slices), max_size=len(slices))) for _ in range(L)]
     valid = [-1] + [l for l in range(L) if loaded[l]]
-    ids = draw(st.lists(st.sampled_from(valid), min_size=M * (lead[0] if lead else 1),
-                        max_size=M * (lead[0] if lead else 1)))
+    ids = draw(
+        st.lists(st.sampled_from(valid), min_size=M * (lead[0] if lead else 1), max_size=M * (lead[0] if lead else 1))
+    )
     has_bias = draw(st.booleans())
     layout_x = draw(st.sampled_from(["contiguous", "sliced"]))
     fused = draw(st.sampled_from([None, True, False]))
@@ -169,15 +180,21 @@ def run_multi_case(case, backend):
     for l in range(L):
         if not loaded[l]:
             continue
-        A = [rnd(r, K, dt=pool_dtype, std=K ** -0.5) for r in ranks[l]]
+        A = [rnd(r, K, dt=pool_dtype, std=K**-0.5) for r in ranks[l]]
         B = [rnd(n, r, dt=pool_dtype) for n, r in zip(slices, ranks[l])]
         alphas = [float(1 + l + s) for s in range(len(slices))]
         rslora = l % 2 == 1
-        pool.load(f"a{l}", A if len(slices) > 1 else A[0], B if len(slices) > 1 else B[0],
-                  alpha=alphas if len(slices) > 1 else alphas[0], use_rslora=rslora, slot=l)
-        adapters[l] = [(a, b, al / (r ** 0.5 if rslora else r)) for a, b, al, r in zip(A, B, alphas, ranks[l])]
+        pool.load(
+            f"a{l}",
+            A if len(slices) > 1 else A[0],
+            B if len(slices) > 1 else B[0],
+            alpha=alphas if len(slices) > 1 else alphas[0],
+            use_rslora=rslora,
+            slot=l,
+        )
+        adapters[l] = [(a, b, al / (r**0.5 if rslora else r)) for a, b, al, r in zip(A, B, alphas, ranks[l])]
     x = strided(rnd(*lead, K), layout_x)
-    W = rnd(N, K, std=K ** -0.5)
+    W = rnd(N, K, std=K**-0.5)
     bias = rnd(N) if has_bias else None
     batch = LoRABatch.prepare(ids)
 
@@ -193,7 +210,7 @@ def run_multi_case(case, backend):
             continue
         off = 0
         for (a, b, s), n in zip(adapters[l], slices):
-            y64[m, off:off + n] += s * (x64[m] @ a.double().t()) @ b.double().t()
+            y64[m, off : off + n] += s * (x64[m] @ a.double().t()) @ b.double().t()
             off += n
     # The pool keeps its scales (α/r, α/√r) in float32 by design, so float64 is only float32-exact in the scale.
     tol = max(TOL[dtype], 1e-6)

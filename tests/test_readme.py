@@ -67,7 +67,9 @@ for _ in range(4):
     batches.append({"input_ids": _ids, "attention_mask": torch.ones_like(_ids), "labels": _ids})
 """,
 }
-PREAMBLES["tiny_peft"] = PREAMBLES["tiny_llama"] + """
+PREAMBLES["tiny_peft"] = (
+    PREAMBLES["tiny_llama"]
+    + """
 import peft
 _base = transformers.LlamaForCausalLM(_cfg).eval()
 peft_model = peft.get_peft_model(_base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
@@ -85,6 +87,7 @@ with torch.no_grad():
             _p.normal_(0, 0.02)
 hf_model = model
 """
+)
 
 _DIRECTIVE = re.compile(r"<!--\s*readme-test:\s*(.*?)\s*-->")
 
@@ -118,8 +121,10 @@ def _parse(directive):
         return "continue", None
     m = re.fullmatch(r"preamble=(\w+)", directive)
     if not m or m.group(1) not in PREAMBLES:
-        raise ValueError(f"unknown readme-test directive {directive!r}: use preamble=<{'|'.join(PREAMBLES)}>, "
-                         f"continue, or skip <reason>")
+        raise ValueError(
+            f"unknown readme-test directive {directive!r}: use preamble=<{'|'.join(PREAMBLES)}>, "
+            f"continue, or skip <reason>"
+        )
     return "run", m.group(1)
 
 
@@ -133,7 +138,7 @@ BLOCKS = _blocks()
 
 def test_readme_has_python_blocks_and_valid_directives():
     assert BLOCKS, "README.md has no ```python block"
-    for line, directive, _ in BLOCKS:
+    for _line, directive, _ in BLOCKS:
         _parse(directive)  # raises on a typo
     assert _parse(BLOCKS[0][1])[0] != "continue", "the first block cannot continue a previous one"
 
@@ -165,15 +170,41 @@ def test_readme_block_runs(line, directive, code, tmp_path, monkeypatch):
 
 
 def test_readme_block_parser():
-    text = "\n".join([
-        "# t", "```python", "a = 1", "```", "<!-- readme-test: preamble=tensors -->", "```python", "b = x", "```",
-        "<!-- readme-test: skip needs a CUDA GPU -->", "```python", "c = 3", "```", "```bash", "ls", "```",
-        "<!-- readme-test: continue -->", "```python", "d = b", "```",
-    ])
+    text = "\n".join(
+        [
+            "# t",
+            "```python",
+            "a = 1",
+            "```",
+            "<!-- readme-test: preamble=tensors -->",
+            "```python",
+            "b = x",
+            "```",
+            "<!-- readme-test: skip needs a CUDA GPU -->",
+            "```python",
+            "c = 3",
+            "```",
+            "```bash",
+            "ls",
+            "```",
+            "<!-- readme-test: continue -->",
+            "```python",
+            "d = b",
+            "```",
+        ]
+    )
     blocks = readme_blocks(text)
-    assert [(b[0], b[1]) for b in blocks] == [(2, ""), (6, "preamble=tensors"), (10, "skip needs a CUDA GPU"),
-                                              (17, "continue")]
-    assert [_parse(b[1]) for b in blocks] == [("run", None), ("run", "tensors"), ("skip", "needs a CUDA GPU"),
-                                              ("continue", None)]
+    assert [(b[0], b[1]) for b in blocks] == [
+        (2, ""),
+        (6, "preamble=tensors"),
+        (10, "skip needs a CUDA GPU"),
+        (17, "continue"),
+    ]
+    assert [_parse(b[1]) for b in blocks] == [
+        ("run", None),
+        ("run", "tensors"),
+        ("skip", "needs a CUDA GPU"),
+        ("continue", None),
+    ]
     with pytest.raises(ValueError, match="unknown readme-test directive"):
         _parse("preamble=nope")

@@ -69,8 +69,9 @@ def test_bad_acc_dtype_is_refused_before_anything_is_written(bad):
     B = torch.ones(1, 17, 5)
     y = torch.zeros(7, 17)
     with pytest.raises(ValueError, match="acc_dtype"):
-        mref.lora_expand(xa, B, torch.zeros(7, dtype=torch.int64), torch.tensor([5]), torch.ones(1, 1), y,
-                         acc_dtype=bad)
+        mref.lora_expand(
+            xa, B, torch.zeros(7, dtype=torch.int64), torch.tensor([5]), torch.ones(1, 1), y, acc_dtype=bad
+        )
     assert torch.count_nonzero(y) == 0
     out = torch.full((7, 5), 7.0)
     with pytest.raises(ValueError, match="acc_dtype"):
@@ -84,5 +85,14 @@ def test_bad_out_dtype_is_refused(bad):
     with pytest.raises(ValueError, match="out_dtype"):
         ref.lora_linear_forward(x, w, a, b, 1.0, out_dtype=bad)
     with pytest.raises(ValueError, match="out_dtype"):
-        mref.multi_lora_linear(x, w, None, a[None], b[None], torch.tensor([5]), torch.ones(1, 1),
-                               torch.zeros(7, dtype=torch.int64), out_dtype=bad)
+        mref.multi_lora_linear(
+            x,
+            w,
+            None,
+            a[None],
+            b[None],
+            torch.tensor([5]),
+            torch.ones(1, 1),
+            torch.zeros(7, dtype=torch.int64),
+            out_dtype=bad,
+        )

@@ -17,8 +17,22 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IGNORE = shutil.ignore_patterns(".git", "build", "dist", "out", "__pycache__", "*.pyc", "*.so", "*.egg-info",
-                                ".pytest_cache", ".hypothesis", ".benchmarks", ".ci", "*.png", "*.csv")
+IGNORE = shutil.ignore_patterns(
+    ".git",
+    "build",
+    "dist",
+    "out",
+    "__pycache__",
+    "*.pyc",
+    "*.so",
+    "*.egg-info",
+    ".pytest_cache",
+    ".hypothesis",
+    ".benchmarks",
+    ".ci",
+    "*.png",
+    "*.csv",
+)
 # Set inside the unpacked sdist's test run, so that this module does not build an sdist of the sdist.
 NESTED_ENV = "LORA_KERNELS_SDIST_UNDER_TEST"
 
@@ -41,8 +55,14 @@ def sdist_tree(tmp_path_factory):
     shutil.copytree(ROOT, src, ignore=IGNORE)
     dist = tmp / "dist"
     dist.mkdir()
-    name = _run([sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"],
-                cwd=src).strip().splitlines()[-1]
+    name = (
+        _run(
+            [sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"],
+            cwd=src,
+        )
+        .strip()
+        .splitlines()[-1]
+    )
     archive = dist / name
     with tarfile.open(archive) as tar:
         members = tar.getnames()
@@ -56,9 +76,20 @@ def sdist_tree(tmp_path_factory):
 
 def test_sdist_ships_what_the_tests_need(sdist_tree):
     tree, _, files = sdist_tree
-    for need in ("tests/conftest.py", "tests/test_demo.py", "benchmarks/__init__.py", "benchmarks/common.py",
-                 "benchmarks/bench_lora_linear.py", "README.md", "pyproject.toml", "setup.py", "CMakeLists.txt",
-                 "csrc/bindings.cpp", "lora_kernels/demo.py", "lora_kernels/_progress.py"):
+    for need in (
+        "tests/conftest.py",
+        "tests/test_demo.py",
+        "benchmarks/__init__.py",
+        "benchmarks/common.py",
+        "benchmarks/bench_lora_linear.py",
+        "README.md",
+        "pyproject.toml",
+        "setup.py",
+        "CMakeLists.txt",
+        "csrc/bindings.cpp",
+        "lora_kernels/demo.py",
+        "lora_kernels/_progress.py",
+    ):
         assert need in files, need
     assert not [f for f in files if f.endswith((".so", ".pyc"))]
     # every test module in the checkout is in the sdist
@@ -76,30 +107,65 @@ def test_sdist_test_suite_collects_and_runs(sdist_tree):
     tree, _, _ = sdist_tree
     env = _env(tree)
     # the unpacked package is the one imported (not the checkout's or an installed copy)
-    where = _run([sys.executable, "-c", "import lora_kernels, os; print(os.path.dirname(lora_kernels.__file__))"],
-                 cwd=tree, env=env).strip()
+    where = _run(
+        [sys.executable, "-c", "import lora_kernels, os; print(os.path.dirname(lora_kernels.__file__))"],
+        cwd=tree,
+        env=env,
+    ).strip()
     assert os.path.realpath(where) == os.path.realpath(tree / "lora_kernels")
-    out = _run([sys.executable, "-m", "pytest", "tests", "-q", "--collect-only", "-p", "no:cacheprovider"],
-               cwd=tree, env=env)
+    out = _run(
+        [sys.executable, "-m", "pytest", "tests", "-q", "--collect-only", "-p", "no:cacheprovider"], cwd=tree, env=env
+    )
     assert "error" not in out.lower().split("\n")[-2], out[-2000:]
-    out = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                "tests/test_benchmarks_smoke.py::test_geomean_floor_and_table",
-                "tests/test_demo.py::test_demo_help_documents_every_option_with_its_default",
-                "tests/test_modules.py", "-k", "geomean or help_documents or merge"], cwd=tree, env=env)
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_benchmarks_smoke.py::test_geomean_floor_and_table",
+            "tests/test_demo.py::test_demo_help_documents_every_option_with_its_default",
+            "tests/test_modules.py",
+            "-k",
+            "geomean or help_documents or merge",
+        ],
+        cwd=tree,
+        env=env,
+    )
     assert " passed" in out and "failed" not in out and "error" not in out, out[-2000:]
 
 
 def test_sdist_builds_a_wheel_with_the_package_only(sdist_tree, tmp_path):
     tree, archive, _ = sdist_tree
     env = dict(os.environ, LORA_KERNELS_BUILD_CUDA="0")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-          str(archive)], cwd=tmp_path, env=env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(archive),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     (wheel,) = tmp_path.glob("lora_kernels-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "lora_kernels/demo.py" in names and "lora_kernels/init/lora_ga.py" in names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
-    for req in ("Requires-Dist: torch>=2.11", "Requires-Dist: scikit-learn", "Requires-Python: >=3.10",
-                "Provides-Extra: demo"):
+    for req in (
+        "Requires-Dist: torch>=2.11",
+        "Requires-Dist: scikit-learn",
+        "Requires-Python: >=3.10",
+        "Provides-Extra: demo",
+    ):
         assert req in text, req

@@ -13,11 +13,10 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
+from _tolerances import close_small_k
 
 import lora_kernels as lk
 from lora_kernels.pool import LoRABatch
-
-from _tolerances import close_small_k
 
 K = 16
 TIMEOUT = 60
@@ -40,8 +39,15 @@ def _served_block(seed=0, n_adapters=3):
     model = _Block()
     lk.inject_multi_lora(model, ["q_proj", "v_proj"], max_adapters=4, max_rank=4, backend="torch")
     for i in range(n_adapters):
-        lk.load_multi_adapter(model, f"a{i}", {"q_proj": (torch.randn(4, K) / 4, torch.randn(K, 4)),
-                                               "v_proj": (torch.randn(2, K) / 4, torch.randn(K, 2))}, alpha=4 + i)
+        lk.load_multi_adapter(
+            model,
+            f"a{i}",
+            {
+                "q_proj": (torch.randn(4, K) / 4, torch.randn(K, 4)),
+                "v_proj": (torch.randn(2, K) / 4, torch.randn(K, 2)),
+            },
+            alpha=4 + i,
+        )
     return model
 
 
@@ -94,6 +100,7 @@ def test_use_batch_is_per_thread_under_forced_interleaving():
                 out = model(x)
                 barrier.wait(TIMEOUT)  # neither leaves use_batch before the other has computed
                 return out
+
         return run
 
     outs = _run_threads(request(batches[0]), request(batches[1]))
@@ -108,8 +115,10 @@ def test_set_batch_belongs_to_the_calling_thread():
     x = torch.randn(4, K)
     batch = LoRABatch.prepare([0, 1, 2, 0])
     with torch.no_grad():
-        base = model.out(torch.relu(nn.functional.linear(x, model.q_proj.weight, model.q_proj.bias))
-                         + nn.functional.linear(x, model.v_proj.weight, model.v_proj.bias))
+        base = model.out(
+            torch.relu(nn.functional.linear(x, model.q_proj.weight, model.q_proj.bias))
+            + nn.functional.linear(x, model.v_proj.weight, model.v_proj.bias)
+        )
         lk.set_batch(model, batch)
         try:
             mine = model(x)
@@ -144,17 +153,25 @@ VOCAB = 64
 
 def _llama(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=VOCAB)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _two_adapter_peft_model():
     torch.manual_seed(1)
-    pm = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                       init_lora_weights=False))
-    pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"],
-                                        init_lora_weights=False))
+    pm = peft.get_peft_model(
+        _llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    pm.add_adapter(
+        "b", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
     return pm.eval()
 
 
@@ -191,6 +208,7 @@ def test_load_adapters_concurrent_requests_get_their_own_adapter(adapter_dirs):
         def run():
             with torch.no_grad():
                 return model(ids, adapter_names=names).logits
+
         return run
 
     outs = _run_threads(*(request(n) for n in requests))
@@ -217,6 +235,7 @@ def test_converted_peft_model_concurrent_requests_get_their_own_adapter():
         def run():
             with torch.no_grad():
                 return conv(ids, adapter_names=names).logits
+
         return run
 
     outs = _run_threads(*(request(n) for n in requests))
@@ -253,8 +272,10 @@ def test_generate_expands_names_for_beams_only_as_peft_does(adapter_dirs):
     gen = dict(max_new_tokens=3, pad_token_id=0)
     with torch.no_grad():
         # num_beams=k: each name repeated k times; same tokens as PEFT
-        assert torch.equal(model.generate(input_ids=ids, adapter_names=["b", "a"], num_beams=2, do_sample=False, **gen),
-                           pm.generate(input_ids=ids, adapter_names=names, num_beams=2, do_sample=False, **gen))
+        assert torch.equal(
+            model.generate(input_ids=ids, adapter_names=["b", "a"], num_beams=2, do_sample=False, **gen),
+            pm.generate(input_ids=ids, adapter_names=names, num_beams=2, do_sample=False, **gen),
+        )
         # num_return_sequences without beams: no silent repetition; PEFT refuses it as well
         sample = dict(do_sample=True, num_return_sequences=2, **gen)
         with pytest.raises(ValueError, match="2 names but the batch has 4 sequences"):
@@ -269,7 +290,8 @@ def _unsigned(name):
 
 
 INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8] + [
-    d for d in (_unsigned("uint16"), _unsigned("uint32"), _unsigned("uint64")) if d is not None]
+    d for d in (_unsigned("uint16"), _unsigned("uint32"), _unsigned("uint64")) if d is not None
+]
 
 
 def _ids_tensor(values, dtype):
@@ -514,8 +536,16 @@ def test_bad_backend_and_dtype_refused_before_anything_changes(adapter_dirs):
 
 def test_load_adapters_refuses_encoder_decoder_models(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8,
-                                vocab_size=VOCAB, decoder_start_token_id=0)
+    cfg = transformers.T5Config(
+        d_model=16,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        d_kv=8,
+        vocab_size=VOCAB,
+        decoder_start_token_id=0,
+    )
     t5 = transformers.T5ForConditionalGeneration(cfg).eval()
     pm = peft.get_peft_model(copy.deepcopy(t5), peft.LoraConfig(r=2, target_modules=["q", "v"]))
     pm.save_pretrained(str(tmp_path))
@@ -532,8 +562,9 @@ def _write_adapter(path, weights, r, alpha):
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(weights)}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(weights)})
+    )
     tensors = {}
     for name, (a, b) in weights.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.clone()
@@ -565,11 +596,23 @@ def test_load_adapters_serves_a_shared_linear_under_every_name(tmp_path, named):
 def test_converted_encoder_decoder_beam_search_matches_peft():
     """PEFT's rule: with beams, the decoder's names are repeated per beam, the encoder's are the inputs' own."""
     torch.manual_seed(0)
-    cfg = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8,
-                                vocab_size=VOCAB, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = transformers.T5Config(
+        d_model=16,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        d_kv=8,
+        vocab_size=VOCAB,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     torch.manual_seed(1)
-    pm = peft.get_peft_model(transformers.T5ForConditionalGeneration(cfg),
-                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights=False))
+    pm = peft.get_peft_model(
+        transformers.T5ForConditionalGeneration(cfg),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights=False),
+    )
     pm.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False))
     pm.eval()
     conv = copy.deepcopy(pm)
@@ -578,8 +621,10 @@ def test_converted_encoder_decoder_beam_search_matches_peft():
     gen = dict(max_new_tokens=3, num_beams=2, do_sample=False)
     with torch.no_grad():
         for names in (["b", "default"], ["__base__", "b"]):
-            assert torch.equal(conv.generate(input_ids=ids, adapter_names=names, **gen),
-                               pm.generate(input_ids=ids, adapter_names=names, **gen))
+            assert torch.equal(
+                conv.generate(input_ids=ids, adapter_names=names, **gen),
+                pm.generate(input_ids=ids, adapter_names=names, **gen),
+            )
 
 
 def test_compiled_model_use_batch_is_per_thread():
@@ -603,6 +648,7 @@ def test_compiled_model_use_batch_is_per_thread():
                 out = compiled(x)
                 barrier.wait(TIMEOUT)
                 return out
+
         return run
 
     for out, ref in zip(_run_threads(request(batches[0]), request(batches[1])), refs):

@@ -12,17 +12,30 @@ import sys
 
 import pytest
 
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REQUIRED = {"op", "mode", "shape", "kernel", "regs", "spill_bytes", "smem_bytes", "wgmma", "tma", "hbm_read_bytes",
-            "hbm_write_bytes", "flops", "predicted_us"}
+REQUIRED = {
+    "op",
+    "mode",
+    "shape",
+    "kernel",
+    "regs",
+    "spill_bytes",
+    "smem_bytes",
+    "wgmma",
+    "tma",
+    "hbm_read_bytes",
+    "hbm_write_bytes",
+    "flops",
+    "predicted_us",
+}
 
 
 def _ptxas_available():
     import triton
 
-    return (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists() or \
-        shutil.which("ptxas") is not None
+    return (pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists() or shutil.which(
+        "ptxas"
+    ) is not None
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +48,10 @@ def report(tmp_path_factory):
     env.setdefault("LORA_KERNELS_REPORT_CACHE", str(out / "cache"))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "static_report.py"), "--quick", "--json", str(out / "r.json")],
-        env=env, capture_output=True, text=True, timeout=1500,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "## Predicted ratios" in proc.stdout and "## Launches" in proc.stdout
@@ -67,8 +83,11 @@ def test_report_records_have_the_documented_fields(report):
 
 
 def test_no_kernel_spills(report):
-    spills = {(r["kernel"], json.dumps(r["config"]), r["mode"]): r["spill_bytes"] for r in report
-              if r["kind"] == "triton" and r["spill_bytes"]}
+    spills = {
+        (r["kernel"], json.dumps(r["config"]), r["mode"]): r["spill_bytes"]
+        for r in report
+        if r["kind"] == "triton" and r["spill_bytes"]
+    }
     assert not spills, spills
 
 
@@ -78,8 +97,11 @@ def test_training_gemms_use_wgmma(report):
     assert all(r["wgmma"] for r in gemms), [(r["kernel"], r["config"]) for r in gemms if not r["wgmma"]]
 
 
-@pytest.mark.xfail(strict=True, reason="memsets of the split reductions' fp32 buffers (xa, dxa, dB, dA) and the dA/dB "
-                                      "casts are still separate launches: fwd 3 / bwd 8 on the Triton-base path")
+@pytest.mark.xfail(
+    strict=True,
+    reason="memsets of the split reductions' fp32 buffers (xa, dxa, dB, dA) and the dA/dB "
+    "casts are still separate launches: fwd 3 / bwd 8 on the Triton-base path",
+)
 @pytest.mark.parametrize("op, fwd_max, bwd_max", [("lk_triton_base", 2, 4), ("lk_cublas_base", 3, 4)])
 @pytest.mark.parametrize("mode", ["fwd+bwd", "fwd+bwd dropout"])
 def test_launch_counts(report, op, fwd_max, bwd_max, mode):
@@ -88,7 +110,7 @@ def test_launch_counts(report, op, fwd_max, bwd_max, mode):
     fwd = _launches(report, op, "fwd")
     both = _launches(report, op, mode)
     assert len(fwd) <= fwd_max, [r["kernel"] for r in fwd]
-    assert len(both) - len(fwd) <= bwd_max, [r["kernel"] for r in both[len(fwd):]]
+    assert len(both) - len(fwd) <= bwd_max, [r["kernel"] for r in both[len(fwd) :]]
 
 
 def test_default_is_never_slower_than_the_cublas_base_path(report):

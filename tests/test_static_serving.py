@@ -34,12 +34,13 @@ def test_grid_launches_cover_the_grid():
 def test_configs_match_the_launchers(monkeypatch):
     """The grid and tile configuration the model reports for the gemm path are the ones linear_gemm launches with
     (on a 132-SM GPU with 227 KiB of shared memory; recorded, nothing is run)."""
-    from benchmarks import static_serving as ss
     from lora_kernels import _backend
     from lora_kernels.ops import multi_lora as ops
     from lora_kernels.ops._batch import BatchMeta
     from lora_kernels.triton import _utils as U
     from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
 
     recorded = []
 
@@ -60,9 +61,18 @@ def test_configs_match_the_launchers(monkeypatch):
     model = ss.launches(ids, L, K, (N,), R, path="gemm")
     e = torch.bfloat16
     tile_m = ops.step_tile_m(ss.auto_tile_m(T), T)
-    ML.linear_gemm(torch.empty(T, K, dtype=e), torch.empty(N, K, dtype=e), None, torch.empty(L, R, K, dtype=e),
-                   torch.empty(L, N, R, dtype=e), torch.empty(L, dtype=torch.int32), torch.empty(L, 1),
-                   BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))), [N], tile_m)
+    ML.linear_gemm(
+        torch.empty(T, K, dtype=e),
+        torch.empty(N, K, dtype=e),
+        None,
+        torch.empty(L, R, K, dtype=e),
+        torch.empty(L, N, R, dtype=e),
+        torch.empty(L, dtype=torch.int32),
+        torch.empty(L, 1),
+        BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))),
+        [N],
+        tile_m,
+    )
     assert [r[0] for r in recorded] == [ln["kernel"] for ln in model]
     assert model[1]["config"]["NUM_SPLITS"] == recorded[0][2]["SPLIT_K"]
     for (name, grid, kw), ln in zip(recorded, model):

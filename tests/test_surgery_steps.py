@@ -38,8 +38,10 @@ def problem(seed=0):
 
 
 def snapshot(model):
-    return ([(n, id(m)) for n, m in model.named_modules()],
-            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+    return (
+        [(n, id(m)) for n, m in model.named_modules()],
+        {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+    )
 
 
 def assert_unchanged(model, snap):
@@ -121,7 +123,7 @@ def test_lora_ga_estimate_step_sums_the_gradients_and_restores_the_model():
     ref = copy.deepcopy(model).double()
     total = sum(mse(ref, (x.double(), y.double())) for x, y in batches)
     grads = torch.autograd.grad(total, [ref.get_submodule(k).weight for k in weights])
-    for (k, g) in zip(weights, grads):
+    for k, g in zip(weights, grads):
         assert sums[k].dtype == torch.float32 and sums[k].device.type == "cpu"
         torch.testing.assert_close(sums[k].double(), g, rtol=1e-5, atol=1e-6)
     assert_unchanged(model, snap)
@@ -150,8 +152,9 @@ def test_the_two_lora_ga_paths_estimate_the_same_gradient():
     sums, n = lora_ga.estimate_gradients(model, weights, batches, mse, None, True, "cpu", lambda *a: None)
     injected, _ = problem()
     lk.inject_lora(injected, ["up", "mid"], r=2, backend="torch")
-    layers, alpha, dropout = sharded.check_reinit(injected, batches, mse, 2, 4, ["up", "mid"], "ArB2r", 16, True,
-                                                  None, torch.float32, 4, 0.0, "cpu")
+    layers, alpha, dropout = sharded.check_reinit(
+        injected, batches, mse, 2, 4, ["up", "mid"], "ArB2r", 16, True, None, torch.float32, 4, 0.0, "cpu"
+    )
     assert list(layers) == ["up", "mid"] and (alpha, dropout) == (4.0, 0.0)
     avg = sharded.estimate_row_gradients(injected, layers, batches, mse, None, True, "cpu", None, lambda *a: None)
     for k in weights:

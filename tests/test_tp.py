@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import lora_kernels as lk
+
 from _dist_helpers import WORLD, gloo_available, spawn
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
@@ -38,6 +39,7 @@ def _worker(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import parallelize_module
+
     from lora_kernels.distributed import LoRAColwiseParallel, LoRARowwiseParallel, full, local, local_slices
     from lora_kernels.reference import lora_linear as ref_op
 
@@ -132,8 +134,9 @@ def _worker(rank, out_dir):
     # LoRA-GA's gradient hooks assume data-parallel shards: refused on tensor-parallel layers, on every rank
     from _dist_helpers import expect_error
 
-    expect_error(lambda: lk.lora_ga_init(mlp, [x], lambda m, b: m(b).sum(), r=3, target_modules=["0"]), out_dir,
-                 rank, "ga_tp")
+    expect_error(
+        lambda: lk.lora_ga_init(mlp, [x], lambda m, b: m(b).sum(), r=3, target_modules=["0"]), out_dir, rank, "ga_tp"
+    )
     torch.save(report, os.path.join(out_dir, f"comms{rank}.pt"))
 
 

@@ -10,14 +10,12 @@ rounded to that dtype): the baseline the half-precision kernels' error is measur
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 ACC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def accumulation_dtype(*tensors: torch.Tensor, acc_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+def accumulation_dtype(*tensors: torch.Tensor, acc_dtype: torch.dtype | None = None) -> torch.dtype:
     """``acc_dtype`` when given (one of ``ACC_DTYPES``, else ValueError), otherwise float64 if any of ``tensors`` is
     float64 and float32 if none is."""
     if acc_dtype is None:
@@ -27,7 +25,7 @@ def accumulation_dtype(*tensors: torch.Tensor, acc_dtype: Optional[torch.dtype] 
     return acc_dtype
 
 
-def check_out_dtype(out_dtype: Optional[torch.dtype]) -> None:
+def check_out_dtype(out_dtype: torch.dtype | None) -> None:
     """ValueError unless ``out_dtype`` is None or a floating-point dtype."""
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")

@@ -17,8 +17,6 @@ Triton kernels read the seed on the device instead.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from .dropout import apply_dropout, dropout_keep_mask
@@ -31,13 +29,13 @@ def lora_linear_forward(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int = 0,
     *,
-    acc_dtype: Optional[torch.dtype] = None,
-    out_dtype: Optional[torch.dtype] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    acc_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(y [M, N], xa [M, r] = dropout(x)·Aᵀ in the accumulation dtype)``.
 
     ``acc_dtype``: the dtype every product and sum is computed in, float32 or float64; ``None`` (default) is float32,
@@ -68,8 +66,8 @@ def lora_linear_backward(
     needs_dweight: bool = False,
     needs_dbias: bool = False,
     *,
-    acc_dtype: Optional[torch.dtype] = None,
-    out_dtype: Optional[torch.dtype] = None,
+    acc_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
     """Gradients ``(dx, dA, dB, dweight, dbias)``; the ones not asked for are ``None``.
 

@@ -25,14 +25,14 @@ the float64 oracle of tests and benchmarks is ``acc_dtype=torch.float64`` (``out
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .dtypes import accumulation_dtype, check_out_dtype
 
 
-def active_slots(token_slots: torch.Tensor, ranks: torch.Tensor) -> List[int]:
+def active_slots(token_slots: torch.Tensor, ranks: torch.Tensor) -> list[int]:
     """Sorted list of the slots that hold an adapter and are used by at least one token."""
     L = ranks.shape[0]
     slots = token_slots.to(torch.int64)
@@ -47,9 +47,9 @@ def lora_shrink(
     token_slots: torch.Tensor,
     ranks: torch.Tensor,
     num_slices: int = 1,
-    out: Optional[torch.Tensor] = None,
+    out: torch.Tensor | None = None,
     *,
-    acc_dtype: Optional[torch.dtype] = None,
+    acc_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``xa[M, S·R] = x · A[slot]ᵀ`` per token at the adapter's own rank (see the module docstring).
 
@@ -82,9 +82,9 @@ def lora_expand(
     ranks: torch.Tensor,
     scales: torch.Tensor,
     y: torch.Tensor,
-    slices: Optional[Sequence[int]] = None,
+    slices: Sequence[int] | None = None,
     *,
-    acc_dtype: Optional[torch.dtype] = None,
+    acc_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``y[m, slice i] += scales[slot, i] · xa[m, i·R:i·R+rank] · B[slot, slice i, :rank]ᵀ`` in place; returns y.
 
@@ -115,16 +115,16 @@ def lora_expand(
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     A_stack: torch.Tensor,
     B_stack: torch.Tensor,
     ranks: torch.Tensor,
     scales: torch.Tensor,
     token_slots: torch.Tensor,
-    slices: Optional[Sequence[int]] = None,
+    slices: Sequence[int] | None = None,
     *,
-    acc_dtype: Optional[torch.dtype] = None,
-    out_dtype: Optional[torch.dtype] = None,
+    acc_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``y = x·Wᵀ + bias + Σ_i scale_i·(x·A_iᵀ)·B_iᵀ`` per token, all in the accumulation dtype, cast once at the end.
 
