@@ -410,37 +410,27 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if distributed.is_sharded_layer(self):  # tensor parallel (DTensor parameters): the op runs on the shards
             return distributed.tp_forward(self, *self._autocast(x), lora_linear)
-        x, weight, bias, lora_A, lora_B = self._autocast(x)
+        return self._fused_forward(x, self.weight, self.lora_A, self.lora_B)
+
+    def _autocast(self, x: torch.Tensor):
+        """The op's operands (x, W0, bias, A, B), cast as an autocast ``nn.Linear`` would inside ``torch.autocast``."""
+        return _autocast.autocast_operands(x, self.weight, self.bias, self.lora_A, self.lora_B)
+
+    def _fused_forward(self, x, weight, lora_A, lora_B, scaling: float | None = None, dropout: float | None = None):
+        """The fused op on ``x`` with this layer's bias and backend, and its scaling and dropout unless given (an
+        adapter of a multi-adapter subclass has its own); the autocast rule applied."""
+        x, weight, bias, lora_A, lora_B = _autocast.autocast_operands(x, weight, self.bias, lora_A, lora_B)
         return lora_linear(
             x,
             weight,
             lora_A,
             lora_B,
-            self.scaling,
+            self.scaling if scaling is None else scaling,
             bias,
-            dropout_p=self.dropout,
+            dropout_p=self.dropout if dropout is None else dropout,
             training=self.training,
             backend=self.backend,
         )
-
-    def _autocast(self, x: torch.Tensor):
-        """Inside ``torch.autocast`` behave like an autocast ``nn.Linear``: compute in the autocast dtype.
-
-        The fused op is not an autocast-aware ATen op, so the casts are done here: x, W0 and bias go to the autocast
-        dtype (as autocast does for F.linear); the adapter stays as it is when it is that dtype or float32 (the
-        usual mixed-precision setup, fp32 master adapter) and is cast otherwise. The casts are differentiable."""
-        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
-        dev = x.device.type
-        if not _autocast.autocast_enabled(dev):
-            return x, weight, bias, lora_A, lora_B
-        dt = torch.get_autocast_dtype(dev)
-        if not x.is_floating_point() or x.dtype == torch.float64:
-            return x, weight, bias, lora_A, lora_B  # autocast leaves float64 alone too
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-        if lora_A.dtype not in (dt, torch.float32):
-            lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
-        return x, weight, bias, lora_A, lora_B
 
     def extra_repr(self) -> str:
         return (

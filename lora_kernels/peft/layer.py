@@ -15,9 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _autocast
 from ..modules import LoRALinear
-from ..ops.lora_linear import lora_linear
 from .common import BASE, as_name_list, check_names_length, check_requires_grad
 
 
@@ -236,18 +234,7 @@ class PeftLoRALinear(LoRALinear):
         if self.merged:
             self._warn_merged_training()
             return F.linear(x, weight, self.bias)
-        x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, self.lora_A, self.lora_B)
-        return lora_linear(
-            x,
-            weight,
-            lora_A,
-            lora_B,
-            self.scaling,
-            bias,
-            dropout_p=self.dropout,
-            training=self.training,
-            backend=self.backend,
-        )
+        return self._fused_forward(x, weight, self.lora_A, self.lora_B)
 
     def _mixed_forward(self, x: torch.Tensor, weight: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of ``x`` (a sequence) gets adapter ``adapter_names[i]``; ``"__base__"`` and adapters this layer
@@ -281,38 +268,10 @@ class PeftLoRALinear(LoRALinear):
         return out.index_select(0, inverse.to(x.device))
 
     def _adapter_forward(self, x: torch.Tensor, weight: torch.Tensor, ad: _Adapter) -> torch.Tensor:
-        x, weight, bias, lora_A, lora_B = _autocast_args(x, weight, self.bias, ad.lora_A, ad.lora_B)
-        return lora_linear(
-            x,
-            weight,
-            lora_A,
-            lora_B,
-            ad.scaling,
-            bias,
-            dropout_p=ad.dropout,
-            training=self.training,
-            backend=self.backend,
-        )
+        return self._fused_forward(x, weight, ad.lora_A, ad.lora_B, ad.scaling, ad.dropout)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, active_adapter={self.active_adapter!r}, "
             f"adapters={self.adapter_names}, fan_in_fan_out={self.fan_in_fan_out}"
         )
-
-
-def _autocast_args(x, weight, bias, lora_A, lora_B):
-    """Inside ``torch.autocast``, the operands an autocast ``nn.Linear`` (PEFT's base layer and lora_A/lora_B) would
-    use: x, W0 and bias in the autocast dtype; the adapter kept when it is that dtype or float32 (the op takes an
-    fp32 adapter), cast otherwise. The same rule as :class:`~lora_kernels.LoRALinear`; the casts are differentiable."""
-    dev = x.device.type
-    if not _autocast.autocast_enabled(dev):
-        return x, weight, bias, lora_A, lora_B
-    if not x.is_floating_point() or x.dtype == torch.float64:
-        return x, weight, bias, lora_A, lora_B
-    dt = torch.get_autocast_dtype(dev)
-    x, weight = x.to(dt), weight.to(dt)
-    bias = bias.to(dt) if bias is not None else None
-    if lora_A.dtype not in (dt, torch.float32):
-        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
-    return x, weight, bias, lora_A, lora_B
