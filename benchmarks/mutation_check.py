@@ -38,9 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ class Mutant:
     file: str  # relative to the repository root
     old: str  # exact text, present exactly once in the file
     new: str
-    tests: Tuple[str, ...]  # pytest arguments: files / node ids, optionally "-k", "expr"
+    tests: tuple[str, ...]  # pytest arguments: files / node ids, optionally "-k", "expr"
     why: str = ""  # the bug in words
     gpu: bool = False  # its tests need a CUDA device (reported "needs GPU" elsewhere, not scored)
 
@@ -64,165 +64,255 @@ def M(name, file, old, new, tests, why="", gpu=False):
     return Mutant(name, file, old, new, tuple(tests), why, gpu)
 
 
-MUTANTS: List[Mutant] = [
+MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------------------------------------- kernels
-    M("kernels/multi-rank-unclamped", "lora_kernels/triton/multi_lora.py",
-      "rank = tl.where(usable, tl.minimum(tl.maximum(rank, 0), R), 0)",
-      "rank = tl.where(usable, tl.maximum(rank, 0), 0)",
-      ["tests/test_contracts.py", "-k", "clamped and triton"],
-      "the multi-adapter kernels stop clamping a rank to the pool's R"),
-    M("kernels/multi-shrink-out-not-zeroed", "lora_kernels/triton/multi_lora.py",
-      "    out.zero_()\n    if M == 0:\n        return out",
-      "    if M == 0:\n        return out",
-      ["tests/test_contracts.py", "-k", "multi_lora_split_k_buffer"],
-      "split-K shrink adds into an output that was never zeroed"),
-    M("kernels/multi-fp32-tf32", "lora_kernels/triton/multi_lora.py",
-      'acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")',
-      'acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="tf32")',
-      ["tests/test_contracts.py", "-k", "ieee and multi"],
-      "fp32 shrink products in TF32"),
-    M("kernels/multi-expand-scale-dropped", "lora_kernels/triton/multi_lora.py",
-      "tl.store(y_ptrs, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=mask)",
-      "tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)",
-      ["tests/test_multi_lora.py", "-k", "test_low_level_shrink_expand and triton"],
-      "expand forgets the adapter's scale"),
-    M("kernels/lora-linear-fp32-always-tf32", "lora_kernels/triton/lora_linear.py",
-      'fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"',
-      'fp32_prec = "tf32"',
-      ["tests/test_contracts.py", "-k", "precision or ieee"],
-      "fp32 inputs always use TF32"),
-    M("kernels/lora-linear-split-k-empty", "lora_kernels/triton/lora_linear.py",
-      "s_mat = (torch.zeros if split_k > 1 else torch.empty)((M, R)",
-      "s_mat = (torch.empty if split_k > 1 else torch.empty)((M, R)",
-      ["tests/test_contracts.py", "-k", "split_buffers_are_zeroed"],
-      "split-K buffer of S not zero-filled before the atomics"),
-    M("kernels/lora-linear-split-m-empty", "lora_kernels/triton/lora_linear.py",
-      "out = (torch.zeros if split_m > 1 else torch.empty)((R, K)",
-      "out = (torch.empty if split_m > 1 else torch.empty)((R, K)",
-      ["tests/test_contracts.py", "-k", "split_buffers_are_zeroed"],
-      "split-M buffer of dA not zero-filled before the atomics"),
-    M("kernels/multi-expand-int32-column-offset", "lora_kernels/triton/multi_lora.py",
-      "y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn",
-      "y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn",
-      ["tests/test_contracts.py", "-k", "column_major_y"],
-      "int32 column offsets into y: wrap past 2^31 elements for a column-major y", gpu=True),
-    M("kernels/multi-shrink-int32-out-column-offset", "lora_kernels/triton/multi_lora.py",
-      "out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r).to(tl.int64)[None, :] * stride_on",
-      "out = out_ptr + tok[:, None] * stride_om + (s_idx * R + offs_r)[None, :] * stride_on",
-      ["tests/test_contracts.py", "-k", "column_major_out"],
-      "int32 column offsets into the shrink output: wrap past 2^31 elements when it is column-major", gpu=True),
+    M(
+        "kernels/multi-rank-unclamped",
+        "lora_kernels/triton/multi_lora.py",
+        "rank = tl.where(usable, tl.minimum(tl.maximum(rank, 0), R), 0)",
+        "rank = tl.where(usable, tl.maximum(rank, 0), 0)",
+        ["tests/test_contracts.py", "-k", "clamped and triton"],
+        "the multi-adapter kernels stop clamping a rank to the pool's R",
+    ),
+    M(
+        "kernels/multi-shrink-out-not-zeroed",
+        "lora_kernels/triton/multi_lora.py",
+        "    out.zero_()\n    if x.shape[0] == 0:\n        return out",
+        "    if x.shape[0] == 0:\n        return out",
+        ["tests/test_contracts.py", "-k", "multi_lora_split_k_buffer"],
+        "split-K shrink adds into an output that was never zeroed",
+    ),
+    M(
+        "kernels/multi-fp32-tf32",
+        "lora_kernels/triton/multi_lora.py",
+        'acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")',
+        'acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="tf32")',
+        ["tests/test_contracts.py", "-k", "ieee and multi"],
+        "fp32 shrink products in TF32",
+    ),
+    M(
+        "kernels/multi-expand-scale-dropped",
+        "lora_kernels/triton/multi_lora.py",
+        "tl.store(y_ptrs, (y_old.to(tl.float32) + scale * acc).to(y_old.dtype), mask=mask)",
+        "tl.store(y_ptrs, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)",
+        ["tests/test_multi_lora.py", "-k", "test_low_level_shrink_expand and triton"],
+        "expand forgets the adapter's scale",
+    ),
+    M(
+        "kernels/lora-linear-fp32-always-tf32",
+        "lora_kernels/triton/_utils.py",
+        'fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"',
+        'fp32_prec = "tf32"',
+        ["tests/test_contracts.py", "-k", "precision or ieee"],
+        "fp32 inputs always use TF32",
+    ),
+    M(
+        "kernels/lora-linear-split-k-empty",
+        "lora_kernels/triton/lora_linear.py",
+        "xa = (torch.zeros if split_k > 1 else torch.empty)((M, R)",
+        "xa = (torch.empty if split_k > 1 else torch.empty)((M, R)",
+        ["tests/test_contracts.py", "-k", "split_buffers_are_zeroed"],
+        "split-K buffer of xa not zero-filled before the atomics",
+    ),
+    M(
+        "kernels/lora-linear-split-m-empty",
+        "lora_kernels/triton/lora_linear.py",
+        "out = (torch.zeros if split_m > 1 else torch.empty)((R, K)",
+        "out = (torch.empty if split_m > 1 else torch.empty)((R, K)",
+        ["tests/test_contracts.py", "-k", "split_buffers_are_zeroed"],
+        "split-M buffer of dA not zero-filled before the atomics",
+    ),
+    M(
+        "kernels/multi-expand-int32-column-offset",
+        "lora_kernels/triton/multi_lora.py",
+        "    y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn\n"
+        "    mask = row_ok[:, None] & n_ok[None, :]",
+        "    y_ptrs = y_ptr + tok[:, None] * stride_ym + offs_n[None, :] * stride_yn\n"
+        "    mask = row_ok[:, None] & n_ok[None, :]",
+        ["tests/test_contracts.py", "-k", "column_major_y"],
+        "int32 column offsets into y: wrap past 2^31 elements for a column-major y",
+        gpu=True,
+    ),
+    M(
+        "kernels/multi-shrink-int32-out-column-offset",
+        "lora_kernels/triton/multi_lora.py",
+        "out = out_ptr + tok[:, None] * stride_om + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_on",
+        "out = out_ptr + tok[:, None] * stride_om + (slice_idx * R + offs_r)[None, :] * stride_on",
+        ["tests/test_contracts.py", "-k", "column_major_out"],
+        "int32 column offsets into the shrink output: wrap past 2^31 elements when it is column-major",
+        gpu=True,
+    ),
     # ------------------------------------------------------------------------------------------ CUDA extension
-    M("cuda/bgmv-shrink-ignores-scales", "lora_kernels/cuda.py",
-      "        scales=_ptr(scales), scale_strides=tuple(scales.stride()) if scales is not None else (0, 0),\n"
-      "        out=out.data_ptr(),",
-      "        scales=0, scale_strides=(0, 0),\n        out=out.data_ptr(),",
-      ["tests/test_contracts.py", "-k", "bgmv_shrink_applies_scales"],
-      "bgmv_shrink(..., scales=...) ignores the scales"),
+    M(
+        "cuda/bgmv-shrink-ignores-scales",
+        "lora_kernels/extension.py",
+        "        out_dtype=out_dtype,\n        **_slot_kwargs(token_slots, ranks, scales, device),",
+        "        out_dtype=out_dtype,\n        **_slot_kwargs(token_slots, ranks, None, device),",
+        ["tests/test_contracts.py", "-k", "bgmv_shrink_applies_scales"],
+        "bgmv_shrink(..., scales=...) ignores the scales",
+    ),
     # ----------------------------------------------------------------------------------------------- reference
-    M("reference/shrink-reads-padding", "lora_kernels/reference/multi_lora.py",
-      "            a = A_stack[l, s * R : s * R + r].to(acc)\n            result[rows, s * R : s * R + r] = xl @ a.t()",
-      "            a = A_stack[l, s * R : s * R + R].to(acc)\n            result[rows, s * R : s * R + R] = xl @ a.t()",
-      ["tests/test_contracts.py", "-k", "reference_reads_no_padding"],
-      "the reference shrink reads the pool's padding rows"),
+    M(
+        "reference/shrink-reads-padding",
+        "lora_kernels/reference/multi_lora.py",
+        "            a = A_stack[l, s * R : s * R + r].to(acc)\n"
+        "            result[rows, s * R : s * R + r] = xl @ a.t()",
+        "            a = A_stack[l, s * R : s * R + R].to(acc)\n"
+        "            result[rows, s * R : s * R + R] = xl @ a.t()",
+        ["tests/test_contracts.py", "-k", "reference_reads_no_padding"],
+        "the reference shrink reads the pool's padding rows",
+    ),
     # (The same bug in the reference *shrink* is equivalent: slicing stops at the stack's end, and the rows it reads
     # past R are the next slice's, written into the next slice's columns, which that slice then overwrites.)
-    M("reference/expand-rank-unclamped", "lora_kernels/reference/multi_lora.py",
-      "        r = min(int(ranks[l]), R)\n        rows = (slots == l).nonzero().flatten()\n"
-      "        upd = y[rows].to(acc)",
-      "        r = int(ranks[l])\n        rows = (slots == l).nonzero().flatten()\n        upd = y[rows].to(acc)",
-      ["tests/test_contracts.py", "-k", "clamped and torch"],
-      "the reference expand trusts a rank above R"),
-    M("reference/expand-scale-dropped", "lora_kernels/reference/multi_lora.py",
-      "upd[:, off : off + width] += float(scales2[l, si]) * (sl @ b.t())",
-      "upd[:, off : off + width] += sl @ b.t()",
-      ["tests/test_multi_lora.py", "-k", "reference_matches_independent_oracle"],
-      "the reference expand forgets the scale"),
-    M("reference/lora-linear-db-unscaled", "lora_kernels/reference/lora_linear.py",
-      "d_b = (scale * (dyf.t() @ s_mat)).to(lora_B.dtype)",
-      "d_b = (dyf.t() @ s_mat).to(lora_B.dtype)",
-      ["tests/test_lora_linear.py", "-k", "reference_matches_float64_oracle"],
-      "dB misses the LoRA scale"),
+    M(
+        "reference/expand-rank-unclamped",
+        "lora_kernels/reference/multi_lora.py",
+        "        r = min(int(ranks[l]), R)\n        rows = (slots == l).nonzero().flatten()\n"
+        "        upd = y[rows].to(acc)",
+        "        r = int(ranks[l])\n        rows = (slots == l).nonzero().flatten()\n        upd = y[rows].to(acc)",
+        ["tests/test_contracts.py", "-k", "clamped and torch"],
+        "the reference expand trusts a rank above R",
+    ),
+    M(
+        "reference/expand-scale-dropped",
+        "lora_kernels/reference/multi_lora.py",
+        "upd[:, off : off + width] += float(scales2[l, si]) * (sl @ b.t())",
+        "upd[:, off : off + width] += sl @ b.t()",
+        ["tests/test_multi_lora.py", "-k", "reference_matches_independent_oracle"],
+        "the reference expand forgets the scale",
+    ),
+    M(
+        "reference/lora-linear-db-unscaled",
+        "lora_kernels/reference/lora_linear.py",
+        "d_b = (scale * (dyf.t() @ s_mat)).to(lora_B.dtype)",
+        "d_b = (dyf.t() @ s_mat).to(lora_B.dtype)",
+        ["tests/test_lora_linear.py", "-k", "reference_matches_float64_oracle"],
+        "dB misses the LoRA scale",
+    ),
     # ------------------------------------------------------------------------------------------------- modules
-    M("modules/rslora-ignored", "lora_kernels/modules.py",
-      "return float(alpha) / (math.sqrt(r) if use_rslora else r)",
-      "return float(alpha) / r",
-      ["tests/test_modules.py", "-k", "test_scaling"],
-      "rsLoRA scaling alpha/sqrt(r) replaced by alpha/r"),
-    M("modules/merge-unscaled", "lora_kernels/modules.py",
-      "merged = w0.to(acc) + self.scaling * (lora_B.to(acc) @ lora_A.to(acc))",
-      "merged = w0.to(acc) + (lora_B.to(acc) @ lora_A.to(acc))",
-      ["tests/test_modules.py", "-k", "merge_unmerge_round_trip"],
-      "merge folds B·A without the scaling"),
-    M("modules/merged-checkpoint-holds-merged-weight", "lora_kernels/modules.py",
-      'if self.merged and prefix + "weight" in destination:',
-      'if False and self.merged and prefix + "weight" in destination:',
-      ["tests/test_modules.py", "-k", "merged_state_dict_holds_unmerged_weight"],
-      "a merged layer's state_dict carries W0 + s·BA (the adapter applied twice on load)"),
-    M("modules/regex-target-prefix-match", "lora_kernels/modules.py",
-      "return re.fullmatch(target_modules, name) is not None",
-      "return re.match(target_modules, name) is not None",
-      ["tests/test_modules.py", "-k", "regex_is_full_match"],
-      "a target_modules regex matches name prefixes"),
+    M(
+        "modules/rslora-ignored",
+        "lora_kernels/_numerics.py",
+        "return float(alpha) / (math.sqrt(r) if use_rslora else r)",
+        "return float(alpha) / r",
+        ["tests/test_modules.py", "-k", "test_scaling"],
+        "rsLoRA scaling alpha/sqrt(r) replaced by alpha/r",
+    ),
+    M(
+        "modules/merge-unscaled",
+        "lora_kernels/_numerics.py",
+        "merged = w0.to(acc) + scaling * (lora_B.to(acc) @ lora_A.to(acc))",
+        "merged = w0.to(acc) + (lora_B.to(acc) @ lora_A.to(acc))",
+        ["tests/test_modules.py", "-k", "merge_unmerge_round_trip"],
+        "merge folds B·A without the scaling",
+    ),
+    M(
+        "modules/merged-checkpoint-holds-merged-weight",
+        "lora_kernels/modules.py",
+        'if self.merged and prefix + "weight" in destination:',
+        'if False and self.merged and prefix + "weight" in destination:',
+        ["tests/test_modules.py", "-k", "merged_state_dict_holds_unmerged_weight"],
+        "a merged layer's state_dict carries W0 + scale·B·A (the adapter applied twice on load)",
+    ),
+    M(
+        "modules/regex-target-prefix-match",
+        "lora_kernels/targets.py",
+        "return re.fullmatch(target_modules, name) is not None",
+        "return re.match(target_modules, name) is not None",
+        [
+            "tests/test_modules.py",
+            "tests/test_io_hardening.py",
+            "-k",
+            "regex_is_full_match or pattern_keys_select_exactly_one_layer",
+        ],
+        "a target_modules regex matches name prefixes",
+    ),
     # ------------------------------------------------------------------------------------------------------ io
-    M("io/rank-2r-alpha-not-doubled", "lora_kernels/io.py",
-      "alpha = alpha * (math.sqrt(2.0) if layer.use_rslora else 2.0)",
-      "alpha = alpha",
-      ["tests/test_io.py", "-k", "rank_2r"],
-      "the rank-2r export of a mutated base keeps alpha (scaling halves)"),
-    M("io/pattern-unanchored", "lora_kernels/io.py",
-      'if re.match(rf"(.*\\.)?({key})$", name):',
-      'if re.match(rf"(.*\\.)?({key})", name):',
-      ["tests/test_io.py", "-k", "patterns"],
-      "rank_pattern / alpha_pattern keys not anchored at the end"),
-    M("io/load-keeps-old-scaling", "lora_kernels/io.py",
-      "                layer.scaling = lora_scaling(r, alpha, use_rslora)",
-      "                pass",
-      ["tests/test_io.py", "-k", "round_trip"],
-      "load_adapter into existing layers updates alpha but not scaling"),
+    M(
+        "io/rank-2r-alpha-not-doubled",
+        "lora_kernels/adapter_files.py",
+        "alpha = alpha * (math.sqrt(2.0) if layer.use_rslora else 2.0)",
+        "alpha = alpha",
+        ["tests/test_io.py", "-k", "rank_2r"],
+        "the rank-2r export of a mutated base keeps alpha (scaling halves)",
+    ),
+    M(
+        "io/pattern-unanchored",
+        "lora_kernels/adapter_files.py",
+        'return re.match(rf"(.*\\.)?({key})$", name) is not None',
+        'return re.match(rf"(.*\\.)?({key})", name) is not None',
+        ["tests/test_io_hardening.py", "-k", "pattern_keys_select_exactly_one_layer"],
+        "rank_pattern / alpha_pattern keys not anchored at the end",
+    ),
+    M(
+        "io/load-keeps-old-scaling",
+        "lora_kernels/adapter_files.py",
+        "            layer.scaling = lora_scaling(r, alpha, use_rslora)",
+        "            pass",
+        ["tests/test_io.py", "-k", "round_trip"],
+        "load_adapter into existing layers updates alpha but not scaling",
+    ),
     # ---------------------------------------------------------------------------------------------------- peft
-    M("peft/to-peft-drops-scaling", "lora_kernels/peft_compat.py",
-      "            peft_layer.scaling[ad_name] = ad.scaling\n",
-      "",
-      ["tests/test_peft_compat.py", "-k", "to_peft"],
-      "to_peft stops writing scaling back to the PEFT layer"),
-    M("peft/from-peft-rslora-flag-lost", "lora_kernels/peft_compat.py",
-      'use_rslora=getattr(layer, "use_rslora", {}).get(name, False),',
-      "use_rslora=False,",
-      ["tests/test_peft_compat.py", "-k", "llama_forward_and_grads_match_peft"],
-      "from_peft forgets rsLoRA (the flag only: the scaling is copied)"),
-    M("peft/set-adapter-ignored", "lora_kernels/peft_compat.py",
-      "        peft_layer.set_adapter(layer.active_adapter)",
-      "        pass",
-      ["tests/test_peft_compat.py", "-k", "to_peft"],
-      "to_peft leaves PEFT's active adapter as it was"),
+    M(
+        "peft/to-peft-drops-scaling",
+        "lora_kernels/peft/layer.py",
+        "            peft_layer.scaling[ad_name] = ad.scaling\n",
+        "",
+        ["tests/test_peft_hardening.py", "-k", "alpha_loaded_after_conversion_reaches_peft_config"],
+        "to_peft stops writing scaling back to the PEFT layer",
+    ),
+    M(
+        "peft/from-peft-rslora-flag-lost",
+        "lora_kernels/peft/layer.py",
+        'use_rslora=getattr(layer, "use_rslora", {}).get(name, False),',
+        "use_rslora=False,",
+        ["tests/test_peft_compat.py", "-k", "converted_model_saves_active_adapter_in_peft_format"],
+        "from_peft forgets rsLoRA (the flag only: the scaling is copied)",
+    ),
+    M(
+        "peft/set-adapter-ignored",
+        "lora_kernels/peft/layer.py",
+        "        peft_layer.set_adapter(self.active_adapter)",
+        "        pass",
+        ["tests/test_peft_compat.py", "-k", "converted_model_deepcopies_and_state_dict_round_trips"],
+        "to_peft leaves PEFT's active adapter as it was",
+    ),
     # ------------------------------------------------------------------------------------------------- serving
-    M("serving/pool-rslora-ignored", "lora_kernels/pool.py",
-      "scales = [al / (math.sqrt(r) if use_rslora else r) for al, r in zip(alphas, ranks)]",
-      "scales = [al / r for al, r in zip(alphas, ranks)]",
-      ["tests/test_multi_lora.py", "-k", "test_low_level_shrink_expand and torch"],
-      "AdapterPool.load ignores use_rslora"),
-    M("serving/unload-keeps-rank", "lora_kernels/pool.py",
-      "            self.ranks[slot] = 0\n            self.scales[slot].zero_()",
-      "            self.scales[slot].zero_()",
-      ["tests/test_contracts.py", "-k", "unloaded_slot_reads_nothing and torch"],
-      "unload leaves the slot's rank: an unloaded slot still computes (with zero weights) and passes checks"),
-    M("serving/load-padding-not-zeroed", "lora_kernels/pool.py",
-      "            self.A_stack[slot].zero_()\n            self.B_stack[slot].zero_()\n"
-      "            offs = self.slice_offsets",
-      "            offs = self.slice_offsets",
-      ["tests/test_multi_lora.py", "-k", "load_unload_reload and torch"],
-      "a reused slot keeps the previous tenant's padding"),
+    M(
+        "serving/pool-rslora-ignored",
+        "lora_kernels/pool.py",
+        "scales = [al / (math.sqrt(r) if use_rslora else r) for al, r in zip(alphas, ranks)]",
+        "scales = [al / r for al, r in zip(alphas, ranks)]",
+        ["tests/test_multi_lora.py", "-k", "test_low_level_shrink_expand and torch"],
+        "AdapterPool.load ignores use_rslora",
+    ),
+    M(
+        "serving/unload-keeps-rank",
+        "lora_kernels/pool.py",
+        "            self.ranks[slot] = 0\n            self.scales[slot].zero_()",
+        "            self.scales[slot].zero_()",
+        ["tests/test_contracts.py", "-k", "unloaded_slot_reads_nothing and torch"],
+        "unload leaves the slot's rank: an unloaded slot still computes (with zero weights) and passes checks",
+    ),
+    M(
+        "serving/load-padding-not-zeroed",
+        "lora_kernels/pool.py",
+        "            self.A_stack[slot].zero_()\n            self.B_stack[slot].zero_()\n"
+        "            offs = self.slice_offsets",
+        "            offs = self.slice_offsets",
+        ["tests/test_multi_lora.py", "-k", "load_unload_reload and torch"],
+        "a reused slot keeps the previous tenant's padding",
+    ),
 ]
 
 
 # ------------------------------------------------------------------------------------------------------ machinery
 def _copy_tree(dst: Path) -> None:
-    ignore = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "build", "*.egg-info", ".benchmarks",
-                                    "out")
+    ignore = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "build", "*.egg-info", ".benchmarks", "out")
     shutil.copytree(ROOT, dst, ignore=ignore, symlinks=True)
 
 
-def _run_tests(tree: Path, tests: Sequence[str], timeout: float) -> Tuple[str, float, str]:
+def _run_tests(tree: Path, tests: Sequence[str], timeout: float) -> tuple[str, float, str]:
     """(status, seconds, tail of the output) of one pytest run in ``tree``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -251,7 +341,7 @@ def _has_cuda() -> bool:
         return False
 
 
-def _select(args) -> List[Mutant]:
+def _select(args) -> list[Mutant]:
     chosen = MUTANTS
     if args.area:
         chosen = [m for m in chosen if m.area in args.area]
@@ -263,7 +353,7 @@ def _select(args) -> List[Mutant]:
     return chosen
 
 
-def _stale(m: Mutant, text: str) -> Optional[str]:
+def _stale(m: Mutant, text: str) -> str | None:
     n = text.count(m.old)
     return None if n == 1 else f"old text found {n} times"
 
@@ -286,8 +376,8 @@ def main(argv=None) -> int:
             print(f"{m.name:48s} {m.file:40s} {' '.join(m.tests)}\n    {m.why}")
         return 0
 
-    sources: Dict[str, str] = {}
-    stale: Dict[str, str] = {}
+    sources: dict[str, str] = {}
+    stale: dict[str, str] = {}
     for m in chosen:
         if m.file not in sources:
             sources[m.file] = (ROOT / m.file).read_text()
@@ -305,10 +395,11 @@ def main(argv=None) -> int:
     print(f"tree copied to {tree}", flush=True)
     rows = []
     try:
-        baseline: Dict[Tuple[str, ...], str] = {}
+        baseline: dict[tuple[str, ...], str] = {}
         if not args.no_baseline:
-            for tests in dict.fromkeys(m.tests for m in chosen
-                                       if m.name not in stale and not (m.gpu and not _has_cuda())):
+            for tests in dict.fromkeys(
+                m.tests for m in chosen if m.name not in stale and not (m.gpu and not _has_cuda())
+            ):
                 status, secs, tail = _run_tests(tree, tests, args.timeout)
                 baseline[tests] = status
                 print(f"baseline {' '.join(tests)}: {status} ({secs:.0f} s)", flush=True)
@@ -351,9 +442,12 @@ def main(argv=None) -> int:
     other = [r for r in rows if r[1] not in ("caught", "timeout", "MISSED", "needs GPU")]
     total = caught + missed
     no_gpu = sum(r[1] == "needs GPU" for r in rows)
-    print(f"\nscore: {caught}/{total} caught" + (f" ({100.0 * caught / total:.0f}%)" if total else "")
-          + (f"; {len(other)} not scored (stale / error / baseline fails)" if other else "")
-          + (f"; {no_gpu} need a GPU" if no_gpu else ""))
+    print(
+        f"\nscore: {caught}/{total} caught"
+        + (f" ({100.0 * caught / total:.0f}%)" if total else "")
+        + (f"; {len(other)} not scored (stale / error / baseline fails)" if other else "")
+        + (f"; {no_gpu} need a GPU" if no_gpu else "")
+    )
     for m, result, _, detail in other:
         if detail:
             print(f"\n{m.name} ({result}):\n{detail}")

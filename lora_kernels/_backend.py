@@ -1,12 +1,7 @@
-"""Which backend serves a call.
-
-Backends are named ``"auto" | "triton" | "cuda" | "torch"``. A call may name one; otherwise the environment variable
-``LORA_KERNELS_BACKEND`` (same names) is used, and failing that ``"auto"``. Each op file declares one
-:class:`BackendTable`: per backend, a function that returns ``None`` when the backend can serve these inputs or a short
-reason when it cannot, and a loader of the backend's implementation. When the named backend cannot serve, or
-``"auto"`` finds none, one error lists every backend with its reason.
-
-Nothing here touches a device at import time.
+"""Which backend serves a call: ``"auto" | "triton" | "cuda" | "torch"``, from the call's ``backend=``, else
+``$LORA_KERNELS_BACKEND``, else ``"auto"``. Each op file declares one :class:`BackendTable` (per backend a checker,
+None = can serve, else a reason, and a loader called on first use); when none can serve, one ``BackendError`` lists
+every backend's reason. Nothing here touches a device at import. See docs/README.md ("Conventions").
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""Loader and Python wrappers of the optional CUDA extension ``lora_kernels._C_lora`` (sources in ``csrc/``).
+"""Loader and Python wrappers of the optional CUDA extension ``lora_kernels._C_lora`` (sources in ``csrc/``):
+BGMV-style shrink (``xa = x·Aᵀ`` per token's adapter) and expand (``y += scale·xa·Bᵀ``) for decode-time serving.
 
-The extension holds hand-written BGMV-style kernels for the decode-time multi-adapter ops (one or few tokens per
-adapter: matrix-vector work that tensor-core tiles would mostly waste): ``shrink`` (``x·Aᵀ`` per token's adapter) and
-``expand`` (``·Bᵀ`` added in place, per output slice). It links the CUDA runtime only, never libtorch, so it builds
-against the CPU build of torch: this module checks the tensors and passes raw pointers, element strides, dtype codes,
-the device index and the current stream as integers.
-
-Loading is lazy: importing :mod:`lora_kernels` (or this module) loads nothing and queries no device. The first call of
-:func:`cuda_ops_available` (a bool) or :func:`cuda_ops_unavailable_reason` (why not) imports the extension
-(unless ``LORA_KERNELS_NO_CUDA_EXT=1``) and asks the extension's own ``cudaGetDeviceCount`` wrapper for a device. A
-module that exists but fails to import gives one ``warnings.warn`` per process; callers then use the Triton path.
-
-The ``multi_lora_*`` functions have the signatures of the Triton launchers in :mod:`lora_kernels.triton.multi_lora`
-(see :mod:`lora_kernels.ops.multi_lora`, which wraps them in the same ``torch.library`` custom ops as the Triton
-path, so torch.compile and CUDA graphs treat both alike). They take the batch as a :class:`BatchMeta`: the per-token
-kernels read only its ``token_slots``, the tiled ones (chosen when adapters repeat) its work list too.
+Lazy: importing loads nothing and queries no device; :func:`cuda_ops_available` / :func:`cuda_ops_unavailable_reason`
+load it on first call (``LORA_KERNELS_NO_CUDA_EXT=1`` disables it), else the ops use Triton. Links only the CUDA
+runtime, so tensors travel as pointers, strides and codes. See docs/extension.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
-"""State for serving many LoRA adapters at once: :class:`AdapterPool` (preallocated adapter stacks of one layer) and
-:class:`LoRABatch` (which adapter each token of a step uses, sorted once and shared by every layer).
-
-No math here beyond bookkeeping; the ops are in :mod:`lora_kernels.ops.multi_lora`.
-
-Pool layout (``L`` = max_adapters slots, ``R`` = max_rank, ``S`` output slices of widths ``N_0 .. N_{S-1}``, ``N`` =
-their sum, ``K`` = in_features), all device tensors allocated once:
-
-- ``A_stack [L, S·R, K]`` (pool dtype): slice ``s`` of slot ``l`` uses rows ``s·R .. s·R + rank - 1``. One A per slice
-  because PEFT gives q, k and v (or gate and up) each their own ``lora_A``; one tensor so one launch covers them all.
-- ``B_stack [L, N, R]`` (pool dtype): slice ``s`` owns rows ``off_s .. off_s + N_s - 1`` (``off_s = Σ_{i<s} N_i``), so
-  each slice's B stack is the view ``B_stack[:, off_s:off_s + N_s]`` (:attr:`AdapterPool.B_slices`) and unequal widths
-  (GQA q|k|v) cost nothing.
-- ``ranks [L]`` int32, 0 for an empty slot; ``scales [L, S]`` float32 (α/r or α/√r, per slice so per-slice ranks or
-  alphas stay exact).
-- Host side: name → slot dict and a host copy of ``ranks`` (so eager id checks need no device sync).
-
-Padding rows/columns are zero and are never read: kernels clamp every loop to the slot's own rank.
+"""Serving state: :class:`AdapterPool` (one layer's preallocated adapter stacks, ``A_stack [L, S·R, K]``,
+``B_stack [L, N, R]``, ``ranks``, ``scales``) and :class:`LoRABatch` (each token's slot, sorted once per step into a
+work list of same-adapter tiles shared by every layer). Bookkeeping only; the math is in
+:mod:`lora_kernels.ops.multi_lora`. Layouts and the rules they guarantee: docs/multi_lora.md.
 """
 
 from __future__ import annotations

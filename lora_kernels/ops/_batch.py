@@ -1,7 +1,8 @@
 """The multi-adapter batch as every backend's launcher takes it: :class:`BatchMeta`, the four device tensors of a
 :class:`lora_kernels.LoRABatch`, and :func:`max_tiles`, the bound of the launch grid over its work list.
 
-A leaf (torch only): the pool, the ops, the Triton launchers and the CUDA extension's wrappers all import it.
+A leaf (torch only): the pool, the ops, the Triton launchers and the CUDA extension's wrappers all import it. See
+docs/multi_lora.md ("Batch layout").
 """
 
 from __future__ import annotations

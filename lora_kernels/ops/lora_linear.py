@@ -1,18 +1,9 @@
-"""The fused LoRA linear op: ``y = x·W0ᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ (+ bias)``.
+"""The fused single-adapter LoRA op, ``lora_linear``: ``y = x·W0ᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ (+ bias)``.
 
-Layers of this file, top to bottom: input checks; backend choice; the two ``torch.library`` custom ops
-(``lora_kernels::lora_linear_fwd`` and ``lora_kernels::lora_linear_bwd``) with fake implementations, tied together by
-``register_autograd``; and the public function :func:`lora_linear`.
-
-Semantics are PEFT's: dropout applies to the LoRA branch input only, kept elements are scaled by 1/(1-p). The mask is
-a function of a seed (a 0-dim int64 tensor, see :func:`_draw_seed`) and is regenerated in backward from the same saved
-seed tensor, never stored. Saved for backward: x (as passed, 2-D view), W0, A, B, xa = dropout(x)·Aᵀ (M×r, fp32) and
-the seed. dW is formed only when ``weight.requires_grad``.
-
-CUDA graphs. For x on CUDA the seed is drawn on x's device by the CUDA generator and the Triton kernels load it
-through a pointer: no host sync, and ``torch.cuda.graph`` / ``torch.compile(mode="reduce-overhead")`` replays draw a
-fresh seed (the generator's Philox offset advances on each replay), hence a fresh mask. The torch backend needs the
-seed as a Python int (``.item()``, a host sync): with dropout it cannot be captured in a CUDA graph.
+Input checks, the backend table (``BACKENDS``), the custom ops ``lora_kernels::lora_linear_fwd`` / ``lora_linear_bwd``
+(fakes, ``register_autograd``) and the public function. Dropout is PEFT's (LoRA branch only, kept elements scaled by
+1/(1-p)); its mask is a function of a device-side seed, regenerated in backward, never stored. Math, saved tensors,
+backends and CUDA-graph rules: docs/lora_linear.md.
 """
 
 from __future__ import annotations

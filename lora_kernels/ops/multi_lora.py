@@ -1,57 +1,10 @@
-"""Batched multi-adapter LoRA ops: :func:`lora_shrink`, :func:`lora_expand` and :func:`multi_lora_linear`.
+"""Batched multi-adapter LoRA ops: ``lora_shrink``, ``lora_expand`` and ``multi_lora_linear`` (inference only).
 
-Each token (row of x) uses the adapter in its pool slot (:class:`lora_kernels.LoRABatch`), ``-1`` = none::
-
-    y = x·Wᵀ + bias,   y[m, slice i] += scales[slot_m, i] · (x[m]·A[slot_m, i]ᵀ)·B[slot_m, i]ᵀ
-
-Typical serving step (one pool per layer, one batch per step shared by every layer)::
-
-    pool = AdapterPool(max_adapters=128, max_rank=64, in_features=K, out_features=N, dtype=torch.bfloat16,
-                       device="cuda")
-    slot = pool.load("customer-42", lora_A, lora_B, alpha=32)          # once; copies into the stacks
-    batch = LoRABatch.prepare(ids, max_tokens=T, device="cuda")        # ids: a slot per token, -1 = none
-    y = multi_lora_linear(x, weight, bias, pool, batch)                 # every layer of the step
-    batch.prepare_(new_ids)                                             # next step, same buffers (CUDA graphs)
-
-Layers of this file: input checks; backend choice; two ``torch.library`` custom ops with fake implementations
-(``lora_kernels::lora_shrink`` writes ``out``, ``lora_kernels::lora_expand`` adds into ``y``) plus
-``lora_kernels::lora_fused_expand`` (shrink and expand in one kernel for decode sizes, adds into ``y``) and
-``lora_kernels::multi_lora_gemm`` (returns the whole layer: the base GEMM with the expand in its epilogue); the path
-choice (:func:`choose_path`); and the public functions. Inference only: no autograd is registered (the pool holds no
-trainable parameters).
-
-Paths of :func:`multi_lora_linear` (launches on the Triton backend): "fused" = F.linear + 1 kernel (default up to
-``FUSED_MAX_TOKENS`` tokens); "gemm" = shrink + base GEMM with the LoRA in its epilogue, y written once, no zero-fill
-(default above that up to ``GEMM_MAX_TOKENS``); "split" = F.linear + zero-fill + shrink + expand (default beyond).
-The shrink result is kept in fp32 up to the expand on every path and backend (an fp16 copy would overflow past
-65504). Kernel tiles have :func:`step_tile_m` rows: the step's token count rounded up to a power of two, capped by
-the batch's ``tile_m``.
-
-No host synchronisation on the way from :func:`multi_lora_linear` to the kernels: the grid depends only on host ints (M,
-L, slices, the batch's capacity), so a step can be captured in a CUDA graph (one per bucket of token counts, ids padded
-with -1) and replayed after ``batch.prepare_(new_ids)``. The one host-side shortcut (an eager batch whose ids, known on
-the host, name no adapter launches no LoRA kernel) and the id check (``check=True``) are skipped while compiling or
-capturing.
-
-Backends ("auto" | "triton" | "cuda" | "torch", see :mod:`lora_kernels._backend` and ``BACKENDS`` below): "torch" is
-the reference (:mod:`lora_kernels.reference.multi_lora`, a loop over adapters: syncs, fine on the CPU), "triton" the
-kernels of :mod:`lora_kernels.triton.multi_lora`, "cuda" those of :mod:`lora_kernels.extension`, accepted when its
-``multi_lora_reason(x, *tensors)`` returns None. The CUDA module's ``multi_lora_shrink``, ``multi_lora_expand`` and
-``multi_lora_fused`` have exactly the signatures of the Triton launchers:
-
-- ``multi_lora_shrink(x, A_stack, ranks, meta, out, num_slices: int, tile_m: int)``: x ``[M, K]`` fp16/bf16/fp32 (any
-  strides); A_stack ``[L, S·R, K]`` pool dtype; ranks ``[L]`` int32 (0 = empty slot); ``meta``: the batch's
-  :class:`BatchMeta` (``token_slots``, ``sorted_tokens``, ``sorted_slots``, ``tile_starts``); tile_m: rows per kernel
-  tile (a tile of the list may be longer, cut at the batch's ``tile_m``: its entries past ``tile_m`` are then tokens
-  ≥ M, see :func:`step_tile_m`); out ``[M, S·R]`` fp32, to be fully written with ``xa = x·Aᵀ`` (zeros where no
-  adapter applies). R = S·R // num_slices.
-- ``multi_lora_expand(xa, B_stack, ranks, scales, meta, y, slices: list[int], tile_m: int)``: xa ``[M, S·R]`` fp32;
-  B_stack ``[L, N, R]`` pool dtype (slice i at rows off_i..off_i+N_i-1); scales ``[L, S]`` fp32; y ``[M, N]`` (any
-  strides), updated in place.
-- ``multi_lora_fused(x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)``: both at once.
-
-Every backend must treat a slot < 0, ≥ L, or of rank 0 as "no adapter" and never read outside the pool; token indices
-≥ M in the sorted list are ignored.
+Token m uses the adapter in its pool slot (-1 = none):
+``y = x·W0ᵀ + bias;  y[m, slice i] += scales[slot_m, i]·(x[m]·A[slot_m, i]ᵀ)·B[slot_m, i]ᵀ``.
+Input checks, the backend table (``BACKENDS``), the path choice (``choose_path``: "fused" / "gemm" / "split"), the
+``torch.library`` custom ops with fakes, and the public functions. Layouts, paths, launches, the launcher contract
+every backend implements, precision, CUDA graphs and isolation: docs/multi_lora.md.
 """
 
 from __future__ import annotations

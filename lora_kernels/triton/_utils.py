@@ -2,7 +2,8 @@
 (SM count, shared memory per block, the launch device), the rank tile, the K pipeline that fits shared memory, and
 the two precision rules of the kernels.
 
-Imported only by the kernel modules, so it may import triton; nothing here queries a device at import time.
+Imported only by the kernel modules, so it may import triton; nothing here queries a device at import time. See
+docs/lora_linear.md and docs/multi_lora.md.
 """
 
 from __future__ import annotations

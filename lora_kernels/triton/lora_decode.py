@@ -1,16 +1,8 @@
-"""Single-adapter LoRA forward for decode-sized batches in one launch and one pass over W0:
+"""One-launch single-adapter forward for decode-sized batches: ``y = x·W0ᵀ + bias + scale·(x·Aᵀ)·Bᵀ``.
 
-    y = x·W0ᵀ + bias + scale · (x·Aᵀ)·Bᵀ
-
-Each program owns a block of output columns (and of rows, past 64 tokens). Its K loop streams the x tile once and
-feeds two products from it: the base ``x·W0[cols]ᵀ`` and the shrink ``xa = x·Aᵀ`` as BLOCK_R extra columns (A is
-``r × K``: 128 KiB at K = 4096, r = 16, re-read from L2 by every program while W0 crosses HBM once). The epilogue adds
-``scale · xa·B[cols]ᵀ`` with xa still in fp32 (tf32 MMA for 16-bit data), then the bias, and writes y once: no memset,
-no intermediate buffer in memory, no atomics, no second launch. The price is the recomputed shrink: BLOCK_R / BLOCK_N
-extra MMA work per program (the MMA units are mostly idle at decode sizes, where reading W0 sets the time).
-
-Inference only (no dropout, no autograd). :func:`lora_decode_linear` is the launcher; the training kernels live in
-:mod:`lora_kernels.triton.lora_linear`.
+One pass over W0: the K loop feeds both the base product and the shrink from the same x tile, the epilogue adds the
+LoRA term with xa in fp32 and writes y once. Inference only (:func:`lora_decode_linear`; the training kernels are in
+:mod:`lora_kernels.triton.lora_linear`). See docs/lora_linear.md ("The decode kernel").
 """
 
 from __future__ import annotations

@@ -1,51 +1,9 @@
-"""Triton kernels of the fused LoRA linear: ``y = x·W0ᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` and its gradients.
+"""Triton kernels of ``lora_linear`` and their launchers: ``y = x·W0ᵀ + scale·xa·Bᵀ + bias``, ``xa = dropout(x)·Aᵀ``.
 
-The graph is split at the small ``xa = dropout(x)·Aᵀ`` (M×r), as in LoRAFusion (arXiv 2510.00206): the memory-bound
-LoRA pieces ride inside the compute-bound base products, so no M×N (or M×K) LoRA temporary is ever written.
-
-Forward (two launches; one for decode-sized batches without dropout, where the shrink runs inside the GEMM's main
-loop: ``FUSE_SHRINK``):
-  1. ``_dropout_shrink_kernel`` xa = dropout(x)·Aᵀ, fp32, the dropout mask drawn in-kernel from (seed, m·K + k).
-  2. ``_fwd_kernel``         y = x·W0ᵀ + scale·xa·Bᵀ + bias: the fp32 accumulator of each output tile starts as the
-                             K = r product xa_tile·B_tileᵀ·scale, then the ordinary K loop over x and W0, bias in the
-                             epilogue.
-Backward (three launches, plus cuBLAS for dW / a torch reduction for dbias when asked):
-  3. ``_dxa_db_kernel``      one pass over dY: dxa = scale·dY·B (M×r) and dB = scale·dYᵀ·xa (N×r, fp32 atomics, split
-                             over N).
-  4. ``_reduce_m_kernel``    dA = dxaᵀ·dropout(x), mask regenerated from the seed (split over M, fp32 atomics).
-  5. ``_dx_kernel``          dX = dY·W0 + mask⊙(dxa·A)/(1-p): accumulator initialised with the masked K = r product.
-Saved between the two: x, xa (fp32) and the seed; never the mask, never x̂. The seed is a 0-dim int64 tensor on x's
-device that the kernels load (``seed_ptr``), never a by-value argument: no host sync, and a CUDA-graph replay of a
-training step reads the seed drawn on the device in that replay, so every replay gets a fresh mask.
-Every fp32 atomic is ``sem="relaxed"``: the partial sums are read only by later launches (the kernel boundary
-orders them), so the default acq_rel's fence before each atomic (a MEMBAR.ALL.GPU inside the dxa/dB kernel's N loop on
-sm_90) buys nothing.
-Under ``torch.use_deterministic_algorithms(True)`` no reduction is split across programs and dB comes from a second,
-atomic-free pass over dY (dBᵀ = scale·xaᵀ·dY through kernel 4), so results are bitwise reproducible.
-
-Precision. Every accumulator is fp32. The base products multiply x·W0 in their own dtype (fp16/bf16 tensor cores;
-for fp32 inputs the same TF32 policy as cuBLAS: ``torch.backends.cuda.matmul.allow_tf32``). Products involving xa, dxa
-or fp32 adapters run on fp32 operands in TF32 when x is half precision (fp16/bf16 values are exact in TF32, so only the
-fp32 operand is rounded, to 2^-11), and follow the same policy as the base product when x is fp32. The dropout
-rescale 1/(1-p) is applied to the fp32 accumulator, never to the half-precision x, so x̂ is never rounded.
-In the Triton interpreter a bf16 ``tl.dot`` is wrong (checked with triton 3.6 and 3.9), so bf16 operands are upcast to
-fp32 there (``UPCAST``); on a GPU they are not.
-
-Tiles. The CUDA configuration lists below are starting points chosen by compiling for sm_90 (no spills, shared memory
-within the card's budget), not yet by timing; BENCHMARKS.md records their measurement against the cuBLAS path. The
-interpreter gets a single small configuration so the CPU tests stay fast and still cover several tiles, ragged edges
-and the split/atomic paths.
-
-CUDA graphs. The launchers do no host sync and size every buffer and grid from host ints, so a training step can be
-captured. But the first call of a shape compiles the kernels and (unless $LORA_KERNELS_AUTOTUNE=0) benchmarks the
-GEMM tiles, which synchronises: run the step once (on a side stream, as torch.cuda.graph's docs ask) before
-capturing it, with the same shapes (the autotune key buckets M to powers of two).
-
-cuBLAS path. ``BASE_GEMM = "cublas"`` computes the base products with cuBLAS (``addmm`` with the bias epilogue for y,
-``mm`` for dX) and lets the same two kernels add only the LoRA term onto the result in place (``BASE=False``): one
-extra read and write of y / dX (and y / dX rounded twice to x's dtype, once by cuBLAS, once after the LoRA add), but
-cuBLAS's Hopper GEMM. A plain non-TMA Triton GEMM measured 25-45% slower than cuBLAS on an H100, so the default
-(``"auto"``) takes the cuBLAS path for batches of more than ``_TRITON_BASE_MAX_M`` rows; the benchmark times both.
+Forward: ``_dropout_shrink_kernel`` + ``_fwd_kernel`` (the LoRA term in the GEMM's accumulator; one launch at decode
+sizes without dropout); backward: ``_dxa_db_kernel``, ``_reduce_m_kernel`` (dA), ``_dx_kernel`` (fp32 accumulators,
+relaxed atomics, a device-side dropout seed). ``BASE_GEMM`` picks cuBLAS or the Triton GEMM for the base product.
+Kernels, launches, tiles, precision and CUDA graphs: docs/lora_linear.md; what is still unmeasured: BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
-"""Triton kernels for batched multi-adapter LoRA: shrink (``xa = x·Aᵀ`` per token's adapter), expand (``y += scale ·
-xa·Bᵀ`` in place), a fused shrink+expand for decode-sized batches, and the base GEMM with the expand in its epilogue
-(``y = x·W0ᵀ + bias + Σ_segments scale·xa·Bᵀ``, :func:`linear_gemm`).
+"""Triton kernels of the multi-adapter ops: shrink (``xa = x·Aᵀ`` per token's adapter), expand
+(``y += scale·xa·Bᵀ``), fused shrink+expand for decode sizes, and the base GEMM with the expand in its epilogue
+(:func:`linear_gemm`).
 
-Precision. The shrink result xa is fp32 from the shrink to the expand's MMA (tf32 operands for 16-bit data, exact
-fp32 for fp32 data): never rounded to fp16, whose 65504 limit a valid xa can pass.
-
-Work list. :class:`lora_kernels.LoRABatch` sorts tokens by slot once per step and cuts each slot's run of tokens into
-tiles of ``tile_m`` rows (``tile_starts``). Program ``(t, …)`` handles tile ``t``: it gathers its token rows through
-``sorted_tokens`` (no physical permute of x or y), so the grid is ``#tiles × (output blocks)``, bounded on the host by
-``min(M, cdiv(M, tile_m) + min(M, L))`` — the real work plus at most one partial tile per adapter, never
-tokens × adapters — and does not depend on the ids, which keeps it CUDA-graph safe. Programs past the last tile read
-``tile_starts = -1`` and return.
-
-Safety. A tile's slot is used only if ``0 <= slot < L`` and ``ranks[slot] > 0``; the rank is clamped to ``R``; token
-indices are masked to ``< M``. So an out-of-range or unloaded id reads nothing and writes nothing.
-
-Own rank. Loads of A, B and xa are masked to ``j < rank``: an adapter of rank 8 in a pool of max rank 64 moves rank-8
-bytes. The MMA itself is ``BLOCK_R = max(16, next_pow2(R))`` wide (tl.dot needs ≥ 16); the kernels are bound by
-memory and launch latency, not by those idle MMA columns.
-
-Slices. Up to 4 (``MAX_SLICES``) output slices (q|k|v, gate|up) of unequal widths ``N_0..N_3`` (0 for absent
-slices) are handled by one launch: the output-block axis enumerates the blocks of slice 0, then slice 1, …; a block
-never straddles two slices.
+One program per tile of same-adapter tokens (``BatchMeta.tile_starts``) × output block; grids depend on host ints
+only; bad ids read and write nothing; xa stays fp32. Work list, tiles, precision: docs/multi_lora.md.
 """
 
 from __future__ import annotations
