@@ -155,10 +155,10 @@ MUTANTS: list[Mutant] = [
     M(
         "reference/shrink-reads-padding",
         "lora_kernels/reference/multi_lora.py",
-        "            a = A_stack[l, s * R : s * R + r].to(acc)\n"
-        "            result[rows, s * R : s * R + r] = xl @ a.t()",
-        "            a = A_stack[l, s * R : s * R + R].to(acc)\n"
-        "            result[rows, s * R : s * R + R] = xl @ a.t()",
+        "            a = A_stack[l, i * R : i * R + r].to(acc)\n"
+        "            result[rows, i * R : i * R + r] = xl @ a.t()",
+        "            a = A_stack[l, i * R : i * R + R].to(acc)\n"
+        "            result[rows, i * R : i * R + R] = xl @ a.t()",
         ["tests/test_contracts.py", "-k", "reference_reads_no_padding"],
         "the reference shrink reads the pool's padding rows",
     ),
@@ -184,8 +184,8 @@ MUTANTS: list[Mutant] = [
     M(
         "reference/lora-linear-db-unscaled",
         "lora_kernels/reference/lora_linear.py",
-        "d_b = (scale * (dyf.t() @ s_mat)).to(lora_B.dtype)",
-        "d_b = (dyf.t() @ s_mat).to(lora_B.dtype)",
+        "d_b = out(scale * (dyf.t() @ xa), lora_B.dtype)",
+        "d_b = out(dyf.t() @ xa, lora_B.dtype)",
         ["tests/test_lora_linear.py", "-k", "reference_matches_float64_oracle"],
         "dB misses the LoRA scale",
     ),

@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lora-kernels-demo",
         description=__doc__.split("\n")[0],
         epilog="Data: scikit-learn's bundled digits; nothing is downloaded. The protocol: "
-        "python -m pydoc lora_kernels.demo",
+        "docs/demo.md in the source tree.",
     )
     parser.add_argument(
         "--png",
