@@ -54,6 +54,8 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_kernels.triton import lora_linear as LL  # noqa: E402
 
+from benchmarks.jit_signature import specialise  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------------------------------ card
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +412,6 @@ CASES = [
 
 
 # ---------------------------------------------------------------------------------------------- compile + machine code
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 _NV_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _CACHE_DIR = Path(os.environ.get("LORA_KERNELS_REPORT_CACHE", Path.home() / ".cache" / "lora_kernels_static_report"))
 
@@ -426,29 +427,9 @@ def _tool(name):
 
 
 def _signature(l: Launch):
-    """Signature, constexprs and attributes as the JIT specialises this launch: ints equal to 1 become constants,
-    tensors and ints divisible by 16 get 16-divisibility."""
+    """Signature, constexprs and attributes as the JIT specialises this launch (:func:`jit_signature.specialise`)."""
     fn = l.jit
-    const_names = set(fn.arg_names[i] for i in fn.constexprs)
-    sig, consts, attrs = {}, {}, {}
-    for i, n in enumerate(fn.arg_names):
-        v = l.named[n]
-        if n in const_names:
-            sig[n], consts[n] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[n] = "*" + _TY[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[n] = "fp32"
-        elif isinstance(v, bool):
-            sig[n] = "i1"
-        elif v == 1:
-            sig[n], consts[n] = "constexpr", 1
-        else:
-            sig[n] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, consts, attrs
+    return specialise(fn.arg_names, l.named, {fn.arg_names[i] for i in fn.constexprs})
 
 
 def _sass_facts(sass: str) -> dict:

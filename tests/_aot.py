@@ -59,33 +59,18 @@ def compile_for_sm90(kernel, args, kwargs):
     The keyword arguments of the launch are its constexprs (``num_warps`` / ``num_stages`` are the options); the
     rest is specialised as the JIT does: ints equal to 1 become constants, tensors and ints divisible by 16 get
     16-divisibility."""
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ty = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+    from benchmarks.jit_signature import specialise
+
     fn = jit_function(kernel)
     kwargs = dict(kwargs)
     launch = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     values = dict(zip(fn.arg_names, args), **kwargs)
     assert set(values) == set(fn.arg_names), sorted(set(fn.arg_names) ^ set(values))
-    sig, consts, attrs = {}, {}, {}
-    for i, n in enumerate(fn.arg_names):
-        v = values[n]
-        if n in kwargs:
-            sig[n], consts[n] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[n] = "*" + ty[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[n] = "fp32"
-        elif v == 1:
-            sig[n], consts[n] = "constexpr", 1
-        else:
-            sig[n] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig, consts, attrs = specialise(fn.arg_names, values, set(kwargs))  # the launch's keywords are its constexprs
     compiled = triton.compile(
         ASTSource(fn, sig, consts, attrs),
         target=GPUTarget("cuda", 90, 32),
