@@ -44,3 +44,21 @@ def assert_same_state(model, snap):
     assert sorted(state) == sorted(snap)
     for k, v in state.items():
         assert torch.equal(v, snap[k]), k
+
+
+def tiny_llama(seed=0, hidden_size=32, vocab_size=64, attention_bias=False):
+    """A 2-layer transformers Llama (4 heads, 2 KV heads, MLP twice as wide), initialised from ``seed``: the PEFT
+    tests' base model. Needs transformers (imported here, so importing this module does not)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        attention_bias=attention_bias,
+    )
+    return transformers.LlamaForCausalLM(cfg)

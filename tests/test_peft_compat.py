@@ -16,6 +16,8 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from _models import tiny_llama  # noqa: E402
+
 import lora_kernels as lk  # noqa: E402
 from lora_kernels import peft as pc  # noqa: E402
 
@@ -24,17 +26,7 @@ VOCAB = 128
 
 # ------------------------------------------------------------------------------------------------------ models
 def llama(seed=0, bias=False, dtype=torch.float32):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        attention_bias=bias,
-    )
-    return transformers.LlamaForCausalLM(cfg).to(dtype)
+    return tiny_llama(seed, hidden_size=64, vocab_size=VOCAB, attention_bias=bias).to(dtype)
 
 
 def gpt2(seed=0):

@@ -12,7 +12,7 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from _models import nested  # noqa: E402
+from _models import nested, tiny_llama  # noqa: E402
 
 import lora_kernels as lk  # noqa: E402
 from lora_kernels import peft as pc  # noqa: E402
@@ -21,16 +21,7 @@ VOCAB = 64
 
 
 def llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(seed, vocab_size=VOCAB)
 
 
 def lora_config(targets, r=4, alpha=8, **kw):

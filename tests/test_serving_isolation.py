@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 import torch.nn as nn
+from _models import tiny_llama
 from _tolerances import close_small_k
 
 import lora_kernels as lk
@@ -152,16 +153,7 @@ VOCAB = 64
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, vocab_size=VOCAB).eval()
 
 
 def _two_adapter_peft_model():
