@@ -4,7 +4,9 @@ The mask of element ``(m, k)`` of an ``M × K`` input is a pure function of ``(s
 Philox-4x32 with 10 rounds (the generator behind ``tl.randint``), keyed by the 64-bit seed, counter
 ``(offset_lo, offset_hi, 0, 0)``. An element is kept when the word's top 24 bits are ``>= round(p · 2^24)``, so the
 keep-probability is ``1 - p`` to within 2^-24 and every backend (PyTorch, Triton, CUDA) draws the same mask from the
-same seed. Nothing of size ``M × K`` needs to be stored between forward and backward: the seed regenerates it.
+same seed. The seed alone regenerates the mask; the Triton kernels draw it once per step and keep it between forward
+and backward as a bit mask (:func:`pack_keep_bits`, 1 bit per element: 4 MiB for an 8192 × 4096 input) because
+Philox costs ~57 instructions per element and each regeneration is a pass of that cost.
 
 Here it is computed with int64 tensor arithmetic (32×32-bit products split into 16-bit halves so nothing overflows),
 which is slow but exact; it is the spec and the CPU fallback.
@@ -75,3 +77,33 @@ def apply_dropout(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         return x2d
     keep = dropout_keep_mask(seed, x2d.shape[0], x2d.shape[1], p, device=x2d.device)
     return torch.where(keep, x2d / (1.0 - p), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
+
+
+# Bit-mask layout shared by every kernel that stores or reads a drawn mask: 32 elements per int32 word along a row;
+# bit j of word w of row m is element (m, 32·w + j); bits past the row's end are 0.
+KEEP_BITS_PER_WORD = 32
+
+
+def keep_bits_shape(rows: int, cols: int) -> tuple[int, int]:
+    """Shape of the packed mask of a ``rows × cols`` input: ``(rows, ceil(cols / 32))`` int32 words."""
+    return rows, -(-cols // KEEP_BITS_PER_WORD)
+
+
+def pack_keep_bits(keep: torch.Tensor) -> torch.Tensor:
+    """Bool ``[M, K]`` keep mask → int32 ``[M, ceil(K/32)]`` words in the layout above (the spec of the kernels')."""
+    rows, cols = keep.shape
+    words = keep_bits_shape(rows, cols)[1]
+    padded = torch.zeros(rows, words * KEEP_BITS_PER_WORD, dtype=torch.int64, device=keep.device)
+    padded[:, :cols] = keep.to(torch.int64)
+    weights = torch.ones(KEEP_BITS_PER_WORD, dtype=torch.int64, device=keep.device) << torch.arange(
+        KEEP_BITS_PER_WORD, device=keep.device
+    )
+    packed = (padded.view(rows, words, KEEP_BITS_PER_WORD) * weights).sum(-1)  # < 2^32: exact in int64
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+
+
+def unpack_keep_bits(words: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_keep_bits`: int32 ``[M, ceil(K/32)]`` → bool ``[M, K]``."""
+    k = torch.arange(cols, device=words.device)
+    w = words.to(torch.int64)[:, k // KEEP_BITS_PER_WORD]
+    return ((w >> (k % KEEP_BITS_PER_WORD)) & 1).bool()
