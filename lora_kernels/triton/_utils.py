@@ -1,6 +1,6 @@
 """Host-side pieces shared by the Triton launchers (``lora_linear``, ``multi_lora``, ``lora_decode``): device queries
-(SM count, shared memory per block, the launch device), the rank tile, the K pipeline that fits shared memory, and
-the two precision rules of the kernels.
+(SM count, shared memory per block, compute capability, the launch device), the rank tile, the K pipeline that fits
+shared memory, and the two precision rules of the kernels.
 
 Imported only by the kernel modules, so it may import triton; nothing here queries a device at import time. See
 docs/lora_linear.md and docs/multi_lora.md.
@@ -23,6 +23,10 @@ MIN_DOT = 16
 # Shared memory a block may use when the device cannot be asked: the smallest of the GPUs this package targets
 # (sm_86/sm_89: 99 KiB; A100 has 163 KiB, H100 227 KiB).
 SMEM_FALLBACK = 99 * 1024
+
+# Compute capability assumed when the device cannot be asked: pre-Hopper, whose register limits are the tighter
+# (tiles chosen for it compile without spills on sm_90 as well).
+CAPABILITY_FALLBACK = (8, 0)
 
 # A callable that returns a device number only when asked (the launch models call it on a GPU only).
 IntThunk = Callable[[], int]
@@ -53,6 +57,22 @@ def max_smem(index: int) -> int:
     except Exception:  # pragma: no cover - driver API differences across triton versions
         optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
         return int(optin) or SMEM_FALLBACK
+
+
+@functools.cache
+def capability(index: int) -> tuple[int, int]:
+    """Compute capability (major, minor) of GPU ``index``: (9, 0) on H100, (8, 0) on A100. Below 9 there is no wgmma:
+    ``tl.dot`` lowers to mma.sync, whose accumulator and operand fragments all live in registers."""
+    try:
+        major, minor = torch.cuda.get_device_capability(index)
+    except Exception:  # pragma: no cover - no CUDA runtime to ask (a stand-in device in a CPU-only process)
+        return CAPABILITY_FALLBACK
+    return int(major), int(minor)
+
+
+def capability_of(device: torch.device) -> tuple[int, int]:
+    """:func:`capability` of the GPU ``device`` names."""
+    return capability(device_index(device))
 
 
 def smem_of(device: torch.device) -> int:

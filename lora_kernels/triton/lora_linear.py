@@ -110,6 +110,12 @@ _CUDA_TILES_DROPOUT = [
     (32, 128, 128, 8, 4, 4),
     (16, 64, 256, 8, 4, 4),
 ]
+# Before Hopper (compute capability < 9) there is no wgmma: tl.dot lowers to mma.sync, which keeps the accumulator AND
+# the operand fragments in registers, so the tiles sized for sm_90 run out of them. Compiled for sm_80 with triton 3.9
+# (benchmarks/static_report.py --quick --archs 80 --all-configs), bf16, 128 output elements per thread spill: the
+# forward at 128×256, 8 warps: 255 registers + 48 bytes, the dX: 108 bytes, 128×128 at 4 warps: 116 bytes; every
+# 64-per-thread tile compiles without spills (158-194 registers). So on those GPUs the pruner drops tiles over 64.
+_MMA_SYNC_MAX_PER_THREAD = 64
 # BASE=False (the cuBLAS path: the kernels only add the LoRA term) has no reduction loop, so the reduction tile is
 # unused; the 128-deep decode tile (32×128, 4 warps) still spilled 8 bytes there on sm_90. Deeper ones are not offered
 # (the pruner's fallback tile serves decode-sized batches).
@@ -127,21 +133,40 @@ def _gemm_configs(col_key: str, red_key: str, tiles=None):
     ]
 
 
+def _gemm_device(device: torch.device) -> tuple[tuple[int, int], int] | None:
+    """(compute capability, opt-in shared memory per block) of the GPU a GEMM launches on, asked on the first launch
+    (cached per device by _utils); None off CUDA (the interpreter: nothing depends on the architecture there). The
+    static report replaces this function to pick tiles as on a given card."""
+    if device.type != "cuda":
+        return None
+    return _utils.capability_of(device), _utils.smem_of(device)
+
+
 def _smem_budget(device: torch.device) -> int:
     """_SMEM_BUDGET on an H100 (and in the interpreter); on a GPU with less shared memory the same 35 KiB are left
     for the LoRA prologue and the epilogue, so that the first config (used without benchmarking when autotuning is
     off) still launches instead of failing with OutOfResources."""
-    if device.type != "cuda":
+    gpu = _gemm_device(device)
+    if gpu is None:
         return _SMEM_BUDGET
-    return min(_SMEM_BUDGET, _utils.smem_of(device) - (227 * 1024 - _SMEM_BUDGET))
+    return min(_SMEM_BUDGET, gpu[1] - (227 * 1024 - _SMEM_BUDGET))
+
+
+def _max_per_thread(device: torch.device) -> int | None:
+    """Output elements per thread a GEMM tile may have on this GPU: _MMA_SYNC_MAX_PER_THREAD before Hopper, no limit
+    on Hopper and later (wgmma) or off CUDA."""
+    gpu = _gemm_device(device)
+    if gpu is None or gpu[0] >= (9, 0):
+        return None
+    return _MMA_SYNC_MAX_PER_THREAD
 
 
 def _gemm_pruner(operand: str, col_key: str, red_key: str):
-    """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles)
-    and, with dropout, tiles over _DROPOUT_MAX_PER_THREAD output elements per thread; cut num_stages until the
-    operand buffers fit _SMEM_BUDGET. fp32 operands take the _CUDA_TILES_FP32 list instead. With
-    $LORA_KERNELS_AUTOTUNE=0 the first surviving config is used without benchmarking. Always returns at least one
-    config."""
+    """Pre-benchmark pruning: drop tiles more than twice as tall as the batch (decode-sized M keeps the short tiles),
+    with dropout tiles over _DROPOUT_MAX_PER_THREAD output elements per thread, and before Hopper tiles over
+    _MMA_SYNC_MAX_PER_THREAD; cut num_stages until the operand buffers fit the device's budget (_smem_budget). fp32
+    operands take the _CUDA_TILES_FP32 list instead. With $LORA_KERNELS_AUTOTUNE=0 the first surviving config is used
+    without benchmarking. Always returns at least one config."""
 
     def prune(configs, named_args, **kwargs):
         elem = named_args[operand].element_size()
@@ -149,7 +174,9 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
         base = bool(kwargs.get("BASE", named_args.get("BASE", True)))
         fused = bool(kwargs.get("FUSE_SHRINK", named_args.get("FUSE_SHRINK", False)))
         bucket = named_args["M_BUCKET"]
-        budget = _smem_budget(named_args[operand].device)
+        device = named_args[operand].device
+        budget = _smem_budget(device)
+        per_thread = _max_per_thread(device)
         if elem >= 4:
             configs = _gemm_configs(col_key, red_key, _CUDA_TILES_FP32)
         elif dropout and not _INTERPRET_AT_IMPORT:
@@ -162,6 +189,8 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
             if stages < 2 or kw["BLOCK_M"] > max(_utils.MIN_DOT, 2 * bucket):
                 continue
             if dropout and kw["BLOCK_M"] * kw[col_key] > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps:
+                continue
+            if per_thread is not None and kw["BLOCK_M"] * kw[col_key] > per_thread * 32 * c.num_warps:
                 continue
             if not base and kw[red_key] > _LORA_ONLY_MAX_RED:
                 continue
