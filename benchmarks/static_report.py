@@ -10,7 +10,8 @@ the launchers and the autotuner's pruner choose (the first surviving config: wha
 ``LORA_KERNELS_AUTOTUNE=0``, and what autotuning tries first). Each recorded Triton launch is then compiled for sm_90
 (and sm_80) with triton's compiler and ptxas, with the argument specialisation the JIT would use, and its machine
 code is read: registers, spill bytes (ptxas -v), shared memory, wgmma (HGMMA) and TMA (UTMALDG) in the SASS, memory
-barriers inside loops.
+barriers inside loops. For sm_80 the launches are recorded again as on an A100 (``GPUS``: its SM count, shared
+memory and compute capability), so its rows show the tiles the pruner picks there, not the sm_90 ones.
 
 Each launch also gets its HBM bytes (every operand read once and every output written once: L2 re-reads of tiles are
 not counted, so this is a lower bound) and FLOPs, and a predicted time from the card's roofline (see ``Card``). The
@@ -97,6 +98,55 @@ QUICK_TRAINING = [(8192, 4096, 4096, 16)]
 QUICK_DECODE = [(16, 4096, 4096, 16)]
 TRAINING_MODES = ("fwd", "fwd+bwd", "fwd+bwd dropout")
 DROPOUT_P = 0.1
+
+
+# ------------------------------------------------------------------------------------------------ per-architecture
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """What the launchers and the GEMM pruner ask a device for: compute capability (the tile list), SM count (split
+    factors of the skinny kernels) and the opt-in shared memory per block (pipeline stages, r-tiles)."""
+
+    name: str
+    capability: tuple[int, int]
+    sms: int
+    smem_per_block: int
+
+
+# The card each compiled architecture is simulated as. SM counts: NVIDIA A100 Tensor Core GPU Architecture whitepaper
+# (A100: 108 SMs) and the H100 datasheet (SXM5: 132 SMs); shared memory per block: CUDA C++ Programming Guide,
+# "Technical Specifications per Compute Capability" (8.0: 163 KB, 9.0: 227 KB; what an A100 / H100 reports as
+# sharedMemPerBlockOptin: 166912 / 232448 bytes).
+GPUS = {
+    90: Gpu("H100 SXM5", (9, 0), CARD.sms, 227 * 1024),
+    80: Gpu("A100", (8, 0), 108, 163 * 1024),
+}
+# The launchers' own device queries, kept before the H100 stand-ins below replace them: ``on_gpu`` runs them with a
+# card's facts in place of the device's.
+_LL_DEVICE_QUERIES = {n: getattr(LL, n) for n in ("_target_programs", "_skinny_max_r", "_gemm_device")}
+
+
+@contextlib.contextmanager
+def on_gpu(gpu: Gpu):
+    """The launchers and the GEMM pruner choose splits, tiles and stages as on ``gpu`` (the meta tensors' device is
+    not CUDA: the device queries answer with the card's facts instead)."""
+    cuda = torch.device("cuda", 0)
+    stand_in = type("OnGpu", (), {"device": cuda})()
+    patches = [
+        (LL._utils, "sm_count", lambda index: gpu.sms),
+        (LL._utils, "max_smem", lambda index: gpu.smem_per_block),
+        (LL._utils, "capability", lambda index: gpu.capability),
+        (LL, "_target_programs", lambda t: _LL_DEVICE_QUERIES["_target_programs"](stand_in)),
+        (LL, "_skinny_max_r", lambda device: _LL_DEVICE_QUERIES["_skinny_max_r"](cuda)),
+        (LL, "_gemm_device", lambda device: _LL_DEVICE_QUERIES["_gemm_device"](cuda)),
+    ]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    for mod, name, value in patches:
+        setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
 
 
 # ------------------------------------------------------------------------------------------------------ recording
@@ -610,104 +660,127 @@ def modes_for(kind, modes):
     return modes if kind == "training" else ("fwd",)
 
 
+def _record(case, shape, mode, gpu: Gpu) -> list[Launch]:
+    """The launches of one case at one shape and mode, with the splits and tiles chosen as on ``gpu``."""
+    M, K, N, r = shape
+    with on_gpu(gpu), recording(LL):
+        case(M, K, N, r, mode)
+        return list(_LAUNCHES)
+
+
+def _compile_row(l: Launch, facts: dict, arch: int, which: str, where: dict) -> dict:
+    """One row of the compile tables: a Triton launch's config and what its sm_<arch> machine code shows."""
+    return {
+        **where,
+        "kernel": l.kernel,
+        "config": l.config,
+        "arch": f"sm_{arch}",
+        "num_warps": l.num_warps,
+        "num_stages": l.num_stages,
+        **{k: facts[k] for k in ("regs", "spill_bytes", "smem_bytes", "wgmma", "tma", "membar_in_loops")},
+        "which": which,
+    }
+
+
+def _candidates(l: Launch) -> list[Launch]:
+    """The launch with each config autotuning would also try (after the first, which runs with autotuning off)."""
+    out = []
+    _, heur, _ = _unwrap(getattr(LL, l.kernel))
+    for kw, w, st in l.all_configs[1:]:
+        alt = dataclasses.replace(l, named=dict(l.named, **kw), num_warps=w, num_stages=st, config=dict(l.config, **kw))
+        for name, rule in heur.items():
+            alt.named[name] = rule(alt.named)
+        out.append(alt)
+    return out
+
+
 def collect(quick: bool, archs, all_configs: bool, log=print):
+    """(records, other compiles). Records: one per launch as on the first architecture's card (``GPUS``), compiled
+    for it and predicted. Other compiles: for every further architecture the launches as the launchers and the pruner
+    choose them on that architecture's card (its own tiles, stages and splits, not the first one's), compiled for it;
+    with ``all_configs`` also every config autotuning would try, per architecture."""
     records, extra = [], []
     for case_name, case, modes, kinds in CASES:
         for kind in kinds:
             for M, K, N, r in shapes_for(kind, quick):
                 for mode in modes_for(kind, modes):
-                    with recording(LL):
-                        case(M, K, N, r, mode)
-                        launches = list(_LAUNCHES)
-                    for i, l in enumerate(launches):
-                        facts = None
-                        if l.kind == "triton":
-                            log(f"compile sm_{archs[0]} {l.kernel} {l.config} w{l.num_warps}/s{l.num_stages}")
-                            facts = compile_and_read(l, archs[0])
-                        pred = predict_us(l, facts)
-                        rec = {
-                            "op": case_name,
-                            "mode": mode,
-                            "shape_kind": kind,
-                            "shape": {"M": M, "K": K, "N": N, "r": r},
-                            "launch": i,
-                            "kernel": l.kernel,
-                            "kind": l.kind,
-                            "grid": list(l.grid),
-                            "config": l.config,
-                            "num_warps": l.num_warps or None,
-                            "num_stages": l.num_stages or None,
-                            "arch": f"sm_{archs[0]}" if facts else None,
-                            "regs": facts["regs"] if facts else None,
-                            "spill_bytes": facts["spill_bytes"] if facts else None,
-                            "smem_bytes": facts["smem_bytes"] if facts else None,
-                            "wgmma": facts["wgmma"] if facts else None,
-                            "tma": facts["tma"] if facts else None,
-                            "membar_in_loops": facts["membar_in_loops"] if facts else None,
-                            "hbm_read_bytes": l.hbm_read,
-                            "hbm_write_bytes": l.hbm_write,
-                            "flops": l.flops,
-                            "l2_atomic_bytes": l.l2_atomic_bytes,
-                            "gemm": l.gemm,
-                            **pred,
-                        }
-                        records.append(rec)
-                        if l.kind != "triton":
-                            continue
-                        for arch in archs[1:]:
-                            log(f"compile sm_{arch} {l.kernel} {l.config}")
-                            f2 = compile_and_read(l, arch)
-                            extra.append(
+                    where = {
+                        "op": case_name,
+                        "mode": mode,
+                        "shape_kind": kind,
+                        "shape": {"M": M, "K": K, "N": N, "r": r},
+                    }
+                    for arch in archs:
+                        launches = _record(case, (M, K, N, r), mode, GPUS[arch])
+                        for i, l in enumerate(launches):
+                            facts = None
+                            if l.kind == "triton":
+                                log(f"compile sm_{arch} {l.kernel} {l.config} w{l.num_warps}/s{l.num_stages}")
+                                facts = compile_and_read(l, arch)
+                                if arch != archs[0]:
+                                    extra.append(_compile_row(l, facts, arch, "first config", dict(where, launch=i)))
+                                for alt in _candidates(l) if all_configs else []:
+                                    log(f"compile sm_{arch} {l.kernel} {alt.config} w{alt.num_warps}/s{alt.num_stages}")
+                                    row = _compile_row(
+                                        alt, compile_and_read(alt, arch), arch, "autotune candidate", where
+                                    )
+                                    extra.append(dict(row, launch=i))
+                            if arch != archs[0]:
+                                continue
+                            records.append(
                                 {
-                                    "op": case_name,
-                                    "mode": mode,
-                                    "shape": rec["shape"],
+                                    **where,
+                                    "launch": i,
                                     "kernel": l.kernel,
+                                    "kind": l.kind,
+                                    "grid": list(l.grid),
                                     "config": l.config,
-                                    "arch": f"sm_{arch}",
-                                    "num_warps": l.num_warps,
-                                    "num_stages": l.num_stages,
-                                    "regs": f2["regs"],
-                                    "spill_bytes": f2["spill_bytes"],
-                                    "smem_bytes": f2["smem_bytes"],
-                                    "wgmma": f2["wgmma"],
-                                    "tma": f2["tma"],
-                                    "which": "first config",
+                                    "num_warps": l.num_warps or None,
+                                    "num_stages": l.num_stages or None,
+                                    "arch": f"sm_{arch}" if facts else None,
+                                    "regs": facts["regs"] if facts else None,
+                                    "spill_bytes": facts["spill_bytes"] if facts else None,
+                                    "smem_bytes": facts["smem_bytes"] if facts else None,
+                                    "wgmma": facts["wgmma"] if facts else None,
+                                    "tma": facts["tma"] if facts else None,
+                                    "membar_in_loops": facts["membar_in_loops"] if facts else None,
+                                    "hbm_read_bytes": l.hbm_read,
+                                    "hbm_write_bytes": l.hbm_write,
+                                    "flops": l.flops,
+                                    "l2_atomic_bytes": l.l2_atomic_bytes,
+                                    "gemm": l.gemm,
+                                    **predict_us(l, facts),
                                 }
                             )
-                        if all_configs and l.all_configs:
-                            for kw, w, st in l.all_configs[1:]:
-                                alt = dataclasses.replace(
-                                    l,
-                                    named=dict(l.named, **kw),
-                                    num_warps=w,
-                                    num_stages=st,
-                                    config={k: v for k, v in kw.items()},
-                                )
-                                _, heur, _ = _unwrap(getattr(LL, l.kernel))
-                                for name, rule in heur.items():
-                                    alt.named[name] = rule(alt.named)
-                                log(f"compile sm_{archs[0]} {l.kernel} {alt.config} w{w}/s{st} (autotune candidate)")
-                                f3 = compile_and_read(alt, archs[0])
-                                extra.append(
-                                    {
-                                        "op": case_name,
-                                        "mode": mode,
-                                        "shape": rec["shape"],
-                                        "kernel": l.kernel,
-                                        "config": alt.config,
-                                        "arch": f"sm_{archs[0]}",
-                                        "num_warps": w,
-                                        "num_stages": st,
-                                        "regs": f3["regs"],
-                                        "spill_bytes": f3["spill_bytes"],
-                                        "smem_bytes": f3["smem_bytes"],
-                                        "wgmma": f3["wgmma"],
-                                        "tma": f3["tma"],
-                                        "which": "autotune candidate",
-                                    }
-                                )
     return records, extra
+
+
+def first_gemm_compiles(arch: int, shapes=None, log=lambda m: None) -> list[dict]:
+    """The first config of every Triton training GEMM launch (the fused forward and dX, with and without the base
+    product and dropout) as the launchers and the pruner choose it on ``arch``'s card, compiled for ``arch``: one
+    row per distinct kernel specialisation. For a CI check that is quicker than the whole report."""
+    rows, seen = [], set()
+    for case_name, case, modes, _ in CASES:
+        if not case_name.startswith("lk_"):
+            continue
+        for M, K, N, r in shapes or QUICK_TRAINING:
+            for mode in modes:
+                where = {
+                    "op": case_name,
+                    "mode": mode,
+                    "shape_kind": "training",
+                    "shape": {"M": M, "K": K, "N": N, "r": r},
+                }
+                for i, l in enumerate(_record(case, (M, K, N, r), mode, GPUS[arch])):
+                    if l.kind != "triton" or l.kernel not in ("_fwd_kernel", "_dx_kernel"):
+                        continue
+                    key = (l.kernel, repr(sorted(_signature(l)[1].items())), l.num_warps, l.num_stages)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    log(f"compile sm_{arch} {l.kernel} {l.config} w{l.num_warps}/s{l.num_stages}")
+                    rows.append(_compile_row(l, compile_and_read(l, arch), arch, "first config", dict(where, launch=i)))
+    return rows
 
 
 def summarise(records):
@@ -736,6 +809,39 @@ def _geo(xs):
 
 def _fmt_bytes(b):
     return f"{b / 1e6:.1f}" if b else "0"
+
+
+def compile_table(rows) -> list[str]:
+    """Markdown lines of one architecture's compile table: one row per distinct kernel config and machine code, with
+    how many op/mode pairs launch it."""
+    out = [
+        "| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | GPU membar in loops "
+        "| used by |",
+        "|" + "---|" * 11,
+    ]
+    kernels = {}
+    for x in rows:
+        key = (
+            x["kernel"],
+            json.dumps(x["config"], sort_keys=True),
+            x["num_warps"],
+            x["num_stages"],
+            x["regs"],
+            x["spill_bytes"],
+            x["smem_bytes"],
+        )
+        kernels.setdefault(key, (x, set()))[1].add(
+            f"{x['op']} {x['mode']}" if x.get("shape_kind", "training") == "training" else f"{x['op']} decode"
+        )
+    for (name, _, warps, stages, regs, spill, smem), (x, users) in kernels.items():
+        tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items())
+        membar = x.get("membar_in_loops", "")
+        out.append(
+            f"| {name} | {tile} | {warps}/{stages} | {x['arch']} | {regs} | {spill} | {smem / 1024:.0f} | "
+            f"{'yes' if x['wgmma'] else 'no'} | {'yes' if x['tma'] else 'no'} | {membar} | "
+            f"{len(users)} op/mode pairs |"
+        )
+    return out
 
 
 def markdown(records, extra, quick) -> str:
@@ -774,35 +880,12 @@ def markdown(records, extra, quick) -> str:
             extra_line = f"; PEFT measured {PEFT_MEASURED[mode]}" if kind == "training" else ""
             w(f"\nGoal: ≤ {goal}{extra_line}.\n")
     w("## Compiled Triton kernels (first config of each launch)\n")
-    w(
-        "| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | GPU membar in loops "
-        "| used by |"
-    )
-    w("|" + "---|" * 11)
-    kernels = {}
-    for x in records:
-        if x["kind"] != "triton":
-            continue
-        key = (
-            x["kernel"],
-            json.dumps(x["config"], sort_keys=True),
-            x["num_warps"],
-            x["num_stages"],
-            x["regs"],
-            x["spill_bytes"],
-            x["smem_bytes"],
-        )
-        kernels.setdefault(key, (x, set()))[1].add(
-            f"{x['op']} {x['mode']}" if x["shape_kind"] == "training" else f"{x['op']} decode"
-        )
-    for (name, _, warps, stages, regs, spill, smem), (x, users) in kernels.items():
-        tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items())
-        w(
-            f"| {name} | {tile} | {warps}/{stages} | {x['arch']} | {regs} | {spill} | {smem / 1024:.0f} | "
-            f"{'yes' if x['wgmma'] else 'no'} | {'yes' if x['tma'] else 'no'} | {x['membar_in_loops']} | "
-            f"{len(users)} op/mode pairs |"
-        )
-    w("")
+    firsts = [x for x in records if x["kind"] == "triton"] + [x for x in extra if x["which"] == "first config"]
+    for arch in dict.fromkeys(x["arch"] for x in firsts):
+        gpu = GPUS.get(int(arch.removeprefix("sm_")))
+        w(f"### {arch}" + (f": tiles, stages and splits as chosen on an {gpu.name}" if gpu else "") + "\n")
+        lines.extend(compile_table([x for x in firsts if x["arch"] == arch]))
+        w("")
     w("## Launches (per op, mode, shape)\n")
     w(
         "| op | mode | M×K×N r | # | kernel | grid | tile | warps/stages | regs | spill B | smem KiB | wgmma | TMA | "
@@ -825,12 +908,13 @@ def markdown(records, extra, quick) -> str:
             f"{_fmt_bytes(x['hbm_write_bytes'])} | {_fmt_bytes(x['l2_atomic_bytes'])} | {x['flops'] / 1e9:.2f} | "
             f"{x['predicted_us']:.1f} | {x['bound']} |"
         )
-    if extra:
-        w("\n## Other compiles (sm_80; autotune candidates)\n")
+    candidates = [x for x in extra if x["which"] != "first config"]
+    if candidates:
+        w("\n## Autotune candidates (the configs autotuning tries after the first)\n")
         w("| kernel | tile | arch | warps/stages | regs | spill B | smem KiB | wgmma | TMA | which |")
         w("|" + "---|" * 10)
         seen = set()
-        for x in extra:
+        for x in candidates:
             key = (
                 x["kernel"],
                 json.dumps(x["config"], sort_keys=True),
@@ -859,7 +943,8 @@ def main(argv=None):
     ap.add_argument(
         "--archs",
         default=None,
-        help="compute capabilities to compile for, first one predicted (default 90,80; --quick: 90)",
+        help="compute capabilities to compile for, each with the tiles chosen on its card (GPUS: 90 = H100, "
+        "80 = A100); the first one is predicted (default 90,80; --quick: 90)",
     )
     ap.add_argument("--all-configs", action="store_true", help="also compile every config autotuning would try")
     ap.add_argument("--verbose", action="store_true", help="print each compile to stderr")
@@ -871,6 +956,8 @@ def main(argv=None):
         sys.stdout.write(markdown(data["records"], data["other_compiles"], quick))
         return 0
     archs = [int(a) for a in (args.archs or ("90" if args.quick else "90,80")).split(",")]
+    if not archs or any(a not in GPUS for a in archs):
+        ap.error(f"--archs takes compute capabilities among {', '.join(map(str, GPUS))}, got {args.archs!r}")
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else (lambda m: None)
     records, extra = collect(args.quick, archs, args.all_configs, log)
     sys.stdout.write(markdown(records, extra, args.quick))

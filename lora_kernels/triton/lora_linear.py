@@ -112,9 +112,11 @@ _CUDA_TILES_DROPOUT = [
 ]
 # Before Hopper (compute capability < 9) there is no wgmma: tl.dot lowers to mma.sync, which keeps the accumulator AND
 # the operand fragments in registers, so the tiles sized for sm_90 run out of them. Compiled for sm_80 with triton 3.9
-# (benchmarks/static_report.py --quick --archs 80 --all-configs), bf16, 128 output elements per thread spill: the
-# forward at 128×256, 8 warps: 255 registers + 48 bytes, the dX: 108 bytes, 128×128 at 4 warps: 116 bytes; every
-# 64-per-thread tile compiles without spills (158-194 registers). So on those GPUs the pruner drops tiles over 64.
+# (benchmarks/static_report.py --archs 80 --all-configs), bf16, at 128 output elements per thread: 128×256 at 8 warps
+# spills 48 bytes (forward) / 108 bytes (dX) at 3 stages, and at the 2 stages an A100's shared memory leaves it still
+# takes 254-255 of the 255 registers a thread can have (no headroom); 128×128 at 4 warps spills 116 bytes. Every
+# 64-per-thread tile compiles without spills in 158-194 registers, with 4 stages on an A100. So on those GPUs the
+# pruner drops tiles over 64 (128×128 at 8 warps comes first there).
 _MMA_SYNC_MAX_PER_THREAD = 64
 # BASE=False (the cuBLAS path: the kernels only add the LoRA term) has no reduction loop, so the reduction tile is
 # unused; the 128-deep decode tile (32×128, 4 warps) still spilled 8 bytes there on sm_90. Deeper ones are not offered
