@@ -116,7 +116,8 @@ _CUDA_TILES_DROPOUT = [
 # spills 48 bytes (forward) / 108 bytes (dX) at 3 stages, and at the 2 stages an A100's shared memory leaves it still
 # takes 254-255 of the 255 registers a thread can have (no headroom); 128×128 at 4 warps spills 116 bytes. Every
 # 64-per-thread tile compiles without spills in 158-194 registers, with 4 stages on an A100. So on those GPUs the
-# pruner drops tiles over 64 (128×128 at 8 warps comes first there).
+# pruner drops tiles over 64 (128×128 at 8 warps comes first there). The fp32 list's first configs (IEEE dot, 64 per
+# thread at most) compile without spills on sm_80 as well (152-255 registers).
 _MMA_SYNC_MAX_PER_THREAD = 64
 # BASE=False (the cuBLAS path: the kernels only add the LoRA term) has no reduction loop, so the reduction tile is
 # unused; the 128-deep decode tile (32×128, 4 warps) still spilled 8 bytes there on sm_90. Deeper ones are not offered
