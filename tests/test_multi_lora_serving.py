@@ -88,6 +88,76 @@ def test_fp16_shrink_beyond_fp16_range_gives_finite_output(backend, path):
     assert torch.isfinite(y).all()
 
 
+def _cuda_ext_reason():
+    if not HAS_CUDA:
+        return "needs CUDA"
+    from lora_kernels import extension
+
+    return extension.cuda_ops_unavailable_reason()
+
+
+_EXT_WHY = "needs CUDA and the built CUDA extension" if not HAS_CUDA else _cuda_ext_reason()
+needs_ext = pytest.mark.skipif(_EXT_WHY is not None, reason=f"the CUDA extension backend: {_EXT_WHY}")
+
+
+@pytest.mark.parametrize(
+    "backend,path",
+    [
+        ("torch", "fused"),
+        ("torch", "split"),
+        ("torch", "gemm"),
+        pytest.param("triton", "fused", marks=needs_triton),
+        pytest.param("triton", "split", marks=needs_triton),
+        pytest.param("triton", "gemm", marks=needs_triton),
+        pytest.param("cuda", "fused", marks=needs_ext),
+        pytest.param("cuda", "split", marks=needs_ext),
+    ],
+)
+def test_shrink_result_is_never_rounded_to_fp16_on_any_path(backend, path):
+    """fp16 data with x·Aᵀ = ±70000 per element (past fp16's 65504) and s·xa·Bᵀ ≈ 512: every backend and path keeps
+    the shrink result in fp32 up to the expand and gives the reference's finite output (an fp16 xa is ±inf there, and
+    the output inf or NaN). K = 35 (odd), N = 33, slot 1 of a pool of 3 at rank 2 of 16, -1 rows between."""
+    K, N, R = 35, 33, 16
+    pool = AdapterPool(3, R, K, N, dtype=torch.float16, device=DEVICE)
+    a = torch.stack([torch.full((K,), 100.0), torch.full((K,), -100.0)])  # x = 20: xa = ±20·100·35 = ±70000
+    b = torch.stack([torch.full((N,), 0.0078125), torch.full((N,), 0.0005)], dim=1)
+    b[::4, 0] = 0.0079  # columns of a different value: y ≈ 70000·(0.0078 - 0.0005) ≈ 512
+    gen = torch.Generator().manual_seed(0)
+    pool.load("other", torch.randn(3, K, generator=gen), torch.randn(N, 3, generator=gen), alpha=3)
+    pool.load("big", a, b, alpha=2)  # scale alpha / r = 1
+    weight = torch.zeros(N, K, dtype=torch.float16, device=DEVICE)
+    weight[:, 1] = 0.125
+    x = torch.full((7, K), 20.0, dtype=torch.float16, device=DEVICE)
+    ids = [1, -1, 1, 1, -1, 1, 1]
+    want = overflow_want_for(pool, weight, x, ids, 70000.0, 512.0)
+    got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend=backend, path=path)
+    assert torch.isfinite(got).all(), got
+    torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
+
+
+def overflow_want_for(pool, weight, x, ids, s_abs, y_mag):
+    """The float64 reference of an overflow case, after checking that the case is what it claims: |x·Aᵀ| = s_abs
+    (past fp16's range) and the adapter rows' outputs of magnitude about y_mag."""
+    want = ref.multi_lora_linear(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        pool.A_stack.cpu(),
+        pool.B_stack.cpu(),
+        pool.ranks.cpu(),
+        pool.scales.cpu(),
+        torch.tensor(ids),
+        list(pool.slices),
+        **F64,
+    )
+    slot = next(i for i in ids if i >= 0)
+    s = x[0].double().cpu() @ pool.A_stack[slot, :2].double().cpu().t()
+    assert s.abs().min() == s_abs > 65504
+    rows = want[[i for i, v in enumerate(ids) if v == slot]]
+    assert rows.abs().max() < 2 * y_mag and rows.abs().min() > y_mag / 2
+    return want
+
+
 # ------------------------------------------------------------------------------------------- decode-sized tiles
 def test_step_tile_m_follows_the_tokens():
     assert [ops.step_tile_m(64, M) for M in (0, 1, 16, 17, 32, 33, 64, 65, 4096)] == [
