@@ -190,15 +190,17 @@ class _BlockSpy:
 
 
 @needs_triton
-@pytest.mark.parametrize("M,path", [(3, "fused"), (20, "split"), (40, "split"), (40, "fused")])
+@pytest.mark.parametrize(
+    "M,path", [(3, "fused"), (20, "split"), (40, "split"), (40, "fused"), (1, "gemm"), (3, "gemm"), (20, "gemm")]
+)
 def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     """A batch built for 4096 tokens (tile_m 64; 128 forced for M = 40) used for a step of M tokens: the kernels run
-    tiles of next_pow2(M) >= 16 rows and the result matches the reference (mixed ranks, slices, an unloaded slot,
-    -1 rows, several tiles of one slot)."""
+    tiles of next_pow2(M) >= 16 rows (on the gemm path the base GEMM's row tile too, chosen from M) and the result
+    matches the reference (mixed ranks, slices, an unloaded slot, -1 rows, several tiles of one slot)."""
     from lora_kernels.triton import multi_lora as ML
 
     seen = []
-    for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel"):
+    for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
         monkeypatch.setattr(ML, name, _BlockSpy(getattr(ML, name), seen))
     gen = torch.Generator().manual_seed(M)
     K, slices = 40, [24, 8, 8]
@@ -215,7 +217,7 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     ids = torch.tensor([0, 1, -1, 2, 0])[torch.randint(5, (M,), generator=gen)].tolist()
     x = torch.randn(M, K, generator=gen).to(DEVICE)
     batch = LoRABatch.prepare(ids, max_tokens=4096, device=DEVICE, tile_m=128 if M == 40 else None)
-    got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=path == "fused", check=False)
+    got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", path=path, check=False)
     want = ref.multi_lora_linear(
         x.cpu(),
         weight.cpu(),
@@ -230,6 +232,108 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     )
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
     assert seen and set(seen) == {ops.step_tile_m(batch.tile_m, M)} and seen[0] < batch.tile_m, seen
+
+
+# ------------------------------------------------------------------------ docs: one CUDA graph per token bucket
+def _docs_snippet(tag: str) -> str:
+    """The python block right after ``<!-- test: TAG -->`` in docs/multi_lora.md."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "multi_lora.md").read_text()
+    m = re.search(rf"<!-- test: {re.escape(tag)} -->\n```python\n(.*?)\n```", text, re.S)
+    assert m, f"docs/multi_lora.md has no python block tagged {tag}"
+    return m.group(1)
+
+
+def _bucket_problem(device, dtype):
+    gen = torch.Generator().manual_seed(11)
+    K, slices = 40, [24, 8, 8]
+    pool = AdapterPool(6, 16, K, slices, dtype=dtype, device=device)
+    for name, r in (("a", 16), ("b", 3), ("c", 8), ("d", 5)):
+        pool.load(
+            name,
+            [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+            [torch.randn(n, r, generator=gen) for n in slices],
+            alpha=2.0 * r,
+        )
+    pool.unload("c")  # slot 2: unloaded
+    weight = (torch.randn(sum(slices), K, generator=gen) / math.sqrt(K)).to(device, dtype)
+    bias = torch.randn(sum(slices), generator=gen).to(device, dtype)
+    ns = {"torch": torch, "lk": lk, "pool": pool, "weight": weight, "bias": bias, "K": K, "slot": 1}
+    return ns, gen
+
+
+def _bucket_steps(ns, gen, sizes, device, dtype):
+    """Steps of ``sizes`` tokens through the snippet's run_step, each against the float64 reference."""
+    for n in sizes:
+        ids = torch.tensor([0, 1, -1, 3, 2, 0])[torch.randint(6, (n,), generator=gen)].tolist()
+        ids = [i if i != 2 else -1 for i in ids]  # slot 2 is unloaded: the eager check would refuse it
+        x = torch.randn(n, ns["K"], generator=gen).to(device, dtype)
+        got = ns["run_step"](x, ids).clone()
+        want = _want(ns["pool"], ns["weight"], ns["bias"], x, ids)
+        if dtype == torch.bfloat16:
+            lowp = multi_lora_in_dtype(x, ns["weight"], ns["bias"], ns["pool"], ids, list(ns["pool"].slices))
+            assert_close_to_oracle(got, lowp, want)
+        else:
+            torch.testing.assert_close(got.cpu().double(), want, **close(dtype))
+
+
+class _FakeGraph:
+    """CPU stand-in of torch.cuda.CUDAGraph: the test sets ``replay`` to rerun the captured step eagerly."""
+
+    def replay(self):
+        raise AssertionError("replay not set by the test")
+
+
+@needs_triton
+def test_docs_bucketed_graph_example_logic_on_cpu(monkeypatch):
+    """The docs' bucketed-capture example with the CUDA-graph calls stood in for (a replay reruns its bucket's step
+    on the static buffers, eagerly): padding to the bucket, the in-place refill of one shared batch and the views of
+    the static input give the reference's rows for steps of odd sizes, with the Triton backend in the interpreter."""
+    if HAS_CUDA:
+        pytest.skip("on a GPU the example runs with real CUDA graphs (test_docs_bucketed_graph_example_on_gpu)")
+    import contextlib
+
+    src = _docs_snippet("graph-buckets")
+    head = 'device, dtype = "cuda", torch.bfloat16\nBUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)\n'
+    assert src.startswith(head)
+    src = 'device, dtype = "cpu", torch.float32\nBUCKETS = (1, 4, 16, 48)\n' + src[len(head) :]
+    call = "lk.multi_lora_linear(x, weight, bias, pool, batch)"
+    assert call in src
+    src = src.replace(call, call[:-1] + ', backend="triton")')  # "auto" is the torch backend on the CPU
+    ns, gen = _bucket_problem("cpu", torch.float32)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: types_simple(wait_stream=lambda s: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types_simple(wait_stream=lambda s: None))
+    exec(compile(src, "docs/multi_lora.md", "exec"), ns)
+    monkeypatch.undo()
+    assert sorted(ns["graphs"]) == [1, 4, 16, 48]
+    for T, (graph, y_static) in ns["graphs"].items():
+
+        def replay(T=T, y_static=y_static):
+            assert ns["batch"].num_tokens == T  # the step refilled the batch for this bucket
+            y_static.copy_(ns["step"](ns["x_static"][:T], ns["batch"]))
+
+        graph.replay = replay
+    _bucket_steps(ns, gen, (1, 3, 4, 7, 16, 33, 48), "cpu", torch.float32)
+
+
+def types_simple(**kw):
+    import types
+
+    return types.SimpleNamespace(**kw)
+
+
+@pytest.mark.gpu
+def test_docs_bucketed_graph_example_on_gpu():
+    """The docs' bucketed-capture example as written (bf16, CUDA graphs per bucket up to 512 tokens: fused and gemm
+    paths), replayed for steps of odd sizes with new ids, against the float64 reference."""
+    ns, gen = _bucket_problem("cuda", torch.bfloat16)
+    exec(compile(_docs_snippet("graph-buckets"), "docs/multi_lora.md", "exec"), ns)
+    _bucket_steps(ns, gen, (1, 3, 16, 17, 100, 257, 512, 5), "cuda", torch.bfloat16)
 
 
 # -------------------------------------------------------------------------------- the expand inside the base GEMM
