@@ -75,11 +75,14 @@ def launches(
     capacity: int | None = None,
     sm_count: int = H100_SMS,
     smem: int = H100_SMEM,
+    pdl: bool = True,
 ) -> list[dict]:
     """The launches of one ``multi_lora_linear`` call (Triton backend) for token ids ``ids`` (slot per token, -1 =
     none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
     ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks);
-    ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it)."""
+    ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it); ``pdl``:
+    the gemm path launches its GEMM as a programmatic dependent of its shrink (``ML.pdl_ok``: sm_90, as the H100
+    this models), marked ``overlaps_previous``."""
     ids = ids.to(torch.int64).flatten()
     T = ids.numel()
     N = sum(int(n) for n in slices)
@@ -150,7 +153,7 @@ def launches(
             _launch(
                 "_batched_shrink_kernel",
                 (n_tiles, S, split),
-                dict(shrink_cfg, ATOMIC=True),
+                dict(shrink_cfg, ATOMIC=True, PDL=False),
                 shrink_read,
                 t_ad * S * R * 4,
                 shrink_flops,
@@ -178,7 +181,7 @@ def launches(
         _launch(
             "_batched_shrink_kernel",
             (n_tiles, S, split),
-            dict(shrink_cfg, ATOMIC=False),
+            dict(shrink_cfg, ATOMIC=False, PDL=pdl),
             shrink_read,
             split * t_ad * S * R * 4,
             shrink_flops,
@@ -206,6 +209,7 @@ def launches(
                 "BLOCK_K": bk,
                 "BLOCK_R": br,
                 "NUM_SPLITS": split,
+                "PDL": pdl,
                 "num_warps": warps,
                 "num_stages": gstages,
             },
@@ -216,6 +220,7 @@ def launches(
             l2,
         )
     )
+    out[-1]["overlaps_previous"] = pdl
     return out
 
 
@@ -273,13 +278,21 @@ def predict_us(
     triton_gemm_factor: float = 1.0,
 ) -> float:
     """Sum over launches of max(DRAM bytes / bandwidth, flops / peak), plus ``launch_us`` per launch beyond
-    ``base_kernels`` (the base layer's own). Serial launches, no overlap: a rough, static estimate.
+    ``base_kernels`` (the base layer's own). Serial launches, except that a launch marked ``overlaps_previous`` (a
+    programmatic dependent launch) runs alongside the one before it: the pair takes max(summed bytes / bandwidth,
+    summed flops / peak). A rough, static estimate.
     ``triton_gemm_factor`` scales the compute time of the Triton base GEMM (``_gemm_expand_kernel``) against
     cuBLAS's (1.25-1.45 is what a plain, non-TMA Triton GEMM measured on an H100: benchmarks/TARGETS.md)."""
     t = 0.0
+    prev = None  # (memory s, compute s) of the previous launch
     for ln in launch_list:
         f = triton_gemm_factor if ln["kernel"] == "_gemm_expand_kernel" else 1.0
-        t += max((ln["bytes_read"] + ln["bytes_written"]) / bandwidth, f * ln["flops"] / peak) * 1e6
+        mem, comp = (ln["bytes_read"] + ln["bytes_written"]) / bandwidth, f * ln["flops"] / peak
+        if ln.get("overlaps_previous") and prev is not None:
+            t -= max(prev) * 1e6
+            mem, comp = mem + prev[0], comp + prev[1]
+        t += max(mem, comp) * 1e6
+        prev = (mem, comp)
     return t + launch_us * max(0, len(launch_list) - base_kernels)
 
 
@@ -365,14 +378,15 @@ def _run_decode(M: int, K: int, N: int, R: int) -> None:
 
 def _recorded(sr, run, *modules) -> list:
     """The launches ``run()`` makes, recorded by static_report (``sr``) with the H100's SM count and shared memory."""
-    saved = U.sm_count, U.max_smem
+    saved = U.sm_count, U.max_smem, ML.pdl_ok
     U.sm_count, U.max_smem = (lambda index: H100_SMS), (lambda index: H100_SMEM)
+    ML.pdl_ok = lambda device: True  # an sm_90 device
     try:
         with sr.recording(*modules) as rec:
             run()
             return list(rec)
     finally:
-        U.sm_count, U.max_smem = saved
+        U.sm_count, U.max_smem, ML.pdl_ok = saved
 
 
 def _same_launch(rec, ln) -> bool:
@@ -398,6 +412,12 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
             facts = facts_of(rl)
         mem = (ln["bytes_read"] + ln["bytes_written"]) / COPY_BW * 1e6
         comp = ln["flops"] / PEAK_FLOPS * 1e6
+        # what this launch adds to the point's prediction (the launches add up to point_predicted_us; a launch that
+        # overlaps the one before adds only what the pair takes beyond that one)
+        added = predict_us(model[: i + 1]) - predict_us(model[:i])
+        bound = "memory" if mem >= comp else "compute"
+        if ln.get("overlaps_previous"):
+            bound += ", overlaps the previous launch (PDL)"
         out.append(
             {
                 "op": point["op"],
@@ -429,10 +449,8 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
                 "useful_flops": ln["useful_flops"],
                 "l2_atomic_bytes": 0,
                 "gemm": ln["kernel"].startswith(("cublas", "_gemm", "_decode")),
-                # this launch's roofline time, plus the fixed cost of a launch beyond the base layer's one: the
-                # point's launches add up to point_predicted_us
-                "predicted_us": max(mem, comp) + (LAUNCH_US if i > 0 else 0.0),
-                "bound": "memory" if mem >= comp else "compute",
+                "predicted_us": added,
+                "bound": bound,
                 "point_predicted_us": total,
                 "base_us": point["base_us"],
                 "floor_us": point["floor_us"],

@@ -638,3 +638,43 @@ def test_gpu_gemm_path_graph_replay_with_new_ids(T):
         assert_close_to_oracle(
             y, multi_lora_in_dtype(x, weight, b, pool, new, list(pool.slices)), _want(pool, weight, b, x, new)
         )
+
+
+def test_pdl_only_on_cuda_sm90_without_the_interpreter(monkeypatch):
+    """The gemm path launches its GEMM as a programmatic dependent of its shrink only where that can work: a CUDA
+    device of compute capability >= 9, no interpreter, PDL on."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    from lora_kernels import _backend
+    from lora_kernels.triton import multi_lora as ML
+
+    assert not ML.pdl_ok(torch.device("cpu"))
+    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(ML, "_capability", lambda index: 9)
+    assert ML.pdl_ok(torch.device("cuda", 0)) == ML._HAS_GDC
+    monkeypatch.setattr(ML, "_capability", lambda index: 8)
+    assert not ML.pdl_ok(torch.device("cuda", 0))
+    monkeypatch.setattr(ML, "_capability", lambda index: 9)
+    monkeypatch.setattr(ML, "PDL", False)
+    assert not ML.pdl_ok(torch.device("cuda", 0))
+    monkeypatch.setattr(ML, "PDL", True)
+    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: True)
+    assert not ML.pdl_ok(torch.device("cuda", 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [17, 100, 1000])
+def test_gpu_gemm_path_same_result_with_and_without_pdl(monkeypatch, T):
+    """The GEMM launched as a programmatic dependent of its shrink (sm_90+) waits for the shrink before its epilogue:
+    bitwise the result of the two kernels run one after the other, and within tolerance of the float64 reference."""
+    from lora_kernels.triton import multi_lora as ML
+
+    pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=T)
+    batch = LoRABatch.prepare(ids, device="cuda")
+    with_pdl = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
+    monkeypatch.setattr(ML, "PDL", False)
+    without = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
+    torch.testing.assert_close(with_pdl, without, rtol=0, atol=0)
+    assert_close_to_oracle(
+        with_pdl, multi_lora_in_dtype(x, weight, b, pool, ids, list(pool.slices)), _want(pool, weight, b, x, ids)
+    )

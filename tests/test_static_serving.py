@@ -56,6 +56,7 @@ def test_configs_match_the_launchers(monkeypatch):
     monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
     monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
     monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(ML, "pdl_ok", lambda device: True)  # as on an sm_90 GPU (the model's default)
     L, T, K, N, R = 16, 64, 4096, 4096, 16
     ids = torch.arange(T) % L
     model = ss.launches(ids, L, K, (N,), R, path="gemm")
@@ -80,6 +81,7 @@ def test_configs_match_the_launchers(monkeypatch):
         for k, v in ln["config"].items():
             if k not in ("ATOMIC", "NUM_SPLITS"):  # NUM_SPLITS is a runtime argument (= the shrink's SPLIT_K)
                 assert kw[k] == v, (name, k)
+    assert recorded[1][2]["launch_pdl"] is True and model[1]["overlaps_previous"]
 
 
 def test_decode_launch_model():
@@ -156,5 +158,7 @@ def test_serving_report_compiles_every_config_for_sm90_without_spills(tmp_path):
         assert r["arch"] == "sm_90" and r["regs"] > 0
         assert r["spill_bytes"] == 0, (r["kernel"], r["config"], r["spill_bytes"])
         assert r["smem_bytes"] <= 227 * 1024, (r["kernel"], r["config"], r["smem_bytes"])
-    # the base GEMM with the expand in its epilogue runs on wgmma at 64- and 128-row tiles
-    assert all(r["wgmma"] for r in triton_launches if r["kernel"] == "_gemm_expand_kernel")
+    # the base GEMM with the expand in its epilogue runs on wgmma at 64- and 128-row tiles, launched as a
+    # programmatic dependent of its shrink (sm_90)
+    gemm = [r for r in triton_launches if r["kernel"] == "_gemm_expand_kernel"]
+    assert gemm and all(r["wgmma"] and r["config"]["PDL"] for r in gemm)
