@@ -12,7 +12,10 @@ those re-reads (what the programs request), an upper bound of the L2 traffic. FL
         print(point["dist"], point["L"], point["T"], point["chosen"], len(point["paths"][point["chosen"]]))
 
 ``predict_us`` turns a launch list into a rough time (max of bytes/bandwidth and flops/peak per launch, plus a fixed
-cost per launch); the ceilings default to the H100 numbers BENCHMARKS.md records (2.96 TB/s copy, 732 TFLOP/s bf16).
+cost per launch; a programmatic dependent launch overlaps the one before it); the ceilings default to the H100
+numbers BENCHMARKS.md records (2.96 TB/s copy, 732 TFLOP/s bf16). :func:`report` is the serving section of
+``benchmarks/static_report.py``: these models joined with the launches the real launchers make (recorded on meta
+tensors) and the sm_90 machine code of every distinct kernel configuration.
 """
 
 from __future__ import annotations
