@@ -55,6 +55,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_kernels.triton import lora_linear as LL  # noqa: E402
 
+from benchmarks import static_serving  # noqa: E402
 from benchmarks.jit_signature import specialise  # noqa: E402
 
 
@@ -954,6 +955,8 @@ def main(argv=None):
         data = json.loads(Path(args.from_json).read_text())
         quick = {tuple(r["shape"].values()) for r in data["records"]} <= set(QUICK_TRAINING + QUICK_DECODE)
         sys.stdout.write(markdown(data["records"], data["other_compiles"], quick))
+        if "serving" in data:
+            sys.stdout.write("\n" + static_serving.markdown(data["serving"]))
         return 0
     archs = [int(a) for a in (args.archs or ("90" if args.quick else "90,80")).split(",")]
     if not archs or any(a not in GPUS for a in archs):
@@ -961,9 +964,15 @@ def main(argv=None):
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else (lambda m: None)
     records, extra = collect(args.quick, archs, args.all_configs, log)
     sys.stdout.write(markdown(records, extra, args.quick))
+    # the serving ops (single-adapter decode, the multi-adapter grid): benchmarks/static_serving.py
+    serving, serving_md = static_serving.report(sys.modules[__name__], archs[0], args.quick, log)
+    sys.stdout.write("\n" + serving_md)
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"card": dataclasses.asdict(CARD), "records": records, "other_compiles": extra}, indent=1)
+            json.dumps(
+                {"card": dataclasses.asdict(CARD), "records": records, "other_compiles": extra, "serving": serving},
+                indent=1,
+            )
         )
     return 0
 

@@ -12,19 +12,24 @@ those re-reads (what the programs request), an upper bound of the L2 traffic. FL
         print(point["dist"], point["L"], point["T"], point["chosen"], len(point["paths"][point["chosen"]]))
 
 ``predict_us`` turns a launch list into a rough time (max of bytes/bandwidth and flops/peak per launch, plus a fixed
-cost per launch); the ceilings default to the H100 numbers BENCHMARKS.md records (2.96 TB/s copy, 732 TFLOP/s bf16).
+cost per launch; a programmatic dependent launch overlaps the one before it); the ceilings default to the H100
+numbers BENCHMARKS.md records (2.96 TB/s copy, 732 TFLOP/s bf16). :func:`report` is the serving section of
+``benchmarks/static_report.py``: these models joined with the launches the real launchers make (recorded on meta
+tensors) and the sm_90 machine code of every distinct kernel configuration.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from lora_kernels.ops import multi_lora as ops
-from lora_kernels.ops._batch import max_tiles
+from lora_kernels.ops._batch import BatchMeta, max_tiles
 from lora_kernels.pool import auto_tile_m
 from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
@@ -73,11 +78,14 @@ def launches(
     capacity: int | None = None,
     sm_count: int = H100_SMS,
     smem: int = H100_SMEM,
+    pdl: bool = True,
 ) -> list[dict]:
     """The launches of one ``multi_lora_linear`` call (Triton backend) for token ids ``ids`` (slot per token, -1 =
     none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
     ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks);
-    ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it)."""
+    ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it); ``pdl``:
+    the gemm path launches its GEMM as a programmatic dependent of its shrink (``ML.pdl_ok``: sm_90, as the H100
+    this models), marked ``overlaps_previous``."""
     ids = ids.to(torch.int64).flatten()
     T = ids.numel()
     N = sum(int(n) for n in slices)
@@ -148,7 +156,7 @@ def launches(
             _launch(
                 "_batched_shrink_kernel",
                 (n_tiles, S, split),
-                dict(shrink_cfg, ATOMIC=True),
+                dict(shrink_cfg, ATOMIC=True, PDL=False),
                 shrink_read,
                 t_ad * S * R * 4,
                 shrink_flops,
@@ -176,7 +184,7 @@ def launches(
         _launch(
             "_batched_shrink_kernel",
             (n_tiles, S, split),
-            dict(shrink_cfg, ATOMIC=False),
+            dict(shrink_cfg, ATOMIC=False, PDL=pdl),
             shrink_read,
             split * t_ad * S * R * 4,
             shrink_flops,
@@ -204,6 +212,7 @@ def launches(
                 "BLOCK_K": bk,
                 "BLOCK_R": br,
                 "NUM_SPLITS": split,
+                "PDL": pdl,
                 "num_warps": warps,
                 "num_stages": gstages,
             },
@@ -214,6 +223,7 @@ def launches(
             l2,
         )
     )
+    out[-1]["overlaps_previous"] = pdl
     return out
 
 
@@ -271,13 +281,21 @@ def predict_us(
     triton_gemm_factor: float = 1.0,
 ) -> float:
     """Sum over launches of max(DRAM bytes / bandwidth, flops / peak), plus ``launch_us`` per launch beyond
-    ``base_kernels`` (the base layer's own). Serial launches, no overlap: a rough, static estimate.
+    ``base_kernels`` (the base layer's own). Serial launches, except that a launch marked ``overlaps_previous`` (a
+    programmatic dependent launch) runs alongside the one before it: the pair takes max(summed bytes / bandwidth,
+    summed flops / peak). A rough, static estimate.
     ``triton_gemm_factor`` scales the compute time of the Triton base GEMM (``_gemm_expand_kernel``) against
     cuBLAS's (1.25-1.45 is what a plain, non-TMA Triton GEMM measured on an H100: benchmarks/TARGETS.md)."""
     t = 0.0
+    prev = None  # (memory s, compute s) of the previous launch
     for ln in launch_list:
         f = triton_gemm_factor if ln["kernel"] == "_gemm_expand_kernel" else 1.0
-        t += max((ln["bytes_read"] + ln["bytes_written"]) / bandwidth, f * ln["flops"] / peak) * 1e6
+        mem, comp = (ln["bytes_read"] + ln["bytes_written"]) / bandwidth, f * ln["flops"] / peak
+        if ln.get("overlaps_previous") and prev is not None:
+            t -= max(prev) * 1e6
+            mem, comp = mem + prev[0], comp + prev[1]
+        t += max(mem, comp) * 1e6
+        prev = (mem, comp)
     return t + launch_us * max(0, len(launch_list) - base_kernels)
 
 
@@ -307,6 +325,315 @@ def grid_launches(
                     }
                 )
     return points
+
+
+# ------------------------------------------------------------------------------- the serving section of static_report
+# ``benchmarks/static_report.py`` prints this section after the training one (and writes its records under "serving"
+# in --json). The launches come from the real launchers run on meta tensors with the kernels swapped for the report's
+# recorders (so grids and tiles are exactly what a GPU would run); bytes, FLOPs and predicted µs from the model above;
+# each distinct kernel configuration is compiled for sm_90 once and its machine code read (static_report's
+# compile_and_read). Quick set: the decode shape M = 16 and one grid point per default path.
+QUICK_DECODE_POINTS = ((16, 4096),)
+QUICK_GRID_POINTS = (("uniform", 16, 16), ("uniform", 128, 1024), ("mix", 16, 4096))  # fused, gemm, split
+
+
+def base_us(T: int, K: int = K_DEFAULT, N: int = N_DEFAULT, elt: int = 2) -> float:
+    """The cuBLAS base ``F.linear`` (no LoRA) by the same roofline as :func:`predict_us`: W0, x and y once."""
+    return max((N * K + T * K + T * N) * elt / COPY_BW, 2 * T * K * N / PEAK_FLOPS) * 1e6
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, cap: int) -> None:
+    """What ``multi_lora_linear`` runs on the Triton backend for ``path``, on meta bf16 tensors (its body after the
+    checks: F.linear and the launchers of lora_kernels.triton.multi_lora with the step's tile)."""
+    N, S = sum(slices), len(slices)
+    x, w = _meta(T, K), _meta(N, K)
+    A, B = _meta(L, S * R, K), _meta(L, N, R)
+    ranks, scales = _meta(L, dtype=torch.int32), _meta(L, S, dtype=torch.float32)
+    meta = BatchMeta(*(_meta(n, dtype=torch.int32) for n in (cap, cap, cap, cap + 1)))
+    tile_m = ops.step_tile_m(auto_tile_m(cap), T)
+    if path == "gemm":
+        ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m)
+        return
+    y = F.linear(x, w)
+    if path == "fused":
+        ML.fused(x, A, B, ranks, scales, meta, y, list(slices), tile_m)
+    else:
+        xa = _meta(T, S * R, dtype=torch.float32)
+        ML.shrink(x, A, ranks, meta, xa, S, tile_m)
+        ML.expand(xa, B, ranks, scales, meta, y, list(slices), tile_m)
+
+
+def _run_decode(M: int, K: int, N: int, R: int) -> None:
+    from lora_kernels import _backend
+    from lora_kernels.triton import lora_decode as D
+
+    saved = _backend.triton_device_reason
+    _backend.triton_device_reason = lambda *t: None  # meta tensors: nothing runs, the launch is recorded
+    try:
+        D.lora_decode_linear(_meta(M, K), _meta(N, K), None, _meta(R, K), _meta(N, R), 2.0)
+    finally:
+        _backend.triton_device_reason = saved
+
+
+def _recorded(sr, run, *modules) -> list:
+    """The launches ``run()`` makes, recorded by static_report (``sr``) with the H100's SM count and shared memory."""
+    saved = U.sm_count, U.max_smem, ML.pdl_ok
+    U.sm_count, U.max_smem = (lambda index: H100_SMS), (lambda index: H100_SMEM)
+    ML.pdl_ok = lambda device: True  # an sm_90 device
+    try:
+        with sr.recording(*modules) as rec:
+            run()
+            return list(rec)
+    finally:
+        U.sm_count, U.max_smem, ML.pdl_ok = saved
+
+
+def _same_launch(rec, ln) -> bool:
+    """A recorded launch is the model's: the same Triton kernel with the same grid (a torch op: any)."""
+    if rec.kind != "triton":
+        return not ln["kernel"].startswith("_")
+    grid = tuple(ln["grid"]) + (1,) * (3 - len(ln["grid"]))
+    return rec.kernel == ln["kernel"] and tuple(rec.grid) == grid
+
+
+def _records(arch, facts_of, recorded, model, point) -> list[dict]:
+    """One record per launch of a point, with static_report's field names (plus the point's T, L, dist, ratios)."""
+    if len(recorded) != len(model) or not all(_same_launch(r, m) for r, m in zip(recorded, model)):
+        raise RuntimeError(
+            f"the launch model disagrees with the launchers at {point}: model {[m['kernel'] for m in model]}, "
+            f"recorded {[(r.kernel, r.grid) for r in recorded]}"
+        )
+    total = predict_us(model)
+    out = []
+    for i, (rl, ln) in enumerate(zip(recorded, model)):
+        facts = None
+        if rl.kind == "triton":
+            facts = facts_of(rl)
+        mem = (ln["bytes_read"] + ln["bytes_written"]) / COPY_BW * 1e6
+        comp = ln["flops"] / PEAK_FLOPS * 1e6
+        # what this launch adds to the point's prediction (the launches add up to point_predicted_us; a launch that
+        # overlaps the one before adds only what the pair takes beyond that one)
+        added = predict_us(model[: i + 1]) - predict_us(model[:i])
+        bound = "memory" if mem >= comp else "compute"
+        if ln.get("overlaps_previous"):
+            bound += ", overlaps the previous launch (PDL)"
+        out.append(
+            {
+                "op": point["op"],
+                "mode": point["path"],
+                "shape_kind": point["kind"],
+                "shape": {"M": point["T"], "K": point["K"], "N": point["N"], "r": point["r"]},
+                "T": point["T"],
+                "L": point["L"],
+                "dist": point["dist"],
+                "active": point["active"],
+                "launch": i,
+                "kernel": ln["kernel"] if rl.kind == "torch" else rl.kernel,
+                "kind": rl.kind,
+                "grid": list(rl.grid) if rl.kind == "triton" else [],
+                "config": ln["config"],
+                "num_warps": rl.num_warps or None,
+                "num_stages": rl.num_stages or None,
+                "arch": f"sm_{arch}" if facts else None,
+                "regs": facts["regs"] if facts else None,
+                "spill_bytes": facts["spill_bytes"] if facts else None,
+                "smem_bytes": facts["smem_bytes"] if facts else None,
+                "wgmma": facts["wgmma"] if facts else None,
+                "tma": facts["tma"] if facts else None,
+                "membar_in_loops": facts["membar_in_loops"] if facts else None,
+                "hbm_read_bytes": ln["bytes_read"],
+                "hbm_write_bytes": ln["bytes_written"],
+                "l2_read_bytes": ln["l2_read"],
+                "flops": ln["flops"],
+                "useful_flops": ln["useful_flops"],
+                "l2_atomic_bytes": 0,
+                "gemm": ln["kernel"].startswith(("cublas", "_gemm", "_decode")),
+                "predicted_us": added,
+                "bound": bound,
+                "point_predicted_us": total,
+                "base_us": point["base_us"],
+                "floor_us": point["floor_us"],
+                "ratio_to_base": total / point["base_us"],
+                "ratio_to_floor": total / point["floor_us"],
+                "other_paths_to_floor": point.get("others", {}),
+            }
+        )
+    return out
+
+
+def report(
+    sr,
+    arch: int = 90,
+    quick: bool = False,
+    log=lambda m: None,
+    decode_points: Sequence[tuple[int, int]] | None = None,
+    grid_points: Sequence[tuple[str, int, int]] | None = None,
+) -> tuple[list[dict], str]:
+    """The serving section of the static report: (records, markdown). ``sr`` is the static_report module (its
+    recorders and ``compile_and_read``); every Triton launch is compiled for sm_<arch>, once per distinct
+    configuration. ``decode_points`` ((M, K = N) pairs) and ``grid_points`` ((dist, L, T) triples) default to all of
+    BENCHMARKS.md's (``quick``: one decode shape and one grid point per default path). Needs TRITON_INTERPRET off
+    (static_report sets it before importing triton)."""
+    from lora_kernels import _backend
+    from lora_kernels.triton import lora_decode as D
+
+    if _backend.interpreter_enabled():
+        raise RuntimeError("the serving report compiles the kernels: run it with TRITON_INTERPRET unset or 0")
+    cache: dict = {}
+
+    def facts_of(launch):
+        sig, consts, attrs = sr._signature(launch)
+        key = repr(
+            (
+                launch.kernel,
+                sorted(sig.items()),
+                sorted(consts.items()),
+                sorted(attrs),
+                launch.num_warps,
+                launch.num_stages,
+            )
+        )
+        if key not in cache:
+            log(f"compile sm_{arch} {launch.kernel} {launch.config} w{launch.num_warps}/s{launch.num_stages}")
+            cache[key] = sr.compile_and_read(launch, arch)
+        return cache[key]
+
+    records = []
+    if decode_points is None:
+        decode_points = QUICK_DECODE_POINTS if quick else DECODE_POINTS
+    if grid_points is None and quick:
+        grid_points = QUICK_GRID_POINTS
+    wanted = None if grid_points is None else set(grid_points)
+    for M, K in decode_points:
+        model = decode_launches(M, K, K)
+        rec = _recorded(sr, lambda: _run_decode(M, K, K, RANK), D)
+        point = {
+            "op": "lora_decode_linear",
+            "path": "fwd",
+            "kind": "serving decode",
+            "T": M,
+            "L": 1,
+            "dist": None,
+            "active": 1,
+            "K": K,
+            "N": K,
+            "r": RANK,
+            "base_us": base_us(M, K, K),
+            "floor_us": floor_us(M, 1, K, K),
+        }
+        records += _records(arch, facts_of, rec, model, point)
+    for dist in DISTS:
+        for L in ADAPTERS:
+            for T in TOKENS:
+                if wanted is not None and (dist, L, T) not in wanted:
+                    continue
+                ids = _ids(dist, L, T, 0)
+                active = len(set(int(i) for i in ids.tolist()))
+                path = ops.choose_path(None, None, T, "triton")
+                fl = floor_us(T, active)
+                others = {p: predict_us(launches(ids, L, path=p)) / fl for p in ops.PATHS}
+                model = launches(ids, L, path=path)
+                rec = _recorded(sr, lambda: _run_path(path, T, L, K_DEFAULT, (N_DEFAULT,), RANK, T), ML)
+                point = {
+                    "op": "multi_lora_linear",
+                    "path": path,
+                    "kind": "serving",
+                    "T": T,
+                    "L": L,
+                    "dist": dist,
+                    "active": active,
+                    "K": K_DEFAULT,
+                    "N": N_DEFAULT,
+                    "r": RANK,
+                    "base_us": base_us(T),
+                    "floor_us": fl,
+                    "others": others,
+                }
+                records += _records(arch, facts_of, rec, model, point)
+    return records, markdown(records)
+
+
+def markdown(records: Sequence[dict]) -> str:
+    """The serving section's tables from its records (also for ``static_report.py --from-json``)."""
+    lines = []
+    w = lines.append
+    points = {}
+    for r in records:
+        points.setdefault((r["op"], r["dist"], r["L"], r["T"], r["shape"]["K"]), []).append(r)
+    w("## Serving ops (static launch model)\n")
+    w(
+        f"Model: per launch max(HBM bytes / {COPY_BW / 1e12:.2f} TB/s, FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s), plus "
+        f"{LAUNCH_US} µs per launch beyond the base layer's one (benchmarks/static_serving.py); base = cuBLAS F.linear "
+        "by the same roofline; floor = W0, the adapters present, x and y once (or the FLOPs). K = N = 4096 (decode "
+        "also 8192), r = 16, bf16, H100. Unmeasured.\n"
+    )
+    w("### Single-adapter decode (`lora_decode_linear`, goal ≤ 1.10 × base)\n")
+    w("| M | K = N | launches | HBM MB | predicted µs | base µs | / base | / floor |")
+    w("|" + "---|" * 8)
+    for (op, *_), rs in points.items():
+        if op != "lora_decode_linear":
+            continue
+        r = rs[0]
+        mb = sum(x["hbm_read_bytes"] + x["hbm_write_bytes"] for x in rs) / 1e6
+        w(
+            f"| {r['T']} | {r['shape']['K']} | {len(rs)} | {mb:.1f} | {r['point_predicted_us']:.2f} | "
+            f"{r['base_us']:.2f} | {r['ratio_to_base']:.3f} | {r['ratio_to_floor']:.3f} |"
+        )
+    w("\n### Multi-adapter grid (`multi_lora_linear`, default path; goal ≤ 1.2 × floor)\n")
+    w(
+        "| dist | L | T | active | path | launches | HBM MB | predicted µs | base µs | floor µs | / base | / floor | "
+        "fused / split / gemm ÷ floor |"
+    )
+    w("|" + "---|" * 13)
+    for (op, dist, L, T, _), rs in points.items():
+        if op != "multi_lora_linear":
+            continue
+        r = rs[0]
+        mb = sum(x["hbm_read_bytes"] + x["hbm_write_bytes"] for x in rs) / 1e6
+        o = r["other_paths_to_floor"]
+        w(
+            f"| {dist} | {L} | {T} | {r['active']} | {r['mode']} | {len(rs)} | {mb:.1f} | "
+            f"{r['point_predicted_us']:.2f} | {r['base_us']:.2f} | {r['floor_us']:.2f} | {r['ratio_to_base']:.2f} | "
+            f"{r['ratio_to_floor']:.2f} | " + " / ".join(f"{o[p]:.2f}" for p in ("fused", "split", "gemm")) + " |"
+        )
+    w("\n### Serving launches\n")
+    w(
+        "| op | point | # | kernel | grid | tile | warps/stages | HBM read MB | HBM write MB | GFLOP | predicted µs "
+        "| bound |"
+    )
+    w("|" + "---|" * 12)
+    for (op, dist, L, T, _), rs in points.items():
+        where = f"M={T}, K=N={rs[0]['shape']['K']}" if dist is None else f"{dist}, L={L}, T={T}"
+        for x in rs:
+            trit = x["kind"] == "triton"
+            tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items() if k.isupper())
+            ws = f"{x['num_warps']}/{x['num_stages']}" if trit else ""
+            w(
+                f"| {op} | {where} | {x['launch']} | {x['kernel']} | {tuple(x['grid']) if trit else ''} | {tile} | "
+                f"{ws} | {x['hbm_read_bytes'] / 1e6:.2f} | "
+                f"{x['hbm_write_bytes'] / 1e6:.2f} | {x['flops'] / 1e9:.2f} | {x['predicted_us']:.2f} | {x['bound']} |"
+            )
+    w("\n### Compiled serving kernels (each distinct configuration)\n")
+    w("| kernel | tile | warps/stages | arch | regs | spill B | smem KiB | wgmma | TMA | points |")
+    w("|" + "---|" * 10)
+    kernels = {}
+    for x in records:
+        if x["kind"] != "triton":
+            continue
+        key = (x["kernel"], json.dumps(x["config"], sort_keys=True), x["num_warps"], x["num_stages"], x["regs"])
+        kernels.setdefault(key, (x, set()))[1].add((x["op"], x["dist"], x["L"], x["T"], x["shape"]["K"]))
+    for (name, _, warps, stages, _), (x, used) in kernels.items():
+        tile = ",".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in x["config"].items() if k.isupper())
+        w(
+            f"| {name} | {tile} | {warps}/{stages} | {x['arch']} | {x['regs']} | {x['spill_bytes']} | "
+            f"{x['smem_bytes'] / 1024:.0f} | {'yes' if x['wgmma'] else 'no'} | {'yes' if x['tma'] else 'no'} | "
+            f"{len(used)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

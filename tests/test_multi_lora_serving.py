@@ -88,6 +88,76 @@ def test_fp16_shrink_beyond_fp16_range_gives_finite_output(backend, path):
     assert torch.isfinite(y).all()
 
 
+def _cuda_ext_reason():
+    if not HAS_CUDA:
+        return "needs CUDA"
+    from lora_kernels import extension
+
+    return extension.cuda_ops_unavailable_reason()
+
+
+_EXT_WHY = "needs CUDA and the built CUDA extension" if not HAS_CUDA else _cuda_ext_reason()
+needs_ext = pytest.mark.skipif(_EXT_WHY is not None, reason=f"the CUDA extension backend: {_EXT_WHY}")
+
+
+@pytest.mark.parametrize(
+    "backend,path",
+    [
+        ("torch", "fused"),
+        ("torch", "split"),
+        ("torch", "gemm"),
+        pytest.param("triton", "fused", marks=needs_triton),
+        pytest.param("triton", "split", marks=needs_triton),
+        pytest.param("triton", "gemm", marks=needs_triton),
+        pytest.param("cuda", "fused", marks=needs_ext),
+        pytest.param("cuda", "split", marks=needs_ext),
+    ],
+)
+def test_shrink_result_is_never_rounded_to_fp16_on_any_path(backend, path):
+    """fp16 data with x·Aᵀ = ±70000 per element (past fp16's 65504) and s·xa·Bᵀ ≈ 512: every backend and path keeps
+    the shrink result in fp32 up to the expand and gives the reference's finite output (an fp16 xa is ±inf there, and
+    the output inf or NaN). K = 35 (odd), N = 33, slot 1 of a pool of 3 at rank 2 of 16, -1 rows between."""
+    K, N, R = 35, 33, 16
+    pool = AdapterPool(3, R, K, N, dtype=torch.float16, device=DEVICE)
+    a = torch.stack([torch.full((K,), 100.0), torch.full((K,), -100.0)])  # x = 20: xa = ±20·100·35 = ±70000
+    b = torch.stack([torch.full((N,), 0.0078125), torch.full((N,), 0.0005)], dim=1)
+    b[::4, 0] = 0.0079  # columns of a different value: y ≈ 70000·(0.0078 - 0.0005) ≈ 512
+    gen = torch.Generator().manual_seed(0)
+    pool.load("other", torch.randn(3, K, generator=gen), torch.randn(N, 3, generator=gen), alpha=3)
+    pool.load("big", a, b, alpha=2)  # scale alpha / r = 1
+    weight = torch.zeros(N, K, dtype=torch.float16, device=DEVICE)
+    weight[:, 1] = 0.125
+    x = torch.full((7, K), 20.0, dtype=torch.float16, device=DEVICE)
+    ids = [1, -1, 1, 1, -1, 1, 1]
+    want = overflow_want_for(pool, weight, x, ids, 70000.0, 512.0)
+    got = lk.multi_lora_linear(x, weight, None, pool, LoRABatch.prepare(ids, device=DEVICE), backend=backend, path=path)
+    assert torch.isfinite(got).all(), got
+    torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
+
+
+def overflow_want_for(pool, weight, x, ids, s_abs, y_mag):
+    """The float64 reference of an overflow case, after checking that the case is what it claims: |x·Aᵀ| = s_abs
+    (past fp16's range) and the adapter rows' outputs of magnitude about y_mag."""
+    want = ref.multi_lora_linear(
+        x.cpu(),
+        weight.cpu(),
+        None,
+        pool.A_stack.cpu(),
+        pool.B_stack.cpu(),
+        pool.ranks.cpu(),
+        pool.scales.cpu(),
+        torch.tensor(ids),
+        list(pool.slices),
+        **F64,
+    )
+    slot = next(i for i in ids if i >= 0)
+    s = x[0].double().cpu() @ pool.A_stack[slot, :2].double().cpu().t()
+    assert s.abs().min() == s_abs > 65504
+    rows = want[[i for i, v in enumerate(ids) if v == slot]]
+    assert rows.abs().max() < 2 * y_mag and rows.abs().min() > y_mag / 2
+    return want
+
+
 # ------------------------------------------------------------------------------------------- decode-sized tiles
 def test_step_tile_m_follows_the_tokens():
     assert [ops.step_tile_m(64, M) for M in (0, 1, 16, 17, 32, 33, 64, 65, 4096)] == [
@@ -120,15 +190,17 @@ class _BlockSpy:
 
 
 @needs_triton
-@pytest.mark.parametrize("M,path", [(3, "fused"), (20, "split"), (40, "split"), (40, "fused")])
+@pytest.mark.parametrize(
+    "M,path", [(3, "fused"), (20, "split"), (40, "split"), (40, "fused"), (1, "gemm"), (3, "gemm"), (20, "gemm")]
+)
 def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     """A batch built for 4096 tokens (tile_m 64; 128 forced for M = 40) used for a step of M tokens: the kernels run
-    tiles of next_pow2(M) >= 16 rows and the result matches the reference (mixed ranks, slices, an unloaded slot,
-    -1 rows, several tiles of one slot)."""
+    tiles of next_pow2(M) >= 16 rows (on the gemm path the base GEMM's row tile too, chosen from M) and the result
+    matches the reference (mixed ranks, slices, an unloaded slot, -1 rows, several tiles of one slot)."""
     from lora_kernels.triton import multi_lora as ML
 
     seen = []
-    for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel"):
+    for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
         monkeypatch.setattr(ML, name, _BlockSpy(getattr(ML, name), seen))
     gen = torch.Generator().manual_seed(M)
     K, slices = 40, [24, 8, 8]
@@ -145,7 +217,7 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     ids = torch.tensor([0, 1, -1, 2, 0])[torch.randint(5, (M,), generator=gen)].tolist()
     x = torch.randn(M, K, generator=gen).to(DEVICE)
     batch = LoRABatch.prepare(ids, max_tokens=4096, device=DEVICE, tile_m=128 if M == 40 else None)
-    got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", fused=path == "fused", check=False)
+    got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", path=path, check=False)
     want = ref.multi_lora_linear(
         x.cpu(),
         weight.cpu(),
@@ -160,6 +232,108 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     )
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float32))
     assert seen and set(seen) == {ops.step_tile_m(batch.tile_m, M)} and seen[0] < batch.tile_m, seen
+
+
+# ------------------------------------------------------------------------ docs: one CUDA graph per token bucket
+def _docs_snippet(tag: str) -> str:
+    """The python block right after ``<!-- test: TAG -->`` in docs/multi_lora.md."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "multi_lora.md").read_text()
+    m = re.search(rf"<!-- test: {re.escape(tag)} -->\n```python\n(.*?)\n```", text, re.S)
+    assert m, f"docs/multi_lora.md has no python block tagged {tag}"
+    return m.group(1)
+
+
+def _bucket_problem(device, dtype):
+    gen = torch.Generator().manual_seed(11)
+    K, slices = 40, [24, 8, 8]
+    pool = AdapterPool(6, 16, K, slices, dtype=dtype, device=device)
+    for name, r in (("a", 16), ("b", 3), ("c", 8), ("d", 5)):
+        pool.load(
+            name,
+            [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+            [torch.randn(n, r, generator=gen) for n in slices],
+            alpha=2.0 * r,
+        )
+    pool.unload("c")  # slot 2: unloaded
+    weight = (torch.randn(sum(slices), K, generator=gen) / math.sqrt(K)).to(device, dtype)
+    bias = torch.randn(sum(slices), generator=gen).to(device, dtype)
+    ns = {"torch": torch, "lk": lk, "pool": pool, "weight": weight, "bias": bias, "K": K, "slot": 1}
+    return ns, gen
+
+
+def _bucket_steps(ns, gen, sizes, device, dtype):
+    """Steps of ``sizes`` tokens through the snippet's run_step, each against the float64 reference."""
+    for n in sizes:
+        ids = torch.tensor([0, 1, -1, 3, 2, 0])[torch.randint(6, (n,), generator=gen)].tolist()
+        ids = [i if i != 2 else -1 for i in ids]  # slot 2 is unloaded: the eager check would refuse it
+        x = torch.randn(n, ns["K"], generator=gen).to(device, dtype)
+        got = ns["run_step"](x, ids).clone()
+        want = _want(ns["pool"], ns["weight"], ns["bias"], x, ids)
+        if dtype == torch.bfloat16:
+            lowp = multi_lora_in_dtype(x, ns["weight"], ns["bias"], ns["pool"], ids, list(ns["pool"].slices))
+            assert_close_to_oracle(got, lowp, want)
+        else:
+            torch.testing.assert_close(got.cpu().double(), want, **close(dtype))
+
+
+class _FakeGraph:
+    """CPU stand-in of torch.cuda.CUDAGraph: the test sets ``replay`` to rerun the captured step eagerly."""
+
+    def replay(self):
+        raise AssertionError("replay not set by the test")
+
+
+@needs_triton
+def test_docs_bucketed_graph_example_logic_on_cpu(monkeypatch):
+    """The docs' bucketed-capture example with the CUDA-graph calls stood in for (a replay reruns its bucket's step
+    on the static buffers, eagerly): padding to the bucket, the in-place refill of one shared batch and the views of
+    the static input give the reference's rows for steps of odd sizes, with the Triton backend in the interpreter."""
+    if HAS_CUDA:
+        pytest.skip("on a GPU the example runs with real CUDA graphs (test_docs_bucketed_graph_example_on_gpu)")
+    import contextlib
+
+    src = _docs_snippet("graph-buckets")
+    head = 'device, dtype = "cuda", torch.bfloat16\nBUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)\n'
+    assert src.startswith(head)
+    src = 'device, dtype = "cpu", torch.float32\nBUCKETS = (1, 4, 16, 48)\n' + src[len(head) :]
+    call = "lk.multi_lora_linear(x, weight, bias, pool, batch)"
+    assert call in src
+    src = src.replace(call, call[:-1] + ', backend="triton")')  # "auto" is the torch backend on the CPU
+    ns, gen = _bucket_problem("cpu", torch.float32)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: types_simple(wait_stream=lambda s: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types_simple(wait_stream=lambda s: None))
+    exec(compile(src, "docs/multi_lora.md", "exec"), ns)
+    monkeypatch.undo()
+    assert sorted(ns["graphs"]) == [1, 4, 16, 48]
+    for T, (graph, y_static) in ns["graphs"].items():
+
+        def replay(T=T, y_static=y_static):
+            assert ns["batch"].num_tokens == T  # the step refilled the batch for this bucket
+            y_static.copy_(ns["step"](ns["x_static"][:T], ns["batch"]))
+
+        graph.replay = replay
+    _bucket_steps(ns, gen, (1, 3, 4, 7, 16, 33, 48), "cpu", torch.float32)
+
+
+def types_simple(**kw):
+    import types
+
+    return types.SimpleNamespace(**kw)
+
+
+@pytest.mark.gpu
+def test_docs_bucketed_graph_example_on_gpu():
+    """The docs' bucketed-capture example as written (bf16, CUDA graphs per bucket up to 512 tokens: fused and gemm
+    paths), replayed for steps of odd sizes with new ids, against the float64 reference."""
+    ns, gen = _bucket_problem("cuda", torch.bfloat16)
+    exec(compile(_docs_snippet("graph-buckets"), "docs/multi_lora.md", "exec"), ns)
+    _bucket_steps(ns, gen, (1, 3, 16, 17, 100, 257, 512, 5), "cuda", torch.bfloat16)
 
 
 # -------------------------------------------------------------------------------- the expand inside the base GEMM
@@ -464,3 +638,43 @@ def test_gpu_gemm_path_graph_replay_with_new_ids(T):
         assert_close_to_oracle(
             y, multi_lora_in_dtype(x, weight, b, pool, new, list(pool.slices)), _want(pool, weight, b, x, new)
         )
+
+
+def test_pdl_only_on_cuda_sm90_without_the_interpreter(monkeypatch):
+    """The gemm path launches its GEMM as a programmatic dependent of its shrink only where that can work: a CUDA
+    device of compute capability >= 9, no interpreter, PDL on."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
+    from lora_kernels import _backend
+    from lora_kernels.triton import multi_lora as ML
+
+    assert not ML.pdl_ok(torch.device("cpu"))
+    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(ML, "_capability", lambda index: 9)
+    assert ML.pdl_ok(torch.device("cuda", 0)) == ML._HAS_GDC
+    monkeypatch.setattr(ML, "_capability", lambda index: 8)
+    assert not ML.pdl_ok(torch.device("cuda", 0))
+    monkeypatch.setattr(ML, "_capability", lambda index: 9)
+    monkeypatch.setattr(ML, "PDL", False)
+    assert not ML.pdl_ok(torch.device("cuda", 0))
+    monkeypatch.setattr(ML, "PDL", True)
+    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: True)
+    assert not ML.pdl_ok(torch.device("cuda", 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [17, 100, 1000])
+def test_gpu_gemm_path_same_result_with_and_without_pdl(monkeypatch, T):
+    """The GEMM launched as a programmatic dependent of its shrink (sm_90+) waits for the shrink before its epilogue:
+    bitwise the result of the two kernels run one after the other, and within tolerance of the float64 reference."""
+    from lora_kernels.triton import multi_lora as ML
+
+    pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=T)
+    batch = LoRABatch.prepare(ids, device="cuda")
+    with_pdl = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
+    monkeypatch.setattr(ML, "PDL", False)
+    without = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
+    torch.testing.assert_close(with_pdl, without, rtol=0, atol=0)
+    assert_close_to_oracle(
+        with_pdl, multi_lora_in_dtype(x, weight, b, pool, ids, list(pool.slices)), _want(pool, weight, b, x, ids)
+    )

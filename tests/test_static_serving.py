@@ -56,6 +56,7 @@ def test_configs_match_the_launchers(monkeypatch):
     monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
     monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
     monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(ML, "pdl_ok", lambda device: True)  # as on an sm_90 GPU (the model's default)
     L, T, K, N, R = 16, 64, 4096, 4096, 16
     ids = torch.arange(T) % L
     model = ss.launches(ids, L, K, (N,), R, path="gemm")
@@ -80,6 +81,7 @@ def test_configs_match_the_launchers(monkeypatch):
         for k, v in ln["config"].items():
             if k not in ("ATOMIC", "NUM_SPLITS"):  # NUM_SPLITS is a runtime argument (= the shrink's SPLIT_K)
                 assert kw[k] == v, (name, k)
+    assert recorded[1][2]["launch_pdl"] is True and model[1]["overlaps_previous"]
 
 
 def test_decode_launch_model():
@@ -91,3 +93,72 @@ def test_decode_launch_model():
         # W0 crosses DRAM once: the LoRA adds only x, A, B (and nothing is written but y)
         assert ln["bytes_read"] == (K * K + M * K + 16 * K + K * 16) * 2 and ln["bytes_written"] == M * K * 2
         assert ln["flops"] >= ln["useful_flops"]
+
+
+# The serving section of benchmarks/static_report.py at a few representative points (decode M = 16 and 256; the
+# fused path; the gemm path at 64- and 128-row tiles with split-K partials; the split path with atomics), run in a
+# child process (the kernels must be compiled, not interpreted): every recorded launch is the model's (same kernel,
+# same grid: the report raises otherwise), every Triton launch compiles for sm_90 with no spills and fits an H100's
+# shared memory, and the records carry the training report's fields plus T, L and dist. About 30 s on 2 CPU cores.
+_SERVING_REPORT = r"""
+import json, sys
+import benchmarks.static_report as sr
+from benchmarks import static_serving as ss
+
+records, md = ss.report(
+    sr, 90, decode_points=((16, 4096), (256, 4096)),
+    grid_points=(("uniform", 16, 16), ("uniform", 128, 256), ("uniform", 128, 1024), ("mix", 16, 4096)),
+)
+json.dump(records, open(sys.argv[1], "w"))
+print(md)
+print("OK")
+"""
+
+
+def test_serving_report_compiles_every_config_for_sm90_without_spills(tmp_path):
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import triton
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    bundled = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not bundled.exists() and __import__("shutil").which("ptxas") is None:
+        pytest.skip("needs triton with its bundled ptxas to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    env["LORA_KERNELS_REPORT_CACHE"] = str(tmp_path / "cache")  # compile for real, not from an earlier run
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    out = tmp_path / "serving.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _SERVING_REPORT, str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "## Serving ops" in proc.stdout and "### Compiled serving kernels" in proc.stdout
+    records = json.loads(out.read_text())
+    fields = {"op", "mode", "shape", "kernel", "regs", "spill_bytes", "smem_bytes", "wgmma", "tma", "hbm_read_bytes"}
+    fields |= {"hbm_write_bytes", "flops", "predicted_us", "T", "L", "dist", "ratio_to_base", "ratio_to_floor"}
+    triton_launches = [r for r in records if r["kind"] == "triton"]
+    kernels = {r["kernel"] for r in triton_launches}
+    assert kernels == {
+        "_decode_kernel",
+        "_fused_kernel",
+        "_batched_shrink_kernel",
+        "_gemm_expand_kernel",
+        "_expand_kernel",
+    }
+    assert {r["mode"] for r in records if r["op"] == "multi_lora_linear"} == {"fused", "gemm", "split"}
+    for r in records:
+        assert fields <= set(r), sorted(fields - set(r))
+        assert r["predicted_us"] > 0 and r["ratio_to_floor"] >= 1.0
+    for r in triton_launches:
+        assert r["arch"] == "sm_90" and r["regs"] > 0
+        assert r["spill_bytes"] == 0, (r["kernel"], r["config"], r["spill_bytes"])
+        assert r["smem_bytes"] <= 227 * 1024, (r["kernel"], r["config"], r["smem_bytes"])
+    # the base GEMM with the expand in its epilogue runs on wgmma at 64- and 128-row tiles, launched as a
+    # programmatic dependent of its shrink (sm_90)
+    gemm = [r for r in triton_launches if r["kernel"] == "_gemm_expand_kernel"]
+    assert gemm and all(r["wgmma"] and r["config"]["PDL"] for r in gemm)

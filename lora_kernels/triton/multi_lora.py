@@ -8,6 +8,7 @@ only; bad ids read and write nothing; xa stays fp32. Work list, tiles, precision
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,52 @@ from ._compat import patch_interpreter
 
 # triton 3.6's interpreter + numpy >= 2.4 cannot run loops with runtime bounds (see _compat.py); no-op otherwise.
 patch_interpreter()
+
+# Programmatic dependent launch (sm_90+; the griddepcontrol wrappers of triton >= 3.4): the gemm path's base GEMM is
+# launched while its shrink still runs and waits for the shrink's results only before its LoRA epilogue, so the
+# memory-bound shrink overlaps the GEMM's K loop instead of running before it. Why, by the static launch model
+# (benchmarks/static_serving.py, H100, K = N = 4096, r = 16): its worst grid point, 128 adapters uniform over 1024
+# tokens, was 1.28x the floor because the shrink (x read again plus 128 adapters' A: 25 MB, 8.5 us) ran before a
+# GEMM that is compute-bound (50 us of tensor work against 23 us of memory); overlapped, the pair is bound by the
+# GEMM: 1.11x. What remains there: the shrink's launch (2 us) and the epilogue's masked dots (a 128-row tile holds
+# ~17 adapters, one [128, 16] x [16, 128] dot each for ~8 real rows: 2.2 GFLOP, 3 us). Unmeasured. No-op where PDL
+# is unsupported (the kernels then run one after the other).
+_HAS_GDC = hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+PDL = True  # False: launch the gemm path's two kernels one after the other (the plain stream order)
+
+if _HAS_GDC:
+
+    @triton.jit
+    def _pdl_wait():
+        tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _pdl_launch_dependents():
+        tl.extra.cuda.gdc_launch_dependents()
+
+else:  # pragma: no cover - older triton: never called (PDL is off there)
+
+    @triton.jit
+    def _pdl_wait():
+        pass
+
+    @triton.jit
+    def _pdl_launch_dependents():
+        pass
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Whether the gemm path launches its GEMM as a programmatic dependent of its shrink on ``device``: a CUDA
+    device of compute capability >= 9, a triton with the griddepcontrol wrappers, ``PDL`` on."""
+    if not (PDL and _HAS_GDC and device.type == "cuda") or _backend.interpreter_enabled():
+        return False
+    return _capability(_utils.device_index(device)) >= 9
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
 
 # ----------------------------------------------------------------------------------------------------------- configs
 # Shrink reads the K-long rows of x and A: with small tiles (<= 32 rows) BLOCK_K = 256 halves the loop trips of a
@@ -158,7 +205,10 @@ def _batched_shrink_kernel(
     SPLIT_K: tl.constexpr,
     CAST_FP32: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PDL: tl.constexpr = False,  # a dependent GEMM may launch now (it waits for this grid before reading out)
 ):
+    if PDL:
+        _pdl_launch_dependents()
     pid_t = tl.program_id(0)
     slice_idx = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -460,6 +510,7 @@ def _gemm_expand_kernel(
     HAS_BIAS: tl.constexpr,
     CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _utils.cast_to_fp32)
     LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool or data) instead of tf32
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent of the shrink: wait for it before reading xa
 ):
     """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · xa_rows·B_aᵀ.
 
@@ -491,7 +542,11 @@ def _gemm_expand_kernel(
         else:
             acc += tl.dot(xt, wt)
 
-    # LoRA epilogue. NONE (2^31-1) marks rows that are done or have no valid adapter.
+    # LoRA epilogue. With PDL this grid started while the shrink still ran: the wait returns once the shrink's grid
+    # has completed and its writes of xa are visible (x, W0 and y are not the shrink's outputs: read before it).
+    if PDL:
+        _pdl_wait()
+    # NONE (2^31-1) marks rows that are done or have no valid adapter.
     NONE: tl.constexpr = 2147483647
     slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
     key = tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
@@ -582,11 +637,12 @@ def _launch_shrink(
     tile_m: int,
     atomic: bool,
     interp: bool,
+    pdl: bool = False,
 ) -> int:
     """One launch of the batched shrink into ``out`` ([M, S·R] fp32 rows, any strides). With ``atomic`` the K splits
     add into ``out`` (zero it first); without, split k writes ``out + k·out_split_stride`` (a partial sum per split).
     Returns the split count (decided here; ``out`` must already hold that many partials when not ``atomic``: see
-    :func:`shrink_config`)."""
+    :func:`shrink_config`). ``pdl``: let the next launch start early (it must wait for this grid: see PDL)."""
     M, K = x.shape
     L, SR, _ = A_stack.shape
     R = SR // num_slices
@@ -636,6 +692,7 @@ def _launch_shrink(
             SPLIT_K=split,
             CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype),
             ATOMIC=atomic,
+            PDL=pdl,
             num_warps=4,
             num_stages=stages,
         )
@@ -870,7 +927,8 @@ def linear_gemm(
         lambda: _utils.sm_count_of(x.device),
     )
     parts = torch.empty(split, M, SR, dtype=torch.float32, device=x.device)
-    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp)
+    pdl = pdl_ok(x.device)
+    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp, pdl)
     block_m, block_n, gk, warps, gstages = gemm_config(
         M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device)
     )
@@ -915,7 +973,9 @@ def linear_gemm(
             HAS_BIAS=bias is not None,
             CAST_FP32=_utils.cast_to_fp32(x.dtype, weight.dtype),
             LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
+            PDL=pdl,
             num_warps=warps,
             num_stages=gstages,
+            **({"launch_pdl": True} if pdl else {}),
         )
     return y
