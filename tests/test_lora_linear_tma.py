@@ -261,3 +261,60 @@ def test_first_configs_compile_for_sm90_with_wgmma_tma_and_no_spills(tmp_path):
     if not (nv / "ptxas").exists() or not (nv / "nvdisasm").exists():
         pytest.skip("needs triton's bundled ptxas and nvdisasm to compile for sm_90 and read the SASS")
     run_child(_AOT_SCRIPT, tmp_path, timeout=600)
+
+
+# ----------------------------------------------------------------------------------------- dispatch of lora_linear
+@pytest.fixture
+def spied(T, monkeypatch):
+    """lora_linear's Triton launchers with the Triton base GEMM and the TMA launchers counted."""
+    from lora_kernels.triton import lora_linear as LL
+
+    calls = []
+    for name in ("fwd_gemm", "dx_gemm"):
+        real = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(LL, "BASE_GEMM", "triton")
+    monkeypatch.setattr(LL, "_FUSED_SHRINK_MAX_M", 0)  # the one-launch decode forward has its own kernel
+    return LL, calls
+
+
+def _layer_against_reference(LL, M, K, N, r, dtype, p):
+    x, w, a, b, bb, dy = _problem(M, K, N, r, dtype, seed=M + K + N)
+    seed = 77
+    y, xa = LL.lora_linear_forward(x, w, a, b, 0.5, bb, p, seed)
+    dx, d_a, d_b, _, _ = LL.lora_linear_backward(dy, x, w, a, b, xa, 0.5, p, seed)
+    want_y, want_xa = ref.lora_linear_forward(
+        x, w, a, b, 0.5, bb, p, seed, acc_dtype=torch.float64, out_dtype=torch.float64
+    )
+    want = ref.lora_linear_backward(
+        dy, x, w, a, b, want_xa, 0.5, p, seed, acc_dtype=torch.float64, out_dtype=torch.float64
+    )
+    assert_close_scaled(y, want_y, dtype, "y")
+    assert_close_scaled(dx, want[0], dtype, "dx")
+    assert_close_scaled(d_a, want[1], dtype, "dA")
+    assert_close_scaled(d_b, want[2], dtype, "dB")
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_lora_linear_takes_the_tma_gemms_when_they_apply(spied, p):
+    LL, calls = spied
+    _layer_against_reference(LL, 33, 48, 32, 7, torch.float16, p)
+    # with dropout, dX keeps the kernel that regenerates the mask from the seed
+    assert calls == (["fwd_gemm", "dx_gemm"] if p == 0.0 else ["fwd_gemm"])
+
+
+@needs_triton
+def test_lora_linear_falls_back_when_tma_cannot_read_the_operands(spied):
+    LL, calls = spied
+    _layer_against_reference(LL, 7, 33, 40, 3, torch.float16, 0.0)  # x's and W0's rows: 66 bytes
+    assert calls == []
+
+
+@needs_triton
+def test_auto_keeps_the_cublas_base_at_training_sizes(spied, monkeypatch):
+    LL, calls = spied
+    monkeypatch.setattr(LL, "BASE_GEMM", "auto")
+    monkeypatch.setattr(LL, "_TRITON_BASE_MAX_M", 4)  # a 7-row batch stands for a training-sized one
+    _layer_against_reference(LL, 7, 48, 32, 3, torch.float16, 0.0)
+    assert calls == []
