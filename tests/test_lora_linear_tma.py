@@ -5,6 +5,7 @@ kernel's first config (no spills, wgmma, TMA)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -47,6 +48,22 @@ def _dtype_or_skip(dtype):
         pytest.skip("bf16 tl.dot is wrong in the Triton interpreter; bf16 runs on a GPU")
 
 
+@contextlib.contextmanager
+def _tf32_on_gpu(dtype):
+    """Yields the dtype whose tolerance judges a ``dtype`` result. On a GPU the TMA path takes fp32 only with TF32
+    allowed (``_dtype_ok``): turn it on there and judge like fp16 (TF32 keeps fp16's 10-bit mantissa)."""
+    if dtype != torch.float32 or DEVICE != "cuda":
+        yield dtype
+        return
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        yield torch.float16
+    finally:
+        matmul.allow_tf32 = saved
+
+
 def _problem(M, K, N, r, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g)
@@ -78,11 +95,12 @@ def test_forward_matches_reference(T, dtype, M, K, N, r, bias):
     _dtype_or_skip(dtype)
     x, w, a, b, bb, _ = _problem(M, K, N, r, dtype, seed=M * 1000 + K + N + r)
     bb = bb if bias else None
-    assert T.tma_supported(x, w)
-    want, xa = _oracle_forward(x, w, a, b, 0.75, bb, 0.0, 0)
-    y = T.fwd_gemm(x, w, xa, b, 0.75, bb)
+    with _tf32_on_gpu(dtype) as tol:
+        assert T.tma_supported(x, w)
+        want, xa = _oracle_forward(x, w, a, b, 0.75, bb, 0.0, 0)
+        y = T.fwd_gemm(x, w, xa, b, 0.75, bb)
     assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
-    assert_close_scaled(y, want, dtype, "y")
+    assert_close_scaled(y, want, tol, "y")
 
 
 @needs_triton
@@ -92,7 +110,9 @@ def test_forward_matches_reference(T, dtype, M, K, N, r, bias):
 def test_dx_matches_reference(T, dtype, M, K, N, r, p):
     _dtype_or_skip(dtype)
     x, w, a, b, _, dy = _problem(M, K, N, r, dtype, seed=M * 1000 + K + N + r + 7)
-    if not T.tma_supported(dy, w):
+    with _tf32_on_gpu(dtype) as tol:
+        supported = T.tma_supported(dy, w)
+    if not supported:
         assert (N * dy.element_size()) % 16  # dY's rows are not 16-byte multiples: the caller takes other kernels
         pytest.skip(f"dY rows of {N} {dtype} are not 16-byte multiples: not a TMA operand")
     seed = 1234 + M
@@ -102,9 +122,10 @@ def test_dx_matches_reference(T, dtype, M, K, N, r, p):
     )[0]
     dxa = (0.75 * (dy.double() @ b.double())).float()
     bits = pack_keep_bits(dropout_keep_mask(seed, M, K, p, device=DEVICE)) if p > 0 else None
-    dx = T.dx_gemm(dy, w, dxa, a, bits, 1.0 / (1.0 - p))
+    with _tf32_on_gpu(dtype) as tol:
+        dx = T.dx_gemm(dy, w, dxa, a, bits, 1.0 / (1.0 - p))
     assert dx.dtype == dtype and dx.shape == (M, K) and dx.is_contiguous()
-    assert_close_scaled(dx, want, dtype, "dx")
+    assert_close_scaled(dx, want, tol, "dx")
 
 
 @needs_triton
@@ -131,11 +152,12 @@ def test_dx_plain_store_when_output_rows_are_not_16_byte_multiples(T):
     M, K, N, r = 7, 13, 32, 3
     x, w_full, a, b, _, dy = _problem(M, 16, N, r, torch.float32, seed=5)
     w, x, a = w_full[:, :K], x[:, :K].contiguous(), a[:, :K].contiguous()
-    assert T.tma_supported(dy, w) and not T.tma_supported(x, w)
     _, xa = _oracle_forward(x, w, a, b, 0.5, None, 0.0, 0)
     want = ref.lora_linear_backward(dy, x, w, a, b, xa, 0.5, acc_dtype=torch.float64, out_dtype=torch.float64)[0]
-    dx = T.dx_gemm(dy, w, (0.5 * (dy.double() @ b.double())).float(), a)
-    assert_close_scaled(dx, want, torch.float32, "dx")
+    with _tf32_on_gpu(torch.float32) as tol:
+        assert T.tma_supported(dy, w) and not T.tma_supported(x, w)
+        dx = T.dx_gemm(dy, w, (0.5 * (dy.double() @ b.double())).float(), a)
+    assert_close_scaled(dx, want, tol, "dx")
 
 
 @needs_triton
@@ -151,10 +173,15 @@ def test_tma_supported_refuses_what_tma_cannot_read(T, monkeypatch):
     assert not T.tma_supported(x[:0], w)  # empty
     assert not T.tma_supported(x.double(), w.double())
     assert T._dtype_ok(torch.float32, on_gpu=False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert not T._dtype_ok(torch.float32, on_gpu=True)  # exact fp32 products spill in these tiles
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert T._dtype_ok(torch.float32, on_gpu=True) and T._dtype_ok(torch.bfloat16, on_gpu=True)
+    matmul = torch.backends.cuda.matmul  # a module with a property, not an attribute monkeypatch can set everywhere
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert not T._dtype_ok(torch.float32, on_gpu=True)  # exact fp32 products spill in these tiles
+        matmul.allow_tf32 = True
+        assert T._dtype_ok(torch.float32, on_gpu=True) and T._dtype_ok(torch.bfloat16, on_gpu=True)
+    finally:
+        matmul.allow_tf32 = saved
     if DEVICE == "cpu":
         monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
         assert not T.tma_supported(x, w)  # CPU tensors only run in the interpreter

@@ -422,7 +422,8 @@ def _ensure_allocator(device: torch.device) -> None:
     try:
         from triton.runtime import _allocation
 
-        current = _allocation._allocator.get()
+        current = _allocation._allocator
+        current = current.get() if hasattr(current, "get") else current  # a context variable in triton 3.6-3.9
         if not getattr(current, "lora_kernels_scratch", False) and not isinstance(current, _allocation.NullAllocator):
             return  # the user's allocator
     except (ImportError, AttributeError):  # pragma: no cover - layout of other triton versions
