@@ -9,7 +9,8 @@ Both kernels are persistent (one program per SM, each walking output tiles in th
 operands with TMA tensor descriptors made on the device (``tl.make_tensor_descriptor``): the copy engine moves the
 tiles and pads the ragged edges with zeros, so the main loop has no masks and no address arithmetic. The LoRA term is
 a K = r product done in the epilogue, after the main loop, so the loop's first prefetches do not wait for it (the
-kernels of ``lora_linear.py`` run it as a prologue). Warp specialisation (``tl.range(..., warp_specialize=True)``) is
+kernels of ``lora_linear.py`` run it as a prologue); only dX with dropout keeps it before the loop (see
+``_dx_tma_kernel``). Warp specialisation (``tl.range(..., warp_specialize=True)``) is
 not used: triton documents it for Blackwell only, and these kernels target sm_90.
 
 ``tma_supported`` says when the path applies (tensor descriptors in the installed triton, a CUDA device of compute
@@ -40,8 +41,8 @@ patch_interpreter()
 _TMA_ALIGN = 16
 # Tensor descriptors made inside a kernel need compute capability 9.0 (Hopper's TMA unit).
 _TMA_MIN_CAPABILITY = 9
-# The LoRA epilogue walks r in chunks of at most 32: the fp32 xa / dxa tile (BLOCK_M × 32) and the B / A tile
-# (32 × BLOCK_N) are 16 + 32 KiB at the 128×256 tile, next to the main loop's buffers; r = 16 or 32 is one step.
+# The LoRA epilogue walks r in chunks of at most 32: the fp32 xa / dxa tile (BLOCK_M × 32) and B / A tile
+# (32 × BLOCK_N) stay small next to the accumulator, and r = 16 or 32 (the common ranks) is one step.
 _EPILOGUE_MAX_R = 32
 # Environment variable shared with lora_linear.py: "0" turns benchmarking of the tile configurations off.
 AUTOTUNE_ENV_VAR = "LORA_KERNELS_AUTOTUNE"
@@ -65,8 +66,9 @@ _TILES_FP32 = [
     (128, 64, 32, 8, 4, 3),
     (64, 64, 32, 8, 4, 3),
 ]
-# With dropout the dX epilogue holds the masked LoRA tile next to the accumulator (two fp32 tiles): at most 64
-# elements of each per thread (128×128 at 8 warps), as the dropout tiles of lora_linear.py, so nothing spills.
+# With dropout the dX kernel holds the LoRA product and the mask's words (one int32 per element, from load_keep)
+# for its whole tile at once: at most 64 output elements per thread (128×128 at 8 warps: 243 registers, no spills on
+# sm_90 with triton 3.9), as lora_linear.py bounds its dropout tiles.
 _DROPOUT_MAX_PER_THREAD = 64
 # 32 keeps the interpreter fast on test shapes (<= 100) while giving several ragged tiles; GROUP_M = 2 exercises the
 # grouped order.
@@ -87,8 +89,9 @@ def _smem(device: torch.device) -> int:
 def _pruner(operand: str, out: str, col_key: str, red_key: str):
     """Pre-benchmark pruning: the fp32 list for fp32 operands; tiles more than twice as tall as the batch dropped;
     with dropout (dX) at most _DROPOUT_MAX_PER_THREAD accumulator elements per thread; num_stages cut until the
-    operand buffers plus the epilogue's (the LoRA tiles, the output tile staged for its TMA store) fit the block's
-    shared memory. $LORA_KERNELS_AUTOTUNE=0 keeps the first survivor. Always returns at least one config."""
+    operand buffers plus the output tile staged for its TMA store fit the block's shared memory (the first tile at 3
+    stages: 208 KiB of an H100's 227, compiled for sm_90). $LORA_KERNELS_AUTOTUNE=0 keeps the first survivor. Always
+    returns at least one config."""
 
     def prune(configs, named_args, **kwargs):
         if _INTERPRET_AT_IMPORT:
@@ -369,8 +372,8 @@ def _tma_aligned(t: torch.Tensor) -> bool:
 def _dtype_ok(dtype: torch.dtype, on_gpu: bool) -> bool:
     """fp16 / bf16; fp32 only where its products run on tensor cores (TF32 allowed by
     ``torch.backends.cuda.matmul.allow_tf32``) or in the interpreter. Exact IEEE fp32 products are FMA loops: the fp32
-    tiles (128×128×32, 8 warps) compiled for sm_90 spill 26-29 KB per thread, so fp32 without TF32 keeps the other
-    kernels."""
+    tiles (128×128×32, 8 warps) compiled for sm_90 spill 26-30 KB per thread (triton 3.9), so fp32 without TF32 keeps
+    the other kernels."""
     if dtype in (torch.float16, torch.bfloat16):
         return True
     return dtype == torch.float32 and (not on_gpu or torch.backends.cuda.matmul.allow_tf32)
