@@ -352,9 +352,9 @@ def _t_dx(l: Launch, a):
 
 
 def _persistent(l: Launch, tiles: int, trips_per_tile: int):
-    """A persistent launch: its tiles, and the main-loop trips of its busiest program (all its tiles' K loops)."""
+    """A persistent launch: its output tiles (each program walks several) and the K-loop trips of one tile."""
     l.tiles = tiles
-    l.main_loop_trips = _cdiv(tiles, max(1, l.grid[0])) * trips_per_tile
+    l.main_loop_trips = trips_per_tile
 
 
 def _t_fwd_tma(l: Launch, a):
@@ -502,6 +502,16 @@ def _sass_facts(sass: str) -> dict:
         return any(lo <= addr <= hi for lo, hi in loops)
 
     biggest = max((sum(1 for a, _ in instrs if lo <= a <= hi) for lo, hi in loops), default=0)
+    # The K loop of a persistent TMA kernel: the smallest loop issuing TMA loads (the tile loop around it holds the
+    # epilogue too).
+    tma_loop = min(
+        (
+            sum(1 for a, _ in instrs if lo <= a <= hi)
+            for lo, hi in loops
+            if any(lo <= a <= hi and "UTMALDG" in t for a, t in instrs)
+        ),
+        default=0,
+    )
     return {
         "wgmma": any("HGMMA" in t for t in ops),
         "tma": any("UTMALDG" in t for t in ops),
@@ -513,6 +523,7 @@ def _sass_facts(sass: str) -> dict:
         "atomics": sum(1 for t in ops if re.search(r"\b(ATOMG|REDG|RED)\b", t)),
         "sass_instrs": len(instrs),
         "loop_instrs": biggest,
+        "tma_loop_instrs": tma_loop,
     }
 
 
@@ -631,6 +642,14 @@ def predict_us(l: Launch, facts: dict | None) -> dict:
         compute = l.flops / rate
         programs = l.grid[0] * l.grid[1] * l.grid[2]
         per_warp = facts["sass_instrs"] + facts["loop_instrs"] * max(0, l.main_loop_trips - 1)
+        if l.tiles:  # persistent: each program runs `rounds` tiles, each a K loop of main_loop_trips trips
+            rounds = math.ceil(l.tiles / programs)
+            inner = facts["tma_loop_instrs"] or facts["loop_instrs"]
+            per_warp = (
+                facts["sass_instrs"]
+                + inner * max(0, rounds * l.main_loop_trips - 1)
+                + max(0, facts["loop_instrs"] - inner) * (rounds - 1)
+            )
         issue = programs * l.num_warps * per_warp / (4 * CARD.sms * CARD.clock_hz)
         if l.gemm:  # tiles are not free: a grid smaller than the SMs leaves SMs idle, a partial last wave too
             if l.tiles:  # persistent: the programs' last round of tiles is partly idle
