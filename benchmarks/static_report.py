@@ -54,6 +54,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_kernels.triton import lora_linear as LL  # noqa: E402
+from lora_kernels.triton import lora_linear_tma as TMA  # noqa: E402
 
 from benchmarks import static_serving  # noqa: E402
 from benchmarks.jit_signature import specialise  # noqa: E402
@@ -81,8 +82,9 @@ class Card:
     # Assumed, not measured: the shortest time of any launch (kernel ramp-up and drain; also the cost of a node in a
     # CUDA graph), and how a Triton GEMM compares to cuBLAS by the machine code it compiles to. A plain Triton GEMM
     # (cp.async + wgmma, no TMA, not persistent) measured 1.25-1.45x cuBLAS's time on the H100 above: the middle,
-    # 1.35, is used; a TMA + wgmma GEMM is assumed at cuBLAS's rate (the goal; unmeasured); mma.sync on Hopper at
-    # half of the plain wgmma GEMM's rate.
+    # 1.35, is used; a TMA + wgmma GEMM is assumed at cuBLAS's rate, ASSUMED, UNMEASURED here: the source is the
+    # Triton tutorials' persistent TMA matmul (09-persistent-matmul), which reports fp16 throughput close to cuBLAS's
+    # on an H100; mma.sync on Hopper at half of the plain wgmma GEMM's rate.
     min_launch_us: float = 2.0
     triton_wgmma_slowdown: float = 1.35
     triton_tma_slowdown: float = 1.0
@@ -139,6 +141,7 @@ def on_gpu(gpu: Gpu):
         (LL, "_target_programs", lambda t: _LL_DEVICE_QUERIES["_target_programs"](stand_in)),
         (LL, "_skinny_max_r", lambda device: _LL_DEVICE_QUERIES["_skinny_max_r"](cuda)),
         (LL, "_gemm_device", lambda device: _LL_DEVICE_QUERIES["_gemm_device"](cuda)),
+        (TMA, "_grid_stride", lambda device, max_programs: max_programs or gpu.sms),  # one program per SM
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     for mod, name, value in patches:
@@ -167,6 +170,7 @@ class Launch:
     flops: int = 0
     l2_atomic_bytes: int = 0
     main_loop_trips: int = 1
+    tiles: int = 0  # output tiles of a persistent launch (each program walks several); 0: one tile per program
     gemm: bool = False  # a big product (cuBLAS or a Triton GEMM): timed at a GEMM rate
 
 
@@ -319,6 +323,7 @@ def recording(*modules):
 # see "not CUDA". Give them the H100's values.
 LL._target_programs = lambda t: 2 * CARD.sms
 LL._skinny_max_r = lambda device: LL._SKINNY_MAX_R
+TMA._grid_stride = lambda device, max_programs: max_programs or CARD.sms  # persistent grids: one program per SM
 
 
 # ------------------------------------------------------------------------------------------ traffic of Triton kernels
@@ -398,12 +403,42 @@ def _t_dx(l: Launch, a):
     l.hbm_write = M * K * e
 
 
+def _persistent(l: Launch, tiles: int, trips_per_tile: int):
+    """A persistent launch: its output tiles (each program walks several) and the K-loop trips of one tile."""
+    l.tiles = tiles
+    l.main_loop_trips = trips_per_tile
+
+
+def _t_fwd_tma(l: Launch, a):
+    M, N, K, R = a["M"], a["N"], a["K"], a["R"]
+    e = _el(a, "y_ptr")
+    l.hbm_read = M * K * _el(a, "x_ptr") + N * K * _el(a, "w_ptr") + M * R * 4 + N * R * _el(a, "b_ptr")
+    l.hbm_read += N * e if a["HAS_BIAS"] else 0
+    l.hbm_write = M * N * e
+    l.flops = 2 * M * N * K + 2 * M * N * R
+    l.gemm = True
+    _persistent(l, _cdiv(M, a["BLOCK_M"]) * _cdiv(N, a["BLOCK_N"]), _cdiv(K, a["BLOCK_K"]))
+
+
+def _t_dx_tma(l: Launch, a):
+    M, N, K, R = a["M"], a["N"], a["K"], a["R"]
+    e = _el(a, "dx_ptr")
+    l.hbm_read = M * N * _el(a, "dy_ptr") + N * K * _el(a, "w_ptr") + M * R * 4 + R * K * _el(a, "a_ptr")
+    l.hbm_read += M * _cdiv(K, 32) * 4 if a["HAS_DROPOUT"] else 0  # the packed keep mask, 1 bit per element
+    l.hbm_write = M * K * e
+    l.flops = 2 * M * N * K + 2 * M * K * R
+    l.gemm = True
+    _persistent(l, _cdiv(M, a["BLOCK_M"]) * _cdiv(K, a["BLOCK_K"]), _cdiv(N, a["BLOCK_N"]))
+
+
 TRAFFIC: dict[str, Callable[[Launch, dict], None]] = {
     "_dropout_shrink_kernel": _t_shrink,
     "_fwd_kernel": _t_fwd,
     "_dxa_db_kernel": _t_dxa_db,
     "_reduce_m_kernel": _t_reduce_m,
     "_dx_kernel": _t_dx,
+    "_fwd_tma_kernel": _t_fwd_tma,
+    "_dx_tma_kernel": _t_dx_tma,
 }
 
 
@@ -452,6 +487,19 @@ def _eager_case(M, K, N, r, mode):
         y.backward(_meta(M, N))
 
 
+def _lk_tma_case(M, K, N, r, mode):
+    """lora_kernels with the Triton base GEMM where the launchers take the persistent TMA kernels (lora_linear_tma):
+    on meta tensors ``tma_supported`` answers as on the simulated card (alignment, and TMA only from sm_90 on: an
+    A100 falls back to the other kernels)."""
+    saved = TMA.tma_supported
+    hopper = LL._utils.capability(0) >= (TMA._TMA_MIN_CAPABILITY, 0)
+    TMA.tma_supported = lambda *ts: hopper and all(TMA._tma_aligned(t) and TMA._dtype_ok(t.dtype, True) for t in ts)
+    try:
+        _lk_case("triton")(M, K, N, r, mode)
+    finally:
+        TMA.tma_supported = saved
+
+
 # (name, case function, modes it runs, shapes it runs: "training" / "decode")
 CASES = [
     ("cublas", _base_case, TRAINING_MODES, ("training", "decode")),
@@ -459,6 +507,7 @@ CASES = [
     ("lk_triton_base", _lk_case("triton"), TRAINING_MODES, ("training", "decode")),
     ("lk_cublas_base", _lk_case("cublas"), TRAINING_MODES, ("training", "decode")),
     ("eager", _eager_case, TRAINING_MODES, ("training", "decode")),
+    ("lk_tma_base", _lk_tma_case, TRAINING_MODES, ("training", "decode")),
 ]
 
 
@@ -507,6 +556,16 @@ def _sass_facts(sass: str) -> dict:
         return any(lo <= addr <= hi for lo, hi in loops)
 
     biggest = max((sum(1 for a, _ in instrs if lo <= a <= hi) for lo, hi in loops), default=0)
+    # The K loop of a persistent TMA kernel: the smallest loop issuing TMA loads (the tile loop around it holds the
+    # epilogue too).
+    tma_loop = min(
+        (
+            sum(1 for a, _ in instrs if lo <= a <= hi)
+            for lo, hi in loops
+            if any(lo <= a <= hi and "UTMALDG" in t for a, t in instrs)
+        ),
+        default=0,
+    )
     return {
         "wgmma": any("HGMMA" in t for t in ops),
         "tma": any("UTMALDG" in t for t in ops),
@@ -518,6 +577,7 @@ def _sass_facts(sass: str) -> dict:
         "atomics": sum(1 for t in ops if re.search(r"\b(ATOMG|REDG|RED)\b", t)),
         "sass_instrs": len(instrs),
         "loop_instrs": biggest,
+        "tma_loop_instrs": tma_loop,
     }
 
 
@@ -636,9 +696,20 @@ def predict_us(l: Launch, facts: dict | None) -> dict:
         compute = l.flops / rate
         programs = l.grid[0] * l.grid[1] * l.grid[2]
         per_warp = facts["sass_instrs"] + facts["loop_instrs"] * max(0, l.main_loop_trips - 1)
+        if l.tiles:  # persistent: each program runs `rounds` tiles, each a K loop of main_loop_trips trips
+            rounds = math.ceil(l.tiles / programs)
+            inner = facts["tma_loop_instrs"] or facts["loop_instrs"]
+            per_warp = (
+                facts["sass_instrs"]
+                + inner * max(0, rounds * l.main_loop_trips - 1)
+                + max(0, facts["loop_instrs"] - inner) * (rounds - 1)
+            )
         issue = programs * l.num_warps * per_warp / (4 * CARD.sms * CARD.clock_hz)
         if l.gemm:  # tiles are not free: a grid smaller than the SMs leaves SMs idle, a partial last wave too
-            if programs < CARD.sms:
+            if l.tiles:  # persistent: the programs' last round of tiles is partly idle
+                rounds = l.tiles / programs
+                compute *= math.ceil(rounds) / rounds * (CARD.sms / programs if programs < CARD.sms else 1.0)
+            elif programs < CARD.sms:
                 compute *= CARD.sms / programs
             else:
                 waves = programs / (CARD.sms * _occupancy(facts, l.num_warps))
@@ -664,7 +735,7 @@ def modes_for(kind, modes):
 def _record(case, shape, mode, gpu: Gpu) -> list[Launch]:
     """The launches of one case at one shape and mode, with the splits and tiles chosen as on ``gpu``."""
     M, K, N, r = shape
-    with on_gpu(gpu), recording(LL):
+    with on_gpu(gpu), recording(LL, TMA):
         case(M, K, N, r, mode)
         return list(_LAUNCHES)
 
@@ -686,7 +757,7 @@ def _compile_row(l: Launch, facts: dict, arch: int, which: str, where: dict) -> 
 def _candidates(l: Launch) -> list[Launch]:
     """The launch with each config autotuning would also try (after the first, which runs with autotuning off)."""
     out = []
-    _, heur, _ = _unwrap(getattr(LL, l.kernel))
+    _, heur, _ = _unwrap(getattr(LL, l.kernel, None) or getattr(TMA, l.kernel))
     for kw, w, st in l.all_configs[1:]:
         alt = dataclasses.replace(l, named=dict(l.named, **kw), num_warps=w, num_stages=st, config=dict(l.config, **kw))
         for name, rule in heur.items():
@@ -853,7 +924,8 @@ def markdown(records, extra, quick) -> str:
     w("## Predicted ratios to the cuBLAS base (static report)\n")
     w(
         f"Card model: {CARD.name}; cuBLAS GEMM at {CARD.cublas_flops / 1e12:.0f} TFLOP/s, memory at "
-        f"{CARD.copy_bps / 1e12:.2f} TB/s (both measured on an H100, 2026-11-25); Triton GEMM with wgmma, no TMA: "
+        f"{CARD.copy_bps / 1e12:.2f} TB/s (both measured on an H100, 2026-11-25); Triton GEMM with wgmma + TMA: "
+        f"{CARD.triton_tma_slowdown}x cuBLAS's time (assumed); with wgmma, no TMA: "
         f"{CARD.triton_wgmma_slowdown}x cuBLAS's time; every launch ≥ {CARD.min_launch_us} µs. Unmeasured.\n"
     )
     for kind in ("training", "decode"):

@@ -74,7 +74,7 @@ def test_report_records_have_the_documented_fields(report):
         assert REQUIRED <= set(r), sorted(REQUIRED - set(r))
         assert r["predicted_us"] > 0
     ops = {r["op"] for r in report}
-    assert {"cublas", "lora_kernels", "lk_triton_base", "lk_cublas_base", "eager"} <= ops
+    assert {"cublas", "lora_kernels", "lk_triton_base", "lk_cublas_base", "eager", "lk_tma_base"} <= ops
     assert {r["mode"] for r in report} == {"fwd", "fwd+bwd", "fwd+bwd dropout"}
     # every Triton launch was compiled and read
     for r in report:
@@ -111,6 +111,14 @@ def test_launch_counts(report, op, fwd_max, bwd_max, mode):
     both = _launches(report, op, mode)
     assert len(fwd) <= fwd_max, [r["kernel"] for r in fwd]
     assert len(both) - len(fwd) <= bwd_max, [r["kernel"] for r in both[len(fwd) :]]
+
+
+def test_tma_provider_runs_persistent_tma_gemms(report):
+    # lk_tma_base: the Triton base GEMM where tma_supported holds (an H100, aligned operands): both big products are
+    # the persistent TMA kernels, compiled to wgmma + TMA without spills.
+    gemms = [r for r in _launches(report, "lk_tma_base", "fwd+bwd") if r["kind"] == "triton" and r["gemm"]]
+    assert sorted(r["kernel"] for r in gemms) == ["_dx_tma_kernel", "_fwd_tma_kernel"], [r["kernel"] for r in gemms]
+    assert all(r["wgmma"] and r["tma"] and not r["spill_bytes"] for r in gemms), gemms
 
 
 def test_default_is_never_slower_than_the_cublas_base_path(report):
