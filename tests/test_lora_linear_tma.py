@@ -228,12 +228,17 @@ def test_importing_queries_no_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", boom)
     monkeypatch.setattr(torch.cuda, "get_device_capability", boom)
     monkeypatch.setattr(torch.cuda, "current_device", boom)
+    import lora_kernels.triton as package
+
     saved = sys.modules.pop("lora_kernels.triton.lora_linear_tma", None)
     try:
         importlib.import_module("lora_kernels.triton.lora_linear_tma")
     finally:
+        # The import also rebinds the package's attribute: put both back, or later tests would patch a second copy
+        # of the module that lora_linear.py does not call.
         if saved is not None:
             sys.modules["lora_kernels.triton.lora_linear_tma"] = saved
+            package.lora_linear_tma = saved
 
 
 # Compiles the first config of each kernel (what runs with autotuning off) for sm_90 in a child process without the
