@@ -74,6 +74,18 @@ def test_cublas_base_fused_shrink_expand(tri, monkeypatch, M, K, N, r, p):
     assert not launched, "the cuBLAS-base forward launched the separate shrink"
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cublas_base_rank_over_one_tile(tri, monkeypatch, p):
+    """r over the skinny kernels' rank tile (128): the cuBLAS base takes the separate shrink (two r-tiles, the first
+    one storing the mask bits) and the LoRA-only GEMM kernel instead of the shrink+expand kernel."""
+    monkeypatch.setattr(tri, "BASE_GEMM", "cublas")
+    launched = []
+    real = tri._shrink
+    monkeypatch.setattr(tri, "_shrink", lambda *a, **k: launched.append(1) or real(*a, **k))
+    _check(tri, 7, 40, 20, 130, torch.float32, torch.float32, p)
+    assert launched == [1]
+
+
 @pytest.mark.parametrize("M, K, N, r", [(1, 50, 45, 1), (7, 100, 40, 7), (33, 130, 37, 16)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_split_shrink_partial_sums(tri, monkeypatch, M, K, N, r, p):
