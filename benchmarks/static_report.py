@@ -222,7 +222,7 @@ def _resolve(kernel, grid, args, kwargs) -> Launch:
     shown = {
         k: v
         for k, v in consts.items()
-        if k.startswith(("BLOCK", "SPLIT", "GROUP", "BASE", "HAS_DROPOUT", "FUSE_SHRINK"))
+        if k.startswith(("BLOCK", "SPLIT", "GROUP", "BASE", "HAS_DROPOUT", "FUSE_SHRINK", "BITS", "STORE_BITS"))
     }
     launch = Launch("triton", fn.__name__, g, shown, warps, stages, named, fn, all_configs)
     model = TRAFFIC.get(fn.__name__)
@@ -337,19 +337,37 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+def _bits_bytes(a) -> int:
+    """Bytes of the packed dropout mask: 1 bit per element of x (int32 words of 32 columns), 1/16 of a bf16 x."""
+    return a["M"] * _cdiv(a["K"], 32) * 4
+
+
 def _t_shrink(l: Launch, a):
     M, K, R = a["M"], a["K"], a["R"]
     l.hbm_read = M * K * _el(a, "x_ptr") + R * K * _el(a, "a_ptr")
-    l.hbm_write = M * R * 4
-    l.l2_atomic_bytes = M * R * 4 * a["SPLIT_K"] if a["SPLIT_K"] > 1 else 0
+    l.hbm_write = M * R * 4 * a["SPLIT_K"] + (_bits_bytes(a) if a["STORE_BITS"] else 0)  # partial sums: S·M·r
     l.flops = 2 * M * K * R
     l.main_loop_trips = _cdiv(_cdiv(K, a["BLOCK_K"]), a["SPLIT_K"])
+
+
+def _t_shrink_expand(l: Launch, a):
+    M, N, K, R = a["M"], a["N"], a["K"], a["R"]
+    e = _el(a, "y_ptr")
+    # x once, y read and written once; A and B from L2 after the first program's read.
+    l.hbm_read = M * K * _el(a, "x_ptr") + R * K * _el(a, "a_ptr") + N * R * _el(a, "b_ptr") + M * N * e
+    l.hbm_write = M * N * e + M * R * 4 + (_bits_bytes(a) if a["STORE_BITS"] else 0)
+    l.flops = 2 * M * K * R + 2 * M * N * R
+    # Two loops (K, then N); the issue model multiplies the largest loop body (the K loop: Philox with dropout) by
+    # one trip count: the longer loop's, an upper bound on both bodies together when K and N are alike.
+    l.main_loop_trips = max(_cdiv(K, a["BLOCK_K"]), _cdiv(N, a["BLOCK_N"]))
 
 
 def _t_fwd(l: Launch, a):
     M, N, K, R = a["M"], a["N"], a["K"], a["R"]
     e = _el(a, "y_ptr")
-    lora = M * R * 4 + N * R * _el(a, "b_ptr")
+    lora = M * R * 4 * a["xa_splits"] + N * R * _el(a, "b_ptr")
+    if a["XA_PARTIAL"]:  # the summed xa written by the first column of tiles
+        l.hbm_write += M * R * 4
     if a["BASE"]:
         l.hbm_read = M * K * _el(a, "x_ptr") + N * K * _el(a, "w_ptr") + lora + (N * e if a["HAS_BIAS"] else 0)
         l.flops = 2 * M * N * K + 2 * M * N * R
@@ -366,31 +384,28 @@ def _t_fwd(l: Launch, a):
     l.hbm_write += M * N * e
 
 
-def _t_dxa_db(l: Launch, a):
+def _t_dxa(l: Launch, a):
     M, N, R = a["M"], a["N"], a["R"]
-    l.hbm_read = M * N * _el(a, "dy_ptr") + N * R * _el(a, "b_ptr") + M * R * 4
-    l.hbm_write = M * R * 4 + (N * R * 4 if a["COMPUTE_DB"] else 0)
-    m_tiles = _cdiv(M, a["BLOCK_M"])
-    l.l2_atomic_bytes = (m_tiles * N * R * 4 if a["COMPUTE_DB"] else 0) + (
-        M * R * 4 * a["SPLIT_N"] if a["SPLIT_N"] > 1 else 0
-    )
-    l.flops = (4 if a["COMPUTE_DB"] else 2) * M * N * R
-    l.main_loop_trips = _cdiv(_cdiv(N, a["BLOCK_N"]), a["SPLIT_N"])
+    l.hbm_read = M * N * _el(a, "dy_ptr") + N * R * _el(a, "b_ptr")
+    l.hbm_write = M * R * 4
+    l.flops = 2 * M * N * R
+    l.main_loop_trips = _cdiv(N, a["BLOCK_N"])
 
 
-def _t_reduce_m(l: Launch, a):
-    M, K, R = a["M"], a["K"], a["R"]
-    l.hbm_read = M * K * _el(a, "x_ptr") + M * R * 4
-    l.hbm_write = R * K * 4
-    l.l2_atomic_bytes = R * K * 4 * a["SPLIT_M"] if a["SPLIT_M"] > 1 else 0
-    l.flops = 2 * M * K * R
-    l.main_loop_trips = _cdiv(_cdiv(M, a["BLOCK_M"]), a["SPLIT_M"])
+def _t_grad_ab(l: Launch, a):
+    M, K, N, R = a["M"], a["K"], a["N"], a["R"]
+    # dA programs: x (or x and the mask bits) and dxa; dB programs: dY and xa. Outputs once, in the adapter dtype.
+    l.hbm_read = M * K * _el(a, "x_ptr") + M * N * _el(a, "dy_ptr") + 2 * M * R * 4
+    l.hbm_read += _bits_bytes(a) if a["BITS"] else 0
+    l.hbm_write = R * K * _el(a, "da_ptr") + N * R * _el(a, "db_ptr")
+    l.flops = 2 * M * K * R + 2 * M * N * R
+    l.main_loop_trips = _cdiv(M, a["BLOCK_M"])
 
 
 def _t_dx(l: Launch, a):
     M, N, K, R = a["M"], a["N"], a["K"], a["R"]
     e = _el(a, "dx_ptr")
-    lora = M * R * 4 + R * K * _el(a, "a_ptr")
+    lora = M * R * 4 + R * K * _el(a, "a_ptr") + (_bits_bytes(a) if a["BITS"] else 0)
     if a["BASE"]:
         l.hbm_read = M * N * _el(a, "dy_ptr") + N * K * _el(a, "w_ptr") + lora
         l.flops = 2 * M * N * K + 2 * M * K * R
@@ -433,9 +448,10 @@ def _t_dx_tma(l: Launch, a):
 
 TRAFFIC: dict[str, Callable[[Launch, dict], None]] = {
     "_dropout_shrink_kernel": _t_shrink,
+    "_shrink_expand_kernel": _t_shrink_expand,
     "_fwd_kernel": _t_fwd,
-    "_dxa_db_kernel": _t_dxa_db,
-    "_reduce_m_kernel": _t_reduce_m,
+    "_dxa_kernel": _t_dxa,
+    "_grad_ab_kernel": _t_grad_ab,
     "_dx_kernel": _t_dx,
     "_fwd_tma_kernel": _t_fwd_tma,
     "_dx_tma_kernel": _t_dx_tma,
@@ -465,9 +481,9 @@ def _lk_case(base_gemm: str | None):
         saved = LL.BASE_GEMM
         LL.BASE_GEMM = base_gemm or saved
         try:
-            y, s = LL.lora_linear_forward(x, w, a, b, 2.0, None, p, seed)
+            y, s, bits = LL.lora_linear_forward(x, w, a, b, 2.0, None, p, seed, return_keep_bits=True)
             if mode != "fwd":
-                LL.lora_linear_backward(_meta(M, N), x, w, a, b, s, 2.0, p, seed, True, False, False)
+                LL.lora_linear_backward(_meta(M, N), x, w, a, b, s, 2.0, p, seed, True, False, False, bits)
         finally:
             LL.BASE_GEMM = saved
 

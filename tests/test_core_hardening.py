@@ -63,7 +63,7 @@ def _opcheck_both(backend, layout, p, bias, device="cpu"):
     args = [*leaves, None if bb is None else bb.requires_grad_(), 0.5, p, seed, backend]
     torch.library.opcheck(torch.ops.lora_kernels.lora_linear_fwd.default, args)
     with torch.no_grad():
-        _, xa = torch.ops.lora_kernels.lora_linear_fwd(*[t.detach() for t in leaves], bb, 0.5, p, seed, backend)
+        _, xa, _ = torch.ops.lora_kernels.lora_linear_fwd(*[t.detach() for t in leaves], bb, 0.5, p, seed, backend)
     dy = torch.randn(M, N, generator=g).to(device)
     for flags in ((True, True, bias), (False, True, False), (True, False, False)):
         bargs = [dy, *[t.detach() for t in leaves], xa, 0.5, p, seed, backend, *flags]
@@ -128,7 +128,7 @@ def test_op_ignores_autocast_for_fp32_inputs():
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, a, b, bb)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
             y = lk.lora_linear(*leaves[:4], 0.5, bias=leaves[4], backend="torch")
-            _, xa = torch.ops.lora_kernels.lora_linear_fwd(
+            _, xa, _ = torch.ops.lora_kernels.lora_linear_fwd(
                 *[t.detach() for t in leaves[:4]], None, 0.5, 0.0, torch.tensor(0), "torch"
             )
             y.square().sum().backward()  # backward inside the context too: autograd keeps the thread's autocast
@@ -576,7 +576,7 @@ def test_triton_kernels_round_once(dtype, device, monkeypatch):
     x, w, a, b, bias, scale, seed, y64, dy, dx64 = _exact_case(33, 40, 24, 5, p, g)
     cast = [t.to(device=device, dtype=dtype) for t in (x, w, a, b, bias)]
     seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
-    y, xa = torch.ops.lora_kernels.lora_linear_fwd(*cast[:4], cast[4], scale, p, seed_t, "triton")
+    y, xa, _ = torch.ops.lora_kernels.lora_linear_fwd(*cast[:4], cast[4], scale, p, seed_t, "triton")
     assert torch.equal(y.cpu(), y64.to(dtype))
     dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(
         dy.to(device=device, dtype=dtype), *cast[:4], xa, scale, p, seed_t, "triton", True, False, False
@@ -604,7 +604,7 @@ def test_dropout_mask_offsets_past_2_to_the_32_on_gpu(monkeypatch):
     b = torch.randn(N_, R_, device=dev).half()
     seed = 0x1234_5678_9ABC
     seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
-    _, xa = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, None, 1.0, p, seed_t, "triton")
+    _, xa, _ = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, None, 1.0, p, seed_t, "triton")
     dy = torch.randn(M_, N_, device=dev, dtype=torch.float16)
     dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(dy, x, w, a, b, xa, 1.0, p, seed_t, "triton", True, False, False)
     rows = torch.cat(

@@ -526,7 +526,7 @@ from _aot import jit_function
 UNIT = {"stride_xk", "stride_wk", "stride_xar", "stride_br", "stride_yn", "stride_dyn", "stride_ak"}
 PTR = {"x_ptr": "bf16", "w_ptr": "bf16", "bias_ptr": "bf16", "y_ptr": "bf16", "dy_ptr": "bf16", "dx_ptr": "bf16",
        "xa_ptr": "fp32", "dxa_ptr": "fp32", "db_ptr": "fp32", "da_ptr": "fp32", "a_ptr": "fp32", "b_ptr": "fp32",
-       "seed_ptr": "i64"}
+       "seed_ptr": "i64", "bits_ptr": "i32", "xa_out_ptr": "fp32"}
 
 
 def compile_for_sm90(kernel, consts, num_warps, num_stages, dtype):
@@ -555,19 +555,22 @@ fwd32 = L._gemm_pruner("x_ptr", "BLOCK_N", "BLOCK_K")(L._gemm_configs("BLOCK_N",
 lora = dict(UPCAST=False, PREC="tf32", LORA_PREC="tf32", BLOCK_R=32)
 jobs = [
     ("fwd", L._fwd_kernel, dict(fwd.kwargs, HAS_BIAS=True, BASE=True, EVEN_K=False, FUSE_SHRINK=False,
-                                SHRINK_F32=True, **lora), fwd),
+                                XA_PARTIAL=True, SHRINK_F32=True, **lora), fwd),
     ("fwd fused shrink", L._fwd_kernel, dict(fwd.kwargs, HAS_BIAS=True, BASE=True, EVEN_K=False, FUSE_SHRINK=True,
-                                             SHRINK_F32=True, **dict(lora, BLOCK_R=64)), fwd),
+                                             XA_PARTIAL=False, SHRINK_F32=True, **dict(lora, BLOCK_R=64)), fwd),
     ("fwd fp32 ieee", L._fwd_kernel, dict(fwd32.kwargs, HAS_BIAS=False, BASE=True, EVEN_K=True, UPCAST=False,
-                                          FUSE_SHRINK=False, SHRINK_F32=False,
+                                          FUSE_SHRINK=False, XA_PARTIAL=False, SHRINK_F32=False,
                                           PREC="ieee", LORA_PREC="ieee", BLOCK_R=16), fwd32),
-    ("dx", L._dx_kernel, dict(dx.kwargs, HAS_DROPOUT=True, BASE=True, EVEN_N=False, **lora), dx),
-    ("shrink", L._dropout_shrink_kernel, dict(HAS_DROPOUT=True, SPLIT_K=2, F32=True, PREC="tf32", BLOCK_M=64,
-                                              BLOCK_K=64, BLOCK_R=16), None),
-    ("dxa_db", L._dxa_db_kernel, dict(SPLIT_N=2, COMPUTE_DB=True, F32=True, PREC="tf32", BLOCK_M=64, BLOCK_N=64,
-                                      BLOCK_R=128), None),
-    ("reduce_m", L._reduce_m_kernel, dict(HAS_DROPOUT=True, SPLIT_M=2, PREC="tf32", BLOCK_M=64, BLOCK_K=64,
-                                          BLOCK_R=128), None),
+    ("dx", L._dx_kernel, dict(dx.kwargs, HAS_DROPOUT=True, BITS=False, BASE=True, EVEN_N=False, **lora), dx),
+    ("dx bits", L._dx_kernel, dict(dx.kwargs, HAS_DROPOUT=True, BITS=True, BASE=True, EVEN_N=False, **lora), dx),
+    ("shrink", L._dropout_shrink_kernel, dict(HAS_DROPOUT=True, STORE_BITS=True, SPLIT_K=2, F32=True, PREC="tf32",
+                                              BLOCK_M=64, BLOCK_K=64, BLOCK_R=16), None),
+    ("shrink expand", L._shrink_expand_kernel, dict(HAS_DROPOUT=True, STORE_BITS=True, F32=True, PREC="tf32",
+                                                    LORA_PREC="tf32", BLOCK_M=32, BLOCK_K=64, BLOCK_N=64,
+                                                    BLOCK_R=128), None),
+    ("dxa", L._dxa_kernel, dict(F32=True, PREC="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_R=128), None),
+    ("grad_ab", L._grad_ab_kernel, dict(HAS_DROPOUT=True, BITS=True, PREC="tf32", BLOCK_M=64, BLOCK_C=64,
+                                        BLOCK_R=128), None),
 ]
 for name, kernel, consts, cfg in jobs:
     dtype = "fp32" if "fp32" in name else "bf16"
@@ -679,7 +682,7 @@ def test_opcheck_fwd_torch_backend(p):
 def test_opcheck_bwd_torch_backend():
     x, w, a, b, bb, scale, p, seed, backend = _op_args("torch", 0.2)
     with torch.no_grad():
-        _, xa = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, bb, scale, p, seed, backend)
+        _, xa, _ = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, bb, scale, p, seed, backend)
     dy = torch.randn(x.shape[0], w.shape[0])
     for flags in ((True, True, True), (False, False, False)):
         args = [dy, x.detach(), w.detach(), a.detach(), b.detach(), xa, scale, p, seed, backend, *flags]

@@ -310,11 +310,12 @@ def spied(T, monkeypatch):
     return LL, calls
 
 
-def _layer_against_reference(LL, M, K, N, r, dtype, p):
+def _layer_against_reference(LL, M, K, N, r, dtype, p, keep_bits=True):
     x, w, a, b, bb, dy = _problem(M, K, N, r, dtype, seed=M + K + N)
     seed = 77
-    y, xa = LL.lora_linear_forward(x, w, a, b, 0.5, bb, p, seed)
-    dx, d_a, d_b, _, _ = LL.lora_linear_backward(dy, x, w, a, b, xa, 0.5, p, seed)
+    y, xa, bits = LL.lora_linear_forward(x, w, a, b, 0.5, bb, p, seed, return_keep_bits=True)
+    bits = bits if keep_bits else None
+    dx, d_a, d_b, _, _ = LL.lora_linear_backward(dy, x, w, a, b, xa, 0.5, p, seed, keep_bits=bits)
     want_y, want_xa = ref.lora_linear_forward(
         x, w, a, b, 0.5, bb, p, seed, acc_dtype=torch.float64, out_dtype=torch.float64
     )
@@ -332,8 +333,16 @@ def _layer_against_reference(LL, M, K, N, r, dtype, p):
 def test_lora_linear_takes_the_tma_gemms_when_they_apply(spied, p):
     LL, calls = spied
     _layer_against_reference(LL, 33, 48, 32, 7, torch.float16, p)
-    # with dropout, dX keeps the kernel that regenerates the mask from the seed
-    assert calls == (["fwd_gemm", "dx_gemm"] if p == 0.0 else ["fwd_gemm"])
+    assert calls == ["fwd_gemm", "dx_gemm"]
+
+
+@needs_triton
+def test_dx_with_dropout_but_no_kept_mask_takes_the_kernel_that_draws_it(spied):
+    # The TMA dX reads the forward's packed mask; without one (a backend that keeps no bits) the mask is regenerated
+    # from the seed by _dx_kernel, with the same result.
+    LL, calls = spied
+    _layer_against_reference(LL, 33, 48, 32, 7, torch.float16, 0.2, keep_bits=False)
+    assert calls == ["fwd_gemm"]
 
 
 @needs_triton

@@ -2,8 +2,9 @@
 
 Input checks, the backend table (``BACKENDS``), the custom ops ``lora_kernels::lora_linear_fwd`` / ``lora_linear_bwd``
 (fakes, ``register_autograd``) and the public function. Dropout is PEFT's (LoRA branch only, kept elements scaled by
-1/(1-p)); its mask is a function of a device-side seed, regenerated in backward, never stored. Math, saved tensors,
-backends and CUDA-graph rules: docs/lora_linear.md.
+1/(1-p)); its mask is a function of a device-side seed: the Triton forward draws it once and saves it packed (1 bit
+per element) for backward, other backends regenerate it from the seed. Math, saved tensors, backends and CUDA-graph
+rules: docs/lora_linear.md.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from .. import _autocast, _backend
 from ..reference import lora_linear as _ref
+from ..reference.dropout import keep_bits_shape
 from ._validate import check_same_device, check_scale, check_tensor, shape
 
 _LORA_DTYPES = (torch.float32,)  # A and B may be fp32 while x and W are half precision (LoRA-GA keeps them fp32)
@@ -123,19 +125,37 @@ def _fwd(
     dropout_p: float,
     seed: torch.Tensor,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, xa, keep_bits): keep_bits is the packed dropout mask the Triton kernels drew (int32 [M, ceil(K/32)]),
+    empty without dropout or on a backend that regenerates the mask from the seed in backward."""
     impl = BACKENDS.impl(backend)
     seed_arg = _seed_arg(backend, seed, dropout_p)
     with _no_autocast(x):
-        y, xa = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
+        if _draws_bits(backend, dropout_p):
+            y, xa, bits = impl.lora_linear_forward(
+                x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg, return_keep_bits=True
+            )
+        else:
+            y, xa = impl.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, seed_arg)
+            bits = x.new_empty(0, dtype=torch.int32)
     # The fake promises row-major outputs whatever the input layouts; .contiguous() is free when they already are.
-    return y.contiguous(), xa.contiguous()
+    return y.contiguous(), xa.contiguous(), bits.contiguous()
+
+
+def _draws_bits(backend: str, dropout_p: float) -> bool:
+    """Whether the forward returns the packed mask: the Triton kernels with dropout (the torch reference does not)."""
+    return backend == "triton" and dropout_p > 0.0
 
 
 @_fwd.register_fake
 def _fwd_fake(x, weight, lora_A, lora_B, bias, scale, dropout_p, seed, backend):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=acc)
+    bits = keep_bits_shape(x.shape[0], x.shape[1]) if _draws_bits(backend, dropout_p) else (0,)
+    return (
+        x.new_empty(x.shape[0], weight.shape[0]),
+        x.new_empty(x.shape[0], lora_A.shape[0], dtype=acc),
+        x.new_empty(bits, dtype=torch.int32),
+    )
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
@@ -153,23 +173,17 @@ def _bwd(
     needs_dx: bool,
     needs_dweight: bool,
     needs_dbias: bool,
+    keep_bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``keep_bits``: the forward's packed mask; None or empty (and on the torch backend): regenerated from the
+    seed, the same mask bit for bit."""
     impl = BACKENDS.impl(backend)
+    args = [dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, _seed_arg(backend, seed, dropout_p)]
+    args += [needs_dx, needs_dweight, needs_dbias]
+    if keep_bits is not None and keep_bits.numel() > 0 and _draws_bits(backend, dropout_p):
+        args.append(keep_bits)
     with _no_autocast(dy):
-        dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(
-            dy,
-            x,
-            weight,
-            lora_A,
-            lora_B,
-            xa,
-            scale,
-            dropout_p,
-            _seed_arg(backend, seed, dropout_p),
-            needs_dx,
-            needs_dweight,
-            needs_dbias,
-        )
+        dx, d_a, d_b, dw, dbias = impl.lora_linear_backward(*args)
     # Custom ops cannot return None: gradients not asked for come back as empty tensors and become None in backward.
     # Every gradient is row-major whatever the layout of its input (a transposed trainable weight gave dW the
     # weight's strides in the fake but not in the kernels, and inductor then read dW with the wrong strides).
@@ -183,7 +197,22 @@ def _bwd(
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, backend, needs_dx, needs_dweight, needs_dbias):
+def _bwd_fake(
+    dy,
+    x,
+    weight,
+    lora_A,
+    lora_B,
+    xa,
+    scale,
+    dropout_p,
+    seed,
+    backend,
+    needs_dx,
+    needs_dweight,
+    needs_dbias,
+    keep_bits=None,
+):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else dy.new_empty(0),
         torch.empty_like(lora_A, memory_format=torch.contiguous_format),
@@ -195,14 +224,14 @@ def _bwd_fake(dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, seed, backend
 
 def _setup_context(ctx, inputs, output):
     x, weight, lora_A, lora_B, bias, scale, dropout_p, seed, backend = inputs
-    _, xa = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    _, xa, keep_bits = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed, keep_bits)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _dxa):
-    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+def _backward(ctx, dy, _dxa, _dbits):
+    x, weight, lora_A, lora_B, xa, seed, keep_bits = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, d_a, d_b, dw, dbias = _bwd(
         dy.contiguous(),
@@ -218,6 +247,7 @@ def _backward(ctx, dy, _dxa):
         bool(needs[0]),
         bool(needs[1]),
         bool(ctx.has_bias and needs[4]),
+        keep_bits,
     )
     return (
         dx if needs[0] else None,
@@ -266,7 +296,7 @@ def lora_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(lead.numel(), x.shape[-1])  # not reshape(-1, K): that fails for K = 0
     seed = _draw_seed(x, dropout_p)
-    y, _ = _fwd(x2d, weight, lora_A, lora_B, bias, scale, dropout_p, seed, name)
+    y, _, _ = _fwd(x2d, weight, lora_A, lora_B, bias, scale, dropout_p, seed, name)
     # y is the op's own fresh [M, N] buffer: return it reshaped without marking the result a view of it. A view
     # output makes FSDP2 warn (an in-place op on it, e.g. ``out += r``, would drop FSDP's pre-backward hook and
     # skip the all-gather); torch.matmul returns its reshaped result the same way.

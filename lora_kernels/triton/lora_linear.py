@@ -1,8 +1,9 @@
 """Triton kernels of ``lora_linear`` and their launchers: ``y = x·W0ᵀ + scale·xa·Bᵀ + bias``, ``xa = dropout(x)·Aᵀ``.
 
 Forward: ``_dropout_shrink_kernel`` + ``_fwd_kernel`` (the LoRA term in the GEMM's accumulator; one launch at decode
-sizes without dropout); backward: ``_dxa_db_kernel``, ``_reduce_m_kernel`` (dA), ``_dx_kernel`` (fp32 accumulators,
-relaxed atomics, a device-side dropout seed). ``BASE_GEMM`` picks cuBLAS or the Triton GEMM for the base product.
+sizes without dropout), or cuBLAS + ``_shrink_expand_kernel``; backward: ``_dxa_kernel``, ``_grad_ab_kernel`` (dA and
+dB), ``_dx_kernel``. fp32 accumulators, no atomics, no zero-fills, a device-side dropout seed and a dropout mask drawn
+once, kept as bits. ``BASE_GEMM`` picks cuBLAS or the Triton GEMM for the base product.
 Kernels, launches, tiles, precision and CUDA graphs: docs/lora_linear.md; what is still unmeasured: BENCHMARKS.md.
 """
 
@@ -16,10 +17,11 @@ import triton.language as tl
 
 from .. import _backend
 from ..reference import lora_linear as _ref
-from ..reference.dropout import RAND_BITS, dropout_threshold
+from ..reference.dropout import dropout_threshold, keep_bits_shape
 from . import _utils
 from . import lora_linear_tma as _tma
 from ._compat import patch_interpreter
+from ._dropout import keep_mask, load_keep, pack_bits
 
 # "triton": y and dX come from the fused Triton GEMMs. "cublas": cuBLAS computes the base product, the Triton kernels
 # add the LoRA term in place. "auto": see _TRITON_BASE_MAX_M. Module-level so benchmarks can flip it; read on every
@@ -35,8 +37,6 @@ BASE_GEMMS = ("auto", "triton", "cublas")
 # when a GPU measurement shows the Triton path within 2% of cuBLAS at that shape class.
 _TRITON_BASE_MAX_M = 256
 
-# Philox draws 32 bits; the mask keeps the top RAND_BITS (see reference/dropout.py), so shift away the rest.
-_RAND_SHIFT = tl.constexpr(32 - RAND_BITS)
 # The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 xa tile (BLOCK_M×32) and B tile
 # (32×BLOCK_N) stay small next to the main loop's buffers, and r = 16 or 32 (the common ranks) is one step.
 _PROLOGUE_MAX_R = 32
@@ -228,14 +228,6 @@ _SKINNY_WARPS = 4
 
 # ---------------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _keep_mask(seed, offs_m, offs_k, K, threshold):
-    """Dropout keep mask of elements (offs_m, offs_k) of an [M, K] input: identical to reference.dropout."""
-    flat = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
-    bits = (tl.randint(seed, flat) >> _RAND_SHIFT).to(tl.int32)  # uint32 >> 8 < 2^24: fits int32
-    return bits >= threshold
-
-
-@triton.jit
 def _dot(a, b, acc, F32: tl.constexpr, PREC: tl.constexpr):
     """acc + a·b, with both operands taken to fp32 first when F32 (mixed dtypes, fp32 operands, interpreter bf16)."""
     if F32:
@@ -260,10 +252,12 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 # ---------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _dropout_shrink_kernel(
-    x_ptr,  # [M, K] fp16/bf16/fp32, any strides
-    a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
-    xa_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_K > 1 (atomics)
+def _shrink_rows(
+    x_ptr,
+    a_ptr,
+    bits_ptr,
+    rm,
+    rr,
     M,
     K,
     R,
@@ -271,10 +265,74 @@ def _dropout_shrink_kernel(
     stride_xk,
     stride_ar,
     stride_ak,
+    stride_bm,
+    t_begin,
+    t_end,
+    seed,
+    threshold,
+    bits_rows,  # rows below this store their mask bits (0: this program stores none)
+    HAS_DROPOUT: tl.constexpr,
+    STORE_BITS: tl.constexpr,
+    F32: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Σ over K-tiles [t_begin, t_end) of dropout(x)[rm, tile]·A[rr, tile]ᵀ, fp32 [BLOCK_M, BLOCK_R], without the
+    1/(1-p). With STORE_BITS the keep mask drawn here is stored packed (32 columns per int32 word): the only place
+    a training step draws it."""
+    m_ok = rm < M
+    r_ok = rr < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x_ok = m_ok[:, None] & k_ok[None, :]
+        if HAS_DROPOUT:
+            # The mask enters as the load's mask: dropped elements are never loaded and read as 0 in x's own dtype
+            # (exact; 1/(1-p) is applied to the fp32 sum by the caller). A tl.where on the loaded tile instead
+            # failed to compile for sm_90 together with the bit packing below (triton 3.9 moved the bool to the
+            # dot operand's layout through shared memory: "bit width must be a multiple of 8").
+            x_ok = x_ok & keep_mask(seed, rm, rk, K, threshold)
+            if STORE_BITS:
+                rw = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+                tl.store(
+                    bits_ptr + rm.to(tl.int64)[:, None] * stride_bm + rw[None, :],
+                    pack_bits(tl.where(x_ok, 1, 0), BLOCK_M, BLOCK_K),
+                    mask=(rm[:, None] < bits_rows) & (rw[None, :] < tl.cdiv(K, 32)),
+                )
+        xt = tl.load(
+            x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk, mask=x_ok, other=0.0
+        )
+        at = tl.load(  # [BLOCK_K, BLOCK_R] view of A: Aᵀ tile
+            a_ptr + rr.to(tl.int64)[None, :] * stride_ar + rk.to(tl.int64)[:, None] * stride_ak,
+            mask=r_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )
+        acc = _dot(xt, at, acc, F32, PREC)
+    return acc
+
+
+@triton.jit
+def _dropout_shrink_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, any strides
+    a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
+    xa_ptr,  # fp32 out, contiguous: [M, R], or [SPLIT_K, M, R] partial sums (the consumer adds them up)
+    bits_ptr,  # [M, ceil(K/32)] int32 out: the packed keep mask (written only when STORE_BITS)
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_bm,
     seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
     threshold,
     inv_keep,
     HAS_DROPOUT: tl.constexpr,
+    STORE_BITS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     F32: tl.constexpr,
     PREC: tl.constexpr,
@@ -282,45 +340,144 @@ def _dropout_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """xa[m-tile, r-tile] = dropout(x)·Aᵀ over this program's share of K (grid: m-tiles, K splits, r-tiles)."""
+    """xa[split, m-tile, r-tile] = dropout(x)·Aᵀ over this program's share of K (grid: m-tiles, K splits, r-tiles).
+    Each split stores its own partial sum (plain stores into a torch.empty buffer: no zero-fill, no atomics, and
+    the sum's order is fixed, so the result is reproducible)."""
     pid_m = tl.program_id(0)
     pid_split = tl.program_id(1)
     pid_r = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_ok = rm < M
-    r_ok = rr < R
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum((pid_split + 1) * per_split, k_tiles)
+    seed = 0
     if HAS_DROPOUT:
         # Read on the device, not passed by value: a CUDA-graph replay sees the seed drawn in that replay.
         seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for t in range(pid_split * per_split, t_end):
-        rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        xt = tl.load(
-            x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        if HAS_DROPOUT:
-            # Zero the dropped elements in x's own dtype (exact); 1/(1-p) is applied to the fp32 sum below.
-            xt = tl.where(_keep_mask(seed, rm, rk, K, threshold), xt, tl.zeros_like(xt))
-        at = tl.load(  # [BLOCK_K, BLOCK_R] view of A: Aᵀ tile
-            a_ptr + rr.to(tl.int64)[None, :] * stride_ar + rk.to(tl.int64)[:, None] * stride_ak,
-            mask=r_ok[None, :] & k_ok[:, None],
-            other=0.0,
-        )
-        acc = _dot(xt, at, acc, F32, PREC)
+    # The splits cover disjoint K ranges (whole 32-column words: BLOCK_K is a multiple of 32), so each bit is stored
+    # once; of several r-tiles only the first stores them.
+    acc = _shrink_rows(
+        x_ptr,
+        a_ptr,
+        bits_ptr,
+        rm,
+        rr,
+        M,
+        K,
+        R,
+        stride_xm,
+        stride_xk,
+        stride_ar,
+        stride_ak,
+        stride_bm,
+        pid_split * per_split,
+        t_end,
+        seed,
+        threshold,
+        tl.where(pid_r == 0, M, 0),
+        HAS_DROPOUT,
+        STORE_BITS,
+        F32,
+        PREC,
+        BLOCK_M,
+        BLOCK_K,
+        BLOCK_R,
+    )
     if HAS_DROPOUT:
         acc = acc * inv_keep
-    xa_ptrs = xa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
-    if SPLIT_K == 1:
-        tl.store(xa_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
-    else:
-        tl.atomic_add(xa_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
+    xa_ptrs = xa_ptr + pid_split.to(tl.int64) * M * R + rm.to(tl.int64)[:, None] * R + rr[None, :]
+    tl.store(xa_ptrs, acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _shrink_expand_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, any strides
+    a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
+    b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
+    y_ptr,  # [M, N] x's dtype, any strides: holds the base product (cuBLAS), gets the LoRA term added in place
+    xa_ptr,  # [M, R] fp32 out, contiguous (saved for backward)
+    bits_ptr,  # [M, ceil(K/32)] int32 out: the packed keep mask (written only when STORE_BITS)
+    M,
+    N,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    stride_bm,
+    seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
+    threshold,
+    inv_keep,
+    scale,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_BITS: tl.constexpr,
+    F32: tl.constexpr,
+    PREC: tl.constexpr,
+    LORA_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The LoRA term of the cuBLAS-base forward in one launch (grid: m-tiles): xa = dropout(x)·Aᵀ for this
+    program's rows over all of K (kept in fp32 registers, stored for backward), then y[rows, :] += scale·xa·Bᵀ walking
+    N. All of r is one tile (the launcher guarantees R <= BLOCK_R)."""
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    xa = _shrink_rows(
+        x_ptr,
+        a_ptr,
+        bits_ptr,
+        rm,
+        rr,
+        M,
+        K,
+        R,
+        stride_xm,
+        stride_xk,
+        stride_ar,
+        stride_ak,
+        stride_bm,
+        0,
+        tl.cdiv(K, BLOCK_K),
+        seed,
+        threshold,
+        M,
+        HAS_DROPOUT,
+        STORE_BITS,
+        F32,
+        PREC,
+        BLOCK_M,
+        BLOCK_K,
+        BLOCK_R,
+    )
+    if HAS_DROPOUT:
+        xa = xa * inv_keep
+    tl.store(xa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], xa, mask=m_ok[:, None] & (rr[None, :] < R))
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        rn = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        bt = tl.load(  # [BLOCK_R, BLOCK_N]: Bᵀ tile
+            b_ptr + rn.to(tl.int64)[None, :] * stride_bn + rr[:, None] * stride_br,
+            mask=n_ok[None, :] & (rr[:, None] < R),
+            other=0.0,
+        )
+        lora = _dot(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), True, LORA_PREC)
+        y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn.to(tl.int64)[None, :] * stride_yn
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        yt = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, (yt + lora * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.autotune(
@@ -335,7 +492,9 @@ def _dropout_shrink_kernel(
 def _fwd_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, any strides
     w_ptr,  # [N, K] x's dtype, any strides
-    xa_ptr,  # [M, R] fp32 (xa = dropout(x)·Aᵀ), any strides; written, not read, when FUSE_SHRINK
+    xa_ptr,  # [M, R] fp32 (xa = dropout(x)·Aᵀ), any strides; written, not read, when FUSE_SHRINK; with XA_PARTIAL
+    # [xa_splits, M, R] contiguous partial sums of the split shrink, added up here
+    xa_out_ptr,  # [M, R] fp32 out, contiguous: the summed xa, written by the first column of tiles (XA_PARTIAL only)
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides (read only when FUSE_SHRINK)
     bias_ptr,  # [N] x's dtype, contiguous (read only when HAS_BIAS)
@@ -345,6 +504,7 @@ def _fwd_kernel(
     K,
     R,
     M_BUCKET,
+    xa_splits,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -365,6 +525,7 @@ def _fwd_kernel(
     # xa: the whole forward is this one launch. Each column of tiles recomputes its rows of xa, N/BLOCK_N times the
     # shrink's FLOPs: cheap where the product is memory-bound (decode-sized batches), not at training sizes.
     FUSE_SHRINK: tl.constexpr,
+    XA_PARTIAL: tl.constexpr,  # xa_ptr holds xa_splits partial sums (a shrink split over K at small M)
     SHRINK_F32: tl.constexpr,  # the fused shrink's operands taken to fp32 first (A fp32, or bf16 in the interpreter)
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -391,6 +552,19 @@ def _fwd_kernel(
             xat = tl.load(
                 xa_ptr + rm_in[:, None] * stride_xam + rr[None, :] * stride_xar, mask=rr[None, :] < R, other=0.0
             )
+            if XA_PARTIAL:
+                for sp in range(1, xa_splits):
+                    xat += tl.load(
+                        xa_ptr + sp * M * R + rm_in[:, None] * stride_xam + rr[None, :] * stride_xar,
+                        mask=rr[None, :] < R,
+                        other=0.0,
+                    )
+                if pid_n == 0:  # one writer per row of the summed xa that backward reads
+                    tl.store(
+                        xa_out_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :],
+                        xat,
+                        mask=(rm[:, None] < M) & (rr[None, :] < R),
+                    )
             bt = tl.load(b_ptr + rn_in[None, :] * stride_bn + rr[:, None] * stride_br, mask=rr[:, None] < R, other=0.0)
             acc = _dot(xat, bt, acc, True, LORA_PREC)
         acc = acc * scale
@@ -440,12 +614,10 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dxa_db_kernel(
+def _dxa_kernel(
     dy_ptr,  # [M, N] x's dtype, any strides
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
-    xa_ptr,  # [M, R] fp32 (forward's xa), any strides
-    dxa_ptr,  # [M, R] fp32 out, contiguous; zero-filled when SPLIT_N > 1 (atomics)
-    db_ptr,  # [N, R] fp32 out, contiguous, zero-filled (atomics across m-tiles); unused unless COMPUTE_DB
+    dxa_ptr,  # [M, R] fp32 out, contiguous
     M,
     N,
     R,
@@ -453,36 +625,22 @@ def _dxa_db_kernel(
     stride_dyn,
     stride_bn,
     stride_br,
-    stride_xam,
-    stride_xar,
     scale,
-    SPLIT_N: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,  # False in deterministic mode: dB then comes from _reduce_m_kernel, without atomics
     F32: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """One pass over dY (grid: m-tiles, N splits, r-tiles): dxa = scale·dY·B and dB += scale·dYᵀ·xa for each dY tile
-    read."""
+    """dxa = scale·dY·B for an m-tile over all of N (grid: m-tiles, r-tiles): plain stores, no split, no atomics."""
     pid_m = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    pid_r = tl.program_id(2)
+    pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_ok = rm < M
     r_ok = rr < R
-    xat = tl.load(
-        xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
-        mask=m_ok[:, None] & r_ok[None, :],
-        other=0.0,
-    )
     dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, SPLIT_N)
-    t_end = tl.minimum((pid_split + 1) * per_split, n_tiles)
-    for t in range(pid_split * per_split, t_end):
+    for t in range(0, tl.cdiv(N, BLOCK_N)):
         rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         dyt = tl.load(
@@ -496,84 +654,110 @@ def _dxa_db_kernel(
             other=0.0,
         )
         dxa = _dot(dyt, bt, dxa, F32, PREC)
-        if COMPUTE_DB:
-            db = _dot(tl.trans(dyt), xat, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
-            tl.atomic_add(
-                db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :],
-                db * scale,
-                mask=n_ok[:, None] & r_ok[None, :],
-                sem="relaxed",
-            )
-    dxa_ptrs = dxa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :]
-    if SPLIT_N == 1:
-        tl.store(dxa_ptrs, dxa * scale, mask=m_ok[:, None] & r_ok[None, :])
-    else:
-        tl.atomic_add(dxa_ptrs, dxa * scale, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
+    tl.store(dxa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], dxa * scale, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _reduce_m_kernel(
-    dxa_ptr,  # [M, R] fp32 (dxa = scale·dY·B; xa for the deterministic dBᵀ), contiguous
-    x_ptr,  # [M, K] fp16/bf16/fp32 (x; dY for dBᵀ), any strides
-    da_ptr,  # [R, K] fp32 out, contiguous; zero-filled when SPLIT_M > 1 (atomics)
+def _grad_ab_kernel(
+    dxa_ptr,  # [M, R] fp32 (dxa = scale·dY·B), contiguous
+    x_ptr,  # [M, K] fp16/bf16/fp32, any strides
+    xa_ptr,  # [M, R] fp32 (forward's xa), any strides
+    dy_ptr,  # [M, N] x's dtype, any strides
+    bits_ptr,  # [M, ceil(K/32)] int32 packed keep mask (read only when BITS)
+    da_ptr,  # [R, K] out in lora_A's dtype, contiguous
+    db_ptr,  # [N, R] out in lora_B's dtype, contiguous
     M,
     K,
+    N,
     R,
     stride_xm,
     stride_xk,
-    seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
+    stride_xam,
+    stride_xar,
+    stride_dym,
+    stride_dyn,
+    stride_bm,
+    seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT and not BITS)
     threshold,
     inv_keep,
+    scale,
     HAS_DROPOUT: tl.constexpr,
-    SPLIT_M: tl.constexpr,
+    BITS: tl.constexpr,  # the forward's packed mask is read instead of drawing it again from the seed
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """dA[r-tile, k-tile] = dxaᵀ·dropout(x) over this program's share of M (grid: k-tiles, M splits, r-tiles).
-
-    The same reduction over M gives dBᵀ = xaᵀ·dY (times scale), which deterministic mode uses instead of dB's
-    atomics."""
-    pid_k = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    pid_r = tl.program_id(2)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Both adapter gradients, reduced over all of M by the program that owns the output tile (grid: K-tiles +
+    N-tiles, r-tiles): programs [0, cdiv(K, BLOCK_C)) form dA[r-tile, k-tile] = dxaᵀ·dropout(x), the others
+    dB[n-tile, r-tile] = scale·dYᵀ·xa. No atomics, no zero-filled buffer, one rounding to the adapter's dtype, and
+    the same sum order on every run (deterministic by construction)."""
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    k_ok = rk < K
     r_ok = rr < R
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_C)
     m_tiles = tl.cdiv(M, BLOCK_M)
-    per_split = tl.cdiv(m_tiles, SPLIT_M)
-    t_end = tl.minimum((pid_split + 1) * per_split, m_tiles)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)  # the forward's seed tensor, saved for backward
-    for t in range(pid_split * per_split, t_end):
-        rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = rm < M
-        dxat = tl.load(
-            dxa_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
-        )
-        xt = tl.load(
-            x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
+    if pid < k_tiles:
+        rk = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        k_ok = rk < K
+        acc_a = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        seed = 0
+        if HAS_DROPOUT and not BITS:
+            seed = tl.load(seed_ptr)  # the forward's seed tensor, saved for backward
+        for t in range(0, m_tiles):
+            rm_a = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            ma_ok = rm_a < M
+            dxat = tl.load(
+                dxa_ptr + rm_a.to(tl.int64)[:, None] * R + rr[None, :], mask=ma_ok[:, None] & r_ok[None, :], other=0.0
+            )
+            xt = tl.load(
+                x_ptr + rm_a.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
+                mask=ma_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            if HAS_DROPOUT:
+                if BITS:
+                    keep = load_keep(bits_ptr, rm_a, rk, stride_bm, ma_ok[:, None] & k_ok[None, :])
+                else:
+                    keep = keep_mask(seed, rm_a, rk, K, threshold)
+                xt = tl.where(keep, xt, tl.zeros_like(xt))
+            acc_a = _dot(tl.trans(dxat), xt, acc_a, True, PREC)
         if HAS_DROPOUT:
-            xt = tl.where(_keep_mask(seed, rm, rk, K, threshold), xt, tl.zeros_like(xt))
-        acc = _dot(tl.trans(dxat), xt, acc, True, PREC)
-    if HAS_DROPOUT:
-        acc = acc * inv_keep
-    da_ptrs = da_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :]
-    if SPLIT_M == 1:
-        tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+            acc_a = acc_a * inv_keep
+        tl.store(
+            da_ptr + rr.to(tl.int64)[:, None] * K + rk[None, :],
+            acc_a.to(da_ptr.dtype.element_ty),
+            mask=r_ok[:, None] & k_ok[None, :],
+        )
     else:
-        tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
+        rn = (pid - k_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n_ok = rn < N
+        acc_b = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+        for t in range(0, m_tiles):
+            rm_b = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            mb_ok = rm_b < M
+            dyt = tl.load(
+                dy_ptr + rm_b.to(tl.int64)[:, None] * stride_dym + rn.to(tl.int64)[None, :] * stride_dyn,
+                mask=mb_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            xat = tl.load(
+                xa_ptr + rm_b.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
+                mask=mb_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            acc_b = _dot(tl.trans(dyt), xat, acc_b, True, PREC)
+        tl.store(
+            db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :],
+            (acc_b * scale).to(db_ptr.dtype.element_ty),
+            mask=n_ok[:, None] & r_ok[None, :],
+        )
 
 
 @triton.autotune(
     configs=_gemm_configs("BLOCK_K", "BLOCK_N"),
-    key=["M_BUCKET", "N", "K", "R", "BASE", "HAS_DROPOUT"],
+    key=["M_BUCKET", "N", "K", "R", "BASE", "HAS_DROPOUT", "BITS"],
     prune_configs_by={"early_config_prune": _gemm_pruner("dy_ptr", "BLOCK_K", "BLOCK_N")},
     restore_value=["dx_ptr"],  # BASE=False adds into dx: benchmarking must not compound
     do_bench=_autotune_bench,
@@ -597,10 +781,13 @@ def _dx_kernel(
     stride_wk,
     stride_ar,
     stride_ak,
-    seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT)
+    bits_ptr,  # [M, ceil(K/32)] int32 packed keep mask of the forward (read only when BITS)
+    stride_bm,
+    seed_ptr,  # [] int64 dropout seed, on the device (read only when HAS_DROPOUT and not BITS)
     threshold,
     inv_keep,
     HAS_DROPOUT: tl.constexpr,
+    BITS: tl.constexpr,  # read the forward's mask instead of drawing it again (~57 instructions per element)
     BASE: tl.constexpr,  # True: dX = dY·W0 + LoRA term. False: dX += LoRA term (cuBLAS already wrote dY·W0)
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -628,7 +815,11 @@ def _dx_kernel(
         at = tl.load(a_ptr + rr[:, None] * stride_ar + rk_in[None, :] * stride_ak, mask=rr[:, None] < R, other=0.0)
         acc = _dot(dxat, at, acc, True, LORA_PREC)
     if HAS_DROPOUT:
-        acc = tl.where(_keep_mask(tl.load(seed_ptr), rm, rk, K, threshold), acc * inv_keep, 0.0)
+        if BITS:
+            keep = load_keep(bits_ptr, rm, rk, stride_bm, (rm[:, None] < M) & (rk[None, :] < K))
+        else:
+            keep = keep_mask(tl.load(seed_ptr), rm, rk, K, threshold)
+        acc = tl.where(keep, acc * inv_keep, 0.0)
 
     dx_mask = (rm[:, None] < M) & (rk[None, :] < K)
     dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * K + rk.to(tl.int64)[None, :]
@@ -660,13 +851,25 @@ def _target_programs(t: torch.Tensor) -> int:
     return 2 * _utils.sm_count_of(t.device)
 
 
+def _fill_programs(t: torch.Tensor) -> int:
+    """Programs that fill the GPU for a kernel whose programs each stream their own rows: one per SM (half of
+    _target_programs). The row-tile kernels shrink their row tile until they reach it before splitting a reduction:
+    at M = 8192 32-row tiles give 256 programs for 132 SMs, no split, no partial sums."""
+    return max(1, _target_programs(t) // 2)
+
+
+# Partial sums of a split shrink are re-read by every column of output tiles of the consumer (N/BLOCK_N times
+# S·M·r·4 bytes from L2), so the split stays small: 16 splits of a 16-row tile already give 16·132 programs'
+# worth of work at small M.
+_MAX_SPLIT = 16
+
+
 def _split(work_tiles: int, other_programs: int, target: int) -> int:
     """Split factor of a reduction over work_tiles tiles so that other_programs · split reaches the target.
 
-    1 under ``torch.use_deterministic_algorithms(True)``: fp32 atomics add in a run-dependent order."""
-    if torch.are_deterministic_algorithms_enabled():
-        return 1
-    return max(1, min(work_tiles, triton.cdiv(target, max(1, other_programs)), 64))
+    The splits write partial sums that their consumer adds in a fixed order (no atomics): the result does not depend
+    on the run, also under ``torch.use_deterministic_algorithms(True)``."""
+    return max(1, min(work_tiles, triton.cdiv(target, max(1, other_programs)), _MAX_SPLIT))
 
 
 def _dropout_args(dropout_p: float, seed: Seed, like: torch.Tensor) -> tuple[bool, torch.Tensor, int, float]:
@@ -687,8 +890,8 @@ def _dropout_args(dropout_p: float, seed: Seed, like: torch.Tensor) -> tuple[boo
 
 
 def _skinny_max_r(device: torch.device) -> int:
-    """r-tile cap of the skinny kernels: their [64, 128] fp32 tiles take up to 160 KiB of shared memory (dxa/dB kernel,
-    fp32 adapters, sm_90), more than sm_86/sm_89 GPUs have (99 KiB); those get 64-wide r-tiles (one more grid axis
+    """r-tile cap of the skinny kernels: their [64, 128] fp32 tiles take up to 160 KiB of shared memory (fp32
+    adapters, sm_90), more than sm_86/sm_89 GPUs have (99 KiB); those get 64-wide r-tiles (one more grid axis
     step for r > 64, same results)."""
     if device.type != "cuda":
         return _SKINNY_MAX_R
@@ -698,6 +901,24 @@ def _skinny_max_r(device: torch.device) -> int:
 def _skinny_block_m(M: int) -> int:
     """Row tile of the skinny kernels: M rounded up to a power of two (at least MIN_DOT), at most _SKINNY_BLOCK."""
     return min(_SKINNY_BLOCK, max(_utils.MIN_DOT, triton.next_power_of_2(M)))
+
+
+def _rows_block(M: int, programs: int) -> int:
+    """Row tile of a kernel whose programs own whole rows: the largest (≤ _skinny_block_m) that still gives
+    ``programs`` programs, at least MIN_DOT rows."""
+    block = _skinny_block_m(M)
+    while block > _utils.MIN_DOT and triton.cdiv(M, block) < programs:
+        block //= 2
+    return block
+
+
+def _cols_block(K: int, N: int, programs: int) -> int:
+    """Column tile of the reduce-over-M kernel (K-tiles of dA plus N-tiles of dB): _SKINNY_BLOCK, or 32 (one
+    packed-mask word) when that gives too few programs (K = N = 4096: 64-wide tiles make 128 programs for 132 SMs,
+    32-wide ones 256)."""
+    if _SKINNY_BLOCK > 32 and triton.cdiv(K, _SKINNY_BLOCK) + triton.cdiv(N, _SKINNY_BLOCK) < programs:
+        return 32
+    return _SKINNY_BLOCK
 
 
 def _triton_base(M: int) -> bool:
@@ -713,23 +934,35 @@ def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
 
 
-def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: Seed) -> torch.Tensor:
-    """xa = dropout(x)·Aᵀ, fp32 [M, r]. x [M, K] (any strides), lora_A [r, K]."""
+def _no_bits(like: torch.Tensor) -> torch.Tensor:
+    """The empty mask: no packed mask was drawn (p = 0, or a backend that regenerates it from the seed)."""
+    return torch.empty((0,), dtype=torch.int32, device=like.device)
+
+
+def _shrink(
+    x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: Seed, bits: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """(xa, splits): xa = dropout(x)·Aᵀ, fp32 [M, r] when splits == 1, else [splits, M, r] partial sums over K for
+    the consumer (_fwd_kernel) to add up. x [M, K] (any strides), lora_A [r, K]; ``bits``: where the packed keep
+    mask is stored (with dropout)."""
     M, K = x.shape
     R = lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
     upcast, _, lora_prec = _utils.tf32_precisions(x.dtype)
-    block_m = _skinny_block_m(M)
     block_r = _utils.block_r(R, _skinny_max_r(x.device))
-    m_tiles, r_tiles, k_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(K, _SKINNY_BLOCK)
-    split_k = _split(k_tiles, m_tiles * r_tiles, _target_programs(x))
-    xa = (torch.zeros if split_k > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
+    r_tiles = triton.cdiv(R, block_r)
+    block_m = _rows_block(M, triton.cdiv(_fill_programs(x), r_tiles))
+    m_tiles, k_tiles = triton.cdiv(M, block_m), triton.cdiv(K, _SKINNY_BLOCK)
+    split_k = 1 if m_tiles * r_tiles >= _fill_programs(x) else _split(k_tiles, m_tiles * r_tiles, _target_programs(x))
+    xa = torch.empty((split_k, M, R) if split_k > 1 else (M, R), dtype=torch.float32, device=x.device)
     same = lora_A.dtype == x.dtype and not upcast
+    store_bits = has_drop and bits is not None
     with _utils.device_ctx(x):
         _dropout_shrink_kernel[(m_tiles, split_k, r_tiles)](
             x,
             lora_A,
             xa,
+            bits if store_bits else xa,
             M,
             K,
             R,
@@ -737,16 +970,79 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: Seed)
             x.stride(1),
             lora_A.stride(0),
             lora_A.stride(1),
+            bits.stride(0) if store_bits else 0,
             seed_t,
             threshold,
             inv_keep,
             HAS_DROPOUT=has_drop,
+            STORE_BITS=store_bits,
             SPLIT_K=split_k,
             F32=not same,
             PREC=lora_prec,
             BLOCK_M=block_m,
             BLOCK_K=_SKINNY_BLOCK,
             BLOCK_R=block_r,
+            num_warps=_SKINNY_WARPS,
+        )
+    return xa, split_k
+
+
+def _shrink_expand(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    y: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Seed,
+    bits: torch.Tensor | None,
+) -> torch.Tensor:
+    """y += scale·(dropout(x)·Aᵀ)·Bᵀ in place, one launch; returns xa [M, r] fp32. r <= _skinny_max_r."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
+    upcast, _, lora_prec = _utils.tf32_precisions(x.dtype)
+    # Below 16·132 = 2112 rows this leaves SMs idle. Splitting N across programs too (each split recomputing its rows'
+    # xa) was tried: the static report predicts it slower (M = 256, K = N = 4096: 1.17 → 1.33 of the base, the
+    # recomputed shrink's instructions), but it models throughput, not one program's latency; a GPU measurement at
+    # M = 512-2048 decides.
+    block_m = _rows_block(M, _fill_programs(x))
+    xa = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    store_bits = has_drop and bits is not None
+    with _utils.device_ctx(x):
+        _shrink_expand_kernel[(triton.cdiv(M, block_m),)](
+            x,
+            lora_A,
+            lora_B,
+            y,
+            xa,
+            bits if store_bits else xa,
+            M,
+            N,
+            K,
+            R,
+            x.stride(0),
+            x.stride(1),
+            lora_A.stride(0),
+            lora_A.stride(1),
+            lora_B.stride(0),
+            lora_B.stride(1),
+            y.stride(0),
+            y.stride(1),
+            bits.stride(0) if store_bits else 0,
+            seed_t,
+            threshold,
+            inv_keep,
+            float(scale),
+            HAS_DROPOUT=has_drop,
+            STORE_BITS=store_bits,
+            F32=not (lora_A.dtype == x.dtype and not upcast),
+            PREC=lora_prec,
+            LORA_PREC=lora_prec,
+            BLOCK_M=block_m,
+            BLOCK_K=_SKINNY_BLOCK,
+            BLOCK_N=_SKINNY_BLOCK,
+            BLOCK_R=_utils.block_r(R),
             num_warps=_SKINNY_WARPS,
         )
     return xa
@@ -761,36 +1057,52 @@ def lora_linear_forward(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: Seed = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_keep_bits: bool = False,
+):
     """Same contract as ``reference.lora_linear.lora_linear_forward``: ``(y [M, N] in x.dtype, xa [M, r] fp32)``.
 
-    ``seed``: a 0-dim int64 tensor (read by the kernels on the device: CUDA-graph safe, no host sync) or an int."""
+    ``seed``: a 0-dim int64 tensor (read by the kernels on the device: CUDA-graph safe, no host sync) or an int.
+    ``return_keep_bits``: also return the dropout keep mask the forward drew, packed (int32 [M, ceil(K/32)], layout of
+    ``reference.dropout.pack_keep_bits``; an empty tensor when p = 0), for ``lora_linear_backward``'s ``keep_bits``.
+    Forward launches: ``_dropout_shrink_kernel`` + ``_fwd_kernel`` on the Triton base (one ``_fwd_kernel`` at decode
+    sizes without dropout), ``torch.mm`` + ``_shrink_expand_kernel`` on the cuBLAS base."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    has_drop = dropout_p > 0.0
     if M == 0 or N == 0 or K == 0:  # nothing to mask: the seed is not read (no sync)
-        return _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, 0)
+        y, xa = _ref.lora_linear_forward(x, weight, lora_A, lora_B, scale, bias, dropout_p, 0)
+        bits = torch.zeros(keep_bits_shape(M, K), dtype=torch.int32, device=x.device) if has_drop else _no_bits(x)
+        return (y, xa, bits) if return_keep_bits else (y, xa)
+    bits = torch.empty(keep_bits_shape(M, K), dtype=torch.int32, device=x.device) if has_drop else None
     if bias is not None:
         bias = bias.contiguous()  # the epilogue indexes bias[n] with unit stride; N elements, a no-op when contiguous
     upcast, prec, lora_prec = _utils.tf32_precisions(x.dtype)
     base = _triton_base(M)
-    fuse = base and dropout_p <= 0.0 and M <= _FUSED_SHRINK_MAX_M and R <= _FUSED_SHRINK_MAX_R
+    if not base:
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        if R <= _skinny_max_r(x.device):
+            xa = _shrink_expand(x, lora_A, lora_B, y, scale, dropout_p, seed, bits)
+            return (y, xa, bits if has_drop else _no_bits(x)) if return_keep_bits else (y, xa)
+    fuse = base and not has_drop and M <= _FUSED_SHRINK_MAX_M and R <= _FUSED_SHRINK_MAX_R
+    splits = 1
     if fuse:
-        xa = torch.empty((M, R), dtype=torch.float32, device=x.device)  # written by the GEMM's first tile column
+        xa = xa_src = torch.empty((M, R), dtype=torch.float32, device=x.device)  # written by the first tile column
     else:
-        xa = _shrink(x, lora_A, dropout_p, seed)
+        xa_src, splits = _shrink(x, lora_A, dropout_p, seed, bits)
+        xa = xa_src if splits == 1 else torch.empty((M, R), dtype=torch.float32, device=x.device)
     if base and not fuse and _tma.tma_supported(x, weight):  # persistent TMA GEMM (Hopper+), LoRA in its epilogue
-        return _tma.fwd_gemm(x, weight, xa, lora_B, scale, bias), xa
+        if splits > 1:  # small M only: the TMA kernel reads a finished xa
+            xa = xa_src.sum(0)
+        y = _tma.fwd_gemm(x, weight, xa, lora_B, scale, bias)
+        return (y, xa, bits if has_drop else _no_bits(x)) if return_keep_bits else (y, xa)
     if base:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    elif bias is not None:
-        y = torch.addmm(bias, x, weight.t())
-    else:
-        y = torch.mm(x, weight.t())
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with _utils.device_ctx(x):
         _fwd_kernel[grid](
             x,
             weight,
+            xa_src,
             xa,
             lora_B,
             lora_A,
@@ -801,12 +1113,13 @@ def lora_linear_forward(
             K,
             R,
             _m_bucket(M),
+            splits,
             x.stride(0),
             x.stride(1),
             weight.stride(0),
             weight.stride(1),
-            xa.stride(0),
-            xa.stride(1),
+            R if splits > 1 else xa.stride(0),
+            1 if splits > 1 else xa.stride(1),
             lora_B.stride(0),
             lora_B.stride(1),
             lora_A.stride(0),
@@ -817,39 +1130,32 @@ def lora_linear_forward(
             HAS_BIAS=bias is not None and base,
             BASE=base,
             FUSE_SHRINK=fuse,
+            XA_PARTIAL=splits > 1,
             SHRINK_F32=lora_A.dtype != x.dtype or upcast,
             UPCAST=upcast,
             PREC=prec,
             LORA_PREC=lora_prec,
             BLOCK_R=_utils.block_r(R, _FUSED_SHRINK_MAX_R if fuse else _PROLOGUE_MAX_R),
         )
-    return y, xa
+    return (y, xa, bits if has_drop else _no_bits(x)) if return_keep_bits else (y, xa)
 
 
-def _dxa_db(
-    dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dxa [M, r] fp32, dB [N, r] fp32) from one pass over dY; in deterministic mode dB from a second, atomic-free
-    pass (dBᵀ = scale·xaᵀ·dY through the dA kernel)."""
+def _dxa(dy: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """dxa = scale·dY·B, fp32 [M, r]: one pass over dY, each program owning its rows over all of N."""
     M, N = dy.shape
     R = lora_B.shape[1]
     upcast, _, lora_prec = _utils.tf32_precisions(dy.dtype)
-    block_m = _skinny_block_m(M)
-    block_n = _SKINNY_BLOCK
     block_r = _utils.block_r(R, _skinny_max_r(dy.device))
-    m_tiles, r_tiles, n_tiles = triton.cdiv(M, block_m), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
-    split_n = _split(n_tiles, m_tiles * r_tiles, _target_programs(dy))
-    dxa = (torch.zeros if split_n > 1 else torch.empty)((M, R), dtype=torch.float32, device=dy.device)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    d_b = torch.zeros((0 if deterministic else N, R), dtype=torch.float32, device=dy.device)
-    same = lora_B.dtype == dy.dtype and not upcast
+    r_tiles = triton.cdiv(R, block_r)
+    # No split over N: below one program per SM (M < 16·132 rows) the pass over dY is short anyway (M = 2048,
+    # N = 4096 bf16: 16 MiB, ~5 µs at the copy bandwidth) and a split would need partial sums in both consumers.
+    block_m = _rows_block(M, triton.cdiv(_fill_programs(dy), r_tiles))
+    dxa = torch.empty((M, R), dtype=torch.float32, device=dy.device)
     with _utils.device_ctx(dy):
-        _dxa_db_kernel[(m_tiles, split_n, r_tiles)](
+        _dxa_kernel[(triton.cdiv(M, block_m), r_tiles)](
             dy,
             lora_B,
-            xa,
             dxa,
-            d_b,
             M,
             N,
             R,
@@ -857,71 +1163,96 @@ def _dxa_db(
             dy.stride(1),
             lora_B.stride(0),
             lora_B.stride(1),
-            xa.stride(0),
-            xa.stride(1),
             float(scale),
-            SPLIT_N=split_n,
-            COMPUTE_DB=not deterministic,
-            F32=not same,
+            F32=not (lora_B.dtype == dy.dtype and not upcast),
             PREC=lora_prec,
             BLOCK_M=block_m,
-            BLOCK_N=block_n,
+            BLOCK_N=_SKINNY_BLOCK,
             BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
         )
-    if deterministic:
-        d_b = _reduce_m(xa, dy, 0.0, 0).mul_(scale).t().contiguous()
-    return dxa, d_b
+    return dxa
 
 
-def _reduce_m(left: torch.Tensor, x: torch.Tensor, dropout_p: float, seed: Seed) -> torch.Tensor:
-    """leftᵀ·dropout(x), fp32 [r, K], for left [M, r] fp32 contiguous and x [M, K] any strides (dA = dxaᵀ·x̂)."""
+def _grad_ab(
+    dxa: torch.Tensor,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    xa: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Seed,
+    bits: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dA [r, K] in lora_A's dtype, dB [N, r] in lora_B's dtype), one launch: dA = dxaᵀ·dropout(x),
+    dB = scale·dYᵀ·xa; ``bits``: the forward's packed mask (None: regenerated from the seed)."""
     M, K = x.shape
-    R = left.shape[1]
-    left = left.contiguous()
+    N, R = lora_B.shape
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
     _, _, lora_prec = _utils.tf32_precisions(x.dtype)
-    block_k = _SKINNY_BLOCK
-    block_m = _skinny_block_m(M)
     block_r = _utils.block_r(R, _skinny_max_r(x.device))
-    k_tiles, r_tiles, m_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(M, block_m)
-    split_m = _split(m_tiles, k_tiles * r_tiles, _target_programs(x))
-    out = (torch.zeros if split_m > 1 else torch.empty)((R, K), dtype=torch.float32, device=x.device)
+    r_tiles = triton.cdiv(R, block_r)
+    block_c = _cols_block(K, N, triton.cdiv(_fill_programs(x), r_tiles))
+    d_a = torch.empty((R, K), dtype=lora_A.dtype, device=x.device)
+    d_b = torch.empty((N, R), dtype=lora_B.dtype, device=x.device)
+    use_bits = has_drop and bits is not None
     with _utils.device_ctx(x):
-        _reduce_m_kernel[(k_tiles, split_m, r_tiles)](
-            left,
+        _grad_ab_kernel[(triton.cdiv(K, block_c) + triton.cdiv(N, block_c), r_tiles)](
+            dxa,
             x,
-            out,
+            xa,
+            dy,
+            bits if use_bits else dxa,
+            d_a,
+            d_b,
             M,
             K,
+            N,
             R,
             x.stride(0),
             x.stride(1),
+            xa.stride(0),
+            xa.stride(1),
+            dy.stride(0),
+            dy.stride(1),
+            bits.stride(0) if use_bits else 0,
             seed_t,
             threshold,
             inv_keep,
+            float(scale),
             HAS_DROPOUT=has_drop,
-            SPLIT_M=split_m,
+            BITS=use_bits,
             PREC=lora_prec,
-            BLOCK_M=block_m,
-            BLOCK_K=block_k,
+            BLOCK_M=_skinny_block_m(M),
+            BLOCK_C=block_c,
             BLOCK_R=block_r,
             num_warps=_SKINNY_WARPS,
         )
-    return out
+    return d_a, d_b
 
 
 def _dx(
-    dy: torch.Tensor, weight: torch.Tensor, dxa: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: Seed
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    dxa: torch.Tensor,
+    lora_A: torch.Tensor,
+    dropout_p: float,
+    seed: Seed,
+    bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dX = dY·W0 + mask ⊙ (dxa·A)/(1-p), x's dtype, contiguous [M, K]."""
+    """dX = dY·W0 + mask ⊙ (dxa·A)/(1-p), x's dtype, contiguous [M, K]; the mask read from ``bits`` when given."""
     M, N = dy.shape
     K, R = weight.shape[1], lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, dy)
+    use_bits = has_drop and bits is not None
     upcast, prec, lora_prec = _utils.tf32_precisions(dy.dtype)
     base = _triton_base(M)
-    if base and not has_drop and _tma.tma_supported(dy, weight):  # dropout: the mask is regenerated by _dx_kernel
-        return _tma.dx_gemm(dy, weight, dxa, lora_A)
+    # Persistent TMA GEMM (Hopper+); with dropout only when the forward kept the mask's bits (it reads them, it does
+    # not draw the mask).
+    if base and (use_bits or not has_drop) and _tma.tma_supported(dy, weight):
+        return _tma.dx_gemm(dy, weight, dxa, lora_A, bits if use_bits else None, inv_keep)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if base else torch.mm(dy, weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     with _utils.device_ctx(dy):
@@ -942,10 +1273,13 @@ def _dx(
             weight.stride(1),
             lora_A.stride(0),
             lora_A.stride(1),
+            bits if use_bits else dxa,
+            bits.stride(0) if use_bits else 0,
             seed_t,
             threshold,
             inv_keep,
             HAS_DROPOUT=has_drop,
+            BITS=use_bits,
             BASE=base,
             UPCAST=upcast,
             PREC=prec,
@@ -953,6 +1287,18 @@ def _dx(
             BLOCK_R=_utils.block_r(R, _PROLOGUE_MAX_R),
         )
     return dx
+
+
+def _check_bits(keep_bits: torch.Tensor | None, M: int, K: int, dropout_p: float) -> torch.Tensor | None:
+    """The packed mask to read, or None (regenerate from the seed): None / empty means the forward drew none."""
+    if keep_bits is None or keep_bits.numel() == 0 or dropout_p <= 0.0:
+        return None
+    if keep_bits.dtype != torch.int32 or tuple(keep_bits.shape) != keep_bits_shape(M, K) or keep_bits.stride(1) != 1:
+        raise ValueError(
+            f"keep_bits must be the forward's packed mask, int32 {keep_bits_shape(M, K)} with unit column stride "
+            f"(or empty), got {keep_bits.dtype} {tuple(keep_bits.shape)}"
+        )
+    return keep_bits
 
 
 def lora_linear_backward(
@@ -968,11 +1314,15 @@ def lora_linear_backward(
     needs_dx: bool = True,
     needs_dweight: bool = False,
     needs_dbias: bool = False,
+    keep_bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as ``reference.lora_linear.lora_linear_backward``: ``(dx, dA, dB, dweight, dbias)``.
 
-    dX, dA, dB come from the kernels above; dW = dYᵀ·x (only when asked) and dbias = Σ_m dY are left to cuBLAS / torch.
-    ``seed``: the forward's seed (tensor or int, see ``lora_linear_forward``); the mask is regenerated from it.
+    Launches: ``_dxa_kernel`` (dxa = scale·dY·B), ``_grad_ab_kernel`` (dA and dB, stored in the adapter's dtype),
+    ``_dx_kernel`` (after cuBLAS's dY·W0 on the cuBLAS base). dW = dYᵀ·x (only when asked) and dbias = Σ_m dY are
+    left to cuBLAS / torch. ``seed``: the forward's seed (tensor or int, see ``lora_linear_forward``).
+    ``keep_bits``: the forward's packed mask (``return_keep_bits``); None or empty: the mask is regenerated from the
+    seed (same mask, bit for bit).
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -980,9 +1330,10 @@ def lora_linear_backward(
         return _ref.lora_linear_backward(
             dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, 0, needs_dx, needs_dweight, needs_dbias
         )
-    dxa, d_b = _dxa_db(dy, lora_B, xa, scale)
-    d_a = _reduce_m(dxa, x, dropout_p, seed)
-    dx = _dx(dy, weight, dxa, lora_A, dropout_p, seed) if needs_dx else None
+    bits = _check_bits(keep_bits, M, K, dropout_p)
+    dxa = _dxa(dy, lora_B, scale)
+    d_a, d_b = _grad_ab(dxa, x, dy, xa, lora_A, lora_B, scale, dropout_p, seed, bits)
+    dx = _dx(dy, weight, dxa, lora_A, dropout_p, seed, bits) if needs_dx else None
     dw = torch.mm(dy.t(), x) if needs_dweight else None
     dbias = dy.sum(0, dtype=torch.float32) if needs_dbias else None
-    return dx, d_a.to(lora_A.dtype), d_b.to(lora_B.dtype), dw, dbias
+    return dx, d_a, d_b, dw, dbias
