@@ -844,9 +844,9 @@ def collect(quick: bool, archs, all_configs: bool, log=print):
 
 
 def first_gemm_compiles(arch: int, shapes=None, log=lambda m: None) -> list[dict]:
-    """The first config of every Triton training GEMM launch (the fused forward and dX, with and without the base
-    product and dropout) as the launchers and the pruner choose it on ``arch``'s card, compiled for ``arch``: one
-    row per distinct kernel specialisation. For a CI check that is quicker than the whole report."""
+    """The first config of every Triton training launch (the GEMMs with and without the base product and dropout,
+    and the skinny kernels around them) as the launchers and the pruner choose it on ``arch``'s card, compiled for
+    ``arch``: one row per distinct kernel specialisation. For a CI check that is quicker than the whole report."""
     rows, seen = [], set()
     for case_name, case, modes, _ in CASES:
         if not case_name.startswith("lk_"):
@@ -860,7 +860,7 @@ def first_gemm_compiles(arch: int, shapes=None, log=lambda m: None) -> list[dict
                     "shape": {"M": M, "K": K, "N": N, "r": r},
                 }
                 for i, l in enumerate(_record(case, (M, K, N, r), mode, GPUS[arch])):
-                    if l.kind != "triton" or l.kernel not in ("_fwd_kernel", "_dx_kernel"):
+                    if l.kind != "triton":
                         continue
                     key = (l.kernel, repr(sorted(_signature(l)[1].items())), l.num_warps, l.num_stages)
                     if key in seen:

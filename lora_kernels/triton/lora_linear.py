@@ -1009,6 +1009,11 @@ def _shrink_expand(
     block_m = _rows_block(M, _fill_programs(x))
     xa = torch.empty((M, R), dtype=torch.float32, device=x.device)
     store_bits = has_drop and bits is not None
+    # Drawing and packing the mask of a 64×64 x tile holds 32 Philox words per thread at 4 warps: on sm_80 (mma.sync
+    # fragments in registers too) that compiled to 255 registers and spilled 184 bytes (triton 3.9); 8 warps halve it.
+    # sm_90 compiles the 4-warp kernel without spills.
+    gpu = _gemm_device(x.device)
+    warps = 2 * _SKINNY_WARPS if has_drop and gpu is not None and gpu[0] < (9, 0) else _SKINNY_WARPS
     with _utils.device_ctx(x):
         _shrink_expand_kernel[(triton.cdiv(M, block_m),)](
             x,
@@ -1043,7 +1048,7 @@ def _shrink_expand(
             BLOCK_K=_SKINNY_BLOCK,
             BLOCK_N=_SKINNY_BLOCK,
             BLOCK_R=_utils.block_r(R),
-            num_warps=_SKINNY_WARPS,
+            num_warps=warps,
         )
     return xa
 
