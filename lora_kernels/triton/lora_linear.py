@@ -32,10 +32,13 @@ BASE_GEMMS = ("auto", "triton", "cublas")
 # the fused Triton GEMM here is the plain (cp.async + wgmma, non-TMA, non-persistent) kind, which measured 25-45%
 # slower than cuBLAS on an H100 (bf16, 2026-11-25), so at training sizes it would make the layer slower than PEFT's
 # unfused LoRA (1.26x / 1.32x the base); the cuBLAS path costs one extra read and write of y / dX instead (~6-12%
-# predicted by benchmarks/static_report.py). Decode-sized batches (≤ 256 rows, the largest decode shape of
-# BENCHMARKS.md) keep the fused kernel: there W0's read dominates and one launch fewer matters. Raise the limit only
-# when a GPU measurement shows the Triton path within 2% of cuBLAS at that shape class.
-_TRITON_BASE_MAX_M = 256
+# predicted by benchmarks/static_report.py). Decode-sized batches of ≤ 64 rows keep the fused kernel (one launch, the
+# shrink inside it): there W0's read dominates and one launch fewer matters; the report predicts 1.004-1.008x the
+# base at M = 1, 16, 64. At 256 rows the Triton GEMM's compute (8.6 GFLOP at K = N = 4096, at 1.35x cuBLAS's time)
+# no longer hides under W0's read: predicted 1.45-1.53x fused against 1.09-1.17x for cuBLAS + the shrink+expand
+# kernel, so those take the cuBLAS base. Raise the limit only when a GPU measurement shows the Triton path within 2%
+# of cuBLAS at that shape class.
+_TRITON_BASE_MAX_M = 64
 
 # The LoRA prologues of the two GEMMs walk r in chunks of at most 32: an fp32 xa tile (BLOCK_M×32) and B tile
 # (32×BLOCK_N) stay small next to the main loop's buffers, and r = 16 or 32 (the common ranks) is one step.
@@ -78,6 +81,9 @@ _CUDA_TILES = [
     (128, 256, 64, 8, 8, 3),
     (128, 128, 64, 8, 8, 4),
     (128, 128, 64, 8, 4, 4),
+    # First for 33-64-row batches: 64 programs at N = 4096 against 32 for 64×128, so that more SMs pull W0 (predicted
+    # 1.008x the base at M = 64 against 1.58x).
+    (64, 64, 128, 8, 4, 4),
     (64, 128, 64, 8, 4, 4),
     (128, 64, 64, 8, 4, 4),
     (32, 128, 128, 8, 4, 4),
