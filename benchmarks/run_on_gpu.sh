@@ -37,6 +37,7 @@ card() {
 # each kernel runs, the one the static report (benchmarks/static_report.py) predicts; autotuning every config of
 # every kernel variant would not fit in the phase's 10 minutes.
 TRAIN_SHAPES="4096:4096:16 4096:4096:64 4096:14336:16 14336:4096:16 4096:14336:64 14336:4096:64"
+# lk_triton_base takes the persistent TMA kernels on an H100 (aligned bf16 operands).
 TRAIN_PROVIDERS="base,eager,peft,lk_cublas_base,lk_triton_base"
 
 case "$phase" in
@@ -44,7 +45,8 @@ case "$phase" in
     card
     # (a) Correctness of every Triton kernel against the float64 reference, bf16 included (the interpreter cannot
     # check bf16 tl.dot), then the inputs checks. No -x: one failure must not hide the others.
-    run tests_kernels 240 $py -m pytest tests/test_lora_linear.py tests/test_fused_shrink.py tests/test_multi_lora.py \
+    run tests_kernels 300 $py -m pytest tests/test_lora_linear.py tests/test_lora_linear_tma.py \
+        tests/test_lora_linear_launches.py tests/test_dropout_bits.py tests/test_fused_shrink.py tests/test_multi_lora.py \
         tests/test_multi_lora_serving.py tests/test_lora_decode.py -q -rfE \
         -p no:cacheprovider --maxfail=25 --durations=10
     run tests_inputs 60 $py -m pytest tests/test_bad_inputs.py tests/test_base_gemm_choice.py -q -rfE \
