@@ -359,3 +359,18 @@ def test_auto_keeps_the_cublas_base_at_training_sizes(spied, monkeypatch):
     monkeypatch.setattr(LL, "_TRITON_BASE_MAX_M", 4)  # a 7-row batch stands for a training-sized one
     _layer_against_reference(LL, 7, 48, 32, 3, torch.float16, 0.0)
     assert calls == []
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_tma_forward_after_a_split_shrink(spied, monkeypatch, p):
+    # A small batch on a big GPU splits the shrink over K into partial sums; the TMA forward reads a finished xa, so
+    # the partials are added up first (a wrong or missing sum changes y and the saved xa).
+    LL, calls = spied
+    monkeypatch.setattr(LL, "_target_programs", lambda t: 64)
+    splits = []
+    real = LL._shrink
+    monkeypatch.setattr(LL, "_shrink", lambda *a, **k: splits.append(real(*a, **k)[1]) or real(*a, **k))
+    _layer_against_reference(LL, 7, 96, 32, 7, torch.float16, p)
+    assert splits and splits[0] > 1, splits
+    assert calls == ["fwd_gemm", "dx_gemm"]
