@@ -28,6 +28,8 @@ SHARED_INTERNALS = frozenset(
         "lora_kernels.ops._validate",
         "lora_kernels.triton._utils",
         "lora_kernels.triton._compat",
+        "lora_kernels.triton._dropout",
+        "lora_kernels.triton._gemm",
     }
 )
 

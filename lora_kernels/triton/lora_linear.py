@@ -9,8 +9,6 @@ Kernels, launches, tiles, precision and CUDA graphs: docs/lora_linear.md; what i
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -18,10 +16,17 @@ import triton.language as tl
 from .. import _backend
 from ..reference import lora_linear as _ref
 from ..reference.dropout import dropout_threshold, keep_bits_shape
-from . import _utils
+from . import _gemm, _utils
 from . import lora_linear_tma as _tma
 from ._compat import patch_interpreter
 from ._dropout import keep_mask, load_keep, pack_bits
+from ._gemm import (
+    AUTOTUNE_ENV_VAR,  # noqa: F401  (the switch is read from this module by users and benchmarks)
+    autotune_off,
+)
+from ._gemm import autotune_bench as _autotune_bench
+from ._gemm import dot as _dot
+from ._gemm import tile_of as _tile_of
 
 # "triton": y and dX come from the fused Triton GEMMs. "cublas": cuBLAS computes the base product, the Triton kernels
 # add the LoRA term in place. "auto": see _TRITON_BASE_MAX_M. Module-level so benchmarks can flip it; read on every
@@ -56,9 +61,6 @@ _FUSED_SHRINK_MAX_R = 64
 _FUSED_SHRINK_MAX_TILE = 64 * 128
 # The skinny kernels hold all of r (up to 128) in one tile so dY / x are read once; larger r adds a grid axis.
 _SKINNY_MAX_R = 128
-# The autotune key buckets M to a power of two (capped): training with varying sequence lengths must not re-tune on
-# every new M.
-_M_BUCKET_CAP = 16384
 
 # The dropout seed: a 0-dim int64 tensor on the device (graph-safe, no host sync) or a Python int.
 Seed = torch.Tensor | int
@@ -69,8 +71,6 @@ patch_interpreter()
 
 
 # ------------------------------------------------------------------------------------------------------ configs
-# Environment variable: "0" turns benchmarking of the GEMM tile configurations off (first fitting config is used).
-AUTOTUNE_ENV_VAR = "LORA_KERNELS_AUTOTUNE"
 # Shared memory one program may use for its pipelined operand tiles. An H100 block can have 227 KiB; the rest is
 # left for the LoRA prologue's tiles and the epilogue.
 _SMEM_BUDGET = 192 * 1024
@@ -137,10 +137,7 @@ def _gemm_configs(col_key: str, red_key: str, tiles=None):
     (forward: BLOCK_N × BLOCK_K; dX: BLOCK_K × BLOCK_N)."""
     if tiles is None:
         tiles = [_INTERPRETER_TILE] if _INTERPRET_AT_IMPORT else _CUDA_TILES
-    return [
-        triton.Config({"BLOCK_M": bm, col_key: bc, red_key: br, "GROUP_M": g}, num_warps=w, num_stages=st)
-        for bm, bc, br, g, w, st in tiles
-    ]
+    return _gemm.configs(col_key, red_key, tiles)
 
 
 def _gemm_device(device: torch.device) -> tuple[tuple[int, int], int] | None:
@@ -209,21 +206,11 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
             kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
         if not kept:  # a small safe tile: 64×64 outputs, 32-deep steps, 2 stages (≤ 32 KiB even in fp32)
             kept = [triton.Config({"BLOCK_M": 64, col_key: 64, red_key: 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
-        if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
+        if autotune_off():
             kept = kept[:1]
         return kept
 
     return prune
-
-
-def _autotune_bench(kernel_call, quantiles):
-    """Timing function of the autotuners. triton's Autotuner benchmarks whenever the kernel has more than one config
-    in its list, even when the pruner leaves one, i.e. also with $LORA_KERNELS_AUTOTUNE=0: ~0.1 s of launches and
-    device syncs per new key. With autotuning off nothing is launched here (the single config just runs), so no
-    device sync happens on a new shape."""
-    if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
-        return [0.0 for _ in quantiles]
-    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
 
 
 # Tiles of the skinny (memory-bound) kernels: fixed, not autotuned, because their split factors depend on the tiles.
@@ -234,26 +221,9 @@ _SKINNY_WARPS = 4
 
 # ---------------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _dot(a, b, acc, F32: tl.constexpr, PREC: tl.constexpr):
-    """acc + a·b, with both operands taken to fp32 first when F32 (mixed dtypes, fp32 operands, interpreter bf16)."""
-    if F32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC)
-
-
-@triton.jit
 def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program with GROUP_M row-tiles walked together, so their column tiles share L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_rows
-    pid_n = (pid % in_group) // group_rows
-    return pid_m, pid_n
+    return _tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
 
 # ---------------------------------------------------------------------------------------------------------- kernels
@@ -936,10 +906,6 @@ def _triton_base(M: int) -> bool:
     return BASE_GEMM == "triton"
 
 
-def _m_bucket(M: int) -> int:
-    return min(triton.next_power_of_2(M), _M_BUCKET_CAP)
-
-
 def _no_bits(like: torch.Tensor) -> torch.Tensor:
     """The empty mask: no packed mask was drawn (p = 0, or a backend that regenerates it from the seed)."""
     return torch.empty((0,), dtype=torch.int32, device=like.device)
@@ -1123,7 +1089,7 @@ def lora_linear_forward(
             N,
             K,
             R,
-            _m_bucket(M),
+            _gemm.m_bucket(M),
             splits,
             x.stride(0),
             x.stride(1),
@@ -1277,7 +1243,7 @@ def _dx(
             N,
             K,
             R,
-            _m_bucket(M),
+            _gemm.m_bucket(M),
             dy.stride(0),
             dy.stride(1),
             weight.stride(0),

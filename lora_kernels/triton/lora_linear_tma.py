@@ -21,16 +21,18 @@ See docs/lora_linear.md ("TMA base GEMM").
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _backend
-from . import _utils
+from . import _gemm, _utils
 from ._compat import patch_interpreter
 from ._dropout import load_keep
+from ._gemm import autotune_bench, autotune_off
+from ._gemm import dot as _dot
+from ._gemm import tile_of as _tile_of
 
 _INTERPRET_AT_IMPORT = _backend.interpreter_enabled()
 # triton 3.6's interpreter + numpy >= 2.4 cannot run loops with runtime bounds (see _compat.py); no-op otherwise.
@@ -44,8 +46,6 @@ _TMA_MIN_CAPABILITY = 9
 # The LoRA epilogue walks r in chunks of at most 32: the fp32 xa / dxa tile (BLOCK_M × 32) and B / A tile
 # (32 × BLOCK_N) stay small next to the accumulator, and r = 16 or 32 (the common ranks) is one step.
 _EPILOGUE_MAX_R = 32
-# Environment variable shared with lora_linear.py: "0" turns benchmarking of the tile configurations off.
-AUTOTUNE_ENV_VAR = "LORA_KERNELS_AUTOTUNE"
 # Shared memory of an H100 block (227 KiB) is the budget when the device cannot be asked (the static report).
 _SMEM_H100 = 227 * 1024
 # Programs of a persistent grid in the interpreter: 2, so that test shapes give each program several tiles.
@@ -75,13 +75,6 @@ _DROPOUT_MAX_PER_THREAD = 64
 _INTERPRETER_TILE = (32, 32, 32, 2, 4, 1)
 
 
-def _configs(col_key: str, red_key: str, tiles) -> list:
-    return [
-        triton.Config({"BLOCK_M": bm, col_key: bc, red_key: br, "GROUP_M": g}, num_warps=w, num_stages=st)
-        for bm, bc, br, g, w, st in tiles
-    ]
-
-
 def _smem(device: torch.device) -> int:
     return _utils.smem_of(device) if device.type == "cuda" else _SMEM_H100
 
@@ -101,7 +94,7 @@ def _pruner(operand: str, out: str, col_key: str, red_key: str):
         dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
         smem = _smem(named_args[operand].device)
         if elem >= 4:
-            configs = _configs(col_key, red_key, _TILES_FP32)
+            configs = _gemm.configs(col_key, red_key, _TILES_FP32)
         kept = []
         for c in configs:
             kw = c.kwargs
@@ -115,46 +108,18 @@ def _pruner(operand: str, out: str, col_key: str, red_key: str):
             kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
         if not kept:  # a small safe tile: 64×64 outputs, 32-deep steps, 2 stages (<= 48 KiB even in fp32)
             kept = [triton.Config({"BLOCK_M": 64, col_key: 64, red_key: 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
-        if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
+        if autotune_off():
             kept = kept[:1]
         return kept
 
     return prune
 
 
-def _bench(kernel_call, quantiles):
-    """Timing function of the autotuners: nothing is launched when autotuning is off (see lora_linear.py)."""
-    if os.environ.get(AUTOTUNE_ENV_VAR, "1").strip() == "0":
-        return [0.0 for _ in quantiles]
-    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
-
-
 def _tiles(col_key: str, red_key: str):
-    return _configs(col_key, red_key, [_INTERPRETER_TILE] if _INTERPRET_AT_IMPORT else _TILES)
+    return _gemm.configs(col_key, red_key, [_INTERPRETER_TILE] if _INTERPRET_AT_IMPORT else _TILES)
 
 
 # ---------------------------------------------------------------------------------------------------- jit helpers
-@triton.jit
-def _dot(a, b, acc, F32: tl.constexpr, PREC: tl.constexpr):
-    """acc + a·b, with both operands taken to fp32 first when F32 (fp32 LoRA operands, interpreter bf16)."""
-    if F32:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC)
-
-
-@triton.jit
-def _tile_of(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of output tile number ``tile`` with GROUP_M row-tiles walked together (their column tiles share
-    L2), the order of the non-persistent kernels."""
-    in_group = GROUP_M * num_n
-    first_m = (tile // in_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % in_group) % group_rows
-    pid_n = (tile % in_group) // group_rows
-    return pid_m, pid_n
-
-
 @triton.jit
 def _dx_lora(
     acc,
@@ -197,7 +162,7 @@ def _dx_lora(
     configs=_tiles("BLOCK_N", "BLOCK_K"),
     key=["M_BUCKET", "N", "K", "R", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _pruner("x_ptr", "y_ptr", "BLOCK_N", "BLOCK_K")},
-    do_bench=_bench,
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _fwd_tma_kernel(
@@ -280,7 +245,7 @@ def _fwd_tma_kernel(
     configs=_tiles("BLOCK_K", "BLOCK_N"),
     key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _pruner("dy_ptr", "dx_ptr", "BLOCK_K", "BLOCK_N")},
-    do_bench=_bench,
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _dx_tma_kernel(
@@ -443,10 +408,6 @@ def _grid_stride(device: torch.device, max_programs: int | None) -> int:
     return _utils.sm_count_of(device) if device.type == "cuda" else _INTERPRETER_PROGRAMS
 
 
-def _m_bucket(M: int) -> int:
-    return min(triton.next_power_of_2(M), 16384)  # as lora_linear's key: varying sequence lengths do not re-tune
-
-
 def fwd_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -483,7 +444,7 @@ def fwd_gemm(
             N,
             K,
             R,
-            _m_bucket(M),
+            _gemm.m_bucket(M),
             x.stride(0),
             weight.stride(0),
             xa.stride(0),
@@ -543,7 +504,7 @@ def dx_gemm(
             N,
             K,
             R,
-            _m_bucket(M),
+            _gemm.m_bucket(M),
             dy.stride(0),
             weight.stride(0),
             dxa.stride(0),
