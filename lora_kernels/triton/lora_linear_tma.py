@@ -121,39 +121,41 @@ def _tiles(col_key: str, red_key: str):
 
 # ---------------------------------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _dx_lora(
+def _lora_term(
     acc,
-    dxa_ptr,
-    a_ptr,
+    left_ptr,  # [M, R] fp32: xa (forward) or dxa (dX)
+    right_ptr,  # [R, C] view: Bᵀ (forward, C = N) or A (dX, C = K)
     rm,
-    rk,
+    rc,
     M,
-    K,
+    C,
     R,
-    stride_dxam,
-    stride_dxar,
-    stride_ar,
-    stride_ak,
+    stride_lm,
+    stride_lr,
+    stride_rr,
+    stride_rc,
+    scale,
     LORA_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """acc + dxa[rm, :]·A[:, rk] (fp32), r walked in BLOCK_R chunks; rows / columns past M / K read zeros."""
+    """acc + (scale·left[rm, :])·right[:, rc] (fp32), r walked in BLOCK_R chunks; rows / columns past M / C read
+    zeros. The K = r product of both kernels' LoRA term."""
     m_ok = rm < M
-    k_ok = rk < K
+    c_ok = rc < C
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < R
-        dxat = tl.load(
-            dxa_ptr + rm.to(tl.int64)[:, None] * stride_dxam + rr[None, :] * stride_dxar,
+        lt = tl.load(
+            left_ptr + rm.to(tl.int64)[:, None] * stride_lm + rr[None, :] * stride_lr,
             mask=m_ok[:, None] & r_ok[None, :],
             other=0.0,
         )
-        at = tl.load(
-            a_ptr + rr[:, None] * stride_ar + rk.to(tl.int64)[None, :] * stride_ak,
-            mask=r_ok[:, None] & k_ok[None, :],
+        rt = tl.load(
+            right_ptr + rr[:, None] * stride_rr + rc.to(tl.int64)[None, :] * stride_rc,
+            mask=r_ok[:, None] & c_ok[None, :],
             other=0.0,
         )
-        acc = _dot(dxat, at, acc, True, LORA_PREC)
+        acc = _dot(lt * scale, rt, acc, True, LORA_PREC)
     return acc
 
 
@@ -218,20 +220,9 @@ def _fwd_tma_kernel(
         rn = off_n + tl.arange(0, BLOCK_N)
         m_ok = rm < M
         n_ok = rn < N
-        for r0 in range(0, R, BLOCK_R):
-            rr = r0 + tl.arange(0, BLOCK_R)
-            r_ok = rr < R
-            xat = tl.load(
-                xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
-                mask=m_ok[:, None] & r_ok[None, :],
-                other=0.0,
-            )
-            bt = tl.load(  # [BLOCK_R, BLOCK_N]: Bᵀ tile
-                b_ptr + rn.to(tl.int64)[None, :] * stride_bn + rr[:, None] * stride_br,
-                mask=n_ok[None, :] & r_ok[:, None],
-                other=0.0,
-            )
-            acc = _dot(xat * scale, bt, acc, True, LORA_PREC)
+        acc = _lora_term(
+            acc, xa_ptr, b_ptr, rm, rn, M, N, R, stride_xam, stride_xar, stride_br, stride_bn, scale, LORA_PREC, BLOCK_R
+        )
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = acc.to(y_ptr.dtype.element_ty)
@@ -300,8 +291,22 @@ def _dx_tma_kernel(
             # The masked LoRA term needs its own fp32 tile until the mask selects from it; after the main loop that
             # is a second tile next to the accumulator (128×128 at 8 warps: 255 registers and 72 bytes of spills on
             # sm_90). Before the main loop it is the accumulator's initial value: one tile live.
-            acc = _dx_lora(
-                acc, dxa_ptr, a_ptr, rm, rk, M, K, R, stride_dxam, stride_dxar, stride_ar, stride_ak, LORA_PREC, BLOCK_R
+            acc = _lora_term(
+                acc,
+                dxa_ptr,
+                a_ptr,
+                rm,
+                rk,
+                M,
+                K,
+                R,
+                stride_dxam,
+                stride_dxar,
+                stride_ar,
+                stride_ak,
+                1.0,
+                LORA_PREC,
+                BLOCK_R,
             )
             keep = load_keep(bits_ptr, rm, rk, stride_bm, (rm < M)[:, None] & (rk < K)[None, :])
             acc = tl.where(keep, acc * inv_keep, 0.0)
@@ -311,8 +316,22 @@ def _dx_tma_kernel(
             acc = _dot(dyt, wt, acc, UPCAST, PREC)
         # LoRA epilogue (no dropout): acc += dxa_tile·A_tile, a K = r product into the same accumulator.
         if not HAS_DROPOUT:
-            acc = _dx_lora(
-                acc, dxa_ptr, a_ptr, rm, rk, M, K, R, stride_dxam, stride_dxar, stride_ar, stride_ak, LORA_PREC, BLOCK_R
+            acc = _lora_term(
+                acc,
+                dxa_ptr,
+                a_ptr,
+                rm,
+                rk,
+                M,
+                K,
+                R,
+                stride_dxam,
+                stride_dxar,
+                stride_ar,
+                stride_ak,
+                1.0,
+                LORA_PREC,
+                BLOCK_R,
             )
         out = acc.to(dx_ptr.dtype.element_ty)
         if OUT_TMA:
