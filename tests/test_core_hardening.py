@@ -586,16 +586,19 @@ def test_triton_kernels_round_once(dtype, device, monkeypatch):
 
 # --------------------------------------------------------------------------------- dropout offsets past 2^31, 2^32
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device with ~30 GB free")
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device with ~40 GB free")
 def test_dropout_mask_offsets_past_2_to_the_32_on_gpu(monkeypatch):
-    """The mask of element (m, k) is keyed by the int64 offset m·K + k. With x of more than 2^32 elements, an int32
-    (or uint32) offset wraps and the last rows get another row's mask. W0 = 0, so S = dropout(x)·Aᵀ and dX =
-    mask⊙(dS·A)/(1-p) of the last rows can be checked against the reference Philox at their true offsets."""
-    from lora_kernels.reference.dropout import RAND_BITS, dropout_threshold, philox_randint
+    """Element (m, k) of x sits at the int64 offset m·K + k, and its mask word at Philox counter m·ceil(K/4) + k // 4
+    (word k % 4). With x of more than 2^33 elements, element offsets pass 2^32 and counters pass 2^31: an int32 (or
+    uint32) index wraps and the last rows get another row's data or mask. W0 = 0, so S = dropout(x)·Aᵀ and dX =
+    mask⊙(dS·A)/(1-p) of the last rows can be checked against the reference Philox at their true counters."""
+    from lora_kernels.reference.dropout import RAND_BITS, WORDS_PER_COUNTER, dropout_threshold, philox_4x32
 
-    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")  # no tile benchmarking on 8.6 GB inputs
+    if torch.cuda.mem_get_info()[0] < 40e9:
+        pytest.skip("needs ~40 GB of free GPU memory (x and dX of 2^33 fp16 elements)")
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")  # no tile benchmarking on 17 GB inputs
     K_, R_, N_, p, tail = 2048, 4, 8, 0.5, 48
-    M_ = (1 << 32) // K_ + tail  # 4.3e9 elements: fp16 x is 8.6 GB, dx as much
+    M_ = (1 << 33) // K_ + tail  # 8.6e9 elements: fp16 x is 17 GB, dx as much
     dev = "cuda"
     torch.manual_seed(0)
     x = torch.randn(M_, K_, device=dev, dtype=torch.float16)
@@ -607,12 +610,18 @@ def test_dropout_mask_offsets_past_2_to_the_32_on_gpu(monkeypatch):
     _, xa, _ = torch.ops.lora_kernels.lora_linear_fwd(x, w, a, b, None, 1.0, p, seed_t, "triton")
     dy = torch.randn(M_, N_, device=dev, dtype=torch.float16)
     dx, *_ = torch.ops.lora_kernels.lora_linear_bwd(dy, x, w, a, b, xa, 1.0, p, seed_t, "triton", True, False, False)
+    groups = K_ // WORDS_PER_COUNTER
     rows = torch.cat(
-        [torch.arange(0, 8), torch.arange((1 << 31) // K_ - 8, (1 << 31) // K_ + 8), torch.arange(M_ - tail, M_)]
+        [
+            torch.arange(0, 8),
+            torch.arange((1 << 31) // groups - 8, (1 << 31) // groups + 8),
+            torch.arange(M_ - tail, M_),
+        ]
     ).to(dev)
-    offsets = rows[:, None].to(torch.int64) * K_ + torch.arange(K_, device=dev)[None, :]
-    assert int(offsets.max()) >= 1 << 32
-    keep = (philox_randint(seed, offsets) >> (32 - RAND_BITS)) >= dropout_threshold(p)
+    counters = rows[:, None].to(torch.int64) * groups + torch.arange(groups, device=dev)[None, :]
+    assert int(counters.max()) >= 1 << 31 and int(rows.max()) * K_ >= 1 << 32
+    words = torch.stack(philox_4x32(seed, counters), dim=-1).reshape(len(rows), K_)
+    keep = (words >> (32 - RAND_BITS)) >= dropout_threshold(p)
     xd = torch.where(keep, x[rows].float() / (1 - p), torch.zeros((), device=dev))
     s_ref = xd @ a.float().T
     torch.testing.assert_close(xa[rows], s_ref, atol=1e-2, rtol=1e-2)

@@ -5,13 +5,15 @@ Every function takes ``acc_dtype=`` (float32 by default, float64 for float64 inp
 """
 
 from . import multi_lora  # noqa: F401 (lora_kernels.reference.multi_lora is part of this package's API)
-from .dropout import apply_dropout, dropout_keep_mask, dropout_threshold, philox_randint
+from .dropout import apply_dropout, dropout_keep_mask, dropout_threshold, dropout_words, philox_4x32, philox_randint
 from .lora_linear import lora_linear_backward, lora_linear_forward
 
 __all__ = [
     "apply_dropout",
     "dropout_keep_mask",
     "dropout_threshold",
+    "dropout_words",
+    "philox_4x32",
     "philox_randint",
     "lora_linear_backward",
     "lora_linear_forward",

@@ -1,12 +1,14 @@
 """Counter-based dropout mask, bit-identical to the one the Triton kernels draw.
 
-The mask of element ``(m, k)`` of an ``M × K`` input is a pure function of ``(seed, m·K + k)``: the first 32-bit word of
-Philox-4x32 with 10 rounds (the generator behind ``tl.randint``), keyed by the 64-bit seed, counter
-``(offset_lo, offset_hi, 0, 0)``. An element is kept when the word's top 24 bits are ``>= round(p · 2^24)``, so the
-keep-probability is ``1 - p`` to within 2^-24 and every backend (PyTorch, Triton, CUDA) draws the same mask from the
-same seed. The seed alone regenerates the mask; the Triton kernels draw it once per step and keep it between forward
-and backward as a bit mask (:func:`pack_keep_bits`, 1 bit per element: 4 MiB for an 8192 × 4096 input) because
-Philox costs ~57 instructions per element and each regeneration is a pass of that cost.
+The mask of an ``M × K`` input is a pure function of the seed and the element's position. Each row is cut into groups
+of 4 consecutive columns; group ``g`` of row ``m`` is the Philox-4x32 counter ``m·ceil(K/4) + g`` (10 rounds, the
+generator behind ``tl.randint4x``, keyed by the 64-bit seed, counter ``(offset_lo, offset_hi, 0, 0)``), and its four
+32-bit output words go to the group's four columns in order. An element is kept when its word's top 24 bits are
+``>= round(p · 2^24)``, so the keep-probability is ``1 - p`` to within 2^-24 and every backend (PyTorch, Triton)
+draws the same mask from the same seed. One Philox call yields four elements' words: a Philox call costs ~57
+instructions, so drawing one word per call (as a plain ``tl.randint`` per element does) spent 4x the arithmetic.
+The seed alone regenerates the mask; the Triton kernels draw it once per step and keep it between forward and backward
+as a bit mask (:func:`pack_keep_bits`, 1 bit per element: 4 MiB for an 8192 × 4096 input).
 
 Here it is computed with int64 tensor arithmetic (32×32-bit products split into 16-bit halves so nothing overflows),
 which is slow but exact; it is the spec and the CPU fallback.
@@ -43,8 +45,9 @@ def _mul_hi_lo(a: torch.Tensor, b: int):
     return hi & _MASK32, lo
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """First word of Philox-4x32-10 at counter ``offsets`` (int64 tensor) for ``seed``; uint32 values in int64."""
+def philox_4x32(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four words of Philox-4x32-10 at counter ``offsets`` (int64 tensor) for ``seed`` (``tl.randint4x``);
+    uint32 values held in int64."""
     seed = int(seed) & ((1 << 64) - 1)
     k0 = seed & _MASK32
     k1 = (seed >> 32) & _MASK32
@@ -59,15 +62,32 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First word of Philox-4x32-10 at counter ``offsets`` (``tl.randint``); uint32 values in int64."""
+    return philox_4x32(seed, offsets)[0]
+
+
+# Columns per Philox counter: one call's four output words serve four consecutive elements of a row.
+WORDS_PER_COUNTER = 4
+
+
+def dropout_words(seed: int, rows: int, cols: int, device=None) -> torch.Tensor:
+    """The 32-bit random word of every element of a ``rows × cols`` input (uint32 values in int64), as laid out in
+    the module docstring: element ``(m, k)`` takes word ``k % 4`` of counter ``m·ceil(cols/4) + k // 4``."""
+    groups = -(-cols // WORDS_PER_COUNTER)
+    counters = torch.arange(rows * groups, dtype=torch.int64, device=device).view(rows, groups)
+    words = torch.stack(philox_4x32(seed, counters), dim=-1)  # [rows, groups, 4]
+    return words.reshape(rows, groups * WORDS_PER_COUNTER)[:, :cols]
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """Boolean keep mask ``[rows, cols]`` for element offsets ``m·cols + k``."""
+    """Boolean keep mask ``[rows, cols]`` (layout: :func:`dropout_words`)."""
     if p <= 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
-    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
-    bits = philox_randint(seed, offsets) >> (32 - RAND_BITS)
+    bits = dropout_words(seed, rows, cols, device=device) >> (32 - RAND_BITS)
     return bits >= dropout_threshold(p)
 
 
