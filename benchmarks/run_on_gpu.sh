@@ -46,7 +46,7 @@ case "$phase" in
     # (a) Correctness of every Triton kernel against the float64 reference, bf16 included (the interpreter cannot
     # check bf16 tl.dot), then the inputs checks. No -x: one failure must not hide the others.
     run tests_kernels 300 $py -m pytest tests/test_lora_linear.py tests/test_lora_linear_tma.py \
-        tests/test_lora_linear_launches.py tests/test_dropout_bits.py tests/test_fused_shrink.py tests/test_multi_lora.py \
+        tests/test_lora_linear_launches.py tests/test_dropout_bits.py tests/test_dy_pass.py tests/test_fused_shrink.py tests/test_multi_lora.py \
         tests/test_multi_lora_serving.py tests/test_lora_decode.py -q -rfE \
         -p no:cacheprovider --maxfail=25 --durations=10
     run tests_inputs 60 $py -m pytest tests/test_bad_inputs.py tests/test_base_gemm_choice.py -q -rfE \

@@ -397,20 +397,44 @@ def _t_dxa(l: Launch, a):
     l.main_loop_trips = _cdiv(N, a["BLOCK_N"])
 
 
+def _t_dy_pass(l: Launch, a):
+    M, N, R = a["M"], a["N"], a["R"]
+    # dY once; B and xa (xa re-read by each column split, from L2); both sets of partial sums written once.
+    m_tiles = _cdiv(M, a["BLOCK_M"])
+    l.hbm_read = M * N * _el(a, "dy_ptr") + N * R * _el(a, "b_ptr") + M * R * 4
+    l.hbm_write = (a["N_SPLITS"] * M + m_tiles * N) * R * 4
+    l.flops = 4 * M * N * R
+    l.main_loop_trips = _cdiv(_cdiv(N, a["BLOCK_N"]), a["N_SPLITS"])
+
+
 def _t_grad_ab(l: Launch, a):
     M, K, N, R = a["M"], a["K"], a["N"], a["R"]
-    # dA programs: x (or x and the mask bits) and dxa; dB programs: dY and xa. Outputs once, in the adapter dtype.
-    l.hbm_read = M * K * _el(a, "x_ptr") + M * N * _el(a, "dy_ptr") + 2 * M * R * 4
+    # dA programs: x (or x and the mask bits) and dxa; dB programs: dY and xa, or the one-pass kernel's dB partial
+    # sums. Outputs once, in the adapter dtype.
+    if a["DB_PARTS"]:
+        l.hbm_read = M * K * _el(a, "x_ptr") + M * R * 4 + a["DB_PARTS"] * N * R * 4
+    else:
+        l.hbm_read = M * K * _el(a, "x_ptr") + M * N * _el(a, "dy_ptr") + 2 * M * R * 4
     l.hbm_read += _bits_bytes(a) if a["BITS"] else 0
     l.hbm_write = R * K * _el(a, "da_ptr") + N * R * _el(a, "db_ptr")
     l.flops = 2 * M * K * R + 2 * M * N * R
     l.main_loop_trips = _cdiv(M, a["BLOCK_M"])
+    if a["DB_PARTS"]:  # the dB programs add DB_PARTS partials instead of walking M: the programs' mean trip count
+        k_tiles, n_tiles = _cdiv(K, a["BLOCK_C"]), _cdiv(N, a["BLOCK_C"])
+        l.main_loop_trips = _cdiv(k_tiles * l.main_loop_trips + n_tiles * a["DB_PARTS"], k_tiles + n_tiles)
+
+
+def _ds_splits_bytes(a) -> int:
+    """dX kernels given the one-pass kernel's dxa partials: read them all, write their sum once (first tile column)."""
+    splits = a["DS_SPLITS"]
+    return (splits - 1) * a["M"] * a["R"] * 4 if splits > 1 else 0
 
 
 def _t_dx(l: Launch, a):
     M, N, K, R = a["M"], a["N"], a["K"], a["R"]
     e = _el(a, "dx_ptr")
-    lora = M * R * 4 + R * K * _el(a, "a_ptr") + (_bits_bytes(a) if a["BITS"] else 0)
+    lora = M * R * 4 + R * K * _el(a, "a_ptr") + (_bits_bytes(a) if a["BITS"] else 0) + _ds_splits_bytes(a)
+    l.hbm_write += M * R * 4 if a["DS_SPLITS"] > 1 else 0
     if a["BASE"]:
         l.hbm_read = M * N * _el(a, "dy_ptr") + N * K * _el(a, "w_ptr") + lora
         l.flops = 2 * M * N * K + 2 * M * K * R
@@ -420,7 +444,7 @@ def _t_dx(l: Launch, a):
         l.hbm_read = M * K * e + lora
         l.flops = 2 * M * K * R
         l.main_loop_trips = _cdiv(R, a["BLOCK_R"])
-    l.hbm_write = M * K * e
+    l.hbm_write += M * K * e
 
 
 def _persistent(l: Launch, tiles: int, trips_per_tile: int):
@@ -445,7 +469,8 @@ def _t_dx_tma(l: Launch, a):
     e = _el(a, "dx_ptr")
     l.hbm_read = M * N * _el(a, "dy_ptr") + N * K * _el(a, "w_ptr") + M * R * 4 + R * K * _el(a, "a_ptr")
     l.hbm_read += M * _cdiv(K, 32) * 4 if a["HAS_DROPOUT"] else 0  # the packed keep mask, 1 bit per element
-    l.hbm_write = M * K * e
+    l.hbm_read += _ds_splits_bytes(a)
+    l.hbm_write = M * K * e + (M * R * 4 if a["DS_SPLITS"] > 1 else 0)
     l.flops = 2 * M * N * K + 2 * M * K * R
     l.gemm = True
     _persistent(l, _cdiv(M, a["BLOCK_M"]) * _cdiv(K, a["BLOCK_K"]), _cdiv(N, a["BLOCK_N"]))
@@ -456,6 +481,7 @@ TRAFFIC: dict[str, Callable[[Launch, dict], None]] = {
     "_shrink_expand_kernel": _t_shrink_expand,
     "_fwd_kernel": _t_fwd,
     "_dxa_kernel": _t_dxa,
+    "_dy_pass_kernel": _t_dy_pass,
     "_grad_ab_kernel": _t_grad_ab,
     "_dx_kernel": _t_dx,
     "_fwd_tma_kernel": _t_fwd_tma,
@@ -555,7 +581,7 @@ def _signature(l: Launch):
 
 def _sass_facts(sass: str) -> dict:
     """wgmma / TMA / mma.sync use, memory barriers inside loops (a loop: a backward branch and its target), the
-    static instruction count and the instruction count of the largest loop body."""
+    static instruction count and the instruction count of the main loop's body (the loop with the most MMAs)."""
     instrs = []  # (address, text)
     labels = {}
     for line in sass.splitlines():
@@ -576,7 +602,13 @@ def _sass_facts(sass: str) -> dict:
     def in_loop(addr):
         return any(lo <= addr <= hi for lo, hi in loops)
 
-    biggest = max((sum(1 for a, _ in instrs if lo <= a <= hi) for lo, hi in loops), default=0)
+    def size_and_mma(lo, hi):
+        body = [t for a, t in instrs if lo <= a <= hi]
+        return sum(1 for t in body if re.search(r"\b(HGMMA|HMMA)\b", t)), len(body)
+
+    # The main loop: the one issuing the most MMAs (then the largest). A prologue loop that runs once per tile (the
+    # K = r LoRA product, the sum of split partials) can be longer than the K loop without being the one that repeats.
+    biggest = max((size_and_mma(lo, hi) for lo, hi in loops), default=(0, 0))[1]
     # The K loop of a persistent TMA kernel: the smallest loop issuing TMA loads (the tile loop around it holds the
     # epilogue too).
     tma_loop = min(
@@ -789,14 +821,17 @@ def _candidates(l: Launch) -> list[Launch]:
     return out
 
 
-def collect(quick: bool, archs, all_configs: bool, log=print):
+def collect(quick: bool, archs, all_configs: bool, log=print, ops=None, kinds_wanted=("training", "decode")):
     """(records, other compiles). Records: one per launch as on the first architecture's card (``GPUS``), compiled
     for it and predicted. Other compiles: for every further architecture the launches as the launchers and the pruner
     choose them on that architecture's card (its own tiles, stages and splits, not the first one's), compiled for it;
-    with ``all_configs`` also every config autotuning would try, per architecture."""
+    with ``all_configs`` also every config autotuning would try, per architecture. ``ops``: the providers to run (None:
+    all; the base, "cublas", always runs); ``kinds_wanted``: "training" and/or "decode" shapes."""
     records, extra = [], []
     for case_name, case, modes, kinds in CASES:
-        for kind in kinds:
+        if ops is not None and case_name not in ops and case_name != CASES[0][0]:
+            continue
+        for kind in (k for k in kinds if k in kinds_wanted):
             for M, K, N, r in shapes_for(kind, quick):
                 for mode in modes_for(kind, modes):
                     where = {
@@ -858,7 +893,8 @@ def first_gemm_compiles(arch: int, shapes=None, log=lambda m: None) -> list[dict
     for case_name, case, modes, _ in CASES:
         if not case_name.startswith("lk_"):
             continue
-        for M, K, N, r in shapes or QUICK_TRAINING:
+        # r = 16 takes the one-pass dY backward, r = 64 the two-pass one: both are compiled
+        for M, K, N, r in shapes or QUICK_TRAINING + [(8192, 4096, 4096, 64)]:
             for mode in modes:
                 where = {
                     "op": case_name,
@@ -896,6 +932,20 @@ def ratios(records):
         base = tot.get(("cublas", mode, kind, shape))
         out[(op, mode, kind, shape)] = (t, n, t / base[0] if base else float("nan"))
     return out
+
+
+def training_geomeans(records) -> dict:
+    """{(op, mode): geo-mean over the training shapes of the op's predicted time / the cuBLAS base's}: the numbers
+    the goals are stated in."""
+    total = {}
+    for r in records:
+        if r["shape_kind"] == "training":
+            key = (r["op"], r["mode"], tuple(r["shape"].values()))
+            total[key] = total.get(key, 0.0) + r["predicted_us"]
+    out = {}
+    for (op, mode, shape), t in total.items():
+        out.setdefault((op, mode), []).append(t / total[(CASES[0][0], mode, shape)])
+    return {k: _geo(v) for k, v in out.items()}
 
 
 def _geo(xs):

@@ -526,7 +526,8 @@ from _aot import jit_function
 UNIT = {"stride_xk", "stride_wk", "stride_xar", "stride_br", "stride_yn", "stride_dyn", "stride_ak"}
 PTR = {"x_ptr": "bf16", "w_ptr": "bf16", "bias_ptr": "bf16", "y_ptr": "bf16", "dy_ptr": "bf16", "dx_ptr": "bf16",
        "xa_ptr": "fp32", "dxa_ptr": "fp32", "db_ptr": "fp32", "da_ptr": "fp32", "a_ptr": "fp32", "b_ptr": "fp32",
-       "seed_ptr": "i64", "bits_ptr": "i32", "xa_out_ptr": "fp32"}
+       "seed_ptr": "i64", "bits_ptr": "i32", "xa_out_ptr": "fp32", "ds_ptr": "fp32", "ds_out_ptr": "fp32",
+       "db_parts_ptr": "fp32"}
 
 
 def compile_for_sm90(kernel, consts, num_warps, num_stages, dtype):
@@ -569,6 +570,7 @@ jobs = [
                                                     LORA_PREC="tf32", BLOCK_M=32, BLOCK_K=64, BLOCK_N=64,
                                                     BLOCK_R=128), None),
     ("dxa", L._dxa_kernel, dict(F32=True, PREC="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_R=128), None),
+    ("dy pass", L._dy_pass_kernel, dict(F32=True, PREC="tf32", BLOCK_M=256, BLOCK_N=64, BLOCK_R=64), None),
     ("grad_ab", L._grad_ab_kernel, dict(HAS_DROPOUT=True, BITS=True, PREC="tf32", BLOCK_M=64, BLOCK_C=64,
                                         BLOCK_R=128), None),
 ]

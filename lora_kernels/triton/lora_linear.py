@@ -598,6 +598,89 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _sum_splits(parts_ptr, out_ptr, rm, rr, M, R, SPLITS, store_mask):
+    """Σ over SPLITS of parts[s, rm, rr] ([SPLITS, M, R] fp32, contiguous), in split order (the same sum on every
+    run); with SPLITS > 1 it is also stored to out[rm, rr] ([M, R]) where store_mask holds. rm must be < M."""
+    r_ok = rr[None, :] < R
+    rows = rm.to(tl.int64)[:, None] * R + rr[None, :]
+    total = tl.load(parts_ptr + rows, mask=r_ok, other=0.0)
+    for s in range(1, SPLITS):
+        total += tl.load(parts_ptr + (s * M).to(tl.int64) * R + rows, mask=r_ok, other=0.0)
+    if SPLITS > 1:
+        tl.store(out_ptr + rows, total, mask=r_ok & store_mask)
+    return total
+
+
+@triton.jit
+def _dy_pass_kernel(
+    dy_ptr,  # [M, N] x's dtype, any strides
+    b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
+    xa_ptr,  # [M, R] fp32 (forward's xa), any strides
+    ds_ptr,  # [N_SPLITS, M, R] fp32 out: partial sums over each split's columns of scale·dY·B
+    db_ptr,  # [cdiv(M, BLOCK_M), N, R] fp32 out: partial sums over each row tile of scale·dYᵀ·xa
+    M,
+    N,
+    R,
+    N_SPLITS,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_xam,
+    stride_xar,
+    scale,
+    F32: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One pass over dY for both of its products (grid: row tiles, column splits): a program reads its row tile of
+    dY over its share of the columns once and forms dxa's partial sum over those columns and dB's partial sum over
+    its rows. Plain stores into torch.empty buffers (every element written once: no zero-fill, no atomics); the
+    consumers add the partials in a fixed order."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    r_ok = rr < R
+    xat = tl.load(
+        xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
+        mask=m_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, N_SPLITS)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for t in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, n_tiles)):
+        rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        dyt = tl.load(
+            dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn.to(tl.int64)[None, :] * stride_dyn,
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        bt = tl.load(
+            b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
+            mask=n_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        ds = _dot(dyt, bt, ds, F32, PREC)
+        dbt = _dot(tl.trans(dyt), xat, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), True, PREC)
+        tl.store(
+            db_ptr + (pid_m.to(tl.int64) * N + rn)[:, None] * R + rr[None, :],
+            dbt * scale,
+            mask=n_ok[:, None] & r_ok[None, :],
+        )
+    tl.store(
+        ds_ptr + (pid_s.to(tl.int64) * M + rm)[:, None] * R + rr[None, :],
+        ds * scale,
+        mask=m_ok[:, None] & r_ok[None, :],
+    )
+
+
+@triton.jit
 def _dxa_kernel(
     dy_ptr,  # [M, N] x's dtype, any strides
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
@@ -650,10 +733,12 @@ def _grad_ab_kernel(
     bits_ptr,  # [M, ceil(K/32)] int32 packed keep mask (read only when BITS)
     da_ptr,  # [R, K] out in lora_A's dtype, contiguous
     db_ptr,  # [N, R] out in lora_B's dtype, contiguous
+    db_parts_ptr,  # [DB_PARTS, N, R] fp32 partial sums of scale·dYᵀ·xa (read instead of dY and xa when DB_PARTS > 0)
     M,
     K,
     N,
     R,
+    DB_PARTS,
     stride_xm,
     stride_xk,
     stride_xam,
@@ -714,6 +799,18 @@ def _grad_ab_kernel(
             acc_a.to(da_ptr.dtype.element_ty),
             mask=r_ok[:, None] & k_ok[None, :],
         )
+    elif DB_PARTS > 0:  # dB = Σ of the dY pass's per-row-tile partials (already scaled), in row-tile order
+        rn = (pid - k_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n_ok = rn < N
+        ptrs = db_parts_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :]
+        acc_b = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+        for p in range(0, DB_PARTS):
+            acc_b += tl.load(ptrs + (p * N).to(tl.int64) * R, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        tl.store(
+            db_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :],
+            acc_b.to(db_ptr.dtype.element_ty),
+            mask=n_ok[:, None] & r_ok[None, :],
+        )
     else:
         rn = (pid - k_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
         n_ok = rn < N
@@ -751,13 +848,15 @@ def _grad_ab_kernel(
 def _dx_kernel(
     dy_ptr,  # [M, N] x's dtype, any strides
     w_ptr,  # [N, K] x's dtype, any strides
-    dxa_ptr,  # [M, R] fp32 (dxa = scale·dY·B), contiguous
+    dxa_ptr,  # [DS_SPLITS, M, R] fp32 (their sum is dxa = scale·dY·B), contiguous
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
     dx_ptr,  # [M, K] x's dtype out (read too when not BASE), contiguous
+    ds_out_ptr,  # [M, R] fp32 out: the summed dxa, written by the first column of tiles (only when DS_SPLITS > 1)
     M,
     N,
     K,
     R,
+    DS_SPLITS,
     M_BUCKET,
     stride_dym,
     stride_dyn,
@@ -795,7 +894,9 @@ def _dx_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
-        dxat = tl.load(dxa_ptr + rm_in[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
+        # The first column of tiles stores the sum (a tensor comparison: the interpreter rejects a scalar bool mask).
+        first = (rm < M) & (rm * 0 + pid_k == 0)
+        dxat = _sum_splits(dxa_ptr, ds_out_ptr, rm_in, rr, M, R, DS_SPLITS, first[:, None])
         at = tl.load(a_ptr + rr[:, None] * stride_ar + rk_in[None, :] * stride_ak, mask=rr[:, None] < R, other=0.0)
         acc = _dot(dxat, at, acc, True, LORA_PREC)
     if HAS_DROPOUT:
@@ -1159,6 +1260,76 @@ def _dxa(dy: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     return dxa
 
 
+# One pass over dY for both of its products (_dy_pass_kernel: dxa's and dB's partial sums) instead of two (the dxa
+# kernel, then the dB half of the gradient kernel reading dY again), when the partial sums cost less than half of the
+# second read: they are written once and read once, and the saved read is M·N elements. At M = 8192, r = 16, bf16,
+# 256-row tiles and 8 column splits: 25 MB of partials for 67 MB of dY at N = 4096 (predicted 751 -> 737 µs for
+# fwd+bwd on an H100, static model), 67 MB for 235 MB at N = 14336; at r = 64 the partials outgrow the saving and
+# the two-pass path stays. Unmeasured on a GPU.
+FUSED_DY_PASS: bool | None = None  # None: chosen by the byte count above; True / False force it (tests)
+# Row tile of the one-pass kernel: the number of dB partials is M / _DY_PASS_BLOCK_M, so the tile is large; 256 rows
+# of a 64-column dY tile and the [256, r] fp32 dxa partial fit 8 warps without spills up to r = 64 (sm_90, sm_80).
+_DY_PASS_BLOCK_M = 256
+_DY_PASS_BLOCK_N = 64
+_DY_PASS_WARPS = 8
+_DY_PASS_MAX_R = 64
+
+
+def _dy_pass_plan(M: int, N: int, R: int, dy_elem: int, programs: int, interp: bool) -> tuple[int, int] | None:
+    """(BLOCK_M, column splits) of the one-pass dY kernel, or None for the two-pass path. Host ints only: shared with
+    the static report."""
+    if R > _DY_PASS_MAX_R or FUSED_DY_PASS is False:
+        return None
+    block_m = min(32 if interp else _DY_PASS_BLOCK_M, max(_utils.MIN_DOT, triton.next_power_of_2(M)))
+    m_tiles = triton.cdiv(M, block_m)
+    block_n = _SKINNY_BLOCK if interp else _DY_PASS_BLOCK_N
+    n_tiles = triton.cdiv(N, block_n)
+    splits = max(1, min(n_tiles, triton.cdiv(programs, m_tiles), _MAX_SPLIT))
+    splits = triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))  # no split left without column tiles
+    parts = (splits * M + m_tiles * N) * R * 4
+    if FUSED_DY_PASS is None and 2 * parts > M * N * dy_elem // 2:
+        return None
+    return block_m, splits
+
+
+def _dy_pass(
+    dy: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, scale: float, block_m: int, splits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dxa partials [splits, M, r], dB partials [cdiv(M, block_m), N, r]), fp32, scale applied: one pass over dY."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    upcast, _, lora_prec = _utils.tf32_precisions(dy.dtype)
+    m_tiles = triton.cdiv(M, block_m)
+    ds_parts = torch.empty((splits, M, R), dtype=torch.float32, device=dy.device)
+    db_parts = torch.empty((m_tiles, N, R), dtype=torch.float32, device=dy.device)
+    with _utils.device_ctx(dy):
+        _dy_pass_kernel[(m_tiles, splits)](
+            dy,
+            lora_B,
+            xa,
+            ds_parts,
+            db_parts,
+            M,
+            N,
+            R,
+            splits,
+            dy.stride(0),
+            dy.stride(1),
+            lora_B.stride(0),
+            lora_B.stride(1),
+            xa.stride(0),
+            xa.stride(1),
+            float(scale),
+            F32=not (lora_B.dtype == dy.dtype and not upcast),
+            PREC=lora_prec,
+            BLOCK_M=block_m,
+            BLOCK_N=_SKINNY_BLOCK if _backend.interpreter_enabled() else _DY_PASS_BLOCK_N,
+            BLOCK_R=_utils.block_r(R, _DY_PASS_MAX_R),
+            num_warps=_DY_PASS_WARPS,
+        )
+    return ds_parts, db_parts
+
+
 def _grad_ab(
     dxa: torch.Tensor,
     x: torch.Tensor,
@@ -1170,9 +1341,11 @@ def _grad_ab(
     dropout_p: float,
     seed: Seed,
     bits: torch.Tensor | None,
+    db_parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dA [r, K] in lora_A's dtype, dB [N, r] in lora_B's dtype), one launch: dA = dxaᵀ·dropout(x),
-    dB = scale·dYᵀ·xa; ``bits``: the forward's packed mask (None: regenerated from the seed)."""
+    dB = scale·dYᵀ·xa; ``bits``: the forward's packed mask (None: regenerated from the seed); ``db_parts``: dB's
+    partial sums from the one-pass dY kernel (then dY and xa are not read)."""
     M, K = x.shape
     N, R = lora_B.shape
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, x)
@@ -1192,10 +1365,12 @@ def _grad_ab(
             bits if use_bits else dxa,
             d_a,
             d_b,
+            db_parts if db_parts is not None else dxa,
             M,
             K,
             N,
             R,
+            db_parts.shape[0] if db_parts is not None else 0,
             x.stride(0),
             x.stride(1),
             xa.stride(0),
@@ -1226,8 +1401,12 @@ def _dx(
     dropout_p: float,
     seed: Seed,
     bits: torch.Tensor | None = None,
+    dxa_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dX = dY·W0 + mask ⊙ (dxa·A)/(1-p), x's dtype, contiguous [M, K]; the mask read from ``bits`` when given."""
+    """dX = dY·W0 + mask ⊙ (dxa·A)/(1-p), x's dtype, contiguous [M, K]; the mask read from ``bits`` when given.
+    ``dxa`` may be [splits, M, r] partial sums (:func:`_dy_pass`): the kernels add them and the first column of tiles
+    writes the sum to ``dxa_sum`` [M, r]."""
+    splits = dxa.shape[0] if dxa.dim() == 3 else 1
     M, N = dy.shape
     K, R = weight.shape[1], lora_A.shape[0]
     has_drop, seed_t, threshold, inv_keep = _dropout_args(dropout_p, seed, dy)
@@ -1237,7 +1416,7 @@ def _dx(
     # Persistent TMA GEMM (Hopper+); with dropout only when the forward kept the mask's bits (it reads them, it does
     # not draw the mask).
     if base and (use_bits or not has_drop) and _tma.tma_supported(dy, weight):
-        return _tma.dx_gemm(dy, weight, dxa, lora_A, bits if use_bits else None, inv_keep)
+        return _tma.dx_gemm(dy, weight, dxa, lora_A, bits if use_bits else None, inv_keep, dxa_sum=dxa_sum)
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if base else torch.mm(dy, weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     with _utils.device_ctx(dy):
@@ -1247,10 +1426,12 @@ def _dx(
             dxa,
             lora_A,
             dx,
+            dxa_sum if splits > 1 else dx,
             M,
             N,
             K,
             R,
+            splits,
             _gemm.m_bucket(M),
             dy.stride(0),
             dy.stride(1),
@@ -1304,7 +1485,9 @@ def lora_linear_backward(
     """Same contract as ``reference.lora_linear.lora_linear_backward``: ``(dx, dA, dB, dweight, dbias)``.
 
     Launches: ``_dxa_kernel`` (dxa = scale·dY·B), ``_grad_ab_kernel`` (dA and dB, stored in the adapter's dtype),
-    ``_dx_kernel`` (after cuBLAS's dY·W0 on the cuBLAS base). dW = dYᵀ·x (only when asked) and dbias = Σ_m dY are
+    ``_dx_kernel`` (after cuBLAS's dY·W0 on the cuBLAS base); or, where ``_dy_pass_plan`` takes it, one pass over dY
+    (``_dy_pass_kernel``: partial sums of dxa and dB), then dX (which adds the dxa partials), then the gradient
+    kernel. dW = dYᵀ·x (only when asked) and dbias = Σ_m dY are
     left to cuBLAS / torch. ``seed``: the forward's seed (tensor or int, see ``lora_linear_forward``).
     ``keep_bits``: the forward's packed mask (``return_keep_bits``); None or empty: the mask is regenerated from the
     seed (same mask, bit for bit).
@@ -1316,9 +1499,19 @@ def lora_linear_backward(
             dy, x, weight, lora_A, lora_B, xa, scale, dropout_p, 0, needs_dx, needs_dweight, needs_dbias
         )
     bits = _check_bits(keep_bits, M, K, dropout_p)
-    dxa = _dxa(dy, lora_B, scale)
-    d_a, d_b = _grad_ab(dxa, x, dy, xa, lora_A, lora_B, scale, dropout_p, seed, bits)
-    dx = _dx(dy, weight, dxa, lora_A, dropout_p, seed, bits) if needs_dx else None
+    R = lora_A.shape[0]
+    plan = None
+    if needs_dx:  # the dX kernel sums the one-pass kernel's dxa partials for the gradient kernel after it
+        plan = _dy_pass_plan(M, N, R, dy.element_size(), _target_programs(dy), _backend.interpreter_enabled())
+    if plan is not None:
+        ds_parts, db_parts = _dy_pass(dy, xa, lora_B, scale, *plan)
+        dxa = ds_parts[0] if plan[1] == 1 else torch.empty((M, R), dtype=torch.float32, device=dy.device)
+        dx = _dx(dy, weight, ds_parts, lora_A, dropout_p, seed, bits, dxa_sum=dxa)
+        d_a, d_b = _grad_ab(dxa, x, dy, xa, lora_A, lora_B, scale, dropout_p, seed, bits, db_parts=db_parts)
+    else:
+        dxa = _dxa(dy, lora_B, scale)
+        d_a, d_b = _grad_ab(dxa, x, dy, xa, lora_A, lora_B, scale, dropout_p, seed, bits)
+        dx = _dx(dy, weight, dxa, lora_A, dropout_p, seed, bits) if needs_dx else None
     dw = torch.mm(dy.t(), x) if needs_dweight else None
     dbias = dy.sum(0, dtype=torch.float32) if needs_dbias else None
     return dx, d_a, d_b, dw, dbias

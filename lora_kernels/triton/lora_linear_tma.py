@@ -137,6 +137,10 @@ def _lora_term(
     scale,
     LORA_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SPLITS=1,  # left is [SPLITS, M, R] partial sums, split stride stride_ls, added in split order
+    stride_ls=0,
+    sum_ptr=None,  # with SPLITS > 1: [M, R] fp32 contiguous, the summed left stored where store_rows holds
+    store_rows=None,  # [BLOCK_M] bool: rows whose summed left this tile stores
 ):
     """acc + (scale·left[rm, :])·right[:, rc] (fp32), r walked in BLOCK_R chunks; rows / columns past M / C read
     zeros. The K = r product of both kernels' LoRA term."""
@@ -145,11 +149,16 @@ def _lora_term(
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < R
-        lt = tl.load(
-            left_ptr + rm.to(tl.int64)[:, None] * stride_lm + rr[None, :] * stride_lr,
-            mask=m_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
+        lt_ptrs = left_ptr + rm.to(tl.int64)[:, None] * stride_lm + rr[None, :] * stride_lr
+        lt = tl.load(lt_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        for sp in range(1, SPLITS):
+            lt += tl.load(lt_ptrs + tl.cast(stride_ls, tl.int64) * sp, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if SPLITS > 1:
+            tl.store(
+                sum_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :],
+                lt,
+                mask=m_ok[:, None] & r_ok[None, :] & store_rows[:, None],
+            )
         rt = tl.load(
             right_ptr + rr[:, None] * stride_rr + rc.to(tl.int64)[None, :] * stride_rc,
             mask=r_ok[:, None] & c_ok[None, :],
@@ -242,17 +251,20 @@ def _fwd_tma_kernel(
 def _dx_tma_kernel(
     dy_ptr,  # [M, N] x's dtype, row stride stride_dym (16-byte multiple), unit column stride, 16-byte aligned
     w_ptr,  # [N, K] x's dtype, row stride stride_wn (16-byte multiple), unit column stride, 16-byte aligned
-    dxa_ptr,  # [M, R] fp32 (dxa = scale·dY·B), any strides
+    dxa_ptr,  # [DS_SPLITS, M, R] fp32 (their sum is dxa = scale·dY·B), split stride stride_dxas, any strides
     a_ptr,  # [R, K] lora_A, x's dtype or fp32, any strides
     bits_ptr,  # [M, ceil(K/32)] int32 packed keep mask, row stride stride_bm (read only when HAS_DROPOUT)
     dx_ptr,  # [M, K] x's dtype out, contiguous; a TMA store when OUT_TMA (K·elem a 16-byte multiple)
+    ds_out_ptr,  # [M, R] fp32 out: the summed dxa, written by the first column of tiles (only when DS_SPLITS > 1)
     M,
     N,
     K,
     R,
+    DS_SPLITS,
     M_BUCKET,
     stride_dym,
     stride_wn,
+    stride_dxas,
     stride_dxam,
     stride_dxar,
     stride_ar,
@@ -307,6 +319,10 @@ def _dx_tma_kernel(
                 1.0,
                 LORA_PREC,
                 BLOCK_R,
+                DS_SPLITS,
+                stride_dxas,
+                ds_out_ptr,
+                rm * 0 + pid_k == 0,  # a tensor: the interpreter rejects a scalar bool in a mask
             )
             keep = load_keep(bits_ptr, rm, rk, stride_bm, (rm < M)[:, None] & (rk < K)[None, :])
             acc = tl.where(keep, acc * inv_keep, 0.0)
@@ -332,6 +348,10 @@ def _dx_tma_kernel(
                 1.0,
                 LORA_PREC,
                 BLOCK_R,
+                DS_SPLITS,
+                stride_dxas,
+                ds_out_ptr,
+                rm * 0 + pid_k == 0,  # a tensor: the interpreter rejects a scalar bool in a mask
             )
         out = acc.to(dx_ptr.dtype.element_ty)
         if OUT_TMA:
@@ -491,11 +511,18 @@ def dx_gemm(
     inv_keep: float = 1.0,
     *,
     max_programs: int | None = None,
+    dxa_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dX = dY·W0 + keep ⊙ (dxa·A)·inv_keep`` in dY's dtype, [M, K] contiguous. dy [M, N], weight [N, K] (both
     accepted by :func:`tma_supported`), dxa [M, r] fp32, lora_A [r, K], keep_bits the packed keep mask
     [M, ceil(K/32)] int32 (``reference.dropout.pack_keep_bits``) or None without dropout, inv_keep = 1/(1-p).
-    ``max_programs`` caps the persistent grid (default: the SM count; 2 in the interpreter)."""
+    ``max_programs`` caps the persistent grid (default: the SM count; 2 in the interpreter). ``dxa`` may also be
+    [splits, M, r] partial sums (:func:`lora_linear._dy_pass`); their sum is then written to ``dxa_sum`` [M, r]
+    fp32 contiguous."""
+    splits = dxa.shape[0] if dxa.dim() == 3 else 1
+    if splits > 1 and (dxa_sum is None or dxa_sum.shape != dxa.shape[1:] or not dxa_sum.is_contiguous()):
+        raise ValueError("split dxa partials need dxa_sum, a contiguous [M, r] fp32 tensor")
+    dxa_s = dxa.reshape(-1, *dxa.shape[-2:])
     M, N = dy.shape
     K, R = weight.shape[1], lora_A.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
@@ -515,19 +542,22 @@ def dx_gemm(
         _dx_tma_kernel[grid](
             dy,
             weight,
-            dxa,
+            dxa_s,
             lora_A,
             keep_bits if has_drop else dx,
             dx,
+            dxa_sum if splits > 1 else dx,
             M,
             N,
             K,
             R,
+            splits,
             _gemm.m_bucket(M),
             dy.stride(0),
             weight.stride(0),
-            dxa.stride(0),
-            dxa.stride(1),
+            dxa_s.stride(0),
+            dxa_s.stride(1),
+            dxa_s.stride(2),
             lora_A.stride(0),
             lora_A.stride(1),
             keep_bits.stride(0) if has_drop else 0,
