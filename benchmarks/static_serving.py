@@ -151,14 +151,15 @@ def launches(
     shrink_read = t_ad * K * elt + a_bytes
     shrink_l2 = real_tiles * S * (tile_m * K + br * K) * elt
     if path == "split":
-        out.append(_launch("zero_ (memset of s)", (0,), {}, 0, T * S * R * 4, 0, 0))
+        # shrink into per-split partials (no zero-fill launch, no atomics), then the expand sums the partials of its
+        # rows (only rows of loaded adapters: split · t_ad · S·R fp32) and read-modify-writes those rows of y
         out.append(
             _launch(
                 "_batched_shrink_kernel",
                 (n_tiles, S, split),
-                dict(shrink_cfg, ATOMIC=True, PDL=False),
+                dict(shrink_cfg, ATOMIC=False, PDL=False),
                 shrink_read,
-                t_ad * S * R * 4,
+                split * t_ad * S * R * 4,
                 shrink_flops,
                 shrink_useful,
                 shrink_l2,
@@ -170,12 +171,12 @@ def launches(
             _launch(
                 "_expand_kernel",
                 (max_tiles(T, L, tile_m, cap), blocks),
-                {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "num_warps": 4},
-                T * S * R * 4 + b_bytes + t_ad * N * elt,
+                {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "NUM_SPLITS": split, "num_warps": 4},
+                split * t_ad * S * R * 4 + b_bytes + t_ad * N * elt,
                 t_ad * N * elt,
                 real_tiles * 2 * tile_m * br * N,
                 2 * t_ad * R * N,
-                real_tiles * blocks * tile_m * br * 4 + real_tiles * (br * N + tile_m * N) * elt,
+                real_tiles * blocks * split * tile_m * br * 4 + real_tiles * (br * N + tile_m * N) * elt,
             )
         )
         return out
@@ -362,9 +363,7 @@ def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, 
     if path == "fused":
         ML.fused(x, A, B, ranks, scales, meta, y, list(slices), tile_m)
     else:
-        xa = _meta(T, S * R, dtype=torch.float32)
-        ML.shrink(x, A, ranks, meta, xa, S, tile_m)
-        ML.expand(xa, B, ranks, scales, meta, y, list(slices), tile_m)
+        ML.shrink_expand(x, A, B, ranks, scales, meta, y, list(slices), tile_m)
 
 
 def _run_decode(M: int, K: int, N: int, R: int) -> None:

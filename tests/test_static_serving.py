@@ -18,9 +18,14 @@ def test_grid_launches_cover_the_grid():
     assert len(points) == len(ss.DISTS) * len(ss.ADAPTERS) * len(ss.TOKENS)
     for p in points:
         assert set(p["paths"]) == {"fused", "split", "gemm"} and p["chosen"] in p["paths"]
-        assert [len(p["paths"][k]) for k in ("fused", "split", "gemm")] == [2, 4, 2]
+        assert [len(p["paths"][k]) for k in ("fused", "split", "gemm")] == [2, 3, 2]
         gemm = p["paths"]["gemm"]
         assert [ln["kernel"] for ln in gemm] == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+        split = p["paths"]["split"]
+        # no zero-fill launch, no atomics: per-split partials summed by the expand
+        assert [ln["kernel"] for ln in split] == ["cublas_gemm (F.linear)", "_batched_shrink_kernel", "_expand_kernel"]
+        assert split[1]["config"]["ATOMIC"] is False
+        assert split[2]["config"]["NUM_SPLITS"] == split[1]["config"]["SPLIT_K"]
         for lst in p["paths"].values():
             for ln in lst:
                 assert set(ln) >= {"kernel", "grid", "config", "bytes_read", "bytes_written", "flops"}
@@ -84,6 +89,62 @@ def test_configs_match_the_launchers(monkeypatch):
     assert recorded[1][2]["launch_pdl"] is True and model[1]["overlaps_previous"]
 
 
+def test_split_path_configs_match_the_launcher(monkeypatch):
+    """The split path's launches in the model (shrink into partials without atomics, then the expand summing them)
+    are the ones shrink_expand makes, grid, tiles and split count (recorded on an H100's numbers; nothing runs)."""
+    from lora_kernels import _backend
+    from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.ops._batch import BatchMeta
+    from lora_kernels.triton import _utils as U
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
+
+    recorded = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: recorded.append((self.name, grid, a, kw))
+
+    for name in ("_batched_shrink_kernel", "_expand_kernel"):
+        monkeypatch.setattr(ML, name, Rec(name))
+    monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
+    monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
+    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
+    e = torch.bfloat16
+    for L, T in ((16, 64), (128, 4096), (16, 2048)):
+        recorded.clear()
+        K = N = 4096
+        R = 16
+        ids = torch.arange(T) % L
+        model = ss.launches(ids, L, K, (N,), R, path="split")
+        tile_m = ops.step_tile_m(ss.auto_tile_m(T), T)
+        ML.shrink_expand(
+            torch.empty(T, K, dtype=e),
+            torch.empty(L, R, K, dtype=e),
+            torch.empty(L, N, R, dtype=e),
+            torch.empty(L, dtype=torch.int32),
+            torch.empty(L, 1),
+            BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))),
+            torch.empty(T, N, dtype=e),
+            [N],
+            tile_m,
+        )
+        assert [r[0] for r in recorded] == [ln["kernel"] for ln in model[1:]]
+        (_, sgrid, _, skw), (_, egrid, eargs, ekw) = recorded
+        assert skw["ATOMIC"] is False and skw["SPLIT_K"] == model[1]["config"]["SPLIT_K"]
+        assert tuple(sgrid) == model[1]["grid"] and tuple(egrid) == model[2]["grid"]
+        # the expand's NUM_SPLITS (runtime argument 16: after M, L, cap, R, N0..N3) is the shrink's split count
+        assert eargs[16] == skw["SPLIT_K"] == model[2]["config"]["NUM_SPLITS"]
+        for (name, _, _, kw), ln in zip(recorded, model[1:]):
+            for k, v in ln["config"].items():
+                if k != "NUM_SPLITS":
+                    assert kw[k] == v, (name, k)
+
+
 def test_decode_launch_model():
     from benchmarks import static_serving as ss
 
@@ -96,9 +157,9 @@ def test_decode_launch_model():
 
 
 # The serving section of benchmarks/static_report.py at a few representative points (decode M = 16 and 256; the
-# fused path; the gemm path at 64- and 128-row tiles with split-K partials; the split path with atomics), run in a
-# child process (the kernels must be compiled, not interpreted): every recorded launch is the model's (same kernel,
-# same grid: the report raises otherwise), every Triton launch compiles for sm_90 with no spills and fits an H100's
+# fused path; the gemm path at 64- and 128-row tiles and the split path, both with split-K partials), run in a child
+# process (the kernels must be compiled, not interpreted): every recorded launch is the model's (same kernel, same
+# grid: the report raises otherwise), every Triton launch compiles for sm_90 with no spills and fits an H100's
 # shared memory, and the records carry the training report's fields plus T, L and dist. About 30 s on 2 CPU cores.
 _SERVING_REPORT = r"""
 import json, sys

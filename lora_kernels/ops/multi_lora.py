@@ -27,7 +27,7 @@ from ._validate import MAX_SLICES, check_same_device, check_scale, check_tensor,
 FUSED_MAX_TOKENS = 16
 # Above FUSED_MAX_TOKENS and up to this many tokens, the Triton backend puts the expand inside the base GEMM ("gemm"
 # path: shrink, then one Triton GEMM whose epilogue adds the LoRA term; 2 launches, y written once) instead of
-# cuBLAS + zero-fill + shrink + expand (4 launches and a read-modify-write of y: 2·M·N·2 bytes). Up to ~1k tokens at
+# cuBLAS + shrink + expand (3 launches and a read-modify-write of y: 2·M·N·2 bytes). Up to ~1k tokens at
 # K = N = 4096 the layer is bound by reading W0, where a Triton GEMM keeps up with cuBLAS; past it the GEMM is
 # compute-bound and a non-TMA Triton GEMM runs 1.25-1.45x cuBLAS's time, more than the y round trip costs, so the
 # cuBLAS-based split path stays. A static estimate, NOT yet measured on a GPU.
@@ -178,6 +178,22 @@ def _ref_fused(
     return _ref.lora_expand(xa, B_stack, meta.token_slots, ranks, scales, y, slices)
 
 
+def _ref_split(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+) -> torch.Tensor:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = _ref.lora_shrink(x, A_stack, meta.token_slots, ranks, len(slices), acc_dtype=acc)
+    return _ref.lora_expand(xa, B_stack, meta.token_slots, ranks, scales, y, slices)
+
+
 def _ref_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -197,13 +213,19 @@ def _ref_gemm(
 
 
 def _torch_kernels():
-    return {"shrink": _ref_shrink, "expand": _ref_expand, "fused": _ref_fused, "gemm": _ref_gemm}
+    return {"shrink": _ref_shrink, "expand": _ref_expand, "fused": _ref_fused, "split": _ref_split, "gemm": _ref_gemm}
 
 
 def _triton_kernels():
     from ..triton import multi_lora as tri
 
-    return {"shrink": tri.shrink, "expand": tri.expand, "fused": tri.fused, "gemm": tri.linear_gemm}
+    return {
+        "shrink": tri.shrink,
+        "expand": tri.expand,
+        "fused": tri.fused,
+        "split": tri.shrink_expand,
+        "gemm": tri.linear_gemm,
+    }
 
 
 def _cuda_reason(x: torch.Tensor, *tensors: torch.Tensor | None) -> str | None:
@@ -221,6 +243,7 @@ def _cuda_kernels():
         "shrink": extension.multi_lora_shrink,
         "expand": extension.multi_lora_expand,
         "fused": extension.multi_lora_fused,
+        "split": extension.multi_lora_fused,  # shrink into a zeroed fp32 xa, then expand: already two launches
     }
 
 
@@ -293,6 +316,26 @@ def _fused_op(
     BACKENDS.impl(backend)["fused"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
+@torch.library.custom_op("lora_kernels::lora_split_expand", mutates_args=("y",))
+def _split_op(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    y: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+    backend: str,
+) -> None:
+    meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
+    BACKENDS.impl(backend)["split"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
+
+
 @torch.library.custom_op("lora_kernels::multi_lora_gemm", mutates_args=())
 def _gemm_op(
     x: torch.Tensor,
@@ -321,6 +364,7 @@ def _mutating_fake(*args) -> None:
 _shrink_op.register_fake(_mutating_fake)
 _expand_op.register_fake(_mutating_fake)
 _fused_op.register_fake(_mutating_fake)
+_split_op.register_fake(_mutating_fake)
 
 
 @_gemm_op.register_fake
@@ -334,7 +378,8 @@ def choose_path(path: str | None, fused: bool | None, M: int, backend: str) -> s
     - ``"fused"``: F.linear, then one kernel for shrink and expand (adds into y). Default for M <= FUSED_MAX_TOKENS.
     - ``"gemm"``: the shrink, then the base GEMM with the expand in its epilogue (y written once; Triton and torch
       backends). Default on the Triton backend for FUSED_MAX_TOKENS < M <= GEMM_MAX_TOKENS.
-    - ``"split"``: F.linear, then shrink into an fp32 buffer and expand (adds into y). Default otherwise.
+    - ``"split"``: F.linear, then the shrink into per-split fp32 partials and the expand, which sums them (adds
+      into y; no zero-fill, no atomics). Default otherwise.
 
     ``path`` forces one; ``fused`` (True/False) is the older way to force "fused"/"split"."""
     if path is not None:
@@ -563,8 +608,5 @@ def multi_lora_linear(
     if chosen == "fused":
         _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
     else:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xa = torch.empty(M, pool.num_slices * pool.max_rank, dtype=acc, device=x.device)
-        _shrink_op(x2, pool.A_stack, pool.ranks, *meta, xa, pool.num_slices, tile_m, name)
-        _expand_op(xa, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
+        _split_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
     return y.reshape(*x.shape[:-1], N)
