@@ -21,17 +21,27 @@ from ..reference import multi_lora as _ref
 from ._batch import BatchMeta
 from ._validate import MAX_SLICES, check_same_device, check_scale, check_tensor, shape
 
-# Decode sizes: at most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer, no
-# zeroing; each output block recomputes its tile's shrink from L2). Not yet measured on a GPU: a guess from the byte
-# counts (A is 128 KiB at K = 4096, r = 16: re-reading it per output block stays cheap while tiles are few).
-FUSED_MAX_TOKENS = 16
+# Default paths by the tokens of the step, from the static launch model (benchmarks/static_serving.py, with the
+# training report's rates: cuBLAS at 732 TFLOP/s, a non-TMA wgmma Triton GEMM 1.35x slower, mma.sync 2.7x, skinny
+# Triton kernels at 247 TFLOP/s; K = N = 4096, r = 16, bf16; 16 / 128 adapters, uniform / mixed ids). Predicted
+# µs / floor, geometric mean of those four points (worst in brackets), fused / split / gemm:
+#   T = 1: 1.18 (1.18) / 1.35 (1.35) / 1.18 (1.18)     T = 8: 1.19 (1.20) / 1.34 (1.35) / 1.17 (1.17)
+#   T = 16: 1.20 (1.22) / 1.34 (1.35) / 1.17 (1.18)    T = 64: 1.24 (1.29) / 1.35 (1.38) / 1.17 (1.18)
+#   T = 256: 1.33 (1.36) / 1.41 (1.48) / 1.29 (1.39)   T = 288: 1.98 (3.46) / 1.44 (1.51) / 1.76 (1.97)
+#   T = 1024: 1.67 (2.55) / 1.33 (1.50) / 1.43 (1.52)  T = 4096: 1.94 (2.49) / 1.21 (1.25) / 1.38 (1.40)
+# A default changes only where the model predicts a gain of >= 2 % in the mean (finer differences are below what it
+# resolves). All UNMEASURED, to be replaced by measurements (benchmarks/bench_multi_lora.py).
+#
+# At most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer; each output block
+# recomputes its tile's shrink from L2): up to 8 tokens the gemm path is predicted within 1.9 % of it; from 12 tokens
+# the recomputed shrink costs more (2.2 % at 12, 2.8 % at 16, where fused is 1.21-1.22x the floor for 12-15 adapters).
+FUSED_MAX_TOKENS = 8
 # Above FUSED_MAX_TOKENS and up to this many tokens, the Triton backend puts the expand inside the base GEMM ("gemm"
 # path: shrink, then one Triton GEMM whose epilogue adds the LoRA term; 2 launches, y written once) instead of
-# cuBLAS + shrink + expand (3 launches and a read-modify-write of y: 2·M·N·2 bytes). Up to ~1k tokens at
-# K = N = 4096 the layer is bound by reading W0, where a Triton GEMM keeps up with cuBLAS; past it the GEMM is
-# compute-bound and a non-TMA Triton GEMM runs 1.25-1.45x cuBLAS's time, more than the y round trip costs, so the
-# cuBLAS-based split path stays. A static estimate, NOT yet measured on a GPU.
-GEMM_MAX_TOKENS = 1024
+# cuBLAS + shrink + expand (3 launches and a read-modify-write of y: 2·M·N·2 bytes). Past 256 tokens (128-row tiles)
+# the GEMM is compute-bound and its 1.35x outweighs the y round trip: the split path is predicted faster from 288 on (in
+# the mean: 288 tokens by 18 %, 384 tokens 0.8 % behind, 512-768 by 2-6 %, 1024 by 7 %, 4096 by 12 %).
+GEMM_MAX_TOKENS = 256
 PATHS = ("fused", "split", "gemm")
 
 
