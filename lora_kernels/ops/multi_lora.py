@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _autocast, _backend
 from ..pool import AdapterPool, LoRABatch
 from ..reference import multi_lora as _ref
 from ._batch import BatchMeta
@@ -268,7 +268,10 @@ BACKENDS = _backend.BackendTable(
 
 # ------------------------------------------------------------------------------------------------------- custom ops
 # Registered ops take tensors only: the public functions pass ``*batch.meta`` (the four batch tensors) and each op
-# rebuilds the record for its backend. No op returns a new tensor but the gemm one, so the fakes have nothing to do.
+# rebuilds the record for its backend. Each runs with autocast off: its dtypes are its inputs' (the fakes say so) in
+# any autocast context; inside one, the reference's fp32 matmuls came back in the autocast dtype (an error writing
+# them into the fp32 xa) while the Triton kernels ignored autocast.
+# No op returns a new tensor but the gemm one, so the fakes have nothing to do.
 @torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=("out",))
 def _shrink_op(
     x: torch.Tensor,
@@ -284,7 +287,8 @@ def _shrink_op(
     backend: str,
 ) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    BACKENDS.impl(backend)["shrink"](x, A_stack, ranks, meta, out, num_slices, tile_m)
+    with _autocast.autocast_off(x):
+        BACKENDS.impl(backend)["shrink"](x, A_stack, ranks, meta, out, num_slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
@@ -303,7 +307,8 @@ def _expand_op(
     backend: str,
 ) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    BACKENDS.impl(backend)["expand"](xa, B_stack, ranks, scales, meta, y, slices, tile_m)
+    with _autocast.autocast_off(y):
+        BACKENDS.impl(backend)["expand"](xa, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_fused_expand", mutates_args=("y",))
@@ -323,7 +328,8 @@ def _fused_op(
     backend: str,
 ) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    BACKENDS.impl(backend)["fused"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
+    with _autocast.autocast_off(x):
+        BACKENDS.impl(backend)["fused"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_split_expand", mutates_args=("y",))
@@ -343,7 +349,8 @@ def _split_op(
     backend: str,
 ) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    BACKENDS.impl(backend)["split"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
+    with _autocast.autocast_off(x):
+        BACKENDS.impl(backend)["split"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::multi_lora_gemm", mutates_args=())
@@ -364,7 +371,8 @@ def _gemm_op(
     backend: str,
 ) -> torch.Tensor:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    return BACKENDS.impl(backend)["gemm"](x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m)
+    with _autocast.autocast_off(x):
+        return BACKENDS.impl(backend)["gemm"](x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m)
 
 
 def _mutating_fake(*args) -> None:
@@ -601,22 +609,27 @@ def multi_lora_linear(
         check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
     name = BACKENDS.resolve(backend, x2, weight, pool.A_stack, op="multi_lora_linear")
     chosen = choose_path(path, fused, M, name)
-    if not traced and batch.has_adapter is False:
-        return F.linear(x2, weight, bias).reshape(*x.shape[:-1], N)
-    slices = list(pool.slices)
-    meta = batch.meta
-    tile_m = step_tile_m(batch.tile_m, M)
-    if chosen == "gemm":
-        if batch.num_tokens != M:  # its row tiles walk sorted positions 0..M-1: they must be exactly the M tokens
-            raise ValueError(
-                f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
-                f"has {M} rows; prepare one id per token (pad with -1)"
-            )
-        y = _gemm_op(x2, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, slices, tile_m, name)
+    # Autocast off for the base too: the result is in x's dtype on every path, as the gemm op computes it (inside
+    # torch.autocast the F.linear of the fused and split paths ran in the autocast dtype: a bf16 result there, an fp32
+    # one on the gemm path). Cast x, weight and bias first for autocast-dtype math.
+    with _autocast.autocast_off(x2):
+        if not traced and batch.has_adapter is False:
+            return F.linear(x2, weight, bias).reshape(*x.shape[:-1], N)
+        slices = list(pool.slices)
+        meta = batch.meta
+        tile_m = step_tile_m(batch.tile_m, M)
+        if chosen == "gemm":
+            if batch.num_tokens != M:  # its row tiles walk sorted positions 0..M-1: they must be exactly the M tokens
+                raise ValueError(
+                    f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
+                    f"has {M} rows; prepare one id per token (pad with -1)"
+                )
+            A, B = pool.A_stack, pool.B_stack
+            y = _gemm_op(x2, weight, bias, A, B, pool.ranks, pool.scales, *meta, slices, tile_m, name)
+            return y.reshape(*x.shape[:-1], N)
+        y = F.linear(x2, weight, bias)
+        if chosen == "fused":
+            _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
+        else:
+            _split_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
         return y.reshape(*x.shape[:-1], N)
-    y = F.linear(x2, weight, bias)
-    if chosen == "fused":
-        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
-    else:
-        _split_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
-    return y.reshape(*x.shape[:-1], N)
