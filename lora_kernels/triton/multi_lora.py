@@ -841,7 +841,7 @@ def shrink_expand(
 ) -> torch.Tensor:
     """``y += scale · (x·Aᵀ)·Bᵀ`` per token in two launches (the "split" path after the base GEMM): the shrink
     into per-split fp32 partials, then the expand, which sums its rows' partials before the product. No zero-fill
-    launch and no atomics: the same bits on every run, whatever the split count."""
+    launch and no atomics: the same bits on every run (the split count is a host function of the shapes)."""
     if x.shape[0] == 0:
         return y
     parts, n = _shrink_partials(x, A_stack, ranks, meta, len(slices), tile_m, False)
