@@ -20,7 +20,10 @@ tensors) and the sm_90 machine code of every distinct kernel configuration.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 
@@ -46,6 +49,49 @@ H100_SMEM = 227 * 1024
 COPY_BW = 2.96e12  # bytes/s, device-to-device copy (read + write)
 PEAK_FLOPS = 732e12  # bf16 dense
 LAUNCH_US = 2.0  # assumed cost of one extra kernel node in a CUDA graph (not measured here)
+# The Triton GEMMs of the serving ops (a base GEMM: charged by the machine code they compile to, as the training report
+# charges its GEMMs); every other Triton kernel of the model is a skinny one (small LoRA dots).
+TRITON_GEMMS = ("_gemm_expand_kernel", "_decode_kernel")
+
+
+def card():
+    """The training report's H100 card (``benchmarks.static_report.CARD``): one source for the assumed rates of Triton
+    kernels against cuBLAS in both reports. static_report sets TRITON_INTERPRET=0 when it is imported (it compiles
+    kernels); the caller's environment is restored, so an interpreted test run stays interpreted."""
+    mod = sys.modules.get("benchmarks.static_report")
+    if mod is None:
+        saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+        try:
+            mod = importlib.import_module("benchmarks.static_report")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return mod.CARD
+
+
+def guess_machine_code(config: dict) -> str:
+    """What a Triton GEMM tile compiles to on sm_90 without compiling it: wgmma for tiles of >= 64 rows on whole
+    warpgroups (4 warps each), mma.sync otherwise (what the compiled serving kernels show: the report replaces the
+    guess by the compiled machine code, and its test checks that they agree)."""
+    return "wgmma" if config["BLOCK_M"] >= 64 and config["num_warps"] % 4 == 0 else "mma.sync"
+
+
+def compute_rate(ln: dict, c=None) -> float:
+    """FLOP/s a launch's FLOPs are charged at, as the training report (benchmarks/static_report.py, ``predict_us``)
+    charges its launches: cuBLAS (torch ops) at the measured ``cublas_flops``; a Triton GEMM at that rate divided by
+    the card's slowdown for its machine code (TMA + wgmma, wgmma: 1.35x, mma.sync: 2.7x); other Triton kernels (skinny
+    LoRA dots) at half the dense TF32 peak."""
+    c = c or card()
+    if not ln["kernel"].startswith("_"):
+        return c.cublas_flops
+    if ln["kernel"] not in TRITON_GEMMS:
+        return c.peak_tf32_flops * 0.5
+    code = ln.get("machine_code") or guess_machine_code(ln["config"])
+    slowdown = {"tma": c.triton_tma_slowdown, "wgmma": c.triton_wgmma_slowdown}.get(code, c.triton_mma_sync_slowdown)
+    return c.cublas_flops / slowdown
 
 
 def _ids(dist: str, L: int, T: int, seed: int) -> torch.Tensor:
@@ -151,14 +197,15 @@ def launches(
     shrink_read = t_ad * K * elt + a_bytes
     shrink_l2 = real_tiles * S * (tile_m * K + br * K) * elt
     if path == "split":
-        out.append(_launch("zero_ (memset of s)", (0,), {}, 0, T * S * R * 4, 0, 0))
+        # shrink into per-split partials (no zero-fill launch, no atomics), then the expand sums the partials of its
+        # rows (only rows of loaded adapters: split · t_ad · S·R fp32) and read-modify-writes those rows of y
         out.append(
             _launch(
                 "_batched_shrink_kernel",
                 (n_tiles, S, split),
-                dict(shrink_cfg, ATOMIC=True, PDL=False),
+                dict(shrink_cfg, ATOMIC=False, PDL=False),
                 shrink_read,
-                t_ad * S * R * 4,
+                split * t_ad * S * R * 4,
                 shrink_flops,
                 shrink_useful,
                 shrink_l2,
@@ -170,12 +217,12 @@ def launches(
             _launch(
                 "_expand_kernel",
                 (max_tiles(T, L, tile_m, cap), blocks),
-                {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "num_warps": 4},
-                T * S * R * 4 + b_bytes + t_ad * N * elt,
+                {"BLOCK_M": tile_m, "BLOCK_R": br, "BLOCK_N": block_n, "NUM_SPLITS": split, "num_warps": 4},
+                split * t_ad * S * R * 4 + b_bytes + t_ad * N * elt,
                 t_ad * N * elt,
                 real_tiles * 2 * tile_m * br * N,
                 2 * t_ad * R * N,
-                real_tiles * blocks * tile_m * br * 4 + real_tiles * (br * N + tile_m * N) * elt,
+                real_tiles * blocks * split * tile_m * br * 4 + real_tiles * (br * N + tile_m * N) * elt,
             )
         )
         return out
@@ -275,22 +322,22 @@ def floor_us(
 def predict_us(
     launch_list: Sequence[dict],
     bandwidth: float = COPY_BW,
-    peak: float = PEAK_FLOPS,
+    peak: float | None = None,
     launch_us: float = LAUNCH_US,
     base_kernels: int = 1,
-    triton_gemm_factor: float = 1.0,
 ) -> float:
-    """Sum over launches of max(DRAM bytes / bandwidth, flops / peak), plus ``launch_us`` per launch beyond
-    ``base_kernels`` (the base layer's own). Serial launches, except that a launch marked ``overlaps_previous`` (a
-    programmatic dependent launch) runs alongside the one before it: the pair takes max(summed bytes / bandwidth,
-    summed flops / peak). A rough, static estimate.
-    ``triton_gemm_factor`` scales the compute time of the Triton base GEMM (``_gemm_expand_kernel``) against
-    cuBLAS's (1.25-1.45 is what a plain, non-TMA Triton GEMM measured on an H100: benchmarks/TARGETS.md)."""
+    """Sum over launches of max(DRAM bytes / bandwidth, flops / rate), plus ``launch_us`` per launch beyond
+    ``base_kernels`` (the base layer's own). The rate is the training report's for that kind of launch
+    (:func:`compute_rate`: cuBLAS at 732 TFLOP/s, a non-TMA wgmma Triton GEMM 1.35x slower, mma.sync 2.7x, skinny
+    Triton kernels at 247 TFLOP/s); ``peak`` instead charges every launch at that one rate. Serial launches, except
+    that a launch marked ``overlaps_previous`` (a programmatic dependent launch) runs alongside the one before it: the
+    pair takes max(summed bytes / bandwidth, summed compute time). A rough, static estimate."""
+    c = card() if peak is None else None
     t = 0.0
     prev = None  # (memory s, compute s) of the previous launch
     for ln in launch_list:
-        f = triton_gemm_factor if ln["kernel"] == "_gemm_expand_kernel" else 1.0
-        mem, comp = (ln["bytes_read"] + ln["bytes_written"]) / bandwidth, f * ln["flops"] / peak
+        rate = peak if peak is not None else compute_rate(ln, c)
+        mem, comp = (ln["bytes_read"] + ln["bytes_written"]) / bandwidth, ln["flops"] / rate
         if ln.get("overlaps_previous") and prev is not None:
             t -= max(prev) * 1e6
             mem, comp = mem + prev[0], comp + prev[1]
@@ -334,7 +381,7 @@ def grid_launches(
 # each distinct kernel configuration is compiled for sm_90 once and its machine code read (static_report's
 # compile_and_read). Quick set: the decode shape M = 16 and one grid point per default path.
 QUICK_DECODE_POINTS = ((16, 4096),)
-QUICK_GRID_POINTS = (("uniform", 16, 16), ("uniform", 128, 1024), ("mix", 16, 4096))  # fused, gemm, split
+QUICK_GRID_POINTS = (("uniform", 16, 1), ("uniform", 128, 256), ("mix", 16, 4096))  # fused, gemm, split
 
 
 def base_us(T: int, K: int = K_DEFAULT, N: int = N_DEFAULT, elt: int = 2) -> float:
@@ -362,9 +409,7 @@ def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, 
     if path == "fused":
         ML.fused(x, A, B, ranks, scales, meta, y, list(slices), tile_m)
     else:
-        xa = _meta(T, S * R, dtype=torch.float32)
-        ML.shrink(x, A, ranks, meta, xa, S, tile_m)
-        ML.expand(xa, B, ranks, scales, meta, y, list(slices), tile_m)
+        ML.shrink_expand(x, A, B, ranks, scales, meta, y, list(slices), tile_m)
 
 
 def _run_decode(M: int, K: int, N: int, R: int) -> None:
@@ -400,6 +445,13 @@ def _same_launch(rec, ln) -> bool:
     return rec.kernel == ln["kernel"] and tuple(rec.grid) == grid
 
 
+def _machine_code(facts: dict) -> str:
+    """The kind of MMA a compiled kernel runs, in the terms of the training report's card."""
+    if facts["wgmma"]:
+        return "tma" if facts["tma"] else "wgmma"
+    return "mma.sync"
+
+
 def _records(arch, facts_of, recorded, model, point) -> list[dict]:
     """One record per launch of a point, with static_report's field names (plus the point's T, L, dist, ratios)."""
     if len(recorded) != len(model) or not all(_same_launch(r, m) for r, m in zip(recorded, model)):
@@ -407,14 +459,22 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
             f"the launch model disagrees with the launchers at {point}: model {[m['kernel'] for m in model]}, "
             f"recorded {[(r.kernel, r.grid) for r in recorded]}"
         )
+    # the compiled machine code replaces the model's guess (it sets the rate of a Triton GEMM, as in the training
+    # report); the guess is kept for the record (the compile test checks that they agree)
+    all_facts = [facts_of(rl) if rl.kind == "triton" else None for rl in recorded]
+    model = [
+        dict(ln, machine_code=_machine_code(f), guessed_machine_code=guess_machine_code(ln["config"]))
+        if ln["kernel"] in TRITON_GEMMS
+        else ln
+        for ln, f in zip(model, all_facts)
+    ]
+    c = card()
     total = predict_us(model)
     out = []
     for i, (rl, ln) in enumerate(zip(recorded, model)):
-        facts = None
-        if rl.kind == "triton":
-            facts = facts_of(rl)
+        facts = all_facts[i]
         mem = (ln["bytes_read"] + ln["bytes_written"]) / COPY_BW * 1e6
-        comp = ln["flops"] / PEAK_FLOPS * 1e6
+        comp = ln["flops"] / compute_rate(ln, c) * 1e6
         # what this launch adds to the point's prediction (the launches add up to point_predicted_us; a launch that
         # overlaps the one before adds only what the pair takes beyond that one)
         added = predict_us(model[: i + 1]) - predict_us(model[:i])
@@ -452,6 +512,9 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
                 "useful_flops": ln["useful_flops"],
                 "l2_atomic_bytes": 0,
                 "gemm": ln["kernel"].startswith(("cublas", "_gemm", "_decode")),
+                "machine_code": ln.get("machine_code"),
+                "guessed_machine_code": ln.get("guessed_machine_code"),
+                "compute_tflops": compute_rate(ln, c) / 1e12,
                 "predicted_us": added,
                 "bound": bound,
                 "point_predicted_us": total,
@@ -561,12 +624,16 @@ def markdown(records: Sequence[dict]) -> str:
     """The serving section's tables from its records (also for ``static_report.py --from-json``)."""
     lines = []
     w = lines.append
+    c = card()
     points = {}
     for r in records:
         points.setdefault((r["op"], r["dist"], r["L"], r["T"], r["shape"]["K"]), []).append(r)
     w("## Serving ops (static launch model)\n")
     w(
-        f"Model: per launch max(HBM bytes / {COPY_BW / 1e12:.2f} TB/s, FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s), plus "
+        f"Model: per launch max(HBM bytes / {COPY_BW / 1e12:.2f} TB/s, FLOPs / rate), the rate as in the training "
+        f"section: cuBLAS {c.cublas_flops / 1e12:.0f} TFLOP/s, a Triton GEMM by its compiled machine code (wgmma "
+        f"without TMA {c.triton_wgmma_slowdown}x slower, mma.sync {c.triton_mma_sync_slowdown}x), other Triton "
+        f"kernels {c.peak_tf32_flops * 0.5 / 1e12:.0f} TFLOP/s; plus "
         f"{LAUNCH_US} µs per launch beyond the base layer's one (benchmarks/static_serving.py); base = cuBLAS F.linear "
         "by the same roofline; floor = W0, the adapters present, x and y once (or the FLOPs). K = N = 4096 (decode "
         "also 8192), r = 16, bf16, H100. Unmeasured.\n"

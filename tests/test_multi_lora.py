@@ -629,6 +629,7 @@ def test_no_adapter_launches_no_lora_kernel(monkeypatch):
     monkeypatch.setattr(ops, "_shrink_op", boom)
     monkeypatch.setattr(ops, "_expand_op", boom)
     monkeypatch.setattr(ops, "_fused_op", boom)
+    monkeypatch.setattr(ops, "_split_op", boom)
     x, w, b = torch.randn(20, K), torch.randn(40, K), torch.randn(40)
     got = lk.multi_lora_linear(x, w, b, pool, LoRABatch.prepare([-1] * 20), backend="torch")
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b))

@@ -18,9 +18,14 @@ def test_grid_launches_cover_the_grid():
     assert len(points) == len(ss.DISTS) * len(ss.ADAPTERS) * len(ss.TOKENS)
     for p in points:
         assert set(p["paths"]) == {"fused", "split", "gemm"} and p["chosen"] in p["paths"]
-        assert [len(p["paths"][k]) for k in ("fused", "split", "gemm")] == [2, 4, 2]
+        assert [len(p["paths"][k]) for k in ("fused", "split", "gemm")] == [2, 3, 2]
         gemm = p["paths"]["gemm"]
         assert [ln["kernel"] for ln in gemm] == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+        split = p["paths"]["split"]
+        # no zero-fill launch, no atomics: per-split partials summed by the expand
+        assert [ln["kernel"] for ln in split] == ["cublas_gemm (F.linear)", "_batched_shrink_kernel", "_expand_kernel"]
+        assert split[1]["config"]["ATOMIC"] is False
+        assert split[2]["config"]["NUM_SPLITS"] == split[1]["config"]["SPLIT_K"]
         for lst in p["paths"].values():
             for ln in lst:
                 assert set(ln) >= {"kernel", "grid", "config", "bytes_read", "bytes_written", "flops"}
@@ -84,6 +89,126 @@ def test_configs_match_the_launchers(monkeypatch):
     assert recorded[1][2]["launch_pdl"] is True and model[1]["overlaps_previous"]
 
 
+def test_split_path_configs_match_the_launcher(monkeypatch):
+    """The split path's launches in the model (shrink into partials without atomics, then the expand summing them)
+    are the ones shrink_expand makes, grid, tiles and split count (recorded on an H100's numbers; nothing runs)."""
+    from lora_kernels import _backend
+    from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.ops._batch import BatchMeta
+    from lora_kernels.triton import _utils as U
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
+
+    recorded = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: recorded.append((self.name, grid, a, kw))
+
+    for name in ("_batched_shrink_kernel", "_expand_kernel"):
+        monkeypatch.setattr(ML, name, Rec(name))
+    monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
+    monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
+    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
+    e = torch.bfloat16
+    for L, T in ((16, 64), (128, 4096), (16, 2048)):
+        recorded.clear()
+        K = N = 4096
+        R = 16
+        ids = torch.arange(T) % L
+        model = ss.launches(ids, L, K, (N,), R, path="split")
+        tile_m = ops.step_tile_m(ss.auto_tile_m(T), T)
+        ML.shrink_expand(
+            torch.empty(T, K, dtype=e),
+            torch.empty(L, R, K, dtype=e),
+            torch.empty(L, N, R, dtype=e),
+            torch.empty(L, dtype=torch.int32),
+            torch.empty(L, 1),
+            BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))),
+            torch.empty(T, N, dtype=e),
+            [N],
+            tile_m,
+        )
+        assert [r[0] for r in recorded] == [ln["kernel"] for ln in model[1:]]
+        (_, sgrid, _, skw), (_, egrid, eargs, ekw) = recorded
+        assert skw["ATOMIC"] is False and skw["SPLIT_K"] == model[1]["config"]["SPLIT_K"]
+        assert tuple(sgrid) == model[1]["grid"] and tuple(egrid) == model[2]["grid"]
+        # the expand's NUM_SPLITS (runtime argument 16: after M, L, cap, R, N0..N3) is the shrink's split count
+        assert eargs[16] == skw["SPLIT_K"] == model[2]["config"]["NUM_SPLITS"]
+        for (name, _, _, kw), ln in zip(recorded, model[1:]):
+            for k, v in ln["config"].items():
+                if k != "NUM_SPLITS":
+                    assert kw[k] == v, (name, k)
+
+
+def test_model_charges_the_training_reports_rates(monkeypatch):
+    """The serving model charges each launch at the training report's rate for its kind (cuBLAS; a Triton GEMM by its
+    machine code; skinny Triton kernels), read from static_report's CARD, and reading the card leaves the caller's
+    TRITON_INTERPRET as it was (static_report sets it to 0 when imported)."""
+    import math
+    import sys
+
+    from benchmarks import static_serving as ss
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delitem(sys.modules, "benchmarks.static_report", raising=False)
+    c = ss.card()
+    assert __import__("os").environ["TRITON_INTERPRET"] == "1"
+    ids = torch.arange(1024) % 16
+    for path, T in (("gemm", 1024), ("gemm", 16), ("split", 1024)):
+        lst = ss.launches(ids[:T], 16, path=path)
+        for ln in lst:
+            rate = ss.compute_rate(ln, c)
+            if ln["kernel"] == "_gemm_expand_kernel":
+                slow = c.triton_wgmma_slowdown if ln["config"]["BLOCK_M"] >= 64 else c.triton_mma_sync_slowdown
+                assert rate == c.cublas_flops / slow
+            elif ln["kernel"].startswith("_"):
+                assert rate == c.peak_tf32_flops * 0.5
+            else:
+                assert rate == c.cublas_flops
+        # predict_us: serial max(memory, compute) per launch (the gemm path's two overlap under PDL) plus the launches
+        want, prev = 0.0, None
+        for ln in lst:
+            mem = (ln["bytes_read"] + ln["bytes_written"]) / ss.COPY_BW
+            comp = ln["flops"] / ss.compute_rate(ln, c)
+            if ln.get("overlaps_previous"):
+                want -= max(prev)
+                mem, comp = mem + prev[0], comp + prev[1]
+            want += max(mem, comp)
+            prev = (mem, comp)
+        assert math.isclose(ss.predict_us(lst), want * 1e6 + ss.LAUNCH_US * (len(lst) - 1), rel_tol=1e-12)
+    # the 1024-token gemm path is compute-bound: charged 1.35x cuBLAS's time, it costs more than at cuBLAS's rate
+    lst = ss.launches(ids, 16, path="gemm")
+    assert ss.predict_us(lst) > ss.predict_us(lst, peak=c.cublas_flops) * 1.2
+
+
+def test_default_paths_follow_the_model():
+    """At every token count of the grid the default path is the one the model predicts fastest (geometric mean of the
+    predicted µs / floor over the grid's distributions and adapter counts), or within 2 % of it (the threshold at
+    which the defaults in lora_kernels/ops/multi_lora.py change)."""
+    import math
+
+    from lora_kernels.ops import multi_lora as ops
+
+    from benchmarks import static_serving as ss
+
+    for T in ss.TOKENS:
+        ratios = {p: [] for p in ops.PATHS}
+        for dist in ss.DISTS:
+            for L in ss.ADAPTERS:
+                ids = ss._ids(dist, L, T, 0)
+                floor = ss.floor_us(T, len(set(ids.tolist())))
+                for p in ops.PATHS:
+                    ratios[p].append(ss.predict_us(ss.launches(ids, L, path=p)) / floor)
+        mean = {p: math.exp(sum(map(math.log, v)) / len(v)) for p, v in ratios.items()}
+        chosen = ops.choose_path(None, None, T, "triton")
+        assert mean[chosen] <= min(mean.values()) * 1.02, (T, chosen, mean)
+
+
 def test_decode_launch_model():
     from benchmarks import static_serving as ss
 
@@ -96,10 +221,11 @@ def test_decode_launch_model():
 
 
 # The serving section of benchmarks/static_report.py at a few representative points (decode M = 16 and 256; the
-# fused path; the gemm path at 64- and 128-row tiles with split-K partials; the split path with atomics), run in a
-# child process (the kernels must be compiled, not interpreted): every recorded launch is the model's (same kernel,
-# same grid: the report raises otherwise), every Triton launch compiles for sm_90 with no spills and fits an H100's
-# shared memory, and the records carry the training report's fields plus T, L and dist. About 30 s on 2 CPU cores.
+# fused path; the gemm path at 16- and 64-row tiles and the split path, both with split-K partials), run in a child
+# process (the kernels must be compiled, not interpreted): every recorded launch is the model's (same kernel, same
+# grid: the report raises otherwise), every Triton launch compiles for sm_90 with no spills and fits an H100's
+# shared memory, the machine code the model assumes for each Triton GEMM (which sets its rate) is the compiled one,
+# and the records carry the training report's fields plus T, L and dist. About 30 s on 2 CPU cores.
 _SERVING_REPORT = r"""
 import json, sys
 import benchmarks.static_report as sr
@@ -107,7 +233,7 @@ from benchmarks import static_serving as ss
 
 records, md = ss.report(
     sr, 90, decode_points=((16, 4096), (256, 4096)),
-    grid_points=(("uniform", 16, 16), ("uniform", 128, 256), ("uniform", 128, 1024), ("mix", 16, 4096)),
+    grid_points=(("uniform", 16, 1), ("uniform", 16, 16), ("uniform", 128, 256), ("mix", 16, 4096)),
 )
 json.dump(records, open(sys.argv[1], "w"))
 print(md)
@@ -158,7 +284,14 @@ def test_serving_report_compiles_every_config_for_sm90_without_spills(tmp_path):
         assert r["arch"] == "sm_90" and r["regs"] > 0
         assert r["spill_bytes"] == 0, (r["kernel"], r["config"], r["spill_bytes"])
         assert r["smem_bytes"] <= 227 * 1024, (r["kernel"], r["config"], r["smem_bytes"])
-    # the base GEMM with the expand in its epilogue runs on wgmma at 64- and 128-row tiles, launched as a
+    # the base GEMM with the expand in its epilogue runs on wgmma at 64-row tiles (mma.sync at 16), launched as a
     # programmatic dependent of its shrink (sm_90)
     gemm = [r for r in triton_launches if r["kernel"] == "_gemm_expand_kernel"]
-    assert gemm and all(r["wgmma"] and r["config"]["PDL"] for r in gemm)
+    assert gemm and all(r["config"]["PDL"] for r in gemm)
+    assert {(r["config"]["BLOCK_M"], r["wgmma"]) for r in gemm} == {(16, False), (64, True)}
+    # every Triton GEMM is charged by its compiled machine code, which is what the model assumes without compiling
+    for r in triton_launches:
+        if r["kernel"] in ("_gemm_expand_kernel", "_decode_kernel"):
+            assert r["machine_code"] == r["guessed_machine_code"], (r["kernel"], r["config"], r["machine_code"])
+            slowdown = {"wgmma": 1.35, "mma.sync": 2.7}[r["machine_code"]]
+            assert abs(r["compute_tflops"] - 732 / slowdown) < 1e-6

@@ -15,23 +15,33 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _autocast, _backend
 from ..pool import AdapterPool, LoRABatch
 from ..reference import multi_lora as _ref
 from ._batch import BatchMeta
 from ._validate import MAX_SLICES, check_same_device, check_scale, check_tensor, shape
 
-# Decode sizes: at most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer, no
-# zeroing; each output block recomputes its tile's shrink from L2). Not yet measured on a GPU: a guess from the byte
-# counts (A is 128 KiB at K = 4096, r = 16: re-reading it per output block stays cheap while tiles are few).
-FUSED_MAX_TOKENS = 16
+# Default paths by the tokens of the step, from the static launch model (benchmarks/static_serving.py, with the
+# training report's rates: cuBLAS at 732 TFLOP/s, a non-TMA wgmma Triton GEMM 1.35x slower, mma.sync 2.7x, skinny
+# Triton kernels at 247 TFLOP/s; K = N = 4096, r = 16, bf16; 16 / 128 adapters, uniform / mixed ids). Predicted
+# µs / floor, geometric mean of those four points (worst in brackets), fused / split / gemm:
+#   T = 1: 1.18 (1.18) / 1.35 (1.35) / 1.18 (1.18)     T = 8: 1.19 (1.20) / 1.34 (1.35) / 1.17 (1.17)
+#   T = 16: 1.20 (1.22) / 1.34 (1.35) / 1.17 (1.18)    T = 64: 1.24 (1.29) / 1.35 (1.38) / 1.17 (1.18)
+#   T = 256: 1.33 (1.36) / 1.41 (1.48) / 1.29 (1.39)   T = 288: 1.98 (3.46) / 1.44 (1.51) / 1.76 (1.97)
+#   T = 1024: 1.67 (2.55) / 1.33 (1.50) / 1.43 (1.52)  T = 4096: 1.94 (2.49) / 1.21 (1.25) / 1.38 (1.40)
+# A default changes only where the model predicts a gain of >= 2 % in the mean (finer differences are below what it
+# resolves). All UNMEASURED, to be replaced by measurements (benchmarks/bench_multi_lora.py).
+#
+# At most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer; each output block
+# recomputes its tile's shrink from L2): up to 8 tokens the gemm path is predicted within 1.9 % of it; from 12 tokens
+# the recomputed shrink costs more (2.2 % at 12, 2.8 % at 16, where fused is 1.21-1.22x the floor for 12-15 adapters).
+FUSED_MAX_TOKENS = 8
 # Above FUSED_MAX_TOKENS and up to this many tokens, the Triton backend puts the expand inside the base GEMM ("gemm"
 # path: shrink, then one Triton GEMM whose epilogue adds the LoRA term; 2 launches, y written once) instead of
-# cuBLAS + zero-fill + shrink + expand (4 launches and a read-modify-write of y: 2·M·N·2 bytes). Up to ~1k tokens at
-# K = N = 4096 the layer is bound by reading W0, where a Triton GEMM keeps up with cuBLAS; past it the GEMM is
-# compute-bound and a non-TMA Triton GEMM runs 1.25-1.45x cuBLAS's time, more than the y round trip costs, so the
-# cuBLAS-based split path stays. A static estimate, NOT yet measured on a GPU.
-GEMM_MAX_TOKENS = 1024
+# cuBLAS + shrink + expand (3 launches and a read-modify-write of y: 2·M·N·2 bytes). Past 256 tokens (128-row tiles)
+# the GEMM is compute-bound and its 1.35x outweighs the y round trip: the split path is predicted faster from 288 on (in
+# the mean: 288 tokens by 18 %, 384 tokens 0.8 % behind, 512-768 by 2-6 %, 1024 by 7 %, 4096 by 12 %).
+GEMM_MAX_TOKENS = 256
 PATHS = ("fused", "split", "gemm")
 
 
@@ -178,6 +188,22 @@ def _ref_fused(
     return _ref.lora_expand(xa, B_stack, meta.token_slots, ranks, scales, y, slices)
 
 
+def _ref_split(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+) -> torch.Tensor:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = _ref.lora_shrink(x, A_stack, meta.token_slots, ranks, len(slices), acc_dtype=acc)
+    return _ref.lora_expand(xa, B_stack, meta.token_slots, ranks, scales, y, slices)
+
+
 def _ref_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -197,13 +223,19 @@ def _ref_gemm(
 
 
 def _torch_kernels():
-    return {"shrink": _ref_shrink, "expand": _ref_expand, "fused": _ref_fused, "gemm": _ref_gemm}
+    return {"shrink": _ref_shrink, "expand": _ref_expand, "fused": _ref_fused, "split": _ref_split, "gemm": _ref_gemm}
 
 
 def _triton_kernels():
     from ..triton import multi_lora as tri
 
-    return {"shrink": tri.shrink, "expand": tri.expand, "fused": tri.fused, "gemm": tri.linear_gemm}
+    return {
+        "shrink": tri.shrink,
+        "expand": tri.expand,
+        "fused": tri.fused,
+        "split": tri.shrink_expand,
+        "gemm": tri.linear_gemm,
+    }
 
 
 def _cuda_reason(x: torch.Tensor, *tensors: torch.Tensor | None) -> str | None:
@@ -221,6 +253,7 @@ def _cuda_kernels():
         "shrink": extension.multi_lora_shrink,
         "expand": extension.multi_lora_expand,
         "fused": extension.multi_lora_fused,
+        "split": extension.multi_lora_fused,  # shrink into a zeroed fp32 xa, then expand: already two launches
     }
 
 
@@ -235,7 +268,10 @@ BACKENDS = _backend.BackendTable(
 
 # ------------------------------------------------------------------------------------------------------- custom ops
 # Registered ops take tensors only: the public functions pass ``*batch.meta`` (the four batch tensors) and each op
-# rebuilds the record for its backend. No op returns a new tensor but the gemm one, so the fakes have nothing to do.
+# rebuilds the record for its backend. Each runs with autocast off: its dtypes are its inputs' (the fakes say so) in
+# any autocast context; inside one, the reference's fp32 matmuls came back in the autocast dtype (an error writing
+# them into the fp32 xa) while the Triton kernels ignored autocast.
+# No op returns a new tensor but the gemm one, so the fakes have nothing to do.
 @torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=("out",))
 def _shrink_op(
     x: torch.Tensor,
@@ -251,7 +287,8 @@ def _shrink_op(
     backend: str,
 ) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    BACKENDS.impl(backend)["shrink"](x, A_stack, ranks, meta, out, num_slices, tile_m)
+    with _autocast.autocast_off(x):
+        BACKENDS.impl(backend)["shrink"](x, A_stack, ranks, meta, out, num_slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
@@ -270,7 +307,8 @@ def _expand_op(
     backend: str,
 ) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    BACKENDS.impl(backend)["expand"](xa, B_stack, ranks, scales, meta, y, slices, tile_m)
+    with _autocast.autocast_off(y):
+        BACKENDS.impl(backend)["expand"](xa, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::lora_fused_expand", mutates_args=("y",))
@@ -290,7 +328,29 @@ def _fused_op(
     backend: str,
 ) -> None:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    BACKENDS.impl(backend)["fused"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
+    with _autocast.autocast_off(x):
+        BACKENDS.impl(backend)["fused"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
+
+
+@torch.library.custom_op("lora_kernels::lora_split_expand", mutates_args=("y",))
+def _split_op(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    sorted_tokens: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    tile_starts: torch.Tensor,
+    y: torch.Tensor,
+    slices: list[int],
+    tile_m: int,
+    backend: str,
+) -> None:
+    meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
+    with _autocast.autocast_off(x):
+        BACKENDS.impl(backend)["split"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 @torch.library.custom_op("lora_kernels::multi_lora_gemm", mutates_args=())
@@ -311,7 +371,8 @@ def _gemm_op(
     backend: str,
 ) -> torch.Tensor:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    return BACKENDS.impl(backend)["gemm"](x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m)
+    with _autocast.autocast_off(x):
+        return BACKENDS.impl(backend)["gemm"](x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m)
 
 
 def _mutating_fake(*args) -> None:
@@ -321,6 +382,7 @@ def _mutating_fake(*args) -> None:
 _shrink_op.register_fake(_mutating_fake)
 _expand_op.register_fake(_mutating_fake)
 _fused_op.register_fake(_mutating_fake)
+_split_op.register_fake(_mutating_fake)
 
 
 @_gemm_op.register_fake
@@ -334,7 +396,8 @@ def choose_path(path: str | None, fused: bool | None, M: int, backend: str) -> s
     - ``"fused"``: F.linear, then one kernel for shrink and expand (adds into y). Default for M <= FUSED_MAX_TOKENS.
     - ``"gemm"``: the shrink, then the base GEMM with the expand in its epilogue (y written once; Triton and torch
       backends). Default on the Triton backend for FUSED_MAX_TOKENS < M <= GEMM_MAX_TOKENS.
-    - ``"split"``: F.linear, then shrink into an fp32 buffer and expand (adds into y). Default otherwise.
+    - ``"split"``: F.linear, then the shrink into per-split fp32 partials and the expand, which sums them (adds
+      into y; no zero-fill, no atomics). Default otherwise.
 
     ``path`` forces one; ``fused`` (True/False) is the older way to force "fused"/"split"."""
     if path is not None:
@@ -546,25 +609,27 @@ def multi_lora_linear(
         check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
     name = BACKENDS.resolve(backend, x2, weight, pool.A_stack, op="multi_lora_linear")
     chosen = choose_path(path, fused, M, name)
-    if not traced and batch.has_adapter is False:
-        return F.linear(x2, weight, bias).reshape(*x.shape[:-1], N)
-    slices = list(pool.slices)
-    meta = batch.meta
-    tile_m = step_tile_m(batch.tile_m, M)
-    if chosen == "gemm":
-        if batch.num_tokens != M:  # its row tiles walk sorted positions 0..M-1: they must be exactly the M tokens
-            raise ValueError(
-                f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
-                f"has {M} rows; prepare one id per token (pad with -1)"
-            )
-        y = _gemm_op(x2, weight, bias, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, slices, tile_m, name)
+    # Autocast off for the base too: the result is in x's dtype on every path, as the gemm op computes it (inside
+    # torch.autocast the F.linear of the fused and split paths ran in the autocast dtype: a bf16 result there, an fp32
+    # one on the gemm path). Cast x, weight and bias first for autocast-dtype math.
+    with _autocast.autocast_off(x2):
+        if not traced and batch.has_adapter is False:
+            return F.linear(x2, weight, bias).reshape(*x.shape[:-1], N)
+        slices = list(pool.slices)
+        meta = batch.meta
+        tile_m = step_tile_m(batch.tile_m, M)
+        if chosen == "gemm":
+            if batch.num_tokens != M:  # its row tiles walk sorted positions 0..M-1: they must be exactly the M tokens
+                raise ValueError(
+                    f"multi_lora_linear: the batch was prepared for {batch.num_tokens} tokens but the input "
+                    f"has {M} rows; prepare one id per token (pad with -1)"
+                )
+            A, B = pool.A_stack, pool.B_stack
+            y = _gemm_op(x2, weight, bias, A, B, pool.ranks, pool.scales, *meta, slices, tile_m, name)
+            return y.reshape(*x.shape[:-1], N)
+        y = F.linear(x2, weight, bias)
+        if chosen == "fused":
+            _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
+        else:
+            _split_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
         return y.reshape(*x.shape[:-1], N)
-    y = F.linear(x2, weight, bias)
-    if chosen == "fused":
-        _fused_op(x2, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
-    else:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xa = torch.empty(M, pool.num_slices * pool.max_rank, dtype=acc, device=x.device)
-        _shrink_op(x2, pool.A_stack, pool.ranks, *meta, xa, pool.num_slices, tile_m, name)
-        _expand_op(xa, pool.B_stack, pool.ranks, pool.scales, *meta, y, slices, tile_m, name)
-    return y.reshape(*x.shape[:-1], N)

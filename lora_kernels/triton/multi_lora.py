@@ -252,7 +252,7 @@ def _batched_shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    xa_ptr,  # [M, S·R] fp32: shrink output xa, any strides
+    xa_ptr,  # [NUM_SPLITS, M, S·R] fp32: shrink output xa (or its per-split partial sums), any strides
     b_ptr,  # [L, N, R] pool dtype: slice i of slot l at rows off_i .. off_i+N_i-1, columns 0..rank-1
     ranks_ptr,  # [L] int32
     scales_ptr,  # [L, S] fp32, any strides
@@ -268,6 +268,8 @@ def _expand_kernel(
     N1,
     N2,
     N3,
+    NUM_SPLITS,  # partials summed per row (1: xa itself); only this tile's rows of its slot's rank are read
+    stride_xa_split,
     stride_xam,
     stride_xan,
     stride_scale_l,
@@ -292,11 +294,13 @@ def _expand_kernel(
     slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
-    xa_tile = tl.load(
-        xa_ptr + tok[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan,
-        mask=row_ok[:, None] & r_ok[None, :],
-        other=0.0,
-    )
+    # The shrink wrote exactly these elements (same tile, slot and rank mask) in every partial; nothing else of the
+    # buffer is read (it may be uninitialised). Partials add in split order: the same bits on every run.
+    xa_ptrs = xa_ptr + tok[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
+    xa_mask = row_ok[:, None] & r_ok[None, :]
+    xa_tile = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
+    for sp in range(1, NUM_SPLITS):
+        xa_tile += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
     _expand_store(
         xa_tile,
         b_ptr,
@@ -733,6 +737,23 @@ def expand(
     tile_m: int,
 ) -> torch.Tensor:
     """``y[M, N] += scale · xa·Bᵀ`` per token's adapter and output slice, in place. xa ``[M, S·R]`` fp32."""
+    return _launch_expand(xa, 1, 0, B_stack, ranks, scales, meta, y, slices, tile_m)
+
+
+def _launch_expand(
+    xa: torch.Tensor,
+    num_splits: int,
+    split_stride: int,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: Sequence[int],
+    tile_m: int,
+) -> torch.Tensor:
+    """One launch of the expand; xa ``[M, S·R]`` fp32 is the first of ``num_splits`` partials ``split_stride``
+    elements apart, summed per row before the product."""
     M = y.shape[0]
     L, N, R = B_stack.shape
     if M == 0:
@@ -754,6 +775,8 @@ def expand(
             meta.capacity,
             R,
             *_widths(slices),
+            num_splits,
+            split_stride,
             xa.stride(0),
             xa.stride(1),
             scales.stride(0),
@@ -770,6 +793,59 @@ def expand(
             num_warps=4,
         )
     return y
+
+
+def partials(split: int, M: int, SR: int, device: torch.device) -> torch.Tensor:
+    """The uninitialised ``[split, M, S·R]`` fp32 buffer of the shrink's per-split partial sums (split and gemm
+    paths). Never zeroed: each consumer reads only the elements the shrink wrote (rows of its tiles' slots, columns
+    below their ranks). One function so that tests can hand the launchers a poisoned buffer."""
+    return torch.empty(split, M, SR, dtype=torch.float32, device=device)
+
+
+def _shrink_partials(
+    x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta, S: int, tile_m: int, pdl: bool
+) -> tuple[torch.Tensor, int]:
+    """The shrink into per-split partials (one launch, no zero-fill, no atomics): (partials, split count)."""
+    M, K = x.shape
+    L, SR, _ = A_stack.shape
+    interp = _backend.interpreter_enabled()
+    _, _, _, split = shrink_config(
+        M,
+        K,
+        L,
+        SR // S,
+        S,
+        tile_m,
+        meta.capacity,
+        x.element_size(),
+        A_stack.element_size(),
+        interp,
+        lambda: _utils.smem_of(x.device),
+        lambda: _utils.sm_count_of(x.device),
+    )
+    parts = partials(split, M, SR, x.device)
+    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp, pdl)
+    return parts, split
+
+
+def shrink_expand(
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    y: torch.Tensor,
+    slices: Sequence[int],
+    tile_m: int,
+) -> torch.Tensor:
+    """``y += scale · (x·Aᵀ)·Bᵀ`` per token in two launches (the "split" path after the base GEMM): the shrink
+    into per-split fp32 partials, then the expand, which sums its rows' partials before the product. No zero-fill
+    launch and no atomics: the same bits on every run (the split count is a host function of the shapes)."""
+    if x.shape[0] == 0:
+        return y
+    parts, n = _shrink_partials(x, A_stack, ranks, meta, len(slices), tile_m, False)
+    return _launch_expand(parts[0], n, parts.stride(0), B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
 def fused_config(
@@ -912,23 +988,8 @@ def linear_gemm(
     if M == 0:
         return y
     interp = _backend.interpreter_enabled()
-    _, _, _, split = shrink_config(
-        M,
-        K,
-        L,
-        R,
-        S,
-        tile_m,
-        cap,
-        x.element_size(),
-        A_stack.element_size(),
-        interp,
-        lambda: _utils.smem_of(x.device),
-        lambda: _utils.sm_count_of(x.device),
-    )
-    parts = torch.empty(split, M, SR, dtype=torch.float32, device=x.device)
     pdl = pdl_ok(x.device)
-    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp, pdl)
+    parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl)
     block_m, block_n, gk, warps, gstages = gemm_config(
         M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device)
     )
@@ -951,7 +1012,7 @@ def linear_gemm(
             cap,
             R,
             *_widths(slices),
-            split,
+            n_splits,
             x.stride(0),
             x.stride(1),
             weight.stride(0),
