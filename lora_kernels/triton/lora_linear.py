@@ -104,12 +104,12 @@ _CUDA_TILES_FP32 = [
 _INTERPRETER_TILE = (32, 32, 32, 2, 4, 1)
 
 
-# The dX kernel draws the dropout mask of its whole output tile at once (Philox: ~57 SASS instructions per element,
-# many live registers). Compiled for sm_90 with triton 3.9 (benchmarks/static_report.py --all-configs), bf16: a
-# 128×256 tile at 8 warps (128 elements per thread) takes 255 registers and spills ~22 KB per thread; 64 elements per
-# thread still spill (128×128 at 8 warps: 2.4 KB; 64×128 and 128×64 at 4 warps: 2.4-2.7 KB). With dropout the dX
-# kernel gets its own list, 32 elements per thread at most, so no config, including the one used with
-# $LORA_KERNELS_AUTOTUNE=0, spills.
+# The dX kernel draws the dropout mask of its whole output tile at once when it has no bits to read (Philox: ~57 SASS
+# instructions per call, many live registers). Compiled for sm_90 with triton 3.9 (benchmarks/static_report.py
+# --all-configs), bf16, with one Philox call per element (now one per 4 elements): a 128×256 tile at 8 warps (128
+# elements per thread) took 255 registers and spilled ~22 KB per thread; 64 elements per thread still spilled (128×128
+# at 8 warps: 2.4 KB; 64×128 and 128×64 at 4 warps: 2.4-2.7 KB). With dropout the dX kernel gets its own list, 32
+# elements per thread at most, so no config, including the one used with $LORA_KERNELS_AUTOTUNE=0, spills.
 _DROPOUT_MAX_PER_THREAD = 32
 _CUDA_TILES_DROPOUT = [
     (128, 64, 64, 8, 8, 4),
@@ -870,7 +870,7 @@ def _dx_kernel(
     threshold,
     inv_keep,
     HAS_DROPOUT: tl.constexpr,
-    BITS: tl.constexpr,  # read the forward's mask instead of drawing it again (~57 instructions per element)
+    BITS: tl.constexpr,  # read the forward's mask instead of drawing it again (Philox: ~57 instructions per 4 elements)
     BASE: tl.constexpr,  # True: dX = dY·W0 + LoRA term. False: dX += LoRA term (cuBLAS already wrote dY·W0)
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
