@@ -203,7 +203,12 @@ def _gemm_pruner(operand: str, col_key: str, red_key: str):
                 continue
             if fused and kw["BLOCK_M"] * kw[col_key] > _FUSED_SHRINK_MAX_TILE:
                 continue
-            kept.append(triton.Config(dict(kw), num_warps=c.num_warps, num_stages=stages))
+            warps = c.num_warps
+            if per_thread is not None and warps == 4 and (kw["BLOCK_M"], kw[col_key], kw[red_key]) == (64, 64, 128):
+                # sm_80 (mma.sync), half precision: at 4 warps this tile spilled 60 bytes per thread with 4 stages
+                # (36 with 3) at 128 registers; at 8 warps it takes 96 registers and no spill.
+                warps = 8
+            kept.append(triton.Config(dict(kw), num_warps=warps, num_stages=stages))
         if not kept:  # a small safe tile: 64×64 outputs, 32-deep steps, 2 stages (≤ 32 KiB even in fp32)
             kept = [triton.Config({"BLOCK_M": 64, col_key: 64, red_key: 32, "GROUP_M": 8}, num_warps=4, num_stages=2)]
         if autotune_off():
