@@ -311,46 +311,34 @@ def _expand_op(
         BACKENDS.impl(backend)["expand"](xa, B_stack, ranks, scales, meta, y, slices, tile_m)
 
 
-@torch.library.custom_op("lora_kernels::lora_fused_expand", mutates_args=("y",))
-def _fused_op(
-    x: torch.Tensor,
-    A_stack: torch.Tensor,
-    B_stack: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_slots: torch.Tensor,
-    sorted_tokens: torch.Tensor,
-    sorted_slots: torch.Tensor,
-    tile_starts: torch.Tensor,
-    y: torch.Tensor,
-    slices: list[int],
-    tile_m: int,
-    backend: str,
-) -> None:
-    meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    with _autocast.autocast_off(x):
-        BACKENDS.impl(backend)["fused"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
+def _add_lora_op(path: str):
+    """Body of the ops that add the LoRA term into y after the base layer, by the backend's launcher of ``path``:
+    "fused" (one kernel) or "split" (shrink into fp32 partials, then the expand)."""
+
+    def op(
+        x: torch.Tensor,
+        A_stack: torch.Tensor,
+        B_stack: torch.Tensor,
+        ranks: torch.Tensor,
+        scales: torch.Tensor,
+        token_slots: torch.Tensor,
+        sorted_tokens: torch.Tensor,
+        sorted_slots: torch.Tensor,
+        tile_starts: torch.Tensor,
+        y: torch.Tensor,
+        slices: list[int],
+        tile_m: int,
+        backend: str,
+    ) -> None:
+        meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
+        with _autocast.autocast_off(x):
+            BACKENDS.impl(backend)[path](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
+
+    return op
 
 
-@torch.library.custom_op("lora_kernels::lora_split_expand", mutates_args=("y",))
-def _split_op(
-    x: torch.Tensor,
-    A_stack: torch.Tensor,
-    B_stack: torch.Tensor,
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    token_slots: torch.Tensor,
-    sorted_tokens: torch.Tensor,
-    sorted_slots: torch.Tensor,
-    tile_starts: torch.Tensor,
-    y: torch.Tensor,
-    slices: list[int],
-    tile_m: int,
-    backend: str,
-) -> None:
-    meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
-    with _autocast.autocast_off(x):
-        BACKENDS.impl(backend)["split"](x, A_stack, B_stack, ranks, scales, meta, y, slices, tile_m)
+_fused_op = torch.library.custom_op("lora_kernels::lora_fused_expand", mutates_args=("y",))(_add_lora_op("fused"))
+_split_op = torch.library.custom_op("lora_kernels::lora_split_expand", mutates_args=("y",))(_add_lora_op("split"))
 
 
 @torch.library.custom_op("lora_kernels::multi_lora_gemm", mutates_args=())
