@@ -35,6 +35,23 @@ def lora_linear_in_dtype(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def multi_lora_f64(x, weight, bias, pool, ids, slices=None) -> torch.Tensor:
+    """float64 batched multi-adapter layer from ``pool``'s stacks, on the CPU: token ``m`` takes slot ``ids[m]``
+    (a list or tensor of ints; -1 or an unloaded slot gives the base output). ``slices`` default to the pool's."""
+    return _ref_multi.multi_lora_linear(
+        _d(x).cpu(),
+        _d(weight).cpu(),
+        None if bias is None else _d(bias).cpu(),
+        pool.A_stack.cpu(),
+        pool.B_stack.cpu(),
+        pool.ranks.cpu(),
+        pool.scales.cpu(),
+        torch.as_tensor(ids),
+        list(pool.slices) if slices is None else slices,
+        **F64,
+    )
+
+
 def multi_lora_in_dtype(x, weight, bias, pool, token_slots, slices=None) -> torch.Tensor:
     """The batched multi-adapter layer computed by PyTorch in ``x``'s dtype from ``pool``'s stacks: the baseline of
     the 2x rule of ``_tolerances.assert_close_to_oracle``."""

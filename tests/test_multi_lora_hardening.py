@@ -11,13 +11,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracle import F64
+from _oracle import multi_lora_f64
 from _tolerances import close
 
 import lora_kernels as lk
 from lora_kernels.ops import multi_lora as ops
 from lora_kernels.pool import AdapterPool, LoRABatch
-from lora_kernels.reference import multi_lora as ref
 
 from conftest import DEVICE, HAS_CUDA, INTERPRET
 
@@ -43,18 +42,7 @@ def _pool(dtype=torch.float32, seed=0):
 
 def _want(x, w, bias, pool, ids):
     ids = [i if i in LOADED else -1 for i in ids]
-    return ref.multi_lora_linear(
-        x.cpu(),
-        w.cpu(),
-        None if bias is None else bias.cpu(),
-        pool.A_stack.cpu(),
-        pool.B_stack.cpu(),
-        pool.ranks.cpu(),
-        pool.scales.cpu(),
-        torch.tensor(ids),
-        list(pool.slices),
-        **F64,
-    )
+    return multi_lora_f64(x, w, bias, pool, ids)
 
 
 def _weights(dtype=torch.float32, seed=1):

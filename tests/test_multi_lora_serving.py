@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from _aot import run_child
-from _oracle import F64, multi_lora_in_dtype
+from _oracle import F64, multi_lora_f64, multi_lora_in_dtype
 from _tolerances import assert_close_to_oracle, close
 
 import lora_kernels as lk
@@ -384,18 +384,7 @@ def _gemm_problem(T, dtype, slices, pattern, bias, seed, pool_dtype=None):
 
 
 def _want(pool, weight, bias, x, ids):
-    return ref.multi_lora_linear(
-        x.cpu(),
-        weight.cpu(),
-        None if bias is None else bias.cpu(),
-        pool.A_stack.cpu(),
-        pool.B_stack.cpu(),
-        pool.ranks.cpu(),
-        pool.scales.cpu(),
-        torch.tensor(ids),
-        list(pool.slices),
-        **F64,
-    )
+    return multi_lora_f64(x, weight, bias, pool, ids)
 
 
 @needs_triton
