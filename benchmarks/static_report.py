@@ -147,6 +147,7 @@ def on_gpu(gpu: Gpu):
         (LL, "_skinny_max_r", lambda device: _LL_DEVICE_QUERIES["_skinny_max_r"](cuda)),
         (LL, "_gemm_device", lambda device: _LL_DEVICE_QUERIES["_gemm_device"](cuda)),
         (TMA, "_grid_stride", lambda device, max_programs: max_programs or gpu.sms),  # one program per SM
+        (TMA, "_sms", lambda device: gpu.sms),
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     for mod, name, value in patches:
@@ -460,6 +461,10 @@ def _t_fwd_tma(l: Launch, a):
     l.hbm_read += N * e if a["HAS_BIAS"] else 0
     l.hbm_write = M * N * e
     l.flops = 2 * M * N * K + 2 * M * N * R
+    if a["FUSE_SHRINK"]:  # xa = x·Aᵀ recomputed by every column of tiles: A read instead of xa, xa written if stored
+        l.hbm_read += R * K * _el(a, "a_ptr") - M * R * 4
+        l.hbm_write += M * R * 4 if a["STORE_XA"] else 0
+        l.flops += 2 * M * K * R * _cdiv(N, a["BLOCK_N"])
     l.gemm = True
     _persistent(l, _cdiv(M, a["BLOCK_M"]) * _cdiv(N, a["BLOCK_N"]), _cdiv(K, a["BLOCK_K"]))
 

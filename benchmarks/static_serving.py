@@ -51,7 +51,7 @@ PEAK_FLOPS = 732e12  # bf16 dense
 LAUNCH_US = 2.0  # assumed cost of one extra kernel node in a CUDA graph (not measured here)
 # The Triton GEMMs of the serving ops (a base GEMM: charged by the machine code they compile to, as the training report
 # charges its GEMMs); every other Triton kernel of the model is a skinny one (small LoRA dots).
-TRITON_GEMMS = ("_gemm_expand_kernel", "_decode_kernel")
+TRITON_GEMMS = ("_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_decode_kernel", "_fwd_tma_kernel")
 
 
 def card():
@@ -72,11 +72,14 @@ def card():
     return mod.CARD
 
 
-def guess_machine_code(config: dict) -> str:
+def guess_machine_code(config: dict, kernel: str = "") -> str:
     """What a Triton GEMM tile compiles to on sm_90 without compiling it: wgmma for tiles of >= 64 rows on whole
-    warpgroups (4 warps each), mma.sync otherwise (what the compiled serving kernels show: the report replaces the
-    guess by the compiled machine code, and its test checks that they agree)."""
-    return "wgmma" if config["BLOCK_M"] >= 64 and config["num_warps"] % 4 == 0 else "mma.sync"
+    warpgroups (4 warps each), fed by TMA in the TMA kernels (``_fwd_tma_kernel``), mma.sync otherwise (what the
+    compiled serving kernels show: the report replaces the guess by the compiled machine code, and its test checks
+    that they agree)."""
+    if config["BLOCK_M"] >= 64 and config["num_warps"] % 4 == 0:
+        return "tma" if "_tma_" in kernel else "wgmma"
+    return "mma.sync"
 
 
 def compute_rate(ln: dict, c=None) -> float:
@@ -89,7 +92,7 @@ def compute_rate(ln: dict, c=None) -> float:
         return c.cublas_flops
     if ln["kernel"] not in TRITON_GEMMS:
         return c.peak_tf32_flops * 0.5
-    code = ln.get("machine_code") or guess_machine_code(ln["config"])
+    code = ln.get("machine_code") or guess_machine_code(ln["config"], ln["kernel"])
     slowdown = {"tma": c.triton_tma_slowdown, "wgmma": c.triton_wgmma_slowdown}.get(code, c.triton_mma_sync_slowdown)
     return c.cublas_flops / slowdown
 
@@ -125,18 +128,22 @@ def launches(
     sm_count: int = H100_SMS,
     smem: int = H100_SMEM,
     pdl: bool = True,
+    tma: bool = True,
 ) -> list[dict]:
     """The launches of one ``multi_lora_linear`` call (Triton backend) for token ids ``ids`` (slot per token, -1 =
     none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
     ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks);
     ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it); ``pdl``:
     the gemm path launches its GEMM as a programmatic dependent of its shrink (``ML.pdl_ok``: sm_90, as the H100
-    this models), marked ``overlaps_previous``."""
+    this models), marked ``overlaps_previous``; ``tma``: the card has TMA (the H100), so above
+    ``GEMM_TMA_MIN_TOKENS`` 16-bit tokens the gemm path's GEMM is ``_gemm_tma_expand_kernel`` (rows in the batch's
+    own order) and the gemm path is the default there."""
     ids = ids.to(torch.int64).flatten()
     T = ids.numel()
     N = sum(int(n) for n in slices)
     S = len(slices)
-    path = ops.choose_path(path, None, T, "triton")
+    tma = tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4
+    path = ops.choose_path(path, None, T, "triton", tma=tma)
     cap = capacity or T
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
     counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
@@ -239,11 +246,18 @@ def launches(
             shrink_l2,
         )
     )
-    bm, bn, bk, warps, gstages = ML.gemm_config(T, elt, elt, R, False, lambda: smem)
+    if tma:
+        bm, bn, bk, warps, gstages = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
+        order = range(T)  # row tiles of the batch's own order
+        kernel = "_gemm_tma_expand_kernel"
+    else:
+        bm, bn, bk, warps, gstages = ML.gemm_config(T, elt, elt, R, False, lambda: smem)
+        # row tiles of the sorted token list
+        order = sorted(range(T), key=lambda i: (ids[i].item() if 0 <= ids[i].item() < L else 1 << 31, i))
+        kernel = "_gemm_expand_kernel"
     blocks = ML._out_blocks(slices, bn)
     m_tiles = triton.cdiv(T, bm)
-    # distinct adapters per row tile of the sorted token list: one epilogue dot each
-    order = sorted(range(T), key=lambda i: (ids[i].item() if 0 <= ids[i].item() < L else 1 << 31, i))
+    # distinct adapters per row tile: one epilogue dot each
     keys = [int(ids[i]) if 0 <= int(ids[i]) < L else None for i in order]
     segs = sum(len({k for k in keys[m * bm : (m + 1) * bm] if k is not None}) for m in range(m_tiles))
     epi_flops = segs * blocks * 2 * bm * br * bn
@@ -251,7 +265,7 @@ def launches(
     l2 = m_tiles * blocks * (bm + bn) * K * elt + segs * blocks * (split * bm * br * 4 + br * bn * elt)
     out.append(
         _launch(
-            "_gemm_expand_kernel",
+            kernel,
             (m_tiles, blocks),
             {
                 "BLOCK_M": bm,
@@ -278,21 +292,33 @@ def launches(
 DECODE_POINTS = ((1, 4096), (16, 4096), (64, 4096), (256, 4096), (1, 8192), (256, 8192))
 
 
-def decode_launches(M: int, K: int, N: int, R: int = RANK, elt: int = 2, smem: int = H100_SMEM) -> list[dict]:
+def decode_launches(
+    M: int, K: int, N: int, R: int = RANK, elt: int = 2, smem: int = H100_SMEM, tma: bool = True
+) -> list[dict]:
     """The one launch of :func:`lora_kernels.triton.lora_decode.lora_decode_linear` (single adapter, bias-free):
-    W0, x, A and B read once from DRAM; A re-read from L2 by every output block (``l2_read``)."""
+    W0, x, A and B read once from DRAM; A re-read from L2 by every output block (``l2_read``). ``tma``: the card has
+    TMA (an H100), so batches of more than ``TMA_MIN_TOKENS`` rows run the persistent TMA forward with the shrink
+    inside (``lora_linear_tma._fwd_tma_kernel``, one program per SM walking the output tiles)."""
     from lora_kernels.triton import lora_decode as D
+    from lora_kernels.triton import lora_linear_tma as TMA
 
-    bm, bn, bk, br, warps, stages = D.decode_config(M, R, elt, False, lambda: smem)
+    if tma and M > D.TMA_MIN_TOKENS and elt < 4:
+        bm, bn, bk, _, _, _ = TMA.fused_tiles(triton.next_power_of_2(M), N, elt, H100_SMS, interp=False)[0]
+        br, warps, stages = U.block_r(R, TMA.FUSED_MAX_R), 4, 0
+        kernel = "_fwd_tma_kernel"
+    else:
+        bm, bn, bk, br, warps, stages = D.decode_config(M, R, elt, False, lambda: smem)
+        kernel = "_decode_kernel"
     m_tiles, n_blocks = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    grid = (min(H100_SMS, m_tiles * n_blocks),) if kernel == "_fwd_tma_kernel" else (m_tiles, n_blocks)
     flops = m_tiles * n_blocks * 2 * bm * (K * (bn + br) + br * bn)
     useful = 2 * M * K * N + 2 * M * R * (K + N)
     read = (N * K + M * K + R * K + N * R) * elt
     l2 = m_tiles * n_blocks * ((bm + bn + br) * K + br * bn) * elt
     return [
         _launch(
-            "_decode_kernel",
-            (m_tiles, n_blocks),
+            kernel,
+            grid,
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br, "num_warps": warps, "num_stages": stages},
             read,
             M * N * elt,
@@ -346,6 +372,12 @@ def predict_us(
     return t + launch_us * max(0, len(launch_list) - base_kernels)
 
 
+def default_path(T: int, elt: int = 2, tma: bool = True) -> str:
+    """The path ``multi_lora_linear`` takes by default for T tokens on the Triton backend of the modelled card (with
+    TMA: an H100), data of ``elt`` bytes that TMA can read."""
+    return ops.choose_path(None, None, T, "triton", tma=tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4)
+
+
 def grid_launches(
     paths: Sequence[str] = ops.PATHS, seed: int = 0, K: int = K_DEFAULT, N: int = N_DEFAULT, R: int = RANK, elt: int = 2
 ) -> list[dict]:
@@ -366,7 +398,7 @@ def grid_launches(
                         "K": K,
                         "N": N,
                         "r": R,
-                        "chosen": ops.choose_path(None, None, T, "triton"),
+                        "chosen": default_path(T, elt),
                         "floor_us": floor_us(T, active, K, N, R, elt),
                         "paths": {p: launches(ids, L, K, (N,), R, elt, path=p) for p in paths},
                     }
@@ -403,7 +435,13 @@ def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, 
     meta = BatchMeta(*(_meta(n, dtype=torch.int32) for n in (cap, cap, cap, cap + 1)))
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
     if path == "gemm":
-        ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m)
+        saved = ML.gemm_tma_ok
+        # meta tensors have no addresses: TMA answers as on an H100 (the launch model's card) from the row count
+        ML.gemm_tma_ok = lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS
+        try:
+            ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m)
+        finally:
+            ML.gemm_tma_ok = saved
         return
     y = F.linear(x, w)
     if path == "fused":
@@ -415,13 +453,16 @@ def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, 
 def _run_decode(M: int, K: int, N: int, R: int) -> None:
     from lora_kernels import _backend
     from lora_kernels.triton import lora_decode as D
+    from lora_kernels.triton import lora_linear_tma as TMA
 
-    saved = _backend.triton_device_reason
+    saved = _backend.triton_device_reason, TMA.tma_supported
     _backend.triton_device_reason = lambda *t: None  # meta tensors: nothing runs, the launch is recorded
+    # ... and TMA answers as on an H100 (alignment and dtype only)
+    TMA.tma_supported = lambda *ts: all(TMA._tma_aligned(t) and TMA._dtype_ok(t.dtype, True) for t in ts)
     try:
         D.lora_decode_linear(_meta(M, K), _meta(N, K), None, _meta(R, K), _meta(N, R), 2.0)
     finally:
-        _backend.triton_device_reason = saved
+        _backend.triton_device_reason, TMA.tma_supported = saved
 
 
 def _recorded(sr, run, *modules) -> list:
@@ -463,7 +504,7 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
     # report); the guess is kept for the record (the compile test checks that they agree)
     all_facts = [facts_of(rl) if rl.kind == "triton" else None for rl in recorded]
     model = [
-        dict(ln, machine_code=_machine_code(f), guessed_machine_code=guess_machine_code(ln["config"]))
+        dict(ln, machine_code=_machine_code(f), guessed_machine_code=guess_machine_code(ln["config"], ln["kernel"]))
         if ln["kernel"] in TRITON_GEMMS
         else ln
         for ln, f in zip(model, all_facts)
@@ -511,7 +552,7 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
                 "flops": ln["flops"],
                 "useful_flops": ln["useful_flops"],
                 "l2_atomic_bytes": 0,
-                "gemm": ln["kernel"].startswith(("cublas", "_gemm", "_decode")),
+                "gemm": ln["kernel"].startswith(("cublas", "_gemm", "_decode", "_fwd_tma")),
                 "machine_code": ln.get("machine_code"),
                 "guessed_machine_code": ln.get("guessed_machine_code"),
                 "compute_tflops": compute_rate(ln, c) / 1e12,
@@ -543,6 +584,7 @@ def report(
     (static_report sets it before importing triton)."""
     from lora_kernels import _backend
     from lora_kernels.triton import lora_decode as D
+    from lora_kernels.triton import lora_linear_tma as TMA
 
     if _backend.interpreter_enabled():
         raise RuntimeError("the serving report compiles the kernels: run it with TRITON_INTERPRET unset or 0")
@@ -573,7 +615,7 @@ def report(
     wanted = None if grid_points is None else set(grid_points)
     for M, K in decode_points:
         model = decode_launches(M, K, K)
-        rec = _recorded(sr, lambda: _run_decode(M, K, K, RANK), D)
+        rec = _recorded(sr, lambda: _run_decode(M, K, K, RANK), D, TMA)
         point = {
             "op": "lora_decode_linear",
             "path": "fwd",
@@ -596,7 +638,7 @@ def report(
                     continue
                 ids = _ids(dist, L, T, 0)
                 active = len(set(int(i) for i in ids.tolist()))
-                path = ops.choose_path(None, None, T, "triton")
+                path = default_path(T)
                 fl = floor_us(T, active)
                 others = {p: predict_us(launches(ids, L, path=p)) / fl for p in ops.PATHS}
                 model = launches(ids, L, path=path)

@@ -106,3 +106,15 @@ def ptxas_report(compiled):
     ld = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", out.stderr))
     regs = max([int(v) for v in re.findall(r"Used (\d+) registers", out.stderr)] or [0])
     return st, ld, regs
+
+
+def sass_of(compiled) -> str:
+    """The SASS of a compiled kernel's cubin, by triton's bundled nvdisasm (HGMMA = wgmma, UTMALDG = TMA load)."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        return subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout

@@ -105,6 +105,63 @@ def test_decode_shrink_beyond_fp16_range():
     torch.testing.assert_close(y.cpu().double(), want, **close(torch.float16))
 
 
+@pytest.fixture
+def tma_calls(monkeypatch):
+    """Calls of the TMA forward by lora_decode_linear (a skip where the GPU has no TMA)."""
+    from lora_kernels.triton import lora_linear_tma as T
+
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA route needs compute capability >= 9")
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")
+    calls = []
+    real = T.fwd_gemm
+    monkeypatch.setattr(T, "fwd_gemm", lambda *a, **k: calls.append(k.get("lora_A") is not None) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "M, K, N, r, bias, tma",
+    [
+        (65, 48, 40, 5, True, True),  # one row past TMA_MIN_TOKENS
+        (100, 64, 96, 16, False, True),
+        (70, 32, 24, 64, True, True),  # the largest fused rank
+        (100, 36, 40, 4, True, False),  # x's and A's rows of 72 bytes: not TMA operands, _decode_kernel runs
+        (64, 48, 40, 5, False, False),  # TMA_MIN_TOKENS itself keeps _decode_kernel
+    ],
+)
+def test_decode_larger_batches_take_the_tma_kernel(tma_calls, M, K, N, r, bias, tma):
+    from lora_kernels.triton.lora_decode import TMA_MIN_TOKENS, lora_decode_linear
+
+    assert TMA_MIN_TOKENS == 64
+    gen = torch.Generator().manual_seed(M + K + r)
+    x = torch.randn(M, K, generator=gen).to(DEVICE, torch.float16)
+    W = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE, torch.float16)
+    A = (torch.randn(r, K, generator=gen) / math.sqrt(K)).to(DEVICE, torch.float16)
+    B = torch.randn(N, r, generator=gen).to(DEVICE, torch.float16)
+    b = torch.randn(N, generator=gen).to(DEVICE, torch.float16) if bias else None
+    y = lora_decode_linear(x.reshape(1, M, K), W, b, A, B, 0.75)
+    assert y.shape == (1, M, N) and y.dtype == torch.float16
+    assert tma_calls == ([True] if tma else [])
+    torch.testing.assert_close(y[0].cpu().double(), _ref(x, W, b, A, B, 0.75), **close(torch.float16))
+
+
+def test_decode_fp32_and_fp32_adapters_keep_the_exact_kernel(tma_calls):
+    # fp32 data (exact IEEE products in _decode_kernel; the TMA kernels would take TF32) and an fp32 adapter with
+    # half data (not one dtype for the copy engine) stay on _decode_kernel at any batch size.
+    from lora_kernels.triton.lora_decode import lora_decode_linear
+
+    gen = torch.Generator().manual_seed(11)
+    K, N, r, M = 48, 40, 6, 80
+    for dt, lora_dt in ((torch.float32, torch.float32), (torch.float16, torch.float32)):
+        x = torch.randn(M, K, generator=gen).to(DEVICE, dt)
+        W = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE, dt)
+        A = (torch.randn(r, K, generator=gen) / math.sqrt(K)).to(DEVICE, lora_dt)
+        B = torch.randn(N, r, generator=gen).to(DEVICE, lora_dt)
+        y = lora_decode_linear(x, W, None, A, B, 1.25)
+        torch.testing.assert_close(y.cpu().double(), _ref(x, W, None, A, B, 1.25), **close(dt))
+    assert tma_calls == []
+
+
 def test_decode_bad_arguments():
     from lora_kernels.triton.lora_decode import lora_decode_linear
 

@@ -106,6 +106,71 @@ def test_forward_matches_reference(T, dtype, M, K, N, r, bias):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M, K, N", SHAPES)
+@pytest.mark.parametrize("r, bias, store", [(1, True, True), (7, False, False), (16, True, True), (64, False, True)])
+def test_forward_with_the_shrink_inside_matches_reference(T, dtype, M, K, N, r, bias, store):
+    # FUSE_SHRINK: xa = x·Aᵀ from the main loop's x boxes, the rank padded to a power of two by TMA's zero fill
+    # (r = 1, 7), up to the largest fused rank (64); xa stored by the first column of tiles when asked.
+    _dtype_or_skip(dtype)
+    x, w, a, b, bb, _ = _problem(M, K, N, r, dtype, seed=M * 1000 + K + N + r + 3)
+    bb = bb if bias else None
+    with _tf32_on_gpu(dtype) as tol:
+        assert T.tma_supported(x, w, a)
+        want, want_xa = _oracle_forward(x, w, a, b, 0.75, bb, 0.0, 0)
+        xa_out = torch.full((M, r), float("nan"), device=DEVICE) if store else None
+        y = T.fwd_gemm(x, w, None, b, 0.75, bb, lora_A=a, xa_out=xa_out)
+    assert y.dtype == dtype and y.shape == (M, N) and y.is_contiguous()
+    assert_close_scaled(y, want, tol, "y")
+    if store:
+        assert_close_scaled(xa_out, want_xa.double(), tol, "xa")
+
+
+@needs_triton
+@pytest.mark.parametrize("programs", [1, 3])
+def test_fused_forward_with_several_tiles_per_program(T, programs):
+    # 100×96 outputs in 32×32 tiles (interpreter): each of 1 or 3 programs walks several tiles; only tiles of the first
+    # column store xa (a wrong column test writes other columns' rows or leaves NaN).
+    M, K, N, r = 100, 48, 96, 7
+    x, w, a, b, bb, _ = _problem(M, K, N, r, torch.float16, seed=programs + 40)
+    want, want_xa = _oracle_forward(x, w, a, b, 1.5, bb, 0.0, 0)
+    xa_out = torch.full((M, r), float("nan"), device=DEVICE)
+    y = T.fwd_gemm(x, w, None, b, 1.5, bb, lora_A=a, xa_out=xa_out, max_programs=programs)
+    assert_close_scaled(y, want, torch.float16, "y")
+    assert_close_scaled(xa_out, want_xa.double(), torch.float16, "xa")
+
+
+@needs_triton
+def test_fused_shrink_stays_fp32_beyond_the_fp16_range(T):
+    # x·Aᵀ = 102400 in fp16 data, the output ~512: xa stays fp32 up to the epilogue.
+    K, N = 48, 32
+    x = torch.full((70, K), 16.0, dtype=torch.float16, device=DEVICE)
+    a = torch.stack([torch.full((K,), 133.0), torch.full((K,), -133.0)]).to(DEVICE, torch.float16)
+    b = torch.stack([torch.full((N,), 0.0075), torch.full((N,), 0.0025)], dim=1).to(DEVICE, torch.float16)
+    w = torch.zeros(N, K, dtype=torch.float16, device=DEVICE)
+    want, _ = _oracle_forward(x, w, a, b, 1.0, None, 0.0, 0)
+    assert (x[0].double() @ a[0].double()) > 65504 and want.abs().max() < 1000
+    y = T.fwd_gemm(x, w, None, b, 1.0, None, lora_A=a)
+    assert torch.isfinite(y).all()
+    assert_close_scaled(y, want, torch.float16, "y")
+
+
+@needs_triton
+def test_fused_forward_bad_arguments(T):
+    x, w, a, b, _, _ = _problem(7, 48, 32, 4, torch.float16, seed=2)
+    xa = torch.zeros(7, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="xa=None and lora_A"):
+        T.fwd_gemm(x, w, xa, b, 1.0, lora_A=a)
+    big = torch.zeros(T.FUSED_MAX_R + 1, 48, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="1 <= r <= 64"):
+        T.fwd_gemm(x, w, None, torch.zeros(32, T.FUSED_MAX_R + 1, device=DEVICE), 1.0, lora_A=big)
+    with pytest.raises(ValueError, match=r"xa_out must be fp32 \[7, 4\]"):
+        T.fwd_gemm(x, w, None, b, 1.0, lora_A=a, xa_out=torch.zeros(7, 4, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="needs xa, or lora_A"):
+        T.fwd_gemm(x, w, None, b, 1.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, K, N", SHAPES)
 @pytest.mark.parametrize("r, p", [(1, 0.0), (7, 0.3), (16, 0.1), (16, 0.0)])
 def test_dx_matches_reference(T, dtype, M, K, N, r, p):
     _dtype_or_skip(dtype)
@@ -260,7 +325,11 @@ T.fwd_gemm(torch.empty(M, K, dtype=bf), w, torch.empty(M, R), b, 2.0, bias)
 T.dx_gemm(torch.empty(M, N, dtype=bf), w, torch.empty(M, R), torch.empty(R, K, dtype=bf), None, 1.0)
 T.dx_gemm(torch.empty(M, N, dtype=bf), w, torch.empty(M, R), torch.empty(R, K, dtype=bf),
           torch.empty(M, K // 32, dtype=torch.int32), 1 / 0.9)
-assert len(calls) == 3, calls
+# The decode-sized forward with the shrink inside: 64x64, 64x128 and 64x256 tiles.
+for rows, n in ((128, N), (256, N), (256, 2 * N)):
+    T.fwd_gemm(torch.empty(rows, K, dtype=bf), torch.empty(n, K, dtype=bf), None, torch.empty(n, R, dtype=bf), 2.0,
+               torch.empty(n, dtype=bf), lora_A=torch.empty(R, K, dtype=bf), xa_out=torch.empty(rows, R))
+assert len(calls) == 6, calls
 nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 for kernel, grid, args, kwargs in calls:
     fn = jit_function(kernel)
@@ -334,6 +403,28 @@ def test_lora_linear_takes_the_tma_gemms_when_they_apply(spied, p):
     LL, calls = spied
     _layer_against_reference(LL, 33, 48, 32, 7, torch.float16, p)
     assert calls == ["fwd_gemm", "dx_gemm"]
+
+
+@needs_triton
+@pytest.mark.parametrize("M, r, bias", [(65, 5, True), (100, 16, False), (70, 64, True)])
+def test_decode_sized_forward_takes_the_fused_tma_kernel(spied, monkeypatch, M, r, bias):
+    # From _TMA_FUSED_MIN_M + 1 rows up to _FUSED_SHRINK_MAX_M, without dropout: one fwd_gemm launch with the shrink
+    # inside, its xa stored for the backward (checked through dA and dB).
+    LL, calls = spied
+    monkeypatch.setattr(LL, "_FUSED_SHRINK_MAX_M", 256)
+    fused = []
+    real = LL._shrink
+    monkeypatch.setattr(LL, "_shrink", lambda *a, **k: fused.append("shrink") or real(*a, **k))
+    _layer_against_reference(LL, M, 48, 40, r, torch.float16, 0.0)
+    assert calls == ["fwd_gemm", "dx_gemm"] and not fused
+
+
+@needs_triton
+def test_decode_sized_forward_at_64_rows_keeps_the_plain_fused_kernel(spied, monkeypatch):
+    LL, calls = spied
+    monkeypatch.setattr(LL, "_FUSED_SHRINK_MAX_M", 256)
+    _layer_against_reference(LL, LL._TMA_FUSED_MIN_M, 48, 40, 5, torch.float16, 0.0)
+    assert calls == ["dx_gemm"]
 
 
 @needs_triton

@@ -26,7 +26,7 @@ needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs triton, and CUDA 
 
 
 # ------------------------------------------------------------------------------------- fp32 shrink intermediates
-def overflow_case(device=DEVICE, dtype=torch.float16):
+def overflow_case(device=DEVICE, dtype=torch.float16, tokens=5):
     """fp16 data whose shrink x·Aᵀ = 102400 is past fp16's 65504 while the output is ~512: x = 16 (K = 40), A = 160,
     B = 0.005, scale 1. Rank 2 with a second A row of the opposite sign, so that s = (102400, -102400) and the two
     terms of the expand partly cancel (B's columns differ): an fp16 s is ±inf there and the output inf or NaN."""
@@ -38,8 +38,8 @@ def overflow_case(device=DEVICE, dtype=torch.float16):
     pool.load("big", a, b, alpha=2)  # scale alpha / r = 1
     weight = torch.zeros(N, K, dtype=dtype, device=device)
     weight[:, 0] = 1.0 / 64
-    x = torch.full((5, K), 16.0, dtype=dtype, device=device)
-    ids = [0, -1, 0, 0, -1]
+    x = torch.full((tokens, K), 16.0, dtype=dtype, device=device)
+    ids = ([0, -1, 0, 0, -1] * tokens)[:tokens]
     return pool, weight, x, ids
 
 
@@ -396,10 +396,11 @@ def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bia
 
     pool, weight, b, x, ids = _gemm_problem(T, dtype, slices, pattern, bias, seed=T)
     launched = []
-    for name in ("_batched_shrink_kernel", "_gemm_expand_kernel", "_expand_kernel", "_fused_kernel"):
+    for name in _GEMM_PATH_KERNELS:
         real = getattr(ML, name)
         monkeypatch.setattr(ML, name, _NameSpy(real, name, launched))
     batch = LoRABatch.prepare(ids, device=DEVICE)
+    gemm_kernel = "_gemm_tma_expand_kernel" if ML.gemm_tma_ok(x, weight) else "_gemm_expand_kernel"
     monkeypatch.setattr(torch.Tensor, "zero_", _no_call("zero_"))
     got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
     monkeypatch.undo()
@@ -411,13 +412,142 @@ def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bia
     else:
         torch.testing.assert_close(got.cpu().double(), want, **close(dtype))
     if pattern != "none":
-        assert launched == ["_batched_shrink_kernel", "_gemm_expand_kernel"], launched
+        assert launched == ["_batched_shrink_kernel", gemm_kernel], launched
     # the torch backend's gemm path is the reference itself
     got_t = lk.multi_lora_linear(x, weight, b, pool, batch, backend="torch", path="gemm")
     if lowp is not None:
         assert_close_to_oracle(got_t, lowp, want)
     else:
         torch.testing.assert_close(got_t.cpu().double(), want, **close(dtype))
+
+
+_GEMM_PATH_KERNELS = (
+    "_batched_shrink_kernel",
+    "_gemm_expand_kernel",
+    "_gemm_tma_expand_kernel",
+    "_expand_kernel",
+    "_fused_kernel",
+)
+
+# (T, slices, pattern, bias, pool dtype): more than GEMM_TMA_MIN_TOKENS fp16 rows whose 80-byte rows TMA can read:
+# the gemm path's GEMM is _gemm_tma_expand_kernel, rows in the batch's own order. Ragged row tiles, q|k|v slices
+# whose blocks end inside a TMA box of W0 rows, many adapters per row tile, one adapter, none, an fp32 pool.
+GEMM_TMA_CASES = [
+    (65, GEMM_SLICES, "repeats", True, None),
+    (100, [40], "repeats", False, None),
+    (100, GEMM_SLICES, "one", True, None),
+    (70, GEMM_SLICES, "none", False, None),
+    (97, GEMM_SLICES, "repeats", True, torch.float32),
+]
+
+
+@pytest.fixture
+def tma_or_skip():
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA GEMM needs compute capability >= 9")
+
+
+@needs_triton
+@pytest.mark.parametrize("T,slices,pattern,bias,pool_dtype", GEMM_TMA_CASES)
+def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slices, pattern, bias, pool_dtype):
+    from lora_kernels.triton import multi_lora as ML
+
+    pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, pattern, bias, seed=T + 5, pool_dtype=pool_dtype)
+    assert ML.gemm_tma_ok(x, weight) and ML.gemm_tma_ok(x, weight, check_addresses=False)
+    launched = []
+    for name in _GEMM_PATH_KERNELS:
+        monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")  # the default path at this size
+    monkeypatch.undo()
+    if pattern != "none":
+        assert launched == ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], launched
+    assert got.dtype == torch.float16 and got.shape == (T, sum(slices))
+    torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
+
+
+@needs_triton
+def test_gemm_path_tma_gemm_bad_ids_and_overflow(tma_or_skip):
+    """Ids outside -1..L-1 (unchecked: they add nothing), a batch with spare capacity, and the fp16 overflow case
+    (xa beyond 65504 stays fp32) on the TMA GEMM."""
+    pool, weight, b, x, ids = _gemm_problem(90, torch.float16, GEMM_SLICES, "repeats", True, seed=13)
+    bad = list(ids)
+    bad[0], bad[33], bad[89] = 8, 1000, -7
+    batch = LoRABatch.prepare(bad, max_tokens=128, device=DEVICE)
+    got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm", check=False)
+    want = _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in bad])
+    torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
+    pool2, w2, x2, ids2 = overflow_case(tokens=80)
+    got2 = lk.multi_lora_linear(
+        x2, w2, None, pool2, LoRABatch.prepare(ids2, device=DEVICE), backend="triton", path="gemm"
+    )
+    assert torch.isfinite(got2).all()
+    torch.testing.assert_close(got2.cpu().double(), overflow_want(pool2, w2, x2, ids2), **close(torch.float16))
+
+
+class _ReplayLog:
+    """Runs a kernel and records (kernel, grid, args, kwargs) for a later replay, as a captured CUDA graph replays its
+    kernel nodes with the same arguments."""
+
+    def __init__(self, real, log):
+        self.real, self.log = real, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.real, grid, args, kwargs))
+            return self.real[grid](*args, **kwargs)
+
+        return launch
+
+
+@needs_triton
+def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip):
+    """The TMA GEMM reads each token's slot from the batch's token_slots at run time: launches recorded once (host
+    checks off, as while capturing) and replayed after ``batch.prepare_`` with other ids give every token its new
+    adapter (all tokens one adapter, none, many per row tile, ids outside the pool)."""
+    from lora_kernels.triton import multi_lora as ML
+
+    T = 72
+    pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=21)
+    log = []
+    for name in ("_batched_shrink_kernel", "_gemm_tma_expand_kernel"):
+        monkeypatch.setattr(ML, name, _ReplayLog(getattr(ML, name), log))
+    monkeypatch.setattr(ops, "_in_graph_or_compile", lambda t: True)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
+    assert [entry[0] for entry in log] == [ML._batched_shrink_kernel.real, ML._gemm_tma_expand_kernel.real]
+    torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
+    gen = torch.Generator().manual_seed(3)
+    for refill in ([2] * T, [-1] * T, [(i * 5) % 7 - 1 for i in range(T)], [9, 4, -3] * (T // 3)):
+        batch.prepare_(refill)
+        x.copy_(torch.randn(T, x.shape[1], generator=gen).to(x.dtype))
+        for real, grid, args, kwargs in list(log):
+            real[grid](*args, **kwargs)
+        want = _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in refill])
+        torch.testing.assert_close(y.cpu().double(), want, **close(torch.float16))
+
+
+def test_gemm_tma_ok_refuses_what_the_tma_gemm_cannot_read():
+    from lora_kernels.triton import multi_lora as ML
+
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA GEMM needs compute capability >= 9")
+    if not (HAS_CUDA or INTERPRET):
+        pytest.skip("needs CUDA or the interpreter")
+    x = torch.randn(80, 48, dtype=torch.float16, device=DEVICE)
+    w = torch.randn(32, 48, dtype=torch.float16, device=DEVICE)
+    assert ML.gemm_tma_ok(x, w)
+    assert not ML.gemm_tma_ok(x[: ML.GEMM_TMA_MIN_TOKENS], w)  # too few rows
+    assert not ML.gemm_tma_ok(x.float(), w.float())  # fp32 data keeps the exact kernel
+    assert not ML.gemm_tma_ok(x, w.bfloat16())  # mixed dtypes
+    odd = torch.randn(80, 36, dtype=torch.float16, device=DEVICE)  # 72-byte rows
+    assert not ML.gemm_tma_ok(odd, torch.randn(32, 36, dtype=torch.float16, device=DEVICE))
+    shifted = torch.randn(80, 56, dtype=torch.float16, device=DEVICE)[:, 8:]  # 16-byte base, 112-byte rows: fine
+    assert ML.gemm_tma_ok(shifted, w)
+    off = torch.randn(80, 49, dtype=torch.float16, device=DEVICE)[:, 1:]  # 98-byte rows, 2-byte offset base
+    assert not ML.gemm_tma_ok(off, w) and not ML.gemm_tma_ok(off, w, check_addresses=False)
+    base_only = torch.randn(80 * 48 + 1, dtype=torch.float16, device=DEVICE)[1:].view(80, 48)  # rows fine, base not
+    assert not ML.gemm_tma_ok(base_only, w) and ML.gemm_tma_ok(base_only, w, check_addresses=False)
 
 
 class _NameSpy:
@@ -467,6 +597,11 @@ def test_path_choice_and_argument_errors():
     assert ops.choose_path(None, None, ops.FUSED_MAX_TOKENS + 1, "triton") == "gemm"
     assert ops.choose_path(None, None, ops.GEMM_MAX_TOKENS, "triton") == "gemm"
     assert ops.choose_path(None, None, ops.GEMM_MAX_TOKENS + 1, "triton") == "split"
+    # where the gemm path's GEMM is the TMA kernel it is the default at every size above FUSED_MAX_TOKENS
+    assert ops.choose_path(None, None, 4096, "triton", tma=True) == "gemm"
+    assert ops.choose_path(None, None, ops.FUSED_MAX_TOKENS, "triton", tma=True) == "fused"
+    assert ops.choose_path(None, None, 4096, "torch", tma=True) == "split"
+    assert ops.choose_path("split", None, 4096, "triton", tma=True) == "split"
     assert ops.choose_path(None, None, 100, "torch") == "split"
     assert ops.choose_path(None, None, 100, "cuda") == "split"
     assert ops.choose_path(None, False, 1, "triton") == "split"
@@ -520,10 +655,11 @@ from lora_kernels.ops.multi_lora import step_tile_m
 from lora_kernels.ops._batch import BatchMeta
 from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
-from _aot import Recorder, compile_for_sm90, ptxas_report
+from _aot import Recorder, compile_for_sm90, ptxas_report, sass_of
 
 calls = []
-for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
+for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel",
+             "_gemm_tma_expand_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name), calls))
 U.sm_count = lambda index: 132
 U.max_smem = lambda index: 227 * 1024
@@ -550,6 +686,17 @@ for M, R, slices, dtype in ((1, 16, [4096], torch.bfloat16), (1, 64, [4096, 1024
             ML.fused(x, A, B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
         else:
             ML.expand(torch.empty(M, S * R), B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
+# The TMA GEMM of the gemm path (Hopper) on every tile it picks: 64x64 (128 rows), 64x128 (256), 128x256 (1024 and
+# 4096 rows; q|k|v at rank 64). CPU tensors stand for an H100's: the TMA check answers from the strides.
+ML.gemm_tma_ok = lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS
+for M, R, slices, dtype in ((128, 16, [4096], torch.bfloat16), (256, 16, [4096], torch.float16),
+                            (1024, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
+    S, N = len(slices), sum(slices)
+    ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
+    ML.linear_gemm(torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype),
+                   torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
+                   torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
+                   BatchMeta(ids, st_, ss, ts), slices, step_tile_m(auto_tile_m(4096), M))
 seen = set()
 names = set()
 for kernel, grid, args, kwargs in calls:
@@ -569,7 +716,11 @@ for kernel, grid, args, kwargs in calls:
           "spill", st, ld, "regs", regs, "compile %.1fs" % (time.perf_counter() - t0), flush=True)
     assert smem <= 227 * 1024, (name, shown, smem)
     assert st == 0 and ld == 0, ("spills", name, shown, st, ld)
-assert {"_gemm_expand_kernel", "_batched_shrink_kernel", "_fused_kernel", "_expand_kernel"} <= names, names
+    if name == "_gemm_tma_expand_kernel":  # wgmma fed by TMA loads
+        sass = sass_of(compiled)
+        assert "HGMMA" in sass and "UTMALDG" in sass, (name, shown)
+assert {"_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_batched_shrink_kernel", "_fused_kernel",
+        "_expand_kernel"} <= names, names
 print("OK")
 """
 

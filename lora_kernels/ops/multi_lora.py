@@ -41,6 +41,11 @@ FUSED_MAX_TOKENS = 8
 # cuBLAS + shrink + expand (3 launches and a read-modify-write of y: 2·M·N·2 bytes). Past 256 tokens (128-row tiles)
 # the GEMM is compute-bound and its 1.35x outweighs the y round trip: the split path is predicted faster from 288 on (in
 # the mean: 288 tokens by 18 %, 384 tokens 0.8 % behind, 512-768 by 2-6 %, 1024 by 7 %, 4096 by 12 %).
+# Where the GEMM is the TMA kernel (Hopper, 16-bit data TMA can read, > 64 tokens: triton.multi_lora.gemm_tma_ok),
+# the model charges it cuBLAS's rate, and the gemm path is the default at every token count above FUSED_MAX_TOKENS:
+# its mean over the grid's distributions is 1.02-1.40x the floor at 1024 and 4096 tokens against the split path's
+# 1.20-1.50x (it loses only where a 128-row tile of the batch's own order holds ~80 adapters: 128 adapters uniform
+# over >= 1024 tokens).
 GEMM_MAX_TOKENS = 256
 PATHS = ("fused", "split", "gemm")
 
@@ -378,12 +383,20 @@ def _gemm_fake(x, weight, *rest):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def choose_path(path: str | None, fused: bool | None, M: int, backend: str) -> str:
+def _gemm_tma(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The gemm path's GEMM would be the TMA kernel (judged from strides: x may be a traced tensor)."""
+    from ..triton import multi_lora as ML
+
+    return ML.gemm_tma_ok(x2, weight, check_addresses=False)
+
+
+def choose_path(path: str | None, fused: bool | None, M: int, backend: str, tma: bool = False) -> str:
     """The one place that picks how :func:`multi_lora_linear` runs (see the module docstring):
 
     - ``"fused"``: F.linear, then one kernel for shrink and expand (adds into y). Default for M <= FUSED_MAX_TOKENS.
     - ``"gemm"``: the shrink, then the base GEMM with the expand in its epilogue (y written once; Triton and torch
-      backends). Default on the Triton backend for FUSED_MAX_TOKENS < M <= GEMM_MAX_TOKENS.
+      backends). Default on the Triton backend for FUSED_MAX_TOKENS < M <= GEMM_MAX_TOKENS, and for every M above
+      FUSED_MAX_TOKENS when ``tma`` (the GEMM is the TMA kernel: see GEMM_MAX_TOKENS).
     - ``"split"``: F.linear, then the shrink into per-split fp32 partials and the expand, which sums them (adds
       into y; no zero-fill, no atomics). Default otherwise.
 
@@ -404,7 +417,7 @@ def choose_path(path: str | None, fused: bool | None, M: int, backend: str) -> s
         return "fused" if fused else "split"
     if M <= FUSED_MAX_TOKENS:
         return "fused"
-    if backend == "triton" and M <= GEMM_MAX_TOKENS:
+    if backend == "triton" and (M <= GEMM_MAX_TOKENS or tma):
         return "gemm"
     return "split"
 
@@ -596,7 +609,7 @@ def multi_lora_linear(
     if check:
         check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
     name = BACKENDS.resolve(backend, x2, weight, pool.A_stack, op="multi_lora_linear")
-    chosen = choose_path(path, fused, M, name)
+    chosen = choose_path(path, fused, M, name, tma=name == "triton" and _gemm_tma(x2, weight))
     # Autocast off for the base too: the result is in x's dtype on every path, as the gemm op computes it (inside
     # torch.autocast the F.linear of the fused and split paths ran in the autocast dtype: a bf16 result there, an fp32
     # one on the gemm path). Cast x, weight and bias first for autocast-dtype math.

@@ -120,6 +120,22 @@ def _decode_kernel(
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Batches of more than this many rows take the persistent TMA forward of lora_linear with the shrink in its main loop
+# (lora_linear_tma.fwd_gemm with lora_A; Hopper and newer, TMA-readable 16-bit x, W0 and A of one dtype): the same one
+# pass over W0, with wgmma fed by the copy engine, where the 64×128 wgmma tiles of _decode_kernel are charged 1.35x
+# cuBLAS's compute time by the static report (predicted 1.40x the base at 256 rows, K = N = 4096). Up to 64 rows
+# _decode_kernel's narrow tiles keep more SMs pulling W0.
+TMA_MIN_TOKENS = 64
+
+
+def use_tma(x2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """True when :func:`lora_decode_linear` runs the TMA kernel for this 2-D x (see TMA_MIN_TOKENS). fp32 data keeps
+    _decode_kernel, whose fp32 products are exact IEEE ones (the TMA kernels run fp32 as TF32)."""
+    if x2.shape[0] <= TMA_MIN_TOKENS or x2.dtype == torch.float32 or lora_B.dtype != x2.dtype:
+        return False
+    from . import lora_linear_tma as _tma
+
+    return lora_A.shape[0] <= _tma.FUSED_MAX_R and _tma.tma_supported(x2, weight, lora_A)
 
 
 def lora_decode_linear(
@@ -134,7 +150,8 @@ def lora_decode_linear(
     lora_A ``[r, K]``, lora_B ``[N, r]``; x, weight and bias of one dtype (fp16, bf16, fp32), lora_A and lora_B of
     that dtype or fp32 (as :func:`lora_kernels.lora_linear` accepts), on one device that Triton can use; any
     strides. Returns ``[..., N]`` in x's dtype. Meant for at most ``MAX_TOKENS`` rows (decode); larger inputs work
-    but re-read A per row tile and lose to a GEMM."""
+    but re-read A per row tile and lose to a GEMM. From ``TMA_MIN_TOKENS + 1`` rows on Hopper the launch is the
+    persistent TMA kernel of :mod:`lora_kernels.triton.lora_linear_tma` (see :func:`use_tma`), still one launch."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -174,6 +191,10 @@ def lora_decode_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
+    if use_tma(x2, weight, lora_A, lora_B):
+        from . import lora_linear_tma as _tma
+
+        return _tma.fwd_gemm(x2, weight, None, lora_B, scale, bias, lora_A=lora_A).reshape(*lead, N)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.reshape(*lead, N)

@@ -70,6 +70,19 @@ _TILES_FP32 = [
 # for its whole tile at once: at most 64 output elements per thread (128×128 at 8 warps: 243 registers, no spills on
 # sm_90 with triton 3.9), as lora_linear.py bounds its dropout tiles.
 _DROPOUT_MAX_PER_THREAD = 64
+# The forward with the shrink in its main loop (FUSE_SHRINK: decode-sized batches, one launch): x·Aᵀ accumulates
+# next to the output tile from the same x boxes, each column of tiles recomputing its rows' xa (BLOCK_R/BLOCK_N more
+# MMA work: 6.25 % at 64×256, 12.5 % at 64×128, r = 16). These batches are bound by W0's read (or close to it), so
+# the tiles are one warpgroup's wgmma height (64 rows) and the widest of 256 / 128 / 64 columns that still gives at
+# least 7/8 of the SMs a tile (_FUSED_MIN_BUSY): 256 rows at N = 4096 → 64×128 (128 tiles on 132 SMs), at N = 8192
+# → 64×256 (128 tiles); 128 rows at N = 4096 → 64×64. Ranks up to FUSED_MAX_R: the fp32 xa tile (64 × 64 at most)
+# stays small next to the output tile. Chosen from the static report's byte, FLOP and tile counts, unmeasured.
+FUSED_MAX_R = 64
+_FUSED_TILES = [(64, 256, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)]
+_FUSED_TILES_FP32 = [(64, 64, 32, 8, 4, 3)]
+_FUSED_MIN_BUSY = 7 / 8
+# SMs assumed where the device cannot be asked (the static report's meta tensors): an H100 SXM.
+_SMS_H100 = 132
 # 32 keeps the interpreter fast on test shapes (<= 100) while giving several ragged tiles; GROUP_M = 2 exercises the
 # grouped order.
 _INTERPRETER_TILE = (32, 32, 32, 2, 4, 1)
@@ -92,15 +105,22 @@ def _pruner(operand: str, out: str, col_key: str, red_key: str):
         elem = named_args[operand].element_size()
         out_elem = named_args[out].element_size()
         dropout = bool(kwargs.get("HAS_DROPOUT", named_args.get("HAS_DROPOUT", False)))
+        fused = bool(kwargs.get("FUSE_SHRINK", named_args.get("FUSE_SHRINK", False)))
         smem = _smem(named_args[operand].device)
-        if elem >= 4:
+        if fused:
+            dev = named_args[operand].device
+            tiles = fused_tiles(named_args["M_BUCKET"], named_args["N"], elem, _sms(dev))
+            configs = _gemm.configs(col_key, red_key, tiles)
+        elif elem >= 4:
             configs = _gemm.configs(col_key, red_key, _TILES_FP32)
+        # FUSE_SHRINK streams A's [BLOCK_R, BLOCK_K] box with x's and W0's in every stage.
+        extra_rows = kwargs.get("BLOCK_R", named_args.get("BLOCK_R", 0)) if fused else 0
         kept = []
         for c in configs:
             kw = c.kwargs
             bm, bc, br = kw["BLOCK_M"], kw[col_key], kw[red_key]
             epilogue = bm * bc * out_elem + 1024  # the output tile staged for its TMA store; barriers
-            stages = min(c.num_stages, (smem - epilogue) // ((bm + bc) * br * elem))
+            stages = min(c.num_stages, (smem - epilogue) // ((bm + bc + extra_rows) * br * elem))
             if stages < 2 or bm > max(_utils.MIN_DOT, 2 * named_args["M_BUCKET"]):
                 continue
             if dropout and bm * bc > _DROPOUT_MAX_PER_THREAD * 32 * c.num_warps:
@@ -113,6 +133,25 @@ def _pruner(operand: str, out: str, col_key: str, red_key: str):
         return kept
 
     return prune
+
+
+def fused_tiles(
+    m_bucket: int, n: int, elem: int, sms: int, interp: bool | None = None
+) -> list[tuple[int, int, int, int, int, int]]:
+    """FUSE_SHRINK forward tiles for an M bucket, N, operand size and SM count, in the order the pruner tries them:
+    the widest tile whose count (rows from the M bucket) keeps _FUSED_MIN_BUSY of the SMs busy first, then the
+    narrower ones, then the wider ones. ``interp`` (default: the interpreter was on at import) gives the
+    interpreter's one small tile. Host ints only: the static report's launch model calls it."""
+    if _INTERPRET_AT_IMPORT if interp is None else interp:
+        return [_INTERPRETER_TILE]
+    if elem >= 4:
+        return list(_FUSED_TILES_FP32)
+    fills = [t for t in _FUSED_TILES if triton.cdiv(m_bucket, t[0]) * triton.cdiv(n, t[1]) >= _FUSED_MIN_BUSY * sms]
+    return fills + [t for t in reversed(_FUSED_TILES) if t not in fills]
+
+
+def _sms(device: torch.device) -> int:
+    return _utils.sm_count_of(device) if device.type == "cuda" else _SMS_H100
 
 
 def _tiles(col_key: str, red_key: str):
@@ -171,7 +210,7 @@ def _lora_term(
 # ---------------------------------------------------------------------------------------------------------- kernels
 @triton.autotune(
     configs=_tiles("BLOCK_N", "BLOCK_K"),
-    key=["M_BUCKET", "N", "K", "R", "HAS_BIAS"],
+    key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "FUSE_SHRINK"],
     prune_configs_by={"early_config_prune": _pruner("x_ptr", "y_ptr", "BLOCK_N", "BLOCK_K")},
     do_bench=autotune_bench,
 )
@@ -179,8 +218,9 @@ def _lora_term(
 def _fwd_tma_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, row stride stride_xm (16-byte multiple), unit column stride, 16-byte aligned
     w_ptr,  # [N, K] x's dtype, row stride stride_wn (16-byte multiple), unit column stride, 16-byte aligned
-    xa_ptr,  # [M, R] fp32 (xa = dropout(x)·Aᵀ), any strides
+    xa_ptr,  # [M, R] fp32 (xa = dropout(x)·Aᵀ), any strides; with FUSE_SHRINK written (STORE_XA), not read
     b_ptr,  # [N, R] lora_B, x's dtype or fp32, any strides
+    a_ptr,  # [R, K] lora_A, x's dtype, row stride stride_ar (16-byte multiple), unit column stride, 16-byte aligned
     bias_ptr,  # [N] x's dtype, contiguous (read only when HAS_BIAS)
     y_ptr,  # [M, N] x's dtype out, contiguous; a TMA store when OUT_TMA (N·elem a 16-byte multiple)
     M,
@@ -190,6 +230,7 @@ def _fwd_tma_kernel(
     M_BUCKET,
     stride_xm,
     stride_wn,
+    stride_ar,
     stride_xam,
     stride_xar,
     stride_bn,
@@ -202,6 +243,8 @@ def _fwd_tma_kernel(
     PREC: tl.constexpr,
     LORA_PREC: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    FUSE_SHRINK: tl.constexpr,  # xa = x·Aᵀ from the main loop's x boxes (R <= BLOCK_R), not read from xa_ptr
+    STORE_XA: tl.constexpr,  # with FUSE_SHRINK: the first column of tiles stores its rows of xa to xa_ptr
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -209,6 +252,8 @@ def _fwd_tma_kernel(
 ):
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if FUSE_SHRINK:  # rows R..BLOCK_R-1 of A's box read as zeros (the copy engine pads past the shape)
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[R, K], strides=[stride_ar, 1], block_shape=[BLOCK_R, BLOCK_K])
     if OUT_TMA:
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     num_m = tl.cdiv(M, BLOCK_M)
@@ -220,18 +265,54 @@ def _fwd_tma_kernel(
         off_n = pid_n * BLOCK_N
         # Main loop: TMA pads rows, columns and K past the ends with zeros, so no masks.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for kt in range(0, k_tiles):
             xt = x_desc.load([off_m, kt * BLOCK_K])
             wt = w_desc.load([off_n, kt * BLOCK_K])
             acc = _dot(xt, wt.T, acc, UPCAST, PREC)
+            if FUSE_SHRINK:
+                at = a_desc.load([0, kt * BLOCK_K])
+                xa = _dot(xt, at.T, xa, UPCAST, PREC)
         # LoRA epilogue: acc += (scale·xa_tile)·B_tileᵀ, a K = r product into the same accumulator.
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         m_ok = rm < M
         n_ok = rn < N
-        acc = _lora_term(
-            acc, xa_ptr, b_ptr, rm, rn, M, N, R, stride_xam, stride_xar, stride_br, stride_bn, scale, LORA_PREC, BLOCK_R
-        )
+        if FUSE_SHRINK:
+            # xa stays fp32 (tf32 MMA for 16-bit data): a 16-bit copy would overflow past fp16's 65504.
+            rr = tl.arange(0, BLOCK_R)
+            r_ok = rr < R
+            bt = tl.load(
+                b_ptr + rr[:, None] * stride_br + rn.to(tl.int64)[None, :] * stride_bn,
+                mask=r_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc = _dot(xa * scale, bt, acc, True, LORA_PREC)
+            if STORE_XA:
+                first_col = rm * 0 + pid_n == 0  # a tensor: the interpreter rejects a scalar bool in a mask
+                tl.store(
+                    xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
+                    xa,
+                    mask=(m_ok & first_col)[:, None] & r_ok[None, :],
+                )
+        else:
+            acc = _lora_term(
+                acc,
+                xa_ptr,
+                b_ptr,
+                rm,
+                rn,
+                M,
+                N,
+                R,
+                stride_xam,
+                stride_xar,
+                stride_br,
+                stride_bn,
+                scale,
+                LORA_PREC,
+                BLOCK_R,
+            )
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = acc.to(y_ptr.dtype.element_ty)
@@ -450,18 +531,38 @@ def _grid_stride(device: torch.device, max_programs: int | None) -> int:
 def fwd_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
-    xa: torch.Tensor,
+    xa: torch.Tensor | None,
     lora_B: torch.Tensor,
     scale: float,
     bias: torch.Tensor | None = None,
     *,
+    lora_A: torch.Tensor | None = None,
+    xa_out: torch.Tensor | None = None,
     max_programs: int | None = None,
 ) -> torch.Tensor:
     """``y = x·W0ᵀ + scale·xa·Bᵀ + bias`` in x's dtype, [M, N] contiguous. x [M, K], weight [N, K] (both accepted by
     :func:`tma_supported`), xa [M, r] fp32, lora_B [N, r], bias [N] or None. ``max_programs`` caps the persistent
-    grid (default: the SM count; 2 in the interpreter)."""
+    grid (default: the SM count; 2 in the interpreter).
+
+    With ``lora_A`` [r, K] (r <= FUSED_MAX_R, accepted by :func:`tma_supported` with x and weight) instead of ``xa``
+    (None), the kernel computes xa = x·Aᵀ in its main loop (one launch: the decode-sized forward) and, when
+    ``xa_out`` (fp32 [M, r], any strides) is given, stores it there for the backward."""
     M, K = x.shape
-    N, R = weight.shape[0], xa.shape[1]
+    N = weight.shape[0]
+    fuse = lora_A is not None
+    if fuse:
+        R = lora_A.shape[0]
+        if xa is not None or not 1 <= R <= FUSED_MAX_R or lora_A.shape[1] != K:
+            raise ValueError(
+                f"fwd_gemm with lora_A needs xa=None and lora_A [r, {K}] with 1 <= r <= {FUSED_MAX_R}, got "
+                f"lora_A {tuple(lora_A.shape)}" + ("" if xa is None else " and an xa")
+            )
+        if xa_out is not None and (xa_out.shape != (M, R) or xa_out.dtype != torch.float32):
+            raise ValueError(f"xa_out must be fp32 [{M}, {R}], got {xa_out.dtype} {tuple(xa_out.shape)}")
+    else:
+        if xa is None:
+            raise ValueError("fwd_gemm needs xa, or lora_A to compute it")
+        R = xa.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
@@ -470,13 +571,15 @@ def fwd_gemm(
     upcast, prec, lora_prec = _utils.tf32_precisions(x.dtype)
     stride = _grid_stride(x.device, max_programs)
     grid = lambda meta: (min(stride, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
+    xa_arg = xa_out if fuse and xa_out is not None else (xa if xa is not None else y)
     _ensure_allocator(x.device)
     with _utils.device_ctx(x):
         _fwd_tma_kernel[grid](
             x,
             weight,
-            xa,
+            xa_arg,
             lora_B,
+            lora_A if fuse else x,
             bias if bias is not None else y,
             y,
             M,
@@ -486,8 +589,9 @@ def fwd_gemm(
             _gemm.m_bucket(M),
             x.stride(0),
             weight.stride(0),
-            xa.stride(0),
-            xa.stride(1),
+            lora_A.stride(0) if fuse else 0,
+            xa_arg.stride(0),
+            xa_arg.stride(1),
             lora_B.stride(0),
             lora_B.stride(1),
             float(scale),
@@ -497,7 +601,9 @@ def fwd_gemm(
             UPCAST=upcast,
             PREC=prec,
             LORA_PREC=lora_prec,
-            BLOCK_R=_utils.block_r(R, _EPILOGUE_MAX_R),
+            BLOCK_R=_utils.block_r(R, FUSED_MAX_R if fuse else _EPILOGUE_MAX_R),
+            FUSE_SHRINK=fuse,
+            STORE_XA=fuse and xa_out is not None,
         )
     return y
 

@@ -586,6 +586,114 @@ def _gemm_expand_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _gemm_tma_expand_kernel(
+    x_ptr,  # [M, K] fp16/bf16, token rows: 16-byte aligned base and row stride, unit column stride (TMA)
+    w_ptr,  # [N, K] base weight, x's dtype, TMA-readable like x
+    bias_ptr,  # [N] (unused unless HAS_BIAS)
+    xa_ptr,  # [SPLIT, M, S·R] fp32: the shrink's per-split partial sums of xa (only rows of loaded adapters are read)
+    b_ptr,  # [L, N, R] pool dtype
+    ranks_ptr,  # [L] int32
+    scales_ptr,  # [L, S] fp32, any strides
+    token_slots_ptr,  # [cap] int32: slot of each token (-1 = none; any value is checked)
+    y_ptr,  # [M, N] output, written once (not read)
+    M,
+    K,
+    L,
+    R,
+    N0,
+    N1,
+    N2,
+    N3,
+    NUM_SPLITS,
+    stride_xm,
+    stride_wn,
+    stride_xa_split,
+    stride_xam,
+    stride_xan,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_scale_l,
+    stride_scale_slice,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # bf16 in the interpreter: base operands to fp32 first (its bf16 dot is wrong)
+    LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool) instead of tf32
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent of the shrink: wait for it before reading xa
+):
+    """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · xa_rows·B_aᵀ, with x and
+    W0 read by TMA (the copy engine pads ragged edges with zeros: no masks, no address arithmetic in the K loop).
+
+    Rows are BLOCK_M consecutive tokens in the batch's own order (TMA cannot gather the sorted token list); the
+    epilogue walks the distinct valid slots of those rows in ascending order (one small fp32 dot each, other rows
+    masked to 0), as _gemm_expand_kernel does for its sorted rows: few per tile when the batch holds few adapters or
+    requests keep their tokens together. -1 rows, ids outside [0, L) and slots of rank 0 add nothing."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(
+        w_ptr, shape=[N0 + N1 + N2 + N3, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+    )
+    off_m = pid_m * BLOCK_M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        xt = x_desc.load([off_m, kt * BLOCK_K])
+        wt = w_desc.load([n_lo, kt * BLOCK_K])  # rows past the slice's end belong to the next slice: not stored
+        if UPCAST:
+            acc = tl.dot(xt.to(tl.float32), wt.T.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt.T, acc)
+
+    # LoRA epilogue (see _gemm_expand_kernel): with PDL the shrink's xa is visible once the wait returns.
+    if PDL:
+        _pdl_wait()
+    NONE: tl.constexpr = 2147483647
+    rows = off_m + tl.arange(0, BLOCK_M)
+    m_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    slot_row = tl.load(token_slots_ptr + rows, mask=m_ok, other=-1)
+    key = tl.where(m_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+    offs_r = tl.arange(0, BLOCK_R)
+    cur = tl.min(key, axis=0)
+    while cur < NONE:
+        rows_in = key == cur
+        slot = cur.to(tl.int64)
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        r_ok = offs_r < rank
+        xa_mask = rows_in[:, None] & r_ok[None, :]
+        xa_ptrs = xa_ptr + rows64[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
+        xat = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
+        bt = tl.load(
+            b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        scale = tl.load(scales_ptr + slot * stride_scale_l + slice_idx * stride_scale_slice)
+        # into the accumulator (no second [BLOCK_M, BLOCK_N] tile live); xa fp32, never rounded to 16 bits
+        if LORA_IEEE:
+            acc = tl.dot(xat * scale, bt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xat * scale, bt.to(tl.float32), acc)
+        key = tl.where(rows_in, NONE, key)
+        cur = tl.min(key, axis=0)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 # -------------------------------------------------------------------------------------------------------- launchers
 def _widths(slices: Sequence[int]) -> tuple[int, int, int, int]:
     """The kernels' N0..N3 arguments: the slice widths, 0 for absent slices."""
@@ -962,6 +1070,72 @@ def gemm_config(
     return block_m, block_n, block_k, warps, stages
 
 
+# The TMA version of the gemm path's GEMM (_gemm_tma_expand_kernel; Hopper and newer): (BLOCK_M, BLOCK_N, BLOCK_K,
+# num_warps, num_stages), largest first. The first of them whose tile count keeps _TMA_MIN_BUSY of the SMs busy runs
+# (at N = 4096 on 132 SMs: 128 rows → 64×64, 256 → 64×128, 1024 and more → 128×256), else the last (most tiles).
+# 128×256×64 at 8 warps is the Triton tutorials' Hopper tile for fp16/bf16 (3 stages: 144 KiB of operand buffers).
+# From the static report's tile and byte counts, unmeasured.
+_GEMM_TMA_TILES = (
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (64, 256, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 128, 4, 4),
+)
+_TMA_MIN_BUSY = 7 / 8
+_TMA_WIDE_MAX_R = 32
+# Above this many tokens the gemm path takes the TMA GEMM where it applies (gemm_tma_ok). Up to 64 tokens the plain
+# GEMM's 16- and 32-row tiles stay (predicted 1.14-1.18x the floor there; a TMA tile is at least 64 rows).
+GEMM_TMA_MIN_TOKENS = 64
+# Tiles under the interpreter: a few row tiles and several output blocks on the tests' sizes.
+_INTERP_GEMM_TMA = (32, 16, 32, 4, 1)
+
+
+def gemm_tma_config(
+    M: int, slices: Sequence[int], x_bytes: int, R: int, interp: bool, smem: _utils.IntThunk, sms: _utils.IntThunk
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of _gemm_tma_expand_kernel for M tokens; ``smem`` and
+    ``sms`` callables (asked on a GPU only). Host ints only: shared with the static launch model."""
+    if interp:
+        return _INTERP_GEMM_TMA
+    n_sms = sms()
+    block_r = _utils.block_r(R)
+    # Ranks above 32: the epilogue's fp32 xa [BLOCK_M, BLOCK_R] and B [BLOCK_R, BLOCK_N] tiles next to a 128×256
+    # accumulator spilled on sm_90 (rank 64: 80 bytes at 8 warps, 255 registers); at most 128×128 outputs there.
+    tiles = [t for t in _GEMM_TMA_TILES if block_r <= _TMA_WIDE_MAX_R or t[0] * t[1] <= 128 * 128]
+    tile = next(
+        (t for t in tiles if triton.cdiv(M, t[0]) * _out_blocks(slices, t[1]) >= _TMA_MIN_BUSY * n_sms),
+        tiles[-1],
+    )
+    block_m, block_n, block_k, warps, stages = tile
+    reserve = block_m * block_r * 4 + block_r * block_n * 4  # the epilogue's fp32 xa and B tiles
+    block_k, stages = _utils.k_pipeline(block_m, block_k, block_n, x_bytes, x_bytes, reserve, smem(), stages)
+    return block_m, block_n, block_k, warps, stages
+
+
+def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = True) -> bool:
+    """True when the gemm path's GEMM for this x [M, K] and weight [N, K] is _gemm_tma_expand_kernel: more than
+    GEMM_TMA_MIN_TOKENS rows, fp16/bf16 x and weight of one dtype, and what TMA can read on this device
+    (``lora_linear_tma.tma_supported``: Hopper or newer, or the interpreter; 16-byte aligned base addresses and row
+    strides). ``check_addresses=False`` judges the strides only (tensors being traced have no addresses; the launcher
+    checks again and falls back to _gemm_expand_kernel)."""
+    from . import lora_linear_tma as _tma
+
+    if x.dim() != 2 or x.shape[0] <= GEMM_TMA_MIN_TOKENS or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if check_addresses:
+        return _tma.tma_supported(x, weight)
+    if x.dtype != weight.dtype or x.device != weight.device or not _tma._has_tensor_descriptors():
+        return False
+    if x.device.type == "cuda":
+        if _backend.interpreter_enabled() or _utils.capability_of(x.device) < (9, 0):
+            return False
+    elif not (x.device.type == "cpu" and _backend.interpreter_enabled()):
+        return False
+    e = x.element_size()
+    return all(t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0 for t in (x, weight))
+
+
 def linear_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -990,6 +1164,9 @@ def linear_gemm(
     interp = _backend.interpreter_enabled()
     pdl = pdl_ok(x.device)
     parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl)
+    if gemm_tma_ok(x, weight):
+        _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp)
+        return y
     block_m, block_n, gk, warps, gstages = gemm_config(
         M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device)
     )
@@ -1040,3 +1217,64 @@ def linear_gemm(
             **({"launch_pdl": True} if pdl else {}),
         )
     return y
+
+
+def _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp) -> None:
+    """The TMA GEMM with the expand in its epilogue (see linear_gemm), rows in the batch's own order."""
+    from . import lora_linear_tma as _tma
+
+    M, K = x.shape
+    L = B_stack.shape[0]
+    R = parts.shape[2] // len(slices)
+    block_m, block_n, block_k, warps, stages = gemm_tma_config(
+        M,
+        slices,
+        x.element_size(),
+        R,
+        interp,
+        lambda: _utils.smem_of(x.device),
+        lambda: _utils.sm_count_of(x.device),
+    )
+    grid = (triton.cdiv(M, block_m), _out_blocks(slices, block_n))
+    _tma._ensure_allocator(x.device)
+    with _utils.device_ctx(x):
+        _gemm_tma_expand_kernel[grid](
+            x,
+            weight,
+            bias if bias is not None else weight,
+            parts,
+            B_stack,
+            ranks,
+            scales,
+            meta.token_slots,
+            y,
+            M,
+            K,
+            L,
+            R,
+            *_widths(slices),
+            n_splits,
+            x.stride(0),
+            weight.stride(0),
+            parts.stride(0),
+            parts.stride(1),
+            parts.stride(2),
+            B_stack.stride(0),
+            B_stack.stride(1),
+            B_stack.stride(2),
+            scales.stride(0),
+            scales.stride(1),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_R=_utils.block_r(R),
+            HAS_BIAS=bias is not None,
+            UPCAST=_utils.interpreter_bf16(x.dtype),
+            LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype),
+            PDL=pdl,
+            num_warps=warps,
+            num_stages=stages,
+            **({"launch_pdl": True} if pdl else {}),
+        )
