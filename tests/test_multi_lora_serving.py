@@ -618,6 +618,25 @@ def test_path_choice_and_argument_errors():
         lk.multi_lora_linear(x, weight, b, pool, batch, backend="torch", path="gemm", check=False)
 
 
+@needs_triton
+def test_default_gemm_path_gives_way_to_split_for_a_batch_of_another_size(monkeypatch):
+    # check=False (as while capturing) with a batch prepared for one id more than x has rows: path="gemm" refuses
+    # it, the default takes the split path (rows past x are never read) instead of failing.
+    from lora_kernels.triton import multi_lora as ML
+
+    pool, weight, b, x, ids = _gemm_problem(20, torch.float32, GEMM_SLICES, "repeats", True, seed=30)
+    assert ops.choose_path(None, None, 20, "triton") == "gemm"
+    batch = LoRABatch.prepare(ids + [1], device=DEVICE)
+    launched = []
+    for name in _GEMM_PATH_KERNELS:
+        monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
+    got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", check=False)
+    assert launched == ["_batched_shrink_kernel", "_expand_kernel"], launched
+    torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float32))
+    with pytest.raises(ValueError, match="prepared for 21 tokens"):
+        lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm", check=False)
+
+
 def test_opcheck_gemm_op():
     pool, weight, b, x, ids = _gemm_problem(9, torch.float32, GEMM_SLICES, "repeats", True, seed=4)
     batch = LoRABatch.prepare(ids, device=DEVICE)

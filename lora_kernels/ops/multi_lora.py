@@ -594,7 +594,8 @@ def multi_lora_linear(
     :func:`lora_shrink`, against the pool's slots in use (loaded or reserved). ``path`` ("fused" | "split" |
     "gemm", default chosen by :func:`choose_path` from the token count and backend) or ``fused`` (True = "fused",
     False = "split") forces how the LoRA term is computed. The "gemm" path needs the batch prepared for exactly the
-    rows of x (always checked: host ints, no sync). An eager call whose ids (given on the host) name no adapter runs
+    rows of x (always checked: host ints, no sync); where it would be the default for a batch prepared for another
+    token count, the split path runs. An eager call whose ids (given on the host) name no adapter runs
     only F.linear.
     """
     _check_batch(batch)
@@ -610,6 +611,8 @@ def multi_lora_linear(
         check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
     name = BACKENDS.resolve(backend, x2, weight, pool.A_stack, op="multi_lora_linear")
     chosen = choose_path(path, fused, M, name, tma=name == "triton" and _gemm_tma(x2, weight))
+    if chosen == "gemm" and path is None and batch.num_tokens != M:
+        chosen = "split"  # a default never refuses a batch prepared for another token count (path="gemm" does)
     # Autocast off for the base too: the result is in x's dtype on every path, as the gemm op computes it (inside
     # torch.autocast the F.linear of the fused and split paths ran in the autocast dtype: a bf16 result there, an fp32
     # one on the gemm path). Cast x, weight and bias first for autocast-dtype math.
