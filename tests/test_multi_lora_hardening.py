@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _oracle import multi_lora_f64
+from _replay import ReplayLog
 from _tolerances import close
 
 import lora_kernels as lk
@@ -53,21 +54,6 @@ def _weights(dtype=torch.float32, seed=1):
 
 
 # ---------------------------------------------------------------------------------- replay after refilling in place
-class _Recorder:
-    """Stands in for a Triton kernel: runs it and records (kernel, grid, args, kwargs), so that the launch sequence of
-    one call can be replayed later with the same arguments, as a captured CUDA graph replays its kernel nodes."""
-
-    def __init__(self, real, log):
-        self.real, self.log = real, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self.real, grid, args, kwargs))
-            return self.real[grid](*args, **kwargs)
-
-        return launch
-
-
 # (ids at capture, then the refills): the number of tokens with an adapter changes (all, some, none, one), adapters
 # appear that were absent at capture (slot 3), tokens move between adapters, and unloaded / never-loaded slots and ids
 # past the pool (which the kernels must ignore) come and go.
@@ -92,7 +78,7 @@ def test_replay_after_prepare_in_place_gives_each_token_its_adapter(monkeypatch,
 
     log = []
     for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
-        monkeypatch.setattr(ML, name, _Recorder(getattr(ML, name), log))
+        monkeypatch.setattr(ML, name, ReplayLog(getattr(ML, name), log))
     monkeypatch.setattr(ops, "_in_graph_or_compile", lambda t: True)
     pool = _pool()
     w, bias = _weights()

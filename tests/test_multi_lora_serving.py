@@ -12,6 +12,7 @@ import pytest
 import torch
 from _aot import run_child
 from _oracle import F64, multi_lora_f64, multi_lora_in_dtype
+from _replay import ReplayLog
 from _tolerances import assert_close_to_oracle, close
 
 import lora_kernels as lk
@@ -485,21 +486,6 @@ def test_gemm_path_tma_gemm_bad_ids_and_overflow(tma_or_skip):
     torch.testing.assert_close(got2.cpu().double(), overflow_want(pool2, w2, x2, ids2), **close(torch.float16))
 
 
-class _ReplayLog:
-    """Runs a kernel and records (kernel, grid, args, kwargs) for a later replay, as a captured CUDA graph replays its
-    kernel nodes with the same arguments."""
-
-    def __init__(self, real, log):
-        self.real, self.log = real, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self.real, grid, args, kwargs))
-            return self.real[grid](*args, **kwargs)
-
-        return launch
-
-
 @needs_triton
 def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip):
     """The TMA GEMM reads each token's slot from the batch's token_slots at run time: launches recorded once (host
@@ -511,7 +497,7 @@ def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip):
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=21)
     log = []
     for name in ("_batched_shrink_kernel", "_gemm_tma_expand_kernel"):
-        monkeypatch.setattr(ML, name, _ReplayLog(getattr(ML, name), log))
+        monkeypatch.setattr(ML, name, ReplayLog(getattr(ML, name), log))
     monkeypatch.setattr(ops, "_in_graph_or_compile", lambda t: True)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")

@@ -38,6 +38,17 @@ def test_grid_launches_cover_the_grid():
         assert p["floor_us"] > 0 and ss.predict_us(gemm) >= p["floor_us"] * 0.5
 
 
+class _NamedRecorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` appends ``(name, grid, args, kwargs)``;
+    nothing runs."""
+
+    def __init__(self, name, recorded):
+        self.name, self.recorded = name, recorded
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: self.recorded.append((self.name, grid, a, kw))
+
+
 def test_configs_match_the_launchers(monkeypatch):
     """The grid and tile configuration the model reports for the gemm path are the ones linear_gemm launches with
     (on a 132-SM GPU with 227 KiB of shared memory; recorded, nothing is run)."""
@@ -50,16 +61,8 @@ def test_configs_match_the_launchers(monkeypatch):
     from benchmarks import static_serving as ss
 
     recorded = []
-
-    class Rec:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: recorded.append((self.name, grid, kw))
-
     for name in ("_batched_shrink_kernel", "_gemm_expand_kernel"):
-        monkeypatch.setattr(ML, name, Rec(name))
+        monkeypatch.setattr(ML, name, _NamedRecorder(name, recorded))
     monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
     monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
     monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
@@ -82,13 +85,13 @@ def test_configs_match_the_launchers(monkeypatch):
         tile_m,
     )
     assert [r[0] for r in recorded] == [ln["kernel"] for ln in model]
-    assert model[1]["config"]["NUM_SPLITS"] == recorded[0][2]["SPLIT_K"]
-    for (name, grid, kw), ln in zip(recorded, model):
+    assert model[1]["config"]["NUM_SPLITS"] == recorded[0][3]["SPLIT_K"]
+    for (name, grid, _, kw), ln in zip(recorded, model):
         assert tuple(grid) == ln["grid"], name
         for k, v in ln["config"].items():
             if k not in ("ATOMIC", "NUM_SPLITS"):  # NUM_SPLITS is a runtime argument (= the shrink's SPLIT_K)
                 assert kw[k] == v, (name, k)
-    assert recorded[1][2]["launch_pdl"] is True and model[1]["overlaps_previous"]
+    assert recorded[1][3]["launch_pdl"] is True and model[1]["overlaps_previous"]
 
 
 @pytest.mark.parametrize("T, slices", [(128, (4096,)), (256, (4096,)), (1024, (4096,)), (4096, (4096, 1024, 1024))])
@@ -104,16 +107,8 @@ def test_tma_gemm_configs_match_the_launcher(monkeypatch, T, slices):
     from benchmarks import static_serving as ss
 
     recorded = []
-
-    class Rec:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: recorded.append((self.name, grid, kw))
-
     for name in ("_batched_shrink_kernel", "_gemm_expand_kernel", "_gemm_tma_expand_kernel"):
-        monkeypatch.setattr(ML, name, Rec(name))
+        monkeypatch.setattr(ML, name, _NamedRecorder(name, recorded))
     monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
     monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
     monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
@@ -145,12 +140,12 @@ def test_tma_gemm_configs_match_the_launcher(monkeypatch, T, slices):
             "_gemm_tma_expand_kernel",
         ]
     )
-    for (name, grid, kw), ln in zip(recorded, model):
+    for (name, grid, _, kw), ln in zip(recorded, model):
         assert tuple(grid) == ln["grid"], name
         for k, v in ln["config"].items():
             if k not in ("ATOMIC", "NUM_SPLITS"):
                 assert kw[k] == v, (name, k)
-    assert recorded[1][2]["launch_pdl"] is True and model[1]["overlaps_previous"]
+    assert recorded[1][3]["launch_pdl"] is True and model[1]["overlaps_previous"]
 
 
 def test_split_path_configs_match_the_launcher(monkeypatch):
@@ -165,16 +160,8 @@ def test_split_path_configs_match_the_launcher(monkeypatch):
     from benchmarks import static_serving as ss
 
     recorded = []
-
-    class Rec:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: recorded.append((self.name, grid, a, kw))
-
     for name in ("_batched_shrink_kernel", "_expand_kernel"):
-        monkeypatch.setattr(ML, name, Rec(name))
+        monkeypatch.setattr(ML, name, _NamedRecorder(name, recorded))
     monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
     monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
     monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)

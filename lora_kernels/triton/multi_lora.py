@@ -175,6 +175,64 @@ def _shrink_tile(
     return acc
 
 
+@triton.jit
+def _add_expand(
+    acc,  # [BLOCK_M, BLOCK_N] fp32 output tile
+    key,  # [BLOCK_M] int32: each row's slot, NONE for rows that add nothing
+    rows,  # [BLOCK_M] int64: the rows' token indices (rows of xa)
+    offs_n,
+    n_ok,
+    slice_idx,
+    xa_ptr,  # [SPLIT, M, S·R] fp32 partial sums of xa
+    b_ptr,  # [L, N, R] pool dtype
+    ranks_ptr,
+    scales_ptr,
+    R,
+    NUM_SPLITS,
+    stride_xa_split,
+    stride_xam,
+    stride_xan,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_scale_l,
+    stride_scale_slice,
+    NONE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    LORA_IEEE: tl.constexpr,
+):
+    """acc + Σ over the distinct slots a of ``key`` (ascending): scale_a · xa[rows of a]·B_aᵀ, one small fp32 dot per
+    slot with the other rows masked to 0, into the accumulator (no second output tile live). The epilogue of both
+    gemm-path GEMMs."""
+    offs_r = tl.arange(0, BLOCK_R)
+    cur = tl.min(key, axis=0)
+    while cur < NONE:
+        rows_in = key == cur
+        slot = cur.to(tl.int64)
+        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
+        r_ok = offs_r < rank
+        xa_mask = rows_in[:, None] & r_ok[None, :]
+        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
+        xat = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for sp in range(0, NUM_SPLITS):
+            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
+        bt = tl.load(
+            b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        scale = tl.load(scales_ptr + slot * stride_scale_l + slice_idx * stride_scale_slice)
+        # fp32 xa (tf32 MMA on the GPU; exact fp32 for an fp32 pool or data): never rounded to the 16-bit dtype.
+        if LORA_IEEE:
+            acc = tl.dot(xat * scale, bt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xat * scale, bt.to(tl.float32), acc)
+        key = tl.where(rows_in, NONE, key)
+        cur = tl.min(key, axis=0)
+    return acc
+
+
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _batched_shrink_kernel(
@@ -554,31 +612,32 @@ def _gemm_expand_kernel(
     NONE: tl.constexpr = 2147483647
     slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
     key = tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
-    offs_r = tl.arange(0, BLOCK_R)
-    cur = tl.min(key, axis=0)
-    while cur < NONE:
-        rows_in = key == cur
-        slot = cur.to(tl.int64)
-        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
-        r_ok = offs_r < rank
-        xa_mask = rows_in[:, None] & r_ok[None, :]
-        xa_ptrs = xa_ptr + tok[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
-        xat = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for sp in range(0, NUM_SPLITS):
-            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
-        bt = tl.load(
-            b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
-            mask=r_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        scale = tl.load(scales_ptr + slot * stride_scale_l + slice_idx * stride_scale_slice)
-        # fp32 xa (tf32 MMA on the GPU; exact fp32 for fp32 data): never rounded to the 16-bit dtype.
-        if LORA_IEEE:
-            acc += scale * tl.dot(xat, bt.to(tl.float32), input_precision="ieee")
-        else:
-            acc += scale * tl.dot(xat, bt.to(tl.float32))
-        key = tl.where(rows_in, NONE, key)
-        cur = tl.min(key, axis=0)
+    acc = _add_expand(
+        acc,
+        key,
+        tok,
+        offs_n,
+        n_ok,
+        slice_idx,
+        xa_ptr,
+        b_ptr,
+        ranks_ptr,
+        scales_ptr,
+        R,
+        NUM_SPLITS,
+        stride_xa_split,
+        stride_xam,
+        stride_xan,
+        stride_bl,
+        stride_bn,
+        stride_br,
+        stride_scale_l,
+        stride_scale_slice,
+        NONE,
+        BLOCK_M,
+        BLOCK_R,
+        LORA_IEEE,
+    )
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -662,31 +721,32 @@ def _gemm_tma_expand_kernel(
     n_ok = offs_n < n_end
     slot_row = tl.load(token_slots_ptr + rows, mask=m_ok, other=-1)
     key = tl.where(m_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
-    offs_r = tl.arange(0, BLOCK_R)
-    cur = tl.min(key, axis=0)
-    while cur < NONE:
-        rows_in = key == cur
-        slot = cur.to(tl.int64)
-        rank = tl.minimum(tl.maximum(tl.load(ranks_ptr + slot), 0), R)
-        r_ok = offs_r < rank
-        xa_mask = rows_in[:, None] & r_ok[None, :]
-        xa_ptrs = xa_ptr + rows64[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
-        xat = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for sp in range(0, NUM_SPLITS):
-            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
-        bt = tl.load(
-            b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
-            mask=r_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        scale = tl.load(scales_ptr + slot * stride_scale_l + slice_idx * stride_scale_slice)
-        # into the accumulator (no second [BLOCK_M, BLOCK_N] tile live); xa fp32, never rounded to 16 bits
-        if LORA_IEEE:
-            acc = tl.dot(xat * scale, bt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xat * scale, bt.to(tl.float32), acc)
-        key = tl.where(rows_in, NONE, key)
-        cur = tl.min(key, axis=0)
+    acc = _add_expand(
+        acc,
+        key,
+        rows64,
+        offs_n,
+        n_ok,
+        slice_idx,
+        xa_ptr,
+        b_ptr,
+        ranks_ptr,
+        scales_ptr,
+        R,
+        NUM_SPLITS,
+        stride_xa_split,
+        stride_xam,
+        stride_xan,
+        stride_bl,
+        stride_bn,
+        stride_br,
+        stride_scale_l,
+        stride_scale_slice,
+        NONE,
+        BLOCK_M,
+        BLOCK_R,
+        LORA_IEEE,
+    )
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]

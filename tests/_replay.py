@@ -1,0 +1,17 @@
+"""A stand-in for a Triton kernel that runs it and records ``(kernel, grid, args, kwargs)``, so that the launch
+sequence of one call can be replayed later with the same arguments, as a captured CUDA graph replays its kernel
+nodes."""
+
+from __future__ import annotations
+
+
+class ReplayLog:
+    def __init__(self, real, log: list):
+        self.real, self.log = real, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.real, grid, args, kwargs))
+            return self.real[grid](*args, **kwargs)
+
+        return launch
