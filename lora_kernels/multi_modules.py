@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _backend
+from . import _autocast, _backend
 from .ops._validate import FLOAT_DTYPES
 from .ops.multi_lora import multi_lora_linear
 from .pool import IN_FLIGHT_LOCK, AdapterPool, LoRABatch, hold_slots, release_slots
@@ -297,7 +297,22 @@ class MultiLoRALinear(nn.Module):
         weight = self.base_weight()
         if batch is None:
             return F.linear(x, weight, self.bias)
-        return multi_lora_linear(x, weight, self.bias, self.pool, batch, backend=self.backend)
+        x, weight, bias = self._autocast(x, weight)
+        return multi_lora_linear(x, weight, bias, self.pool, batch, backend=self.backend)
+
+    def _autocast(self, x: torch.Tensor, weight: torch.Tensor):
+        """Inside ``torch.autocast``, (x, W0, bias) in the autocast dtype, as an autocast ``nn.Linear`` (and this
+        layer without a batch) computes: the result then has that dtype too. Left alone when the pool is neither that
+        dtype nor float32 (the op takes a pool of x's dtype or float32), for float64 or non-float x, and outside
+        autocast."""
+        bias = self.bias
+        dev = x.device.type
+        if not _autocast.autocast_enabled(dev) or not x.is_floating_point() or x.dtype == torch.float64:
+            return x, weight, bias
+        dt = torch.get_autocast_dtype(dev)
+        if self.pool.dtype not in (dt, torch.float32):
+            return x, weight, bias
+        return x.to(dt), weight.to(dt), bias.to(dt) if bias is not None else None
 
     def extra_repr(self) -> str:
         p = self.pool

@@ -777,6 +777,39 @@ def test_module_to_moves_pool():
     assert y.dtype == torch.float64 and torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_module_under_autocast_computes_like_an_autocast_linear(dtype):
+    # Inside torch.autocast(bf16) the layer computes in bf16 and returns bf16 with or without a batch, as an autocast
+    # nn.Linear does (fp32 master weights and pool; a bf16 layer). A pool of another 16-bit dtype (fp16) cannot serve
+    # bf16 activations: the layer then computes in x's dtype, as outside autocast.
+    gen = torch.Generator().manual_seed(17)
+    layer = lk.MultiLoRALinear(K, 16, max_adapters=2, max_rank=4, bias=True, dtype=dtype, backend="torch")
+    w = torch.randn(16, K, generator=gen) / math.sqrt(K)
+    bias = torch.randn(16, generator=gen)
+    a, b = torch.randn(4, K, generator=gen) / math.sqrt(K), torch.randn(16, 4, generator=gen)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(bias)
+    layer.load_adapter("a", a.to(dtype), b.to(dtype), alpha=8)
+    x = torch.randn(5, K, generator=gen).to(dtype)
+    batch = LoRABatch.prepare([0, -1, 0, 0, -1])
+    lin = nn.Linear(K, 16, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(layer.weight)
+        lin.bias.copy_(layer.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, batch)
+        y_none = layer(x)
+        y_lin = lin(x)
+    assert y_none.dtype == y_lin.dtype == torch.bfloat16
+    assert y.dtype == (dtype if dtype == torch.float16 else torch.bfloat16)
+    f64 = lambda t: t.detach().double()  # noqa: E731
+    want = f64(x) @ f64(layer.weight).t() + f64(layer.bias)
+    want[[0, 2, 3]] += 2.0 * ((f64(x) @ f64(a.to(dtype)).t()) @ f64(b.to(dtype)).t())[[0, 2, 3]]
+    torch.testing.assert_close(y.double(), want, atol=8e-2, rtol=2e-2)  # x and W0 rounded to bf16 before the op
+    assert layer.weight.dtype == dtype and layer.pool.dtype == dtype  # stored tensors untouched
+
+
 # ------------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True])
