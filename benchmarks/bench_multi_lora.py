@@ -17,7 +17,9 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
   adapters), which rebuilds the index lists in Python on every call: eager timing only (not capturable), and only
   when ``import peft`` works;
 - ``lora_kernels``: :func:`lora_kernels.multi_lora_linear` (backend from ``--backend``, default auto), with
-  ``lk_fused`` / ``lk_split`` forcing its one-kernel (shrink+expand fused) or two-kernel path;
+  ``lk_fused`` / ``lk_split`` forcing its one-kernel (shrink+expand fused) or two-kernel path, ``lk_gemm`` its
+  gemm path (the base GEMM with the expand in its epilogue; the TMA GEMM on Hopper above 64 tokens) and
+  ``lk_gemm_plain`` the gemm path with the plain (non-TMA) Triton GEMM;
 - ``lk_cuda``: the same with ``backend="cuda"`` when the compiled extension is available.
 
 Timings: in a CUDA graph with the weights hot in L2; in a CUDA graph cycling several weight sets (W0 and the adapter
@@ -32,6 +34,7 @@ Run: ``python benchmarks/bench_multi_lora.py [--quick] [--csv out.csv] [--plot o
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -57,7 +60,18 @@ TARGET_FLOOR = 1.2
 MIX_REQUESTS = 8
 MIX_ADAPTERS = 4
 
-PROVIDERS = ("base", "gather_bmm", "loop", "peft_mixed", "lora_kernels", "lk_fused", "lk_split", "lk_cuda")
+PROVIDERS = (
+    "base",
+    "gather_bmm",
+    "loop",
+    "peft_mixed",
+    "lora_kernels",
+    "lk_fused",
+    "lk_split",
+    "lk_gemm",
+    "lk_gemm_plain",
+    "lk_cuda",
+)
 EAGER_ONLY = {"peft_mixed": "eager only: PEFT builds its index lists on the host at every call (not capturable)"}
 
 
@@ -208,7 +222,25 @@ def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend:
         backend = "cuda"
     elif provider in ("lk_fused", "lk_split") and device.type != "cuda" and backend in (None, "auto", "torch"):
         raise ProviderUnavailable("the fused/split choice only exists in the Triton and CUDA backends")
+    elif provider in ("lk_gemm", "lk_gemm_plain") and backend == "cuda":
+        raise ProviderUnavailable("the gemm path has no CUDA-extension kernel")
     batch = LoRABatch.prepare(ids_host.to(torch.int32), max_tokens=ids_host.numel(), device=device)
+    if provider == "lk_gemm":
+        return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend, path="gemm")
+    if provider == "lk_gemm_plain":
+        try:
+            ML = importlib.import_module("lora_kernels.triton.multi_lora")
+        except ImportError as exc:
+            raise ProviderUnavailable(f"lora_kernels' Triton kernels are not importable: {exc}") from exc
+
+        def plain(x):
+            saved, ML.TMA_GEMM = ML.TMA_GEMM, False
+            try:
+                return multi(x, ws.W, None, ws.pool, batch, backend=backend, path="gemm")
+            finally:
+                ML.TMA_GEMM = saved
+
+        return plain
     if fused is None:
         return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend)
     return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend, fused=fused)
@@ -390,7 +422,7 @@ def main(argv=None) -> list[Table]:
     return tables
 
 
-LK_PROVIDERS = ("lora_kernels", "lk_fused", "lk_split", "lk_cuda")
+LK_PROVIDERS = ("lora_kernels", "lk_fused", "lk_split", "lk_gemm", "lk_gemm_plain", "lk_cuda")
 PEERS = ("gather_bmm", "loop")
 
 

@@ -65,12 +65,12 @@ case "$phase" in
     card
     for d in 1:4096:4096 16:4096:4096 256:4096:4096 1:8192:8192; do
       LORA_KERNELS_AUTOTUNE=0 run "decode_${d//:/_}" 45 $py benchmarks/bench_lora_linear.py --skip-train \
-          --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base \
+          --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base,lk_triton_base \
           --csv "$out/decode_${d//:/_}.csv"
     done
     for t in 1 16 256 4096; do
-      run "multi_T$t" 45 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform \
-          --timings graph --providers base,lora_kernels --csv "$out/multi_T$t.csv"
+      run "multi_T$t" 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform \
+          --timings graph --providers base,lora_kernels,lk_split,lk_gemm_plain --csv "$out/multi_T$t.csv"
     done
     ;;
   extras)

@@ -1144,6 +1144,8 @@ _GEMM_TMA_TILES = (
 )
 _TMA_MIN_BUSY = 7 / 8
 _TMA_WIDE_MAX_R = 32
+# False: the gemm path never takes the TMA GEMM (for comparisons: benchmarks/bench_multi_lora.py's lk_gemm_plain).
+TMA_GEMM = True
 # Above this many tokens the gemm path takes the TMA GEMM where it applies (gemm_tma_ok). Up to 64 tokens the plain
 # GEMM's 16- and 32-row tiles stay (predicted 1.14-1.18x the floor there; a TMA tile is at least 64 rows).
 GEMM_TMA_MIN_TOKENS = 64
@@ -1174,14 +1176,16 @@ def gemm_tma_config(
 
 
 def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = True) -> bool:
-    """True when the gemm path's GEMM for this x [M, K] and weight [N, K] is _gemm_tma_expand_kernel: more than
-    GEMM_TMA_MIN_TOKENS rows, fp16/bf16 x and weight of one dtype, and what TMA can read on this device
+    """True when the gemm path's GEMM for this x [M, K] and weight [N, K] is _gemm_tma_expand_kernel: TMA_GEMM on,
+    more than GEMM_TMA_MIN_TOKENS rows, fp16/bf16 x and weight of one dtype, and what TMA can read on this device
     (``lora_linear_tma.tma_supported``: Hopper or newer, or the interpreter; 16-byte aligned base addresses and row
     strides). ``check_addresses=False`` judges the strides only (tensors being traced have no addresses; the launcher
     checks again and falls back to _gemm_expand_kernel)."""
     from . import lora_linear_tma as _tma
 
-    if x.dim() != 2 or x.shape[0] <= GEMM_TMA_MIN_TOKENS or x.dtype not in (torch.float16, torch.bfloat16):
+    if not TMA_GEMM or x.dim() != 2 or x.shape[0] <= GEMM_TMA_MIN_TOKENS:
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16):
         return False
     if check_addresses:
         return _tma.tma_supported(x, weight)
