@@ -953,6 +953,17 @@ def training_geomeans(records) -> dict:
     return {k: _geo(v) for k, v in out.items()}
 
 
+def shape_ratios(records, kind: str = "decode") -> dict:
+    """{(op, mode, shape): the op's predicted time / the cuBLAS base's} for the shapes of ``kind`` ("decode": the
+    goal there holds for each shape)."""
+    total = {}
+    for r in records:
+        if r["shape_kind"] == kind:
+            key = (r["op"], r["mode"], tuple(r["shape"].values()))
+            total[key] = total.get(key, 0.0) + r["predicted_us"]
+    return {(op, mode, shape): t / total[(CASES[0][0], mode, shape)] for (op, mode, shape), t in total.items()}
+
+
 def _geo(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
