@@ -264,6 +264,26 @@ def test_default_paths_follow_the_model():
         assert mean[chosen] <= min(mean.values()) * 1.02, (T, chosen, mean)
 
 
+# The grid points predicted above 1.2x the floor on the default path (see BENCHMARKS.md): mix at 256 tokens (the
+# gemm path's second launch) and 128 adapters uniform over >= 1024 tokens (~80 adapters per row tile of the TMA
+# GEMM). Every other point is within the goal.
+GRID_MISSES = {
+    ("mix", 16, 256): 1.22,
+    ("mix", 128, 256): 1.22,
+    ("uniform", 128, 1024): 1.41,
+    ("uniform", 128, 4096): 1.35,
+}
+
+
+def test_default_paths_meet_the_grid_goal_except_the_known_misses():
+    from benchmarks import static_serving as ss
+
+    for p in ss.grid_launches():
+        ratio = ss.predict_us(p["paths"][p["chosen"]]) / p["floor_us"]
+        limit = GRID_MISSES.get((p["dist"], p["L"], p["T"]), 1.2)
+        assert ratio <= limit, (p["dist"], p["L"], p["T"], p["chosen"], ratio)
+
+
 def test_decode_launch_model():
     from benchmarks import static_serving as ss
 
