@@ -274,10 +274,10 @@ def test_a_users_triton_allocator_is_kept(T):
     before = _allocation._allocator.get()
     try:
         triton.set_allocator(users)
-        T._ensure_allocator(torch.device(DEVICE))
+        T.ensure_allocator(torch.device(DEVICE))
         assert _allocation._allocator.get() is users
         triton.set_allocator(_allocation.NullAllocator())
-        T._ensure_allocator(torch.device(DEVICE))
+        T.ensure_allocator(torch.device(DEVICE))
         assert getattr(_allocation._allocator.get(), "lora_kernels_scratch", False)
     finally:
         triton.set_allocator(before)

@@ -444,7 +444,8 @@ def _dx_tma_kernel(
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
-def _has_tensor_descriptors() -> bool:
+def has_tensor_descriptors() -> bool:
+    """The installed triton makes TMA tensor descriptors inside kernels (and takes an allocator for their scratch)."""
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
@@ -471,7 +472,7 @@ def tma_supported(*tensors: torch.Tensor) -> bool:
     alignment (16-byte base addresses and row strides, unit column strides). False means: use the other kernels. The
     output, allocated by the launchers, is stored through TMA when its rows are 16-byte multiples and with plain
     stores otherwise. Never raises."""
-    if not tensors or not _has_tensor_descriptors():
+    if not tensors or not has_tensor_descriptors():
         return False
     if any(t.dim() != 2 or t.numel() == 0 for t in tensors):
         return False
@@ -502,7 +503,7 @@ def _scratch_allocator(device: torch.device):
     return alloc
 
 
-def _ensure_allocator(device: torch.device) -> None:
+def ensure_allocator(device: torch.device) -> None:
     """Kernels that make tensor descriptors on the device need a global scratch buffer (128 bytes per program for
     the descriptors), which triton asks an allocator for at launch. Set one that allocates on ``device`` unless the
     user set their own. Called on every launch, not at import: triton keeps the allocator in a context variable,
@@ -572,7 +573,7 @@ def fwd_gemm(
     stride = _grid_stride(x.device, max_programs)
     grid = lambda meta: (min(stride, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
     xa_arg = xa_out if fuse and xa_out is not None else (xa if xa is not None else y)
-    _ensure_allocator(x.device)
+    ensure_allocator(x.device)
     with _utils.device_ctx(x):
         _fwd_tma_kernel[grid](
             x,
@@ -643,7 +644,7 @@ def dx_gemm(
     upcast, prec, lora_prec = _utils.tf32_precisions(dy.dtype)
     stride = _grid_stride(dy.device, max_programs)
     grid = lambda meta: (min(stride, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"])),)  # noqa: E731
-    _ensure_allocator(dy.device)
+    ensure_allocator(dy.device)
     with _utils.device_ctx(dy):
         _dx_tma_kernel[grid](
             dy,

@@ -1189,7 +1189,7 @@ def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = T
         return False
     if check_addresses:
         return _tma.tma_supported(x, weight)
-    if x.dtype != weight.dtype or x.device != weight.device or not _tma._has_tensor_descriptors():
+    if x.dtype != weight.dtype or x.device != weight.device or not _tma.has_tensor_descriptors():
         return False
     if x.device.type == "cuda":
         if _backend.interpreter_enabled() or _utils.capability_of(x.device) < (9, 0):
@@ -1300,7 +1300,7 @@ def _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, m
         lambda: _utils.sm_count_of(x.device),
     )
     grid = (triton.cdiv(M, block_m), _out_blocks(slices, block_n))
-    _tma._ensure_allocator(x.device)
+    _tma.ensure_allocator(x.device)
     with _utils.device_ctx(x):
         _gemm_tma_expand_kernel[grid](
             x,
