@@ -1175,6 +1175,13 @@ def gemm_tma_config(
     return block_m, block_n, block_k, warps, stages
 
 
+@torch.compiler.assume_constant_result
+def _hopper_or_newer(index: int) -> bool:
+    """GPU ``index`` has TMA (compute capability >= 9). A constant for torch.compile: the path choice that asks it
+    runs in traced code, where a device query would break the graph."""
+    return _utils.capability(index) >= (9, 0)
+
+
 def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = True) -> bool:
     """True when the gemm path's GEMM for this x [M, K] and weight [N, K] is _gemm_tma_expand_kernel: TMA_GEMM on,
     more than GEMM_TMA_MIN_TOKENS rows, fp16/bf16 x and weight of one dtype, and what TMA can read on this device
@@ -1192,7 +1199,7 @@ def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = T
     if x.dtype != weight.dtype or x.device != weight.device or not _tma.has_tensor_descriptors():
         return False
     if x.device.type == "cuda":
-        if _backend.interpreter_enabled() or _utils.capability_of(x.device) < (9, 0):
+        if _backend.interpreter_enabled() or not _hopper_or_newer(_utils.device_index(x.device)):
             return False
     elif not (x.device.type == "cpu" and _backend.interpreter_enabled()):
         return False
