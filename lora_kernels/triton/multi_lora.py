@@ -27,12 +27,10 @@ patch_interpreter()
 # Programmatic dependent launch (sm_90+; the griddepcontrol wrappers of triton >= 3.4): the gemm path's base GEMM is
 # launched while its shrink still runs and waits for the shrink's results only before its LoRA epilogue, so the
 # memory-bound shrink overlaps the GEMM's K loop instead of running before it. Why, by the static launch model
-# (benchmarks/static_serving.py, H100, K = N = 4096, r = 16): its worst grid point, 128 adapters uniform over 1024
-# tokens, was 1.28x the floor because the shrink (x read again plus 128 adapters' A: 25 MB, 8.5 us) ran before a
-# GEMM that is compute-bound (50 us of tensor work against 23 us of memory); overlapped, the pair is bound by the
-# GEMM: 1.11x. What remains there: the shrink's launch (2 us) and the epilogue's masked dots (a 128-row tile holds
-# ~17 adapters, one [128, 16] x [16, 128] dot each for ~8 real rows: 2.2 GFLOP, 3 us). Unmeasured. No-op where PDL
-# is unsupported (the kernels then run one after the other).
+# (benchmarks/static_serving.py, H100, K = N = 4096, r = 16, the TMA GEMM): at 128 adapters uniform over 1024 tokens
+# the shrink reads x again plus 128 adapters' A (25 MB, 8.5 us) before a compute-bound GEMM: 1.53x the floor in
+# sequence, 1.40x overlapped; at 4096 tokens of the `mix` distribution 1.07x → 1.02x, at 16 adapters uniform over
+# 1024 tokens 1.17x → 1.11x. Unmeasured. No-op where PDL is unsupported (the kernels then run one after the other).
 _HAS_GDC = hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
 PDL = True  # False: launch the gemm path's two kernels one after the other (the plain stream order)
 
