@@ -20,10 +20,7 @@ tensors) and the sm_90 machine code of every distinct kernel configuration.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
 
@@ -55,21 +52,11 @@ TRITON_GEMMS = ("_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_decode_kerne
 
 
 def card():
-    """The training report's H100 card (``benchmarks.static_report.CARD``): one source for the assumed rates of Triton
-    kernels against cuBLAS in both reports. static_report sets TRITON_INTERPRET=0 when it is imported (it compiles
-    kernels); the caller's environment is restored, so an interpreted test run stays interpreted."""
-    mod = sys.modules.get("benchmarks.static_report")
-    if mod is None:
-        saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
-        try:
-            mod = importlib.import_module("benchmarks.static_report")
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    return mod.CARD
+    """The training report's H100 card (``benchmarks.card.CARD``, which ``benchmarks/static_report.py`` uses): one
+    source for the assumed rates of Triton kernels against cuBLAS in both reports. Reading it imports no triton."""
+    from benchmarks.card import CARD
+
+    return CARD
 
 
 def guess_machine_code(config: dict, kernel: str = "") -> str:
@@ -466,16 +453,21 @@ def _run_decode(M: int, K: int, N: int, R: int) -> None:
 
 
 def _recorded(sr, run, *modules) -> list:
-    """The launches ``run()`` makes, recorded by static_report (``sr``) with the H100's SM count and shared memory."""
-    saved = U.sm_count, U.max_smem, ML.pdl_ok
+    """The launches ``run()`` makes, recorded by static_report (``sr``) with the H100's SM count and shared memory
+    (persistent TMA grids: one program per SM)."""
+    from lora_kernels.triton import lora_linear_tma as TMA
+
+    saved = U.sm_count, U.max_smem, ML.pdl_ok, TMA._grid_stride, TMA._sms
     U.sm_count, U.max_smem = (lambda index: H100_SMS), (lambda index: H100_SMEM)
     ML.pdl_ok = lambda device: True  # an sm_90 device
+    TMA._grid_stride = lambda device, max_programs: max_programs or H100_SMS
+    TMA._sms = lambda device: H100_SMS
     try:
         with sr.recording(*modules) as rec:
             run()
             return list(rec)
     finally:
-        U.sm_count, U.max_smem, ML.pdl_ok = saved
+        U.sm_count, U.max_smem, ML.pdl_ok, TMA._grid_stride, TMA._sms = saved
 
 
 def _same_launch(rec, ln) -> bool:

@@ -198,8 +198,9 @@ def test_split_path_configs_match_the_launcher(monkeypatch):
 
 def test_model_charges_the_training_reports_rates(monkeypatch):
     """The serving model charges each launch at the training report's rate for its kind (cuBLAS; a Triton GEMM by its
-    machine code; skinny Triton kernels), read from static_report's CARD, and reading the card leaves the caller's
-    TRITON_INTERPRET as it was (static_report sets it to 0 when imported)."""
+    machine code; skinny Triton kernels), read from the card static_report uses (benchmarks/card.py), and reading
+    the card imports neither static_report (which turns the interpreter off when imported: kernels first imported
+    then would not be interpreted for the rest of the process) nor triton."""
     import math
     import sys
 
@@ -209,6 +210,10 @@ def test_model_charges_the_training_reports_rates(monkeypatch):
     monkeypatch.delitem(sys.modules, "benchmarks.static_report", raising=False)
     c = ss.card()
     assert __import__("os").environ["TRITON_INTERPRET"] == "1"
+    assert "benchmarks.static_report" not in sys.modules
+    from benchmarks.card import CARD
+
+    assert c is CARD
     ids = torch.arange(1024) % 16
     for path, T in (("gemm", 1024), ("gemm", 16), ("split", 1024)):
         lst = ss.launches(ids[:T], 16, path=path)
