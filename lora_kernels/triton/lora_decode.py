@@ -2,7 +2,9 @@
 
 One pass over W0: the K loop feeds both the base product and the shrink from the same x tile, the epilogue adds the
 LoRA term with xa in fp32 and writes y once. Inference only (:func:`lora_decode_linear`; the training kernels are in
-:mod:`lora_kernels.triton.lora_linear`). See docs/lora_linear.md ("The decode kernel").
+:mod:`lora_kernels.triton.lora_linear`). Past TMA_MIN_TOKENS rows on Hopper the same single launch is the persistent
+TMA forward of :mod:`lora_kernels.triton.lora_linear_tma` with the shrink inside. See docs/lora_linear.md ("The
+decode kernel").
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ patch_interpreter()
 # (max tokens, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Up to 16 tokens: 32 output columns per program
 # give 128 programs at N = 4096 (132 SMs on an H100), each streaming a 32 × K strip of W0 with 256-deep K steps.
 # Up to 64: one 64-row tile (wgmma needs 64 rows), 64 columns. Up to 256: 64 × 128 tiles (4 row tiles × 32 column
-# blocks at N = 4096). First guesses from the byte counts, NOT yet measured on a GPU; the sm_90 compile test checks
-# that they fit shared memory and do not spill.
+# blocks at N = 4096), where TMA is missing (before Hopper, unaligned operands, fp32; see TMA_MIN_TOKENS). First
+# guesses from the byte counts, NOT yet measured on a GPU; the sm_90 compile test checks that they fit shared memory
+# and do not spill.
 DECODE_TILES = ((16, 16, 32, 256, 4, 4), (64, 64, 64, 128, 4, 4), (256, 64, 128, 64, 4, 4))
 MAX_TOKENS = DECODE_TILES[-1][0]
 _INTERP = (16, 16, 32)  # BLOCK_M, BLOCK_N, BLOCK_K under the interpreter: several blocks even at the tests' sizes
