@@ -56,9 +56,21 @@ DROPOUT = 0.1
 MODES = ("fwd", "fwd+bwd", "fwd+bwd dropout")
 TARGETS = {"fwd": 1.06, "fwd+bwd": 1.10, "fwd+bwd dropout": 1.12, "decode": 1.10}
 
-PROVIDERS = ("base", "eager", "compile", "addmm", "peft", "lora_kernels", "lk_cublas_base", "lk_triton_base")
+PROVIDERS = (
+    "base",
+    "eager",
+    "compile",
+    "addmm",
+    "peft",
+    "lora_kernels",
+    "lk_cublas_base",
+    "lk_triton_base",
+    "lk_decode",
+)
 # lora_kernels: the library as a user gets it (backend from --backend, default auto). lk_cublas_base / lk_triton_base:
 # the Triton backend with its BASE_GEMM switch forced to "cublas" / "triton" (one of them equals the default).
+# lk_decode: the inference-only one-launch kernel lora_kernels.triton.lora_decode.lora_decode_linear (decode tables
+# only; from 65 rows on Hopper it is the persistent TMA forward with the shrink inside).
 
 
 # ----------------------------------------------------------------------------------------------------- providers
@@ -210,6 +222,18 @@ def build(provider: str, W, A, B, p: float, training: bool, backend: str | None)
             )
         switch = _BaseGemm("cublas" if provider == "lk_cublas_base" else "triton")
         return Built(lambda x: lk.lora_linear(x, W, A, B, s, None, p, training, "triton"), (A, B), ctx=switch)
+    if provider == "lk_decode":
+        if training or p > 0.0:
+            raise ProviderUnavailable("lora_decode_linear is inference only (no dropout, no autograd): decode tables")
+        try:
+            from lora_kernels import _backend
+            from lora_kernels.triton.lora_decode import lora_decode_linear
+        except Exception as exc:
+            raise ProviderUnavailable(f"lora_kernels' decode kernel is not importable: {exc}") from exc
+        why = _backend.triton_device_reason(W)
+        if why:
+            raise ProviderUnavailable(f"lora_decode_linear needs the Triton kernels: {why}")
+        return Built(lambda x: lora_decode_linear(x, W, None, A, B, s))
     raise ValueError(provider)
 
 
@@ -534,7 +558,7 @@ def main(argv=None) -> list[Table]:
     return tables
 
 
-LK_PROVIDERS = ("lora_kernels", "lk_cublas_base", "lk_triton_base")
+LK_PROVIDERS = ("lora_kernels", "lk_cublas_base", "lk_triton_base", "lk_decode")
 
 
 def summarize(tables: Sequence[Table], providers: Sequence[str]) -> list[str]:

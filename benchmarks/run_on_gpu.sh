@@ -65,7 +65,7 @@ case "$phase" in
     card
     for d in 1:4096:4096 16:4096:4096 256:4096:4096 1:8192:8192; do
       LORA_KERNELS_AUTOTUNE=0 run "decode_${d//:/_}" 45 $py benchmarks/bench_lora_linear.py --skip-train \
-          --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base,lk_triton_base \
+          --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base,lk_triton_base,lk_decode \
           --csv "$out/decode_${d//:/_}.csv"
     done
     for t in 1 16 256 4096; do
