@@ -508,7 +508,9 @@ def _lk_tma_case(M, K, N, r, mode):
     A100 falls back to the other kernels)."""
     saved = TMA.tma_supported
     hopper = LL._utils.capability(0) >= (TMA._TMA_MIN_CAPABILITY, 0)
-    TMA.tma_supported = lambda *ts: hopper and all(TMA._tma_aligned(t) and TMA._dtype_ok(t.dtype, True) for t in ts)
+    TMA.tma_supported = lambda *ts, **kw: (
+        hopper and all(TMA._tma_aligned(t) and TMA._dtype_ok(t.dtype, True) for t in ts)
+    )
     try:
         _lk_case("triton")(M, K, N, r, mode)
     finally:

@@ -445,7 +445,7 @@ def _run_decode(M: int, K: int, N: int, R: int) -> None:
     saved = _backend.triton_device_reason, TMA.tma_supported
     _backend.triton_device_reason = lambda *t: None  # meta tensors: nothing runs, the launch is recorded
     # ... and TMA answers as on an H100 (alignment and dtype only)
-    TMA.tma_supported = lambda *ts: all(TMA._tma_aligned(t) and TMA._dtype_ok(t.dtype, True) for t in ts)
+    TMA.tma_supported = lambda *ts, **kw: all(TMA._tma_aligned(t) and TMA._dtype_ok(t.dtype, True) for t in ts)
     try:
         D.lora_decode_linear(_meta(M, K), _meta(N, K), None, _meta(R, K), _meta(N, R), 2.0)
     finally:

@@ -449,10 +449,20 @@ def has_tensor_descriptors() -> bool:
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
-def _tma_aligned(t: torch.Tensor) -> bool:
-    """A 2-D tensor TMA can read: unit last stride, base address and row stride 16-byte multiples."""
+def _tma_aligned(t: torch.Tensor, addresses: bool = True) -> bool:
+    """A 2-D tensor TMA can read: unit last stride, base address and row stride 16-byte multiples (the base address
+    only when ``addresses``)."""
     e = t.element_size()
-    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % _TMA_ALIGN == 0 and (t.stride(0) * e) % _TMA_ALIGN == 0
+    if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * e) % _TMA_ALIGN:
+        return False
+    return not addresses or t.data_ptr() % _TMA_ALIGN == 0
+
+
+@torch.compiler.assume_constant_result
+def _has_tma(index: int) -> bool:
+    """GPU ``index`` has TMA (compute capability >= 9). A constant for torch.compile: a path choice made in traced
+    code (multi_lora's) asks it, and a device query there would break the graph."""
+    return _utils.capability(index) >= (_TMA_MIN_CAPABILITY, 0)
 
 
 def _dtype_ok(dtype: torch.dtype, on_gpu: bool) -> bool:
@@ -465,13 +475,14 @@ def _dtype_ok(dtype: torch.dtype, on_gpu: bool) -> bool:
     return dtype == torch.float32 and (not on_gpu or torch.backends.cuda.matmul.allow_tf32)
 
 
-def tma_supported(*tensors: torch.Tensor) -> bool:
+def tma_supported(*tensors: torch.Tensor, addresses: bool = True) -> bool:
     """True when the TMA kernels can read these big operands (x and W0 for :func:`fwd_gemm`, dY and W0 for
     :func:`dx_gemm`): tensor descriptors in the installed triton, every tensor non-empty, 2-D and on one CUDA device
     of compute capability >= 9 (or on the CPU with the interpreter on), one dtype (:func:`_dtype_ok`), and TMA's
     alignment (16-byte base addresses and row strides, unit column strides). False means: use the other kernels. The
     output, allocated by the launchers, is stored through TMA when its rows are 16-byte multiples and with plain
-    stores otherwise. Never raises."""
+    stores otherwise. ``addresses=False`` judges the strides but not the base addresses (tensors being traced have
+    none; the launcher asks again with them). Never raises."""
     if not tensors or not has_tensor_descriptors():
         return False
     if any(t.dim() != 2 or t.numel() == 0 for t in tensors):
@@ -482,14 +493,14 @@ def tma_supported(*tensors: torch.Tensor) -> bool:
     if dev.type == "cuda":
         if _backend.interpreter_enabled():
             return False
-        if torch.cuda.get_device_capability(dev)[0] < _TMA_MIN_CAPABILITY:
+        if not _has_tma(_utils.device_index(dev)):
             return False
     elif not (dev.type == "cpu" and _backend.interpreter_enabled()):
         return False
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or not _dtype_ok(dtypes.pop(), dev.type == "cuda"):
         return False
-    return all(_tma_aligned(t) for t in tensors)
+    return all(_tma_aligned(t, addresses) for t in tensors)
 
 
 @functools.cache

@@ -1173,13 +1173,6 @@ def gemm_tma_config(
     return block_m, block_n, block_k, warps, stages
 
 
-@torch.compiler.assume_constant_result
-def _hopper_or_newer(index: int) -> bool:
-    """GPU ``index`` has TMA (compute capability >= 9). A constant for torch.compile: the path choice that asks it
-    runs in traced code, where a device query would break the graph."""
-    return _utils.capability(index) >= (9, 0)
-
-
 def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = True) -> bool:
     """True when the gemm path's GEMM for this x [M, K] and weight [N, K] is _gemm_tma_expand_kernel: TMA_GEMM on,
     more than GEMM_TMA_MIN_TOKENS rows, fp16/bf16 x and weight of one dtype, and what TMA can read on this device
@@ -1192,17 +1185,7 @@ def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = T
         return False
     if x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if check_addresses:
-        return _tma.tma_supported(x, weight)
-    if x.dtype != weight.dtype or x.device != weight.device or not _tma.has_tensor_descriptors():
-        return False
-    if x.device.type == "cuda":
-        if _backend.interpreter_enabled() or not _hopper_or_newer(_utils.device_index(x.device)):
-            return False
-    elif not (x.device.type == "cpu" and _backend.interpreter_enabled()):
-        return False
-    e = x.element_size()
-    return all(t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0 for t in (x, weight))
+    return _tma.tma_supported(x, weight, addresses=check_addresses)
 
 
 def linear_gemm(
