@@ -284,12 +284,12 @@ def decode_launches(
 ) -> list[dict]:
     """The one launch of :func:`lora_kernels.triton.lora_decode.lora_decode_linear` (single adapter, bias-free):
     W0, x, A and B read once from DRAM; A re-read from L2 by every output block (``l2_read``). ``tma``: the card has
-    TMA (an H100), so batches of more than ``TMA_MIN_TOKENS`` rows run the persistent TMA forward with the shrink
+    TMA (an H100), so batches of more than ``FUSED_MIN_ROWS`` rows run the persistent TMA forward with the shrink
     inside (``lora_linear_tma._fwd_tma_kernel``, one program per SM walking the output tiles)."""
     from lora_kernels.triton import lora_decode as D
     from lora_kernels.triton import lora_linear_tma as TMA
 
-    if tma and M > D.TMA_MIN_TOKENS and elt < 4:
+    if tma and M > TMA.FUSED_MIN_ROWS and elt < 4:
         bm, bn, bk, _, _, _ = TMA.fused_tiles(triton.next_power_of_2(M), N, elt, H100_SMS, interp=False)[0]
         br, warps, stages = U.block_r(R, TMA.FUSED_MAX_R), 4, 0
         kernel = "_fwd_tma_kernel"

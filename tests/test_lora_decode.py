@@ -122,17 +122,18 @@ def tma_calls(monkeypatch):
 @pytest.mark.parametrize(
     "M, K, N, r, bias, tma",
     [
-        (65, 48, 40, 5, True, True),  # one row past TMA_MIN_TOKENS
+        (65, 48, 40, 5, True, True),  # one row past FUSED_MIN_ROWS
         (100, 64, 96, 16, False, True),
         (70, 32, 24, 64, True, True),  # the largest fused rank
         (100, 36, 40, 4, True, False),  # x's and A's rows of 72 bytes: not TMA operands, _decode_kernel runs
-        (64, 48, 40, 5, False, False),  # TMA_MIN_TOKENS itself keeps _decode_kernel
+        (64, 48, 40, 5, False, False),  # FUSED_MIN_ROWS itself keeps _decode_kernel
     ],
 )
 def test_decode_larger_batches_take_the_tma_kernel(tma_calls, M, K, N, r, bias, tma):
-    from lora_kernels.triton.lora_decode import TMA_MIN_TOKENS, lora_decode_linear
+    from lora_kernels.triton.lora_decode import lora_decode_linear
+    from lora_kernels.triton.lora_linear_tma import FUSED_MIN_ROWS
 
-    assert TMA_MIN_TOKENS == 64
+    assert FUSED_MIN_ROWS == 64
     gen = torch.Generator().manual_seed(M + K + r)
     x = torch.randn(M, K, generator=gen).to(DEVICE, torch.float16)
     W = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE, torch.float16)

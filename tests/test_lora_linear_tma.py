@@ -408,7 +408,7 @@ def test_lora_linear_takes_the_tma_gemms_when_they_apply(spied, p):
 @needs_triton
 @pytest.mark.parametrize("M, r, bias", [(65, 5, True), (100, 16, False), (70, 64, True)])
 def test_decode_sized_forward_takes_the_fused_tma_kernel(spied, monkeypatch, M, r, bias):
-    # From _TMA_FUSED_MIN_M + 1 rows up to _FUSED_SHRINK_MAX_M, without dropout: one fwd_gemm launch with the shrink
+    # From FUSED_MIN_ROWS + 1 rows up to _FUSED_SHRINK_MAX_M, without dropout: one fwd_gemm launch with the shrink
     # inside, its xa stored for the backward (checked through dA and dB).
     LL, calls = spied
     monkeypatch.setattr(LL, "_FUSED_SHRINK_MAX_M", 256)
@@ -423,7 +423,7 @@ def test_decode_sized_forward_takes_the_fused_tma_kernel(spied, monkeypatch, M, 
 def test_decode_sized_forward_at_64_rows_keeps_the_plain_fused_kernel(spied, monkeypatch):
     LL, calls = spied
     monkeypatch.setattr(LL, "_FUSED_SHRINK_MAX_M", 256)
-    _layer_against_reference(LL, LL._TMA_FUSED_MIN_M, 48, 40, 5, torch.float16, 0.0)
+    _layer_against_reference(LL, LL._tma.FUSED_MIN_ROWS, 48, 40, 5, torch.float16, 0.0)
     assert calls == ["dx_gemm"]
 
 

@@ -2,9 +2,9 @@
 
 One pass over W0: the K loop feeds both the base product and the shrink from the same x tile, the epilogue adds the
 LoRA term with xa in fp32 and writes y once. Inference only (:func:`lora_decode_linear`; the training kernels are in
-:mod:`lora_kernels.triton.lora_linear`). Past TMA_MIN_TOKENS rows on Hopper the same single launch is the persistent
-TMA forward of :mod:`lora_kernels.triton.lora_linear_tma` with the shrink inside. See docs/lora_linear.md ("The
-decode kernel").
+:mod:`lora_kernels.triton.lora_linear`). Past ``lora_linear_tma.FUSED_MIN_ROWS`` rows on Hopper the same single
+launch is the persistent TMA forward of :mod:`lora_kernels.triton.lora_linear_tma` with the shrink inside. See
+docs/lora_linear.md ("The decode kernel").
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ patch_interpreter()
 # (max tokens, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Up to 16 tokens: 32 output columns per program
 # give 128 programs at N = 4096 (132 SMs on an H100), each streaming a 32 × K strip of W0 with 256-deep K steps.
 # Up to 64: one 64-row tile (wgmma needs 64 rows), 64 columns. Up to 256: 64 × 128 tiles (4 row tiles × 32 column
-# blocks at N = 4096), where TMA is missing (before Hopper, unaligned operands, fp32; see TMA_MIN_TOKENS). First
+# blocks at N = 4096), where TMA is missing (before Hopper, unaligned operands, fp32; see use_tma). First
 # guesses from the byte counts, NOT yet measured on a GPU; the sm_90 compile test checks that they fit shared memory
 # and do not spill.
 DECODE_TILES = ((16, 16, 32, 256, 4, 4), (64, 64, 64, 128, 4, 4), (256, 64, 128, 64, 4, 4))
@@ -123,21 +123,21 @@ def _decode_kernel(
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Batches of more than this many rows take the persistent TMA forward of lora_linear with the shrink in its main loop
-# (lora_linear_tma.fwd_gemm with lora_A; Hopper and newer, TMA-readable 16-bit x, W0 and A of one dtype): the same one
-# pass over W0, with wgmma fed by the copy engine, where the 64×128 wgmma tiles of _decode_kernel are charged 1.35x
-# cuBLAS's compute time by the static report (predicted 1.40x the base at 256 rows, K = N = 4096). Up to 64 rows
-# _decode_kernel's narrow tiles keep more SMs pulling W0.
-TMA_MIN_TOKENS = 64
+# Batches of more than lora_linear_tma.FUSED_MIN_ROWS rows take the persistent TMA forward of lora_linear with the
+# shrink in its main loop (lora_linear_tma.fwd_gemm with lora_A; Hopper and newer, TMA-readable 16-bit x, W0 and A of
+# one dtype): the same one pass over W0, with wgmma fed by the copy engine, where the 64×128 wgmma tiles of
+# _decode_kernel are charged 1.35x cuBLAS's compute time by the static report (predicted 1.40x the base at 256 rows,
+# K = N = 4096).
 
 
 def use_tma(x2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
-    """True when :func:`lora_decode_linear` runs the TMA kernel for this 2-D x (see TMA_MIN_TOKENS). fp32 data keeps
-    _decode_kernel, whose fp32 products are exact IEEE ones (the TMA kernels run fp32 as TF32)."""
-    if x2.shape[0] <= TMA_MIN_TOKENS or x2.dtype == torch.float32 or lora_B.dtype != x2.dtype:
-        return False
+    """True when :func:`lora_decode_linear` runs the TMA kernel for this 2-D x (more than
+    ``lora_linear_tma.FUSED_MIN_ROWS`` rows). fp32 data keeps _decode_kernel, whose fp32 products are exact IEEE ones
+    (the TMA kernels run fp32 as TF32)."""
     from . import lora_linear_tma as _tma
 
+    if x2.shape[0] <= _tma.FUSED_MIN_ROWS or x2.dtype == torch.float32 or lora_B.dtype != x2.dtype:
+        return False
     return lora_A.shape[0] <= _tma.FUSED_MAX_R and _tma.tma_supported(x2, weight, lora_A)
 
 
@@ -153,8 +153,9 @@ def lora_decode_linear(
     lora_A ``[r, K]``, lora_B ``[N, r]``; x, weight and bias of one dtype (fp16, bf16, fp32), lora_A and lora_B of
     that dtype or fp32 (as :func:`lora_kernels.lora_linear` accepts), on one device that Triton can use; any
     strides. Returns ``[..., N]`` in x's dtype. Meant for at most ``MAX_TOKENS`` rows (decode); larger inputs work
-    but re-read A per row tile and lose to a GEMM. From ``TMA_MIN_TOKENS + 1`` rows on Hopper the launch is the
-    persistent TMA kernel of :mod:`lora_kernels.triton.lora_linear_tma` (see :func:`use_tma`), still one launch."""
+    but re-read A per row tile and lose to a GEMM. From ``lora_linear_tma.FUSED_MIN_ROWS + 1`` rows on Hopper the
+    launch is the persistent TMA kernel of :mod:`lora_kernels.triton.lora_linear_tma` (see :func:`use_tma`), still
+    one launch."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -59,11 +59,6 @@ _FUSED_SHRINK_MAX_R = 64
 # and at these batch sizes the product is memory-bound: smaller tiles give more programs to pull W0 from HBM (a
 # 256-row batch at N = 4096 has 16 tiles of 128×256 for 132 SMs, 128 of 64×128).
 _FUSED_SHRINK_MAX_TILE = 64 * 128
-# ... and on the TMA path (Hopper, TMA-readable x, W0 and A of one dtype), batches of more than this many rows run the
-# persistent TMA kernel with the shrink in its main loop (lora_linear_tma.fwd_gemm with lora_A): its 64×64 / 64×128
-# tiles give ~128 tiles from 128 / 256 rows at N = 4096. Up to 64 rows those tiles would leave half the SMs without
-# one (a single row of tiles), so _fwd_kernel's 16×32 tiles keep them (128 programs pulling W0 at N = 4096).
-_TMA_FUSED_MIN_M = 64
 # The skinny kernels hold all of r (up to 128) in one tile so dY / x are read once; larger r adds a grid axis.
 _SKINNY_MAX_R = 128
 
@@ -1182,7 +1177,7 @@ def lora_linear_forward(
             return (y, xa, bits if has_drop else _no_bits(x)) if return_keep_bits else (y, xa)
     fuse = base and not has_drop and M <= _FUSED_SHRINK_MAX_M and R <= _FUSED_SHRINK_MAX_R
     splits = 1
-    if fuse and M > _TMA_FUSED_MIN_M and _tma.tma_supported(x, weight, lora_A):  # one persistent TMA launch
+    if fuse and M > _tma.FUSED_MIN_ROWS and _tma.tma_supported(x, weight, lora_A):  # one persistent TMA launch
         xa = torch.empty((M, R), dtype=torch.float32, device=x.device)  # written by the first tile column
         y = _tma.fwd_gemm(x, weight, None, lora_B, scale, bias, lora_A=lora_A, xa_out=xa)
         return (y, xa, _no_bits(x)) if return_keep_bits else (y, xa)

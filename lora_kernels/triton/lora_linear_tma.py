@@ -78,6 +78,10 @@ _DROPOUT_MAX_PER_THREAD = 64
 # → 64×256 (128 tiles); 128 rows at N = 4096 → 64×64. Ranks up to FUSED_MAX_R: the fp32 xa tile (64 × 64 at most)
 # stays small next to the output tile. Chosen from the static report's byte, FLOP and tile counts, unmeasured.
 FUSED_MAX_R = 64
+# ... and more than FUSED_MIN_ROWS rows (lora_linear's one-launch decode forward and lora_decode_linear take this kernel
+# from there): up to 64 rows a 64-row tile leaves a single row of tiles, half the SMs without one at N = 4096, where
+# the plain one-launch kernels' 16×32 tiles give 128 programs pulling W0.
+FUSED_MIN_ROWS = 64
 _FUSED_TILES = [(64, 256, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4)]
 _FUSED_TILES_FP32 = [(64, 64, 32, 8, 4, 3)]
 _FUSED_MIN_BUSY = 7 / 8
