@@ -31,15 +31,23 @@ def autocast_off(t: torch.Tensor):
     return torch.autocast(dev, enabled=False) if dev in AUTOCAST_DEVICE_TYPES else contextlib.nullcontext()
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype an autocast ``nn.Linear`` computes ``x`` in: the autocast dtype inside ``torch.autocast`` on x's
+    device; None outside autocast and for float64 and non-float x, which autocast leaves alone."""
+    dev = x.device.type
+    if not autocast_enabled(dev) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
 def autocast_operands(x, weight, bias, lora_A, lora_B):
     """Inside ``torch.autocast``, the operands an autocast ``nn.Linear`` would use, for the fused LoRA op (which is not
     an autocast-aware ATen op): x, W0 and bias in the autocast dtype; the adapter kept when it is that dtype or float32
     (the usual fp32 master adapter) and cast otherwise. float64 and non-float inputs are left alone, as autocast
     does. The casts are differentiable. Outside autocast, the operands unchanged."""
-    dev = x.device.type
-    if not autocast_enabled(dev) or not x.is_floating_point() or x.dtype == torch.float64:
+    dt = autocast_dtype(x)
+    if dt is None:
         return x, weight, bias, lora_A, lora_B
-    dt = torch.get_autocast_dtype(dev)
     x, weight = x.to(dt), weight.to(dt)
     bias = bias.to(dt) if bias is not None else None
     if lora_A.dtype not in (dt, torch.float32):

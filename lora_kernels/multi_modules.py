@@ -306,11 +306,8 @@ class MultiLoRALinear(nn.Module):
         dtype nor float32 (the op takes a pool of x's dtype or float32), for float64 or non-float x, and outside
         autocast."""
         bias = self.bias
-        dev = x.device.type
-        if not _autocast.autocast_enabled(dev) or not x.is_floating_point() or x.dtype == torch.float64:
-            return x, weight, bias
-        dt = torch.get_autocast_dtype(dev)
-        if self.pool.dtype not in (dt, torch.float32):
+        dt = _autocast.autocast_dtype(x)
+        if dt is None or self.pool.dtype not in (dt, torch.float32):
             return x, weight, bias
         return x.to(dt), weight.to(dt), bias.to(dt) if bias is not None else None
 
