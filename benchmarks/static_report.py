@@ -904,20 +904,6 @@ def ratios(records):
     return out
 
 
-def training_geomeans(records) -> dict:
-    """{(op, mode): geo-mean over the training shapes of the op's predicted time / the cuBLAS base's}: the numbers
-    the goals are stated in."""
-    total = {}
-    for r in records:
-        if r["shape_kind"] == "training":
-            key = (r["op"], r["mode"], tuple(r["shape"].values()))
-            total[key] = total.get(key, 0.0) + r["predicted_us"]
-    out = {}
-    for (op, mode, shape), t in total.items():
-        out.setdefault((op, mode), []).append(t / total[(CASES[0][0], mode, shape)])
-    return {k: _geo(v) for k, v in out.items()}
-
-
 def shape_ratios(records, kind: str = "decode") -> dict:
     """{(op, mode, shape): the op's predicted time / the cuBLAS base's} for the shapes of ``kind`` ("decode": the
     goal there holds for each shape)."""
@@ -927,6 +913,15 @@ def shape_ratios(records, kind: str = "decode") -> dict:
             key = (r["op"], r["mode"], tuple(r["shape"].values()))
             total[key] = total.get(key, 0.0) + r["predicted_us"]
     return {(op, mode, shape): t / total[(CASES[0][0], mode, shape)] for (op, mode, shape), t in total.items()}
+
+
+def training_geomeans(records) -> dict:
+    """{(op, mode): geo-mean over the training shapes of the op's predicted time / the cuBLAS base's}: the numbers
+    the goals are stated in."""
+    out = {}
+    for (op, mode, _), ratio in shape_ratios(records, "training").items():
+        out.setdefault((op, mode), []).append(ratio)
+    return {k: _geo(v) for k, v in out.items()}
 
 
 def _geo(xs):

@@ -142,20 +142,28 @@ def test_decode_forward_is_one_launch(report):
     assert [r["kernel"] for r in launches] == ["_fwd_kernel"], [r["kernel"] for r in launches]
 
 
+def _report_child(code: str, tmp_path, timeout: int = 1200) -> list[str]:
+    """The stdout lines of ``code`` run in a child process that compiles kernels (the interpreter off, a fresh report
+    cache); skips where triton's ptxas is missing."""
+    if importlib_missing("triton") or not _ptxas_available():
+        pytest.skip("needs triton with its bundled ptxas to compile for sm_90 / sm_80")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("LORA_KERNELS_REPORT_CACHE", str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
+
+
 @pytest.mark.slow
 def test_sm80_first_configs_do_not_spill(tmp_path):
     # On an A100 (sm_80: mma.sync, accumulator and operands in registers) the pruner drops the Hopper-first 128×256
     # tiles that spilled there (48-108 bytes); what it picks first (the config that runs with autotuning off) is
     # compiled for sm_80 here: every Triton training launch, the GEMMs with and without the base product and dropout.
-    if importlib_missing("triton") or not _ptxas_available():
-        pytest.skip("needs triton with its bundled ptxas to compile for sm_80")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("LORA_KERNELS_REPORT_CACHE", str(tmp_path / "cache"))
     code = "import json; from benchmarks import static_report as s; print(json.dumps(s.first_gemm_compiles(80)))"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = json.loads(_report_child(code, tmp_path, timeout=600)[-1])
     gemms = [r for r in rows if r["kernel"] in ("_fwd_kernel", "_dx_kernel")]
     seen = {(r["kernel"], r["config"]["BASE"], r["config"].get("HAS_DROPOUT", False)) for r in gemms}
     # the forward's LoRA-only GEMM is gone from the cuBLAS base (the shrink+expand kernel adds the LoRA term there)
@@ -176,11 +184,6 @@ def test_predicted_training_ratios_meet_the_goals(tmp_path):
     # The six training shapes, compiled for sm_90: the persistent TMA path is predicted within the goals (fwd 1.06,
     # fwd+bwd 1.10, with dropout 1.12, geo-means of time / cuBLAS base) and the default within PEFT's measured ratios.
     # A kernel change that costs a pass over x or dY, a launch or a spill moves these numbers.
-    if importlib_missing("triton") or not _ptxas_available():
-        pytest.skip("needs triton with its bundled ptxas to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("LORA_KERNELS_REPORT_CACHE", str(tmp_path / "cache"))
     code = (
         "import json; from benchmarks import static_report as s\n"
         "recs, _ = s.collect(False, [90], False, lambda m: None, ops=('lora_kernels', 'lk_tma_base'),"
@@ -189,9 +192,7 @@ def test_predicted_training_ratios_meet_the_goals(tmp_path):
         "print(json.dumps({f'{op}|{mode}': v for (op, mode), v in g.items()}))\n"
         "print(json.dumps({'goals': s.GOALS, 'peft': s.PEFT_MEASURED}))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    lines = _report_child(code, tmp_path)
     geo, limits = json.loads(lines[-2]), json.loads(lines[-1])
     for mode, goal in limits["goals"].items():
         assert geo[f"lk_tma_base|{mode}"] <= goal, (mode, geo)
@@ -203,20 +204,13 @@ def test_predicted_decode_ratios_meet_the_goal_on_the_tma_path(tmp_path):
     # The six decode shapes (M = 1 … 256), compiled for sm_90: with the Triton base GEMM on Hopper (the TMA path:
     # the one-launch forward, the shrink inside _fwd_kernel up to 64 rows and inside _fwd_tma_kernel beyond) every
     # shape is predicted within 1.10x the cuBLAS base. A second launch or a plain wgmma GEMM at 256 rows breaks it.
-    if importlib_missing("triton") or not _ptxas_available():
-        pytest.skip("needs triton with its bundled ptxas to compile for sm_90")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("LORA_KERNELS_REPORT_CACHE", str(tmp_path / "cache"))
     code = (
         "import json; from benchmarks import static_report as s\n"
         "recs, _ = s.collect(False, [90], False, lambda m: None, ops=('lk_tma_base',), kinds_wanted=('decode',))\n"
         "r = s.shape_ratios(recs, 'decode')\n"
         "print(json.dumps([[op, list(shape), v] for (op, mode, shape), v in r.items()]))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = json.loads(_report_child(code, tmp_path)[-1])
     tma = {tuple(shape): v for op, shape, v in rows if op == "lk_tma_base"}
     assert len(tma) == 6, rows
     for shape, v in tma.items():
