@@ -18,8 +18,9 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
   when ``import peft`` works;
 - ``lora_kernels``: :func:`lora_kernels.multi_lora_linear` (backend from ``--backend``, default auto), with
   ``lk_fused`` / ``lk_split`` forcing its one-kernel (shrink+expand fused) or two-kernel path, ``lk_gemm`` its
-  gemm path (the base GEMM with the expand in its epilogue; the TMA GEMM on Hopper above 64 tokens) and
-  ``lk_gemm_plain`` the gemm path with the plain (non-TMA) Triton GEMM;
+  gemm path (the base GEMM with the expand in its epilogue; the TMA GEMM on Hopper above 64 tokens; one launch with
+  the shrink inside for up to 64 tokens of few adapters), ``lk_gemm_plain`` the gemm path with the plain (non-TMA)
+  Triton GEMM and ``lk_gemm_2l`` the gemm path in two launches (shrink, then the GEMM) where it would be one;
 - ``lk_cuda``: the same with ``backend="cuda"`` when the compiled extension is available.
 
 Timings: in a CUDA graph with the weights hot in L2; in a CUDA graph cycling several weight sets (W0 and the adapter
@@ -70,6 +71,7 @@ PROVIDERS = (
     "lk_split",
     "lk_gemm",
     "lk_gemm_plain",
+    "lk_gemm_2l",
     "lk_cuda",
 )
 EAGER_ONLY = {"peft_mixed": "eager only: PEFT builds its index lists on the host at every call (not capturable)"}
@@ -93,6 +95,15 @@ def token_ids(dist: str, L: int, T: int, gen: torch.Generator) -> torch.Tensor:
             ids[bounds[i] : bounds[i + 1]] = pick
         return ids
     raise ValueError(f"unknown distribution {dist!r}; choose from {', '.join(DISTS)}")
+
+
+def adapter_bound(dist: str, L: int, T: int) -> int:
+    """The most distinct adapters a step of ``dist`` can name: what a serving engine's per-batch LoRA bound would be
+    set to, and the ``max_adapters_per_step`` promise the lora_kernels providers prepare their batch with (4 for
+    ``mix``, fewer for fewer tokens or requests; at most T and L)."""
+    if dist == "mix":
+        return min(T, L, MIX_ADAPTERS, MIX_REQUESTS)
+    return min(T, L)
 
 
 class WeightSet:
@@ -196,8 +207,11 @@ def _peft_mixed(ws: WeightSet, ids_host: torch.Tensor) -> Callable:
     return lambda x: model(x, adapter_names=names)
 
 
-def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend: str | None) -> Callable:
-    """``fn(x) -> y`` for one weight set; the per-batch metadata is prepared here, outside the timed calls."""
+def build(
+    provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend: str | None, bound: int | None = None
+) -> Callable:
+    """``fn(x) -> y`` for one weight set; the per-batch metadata is prepared here, outside the timed calls, with
+    ``bound`` as its ``max_adapters_per_step`` (see :func:`adapter_bound`)."""
     if provider == "base":
         return lambda x: F.linear(x, ws.W)
     if provider == "gather_bmm":
@@ -222,25 +236,29 @@ def build(provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend:
         backend = "cuda"
     elif provider in ("lk_fused", "lk_split") and device.type != "cuda" and backend in (None, "auto", "torch"):
         raise ProviderUnavailable("the fused/split choice only exists in the Triton and CUDA backends")
-    elif provider in ("lk_gemm", "lk_gemm_plain") and backend == "cuda":
+    elif provider in ("lk_gemm", "lk_gemm_plain", "lk_gemm_2l") and backend == "cuda":
         raise ProviderUnavailable("the gemm path has no CUDA-extension kernel")
-    batch = LoRABatch.prepare(ids_host.to(torch.int32), max_tokens=ids_host.numel(), device=device)
+    batch = LoRABatch.prepare(
+        ids_host.to(torch.int32), max_tokens=ids_host.numel(), device=device, max_adapters_per_step=bound
+    )
     if provider == "lk_gemm":
         return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend, path="gemm")
-    if provider == "lk_gemm_plain":
+    if provider in ("lk_gemm_plain", "lk_gemm_2l"):
         try:
             ML = importlib.import_module("lora_kernels.triton.multi_lora")
         except ImportError as exc:
             raise ProviderUnavailable(f"lora_kernels' Triton kernels are not importable: {exc}") from exc
+        flag = "TMA_GEMM" if provider == "lk_gemm_plain" else "LANES_GEMM"
 
-        def plain(x):
-            saved, ML.TMA_GEMM = ML.TMA_GEMM, False
+        def without(x):
+            saved = getattr(ML, flag)
+            setattr(ML, flag, False)
             try:
                 return multi(x, ws.W, None, ws.pool, batch, backend=backend, path="gemm")
             finally:
-                ML.TMA_GEMM = saved
+                setattr(ML, flag, saved)
 
-        return plain
+        return without
     if fused is None:
         return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend)
     return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend, fused=fused)
@@ -320,7 +338,8 @@ def run(args, device, dtype, providers, ceilings) -> list[Table]:
                     for prov in providers:
                         try:
                             use = sets[:1] if prov in EAGER_ONLY else sets
-                            fns = [build(prov, ws, ids, device, args.backend) for ws in use]
+                            bound = adapter_bound(dist, L, T)
+                            fns = [build(prov, ws, ids, device, args.backend, bound) for ws in use]
                             expected = F.linear(x.double(), sets[0].W.double()) if prov == "base" else ref
                             bad = common.mismatch("output", fns[0](x), expected, dtype)
                             if bad:
@@ -422,7 +441,7 @@ def main(argv=None) -> list[Table]:
     return tables
 
 
-LK_PROVIDERS = ("lora_kernels", "lk_fused", "lk_split", "lk_gemm", "lk_gemm_plain", "lk_cuda")
+LK_PROVIDERS = ("lora_kernels", "lk_fused", "lk_split", "lk_gemm", "lk_gemm_plain", "lk_gemm_2l", "lk_cuda")
 PEERS = ("gather_bmm", "loop")
 
 

@@ -68,9 +68,9 @@ case "$phase" in
           --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base,lk_triton_base,lk_decode \
           --csv "$out/decode_${d//:/_}.csv"
     done
-    for t in 1 16 256 4096; do
-      run "multi_T$t" 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform \
-          --timings graph --providers base,lora_kernels,lk_split,lk_gemm_plain --csv "$out/multi_T$t.csv"
+    for t in 1 16 64 256 4096; do
+      run "multi_T$t" 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
+          --timings graph --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l --csv "$out/multi_T$t.csv"
     done
     ;;
   extras)

@@ -48,7 +48,13 @@ PEAK_FLOPS = 732e12  # bf16 dense
 LAUNCH_US = 2.0  # assumed cost of one extra kernel node in a CUDA graph (not measured here)
 # The Triton GEMMs of the serving ops (a base GEMM: charged by the machine code they compile to, as the training report
 # charges its GEMMs); every other Triton kernel of the model is a skinny one (small LoRA dots).
-TRITON_GEMMS = ("_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_decode_kernel", "_fwd_tma_kernel")
+TRITON_GEMMS = (
+    "_gemm_expand_kernel",
+    "_gemm_tma_expand_kernel",
+    "_gemm_lanes_kernel",
+    "_decode_kernel",
+    "_fwd_tma_kernel",
+)
 
 
 def card():
@@ -90,6 +96,13 @@ def _ids(dist: str, L: int, T: int, seed: int) -> torch.Tensor:
     return token_ids(dist, L, T, torch.Generator().manual_seed(seed))
 
 
+def adapter_bound(dist: str, L: int, T: int) -> int:
+    """The ``max_adapters_per_step`` the benchmark prepares its batches with (``bench_multi_lora.adapter_bound``)."""
+    from benchmarks.bench_multi_lora import adapter_bound as bound
+
+    return bound(dist, L, T)
+
+
 def _launch(kernel, grid, config, read, written, flops, useful, l2_read=None) -> dict:
     return {
         "kernel": kernel,
@@ -116,6 +129,7 @@ def launches(
     smem: int = H100_SMEM,
     pdl: bool = True,
     tma: bool = True,
+    adapters: int | None = None,
 ) -> list[dict]:
     """The launches of one ``multi_lora_linear`` call (Triton backend) for token ids ``ids`` (slot per token, -1 =
     none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
@@ -124,13 +138,15 @@ def launches(
     the gemm path launches its GEMM as a programmatic dependent of its shrink (``ML.pdl_ok``: sm_90, as the H100
     this models), marked ``overlaps_previous``; ``tma``: the card has TMA (the H100), so above
     ``GEMM_TMA_MIN_TOKENS`` 16-bit tokens the gemm path's GEMM is ``_gemm_tma_expand_kernel`` (rows in the batch's
-    own order) and the gemm path is the default there."""
+    own order) and the gemm path is the default there; ``adapters``: the batch's ``max_adapters_per_step`` promise
+    (None: none), which makes the gemm path one launch (``_gemm_lanes_kernel``) where ``ML.lanes_for`` allows."""
     ids = ids.to(torch.int64).flatten()
     T = ids.numel()
     N = sum(int(n) for n in slices)
     S = len(slices)
     tma = tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4
-    path = ops.choose_path(path, None, T, "triton", tma=tma)
+    lanes = ML.lanes_for(T, R, adapters)
+    path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0)
     cap = capacity or T
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
     counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
@@ -220,6 +236,8 @@ def launches(
             )
         )
         return out
+    if lanes:
+        return [_lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad)]
     # gemm: shrink into per-split partials, then the base GEMM with the expand in its epilogue
     out.append(
         _launch(
@@ -273,6 +291,46 @@ def launches(
     )
     out[-1]["overlaps_previous"] = pdl
     return out
+
+
+def _lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad) -> dict:
+    """The one launch of the gemm path for few adapters (``ML._gemm_lanes_kernel``): row tiles of the batch's own
+    order; each program's K loop streams its W0 strip, the x tile and its lane group's stacked A rows (this slice);
+    a tile holding more distinct adapters than lanes runs one more K loop over x and A per further group."""
+    T = ids.numel()
+    N = sum(int(n) for n in slices)
+    bm, bn, bk, warps, stages = ML.lanes_config(T, R, lanes, elt, elt, False, lambda: smem)
+    cols = lanes * U.block_r(R)
+    blocks = ML._out_blocks(slices, bn)
+    m_tiles = triton.cdiv(T, bm)
+    keys = [int(i) if 0 <= int(i) < L else None for i in ids.tolist()]
+    # lane groups per row tile: the first rides along the base K loop (always runs), each further one re-reads x
+    groups = [
+        max(1, triton.cdiv(len({k for k in keys[m * bm : (m + 1) * bm] if k is not None}), lanes))
+        for m in range(m_tiles)
+    ]
+    g = sum(groups)
+    flops = m_tiles * blocks * 2 * bm * bn * K + g * blocks * 2 * bm * cols * (K + bn)
+    l2 = m_tiles * blocks * (bm + bn) * K * elt + g * blocks * cols * (K + bn) * elt
+    l2 += (g - m_tiles) * blocks * bm * K * elt
+    return _launch(
+        "_gemm_lanes_kernel",
+        (m_tiles, blocks),
+        {
+            "BLOCK_M": bm,
+            "BLOCK_N": bn,
+            "BLOCK_K": bk,
+            "BLOCK_R": U.block_r(R),
+            "LANES": lanes,
+            "num_warps": warps,
+            "num_stages": stages,
+        },
+        (N * K + T * K) * elt + a_bytes + b_bytes,
+        T * N * elt,
+        flops,
+        2 * T * K * N + 2 * t_ad * R * (len(slices) * K + N),
+        l2,
+    )
 
 
 # BENCHMARKS.md's single-adapter decode grid: (M, K = N), r = 16.
@@ -359,23 +417,26 @@ def predict_us(
     return t + launch_us * max(0, len(launch_list) - base_kernels)
 
 
-def default_path(T: int, elt: int = 2, tma: bool = True) -> str:
+def default_path(T: int, elt: int = 2, tma: bool = True, adapters: int | None = None, R: int = RANK) -> str:
     """The path ``multi_lora_linear`` takes by default for T tokens on the Triton backend of the modelled card (with
-    TMA: an H100), data of ``elt`` bytes that TMA can read."""
-    return ops.choose_path(None, None, T, "triton", tma=tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4)
+    TMA: an H100), data of ``elt`` bytes that TMA can read, a batch promising at most ``adapters`` per step."""
+    lanes = ML.lanes_for(T, R, adapters) > 0
+    return ops.choose_path(None, None, T, "triton", tma=tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4, lanes=lanes)
 
 
 def grid_launches(
     paths: Sequence[str] = ops.PATHS, seed: int = 0, K: int = K_DEFAULT, N: int = N_DEFAULT, R: int = RANK, elt: int = 2
 ) -> list[dict]:
     """One entry per point of the multi-adapter grid (dist, L, T): the token ids' ``active`` adapter count, the
-    ``chosen`` default path, the ``floor_us``, and ``paths``: path name → list of launches (see :func:`launches`)."""
+    ``chosen`` default path, the ``floor_us``, and ``paths``: path name → list of launches (see :func:`launches`),
+    for a batch prepared as the benchmark prepares it (``max_adapters_per_step`` = :func:`adapter_bound`)."""
     points = []
     for dist in DISTS:
         for L in ADAPTERS:
             for T in TOKENS:
                 ids = _ids(dist, L, T, seed)
                 active = len(set(int(i) for i in ids.tolist()))
+                bound = adapter_bound(dist, L, T)
                 points.append(
                     {
                         "dist": dist,
@@ -385,9 +446,9 @@ def grid_launches(
                         "K": K,
                         "N": N,
                         "r": R,
-                        "chosen": default_path(T, elt),
+                        "chosen": default_path(T, elt, adapters=bound, R=R),
                         "floor_us": floor_us(T, active, K, N, R, elt),
-                        "paths": {p: launches(ids, L, K, (N,), R, elt, path=p) for p in paths},
+                        "paths": {p: launches(ids, L, K, (N,), R, elt, path=p, adapters=bound) for p in paths},
                     }
                 )
     return points
@@ -412,7 +473,7 @@ def _meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, cap: int) -> None:
+def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, cap: int, lanes: int = 0) -> None:
     """What ``multi_lora_linear`` runs on the Triton backend for ``path``, on meta bf16 tensors (its body after the
     checks: F.linear and the launchers of lora_kernels.triton.multi_lora with the step's tile)."""
     N, S = sum(slices), len(slices)
@@ -426,7 +487,7 @@ def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, 
         # meta tensors have no addresses: TMA answers as on an H100 (the launch model's card) from the row count
         ML.gemm_tma_ok = lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS
         try:
-            ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m)
+            ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m, lanes)
         finally:
             ML.gemm_tma_ok = saved
         return
@@ -630,11 +691,13 @@ def report(
                     continue
                 ids = _ids(dist, L, T, 0)
                 active = len(set(int(i) for i in ids.tolist()))
-                path = default_path(T)
+                bound = adapter_bound(dist, L, T)
+                path = default_path(T, adapters=bound)
+                lanes = ML.lanes_for(T, RANK, bound) if path == "gemm" else 0
                 fl = floor_us(T, active)
-                others = {p: predict_us(launches(ids, L, path=p)) / fl for p in ops.PATHS}
-                model = launches(ids, L, path=path)
-                rec = _recorded(sr, lambda: _run_path(path, T, L, K_DEFAULT, (N_DEFAULT,), RANK, T), ML)
+                others = {p: predict_us(launches(ids, L, path=p, adapters=bound)) / fl for p in ops.PATHS}
+                model = launches(ids, L, path=path, adapters=bound)
+                rec = _recorded(sr, lambda: _run_path(path, T, L, K_DEFAULT, (N_DEFAULT,), RANK, T, lanes), ML)
                 point = {
                     "op": "multi_lora_linear",
                     "path": path,

@@ -405,17 +405,32 @@ class LoRABatch:
     when they were given on the host, else None) and ``has_adapter`` (False when no token names an adapter, None when
     unknown) let an eager call skip the LoRA kernels and validate ids without a device sync.
 
+    ``max_adapters_per_step`` (None = no promise) is the most distinct adapters one step will name, as serving
+    engines bound the LoRAs of a batch: with it (or, outside CUDA graphs and torch.compile, with ids given on the
+    host), steps of few adapters and few tokens run the gemm path in one launch (see docs/multi_lora.md, "One launch
+    for few adapters"). Only speed depends on it: a step that names more still gets exact results (host ids that
+    break the promise raise ValueError at :meth:`prepare_`, before anything changes).
+
     Slot ids are validated against a pool by the ops (``check=True``); the kernels additionally treat any id that is
     negative, ``>= L`` or names an empty slot as "no adapter", so a bad id can never read outside the pool.
     """
 
-    def __init__(self, max_tokens: int, device=None, tile_m: int | None = None):
+    def __init__(
+        self, max_tokens: int, device=None, tile_m: int | None = None, max_adapters_per_step: int | None = None
+    ):
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         if tile_m is None:
             tile_m = auto_tile_m(max_tokens)
         if tile_m not in (16, 32, 64, 128):
             raise ValueError(f"tile_m must be one of 16, 32, 64, 128 (tl.dot needs >= 16 rows), got {tile_m!r}")
+        if max_adapters_per_step is not None and (
+            isinstance(max_adapters_per_step, bool)
+            or not isinstance(max_adapters_per_step, int)
+            or max_adapters_per_step < 1
+        ):
+            raise ValueError(f"max_adapters_per_step must be a positive int or None, got {max_adapters_per_step!r}")
+        self.max_adapters_per_step = max_adapters_per_step
         device = torch.device("cpu") if device is None else torch.device(device)
         cap = max_tokens
         self.capacity = cap
@@ -440,6 +455,14 @@ class LoRABatch:
         """The four device tensors the kernels read, as one record."""
         return BatchMeta(self.token_slots, self.sorted_tokens, self.sorted_slots, self.tile_starts)
 
+    @property
+    def step_adapters(self) -> int | None:
+        """At most how many distinct adapters this step names: counted when the ids were given on the host, else
+        the ``max_adapters_per_step`` promise, else None (unknown)."""
+        if self.host_unique is not None:
+            return sum(1 for s in self.host_unique if s >= 0)
+        return self.max_adapters_per_step
+
     def max_tiles(self, M: int, L: int) -> int:
         """Launch-grid bound for M tokens on L slots (see :func:`lora_kernels.ops._batch.max_tiles`)."""
         return max_tiles(M, L, self.tile_m, self.capacity)
@@ -451,18 +474,19 @@ class LoRABatch:
         max_tokens: int | None = None,
         device=None,
         tile_m: int | None = None,
+        max_adapters_per_step: int | None = None,
     ) -> LoRABatch:
         """A new batch for ``adapter_ids`` (pool slots, one per token, -1 = none): a list of ints or an integer
         tensor. ``max_tokens`` (capacity, default the number of ids) bounds later :meth:`prepare_` calls; ``device``
         defaults to the ids' device (CPU for a list). ``tile_m``: rows per work tile (the kernels' BLOCK_M; default
-        :func:`auto_tile_m` of the capacity)."""
+        :func:`auto_tile_m` of the capacity). ``max_adapters_per_step``: see the class."""
         ids = cls._as_tensor(adapter_ids)
         if device is None:
             device = ids.device
         cap = ids.numel() if max_tokens is None else max_tokens
         if cap == 0:
             cap = 1
-        batch = cls(cap, device=device, tile_m=tile_m)
+        batch = cls(cap, device=device, tile_m=tile_m, max_adapters_per_step=max_adapters_per_step)
         return batch.prepare_(ids)
 
     @classmethod
@@ -473,6 +497,7 @@ class LoRABatch:
         max_tokens: int | None = None,
         device=None,
         tile_m: int | None = None,
+        max_adapters_per_step: int | None = None,
     ) -> LoRABatch:
         """A batch where sequence ``b`` (``tokens_per_sequence`` tokens, an int for ``[B, S, K]`` inputs or one length
         per sequence for packed inputs) uses slot ``sequence_slots[b]`` (PEFT's per-sequence ``adapter_names``)."""
@@ -490,7 +515,9 @@ class LoRABatch:
                 f"got {tokens_per_sequence!r}"
             )
         ids = [s for s, n in zip(slots, lengths) for _ in range(n)]
-        return cls.prepare(ids, max_tokens=max_tokens, device=device, tile_m=tile_m)
+        return cls.prepare(
+            ids, max_tokens=max_tokens, device=device, tile_m=tile_m, max_adapters_per_step=max_adapters_per_step
+        )
 
     @staticmethod
     def _as_tensor(adapter_ids) -> torch.Tensor:
@@ -550,8 +577,15 @@ class LoRABatch:
             raise ValueError(f"{n} adapter ids exceed this batch's capacity max_tokens={cap}")
         if ids.device.type == "cpu":
             host = ids  # int64, the values as given: the eager check names them
+            unique = torch.unique(host).tolist()
+            named = sum(1 for s in unique if s >= 0)
+            if self.max_adapters_per_step is not None and named > self.max_adapters_per_step:
+                raise ValueError(
+                    f"the ids name {named} distinct adapters but this batch promised "
+                    f"max_adapters_per_step={self.max_adapters_per_step}"
+                )
             self.host_slots = host
-            self.host_unique = torch.unique(host).tolist()
+            self.host_unique = unique
             self.has_adapter = bool((host >= 0).any()) if n else False
         else:
             self.host_slots = None

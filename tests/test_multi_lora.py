@@ -558,10 +558,11 @@ def test_bad_ids_raise_or_count_as_none(backend):
 
 
 @needs_triton
-@pytest.mark.parametrize("fused", [False, True])
-def test_kernels_read_nothing_outside_the_pool_or_past_a_rank(fused):
+@pytest.mark.parametrize("path", ["split", "fused", "gemm", "lanes"])
+def test_kernels_read_nothing_outside_the_pool_or_past_a_rank(path):
     """The pool's tensors are views into NaN-filled storage: slot -1 and slot L would read NaN, as would padding rows
-    past an adapter's rank and the weights of an empty slot. The output must equal the oracle, NaN-free."""
+    past an adapter's rank and the weights of an empty slot. The output must equal the oracle, NaN-free. "lanes": the
+    one-launch gemm kernel with 2 lanes (the 6 named slots take 3 lane groups)."""
     gen = torch.Generator().manual_seed(10)
     L, R, S = 4, 16, len(SLICES)
     pool, adapters = _make_pool(L, R, [16, 3, 5, 8], slices=SLICES)
@@ -586,7 +587,13 @@ def test_kernels_read_nothing_outside_the_pool_or_past_a_rank(fused):
     x = torch.randn(9, K, generator=gen).to(DEVICE)
     ids = [0, -1, 1, L, 2, 3, -2, 1, L + 1]
     batch = LoRABatch.prepare(ids, device=DEVICE)
-    got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", check=False, fused=fused)
+    if path == "lanes":
+        from lora_kernels.triton import multi_lora as ML
+
+        A, B = pool.A_stack, pool.B_stack
+        got = ML.linear_lanes(x, weight, None, A, B, pool.ranks, pool.scales, batch.meta, SLICES, 2)
+    else:
+        got = lk.multi_lora_linear(x, weight, None, pool, batch, backend="triton", check=False, path=path)
     want = _naive(
         x.cpu(),
         weight.cpu(),

@@ -201,6 +201,7 @@ def test_decode_step_in_a_large_batch_uses_small_tiles(monkeypatch, M, path):
     from lora_kernels.triton import multi_lora as ML
 
     seen = []
+    monkeypatch.setattr(ML, "LANES_GEMM", False)  # the two-launch gemm path (one launch: test_lanes_* below)
     for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel"):
         monkeypatch.setattr(ML, name, _BlockSpy(getattr(ML, name), seen))
     gen = torch.Generator().manual_seed(M)
@@ -392,7 +393,8 @@ def _want(pool, weight, bias, x, ids):
 @pytest.mark.parametrize("T,dtype,slices,pattern,bias", GEMM_CASES)
 def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bias):
     """The base GEMM with the expand in its epilogue against the float64 reference: odd sizes, mixed ranks, q|k|v
-    slices, -1 rows, an unloaded and a reserved slot, bias or none; two launches, no F.linear, no zero-fill."""
+    slices, -1 rows, an unloaded and a reserved slot, bias or none; two launches (one for a single adapter), no
+    F.linear, no zero-fill."""
     from lora_kernels.triton import multi_lora as ML
 
     pool, weight, b, x, ids = _gemm_problem(T, dtype, slices, pattern, bias, seed=T)
@@ -413,7 +415,9 @@ def test_gemm_path_matches_reference(monkeypatch, T, dtype, slices, pattern, bia
     else:
         torch.testing.assert_close(got.cpu().double(), want, **close(dtype))
     if pattern != "none":
-        assert launched == ["_batched_shrink_kernel", gemm_kernel], launched
+        # one launch where the host ids name few enough adapters for the lanes (here: one), else two
+        one = ML.lanes_for(T, pool.max_rank, len({i for i in ids if i >= 0}))
+        assert launched == (["_gemm_lanes_kernel"] if one else ["_batched_shrink_kernel", gemm_kernel]), launched
     # the torch backend's gemm path is the reference itself
     got_t = lk.multi_lora_linear(x, weight, b, pool, batch, backend="torch", path="gemm")
     if lowp is not None:
@@ -428,6 +432,7 @@ _GEMM_PATH_KERNELS = (
     "_gemm_tma_expand_kernel",
     "_expand_kernel",
     "_fused_kernel",
+    "_gemm_lanes_kernel",
 )
 
 # (T, slices, pattern, bias, pool dtype): more than GEMM_TMA_MIN_TOKENS fp16 rows whose 80-byte rows TMA can read:
@@ -664,7 +669,7 @@ from _aot import Recorder, compile_for_sm90, ptxas_report, sass_of
 
 calls = []
 for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel",
-             "_gemm_tma_expand_kernel"):
+             "_gemm_tma_expand_kernel", "_gemm_lanes_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name), calls))
 U.sm_count = lambda index: 132
 U.max_smem = lambda index: 227 * 1024
@@ -702,6 +707,18 @@ for M, R, slices, dtype in ((128, 16, [4096], torch.bfloat16), (256, 16, [4096],
                    torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
                    torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
                    BatchMeta(ids, st_, ss, ts), slices, step_tile_m(auto_tile_m(4096), M))
+# The one-launch gemm path (few adapters): every tile (16 and 64 rows, and the 64 x 128 one for more rows) at the
+# widest stacked A (64 columns: 4 lanes of rank 16, 2 of 32, 1 of 64 with q|k|v slices) and one lane.
+for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, [4096], torch.float16, 1),
+                                   (16, 32, [4096], torch.float16, 2), (64, 16, [4096], torch.bfloat16, 4),
+                                   (64, 64, [4096, 1024, 1024], torch.float16, 1),
+                                   (200, 16, [4096], torch.bfloat16, 4)):
+    S, N = len(slices), sum(slices)
+    ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
+    ML.linear_gemm(torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype),
+                   torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
+                   torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
+                   BatchMeta(ids, st_, ss, ts), slices, 16, lanes)
 seen = set()
 names = set()
 for kernel, grid, args, kwargs in calls:
@@ -725,7 +742,7 @@ for kernel, grid, args, kwargs in calls:
         sass = sass_of(compiled)
         assert "HGMMA" in sass and "UTMALDG" in sass, (name, shown)
 assert {"_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_batched_shrink_kernel", "_fused_kernel",
-        "_expand_kernel"} <= names, names
+        "_expand_kernel", "_gemm_lanes_kernel"} <= names, names
 print("OK")
 """
 
@@ -784,6 +801,168 @@ def test_gpu_gemm_path_graph_replay_with_new_ids(T):
         assert_close_to_oracle(
             y, multi_lora_in_dtype(x, weight, b, pool, new, list(pool.slices)), _want(pool, weight, b, x, new)
         )
+
+
+# ------------------------------------------------------------------------ one launch for few adapters (the lanes)
+# (T, dtype, slices, pattern, bias, pool dtype, lanes) for _gemm_lanes_kernel called directly. The pool is rank 32
+# (at most 2 lanes); "repeats" and "distinct" name up to 5 slots (one unloaded, rank 0), so lanes 1 and 2 also take
+# the groups past the first (one more K loop over x and A each) in every row tile. 16-row tiles in the interpreter:
+# 33 and 100 tokens span several; 100 is past LANES_MAX_TOKENS (the kernel is exact there too, only not the default).
+LANES_CASES = [
+    (1, torch.float32, GEMM_SLICES, "one", True, None, 1),
+    (7, torch.float16, [40], "distinct", False, None, 2),
+    (33, torch.float32, GEMM_SLICES, "repeats", True, None, 2),
+    (33, torch.float16, GEMM_SLICES, "repeats", True, torch.float32, 1),
+    (20, torch.float16, [40], "none", True, None, 1),
+    (100, torch.float16, GEMM_SLICES, "repeats", False, None, 2),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("T,dtype,slices,pattern,bias,pool_dtype,lanes", LANES_CASES)
+def test_lanes_kernel_matches_reference(T, dtype, slices, pattern, bias, pool_dtype, lanes):
+    from lora_kernels.triton import multi_lora as ML
+
+    pool, weight, b, x, ids = _gemm_problem(T, dtype, slices, pattern, bias, seed=T + 40, pool_dtype=pool_dtype)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    got = ML.linear_lanes(
+        x, weight, b, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, batch.meta, list(pool.slices), lanes
+    )
+    assert got.dtype == dtype and got.shape == (T, sum(slices))
+    torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(dtype))
+
+
+@needs_triton
+def test_lanes_kernel_bad_ids_overflow_and_arguments():
+    """Ids outside -1..L-1 (unchecked: they add nothing, read nothing) in a batch of spare capacity, the fp16
+    overflow case (xa beyond 65504 stays fp32), and lane counts the kernel cannot take."""
+    from lora_kernels.triton import multi_lora as ML
+
+    pool, weight, b, x, ids = _gemm_problem(30, torch.float16, GEMM_SLICES, "repeats", True, seed=17)
+    bad = list(ids)
+    bad[0], bad[13], bad[29] = 8, 1000, -7
+    batch = LoRABatch.prepare(bad, max_tokens=64, device=DEVICE)
+    args = (x, weight, b, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, batch.meta, list(pool.slices))
+    got = ML.linear_lanes(*args, 2)
+    torch.testing.assert_close(
+        got.cpu().double(), _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in bad]), **close(torch.float16)
+    )
+    for lanes in (0, 3, 4):  # rank 32: 1 or 2 lanes
+        with pytest.raises(ValueError, match="lanes must be a power of two in \\[1, 2\\]"):
+            ML.linear_lanes(*args, lanes)
+    pool2, w2, x2, ids2 = overflow_case(tokens=9)
+    b2 = LoRABatch.prepare(ids2, device=DEVICE)
+    got2 = ML.linear_lanes(x2, w2, None, pool2.A_stack, pool2.B_stack, pool2.ranks, pool2.scales, b2.meta, [24], 1)
+    assert torch.isfinite(got2).all()
+    torch.testing.assert_close(got2.cpu().double(), overflow_want(pool2, w2, x2, ids2), **close(torch.float16))
+
+
+def test_lanes_for():
+    from lora_kernels.triton import multi_lora as ML
+
+    M = ML.LANES_MAX_TOKENS
+    assert [ML.lanes_for(M, 16, n) for n in (0, 1, 2, 3, 4, 5)] == [1, 1, 2, 4, 4, 0]
+    assert [ML.lanes_for(1, 32, n) for n in (1, 2, 3)] == [1, 2, 0]
+    assert [ML.lanes_for(1, r, 1) for r in (8, 64, 128)] == [1, 1, 0] and ML.lanes_for(1, 64, 2) == 0
+    assert ML.max_lanes(8) == 4 and ML.max_lanes(16) == 4 and ML.max_lanes(64) == 1 and ML.max_lanes(128) == 0
+    assert ML.lanes_for(M + 1, 16, 1) == 0 and ML.lanes_for(1, 16, None) == 0
+
+
+def _kernels_of(monkeypatch, ML):
+    launched = []
+    for name in _GEMM_PATH_KERNELS:
+        monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
+    return launched
+
+
+@needs_triton
+def test_gemm_path_is_one_launch_when_the_adapters_are_known_to_be_few(monkeypatch):
+    """The default takes the one-launch gemm path when the step's adapters fit the lanes: counted from host ids
+    eagerly; while capturing or compiling (ids of later replays unknown) only from the batch's max_adapters_per_step
+    promise. More adapters, no promise, or more than LANES_MAX_TOKENS tokens: the two-launch paths."""
+    from lora_kernels.triton import multi_lora as ML
+
+    problem = _gemm_problem(24, torch.float16, GEMM_SLICES, "repeats", True, seed=50)
+    ids_few = [(2, 4, -1)[i % 3] for i in range(24)]
+    ids_many = ([2, 4, -1, 2, 9] * 5)[:24]  # an id outside the pool counts too: 3 named > 2 lanes at rank 32
+
+    def run(ids, traced=False, promise=None, path=None, problem=problem):
+        pool, weight, b, x, _ = problem
+        mp = pytest.MonkeyPatch()
+        launched = _kernels_of(mp, ML)
+        mp.setattr(torch.Tensor, "zero_", _no_call("zero_"))
+        if traced:
+            mp.setattr(ops, "_in_graph_or_compile", lambda t: True)
+        try:
+            batch = LoRABatch.prepare(ids, device=DEVICE, max_adapters_per_step=promise)
+            y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path=path, check=False)
+        finally:
+            mp.undo()
+        want = _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in ids])
+        torch.testing.assert_close(y.cpu().double(), want, **close(torch.float16))
+        return launched
+
+    assert run(ids_few) == ["_gemm_lanes_kernel"]
+    assert run(ids_few, path="gemm") == ["_gemm_lanes_kernel"]
+    assert run(ids_many) == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+    assert run(ids_few, traced=True) == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+    assert run(ids_few, traced=True, promise=2) == ["_gemm_lanes_kernel"]
+    assert run(ids_few, traced=True, promise=3) == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+    monkeypatch.setattr(ML, "LANES_GEMM", False)
+    assert run(ids_few) == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+    monkeypatch.undo()
+    # one token of one adapter: one launch, not F.linear + the fused kernel
+    assert run([4], problem=_gemm_problem(1, torch.float16, GEMM_SLICES, "one", True, seed=53)) == [
+        "_gemm_lanes_kernel"
+    ]
+    # past LANES_MAX_TOKENS: the two-launch gemm path
+    T = ML.LANES_MAX_TOKENS + 1
+    big = _gemm_problem(T, torch.float16, GEMM_SLICES, "one", False, seed=51)
+    assert run([2] * T, problem=big)[0] == "_batched_shrink_kernel"
+
+
+def test_max_adapters_per_step_promise():
+    with pytest.raises(ValueError, match="max_adapters_per_step must be a positive int"):
+        LoRABatch(8, max_adapters_per_step=0)
+    with pytest.raises(ValueError, match="max_adapters_per_step must be a positive int"):
+        LoRABatch(8, max_adapters_per_step=True)
+    batch = LoRABatch.prepare([0, 1, -1, 1], max_tokens=8, max_adapters_per_step=2)
+    assert batch.step_adapters == 2 and batch.max_adapters_per_step == 2
+    before = [t.clone() for t in batch.meta], batch.num_tokens, batch.host_unique
+    with pytest.raises(ValueError, match="name 3 distinct adapters but this batch promised max_adapters_per_step=2"):
+        batch.prepare_([0, 1, 2])
+    # a failing prepare_ leaves the batch as it was
+    assert all(torch.equal(a, b) for a, b in zip(before[0], batch.meta))
+    assert (batch.num_tokens, batch.host_unique) == before[1:]
+    assert LoRABatch.prepare([-1, -1]).step_adapters == 0
+    seq = LoRABatch.prepare_sequences([3, -1], 2, max_adapters_per_step=1)
+    assert seq.max_adapters_per_step == 1 and seq.step_adapters == 1
+
+
+@needs_triton
+def test_lanes_launch_replays_with_new_ids(monkeypatch):
+    """The one-launch kernel reads each token's slot from the batch's token_slots at run time: a launch recorded
+    while "capturing" (promise of 2 adapters) and replayed after ``batch.prepare_`` with other ids within the promise
+    gives every token its new adapter (one adapter, none, two per row tile, an id outside the pool)."""
+    from lora_kernels.triton import multi_lora as ML
+
+    T = 40
+    pool, weight, b, x, _ = _gemm_problem(T, torch.float16, GEMM_SLICES, "one", True, seed=52)
+    log = []
+    monkeypatch.setattr(ML, "_gemm_lanes_kernel", ReplayLog(ML._gemm_lanes_kernel, log))
+    monkeypatch.setattr(ops, "_in_graph_or_compile", lambda t: True)
+    batch = LoRABatch.prepare([1, 4] * (T // 2), device=DEVICE, max_adapters_per_step=2)
+    y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
+    assert len(log) == 1
+    torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, [1, 4] * (T // 2)), **close(torch.float16))
+    gen = torch.Generator().manual_seed(5)
+    for refill in ([2] * T, [-1] * T, [0, 0, 2, -1] * (T // 4), [9, 1, -3, 1] * (T // 4)):
+        batch.prepare_(refill)
+        x.copy_(torch.randn(T, x.shape[1], generator=gen).to(x.dtype))
+        for real, grid, args, kwargs in list(log):
+            real[grid](*args, **kwargs)
+        want = _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in refill])
+        torch.testing.assert_close(y.cpu().double(), want, **close(torch.float16))
 
 
 def test_pdl_only_on_cuda_sm90_without_the_interpreter(monkeypatch):

@@ -12,14 +12,23 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 
 def test_grid_launches_cover_the_grid():
+    from lora_kernels.triton import multi_lora as ML
+
     from benchmarks import static_serving as ss
 
     points = ss.grid_launches()
     assert len(points) == len(ss.DISTS) * len(ss.ADAPTERS) * len(ss.TOKENS)
+    one_launch = 0
     for p in points:
         assert set(p["paths"]) == {"fused", "split", "gemm"} and p["chosen"] in p["paths"]
-        assert [len(p["paths"][k]) for k in ("fused", "split", "gemm")] == [2, 3, 2]
         gemm = p["paths"]["gemm"]
+        if ML.lanes_for(p["T"], p["r"], ss.adapter_bound(p["dist"], p["L"], p["T"])):
+            # few adapters promised (at most 64 tokens): the gemm path is one launch, and the default
+            assert [ln["kernel"] for ln in gemm] == ["_gemm_lanes_kernel"] and p["chosen"] == "gemm"
+            assert gemm[0]["bytes_written"] == p["T"] * p["N"] * 2
+            one_launch += 1
+            continue
+        assert [len(p["paths"][k]) for k in ("fused", "split", "gemm")] == [2, 3, 2]
         # above 64 tokens the H100 runs the TMA GEMM (rows in the batch's own order)
         want = "_gemm_tma_expand_kernel" if p["T"] > 64 else "_gemm_expand_kernel"
         assert [ln["kernel"] for ln in gemm] == ["_batched_shrink_kernel", want]
@@ -36,6 +45,8 @@ def test_grid_launches_cover_the_grid():
         T, N = p["T"], p["N"]
         assert gemm[1]["bytes_written"] == T * N * 2
         assert p["floor_us"] > 0 and ss.predict_us(gemm) >= p["floor_us"] * 0.5
+    # mix at 1, 16, 64 tokens and uniform at 1 token, for 16 and 128 adapters loaded
+    assert one_launch == 8
 
 
 class _NamedRecorder:
@@ -146,6 +157,69 @@ def test_tma_gemm_configs_match_the_launcher(monkeypatch, T, slices):
             if k not in ("ATOMIC", "NUM_SPLITS"):
                 assert kw[k] == v, (name, k)
     assert recorded[1][3]["launch_pdl"] is True and model[1]["overlaps_previous"]
+
+
+@pytest.mark.parametrize(
+    "T, slices, R, adapters", [(1, (4096,), 16, 1), (16, (4096,), 16, 4), (64, (4096, 1024, 1024), 32, 2)]
+)
+def test_lanes_configs_match_the_launcher(monkeypatch, T, slices, R, adapters):
+    """With few adapters promised (at most LANES_MAX_TOKENS tokens) the model's gemm path is the one launch
+    linear_gemm makes, with its grid and tile (recorded, nothing runs)."""
+    from lora_kernels import _backend
+    from lora_kernels.ops._batch import BatchMeta
+    from lora_kernels.triton import _utils as U
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
+
+    recorded = []
+    for name in ("_batched_shrink_kernel", "_gemm_expand_kernel", "_gemm_lanes_kernel"):
+        monkeypatch.setattr(ML, name, _NamedRecorder(name, recorded))
+    monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
+    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
+    L, K = 16, 4096
+    N, S = sum(slices), len(slices)
+    ids = torch.arange(T) % adapters
+    lanes = ML.lanes_for(T, R, adapters)
+    assert lanes and ss.default_path(T, adapters=adapters, R=R) == "gemm"
+    (ln,) = ss.launches(ids, L, K, slices, R, adapters=adapters)
+    e = torch.bfloat16
+    ML.linear_gemm(
+        torch.empty(T, K, dtype=e),
+        torch.empty(N, K, dtype=e),
+        None,
+        torch.empty(L, S * R, K, dtype=e),
+        torch.empty(L, N, R, dtype=e),
+        torch.empty(L, dtype=torch.int32),
+        torch.empty(L, S),
+        BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))),
+        list(slices),
+        16,
+        lanes,
+    )
+    ((name, grid, _, kw),) = recorded
+    assert name == ln["kernel"] == "_gemm_lanes_kernel" and tuple(grid) == ln["grid"]
+    for k, v in ln["config"].items():
+        assert kw[k] == v, k
+    # W0, x and the adapters' A and B cross DRAM once, y is written once
+    assert ln["bytes_read"] == (N * K + T * K + adapters * R * (S * K + N)) * 2 and ln["bytes_written"] == T * N * 2
+
+
+def test_few_adapter_decode_is_predicted_within_the_moonshot():
+    # The moonshot of the serving path: a decode step (<= 64 tokens) whose batch holds few adapters (the grid's
+    # `mix`: at most 4 of the 16 or 128 loaded, r = 16) at <= 1.05x the cuBLAS base layer, in one launch.
+    from benchmarks import static_serving as ss
+
+    points = [p for p in ss.grid_launches() if p["dist"] == "mix" and p["T"] <= 64]
+    assert len(points) == 6
+    for p in points:
+        lst = p["paths"][p["chosen"]]
+        ratio = ss.predict_us(lst) / ss.base_us(p["T"])
+        assert len(lst) == 1 and ratio <= 1.05, (p["L"], p["T"], ratio)
+    # the same steps without the promise: two launches, above the moonshot
+    for p in points:
+        ids = ss._ids("mix", p["L"], p["T"], 0)
+        assert ss.predict_us(ss.launches(ids, p["L"])) / ss.base_us(p["T"]) > 1.10
 
 
 def test_split_path_configs_match_the_launcher(monkeypatch):
@@ -315,7 +389,8 @@ def test_single_adapter_decode_is_predicted_within_the_goal():
 
 
 # The serving section of benchmarks/static_report.py at a few representative points (decode M = 16 and 256; the
-# fused path; the gemm path at 16- and 64-row tiles and the split path, both with split-K partials), run in a child
+# one-launch gemm path at 16- and 64-row tiles; the two-launch gemm path at 16- and 64-row tiles with split-K
+# partials, and its TMA GEMM), run in a child
 # process (the kernels must be compiled, not interpreted): every recorded launch is the model's (same kernel, same
 # grid: the report raises otherwise), every Triton launch compiles for sm_90 with no spills and fits an H100's
 # shared memory, the machine code the model assumes for each Triton GEMM (which sets its rate) is the compiled one,
@@ -327,8 +402,8 @@ from benchmarks import static_serving as ss
 
 records, md = ss.report(
     sr, 90, decode_points=((16, 4096), (256, 4096)),
-    grid_points=(("uniform", 16, 1), ("uniform", 16, 16), ("uniform", 16, 64), ("uniform", 128, 256),
-                 ("mix", 16, 4096)),
+    grid_points=(("uniform", 16, 1), ("mix", 16, 64), ("uniform", 16, 16), ("uniform", 16, 64),
+                 ("uniform", 128, 256), ("mix", 16, 4096)),
 )
 json.dump(records, open(sys.argv[1], "w"))
 print(md)
@@ -367,13 +442,14 @@ def test_serving_report_compiles_every_config_for_sm90_without_spills(tmp_path):
     assert kernels == {
         "_decode_kernel",
         "_fwd_tma_kernel",  # lora_decode_linear at 256 rows
-        "_fused_kernel",
+        "_gemm_lanes_kernel",  # the one-launch gemm path (few adapters promised, <= 64 tokens)
         "_batched_shrink_kernel",
         "_gemm_expand_kernel",
         "_gemm_tma_expand_kernel",  # the gemm path above 64 tokens
     }
     # the split path is no longer a default on an H100 (its kernels are compiled by tests/test_multi_lora_serving.py)
-    assert {r["mode"] for r in records if r["op"] == "multi_lora_linear"} == {"fused", "gemm"}
+    # nor the fused path where the benchmark's batches promise few adapters per step (the one-launch gemm path)
+    assert {r["mode"] for r in records if r["op"] == "multi_lora_linear"} == {"gemm"}
     for r in records:
         assert fields <= set(r), sorted(fields - set(r))
         assert r["predicted_us"] > 0 and r["ratio_to_floor"] >= 1.0
@@ -394,7 +470,7 @@ def test_serving_report_compiles_every_config_for_sm90_without_spills(tmp_path):
     # every Triton GEMM is charged by its compiled machine code, which is what the model assumes without compiling
     tma_kernels = ("_fwd_tma_kernel", "_gemm_tma_expand_kernel")
     for r in triton_launches:
-        if r["kernel"] in ("_gemm_expand_kernel", "_decode_kernel") + tma_kernels:
+        if r["kernel"] in ("_gemm_expand_kernel", "_gemm_lanes_kernel", "_decode_kernel") + tma_kernels:
             assert r["machine_code"] == r["guessed_machine_code"], (r["kernel"], r["config"], r["machine_code"])
             assert (r["machine_code"] == "tma") == (r["kernel"] in tma_kernels), (r["kernel"], r["config"])
             slowdown = {"tma": 1.0, "wgmma": 1.35, "mma.sync": 2.7}[r["machine_code"]]

@@ -220,8 +220,9 @@ def _ref_gemm(
     meta: BatchMeta,
     slices: list[int],
     tile_m: int,
+    lanes: int = 0,
 ) -> torch.Tensor:
-    # the spec: base and LoRA in fp32 (float64), one rounding
+    # the spec: base and LoRA in fp32 (float64), one rounding (``lanes``: how the Triton kernel splits the work)
     return _ref.multi_lora_linear(
         x, weight, bias, A_stack, B_stack, ranks, scales, meta.token_slots[: x.shape[0]], slices
     )
@@ -362,10 +363,13 @@ def _gemm_op(
     slices: list[int],
     tile_m: int,
     backend: str,
+    lanes: int = 0,
 ) -> torch.Tensor:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
     with _autocast.autocast_off(x):
-        return BACKENDS.impl(backend)["gemm"](x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m)
+        return BACKENDS.impl(backend)["gemm"](
+            x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, lanes
+        )
 
 
 def _mutating_fake(*args) -> None:
@@ -390,13 +394,25 @@ def _gemm_tma(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     return ML.gemm_tma_ok(x2, weight, check_addresses=False)
 
 
-def choose_path(path: str | None, fused: bool | None, M: int, backend: str, tma: bool = False) -> str:
+def _lanes(M: int, pool: AdapterPool, adapters: int | None) -> int:
+    """The one-launch gemm path's lane count for M tokens naming at most ``adapters`` adapters of ``pool`` (0: the
+    two-launch path; see ``triton.multi_lora.lanes_for``)."""
+    from ..triton import multi_lora as ML
+
+    return ML.lanes_for(M, pool.max_rank, adapters)
+
+
+def choose_path(
+    path: str | None, fused: bool | None, M: int, backend: str, tma: bool = False, lanes: bool = False
+) -> str:
     """The one place that picks how :func:`multi_lora_linear` runs (see the module docstring):
 
     - ``"fused"``: F.linear, then one kernel for shrink and expand (adds into y). Default for M <= FUSED_MAX_TOKENS.
     - ``"gemm"``: the shrink, then the base GEMM with the expand in its epilogue (y written once; Triton and torch
       backends). Default on the Triton backend for FUSED_MAX_TOKENS < M <= GEMM_MAX_TOKENS, and for every M above
-      FUSED_MAX_TOKENS when ``tma`` (the GEMM is the TMA kernel: see GEMM_MAX_TOKENS).
+      FUSED_MAX_TOKENS when ``tma`` (the GEMM is the TMA kernel: see GEMM_MAX_TOKENS). With ``lanes`` (the step's
+      few adapters fit the one-launch GEMM's lanes: ``triton.multi_lora.lanes_for``) it is one launch, the default
+      on the Triton backend at every M.
     - ``"split"``: F.linear, then the shrink into per-split fp32 partials and the expand, which sums them (adds
       into y; no zero-fill, no atomics). Default otherwise.
 
@@ -415,6 +431,8 @@ def choose_path(path: str | None, fused: bool | None, M: int, backend: str, tma:
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be a bool or None, got {fused!r}")
         return "fused" if fused else "split"
+    if backend == "triton" and lanes:
+        return "gemm"
     if M <= FUSED_MAX_TOKENS:
         return "fused"
     if backend == "triton" and (M <= GEMM_MAX_TOKENS or tma):
@@ -610,7 +628,11 @@ def multi_lora_linear(
     if check:
         check_ids(batch, pool.max_adapters, pool.slots_in_use, M, "multi_lora_linear")
     name = BACKENDS.resolve(backend, x2, weight, pool.A_stack, op="multi_lora_linear")
-    chosen = choose_path(path, fused, M, name, tma=name == "triton" and _gemm_tma(x2, weight))
+    # The step's adapters, known from host ids (eager) or the batch's promise (a captured graph or compiled code
+    # keeps its launch for later ids: only the promise holds for those).
+    adapters = batch.max_adapters_per_step if traced else batch.step_adapters
+    lanes = _lanes(M, pool, adapters) if name == "triton" and batch.num_tokens == M else 0
+    chosen = choose_path(path, fused, M, name, tma=name == "triton" and _gemm_tma(x2, weight), lanes=lanes > 0)
     if chosen == "gemm" and path is None and batch.num_tokens != M:
         chosen = "split"  # a default never refuses a batch prepared for another token count (path="gemm" does)
     # Autocast off for the base too: the result is in x's dtype on every path, as the gemm op computes it (inside
@@ -629,7 +651,7 @@ def multi_lora_linear(
                     f"has {M} rows; prepare one id per token (pad with -1)"
                 )
             A, B = pool.A_stack, pool.B_stack
-            y = _gemm_op(x2, weight, bias, A, B, pool.ranks, pool.scales, *meta, slices, tile_m, name)
+            y = _gemm_op(x2, weight, bias, A, B, pool.ranks, pool.scales, *meta, slices, tile_m, name, lanes)
             return y.reshape(*x.shape[:-1], N)
         y = F.linear(x2, weight, bias)
         if chosen == "fused":

@@ -752,6 +752,233 @@ def _gemm_tma_expand_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _lane_slots(key, lo, LANES: tl.constexpr, NONE: tl.constexpr):
+    """The first LANES distinct values >= ``lo`` of ``key`` ([BLOCK_M] int32, NONE = no adapter), ascending, as a
+    [LANES] int32 vector (NONE in lanes left empty), and the least value of ``key`` past them (NONE when none)."""
+    lane_ids = tl.arange(0, LANES)
+    lanes = tl.full((LANES,), NONE, tl.int32)
+    rest = tl.where(key >= lo, key, NONE)
+    for j in tl.static_range(LANES):
+        cur = tl.min(rest, axis=0)
+        lanes = tl.where(lane_ids == j, cur, lanes)
+        rest = tl.where(rest == cur, NONE, rest)
+    return lanes, tl.min(rest, axis=0)
+
+
+@triton.jit
+def _lane_columns(lanes, ranks_ptr, R, LANES: tl.constexpr, BLOCK_R: tl.constexpr, NONE: tl.constexpr):
+    """Column c of the lanes' stacked rank dimension [LANES·BLOCK_R]: (slot of its lane, int64; its rank index
+    r = c mod BLOCK_R; whether it holds a rank of a loaded adapter: r < the slot's rank)."""
+    cols = tl.arange(0, LANES * BLOCK_R)
+    lane = cols // BLOCK_R
+    r = cols % BLOCK_R
+    # a [LANES·BLOCK_R, LANES] one-hot pick of each column's lane slot (one non-zero term per row of the sum)
+    slot = tl.sum(tl.where(lane[:, None] == tl.arange(0, LANES)[None, :], lanes[None, :], 0), axis=1)
+    used = slot < NONE
+    slot64 = tl.where(used, slot, 0).to(tl.int64)
+    rank = tl.load(ranks_ptr + slot64, mask=used, other=0)
+    ok = used & (r < tl.minimum(tl.maximum(rank, 0), R))
+    return slot64, r, ok
+
+
+@triton.jit
+def _add_lanes(
+    acc,  # [BLOCK_M, BLOCK_N] fp32 output tile
+    xa,  # [BLOCK_M, LANES·BLOCK_R] fp32: x·Aᵀ of every row against every lane's adapter
+    key,  # [BLOCK_M] int32: each row's slot, NONE for rows that add nothing
+    lanes,  # [LANES] int32: the lanes' slots
+    col_slot,
+    col_r,
+    col_ok,
+    offs_n,
+    n_ok,
+    slice_idx,
+    b_ptr,  # [L, N, R] pool dtype
+    scales_ptr,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_scale_l,
+    stride_scale_slice,
+    LANES: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    LORA_IEEE: tl.constexpr,
+):
+    """acc + one fp32 dot [BLOCK_M, LANES·BLOCK_R] × [LANES·BLOCK_R, BLOCK_N]: each row keeps only the columns of
+    its own adapter's lane (scaled by that adapter's scale), the B tile stacks the lanes' Bᵀ."""
+    lane_ids = tl.arange(0, LANES)
+    # each row's lane (-1: its slot is in no lane of this group)
+    row_lane = tl.sum(tl.where(key[:, None] == lanes[None, :], lane_ids[None, :] + 1, 0), axis=1) - 1
+    col_lane = tl.arange(0, LANES * BLOCK_R) // BLOCK_R
+    scale = tl.load(scales_ptr + col_slot * stride_scale_l + slice_idx * stride_scale_slice, mask=col_ok, other=0.0)
+    xa = tl.where(row_lane[:, None] == col_lane[None, :], xa * scale[None, :], 0.0)
+    bt = tl.load(
+        b_ptr + col_slot[:, None] * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + col_r[:, None] * stride_br,
+        mask=col_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
+    # fp32 xa (tf32 MMA on the GPU; exact fp32 for an fp32 pool or data): never rounded to the 16-bit dtype.
+    if LORA_IEEE:
+        return tl.dot(xa, bt.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(xa, bt.to(tl.float32), acc)
+
+
+@triton.jit
+def _gemm_lanes_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, token rows
+    w_ptr,  # [N, K] base weight, x's dtype
+    bias_ptr,  # [N] (unused unless HAS_BIAS)
+    a_ptr,  # [L, S·R, K] pool dtype
+    b_ptr,  # [L, N, R] pool dtype
+    ranks_ptr,  # [L] int32
+    scales_ptr,  # [L, S] fp32, any strides
+    token_slots_ptr,  # [cap] int32: slot of each token (-1 = none; any value is checked)
+    y_ptr,  # [M, N] output, written once (not read)
+    M,
+    K,
+    L,
+    R,
+    N0,
+    N1,
+    N2,
+    N3,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_al,
+    stride_ar,
+    stride_ak,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_scale_l,
+    stride_scale_slice,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    LANES: tl.constexpr,  # adapters whose shrink rides along the base K loop (a power of two)
+    HAS_BIAS: tl.constexpr,
+    CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _utils.cast_to_fp32)
+    LANE_FP32: tl.constexpr,  # shrink on fp32 operands (fp32 data or pool, bf16 in the interpreter)
+    LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool or data) instead of tf32
+):
+    """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the rows: scale_a · (x_rows·A_aᵀ)·B_aᵀ, in ONE
+    launch: the shrink rides along the base GEMM's K loop.
+
+    Rows are BLOCK_M consecutive tokens in the batch's own order. The tile's first LANES distinct valid slots are its
+    lanes: their A rows (this block's slice) are stacked into one [LANES·BLOCK_R, BLOCK_K] operand, so each K step
+    is the base dot plus one dot of the same x tile against the stacked A; the epilogue is one dot against the
+    stacked B with each row masked to its own lane's columns. A tile with more distinct slots takes them LANES at a
+    time after the main loop, each group one more K loop over x and A only (W0 is read once in every case). -1 rows,
+    ids outside [0, L) and slots of rank 0 add nothing."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    NONE: tl.constexpr = 2147483647
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    slot_row = tl.load(token_slots_ptr + rows, mask=m_ok, other=-1)
+    key = tl.where(m_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    x_rows = x_ptr + rows64[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+
+    lanes, lo = _lane_slots(key, 0, LANES, NONE)
+    col_slot, col_r, col_ok = _lane_columns(lanes, ranks_ptr, R, LANES, BLOCK_R, NONE)
+    a_cols = a_ptr + col_slot * stride_al + (slice_idx * R + col_r).to(tl.int64) * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, LANES * BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        offs_k64 = offs_k.to(tl.int64)  # k·stride of a column-major x / W / A passes 2^31 on large tensors
+        xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_cols + offs_k64[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        at = tl.load(a_cols[None, :] + offs_k64[:, None] * stride_ak, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if CAST_FP32:
+            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, wt)
+        if LANE_FP32:
+            xa += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        else:
+            xa += tl.dot(xt, at.to(xt.dtype))
+    acc = _add_lanes(
+        acc,
+        xa,
+        key,
+        lanes,
+        col_slot,
+        col_r,
+        col_ok,
+        offs_n,
+        n_ok,
+        slice_idx,
+        b_ptr,
+        scales_ptr,
+        stride_bl,
+        stride_bn,
+        stride_br,
+        stride_scale_l,
+        stride_scale_slice,
+        LANES,
+        BLOCK_R,
+        LORA_IEEE,
+    )
+    # More distinct adapters than lanes in this tile: the next LANES of them, one K loop over x and A each.
+    while lo < NONE:
+        lanes, lo = _lane_slots(key, lo, LANES, NONE)
+        col_slot, col_r, col_ok = _lane_columns(lanes, ranks_ptr, R, LANES, BLOCK_R, NONE)
+        a_cols = a_ptr + col_slot * stride_al + (slice_idx * R + col_r).to(tl.int64) * stride_ar
+        xa = tl.zeros((BLOCK_M, LANES * BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            offs_k64 = offs_k.to(tl.int64)
+            xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            at = tl.load(
+                a_cols[None, :] + offs_k64[:, None] * stride_ak, mask=k_ok[:, None] & col_ok[None, :], other=0.0
+            )
+            if LANE_FP32:
+                xa += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+            else:
+                xa += tl.dot(xt, at.to(xt.dtype))
+        acc = _add_lanes(
+            acc,
+            xa,
+            key,
+            lanes,
+            col_slot,
+            col_r,
+            col_ok,
+            offs_n,
+            n_ok,
+            slice_idx,
+            b_ptr,
+            scales_ptr,
+            stride_bl,
+            stride_bn,
+            stride_br,
+            stride_scale_l,
+            stride_scale_slice,
+            LANES,
+            BLOCK_R,
+            LORA_IEEE,
+        )
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 # -------------------------------------------------------------------------------------------------------- launchers
 def _widths(slices: Sequence[int]) -> tuple[int, int, int, int]:
     """The kernels' N0..N3 arguments: the slice widths, 0 for absent slices."""
@@ -1199,11 +1426,15 @@ def linear_gemm(
     meta: BatchMeta,
     slices: Sequence[int],
     tile_m: int,
+    lanes: int = 0,
 ) -> torch.Tensor:
     """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` per token's adapter, y new ``[M, N]`` in x's dtype: two launches,
     the shrink into per-split fp32 partials (no zero-fill: rows without an adapter are never read) and the base GEMM
     with the expand in its epilogue (y written once, never read). Needs the batch prepared for exactly M tokens
-    (the GEMM's row tiles walk positions 0..M-1 of the sorted list; the op checks it)."""
+    (the GEMM's row tiles walk positions 0..M-1 of the sorted list; the op checks it). ``lanes`` > 0: one launch
+    instead, the shrink inside the GEMM (:func:`linear_lanes`; see :func:`lanes_for`)."""
+    if lanes:
+        return linear_lanes(x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, lanes)
     M, K = x.shape
     N = weight.shape[0]
     L, SR, _ = A_stack.shape
@@ -1330,3 +1561,132 @@ def _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, m
             num_stages=stages,
             **({"launch_pdl": True} if pdl else {}),
         )
+
+
+# The one-launch gemm path (_gemm_lanes_kernel): the shrink of up to LANE_COLS // BLOCK_R adapters rides along the base
+# K loop as one extra dot of the x tile against their stacked A rows, so x·Aᵀ needs no launch and no buffer of its own.
+# 64 stacked columns (4 adapters at rank 16): the extra MMA is 64 / BLOCK_N of the base's (free while the step is
+# bound by reading W0, as decode steps are: predicted at 64 tokens, 2.1 GFLOP of base against 34 MB of W0), and the
+# A rows re-read from L2 per output block stay at 2x the W0 strip a 32-column program streams.
+LANE_COLS = 64
+# Up to this many tokens the gemm path runs the one-launch kernel when the step's adapters are known to fit its lanes
+# (LoRABatch: from host ids, or its max_adapters promise). Past 64 tokens its non-TMA tiles are predicted slower than
+# the two-launch TMA GEMM once the extra MMA of the lanes counts (a 64-row tile is half compute-bound at 256 tokens).
+LANES_MAX_TOKENS = 64
+# False: the gemm path always takes two launches (for comparisons: benchmarks/bench_multi_lora.py's lk_gemm_2l).
+LANES_GEMM = True
+# (max tokens, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the single-adapter decode kernel's output tiles
+# (lora_decode.DECODE_TILES, the same one pass over W0 with a shrink beside it): 16 × 32 up to 16 tokens (128
+# programs at N = 4096), one 64-row tile (wgmma) × 64 columns up to 64, then 64 × 128. The 64 stacked A columns
+# change the rest (sm_90 compiles, 4 lanes of rank 16, bf16): at 16 rows BLOCK_K = 256 spilled 116 B (255
+# registers), 128 takes 183 and no spill; at 64 rows 4 warps took 246-255 registers, 8 warps (two warpgroups
+# sharing the columns) 206. Unmeasured; the sm_90 compile test checks shared memory and spills.
+_LANES_TILES = ((16, 16, 32, 128, 4, 4), (64, 64, 64, 128, 8, 4), (1 << 62, 64, 128, 64, 8, 4))
+_INTERP_LANES = (16, 16, 32)  # BLOCK_M, BLOCK_N, BLOCK_K under the interpreter: several blocks at the tests' sizes
+
+
+def max_lanes(R: int) -> int:
+    """The most adapters one lane group of _gemm_lanes_kernel holds at rank R: LANE_COLS // BLOCK_R (0 above rank
+    64: no one-launch path there)."""
+    return LANE_COLS // _utils.block_r(R)
+
+
+def lanes_for(M: int, R: int, adapters: int | None) -> int:
+    """The LANES of the one-launch gemm path for a step of M tokens known to hold at most ``adapters`` distinct
+    adapters (None: unknown), or 0 when the step should take the two-launch path: too many tokens, too many or
+    unknown adapters. A power of two: the next one >= the adapters (1 for none)."""
+    if not LANES_GEMM or adapters is None or M > LANES_MAX_TOKENS or adapters > max_lanes(R):
+        return 0  # (also above rank 64, where max_lanes is 0)
+    return triton.next_power_of_2(max(1, adapters))
+
+
+def lanes_config(
+    M: int, R: int, lanes: int, x_bytes: int, w_bytes: int, interp: bool, smem: _utils.IntThunk
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of _gemm_lanes_kernel for M tokens and ``lanes`` lanes of
+    rank R; ``smem`` a callable (asked on a GPU only). Host ints only: shared with the static launch model."""
+    _, block_m, block_n, block_k, warps, stages = next(t for t in _LANES_TILES if M <= t[0])
+    if interp:
+        return (*_INTERP_LANES, 4, 1)
+    cols = lanes * _utils.block_r(R)
+    # per stage: x [BM, BK], W0 [BK, BN] and the stacked A [BK, cols]; the epilogue's fp32 xa and B tiles beside them
+    reserve = block_m * cols * 4 + cols * block_n * 4
+    block_k, stages = _utils.k_pipeline(block_m, block_k, block_n + cols, x_bytes, w_bytes, reserve, smem(), stages)
+    return block_m, block_n, block_k, warps, stages
+
+
+def linear_lanes(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    meta: BatchMeta,
+    slices: Sequence[int],
+    lanes: int,
+) -> torch.Tensor:
+    """The gemm path in one launch (_gemm_lanes_kernel): y new ``[M, N]`` in x's dtype. ``lanes`` (a power of two,
+    at most :func:`max_lanes`) adapters per lane group; a row tile holding more distinct adapters is still exact
+    (one more K loop over x and A per further group). Rows in the batch's own order (``meta.token_slots``)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    L, SR, _ = A_stack.shape
+    S = len(slices)
+    R = SR // S
+    if max_lanes(R) == 0:
+        raise ValueError(f"the one-launch gemm path takes ranks up to {LANE_COLS}, the pool's is {R}")
+    if lanes < 1 or lanes & (lanes - 1) or lanes > max_lanes(R):
+        raise ValueError(f"lanes must be a power of two in [1, {max_lanes(R)}] at rank {R}, got {lanes}")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    interp = _backend.interpreter_enabled()
+    block_m, block_n, block_k, warps, stages = lanes_config(
+        M, R, lanes, x.element_size(), weight.element_size(), interp, lambda: _utils.smem_of(x.device)
+    )
+    grid = (triton.cdiv(M, block_m), _out_blocks(slices, block_n))
+    with _utils.device_ctx(x):
+        _gemm_lanes_kernel[grid](
+            x,
+            weight,
+            bias if bias is not None else weight,
+            A_stack,
+            B_stack,
+            ranks,
+            scales,
+            meta.token_slots,
+            y,
+            M,
+            K,
+            L,
+            R,
+            *_widths(slices),
+            x.stride(0),
+            x.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            A_stack.stride(0),
+            A_stack.stride(1),
+            A_stack.stride(2),
+            B_stack.stride(0),
+            B_stack.stride(1),
+            B_stack.stride(2),
+            scales.stride(0),
+            scales.stride(1),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_R=_utils.block_r(R),
+            LANES=lanes,
+            HAS_BIAS=bias is not None,
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, weight.dtype),
+            LANE_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype),
+            LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
+            num_warps=warps,
+            num_stages=stages,
+        )
+    return y
