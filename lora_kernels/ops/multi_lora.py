@@ -31,6 +31,9 @@ from ._validate import MAX_SLICES, check_same_device, check_scale, check_tensor,
 #   T = 1024: 1.67 (2.55) / 1.33 (1.50) / 1.43 (1.52)  T = 4096: 1.94 (2.49) / 1.21 (1.25) / 1.38 (1.40)
 # A default changes only where the model predicts a gain of >= 2 % in the mean (finer differences are below what it
 # resolves). All UNMEASURED, to be replaced by measurements (benchmarks/bench_multi_lora.py).
+# Where a step of at most 64 tokens is known to name few adapters (host ids, or the batch's max_adapters_per_step),
+# the gemm path is one launch (triton.multi_lora.lanes_for) and the default at every such step: predicted 1.00x the
+# floor (1.008-1.031x the cuBLAS base) for the grid's one-token and `mix` points, against 1.17-1.18x above.
 #
 # At most this many tokens go through the fused shrink+expand kernel (one launch, no fp32 buffer; each output block
 # recomputes its tile's shrink from L2): up to 8 tokens the gemm path is predicted within 1.9 % of it; from 12 tokens
@@ -611,10 +614,12 @@ def multi_lora_linear(
     x's dtype or float32. Returns ``[..., N]``. Runs under ``torch.no_grad()`` (inference). ``check`` as in
     :func:`lora_shrink`, against the pool's slots in use (loaded or reserved). ``path`` ("fused" | "split" |
     "gemm", default chosen by :func:`choose_path` from the token count and backend) or ``fused`` (True = "fused",
-    False = "split") forces how the LoRA term is computed. The "gemm" path needs the batch prepared for exactly the
-    rows of x (always checked: host ints, no sync); where it would be the default for a batch prepared for another
-    token count, the split path runs. An eager call whose ids (given on the host) name no adapter runs
-    only F.linear.
+    False = "split") forces how the LoRA term is computed. On the Triton backend the gemm path is one launch for up
+    to 64 tokens whose adapters are known to be few (``batch.step_adapters`` eagerly, ``batch.max_adapters_per_step``
+    while capturing or compiling; docs/multi_lora.md, "One launch for few adapters"). The "gemm" path needs the
+    batch prepared for exactly the rows of x (always checked: host ints, no sync); where it would be the default for
+    a batch prepared for another token count, the split path runs. An eager call whose ids (given on the host) name
+    no adapter runs only F.linear.
     """
     _check_batch(batch)
     validate_linear(x, weight, bias, pool)
