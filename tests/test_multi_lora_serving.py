@@ -965,6 +965,40 @@ def test_lanes_launch_replays_with_new_ids(monkeypatch):
         torch.testing.assert_close(y.cpu().double(), want, **close(torch.float16))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,dtype", [(1, torch.bfloat16), (16, torch.float16), (64, torch.bfloat16)])
+def test_gpu_lanes_graph_replay_with_new_ids(T, dtype):
+    """The one-launch gemm path captured in a CUDA graph (the batch promises 2 adapters per step, rank-32 pool: 2
+    lanes), replayed after prepare_ with new ids within the promise, against the float64 reference; the two-launch
+    path (the same call without the promise) agrees."""
+    pool, weight, b, x, _ = _gemm_problem(T, dtype, GEMM_SLICES, "one", True, seed=T + 7)
+    ids = [(1, 4)[i % 2] for i in range(T)]
+    batch = LoRABatch.prepare(ids, max_tokens=256, device="cuda", max_adapters_per_step=2)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
+    gen = torch.Generator().manual_seed(2)
+    for choice in ([0, 2, -1], [-1], [4], [1, 9]):
+        new = torch.tensor(choice)[torch.randint(len(choice), (T,), generator=gen)].tolist()
+        batch.prepare_(new)
+        x.copy_(torch.randn(T, x.shape[1], generator=gen).to("cuda", dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        valid = [i if 0 <= i < 8 else -1 for i in new]
+        want = _want(pool, weight, b, x, valid)
+        assert_close_to_oracle(y, multi_lora_in_dtype(x, weight, b, pool, valid, list(pool.slices)), want)
+        two = lk.multi_lora_linear(
+            x, weight, b, pool, LoRABatch.prepare(new, device="cuda"), backend="triton", path="split", check=False
+        )
+        assert_close_to_oracle(two, multi_lora_in_dtype(x, weight, b, pool, valid, list(pool.slices)), want)
+
+
 def test_pdl_only_on_cuda_sm90_without_the_interpreter(monkeypatch):
     """The gemm path launches its GEMM as a programmatic dependent of its shrink only where that can work: a CUDA
     device of compute capability >= 9, no interpreter, PDL on."""
