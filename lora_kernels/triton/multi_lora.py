@@ -910,46 +910,10 @@ def _gemm_lanes_kernel(
             xa += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
             xa += tl.dot(xt, at.to(xt.dtype))
-    acc = _add_lanes(
-        acc,
-        xa,
-        key,
-        lanes,
-        col_slot,
-        col_r,
-        col_ok,
-        offs_n,
-        n_ok,
-        slice_idx,
-        b_ptr,
-        scales_ptr,
-        stride_bl,
-        stride_bn,
-        stride_br,
-        stride_scale_l,
-        stride_scale_slice,
-        LANES,
-        BLOCK_R,
-        LORA_IEEE,
-    )
-    # More distinct adapters than lanes in this tile: the next LANES of them, one K loop over x and A each.
-    while lo < NONE:
-        lanes, lo = _lane_slots(key, lo, LANES, NONE)
-        col_slot, col_r, col_ok = _lane_columns(lanes, ranks_ptr, R, LANES, BLOCK_R, NONE)
-        a_cols = a_ptr + col_slot * stride_al + (slice_idx * R + col_r).to(tl.int64) * stride_ar
-        xa = tl.zeros((BLOCK_M, LANES * BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            offs_k64 = offs_k.to(tl.int64)
-            xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            at = tl.load(
-                a_cols[None, :] + offs_k64[:, None] * stride_ak, mask=k_ok[:, None] & col_ok[None, :], other=0.0
-            )
-            if LANE_FP32:
-                xa += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
-            else:
-                xa += tl.dot(xt, at.to(xt.dtype))
+    # The epilogue of each lane group; while the tile holds more distinct adapters than lanes, the next LANES of them
+    # need one more K loop over x and A (never W0 again). `go` is a scalar tensor: the loop runs at least once.
+    go = lo >= 0
+    while go:
         acc = _add_lanes(
             acc,
             xa,
@@ -972,6 +936,24 @@ def _gemm_lanes_kernel(
             BLOCK_R,
             LORA_IEEE,
         )
+        go = lo < NONE
+        if go:
+            lanes, lo = _lane_slots(key, lo, LANES, NONE)
+            col_slot, col_r, col_ok = _lane_columns(lanes, ranks_ptr, R, LANES, BLOCK_R, NONE)
+            a_cols = a_ptr + col_slot * stride_al + (slice_idx * R + col_r).to(tl.int64) * stride_ar
+            xa = tl.zeros((BLOCK_M, LANES * BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                offs_k64 = offs_k.to(tl.int64)
+                xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                at = tl.load(
+                    a_cols[None, :] + offs_k64[:, None] * stride_ak, mask=k_ok[:, None] & col_ok[None, :], other=0.0
+                )
+                if LANE_FP32:
+                    xa += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+                else:
+                    xa += tl.dot(xt, at.to(xt.dtype))
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
