@@ -459,9 +459,10 @@ def grid_launches(
 # in --json). The launches come from the real launchers run on meta tensors with the kernels swapped for the report's
 # recorders (so grids and tiles are exactly what a GPU would run); bytes, FLOPs and predicted µs from the model above;
 # each distinct kernel configuration is compiled for sm_90 once and its machine code read (static_report's
-# compile_and_read). Quick set: the decode shape M = 16 and one grid point per default path.
+# compile_and_read). Quick set: the decode shape M = 16 and one grid point per kind of gemm path: one launch, two
+# with the plain GEMM, two with the TMA GEMM.
 QUICK_DECODE_POINTS = ((16, 4096),)
-QUICK_GRID_POINTS = (("uniform", 16, 1), ("uniform", 128, 256), ("mix", 16, 4096))  # fused, gemm, split
+QUICK_GRID_POINTS = (("uniform", 16, 1), ("uniform", 16, 16), ("mix", 16, 4096))
 
 
 def base_us(T: int, K: int = K_DEFAULT, N: int = N_DEFAULT, elt: int = 2) -> float:
