@@ -618,5 +618,5 @@ class LoRABatch:
     def __repr__(self) -> str:
         return (
             f"LoRABatch(num_tokens={self.num_tokens}, capacity={self.capacity}, tile_m={self.tile_m}, "
-            f"device={self.device})"
+            f"max_adapters_per_step={self.max_adapters_per_step}, device={self.device})"
         )
