@@ -60,12 +60,24 @@ class _NamedRecorder:
         return lambda *a, **kw: self.recorded.append((self.name, grid, a, kw))
 
 
+def _launch_gemm(T, K, L, R, slices, tile_m, lanes=0):
+    """``ML.linear_gemm`` on empty CPU bf16 tensors of the serving shapes (the kernels are recorders: nothing runs)."""
+    from lora_kernels.ops._batch import BatchMeta
+    from lora_kernels.triton import multi_lora as ML
+
+    N, S, e = sum(slices), len(slices), torch.bfloat16
+    meta = BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1)))
+    A, B = torch.empty(L, S * R, K, dtype=e), torch.empty(L, N, R, dtype=e)
+    x, w = torch.empty(T, K, dtype=e), torch.empty(N, K, dtype=e)
+    ranks, scales = torch.empty(L, dtype=torch.int32), torch.empty(L, S)
+    ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m, lanes)
+
+
 def test_configs_match_the_launchers(monkeypatch):
     """The grid and tile configuration the model reports for the gemm path are the ones linear_gemm launches with
     (on a 132-SM GPU with 227 KiB of shared memory; recorded, nothing is run)."""
     from lora_kernels import _backend
     from lora_kernels.ops import multi_lora as ops
-    from lora_kernels.ops._batch import BatchMeta
     from lora_kernels.triton import _utils as U
     from lora_kernels.triton import multi_lora as ML
 
@@ -81,20 +93,7 @@ def test_configs_match_the_launchers(monkeypatch):
     L, T, K, N, R = 16, 64, 4096, 4096, 16
     ids = torch.arange(T) % L
     model = ss.launches(ids, L, K, (N,), R, path="gemm")
-    e = torch.bfloat16
-    tile_m = ops.step_tile_m(ss.auto_tile_m(T), T)
-    ML.linear_gemm(
-        torch.empty(T, K, dtype=e),
-        torch.empty(N, K, dtype=e),
-        None,
-        torch.empty(L, R, K, dtype=e),
-        torch.empty(L, N, R, dtype=e),
-        torch.empty(L, dtype=torch.int32),
-        torch.empty(L, 1),
-        BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))),
-        [N],
-        tile_m,
-    )
+    _launch_gemm(T, K, L, R, (N,), ops.step_tile_m(ss.auto_tile_m(T), T))
     assert [r[0] for r in recorded] == [ln["kernel"] for ln in model]
     assert model[1]["config"]["NUM_SPLITS"] == recorded[0][3]["SPLIT_K"]
     for (name, grid, _, kw), ln in zip(recorded, model):
@@ -111,7 +110,6 @@ def test_tma_gemm_configs_match_the_launcher(monkeypatch, T, slices):
     (TMA answered from the row count, as for the report's meta tensors; nothing runs)."""
     from lora_kernels import _backend
     from lora_kernels.ops import multi_lora as ops
-    from lora_kernels.ops._batch import BatchMeta
     from lora_kernels.triton import _utils as U
     from lora_kernels.triton import multi_lora as ML
 
@@ -126,23 +124,10 @@ def test_tma_gemm_configs_match_the_launcher(monkeypatch, T, slices):
     monkeypatch.setattr(ML, "pdl_ok", lambda device: True)
     monkeypatch.setattr(ML, "gemm_tma_ok", lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS)
     L, K, R = 16, 4096, 16
-    N, S = sum(slices), len(slices)
     ids = torch.arange(T) % L
     model = ss.launches(ids, L, K, slices, R)
     assert ss.default_path(T) == "gemm"
-    e = torch.bfloat16
-    ML.linear_gemm(
-        torch.empty(T, K, dtype=e),
-        torch.empty(N, K, dtype=e),
-        None,
-        torch.empty(L, S * R, K, dtype=e),
-        torch.empty(L, N, R, dtype=e),
-        torch.empty(L, dtype=torch.int32),
-        torch.empty(L, S),
-        BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))),
-        list(slices),
-        ops.step_tile_m(ss.auto_tile_m(T), T),
-    )
+    _launch_gemm(T, K, L, R, slices, ops.step_tile_m(ss.auto_tile_m(T), T))
     assert (
         [r[0] for r in recorded]
         == [ln["kernel"] for ln in model]
@@ -166,7 +151,6 @@ def test_lanes_configs_match_the_launcher(monkeypatch, T, slices, R, adapters):
     """With few adapters promised (at most LANES_MAX_TOKENS tokens) the model's gemm path is the one launch
     linear_gemm makes, with its grid and tile (recorded, nothing runs)."""
     from lora_kernels import _backend
-    from lora_kernels.ops._batch import BatchMeta
     from lora_kernels.triton import _utils as U
     from lora_kernels.triton import multi_lora as ML
 
@@ -183,20 +167,7 @@ def test_lanes_configs_match_the_launcher(monkeypatch, T, slices, R, adapters):
     lanes = ML.lanes_for(T, R, adapters)
     assert lanes and ss.default_path(T, adapters=adapters, R=R) == "gemm"
     (ln,) = ss.launches(ids, L, K, slices, R, adapters=adapters)
-    e = torch.bfloat16
-    ML.linear_gemm(
-        torch.empty(T, K, dtype=e),
-        torch.empty(N, K, dtype=e),
-        None,
-        torch.empty(L, S * R, K, dtype=e),
-        torch.empty(L, N, R, dtype=e),
-        torch.empty(L, dtype=torch.int32),
-        torch.empty(L, S),
-        BatchMeta(*(torch.empty(n, dtype=torch.int32) for n in (T, T, T, T + 1))),
-        list(slices),
-        16,
-        lanes,
-    )
+    _launch_gemm(T, K, L, R, slices, 16, lanes)
     ((name, grid, _, kw),) = recorded
     assert name == ln["kernel"] == "_gemm_lanes_kernel" and tuple(grid) == ln["grid"]
     for k, v in ln["config"].items():
