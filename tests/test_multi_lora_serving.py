@@ -508,8 +508,16 @@ def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip):
     y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
     assert [entry[0] for entry in log] == [ML._batched_shrink_kernel.real, ML._gemm_tma_expand_kernel.real]
     torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
-    gen = torch.Generator().manual_seed(3)
-    for refill in ([2] * T, [-1] * T, [(i * 5) % 7 - 1 for i in range(T)], [9, 4, -3] * (T // 3)):
+    refills = ([2] * T, [-1] * T, [(i * 5) % 7 - 1 for i in range(T)], [9, 4, -3] * (T // 3))
+    _check_replays(log, batch, refills, x, y, pool, weight, b, seed=3)
+
+
+def _check_replays(log, batch, refills, x, y, pool, weight, b, seed):
+    """For each id list of ``refills``: ``batch.prepare_`` it, new fp16 x in place, replay the recorded launches of
+    ``log`` (as a CUDA graph would), and compare y with the float64 reference (ids outside 0..7 add nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    T = x.shape[0]
+    for refill in refills:
         batch.prepare_(refill)
         x.copy_(torch.randn(T, x.shape[1], generator=gen).to(x.dtype))
         for real, grid, args, kwargs in list(log):
@@ -955,14 +963,8 @@ def test_lanes_launch_replays_with_new_ids(monkeypatch):
     y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
     assert len(log) == 1
     torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, [1, 4] * (T // 2)), **close(torch.float16))
-    gen = torch.Generator().manual_seed(5)
-    for refill in ([2] * T, [-1] * T, [0, 0, 2, -1] * (T // 4), [9, 1, -3, 1] * (T // 4)):
-        batch.prepare_(refill)
-        x.copy_(torch.randn(T, x.shape[1], generator=gen).to(x.dtype))
-        for real, grid, args, kwargs in list(log):
-            real[grid](*args, **kwargs)
-        want = _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in refill])
-        torch.testing.assert_close(y.cpu().double(), want, **close(torch.float16))
+    refills = ([2] * T, [-1] * T, [0, 0, 2, -1] * (T // 4), [9, 1, -3, 1] * (T // 4))
+    _check_replays(log, batch, refills, x, y, pool, weight, b, seed=5)
 
 
 @pytest.mark.gpu
