@@ -139,6 +139,9 @@ class Launch:
     hbm_read: int = 0
     hbm_write: int = 0
     flops: int = 0
+    # of which the LoRA epilogue's products on fp32 xa / dxa with 16-bit data: TF32 MMA (`HGMMA.*.TF32` in the sm_90
+    # SASS), charged at the card's TF32 / BF16 peak ratio of the launch's rate (one half)
+    tf32_flops: int = 0
     l2_atomic_bytes: int = 0
     main_loop_trips: int = 1
     tiles: int = 0  # output tiles of a persistent launch (each program walks several); 0: one tile per program
@@ -311,6 +314,12 @@ def _bits_bytes(a) -> int:
     return a["M"] * _cdiv(a["K"], 32) * 4
 
 
+def _tf32(a, out_ptr, flops) -> int:
+    """``flops`` of a GEMM's LoRA epilogue (fp32 xa or dxa times B or A) when they run in TF32: 16-bit data
+    (``_utils.tf32_precisions``); fp32 data runs the whole kernel at one precision."""
+    return flops if _el(a, out_ptr) < 4 else 0
+
+
 def _t_shrink(l: Launch, a):
     M, K, R = a["M"], a["K"], a["R"]
     l.hbm_read = M * K * _el(a, "x_ptr") + R * K * _el(a, "a_ptr")
@@ -340,6 +349,7 @@ def _t_fwd(l: Launch, a):
     if a["BASE"]:
         l.hbm_read = M * K * _el(a, "x_ptr") + N * K * _el(a, "w_ptr") + lora + (N * e if a["HAS_BIAS"] else 0)
         l.flops = 2 * M * N * K + 2 * M * N * R
+        l.tf32_flops = _tf32(a, "y_ptr", 2 * M * N * R)
         if a["FUSE_SHRINK"]:  # S = x·Aᵀ recomputed by every column of tiles, A read (S written) instead of S read
             l.hbm_read += R * K * _el(a, "a_ptr") - M * R * 4
             l.hbm_write += M * R * 4
@@ -402,6 +412,7 @@ def _t_dx(l: Launch, a):
     if a["BASE"]:
         l.hbm_read = M * N * _el(a, "dy_ptr") + N * K * _el(a, "w_ptr") + lora
         l.flops = 2 * M * N * K + 2 * M * K * R
+        l.tf32_flops = _tf32(a, "dx_ptr", 2 * M * K * R)
         l.main_loop_trips = _cdiv(N, a["BLOCK_N"])
         l.gemm = True
     else:
@@ -424,6 +435,7 @@ def _t_fwd_tma(l: Launch, a):
     l.hbm_read += N * e if a["HAS_BIAS"] else 0
     l.hbm_write = M * N * e
     l.flops = 2 * M * N * K + 2 * M * N * R
+    l.tf32_flops = _tf32(a, "y_ptr", 2 * M * N * R)
     if a["FUSE_SHRINK"]:  # xa = x·Aᵀ recomputed by every column of tiles: A read instead of xa, xa written if stored
         l.hbm_read += R * K * _el(a, "a_ptr") - M * R * 4
         l.hbm_write += M * R * 4 if a["STORE_XA"] else 0
@@ -440,6 +452,7 @@ def _t_dx_tma(l: Launch, a):
     l.hbm_read += _ds_splits_bytes(a)
     l.hbm_write = M * K * e + (M * R * 4 if a["DS_SPLITS"] > 1 else 0)
     l.flops = 2 * M * N * K + 2 * M * K * R
+    l.tf32_flops = _tf32(a, "dx_ptr", 2 * M * K * R)
     l.gemm = True
     _persistent(l, _cdiv(M, a["BLOCK_M"]) * _cdiv(K, a["BLOCK_K"]), _cdiv(N, a["BLOCK_N"]))
 
@@ -718,6 +731,8 @@ def predict_us(l: Launch, facts: dict | None) -> dict:
         else:
             rate = CARD.peak_tf32_flops * 0.5  # skinny kernels: small TF32/bf16 dots, never the limit in practice
         compute = l.flops / rate
+        if l.gemm:  # the TF32 epilogue products at the card's TF32 / BF16 ratio of the rate
+            compute += l.tf32_flops / rate * (CARD.peak_bf16_flops / CARD.peak_tf32_flops - 1)
         programs = l.grid[0] * l.grid[1] * l.grid[2]
         per_warp = facts["sass_instrs"] + facts["loop_instrs"] * max(0, l.main_loop_trips - 1)
         if l.tiles:  # persistent: each program runs `rounds` tiles, each a K loop of main_loop_trips trips
@@ -847,6 +862,7 @@ def collect(quick: bool, archs, all_configs: bool, log=print, ops=None, kinds_wa
                                     "hbm_read_bytes": l.hbm_read,
                                     "hbm_write_bytes": l.hbm_write,
                                     "flops": l.flops,
+                                    "tf32_flops": l.tf32_flops,
                                     "l2_atomic_bytes": l.l2_atomic_bytes,
                                     "gemm": l.gemm,
                                     **predict_us(l, facts),

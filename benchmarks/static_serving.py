@@ -90,6 +90,15 @@ def compute_rate(ln: dict, c=None) -> float:
     return c.cublas_flops / slowdown
 
 
+def compute_s(ln: dict, rate: float, c=None) -> float:
+    """Seconds of MMA work of a launch at ``rate`` FLOP/s: its ``tf32_flops`` (the LoRA epilogue dots on fp32
+    operands, which compile to TF32 MMA: ``HGMMA.*.TF32`` in the sm_90 SASS) at the card's TF32 / BF16 peak ratio of
+    that rate (one half on an H100), the rest at ``rate``."""
+    c = c or card()
+    tf32 = ln.get("tf32_flops", 0)
+    return (ln["flops"] - tf32) / rate + tf32 / (rate * c.peak_tf32_flops / c.peak_bf16_flops)
+
+
 def _ids(dist: str, L: int, T: int, seed: int) -> torch.Tensor:
     from benchmarks.bench_multi_lora import token_ids
 
@@ -103,7 +112,7 @@ def adapter_bound(dist: str, L: int, T: int) -> int:
     return bound(dist, L, T)
 
 
-def _launch(kernel, grid, config, read, written, flops, useful, l2_read=None) -> dict:
+def _launch(kernel, grid, config, read, written, flops, useful, l2_read=None, tf32_flops=0) -> dict:
     return {
         "kernel": kernel,
         "grid": tuple(int(g) for g in grid),
@@ -113,6 +122,7 @@ def _launch(kernel, grid, config, read, written, flops, useful, l2_read=None) ->
         "l2_read": int(l2_read if l2_read is not None else read),
         "flops": int(flops),
         "useful_flops": int(useful),
+        "tf32_flops": int(tf32_flops),
     }
 
 
@@ -146,7 +156,8 @@ def launches(
     S = len(slices)
     tma = tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4
     lanes = ML.lanes_for(T, R, adapters)
-    path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0)
+    heavy = path is None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt, smem, sm_count)
+    path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0, heavy_epilogue=heavy)
     cap = capacity or T
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
     counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
@@ -287,10 +298,21 @@ def launches(
             m_tiles * bm * 2 * K * N + epi_flops,
             base_flops + 2 * t_ad * R * N,
             l2,
+            epi_flops,
         )
     )
     out[-1]["overlaps_previous"] = pdl
     return out
+
+
+def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS) -> bool:
+    """``ML.tma_epilogue_split`` for host ids on the modelled card: the TMA GEMM's row tiles (in the ids' own order)
+    would hold so many adapters that the default is the split path."""
+    T = ids.numel()
+    if T < ML.EPILOGUE_SPLIT_MIN_TOKENS:
+        return False
+    bm = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)[0]
+    return ML.epilogue_split(T, K, R, ML.tile_adapters(ids, L, bm))
 
 
 def _lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad) -> dict:
@@ -310,7 +332,8 @@ def _lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad
         for m in range(m_tiles)
     ]
     g = sum(groups)
-    flops = m_tiles * blocks * 2 * bm * bn * K + g * blocks * 2 * bm * cols * (K + bn)
+    epi_flops = g * blocks * 2 * bm * cols * bn  # the fp32 dot against the stacked B (TF32)
+    flops = m_tiles * blocks * 2 * bm * bn * K + g * blocks * 2 * bm * cols * K + epi_flops
     l2 = m_tiles * blocks * (bm + bn) * K * elt + g * blocks * cols * (K + bn) * elt
     l2 += (g - m_tiles) * blocks * bm * K * elt
     return _launch(
@@ -330,6 +353,7 @@ def _lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad
         flops,
         2 * T * K * N + 2 * t_ad * R * (len(slices) * K + N),
         l2,
+        epi_flops,
     )
 
 
@@ -357,6 +381,7 @@ def decode_launches(
     m_tiles, n_blocks = triton.cdiv(M, bm), triton.cdiv(N, bn)
     grid = (min(H100_SMS, m_tiles * n_blocks),) if kernel == "_fwd_tma_kernel" else (m_tiles, n_blocks)
     flops = m_tiles * n_blocks * 2 * bm * (K * (bn + br) + br * bn)
+    epi_flops = m_tiles * n_blocks * 2 * bm * br * bn  # xa (fp32) · Bᵀ: TF32
     useful = 2 * M * K * N + 2 * M * R * (K + N)
     read = (N * K + M * K + R * K + N * R) * elt
     l2 = m_tiles * n_blocks * ((bm + bn + br) * K + br * bn) * elt
@@ -370,6 +395,7 @@ def decode_launches(
             flops,
             useful,
             l2,
+            epi_flops,
         )
     ]
 
@@ -400,15 +426,16 @@ def predict_us(
     """Sum over launches of max(DRAM bytes / bandwidth, flops / rate), plus ``launch_us`` per launch beyond
     ``base_kernels`` (the base layer's own). The rate is the training report's for that kind of launch
     (:func:`compute_rate`: cuBLAS at 732 TFLOP/s, a non-TMA wgmma Triton GEMM 1.35x slower, mma.sync 2.7x, skinny
-    Triton kernels at 247 TFLOP/s); ``peak`` instead charges every launch at that one rate. Serial launches, except
-    that a launch marked ``overlaps_previous`` (a programmatic dependent launch) runs alongside the one before it: the
-    pair takes max(summed bytes / bandwidth, summed compute time). A rough, static estimate."""
-    c = card() if peak is None else None
+    Triton kernels at 247 TFLOP/s), the TF32 epilogue dots at half of it (:func:`compute_s`); ``peak`` instead
+    charges every launch at that one rate. Serial launches, except that a launch marked ``overlaps_previous`` (a
+    programmatic dependent launch) runs alongside the one before it: the pair takes max(summed bytes / bandwidth,
+    summed compute time). A rough, static estimate."""
+    c = card()
     t = 0.0
     prev = None  # (memory s, compute s) of the previous launch
     for ln in launch_list:
         rate = peak if peak is not None else compute_rate(ln, c)
-        mem, comp = (ln["bytes_read"] + ln["bytes_written"]) / bandwidth, ln["flops"] / rate
+        mem, comp = (ln["bytes_read"] + ln["bytes_written"]) / bandwidth, compute_s(ln, rate, c)
         if ln.get("overlaps_previous") and prev is not None:
             t -= max(prev) * 1e6
             mem, comp = mem + prev[0], comp + prev[1]
@@ -417,11 +444,24 @@ def predict_us(
     return t + launch_us * max(0, len(launch_list) - base_kernels)
 
 
-def default_path(T: int, elt: int = 2, tma: bool = True, adapters: int | None = None, R: int = RANK) -> str:
+def default_path(
+    T: int,
+    elt: int = 2,
+    tma: bool = True,
+    adapters: int | None = None,
+    R: int = RANK,
+    ids: torch.Tensor | None = None,
+    L: int = 0,
+    K: int = K_DEFAULT,
+    slices: Sequence[int] = (N_DEFAULT,),
+) -> str:
     """The path ``multi_lora_linear`` takes by default for T tokens on the Triton backend of the modelled card (with
-    TMA: an H100), data of ``elt`` bytes that TMA can read, a batch promising at most ``adapters`` per step."""
+    TMA: an H100), data of ``elt`` bytes that TMA can read, a batch promising at most ``adapters`` per step, and
+    (when given) the host ``ids`` of the step on a pool of L slots (the heavy-epilogue rule)."""
     lanes = ML.lanes_for(T, R, adapters) > 0
-    return ops.choose_path(None, None, T, "triton", tma=tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4, lanes=lanes)
+    tma = tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4
+    heavy = ids is not None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt)
+    return ops.choose_path(None, None, T, "triton", tma=tma, lanes=lanes, heavy_epilogue=heavy)
 
 
 def grid_launches(
@@ -446,7 +486,7 @@ def grid_launches(
                         "K": K,
                         "N": N,
                         "r": R,
-                        "chosen": default_path(T, elt, adapters=bound, R=R),
+                        "chosen": default_path(T, elt, adapters=bound, R=R, ids=ids, L=L, K=K, slices=(N,)),
                         "floor_us": floor_us(T, active, K, N, R, elt),
                         "paths": {p: launches(ids, L, K, (N,), R, elt, path=p, adapters=bound) for p in paths},
                     }
@@ -569,7 +609,7 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
     for i, (rl, ln) in enumerate(zip(recorded, model)):
         facts = all_facts[i]
         mem = (ln["bytes_read"] + ln["bytes_written"]) / COPY_BW * 1e6
-        comp = ln["flops"] / compute_rate(ln, c) * 1e6
+        comp = compute_s(ln, compute_rate(ln, c), c) * 1e6
         # what this launch adds to the point's prediction (the launches add up to point_predicted_us; a launch that
         # overlaps the one before adds only what the pair takes beyond that one)
         added = predict_us(model[: i + 1]) - predict_us(model[:i])
@@ -693,7 +733,7 @@ def report(
                 ids = _ids(dist, L, T, 0)
                 active = len(set(int(i) for i in ids.tolist()))
                 bound = adapter_bound(dist, L, T)
-                path = default_path(T, adapters=bound)
+                path = default_path(T, adapters=bound, ids=ids, L=L)
                 lanes = ML.lanes_for(T, RANK, bound) if path == "gemm" else 0
                 fl = floor_us(T, active)
                 others = {p: predict_us(launches(ids, L, path=p, adapters=bound)) / fl for p in ops.PATHS}
@@ -730,7 +770,8 @@ def markdown(records: Sequence[dict]) -> str:
     w(
         f"Model: per launch max(HBM bytes / {COPY_BW / 1e12:.2f} TB/s, FLOPs / rate), the rate as in the training "
         f"section: cuBLAS {c.cublas_flops / 1e12:.0f} TFLOP/s, a Triton GEMM by its compiled machine code (wgmma "
-        f"without TMA {c.triton_wgmma_slowdown}x slower, mma.sync {c.triton_mma_sync_slowdown}x), other Triton "
+        f"without TMA {c.triton_wgmma_slowdown}x slower, mma.sync {c.triton_mma_sync_slowdown}x; its LoRA epilogue "
+        f"in TF32 at {c.peak_tf32_flops / c.peak_bf16_flops:.2f} of that rate), other Triton "
         f"kernels {c.peak_tf32_flops * 0.5 / 1e12:.0f} TFLOP/s; plus "
         f"{LAUNCH_US} µs per launch beyond the base layer's one (benchmarks/static_serving.py); base = cuBLAS F.linear "
         "by the same roofline; floor = W0, the adapters present, x and y once (or the FLOPs). K = N = 4096 (decode "

@@ -473,6 +473,70 @@ def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slice
 
 
 @needs_triton
+def test_heavy_epilogue_takes_the_split_path(monkeypatch, tma_or_skip):
+    """Host ids whose TMA-GEMM row tiles hold many adapters make the split path the default from
+    EPILOGUE_SPLIT_MIN_TOKENS tokens (lowered here to the test's size; the cost threshold set just below / above the
+    step's): the same exact result either way; a forced path, device ids and torch.compile keep the gemm path."""
+    from lora_kernels.triton import multi_lora as ML
+
+    T, slices = 97, GEMM_SLICES
+    pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, "repeats", True, seed=11)
+    want = _want(pool, weight, b, x, ids)
+    monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MIN_TOKENS", T)
+    seen = []  # the adapters per row tile the op judges by (its TMA row tile on this device or the interpreter)
+    real = ML.tile_adapters
+    monkeypatch.setattr(ML, "tile_adapters", lambda *a: seen.append(real(*a)) or seen[-1])
+    ops._heavy_epilogue(x, pool, LoRABatch.prepare(ids, device=DEVICE))
+    monkeypatch.setattr(ML, "tile_adapters", real)
+    (per_tile,) = seen
+    assert per_tile > 2  # the case has several adapters per row tile
+    cost = 2 * per_tile * 32 / x.shape[1]  # rank 32: BLOCK_R 32
+    for max_cost, want_kernels, path in (
+        (cost * 0.9, ["_batched_shrink_kernel", "_expand_kernel"], None),
+        (cost * 1.1, ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], None),
+        (cost * 0.9, ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], "gemm"),
+    ):
+        monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MAX_COST", max_cost)
+        launched = []
+        for name in _GEMM_PATH_KERNELS:
+            monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
+        batch = LoRABatch.prepare(ids, device=DEVICE)
+        got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path=path)
+        for name in _GEMM_PATH_KERNELS:
+            monkeypatch.setattr(ML, name, getattr(ML, name).kernel)
+        assert launched == want_kernels, (max_cost, path, launched)
+        torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
+    # ids not known on the host (device ids) or a step being compiled: nothing to judge from, the gemm path
+    monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MAX_COST", cost * 0.9)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    assert ops._heavy_epilogue(x, pool, batch)
+    monkeypatch.setattr(batch, "host_slots", None)
+    assert not ops._heavy_epilogue(x, pool, batch)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not ops._heavy_epilogue(x, pool, batch)
+
+
+def test_tile_adapters_and_the_epilogue_rule():
+    from lora_kernels.triton import multi_lora as ML
+
+    # tiles of 4 in the ids' own order: {0, 1} (-1 adds none), {2} (5 is outside the 4 slots), {3}
+    ids = torch.tensor([0, 0, 1, -1, 5, 2, 2, 2, 3])
+    assert ML.tile_adapters(ids, 4, 4) == pytest.approx(4 / 3)
+    assert ML.tile_adapters(ids, 6, 4) == pytest.approx(5 / 3)
+    assert ML.tile_adapters(ids, 4, 16) == 4.0
+    assert ML.tile_adapters(torch.empty(0, dtype=torch.int64), 4, 4) == 0.0
+    assert ML.tile_adapters(torch.full((7,), -1), 4, 4) == 0.0
+    # 2·d·BLOCK_R / K against EPILOGUE_SPLIT_MAX_COST (0.4), from EPILOGUE_SPLIT_MIN_TOKENS (1024) tokens
+    K, R = 4096, 16
+    edge = ML.EPILOGUE_SPLIT_MAX_COST * K / (2 * R)  # 51.2 adapters per tile
+    assert ML.epilogue_split(1024, K, R, edge + 0.5) and not ML.epilogue_split(1024, K, R, edge - 0.5)
+    assert not ML.epilogue_split(1023, K, R, 128.0)
+    assert ML.epilogue_split(4096, K, 9, edge + 0.5)  # rank 9 pads to BLOCK_R 16
+    assert not ML.epilogue_split(4096, 2 * K, R, edge + 0.5)  # twice the K: half the relative cost
+
+
+@needs_triton
 def test_gemm_path_tma_gemm_bad_ids_and_overflow(tma_or_skip):
     """Ids outside -1..L-1 (unchecked: they add nothing), a batch with spare capacity, and the fp16 overflow case
     (xa beyond 65504 stays fp32) on the TMA GEMM."""

@@ -274,10 +274,14 @@ def test_model_charges_the_training_reports_rates(monkeypatch):
             else:
                 assert rate == c.cublas_flops
         # predict_us: serial max(memory, compute) per launch (the gemm path's two overlap under PDL) plus the launches
+        # (the LoRA epilogue dots of a GEMM run on fp32 operands: TF32 MMA at half the 16-bit rate)
         want, prev = 0.0, None
         for ln in lst:
             mem = (ln["bytes_read"] + ln["bytes_written"]) / ss.COPY_BW
-            comp = ln["flops"] / ss.compute_rate(ln, c)
+            rate = ss.compute_rate(ln, c)
+            tf32 = ln["tf32_flops"]
+            assert (tf32 > 0) == ln["kernel"].startswith("_gemm") and tf32 < ln["flops"] / 2
+            comp = (ln["flops"] - tf32) / rate + tf32 / (rate * c.peak_tf32_flops / c.peak_bf16_flops)
             if ln.get("overlaps_previous"):
                 want -= max(prev)
                 mem, comp = mem + prev[0], comp + prev[1]
@@ -316,12 +320,12 @@ def test_default_paths_follow_the_model():
 
 # The grid points predicted above 1.2x the floor on the default path (see BENCHMARKS.md): mix at 256 tokens (the
 # gemm path's second launch) and 128 adapters uniform over >= 1024 tokens (~80 adapters per row tile of the TMA
-# GEMM). Every other point is within the goal.
+# GEMM: the split path runs there, its y round trip and third launch). Every other point is within the goal.
 GRID_MISSES = {
     ("mix", 16, 256): 1.22,
     ("mix", 128, 256): 1.22,
-    ("uniform", 128, 1024): 1.41,
-    ("uniform", 128, 4096): 1.35,
+    ("uniform", 128, 1024): 1.50,
+    ("uniform", 128, 4096): 1.26,
 }
 
 
@@ -332,6 +336,34 @@ def test_default_paths_meet_the_grid_goal_except_the_known_misses():
         ratio = ss.predict_us(p["paths"][p["chosen"]]) / p["floor_us"]
         limit = GRID_MISSES.get((p["dist"], p["L"], p["T"]), 1.2)
         assert ratio <= limit, (p["dist"], p["L"], p["T"], p["chosen"], ratio)
+
+
+def test_heavy_epilogue_rule_follows_the_model():
+    """From EPILOGUE_SPLIT_MIN_TOKENS tokens, host ids whose TMA-GEMM row tiles hold many adapters make the split path
+    the default: over ids uniform on 16-512 adapters and 512-4096 tokens the default is within 5 % of the faster of
+    the gemm and split paths by the model, and it is the split path at the grid's 128 adapters over 1024 and 4096
+    tokens (where the gemm path's TF32 epilogue costs ~64 % of the base GEMM)."""
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
+
+    assert ML.EPILOGUE_SPLIT_MIN_TOKENS == 1024
+    for L in (16, 32, 64, 128, 256, 512):
+        for T in (512, 1024, 4096):
+            ids = torch.randint(0, L, (T,), generator=torch.Generator().manual_seed(L + T))
+            floor = ss.floor_us(T, len(set(ids.tolist())))
+            got = {p: ss.predict_us(ss.launches(ids, L, path=p)) / floor for p in ("gemm", "split")}
+            chosen = ss.default_path(T, ids=ids, L=L)
+            kernels = [ln["kernel"] for ln in ss.launches(ids, L, path=chosen)]
+            assert [ln["kernel"] for ln in ss.launches(ids, L)] == kernels
+            assert got[chosen] <= min(got.values()) * 1.05, (L, T, chosen, got)
+            if L == 128 and T >= 1024:
+                assert chosen == "split" and got["gemm"] > got["split"] * 1.1, (T, got)
+            if L <= 32 or T < 1024:
+                assert chosen == "gemm", (L, T)
+    # the same ids in one request's order (each adapter's tokens together): few adapters per tile, the gemm path
+    ids = torch.arange(4096) // 32
+    assert ss.default_path(4096, ids=ids, L=128) == "gemm"
 
 
 def test_decode_launch_model():

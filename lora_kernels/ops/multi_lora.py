@@ -45,10 +45,11 @@ FUSED_MAX_TOKENS = 8
 # the GEMM is compute-bound and its 1.35x outweighs the y round trip: the split path is predicted faster from 288 on (in
 # the mean: 288 tokens by 18 %, 384 tokens 0.8 % behind, 512-768 by 2-6 %, 1024 by 7 %, 4096 by 12 %).
 # Where the GEMM is the TMA kernel (Hopper, 16-bit data TMA can read, > 64 tokens: triton.multi_lora.gemm_tma_ok),
-# the model charges it cuBLAS's rate, and the gemm path is the default at every token count above FUSED_MAX_TOKENS:
-# its mean over the grid's distributions is 1.02-1.40x the floor at 1024 and 4096 tokens against the split path's
-# 1.20-1.50x (it loses only where a 128-row tile of the batch's own order holds ~80 adapters: 128 adapters uniform
-# over >= 1024 tokens).
+# the model charges it cuBLAS's rate (its LoRA epilogue's TF32 dots at half of it), and the gemm path is the default
+# at every token count above FUSED_MAX_TOKENS: 1.02-1.17x the floor at 1024 and 4096 tokens against the split path's
+# 1.20-1.29x, except where a 128-row tile of the batch's own order holds ~80 adapters (128 adapters uniform over
+# >= 1024 tokens: 1.66-1.72x against 1.25-1.50x). Such a step takes the split path when its ids are known on the
+# host (``heavy_epilogue``: triton.multi_lora.EPILOGUE_SPLIT_MIN_TOKENS / EPILOGUE_SPLIT_MAX_COST).
 GEMM_MAX_TOKENS = 256
 PATHS = ("fused", "split", "gemm")
 
@@ -405,8 +406,26 @@ def _lanes(M: int, pool: AdapterPool, adapters: int | None) -> int:
     return ML.lanes_for(M, pool.max_rank, adapters)
 
 
+def _heavy_epilogue(x2: torch.Tensor, pool: AdapterPool, batch: LoRABatch) -> bool:
+    """The TMA GEMM's row tiles for this step would hold too many adapters (``triton.multi_lora.tma_epilogue_split``),
+    judged from the ids the batch was last prepared with on the host (False when they were device ids, and while
+    torch.compile traces: no host tensor work in its graph). Only the speed depends on it: every path is exact for
+    any ids, so a CUDA graph captured with these ids stays right for later ones."""
+    if batch.host_slots is None or batch.num_tokens != x2.shape[0] or torch.compiler.is_compiling():
+        return False
+    from ..triton import multi_lora as ML
+
+    return ML.tma_epilogue_split(x2, batch.host_slots, pool.max_adapters, pool.max_rank, pool.slices)
+
+
 def choose_path(
-    path: str | None, fused: bool | None, M: int, backend: str, tma: bool = False, lanes: bool = False
+    path: str | None,
+    fused: bool | None,
+    M: int,
+    backend: str,
+    tma: bool = False,
+    lanes: bool = False,
+    heavy_epilogue: bool = False,
 ) -> str:
     """The one place that picks how :func:`multi_lora_linear` runs (see the module docstring):
 
@@ -417,7 +436,9 @@ def choose_path(
       few adapters fit the one-launch GEMM's lanes: ``triton.multi_lora.lanes_for``) it is one launch, the default
       on the Triton backend at every M.
     - ``"split"``: F.linear, then the shrink into per-split fp32 partials and the expand, which sums them (adds
-      into y; no zero-fill, no atomics). Default otherwise.
+      into y; no zero-fill, no atomics). Default otherwise, and where the TMA GEMM's row tiles would hold so many
+      adapters that its epilogue outweighs a round trip of y (``heavy_epilogue``: judged from host ids by
+      ``triton.multi_lora.tma_epilogue_split``).
 
     ``path`` forces one; ``fused`` (True/False) is the older way to force "fused"/"split"."""
     if path is not None:
@@ -438,6 +459,8 @@ def choose_path(
         return "gemm"
     if M <= FUSED_MAX_TOKENS:
         return "fused"
+    if backend == "triton" and tma and heavy_epilogue:
+        return "split"
     if backend == "triton" and (M <= GEMM_MAX_TOKENS or tma):
         return "gemm"
     return "split"
@@ -637,7 +660,9 @@ def multi_lora_linear(
     # keeps its launch for later ids: only the promise holds for those).
     adapters = batch.max_adapters_per_step if traced else batch.step_adapters
     lanes = _lanes(M, pool, adapters) if name == "triton" and batch.num_tokens == M else 0
-    chosen = choose_path(path, fused, M, name, tma=name == "triton" and _gemm_tma(x2, weight), lanes=lanes > 0)
+    tma = name == "triton" and _gemm_tma(x2, weight)
+    heavy = tma and path is None and fused is None and not lanes and _heavy_epilogue(x2, pool, batch)
+    chosen = choose_path(path, fused, M, name, tma=tma, lanes=lanes > 0, heavy_epilogue=heavy)
     if chosen == "gemm" and path is None and batch.num_tokens != M:
         chosen = "split"  # a default never refuses a batch prepared for another token count (path="gemm" does)
     # Autocast off for the base too: the result is in x's dtype on every path, as the gemm op computes it (inside

@@ -1397,6 +1397,64 @@ def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = T
     return _tma.tma_supported(x, weight, addresses=check_addresses)
 
 
+# The TMA GEMM's epilogue adds one masked [BLOCK_M, BLOCK_R] × [BLOCK_R, BLOCK_N] dot per distinct adapter of a row
+# tile, on fp32 operands (xa is never rounded: TF32 MMA, `HGMMA.*.TF32` in the sm_90 SASS, half the 16-bit rate), so
+# d adapters per tile cost 2·d·BLOCK_R / K of the base GEMM's MMA time. From EPILOGUE_SPLIT_MIN_TOKENS tokens (the
+# step is compute-bound: the epilogue no longer hides under W0's read) a step whose tiles average more than
+# EPILOGUE_SPLIT_MAX_COST of that takes the split path by default (cuBLAS, the shrink and the expand: y read and
+# written again, one more launch), when its ids are known on the host (:func:`tma_epilogue_split`). Static serving
+# model (H100, K = N = 4096, r = 16, ids uniform over 16-512 adapters, 288-8192 tokens; unmeasured): 128 adapters
+# uniform over 1024 / 4096 tokens (~82 per 128-row tile: 0.64) 1.72x / 1.66x the floor on the gemm path against
+# 1.50x / 1.25x on the split path; 64 adapters (0.44) 1.49x / 1.45x against 1.38x / 1.23x; 32 adapters (0.25) within
+# 5 % either way, so they stay; below 1024 tokens the gemm path wins or ties at every adapter count (at 512 tokens
+# 256 adapters: 1.38x against 1.51x).
+EPILOGUE_SPLIT_MIN_TOKENS = 1024
+EPILOGUE_SPLIT_MAX_COST = 0.4
+
+
+def tile_adapters(slots: torch.Tensor, L: int, block_m: int) -> float:
+    """Mean number of distinct adapters (values in [0, L)) per ``block_m``-row tile of the host ids ``slots`` taken
+    in their own order (the TMA GEMM's row tiles); 0.0 for no ids."""
+    M = slots.numel()
+    if M == 0:
+        return 0.0
+    tiles = triton.cdiv(M, block_m)
+    s = torch.full((tiles * block_m,), -1, dtype=torch.int64)
+    s[:M] = slots.reshape(-1).to(torch.int64)
+    s = torch.where((s >= 0) & (s < L), s, torch.full_like(s, -1)).view(tiles, block_m).sort(dim=1).values
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    return float((first & (s >= 0)).sum()) / tiles
+
+
+def epilogue_split(M: int, K: int, R: int, adapters_per_tile: float) -> bool:
+    """True when a TMA-GEMM step of M tokens whose row tiles average ``adapters_per_tile`` adapters of rank <= R
+    costs more in its TF32 epilogue than the split path's round trip of y (EPILOGUE_SPLIT_MIN_TOKENS,
+    EPILOGUE_SPLIT_MAX_COST)."""
+    return M >= EPILOGUE_SPLIT_MIN_TOKENS and 2 * adapters_per_tile * _utils.block_r(R) > EPILOGUE_SPLIT_MAX_COST * K
+
+
+def tma_epilogue_split(
+    x: torch.Tensor, slots: torch.Tensor, L: int, R: int, slices: Sequence[int], interp: bool | None = None
+) -> bool:
+    """:func:`epilogue_split` for x [M, K] and the host ids ``slots`` on a pool of L slots of rank <= R, with the
+    row tile :func:`gemm_tma_config` picks for x's device (asked only once M reaches EPILOGUE_SPLIT_MIN_TOKENS)."""
+    M, K = x.shape
+    if M < EPILOGUE_SPLIT_MIN_TOKENS:
+        return False
+    interp = _backend.interpreter_enabled() if interp is None else interp
+    block_m = gemm_tma_config(
+        M,
+        slices,
+        x.element_size(),
+        R,
+        interp,
+        lambda: _utils.smem_of(x.device),
+        lambda: _utils.sm_count_of(x.device),
+    )[0]
+    return epilogue_split(M, K, R, tile_adapters(slots, L, block_m))
+
+
 def linear_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
