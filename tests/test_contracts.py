@@ -393,9 +393,13 @@ def _dot_precisions(fn):
 
 @pytest.fixture
 def tf32_flag():
-    """Restores torch's TF32 matmul flag (and with it get_float32_matmul_precision) after the test."""
+    """Restores torch's float32 matmul precision and TF32 flag after the test. Both: restoring the flag alone leaves
+    ``set_float32_matmul_precision("medium")`` in force for CPU matmuls, which then run in bf16 on CPUs with AMX /
+    AVX512-BF16 (the float32 references of every later test lose their precision)."""
+    precision = torch.get_float32_matmul_precision()
     saved = torch.backends.cuda.matmul.allow_tf32
     yield
+    torch.set_float32_matmul_precision(precision)
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
