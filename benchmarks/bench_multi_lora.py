@@ -20,7 +20,11 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
   ``lk_fused`` / ``lk_split`` forcing its one-kernel (shrink+expand fused) or two-kernel path, ``lk_gemm`` its
   gemm path (the base GEMM with the expand in its epilogue; the TMA GEMM on Hopper above 64 tokens; one launch with
   the shrink inside for up to 64 tokens of few adapters), ``lk_gemm_plain`` the gemm path with the plain (non-TMA)
-  Triton GEMM and ``lk_gemm_2l`` the gemm path in two launches (shrink, then the GEMM) where it would be one;
+  Triton GEMM, ``lk_gemm_2l`` the gemm path in two launches (shrink, then the GEMM) where it would be one, and
+  ``lk_gemm_sorted`` the gemm path whose GEMM takes its rows in the sorted token order and reads W0 by TMA
+  (``SORTED_TMA_GEMM``: few adapters per row tile whatever the ids' order; off by default until timed here), and
+  ``lk_gemm_serial`` the gemm path without programmatic dependent launch (``PDL = False``: the GEMM starts after the
+  shrink, instead of overlapping it where their programs can share an SM);
 - ``lk_cuda``: the same with ``backend="cuda"`` when the compiled extension is available.
 
 Timings: in a CUDA graph with the weights hot in L2; in a CUDA graph cycling several weight sets (W0 and the adapter
@@ -72,6 +76,8 @@ PROVIDERS = (
     "lk_gemm",
     "lk_gemm_plain",
     "lk_gemm_2l",
+    "lk_gemm_sorted",
+    "lk_gemm_serial",
     "lk_cuda",
 )
 EAGER_ONLY = {"peft_mixed": "eager only: PEFT builds its index lists on the host at every call (not capturable)"}
@@ -207,6 +213,15 @@ def _peft_mixed(ws: WeightSet, ids_host: torch.Tensor) -> Callable:
     return lambda x: model(x, adapter_names=names)
 
 
+# Gemm-path variants: the module flag of lora_kernels.triton.multi_lora each sets while it runs (and while captured).
+_GEMM_FLAGS = {
+    "lk_gemm_plain": ("TMA_GEMM", False),
+    "lk_gemm_2l": ("LANES_GEMM", False),
+    "lk_gemm_sorted": ("SORTED_TMA_GEMM", True),
+    "lk_gemm_serial": ("PDL", False),
+}
+
+
 def build(
     provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend: str | None, bound: int | None = None
 ) -> Callable:
@@ -236,29 +251,29 @@ def build(
         backend = "cuda"
     elif provider in ("lk_fused", "lk_split") and device.type != "cuda" and backend in (None, "auto", "torch"):
         raise ProviderUnavailable("the fused/split choice only exists in the Triton and CUDA backends")
-    elif provider in ("lk_gemm", "lk_gemm_plain", "lk_gemm_2l") and backend == "cuda":
+    elif (provider == "lk_gemm" or provider in _GEMM_FLAGS) and backend == "cuda":
         raise ProviderUnavailable("the gemm path has no CUDA-extension kernel")
     batch = LoRABatch.prepare(
         ids_host.to(torch.int32), max_tokens=ids_host.numel(), device=device, max_adapters_per_step=bound
     )
     if provider == "lk_gemm":
         return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend, path="gemm")
-    if provider in ("lk_gemm_plain", "lk_gemm_2l"):
+    if provider in _GEMM_FLAGS:
         try:
             ML = importlib.import_module("lora_kernels.triton.multi_lora")
         except ImportError as exc:
             raise ProviderUnavailable(f"lora_kernels' Triton kernels are not importable: {exc}") from exc
-        flag = "TMA_GEMM" if provider == "lk_gemm_plain" else "LANES_GEMM"
+        flag, value = _GEMM_FLAGS[provider]
 
-        def without(x):
+        def flagged(x):
             saved = getattr(ML, flag)
-            setattr(ML, flag, False)
+            setattr(ML, flag, value)
             try:
                 return multi(x, ws.W, None, ws.pool, batch, backend=backend, path="gemm")
             finally:
                 setattr(ML, flag, saved)
 
-        return without
+        return flagged
     if fused is None:
         return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend)
     return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend, fused=fused)
@@ -441,7 +456,17 @@ def main(argv=None) -> list[Table]:
     return tables
 
 
-LK_PROVIDERS = ("lora_kernels", "lk_fused", "lk_split", "lk_gemm", "lk_gemm_plain", "lk_gemm_2l", "lk_cuda")
+LK_PROVIDERS = (
+    "lora_kernels",
+    "lk_fused",
+    "lk_split",
+    "lk_gemm",
+    "lk_gemm_plain",
+    "lk_gemm_2l",
+    "lk_gemm_sorted",
+    "lk_gemm_serial",
+    "lk_cuda",
+)
 PEERS = ("gather_bmm", "loop")
 
 

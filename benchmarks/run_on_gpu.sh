@@ -5,7 +5,7 @@
 #   bash benchmarks/run_on_gpu.sh tests   # (a) ~4 min: the kernels' correctness tests (bf16 included), compiled
 #   bash benchmarks/run_on_gpu.sh train   # (b) ~6 min: training ratios at the 6 shapes: cuBLAS, eager, PEFT and
 #                                          #     lora_kernels with both base GEMMs; fwd, fwd+bwd, fwd+bwd dropout
-#   bash benchmarks/run_on_gpu.sh serve   # (c) ~3 min: decode (CUDA graphs) and multi-adapter layers, few points
+#   bash benchmarks/run_on_gpu.sh serve   # (c) ~4 min: decode (CUDA graphs) and multi-adapter layers, few points
 #   bash benchmarks/run_on_gpu.sh extras  # only if time is left: CUDA extension build + tests, the full suite
 #
 # Every step has its own timeout, and every result is written as soon as it exists: the logs are teed line by line,
@@ -72,6 +72,11 @@ case "$phase" in
       run "multi_T$t" 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
           --timings graph --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l --csv "$out/multi_T$t.csv"
     done
+    # many adapters per row tile: the split path (default there), the TMA GEMM in the ids' order (with and without
+    # PDL's overlap of the shrink), the sorted GEMM
+    run multi_L128 90 $py benchmarks/bench_multi_lora.py --adapters 128 --tokens 1024 4096 --dists uniform \
+        --timings graph --providers base,lora_kernels,lk_split,lk_gemm,lk_gemm_serial,lk_gemm_sorted \
+        --csv "$out/multi_L128.csv"
     ;;
   extras)
     card

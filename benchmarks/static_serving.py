@@ -30,7 +30,7 @@ import triton
 
 from lora_kernels.ops import multi_lora as ops
 from lora_kernels.ops._batch import BatchMeta, max_tiles
-from lora_kernels.pool import auto_tile_m
+from lora_kernels.pool import auto_tile_m, mean_tile_adapters
 from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
 
@@ -262,12 +262,16 @@ def launches(
             shrink_l2,
         )
     )
-    if tma:
+    w_tma = tma and ML.SORTED_TMA_GEMM  # _gemm_expand_kernel with W0 by TMA, the TMA kernel's tiles
+    if tma and not w_tma:
         bm, bn, bk, warps, gstages = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
         order = range(T)  # row tiles of the batch's own order
         kernel = "_gemm_tma_expand_kernel"
     else:
-        bm, bn, bk, warps, gstages = ML.gemm_config(T, elt, elt, R, False, lambda: smem)
+        if w_tma:
+            bm, bn, bk, warps, gstages = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
+        else:
+            bm, bn, bk, warps, gstages = ML.gemm_config(T, elt, elt, R, False, lambda: smem)
         # row tiles of the sorted token list
         order = sorted(range(T), key=lambda i: (ids[i].item() if 0 <= ids[i].item() < L else 1 << 31, i))
         kernel = "_gemm_expand_kernel"
@@ -290,6 +294,7 @@ def launches(
                 "BLOCK_R": br,
                 "NUM_SPLITS": split,
                 "PDL": pdl,
+                **({"W_TMA": True} if w_tma else {}),
                 "num_warps": warps,
                 "num_stages": gstages,
             },
@@ -312,7 +317,7 @@ def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS
     if T < ML.EPILOGUE_SPLIT_MIN_TOKENS:
         return False
     bm = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)[0]
-    return ML.epilogue_split(T, K, R, ML.tile_adapters(ids, L, bm))
+    return ML.epilogue_split(T, K, R, mean_tile_adapters(ids, L, bm))
 
 
 def _lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad) -> dict:
@@ -580,10 +585,11 @@ def _same_launch(rec, ln) -> bool:
     return rec.kernel == ln["kernel"] and tuple(rec.grid) == grid
 
 
-def _machine_code(facts: dict) -> str:
-    """The kind of MMA a compiled kernel runs, in the terms of the training report's card."""
+def _machine_code(facts: dict, config: dict | None = None) -> str:
+    """The kind of MMA a compiled kernel runs, in the terms of the training report's card. A GEMM that reads only W0
+    by TMA (``W_TMA``: x gathered by row pointers) counts as one without TMA until its rate is measured."""
     if facts["wgmma"]:
-        return "tma" if facts["tma"] else "wgmma"
+        return "tma" if facts["tma"] and not (config or {}).get("W_TMA") else "wgmma"
     return "mma.sync"
 
 
@@ -598,7 +604,11 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
     # report); the guess is kept for the record (the compile test checks that they agree)
     all_facts = [facts_of(rl) if rl.kind == "triton" else None for rl in recorded]
     model = [
-        dict(ln, machine_code=_machine_code(f), guessed_machine_code=guess_machine_code(ln["config"], ln["kernel"]))
+        dict(
+            ln,
+            machine_code=_machine_code(f, ln["config"]),
+            guessed_machine_code=guess_machine_code(ln["config"], ln["kernel"]),
+        )
         if ln["kernel"] in TRITON_GEMMS
         else ln
         for ln, f in zip(model, all_facts)

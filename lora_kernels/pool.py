@@ -373,6 +373,21 @@ _ID_DTYPES = tuple(
 )
 
 
+def mean_tile_adapters(slots: torch.Tensor, L: int, rows: int) -> float:
+    """Mean number of distinct adapters (values in [0, L)) per ``rows``-row tile of the host ids ``slots`` taken in
+    their own order (the row tiles of a GEMM over the batch's tokens as they come); 0.0 for no ids."""
+    M = slots.numel()
+    if M == 0:
+        return 0.0
+    tiles = -(-M // rows)
+    s = torch.full((tiles * rows,), -1, dtype=torch.int64)
+    s[:M] = slots.reshape(-1).to(torch.int64)
+    s = torch.where((s >= 0) & (s < L), s, torch.full_like(s, -1)).view(tiles, rows).sort(dim=1).values
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    return float((first & (s >= 0)).sum()) / tiles
+
+
 def auto_tile_m(max_tokens: int) -> int:
     """Rows per tile for a batch of this capacity. 16 (the smallest tl.dot M) while batches are decode-sized: the
     tokens of one adapter are few, so bigger tiles would be mostly masked rows. Larger batches (prefill) get larger
@@ -445,6 +460,7 @@ class LoRABatch:
         self.host_slots: torch.Tensor | None = torch.empty(0, dtype=torch.int64)
         self.host_unique: list[int] | None = []
         self.has_adapter: bool | None = False
+        self._tile_adapters: dict[tuple[int, int], float] = {}  # (L, rows) -> tile_adapters(), for these host ids
 
     @property
     def device(self) -> torch.device:
@@ -462,6 +478,17 @@ class LoRABatch:
         if self.host_unique is not None:
             return sum(1 for s in self.host_unique if s >= 0)
         return self.max_adapters_per_step
+
+    def tile_adapters(self, L: int, rows: int) -> float | None:
+        """Mean number of distinct adapters (slots in [0, L)) per ``rows``-row tile of the host ids in their own order
+        (:func:`mean_tile_adapters`), or None when the ids were given on a device. Computed once per ``prepare_``
+        and (L, rows): every layer of a step asks it."""
+        if self.host_slots is None:
+            return None
+        key = (L, rows)
+        if key not in self._tile_adapters:
+            self._tile_adapters[key] = mean_tile_adapters(self.host_slots, L, rows)
+        return self._tile_adapters[key]
 
     def max_tiles(self, M: int, L: int) -> int:
         """Launch-grid bound for M tokens on L slots (see :func:`lora_kernels.ops._batch.max_tiles`)."""
@@ -591,6 +618,7 @@ class LoRABatch:
             self.host_slots = None
             self.host_unique = None
             self.has_adapter = None
+        self._tile_adapters = {}
         self.num_tokens = n
         dev = self.device
         slots = self.token_slots

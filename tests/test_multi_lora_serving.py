@@ -17,7 +17,7 @@ from _tolerances import assert_close_to_oracle, close
 
 import lora_kernels as lk
 from lora_kernels.ops import multi_lora as ops
-from lora_kernels.pool import AdapterPool, LoRABatch
+from lora_kernels.pool import AdapterPool, LoRABatch, mean_tile_adapters
 from lora_kernels.reference import multi_lora as ref
 
 from conftest import DEVICE, HAS_CUDA, INTERPRET
@@ -454,12 +454,18 @@ def tma_or_skip():
 
 
 @needs_triton
+@pytest.mark.parametrize("sorted_gemm", [False, True], ids=["own-order", "sorted-w-tma"])
 @pytest.mark.parametrize("T,slices,pattern,bias,pool_dtype", GEMM_TMA_CASES)
-def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slices, pattern, bias, pool_dtype):
+def test_gemm_path_tma_gemm_matches_reference(
+    monkeypatch, tma_or_skip, T, slices, pattern, bias, pool_dtype, sorted_gemm
+):
+    """The TMA GEMM (rows in the batch's own order), and with SORTED_TMA_GEMM the sorted-row GEMM reading W0 by TMA,
+    against the float64 reference."""
     from lora_kernels.triton import multi_lora as ML
 
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, pattern, bias, seed=T + 5, pool_dtype=pool_dtype)
     assert ML.gemm_tma_ok(x, weight) and ML.gemm_tma_ok(x, weight, check_addresses=False)
+    monkeypatch.setattr(ML, "SORTED_TMA_GEMM", sorted_gemm)
     launched = []
     for name in _GEMM_PATH_KERNELS:
         monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
@@ -467,7 +473,8 @@ def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slice
     got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")  # the default path at this size
     monkeypatch.undo()
     if pattern != "none":
-        assert launched == ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], launched
+        gemm = "_gemm_expand_kernel" if sorted_gemm else "_gemm_tma_expand_kernel"
+        assert launched == ["_batched_shrink_kernel", gemm], launched
     assert got.dtype == torch.float16 and got.shape == (T, sum(slices))
     torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
 
@@ -483,12 +490,11 @@ def test_heavy_epilogue_takes_the_split_path(monkeypatch, tma_or_skip):
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, "repeats", True, seed=11)
     want = _want(pool, weight, b, x, ids)
     monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MIN_TOKENS", T)
-    seen = []  # the adapters per row tile the op judges by (its TMA row tile on this device or the interpreter)
-    real = ML.tile_adapters
-    monkeypatch.setattr(ML, "tile_adapters", lambda *a: seen.append(real(*a)) or seen[-1])
-    ops._heavy_epilogue(x, pool, LoRABatch.prepare(ids, device=DEVICE))
-    monkeypatch.setattr(ML, "tile_adapters", real)
-    (per_tile,) = seen
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    ops._heavy_epilogue(x, pool, batch)
+    # the adapters per row tile the op judged by (its TMA row tile on this device or the interpreter), cached
+    ((key, per_tile),) = batch._tile_adapters.items()
+    assert key[0] == pool.max_adapters and per_tile == mean_tile_adapters(torch.tensor(ids), *key)
     assert per_tile > 2  # the case has several adapters per row tile
     cost = 2 * per_tile * 32 / x.shape[1]  # rank 32: BLOCK_R 32
     for max_cost, want_kernels, path in (
@@ -522,11 +528,21 @@ def test_tile_adapters_and_the_epilogue_rule():
 
     # tiles of 4 in the ids' own order: {0, 1} (-1 adds none), {2} (5 is outside the 4 slots), {3}
     ids = torch.tensor([0, 0, 1, -1, 5, 2, 2, 2, 3])
-    assert ML.tile_adapters(ids, 4, 4) == pytest.approx(4 / 3)
-    assert ML.tile_adapters(ids, 6, 4) == pytest.approx(5 / 3)
-    assert ML.tile_adapters(ids, 4, 16) == 4.0
-    assert ML.tile_adapters(torch.empty(0, dtype=torch.int64), 4, 4) == 0.0
-    assert ML.tile_adapters(torch.full((7,), -1), 4, 4) == 0.0
+    assert mean_tile_adapters(ids, 4, 4) == pytest.approx(4 / 3)
+    assert mean_tile_adapters(ids, 6, 4) == pytest.approx(5 / 3)
+    assert mean_tile_adapters(ids, 4, 16) == 4.0
+    assert mean_tile_adapters(torch.empty(0, dtype=torch.int64), 4, 4) == 0.0
+    assert mean_tile_adapters(torch.full((7,), -1), 4, 4) == 0.0
+    # the batch computes it once per prepare_ (every layer of a step asks), None for ids given on a device
+    batch = LoRABatch.prepare(ids.tolist(), device="cpu")
+    assert batch.tile_adapters(4, 4) == pytest.approx(4 / 3) and batch._tile_adapters == {(4, 4): pytest.approx(4 / 3)}
+    batch.prepare_([3] * 9)
+    assert batch._tile_adapters == {} and batch.tile_adapters(4, 4) == 1.0
+    batch.host_slots = None  # as after prepare_ with device ids
+    batch._tile_adapters = {}
+    assert batch.tile_adapters(4, 4) is None
+    assert not ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: None, 16, [64], interp=True)
+    assert ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: 4.0, 16, [64], interp=True)
     # 2·d·BLOCK_R / K against EPILOGUE_SPLIT_MAX_COST (0.4), from EPILOGUE_SPLIT_MIN_TOKENS (1024) tokens
     K, R = 4096, 16
     edge = ML.EPILOGUE_SPLIT_MAX_COST * K / (2 * R)  # 51.2 adapters per tile
@@ -556,21 +572,27 @@ def test_gemm_path_tma_gemm_bad_ids_and_overflow(tma_or_skip):
 
 
 @needs_triton
-def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip):
-    """The TMA GEMM reads each token's slot from the batch's token_slots at run time: launches recorded once (host
-    checks off, as while capturing) and replayed after ``batch.prepare_`` with other ids give every token its new
-    adapter (all tokens one adapter, none, many per row tile, ids outside the pool)."""
+@pytest.mark.parametrize("sorted_gemm", [False, True], ids=["own-order", "sorted-w-tma"])
+def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, sorted_gemm):
+    """The TMA GEMM reads each token's slot from the batch's token_slots at run time (the sorted-row GEMM with W0 by
+    TMA: the sorted lists): launches recorded once (host checks off, as while capturing) and replayed after
+    ``batch.prepare_`` with other ids give every token its new adapter (all tokens one adapter, none, many per row
+    tile, ids outside the pool)."""
     from lora_kernels.triton import multi_lora as ML
 
     T = 72
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=21)
+    monkeypatch.setattr(ML, "SORTED_TMA_GEMM", sorted_gemm)
+    gemm = "_gemm_expand_kernel" if sorted_gemm else "_gemm_tma_expand_kernel"
     log = []
-    for name in ("_batched_shrink_kernel", "_gemm_tma_expand_kernel"):
+    for name in ("_batched_shrink_kernel", gemm):
         monkeypatch.setattr(ML, name, ReplayLog(getattr(ML, name), log))
     monkeypatch.setattr(ops, "_in_graph_or_compile", lambda t: True)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
-    assert [entry[0] for entry in log] == [ML._batched_shrink_kernel.real, ML._gemm_tma_expand_kernel.real]
+    assert [entry[0] for entry in log] == [ML._batched_shrink_kernel.real, getattr(ML, gemm).real]
+    if sorted_gemm:
+        assert log[1][3]["W_TMA"] is True
     torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
     refills = ([2] * T, [-1] * T, [(i * 5) % 7 - 1 for i in range(T)], [9, 4, -3] * (T // 3))
     _check_replays(log, batch, refills, x, y, pool, weight, b, seed=3)
@@ -779,6 +801,17 @@ for M, R, slices, dtype in ((128, 16, [4096], torch.bfloat16), (256, 16, [4096],
                    torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
                    torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
                    BatchMeta(ids, st_, ss, ts), slices, step_tile_m(auto_tile_m(4096), M))
+# The sorted-row GEMM reading W0 by TMA (SORTED_TMA_GEMM) on the TMA GEMM's widest tiles: 128x256 (rank 16), 128x128
+# (q|k|v at rank 64).
+ML.SORTED_TMA_GEMM = True
+for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
+    S, N = len(slices), sum(slices)
+    ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
+    ML.linear_gemm(torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype),
+                   torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
+                   torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
+                   BatchMeta(ids, st_, ss, ts), slices, step_tile_m(auto_tile_m(4096), M))
+ML.SORTED_TMA_GEMM = False
 # The one-launch gemm path (few adapters): every tile (16 and 64 rows, and the 64 x 128 one for more rows) at the
 # widest stacked A (64 columns: 4 lanes of rank 16, 2 of 32, 1 of 64 with q|k|v slices) and one lane.
 for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, [4096], torch.float16, 1),
@@ -793,6 +826,7 @@ for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, 
                    BatchMeta(ids, st_, ss, ts), slices, 16, lanes)
 seen = set()
 names = set()
+w_tma = 0
 for kernel, grid, args, kwargs in calls:
     key = (str(kernel), tuple(sorted(kwargs.items())),
            tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
@@ -810,11 +844,13 @@ for kernel, grid, args, kwargs in calls:
           "spill", st, ld, "regs", regs, "compile %.1fs" % (time.perf_counter() - t0), flush=True)
     assert smem <= 227 * 1024, (name, shown, smem)
     assert st == 0 and ld == 0, ("spills", name, shown, st, ld)
-    if name == "_gemm_tma_expand_kernel":  # wgmma fed by TMA loads
+    if name == "_gemm_tma_expand_kernel" or shown.get("W_TMA"):  # wgmma fed by TMA loads (W0's only with W_TMA)
         sass = sass_of(compiled)
         assert "HGMMA" in sass and "UTMALDG" in sass, (name, shown)
+        w_tma += bool(shown.get("W_TMA"))
 assert {"_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_batched_shrink_kernel", "_fused_kernel",
         "_expand_kernel", "_gemm_lanes_kernel"} <= names, names
+assert w_tma == 2, w_tma
 print("OK")
 """
 

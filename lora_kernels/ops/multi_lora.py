@@ -415,7 +415,8 @@ def _heavy_epilogue(x2: torch.Tensor, pool: AdapterPool, batch: LoRABatch) -> bo
         return False
     from ..triton import multi_lora as ML
 
-    return ML.tma_epilogue_split(x2, batch.host_slots, pool.max_adapters, pool.max_rank, pool.slices)
+    L = pool.max_adapters
+    return ML.tma_epilogue_split(x2, lambda rows: batch.tile_adapters(L, rows), pool.max_rank, pool.slices)
 
 
 def choose_path(

@@ -9,7 +9,7 @@ only; bad ids read and write nothing; xa stays fp32. Work list, tiles, precision
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -571,13 +571,15 @@ def _gemm_expand_kernel(
     CAST_FP32: tl.constexpr,  # base product on fp32 operands (see _utils.cast_to_fp32)
     LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool or data) instead of tf32
     PDL: tl.constexpr = False,  # launched as a programmatic dependent of the shrink: wait for it before reading xa
+    W_TMA: tl.constexpr = False,  # W0 read by TMA (unit column stride, 16-byte rows: gemm_tma_ok); see SORTED_TMA_GEMM
 ):
     """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · xa_rows·B_aᵀ.
 
     Rows are BLOCK_M consecutive entries of the batch's sorted token list (gathered through sorted_tokens, so a tile
-    holds few adapters: one segment each); the base K loop is a plain GEMM; the epilogue walks the tile's distinct
-    valid slots in ascending order (one small fp32 dot each, rows of other segments masked to 0), adds the bias and
-    writes y once. -1 rows, ids outside [0, L) and slots of rank 0 add nothing."""
+    holds few adapters: one segment each); the base K loop is a plain GEMM (W0 by TMA with W_TMA, x always gathered
+    by row pointers); the epilogue walks the tile's distinct valid slots in ascending order (one small fp32 dot each,
+    rows of other segments masked to 0), adds the bias and writes y once. -1 rows, ids outside [0, L) and slots of
+    rank 0 add nothing."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
@@ -590,13 +592,20 @@ def _gemm_expand_kernel(
     n_ok = offs_n < n_end
     x_rows = x_ptr + tok[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    if W_TMA:  # rows past the slice's end belong to the next slice (not stored); past N and K the copy engine pads 0
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[N0 + N1 + N2 + N3, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         offs_k64 = offs_k.to(tl.int64)  # k·stride of a column-major x / W / A passes 2^31 on large tensors
         xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_cols + offs_k64[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if W_TMA:
+            wt = w_desc.load([n_lo, k0]).T
+        else:
+            wt = tl.load(w_cols + offs_k64[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if CAST_FP32:
             acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
         else:
@@ -1358,6 +1367,15 @@ TMA_GEMM = True
 GEMM_TMA_MIN_TOKENS = 64
 # Tiles under the interpreter: a few row tiles and several output blocks on the tests' sizes.
 _INTERP_GEMM_TMA = (32, 16, 32, 4, 1)
+# True: where the gemm path's GEMM would be the TMA kernel, _gemm_expand_kernel runs instead with W0 by TMA (W_TMA) and
+# the TMA kernel's tiles: rows in the sorted token order, x gathered by row pointers (Hopper's TMA cannot gather), so a
+# row tile holds few adapters whatever the order of the ids (~5 per 128 rows for 128 adapters uniform over 4096
+# tokens, against ~82 in the batch's own order, whose TF32 epilogue dots cost 64 % of the base GEMM). Off: its rate is
+# unmeasured. The static model charges it as a GEMM without TMA (1.35x cuBLAS's time): 1.60x / 1.42x the floor for
+# 128 adapters uniform over 1024 / 4096 tokens, behind the split path (1.50x / 1.25x); at cuBLAS's rate 1.21x / 1.06x,
+# and ahead of the split path up to ~1.2x / ~1.15x cuBLAS's time. Where the order of the ids keeps the tiles' adapters
+# few, the TMA kernel stays ahead at any rate. benchmarks/bench_multi_lora.py's lk_gemm_sorted times it.
+SORTED_TMA_GEMM = False
 
 
 def gemm_tma_config(
@@ -1412,21 +1430,6 @@ EPILOGUE_SPLIT_MIN_TOKENS = 1024
 EPILOGUE_SPLIT_MAX_COST = 0.4
 
 
-def tile_adapters(slots: torch.Tensor, L: int, block_m: int) -> float:
-    """Mean number of distinct adapters (values in [0, L)) per ``block_m``-row tile of the host ids ``slots`` taken
-    in their own order (the TMA GEMM's row tiles); 0.0 for no ids."""
-    M = slots.numel()
-    if M == 0:
-        return 0.0
-    tiles = triton.cdiv(M, block_m)
-    s = torch.full((tiles * block_m,), -1, dtype=torch.int64)
-    s[:M] = slots.reshape(-1).to(torch.int64)
-    s = torch.where((s >= 0) & (s < L), s, torch.full_like(s, -1)).view(tiles, block_m).sort(dim=1).values
-    first = torch.ones_like(s, dtype=torch.bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    return float((first & (s >= 0)).sum()) / tiles
-
-
 def epilogue_split(M: int, K: int, R: int, adapters_per_tile: float) -> bool:
     """True when a TMA-GEMM step of M tokens whose row tiles average ``adapters_per_tile`` adapters of rank <= R
     costs more in its TF32 epilogue than the split path's round trip of y (EPILOGUE_SPLIT_MIN_TOKENS,
@@ -1435,10 +1438,15 @@ def epilogue_split(M: int, K: int, R: int, adapters_per_tile: float) -> bool:
 
 
 def tma_epilogue_split(
-    x: torch.Tensor, slots: torch.Tensor, L: int, R: int, slices: Sequence[int], interp: bool | None = None
+    x: torch.Tensor,
+    tile_adapters: Callable[[int], float | None],
+    R: int,
+    slices: Sequence[int],
+    interp: bool | None = None,
 ) -> bool:
-    """:func:`epilogue_split` for x [M, K] and the host ids ``slots`` on a pool of L slots of rank <= R, with the
-    row tile :func:`gemm_tma_config` picks for x's device (asked only once M reaches EPILOGUE_SPLIT_MIN_TOKENS)."""
+    """:func:`epilogue_split` for x [M, K] on adapters of rank <= R, with the row tile :func:`gemm_tma_config` picks
+    for x's device; ``tile_adapters(rows)`` gives the mean distinct adapters per row tile of that height
+    (``LoRABatch.tile_adapters``; None: unknown, no split). Asked only once M reaches EPILOGUE_SPLIT_MIN_TOKENS."""
     M, K = x.shape
     if M < EPILOGUE_SPLIT_MIN_TOKENS:
         return False
@@ -1452,7 +1460,8 @@ def tma_epilogue_split(
         lambda: _utils.smem_of(x.device),
         lambda: _utils.sm_count_of(x.device),
     )[0]
-    return epilogue_split(M, K, R, tile_adapters(slots, L, block_m))
+    per_tile = tile_adapters(block_m)
+    return per_tile is not None and epilogue_split(M, K, R, per_tile)
 
 
 def linear_gemm(
@@ -1487,12 +1496,27 @@ def linear_gemm(
     interp = _backend.interpreter_enabled()
     pdl = pdl_ok(x.device)
     parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl)
-    if gemm_tma_ok(x, weight):
+    w_tma = gemm_tma_ok(x, weight)
+    if w_tma and not SORTED_TMA_GEMM:
         _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp)
         return y
-    block_m, block_n, gk, warps, gstages = gemm_config(
-        M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device)
-    )
+    if w_tma:  # sorted rows, W0 by TMA: the TMA GEMM's tiles
+        from . import lora_linear_tma as _tma
+
+        block_m, block_n, gk, warps, gstages = gemm_tma_config(
+            M,
+            slices,
+            x.element_size(),
+            R,
+            interp,
+            lambda: _utils.smem_of(x.device),
+            lambda: _utils.sm_count_of(x.device),
+        )
+        _tma.ensure_allocator(x.device)
+    else:
+        block_m, block_n, gk, warps, gstages = gemm_config(
+            M, x.element_size(), weight.element_size(), R, interp, lambda: _utils.smem_of(x.device)
+        )
     grid = (triton.cdiv(min(M, cap), block_m), _out_blocks(slices, block_n))
     with _utils.device_ctx(x):
         _gemm_expand_kernel[grid](
@@ -1535,6 +1559,7 @@ def linear_gemm(
             CAST_FP32=_utils.cast_to_fp32(x.dtype, weight.dtype),
             LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
             PDL=pdl,
+            W_TMA=w_tma,
             num_warps=warps,
             num_stages=gstages,
             **({"launch_pdl": True} if pdl else {}),
