@@ -456,17 +456,7 @@ def main(argv=None) -> list[Table]:
     return tables
 
 
-LK_PROVIDERS = (
-    "lora_kernels",
-    "lk_fused",
-    "lk_split",
-    "lk_gemm",
-    "lk_gemm_plain",
-    "lk_gemm_2l",
-    "lk_gemm_sorted",
-    "lk_gemm_serial",
-    "lk_cuda",
-)
+LK_PROVIDERS = tuple(p for p in PROVIDERS if p == "lora_kernels" or p.startswith("lk_"))
 PEERS = ("gather_bmm", "loop")
 
 

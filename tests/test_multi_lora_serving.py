@@ -790,27 +790,28 @@ for M, R, slices, dtype in ((1, 16, [4096], torch.bfloat16), (1, 64, [4096, 1024
             ML.fused(x, A, B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
         else:
             ML.expand(torch.empty(M, S * R), B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
+
+
+def gemm(M, R, slices, dtype, tile_m=None, lanes=0):  # ML.linear_gemm on empty CPU tensors (with a bias)
+    S, N = len(slices), sum(slices)
+    ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
+    ML.linear_gemm(torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype),
+                   torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
+                   torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
+                   BatchMeta(ids, st_, ss, ts), slices, tile_m or step_tile_m(auto_tile_m(4096), M), lanes)
+
+
 # The TMA GEMM of the gemm path (Hopper) on every tile it picks: 64x64 (128 rows), 64x128 (256), 128x256 (1024 and
 # 4096 rows; q|k|v at rank 64). CPU tensors stand for an H100's: the TMA check answers from the strides.
 ML.gemm_tma_ok = lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS
 for M, R, slices, dtype in ((128, 16, [4096], torch.bfloat16), (256, 16, [4096], torch.float16),
                             (1024, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
-    S, N = len(slices), sum(slices)
-    ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
-    ML.linear_gemm(torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype),
-                   torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
-                   torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
-                   BatchMeta(ids, st_, ss, ts), slices, step_tile_m(auto_tile_m(4096), M))
+    gemm(M, R, slices, dtype)
 # The sorted-row GEMM reading W0 by TMA (SORTED_TMA_GEMM) on the TMA GEMM's widest tiles: 128x256 (rank 16), 128x128
 # (q|k|v at rank 64).
 ML.SORTED_TMA_GEMM = True
 for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
-    S, N = len(slices), sum(slices)
-    ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
-    ML.linear_gemm(torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype),
-                   torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
-                   torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
-                   BatchMeta(ids, st_, ss, ts), slices, step_tile_m(auto_tile_m(4096), M))
+    gemm(M, R, slices, dtype)
 ML.SORTED_TMA_GEMM = False
 # The one-launch gemm path (few adapters): every tile (16 and 64 rows, and the 64 x 128 one for more rows) at the
 # widest stacked A (64 columns: 4 lanes of rank 16, 2 of 32, 1 of 64 with q|k|v slices) and one lane.
@@ -818,12 +819,7 @@ for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, 
                                    (16, 32, [4096], torch.float16, 2), (64, 16, [4096], torch.bfloat16, 4),
                                    (64, 64, [4096, 1024, 1024], torch.float16, 1),
                                    (200, 16, [4096], torch.bfloat16, 4)):
-    S, N = len(slices), sum(slices)
-    ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
-    ML.linear_gemm(torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype),
-                   torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
-                   torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
-                   BatchMeta(ids, st_, ss, ts), slices, 16, lanes)
+    gemm(M, R, slices, dtype, tile_m=16, lanes=lanes)
 seen = set()
 names = set()
 w_tma = 0
