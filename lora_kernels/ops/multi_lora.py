@@ -23,12 +23,13 @@ from ._validate import MAX_SLICES, check_same_device, check_scale, check_tensor,
 
 # Default paths by the tokens of the step, from the static launch model (benchmarks/static_serving.py, with the
 # training report's rates: cuBLAS at 732 TFLOP/s, a non-TMA wgmma Triton GEMM 1.35x slower, mma.sync 2.7x, skinny
-# Triton kernels at 247 TFLOP/s; K = N = 4096, r = 16, bf16; 16 / 128 adapters, uniform / mixed ids). Predicted
-# µs / floor, geometric mean of those four points (worst in brackets), fused / split / gemm:
+# Triton kernels at 247 TFLOP/s, TF32 epilogue dots at half a GEMM's rate; K = N = 4096, r = 16, bf16; 16 / 128
+# adapters, uniform / mixed ids; a GPU without TMA). Predicted µs / floor, geometric mean of those four points (worst
+# in brackets), fused / split / gemm:
 #   T = 1: 1.18 (1.18) / 1.35 (1.35) / 1.18 (1.18)     T = 8: 1.19 (1.20) / 1.34 (1.35) / 1.17 (1.17)
-#   T = 16: 1.20 (1.22) / 1.34 (1.35) / 1.17 (1.18)    T = 64: 1.24 (1.29) / 1.35 (1.38) / 1.17 (1.18)
-#   T = 256: 1.33 (1.36) / 1.41 (1.48) / 1.29 (1.39)   T = 288: 1.98 (3.46) / 1.44 (1.51) / 1.76 (1.97)
-#   T = 1024: 1.67 (2.55) / 1.33 (1.50) / 1.43 (1.52)  T = 4096: 1.94 (2.49) / 1.21 (1.25) / 1.38 (1.40)
+#   T = 16: 1.20 (1.22) / 1.34 (1.35) / 1.17 (1.18)    T = 64: 1.23 (1.29) / 1.35 (1.38) / 1.17 (1.18)
+#   T = 256: 1.32 (1.36) / 1.41 (1.48) / 1.30 (1.40)   T = 288: 1.98 (3.46) / 1.44 (1.51) / 1.83 (1.98)
+#   T = 1024: 1.66 (2.55) / 1.33 (1.50) / 1.46 (1.60)  T = 4096: 1.94 (2.49) / 1.21 (1.25) / 1.39 (1.42)
 # A default changes only where the model predicts a gain of >= 2 % in the mean (finer differences are below what it
 # resolves). All UNMEASURED, to be replaced by measurements (benchmarks/bench_multi_lora.py).
 # Where a step of at most 64 tokens is known to name few adapters (host ids, or the batch's max_adapters_per_step),
@@ -43,7 +44,7 @@ FUSED_MAX_TOKENS = 8
 # path: shrink, then one Triton GEMM whose epilogue adds the LoRA term; 2 launches, y written once) instead of
 # cuBLAS + shrink + expand (3 launches and a read-modify-write of y: 2·M·N·2 bytes). Past 256 tokens (128-row tiles)
 # the GEMM is compute-bound and its 1.35x outweighs the y round trip: the split path is predicted faster from 288 on (in
-# the mean: 288 tokens by 18 %, 384 tokens 0.8 % behind, 512-768 by 2-6 %, 1024 by 7 %, 4096 by 12 %).
+# the mean: 288 tokens by 21 %, 384 by 3 %, 512-768 by 5-7 %, 1024 by 9 %, 4096 by 13 %).
 # Where the GEMM is the TMA kernel (Hopper, 16-bit data TMA can read, > 64 tokens: triton.multi_lora.gemm_tma_ok),
 # the model charges it cuBLAS's rate (its LoRA epilogue's TF32 dots at half of it), and the gemm path is the default
 # at every token count above FUSED_MAX_TOKENS: 1.02-1.17x the floor at 1024 and 4096 tokens against the split path's
