@@ -497,12 +497,15 @@ def test_heavy_epilogue_takes_the_split_path(monkeypatch, tma_or_skip):
     assert key[0] == pool.max_adapters and per_tile == mean_tile_adapters(torch.tensor(ids), *key)
     assert per_tile > 2  # the case has several adapters per row tile
     cost = 2 * per_tile * 32 / x.shape[1]  # rank 32: BLOCK_R 32
-    for max_cost, want_kernels, path in (
-        (cost * 0.9, ["_batched_shrink_kernel", "_expand_kernel"], None),
-        (cost * 1.1, ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], None),
-        (cost * 0.9, ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], "gemm"),
+    for max_cost, want_kernels, path, sorted_gemm in (
+        (cost * 0.9, ["_batched_shrink_kernel", "_expand_kernel"], None, False),
+        (cost * 1.1, ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], None, False),
+        (cost * 0.9, ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], "gemm", False),
+        # the sorted-row GEMM's tiles hold few adapters whatever the ids' order: no reason to split
+        (cost * 0.9, ["_batched_shrink_kernel", "_gemm_expand_kernel"], None, True),
     ):
         monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MAX_COST", max_cost)
+        monkeypatch.setattr(ML, "SORTED_TMA_GEMM", sorted_gemm)
         launched = []
         for name in _GEMM_PATH_KERNELS:
             monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
@@ -514,6 +517,7 @@ def test_heavy_epilogue_takes_the_split_path(monkeypatch, tma_or_skip):
         torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
     # ids not known on the host (device ids) or a step being compiled: nothing to judge from, the gemm path
     monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MAX_COST", cost * 0.9)
+    monkeypatch.setattr(ML, "SORTED_TMA_GEMM", False)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     assert ops._heavy_epilogue(x, pool, batch)
     monkeypatch.setattr(batch, "host_slots", None)

@@ -1374,7 +1374,8 @@ _INTERP_GEMM_TMA = (32, 16, 32, 4, 1)
 # unmeasured. The static model charges it as a GEMM without TMA (1.35x cuBLAS's time): 1.60x / 1.42x the floor for
 # 128 adapters uniform over 1024 / 4096 tokens, behind the split path (1.50x / 1.25x); at cuBLAS's rate 1.21x / 1.06x,
 # and ahead of the split path up to ~1.2x / ~1.15x cuBLAS's time. Where the order of the ids keeps the tiles' adapters
-# few, the TMA kernel stays ahead at any rate. benchmarks/bench_multi_lora.py's lk_gemm_sorted times it.
+# few, the TMA kernel stays ahead at any rate. benchmarks/bench_multi_lora.py's lk_gemm_sorted times it. While on, the
+# heavy-epilogue rule (tma_epilogue_split) keeps such steps on the gemm path.
 SORTED_TMA_GEMM = False
 
 
@@ -1446,9 +1447,10 @@ def tma_epilogue_split(
 ) -> bool:
     """:func:`epilogue_split` for x [M, K] on adapters of rank <= R, with the row tile :func:`gemm_tma_config` picks
     for x's device; ``tile_adapters(rows)`` gives the mean distinct adapters per row tile of that height
-    (``LoRABatch.tile_adapters``; None: unknown, no split). Asked only once M reaches EPILOGUE_SPLIT_MIN_TOKENS."""
+    (``LoRABatch.tile_adapters``; None: unknown, no split). Asked only once M reaches EPILOGUE_SPLIT_MIN_TOKENS.
+    False with SORTED_TMA_GEMM: that GEMM's sorted row tiles hold few adapters whatever the ids' order."""
     M, K = x.shape
-    if M < EPILOGUE_SPLIT_MIN_TOKENS:
+    if M < EPILOGUE_SPLIT_MIN_TOKENS or SORTED_TMA_GEMM:
         return False
     interp = _backend.interpreter_enabled() if interp is None else interp
     block_m = gemm_tma_config(
