@@ -72,11 +72,11 @@ case "$phase" in
       run "multi_T$t" 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
           --timings graph --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l --csv "$out/multi_T$t.csv"
     done
-    # many adapters per row tile: the split path (default there), the TMA GEMM in the ids' order (with and without
-    # PDL's overlap of the shrink), the sorted GEMM
-    run multi_L128 90 $py benchmarks/bench_multi_lora.py --adapters 128 --tokens 1024 4096 --dists uniform \
+    # compute-bound steps: the TMA GEMM in the ids' order with and without PDL's overlap of the shrink (16 adapters:
+    # the default; 128: many adapters per row tile, where the split path is the default), and the sorted GEMM
+    run multi_prefill 120 $py benchmarks/bench_multi_lora.py --adapters 16 128 --tokens 1024 4096 --dists uniform \
         --timings graph --providers base,lora_kernels,lk_split,lk_gemm,lk_gemm_serial,lk_gemm_sorted \
-        --csv "$out/multi_L128.csv"
+        --csv "$out/multi_prefill.csv"
     ;;
   extras)
     card
