@@ -313,11 +313,17 @@ def launches(
 def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS) -> bool:
     """``ML.tma_epilogue_split`` for host ids on the modelled card: the TMA GEMM's row tiles (in the ids' own order)
     would hold so many adapters that the default is the split path."""
-    T = ids.numel()
-    if T < ML.EPILOGUE_SPLIT_MIN_TOKENS or ML.SORTED_TMA_GEMM:
-        return False
-    bm = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)[0]
-    return ML.epilogue_split(T, K, R, mean_tile_adapters(ids, L, bm))
+    return ML.heavy_epilogue(
+        ids.numel(),
+        K,
+        R,
+        slices,
+        elt,
+        lambda rows: mean_tile_adapters(ids, L, rows),
+        False,
+        lambda: smem,
+        lambda: sm_count,
+    )
 
 
 def _lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad) -> dict:

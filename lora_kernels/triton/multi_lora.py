@@ -1438,6 +1438,29 @@ def epilogue_split(M: int, K: int, R: int, adapters_per_tile: float) -> bool:
     return M >= EPILOGUE_SPLIT_MIN_TOKENS and 2 * adapters_per_tile * _utils.block_r(R) > EPILOGUE_SPLIT_MAX_COST * K
 
 
+def heavy_epilogue(
+    M: int,
+    K: int,
+    R: int,
+    slices: Sequence[int],
+    elt: int,
+    tile_adapters: Callable[[int], float | None],
+    interp: bool,
+    smem: _utils.IntThunk,
+    sms: _utils.IntThunk,
+) -> bool:
+    """:func:`epilogue_split` for a step of M tokens of ``elt``-byte data on adapters of rank <= R, with the row
+    tile :func:`gemm_tma_config` picks (``smem`` and ``sms`` asked only from EPILOGUE_SPLIT_MIN_TOKENS tokens);
+    ``tile_adapters(rows)`` gives the mean distinct adapters per row tile of that height (``LoRABatch.tile_adapters``;
+    None: unknown, no split). False with SORTED_TMA_GEMM: that GEMM's sorted row tiles hold few adapters whatever
+    the ids' order. Host ints only: shared with the static launch model."""
+    if M < EPILOGUE_SPLIT_MIN_TOKENS or SORTED_TMA_GEMM:
+        return False
+    block_m = gemm_tma_config(M, slices, elt, R, interp, smem, sms)[0]
+    per_tile = tile_adapters(block_m)
+    return per_tile is not None and epilogue_split(M, K, R, per_tile)
+
+
 def tma_epilogue_split(
     x: torch.Tensor,
     tile_adapters: Callable[[int], float | None],
@@ -1445,25 +1468,31 @@ def tma_epilogue_split(
     slices: Sequence[int],
     interp: bool | None = None,
 ) -> bool:
-    """:func:`epilogue_split` for x [M, K] on adapters of rank <= R, with the row tile :func:`gemm_tma_config` picks
-    for x's device; ``tile_adapters(rows)`` gives the mean distinct adapters per row tile of that height
-    (``LoRABatch.tile_adapters``; None: unknown, no split). Asked only once M reaches EPILOGUE_SPLIT_MIN_TOKENS.
-    False with SORTED_TMA_GEMM: that GEMM's sorted row tiles hold few adapters whatever the ids' order."""
-    M, K = x.shape
-    if M < EPILOGUE_SPLIT_MIN_TOKENS or SORTED_TMA_GEMM:
-        return False
+    """:func:`heavy_epilogue` for x [M, K] on x's device."""
     interp = _backend.interpreter_enabled() if interp is None else interp
-    block_m = gemm_tma_config(
-        M,
+    return heavy_epilogue(
+        *x.shape,
+        R,
+        slices,
+        x.element_size(),
+        tile_adapters,
+        interp,
+        lambda: _utils.smem_of(x.device),
+        lambda: _utils.sm_count_of(x.device),
+    )
+
+
+def _tma_tiles(x: torch.Tensor, slices: Sequence[int], R: int, interp: bool) -> tuple[int, int, int, int, int]:
+    """:func:`gemm_tma_config` for x [M, K] on x's device."""
+    return gemm_tma_config(
+        x.shape[0],
         slices,
         x.element_size(),
         R,
         interp,
         lambda: _utils.smem_of(x.device),
         lambda: _utils.sm_count_of(x.device),
-    )[0]
-    per_tile = tile_adapters(block_m)
-    return per_tile is not None and epilogue_split(M, K, R, per_tile)
+    )
 
 
 def linear_gemm(
@@ -1505,15 +1534,7 @@ def linear_gemm(
     if w_tma:  # sorted rows, W0 by TMA: the TMA GEMM's tiles
         from . import lora_linear_tma as _tma
 
-        block_m, block_n, gk, warps, gstages = gemm_tma_config(
-            M,
-            slices,
-            x.element_size(),
-            R,
-            interp,
-            lambda: _utils.smem_of(x.device),
-            lambda: _utils.sm_count_of(x.device),
-        )
+        block_m, block_n, gk, warps, gstages = _tma_tiles(x, slices, R, interp)
         _tma.ensure_allocator(x.device)
     else:
         block_m, block_n, gk, warps, gstages = gemm_config(
@@ -1576,15 +1597,7 @@ def _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, m
     M, K = x.shape
     L = B_stack.shape[0]
     R = parts.shape[2] // len(slices)
-    block_m, block_n, block_k, warps, stages = gemm_tma_config(
-        M,
-        slices,
-        x.element_size(),
-        R,
-        interp,
-        lambda: _utils.smem_of(x.device),
-        lambda: _utils.sm_count_of(x.device),
-    )
+    block_m, block_n, block_k, warps, stages = _tma_tiles(x, slices, R, interp)
     grid = (triton.cdiv(M, block_m), _out_blocks(slices, block_n))
     _tma.ensure_allocator(x.device)
     with _utils.device_ctx(x):
