@@ -16,7 +16,8 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
 - ``peft_mixed``: PEFT itself (``model(x, adapter_names=[...])`` on a ``get_peft_model`` wrapper holding the L
   adapters), which rebuilds the index lists in Python on every call: eager timing only (not capturable), and only
   when ``import peft`` works;
-- ``lora_kernels``: :func:`lora_kernels.multi_lora_linear` (backend from ``--backend``, default auto), with
+- ``lora_kernels``: :func:`lora_kernels.multi_lora_linear` (backend from ``--backend``, default auto; on Hopper,
+  steps whose ids put many adapters in each row tile run the gemm path on the sorted token list: SORTED_GATHER), with
   ``lk_fused`` / ``lk_split`` forcing its one-kernel (shrink+expand fused) or two-kernel path, ``lk_gemm`` its
   gemm path (the base GEMM with the expand in its epilogue; the TMA GEMM on Hopper above 64 tokens; one launch with
   the shrink inside for up to 64 tokens of few adapters), ``lk_gemm_plain`` the gemm path with the plain (non-TMA)

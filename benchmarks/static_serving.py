@@ -46,6 +46,9 @@ H100_SMEM = 227 * 1024
 COPY_BW = 2.96e12  # bytes/s, device-to-device copy (read + write)
 PEAK_FLOPS = 732e12  # bf16 dense
 LAUNCH_US = 2.0  # assumed cost of one extra kernel node in a CUDA graph (not measured here)
+# The paths the model prices: multi_lora_linear's, and "sorted" (the gemm path with sorted row tiles, x read by TMA
+# from the shrink's sorted copy: what a heavy-epilogue step runs with triton.multi_lora.SORTED_GATHER).
+MODEL_PATHS = (*ops.PATHS, "sorted")
 # The Triton GEMMs of the serving ops (a base GEMM: charged by the machine code they compile to, as the training report
 # charges its GEMMs); every other Triton kernel of the model is a skinny one (small LoRA dots).
 TRITON_GEMMS = (
@@ -71,7 +74,7 @@ def guess_machine_code(config: dict, kernel: str = "") -> str:
     compiled serving kernels show: the report replaces the guess by the compiled machine code, and its test checks
     that they agree)."""
     if config["BLOCK_M"] >= 64 and config["num_warps"] % 4 == 0:
-        return "tma" if "_tma_" in kernel else "wgmma"
+        return "tma" if "_tma_" in kernel or config.get("X_SORTED") else "wgmma"
     return "mma.sync"
 
 
@@ -143,7 +146,9 @@ def launches(
 ) -> list[dict]:
     """The launches of one ``multi_lora_linear`` call (Triton backend) for token ids ``ids`` (slot per token, -1 =
     none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
-    ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks);
+    ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks),
+    or "sorted": the gemm path with sorted row tiles that a heavy-epilogue step takes (``ML.SORTED_GATHER``: the
+    shrink also writes x's rows in the sorted order, the GEMM waits for it and reads them by TMA);
     ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it); ``pdl``:
     the gemm path launches its GEMM as a programmatic dependent of its shrink (``ML.pdl_ok``: sm_90, as the H100
     this models), marked ``overlaps_previous``; ``tma``: the card has TMA (the H100), so above
@@ -157,7 +162,10 @@ def launches(
     tma = tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4
     lanes = ML.lanes_for(T, R, adapters)
     heavy = path is None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt, smem, sm_count)
-    path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0, heavy_epilogue=heavy)
+    sort_rows = tma and ((heavy and ML.SORTED_GATHER) or path == "sorted")
+    if path == "sorted":
+        path, lanes = "gemm", 0
+    path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0, heavy_epilogue=heavy and not sort_rows)
     cap = capacity or T
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
     counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
@@ -249,20 +257,23 @@ def launches(
         return out
     if lanes:
         return [_lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad)]
-    # gemm: shrink into per-split partials, then the base GEMM with the expand in its epilogue
+    # gemm: shrink into per-split partials, then the base GEMM with the expand in its epilogue. With sort_rows the
+    # shrink also writes the rows of the tokens with an adapter to the sorted copy of x (GATHER), and the GEMM waits
+    # for it before its K loop (no overlap; PDL still hides the launch).
     out.append(
         _launch(
             "_batched_shrink_kernel",
             (n_tiles, S, split),
-            dict(shrink_cfg, ATOMIC=False, PDL=pdl),
+            dict(shrink_cfg, ATOMIC=False, PDL=pdl, **({"GATHER": True} if sort_rows else {})),
             shrink_read,
-            split * t_ad * S * R * 4,
+            split * t_ad * S * R * 4 + (t_ad * K * elt if sort_rows else 0),
             shrink_flops,
             shrink_useful,
             shrink_l2,
         )
     )
-    w_tma = tma and ML.SORTED_TMA_GEMM  # _gemm_expand_kernel with W0 by TMA, the TMA kernel's tiles
+    # _gemm_expand_kernel with W0 by TMA on the TMA kernel's tiles (x by row pointers, or by TMA from the sorted copy)
+    w_tma = tma and (ML.SORTED_TMA_GEMM or sort_rows)
     if tma and not w_tma:
         bm, bn, bk, warps, gstages = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
         order = range(T)  # row tiles of the batch's own order
@@ -295,6 +306,7 @@ def launches(
                 "NUM_SPLITS": split,
                 "PDL": pdl,
                 **({"W_TMA": True} if w_tma else {}),
+                **({"X_SORTED": True} if sort_rows else {}),
                 "num_warps": warps,
                 "num_stages": gstages,
             },
@@ -306,7 +318,7 @@ def launches(
             epi_flops,
         )
     )
-    out[-1]["overlaps_previous"] = pdl
+    out[-1]["overlaps_previous"] = pdl and not sort_rows
     return out
 
 
@@ -323,6 +335,7 @@ def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS
         False,
         lambda: smem,
         lambda: sm_count,
+        len({int(i) for i in ids.tolist() if 0 <= int(i) < L}),
     )
 
 
@@ -468,15 +481,23 @@ def default_path(
 ) -> str:
     """The path ``multi_lora_linear`` takes by default for T tokens on the Triton backend of the modelled card (with
     TMA: an H100), data of ``elt`` bytes that TMA can read, a batch promising at most ``adapters`` per step, and
-    (when given) the host ``ids`` of the step on a pool of L slots (the heavy-epilogue rule)."""
+    (when given) the host ``ids`` of the step on a pool of L slots (the heavy-epilogue rule): "fused", "split",
+    "gemm", or "sorted" (the gemm path with sorted row tiles that a heavy-epilogue step takes: see :func:`launches`)."""
     lanes = ML.lanes_for(T, R, adapters) > 0
     tma = tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4
     heavy = ids is not None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt)
+    if heavy and ML.SORTED_GATHER:
+        return "sorted"  # the gemm path with sorted row tiles (see launches)
     return ops.choose_path(None, None, T, "triton", tma=tma, lanes=lanes, heavy_epilogue=heavy)
 
 
 def grid_launches(
-    paths: Sequence[str] = ops.PATHS, seed: int = 0, K: int = K_DEFAULT, N: int = N_DEFAULT, R: int = RANK, elt: int = 2
+    paths: Sequence[str] = MODEL_PATHS,
+    seed: int = 0,
+    K: int = K_DEFAULT,
+    N: int = N_DEFAULT,
+    R: int = RANK,
+    elt: int = 2,
 ) -> list[dict]:
     """One entry per point of the multi-adapter grid (dist, L, T): the token ids' ``active`` adapter count, the
     ``chosen`` default path, the ``floor_us``, and ``paths``: path name → list of launches (see :func:`launches`),
@@ -526,20 +547,21 @@ def _meta(*shape, dtype=torch.bfloat16):
 
 
 def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, cap: int, lanes: int = 0) -> None:
-    """What ``multi_lora_linear`` runs on the Triton backend for ``path``, on meta bf16 tensors (its body after the
-    checks: F.linear and the launchers of lora_kernels.triton.multi_lora with the step's tile)."""
+    """What ``multi_lora_linear`` runs on the Triton backend for ``path`` (a :data:`MODEL_PATHS` name), on meta bf16
+    tensors (its body after the checks: F.linear and the launchers of lora_kernels.triton.multi_lora with the step's
+    tile)."""
     N, S = sum(slices), len(slices)
     x, w = _meta(T, K), _meta(N, K)
     A, B = _meta(L, S * R, K), _meta(L, N, R)
     ranks, scales = _meta(L, dtype=torch.int32), _meta(L, S, dtype=torch.float32)
     meta = BatchMeta(*(_meta(n, dtype=torch.int32) for n in (cap, cap, cap, cap + 1)))
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
-    if path == "gemm":
+    if path in ("gemm", "sorted"):
         saved = ML.gemm_tma_ok
         # meta tensors have no addresses: TMA answers as on an H100 (the launch model's card) from the row count
         ML.gemm_tma_ok = lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS
         try:
-            ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m, lanes)
+            ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m, lanes, path == "sorted")
         finally:
             ML.gemm_tma_ok = saved
         return
@@ -593,9 +615,11 @@ def _same_launch(rec, ln) -> bool:
 
 def _machine_code(facts: dict, config: dict | None = None) -> str:
     """The kind of MMA a compiled kernel runs, in the terms of the training report's card. A GEMM that reads only W0
-    by TMA (``W_TMA``: x gathered by row pointers) counts as one without TMA until its rate is measured."""
+    by TMA (``W_TMA`` without ``X_SORTED``: x gathered by row pointers) counts as one without TMA until its rate is
+    measured."""
+    config = config or {}
     if facts["wgmma"]:
-        return "tma" if facts["tma"] and not (config or {}).get("W_TMA") else "wgmma"
+        return "tma" if facts["tma"] and (not config.get("W_TMA") or config.get("X_SORTED")) else "wgmma"
     return "mma.sync"
 
 
@@ -752,7 +776,7 @@ def report(
                 path = default_path(T, adapters=bound, ids=ids, L=L)
                 lanes = ML.lanes_for(T, RANK, bound) if path == "gemm" else 0
                 fl = floor_us(T, active)
-                others = {p: predict_us(launches(ids, L, path=p, adapters=bound)) / fl for p in ops.PATHS}
+                others = {p: predict_us(launches(ids, L, path=p, adapters=bound)) / fl for p in MODEL_PATHS}
                 model = launches(ids, L, path=path, adapters=bound)
                 rec = _recorded(sr, lambda: _run_path(path, T, L, K_DEFAULT, (N_DEFAULT,), RANK, T, lanes), ML)
                 point = {
@@ -772,6 +796,14 @@ def report(
                 }
                 records += _records(arch, facts_of, rec, model, point)
     return records, markdown(records)
+
+
+def _other(others: dict, path: str, T: int) -> str:
+    """A grid cell of the other paths' ratios: "-" where the path does not exist at T tokens (the sorted-row GEMM
+    only where the GEMM is the TMA kernel)."""
+    if path not in others or (path == "sorted" and T <= ML.GEMM_TMA_MIN_TOKENS):
+        return "-"
+    return f"{others[path]:.2f}"
 
 
 def markdown(records: Sequence[dict]) -> str:
@@ -808,7 +840,7 @@ def markdown(records: Sequence[dict]) -> str:
     w("\n### Multi-adapter grid (`multi_lora_linear`, default path; goal ≤ 1.2 × floor)\n")
     w(
         "| dist | L | T | active | path | launches | HBM MB | predicted µs | base µs | floor µs | / base | / floor | "
-        "fused / split / gemm ÷ floor |"
+        "fused / split / gemm / sorted ÷ floor |"
     )
     w("|" + "---|" * 13)
     for (op, dist, L, T, _), rs in points.items():
@@ -820,7 +852,7 @@ def markdown(records: Sequence[dict]) -> str:
         w(
             f"| {dist} | {L} | {T} | {r['active']} | {r['mode']} | {len(rs)} | {mb:.1f} | "
             f"{r['point_predicted_us']:.2f} | {r['base_us']:.2f} | {r['floor_us']:.2f} | {r['ratio_to_base']:.2f} | "
-            f"{r['ratio_to_floor']:.2f} | " + " / ".join(f"{o[p]:.2f}" for p in ("fused", "split", "gemm")) + " |"
+            f"{r['ratio_to_floor']:.2f} | " + " / ".join(_other(o, p, T) for p in MODEL_PATHS) + " |"
         )
     w("\n### Serving launches\n")
     w(

@@ -453,19 +453,48 @@ def tma_or_skip():
         pytest.skip("the TMA GEMM needs compute capability >= 9")
 
 
+def _heavy_always(monkeypatch, T):
+    """Make every step of T tokens with host ids a heavy-epilogue step (the rule's thresholds at the test's size)."""
+    from lora_kernels.triton import multi_lora as ML
+
+    monkeypatch.setattr(ML, "SORTED_MIN_TOKENS", T)
+    monkeypatch.setattr(ML, "SORTED_MAX_COST", 0.0)
+
+
+def _poisoned_sorted_x(monkeypatch, made=None):
+    """sorted_x_buffer returns NaN-filled buffers (any row the GEMM reads that the shrink did not write poisons y),
+    appended to ``made``."""
+    from lora_kernels.triton import multi_lora as ML
+
+    real = ML.sorted_x_buffer
+
+    def poisoned(x):
+        buf = real(x)
+        buf.fill_(float("nan"))
+        if made is not None:
+            made.append(buf)
+        return buf
+
+    monkeypatch.setattr(ML, "sorted_x_buffer", poisoned)
+
+
 @needs_triton
-@pytest.mark.parametrize("sorted_gemm", [False, True], ids=["own-order", "sorted-w-tma"])
+@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather"])
 @pytest.mark.parametrize("T,slices,pattern,bias,pool_dtype", GEMM_TMA_CASES)
-def test_gemm_path_tma_gemm_matches_reference(
-    monkeypatch, tma_or_skip, T, slices, pattern, bias, pool_dtype, sorted_gemm
-):
-    """The TMA GEMM (rows in the batch's own order), and with SORTED_TMA_GEMM the sorted-row GEMM reading W0 by TMA,
-    against the float64 reference."""
+def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slices, pattern, bias, pool_dtype, mode):
+    """The TMA GEMM (rows in the batch's own order); with SORTED_TMA_GEMM the sorted-row GEMM reading W0 by TMA; and
+    the sorted-row GEMM a heavy-epilogue step takes (SORTED_GATHER: x and W0 by TMA, x's rows from the shrink's
+    sorted copy, poisoned with NaN beforehand; tiles with rows of no adapter gather those from x): against the float64
+    reference."""
     from lora_kernels.triton import multi_lora as ML
 
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, pattern, bias, seed=T + 5, pool_dtype=pool_dtype)
     assert ML.gemm_tma_ok(x, weight) and ML.gemm_tma_ok(x, weight, check_addresses=False)
-    monkeypatch.setattr(ML, "SORTED_TMA_GEMM", sorted_gemm)
+    monkeypatch.setattr(ML, "SORTED_TMA_GEMM", mode == "sorted-w-tma")
+    made = []
+    if mode == "sorted-gather":
+        _heavy_always(monkeypatch, T)
+        _poisoned_sorted_x(monkeypatch, made)
     launched = []
     for name in _GEMM_PATH_KERNELS:
         monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
@@ -473,23 +502,30 @@ def test_gemm_path_tma_gemm_matches_reference(
     got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")  # the default path at this size
     monkeypatch.undo()
     if pattern != "none":
-        gemm = "_gemm_expand_kernel" if sorted_gemm else "_gemm_tma_expand_kernel"
+        gemm = "_gemm_tma_expand_kernel" if mode == "own-order" else "_gemm_expand_kernel"
         assert launched == ["_batched_shrink_kernel", gemm], launched
+        if mode == "sorted-gather":  # the copy holds every row of an adapter, in the sorted order
+            (xs,) = made
+            order = batch.sorted_tokens[: sum(1 for i in ids if 0 <= i < pool.max_adapters)].long()
+            torch.testing.assert_close(xs[: order.numel()], x[order], rtol=0, atol=0)
     assert got.dtype == torch.float16 and got.shape == (T, sum(slices))
     torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
 
 
 @needs_triton
-def test_heavy_epilogue_takes_the_split_path(monkeypatch, tma_or_skip):
-    """Host ids whose TMA-GEMM row tiles hold many adapters make the split path the default from
-    EPILOGUE_SPLIT_MIN_TOKENS tokens (lowered here to the test's size; the cost threshold set just below / above the
-    step's): the same exact result either way; a forced path, device ids and torch.compile keep the gemm path."""
+def test_heavy_epilogue_takes_the_sorted_gemm_or_the_split_path(monkeypatch, tma_or_skip):
+    """Host ids whose TMA-GEMM row tiles hold many adapters leave that GEMM: for the sorted-row GEMM fed by the
+    shrink's sorted copy of x (SORTED_GATHER: from SORTED_MIN_TOKENS tokens, at least SORTED_MIN_TOKENS_PER_ADAPTER
+    tokens per adapter), else for the split path (EPILOGUE_SPLIT_MIN_TOKENS); the thresholds lowered to the test's
+    size, the cost threshold just below / above the step's: the same exact result either way; a forced path, device
+    ids and torch.compile keep the TMA GEMM."""
     from lora_kernels.triton import multi_lora as ML
 
     T, slices = 97, GEMM_SLICES
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, "repeats", True, seed=11)
     want = _want(pool, weight, b, x, ids)
     monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MIN_TOKENS", T)
+    monkeypatch.setattr(ML, "SORTED_MIN_TOKENS", T)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     ops._heavy_epilogue(x, pool, batch)
     # the adapters per row tile the op judged by (its TMA row tile on this device or the interpreter), cached
@@ -497,15 +533,27 @@ def test_heavy_epilogue_takes_the_split_path(monkeypatch, tma_or_skip):
     assert key[0] == pool.max_adapters and per_tile == mean_tile_adapters(torch.tensor(ids), *key)
     assert per_tile > 2  # the case has several adapters per row tile
     cost = 2 * per_tile * 32 / x.shape[1]  # rank 32: BLOCK_R 32
-    for max_cost, want_kernels, path, sorted_gemm in (
-        (cost * 0.9, ["_batched_shrink_kernel", "_expand_kernel"], None, False),
-        (cost * 1.1, ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], None, False),
-        (cost * 0.9, ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], "gemm", False),
-        # the sorted-row GEMM's tiles hold few adapters whatever the ids' order: no reason to split
-        (cost * 0.9, ["_batched_shrink_kernel", "_gemm_expand_kernel"], None, True),
+    assert cost == ML.epilogue_cost(x.shape[1], 32, per_tile)
+    present = len({i for i in ids if 0 <= i < pool.max_adapters})
+    sorted_gemm = ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+    own_order = ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"]
+    for max_cost, per_adapter, want_kernels, path, sorted_w_tma, gather in (
+        # heavy: the sorted-row GEMM fed by the shrink's sorted copy of x (SORTED_GATHER), or the split path
+        (cost * 0.9, 2, sorted_gemm, None, False, True),
+        (cost * 0.9, 2, ["_batched_shrink_kernel", "_expand_kernel"], None, False, False),
+        (cost * 1.1, 2, own_order, None, False, True),
+        (cost * 1.1, 2, own_order, None, False, False),
+        (cost * 0.9, 2, own_order, "gemm", False, True),
+        # too few tokens per adapter present for sorting to gather them into fewer tiles
+        (cost * 0.9, T // present + 1, own_order, None, False, True),
+        # the sorted-row GEMM's tiles hold few adapters whatever the ids' order: no reason to leave it
+        (cost * 0.9, 2, sorted_gemm, None, True, False),
     ):
-        monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MAX_COST", max_cost)
-        monkeypatch.setattr(ML, "SORTED_TMA_GEMM", sorted_gemm)
+        for name in ("EPILOGUE_SPLIT_MAX_COST", "SORTED_MAX_COST"):
+            monkeypatch.setattr(ML, name, max_cost)
+        monkeypatch.setattr(ML, "SORTED_MIN_TOKENS_PER_ADAPTER", per_adapter)
+        monkeypatch.setattr(ML, "SORTED_TMA_GEMM", sorted_w_tma)
+        monkeypatch.setattr(ML, "SORTED_GATHER", gather)
         launched = []
         for name in _GEMM_PATH_KERNELS:
             monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
@@ -513,11 +561,13 @@ def test_heavy_epilogue_takes_the_split_path(monkeypatch, tma_or_skip):
         got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path=path)
         for name in _GEMM_PATH_KERNELS:
             monkeypatch.setattr(ML, name, getattr(ML, name).kernel)
-        assert launched == want_kernels, (max_cost, path, launched)
+        assert launched == want_kernels, (max_cost, per_adapter, path, sorted_w_tma, gather, launched)
         torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
-    # ids not known on the host (device ids) or a step being compiled: nothing to judge from, the gemm path
-    monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MAX_COST", cost * 0.9)
+    # ids not known on the host (device ids) or a step being compiled: nothing to judge from, the TMA GEMM
+    monkeypatch.setattr(ML, "SORTED_MAX_COST", cost * 0.9)
+    monkeypatch.setattr(ML, "SORTED_MIN_TOKENS_PER_ADAPTER", 2)
     monkeypatch.setattr(ML, "SORTED_TMA_GEMM", False)
+    monkeypatch.setattr(ML, "SORTED_GATHER", True)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     assert ops._heavy_epilogue(x, pool, batch)
     monkeypatch.setattr(batch, "host_slots", None)
@@ -545,8 +595,21 @@ def test_tile_adapters_and_the_epilogue_rule():
     batch.host_slots = None  # as after prepare_ with device ids
     batch._tile_adapters = {}
     assert batch.tile_adapters(4, 4) is None
-    assert not ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: None, 16, [64], interp=True)
-    assert ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: 4.0, 16, [64], interp=True)
+    assert not ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: None, 16, [64], interp=True, adapters=4)
+    assert ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: 4.0, 16, [64], interp=True, adapters=4)
+    # the sorted-row GEMM's rule needs the adapters present (SORTED_GATHER), the split path's does not
+    assert not ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: 4.0, 16, [64], interp=True)
+    saved = ML.SORTED_GATHER
+    try:
+        ML.SORTED_GATHER = False
+        assert ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: 4.0, 16, [64], interp=True)
+    finally:
+        ML.SORTED_GATHER = saved
+    # 2·d·BLOCK_R / K against SORTED_MAX_COST (0.15) from SORTED_MIN_TOKENS (512) tokens and 2 tokens per adapter
+    K, R = 4096, 16
+    edge = ML.SORTED_MAX_COST * K / (2 * R)  # 19.2 adapters per tile
+    assert ML.epilogue_sorted(512, K, R, edge + 0.5, 256) and not ML.epilogue_sorted(512, K, R, edge - 0.5, 256)
+    assert not ML.epilogue_sorted(511, K, R, 128.0, 128) and not ML.epilogue_sorted(512, K, R, 128.0, 257)
     # 2·d·BLOCK_R / K against EPILOGUE_SPLIT_MAX_COST (0.4), from EPILOGUE_SPLIT_MIN_TOKENS (1024) tokens
     K, R = 4096, 16
     edge = ML.EPILOGUE_SPLIT_MAX_COST * K / (2 * R)  # 51.2 adapters per tile
@@ -576,18 +639,22 @@ def test_gemm_path_tma_gemm_bad_ids_and_overflow(tma_or_skip):
 
 
 @needs_triton
-@pytest.mark.parametrize("sorted_gemm", [False, True], ids=["own-order", "sorted-w-tma"])
-def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, sorted_gemm):
-    """The TMA GEMM reads each token's slot from the batch's token_slots at run time (the sorted-row GEMM with W0 by
-    TMA: the sorted lists): launches recorded once (host checks off, as while capturing) and replayed after
+@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather"])
+def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, mode):
+    """The TMA GEMM reads each token's slot from the batch's token_slots at run time (the sorted-row GEMMs: the
+    sorted lists; the one fed by the shrink's sorted copy of x also decides per tile at run time whether the copy
+    holds its rows): launches recorded once (host checks off, as while capturing) and replayed after
     ``batch.prepare_`` with other ids give every token its new adapter (all tokens one adapter, none, many per row
-    tile, ids outside the pool)."""
+    tile, ids outside the pool, an unloaded slot)."""
     from lora_kernels.triton import multi_lora as ML
 
     T = 72
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=21)
-    monkeypatch.setattr(ML, "SORTED_TMA_GEMM", sorted_gemm)
-    gemm = "_gemm_expand_kernel" if sorted_gemm else "_gemm_tma_expand_kernel"
+    monkeypatch.setattr(ML, "SORTED_TMA_GEMM", mode == "sorted-w-tma")
+    if mode == "sorted-gather":
+        _heavy_always(monkeypatch, T)
+        _poisoned_sorted_x(monkeypatch)
+    gemm = "_gemm_tma_expand_kernel" if mode == "own-order" else "_gemm_expand_kernel"
     log = []
     for name in ("_batched_shrink_kernel", gemm):
         monkeypatch.setattr(ML, name, ReplayLog(getattr(ML, name), log))
@@ -595,11 +662,25 @@ def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, sorte
     batch = LoRABatch.prepare(ids, device=DEVICE)
     y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
     assert [entry[0] for entry in log] == [ML._batched_shrink_kernel.real, getattr(ML, gemm).real]
-    if sorted_gemm:
-        assert log[1][3]["W_TMA"] is True
+    if mode != "own-order":
+        assert log[1][3]["W_TMA"] is True and log[1][3]["X_SORTED"] is (mode == "sorted-gather")
+        assert log[0][3]["GATHER"] is (mode == "sorted-gather")
     torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
-    refills = ([2] * T, [-1] * T, [(i * 5) % 7 - 1 for i in range(T)], [9, 4, -3] * (T // 3))
+    refills = ([2] * T, [-1] * T, [(i * 5) % 7 - 1 for i in range(T)], [9, 4, -3] * (T // 3), [3, 0, 3, 1] * (T // 4))
     _check_replays(log, batch, refills, x, y, pool, weight, b, seed=3)
+
+
+@needs_triton
+def test_sorted_gather_gemm_op_passes_opcheck(tma_or_skip):
+    """``torch.library.opcheck`` of the gemm op with ``sort_rows`` (the sorted-row GEMM a heavy-epilogue step
+    takes): schema, fake tensor, autograd registration and AOT dispatch see the flag."""
+    pool, weight, b, x, ids = _gemm_problem(72, torch.float16, GEMM_SLICES, "repeats", True, seed=23)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    tile_m = ops.step_tile_m(batch.tile_m, x.shape[0])
+    args = (x, weight, b, pool.A_stack, pool.B_stack, pool.ranks, pool.scales, *batch.meta, pool.slices, tile_m)
+    torch.library.opcheck(ops._gemm_op, (*args, "triton", 0, True))
+    got = ops._gemm_op(*args, "triton", 0, True)
+    torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
 
 
 def _check_replays(log, batch, refills, x, y, pool, weight, b, seed):
@@ -796,13 +877,13 @@ for M, R, slices, dtype in ((1, 16, [4096], torch.bfloat16), (1, 64, [4096, 1024
             ML.expand(torch.empty(M, S * R), B, ranks, scales, BatchMeta(ids, st_, ss, ts), y, slices, tile_m)
 
 
-def gemm(M, R, slices, dtype, tile_m=None, lanes=0):  # ML.linear_gemm on empty CPU tensors (with a bias)
+def gemm(M, R, slices, dtype, tile_m=None, lanes=0, sort_rows=False):  # ML.linear_gemm on empty CPU tensors, a bias
     S, N = len(slices), sum(slices)
     ids, st_, ss, ts = (torch.empty(n, dtype=torch.int32) for n in (4096, 4096, 4096, 4097))
     ML.linear_gemm(torch.empty(M, K, dtype=dtype), torch.empty(N, K, dtype=dtype), torch.empty(N, dtype=dtype),
                    torch.empty(L, S * R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
                    torch.empty(L, dtype=torch.int32), torch.empty(L, S, dtype=torch.float32),
-                   BatchMeta(ids, st_, ss, ts), slices, tile_m or step_tile_m(auto_tile_m(4096), M), lanes)
+                   BatchMeta(ids, st_, ss, ts), slices, tile_m or step_tile_m(auto_tile_m(4096), M), lanes, sort_rows)
 
 
 # The TMA GEMM of the gemm path (Hopper) on every tile it picks: 64x64 (128 rows), 64x128 (256), 128x256 (1024 and
@@ -817,6 +898,10 @@ ML.SORTED_TMA_GEMM = True
 for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
     gemm(M, R, slices, dtype)
 ML.SORTED_TMA_GEMM = False
+# The sorted-row GEMM of heavy-epilogue steps (x and W0 by TMA, x from the shrink's sorted copy: X_SORTED) and the
+# shrink that writes that copy (GATHER), on the same tiles.
+for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
+    gemm(M, R, slices, dtype, sort_rows=True)
 # The one-launch gemm path (few adapters): every tile (16 and 64 rows, and the 64 x 128 one for more rows) at the
 # widest stacked A (64 columns: 4 lanes of rank 16, 2 of 32, 1 of 64 with q|k|v slices) and one lane.
 for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, [4096], torch.float16, 1),
@@ -826,7 +911,8 @@ for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, 
     gemm(M, R, slices, dtype, tile_m=16, lanes=lanes)
 seen = set()
 names = set()
-w_tma = 0
+w_tma = x_sorted = gather = 0
+tma_loads = {}
 for kernel, grid, args, kwargs in calls:
     key = (str(kernel), tuple(sorted(kwargs.items())),
            tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
@@ -848,9 +934,15 @@ for kernel, grid, args, kwargs in calls:
         sass = sass_of(compiled)
         assert "HGMMA" in sass and "UTMALDG" in sass, (name, shown)
         w_tma += bool(shown.get("W_TMA"))
+        x_sorted += bool(shown.get("X_SORTED"))
+        if shown.get("W_TMA"):
+            tma_loads[(bool(shown.get("X_SORTED")), shown["BLOCK_R"])] = sass.count("UTMALDG")
+    gather += bool(shown.get("GATHER"))
 assert {"_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_batched_shrink_kernel", "_fused_kernel",
         "_expand_kernel", "_gemm_lanes_kernel"} <= names, names
-assert w_tma == 2, w_tma
+assert w_tma == 4 and x_sorted == 2 and gather == 2, (w_tma, x_sorted, gather)
+# with X_SORTED the sorted copy's K loop reads x by TMA as well (W0's loads alone in the other)
+assert all(tma_loads[(True, r)] > tma_loads[(False, r)] for r in (16, 64)), tma_loads
 print("OK")
 """
 

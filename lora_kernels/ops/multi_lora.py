@@ -49,8 +49,10 @@ FUSED_MAX_TOKENS = 8
 # the model charges it cuBLAS's rate (its LoRA epilogue's TF32 dots at half of it), and the gemm path is the default
 # at every token count above FUSED_MAX_TOKENS: 1.02-1.17x the floor at 1024 and 4096 tokens against the split path's
 # 1.20-1.29x, except where a 128-row tile of the batch's own order holds ~80 adapters (128 adapters uniform over
-# >= 1024 tokens: 1.66-1.72x against 1.25-1.50x). Such a step takes the split path when its ids are known on the
-# host (``heavy_epilogue``: triton.multi_lora.EPILOGUE_SPLIT_MIN_TOKENS / EPILOGUE_SPLIT_MAX_COST).
+# >= 1024 tokens: 1.66-1.72x). Such a step, when its ids are known on the host, takes the gemm path with sorted row
+# tiles instead (x read by TMA from a sorted copy that the shrink writes: 1.19-1.40x there; the split path 1.25-1.50x,
+# which it takes with triton.multi_lora.SORTED_GATHER off): ``heavy_epilogue``, triton.multi_lora.SORTED_MIN_TOKENS /
+# SORTED_MAX_COST / SORTED_MIN_TOKENS_PER_ADAPTER.
 GEMM_MAX_TOKENS = 256
 PATHS = ("fused", "split", "gemm")
 
@@ -226,8 +228,10 @@ def _ref_gemm(
     slices: list[int],
     tile_m: int,
     lanes: int = 0,
+    sort_rows: bool = False,
 ) -> torch.Tensor:
-    # the spec: base and LoRA in fp32 (float64), one rounding (``lanes``: how the Triton kernel splits the work)
+    # the spec: base and LoRA in fp32 (float64), one rounding (``lanes``, ``sort_rows``: how the Triton kernels split
+    # the work)
     return _ref.multi_lora_linear(
         x, weight, bias, A_stack, B_stack, ranks, scales, meta.token_slots[: x.shape[0]], slices
     )
@@ -369,11 +373,12 @@ def _gemm_op(
     tile_m: int,
     backend: str,
     lanes: int = 0,
+    sort_rows: bool = False,
 ) -> torch.Tensor:
     meta = BatchMeta(token_slots, sorted_tokens, sorted_slots, tile_starts)
     with _autocast.autocast_off(x):
         return BACKENDS.impl(backend)["gemm"](
-            x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, lanes
+            x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, lanes, sort_rows
         )
 
 
@@ -407,6 +412,14 @@ def _lanes(M: int, pool: AdapterPool, adapters: int | None) -> int:
     return ML.lanes_for(M, pool.max_rank, adapters)
 
 
+def _sorted_gather() -> bool:
+    """A heavy-epilogue step takes the gemm path with sorted row tiles (``triton.multi_lora.SORTED_GATHER``), not
+    the split path."""
+    from ..triton import multi_lora as ML
+
+    return ML.SORTED_GATHER
+
+
 def _heavy_epilogue(x2: torch.Tensor, pool: AdapterPool, batch: LoRABatch) -> bool:
     """The TMA GEMM's row tiles for this step would hold too many adapters (``triton.multi_lora.tma_epilogue_split``),
     judged from the ids the batch was last prepared with on the host (False when they were device ids, and while
@@ -417,7 +430,10 @@ def _heavy_epilogue(x2: torch.Tensor, pool: AdapterPool, batch: LoRABatch) -> bo
     from ..triton import multi_lora as ML
 
     L = pool.max_adapters
-    return ML.tma_epilogue_split(x2, lambda rows: batch.tile_adapters(L, rows), pool.max_rank, pool.slices)
+    adapters = sum(1 for u in batch.host_unique if 0 <= u < L) if batch.host_unique is not None else None
+    return ML.tma_epilogue_split(
+        x2, lambda rows: batch.tile_adapters(L, rows), pool.max_rank, pool.slices, adapters=adapters
+    )
 
 
 def choose_path(
@@ -440,7 +456,9 @@ def choose_path(
     - ``"split"``: F.linear, then the shrink into per-split fp32 partials and the expand, which sums them (adds
       into y; no zero-fill, no atomics). Default otherwise, and where the TMA GEMM's row tiles would hold so many
       adapters that its epilogue outweighs a round trip of y (``heavy_epilogue``: judged from host ids by
-      ``triton.multi_lora.tma_epilogue_split``).
+      ``triton.multi_lora.tma_epilogue_split``; :func:`multi_lora_linear` passes it only with
+      ``triton.multi_lora.SORTED_GATHER`` off, and otherwise runs such a step on the gemm path with sorted row
+      tiles).
 
     ``path`` forces one; ``fused`` (True/False) is the older way to force "fused"/"split"."""
     if path is not None:
@@ -664,7 +682,9 @@ def multi_lora_linear(
     lanes = _lanes(M, pool, adapters) if name == "triton" and batch.num_tokens == M else 0
     tma = name == "triton" and _gemm_tma(x2, weight)
     heavy = tma and path is None and fused is None and not lanes and _heavy_epilogue(x2, pool, batch)
-    chosen = choose_path(path, fused, M, name, tma=tma, lanes=lanes > 0, heavy_epilogue=heavy)
+    # a heavy epilogue: the gemm path with sorted row tiles where it is on, else the split path
+    sort_rows = heavy and _sorted_gather()
+    chosen = choose_path(path, fused, M, name, tma=tma, lanes=lanes > 0, heavy_epilogue=heavy and not sort_rows)
     if chosen == "gemm" and path is None and batch.num_tokens != M:
         chosen = "split"  # a default never refuses a batch prepared for another token count (path="gemm" does)
     # Autocast off for the base too: the result is in x's dtype on every path, as the gemm op computes it (inside
@@ -683,7 +703,7 @@ def multi_lora_linear(
                     f"has {M} rows; prepare one id per token (pad with -1)"
                 )
             A, B = pool.A_stack, pool.B_stack
-            y = _gemm_op(x2, weight, bias, A, B, pool.ranks, pool.scales, *meta, slices, tile_m, name, lanes)
+            y = _gemm_op(x2, weight, bias, A, B, pool.ranks, pool.scales, *meta, slices, tile_m, name, lanes, sort_rows)
             return y.reshape(*x.shape[:-1], N)
         y = F.linear(x2, weight, bias)
         if chosen == "fused":

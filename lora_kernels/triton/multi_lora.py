@@ -149,15 +149,24 @@ def _shrink_tile(
     stride_ar,
     stride_ak,
     K_LEN,
+    xs_ptr,  # [M, K] x's dtype, unit column stride: the sorted copy of x (written only with GATHER)
+    pos,  # [BLOCK_M] int64: the rows' positions in the sorted token list (rows of xs)
+    copy_x,  # scalar bool: this program writes its x rows to xs (GATHER)
+    stride_xsm,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CAST_FP32: tl.constexpr,
+    GATHER: tl.constexpr = False,
 ):
-    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_lo+K_LEN] · A[slot, slice_idx·R + j, same k]ᵀ for j < rank."""
+    """fp32 [BLOCK_M, BLOCK_R] = x[tok, k_lo:k_lo+K_LEN] · A[slot, slice_idx·R + j, same k]ᵀ for j < rank. With
+    GATHER (and ``copy_x``) the x tile it loads is also stored to xs[pos, same k]: the sorted copy of x that the
+    gemm path's sorted TMA GEMM reads, for no second read of x."""
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rank
     x_rows = x_ptr + tok[:, None] * stride_xm
+    xs_rows = xs_ptr + pos[:, None] * stride_xsm
+    copy_rows = tl.where(copy_x, row_ok, False)  # (a block & a scalar bool: an int8 mask in the interpreter)
     a_cols = a_ptr + slot * stride_al + (slice_idx * R + offs_r)[None, :].to(tl.int64) * stride_ar
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K_LEN, BLOCK_K):
@@ -165,6 +174,8 @@ def _shrink_tile(
         k_ok = offs_k < K
         offs_k64 = offs_k.to(tl.int64)  # k·stride of a column-major x / W / A passes 2^31 on large tensors
         xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if GATHER:
+            tl.store(xs_rows + offs_k64[None, :], xt, mask=copy_rows[:, None] & k_ok[None, :])
         at = tl.load(a_cols + offs_k64[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if CAST_FP32:
             acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
@@ -255,6 +266,8 @@ def _batched_shrink_kernel(
     stride_om,
     stride_on,
     stride_o_split,  # split k's partial sum goes to out + k·stride_o_split when not ATOMIC
+    xs_ptr,  # [M, K] x's dtype, unit column stride: x's rows in the sorted order, written with GATHER (else unused)
+    stride_xsm,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -262,6 +275,7 @@ def _batched_shrink_kernel(
     CAST_FP32: tl.constexpr,
     ATOMIC: tl.constexpr,
     PDL: tl.constexpr = False,  # a dependent GEMM may launch now (it waits for this grid before reading out)
+    GATHER: tl.constexpr = False,  # also write xs[p] = x[sorted_tokens[p]] for the rows of every valid-slot tile
 ):
     if PDL:
         _pdl_launch_dependents()
@@ -271,8 +285,18 @@ def _batched_shrink_kernel(
     rank, slot, tok, row_ok = _tile(
         tile_starts_ptr, sorted_tokens_ptr, sorted_slots_ptr, ranks_ptr, pid_t, M, L, cap, R, BLOCK_M
     )
-    if rank == 0:
-        return
+    start = tl.load(tile_starts_ptr + pid_t)
+    pos = (tl.maximum(start, 0) + tl.arange(0, BLOCK_M)).to(tl.int64)
+    if GATHER:
+        # slice 0 copies the rows of every tile of a slot in [0, L), rank 0 included (_tile's row_ok: that slot's
+        # rows only); the GEMM gathers the other rows (no adapter, slots outside the pool) from x itself
+        copy_x = (slice_idx == 0) & (start >= 0)
+        if (rank == 0) & (copy_x == 0):
+            return
+    else:
+        copy_x = start < 0  # unused: GATHER off
+        if rank == 0:
+            return
     acc = _shrink_tile(
         x_ptr,
         a_ptr,
@@ -290,10 +314,15 @@ def _batched_shrink_kernel(
         stride_ar,
         stride_ak,
         K_PER_SPLIT,
+        xs_ptr,
+        pos,
+        copy_x,
+        stride_xsm,
         BLOCK_M,
         BLOCK_R,
         BLOCK_K,
         CAST_FP32,
+        GATHER,
     )
     offs_r = tl.arange(0, BLOCK_R)
     out = out_ptr + tok[:, None] * stride_om + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_on
@@ -496,6 +525,10 @@ def _fused_kernel(
         stride_ar,
         stride_ak,
         K,
+        x_ptr,
+        tok,
+        False,
+        0,
         BLOCK_M,
         BLOCK_R,
         BLOCK_K,
@@ -528,8 +561,84 @@ def _fused_kernel(
 
 
 @triton.jit
+def _gathered_x_k_loop(
+    x_ptr,  # [M, K] token rows
+    w_ptr,  # [N, K] base weight
+    tok,  # [BLOCK_M] int64: the tile's token rows
+    row_ok,  # [BLOCK_M] bool
+    offs_n,  # [BLOCK_N] output columns
+    n_ok,
+    n_lo,
+    K,
+    N,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    W_TMA: tl.constexpr,
+):
+    """fp32 [BLOCK_M, BLOCK_N] = x[tok]·W0[offs_n]ᵀ, x's rows gathered by row pointers; W0 by TMA with W_TMA (rows
+    past the slice's end belong to the next slice and are not stored; past N and K the copy engine pads 0)."""
+    x_rows = x_ptr + tok[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    if W_TMA:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        offs_k64 = offs_k.to(tl.int64)  # k·stride of a column-major x / W / A passes 2^31 on large tensors
+        xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if W_TMA:
+            wt = w_desc.load([n_lo, k0]).T
+        else:
+            wt = tl.load(w_cols + offs_k64[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if CAST_FP32:
+            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, wt)
+    return acc
+
+
+@triton.jit
+def _sorted_x_k_loop(
+    xs_ptr,  # [M, K] x's rows in the sorted order, unit column stride, 16-byte rows
+    w_ptr,  # [N, K] base weight, TMA-readable
+    off_m,  # the tile's first position in the sorted list
+    n_lo,
+    M,
+    K,
+    N,
+    stride_xsm,
+    stride_wn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+):
+    """fp32 [BLOCK_M, BLOCK_N] = xs[off_m : off_m + BLOCK_M]·W0[n_lo : n_lo + BLOCK_N]ᵀ, both by TMA (rows past M,
+    columns past K padded with zeros by the copy engine), as in _gemm_tma_expand_kernel."""
+    xs_desc = tl.make_tensor_descriptor(xs_ptr, shape=[M, K], strides=[stride_xsm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        xt = xs_desc.load([off_m, kt * BLOCK_K])
+        wt = w_desc.load([n_lo, kt * BLOCK_K])
+        if CAST_FP32:
+            acc = tl.dot(xt.to(tl.float32), wt.T.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt.T, acc)
+    return acc
+
+
+@triton.jit
 def _gemm_expand_kernel(
     x_ptr,  # [M, K] fp16/bf16/fp32, token rows
+    xs_ptr,  # [M, K] x's dtype: x's rows in the sorted order, the shrink's copy (read by TMA with X_SORTED; or unused)
     w_ptr,  # [N, K] base weight, x's dtype
     bias_ptr,  # [N] (unused unless HAS_BIAS)
     xa_ptr,  # [SPLIT, M, S·R] fp32: the shrink's per-split partial sums of xa (only rows of loaded adapters are read)
@@ -551,6 +660,7 @@ def _gemm_expand_kernel(
     NUM_SPLITS,
     stride_xm,
     stride_xk,
+    stride_xsm,
     stride_wn,
     stride_wk,
     stride_xa_split,
@@ -572,6 +682,7 @@ def _gemm_expand_kernel(
     LORA_IEEE: tl.constexpr,  # epilogue dot in exact fp32 (fp32 pool or data) instead of tf32
     PDL: tl.constexpr = False,  # launched as a programmatic dependent of the shrink: wait for it before reading xa
     W_TMA: tl.constexpr = False,  # W0 read by TMA (unit column stride, 16-byte rows: gemm_tma_ok); see SORTED_TMA_GEMM
+    X_SORTED: tl.constexpr = False,  # (with W_TMA) x's rows by TMA from xs, the shrink's sorted copy; see SORTED_GATHER
 ):
     """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · xa_rows·B_aᵀ.
 
@@ -579,7 +690,11 @@ def _gemm_expand_kernel(
     holds few adapters: one segment each); the base K loop is a plain GEMM (W0 by TMA with W_TMA, x always gathered
     by row pointers); the epilogue walks the tile's distinct valid slots in ascending order (one small fp32 dot each,
     rows of other segments masked to 0), adds the bias and writes y once. -1 rows, ids outside [0, L) and slots of
-    rank 0 add nothing."""
+    rank 0 add nothing.
+
+    With X_SORTED the K loop reads x's rows by TMA from xs, the shrink's copy in the sorted order (GATHER: it holds
+    the rows of every slot in [0, L)); a tile holding any other row (no adapter, a slot outside the pool: the end of
+    the sorted list) gathers its rows from x instead."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
@@ -590,35 +705,37 @@ def _gemm_expand_kernel(
     tok = tok.to(tl.int64)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_end
-    x_rows = x_ptr + tok[:, None] * stride_xm
-    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
-    if W_TMA:  # rows past the slice's end belong to the next slice (not stored); past N and K the copy engine pads 0
-        w_desc = tl.make_tensor_descriptor(
-            w_ptr, shape=[N0 + N1 + N2 + N3, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
-        )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        offs_k64 = offs_k.to(tl.int64)  # k·stride of a column-major x / W / A passes 2^31 on large tensors
-        xt = tl.load(x_rows + offs_k64[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if W_TMA:
-            wt = w_desc.load([n_lo, k0]).T
-        else:
-            wt = tl.load(w_cols + offs_k64[:, None] * stride_wk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if CAST_FP32:
-            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(xt, wt)
-
-    # LoRA epilogue. With PDL this grid started while the shrink still ran: the wait returns once the shrink's grid
-    # has completed and its writes of xa are visible (x, W0 and y are not the shrink's outputs: read before it).
-    if PDL:
-        _pdl_wait()
     # NONE (2^31-1) marks rows that are done or have no valid adapter.
     NONE: tl.constexpr = 2147483647
-    slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
-    key = tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+    if X_SORTED:
+        slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
+        key = tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+        # xs is the shrink's output: with PDL wait for its grid before the K loop reads it
+        if PDL:
+            _pdl_wait()
+        # every row of the tile in xs (its slot in [0, L): a shrink tile copied it), or gather them all from x
+        from_xs = tl.max((in_list & (key == NONE)).to(tl.int32), axis=0) == 0
+        if from_xs:
+            acc = _sorted_x_k_loop(
+                xs_ptr, w_ptr, pid_m * BLOCK_M, n_lo, M, K, N0 + N1 + N2 + N3, stride_xsm, stride_wn,
+                BLOCK_M, BLOCK_N, BLOCK_K, CAST_FP32,
+            )  # fmt: skip
+        else:
+            acc = _gathered_x_k_loop(
+                x_ptr, w_ptr, tok, row_ok, offs_n, n_ok, n_lo, K, N0 + N1 + N2 + N3, stride_xm, stride_xk, stride_wn,
+                stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, CAST_FP32, W_TMA,
+            )  # fmt: skip
+    else:
+        acc = _gathered_x_k_loop(
+            x_ptr, w_ptr, tok, row_ok, offs_n, n_ok, n_lo, K, N0 + N1 + N2 + N3, stride_xm, stride_xk, stride_wn,
+            stride_wk, BLOCK_M, BLOCK_N, BLOCK_K, CAST_FP32, W_TMA,
+        )  # fmt: skip
+        # LoRA epilogue. With PDL this grid started while the shrink still ran: the wait returns once the shrink's
+        # grid has completed and its writes of xa are visible (x, W0 and y are not the shrink's outputs: read before).
+        if PDL:
+            _pdl_wait()
+        slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
+        key = tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
     acc = _add_expand(
         acc,
         key,
@@ -1026,11 +1143,14 @@ def _launch_shrink(
     atomic: bool,
     interp: bool,
     pdl: bool = False,
+    x_sorted: torch.Tensor | None = None,
 ) -> int:
     """One launch of the batched shrink into ``out`` ([M, S·R] fp32 rows, any strides). With ``atomic`` the K splits
     add into ``out`` (zero it first); without, split k writes ``out + k·out_split_stride`` (a partial sum per split).
     Returns the split count (decided here; ``out`` must already hold that many partials when not ``atomic``: see
-    :func:`shrink_config`). ``pdl``: let the next launch start early (it must wait for this grid: see PDL)."""
+    :func:`shrink_config`). ``pdl``: let the next launch start early (it must wait for this grid: see PDL).
+    ``x_sorted`` ([M, K], x's dtype, unit column stride): also copy the rows of every slot in [0, L) there, at their
+    positions in the sorted token list (GATHER: see :func:`sorted_x_buffer`)."""
     M, K = x.shape
     L, SR, _ = A_stack.shape
     R = SR // num_slices
@@ -1074,6 +1194,8 @@ def _launch_shrink(
             out.stride(0),
             out.stride(1),
             out_split_stride,
+            x_sorted if x_sorted is not None else x,
+            x_sorted.stride(0) if x_sorted is not None else 0,
             BLOCK_M=tile_m,
             BLOCK_R=_utils.block_r(R),
             BLOCK_K=block_k,
@@ -1081,6 +1203,7 @@ def _launch_shrink(
             CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype),
             ATOMIC=atomic,
             PDL=pdl,
+            GATHER=x_sorted is not None,
             num_warps=4,
             num_stages=stages,
         )
@@ -1187,9 +1310,17 @@ def partials(split: int, M: int, SR: int, device: torch.device) -> torch.Tensor:
 
 
 def _shrink_partials(
-    x: torch.Tensor, A_stack: torch.Tensor, ranks: torch.Tensor, meta: BatchMeta, S: int, tile_m: int, pdl: bool
+    x: torch.Tensor,
+    A_stack: torch.Tensor,
+    ranks: torch.Tensor,
+    meta: BatchMeta,
+    S: int,
+    tile_m: int,
+    pdl: bool,
+    x_sorted: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """The shrink into per-split partials (one launch, no zero-fill, no atomics): (partials, split count)."""
+    """The shrink into per-split partials (one launch, no zero-fill, no atomics): (partials, split count). With
+    ``x_sorted`` it also writes the sorted copy of x (see :func:`_launch_shrink`)."""
     M, K = x.shape
     L, SR, _ = A_stack.shape
     interp = _backend.interpreter_enabled()
@@ -1208,8 +1339,17 @@ def _shrink_partials(
         lambda: _utils.sm_count_of(x.device),
     )
     parts = partials(split, M, SR, x.device)
-    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp, pdl)
+    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp, pdl, x_sorted)
     return parts, split
+
+
+def sorted_x_buffer(x: torch.Tensor) -> torch.Tensor:
+    """The uninitialised [M, K] buffer, in x's dtype, for x's rows in the sorted token order (the shrink writes it
+    under GATHER, the sorted TMA GEMM reads it): unit column stride and 16-byte rows (padded), as TMA needs. One
+    function so that tests can hand the launchers a poisoned buffer."""
+    M, K = x.shape
+    per_16 = max(1, 16 // x.element_size())
+    return torch.empty(M, triton.cdiv(K, per_16) * per_16, dtype=x.dtype, device=x.device)[:, :K]
 
 
 def shrink_expand(
@@ -1377,6 +1517,19 @@ _INTERP_GEMM_TMA = (32, 16, 32, 4, 1)
 # few, the TMA kernel stays ahead at any rate. benchmarks/bench_multi_lora.py's lk_gemm_sorted times it. While on, the
 # heavy-epilogue rule (tma_epilogue_split) keeps such steps on the gemm path.
 SORTED_TMA_GEMM = False
+# True: a step the heavy-epilogue rule flags (tma_epilogue_split) runs the gemm path with sorted row tiles
+# (linear_gemm's sort_rows) instead of the split path: the shrink, which reads x's rows in the sorted order anyway,
+# also writes them to a sorted copy of x (one more write of x); the GEMM waits for the shrink (no PDL overlap: its
+# K loop reads that copy) and then runs _gemm_expand_kernel with x and W0 by TMA on the TMA kernel's tiles
+# (X_SORTED), a tile holding few adapters whatever the ids' order (~17 per 128 rows for 128 adapters uniform over 1024
+# tokens, ~5 over 4096). Tiles holding rows without an adapter (the end of the sorted list) gather those from x.
+# sm_90: 228 / 251 registers at 128×256×64 (without / with bias), 8 warps, no spills; the shrink writing the copy
+# 92-96 registers and 44-48 KiB of shared memory (56-72 and 48-60 KiB without).
+# Static serving model (H100, charged at the TMA GEMM's rate, as every TMA GEMM here; unmeasured): 128 adapters
+# uniform over 1024 / 4096 tokens 1.40x / 1.19x the floor, against 1.50x / 1.25x on the split path and 1.72x / 1.66x
+# on the TMA GEMM in the ids' own order. When to take it: SORTED_MIN_TOKENS, SORTED_MAX_COST.
+# False: such steps take the split path (EPILOGUE_SPLIT_MIN_TOKENS, EPILOGUE_SPLIT_MAX_COST).
+SORTED_GATHER = True
 
 
 def gemm_tma_config(
@@ -1418,10 +1571,11 @@ def gemm_tma_ok(x: torch.Tensor, weight: torch.Tensor, check_addresses: bool = T
 
 # The TMA GEMM's epilogue adds one masked [BLOCK_M, BLOCK_R] × [BLOCK_R, BLOCK_N] dot per distinct adapter of a row
 # tile, on fp32 operands (xa is never rounded: TF32 MMA, `HGMMA.*.TF32` in the sm_90 SASS, half the 16-bit rate), so
-# d adapters per tile cost 2·d·BLOCK_R / K of the base GEMM's MMA time. From EPILOGUE_SPLIT_MIN_TOKENS tokens (the
-# step is compute-bound: the epilogue no longer hides under W0's read) a step whose tiles average more than
-# EPILOGUE_SPLIT_MAX_COST of that takes the split path by default (cuBLAS, the shrink and the expand: y read and
-# written again, one more launch), when its ids are known on the host (:func:`tma_epilogue_split`). Static serving
+# d adapters per tile cost 2·d·BLOCK_R / K of the base GEMM's MMA time. With SORTED_GATHER off, from
+# EPILOGUE_SPLIT_MIN_TOKENS tokens (the step is compute-bound: the epilogue no longer hides under W0's read) a step
+# whose tiles average more than EPILOGUE_SPLIT_MAX_COST of that takes the split path by default (cuBLAS, the shrink
+# and the expand: y read and written again, one more launch), when its ids are known on the host
+# (:func:`tma_epilogue_split`; with SORTED_GATHER on, the sorted-row GEMM's thresholds below apply). Static serving
 # model (H100, K = N = 4096, r = 16, ids uniform over 16-512 adapters, 288-8192 tokens; unmeasured): 128 adapters
 # uniform over 1024 / 4096 tokens (~82 per 128-row tile: 0.64) 1.72x / 1.66x the floor on the gemm path against
 # 1.50x / 1.25x on the split path; 64 adapters (0.44) 1.49x / 1.45x against 1.38x / 1.23x; 32 adapters (0.25) within
@@ -1431,11 +1585,41 @@ EPILOGUE_SPLIT_MIN_TOKENS = 1024
 EPILOGUE_SPLIT_MAX_COST = 0.4
 
 
+# With SORTED_GATHER the alternative to a heavy epilogue is the sorted-row GEMM, not the split path: it pays a
+# write of x and its shrink no longer overlaps the GEMM, so it wins earlier, but only where sorting gathers each
+# adapter's tokens into fewer tiles, i.e. where adapters have several tokens each. Static serving model (H100, K = N =
+# 4096, r = 16, ids uniform over 16-1024 adapters and 256-8192 tokens; unmeasured): from 512 tokens, a cost above 0.15
+# of the base GEMM (~20 adapters per 128-row tile), and at least 2 tokens per adapter present, picks the faster of
+# the two gemm GEMMs within 1.3 % at every point (the split path's thresholds above: up to 19 % off); 128 adapters
+# uniform over 1024 / 4096 tokens 1.40x / 1.19x the floor against the split path's 1.50x / 1.25x; 1024 adapters over
+# 1024 tokens (one token each, ~80 adapters per sorted tile as well) stay on the TMA GEMM (1.41x against 1.53x).
+SORTED_MIN_TOKENS = 512
+SORTED_MAX_COST = 0.15
+SORTED_MIN_TOKENS_PER_ADAPTER = 2
+
+
+def epilogue_cost(K: int, R: int, adapters_per_tile: float) -> float:
+    """The TF32 epilogue dots of a TMA-GEMM row tile averaging ``adapters_per_tile`` adapters of rank <= R, as a
+    fraction of the base GEMM's MMA time: 2·d·BLOCK_R / K."""
+    return 2 * adapters_per_tile * _utils.block_r(R) / K
+
+
 def epilogue_split(M: int, K: int, R: int, adapters_per_tile: float) -> bool:
     """True when a TMA-GEMM step of M tokens whose row tiles average ``adapters_per_tile`` adapters of rank <= R
     costs more in its TF32 epilogue than the split path's round trip of y (EPILOGUE_SPLIT_MIN_TOKENS,
     EPILOGUE_SPLIT_MAX_COST)."""
-    return M >= EPILOGUE_SPLIT_MIN_TOKENS and 2 * adapters_per_tile * _utils.block_r(R) > EPILOGUE_SPLIT_MAX_COST * K
+    return M >= EPILOGUE_SPLIT_MIN_TOKENS and epilogue_cost(K, R, adapters_per_tile) > EPILOGUE_SPLIT_MAX_COST
+
+
+def epilogue_sorted(M: int, K: int, R: int, adapters_per_tile: float, adapters: int) -> bool:
+    """True when a TMA-GEMM step of M tokens on ``adapters`` distinct adapters, whose row tiles average
+    ``adapters_per_tile`` of them, should take the sorted-row GEMM instead (SORTED_MIN_TOKENS, SORTED_MAX_COST,
+    SORTED_MIN_TOKENS_PER_ADAPTER)."""
+    return (
+        M >= SORTED_MIN_TOKENS
+        and M >= SORTED_MIN_TOKENS_PER_ADAPTER * adapters
+        and epilogue_cost(K, R, adapters_per_tile) > SORTED_MAX_COST
+    )
 
 
 def heavy_epilogue(
@@ -1448,17 +1632,24 @@ def heavy_epilogue(
     interp: bool,
     smem: _utils.IntThunk,
     sms: _utils.IntThunk,
+    adapters: int | None = None,
 ) -> bool:
-    """:func:`epilogue_split` for a step of M tokens of ``elt``-byte data on adapters of rank <= R, with the row
-    tile :func:`gemm_tma_config` picks (``smem`` and ``sms`` asked only from EPILOGUE_SPLIT_MIN_TOKENS tokens);
-    ``tile_adapters(rows)`` gives the mean distinct adapters per row tile of that height (``LoRABatch.tile_adapters``;
-    None: unknown, no split). False with SORTED_TMA_GEMM: that GEMM's sorted row tiles hold few adapters whatever
-    the ids' order. Host ints only: shared with the static launch model."""
-    if M < EPILOGUE_SPLIT_MIN_TOKENS or SORTED_TMA_GEMM:
+    """Whether a step of M tokens of ``elt``-byte data on ``adapters`` distinct adapters of rank <= R leaves the TMA
+    GEMM in the ids' own order: :func:`epilogue_sorted` with SORTED_GATHER (for the sorted-row GEMM; ``adapters``
+    None: unknown, no), else :func:`epilogue_split` (for the split path), with the row tile :func:`gemm_tma_config`
+    picks (``smem`` and ``sms`` asked only past the token bound); ``tile_adapters(rows)`` gives the mean distinct
+    adapters per row tile of that height (``LoRABatch.tile_adapters``; None: unknown, no). False with
+    SORTED_TMA_GEMM: that GEMM's sorted row tiles hold few adapters whatever the ids' order. Host ints only: shared
+    with the static launch model."""
+    if SORTED_TMA_GEMM or M < (SORTED_MIN_TOKENS if SORTED_GATHER else EPILOGUE_SPLIT_MIN_TOKENS):
+        return False
+    if SORTED_GATHER and (adapters is None or M < SORTED_MIN_TOKENS_PER_ADAPTER * adapters):
         return False
     block_m = gemm_tma_config(M, slices, elt, R, interp, smem, sms)[0]
     per_tile = tile_adapters(block_m)
-    return per_tile is not None and epilogue_split(M, K, R, per_tile)
+    if per_tile is None:
+        return False
+    return epilogue_sorted(M, K, R, per_tile, adapters) if SORTED_GATHER else epilogue_split(M, K, R, per_tile)
 
 
 def tma_epilogue_split(
@@ -1467,6 +1658,7 @@ def tma_epilogue_split(
     R: int,
     slices: Sequence[int],
     interp: bool | None = None,
+    adapters: int | None = None,
 ) -> bool:
     """:func:`heavy_epilogue` for x [M, K] on x's device."""
     interp = _backend.interpreter_enabled() if interp is None else interp
@@ -1479,6 +1671,7 @@ def tma_epilogue_split(
         interp,
         lambda: _utils.smem_of(x.device),
         lambda: _utils.sm_count_of(x.device),
+        adapters,
     )
 
 
@@ -1507,12 +1700,15 @@ def linear_gemm(
     slices: Sequence[int],
     tile_m: int,
     lanes: int = 0,
+    sort_rows: bool = False,
 ) -> torch.Tensor:
     """``y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ`` per token's adapter, y new ``[M, N]`` in x's dtype: two launches,
     the shrink into per-split fp32 partials (no zero-fill: rows without an adapter are never read) and the base GEMM
     with the expand in its epilogue (y written once, never read). Needs the batch prepared for exactly M tokens
     (the GEMM's row tiles walk positions 0..M-1 of the sorted list; the op checks it). ``lanes`` > 0: one launch
-    instead, the shrink inside the GEMM (:func:`linear_lanes`; see :func:`lanes_for`)."""
+    instead, the shrink inside the GEMM (:func:`linear_lanes`; see :func:`lanes_for`). ``sort_rows`` (where the GEMM
+    would be the TMA kernel): the GEMM's row tiles follow the sorted token list, x read by TMA from a sorted copy that
+    the shrink writes (see SORTED_GATHER)."""
     if lanes:
         return linear_lanes(x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, lanes)
     M, K = x.shape
@@ -1526,9 +1722,10 @@ def linear_gemm(
         return y
     interp = _backend.interpreter_enabled()
     pdl = pdl_ok(x.device)
-    parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl)
     w_tma = gemm_tma_ok(x, weight)
-    if w_tma and not SORTED_TMA_GEMM:
+    x_sorted = sorted_x_buffer(x) if sort_rows and w_tma else None
+    parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl, x_sorted)
+    if w_tma and not SORTED_TMA_GEMM and x_sorted is None:
         _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp)
         return y
     if w_tma:  # sorted rows, W0 by TMA: the TMA GEMM's tiles
@@ -1544,6 +1741,7 @@ def linear_gemm(
     with _utils.device_ctx(x):
         _gemm_expand_kernel[grid](
             x,
+            x_sorted if x_sorted is not None else x,
             weight,
             bias if bias is not None else weight,
             parts,
@@ -1562,6 +1760,7 @@ def linear_gemm(
             n_splits,
             x.stride(0),
             x.stride(1),
+            x_sorted.stride(0) if x_sorted is not None else 0,
             weight.stride(0),
             weight.stride(1),
             parts.stride(0),
@@ -1583,6 +1782,7 @@ def linear_gemm(
             LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype) or x.dtype == torch.float32,
             PDL=pdl,
             W_TMA=w_tma,
+            X_SORTED=x_sorted is not None,
             num_warps=warps,
             num_stages=gstages,
             **({"launch_pdl": True} if pdl else {}),
