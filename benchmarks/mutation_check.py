@@ -142,6 +142,38 @@ MUTANTS: list[Mutant] = [
         "int32 column offsets into the shrink output: wrap past 2^31 elements when it is column-major",
         gpu=True,
     ),
+    M(
+        "kernels/multi-sorted-copy-partial",
+        "lora_kernels/triton/multi_lora.py",
+        "            tl.store(xs_rows + offs_k64[None, :], xt, mask=copy_rows[:, None] & k_ok[None, :])",
+        "            tl.store(xs_rows + offs_k64[None, :], xt, mask=copy_rows[:, None] & (offs_k64 < 8)[None, :])",
+        ["tests/test_multi_lora_serving.py", "-k", "sorted-gather"],
+        "the shrink writes only part of each row of the sorted copy of x",
+    ),
+    M(
+        "kernels/multi-sorted-copy-skips-rank-0",
+        "lora_kernels/triton/multi_lora.py",
+        "        if (rank == 0) & (copy_x == 0):",
+        "        if rank == 0:",
+        ["tests/test_multi_lora_serving.py", "-k", "replays_with_new_ids and sorted-gather"],
+        "tiles of a slot of rank 0 (unloaded, reserved) leave their rows out of the sorted copy of x",
+    ),
+    M(
+        "kernels/multi-sorted-gemm-trusts-the-copy",
+        "lora_kernels/triton/multi_lora.py",
+        "        from_xs = tl.max((in_list & (key == NONE)).to(tl.int32), axis=0) == 0",
+        "        from_xs = tl.max((in_list & (key == -5)).to(tl.int32), axis=0) == 0",
+        ["tests/test_multi_lora_serving.py", "-k", "sorted-gather"],
+        "the sorted GEMM reads rows without an adapter from the copy, which never holds them",
+    ),
+    M(
+        "kernels/multi-sorted-rule-ignores-tokens-per-adapter",
+        "lora_kernels/triton/multi_lora.py",
+        "        and M >= SORTED_MIN_TOKENS_PER_ADAPTER * adapters\n",
+        "        and M >= 0 * adapters\n",
+        ["tests/test_static_serving.py", "-k", "heavy_epilogue_rule"],
+        "one token per adapter still takes the sorted-row GEMM (as many adapters per sorted tile)",
+    ),
     # ------------------------------------------------------------------------------------------ CUDA extension
     M(
         "cuda/bgmv-shrink-ignores-scales",

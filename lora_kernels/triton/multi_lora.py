@@ -1643,7 +1643,7 @@ def heavy_epilogue(
     with the static launch model."""
     if SORTED_TMA_GEMM or M < (SORTED_MIN_TOKENS if SORTED_GATHER else EPILOGUE_SPLIT_MIN_TOKENS):
         return False
-    if SORTED_GATHER and (adapters is None or M < SORTED_MIN_TOKENS_PER_ADAPTER * adapters):
+    if SORTED_GATHER and adapters is None:
         return False
     block_m = gemm_tma_config(M, slices, elt, R, interp, smem, sms)[0]
     per_tile = tile_adapters(block_m)
