@@ -561,6 +561,14 @@ def _fused_kernel(
 
 
 @triton.jit
+def _row_keys(sorted_slots_ptr, pos, in_list, row_ok, L, NONE: tl.constexpr):
+    """[BLOCK_M] int32: the slot of each row at sorted positions ``pos``, NONE for rows that add nothing (outside
+    the list, a bad token, a slot outside [0, L))."""
+    slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
+    return tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+
+
+@triton.jit
 def _gathered_x_k_loop(
     x_ptr,  # [M, K] token rows
     w_ptr,  # [N, K] base weight
@@ -708,8 +716,7 @@ def _gemm_expand_kernel(
     # NONE (2^31-1) marks rows that are done or have no valid adapter.
     NONE: tl.constexpr = 2147483647
     if X_SORTED:
-        slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
-        key = tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+        key = _row_keys(sorted_slots_ptr, pos, in_list, row_ok, L, NONE)
         # xs is the shrink's output: with PDL wait for its grid before the K loop reads it
         if PDL:
             _pdl_wait()
@@ -734,8 +741,7 @@ def _gemm_expand_kernel(
         # grid has completed and its writes of xa are visible (x, W0 and y are not the shrink's outputs: read before).
         if PDL:
             _pdl_wait()
-        slot_row = tl.load(sorted_slots_ptr + pos, mask=in_list, other=NONE)
-        key = tl.where(row_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+        key = _row_keys(sorted_slots_ptr, pos, in_list, row_ok, L, NONE)  # after the K loop: not live across it
     acc = _add_expand(
         acc,
         key,
