@@ -25,7 +25,9 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
   ``lk_gemm_sorted`` the gemm path whose GEMM takes its rows in the sorted token order and reads W0 by TMA
   (``SORTED_TMA_GEMM``: few adapters per row tile whatever the ids' order; off by default until timed here), and
   ``lk_gemm_serial`` the gemm path without programmatic dependent launch (``PDL = False``: the GEMM starts after the
-  shrink, instead of overlapping it where their programs can share an SM);
+  shrink, instead of overlapping it where their programs can share an SM), and ``lk_gemm_sorted_copy`` the gemm path
+  on the sorted token list at every step where its GEMM is the TMA kernel (x's rows copied in that order by the
+  shrink, read by TMA: what the default runs only where the ids put many adapters in each row tile);
 - ``lk_cuda``: the same with ``backend="cuda"`` when the compiled extension is available.
 
 Timings: in a CUDA graph with the weights hot in L2; in a CUDA graph cycling several weight sets (W0 and the adapter
@@ -79,6 +81,7 @@ PROVIDERS = (
     "lk_gemm_2l",
     "lk_gemm_sorted",
     "lk_gemm_serial",
+    "lk_gemm_sorted_copy",
     "lk_cuda",
 )
 EAGER_ONLY = {"peft_mixed": "eager only: PEFT builds its index lists on the host at every call (not capturable)"}
@@ -214,12 +217,19 @@ def _peft_mixed(ws: WeightSet, ids_host: torch.Tensor) -> Callable:
     return lambda x: model(x, adapter_names=names)
 
 
-# Gemm-path variants: the module flag of lora_kernels.triton.multi_lora each sets while it runs (and while captured).
+# Gemm-path variants: the module flags of lora_kernels.triton.multi_lora each sets while it runs (and while captured),
+# and the path it asks for (None: the default, so that the heavy-epilogue rule decides).
 _GEMM_FLAGS = {
-    "lk_gemm_plain": ("TMA_GEMM", False),
-    "lk_gemm_2l": ("LANES_GEMM", False),
-    "lk_gemm_sorted": ("SORTED_TMA_GEMM", True),
-    "lk_gemm_serial": ("PDL", False),
+    "lk_gemm_plain": ({"TMA_GEMM": False}, "gemm"),
+    "lk_gemm_2l": ({"LANES_GEMM": False}, "gemm"),
+    "lk_gemm_sorted": ({"SORTED_TMA_GEMM": True}, "gemm"),
+    "lk_gemm_serial": ({"PDL": False}, "gemm"),
+    # the rule's thresholds at nothing: every step whose GEMM is the TMA kernel takes the sorted-row GEMM fed by the
+    # shrink's sorted copy of x (where the rule would not: 16 adapters at 1024 tokens, requests kept together)
+    "lk_gemm_sorted_copy": (
+        {"SORTED_GATHER": True, "SORTED_MIN_TOKENS": 0, "SORTED_MAX_COST": -1.0, "SORTED_MIN_TOKENS_PER_ADAPTER": 0},
+        None,
+    ),
 }
 
 
@@ -264,15 +274,17 @@ def build(
             ML = importlib.import_module("lora_kernels.triton.multi_lora")
         except ImportError as exc:
             raise ProviderUnavailable(f"lora_kernels' Triton kernels are not importable: {exc}") from exc
-        flag, value = _GEMM_FLAGS[provider]
+        flags, path = _GEMM_FLAGS[provider]
 
         def flagged(x):
-            saved = getattr(ML, flag)
-            setattr(ML, flag, value)
+            saved = {name: getattr(ML, name) for name in flags}
+            for name, value in flags.items():
+                setattr(ML, name, value)
             try:
-                return multi(x, ws.W, None, ws.pool, batch, backend=backend, path="gemm")
+                return multi(x, ws.W, None, ws.pool, batch, backend=backend, path=path)
             finally:
-                setattr(ML, flag, saved)
+                for name, value in saved.items():
+                    setattr(ML, name, value)
 
         return flagged
     if fused is None:

@@ -73,9 +73,11 @@ case "$phase" in
           --timings graph --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l --csv "$out/multi_T$t.csv"
     done
     # compute-bound steps: the TMA GEMM in the ids' order with and without PDL's overlap of the shrink (16 adapters:
-    # the default; 128: many adapters per row tile, where the split path is the default), and the sorted GEMM
-    run multi_prefill 120 $py benchmarks/bench_multi_lora.py --adapters 16 128 --tokens 1024 4096 --dists uniform \
-        --timings graph --providers base,lora_kernels,lk_split,lk_gemm,lk_gemm_serial,lk_gemm_sorted \
+    # the default; 128: many adapters per row tile, where the sorted-row GEMM fed by the shrink's copy of x is the
+    # default), that GEMM forced at 16 adapters, the sorted GEMM gathering x by pointers, and the split path
+    run multi_prefill 150 $py benchmarks/bench_multi_lora.py --adapters 16 128 --tokens 1024 4096 --dists uniform \
+        --timings graph \
+        --providers base,lora_kernels,lk_split,lk_gemm,lk_gemm_serial,lk_gemm_sorted,lk_gemm_sorted_copy \
         --csv "$out/multi_prefill.csv"
     ;;
   extras)
