@@ -695,10 +695,10 @@ def _gemm_expand_kernel(
     """y[rows, block] = x·W0ᵀ (+ bias) + Σ over the adapters a of the tile's rows: scale_a · xa_rows·B_aᵀ.
 
     Rows are BLOCK_M consecutive entries of the batch's sorted token list (gathered through sorted_tokens, so a tile
-    holds few adapters: one segment each); the base K loop is a plain GEMM (W0 by TMA with W_TMA, x always gathered
-    by row pointers); the epilogue walks the tile's distinct valid slots in ascending order (one small fp32 dot each,
-    rows of other segments masked to 0), adds the bias and writes y once. -1 rows, ids outside [0, L) and slots of
-    rank 0 add nothing.
+    holds few adapters: one segment each); the base K loop is a plain GEMM (W0 by TMA with W_TMA, x gathered by row
+    pointers unless X_SORTED); the epilogue walks the tile's distinct valid slots in ascending order (one small fp32
+    dot each, rows of other segments masked to 0), adds the bias and writes y once. -1 rows, ids outside [0, L) and
+    slots of rank 0 add nothing.
 
     With X_SORTED the K loop reads x's rows by TMA from xs, the shrink's copy in the sorted order (GATHER: it holds
     the rows of every slot in [0, L)); a tile holding any other row (no adapter, a slot outside the pool: the end of
