@@ -620,22 +620,30 @@ def test_tile_adapters_and_the_epilogue_rule():
 
 
 @needs_triton
-def test_gemm_path_tma_gemm_bad_ids_and_overflow(tma_or_skip):
+@pytest.mark.parametrize("mode", ["own-order", "sorted-gather"])
+def test_gemm_path_tma_gemm_bad_ids_and_overflow(monkeypatch, tma_or_skip, mode):
     """Ids outside -1..L-1 (unchecked: they add nothing), a batch with spare capacity, and the fp16 overflow case
-    (xa beyond 65504 stays fp32) on the TMA GEMM."""
+    (xa beyond 65504 stays fp32) on the TMA GEMM, and on the sorted-row GEMM fed by the shrink's sorted copy of x
+    (the heavy-epilogue rule's thresholds at the test's sizes; the copy poisoned with NaN beforehand)."""
+    path, made = "gemm", []
+    if mode == "sorted-gather":
+        _heavy_always(monkeypatch, 80)
+        _poisoned_sorted_x(monkeypatch, made)
+        path = None  # the rule decides (a forced path keeps the TMA GEMM in the ids' order)
     pool, weight, b, x, ids = _gemm_problem(90, torch.float16, GEMM_SLICES, "repeats", True, seed=13)
     bad = list(ids)
     bad[0], bad[33], bad[89] = 8, 1000, -7
     batch = LoRABatch.prepare(bad, max_tokens=128, device=DEVICE)
-    got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm", check=False)
+    got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path=path, check=False)
     want = _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in bad])
     torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
     pool2, w2, x2, ids2 = overflow_case(tokens=80)
     got2 = lk.multi_lora_linear(
-        x2, w2, None, pool2, LoRABatch.prepare(ids2, device=DEVICE), backend="triton", path="gemm"
+        x2, w2, None, pool2, LoRABatch.prepare(ids2, device=DEVICE), backend="triton", path=path
     )
     assert torch.isfinite(got2).all()
     torch.testing.assert_close(got2.cpu().double(), overflow_want(pool2, w2, x2, ids2), **close(torch.float16))
+    assert len(made) == (2 if mode == "sorted-gather" else 0)  # both steps took the sorted-row GEMM
 
 
 @needs_triton
