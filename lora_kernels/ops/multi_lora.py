@@ -430,9 +430,9 @@ def _heavy_epilogue(x2: torch.Tensor, pool: AdapterPool, batch: LoRABatch) -> bo
     from ..triton import multi_lora as ML
 
     L = pool.max_adapters
-    adapters = sum(1 for u in batch.host_unique if 0 <= u < L) if batch.host_unique is not None else None
+    # the adapters the host ids name (ids past the pool, unchecked, count too: the rule only grows more cautious)
     return ML.tma_epilogue_split(
-        x2, lambda rows: batch.tile_adapters(L, rows), pool.max_rank, pool.slices, adapters=adapters
+        x2, lambda rows: batch.tile_adapters(L, rows), pool.max_rank, pool.slices, adapters=batch.step_adapters
     )
 
 
