@@ -174,6 +174,14 @@ MUTANTS: list[Mutant] = [
         ["tests/test_static_serving.py", "-k", "heavy_epilogue_rule"],
         "one token per adapter still takes the sorted-row GEMM (as many adapters per sorted tile)",
     ),
+    M(
+        "kernels/multi-shrink-too-wide-beside-the-gemm",
+        "lora_kernels/triton/multi_lora.py",
+        "    block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 and not narrow else _SHRINK_BLOCK_K",
+        "    block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K",
+        ["tests/test_static_serving.py", "-k", "pdl_pairs_fit or compiles_every"],
+        "the gemm path's 32-row shrink keeps 256-deep K blocks next to an 8-warp GEMM: no room on the SM, no overlap",
+    ),
     # ------------------------------------------------------------------------------------------ CUDA extension
     M(
         "cuda/bgmv-shrink-ignores-scales",

@@ -210,8 +210,17 @@ def launches(
             )
         )
         return out
+    # the gemm path's shrink beside an 8-warp TMA GEMM (PDL overlap) takes narrower K blocks, as linear_gemm does
+    narrow = (
+        path == "gemm"
+        and not lanes
+        and pdl
+        and tma
+        and not sort_rows
+        and ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)[3] == 8
+    )
     n_tiles, block_k, stages, split = ML.shrink_config(
-        T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count
+        T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count, narrow
     )
     shrink_cfg = {
         "BLOCK_M": tile_m,
@@ -623,6 +632,19 @@ def _machine_code(facts: dict, config: dict | None = None) -> str:
     return "mma.sync"
 
 
+def co_resident(first: dict, second: dict, c=None) -> bool:
+    """Whether one program of each of two compiled launches (``regs``, ``smem_bytes``, ``num_warps``) fits on one SM
+    of the card at once: registers rounded up to 8 per thread, 1 KiB of shared memory reserved per program. A
+    programmatic dependent launch overlaps the launch before it only then."""
+    c = c or card()
+
+    def regs(x):
+        return -(-x["regs"] // 8) * 8 * 32 * x["num_warps"]
+
+    smem = first["smem_bytes"] + second["smem_bytes"] + 2 * 1024
+    return regs(first) + regs(second) <= c.regs_per_sm and smem <= c.smem_per_sm
+
+
 def _records(arch, facts_of, recorded, model, point) -> list[dict]:
     """One record per launch of a point, with static_report's field names (plus the point's T, L, dist, ratios)."""
     if len(recorded) != len(model) or not all(_same_launch(r, m) for r, m in zip(recorded, model)):
@@ -643,6 +665,14 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
         else ln
         for ln, f in zip(model, all_facts)
     ]
+    # a PDL launch overlaps the one before only where a program of each fits on one SM (else: serial)
+    together = [None] * len(model)
+    for i, ln in enumerate(model):
+        if i and ln.get("overlaps_previous") and all_facts[i] and all_facts[i - 1]:
+            pair = [dict(all_facts[j], num_warps=recorded[j].num_warps) for j in (i - 1, i)]
+            together[i] = co_resident(*pair)
+            if not together[i]:
+                model[i] = dict(ln, overlaps_previous=False)
     c = card()
     total = predict_us(model)
     out = []
@@ -656,6 +686,8 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
         bound = "memory" if mem >= comp else "compute"
         if ln.get("overlaps_previous"):
             bound += ", overlaps the previous launch (PDL)"
+        elif together[i] is False:
+            bound += ", after the previous launch (PDL, but their programs cannot share an SM)"
         out.append(
             {
                 "op": point["op"],
@@ -687,6 +719,7 @@ def _records(arch, facts_of, recorded, model, point) -> list[dict]:
                 "useful_flops": ln["useful_flops"],
                 "l2_atomic_bytes": 0,
                 "gemm": ln["kernel"].startswith(("cublas", "_gemm", "_decode", "_fwd_tma")),
+                "co_resident": together[i],
                 "machine_code": ln.get("machine_code"),
                 "guessed_machine_code": ln.get("guessed_machine_code"),
                 "compute_tflops": compute_rate(ln, c) / 1e12,

@@ -426,7 +426,7 @@ from benchmarks import static_serving as ss
 records, md = ss.report(
     sr, 90, decode_points=((16, 4096), (256, 4096)),
     grid_points=(("uniform", 16, 1), ("mix", 16, 64), ("uniform", 16, 16), ("uniform", 16, 64),
-                 ("uniform", 128, 256), ("mix", 16, 4096), ("uniform", 128, 1024)),
+                 ("uniform", 128, 256), ("mix", 16, 4096), ("uniform", 128, 1024), ("uniform", 16, 1024)),
 )
 json.dump(records, open(sys.argv[1], "w"))
 print(md)
@@ -496,6 +496,13 @@ def test_serving_report_compiles_every_config_for_sm90_without_spills(tmp_path):
     assert {r["config"].get("X_SORTED", False) for r in gemm if r["tma"] and r["kernel"] == "_gemm_expand_kernel"} == {
         True
     }
+    # every programmatic dependent launch overlaps its shrink: a program of each fits on one SM (registers, shared
+    # memory), as the launch model assumes without compiling (1024 and 4096 tokens: next to an 8-warp 128x256 GEMM)
+    pdl_pairs = [r for r in records if r["co_resident"] is not None]
+    assert {r["T"] for r in pdl_pairs} >= {64, 256, 1024, 4096}
+    assert all(r["co_resident"] and "overlaps the previous launch" in r["bound"] for r in pdl_pairs), [
+        (r["T"], r["L"], r["kernel"], r["regs"]) for r in pdl_pairs if not r["co_resident"]
+    ]
     # every Triton GEMM is charged by its compiled machine code, which is what the model assumes without compiling
     tma_kernels = ("_fwd_tma_kernel", "_gemm_tma_expand_kernel")
     for r in triton_launches:
@@ -505,3 +512,23 @@ def test_serving_report_compiles_every_config_for_sm90_without_spills(tmp_path):
             assert (r["machine_code"] == "tma") == tma, (r["kernel"], r["config"])
             slowdown = {"tma": 1.0, "wgmma": 1.35, "mma.sync": 2.7}[r["machine_code"]]
             assert abs(r["compute_tflops"] - 732 / slowdown) < 1e-6
+
+
+def test_pdl_pairs_fit_one_sm_by_registers_and_shared_memory():
+    """``co_resident``: registers rounded up to 8 per thread times the program's threads, 1 KiB of shared memory
+    reserved per program, against an H100 SM (65,536 registers, 228 KiB); and the gemm path's shrink next to an
+    8-warp TMA GEMM takes 128-deep K blocks (``narrow``) where its 32-row tiles would take 256."""
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
+
+    gemm = {"regs": 223, "smem_bytes": 144 * 1024, "num_warps": 8}  # 224 x 256 = 57,344 registers
+    assert ss.co_resident(gemm, {"regs": 64, "smem_bytes": 48 * 1024, "num_warps": 4})  # 65,536: exactly full
+    assert ss.co_resident(gemm, {"regs": 57, "smem_bytes": 48 * 1024, "num_warps": 4})  # 57 counts as 64
+    assert not ss.co_resident(gemm, {"regs": 65, "smem_bytes": 48 * 1024, "num_warps": 4})  # 72: one warp's too many
+    assert not ss.co_resident(gemm, {"regs": 48, "smem_bytes": 83 * 1024, "num_warps": 4})  # 229 KiB of 228
+    assert ss.co_resident(gemm, {"regs": 48, "smem_bytes": 82 * 1024, "num_warps": 4})
+    args = (1024, 4096, 16, 16, 1, 32, 1024, 2, 2, False, lambda: ss.H100_SMEM, lambda: ss.H100_SMS)
+    assert ML.shrink_config(*args)[1] == 256 and ML.shrink_config(*args, narrow=True)[1] == 128
+    wide = (4096, 4096, 16, 16, 1, 64, 4096, 2, 2, False, lambda: ss.H100_SMEM, lambda: ss.H100_SMS)
+    assert ML.shrink_config(*wide)[1] == ML.shrink_config(*wide, narrow=True)[1] == 128  # 64-row tiles: 128 anyway

@@ -74,6 +74,10 @@ def _capability(index: int) -> int:
 # moderate. Split-K spreads the K loop over more programs when there are too few tiles to fill the GPU (decode).
 _SHRINK_BLOCK_K_SMALL_TILE = 256
 _SHRINK_BLOCK_K = 128
+# ... except beside a wide GEMM (``narrow``): with PDL the gemm path's GEMM overlaps its shrink only where a program of
+# each fits on one SM, and an 8-warp 128×256 TMA GEMM program takes 205-224 registers × 256 threads (up to 57,344 of
+# an SM's 65,536). A 32-row shrink program at BLOCK_K 256 compiled to 64-72 registers × 128 threads on sm_90 (8,192-
+# 9,216: no room beside a 224-register GEMM), at 128 to 48 (6,144; the 64-row tiles at 128: 56-60).
 _MAX_SPLIT_K = 32  # vLLM uses 64 for M < 128 at K = 4096; 32 keeps ≥ 1 BLOCK_K per split there
 # Expand writes N-long rows of y: 64 columns per program gives 64 programs per tile at N = 4096.
 _EXPAND_BLOCK_N = 64
@@ -1119,14 +1123,15 @@ def shrink_config(
     interp: bool,
     smem: _utils.IntThunk,
     sm_count: _utils.IntThunk,
+    narrow: bool = False,
 ) -> tuple[int, int, int, int]:
     """(grid tiles, BLOCK_K, num_stages, split-K) of the shrink launch; ``smem`` and ``sm_count`` are callables (only
-    asked on a GPU). A function of host ints only, shared by the launchers and the static launch model
-    (benchmarks/static_serving.py)."""
+    asked on a GPU); ``narrow``: the launch shares SMs with a wide GEMM (see _SHRINK_BLOCK_K). A function of host ints
+    only, shared by the launchers and the static launch model (benchmarks/static_serving.py)."""
     n_tiles = max_tiles(M, L, tile_m, cap)
     if interp:
         return n_tiles, _INTERP_BLOCK_K, 3, min(_INTERP_SPLIT_K, triton.cdiv(K, _INTERP_BLOCK_K))
-    block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 else _SHRINK_BLOCK_K
+    block_k = _SHRINK_BLOCK_K_SMALL_TILE if tile_m <= 32 and not narrow else _SHRINK_BLOCK_K
     block_r = _utils.block_r(R)
     block_k, stages = _utils.k_pipeline(tile_m, block_k, block_r, x_bytes, a_bytes, tile_m * block_r * 4, smem())
     k_blocks = triton.cdiv(K, block_k)
@@ -1150,13 +1155,14 @@ def _launch_shrink(
     interp: bool,
     pdl: bool = False,
     x_sorted: torch.Tensor | None = None,
+    narrow: bool = False,
 ) -> int:
     """One launch of the batched shrink into ``out`` ([M, S·R] fp32 rows, any strides). With ``atomic`` the K splits
     add into ``out`` (zero it first); without, split k writes ``out + k·out_split_stride`` (a partial sum per split).
     Returns the split count (decided here; ``out`` must already hold that many partials when not ``atomic``: see
     :func:`shrink_config`). ``pdl``: let the next launch start early (it must wait for this grid: see PDL).
     ``x_sorted`` ([M, K], x's dtype, unit column stride): also copy the rows of every slot in [0, L) there, at their
-    positions in the sorted token list (GATHER: see :func:`sorted_x_buffer`)."""
+    positions in the sorted token list (GATHER: see :func:`sorted_x_buffer`). ``narrow``: see :func:`shrink_config`."""
     M, K = x.shape
     L, SR, _ = A_stack.shape
     R = SR // num_slices
@@ -1173,6 +1179,7 @@ def _launch_shrink(
         interp,
         lambda: _utils.smem_of(x.device),
         lambda: _utils.sm_count_of(x.device),
+        narrow,
     )
     if atomic and torch.are_deterministic_algorithms_enabled():
         split = 1  # fp32 atomics add in a run-dependent order: no split-K (bitwise reproducible, as lora_linear)
@@ -1324,9 +1331,10 @@ def _shrink_partials(
     tile_m: int,
     pdl: bool,
     x_sorted: torch.Tensor | None = None,
+    narrow: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """The shrink into per-split partials (one launch, no zero-fill, no atomics): (partials, split count). With
-    ``x_sorted`` it also writes the sorted copy of x (see :func:`_launch_shrink`)."""
+    ``x_sorted`` it also writes the sorted copy of x; ``narrow``: see :func:`shrink_config`."""
     M, K = x.shape
     L, SR, _ = A_stack.shape
     interp = _backend.interpreter_enabled()
@@ -1343,9 +1351,10 @@ def _shrink_partials(
         interp,
         lambda: _utils.smem_of(x.device),
         lambda: _utils.sm_count_of(x.device),
+        narrow,
     )
     parts = partials(split, M, SR, x.device)
-    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp, pdl, x_sorted)
+    _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp, pdl, x_sorted, narrow)
     return parts, split
 
 
@@ -1730,7 +1739,9 @@ def linear_gemm(
     pdl = pdl_ok(x.device)
     w_tma = gemm_tma_ok(x, weight)
     x_sorted = sorted_x_buffer(x) if sort_rows and w_tma else None
-    parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl, x_sorted)
+    # a shrink that overlaps an 8-warp TMA GEMM takes its narrower K blocks (its programs fit beside the GEMM's)
+    narrow = pdl and w_tma and x_sorted is None and _tma_tiles(x, slices, R, interp)[3] == 8
+    parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl, x_sorted, narrow)
     if w_tma and not SORTED_TMA_GEMM and x_sorted is None:
         _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp)
         return y
