@@ -1530,8 +1530,10 @@ _INTERP_GEMM_TMA = (32, 16, 32, 4, 1)
 # unmeasured. The static model charges it as a GEMM without TMA (1.35x cuBLAS's time): 1.60x / 1.42x the floor for
 # 128 adapters uniform over 1024 / 4096 tokens, behind the split path (1.50x / 1.25x); at cuBLAS's rate 1.21x / 1.06x,
 # and ahead of the split path up to ~1.2x / ~1.15x cuBLAS's time. Where the order of the ids keeps the tiles' adapters
-# few, the TMA kernel stays ahead at any rate. benchmarks/bench_multi_lora.py's lk_gemm_sorted times it. While on, the
-# heavy-epilogue rule (tma_epilogue_split) keeps such steps on the gemm path.
+# few, the TMA kernel stays ahead at any rate. Its 246-247 registers at 128×256 leave no room for a shrink program on
+# its SMs, so PDL would hide only the launch (the model, uncompiled, still charges the overlap; the sorted GEMM of
+# SORTED_GATHER beats those figures at the TMA rate). benchmarks/bench_multi_lora.py's lk_gemm_sorted times it. While
+# on, the heavy-epilogue rule (tma_epilogue_split) keeps such steps on the gemm path.
 SORTED_TMA_GEMM = False
 # True: a step the heavy-epilogue rule flags (tma_epilogue_split) runs the gemm path with sorted row tiles
 # (linear_gemm's sort_rows) instead of the split path: the shrink, which reads x's rows in the sorted order anyway,
