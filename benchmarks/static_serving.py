@@ -333,7 +333,8 @@ def launches(
 
 def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS) -> bool:
     """``ML.tma_epilogue_split`` for host ids on the modelled card: the TMA GEMM's row tiles (in the ids' own order)
-    would hold so many adapters that the default is the split path."""
+    would hold so many adapters that the default leaves them (the sorted-row GEMM with ``ML.SORTED_GATHER``, else the
+    split path)."""
     return ML.heavy_epilogue(
         ids.numel(),
         K,

@@ -1143,6 +1143,29 @@ def shrink_config(
     return n_tiles, block_k, stages, split
 
 
+def _shrink_config_of(
+    x: torch.Tensor, A_stack: torch.Tensor, meta: BatchMeta, num_slices: int, tile_m: int, interp: bool, narrow: bool
+) -> tuple[int, int, int, int]:
+    """:func:`shrink_config` for x [M, K] and A_stack [L, S·R, K] on x's device."""
+    M, K = x.shape
+    L, SR, _ = A_stack.shape
+    return shrink_config(
+        M,
+        K,
+        L,
+        SR // num_slices,
+        num_slices,
+        tile_m,
+        meta.capacity,
+        x.element_size(),
+        A_stack.element_size(),
+        interp,
+        lambda: _utils.smem_of(x.device),
+        lambda: _utils.sm_count_of(x.device),
+        narrow,
+    )
+
+
 def _launch_shrink(
     x: torch.Tensor,
     A_stack: torch.Tensor,
@@ -1167,21 +1190,7 @@ def _launch_shrink(
     M, K = x.shape
     L, SR, _ = A_stack.shape
     R = SR // num_slices
-    n_tiles, block_k, stages, split = shrink_config(
-        M,
-        K,
-        L,
-        R,
-        num_slices,
-        tile_m,
-        meta.capacity,
-        x.element_size(),
-        A_stack.element_size(),
-        interp,
-        lambda: _utils.smem_of(x.device),
-        lambda: _utils.sm_count_of(x.device),
-        narrow,
-    )
+    n_tiles, block_k, stages, split = _shrink_config_of(x, A_stack, meta, num_slices, tile_m, interp, narrow)
     if atomic and torch.are_deterministic_algorithms_enabled():
         split = 1  # fp32 atomics add in a run-dependent order: no split-K (bitwise reproducible, as lora_linear)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
@@ -1336,24 +1345,10 @@ def _shrink_partials(
 ) -> tuple[torch.Tensor, int]:
     """The shrink into per-split partials (one launch, no zero-fill, no atomics): (partials, split count). With
     ``x_sorted`` it also writes the sorted copy of x; ``narrow``: see :func:`shrink_config`."""
-    M, K = x.shape
-    L, SR, _ = A_stack.shape
+    M = x.shape[0]
+    SR = A_stack.shape[1]
     interp = _backend.interpreter_enabled()
-    _, _, _, split = shrink_config(
-        M,
-        K,
-        L,
-        SR // S,
-        S,
-        tile_m,
-        meta.capacity,
-        x.element_size(),
-        A_stack.element_size(),
-        interp,
-        lambda: _utils.smem_of(x.device),
-        lambda: _utils.sm_count_of(x.device),
-        narrow,
-    )
+    split = _shrink_config_of(x, A_stack, meta, S, tile_m, interp, narrow)[3]
     parts = partials(split, M, SR, x.device)
     _launch_shrink(x, A_stack, ranks, meta, parts[0], parts.stride(0), S, tile_m, False, interp, pdl, x_sorted, narrow)
     return parts, split
@@ -1742,16 +1737,19 @@ def linear_gemm(
     pdl = pdl_ok(x.device)
     w_tma = gemm_tma_ok(x, weight)
     x_sorted = sorted_x_buffer(x) if sort_rows and w_tma else None
+    tma_tiles = _tma_tiles(x, slices, R, interp) if w_tma else None
     # a shrink that overlaps an 8-warp TMA GEMM takes its narrower K blocks (its programs fit beside the GEMM's)
-    narrow = pdl and w_tma and x_sorted is None and _tma_tiles(x, slices, R, interp)[3] == 8
+    narrow = pdl and w_tma and x_sorted is None and tma_tiles[3] == 8
     parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl, x_sorted, narrow)
     if w_tma and not SORTED_TMA_GEMM and x_sorted is None:
-        _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp)
+        _launch_gemm_tma(
+            x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp, tma_tiles
+        )
         return y
     if w_tma:  # sorted rows, W0 by TMA: the TMA GEMM's tiles
         from . import lora_linear_tma as _tma
 
-        block_m, block_n, gk, warps, gstages = _tma_tiles(x, slices, R, interp)
+        block_m, block_n, gk, warps, gstages = tma_tiles
         _tma.ensure_allocator(x.device)
     else:
         block_m, block_n, gk, warps, gstages = gemm_config(
@@ -1810,14 +1808,17 @@ def linear_gemm(
     return y
 
 
-def _launch_gemm_tma(x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp) -> None:
-    """The TMA GEMM with the expand in its epilogue (see linear_gemm), rows in the batch's own order."""
+def _launch_gemm_tma(
+    x, weight, bias, parts, n_splits, B_stack, ranks, scales, meta, slices, y, pdl, interp, tiles
+) -> None:
+    """The TMA GEMM with the expand in its epilogue (see linear_gemm), rows in the batch's own order, on ``tiles``
+    (:func:`gemm_tma_config`)."""
     from . import lora_linear_tma as _tma
 
     M, K = x.shape
     L = B_stack.shape[0]
     R = parts.shape[2] // len(slices)
-    block_m, block_n, block_k, warps, stages = _tma_tiles(x, slices, R, interp)
+    block_m, block_n, block_k, warps, stages = tiles
     grid = (triton.cdiv(M, block_m), _out_blocks(slices, block_n))
     _tma.ensure_allocator(x.device)
     with _utils.device_ctx(x):
