@@ -107,6 +107,14 @@ def token_ids(dist: str, L: int, T: int, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(f"unknown distribution {dist!r}; choose from {', '.join(DISTS)}")
 
 
+def point_ids(dist: str, L: int, T: int, seed: int = 0) -> torch.Tensor:
+    """The adapter slots of grid point (dist, L, T): :func:`token_ids` from a generator seeded with ``seed`` for this
+    point alone, so that a point's ids do not depend on which other points a run measures, and the static model
+    (``benchmarks/static_serving.py``) and its calibration (``benchmarks/calibrate_serving.py``) price the very ids
+    that were timed."""
+    return token_ids(dist, L, T, torch.Generator().manual_seed(seed))
+
+
 def adapter_bound(dist: str, L: int, T: int) -> int:
     """The most distinct adapters a step of ``dist`` can name: what a serving engine's per-batch LoRA bound would be
     set to, and the ``max_adapters_per_step`` promise the lora_kernels providers prepare their batch with (4 for
@@ -318,13 +326,17 @@ def floor_of(T: int, K: int, N: int, r: int, n_active: int, elt: int, ceilings) 
 
 
 # ------------------------------------------------------------------------------------------------------------ run
+# The table of each timing ("cycled": {n} = the weight sets cycled); benchmarks/calibrate_serving.py reads the CSV's
+# "table" column by these titles (a CUDA graph: "CUDA graph"; weights from DRAM: "cycled").
+TITLES = {
+    "graph": "whole layer in a CUDA graph, weights hot in L2",
+    "cycled": "whole layer in a CUDA graph, {n} weight sets cycled (weights from DRAM)",
+    "eager": "whole layer, eager (do_bench, launch overhead included)",
+}
+
+
 def run(args, device, dtype, providers, ceilings) -> list[Table]:
     timings = [t for t in ("graph", "cycled", "eager") if t in args.timings]
-    titles = {
-        "graph": "whole layer in a CUDA graph, weights hot in L2",
-        "cycled": "whole layer in a CUDA graph, {n} weight sets cycled (weights from DRAM)",
-        "eager": "whole layer, eager (do_bench, launch overhead included)",
-    }
     note = (
         f"K = {args.k}, N = {args.n}, r = {args.r}. Cells: time / base (time / floor). Floor = max(flops / peak, "
         "bytes / bandwidth), bytes = W0 + A and B of the adapters present + x + y. Target for lora_kernels: "
@@ -332,7 +344,7 @@ def run(args, device, dtype, providers, ceilings) -> list[Table]:
     )
     tables = {
         t: Table(
-            titles[t],
+            TITLES[t],
             ["dist", "L", "T", "active"],
             providers,
             show_floor=True,
@@ -341,7 +353,6 @@ def run(args, device, dtype, providers, ceilings) -> list[Table]:
         )
         for t in timings
     }
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
     wgen = torch.Generator(device=device).manual_seed(args.seed + 1)
     elt = torch.empty((), dtype=dtype).element_size()
     cycles_used = set()
@@ -354,7 +365,7 @@ def run(args, device, dtype, providers, ceilings) -> list[Table]:
             cycles_used.add(n_sets)
             for dist in args.dists:
                 for T in progress(args.tokens, desc=f"L={L} {dist}", unit="point"):
-                    ids = token_ids(dist, L, T, gen)
+                    ids = point_ids(dist, L, T, args.seed)
                     n_active = int(torch.unique(ids).numel())
                     key = {"dist": dist, "L": L, "T": T, "active": n_active}
                     print(f"[multi] dist={dist} L={L} T={T} active={n_active}", flush=True)
@@ -400,7 +411,7 @@ def run(args, device, dtype, providers, ceilings) -> list[Table]:
                     del x, ref
             del sets
             common.free_memory(device)
-    common.name_cycled_table(tables, titles, cycles_used)
+    common.name_cycled_table(tables, TITLES, cycles_used)
     return [tables[t] for t in timings]
 
 

@@ -182,6 +182,22 @@ MUTANTS: list[Mutant] = [
         ["tests/test_static_serving.py", "-k", "pdl_pairs_fit or compiles_every"],
         "the gemm path's 32-row shrink keeps 256-deep K blocks next to an 8-warp GEMM: no room on the SM, no overlap",
     ),
+    M(
+        "bench/serving-model-ignores-overlap",
+        "benchmarks/static_serving.py",
+        "            t += (overlap * max(mem, comp) + (1 - overlap) * serial - max(prev)) * 1e6",
+        "            t += (max(mem, comp) - max(prev)) * 1e6",
+        ["tests/test_calibrate_serving.py", "-k", "overlap"],
+        "predict_us overlaps a PDL pair fully whatever the overlap constant: the calibration cannot fit it",
+    ),
+    M(
+        "bench/calibration-moves-one-constant-at-a-time",
+        "benchmarks/calibrate_serving.py",
+        "                        if cost < current:",
+        "                        if cost < current and False:",
+        ["tests/test_calibrate_serving.py", "-k", "finds_the_constants"],
+        "coordinate moves only: constants pinned together (cuBLAS's rate and a GEMM's slowdown) stop a step off",
+    ),
     # ------------------------------------------------------------------------------------------ CUDA extension
     M(
         "cuda/bgmv-shrink-ignores-scales",

@@ -8,6 +8,11 @@
 #   bash benchmarks/run_on_gpu.sh serve   # (c) ~4 min: decode (CUDA graphs) and multi-adapter layers, few points
 #   bash benchmarks/run_on_gpu.sh extras  # only if time is left: CUDA extension build + tests, the full suite
 #
+# Then, on any machine (CPU, seconds), fit the static serving model's constants (bandwidth, cuBLAS and Triton GEMM
+# rates, launch cost, PDL overlap) to the serve phase's multi-adapter CSVs and see which path rules to move:
+#
+#   python benchmarks/calibrate_serving.py out/multi_*.csv --markdown out/calibrate.md --json out/calibrate.json
+#
 # Every step has its own timeout, and every result is written as soon as it exists: the logs are teed line by line,
 # the benchmarks run one shape per process with its own CSV, so a call cut short keeps every finished point.
 # Everything goes under $OUT (or ./out): logs, CSVs, card.txt (card, driver, versions). The machine has no network:
@@ -68,15 +73,17 @@ case "$phase" in
           --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base,lk_triton_base,lk_decode \
           --csv "$out/decode_${d//:/_}.csv"
     done
+    # graph (weights hot in L2, as the peers were measured) and cycled (weights from DRAM, as the static model
+    # prices them: what benchmarks/calibrate_serving.py fits)
     for t in 1 16 64 256 4096; do
       run "multi_T$t" 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
-          --timings graph --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l --csv "$out/multi_T$t.csv"
+          --timings graph,cycled --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l --csv "$out/multi_T$t.csv"
     done
     # compute-bound steps: the TMA GEMM in the ids' order with and without PDL's overlap of the shrink (16 adapters:
     # the default; 128: many adapters per row tile, where the sorted-row GEMM fed by the shrink's copy of x is the
     # default), that GEMM forced at 16 adapters, the sorted GEMM gathering x by pointers, and the split path
     run multi_prefill 150 $py benchmarks/bench_multi_lora.py --adapters 16 128 --tokens 1024 4096 --dists uniform \
-        --timings graph \
+        --timings graph,cycled \
         --providers base,lora_kernels,lk_split,lk_gemm,lk_gemm_serial,lk_gemm_sorted,lk_gemm_sorted_copy \
         --csv "$out/multi_prefill.csv"
     ;;

@@ -103,9 +103,9 @@ def compute_s(ln: dict, rate: float, c=None) -> float:
 
 
 def _ids(dist: str, L: int, T: int, seed: int) -> torch.Tensor:
-    from benchmarks.bench_multi_lora import token_ids
+    from benchmarks.bench_multi_lora import point_ids
 
-    return token_ids(dist, L, T, torch.Generator().manual_seed(seed))
+    return point_ids(dist, L, T, seed)
 
 
 def adapter_bound(dist: str, L: int, T: int) -> int:
@@ -127,6 +127,12 @@ def _launch(kernel, grid, config, read, written, flops, useful, l2_read=None, tf
         "useful_flops": int(useful),
         "tf32_flops": int(tf32_flops),
     }
+
+
+def base_launch(T: int, K: int = K_DEFAULT, N: int = N_DEFAULT, elt: int = 2) -> dict:
+    """The cuBLAS base ``F.linear`` of T tokens as a launch of the model: W0 and x read, y written."""
+    flops = 2 * T * K * N
+    return _launch("cublas_gemm (F.linear)", (0,), {}, (N * K + T * K) * elt, T * N * elt, flops, flops)
 
 
 def launches(
@@ -179,9 +185,7 @@ def launches(
     base_flops = 2 * T * K * N
     out = []
     if path in ("fused", "split"):
-        out.append(
-            _launch("cublas_gemm (F.linear)", (0,), {}, (N * K + T * K) * elt, T * N * elt, base_flops, base_flops)
-        )
+        out.append(base_launch(T, K, N, elt))
     if path == "fused":
         block_n, block_k, stages = ML.fused_config(tile_m, R, elt, elt, elt, False, lambda: smem)
         blocks = ML._out_blocks(slices, block_n)
@@ -456,24 +460,30 @@ def predict_us(
     peak: float | None = None,
     launch_us: float = LAUNCH_US,
     base_kernels: int = 1,
+    c=None,
+    overlap: float = 1.0,
 ) -> float:
     """Sum over launches of max(DRAM bytes / bandwidth, flops / rate), plus ``launch_us`` per launch beyond
     ``base_kernels`` (the base layer's own). The rate is the training report's for that kind of launch
     (:func:`compute_rate`: cuBLAS at 732 TFLOP/s, a non-TMA wgmma Triton GEMM 1.35x slower, mma.sync 2.7x, skinny
     Triton kernels at 247 TFLOP/s), the TF32 epilogue dots at half of it (:func:`compute_s`); ``peak`` instead
-    charges every launch at that one rate. Serial launches, except that a launch marked ``overlaps_previous`` (a
-    programmatic dependent launch) runs alongside the one before it: the pair takes max(summed bytes / bandwidth,
-    summed compute time). A rough, static estimate."""
-    c = card()
+    charges every launch at that one rate; ``c`` replaces the card (:func:`card`) and its rates. Serial launches,
+    except that a launch marked ``overlaps_previous`` (a programmatic dependent launch) runs alongside the one before
+    it: the pair takes max(summed bytes / bandwidth, summed compute time) where ``overlap`` is 1 (the default), the
+    serial sum where it is 0, in between the mix (``benchmarks/calibrate_serving.py`` fits it). A rough, static
+    estimate."""
+    c = c or card()
     t = 0.0
     prev = None  # (memory s, compute s) of the previous launch
     for ln in launch_list:
         rate = peak if peak is not None else compute_rate(ln, c)
         mem, comp = (ln["bytes_read"] + ln["bytes_written"]) / bandwidth, compute_s(ln, rate, c)
         if ln.get("overlaps_previous") and prev is not None:
-            t -= max(prev) * 1e6
+            serial = max(prev) + max(mem, comp)
             mem, comp = mem + prev[0], comp + prev[1]
-        t += max(mem, comp) * 1e6
+            t += (overlap * max(mem, comp) + (1 - overlap) * serial - max(prev)) * 1e6
+        else:
+            t += max(mem, comp) * 1e6
         prev = (mem, comp)
     return t + launch_us * max(0, len(launch_list) - base_kernels)
 

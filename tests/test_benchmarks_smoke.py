@@ -307,6 +307,12 @@ def test_multi_lora_script_runs(tmp_path, capsys):
     rows = _read_csv(out_csv)
     assert len(rows) == 3 * 4 * 4
     assert {"dist", "L", "T", "active", "ratio_floor"} <= set(rows[0])
+    # each point's ids are its own draw (point_ids), whatever else the run measures: the calibration of the static
+    # model rebuilds them and prices every row of the two graph tables
+    from benchmarks import calibrate_serving as cal
+
+    priced, notes = cal.read_rows([str(out_csv)], K=24, N=40, R=3)
+    assert not notes and len(priced) == 2 * 4 * 2  # base and lora_kernels, graph and cycled, 4 points
     text = capsys.readouterr().out
     assert "floor µs (floor/base)" in text
     assert (

@@ -1,0 +1,454 @@
+"""Calibrate the static serving model against measured times: read the CSVs of ``benchmarks/bench_multi_lora.py``
+(CUDA-graph tables), price every timed lora_kernels variant and the cuBLAS base with the launches the model gives
+for the very ids that were timed, and fit the model's few constants to the measurements:
+
+- ``bandwidth``: DRAM bytes/s of a launch (the model's ``COPY_BW``),
+- ``cublas_flops``: the cuBLAS base GEMM's rate,
+- ``tma_slowdown`` / ``wgmma_slowdown`` / ``mma_sync_slowdown``: a Triton GEMM's time against cuBLAS's by the
+  machine code it compiles to (the card's ``triton_*_slowdown``),
+- ``launch_us``: the cost of each launch beyond the base layer's one (``LAUNCH_US``),
+- ``overlap``: how much of a programmatic dependent launch runs alongside the launch before it (1: fully, the
+  model's assumption; 0: not at all).
+
+The fit is a coordinate descent over a grid of values per constant (no SciPy), minimising the mean squared log of
+measured / predicted over the rows of one table (hot weights and cycled weights are fitted apart: with W0 hot in
+L2 the fitted bandwidth is an effective one, not DRAM's). A constant that no row's prediction depends on keeps its
+assumed value and is marked as not determined. Then the grid of BENCHMARKS.md is predicted again with the fitted
+constants: the default path's predicted time / floor per point, and every point where the path rules
+(``lora_kernels.ops.multi_lora.choose_path``, ``triton.multi_lora.heavy_epilogue``) pick a path the fitted model
+predicts slower than another one, i.e. a threshold to move.
+
+Run on the CPU after a GPU run, from the repository root::
+
+    python benchmarks/calibrate_serving.py out/multi_T*.csv out/multi_prefill.csv [--markdown out/calibrate.md]
+
+Prints markdown (constants, per-variant errors, the grid again, the rules to revisit) and can write the fitted
+constants as JSON (``--json``). Only lora_kernels' Triton variants and the base are priced (the peers, eager PEFT
+and the CUDA extension have no launch model)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repository root
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lora_kernels.triton import multi_lora as ML
+
+from benchmarks import static_serving as SS
+from benchmarks.bench_multi_lora import _GEMM_FLAGS, TARGET_FLOOR, adapter_bound
+
+# Provider of bench_multi_lora.py -> the path it forces (None: the default), for the variants that set no flags.
+_PATH_OF = {"lora_kernels": None, "lk_fused": "fused", "lk_split": "split", "lk_gemm": "gemm"}
+PRICED = ("base", *_PATH_OF, *_GEMM_FLAGS)
+_ELT = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constants:
+    """The model's constants a measurement can correct (see the module docstring)."""
+
+    bandwidth: float = SS.COPY_BW
+    cublas_flops: float = SS.card().cublas_flops
+    tma_slowdown: float = SS.card().triton_tma_slowdown
+    wgmma_slowdown: float = SS.card().triton_wgmma_slowdown
+    mma_sync_slowdown: float = SS.card().triton_mma_sync_slowdown
+    launch_us: float = SS.LAUNCH_US
+    overlap: float = 1.0
+
+    def card(self):
+        return dataclasses.replace(
+            SS.card(),
+            cublas_flops=self.cublas_flops,
+            triton_tma_slowdown=self.tma_slowdown,
+            triton_wgmma_slowdown=self.wgmma_slowdown,
+            triton_mma_sync_slowdown=self.mma_sync_slowdown,
+        )
+
+
+def _steps(lo: float, hi: float, n: int) -> tuple[float, ...]:
+    return tuple(lo + (hi - lo) * i / (n - 1) for i in range(n))
+
+
+# The values each constant may take: wide enough for any card the model could describe, fine enough that the fit's
+# step (1-2 % of the value) is below the run-to-run noise of a CUDA-graph timing.
+GRIDS = {
+    "bandwidth": _steps(1.0e12, 8.0e12, 351),  # 20 GB/s steps; up to 8 TB/s: W0 hot in L2 reads faster than DRAM
+    "cublas_flops": _steps(300e12, 1000e12, 141),  # 5 TFLOP/s steps, up to the H100's dense peak
+    "tma_slowdown": _steps(0.8, 3.0, 221),
+    "wgmma_slowdown": _steps(0.8, 3.0, 221),
+    "mma_sync_slowdown": _steps(1.0, 6.0, 101),
+    "launch_us": _steps(0.0, 6.0, 121),  # 0.05 µs steps
+    "overlap": _steps(0.0, 1.0, 51),
+}
+
+
+@dataclasses.dataclass
+class Row:
+    """One measured time of one provider at one point, with the model's launches for it."""
+
+    timing: str  # "hot" | "cycled"
+    dist: str
+    L: int
+    T: int
+    provider: str
+    us: float
+    floor_us: float | None
+    launches: list[dict]
+
+    @property
+    def point(self) -> tuple[str, int, int]:
+        return (self.dist, self.L, self.T)
+
+
+@contextmanager
+def _flags(values: dict):
+    """Set module flags of ``triton.multi_lora`` as the benchmark's provider does while it runs."""
+    saved = {name: getattr(ML, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(ML, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ML, name, value)
+
+
+def model_launches(
+    provider: str, ids, L: int, K: int, N: int, R: int, elt: int, bound: int | None
+) -> list[dict] | None:
+    """The model's launches for ``provider`` of bench_multi_lora.py on token ids ``ids`` (None: not priced)."""
+    T = ids.numel()
+    if provider == "base":
+        return [SS.base_launch(T, K, N, elt)]
+    if provider in _PATH_OF:
+        return SS.launches(ids, L, K, (N,), R, elt, path=_PATH_OF[provider], adapters=bound)
+    if provider in _GEMM_FLAGS:
+        flags, path = _GEMM_FLAGS[provider]
+        with _flags(flags):
+            return SS.launches(
+                ids,
+                L,
+                K,
+                (N,),
+                R,
+                elt,
+                path=path,
+                adapters=bound,
+                pdl=ML.PDL,
+                tma=ML.TMA_GEMM,
+            )
+    return None
+
+
+def _timing(table: str) -> str | None:
+    if "CUDA graph" not in table:
+        return None  # eager timings include the host's launch overhead, which the model does not price
+    return "cycled" if "cycled" in table else "hot"
+
+
+def _num(v: str | None) -> float | None:
+    try:
+        x = float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+    return x if x is not None and math.isfinite(x) and x > 0 else None
+
+
+def read_rows(
+    paths: Iterable[str], K: int = SS.K_DEFAULT, N: int = SS.N_DEFAULT, R: int = SS.RANK, seed: int = 0
+) -> tuple[list[Row], list[str]]:
+    """The priced rows of the CSVs and a list of notes (rows skipped and why). Each point's ids are rebuilt as the
+    benchmark draws them (``bench_multi_lora.point_ids`` with ``seed``); a point whose ``active`` count differs from
+    them was timed on other ids (another seed, an older script) and is skipped."""
+    rows, notes = [], []
+    skipped: dict[str, int] = {}
+    ids_of: dict[tuple, object] = {}
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            for rec in csv.DictReader(f):
+                timing = _timing(rec.get("table", ""))
+                provider = rec.get("provider", "")
+                if timing is None or provider not in PRICED:
+                    continue
+                us = _num(rec.get("us"))
+                if us is None:
+                    skipped["no time (failed or not run)"] = skipped.get("no time (failed or not run)", 0) + 1
+                    continue
+                try:
+                    dist, L, T = rec["dist"], int(rec["L"]), int(rec["T"])
+                except (KeyError, ValueError):
+                    skipped["not a multi-adapter row"] = skipped.get("not a multi-adapter row", 0) + 1
+                    continue
+                elt = _ELT.get(rec.get("dtype", "bf16"))
+                if elt is None:
+                    skipped[f"dtype {rec.get('dtype')!r}"] = skipped.get(f"dtype {rec.get('dtype')!r}", 0) + 1
+                    continue
+                key = (dist, L, T)
+                if key not in ids_of:
+                    ids_of[key] = SS._ids(dist, L, T, seed)
+                ids = ids_of[key]
+                active = rec.get("active")
+                if active not in (None, "") and int(float(active)) != len(set(ids.tolist())):
+                    skipped["ids differ from the timed ones (active count)"] = (
+                        skipped.get("ids differ from the timed ones (active count)", 0) + 1
+                    )
+                    continue
+                lns = model_launches(provider, ids, L, K, N, R, elt, adapter_bound(dist, L, T))
+                rows.append(Row(timing, dist, L, T, provider, us, _num(rec.get("floor_us")), lns))
+    notes += [f"skipped {n} row(s): {why}" for why, n in skipped.items()]
+    return rows, notes
+
+
+def predict(row_launches: Sequence[dict], k: Constants, c=None) -> float:
+    return SS.predict_us(row_launches, bandwidth=k.bandwidth, launch_us=k.launch_us, c=c or k.card(), overlap=k.overlap)
+
+
+def loss(rows: Sequence[Row], k: Constants) -> float:
+    """Mean squared natural log of measured / predicted."""
+    c = k.card()
+    return sum(math.log(r.us / predict(r.launches, k, c)) ** 2 for r in rows) / max(1, len(rows))
+
+
+def informing(rows: Sequence[Row], k: Constants, name: str) -> int:
+    """How many rows' predictions move by more than 1 % when constant ``name`` moves by a quarter of its grid's
+    span (either way): the rows that determine it."""
+    grid = GRIDS[name]
+    step = (grid[-1] - grid[0]) / 4
+    base = [predict(r.launches, k) for r in rows]
+    count = 0
+    for i, r in enumerate(rows):
+        for v in (getattr(k, name) - step, getattr(k, name) + step):
+            v = min(max(v, grid[0]), grid[-1])
+            if abs(predict(r.launches, dataclasses.replace(k, **{name: v})) / base[i] - 1) > 0.01:
+                count += 1
+                break
+    return count
+
+
+def _search(grid: Sequence[float], f, current: float, stride: int = 10) -> float:
+    """The grid value minimising ``f``: every ``stride``-th value first, then every value within a stride of the
+    best of those (and of ``current``); ties go to the value nearest ``current``."""
+    coarse = list(grid[::stride]) + [grid[-1]]
+    cost = {}
+
+    def key(v):
+        if v not in cost:
+            cost[v] = f(v)
+        return (cost[v], abs(v - current))
+
+    i = grid.index(min(coarse, key=key))
+    near = min(range(len(grid)), key=lambda j: abs(grid[j] - current))
+    fine = {grid[j] for c in (i, near) for j in range(max(0, c - stride), min(len(grid), c + stride + 1))}
+    return min(fine | set(coarse), key=key)
+
+
+def _nudge(k: Constants, name: str, steps: int) -> Constants:
+    """``k`` with constant ``name`` moved ``steps`` values along its grid (clamped to the grid)."""
+    grid = GRIDS[name]
+    i = min(range(len(grid)), key=lambda j: abs(grid[j] - getattr(k, name)))
+    return dataclasses.replace(k, **{name: grid[min(max(i + steps, 0), len(grid) - 1)]})
+
+
+def fit(rows: Sequence[Row], start: Constants | None = None, sweeps: int = 30) -> tuple[Constants, dict[str, int]]:
+    """Coordinate descent of :func:`loss` over :data:`GRIDS`; returns the fitted constants and, per constant, the
+    number of rows that determine it (0: kept at its start value)."""
+    k = start or Constants()
+    if not rows:
+        return k, {name: 0 for name in GRIDS}
+    moved = {name: informing(rows, k, name) for name in GRIDS}
+    free = [name for name in GRIDS if moved[name]]
+    for _ in range(sweeps):
+        changed = False
+        for name in free:
+            best = _search(GRIDS[name], lambda v: loss(rows, dataclasses.replace(k, **{name: v})), getattr(k, name))
+            if best != getattr(k, name):
+                k, changed = dataclasses.replace(k, **{name: best}), True
+        # constants the rows pin only together (a Triton GEMM's rate is cuBLAS's over its slowdown): try moving two
+        # at once by one grid step each, which coordinate moves alone cannot
+        current = loss(rows, k)
+        for i, a in enumerate(free):
+            for b in free[i + 1 :]:
+                for da in (-1, 1):
+                    for db in (-1, 1):
+                        trial = _nudge(_nudge(k, a, da), b, db)
+                        cost = loss(rows, trial)
+                        if cost < current:
+                            k, current, changed = trial, cost, True
+        if not changed:
+            break
+    return k, {name: informing(rows, k, name) if moved[name] else 0 for name in GRIDS}
+
+
+# ------------------------------------------------------------------------------------------------------ the report
+def _fmt(name: str, v: float) -> str:
+    if name == "bandwidth":
+        return f"{v / 1e12:.2f} TB/s"
+    if name == "cublas_flops":
+        return f"{v / 1e12:.0f} TFLOP/s"
+    if name == "launch_us":
+        return f"{v:.2f} µs"
+    return f"{v:.2f}"
+
+
+def grid_against_rules(k: Constants, paths_of_point=None, margin: float = 0.02) -> list[dict]:
+    """The grid of BENCHMARKS.md priced with constants ``k``: per point the default path's predicted µs and ratio to
+    the floor (at ``k``'s bandwidth and cuBLAS rate), the fastest path, and ``revisit`` where the default is more
+    than ``margin`` slower than it."""
+    c = k.card()
+    out = []
+    for p in paths_of_point or SS.grid_launches():
+        times = {name: predict(lns, k, c) for name, lns in p["paths"].items()}
+        chosen = p["chosen"]
+        best = min(times, key=times.get)
+        floor = SS.floor_us(p["T"], p["active"], p["K"], p["N"], p["r"], 2, k.bandwidth, k.cublas_flops)
+        out.append(
+            {
+                "dist": p["dist"],
+                "L": p["L"],
+                "T": p["T"],
+                "chosen": chosen,
+                "us": times[chosen],
+                "floor_us": floor,
+                "ratio": times[chosen] / floor,
+                "best": best,
+                "best_us": times[best],
+                "revisit": times[chosen] > (1 + margin) * times[best],
+            }
+        )
+    return out
+
+
+def report(rows: Sequence[Row], notes: Sequence[str] = ()) -> tuple[str, dict]:
+    """Markdown and the JSON-able result of fitting each table's rows."""
+    assumed = Constants()
+    lines = ["## Calibration of the static serving model", ""]
+    result: dict = {"assumed": dataclasses.asdict(assumed), "fits": {}}
+    if notes:
+        lines += [f"- {n}" for n in notes] + [""]
+    timings = [t for t in ("cycled", "hot") if any(r.timing == t for r in rows)]
+    if not timings:
+        lines.append("No priced rows (CUDA-graph tables of lora_kernels variants or the base) in the input.")
+        return "\n".join(lines) + "\n", result
+    fits = {}
+    for t in timings:
+        sub = [r for r in rows if r.timing == t]
+        fits[t] = fit(sub)
+        k, used = fits[t]
+        result["fits"][t] = {
+            "constants": dataclasses.asdict(k),
+            "rows": len(sub),
+            "informing": used,
+            "rms_log_error_assumed": math.sqrt(loss(sub, assumed)),
+            "rms_log_error_fitted": math.sqrt(loss(sub, k)),
+        }
+    head = ["constant", "assumed"] + [f"fitted ({t}, rows informing)" for t in timings]
+    lines += ["### Constants", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in GRIDS:
+        cells = [f"`{name}`", _fmt(name, getattr(assumed, name))]
+        for t in timings:
+            k, used = fits[t]
+            n = used[name]
+            cells.append(f"{_fmt(name, getattr(k, name))} ({n})" if n else "not determined (0)")
+        lines.append("| " + " | ".join(cells) + " |")
+    for t in timings:
+        fit_t = result["fits"][t]
+        lines.append(
+            f"\n{t}: {fit_t['rows']} rows, rms log error {fit_t['rms_log_error_assumed']:.3f} with the assumed "
+            f"constants, {fit_t['rms_log_error_fitted']:.3f} fitted."
+        )
+    lines += ["", "### Measured / predicted, per variant (median over points)", ""]
+    head = ["variant"] + [f"{t}: assumed / fitted (points)" for t in timings]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for provider in PRICED:
+        cells = [provider]
+        for t in timings:
+            sub = [r for r in rows if r.timing == t and r.provider == provider]
+            if not sub:
+                cells.append("-")
+                continue
+            a = _median([r.us / predict(r.launches, assumed) for r in sub])
+            f = _median([r.us / predict(r.launches, fits[t][0]) for r in sub])
+            cells.append(f"{a:.2f} / {f:.2f} ({len(sub)})")
+        if any(c != "-" for c in cells[1:]):
+            lines.append("| " + " | ".join(cells) + " |")
+    t = timings[0]
+    k = fits[t][0]
+    grid = grid_against_rules(k)
+    result["grid"] = grid
+    measured = {r.point: r for r in rows if r.timing == t and r.provider == "lora_kernels"}
+    lines += [
+        "",
+        f"### The grid with the constants fitted on the {t} table",
+        "",
+        "| dist | L | T | default path | predicted µs | ÷ floor | fastest path (µs) | measured lora_kernels ÷ floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in grid:
+        m = measured.get((g["dist"], g["L"], g["T"]))
+        meas = f"{m.us / m.floor_us:.2f}" if m and m.floor_us else "-"
+        best = f"{g['best']} ({g['best_us']:.2f})" + (" **revisit**" if g["revisit"] else "")
+        lines.append(
+            f"| {g['dist']} | {g['L']} | {g['T']} | {g['chosen']} | {g['us']:.2f} | {g['ratio']:.2f} | {best} | "
+            f"{meas} |"
+        )
+    misses = [g for g in grid if g["ratio"] > TARGET_FLOOR]
+    revisit = [g for g in grid if g["revisit"]]
+    lines += [
+        "",
+        f"- predicted over {TARGET_FLOOR} × the floor: {len(misses)} of {len(grid)} points"
+        + (": " + ", ".join(f"{g['dist']}/{g['L']}/{g['T']} ({g['ratio']:.2f})" for g in misses) if misses else ""),
+        f"- default path more than 2 % slower than the fastest: {len(revisit)} point(s)"
+        + (
+            ": " + ", ".join(f"{g['dist']}/{g['L']}/{g['T']} {g['chosen']} → {g['best']}" for g in revisit)
+            if revisit
+            else ""
+        ),
+        "",
+        "To adopt the fitted constants: `COPY_BW` and `LAUNCH_US` in benchmarks/static_serving.py, the rates in "
+        "benchmarks/card.py (with the run's card, date and command in BENCHMARKS.md), then re-run "
+        "benchmarks/static_report.py.",
+    ]
+    return "\n".join(lines) + "\n", result
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", nargs="+", help="CSV files written by bench_multi_lora.py --csv")
+    parser.add_argument("--k", type=int, default=SS.K_DEFAULT, help="in_features of the run (default 4096)")
+    parser.add_argument("--n", type=int, default=SS.N_DEFAULT, help="out_features of the run (default 4096)")
+    parser.add_argument("--r", type=int, default=SS.RANK, help="rank of the run (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="the run's --seed (default 0)")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the report to PATH")
+    parser.add_argument("--json", metavar="PATH", help="write the fitted constants and the grid to PATH")
+    args = parser.parse_args(argv)
+    rows, notes = read_rows(args.csv, args.k, args.n, args.r, args.seed)
+    text, result = report(rows, notes)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(text)
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

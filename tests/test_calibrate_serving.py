@@ -1,0 +1,161 @@
+"""benchmarks/calibrate_serving.py: fitting the static serving model's constants to measured CSVs. The measurements
+here are made by the model itself at known constants and written by the benchmark's own CSV writer, so the fit must
+find those constants again; the rows a GPU run cannot price (failed providers, eager tables, peers, other ids) must
+be left out, and the overlap constant must span PDL's full overlap and serial launches."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+PROVIDERS = (
+    "base",
+    "lora_kernels",
+    "lk_fused",
+    "lk_split",
+    "lk_gemm",
+    "lk_gemm_plain",
+    "lk_gemm_2l",
+    "lk_gemm_serial",
+    "lk_gemm_sorted_copy",
+)
+# Constants a GPU run might find: each off the assumed value, on the fit's grids
+TRUE = dict(bandwidth=3.1e12, cublas_flops=690e12, tma_slowdown=1.12, wgmma_slowdown=1.5, launch_us=1.3, overlap=0.7)
+
+
+def _measured_csv(path, k, timing="cycled", providers=PROVIDERS, tokens=(1, 16, 64, 256, 1024, 4096), extra=None):
+    """A CSV as ``bench_multi_lora.py --csv`` writes it, with the model's times at constants ``k``."""
+    from benchmarks import bench_multi_lora as bml
+    from benchmarks import calibrate_serving as cal
+    from benchmarks import common
+    from benchmarks import static_serving as ss
+
+    title = bml.TITLES["graph" if timing == "hot" else timing].format(n=3)
+    table = common.Table(
+        title, ["dist", "L", "T", "active"], ["base", *providers, "gather_bmm", *(extra or {})], show_floor=True
+    )
+    table.live = None
+    for dist in ss.DISTS:
+        for L in ss.ADAPTERS:
+            for T in tokens:
+                ids = bml.point_ids(dist, L, T, 0)
+                key = {"dist": dist, "L": L, "T": T, "active": int(torch.unique(ids).numel())}
+                table.set_floor(key, ss.floor_us(T, key["active"]))
+                for p in providers:
+                    lns = cal.model_launches(p, ids, L, 4096, 4096, 16, 2, bml.adapter_bound(dist, L, T))
+                    table.add(key, p, cal.predict(lns, k))
+                table.add(key, "gather_bmm", 99.0)  # a peer: not priced
+                for p, us in (extra or {}).items():
+                    table.add(key, p, us, None if us else "failed: RuntimeError")
+    meta = {"device": "NVIDIA H100 80GB HBM3", "dtype": "bf16", "date": "2026-12-01", "torch": "x", "triton": "y"}
+    common.write_csv(str(path), [table], meta, quiet=True)
+    return path
+
+
+def test_the_fit_finds_the_constants_the_times_were_made_with(tmp_path):
+    from benchmarks import calibrate_serving as cal
+
+    true = cal.Constants(**TRUE)
+    rows, notes = cal.read_rows([_measured_csv(tmp_path / "m.csv", true)])
+    assert len(rows) == 24 * len(PROVIDERS) and not notes
+    assert {r.timing for r in rows} == {"cycled"}
+    k, used = cal.fit(rows)
+    for name, want in TRUE.items():
+        grid = cal.GRIDS[name]
+        assert used[name] > 0, name
+        assert abs(getattr(k, name) - want) < 0.5 * (grid[1] - grid[0]), (name, getattr(k, name), want)
+    # no row of the grid's variants runs mma.sync where its compute binds: that constant stays as assumed
+    assert used["mma_sync_slowdown"] == 0 and k.mma_sync_slowdown == cal.Constants().mma_sync_slowdown
+    # the times are rounded to 1 ns: at the true constants the error is that rounding
+    assert cal.loss(rows, k) < 1e-6 < 1e-3 < cal.loss(rows, cal.Constants())
+
+
+def test_rows_the_model_cannot_price_are_left_out(tmp_path):
+    from benchmarks import calibrate_serving as cal
+
+    k = cal.Constants()
+    good = _measured_csv(tmp_path / "a.csv", k, providers=("base", "lora_kernels"), extra={"lk_cuda": None})
+    eager = _measured_csv(tmp_path / "b.csv", k, timing="eager", providers=("base",), tokens=(16,))
+    rows, notes = cal.read_rows([good, eager])
+    # peers (gather_bmm), the failed CUDA-extension provider and the eager table are not rows
+    assert {r.provider for r in rows} == {"base", "lora_kernels"} and len(rows) == 48
+    assert not notes  # lk_cuda is not a priced provider: nothing to report about it
+    # a run with another seed timed other ids: its points are skipped, and the note says why
+    rows, notes = cal.read_rows([good], seed=7)
+    assert len(rows) < 48 and any("ids differ" in n for n in notes)
+    # a failed run of a priced provider: no time, noted
+    bad = _measured_csv(tmp_path / "c.csv", k, providers=("base",), tokens=(16,), extra={"lk_split": None})
+    rows, notes = cal.read_rows([bad])
+    assert {r.provider for r in rows} == {"base"} and notes == ["skipped 4 row(s): no time (failed or not run)"]
+
+
+def test_overlap_spans_pdl_and_serial_launches():
+    from benchmarks import calibrate_serving as cal
+    from benchmarks import static_serving as ss
+
+    ids = ss._ids("uniform", 16, 1024, 0)
+    pdl = ss.launches(ids, 16, path="gemm", adapters=16)
+    serial = ss.launches(ids, 16, path="gemm", adapters=16, pdl=False)
+    assert pdl[-1]["overlaps_previous"] and not serial[-1].get("overlaps_previous")
+    k = cal.Constants()
+    full, none, half = (cal.predict(pdl, dataclasses.replace(k, overlap=f)) for f in (1.0, 0.0, 0.5))
+    assert full == pytest.approx(ss.predict_us(pdl))  # the model's own assumption
+    # with no overlap, the PDL pair costs what the two launches cost one after the other (the shrink's K blocks
+    # differ with PDL, not its bytes or FLOPs)
+    assert none == pytest.approx(cal.predict(serial, k)) and none > full
+    assert half == pytest.approx((full + none) / 2)
+
+
+def test_provider_flags_are_restored_and_priced_as_the_benchmark_sets_them():
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import calibrate_serving as cal
+    from benchmarks import static_serving as ss
+
+    before = {n: getattr(ML, n) for n in ("PDL", "TMA_GEMM", "LANES_GEMM", "SORTED_GATHER", "SORTED_MIN_TOKENS")}
+    ids = ss._ids("uniform", 16, 1024, 0)
+    kernels = {
+        p: [ln["kernel"] for ln in cal.model_launches(p, ids, 16, 4096, 4096, 16, 2, 16)]
+        for p in ("lk_gemm_plain", "lk_gemm_serial", "lk_gemm_sorted_copy", "lk_split")
+    }
+    assert {n: getattr(ML, n) for n in before} == before
+    assert kernels["lk_gemm_plain"] == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+    assert kernels["lk_gemm_serial"] == ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"]
+    assert kernels["lk_gemm_sorted_copy"] == ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+    assert kernels["lk_split"][0] == "cublas_gemm (F.linear)" and len(kernels["lk_split"]) == 3
+    serial = cal.model_launches("lk_gemm_serial", ids, 16, 4096, 4096, 16, 2, 16)
+    assert not serial[-1]["overlaps_previous"]
+    assert cal.model_launches("gather_bmm", ids, 16, 4096, 4096, 16, 2, 16) is None
+
+
+def test_command_line_writes_the_report_and_the_fit(tmp_path, capsys):
+    from benchmarks import calibrate_serving as cal
+
+    csv_path = _measured_csv(tmp_path / "m.csv", cal.Constants(**TRUE), tokens=(16, 1024))
+    hot = _measured_csv(tmp_path / "h.csv", cal.Constants(bandwidth=6e12), timing="hot", tokens=(16, 1024))
+    md, js = tmp_path / "cal.md", tmp_path / "cal.json"
+    cal.main([str(csv_path), str(hot), "--markdown", str(md), "--json", str(js)])
+    text = md.read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    assert "fitted (cycled, rows informing)" in text and "fitted (hot, rows informing)" in text
+    result = json.loads(js.read_text())
+    assert result["fits"]["cycled"]["constants"]["launch_us"] == pytest.approx(1.3)
+    # W0 hot in L2: the hot table's bandwidth is an effective one, fitted apart from DRAM's
+    assert result["fits"]["hot"]["constants"]["bandwidth"] == pytest.approx(6e12, rel=0.01)
+    assert len(result["grid"]) == 24 and all(g["ratio"] > 0.9 for g in result["grid"])
+    # the grid against the rules: every point says its default path and the fastest one
+    assert "| uniform | 128 | 1024 |" in text and "predicted over 1.2 × the floor" in text
+
+
+def test_no_priced_rows_is_said_not_fitted(tmp_path):
+    from benchmarks import calibrate_serving as cal
+
+    eager = _measured_csv(tmp_path / "e.csv", cal.Constants(), timing="eager", providers=("base",), tokens=(16,))
+    text, result = cal.report(*cal.read_rows([eager]))
+    assert "No priced rows" in text and result["fits"] == {}
