@@ -5,7 +5,7 @@
 #   bash benchmarks/run_on_gpu.sh tests   # (a) ~4 min: the kernels' correctness tests (bf16 included), compiled
 #   bash benchmarks/run_on_gpu.sh train   # (b) ~6 min: training ratios at the 6 shapes: cuBLAS, eager, PEFT and
 #                                          #     lora_kernels with both base GEMMs; fwd, fwd+bwd, fwd+bwd dropout
-#   bash benchmarks/run_on_gpu.sh serve   # (c) ~4 min: decode (CUDA graphs) and multi-adapter layers, few points
+#   bash benchmarks/run_on_gpu.sh serve   # (c) <= 9.3 min: multi-adapter layers (few points), decode; CUDA graphs
 #   bash benchmarks/run_on_gpu.sh extras  # only if time is left: CUDA extension build + tests, the full suite
 #
 # Then, on any machine (CPU, seconds), fit the static serving model's constants (bandwidth, cuBLAS and Triton GEMM
@@ -68,24 +68,26 @@ case "$phase" in
     ;;
   serve)
     card
-    for d in 1:4096:4096 16:4096:4096 256:4096:4096 1:8192:8192; do
-      LORA_KERNELS_AUTOTUNE=0 run "decode_${d//:/_}" 45 $py benchmarks/bench_lora_linear.py --skip-train \
-          --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base,lk_triton_base,lk_decode \
-          --csv "$out/decode_${d//:/_}.csv"
-    done
-    # graph (weights hot in L2, as the peers were measured) and cycled (weights from DRAM, as the static model
-    # prices them: what benchmarks/calibrate_serving.py fits)
+    # Step limits sum to 555 s (one 10-minute call). The multi-adapter grid first: it feeds
+    # benchmarks/calibrate_serving.py. Graph (weights hot in L2, as the peers were measured) and cycled (weights from
+    # DRAM, as the static model prices them). lk_gemm_serial against lora_kernels measures PDL's overlap.
     for t in 1 16 64 256 4096; do
-      run "multi_T$t" 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
-          --timings graph,cycled --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l --csv "$out/multi_T$t.csv"
+      run "multi_T$t" 55 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
+          --timings graph,cycled --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l,lk_gemm_serial \
+          --csv "$out/multi_T$t.csv"
     done
     # compute-bound steps: the TMA GEMM in the ids' order with and without PDL's overlap of the shrink (16 adapters:
     # the default; 128: many adapters per row tile, where the sorted-row GEMM fed by the shrink's copy of x is the
     # default), that GEMM forced at 16 adapters, the sorted GEMM gathering x by pointers, and the split path
-    run multi_prefill 150 $py benchmarks/bench_multi_lora.py --adapters 16 128 --tokens 1024 4096 --dists uniform \
+    run multi_prefill 140 $py benchmarks/bench_multi_lora.py --adapters 16 128 --tokens 1024 4096 --dists uniform \
         --timings graph,cycled \
         --providers base,lora_kernels,lk_split,lk_gemm,lk_gemm_serial,lk_gemm_sorted,lk_gemm_sorted_copy \
         --csv "$out/multi_prefill.csv"
+    for d in 1:4096:4096 16:4096:4096 256:4096:4096 1:8192:8192; do
+      LORA_KERNELS_AUTOTUNE=0 run "decode_${d//:/_}" 35 $py benchmarks/bench_lora_linear.py --skip-train \
+          --decode "$d" --decode-timings graph,cycled --providers base,eager,lora_kernels,lk_cublas_base,lk_triton_base,lk_decode \
+          --csv "$out/decode_${d//:/_}.csv"
+    done
     ;;
   extras)
     card
