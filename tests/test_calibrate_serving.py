@@ -14,28 +14,18 @@ import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
-PROVIDERS = (
-    "base",
-    "lora_kernels",
-    "lk_fused",
-    "lk_split",
-    "lk_gemm",
-    "lk_gemm_plain",
-    "lk_gemm_2l",
-    "lk_gemm_serial",
-    "lk_gemm_sorted_copy",
-)
 # Constants a GPU run might find: each off the assumed value, on the fit's grids
 TRUE = dict(bandwidth=3.1e12, cublas_flops=690e12, tma_slowdown=1.12, wgmma_slowdown=1.5, launch_us=1.3, overlap=0.7)
 
 
-def _measured_csv(path, k, timing="cycled", providers=PROVIDERS, tokens=(1, 16, 64, 256, 1024, 4096), extra=None):
+def _measured_csv(path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 256, 1024, 4096), extra=None):
     """A CSV as ``bench_multi_lora.py --csv`` writes it, with the model's times at constants ``k``."""
     from benchmarks import bench_multi_lora as bml
     from benchmarks import calibrate_serving as cal
     from benchmarks import common
     from benchmarks import static_serving as ss
 
+    providers = cal.PRICED if providers is None else providers  # every variant the model prices
     title = bml.TITLES["graph" if timing == "hot" else timing].format(n=3)
     table = common.Table(
         title, ["dist", "L", "T", "active"], ["base", *providers, "gather_bmm", *(extra or {})], show_floor=True
@@ -63,7 +53,7 @@ def test_the_fit_finds_the_constants_the_times_were_made_with(tmp_path):
 
     true = cal.Constants(**TRUE)
     rows, notes = cal.read_rows([_measured_csv(tmp_path / "m.csv", true)])
-    assert len(rows) == 24 * len(PROVIDERS) and not notes
+    assert len(rows) == 24 * len(cal.PRICED) and not notes
     assert {r.timing for r in rows} == {"cycled"}
     k, used = cal.fit(rows)
     for name, want in TRUE.items():
