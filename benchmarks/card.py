@@ -42,5 +42,19 @@ class Card:
     triton_tma_slowdown: float = 1.0
     triton_mma_sync_slowdown: float = 2.7
 
+    def gemm_rate(self, code: str) -> float:
+        """FLOP/s of a Triton GEMM by the machine code it compiles to: "tma" (TMA + wgmma), "wgmma" (without TMA),
+        anything else mma.sync; each cuBLAS's measured rate over the slowdown assumed for it."""
+        slowdown = {"tma": self.triton_tma_slowdown, "wgmma": self.triton_wgmma_slowdown}.get(
+            code, self.triton_mma_sync_slowdown
+        )
+        return self.cublas_flops / slowdown
+
+    def mma_seconds(self, flops: float, tf32_flops: float, rate: float) -> float:
+        """Seconds of ``flops`` of MMA work at ``rate`` FLOP/s (16-bit operands), of which ``tf32_flops`` (products
+        on fp32 operands: TF32 MMA, e.g. a GEMM's LoRA epilogue on the fp32 xa) run at the card's TF32 / BF16 peak
+        ratio of that rate (one half on an H100)."""
+        return (flops - tf32_flops) / rate + tf32_flops / (rate * self.peak_tf32_flops / self.peak_bf16_flops)
+
 
 CARD = Card()

@@ -720,19 +720,13 @@ def predict_us(l: Launch, facts: dict | None) -> dict:
         issue = 0.0
         why = "cuBLAS" if l.gemm else "memory"
     else:
-        rate = CARD.cublas_flops
-        if l.gemm:
-            if facts["wgmma"] and facts["tma"]:
-                rate /= CARD.triton_tma_slowdown
-            elif facts["wgmma"]:
-                rate /= CARD.triton_wgmma_slowdown
-            else:
-                rate /= CARD.triton_mma_sync_slowdown
+        if l.gemm:  # by machine code; its TF32 epilogue products at the card's TF32 / BF16 ratio of that rate
+            code = ("tma" if facts["tma"] else "wgmma") if facts["wgmma"] else "mma.sync"
+            rate = CARD.gemm_rate(code)
+            compute = CARD.mma_seconds(l.flops, l.tf32_flops, rate)
         else:
             rate = CARD.peak_tf32_flops * 0.5  # skinny kernels: small TF32/bf16 dots, never the limit in practice
-        compute = l.flops / rate
-        if l.gemm:  # the TF32 epilogue products at the card's TF32 / BF16 ratio of the rate
-            compute += l.tf32_flops / rate * (CARD.peak_bf16_flops / CARD.peak_tf32_flops - 1)
+            compute = l.flops / rate
         programs = l.grid[0] * l.grid[1] * l.grid[2]
         per_warp = facts["sass_instrs"] + facts["loop_instrs"] * max(0, l.main_loop_trips - 1)
         if l.tiles:  # persistent: each program runs `rounds` tiles, each a K loop of main_loop_trips trips

@@ -88,18 +88,14 @@ def compute_rate(ln: dict, c=None) -> float:
         return c.cublas_flops
     if ln["kernel"] not in TRITON_GEMMS:
         return c.peak_tf32_flops * 0.5
-    code = ln.get("machine_code") or guess_machine_code(ln["config"], ln["kernel"])
-    slowdown = {"tma": c.triton_tma_slowdown, "wgmma": c.triton_wgmma_slowdown}.get(code, c.triton_mma_sync_slowdown)
-    return c.cublas_flops / slowdown
+    return c.gemm_rate(ln.get("machine_code") or guess_machine_code(ln["config"], ln["kernel"]))
 
 
 def compute_s(ln: dict, rate: float, c=None) -> float:
     """Seconds of MMA work of a launch at ``rate`` FLOP/s: its ``tf32_flops`` (the LoRA epilogue dots on fp32
     operands, which compile to TF32 MMA: ``HGMMA.*.TF32`` in the sm_90 SASS) at the card's TF32 / BF16 peak ratio of
     that rate (one half on an H100), the rest at ``rate``."""
-    c = c or card()
-    tf32 = ln.get("tf32_flops", 0)
-    return (ln["flops"] - tf32) / rate + tf32 / (rate * c.peak_tf32_flops / c.peak_bf16_flops)
+    return (c or card()).mma_seconds(ln["flops"], ln.get("tf32_flops", 0), rate)
 
 
 def _ids(dist: str, L: int, T: int, seed: int) -> torch.Tensor:
