@@ -91,6 +91,9 @@ GRIDS = {
 }
 
 
+MISFITS = 10  # rows listed under "largest misfits"
+
+
 @dataclasses.dataclass
 class Row:
     """One measured time of one provider at one point, with the model's launches for it."""
@@ -380,6 +383,24 @@ def report(rows: Sequence[Row], notes: Sequence[str] = ()) -> tuple[str, dict]:
             cells.append(f"{a:.2f} / {f:.2f} ({len(sub)})")
         if any(c != "-" for c in cells[1:]):
             lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "### Largest misfits with the fitted constants (what the model does not capture)",
+        "",
+        "| table | dist | L | T | variant | launches | measured µs | predicted µs | measured / predicted |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    worst = sorted(
+        ((r, predict(r.launches, fits[r.timing][0])) for r in rows), key=lambda rp: -abs(math.log(rp[0].us / rp[1]))
+    )
+    result["misfits"] = []
+    for r, p in worst[:MISFITS]:
+        kernels = " + ".join(ln["kernel"] for ln in r.launches)
+        lines.append(
+            f"| {r.timing} | {r.dist} | {r.L} | {r.T} | {r.provider} | {kernels} | {r.us:.2f} | {p:.2f} | "
+            f"{r.us / p:.2f} |"
+        )
+        result["misfits"].append({**dataclasses.asdict(r), "launches": kernels, "predicted_us": p})
     t = timings[0]
     k = fits[t][0]
     grid = grid_against_rules(k)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -139,6 +140,10 @@ def test_command_line_writes_the_report_and_the_fit(tmp_path, capsys):
     # W0 hot in L2: the hot table's bandwidth is an effective one, fitted apart from DRAM's
     assert result["fits"]["hot"]["constants"]["bandwidth"] == pytest.approx(6e12, rel=0.01)
     assert len(result["grid"]) == 24 and all(g["ratio"] > 0.9 for g in result["grid"])
+    # the rows the fitted model misses most, worst first, with their launches
+    assert len(result["misfits"]) == cal.MISFITS and "Largest misfits" in text
+    errors = [abs(math.log(m["us"] / m["predicted_us"])) for m in result["misfits"]]
+    assert errors == sorted(errors, reverse=True)
     # the grid against the rules: every point says its default path and the fastest one
     assert "| uniform | 128 | 1024 |" in text and "predicted over 1.2 × the floor" in text
 
