@@ -8,7 +8,10 @@ for the very ids that were timed, and fit the model's few constants to the measu
   machine code it compiles to (the card's ``triton_*_slowdown``),
 - ``launch_us``: the cost of each launch beyond the base layer's one (``LAUNCH_US``),
 - ``overlap``: how much of a programmatic dependent launch runs alongside the launch before it (1: fully, the
-  model's assumption; 0: not at all).
+  model's assumption; 0: not at all),
+- ``l2_bandwidth``: the L2 read bandwidth that bounds a launch by the bytes its programs request (infinite: the
+  model's assumption that L2 never binds; the one-launch gemm kernel for few adapters re-reads its adapters' A rows
+  from L2, twice the W0 strip it streams).
 
 The fit is a coordinate descent over a grid of values per constant (no SciPy), minimising the mean squared log of
 measured / predicted over the rows of one table (hot weights and cycled weights are fitted apart: with W0 hot in
@@ -63,6 +66,7 @@ class Constants:
     mma_sync_slowdown: float = SS.card().triton_mma_sync_slowdown
     launch_us: float = SS.LAUNCH_US
     overlap: float = 1.0
+    l2_bandwidth: float = math.inf
 
     def card(self):
         return dataclasses.replace(
@@ -88,10 +92,12 @@ GRIDS = {
     "mma_sync_slowdown": _steps(1.0, 6.0, 101),
     "launch_us": _steps(0.0, 6.0, 121),  # 0.05 µs steps
     "overlap": _steps(0.0, 1.0, 51),
+    "l2_bandwidth": (*_steps(2.0e12, 40.0e12, 153), math.inf),  # 0.25 TB/s steps, and "never binds"
 }
 
 
 MISFITS = 10  # rows listed under "largest misfits"
+LOSS_TOLERANCE = 1e-3  # a move must lower the loss by 0.1 % of it (a 1-2 % timing noise makes it ~1e-4)
 
 
 @dataclasses.dataclass
@@ -212,7 +218,14 @@ def read_rows(
 
 
 def predict(row_launches: Sequence[dict], k: Constants, c=None) -> float:
-    return SS.predict_us(row_launches, bandwidth=k.bandwidth, launch_us=k.launch_us, c=c or k.card(), overlap=k.overlap)
+    return SS.predict_us(
+        row_launches,
+        bandwidth=k.bandwidth,
+        launch_us=k.launch_us,
+        c=c or k.card(),
+        overlap=k.overlap,
+        l2_bandwidth=k.l2_bandwidth,
+    )
 
 
 def loss(rows: Sequence[Row], k: Constants) -> float:
@@ -221,50 +234,71 @@ def loss(rows: Sequence[Row], k: Constants) -> float:
     return sum(math.log(r.us / predict(r.launches, k, c)) ** 2 for r in rows) / max(1, len(rows))
 
 
+def _probes(name: str, v: float) -> tuple[float, ...]:
+    """Values a quarter of the (finite) grid's span either side of ``v``, within the grid; from infinity (L2 never
+    binding), the grid's lowest finite value and the one a quarter above it."""
+    finite = [g for g in GRIDS[name] if math.isfinite(g)]
+    lo, hi = finite[0], finite[-1]
+    step = (hi - lo) / 4
+    if not math.isfinite(v):
+        return (lo, lo + step)
+    return (max(v - step, lo), min(v + step, hi))
+
+
 def informing(rows: Sequence[Row], k: Constants, name: str) -> int:
     """How many rows' predictions move by more than 1 % when constant ``name`` moves by a quarter of its grid's
-    span (either way): the rows that determine it."""
-    grid = GRIDS[name]
-    step = (grid[-1] - grid[0]) / 4
+    span (either way, :func:`_probes`): the rows that determine it."""
     base = [predict(r.launches, k) for r in rows]
     count = 0
     for i, r in enumerate(rows):
-        for v in (getattr(k, name) - step, getattr(k, name) + step):
-            v = min(max(v, grid[0]), grid[-1])
+        for v in _probes(name, getattr(k, name)):
             if abs(predict(r.launches, dataclasses.replace(k, **{name: v})) / base[i] - 1) > 0.01:
                 count += 1
                 break
     return count
 
 
+def _distance(a: float, b: float) -> float:
+    return 0.0 if a == b else abs(a - b)  # (inf - inf is nan)
+
+
+def _better(cost: float, than: float) -> bool:
+    """A move must lower the loss by more than :data:`LOSS_TOLERANCE` of it: a timing's rounding must not move a
+    constant the rows do not pin."""
+    return cost < than - LOSS_TOLERANCE * than - 1e-15
+
+
 def _search(grid: Sequence[float], f, current: float, stride: int = 10) -> float:
     """The grid value minimising ``f``: every ``stride``-th value first, then every value within a stride of the
-    best of those (and of ``current``); ties go to the value nearest ``current``."""
-    coarse = list(grid[::stride]) + [grid[-1]]
+    best of those (and of ``current``); values no better (:func:`_better`) than the best go to the one nearest
+    ``current``."""
     cost = {}
 
-    def key(v):
-        if v not in cost:
-            cost[v] = f(v)
-        return (cost[v], abs(v - current))
+    def best_of(values):
+        for v in values:
+            if v not in cost:
+                cost[v] = f(v)
+        low = min(cost[v] for v in values)
+        return min((v for v in values if not _better(low, cost[v])), key=lambda v: _distance(v, current))
 
-    i = grid.index(min(coarse, key=key))
-    near = min(range(len(grid)), key=lambda j: abs(grid[j] - current))
+    coarse = list(dict.fromkeys([*grid[::stride], grid[-1]]))
+    i = grid.index(best_of(coarse))
+    near = min(range(len(grid)), key=lambda j: _distance(grid[j], current))
     fine = {grid[j] for c in (i, near) for j in range(max(0, c - stride), min(len(grid), c + stride + 1))}
-    return min(fine | set(coarse), key=key)
+    return best_of(list(fine | set(coarse)))
 
 
 def _nudge(k: Constants, name: str, steps: int) -> Constants:
     """``k`` with constant ``name`` moved ``steps`` values along its grid (clamped to the grid)."""
     grid = GRIDS[name]
-    i = min(range(len(grid)), key=lambda j: abs(grid[j] - getattr(k, name)))
+    i = min(range(len(grid)), key=lambda j: _distance(grid[j], getattr(k, name)))
     return dataclasses.replace(k, **{name: grid[min(max(i + steps, 0), len(grid) - 1)]})
 
 
 def fit(rows: Sequence[Row], start: Constants | None = None, sweeps: int = 30) -> tuple[Constants, dict[str, int]]:
     """Coordinate descent of :func:`loss` over :data:`GRIDS`; returns the fitted constants and, per constant, the
     number of rows that determine it (0: kept at its start value)."""
-    k = start or Constants()
+    start = k = start or Constants()
     if not rows:
         return k, {name: 0 for name in GRIDS}
     moved = {name: informing(rows, k, name) for name in GRIDS}
@@ -284,10 +318,16 @@ def fit(rows: Sequence[Row], start: Constants | None = None, sweeps: int = 30) -
                     for db in (-1, 1):
                         trial = _nudge(_nudge(k, a, da), b, db)
                         cost = loss(rows, trial)
-                        if cost < current:
+                        if _better(cost, current):
                             k, current, changed = trial, cost, True
         if not changed:
             break
+    # a constant the rows cannot tell from its starting value (its loss no worse within the tolerance) goes back to
+    # it: measurements move a constant only where they pin it
+    for name in free:
+        trial = dataclasses.replace(k, **{name: getattr(start, name)})
+        if not _better(loss(rows, k), loss(rows, trial)):
+            k = trial
     return k, {name: informing(rows, k, name) if moved[name] else 0 for name in GRIDS}
 
 
@@ -299,6 +339,8 @@ def _fmt(name: str, v: float) -> str:
         return f"{v / 1e12:.0f} TFLOP/s"
     if name == "launch_us":
         return f"{v:.2f} µs"
+    if name == "l2_bandwidth":
+        return f"{v / 1e12:.2f} TB/s" if math.isfinite(v) else "unbounded"
     return f"{v:.2f}"
 
 

@@ -9,7 +9,7 @@
 #   bash benchmarks/run_on_gpu.sh extras  # only if time is left: CUDA extension build + tests, the full suite
 #
 # Then, on any machine (CPU, seconds), fit the static serving model's constants (bandwidth, cuBLAS and Triton GEMM
-# rates, launch cost, PDL overlap) to the serve phase's multi-adapter CSVs and see which path rules to move:
+# rates, launch cost, PDL overlap, L2 bandwidth) to the serve phase's multi-adapter CSVs and see which path rules to move:
 #
 #   python benchmarks/calibrate_serving.py out/multi_*.csv --markdown out/calibrate.md --json out/calibrate.json
 #

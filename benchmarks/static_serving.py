@@ -21,6 +21,7 @@ tensors) and the sm_90 machine code of every distinct kernel configuration.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -458,6 +459,7 @@ def predict_us(
     base_kernels: int = 1,
     c=None,
     overlap: float = 1.0,
+    l2_bandwidth: float = math.inf,
 ) -> float:
     """Sum over launches of max(DRAM bytes / bandwidth, flops / rate), plus ``launch_us`` per launch beyond
     ``base_kernels`` (the base layer's own). The rate is the training report's for that kind of launch
@@ -466,21 +468,26 @@ def predict_us(
     charges every launch at that one rate; ``c`` replaces the card (:func:`card`) and its rates. Serial launches,
     except that a launch marked ``overlaps_previous`` (a programmatic dependent launch) runs alongside the one before
     it: the pair takes max(summed bytes / bandwidth, summed compute time) where ``overlap`` is 1 (the default), the
-    serial sum where it is 0, in between the mix (``benchmarks/calibrate_serving.py`` fits it). A rough, static
-    estimate."""
+    serial sum where it is 0, in between the mix (``benchmarks/calibrate_serving.py`` fits it). ``l2_bandwidth``
+    also bounds a launch by its ``l2_read`` (the bytes its programs request, an upper bound of its L2 traffic); the
+    default, infinite, is the model's assumption that L2 never binds. A rough, static estimate."""
     c = c or card()
     t = 0.0
-    prev = None  # (memory s, compute s) of the previous launch
+    prev = None  # (DRAM s, L2 s, compute s) of the previous launch
     for ln in launch_list:
         rate = peak if peak is not None else compute_rate(ln, c)
-        mem, comp = (ln["bytes_read"] + ln["bytes_written"]) / bandwidth, compute_s(ln, rate, c)
+        cur = (
+            (ln["bytes_read"] + ln["bytes_written"]) / bandwidth,
+            ln.get("l2_read", 0) / l2_bandwidth,
+            compute_s(ln, rate, c),
+        )
         if ln.get("overlaps_previous") and prev is not None:
-            serial = max(prev) + max(mem, comp)
-            mem, comp = mem + prev[0], comp + prev[1]
-            t += (overlap * max(mem, comp) + (1 - overlap) * serial - max(prev)) * 1e6
+            serial = max(prev) + max(cur)
+            cur = tuple(a + b for a, b in zip(prev, cur))
+            t += (overlap * max(cur) + (1 - overlap) * serial - max(prev)) * 1e6
         else:
-            t += max(mem, comp) * 1e6
-        prev = (mem, comp)
+            t += max(cur) * 1e6
+        prev = cur
     return t + launch_us * max(0, len(launch_list) - base_kernels)
 
 

@@ -49,10 +49,11 @@ def _measured_csv(path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 2
     return path
 
 
-def test_the_fit_finds_the_constants_the_times_were_made_with(tmp_path):
+@pytest.mark.parametrize("l2", [math.inf, 8e12], ids=["l2-never-binds", "l2-8TBps"])
+def test_the_fit_finds_the_constants_the_times_were_made_with(tmp_path, l2):
     from benchmarks import calibrate_serving as cal
 
-    true = cal.Constants(**TRUE)
+    true = cal.Constants(**TRUE, l2_bandwidth=l2)
     rows, notes = cal.read_rows([_measured_csv(tmp_path / "m.csv", true)])
     assert len(rows) == 24 * len(cal.PRICED) and not notes
     assert {r.timing for r in rows} == {"cycled"}
@@ -61,6 +62,8 @@ def test_the_fit_finds_the_constants_the_times_were_made_with(tmp_path):
         grid = cal.GRIDS[name]
         assert used[name] > 0, name
         assert abs(getattr(k, name) - want) < 0.5 * (grid[1] - grid[0]), (name, getattr(k, name), want)
+    # L2 binding or not, the fit says so (unbounded: no value of the grid fits better than the assumption)
+    assert k.l2_bandwidth == l2 and used["l2_bandwidth"] > 0
     # no row of the grid's variants runs mma.sync where its compute binds: that constant stays as assumed
     assert used["mma_sync_slowdown"] == 0 and k.mma_sync_slowdown == cal.Constants().mma_sync_slowdown
     # the times are rounded to 1 ns: at the true constants the error is that rounding
@@ -101,6 +104,10 @@ def test_overlap_spans_pdl_and_serial_launches():
     # differ with PDL, not its bytes or FLOPs)
     assert none == pytest.approx(cal.predict(serial, k)) and none > full
     assert half == pytest.approx((full + none) / 2)
+    # an L2 bandwidth bounds each launch by the bytes its programs request (the PDL pair: by their sum)
+    l2 = sum(ln["l2_read"] for ln in pdl) / 1e12 * 1e6
+    assert cal.predict(pdl, dataclasses.replace(k, l2_bandwidth=1e12)) == pytest.approx(l2 + k.launch_us)
+    assert cal.predict(pdl, dataclasses.replace(k, l2_bandwidth=1e15)) == pytest.approx(full)
 
 
 def test_provider_flags_are_restored_and_priced_as_the_benchmark_sets_them():
