@@ -68,6 +68,8 @@ TARGET_FLOOR = 1.2
 MIX_REQUESTS = 8
 MIX_ADAPTERS = 4
 
+# lk_gemm_t{BM}x{BN}: the gemm path's TMA GEMM forced to one tile (lora_kernels.triton.multi_lora.GEMM_TMA_TILE)
+TILE_VARIANTS = ((128, 256), (128, 128), (64, 256), (64, 128))
 PROVIDERS = (
     "base",
     "gather_bmm",
@@ -82,6 +84,7 @@ PROVIDERS = (
     "lk_gemm_sorted",
     "lk_gemm_serial",
     "lk_gemm_sorted_copy",
+    *(f"lk_gemm_t{bm}x{bn}" for bm, bn in TILE_VARIANTS),
     "lk_cuda",
 )
 EAGER_ONLY = {"peft_mixed": "eager only: PEFT builds its index lists on the host at every call (not capturable)"}
@@ -238,6 +241,9 @@ _GEMM_FLAGS = {
         {"SORTED_GATHER": True, "SORTED_MIN_TOKENS": 0, "SORTED_MAX_COST": -1.0, "SORTED_MIN_TOKENS_PER_ADAPTER": 0},
         None,
     ),
+    # the gemm path's TMA GEMM on one tile (GEMM_TMA_TILE): fewer, larger tiles re-read less of x and W0 from L2 but
+    # keep fewer SMs busy; at most 64 tokens (no TMA GEMM) they are the gemm path as chosen
+    **{f"lk_gemm_t{bm}x{bn}": ({"GEMM_TMA_TILE": (bm, bn)}, "gemm") for bm, bn in TILE_VARIANTS},
 }
 
 

@@ -68,14 +68,18 @@ case "$phase" in
     ;;
   serve)
     card
-    # Step limits sum to 555 s (one 10-minute call). The multi-adapter grid first: it feeds
+    # Step limits sum to 590 s (one 10-minute call). The multi-adapter grid first: it feeds
     # benchmarks/calibrate_serving.py. Graph (weights hot in L2, as the peers were measured) and cycled (weights from
     # DRAM, as the static model prices them). lk_gemm_serial against lora_kernels measures PDL's overlap.
     for t in 1 16 64 256 4096; do
-      run "multi_T$t" 55 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
+      run "multi_T$t" 50 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
           --timings graph,cycled --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l,lk_gemm_serial \
           --csv "$out/multi_T$t.csv"
     done
+    # the TMA GEMM's tile forced: L2 re-reads of x and W0 against busy SMs (a tile per provider, the default first)
+    run multi_tiles 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens 256 1024 --dists uniform,mix \
+        --timings cycled --providers base,lk_gemm,lk_gemm_t128x256,lk_gemm_t128x128,lk_gemm_t64x256,lk_gemm_t64x128 \
+        --csv "$out/multi_tiles.csv"
     # compute-bound steps: the TMA GEMM in the ids' order with and without PDL's overlap of the shrink (16 adapters:
     # the default; 128: many adapters per row tile, where the sorted-row GEMM fed by the shrink's copy of x is the
     # default), that GEMM forced at 16 adapters, the sorted GEMM gathering x by pointers, and the split path

@@ -532,3 +532,29 @@ def test_pdl_pairs_fit_one_sm_by_registers_and_shared_memory():
     assert ML.shrink_config(*args)[1] == 256 and ML.shrink_config(*args, narrow=True)[1] == 128
     wide = (4096, 4096, 16, 16, 1, 64, 4096, 2, 2, False, lambda: ss.H100_SMEM, lambda: ss.H100_SMS)
     assert ML.shrink_config(*wide)[1] == ML.shrink_config(*wide, narrow=True)[1] == 128  # 64-row tiles: 128 anyway
+
+
+def test_forced_tma_gemm_tile_reaches_the_launcher_config_and_the_model(monkeypatch):
+    """``GEMM_TMA_TILE`` (the benchmark's lk_gemm_t* providers) forces one tile of the TMA GEMM: the launcher's config
+    and the model's launches take it, with the L2 re-reads its tile count implies; a tile the kernel has no entry
+    for is refused by name."""
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
+
+    def config(T):
+        return ML.gemm_tma_config(T, (4096,), 2, 16, False, lambda: ss.H100_SMEM, lambda: ss.H100_SMS)[:2]
+
+    assert (config(256), config(1024)) == ((64, 128), (128, 256))  # the default picks (N = 4096, 132 SMs)
+    ids = ss._ids("mix", 16, 256, 0)
+    default = ss.launches(ids, 16, path="gemm", adapters=4)[-1]
+    monkeypatch.setattr(ML, "GEMM_TMA_TILE", (128, 128))
+    assert (config(256), config(1024)) == ((128, 128), (128, 128))
+    forced = ss.launches(ids, 16, path="gemm", adapters=4)[-1]
+    assert forced["kernel"] == default["kernel"] == "_gemm_tma_expand_kernel"
+    assert (forced["config"]["BLOCK_M"], forced["config"]["BLOCK_N"], forced["grid"]) == (128, 128, (2, 32))
+    # (BM + BN)·K per tile: 64×128 tiles request 201 MB at 256 tokens, 128×128 tiles 134 MB; DRAM bytes are the same
+    assert default["l2_read"] > 1.4 * forced["l2_read"] and default["bytes_read"] == forced["bytes_read"]
+    monkeypatch.setattr(ML, "GEMM_TMA_TILE", (96, 128))
+    with pytest.raises(ValueError, match=r"GEMM_TMA_TILE = \(96, 128\).*\(128, 256\)"):
+        config(256)
