@@ -853,6 +853,11 @@ def _other(others: dict, path: str, T: int) -> str:
     return f"{others[path]:.2f}"
 
 
+def _l2_tbps(point_records: Sequence[dict]) -> float:
+    """The L2 bandwidth a point's prediction assumes: the bytes its launches request over its predicted time."""
+    return sum(x["l2_read_bytes"] for x in point_records) / point_records[0]["point_predicted_us"] / 1e6
+
+
 def markdown(records: Sequence[dict]) -> str:
     """The serving section's tables from its records (also for ``static_report.py --from-json``)."""
     lines = []
@@ -872,26 +877,29 @@ def markdown(records: Sequence[dict]) -> str:
         "compiled registers and shared memory; plus "
         f"{LAUNCH_US} µs per launch beyond the base layer's one (benchmarks/static_serving.py); base = cuBLAS F.linear "
         "by the same roofline; floor = W0, the adapters present, x and y once (or the FLOPs). K = N = 4096 (decode "
-        "also 8192), r = 16, bf16, H100. Unmeasured.\n"
+        "also 8192), r = 16, bf16, H100. Unmeasured. L2 TB/s: the bytes the launches' programs request (tile by "
+        "tile, an upper bound of their L2 traffic; cuBLAS's: its HBM bytes) over the predicted time, the L2 bandwidth "
+        "the prediction assumes (the model does not bound it).\n"
     )
     w("### Single-adapter decode (`lora_decode_linear`, goal ≤ 1.10 × base)\n")
-    w("| M | K = N | launches | HBM MB | predicted µs | base µs | / base | / floor |")
-    w("|" + "---|" * 8)
+    w("| M | K = N | launches | HBM MB | L2 TB/s | predicted µs | base µs | / base | / floor |")
+    w("|" + "---|" * 9)
     for (op, *_), rs in points.items():
         if op != "lora_decode_linear":
             continue
         r = rs[0]
         mb = sum(x["hbm_read_bytes"] + x["hbm_write_bytes"] for x in rs) / 1e6
         w(
-            f"| {r['T']} | {r['shape']['K']} | {len(rs)} | {mb:.1f} | {r['point_predicted_us']:.2f} | "
-            f"{r['base_us']:.2f} | {r['ratio_to_base']:.3f} | {r['ratio_to_floor']:.3f} |"
+            f"| {r['T']} | {r['shape']['K']} | {len(rs)} | {mb:.1f} | {_l2_tbps(rs):.1f} | "
+            f"{r['point_predicted_us']:.2f} | {r['base_us']:.2f} | {r['ratio_to_base']:.3f} | "
+            f"{r['ratio_to_floor']:.3f} |"
         )
     w("\n### Multi-adapter grid (`multi_lora_linear`, default path; goal ≤ 1.2 × floor)\n")
     w(
-        "| dist | L | T | active | path | launches | HBM MB | predicted µs | base µs | floor µs | / base | / floor | "
-        "fused / split / gemm / sorted ÷ floor |"
+        "| dist | L | T | active | path | launches | HBM MB | L2 TB/s | predicted µs | base µs | floor µs | / base | "
+        "/ floor | fused / split / gemm / sorted ÷ floor |"
     )
-    w("|" + "---|" * 13)
+    w("|" + "---|" * 14)
     for (op, dist, L, T, _), rs in points.items():
         if op != "multi_lora_linear":
             continue
@@ -899,7 +907,7 @@ def markdown(records: Sequence[dict]) -> str:
         mb = sum(x["hbm_read_bytes"] + x["hbm_write_bytes"] for x in rs) / 1e6
         o = r["other_paths_to_floor"]
         w(
-            f"| {dist} | {L} | {T} | {r['active']} | {r['mode']} | {len(rs)} | {mb:.1f} | "
+            f"| {dist} | {L} | {T} | {r['active']} | {r['mode']} | {len(rs)} | {mb:.1f} | {_l2_tbps(rs):.1f} | "
             f"{r['point_predicted_us']:.2f} | {r['base_us']:.2f} | {r['floor_us']:.2f} | {r['ratio_to_base']:.2f} | "
             f"{r['ratio_to_floor']:.2f} | " + " / ".join(_other(o, p, T) for p in MODEL_PATHS) + " |"
         )
