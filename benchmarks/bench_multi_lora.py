@@ -230,7 +230,7 @@ def _peft_mixed(ws: WeightSet, ids_host: torch.Tensor) -> Callable:
 
 # Gemm-path variants: the module flags of lora_kernels.triton.multi_lora each sets while it runs (and while captured),
 # and the path it asks for (None: the default, so that the heavy-epilogue rule decides).
-_GEMM_FLAGS = {
+GEMM_VARIANTS = {
     "lk_gemm_plain": ({"TMA_GEMM": False}, "gemm"),
     "lk_gemm_2l": ({"LANES_GEMM": False}, "gemm"),
     "lk_gemm_sorted": ({"SORTED_TMA_GEMM": True}, "gemm"),
@@ -276,19 +276,19 @@ def build(
         backend = "cuda"
     elif provider in ("lk_fused", "lk_split") and device.type != "cuda" and backend in (None, "auto", "torch"):
         raise ProviderUnavailable("the fused/split choice only exists in the Triton and CUDA backends")
-    elif (provider == "lk_gemm" or provider in _GEMM_FLAGS) and backend == "cuda":
+    elif (provider == "lk_gemm" or provider in GEMM_VARIANTS) and backend == "cuda":
         raise ProviderUnavailable("the gemm path has no CUDA-extension kernel")
     batch = LoRABatch.prepare(
         ids_host.to(torch.int32), max_tokens=ids_host.numel(), device=device, max_adapters_per_step=bound
     )
     if provider == "lk_gemm":
         return lambda x: multi(x, ws.W, None, ws.pool, batch, backend=backend, path="gemm")
-    if provider in _GEMM_FLAGS:
+    if provider in GEMM_VARIANTS:
         try:
             ML = importlib.import_module("lora_kernels.triton.multi_lora")
         except ImportError as exc:
             raise ProviderUnavailable(f"lora_kernels' Triton kernels are not importable: {exc}") from exc
-        flags, path = _GEMM_FLAGS[provider]
+        flags, path = GEMM_VARIANTS[provider]
 
         def flagged(x):
             saved = {name: getattr(ML, name) for name in flags}

@@ -47,11 +47,11 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from lora_kernels.triton import multi_lora as ML
 
 from benchmarks import static_serving as SS
-from benchmarks.bench_multi_lora import _GEMM_FLAGS, TARGET_FLOOR, adapter_bound
+from benchmarks.bench_multi_lora import GEMM_VARIANTS, TARGET_FLOOR, adapter_bound
 
 # Provider of bench_multi_lora.py -> the path it forces (None: the default), for the variants that set no flags.
 _PATH_OF = {"lora_kernels": None, "lk_fused": "fused", "lk_split": "split", "lk_gemm": "gemm"}
-PRICED = ("base", *_PATH_OF, *_GEMM_FLAGS)
+PRICED = ("base", *_PATH_OF, *GEMM_VARIANTS)
 _ELT = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
 
 
@@ -82,8 +82,8 @@ def _steps(lo: float, hi: float, n: int) -> tuple[float, ...]:
     return tuple(lo + (hi - lo) * i / (n - 1) for i in range(n))
 
 
-# The values each constant may take: wide enough for any card the model could describe, fine enough that the fit's
-# step (1-2 % of the value) is below the run-to-run noise of a CUDA-graph timing.
+# The values each constant may take: wide enough for any card the model could describe, fine enough that one step
+# moves a prediction by less than a CUDA-graph timing's run-to-run noise (1-2 %) near the H100's values.
 GRIDS = {
     "bandwidth": _steps(1.0e12, 8.0e12, 351),  # 20 GB/s steps; up to 8 TB/s: W0 hot in L2 reads faster than DRAM
     "cublas_flops": _steps(300e12, 1000e12, 141),  # 5 TFLOP/s steps, up to the H100's dense peak
@@ -140,8 +140,8 @@ def model_launches(
         return [SS.base_launch(T, K, N, elt)]
     if provider in _PATH_OF:
         return SS.launches(ids, L, K, (N,), R, elt, path=_PATH_OF[provider], adapters=bound)
-    if provider in _GEMM_FLAGS:
-        flags, path = _GEMM_FLAGS[provider]
+    if provider in GEMM_VARIANTS:
+        flags, path = GEMM_VARIANTS[provider]
         with _flags(flags):
             return SS.launches(
                 ids,
