@@ -405,13 +405,18 @@ def _check_dropout(built: Built, x, W, A, B, dy, dtype) -> str | None:
             t.grad = None
 
 
+# The decode table of each timing ("cycled": {n} = the weight sets cycled); benchmarks/calibrate_serving.py reads
+# the CSV's "table" column by these titles.
+DECODE_TITLES = {
+    "graph": "decode, unmerged forward in a CUDA graph, weights hot in L2",
+    "cycled": "decode, unmerged forward in a CUDA graph, {n} weight sets cycled (weights from DRAM)",
+    "eager": "decode, unmerged forward, eager (do_bench, launch overhead included)",
+}
+
+
 def run_decode(args, device, dtype, providers, ceilings, shapes) -> list[Table]:
     timings = [t for t in ("graph", "cycled", "eager") if t in args.decode_timings]
-    titles = {
-        "graph": "decode, unmerged forward in a CUDA graph, weights hot in L2",
-        "cycled": "decode, unmerged forward in a CUDA graph, {n} weight sets cycled (weights from DRAM)",
-        "eager": "decode, unmerged forward, eager (do_bench, launch overhead included)",
-    }
+    titles = DECODE_TITLES
     tables = {
         t: Table(
             titles[t],

@@ -23,7 +23,10 @@ predicts slower than another one, i.e. a threshold to move.
 
 Run on the CPU after a GPU run, from the repository root::
 
-    python benchmarks/calibrate_serving.py out/multi_T*.csv out/multi_prefill.csv [--markdown out/calibrate.md]
+    python benchmarks/calibrate_serving.py out/multi_*.csv out/decode_*.csv [--markdown out/calibrate.md]
+
+``bench_lora_linear.py``'s decode CSVs add the one-launch single-adapter decode kernel (``lk_decode``) and the base
+at their shapes.
 
 Prints markdown (constants, per-variant errors, the grid again, the rules to revisit) and can write the fitted
 constants as JSON (``--json``). Only lora_kernels' Triton variants and the base are priced (the peers, eager PEFT
@@ -52,6 +55,7 @@ from benchmarks.bench_multi_lora import GEMM_VARIANTS, TARGET_FLOOR, adapter_bou
 # Provider of bench_multi_lora.py -> the path it forces (None: the default), for the variants that set no flags.
 _PATH_OF = {"lora_kernels": None, "lk_fused": "fused", "lk_split": "split", "lk_gemm": "gemm"}
 PRICED = ("base", *_PATH_OF, *GEMM_VARIANTS)
+DECODE_PRICED = ("base", "lk_decode")  # of bench_lora_linear.py's decode tables
 _ELT = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
 
 
@@ -186,11 +190,19 @@ def read_rows(
             for rec in csv.DictReader(f):
                 timing = _timing(rec.get("table", ""))
                 provider = rec.get("provider", "")
-                if timing is None or provider not in PRICED:
+                decode = rec.get("table", "").startswith("decode")
+                if timing is None or provider not in (DECODE_PRICED if decode else PRICED):
                     continue
                 us = _num(rec.get("us"))
                 if us is None:
                     skipped["no time (failed or not run)"] = skipped.get("no time (failed or not run)", 0) + 1
+                    continue
+                if decode:
+                    row = _decode_row(rec, timing, provider, us)
+                    if row is None:
+                        skipped["not a decode row"] = skipped.get("not a decode row", 0) + 1
+                    else:
+                        rows.append(row)
                     continue
                 try:
                     dist, L, T = rec["dist"], int(rec["L"]), int(rec["T"])
@@ -215,6 +227,19 @@ def read_rows(
                 rows.append(Row(timing, dist, L, T, provider, us, _num(rec.get("floor_us")), lns))
     notes += [f"skipped {n} row(s): {why}" for why, n in skipped.items()]
     return rows, notes
+
+
+def _decode_row(rec: dict, timing: str, provider: str, us: float) -> Row | None:
+    """A row of bench_lora_linear.py's decode tables: ``lk_decode`` (lora_decode_linear, one launch) or the base."""
+    try:
+        M, K, N, R = (int(rec[c]) for c in ("M", "K", "N", "r"))
+    except (KeyError, ValueError):
+        return None
+    elt = _ELT.get(rec.get("dtype", "bf16"))
+    if elt is None:
+        return None
+    lns = [SS.base_launch(M, K, N, elt)] if provider == "base" else SS.decode_launches(M, K, N, R, elt)
+    return Row(timing, f"decode {K}x{N}", 0, M, provider, us, _num(rec.get("floor_us")), lns)
 
 
 def predict(row_launches: Sequence[dict], k: Constants, c=None) -> float:
@@ -413,7 +438,7 @@ def report(rows: Sequence[Row], notes: Sequence[str] = ()) -> tuple[str, dict]:
     lines += ["", "### Measured / predicted, per variant (median over points)", ""]
     head = ["variant"] + [f"{t}: assumed / fitted (points)" for t in timings]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for provider in PRICED:
+    for provider in dict.fromkeys((*PRICED, *DECODE_PRICED)):
         cells = [provider]
         for t in timings:
             sub = [r for r in rows if r.timing == t and r.provider == provider]
@@ -429,7 +454,7 @@ def report(rows: Sequence[Row], notes: Sequence[str] = ()) -> tuple[str, dict]:
         "",
         "### Largest misfits with the fitted constants (what the model does not capture)",
         "",
-        "| table | dist | L | T | variant | launches | measured µs | predicted µs | measured / predicted |",
+        "| table | dist | L | T (decode: M) | variant | launches | measured µs | predicted µs | measured / predicted |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     worst = sorted(
@@ -439,7 +464,7 @@ def report(rows: Sequence[Row], notes: Sequence[str] = ()) -> tuple[str, dict]:
     for r, p in worst[:MISFITS]:
         kernels = " + ".join(ln["kernel"] for ln in r.launches)
         lines.append(
-            f"| {r.timing} | {r.dist} | {r.L} | {r.T} | {r.provider} | {kernels} | {r.us:.2f} | {p:.2f} | "
+            f"| {r.timing} | {r.dist} | {r.L or '-'} | {r.T} | {r.provider} | {kernels} | {r.us:.2f} | {p:.2f} | "
             f"{r.us / p:.2f} |"
         )
         result["misfits"].append({**dataclasses.asdict(r), "launches": kernels, "predicted_us": p})

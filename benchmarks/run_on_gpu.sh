@@ -11,7 +11,7 @@
 # Then, on any machine (CPU, seconds), fit the static serving model's constants (bandwidth, cuBLAS and Triton GEMM
 # rates, launch cost, PDL overlap, L2 bandwidth) to the serve phase's multi-adapter CSVs and see which path rules to move:
 #
-#   python benchmarks/calibrate_serving.py out/multi_*.csv --markdown out/calibrate.md --json out/calibrate.json
+#   python benchmarks/calibrate_serving.py out/multi_*.csv out/decode_*.csv --markdown out/calibrate.md --json out/calibrate.json
 #
 # Every step has its own timeout, and every result is written as soon as it exists: the logs are teed line by line,
 # the benchmarks run one shape per process with its own CSV, so a call cut short keeps every finished point.

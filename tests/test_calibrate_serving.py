@@ -161,3 +161,30 @@ def test_no_priced_rows_is_said_not_fitted(tmp_path):
     eager = _measured_csv(tmp_path / "e.csv", cal.Constants(), timing="eager", providers=("base",), tokens=(16,))
     text, result = cal.report(*cal.read_rows([eager]))
     assert "No priced rows" in text and result["fits"] == {}
+
+
+def test_decode_rows_are_priced_with_the_decode_kernel(tmp_path):
+    from benchmarks import bench_lora_linear as bll
+    from benchmarks import calibrate_serving as cal
+    from benchmarks import common
+    from benchmarks import static_serving as ss
+
+    true = cal.Constants(**TRUE)
+    table = common.Table(bll.DECODE_TITLES["cycled"].format(n=4), ["M", "K", "N", "r"], ["base", "lk_decode", "eager"])
+    table.live = None
+    for M, K in ((1, 4096), (16, 4096), (256, 4096), (1, 8192), (256, 8192)):
+        key = {"M": M, "K": K, "N": K, "r": 16}
+        table.add(key, "base", cal.predict([ss.base_launch(M, K, K)], true))
+        table.add(key, "lk_decode", cal.predict(ss.decode_launches(M, K, K), true))
+        table.add(key, "eager", 50.0)  # the module's eager path: not a serving kernel, not priced
+    path = tmp_path / "decode.csv"
+    common.write_csv(str(path), [table], {"dtype": "bfloat16"}, quiet=True)
+    rows, notes = cal.read_rows([str(path)])
+    assert not notes and len(rows) == 10 and {r.provider for r in rows} == {"base", "lk_decode"}
+    kernels = {(r.T, r.dist): r.launches[0]["kernel"] for r in rows if r.provider == "lk_decode"}
+    # up to 64 rows the decode kernel, above it the persistent TMA forward with the shrink inside
+    assert kernels[(1, "decode 8192x8192")] == "_decode_kernel"
+    assert kernels[(256, "decode 4096x4096")] == "_fwd_tma_kernel"
+    assert all(abs(math.log(r.us / cal.predict(r.launches, true))) < 1e-3 for r in rows)
+    text, result = cal.report(rows, notes)
+    assert "| lk_decode |" in text and "decode 8192x8192" in text
