@@ -558,3 +558,7 @@ def test_forced_tma_gemm_tile_reaches_the_launcher_config_and_the_model(monkeypa
     monkeypatch.setattr(ML, "GEMM_TMA_TILE", (96, 128))
     with pytest.raises(ValueError, match=r"GEMM_TMA_TILE = \(96, 128\).*\(128, 256\)"):
         config(256)
+    # above rank 32 the 128×256 tile spilled: not even forced
+    monkeypatch.setattr(ML, "GEMM_TMA_TILE", (128, 256))
+    with pytest.raises(ValueError, match=r"at rank 64"):
+        ML.gemm_tma_config(256, (4096,), 2, 64, False, lambda: ss.H100_SMEM, lambda: ss.H100_SMS)

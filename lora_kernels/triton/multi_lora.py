@@ -1512,10 +1512,11 @@ _GEMM_TMA_TILES = (
 _TMA_MIN_BUSY = 7 / 8
 _TMA_WIDE_MAX_R = 32
 # None: gemm_tma_config picks the tile. One of _GEMM_TMA_TILES' (BLOCK_M, BLOCK_N) pairs, e.g. (128, 128): every TMA
-# GEMM of the gemm path runs that tile (its K depth and stages as listed, fitted to shared memory), for measuring the
-# choice: fewer, larger tiles re-read less of x and W0 from L2 ((BM + BN)·K per tile: at 256 tokens × 4096² the 64×128
-# tiles request 201 MB, 128×128 134 MB, 128×256 101 MB) but keep fewer SMs busy (benchmarks/bench_multi_lora.py's
-# lk_gemm_t* providers).
+# GEMM of the gemm path on a GPU runs that tile (its K depth and stages as listed, fitted to shared memory; above
+# rank 32 only the tiles of at most 128×128 outputs, as without it; the interpreter keeps its small tiles), for
+# measuring the choice: fewer, larger tiles re-read less of x and W0 from L2 ((BM + BN)·K per tile: at 256 tokens ×
+# 4096² the 64×128 tiles request 201 MB, 128×128 134 MB, 128×256 101 MB) but keep fewer SMs busy
+# (benchmarks/bench_multi_lora.py's lk_gemm_t* providers).
 GEMM_TMA_TILE: tuple[int, int] | None = None
 # False: the gemm path never takes the TMA GEMM (for comparisons: benchmarks/bench_multi_lora.py's lk_gemm_plain).
 TMA_GEMM = True
@@ -1564,11 +1565,11 @@ def gemm_tma_config(
     # accumulator spilled on sm_90 (rank 64: 80 bytes at 8 warps, 255 registers); at most 128×128 outputs there.
     tiles = [t for t in _GEMM_TMA_TILES if block_r <= _TMA_WIDE_MAX_R or t[0] * t[1] <= 128 * 128]
     if GEMM_TMA_TILE is not None:
-        tile = next((t for t in _GEMM_TMA_TILES if tuple(t[:2]) == tuple(GEMM_TMA_TILE)), None)
+        tile = next((t for t in tiles if tuple(t[:2]) == tuple(GEMM_TMA_TILE)), None)
         if tile is None:
             raise ValueError(
-                f"GEMM_TMA_TILE = {GEMM_TMA_TILE!r} is not a tile of the TMA GEMM; choose one of "
-                + ", ".join(f"({t[0]}, {t[1]})" for t in _GEMM_TMA_TILES)
+                f"GEMM_TMA_TILE = {GEMM_TMA_TILE!r} is not a tile of the TMA GEMM at rank {R}; choose one of "
+                + ", ".join(f"({t[0]}, {t[1]})" for t in tiles)
                 + " or None"
             )
     else:
