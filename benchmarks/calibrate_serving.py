@@ -21,7 +21,8 @@ constants: the default path's predicted time / floor per point, and every point 
 (``lora_kernels.ops.multi_lora.choose_path``, ``triton.multi_lora.heavy_epilogue``) pick a path the fitted model
 predicts slower than another one, i.e. a threshold to move.
 
-Run on the CPU after a GPU run, from the repository root::
+``--assumed`` prints that grid section for the model's assumed constants, without measurements. Run on the CPU
+after a GPU run, from the repository root::
 
     python benchmarks/calibrate_serving.py out/multi_*.csv out/decode_*.csv [--markdown out/calibrate.md]
 
@@ -397,6 +398,98 @@ def grid_against_rules(k: Constants, paths_of_point=None, margin: float = 0.02) 
     return out
 
 
+# The constants whose crossing values the grid section lists (cuBLAS's rate moves the compute-bound floors with the
+# GEMMs: it hardly moves a ratio).
+CROSSING_CONSTANTS = ("launch_us", "overlap", "tma_slowdown", "wgmma_slowdown", "bandwidth", "l2_bandwidth")
+CROSSING_BAND = 0.05  # points within 5 % under the goal are listed too: what would make them miss it
+
+
+def _nearest_first(grid: Sequence[float], cur: float) -> list[float]:
+    """The grid's values by distance from ``cur``; from infinity (L2 never binding), the largest first."""
+    if not math.isfinite(cur):
+        return sorted(grid, reverse=True)
+    return sorted(grid, key=lambda v: _distance(v, cur))
+
+
+def crossings(k: Constants, points=None, band: float = CROSSING_BAND) -> list[dict]:
+    """For every grid point over the goal, or within ``band`` under it, with constants ``k``: per constant of
+    :data:`CROSSING_CONSTANTS`, the grid value nearest ``k``'s at which the point's default path crosses the goal
+    (meets it when over, misses it when under), None where no value of the grid does, holding the others."""
+    out = []
+    for p in points or SS.grid_launches():
+        lns = p["paths"][p["chosen"]]
+
+        def ratio(kk):
+            floor = SS.floor_us(p["T"], p["active"], p["K"], p["N"], p["r"], 2, kk.bandwidth, kk.cublas_flops)
+            return predict(lns, kk) / floor
+
+        now = ratio(k)
+        if now <= TARGET_FLOOR * (1 - band):
+            continue
+        over = now > TARGET_FLOOR
+        cross = {}
+        for name in CROSSING_CONSTANTS:
+            cur = getattr(k, name)
+            flips = (
+                v
+                for v in _nearest_first(GRIDS[name], cur)
+                if (ratio(dataclasses.replace(k, **{name: v})) <= TARGET_FLOOR) == over
+            )
+            cross[name] = next(flips, None)
+        out.append({"dist": p["dist"], "L": p["L"], "T": p["T"], "ratio": now, "over": over, "crossing": cross})
+    return out
+
+
+def grid_section(k: Constants, label: str, measured: dict | None = None) -> tuple[list[str], dict]:
+    """Markdown lines and JSON of the grid priced with constants ``k`` (see :func:`grid_against_rules`,
+    :func:`crossings`); ``measured``: (dist, L, T) → the measured lora_kernels row."""
+    points = SS.grid_launches()
+    grid = grid_against_rules(k, points)
+    measured = measured or {}
+    lines = [
+        "",
+        f"### The grid with the {label} constants",
+        "",
+        "| dist | L | T | default path | predicted µs | ÷ floor | fastest path (µs) | measured lora_kernels ÷ floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in grid:
+        m = measured.get((g["dist"], g["L"], g["T"]))
+        meas = f"{m.us / m.floor_us:.2f}" if m and m.floor_us else "-"
+        best = f"{g['best']} ({g['best_us']:.2f})" + (" **revisit**" if g["revisit"] else "")
+        lines.append(
+            f"| {g['dist']} | {g['L']} | {g['T']} | {g['chosen']} | {g['us']:.2f} | {g['ratio']:.2f} | {best} | "
+            f"{meas} |"
+        )
+    misses = [g for g in grid if g["ratio"] > TARGET_FLOOR]
+    revisit = [g for g in grid if g["revisit"]]
+    lines += [
+        "",
+        f"- predicted over {TARGET_FLOOR} × the floor: {len(misses)} of {len(grid)} points"
+        + (": " + ", ".join(f"{_at(g)} ({g['ratio']:.2f})" for g in misses) if misses else ""),
+        f"- default path more than 2 % slower than the fastest: {len(revisit)} point(s)"
+        + (": " + ", ".join(f"{_at(g)} {g['chosen']} → {g['best']}" for g in revisit) if revisit else ""),
+    ]
+    cross = crossings(k, points)
+    if cross:
+        lines += [
+            "",
+            f"Where each point over {TARGET_FLOOR}x would meet it, and each point within "
+            f"{CROSSING_BAND:.0%} under it would miss it: the value of one constant, nearest the {label} one, at "
+            "which its default path crosses the goal, the others held (-: none on the fit's grid).",
+            "",
+            "| dist | L | T | ÷ floor | " + " | ".join(f"`{n}`" for n in CROSSING_CONSTANTS) + " |",
+            "|" + "---|" * (4 + len(CROSSING_CONSTANTS)),
+        ]
+        for x in cross:
+            cells = []
+            for name in CROSSING_CONSTANTS:
+                v, cur = x["crossing"][name], getattr(k, name)
+                cells.append("-" if v is None else f"{'≤' if v < cur else '≥'} {_fmt(name, v)}")
+            lines.append(f"| {x['dist']} | {x['L']} | {x['T']} | {x['ratio']:.3f} | " + " | ".join(cells) + " |")
+    return lines, {"grid": grid, "crossings": cross}
+
+
 def report(rows: Sequence[Row], notes: Sequence[str] = ()) -> tuple[str, dict]:
     """Markdown and the JSON-able result of fitting each table's rows."""
     assumed = Constants()
@@ -469,43 +562,21 @@ def report(rows: Sequence[Row], notes: Sequence[str] = ()) -> tuple[str, dict]:
         )
         result["misfits"].append({**dataclasses.asdict(r), "launches": kernels, "predicted_us": p})
     t = timings[0]
-    k = fits[t][0]
-    grid = grid_against_rules(k)
-    result["grid"] = grid
     measured = {r.point: r for r in rows if r.timing == t and r.provider == "lora_kernels"}
+    section, result_grid = grid_section(fits[t][0], f"fitted ({t})", measured)
+    lines += section
+    result.update(result_grid)
     lines += [
-        "",
-        f"### The grid with the constants fitted on the {t} table",
-        "",
-        "| dist | L | T | default path | predicted µs | ÷ floor | fastest path (µs) | measured lora_kernels ÷ floor |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for g in grid:
-        m = measured.get((g["dist"], g["L"], g["T"]))
-        meas = f"{m.us / m.floor_us:.2f}" if m and m.floor_us else "-"
-        best = f"{g['best']} ({g['best_us']:.2f})" + (" **revisit**" if g["revisit"] else "")
-        lines.append(
-            f"| {g['dist']} | {g['L']} | {g['T']} | {g['chosen']} | {g['us']:.2f} | {g['ratio']:.2f} | {best} | "
-            f"{meas} |"
-        )
-    misses = [g for g in grid if g["ratio"] > TARGET_FLOOR]
-    revisit = [g for g in grid if g["revisit"]]
-    lines += [
-        "",
-        f"- predicted over {TARGET_FLOOR} × the floor: {len(misses)} of {len(grid)} points"
-        + (": " + ", ".join(f"{g['dist']}/{g['L']}/{g['T']} ({g['ratio']:.2f})" for g in misses) if misses else ""),
-        f"- default path more than 2 % slower than the fastest: {len(revisit)} point(s)"
-        + (
-            ": " + ", ".join(f"{g['dist']}/{g['L']}/{g['T']} {g['chosen']} → {g['best']}" for g in revisit)
-            if revisit
-            else ""
-        ),
         "",
         "To adopt the fitted constants: `COPY_BW` and `LAUNCH_US` in benchmarks/static_serving.py, the rates in "
         "benchmarks/card.py (with the run's card, date and command in BENCHMARKS.md), then re-run "
         "benchmarks/static_report.py.",
     ]
     return "\n".join(lines) + "\n", result
+
+
+def _at(g: dict) -> str:
+    return f"{g['dist']}/{g['L']}/{g['T']}"
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -516,7 +587,12 @@ def _median(xs: Sequence[float]) -> float:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("csv", nargs="+", help="CSV files written by bench_multi_lora.py --csv")
+    parser.add_argument("csv", nargs="*", help="CSV files written by bench_multi_lora.py / bench_lora_linear.py --csv")
+    parser.add_argument(
+        "--assumed",
+        action="store_true",
+        help="no measurements: the grid and its crossing values with the model's assumed constants",
+    )
     parser.add_argument("--k", type=int, default=SS.K_DEFAULT, help="in_features of the run (default 4096)")
     parser.add_argument("--n", type=int, default=SS.N_DEFAULT, help="out_features of the run (default 4096)")
     parser.add_argument("--r", type=int, default=SS.RANK, help="rank of the run (default 16)")
@@ -524,8 +600,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--markdown", metavar="PATH", help="also write the report to PATH")
     parser.add_argument("--json", metavar="PATH", help="write the fitted constants and the grid to PATH")
     args = parser.parse_args(argv)
-    rows, notes = read_rows(args.csv, args.k, args.n, args.r, args.seed)
-    text, result = report(rows, notes)
+    if args.assumed:
+        if args.csv:
+            parser.error("--assumed takes no CSV files")
+        section, result = grid_section(Constants(), "assumed")
+        result["assumed"] = dataclasses.asdict(Constants())
+        text = "\n".join(["## The static serving model with its assumed constants", *section]) + "\n"
+    elif not args.csv:
+        parser.error("give CSV files of a GPU run, or --assumed")
+    else:
+        rows, notes = read_rows(args.csv, args.k, args.n, args.r, args.seed)
+        text, result = report(rows, notes)
     print(text)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:

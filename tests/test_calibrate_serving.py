@@ -188,3 +188,45 @@ def test_decode_rows_are_priced_with_the_decode_kernel(tmp_path):
     assert all(abs(math.log(r.us / cal.predict(r.launches, true))) < 1e-3 for r in rows)
     text, result = cal.report(rows, notes)
     assert "| lk_decode |" in text and "decode 8192x8192" in text
+
+
+def test_crossings_say_which_constant_value_turns_a_point(capsys):
+    """The sensitivity table: for each point over the goal (or just under it), the value of one constant at which
+    its default path crosses 1.2x the floor; checked against the model priced at that value and one step short."""
+    from benchmarks import calibrate_serving as cal
+    from benchmarks import static_serving as ss
+
+    k = cal.Constants()
+    cross = {(x["dist"], x["L"], x["T"]): x for x in cal.crossings(k)}
+    mix = cross[("mix", 16, 256)]
+    assert mix["over"] and mix["ratio"] > 1.2
+    v = mix["crossing"]["launch_us"]
+    assert v is not None and v < k.launch_us  # a cheaper second launch makes it
+    ids = ss._ids("mix", 16, 256, 0)
+    lns = ss.launches(ids, 16, adapters=ss.adapter_bound("mix", 16, 256))
+    floor = ss.floor_us(256, len(set(ids.tolist())))
+    step = cal.GRIDS["launch_us"][1] - cal.GRIDS["launch_us"][0]
+    assert cal.predict(lns, dataclasses.replace(k, launch_us=v)) / floor <= 1.2
+    assert cal.predict(lns, dataclasses.replace(k, launch_us=v + step)) / floor > 1.2
+    # a point just under the goal: the L2 bandwidth below which it misses, searched down from "never binds"
+    near = cross[("uniform", 16, 256)]
+    assert not near["over"] and math.isfinite(near["crossing"]["l2_bandwidth"])
+    # points far under the goal are not listed
+    assert ("mix", 16, 1) not in cross
+    cal.main(["--assumed"])
+    out = capsys.readouterr().out
+    assert "assumed constants" in out and "| mix | 16 | 256 | 1.215 | ≤ 1.80 µs |" in out
+    with pytest.raises(SystemExit):
+        cal.main([])
+
+
+def test_benchmarks_md_sensitivity_table_is_current():
+    """BENCHMARKS.md quotes ``calibrate_serving.py --assumed``'s crossing table: it must be what the model says."""
+    import pathlib
+
+    from benchmarks import calibrate_serving as cal
+
+    lines, _ = cal.grid_section(cal.Constants(), "assumed")
+    table = [ln for ln in lines[lines.index(next(ln for ln in lines if ln.startswith("| dist | L | T | ÷ floor"))) :]]
+    text = (pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "\n".join(table) in text, "re-run `python benchmarks/calibrate_serving.py --assumed` into BENCHMARKS.md"
