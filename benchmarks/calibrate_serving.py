@@ -15,11 +15,12 @@ for the very ids that were timed, and fit the model's few constants to the measu
 
 The fit is a coordinate descent over a grid of values per constant (no SciPy), minimising the mean squared log of
 measured / predicted over the rows of one table (hot weights and cycled weights are fitted apart: with W0 hot in
-L2 the fitted bandwidth is an effective one, not DRAM's). A constant that no row's prediction depends on keeps its
-assumed value and is marked as not determined. Then the grid of BENCHMARKS.md is predicted again with the fitted
-constants: the default path's predicted time / floor per point, and every point where the path rules
+L2 the fitted bandwidth is an effective one, not DRAM's). A constant that no row's prediction depends on, or that
+the rows cannot tell from its assumed value, keeps that value. Then the grid of BENCHMARKS.md is predicted again
+with the fitted constants: the default path's predicted time / floor per point, every point where the path rules
 (``lora_kernels.ops.multi_lora.choose_path``, ``triton.multi_lora.heavy_epilogue``) pick a path the fitted model
-predicts slower than another one, i.e. a threshold to move.
+predicts slower than another one (a threshold to move), and for each point near the goal the value of each constant
+at which it would cross it.
 
 ``--assumed`` prints that grid section for the model's assumed constants, without measurements. Run on the CPU
 after a GPU run, from the repository root::
@@ -40,6 +41,7 @@ import csv
 import dataclasses
 import math
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
@@ -51,7 +53,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from lora_kernels.triton import multi_lora as ML
 
 from benchmarks import static_serving as SS
-from benchmarks.bench_multi_lora import GEMM_VARIANTS, TARGET_FLOOR, adapter_bound
+from benchmarks.bench_multi_lora import GEMM_VARIANTS, TARGET_FLOOR, adapter_bound, point_ids
 
 # Provider of bench_multi_lora.py -> the path it forces (None: the default), for the variants that set no flags.
 _PATH_OF = {"lora_kernels": None, "lk_fused": "fused", "lk_split": "split", "lk_gemm": "gemm"}
@@ -183,8 +185,8 @@ def read_rows(
     """The priced rows of the CSVs and a list of notes (rows skipped and why). Each point's ids are rebuilt as the
     benchmark draws them (``bench_multi_lora.point_ids`` with ``seed``); a point whose ``active`` count differs from
     them was timed on other ids (another seed, an older script) and is skipped."""
-    rows, notes = [], []
-    skipped: dict[str, int] = {}
+    rows = []
+    skipped: Counter[str] = Counter()
     ids_of: dict[tuple, object] = {}
     for path in paths:
         with open(path, newline="", encoding="utf-8") as f:
@@ -196,38 +198,35 @@ def read_rows(
                     continue
                 us = _num(rec.get("us"))
                 if us is None:
-                    skipped["no time (failed or not run)"] = skipped.get("no time (failed or not run)", 0) + 1
+                    skipped["no time (failed or not run)"] += 1
                     continue
                 if decode:
                     row = _decode_row(rec, timing, provider, us)
                     if row is None:
-                        skipped["not a decode row"] = skipped.get("not a decode row", 0) + 1
+                        skipped["not a decode row"] += 1
                     else:
                         rows.append(row)
                     continue
                 try:
                     dist, L, T = rec["dist"], int(rec["L"]), int(rec["T"])
                 except (KeyError, ValueError):
-                    skipped["not a multi-adapter row"] = skipped.get("not a multi-adapter row", 0) + 1
+                    skipped["not a multi-adapter row"] += 1
                     continue
                 elt = _ELT.get(rec.get("dtype", "bf16"))
                 if elt is None:
-                    skipped[f"dtype {rec.get('dtype')!r}"] = skipped.get(f"dtype {rec.get('dtype')!r}", 0) + 1
+                    skipped[f"dtype {rec.get('dtype')!r}"] += 1
                     continue
                 key = (dist, L, T)
                 if key not in ids_of:
-                    ids_of[key] = SS._ids(dist, L, T, seed)
+                    ids_of[key] = point_ids(dist, L, T, seed)
                 ids = ids_of[key]
                 active = rec.get("active")
                 if active not in (None, "") and int(float(active)) != len(set(ids.tolist())):
-                    skipped["ids differ from the timed ones (active count)"] = (
-                        skipped.get("ids differ from the timed ones (active count)", 0) + 1
-                    )
+                    skipped["ids differ from the timed ones (active count)"] += 1
                     continue
                 lns = model_launches(provider, ids, L, K, N, R, elt, adapter_bound(dist, L, T))
                 rows.append(Row(timing, dist, L, T, provider, us, _num(rec.get("floor_us")), lns))
-    notes += [f"skipped {n} row(s): {why}" for why, n in skipped.items()]
-    return rows, notes
+    return rows, [f"skipped {n} row(s): {why}" for why, n in skipped.items()]
 
 
 def _decode_row(rec: dict, timing: str, provider: str, us: float) -> Row | None:
