@@ -3,6 +3,8 @@
 # included), in order of value; run them as separate commands from the repository root:
 #
 #   bash benchmarks/run_on_gpu.sh tests   # (a) ~4 min: the kernels' correctness tests (bf16 included), compiled
+#   bash benchmarks/run_on_gpu.sh tests-serving  # (a') <= 2.5 min: only the serving kernels' tests, so that with the
+#                                          #     machine's start it and `serve` fit one 15-minute device budget
 #   bash benchmarks/run_on_gpu.sh train   # (b) ~6 min: training ratios at the 6 shapes: cuBLAS, eager, PEFT and
 #                                          #     lora_kernels with both base GEMMs; fwd, fwd+bwd, fwd+bwd dropout
 #   bash benchmarks/run_on_gpu.sh serve   # (c) <= 9.3 min: multi-adapter layers (few points), decode; CUDA graphs
@@ -57,6 +59,11 @@ case "$phase" in
     run tests_inputs 60 $py -m pytest tests/test_bad_inputs.py tests/test_base_gemm_choice.py -q -rfE \
         -p no:cacheprovider --maxfail=25
     ;;
+  tests-serving)
+    card
+    run tests_serving 150 $py -m pytest tests/test_multi_lora_serving.py tests/test_multi_lora.py \
+        tests/test_lora_decode.py -q -rfE -p no:cacheprovider --maxfail=25 --durations=10
+    ;;
   train)
     card
     for s in $TRAIN_SHAPES; do
@@ -102,7 +109,7 @@ case "$phase" in
     run tests_all 420 $py -m pytest tests -q -rfE -p no:cacheprovider --maxfail=50 --durations=15
     ;;
   *)
-    echo "usage: $0 tests|train|serve|extras" >&2
+    echo "usage: $0 tests|tests-serving|train|serve|extras" >&2
     exit 2
     ;;
 esac
