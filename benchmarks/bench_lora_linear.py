@@ -416,10 +416,9 @@ DECODE_TITLES = {
 
 def run_decode(args, device, dtype, providers, ceilings, shapes) -> list[Table]:
     timings = [t for t in ("graph", "cycled", "eager") if t in args.decode_timings]
-    titles = DECODE_TITLES
     tables = {
         t: Table(
-            titles[t],
+            DECODE_TITLES[t],
             ["M", "K", "N", "r"],
             providers,
             show_floor=True,
@@ -476,7 +475,7 @@ def run_decode(args, device, dtype, providers, ceilings, shapes) -> list[Table]:
                 del built
             del x, sets
             common.free_memory(device)
-    common.name_cycled_table(tables, titles, cycles_used)
+    common.name_cycled_table(tables, DECODE_TITLES, cycles_used)
     return [tables[t] for t in timings]
 
 

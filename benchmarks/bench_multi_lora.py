@@ -42,6 +42,7 @@ Run: ``python benchmarks/bench_multi_lora.py [--quick] [--csv out.csv] [--plot o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -247,6 +248,20 @@ GEMM_VARIANTS = {
 }
 
 
+@contextlib.contextmanager
+def module_flags(module, values: dict):
+    """Set module-level flags (``GEMM_VARIANTS``' on lora_kernels.triton.multi_lora) for the duration, then restore
+    them: what a gemm-path variant runs (and is captured) under, and what the calibration prices it with."""
+    saved = {name: getattr(module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def build(
     provider: str, ws: WeightSet, ids_host: torch.Tensor, device, backend: str | None, bound: int | None = None
 ) -> Callable:
@@ -291,14 +306,8 @@ def build(
         flags, path = GEMM_VARIANTS[provider]
 
         def flagged(x):
-            saved = {name: getattr(ML, name) for name in flags}
-            for name, value in flags.items():
-                setattr(ML, name, value)
-            try:
+            with module_flags(ML, flags):
                 return multi(x, ws.W, None, ws.pool, batch, backend=backend, path=path)
-            finally:
-                for name, value in saved.items():
-                    setattr(ML, name, value)
 
         return flagged
     if fused is None:

@@ -43,7 +43,6 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable from the repository root
     import os
@@ -53,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from lora_kernels.triton import multi_lora as ML
 
 from benchmarks import static_serving as SS
-from benchmarks.bench_multi_lora import GEMM_VARIANTS, TARGET_FLOOR, adapter_bound, point_ids
+from benchmarks.bench_multi_lora import GEMM_VARIANTS, TARGET_FLOOR, adapter_bound, module_flags, point_ids
 
 # Provider of bench_multi_lora.py -> the path it forces (None: the default), for the variants that set no flags.
 _PATH_OF = {"lora_kernels": None, "lk_fused": "fused", "lk_split": "split", "lk_gemm": "gemm"}
@@ -125,19 +124,6 @@ class Row:
         return (self.dist, self.L, self.T)
 
 
-@contextmanager
-def _flags(values: dict):
-    """Set module flags of ``triton.multi_lora`` as the benchmark's provider does while it runs."""
-    saved = {name: getattr(ML, name) for name in values}
-    try:
-        for name, value in values.items():
-            setattr(ML, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(ML, name, value)
-
-
 def model_launches(
     provider: str, ids, L: int, K: int, N: int, R: int, elt: int, bound: int | None
 ) -> list[dict] | None:
@@ -149,7 +135,7 @@ def model_launches(
         return SS.launches(ids, L, K, (N,), R, elt, path=_PATH_OF[provider], adapters=bound)
     if provider in GEMM_VARIANTS:
         flags, path = GEMM_VARIANTS[provider]
-        with _flags(flags):
+        with module_flags(ML, flags):
             return SS.launches(
                 ids,
                 L,
