@@ -7,6 +7,8 @@ for the very ids that were timed, and fit the model's few constants to the measu
 - ``tma_slowdown`` / ``wgmma_slowdown`` / ``mma_sync_slowdown``: a Triton GEMM's time against cuBLAS's by the
   machine code it compiles to (the card's ``triton_*_slowdown``),
 - ``launch_us``: the cost of each launch beyond the base layer's one (``LAUNCH_US``),
+- ``pdl_launch_us``: that cost for the gemm path's GEMM, launched as a programmatic dependent of its shrink
+  (``PDL_LAUNCH_US``; told from ``launch_us`` by ``lk_gemm`` against ``lk_gemm_serial`` and ``lk_split``),
 - ``overlap``: how much of a programmatic dependent launch runs alongside the launch before it (1: fully, the
   model's assumption; 0: not at all),
 - ``l2_bandwidth``: the L2 read bandwidth that bounds a launch by the bytes its programs request (infinite: the
@@ -71,6 +73,7 @@ class Constants:
     wgmma_slowdown: float = SS.card().triton_wgmma_slowdown
     mma_sync_slowdown: float = SS.card().triton_mma_sync_slowdown
     launch_us: float = SS.LAUNCH_US
+    pdl_launch_us: float = SS.PDL_LAUNCH_US
     overlap: float = 1.0
     l2_bandwidth: float = math.inf
 
@@ -97,6 +100,7 @@ GRIDS = {
     "wgmma_slowdown": _steps(0.8, 3.0, 221),
     "mma_sync_slowdown": _steps(1.0, 6.0, 101),
     "launch_us": _steps(0.0, 6.0, 121),  # 0.05 µs steps
+    "pdl_launch_us": _steps(0.0, 6.0, 121),
     "overlap": _steps(0.0, 1.0, 51),
     "l2_bandwidth": (*_steps(2.0e12, 40.0e12, 153), math.inf),  # 0.25 TB/s steps, and "never binds"
 }
@@ -233,6 +237,7 @@ def predict(row_launches: Sequence[dict], k: Constants, c=None) -> float:
         row_launches,
         bandwidth=k.bandwidth,
         launch_us=k.launch_us,
+        pdl_launch_us=k.pdl_launch_us,
         c=c or k.card(),
         overlap=k.overlap,
         l2_bandwidth=k.l2_bandwidth,
@@ -348,7 +353,7 @@ def _fmt(name: str, v: float) -> str:
         return f"{v / 1e12:.2f} TB/s"
     if name == "cublas_flops":
         return f"{v / 1e12:.0f} TFLOP/s"
-    if name == "launch_us":
+    if name in ("launch_us", "pdl_launch_us"):
         return f"{v:.2f} µs"
     if name == "l2_bandwidth":
         return f"{v / 1e12:.2f} TB/s" if math.isfinite(v) else "unbounded"
@@ -385,7 +390,15 @@ def grid_against_rules(k: Constants, paths_of_point=None, margin: float = 0.02) 
 
 # The constants whose crossing values the grid section lists (cuBLAS's rate moves the compute-bound floors with the
 # GEMMs: it hardly moves a ratio).
-CROSSING_CONSTANTS = ("launch_us", "overlap", "tma_slowdown", "wgmma_slowdown", "bandwidth", "l2_bandwidth")
+CROSSING_CONSTANTS = (
+    "launch_us",
+    "pdl_launch_us",
+    "overlap",
+    "tma_slowdown",
+    "wgmma_slowdown",
+    "bandwidth",
+    "l2_bandwidth",
+)
 CROSSING_BAND = 0.05  # points within 5 % under the goal are listed too: what would make them miss it
 
 

@@ -47,6 +47,11 @@ H100_SMEM = 227 * 1024
 COPY_BW = 2.96e12  # bytes/s, device-to-device copy (read + write)
 PEAK_FLOPS = 732e12  # bf16 dense
 LAUNCH_US = 2.0  # assumed cost of one extra kernel node in a CUDA graph (not measured here)
+# Assumed cost of the gemm path's GEMM node, launched as a programmatic dependent of its shrink: the same as any other
+# node until measured. PDL lets the GEMM's launch be processed while the shrink runs, so it may cost less; the `mix`
+# points at 256 tokens meet the goal at <= 1.8 / 1.9 us (calibrate_serving.py --assumed), so it is a constant of its
+# own, fitted apart from LAUNCH_US (from lk_gemm against lk_gemm_serial) by benchmarks/calibrate_serving.py.
+PDL_LAUNCH_US = LAUNCH_US
 # The paths the model prices: multi_lora_linear's, and "sorted" (the gemm path with sorted row tiles, x read by TMA
 # from the shrink's sorted copy: what a heavy-epilogue step runs with triton.multi_lora.SORTED_GATHER).
 MODEL_PATHS = (*ops.PATHS, "sorted")
@@ -329,6 +334,7 @@ def launches(
         )
     )
     out[-1]["overlaps_previous"] = pdl and not sort_rows
+    out[-1]["pdl_launch"] = pdl  # launched as a programmatic dependent of the shrink (costs PDL_LAUNCH_US)
     return out
 
 
@@ -460,9 +466,11 @@ def predict_us(
     c=None,
     overlap: float = 1.0,
     l2_bandwidth: float = math.inf,
+    pdl_launch_us: float = PDL_LAUNCH_US,
 ) -> float:
     """Sum over launches of max(DRAM bytes / bandwidth, flops / rate), plus ``launch_us`` per launch beyond
-    ``base_kernels`` (the base layer's own). The rate is the training report's for that kind of launch
+    ``base_kernels`` (the base layer's own), ``pdl_launch_us`` instead for one marked ``pdl_launch`` (launched as a
+    programmatic dependent: the gemm path's GEMM). The rate is the training report's for that kind of launch
     (:func:`compute_rate`: cuBLAS at 732 TFLOP/s, a non-TMA wgmma Triton GEMM 1.35x slower, mma.sync 2.7x, skinny
     Triton kernels at 247 TFLOP/s), the TF32 epilogue dots at half of it (:func:`compute_s`); ``peak`` instead
     charges every launch at that one rate; ``c`` replaces the card (:func:`card`) and its rates. Serial launches,
@@ -488,7 +496,9 @@ def predict_us(
         else:
             t += max(cur) * 1e6
         prev = cur
-    return t + launch_us * max(0, len(launch_list) - base_kernels)
+    extra = max(0, len(launch_list) - base_kernels)
+    pdl = min(extra, sum(1 for ln in launch_list[1:] if ln.get("pdl_launch")))
+    return t + launch_us * (extra - pdl) + pdl_launch_us * pdl
 
 
 def default_path(
@@ -875,7 +885,8 @@ def markdown(records: Sequence[dict]) -> str:
         f"kernels {c.peak_tf32_flops * 0.5 / 1e12:.0f} TFLOP/s; a programmatic dependent launch overlaps the one "
         "before it (the pair: summed bytes against summed compute) where a program of each fits on one SM by their "
         "compiled registers and shared memory; plus "
-        f"{LAUNCH_US} µs per launch beyond the base layer's one (benchmarks/static_serving.py); base = cuBLAS F.linear "
+        f"{LAUNCH_US} µs per launch beyond the base layer's one, a programmatic dependent one too ({PDL_LAUNCH_US} µs; "
+        "benchmarks/static_serving.py); base = cuBLAS F.linear "
         "by the same roofline; floor = W0, the adapters present, x and y once (or the FLOPs). K = N = 4096 (decode "
         "also 8192), r = 16, bf16, H100. Unmeasured. L2 TB/s: the bytes the launches' programs request (tile by "
         "tile, an upper bound of their L2 traffic; cuBLAS's: its HBM bytes) over the predicted time, the L2 bandwidth "

@@ -16,7 +16,16 @@ import torch
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 # Constants a GPU run might find: each off the assumed value, on the fit's grids
-TRUE = dict(bandwidth=3.1e12, cublas_flops=690e12, tma_slowdown=1.12, wgmma_slowdown=1.5, launch_us=1.3, overlap=0.7)
+# (the PDL'd GEMM launch costs less than a plain one: the fit must tell the two launch costs apart)
+TRUE = dict(
+    bandwidth=3.1e12,
+    cublas_flops=690e12,
+    tma_slowdown=1.12,
+    wgmma_slowdown=1.5,
+    launch_us=1.3,
+    pdl_launch_us=0.8,
+    overlap=0.7,
+)
 
 
 def _measured_csv(path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 256, 1024, 4096), extra=None):
@@ -104,9 +113,14 @@ def test_overlap_spans_pdl_and_serial_launches():
     # differ with PDL, not its bytes or FLOPs)
     assert none == pytest.approx(cal.predict(serial, k)) and none > full
     assert half == pytest.approx((full + none) / 2)
+    # the PDL'd GEMM's launch costs pdl_launch_us, the serial one's launch_us
+    assert pdl[-1]["pdl_launch"] and not serial[-1]["pdl_launch"]
+    cheap = dataclasses.replace(k, pdl_launch_us=k.pdl_launch_us - 1.5)
+    assert cal.predict(pdl, cheap) == pytest.approx(full - 1.5)
+    assert cal.predict(serial, cheap) == pytest.approx(none)
     # an L2 bandwidth bounds each launch by the bytes its programs request (the PDL pair: by their sum)
     l2 = sum(ln["l2_read"] for ln in pdl) / 1e12 * 1e6
-    assert cal.predict(pdl, dataclasses.replace(k, l2_bandwidth=1e12)) == pytest.approx(l2 + k.launch_us)
+    assert cal.predict(pdl, dataclasses.replace(k, l2_bandwidth=1e12)) == pytest.approx(l2 + k.pdl_launch_us)
     assert cal.predict(pdl, dataclasses.replace(k, l2_bandwidth=1e15)) == pytest.approx(full)
 
 
@@ -144,6 +158,7 @@ def test_command_line_writes_the_report_and_the_fit(tmp_path, capsys):
     assert "fitted (cycled, rows informing)" in text and "fitted (hot, rows informing)" in text
     result = json.loads(js.read_text())
     assert result["fits"]["cycled"]["constants"]["launch_us"] == pytest.approx(1.3)
+    assert result["fits"]["cycled"]["constants"]["pdl_launch_us"] == pytest.approx(0.8)
     # W0 hot in L2: the hot table's bandwidth is an effective one, fitted apart from DRAM's
     assert result["fits"]["hot"]["constants"]["bandwidth"] == pytest.approx(6e12, rel=0.01)
     assert len(result["grid"]) == 24 and all(g["ratio"] > 0.9 for g in result["grid"])
@@ -200,14 +215,18 @@ def test_crossings_say_which_constant_value_turns_a_point(capsys):
     cross = {(x["dist"], x["L"], x["T"]): x for x in cal.crossings(k)}
     mix = cross[("mix", 16, 256)]
     assert mix["over"] and mix["ratio"] > 1.2
-    v = mix["crossing"]["launch_us"]
-    assert v is not None and v < k.launch_us  # a cheaper second launch makes it
+    # its extra launch is the GEMM's, launched as a programmatic dependent of the shrink: that cost decides, the
+    # plain launch's does not enter
+    assert mix["crossing"]["launch_us"] is None
+    v = mix["crossing"]["pdl_launch_us"]
+    assert v is not None and v < k.pdl_launch_us  # a cheaper second launch makes it
     ids = ss._ids("mix", 16, 256, 0)
     lns = ss.launches(ids, 16, adapters=ss.adapter_bound("mix", 16, 256))
     floor = ss.floor_us(256, len(set(ids.tolist())))
-    step = cal.GRIDS["launch_us"][1] - cal.GRIDS["launch_us"][0]
-    assert cal.predict(lns, dataclasses.replace(k, launch_us=v)) / floor <= 1.2
-    assert cal.predict(lns, dataclasses.replace(k, launch_us=v + step)) / floor > 1.2
+    assert lns[-1]["pdl_launch"] and not lns[0].get("pdl_launch")
+    step = cal.GRIDS["pdl_launch_us"][1] - cal.GRIDS["pdl_launch_us"][0]
+    assert cal.predict(lns, dataclasses.replace(k, pdl_launch_us=v)) / floor <= 1.2
+    assert cal.predict(lns, dataclasses.replace(k, pdl_launch_us=v + step)) / floor > 1.2
     # a point just under the goal: the L2 bandwidth below which it misses, searched down from "never binds"
     near = cross[("uniform", 16, 256)]
     assert not near["over"] and math.isfinite(near["crossing"]["l2_bandwidth"])
@@ -215,7 +234,7 @@ def test_crossings_say_which_constant_value_turns_a_point(capsys):
     assert ("mix", 16, 1) not in cross
     cal.main(["--assumed"])
     out = capsys.readouterr().out
-    assert "assumed constants" in out and "| mix | 16 | 256 | 1.215 | ≤ 1.80 µs |" in out
+    assert "assumed constants" in out and "| mix | 16 | 256 | 1.215 | - | ≤ 1.80 µs |" in out
     with pytest.raises(SystemExit):
         cal.main([])
 
