@@ -27,7 +27,9 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
   ``lk_gemm_serial`` the gemm path without programmatic dependent launch (``PDL = False``: the GEMM starts after the
   shrink, instead of overlapping it where their programs can share an SM), and ``lk_gemm_sorted_copy`` the gemm path
   on the sorted token list at every step where its GEMM is the TMA kernel (x's rows copied in that order by the
-  shrink, read by TMA: what the default runs only where the ids put many adapters in each row tile);
+  shrink, read by TMA: what the default runs only where the ids put many adapters in each row tile), and
+  ``lk_joined`` the gemm path's TMA steps of at most ``JOINED_MAX_TOKENS`` tokens in one launch (shrink items and
+  GEMM tiles in one grid: ``JOINED``, off by default until timed here);
 - ``lk_cuda``: the same with ``backend="cuda"`` when the compiled extension is available.
 
 Timings: in a CUDA graph with the weights hot in L2; in a CUDA graph cycling several weight sets (W0 and the adapter
@@ -236,6 +238,9 @@ GEMM_VARIANTS = {
     "lk_gemm_2l": ({"LANES_GEMM": False}, "gemm"),
     "lk_gemm_sorted": ({"SORTED_TMA_GEMM": True}, "gemm"),
     "lk_gemm_serial": ({"PDL": False}, "gemm"),
+    # the gemm path's TMA steps (65 ... JOINED_MAX_TOKENS tokens) in one launch: shrink items and GEMM tiles in one
+    # grid (JOINED, opt-in); elsewhere the gemm path as chosen
+    "lk_joined": ({"JOINED": True}, "gemm"),
     # the rule's thresholds at nothing: every step whose GEMM is the TMA kernel takes the sorted-row GEMM fed by the
     # shrink's sorted copy of x (where the rule would not: 16 adapters at 1024 tokens, requests kept together)
     "lk_gemm_sorted_copy": (

@@ -67,6 +67,30 @@ def M(name, file, old, new, tests, why="", gpu=False):
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------------------------------------- kernels
     M(
+        "kernels/joined-never-computes-the-shrink-itself",
+        "lora_kernels/triton/multi_lora.py",
+        "        hi = tl.where(_join_wait(sync_ptr, NUM_ITEMS, SPINS) < NUM_ITEMS, NUM_WORK, 0)",
+        "        hi = tl.where(_join_wait(sync_ptr, NUM_ITEMS, SPINS) < 0, NUM_WORK, 0)",
+        ["tests/test_multi_lora_serving.py", "-k", "tma_gemm_matches_reference and joined"],
+        "a tile of the one-launch TMA step reads xa after polling in vain instead of computing the shrink itself",
+    ),
+    M(
+        "kernels/joined-counters-not-reset",
+        "lora_kernels/triton/multi_lora.py",
+        '        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")\n',
+        "",
+        ["tests/test_multi_lora_serving.py", "-k", "replays and joined"],
+        "the one-launch TMA step's last program leaves the items counter set: the next launch reads a stale xa",
+    ),
+    M(
+        "kernels/joined-items-skip-a-slice",
+        "lora_kernels/triton/multi_lora.py",
+        "    n_work = max_tiles(M, L, tile_m, meta.capacity) * S\n",
+        "    n_work = max_tiles(M, L, tile_m, meta.capacity)\n",
+        ["tests/test_multi_lora_serving.py", "-k", "tma_gemm_matches_reference and joined"],
+        "the one-launch TMA step launches one shrink item per tile instead of one per tile and slice",
+    ),
+    M(
         "kernels/multi-rank-unclamped",
         "lora_kernels/triton/multi_lora.py",
         "rank = tl.where(usable, tl.minimum(tl.maximum(rank, 0), R), 0)",

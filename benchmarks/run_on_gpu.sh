@@ -11,7 +11,8 @@
 #   bash benchmarks/run_on_gpu.sh extras  # only if time is left: CUDA extension build + tests, the full suite
 #
 # Then, on any machine (CPU, seconds), fit the static serving model's constants (bandwidth, cuBLAS and Triton GEMM
-# rates, launch cost, PDL overlap, L2 bandwidth) to the serve phase's multi-adapter CSVs and see which path rules to move:
+# rates, a plain and a PDL'd launch's cost, PDL overlap, L2 bandwidth) to the serve phase's multi-adapter CSVs and see
+# which path rules to move:
 #
 #   python benchmarks/calibrate_serving.py out/multi_*.csv out/decode_*.csv --markdown out/calibrate.md --json out/calibrate.json
 #
@@ -77,10 +78,12 @@ case "$phase" in
     card
     # Step limits sum to 590 s (one 10-minute call). The multi-adapter grid first: it feeds
     # benchmarks/calibrate_serving.py. Graph (weights hot in L2, as the peers were measured) and cycled (weights from
-    # DRAM, as the static model prices them). lk_gemm_serial against lora_kernels measures PDL's overlap.
+    # DRAM, as the static model prices them). lk_gemm_serial against lora_kernels measures PDL's overlap; at 256
+    # tokens lk_joined (the step in one launch, opt-in) against lora_kernels (the PDL pair) decides JOINED.
     for t in 1 16 64 256 4096; do
+      joined=""; [ "$t" = 256 ] && joined=",lk_joined"
       run "multi_T$t" 50 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens "$t" --dists uniform,mix \
-          --timings graph,cycled --providers base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l,lk_gemm_serial \
+          --timings graph,cycled --providers "base,lora_kernels,lk_split,lk_gemm_plain,lk_gemm_2l,lk_gemm_serial$joined" \
           --csv "$out/multi_T$t.csv"
     done
     # the TMA GEMM's tile forced: L2 re-reads of x and W0 against busy SMs (a tile per provider, the default first)

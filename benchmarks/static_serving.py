@@ -52,15 +52,17 @@ LAUNCH_US = 2.0  # assumed cost of one extra kernel node in a CUDA graph (not me
 # points at 256 tokens meet the goal at <= 1.8 / 1.9 us (calibrate_serving.py --assumed), so it is a constant of its
 # own, fitted apart from LAUNCH_US (from lk_gemm against lk_gemm_serial) by benchmarks/calibrate_serving.py.
 PDL_LAUNCH_US = LAUNCH_US
-# The paths the model prices: multi_lora_linear's, and "sorted" (the gemm path with sorted row tiles, x read by TMA
-# from the shrink's sorted copy: what a heavy-epilogue step runs with triton.multi_lora.SORTED_GATHER).
-MODEL_PATHS = (*ops.PATHS, "sorted")
+# The paths the model prices: multi_lora_linear's, "sorted" (the gemm path with sorted row tiles, x read by TMA
+# from the shrink's sorted copy: what a heavy-epilogue step runs with triton.multi_lora.SORTED_GATHER) and "joined"
+# (the gemm path's TMA step in one launch, triton.multi_lora.JOINED: opt-in).
+MODEL_PATHS = (*ops.PATHS, "sorted", "joined")
 # The Triton GEMMs of the serving ops (a base GEMM: charged by the machine code they compile to, as the training report
 # charges its GEMMs); every other Triton kernel of the model is a skinny one (small LoRA dots).
 TRITON_GEMMS = (
     "_gemm_expand_kernel",
     "_gemm_tma_expand_kernel",
     "_gemm_lanes_kernel",
+    "_gemm_tma_joined_kernel",
     "_decode_kernel",
     "_fwd_tma_kernel",
 )
@@ -156,7 +158,8 @@ def launches(
     none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
     ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks),
     or "sorted": the gemm path with sorted row tiles that a heavy-epilogue step takes (``ML.SORTED_GATHER``: the
-    shrink also writes x's rows in the sorted order, the GEMM waits for it and reads them by TMA);
+    shrink also writes x's rows in the sorted order, the GEMM waits for it and reads them by TMA), or "joined": the
+    gemm path's TMA step in one launch (``ML.JOINED``; where it does not apply, the gemm path as chosen);
     ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it); ``pdl``:
     the gemm path launches its GEMM as a programmatic dependent of its shrink (``ML.pdl_ok``: sm_90, as the H100
     this models), marked ``overlaps_previous``; ``tma``: the card has TMA (the H100), so above
@@ -171,7 +174,8 @@ def launches(
     lanes = ML.lanes_for(T, R, adapters)
     heavy = path is None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt, smem, sm_count)
     sort_rows = tma and ((heavy and ML.SORTED_GATHER) or path == "sorted")
-    if path == "sorted":
+    joined = tma and not sort_rows and T <= ML.JOINED_MAX_TOKENS and (path == "joined" or ML.joined_for(T, tma, False))
+    if path in ("sorted", "joined"):
         path, lanes = "gemm", 0
     path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0, heavy_epilogue=heavy and not sort_rows)
     cap = capacity or T
@@ -272,6 +276,8 @@ def launches(
         return out
     if lanes:
         return [_lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad)]
+    if joined:
+        return [_joined_launch(ids, L, K, slices, R, elt, smem, sm_count, a_bytes, b_bytes, t_ad, tile_m, cap)]
     # gemm: shrink into per-split partials, then the base GEMM with the expand in its epilogue. With sort_rows the
     # shrink also writes the rows of the tokens with an adapter to the sorted copy of x (GATHER), and the GEMM waits
     # for it before its K loop (no overlap; PDL still hides the launch).
@@ -353,6 +359,56 @@ def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS
         lambda: smem,
         lambda: sm_count,
         len({int(i) for i in ids.tolist() if 0 <= int(i) < L}),
+    )
+
+
+def _joined_launch(ids, L, K, slices, R, elt, smem, sm_count, a_bytes, b_bytes, t_ad, tile_m, cap) -> dict:
+    """The gemm path's TMA step in one launch (``ML._gemm_tma_joined_kernel``, ``ML.JOINED``): up to
+    ``ML.JOINED_ITEM_PROGRAMS`` programs running the shrink's work items (tiles of the sorted list × slices, the whole K
+    each: the x rows of their tokens and their adapter's A rows) and the TMA GEMM's tiles (rows in the batch's own
+    order, the epilogue as in :func:`launches`). One launch, so x crosses HBM once (the items' rows are the GEMM's) and
+    xa is written once (read back from L2); the items' MMA is charged at the GEMM's rate (0.4 % of it at 256 tokens).
+    Assumed: the item programs, first in launch order, run beside the tiles and finish before any tile's epilogue waits
+    for them (at 256 tokens, 128 tiles of 64×128 run two per SM: the 32 item programs fit beside them)."""
+    T = ids.numel()
+    N = sum(int(n) for n in slices)
+    S = len(slices)
+    br = U.block_r(R)
+    n_items = min(max_tiles(T, L, tile_m, cap) * S, ML.JOINED_ITEM_PROGRAMS)  # item programs, each looping
+    block_k_s, stages_s = ML.shrink_config(T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count)[
+        1:3
+    ]
+    bm, bn, bk, warps, stages = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
+    counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
+    real_tiles = sum(triton.cdiv(c, tile_m) for c in counts.values())
+    blocks = ML._out_blocks(slices, bn)
+    m_tiles = triton.cdiv(T, bm)
+    keys = [int(i) if 0 <= int(i) < L else None for i in ids.tolist()]
+    segs = sum(len({k for k in keys[m * bm : (m + 1) * bm] if k is not None}) for m in range(m_tiles))
+    epi_flops = segs * blocks * 2 * bm * br * bn
+    shrink_flops = real_tiles * S * 2 * tile_m * br * K
+    l2 = real_tiles * S * (tile_m * K + br * K) * elt
+    l2 += m_tiles * blocks * (bm + bn) * K * elt + segs * blocks * (bm * br * 4 + br * bn * elt)
+    return _launch(
+        "_gemm_tma_joined_kernel",
+        (n_items + m_tiles * blocks,),
+        {
+            "BLOCK_M": bm,
+            "BLOCK_N": bn,
+            "BLOCK_K": bk,
+            "BLOCK_R": br,
+            "SHRINK_M": tile_m,
+            "SHRINK_K": block_k_s,
+            "NUM_SLICES": S,
+            "num_warps": warps,
+            "num_stages": stages,
+        },
+        (N * K + T * K) * elt + a_bytes + b_bytes,
+        T * N * elt + t_ad * S * R * 4,
+        shrink_flops + m_tiles * bm * 2 * K * N + epi_flops,
+        2 * T * K * N + 2 * t_ad * R * (S * K + N),
+        l2,
+        epi_flops,
     )
 
 
@@ -521,7 +577,8 @@ def default_path(
     heavy = ids is not None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt)
     if heavy and ML.SORTED_GATHER:
         return "sorted"  # the gemm path with sorted row tiles (see launches)
-    return ops.choose_path(None, None, T, "triton", tma=tma, lanes=lanes, heavy_epilogue=heavy)
+    path = ops.choose_path(None, None, T, "triton", tma=tma, lanes=lanes, heavy_epilogue=heavy)
+    return "joined" if path == "gemm" and not lanes and ML.joined_for(T, tma, False) else path
 
 
 def grid_launches(
@@ -589,14 +646,15 @@ def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, 
     ranks, scales = _meta(L, dtype=torch.int32), _meta(L, S, dtype=torch.float32)
     meta = BatchMeta(*(_meta(n, dtype=torch.int32) for n in (cap, cap, cap, cap + 1)))
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
-    if path in ("gemm", "sorted"):
-        saved = ML.gemm_tma_ok
+    if path in ("gemm", "sorted", "joined"):
+        saved = ML.gemm_tma_ok, ML.JOINED
+        ML.JOINED = path == "joined"
         # meta tensors have no addresses: TMA answers as on an H100 (the launch model's card) from the row count
         ML.gemm_tma_ok = lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS
         try:
             ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m, lanes, path == "sorted")
         finally:
-            ML.gemm_tma_ok = saved
+            ML.gemm_tma_ok, ML.JOINED = saved
         return
     y = F.linear(x, w)
     if path == "fused":
@@ -857,8 +915,9 @@ def report(
 
 def _other(others: dict, path: str, T: int) -> str:
     """A grid cell of the other paths' ratios: "-" where the path does not exist at T tokens (the sorted-row GEMM
-    only where the GEMM is the TMA kernel)."""
-    if path not in others or (path == "sorted" and T <= ML.GEMM_TMA_MIN_TOKENS):
+    only where the GEMM is the TMA kernel, the joined step there up to ``ML.JOINED_MAX_TOKENS``)."""
+    tma_only = path in ("sorted", "joined") and T <= ML.GEMM_TMA_MIN_TOKENS
+    if path not in others or tma_only or (path == "joined" and T > ML.JOINED_MAX_TOKENS):
         return "-"
     return f"{others[path]:.2f}"
 
@@ -908,7 +967,7 @@ def markdown(records: Sequence[dict]) -> str:
     w("\n### Multi-adapter grid (`multi_lora_linear`, default path; goal ≤ 1.2 × floor)\n")
     w(
         "| dist | L | T | active | path | launches | HBM MB | L2 TB/s | predicted µs | base µs | floor µs | / base | "
-        "/ floor | fused / split / gemm / sorted ÷ floor |"
+        "/ floor | " + " / ".join(MODEL_PATHS) + " ÷ floor |"
     )
     w("|" + "---|" * 14)
     for (op, dist, L, T, _), rs in points.items():

@@ -433,7 +433,22 @@ _GEMM_PATH_KERNELS = (
     "_expand_kernel",
     "_fused_kernel",
     "_gemm_lanes_kernel",
+    "_gemm_tma_joined_kernel",
 )
+# The one-launch TMA step (JOINED): "joined" with the shrink items first (the interpreter runs them before every GEMM
+# tile: each tile's wait succeeds), "joined-fallback" with the items last (every tile polls in vain and computes the
+# shrink itself, as a tile does on a GPU whose SMs are held by other work).
+JOINED_MODES = ("joined", "joined-fallback")
+
+
+def _joined(monkeypatch, mode):
+    """Turn the one-launch TMA step on for the JOINED_MODES; returns the GEMM kernel name the mode launches alone."""
+    from lora_kernels.triton import multi_lora as ML
+
+    monkeypatch.setattr(ML, "JOINED", True)
+    monkeypatch.setattr(ML, "_JOINED_ITEMS_FIRST", mode == "joined")
+    return "_gemm_tma_joined_kernel"
+
 
 # (T, slices, pattern, bias, pool dtype): more than GEMM_TMA_MIN_TOKENS fp16 rows whose 80-byte rows TMA can read:
 # the gemm path's GEMM is _gemm_tma_expand_kernel, rows in the batch's own order. Ragged row tiles, q|k|v slices
@@ -478,8 +493,27 @@ def _poisoned_sorted_x(monkeypatch, made=None):
     monkeypatch.setattr(ML, "sorted_x_buffer", poisoned)
 
 
+def _poisoned_partials(monkeypatch):
+    """partials returns NaN-filled buffers: an xa element the epilogue reads before the shrink wrote it poisons y."""
+    from lora_kernels.triton import multi_lora as ML
+
+    real = ML.partials
+    monkeypatch.setattr(ML, "partials", lambda *a: real(*a).fill_(float("nan")))
+
+
+def _joined_counters_at_rest(device) -> bool:
+    """Every counter pair of the one-launch TMA step on ``device`` is back at zero (each launch's last program resets
+    its pair for the next launch on that stream)."""
+    from lora_kernels.triton import multi_lora as ML
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    buf = ML._SYNC.bufs[(device.type, device.index)]
+    return ML._SYNC.taken[(device.type, device.index)] > 0 and not buf.any()
+
+
 @needs_triton
-@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather"])
+@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather", *JOINED_MODES])
 @pytest.mark.parametrize("T,slices,pattern,bias,pool_dtype", GEMM_TMA_CASES)
 def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slices, pattern, bias, pool_dtype, mode):
     """The TMA GEMM (rows in the batch's own order); with SORTED_TMA_GEMM the sorted-row GEMM reading W0 by TMA; and
@@ -495,13 +529,19 @@ def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slice
     if mode == "sorted-gather":
         _heavy_always(monkeypatch, T)
         _poisoned_sorted_x(monkeypatch, made)
+    if mode in JOINED_MODES:
+        _joined(monkeypatch, mode)
+        _poisoned_partials(monkeypatch)
     launched = []
     for name in _GEMM_PATH_KERNELS:
         monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
     batch = LoRABatch.prepare(ids, device=DEVICE)
     got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")  # the default path at this size
     monkeypatch.undo()
-    if pattern != "none":
+    if mode in JOINED_MODES and pattern != "none":  # one launch
+        assert launched == ["_gemm_tma_joined_kernel"], launched
+        assert _joined_counters_at_rest(x.device)
+    elif pattern != "none":
         gemm = "_gemm_tma_expand_kernel" if mode == "own-order" else "_gemm_expand_kernel"
         assert launched == ["_batched_shrink_kernel", gemm], launched
         if mode == "sorted-gather":  # the copy holds every row of an adapter, in the sorted order
@@ -620,7 +660,7 @@ def test_tile_adapters_and_the_epilogue_rule():
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["own-order", "sorted-gather"])
+@pytest.mark.parametrize("mode", ["own-order", "sorted-gather", *JOINED_MODES])
 def test_gemm_path_tma_gemm_bad_ids_and_overflow(monkeypatch, tma_or_skip, mode):
     """Ids outside -1..L-1 (unchecked: they add nothing), a batch with spare capacity, and the fp16 overflow case
     (xa beyond 65504 stays fp32) on the TMA GEMM, and on the sorted-row GEMM fed by the shrink's sorted copy of x
@@ -630,6 +670,9 @@ def test_gemm_path_tma_gemm_bad_ids_and_overflow(monkeypatch, tma_or_skip, mode)
         _heavy_always(monkeypatch, 80)
         _poisoned_sorted_x(monkeypatch, made)
         path = None  # the rule decides (a forced path keeps the TMA GEMM in the ids' order)
+    if mode in JOINED_MODES:
+        _joined(monkeypatch, mode)
+        _poisoned_partials(monkeypatch)
     pool, weight, b, x, ids = _gemm_problem(90, torch.float16, GEMM_SLICES, "repeats", True, seed=13)
     bad = list(ids)
     bad[0], bad[33], bad[89] = 8, 1000, -7
@@ -647,7 +690,7 @@ def test_gemm_path_tma_gemm_bad_ids_and_overflow(monkeypatch, tma_or_skip, mode)
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather"])
+@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather", *JOINED_MODES])
 def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, mode):
     """The TMA GEMM reads each token's slot from the batch's token_slots at run time (the sorted-row GEMMs: the
     sorted lists; the one fed by the shrink's sorted copy of x also decides per tile at run time whether the copy
@@ -663,14 +706,17 @@ def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, mode)
         _heavy_always(monkeypatch, T)
         _poisoned_sorted_x(monkeypatch)
     gemm = "_gemm_tma_expand_kernel" if mode == "own-order" else "_gemm_expand_kernel"
+    kernels = ("_batched_shrink_kernel", gemm)
+    if mode in JOINED_MODES:  # one launch, replayed on the same counters (each replay leaves them at zero)
+        kernels = (_joined(monkeypatch, mode),)
     log = []
-    for name in ("_batched_shrink_kernel", gemm):
+    for name in kernels:
         monkeypatch.setattr(ML, name, ReplayLog(getattr(ML, name), log))
     monkeypatch.setattr(ops, "_in_graph_or_compile", lambda t: True)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
-    assert [entry[0] for entry in log] == [ML._batched_shrink_kernel.real, getattr(ML, gemm).real]
-    if mode != "own-order":
+    assert [entry[0] for entry in log] == [getattr(ML, name).real for name in kernels]
+    if mode not in ("own-order", *JOINED_MODES):
         assert log[1][3]["W_TMA"] is True and log[1][3]["X_SORTED"] is (mode == "sorted-gather")
         assert log[0][3]["GATHER"] is (mode == "sorted-gather")
     torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
@@ -703,6 +749,87 @@ def _check_replays(log, batch, refills, x, y, pool, weight, b, seed):
             real[grid](*args, **kwargs)
         want = _want(pool, weight, b, x, [i if 0 <= i < 8 else -1 for i in refill])
         torch.testing.assert_close(y.cpu().double(), want, **close(torch.float16))
+
+
+def test_joined_counters_per_stream_thread_and_capture(monkeypatch):
+    """The one-launch TMA step's counter pairs: a stream's (the interpreter: a thread's) calls share one pair, another
+    thread gets its own, so two request threads never share counters; once all pairs are taken the step runs the two
+    launches, with one warning. (A call captured into a CUDA graph takes a pair for good: checked on a GPU below.)"""
+    import threading
+    import warnings
+
+    from lora_kernels.triton import multi_lora as ML
+
+    monkeypatch.setattr(ML, "_SYNC_SLOTS", 3)
+    slots = ML._SyncSlots()
+    dev = torch.device("cpu")
+
+    def in_threads(n):  # n threads alive at once (a finished thread's ident may be reused), each asking for a pair
+        got, gate = [None] * n, threading.Barrier(n)
+
+        def ask(i):
+            got[i] = slots.get(dev)
+            gate.wait()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return got
+
+    a, b = slots.get(dev), slots.get(dev)
+    assert a is not None and a.data_ptr() == b.data_ptr() and a.shape == (2,) and not a.any()
+    two = in_threads(2)
+    assert all(p is not None for p in two) and len({p.data_ptr() for p in (a, *two)}) == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        more = in_threads(4)  # all 3 pairs are held by live or finished threads' idents: new idents get none
+    assert sum(p is None for p in more) >= 2
+    assert len([w for w in caught if "counters" in str(w.message)]) == 1
+    assert slots.get(dev).data_ptr() == a.data_ptr()  # this thread keeps its pair
+
+
+@needs_triton
+def test_joined_step_without_counters_runs_the_pair(monkeypatch, tma_or_skip):
+    """No counter pair left: the step runs the shrink + GEMM pair, same result."""
+    from lora_kernels.triton import multi_lora as ML
+
+    pool, weight, b, x, ids = _gemm_problem(72, torch.float16, GEMM_SLICES, "repeats", True, seed=31)
+    monkeypatch.setattr(ML, "JOINED", True)
+    monkeypatch.setattr(ML._SYNC, "get", lambda device: None)
+    launched = []
+    for name in _GEMM_PATH_KERNELS:
+        monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
+    got = lk.multi_lora_linear(x, weight, b, pool, LoRABatch.prepare(ids, device=DEVICE), backend="triton")
+    assert launched == ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"], launched
+    torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="captures a CUDA graph")
+def test_joined_step_in_a_cuda_graph(monkeypatch, tma_or_skip):
+    """JOINED in a CUDA graph: the captured call takes a counter pair of its own (not the stream's), and replays with
+    refilled ids and new x give the reference, leaving every pair at zero."""
+    from lora_kernels.triton import multi_lora as ML
+
+    monkeypatch.setattr(ML, "JOINED", True)
+    T = 96
+    pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=33)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")  # eager: the stream's pair
+    torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
+    taken = ML._SYNC.taken[(x.device.type, x.device.index)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", check=False)
+    assert ML._SYNC.taken[(x.device.type, x.device.index)] == taken + 1
+    gen = torch.Generator().manual_seed(5)
+    for refill in ([2] * T, [(i * 5) % 7 - 1 for i in range(T)], [3, 0, 3, 1] * (T // 4)):
+        batch.prepare_(refill)
+        x.copy_(torch.randn(T, x.shape[1], generator=gen).to(x.dtype))
+        graph.replay()
+        torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, refill), **close(torch.float16))
+    assert _joined_counters_at_rest(x.device)
 
 
 def test_gemm_tma_ok_refuses_what_the_tma_gemm_cannot_read():
@@ -856,7 +983,7 @@ from _aot import Recorder, compile_for_sm90, ptxas_report, sass_of
 
 calls = []
 for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel",
-             "_gemm_tma_expand_kernel", "_gemm_lanes_kernel"):
+             "_gemm_tma_expand_kernel", "_gemm_lanes_kernel", "_gemm_tma_joined_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name), calls))
 U.sm_count = lambda index: 132
 U.max_smem = lambda index: 227 * 1024
@@ -910,6 +1037,13 @@ ML.SORTED_TMA_GEMM = False
 # shrink that writes that copy (GATHER), on the same tiles.
 for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
     gemm(M, R, slices, dtype, sort_rows=True)
+# The gemm path's TMA steps in one launch (JOINED): 128, 256 and 512 tokens (64x64, 64x128, 128x128 tiles) and q|k|v
+# at rank 64 on 64x128 (the most registers).
+ML.JOINED = True
+for M, R, slices, dtype in ((128, 16, [4096], torch.bfloat16), (256, 16, [4096], torch.float16),
+                            (512, 16, [4096], torch.bfloat16), (256, 64, [4096, 1024, 1024], torch.float16)):
+    gemm(M, R, slices, dtype)
+ML.JOINED = False
 # The one-launch gemm path (few adapters): every tile (16 and 64 rows, and the 64 x 128 one for more rows) at the
 # widest stacked A (64 columns: 4 lanes of rank 16, 2 of 32, 1 of 64 with q|k|v slices) and one lane.
 for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, [4096], torch.float16, 1),
@@ -919,7 +1053,7 @@ for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, 
     gemm(M, R, slices, dtype, tile_m=16, lanes=lanes)
 seen = set()
 names = set()
-w_tma = x_sorted = gather = 0
+w_tma = x_sorted = gather = joined = 0
 tma_loads = {}
 for kernel, grid, args, kwargs in calls:
     key = (str(kernel), tuple(sorted(kwargs.items())),
@@ -946,9 +1080,16 @@ for kernel, grid, args, kwargs in calls:
         if shown.get("W_TMA"):
             tma_loads[(bool(shown.get("X_SORTED")), shown["BLOCK_R"])] = sass.count("UTMALDG")
     gather += bool(shown.get("GATHER"))
+    if name == "_gemm_tma_joined_kernel":
+        sass = sass_of(compiled)
+        # wgmma fed by TMA; the items' release (a GPU-scope fence before the add), the tiles' acquire polls (strong
+        # GPU loads), the exit count and reset (atomics)
+        assert "HGMMA" in sass and "UTMALDG" in sass, shown
+        assert "MEMBAR.ALL.GPU" in sass and "LDG.E.STRONG.GPU" in sass and "ATOMG" in sass, shown
+        joined += 1
 assert {"_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_batched_shrink_kernel", "_fused_kernel",
-        "_expand_kernel", "_gemm_lanes_kernel"} <= names, names
-assert w_tma == 4 and x_sorted == 2 and gather == 2, (w_tma, x_sorted, gather)
+        "_expand_kernel", "_gemm_lanes_kernel", "_gemm_tma_joined_kernel"} <= names, names
+assert w_tma == 4 and x_sorted == 2 and gather == 2 and joined == 4, (w_tma, x_sorted, gather, joined)
 # with X_SORTED the sorted copy's K loop reads x by TMA as well (W0's loads alone in the other)
 assert all(tma_loads[(True, r)] > tma_loads[(False, r)] for r in (16, 64)), tma_loads
 print("OK")

@@ -20,7 +20,7 @@ def test_grid_launches_cover_the_grid():
     assert len(points) == len(ss.DISTS) * len(ss.ADAPTERS) * len(ss.TOKENS)
     one_launch = 0
     for p in points:
-        assert set(p["paths"]) == {"fused", "split", "gemm", "sorted"} and p["chosen"] in p["paths"]
+        assert set(p["paths"]) == {"fused", "split", "gemm", "sorted", "joined"} and p["chosen"] in p["paths"]
         gemm = p["paths"]["gemm"]
         if ML.lanes_for(p["T"], p["r"], ss.adapter_bound(p["dist"], p["L"], p["T"])):
             # few adapters promised (at most 64 tokens): the gemm path is one launch, and the default
@@ -40,6 +40,12 @@ def test_grid_launches_cover_the_grid():
             assert srt[0]["config"]["GATHER"] and srt[1]["config"]["X_SORTED"] and srt[1]["config"]["W_TMA"]
             assert srt[0]["bytes_written"] == gemm[0]["bytes_written"] + p["T"] * p["K"] * 2  # all ids in the pool
             assert not srt[1]["overlaps_previous"] and gemm[1]["overlaps_previous"]
+        # the one-launch TMA step (opt-in): one launch of 65 to JOINED_MAX_TOKENS tokens, else the gemm path's pair
+        joined = [ln["kernel"] for ln in p["paths"]["joined"]]
+        if 64 < p["T"] <= ML.JOINED_MAX_TOKENS:
+            assert joined == ["_gemm_tma_joined_kernel"] and p["chosen"] != "joined"
+        else:
+            assert joined == [ln["kernel"] for ln in gemm]
         split = p["paths"]["split"]
         # no zero-fill launch, no atomics: per-split partials summed by the expand
         assert [ln["kernel"] for ln in split] == ["cublas_gemm (F.linear)", "_batched_shrink_kernel", "_expand_kernel"]
@@ -81,23 +87,38 @@ def _launch_gemm(T, K, L, R, slices, tile_m, lanes=0):
     ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m, lanes)
 
 
-def test_configs_match_the_launchers(monkeypatch):
-    """The grid and tile configuration the model reports for the gemm path are the ones linear_gemm launches with
-    (on a 132-SM GPU with 227 KiB of shared memory; recorded, nothing is run)."""
+def _as_on_an_h100(monkeypatch, kernels, tma=False, pdl=True) -> list:
+    """The Triton launchers as on a 132-SM H100 with 227 KiB of shared memory, compiled (not interpreted), with the
+    named kernels of triton.multi_lora swapped for recorders: returns the list they append ``(name, grid, args,
+    kwargs)`` to. ``pdl``: launches may be programmatic dependents (sm_90); ``tma``: TMA answers from the row count
+    (as for the report's meta tensors)."""
     from lora_kernels import _backend
-    from lora_kernels.ops import multi_lora as ops
     from lora_kernels.triton import _utils as U
     from lora_kernels.triton import multi_lora as ML
 
     from benchmarks import static_serving as ss
 
     recorded = []
-    for name in ("_batched_shrink_kernel", "_gemm_expand_kernel"):
+    for name in kernels:
         monkeypatch.setattr(ML, name, _NamedRecorder(name, recorded))
     monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
     monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
     monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
-    monkeypatch.setattr(ML, "pdl_ok", lambda device: True)  # as on an sm_90 GPU (the model's default)
+    if pdl:
+        monkeypatch.setattr(ML, "pdl_ok", lambda device: True)
+    if tma:
+        monkeypatch.setattr(ML, "gemm_tma_ok", lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS)
+    return recorded
+
+
+def test_configs_match_the_launchers(monkeypatch):
+    """The grid and tile configuration the model reports for the gemm path are the ones linear_gemm launches with
+    (on a 132-SM GPU with 227 KiB of shared memory; recorded, nothing is run)."""
+    from lora_kernels.ops import multi_lora as ops
+
+    from benchmarks import static_serving as ss
+
+    recorded = _as_on_an_h100(monkeypatch, ("_batched_shrink_kernel", "_gemm_expand_kernel"))
     L, T, K, N, R = 16, 64, 4096, 4096, 16
     ids = torch.arange(T) % L
     model = ss.launches(ids, L, K, (N,), R, path="gemm")
@@ -116,21 +137,12 @@ def test_configs_match_the_launchers(monkeypatch):
 def test_tma_gemm_configs_match_the_launcher(monkeypatch, T, slices):
     """Above 64 tokens on an H100 the model's gemm path is the TMA GEMM with the grid and tile linear_gemm launches
     (TMA answered from the row count, as for the report's meta tensors; nothing runs)."""
-    from lora_kernels import _backend
     from lora_kernels.ops import multi_lora as ops
-    from lora_kernels.triton import _utils as U
-    from lora_kernels.triton import multi_lora as ML
 
     from benchmarks import static_serving as ss
 
-    recorded = []
-    for name in ("_batched_shrink_kernel", "_gemm_expand_kernel", "_gemm_tma_expand_kernel"):
-        monkeypatch.setattr(ML, name, _NamedRecorder(name, recorded))
-    monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
-    monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
-    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
-    monkeypatch.setattr(ML, "pdl_ok", lambda device: True)
-    monkeypatch.setattr(ML, "gemm_tma_ok", lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS)
+    names = ("_batched_shrink_kernel", "_gemm_expand_kernel", "_gemm_tma_expand_kernel")
+    recorded = _as_on_an_h100(monkeypatch, names, tma=True)
     L, K, R = 16, 4096, 16
     ids = torch.arange(T) % L
     model = ss.launches(ids, L, K, slices, R)
@@ -150,6 +162,42 @@ def test_tma_gemm_configs_match_the_launcher(monkeypatch, T, slices):
             if k not in ("ATOMIC", "NUM_SPLITS"):
                 assert kw[k] == v, (name, k)
     assert recorded[1][3]["launch_pdl"] is True and model[1]["overlaps_previous"]
+
+
+@pytest.mark.parametrize("T, slices, R", [(72, (4096,), 16), (256, (4096,), 16), (512, (4096, 1024, 1024), 64)])
+def test_joined_configs_match_the_launcher(monkeypatch, T, slices, R):
+    """With JOINED on, a TMA step of at most JOINED_MAX_TOKENS tokens is one launch in the model and in linear_gemm:
+    the same kernel, grid (item programs + GEMM tiles) and tiles; the model's bytes count x once (the PDL pair: twice)
+    and add no launch; off, or above JOINED_MAX_TOKENS, the pair as before."""
+    from lora_kernels.ops import multi_lora as ops
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
+
+    names = ("_batched_shrink_kernel", "_gemm_tma_expand_kernel", "_gemm_tma_joined_kernel")
+    recorded = _as_on_an_h100(monkeypatch, names, tma=True)
+    L, K = 16, 4096
+    ids = torch.arange(T) * L // T  # requests kept together: few adapters per row tile (no heavy epilogue)
+    pair = ss.launches(ids, L, K, slices, R)
+    assert [ln["kernel"] for ln in pair] == ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"]  # JOINED is off
+    assert [ln["kernel"] for ln in ss.launches(ids, L, K, slices, R, path="joined")] == ["_gemm_tma_joined_kernel"]
+    monkeypatch.setattr(ML, "JOINED", True)
+    assert ss.default_path(T, R=R, slices=slices) == "joined"
+    model = ss.launches(ids, L, K, slices, R)
+    _launch_gemm(T, K, L, R, slices, ops.step_tile_m(ss.auto_tile_m(T), T))
+    assert [r[0] for r in recorded] == [ln["kernel"] for ln in model] == ["_gemm_tma_joined_kernel"]
+    (_, grid, _, kw), (ln,) = recorded[0], model
+    assert tuple(grid) == ln["grid"]
+    for k, v in ln["config"].items():
+        assert kw[k] == v, k
+    assert "launch_pdl" not in kw and not ln.get("pdl_launch") and not ln.get("overlaps_previous")
+    # the pair reads x twice and the GEMM reads the shrink's partials back; one launch reads x once, xa from L2
+    partials_bytes = pair[1]["config"]["NUM_SPLITS"] * T * len(slices) * R * 4
+    assert sum(p["bytes_read"] for p in pair) - ln["bytes_read"] == T * K * 2 + partials_bytes
+    assert ss.predict_us(model) < ss.predict_us(pair) - ss.PDL_LAUNCH_US
+    # past JOINED_MAX_TOKENS (a compute-bound step: the PDL pair overlaps the shrink with it) the pair again
+    big = torch.arange(ML.JOINED_MAX_TOKENS + 64) * L // (ML.JOINED_MAX_TOKENS + 64)
+    assert [ln["kernel"] for ln in ss.launches(big, L, K, slices, R)][-1] == "_gemm_tma_expand_kernel"
 
 
 @pytest.mark.parametrize(
@@ -204,20 +252,13 @@ def test_few_adapter_decode_is_predicted_within_the_moonshot():
 def test_split_path_configs_match_the_launcher(monkeypatch):
     """The split path's launches in the model (shrink into partials without atomics, then the expand summing them)
     are the ones shrink_expand makes, grid, tiles and split count (recorded on an H100's numbers; nothing runs)."""
-    from lora_kernels import _backend
     from lora_kernels.ops import multi_lora as ops
     from lora_kernels.ops._batch import BatchMeta
-    from lora_kernels.triton import _utils as U
     from lora_kernels.triton import multi_lora as ML
 
     from benchmarks import static_serving as ss
 
-    recorded = []
-    for name in ("_batched_shrink_kernel", "_expand_kernel"):
-        monkeypatch.setattr(ML, name, _NamedRecorder(name, recorded))
-    monkeypatch.setattr(U, "sm_count", lambda i: ss.H100_SMS)
-    monkeypatch.setattr(U, "max_smem", lambda i: ss.H100_SMEM)
-    monkeypatch.setattr(_backend, "interpreter_enabled", lambda: False)
+    recorded = _as_on_an_h100(monkeypatch, ("_batched_shrink_kernel", "_expand_kernel"), pdl=False)
     e = torch.bfloat16
     for L, T in ((16, 64), (128, 4096), (16, 2048)):
         recorded.clear()

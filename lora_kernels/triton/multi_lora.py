@@ -9,6 +9,8 @@ only; bad ids read and write nothing; xa stays fp32. Work list, tiles, precision
 from __future__ import annotations
 
 import functools
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -214,6 +216,7 @@ def _add_expand(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     LORA_IEEE: tl.constexpr,
+    XA_CACHE: tl.constexpr = "",  # ".cg" where other programs of the same launch wrote xa (L1 is not coherent)
 ):
     """acc + Σ over the distinct slots a of ``key`` (ascending): scale_a · xa[rows of a]·B_aᵀ, one small fp32 dot per
     slot with the other rows masked to 0, into the accumulator (no second output tile live). The epilogue of both
@@ -229,7 +232,7 @@ def _add_expand(
         xa_ptrs = xa_ptr + rows[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
         xat = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
+            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0, cache_modifier=XA_CACHE)
         bt = tl.load(
             b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
             mask=r_ok[:, None] & n_ok[None, :],
@@ -248,14 +251,17 @@ def _add_expand(
 
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _batched_shrink_kernel(
-    x_ptr,  # [M, K] fp16/bf16/fp32, token rows
-    a_ptr,  # [L, S·R, K] pool dtype: slice i of slot l at rows i·R .. i·R+rank-1
-    ranks_ptr,  # [L] int32
-    sorted_tokens_ptr,  # [cap] int32
-    sorted_slots_ptr,  # [cap] int32
-    tile_starts_ptr,  # [cap + 1] int32
-    out_ptr,  # [M, S·R] fp32, any strides; zeroed before the launch when SPLIT_K > 1 and ATOMIC
+def _shrink_work(
+    pid_t,
+    slice_idx,
+    pid_k,
+    x_ptr,
+    a_ptr,
+    ranks_ptr,
+    sorted_tokens_ptr,
+    sorted_slots_ptr,
+    tile_starts_ptr,
+    out_ptr,
     M,
     K,
     L,
@@ -269,8 +275,8 @@ def _batched_shrink_kernel(
     stride_ak,
     stride_om,
     stride_on,
-    stride_o_split,  # split k's partial sum goes to out + k·stride_o_split when not ATOMIC
-    xs_ptr,  # [M, K] x's dtype, unit column stride: x's rows in the sorted order, written with GATHER (else unused)
+    stride_o_split,
+    xs_ptr,
     stride_xsm,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -278,14 +284,10 @@ def _batched_shrink_kernel(
     SPLIT_K: tl.constexpr,
     CAST_FP32: tl.constexpr,
     ATOMIC: tl.constexpr,
-    PDL: tl.constexpr = False,  # a dependent GEMM may launch now (it waits for this grid before reading out)
-    GATHER: tl.constexpr = False,  # also write xs[p] = x[sorted_tokens[p]] for the rows of every valid-slot tile
+    GATHER: tl.constexpr,
 ):
-    if PDL:
-        _pdl_launch_dependents()
-    pid_t = tl.program_id(0)
-    slice_idx = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    """One work item of the shrink (see _batched_shrink_kernel): tile ``pid_t`` of the sorted list, output slice
+    ``slice_idx``, K split ``pid_k``. Writes nothing for a tile with nothing to do."""
     rank, slot, tok, row_ok = _tile(
         tile_starts_ptr, sorted_tokens_ptr, sorted_slots_ptr, ranks_ptr, pid_t, M, L, cap, R, BLOCK_M
     )
@@ -337,6 +339,79 @@ def _batched_shrink_kernel(
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
     else:  # one partial per split, summed by the consumer: no zero-fill, no atomics, deterministic
         tl.store(out + pid_k * stride_o_split, acc, mask=mask)
+
+
+@triton.jit
+def _batched_shrink_kernel(
+    x_ptr,  # [M, K] fp16/bf16/fp32, token rows
+    a_ptr,  # [L, S·R, K] pool dtype: slice i of slot l at rows i·R .. i·R+rank-1
+    ranks_ptr,  # [L] int32
+    sorted_tokens_ptr,  # [cap] int32
+    sorted_slots_ptr,  # [cap] int32
+    tile_starts_ptr,  # [cap + 1] int32
+    out_ptr,  # [M, S·R] fp32, any strides; zeroed before the launch when SPLIT_K > 1 and ATOMIC
+    M,
+    K,
+    L,
+    cap,
+    R,
+    K_PER_SPLIT,
+    stride_xm,
+    stride_xk,
+    stride_al,
+    stride_ar,
+    stride_ak,
+    stride_om,
+    stride_on,
+    stride_o_split,  # split k's partial sum goes to out + k·stride_o_split when not ATOMIC
+    xs_ptr,  # [M, K] x's dtype, unit column stride: x's rows in the sorted order, written with GATHER (else unused)
+    stride_xsm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    PDL: tl.constexpr = False,  # a dependent GEMM may launch now (it waits for this grid before reading out)
+    GATHER: tl.constexpr = False,  # also write xs[p] = x[sorted_tokens[p]] for the rows of every valid-slot tile
+):
+    if PDL:
+        _pdl_launch_dependents()
+    _shrink_work(
+        tl.program_id(0),
+        tl.program_id(1),
+        tl.program_id(2),
+        x_ptr,
+        a_ptr,
+        ranks_ptr,
+        sorted_tokens_ptr,
+        sorted_slots_ptr,
+        tile_starts_ptr,
+        out_ptr,
+        M,
+        K,
+        L,
+        cap,
+        R,
+        K_PER_SPLIT,
+        stride_xm,
+        stride_xk,
+        stride_al,
+        stride_ar,
+        stride_ak,
+        stride_om,
+        stride_on,
+        stride_o_split,
+        xs_ptr,
+        stride_xsm,
+        BLOCK_M,
+        BLOCK_R,
+        BLOCK_K,
+        SPLIT_K,
+        CAST_FP32,
+        ATOMIC,
+        GATHER,
+    )
 
 
 @triton.jit
@@ -780,6 +855,122 @@ def _gemm_expand_kernel(
 
 
 @triton.jit
+def _gemm_tma_mainloop(
+    pid_m,
+    pid_n,
+    x_ptr,  # [M, K] 16-bit, TMA-readable
+    w_ptr,  # [N, K] x's dtype, TMA-readable
+    bias_ptr,  # [N] (unused unless HAS_BIAS)
+    M,
+    K,
+    N0,
+    N1,
+    N2,
+    N3,
+    stride_xm,
+    stride_wn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """The base part of a TMA-GEMM output tile: (fp32 x[rows]·W0[block]ᵀ (+ bias) [BLOCK_M, BLOCK_N], the block's
+    slice index, first column, end column of its slice). x and W0 by TMA (ragged edges padded with zeros)."""
+    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(
+        w_ptr, shape=[N0 + N1 + N2 + N3, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+    )
+    off_m = pid_m * BLOCK_M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:  # into the accumulator first: no bias registers at the epilogue's peak (sm_90, 64×128: 130, not 156)
+        offs_b = n_lo + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_b, mask=offs_b < n_end, other=0.0).to(tl.float32)[None, :]
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        xt = x_desc.load([off_m, kt * BLOCK_K])
+        wt = w_desc.load([n_lo, kt * BLOCK_K])  # rows past the slice's end belong to the next slice: not stored
+        if UPCAST:
+            acc = tl.dot(xt.to(tl.float32), wt.T.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt.T, acc)
+    return acc, slice_idx, n_lo, n_end
+
+
+@triton.jit
+def _gemm_tma_epilogue(
+    acc,  # [BLOCK_M, BLOCK_N] fp32: x·W0ᵀ (+ bias) of the tile
+    pid_m,
+    slice_idx,
+    n_lo,
+    n_end,
+    xa_ptr,  # [SPLIT, M, S·R] fp32
+    b_ptr,  # [L, N, R] pool dtype
+    ranks_ptr,  # [L] int32
+    scales_ptr,  # [L, S] fp32
+    token_slots_ptr,  # [cap] int32
+    y_ptr,  # [M, N]
+    M,
+    L,
+    R,
+    NUM_SPLITS,
+    stride_xa_split,
+    stride_xam,
+    stride_xan,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_scale_l,
+    stride_scale_slice,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    LORA_IEEE: tl.constexpr,
+    XA_CACHE: tl.constexpr = "",
+):
+    """The LoRA epilogue of a TMA-GEMM output tile (rows in the batch's own order; see _add_expand) and its store."""
+    NONE: tl.constexpr = 2147483647
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_end
+    slot_row = tl.load(token_slots_ptr + rows, mask=m_ok, other=-1)
+    key = tl.where(m_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
+    acc = _add_expand(
+        acc,
+        key,
+        rows64,
+        offs_n,
+        n_ok,
+        slice_idx,
+        xa_ptr,
+        b_ptr,
+        ranks_ptr,
+        scales_ptr,
+        R,
+        NUM_SPLITS,
+        stride_xa_split,
+        stride_xam,
+        stride_xan,
+        stride_bl,
+        stride_bn,
+        stride_br,
+        stride_scale_l,
+        stride_scale_slice,
+        NONE,
+        BLOCK_M,
+        BLOCK_R,
+        LORA_IEEE,
+        XA_CACHE,
+    )
+    y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _gemm_tma_expand_kernel(
     x_ptr,  # [M, K] fp16/bf16, token rows: 16-byte aligned base and row stride, unit column stride (TMA)
     w_ptr,  # [N, K] base weight, x's dtype, TMA-readable like x
@@ -827,48 +1018,43 @@ def _gemm_tma_expand_kernel(
     epilogue walks the distinct valid slots of those rows in ascending order (one small fp32 dot each, other rows
     masked to 0), as _gemm_expand_kernel does for its sorted rows: few per tile when the batch holds few adapters or
     requests keep their tokens together. -1 rows, ids outside [0, L) and slots of rank 0 add nothing."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slice_idx, n_lo, n_end = _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N)
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(
-        w_ptr, shape=[N0 + N1 + N2 + N3, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+    acc, slice_idx, n_lo, n_end = _gemm_tma_mainloop(
+        tl.program_id(0),
+        tl.program_id(1),
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        M,
+        K,
+        N0,
+        N1,
+        N2,
+        N3,
+        stride_xm,
+        stride_wn,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        HAS_BIAS,
+        UPCAST,
     )
-    off_m = pid_m * BLOCK_M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_BIAS:  # into the accumulator first: no bias registers at the epilogue's peak (sm_90, 64×128: 130, not 156)
-        offs_b = n_lo + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + offs_b, mask=offs_b < n_end, other=0.0).to(tl.float32)[None, :]
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        xt = x_desc.load([off_m, kt * BLOCK_K])
-        wt = w_desc.load([n_lo, kt * BLOCK_K])  # rows past the slice's end belong to the next slice: not stored
-        if UPCAST:
-            acc = tl.dot(xt.to(tl.float32), wt.T.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, wt.T, acc)
-
     # LoRA epilogue (see _gemm_expand_kernel): with PDL the shrink's xa is visible once the wait returns.
     if PDL:
         _pdl_wait()
-    NONE: tl.constexpr = 2147483647
-    rows = off_m + tl.arange(0, BLOCK_M)
-    m_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    offs_n = n_lo + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_end
-    slot_row = tl.load(token_slots_ptr + rows, mask=m_ok, other=-1)
-    key = tl.where(m_ok & (slot_row >= 0) & (slot_row < L), slot_row, NONE)
-    acc = _add_expand(
+    _gemm_tma_epilogue(
         acc,
-        key,
-        rows64,
-        offs_n,
-        n_ok,
+        tl.program_id(0),
         slice_idx,
+        n_lo,
+        n_end,
         xa_ptr,
         b_ptr,
         ranks_ptr,
         scales_ptr,
+        token_slots_ptr,
+        y_ptr,
+        M,
+        L,
         R,
         NUM_SPLITS,
         stride_xa_split,
@@ -879,14 +1065,209 @@ def _gemm_tma_expand_kernel(
         stride_br,
         stride_scale_l,
         stride_scale_slice,
-        NONE,
+        stride_ym,
+        stride_yn,
         BLOCK_M,
+        BLOCK_N,
         BLOCK_R,
         LORA_IEEE,
     )
 
-    y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+@triton.jit
+def _join_wait(sync_ptr, NUM_ITEMS, SPINS):
+    """The count of item programs done (an acquire read of ``sync_ptr[0]``), polled until it reaches NUM_ITEMS or for
+    SPINS more reads."""
+    done = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (done < NUM_ITEMS) & (spins < SPINS):
+        done = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    return done
+
+
+@triton.jit
+def _gemm_tma_joined_kernel(
+    x_ptr,  # [M, K] fp16/bf16, TMA-readable (as _gemm_tma_expand_kernel's)
+    w_ptr,  # [N, K] x's dtype, TMA-readable
+    bias_ptr,  # [N] (unused unless HAS_BIAS)
+    a_ptr,  # [L, S·R, K] pool dtype
+    xa_ptr,  # [M, S·R] fp32, uninitialised: the work items write the rows of their tiles, the epilogue reads them
+    b_ptr,  # [L, N, R] pool dtype
+    ranks_ptr,  # [L] int32
+    scales_ptr,  # [L, S] fp32, any strides
+    token_slots_ptr,  # [cap] int32
+    sorted_tokens_ptr,  # [cap] int32
+    sorted_slots_ptr,  # [cap] int32
+    tile_starts_ptr,  # [cap + 1] int32
+    y_ptr,  # [M, N] output, written once
+    sync_ptr,  # [2] int32: item programs done, programs done; zero before the launch, reset by its last program
+    M,
+    K,
+    L,
+    cap,
+    R,
+    N0,
+    N1,
+    N2,
+    N3,
+    NUM_WORK,  # the shrink's work items: tiles of the sorted list × slices, each over the whole K
+    NUM_ITEMS,  # item programs: program i runs work items i, i + NUM_ITEMS, ...
+    M_TILES,
+    SPINS,  # polls of the items counter before a GEMM tile computes the shrink itself
+    stride_xm,
+    stride_wn,
+    stride_al,
+    stride_ar,
+    stride_ak,
+    stride_xam,
+    stride_xan,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_scale_l,
+    stride_scale_slice,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SHRINK_M: tl.constexpr,  # rows of a shrink item (the batch's tile_m for this step)
+    SHRINK_K: tl.constexpr,
+    NUM_SLICES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    LORA_IEEE: tl.constexpr,
+    ITEMS_FIRST: tl.constexpr = True,  # False (tests): the item programs after the tiles, which then compute xa
+):
+    """The gemm path's TMA steps in ONE launch: the first NUM_ITEMS programs run the shrink's work items (as
+    _batched_shrink_kernel's, one K split), the others are the output tiles of _gemm_tma_expand_kernel, which wait
+    for every item program before their LoRA epilogue. Blocks start in launch order, so the item programs run first,
+    beside the first GEMM tiles, and finish long before any tile's K loop; an item program signals with a release add
+    to ``sync_ptr[0]`` after its stores, a tile reads the count with acquire. A tile that polls SPINS times in vain
+    (item programs not yet scheduled: SMs held by other work) computes every work item itself, the same stores bit
+    for bit, and goes on: never a deadlock, never a stale xa. The last program to finish puts both counters back to
+    zero, so a slot serves the next launch of its stream (``_SyncSlots``)."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    if ITEMS_FIRST:
+        item = pid
+        tile = pid - NUM_ITEMS
+    else:
+        item = pid - (n_prog - NUM_ITEMS)
+        tile = pid
+    is_tile = (item < 0) | (item >= NUM_ITEMS)
+    pid_m = tile % M_TILES
+    # an item program runs work items item, item + NUM_ITEMS, ...; a tile runs its K loop, then, if its polls of the
+    # items' counter stay short, every work item itself (the same stores, bit for bit)
+    lo = item
+    hi = NUM_WORK + pid * 0
+    step = NUM_ITEMS + pid * 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    slice_idx = pid * 0
+    n_lo = pid * 0
+    n_end = pid * 0
+    if is_tile:
+        acc, slice_idx, n_lo, n_end = _gemm_tma_mainloop(
+            pid_m,
+            tile // M_TILES,
+            x_ptr,
+            w_ptr,
+            bias_ptr,
+            M,
+            K,
+            N0,
+            N1,
+            N2,
+            N3,
+            stride_xm,
+            stride_wn,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            HAS_BIAS,
+            UPCAST,
+        )
+        lo = pid * 0
+        hi = tl.where(_join_wait(sync_ptr, NUM_ITEMS, SPINS) < NUM_ITEMS, NUM_WORK, 0)
+        step = pid * 0 + 1
+    for it in range(lo, hi, step):
+        _shrink_work(
+            it // NUM_SLICES,
+            it % NUM_SLICES,
+            0,
+            x_ptr,
+            a_ptr,
+            ranks_ptr,
+            sorted_tokens_ptr,
+            sorted_slots_ptr,
+            tile_starts_ptr,
+            xa_ptr,
+            M,
+            K,
+            L,
+            cap,
+            R,
+            K,
+            stride_xm,
+            1,
+            stride_al,
+            stride_ar,
+            stride_ak,
+            stride_xam,
+            stride_xan,
+            0,
+            x_ptr,
+            0,
+            SHRINK_M,
+            BLOCK_R,
+            SHRINK_K,
+            1,
+            CAST_FP32,
+            False,
+            False,
+        )
+    tl.debug_barrier()  # every thread's xa stores before the release (an item) or the epilogue's reads (a tile)
+    if is_tile:
+        _gemm_tma_epilogue(
+            acc,
+            pid_m,
+            slice_idx,
+            n_lo,
+            n_end,
+            xa_ptr,
+            b_ptr,
+            ranks_ptr,
+            scales_ptr,
+            token_slots_ptr,
+            y_ptr,
+            M,
+            L,
+            R,
+            1,
+            0,
+            stride_xam,
+            stride_xan,
+            stride_bl,
+            stride_bn,
+            stride_br,
+            stride_scale_l,
+            stride_scale_slice,
+            stride_ym,
+            stride_yn,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_R,
+            LORA_IEEE,
+            ".cg",
+        )
+    else:
+        tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:  # the last program out
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -1754,6 +2135,13 @@ def linear_gemm(
     w_tma = gemm_tma_ok(x, weight)
     x_sorted = sorted_x_buffer(x) if sort_rows and w_tma else None
     tma_tiles = _tma_tiles(x, slices, R, interp) if w_tma else None
+    if joined_for(M, w_tma, x_sorted is not None or sort_rows):
+        sync = _SYNC.get(x.device)
+        if sync is not None:
+            _launch_joined(
+                x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, y, interp, tma_tiles, sync
+            )
+            return y
     # a shrink that overlaps an 8-warp TMA GEMM takes its narrower K blocks (its programs fit beside the GEMM's)
     narrow = pdl and w_tma and x_sorted is None and tma_tiles[3] == 8
     parts, n_splits = _shrink_partials(x, A_stack, ranks, meta, S, tile_m, pdl, x_sorted, narrow)
@@ -1877,6 +2265,163 @@ def _launch_gemm_tma(
             num_warps=warps,
             num_stages=stages,
             **({"launch_pdl": True} if pdl else {}),
+        )
+
+
+# The gemm path's TMA steps in one launch (_gemm_tma_joined_kernel, opt-in): the shrink's work items and the GEMM's
+# output tiles in one grid, the tiles' epilogues waiting on a counter the items release. What it saves, by the static
+# serving model (benchmarks/static_serving.py, H100, K = N = 4096, r = 16): the GEMM's own graph node (PDL_LAUNCH_US,
+# 2.0 us assumed) and the second read of x (2 MB at 256 tokens): the `mix` points at 256 tokens 1.21x -> 1.01x the
+# floor, `uniform`/16 at 256 tokens 1.20x -> 1.04x. Off until a GPU run has checked it (tests-serving) and timed it
+# (provider lk_joined of bench_multi_lora.py) against the PDL pair, whose launch may cost less than assumed.
+JOINED = False
+# Up to this many tokens (a step whose GEMM streams W0 faster than it computes: at K = N = 4096 up to ~290 tokens on an
+# H100, and the items' programs finish within the first GEMM tiles' K loop); beyond, the PDL pair overlaps the shrink's
+# reads with the GEMM's compute, where the items would run before the GEMM's single wave of tiles.
+JOINED_MAX_TOKENS = 512
+# Polls of the items counter (an L2 round trip each, ~0.5 us on an H100) before a tile computes the shrink itself:
+# ~8 ms, only reached when the item programs could not start (SMs held by other work).
+JOINED_SPINS = 1 << 14
+_INTERP_JOINED_SPINS = 2
+_INTERP_JOINED_ITEM_PROGRAMS = 3  # fewer than the tests' work items: item programs loop
+_JOINED_ITEMS_FIRST = True  # tests: False puts the items after the tiles (the interpreter then runs every fallback)
+# Item programs of the joined kernel, each looping over the shrink's work items (tiles × slices): the grid stays the
+# GEMM's tiles plus at most these. At 256 tokens the TMA GEMM's 128 tiles of 64×128 run two per SM (264 places on
+# an H100), so 32 item programs start beside all of them; a 256-token step has 16 + (adapters present) real work
+# items at 16-row tiles (the grid's bound, cdiv(M, tile_m) + min(M, L), counts one per pool slot: 144 at 128 slots).
+JOINED_ITEM_PROGRAMS = 32
+_SYNC_SLOTS = 4096
+
+
+class _SyncSlots:
+    """Zeroed int32 pairs, the joined kernel's counters, which every launch leaves at zero. An eager call takes its
+    stream's pair (launches on one stream run one after another; the CPU interpreter: its thread's), so two request
+    threads on two streams never share one; a call captured into a CUDA graph takes a pair of its own for good (the
+    graph may replay on any stream, beside another graph). None while capturing before any eager call made the
+    buffer (zeroing it then would be a node of the graph), or once all are taken: the caller runs the two launches."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bufs: dict = {}
+        self.taken: dict = {}
+        self.by_stream: dict = {}
+        self.warned = False
+
+    def get(self, device: torch.device) -> torch.Tensor | None:
+        dev = (device.type, device.index)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device).cuda_stream
+        else:
+            stream = threading.get_ident()
+        with self.lock:
+            buf = self.bufs.get(dev)
+            if buf is None:
+                if capturing:
+                    return None
+                buf = self.bufs[dev] = torch.zeros(_SYNC_SLOTS, 2, dtype=torch.int32, device=device)
+                self.taken[dev] = 0
+            if not capturing and (dev, stream) in self.by_stream:
+                return buf[self.by_stream[(dev, stream)]]
+            if self.taken[dev] >= _SYNC_SLOTS:
+                if not self.warned:
+                    self.warned = True
+                    warnings.warn(
+                        f"lora_kernels: all {_SYNC_SLOTS} counters of the one-launch gemm path are taken (one per "
+                        "stream, one per call captured into a CUDA graph); further calls run two launches",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                return None
+            idx = self.taken[dev]
+            self.taken[dev] += 1
+            if not capturing:
+                self.by_stream[(dev, stream)] = idx
+            return buf[idx]
+
+
+_SYNC = _SyncSlots()
+
+
+def joined_for(M: int, w_tma: bool, sort_rows: bool) -> bool:
+    """Whether a gemm-path step of M tokens runs in one launch (_gemm_tma_joined_kernel): JOINED on, the GEMM the TMA
+    kernel on rows in the batch's own order, at most JOINED_MAX_TOKENS tokens. Host ints only (the static model's
+    rule too)."""
+    return JOINED and w_tma and not sort_rows and not SORTED_TMA_GEMM and M <= JOINED_MAX_TOKENS
+
+
+def _launch_joined(
+    x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, y, interp, tiles, sync
+) -> None:
+    """The gemm path's TMA step in one launch (see JOINED): item programs running the shrink's work items (tiles of
+    the sorted list × slices, the whole K each) first, then the TMA GEMM's tiles; xa in one fp32 partial."""
+    from . import lora_linear_tma as _tma
+
+    M, K = x.shape
+    L, SR, _ = A_stack.shape
+    S = len(slices)
+    R = SR // S
+    block_m, block_n, block_k, warps, stages = tiles
+    n_work = max_tiles(M, L, tile_m, meta.capacity) * S
+    n_items = min(n_work, _INTERP_JOINED_ITEM_PROGRAMS if interp else JOINED_ITEM_PROGRAMS)
+    shrink_k = _shrink_config_of(x, A_stack, meta, S, tile_m, interp, False)[1]
+    m_tiles = triton.cdiv(M, block_m)
+    xa = partials(1, M, SR, x.device)[0]
+    _tma.ensure_allocator(x.device)
+    with _utils.device_ctx(x):
+        _gemm_tma_joined_kernel[(n_items + m_tiles * _out_blocks(slices, block_n),)](
+            x,
+            weight,
+            bias if bias is not None else weight,
+            A_stack,
+            xa,
+            B_stack,
+            ranks,
+            scales,
+            meta.token_slots,
+            meta.sorted_tokens,
+            meta.sorted_slots,
+            meta.tile_starts,
+            y,
+            sync,
+            M,
+            K,
+            L,
+            meta.capacity,
+            R,
+            *_widths(slices),
+            n_work,
+            n_items,
+            m_tiles,
+            _INTERP_JOINED_SPINS if interp else JOINED_SPINS,
+            x.stride(0),
+            weight.stride(0),
+            A_stack.stride(0),
+            A_stack.stride(1),
+            A_stack.stride(2),
+            xa.stride(0),
+            xa.stride(1),
+            B_stack.stride(0),
+            B_stack.stride(1),
+            B_stack.stride(2),
+            scales.stride(0),
+            scales.stride(1),
+            y.stride(0),
+            y.stride(1),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_R=_utils.block_r(R),
+            SHRINK_M=tile_m,
+            SHRINK_K=shrink_k,
+            NUM_SLICES=S,
+            HAS_BIAS=bias is not None,
+            UPCAST=_utils.interpreter_bf16(x.dtype),
+            CAST_FP32=_utils.cast_to_fp32(x.dtype, A_stack.dtype),
+            LORA_IEEE=_utils.cast_to_fp32(B_stack.dtype),
+            ITEMS_FIRST=_JOINED_ITEMS_FIRST,
+            num_warps=warps,
+            num_stages=stages,
         )
 
 
