@@ -238,8 +238,8 @@ GEMM_VARIANTS = {
     "lk_gemm_2l": ({"LANES_GEMM": False}, "gemm"),
     "lk_gemm_sorted": ({"SORTED_TMA_GEMM": True}, "gemm"),
     "lk_gemm_serial": ({"PDL": False}, "gemm"),
-    # the gemm path's TMA steps (65 ... JOINED_MAX_TOKENS tokens) in one launch: shrink items and GEMM tiles in one
-    # grid (JOINED, opt-in); elsewhere the gemm path as chosen
+    # the gemm path's TMA steps (up to JOINED_MAX_TOKENS tokens, where joined_grid fits) in one launch: shrink items
+    # and GEMM tiles in one grid (JOINED, opt-in); elsewhere the gemm path as chosen
     "lk_joined": ({"JOINED": True}, "gemm"),
     # the rule's thresholds at nothing: every step whose GEMM is the TMA kernel takes the sorted-row GEMM fed by the
     # shrink's sorted copy of x (where the rule would not: 16 adapters at 1024 tokens, requests kept together)

@@ -85,8 +85,8 @@ MUTANTS: list[Mutant] = [
     M(
         "kernels/joined-items-skip-a-slice",
         "lora_kernels/triton/multi_lora.py",
-        "    n_work = max_tiles(M, L, tile_m, meta.capacity) * S\n",
-        "    n_work = max_tiles(M, L, tile_m, meta.capacity)\n",
+        "    n_work = max_tiles(M, L, tile_m, cap) * len(slices)\n",
+        "    n_work = max_tiles(M, L, tile_m, cap)\n",
         ["tests/test_multi_lora_serving.py", "-k", "tma_gemm_matches_reference and joined"],
         "the one-launch TMA step launches one shrink item per tile instead of one per tile and slice",
     ),

@@ -174,12 +174,13 @@ def launches(
     lanes = ML.lanes_for(T, R, adapters)
     heavy = path is None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt, smem, sm_count)
     sort_rows = tma and ((heavy and ML.SORTED_GATHER) or path == "sorted")
-    joined = tma and not sort_rows and T <= ML.JOINED_MAX_TOKENS and (path == "joined" or ML.joined_for(T, tma, False))
+    forced = path == "joined"
     if path in ("sorted", "joined"):
         path, lanes = "gemm", 0
     path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0, heavy_epilogue=heavy and not sort_rows)
     cap = capacity or T
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
+    joined = not lanes and _joined_grid(T, L, slices, R, tile_m, cap, elt, tma, sort_rows, forced, smem, sm_count)
     counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
     active = len(counts)
     t_ad = sum(counts.values())  # tokens with an adapter
@@ -362,6 +363,15 @@ def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS
     )
 
 
+def _joined_grid(T, L, slices, R, tile_m, cap, elt, tma, sort_rows, forced=False, smem=H100_SMEM, sm_count=H100_SMS):
+    """``ML.joined_grid`` on the modelled card where ``ML.joined_for`` allows the one-launch TMA step (None where
+    it does not, or where its programs could not all be resident at once)."""
+    if not ML.joined_for(T, tma, sort_rows, forced):
+        return None
+    tiles = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
+    return ML.joined_grid(T, L, slices, R, tile_m, cap, tiles, elt, False, lambda: smem, lambda: sm_count)
+
+
 def _joined_launch(ids, L, K, slices, R, elt, smem, sm_count, a_bytes, b_bytes, t_ad, tile_m, cap) -> dict:
     """The gemm path's TMA step in one launch (``ML._gemm_tma_joined_kernel``, ``ML.JOINED``): up to
     ``ML.JOINED_ITEM_PROGRAMS`` programs running the shrink's work items (tiles of the sorted list × slices, the whole K
@@ -374,11 +384,9 @@ def _joined_launch(ids, L, K, slices, R, elt, smem, sm_count, a_bytes, b_bytes, 
     N = sum(int(n) for n in slices)
     S = len(slices)
     br = U.block_r(R)
-    n_items = min(max_tiles(T, L, tile_m, cap) * S, ML.JOINED_ITEM_PROGRAMS)  # item programs, each looping
-    block_k_s, stages_s = ML.shrink_config(T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count)[
-        1:3
-    ]
-    bm, bn, bk, warps, stages = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
+    bm, bn, bk, warps, stages = tiles = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
+    n_items = ML.joined_grid(T, L, slices, R, tile_m, cap, tiles, elt, False, lambda: smem, lambda: sm_count)[1]
+    block_k_s = ML.shrink_config(T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count)[1]
     counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
     real_tiles = sum(triton.cdiv(c, tile_m) for c in counts.values())
     blocks = ML._out_blocks(slices, bn)
@@ -578,7 +586,13 @@ def default_path(
     if heavy and ML.SORTED_GATHER:
         return "sorted"  # the gemm path with sorted row tiles (see launches)
     path = ops.choose_path(None, None, T, "triton", tma=tma, lanes=lanes, heavy_epilogue=heavy)
-    return "joined" if path == "gemm" and not lanes and ML.joined_for(T, tma, False) else path
+    if (
+        path == "gemm"
+        and not lanes
+        and _joined_grid(T, L, slices, R, ops.step_tile_m(auto_tile_m(T), T), T, elt, tma, False)
+    ):
+        return "joined"
+    return path
 
 
 def grid_launches(

@@ -164,11 +164,22 @@ def test_tma_gemm_configs_match_the_launcher(monkeypatch, T, slices):
     assert recorded[1][3]["launch_pdl"] is True and model[1]["overlaps_previous"]
 
 
-@pytest.mark.parametrize("T, slices, R", [(72, (4096,), 16), (256, (4096,), 16), (512, (4096, 1024, 1024), 64)])
-def test_joined_configs_match_the_launcher(monkeypatch, T, slices, R):
-    """With JOINED on, a TMA step of at most JOINED_MAX_TOKENS tokens is one launch in the model and in linear_gemm:
-    the same kernel, grid (item programs + GEMM tiles) and tiles; the model's bytes count x once (the PDL pair: twice)
-    and add no launch; off, or above JOINED_MAX_TOKENS, the pair as before."""
+@pytest.mark.parametrize(
+    "T, slices, R, fits",
+    [
+        (256, (4096,), 16, True),
+        (384, (4096,), 16, True),
+        (200, (4096, 1024, 1024), 16, True),
+        (72, (4096,), 16, False),
+        (200, (4096, 1024, 1024), 64, False),
+    ],
+)
+def test_joined_configs_match_the_launcher(monkeypatch, T, slices, R, fits):
+    """With JOINED on, a TMA step of at most JOINED_MAX_TOKENS tokens whose programs can all be resident at once
+    (64×128 tiles at rank 16, two per SM: not the 64×64×128 ones of 72 tokens nor 64×128 at rank 64, whose epilogue
+    takes 48 KiB more, one per SM) is one launch in the model and in
+    linear_gemm: the same kernel, grid (item programs + GEMM tiles) and tiles; the model's bytes count x once (the
+    PDL pair: twice) and add no launch; off, where it does not fit, or above JOINED_MAX_TOKENS, the pair as before."""
     from lora_kernels.ops import multi_lora as ops
     from lora_kernels.triton import multi_lora as ML
 
@@ -180,11 +191,16 @@ def test_joined_configs_match_the_launcher(monkeypatch, T, slices, R):
     ids = torch.arange(T) * L // T  # requests kept together: few adapters per row tile (no heavy epilogue)
     pair = ss.launches(ids, L, K, slices, R)
     assert [ln["kernel"] for ln in pair] == ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"]  # JOINED is off
-    assert [ln["kernel"] for ln in ss.launches(ids, L, K, slices, R, path="joined")] == ["_gemm_tma_joined_kernel"]
+    forced = [ln["kernel"] for ln in ss.launches(ids, L, K, slices, R, path="joined")]
     monkeypatch.setattr(ML, "JOINED", True)
-    assert ss.default_path(T, R=R, slices=slices) == "joined"
     model = ss.launches(ids, L, K, slices, R)
     _launch_gemm(T, K, L, R, slices, ops.step_tile_m(ss.auto_tile_m(T), T))
+    if not fits:
+        assert ss.default_path(T, R=R, ids=ids, L=L, slices=slices) == "gemm"
+        assert forced == [ln["kernel"] for ln in model] == [r[0] for r in recorded] == [ln["kernel"] for ln in pair]
+        return
+    assert forced == ["_gemm_tma_joined_kernel"]
+    assert ss.default_path(T, R=R, ids=ids, L=L, slices=slices) == "joined"
     assert [r[0] for r in recorded] == [ln["kernel"] for ln in model] == ["_gemm_tma_joined_kernel"]
     (_, grid, _, kw), (ln,) = recorded[0], model
     assert tuple(grid) == ln["grid"]

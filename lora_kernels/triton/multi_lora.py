@@ -2135,11 +2135,26 @@ def linear_gemm(
     w_tma = gemm_tma_ok(x, weight)
     x_sorted = sorted_x_buffer(x) if sort_rows and w_tma else None
     tma_tiles = _tma_tiles(x, slices, R, interp) if w_tma else None
+    grid = None
     if joined_for(M, w_tma, x_sorted is not None or sort_rows):
+        grid = joined_grid(
+            M,
+            L,
+            slices,
+            R,
+            tile_m,
+            cap,
+            tma_tiles,
+            x.element_size(),
+            interp,
+            lambda: _utils.smem_of(x.device),
+            lambda: _utils.sm_count_of(x.device),
+        )
+    if grid is not None:
         sync = _SYNC.get(x.device)
         if sync is not None:
             _launch_joined(
-                x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, y, interp, tma_tiles, sync
+                x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, y, interp, tma_tiles, grid, sync
             )
             return y
     # a shrink that overlaps an 8-warp TMA GEMM takes its narrower K blocks (its programs fit beside the GEMM's)
@@ -2271,13 +2286,13 @@ def _launch_gemm_tma(
 # The gemm path's TMA steps in one launch (_gemm_tma_joined_kernel, opt-in): the shrink's work items and the GEMM's
 # output tiles in one grid, the tiles' epilogues waiting on a counter the items release. What it saves, by the static
 # serving model (benchmarks/static_serving.py, H100, K = N = 4096, r = 16): the GEMM's own graph node (PDL_LAUNCH_US,
-# 2.0 us assumed) and the second read of x (2 MB at 256 tokens): the `mix` points at 256 tokens 1.21x -> 1.01x the
-# floor, `uniform`/16 at 256 tokens 1.20x -> 1.04x. Off until a GPU run has checked it (tests-serving) and timed it
+# 2.0 us assumed) and the second read of x (2 MB at 256 tokens): every 256-token point of the grid at 1.00x the floor
+# (the `mix` ones from 1.21x, `uniform`/16 from 1.20x). Off until a GPU run has checked it (tests-serving) and timed it
 # (provider lk_joined of bench_multi_lora.py) against the PDL pair, whose launch may cost less than assumed.
 JOINED = False
-# Up to this many tokens (a step whose GEMM streams W0 faster than it computes: at K = N = 4096 up to ~290 tokens on an
-# H100, and the items' programs finish within the first GEMM tiles' K loop); beyond, the PDL pair overlaps the shrink's
-# reads with the GEMM's compute, where the items would run before the GEMM's single wave of tiles.
+# Up to this many tokens (a step whose GEMM streams W0 about as fast as it computes: at K = N = 4096 up to ~290 tokens
+# on an H100), and only where all the programs fit on the SMs at once (joined_grid); beyond, the PDL pair overlaps the
+# shrink's reads with the GEMM's compute, where the items would run before the GEMM's single wave of tiles.
 JOINED_MAX_TOKENS = 512
 # Polls of the items counter (an L2 round trip each, ~0.5 us on an H100) before a tile computes the shrink itself:
 # ~8 ms, only reached when the item programs could not start (SMs held by other work).
@@ -2343,18 +2358,50 @@ class _SyncSlots:
 _SYNC = _SyncSlots()
 
 
-def joined_for(M: int, w_tma: bool, sort_rows: bool) -> bool:
-    """Whether a gemm-path step of M tokens runs in one launch (_gemm_tma_joined_kernel): JOINED on, the GEMM the TMA
-    kernel on rows in the batch's own order, at most JOINED_MAX_TOKENS tokens. Host ints only (the static model's
-    rule too)."""
-    return JOINED and w_tma and not sort_rows and not SORTED_TMA_GEMM and M <= JOINED_MAX_TOKENS
+def joined_for(M: int, w_tma: bool, sort_rows: bool, forced: bool = False) -> bool:
+    """Whether a gemm-path step of M tokens may run in one launch (_gemm_tma_joined_kernel): JOINED on (or
+    ``forced``), the GEMM the TMA kernel on rows in the batch's own order, at most JOINED_MAX_TOKENS tokens; then
+    :func:`joined_grid` must fit. Host ints only (the static model's rule too)."""
+    return (JOINED or forced) and w_tma and not sort_rows and not SORTED_TMA_GEMM and M <= JOINED_MAX_TOKENS
+
+
+def joined_grid(
+    M: int,
+    L: int,
+    slices: Sequence[int],
+    R: int,
+    tile_m: int,
+    cap: int,
+    tiles: tuple[int, int, int, int, int],
+    elt: int,
+    interp: bool,
+    smem: _utils.IntThunk,
+    sms: _utils.IntThunk,
+) -> tuple[int, int] | None:
+    """(work items, item programs) of the joined kernel for M tokens on TMA tiles ``tiles`` (:func:`gemm_tma_config`),
+    or None where its programs could not all be resident at once (by shared memory: the tiles' pipeline buffers and
+    the epilogue's fp32 tiles at rank R, as gemm_tma_config counts them, an upper bound of what sm_90 compiles to,
+    plus the 1 KiB the hardware reserves per block): the item programs must run beside the tiles, not hold SMs that
+    tiles wait for. At K = N = 4096 on an H100 it fits at 193 to 384 tokens (64×128 tiles,
+    two per SM) and not at 65 to 192 (64×64×128 tiles take 128 KiB: one per SM, which the tiles fill) nor from 385
+    (128×128 on 8 warps). ``smem`` and ``sms`` callables (asked on a GPU only)."""
+    n_work = max_tiles(M, L, tile_m, cap) * len(slices)
+    n_items = min(n_work, _INTERP_JOINED_ITEM_PROGRAMS if interp else JOINED_ITEM_PROGRAMS)
+    if interp:
+        return n_work, n_items
+    bm, bn, bk, _, stages = tiles
+    br = _utils.block_r(R)
+    per_sm = smem() // (stages * (bm + bn) * bk * elt + (bm + bn) * br * 4 + 1024)
+    n_tiles = triton.cdiv(M, bm) * _out_blocks(slices, bn)
+    return (n_work, n_items) if n_items + n_tiles <= per_sm * sms() else None
 
 
 def _launch_joined(
-    x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, y, interp, tiles, sync
+    x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, tile_m, y, interp, tiles, grid, sync
 ) -> None:
     """The gemm path's TMA step in one launch (see JOINED): item programs running the shrink's work items (tiles of
-    the sorted list × slices, the whole K each) first, then the TMA GEMM's tiles; xa in one fp32 partial."""
+    the sorted list × slices, the whole K each) first, then the TMA GEMM's tiles; xa in one fp32 partial. ``grid``:
+    (work items, item programs) from :func:`joined_grid`."""
     from . import lora_linear_tma as _tma
 
     M, K = x.shape
@@ -2362,8 +2409,7 @@ def _launch_joined(
     S = len(slices)
     R = SR // S
     block_m, block_n, block_k, warps, stages = tiles
-    n_work = max_tiles(M, L, tile_m, meta.capacity) * S
-    n_items = min(n_work, _INTERP_JOINED_ITEM_PROGRAMS if interp else JOINED_ITEM_PROGRAMS)
+    n_work, n_items = grid
     shrink_k = _shrink_config_of(x, A_stack, meta, S, tile_m, interp, False)[1]
     m_tiles = triton.cdiv(M, block_m)
     xa = partials(1, M, SR, x.device)[0]
