@@ -91,6 +91,14 @@ MUTANTS: list[Mutant] = [
         "the one-launch TMA step launches one shrink item per tile instead of one per tile and slice",
     ),
     M(
+        "kernels/joined-one-counter-pair-for-every-thread",
+        "lora_kernels/triton/multi_lora.py",
+        "            stream = threading.get_ident()",
+        "            stream = 0",
+        ["tests/test_multi_lora_serving.py", "-k", "joined_counters_per_stream"],
+        "two request threads share the one-launch TMA step's counters: one call's tiles count the other's items",
+    ),
+    M(
         "kernels/multi-rank-unclamped",
         "lora_kernels/triton/multi_lora.py",
         "rank = tl.where(usable, tl.minimum(tl.maximum(rank, 0), R), 0)",

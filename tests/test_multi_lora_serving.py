@@ -5,6 +5,7 @@ epilogue, all against the float64 reference (Triton in the CPU interpreter here)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 
@@ -788,6 +789,48 @@ def test_joined_counters_per_stream_thread_and_capture(monkeypatch):
     assert sum(p is None for p in more) >= 2
     assert len([w for w in caught if "counters" in str(w.message)]) == 1
     assert slots.get(dev).data_ptr() == a.data_ptr()  # this thread keeps its pair
+
+
+@pytest.mark.skipif(
+    not HAS_CUDA,
+    reason="two kernels at once: the Triton interpreter patches triton.language for the process, one kernel at a time",
+)
+def test_joined_step_two_request_threads(monkeypatch, tma_or_skip):
+    """Two request threads running the one-launch TMA step at once on one pool, each on its own stream with other
+    ids and x: each gets its own counters, so no tile counts the other call's items and reads an xa that its own
+    items have not written (poisoned with NaN). (Without a GPU, test_joined_counters_per_stream_thread_and_capture
+    checks that concurrent threads get distinct counter pairs.)"""
+    import threading
+
+    _joined(monkeypatch, "joined-fallback")  # tiles first: every tile waits on its own call's counter
+    _poisoned_partials(monkeypatch)
+    pool, weight, b, x, ids = _gemm_problem(72, torch.float16, GEMM_SLICES, "repeats", True, seed=41)
+    gen = torch.Generator().manual_seed(42)
+    calls = [(x, ids), (torch.randn(x.shape, generator=gen).to(x), [(i * 3) % 6 - 1 for i in range(len(ids))])]
+    got, errors = [None, None], []
+    gate = threading.Barrier(2)
+
+    def run(i):
+        try:
+            xi, idsi = calls[i]
+            stream = torch.cuda.Stream() if DEVICE == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                batch = LoRABatch.prepare(idsi, device=DEVICE)
+                gate.wait()
+                got[i] = lk.multi_lora_linear(xi, weight, b, pool, batch, backend="triton")
+                if stream is not None:
+                    stream.synchronize()
+        except Exception as exc:  # reported below, with the thread's index
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (xi, idsi), y in zip(calls, got):
+        torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, xi, idsi), **close(torch.float16))
 
 
 @needs_triton

@@ -216,7 +216,7 @@ def _add_expand(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     LORA_IEEE: tl.constexpr,
-    XA_CACHE: tl.constexpr = "",  # ".cg" where other programs of the same launch wrote xa (L1 is not coherent)
+    XA_CG: tl.constexpr,  # read xa past L1 (".cg"): other programs of the same launch wrote it (L1 is not coherent)
 ):
     """acc + Σ over the distinct slots a of ``key`` (ascending): scale_a · xa[rows of a]·B_aᵀ, one small fp32 dot per
     slot with the other rows masked to 0, into the accumulator (no second output tile live). The epilogue of both
@@ -232,7 +232,10 @@ def _add_expand(
         xa_ptrs = xa_ptr + rows[:, None] * stride_xam + (slice_idx * R + offs_r).to(tl.int64)[None, :] * stride_xan
         xat = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for sp in range(0, NUM_SPLITS):
-            xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0, cache_modifier=XA_CACHE)
+            if XA_CG:
+                xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0, cache_modifier=".cg")
+            else:
+                xat += tl.load(xa_ptrs + sp * stride_xa_split, mask=xa_mask, other=0.0)
         bt = tl.load(
             b_ptr + slot * stride_bl + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
             mask=r_ok[:, None] & n_ok[None, :],
@@ -846,6 +849,7 @@ def _gemm_expand_kernel(
         BLOCK_M,
         BLOCK_R,
         LORA_IEEE,
+        False,
     )
 
     if HAS_BIAS:
@@ -928,7 +932,7 @@ def _gemm_tma_epilogue(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     LORA_IEEE: tl.constexpr,
-    XA_CACHE: tl.constexpr = "",
+    XA_CG: tl.constexpr,
 ):
     """The LoRA epilogue of a TMA-GEMM output tile (rows in the batch's own order; see _add_expand) and its store."""
     NONE: tl.constexpr = 2147483647
@@ -964,7 +968,7 @@ def _gemm_tma_epilogue(
         BLOCK_M,
         BLOCK_R,
         LORA_IEEE,
-        XA_CACHE,
+        XA_CG,
     )
     y_ptrs = y_ptr + rows64[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -1071,6 +1075,7 @@ def _gemm_tma_expand_kernel(
         BLOCK_N,
         BLOCK_R,
         LORA_IEEE,
+        False,
     )
 
 
@@ -1261,7 +1266,7 @@ def _gemm_tma_joined_kernel(
             BLOCK_N,
             BLOCK_R,
             LORA_IEEE,
-            ".cg",
+            True,
         )
     else:
         tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
