@@ -22,12 +22,16 @@ ROOT = TESTS.parent
 
 def run_child(script: str, tmp_path, timeout: int) -> str:
     """Run ``script`` with ``python -c`` without TRITON_INTERPRET, a fresh triton cache (compile for real, not from an
-    earlier run's cache) and this repository and tests/ importable; assert it exits 0 and prints OK."""
+    earlier run's cache) and this repository and tests/ importable; assert it exits 0 and prints OK. Spills the child
+    reported instead of failing (:func:`no_spills`) are printed here (seen with ``pytest -s``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in proc.stdout.splitlines():
+        if line.startswith("SPILLS"):
+            print(line)
     return proc.stdout
 
 
@@ -77,6 +81,19 @@ def compile_for_sm90(kernel, args, kwargs):
         options={"num_warps": launch.get("num_warps", 4), "num_stages": launch.get("num_stages", 3)},
     )
     return compiled, consts
+
+
+def no_spills(stores: int, loads: int, what) -> None:
+    """Fail when ptxas reports spill stores or loads for a compiled kernel (``what`` names it). With
+    ``LORA_KERNELS_AOT_SPILLS=report`` print them instead: CI's stage with the oldest supported triton compiles every
+    kernel too, for errors (a kernel that its compiler rejects fails there), while that compiler spills in a few
+    configurations the newest does not."""
+    if stores == 0 and loads == 0:
+        return
+    if os.environ.get("LORA_KERNELS_AOT_SPILLS") == "report":
+        print("SPILLS (reported, not failed):", what, stores, loads, flush=True)
+        return
+    raise AssertionError(("spills", what, stores, loads))
 
 
 def _ptxas() -> str:

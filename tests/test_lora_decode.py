@@ -187,7 +187,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lora_kernels.triton import lora_decode as D
-from _aot import ptxas_report
+from _aot import no_spills, ptxas_report
 
 TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 K = N = 4096
@@ -221,7 +221,8 @@ for dtype in (torch.float16, torch.bfloat16):
             spills = spill_stores + spill_loads
             print(dtype, M, R, (bm, bn, bk, br, warps, stages), "smem", c.metadata.shared, "spills", spills,
                   flush=True)
-            assert c.metadata.shared <= 227 * 1024 and spills == 0, (M, R, c.metadata.shared, spills)
+            assert c.metadata.shared <= 227 * 1024, (M, R, c.metadata.shared)
+            no_spills(spill_stores, spill_loads, (dtype, M, R))
 print("OK")
 """
 

@@ -312,7 +312,7 @@ _AOT_SCRIPT = r"""
 import os, subprocess, tempfile
 import torch, triton
 from lora_kernels.triton import lora_linear_tma as T
-from _aot import Recorder, compile_for_sm90, ptxas_report, jit_function
+from _aot import Recorder, compile_for_sm90, ptxas_report, jit_function, no_spills
 
 calls = []
 for name in ("_fwd_tma_kernel", "_dx_tma_kernel"):
@@ -344,7 +344,7 @@ for kernel, grid, args, kwargs in calls:
     smem = compiled.metadata.shared
     shown = {k: v for k, v in consts.items() if k.startswith(("BLOCK", "HAS"))}
     print(fn.__name__, shown, cfg.num_warps, cfg.num_stages, "regs", regs, "spill", st, ld, "smem", smem, flush=True)
-    assert st == 0 and ld == 0, ("spills", fn.__name__, shown, st, ld)
+    no_spills(st, ld, (fn.__name__, shown))
     assert smem <= 227 * 1024, (fn.__name__, shown, smem)
     assert "HGMMA" in sass, ("no wgmma", fn.__name__, shown)
     assert "UTMALDG" in sass, ("no TMA load", fn.__name__, shown)

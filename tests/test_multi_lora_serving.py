@@ -1022,7 +1022,7 @@ from lora_kernels.ops.multi_lora import step_tile_m
 from lora_kernels.ops._batch import BatchMeta
 from lora_kernels.triton import _utils as U
 from lora_kernels.triton import multi_lora as ML
-from _aot import Recorder, compile_for_sm90, ptxas_report, sass_of
+from _aot import Recorder, compile_for_sm90, no_spills, ptxas_report, sass_of
 
 calls = []
 for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel",
@@ -1114,7 +1114,7 @@ for kernel, grid, args, kwargs in calls:
     print(name, shown, "warps", kwargs.get("num_warps"), "stages", kwargs.get("num_stages"), "smem", smem,
           "spill", st, ld, "regs", regs, "compile %.1fs" % (time.perf_counter() - t0), flush=True)
     assert smem <= 227 * 1024, (name, shown, smem)
-    assert st == 0 and ld == 0, ("spills", name, shown, st, ld)
+    no_spills(st, ld, (name, shown))
     if name == "_gemm_tma_expand_kernel" or shown.get("W_TMA"):  # wgmma fed by TMA loads (W0's only with W_TMA)
         sass = sass_of(compiled)
         assert "HGMMA" in sass and "UTMALDG" in sass, (name, shown)
