@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Tests and benchmarks on a GPU machine, in phases of at most 10 minutes each (about 15 minutes in all, machine start
-# included), in order of value; run them as separate commands from the repository root:
+# Tests and benchmarks on a GPU machine, in phases of at most 10 minutes each, in order of value; run them as separate
+# commands from the repository root:
 #
 #   bash benchmarks/run_on_gpu.sh tests   # (a) ~4 min: the kernels' correctness tests (bf16 included), compiled
-#   bash benchmarks/run_on_gpu.sh tests-serving  # (a') <= 2.5 min: only the serving kernels' tests, so that with the
-#                                          #     machine's start it and `serve` fit one 15-minute device budget
+#   bash benchmarks/run_on_gpu.sh tests-serving  # (a') <= 2.5 min: only the serving kernels' tests, before `serve`
+#                                          #     when only the serving numbers are wanted
 #   bash benchmarks/run_on_gpu.sh train   # (b) ~6 min: training ratios at the 6 shapes: cuBLAS, eager, PEFT and
 #                                          #     lora_kernels with both base GEMMs; fwd, fwd+bwd, fwd+bwd dropout
 #   bash benchmarks/run_on_gpu.sh serve   # (c) <= 9.3 min: multi-adapter layers (few points), decode; CUDA graphs

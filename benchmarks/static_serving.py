@@ -278,7 +278,12 @@ def launches(
     if lanes:
         return [_lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad)]
     if joined:
-        return [_joined_launch(ids, L, K, slices, R, elt, smem, sm_count, a_bytes, b_bytes, t_ad, tile_m, cap)]
+        shrink_k = ML.shrink_config(T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count)[1]
+        return [
+            _joined_launch(
+                ids, L, K, slices, R, elt, a_bytes, b_bytes, t_ad, tile_m, joined, shrink_k, shrink_flops, shrink_l2
+            )
+        ]
     # gemm: shrink into per-split partials, then the base GEMM with the expand in its epilogue. With sort_rows the
     # shrink also writes the rows of the tokens with an adapter to the sorted copy of x (GATHER), and the GEMM waits
     # for it before its K loop (no overlap; PDL still hides the launch).
@@ -310,9 +315,7 @@ def launches(
         kernel = "_gemm_expand_kernel"
     blocks = ML._out_blocks(slices, bn)
     m_tiles = triton.cdiv(T, bm)
-    # distinct adapters per row tile: one epilogue dot each
-    keys = [int(ids[i]) if 0 <= int(ids[i]) < L else None for i in order]
-    segs = sum(len({k for k in keys[m * bm : (m + 1) * bm] if k is not None}) for m in range(m_tiles))
+    segs = sum(_row_tile_adapters(ids, L, bm, order))  # one epilogue dot each
     epi_flops = segs * blocks * 2 * bm * br * bn
     read = (N * K + T * K) * elt + split * t_ad * S * R * 4 + b_bytes
     l2 = m_tiles * blocks * (bm + bn) * K * elt + segs * blocks * (split * bm * br * 4 + br * bn * elt)
@@ -363,40 +366,47 @@ def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS
     )
 
 
+def _row_tile_adapters(ids, L: int, block_m: int, order=None) -> list[int]:
+    """The distinct adapters (slots in [0, L)) of each row tile of ``block_m`` rows, rows taken in ``order`` (default:
+    the batch's own order): the LoRA epilogue runs one dot per adapter of its tile."""
+    ids = ids.tolist()
+    keys = [ids[i] if 0 <= ids[i] < L else None for i in (order if order is not None else range(len(ids)))]
+    return [len({k for k in keys[m : m + block_m] if k is not None}) for m in range(0, len(keys), block_m)]
+
+
 def _joined_grid(T, L, slices, R, tile_m, cap, elt, tma, sort_rows, forced=False, smem=H100_SMEM, sm_count=H100_SMS):
-    """``ML.joined_grid`` on the modelled card where ``ML.joined_for`` allows the one-launch TMA step (None where
-    it does not, or where its programs could not all be resident at once)."""
+    """(TMA tiles, item programs) of the one-launch TMA step on the modelled card (``ML.gemm_tma_config``,
+    ``ML.joined_grid``) where ``ML.joined_for`` allows it; None where it does not, or where its programs could not all
+    be resident at once."""
     if not ML.joined_for(T, tma, sort_rows, forced):
         return None
     tiles = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
-    return ML.joined_grid(T, L, slices, R, tile_m, cap, tiles, elt, False, lambda: smem, lambda: sm_count)
+    grid = ML.joined_grid(T, L, slices, R, tile_m, cap, tiles, elt, False, lambda: smem, lambda: sm_count)
+    return None if grid is None else (tiles, grid[1])
 
 
-def _joined_launch(ids, L, K, slices, R, elt, smem, sm_count, a_bytes, b_bytes, t_ad, tile_m, cap) -> dict:
+def _joined_launch(
+    ids, L, K, slices, R, elt, a_bytes, b_bytes, t_ad, tile_m, joined, shrink_k, shrink_flops, shrink_l2
+):
     """The gemm path's TMA step in one launch (``ML._gemm_tma_joined_kernel``, ``ML.JOINED``): up to
     ``ML.JOINED_ITEM_PROGRAMS`` programs running the shrink's work items (tiles of the sorted list × slices, the whole K
     each: the x rows of their tokens and their adapter's A rows) and the TMA GEMM's tiles (rows in the batch's own
     order, the epilogue as in :func:`launches`). One launch, so x crosses HBM once (the items' rows are the GEMM's) and
     xa is written once (read back from L2); the items' MMA is charged at the GEMM's rate (0.4 % of it at 256 tokens).
     Assumed: the item programs, first in launch order, run beside the tiles and finish before any tile's epilogue waits
-    for them (at 256 tokens, 128 tiles of 64×128 run two per SM: the 32 item programs fit beside them)."""
+    for them (at 256 tokens, 128 tiles of 64×128 run two per SM: the 32 item programs fit beside them). ``joined``:
+    (TMA tiles, item programs) from :func:`_joined_grid`; ``shrink_k``, ``shrink_flops``, ``shrink_l2``: the shrink's
+    K block, MMA FLOPs and L2 requests over the whole K, as :func:`launches` counts them for its own launch."""
     T = ids.numel()
     N = sum(int(n) for n in slices)
     S = len(slices)
     br = U.block_r(R)
-    bm, bn, bk, warps, stages = tiles = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
-    n_items = ML.joined_grid(T, L, slices, R, tile_m, cap, tiles, elt, False, lambda: smem, lambda: sm_count)[1]
-    block_k_s = ML.shrink_config(T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count)[1]
-    counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
-    real_tiles = sum(triton.cdiv(c, tile_m) for c in counts.values())
+    (bm, bn, bk, warps, stages), n_items = joined
     blocks = ML._out_blocks(slices, bn)
     m_tiles = triton.cdiv(T, bm)
-    keys = [int(i) if 0 <= int(i) < L else None for i in ids.tolist()]
-    segs = sum(len({k for k in keys[m * bm : (m + 1) * bm] if k is not None}) for m in range(m_tiles))
+    segs = sum(_row_tile_adapters(ids, L, bm))
     epi_flops = segs * blocks * 2 * bm * br * bn
-    shrink_flops = real_tiles * S * 2 * tile_m * br * K
-    l2 = real_tiles * S * (tile_m * K + br * K) * elt
-    l2 += m_tiles * blocks * (bm + bn) * K * elt + segs * blocks * (bm * br * 4 + br * bn * elt)
+    l2 = shrink_l2 + m_tiles * blocks * (bm + bn) * K * elt + segs * blocks * (bm * br * 4 + br * bn * elt)
     return _launch(
         "_gemm_tma_joined_kernel",
         (n_items + m_tiles * blocks,),
@@ -406,7 +416,7 @@ def _joined_launch(ids, L, K, slices, R, elt, smem, sm_count, a_bytes, b_bytes, 
             "BLOCK_K": bk,
             "BLOCK_R": br,
             "SHRINK_M": tile_m,
-            "SHRINK_K": block_k_s,
+            "SHRINK_K": shrink_k,
             "NUM_SLICES": S,
             "num_warps": warps,
             "num_stages": stages,
@@ -430,12 +440,8 @@ def _lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad
     cols = lanes * U.block_r(R)
     blocks = ML._out_blocks(slices, bn)
     m_tiles = triton.cdiv(T, bm)
-    keys = [int(i) if 0 <= int(i) < L else None for i in ids.tolist()]
     # lane groups per row tile: the first rides along the base K loop (always runs), each further one re-reads x
-    groups = [
-        max(1, triton.cdiv(len({k for k in keys[m * bm : (m + 1) * bm] if k is not None}), lanes))
-        for m in range(m_tiles)
-    ]
+    groups = [max(1, triton.cdiv(n, lanes)) for n in _row_tile_adapters(ids, L, bm)]
     g = sum(groups)
     epi_flops = g * blocks * 2 * bm * cols * bn  # the fp32 dot against the stacked B (TF32)
     flops = m_tiles * blocks * 2 * bm * bn * K + g * blocks * 2 * bm * cols * K + epi_flops

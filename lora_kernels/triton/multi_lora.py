@@ -2145,7 +2145,7 @@ def linear_gemm(
     x_sorted = sorted_x_buffer(x) if sort_rows and w_tma else None
     tma_tiles = _tma_tiles(x, slices, R, interp) if w_tma else None
     grid = None
-    if joined_for(M, w_tma, x_sorted is not None or sort_rows):
+    if joined_for(M, w_tma, sort_rows):
         grid = joined_grid(
             M,
             L,
