@@ -307,7 +307,9 @@ def launches(
         kernel = "_gemm_tma_expand_kernel"
     else:
         if w_tma:
-            bm, bn, bk, warps, gstages = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
+            bm, bn, bk, warps, gstages = ML.gemm_tma_config(
+                T, slices, elt, R, False, lambda: smem, lambda: sm_count, sort_rows
+            )
         else:
             bm, bn, bk, warps, gstages = ML.gemm_config(T, elt, elt, R, False, lambda: smem)
         # row tiles of the sorted token list

@@ -85,9 +85,8 @@ def compile_for_sm90(kernel, args, kwargs):
 
 def no_spills(stores: int, loads: int, what) -> None:
     """Fail when ptxas reports spill stores or loads for a compiled kernel (``what`` names it). With
-    ``LORA_KERNELS_AOT_SPILLS=report`` print them instead: CI's stage with the oldest supported triton compiles every
-    kernel too, for errors (a kernel that its compiler rejects fails there), while that compiler spills in a few
-    configurations the newest does not."""
+    ``LORA_KERNELS_AOT_SPILLS=report`` print them instead (to list every spill of a triton version in one run rather
+    than stop at the first; CI fails on them with both the oldest and the newest supported triton)."""
     if stores == 0 and loads == 0:
         return
     if os.environ.get("LORA_KERNELS_AOT_SPILLS") == "report":

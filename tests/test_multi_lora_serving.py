@@ -1122,6 +1122,8 @@ for kernel, grid, args, kwargs in calls:
         x_sorted += bool(shown.get("X_SORTED"))
         if shown.get("W_TMA"):
             tma_loads[(bool(shown.get("X_SORTED")), shown["BLOCK_R"])] = sass.count("UTMALDG")
+        if shown.get("X_SORTED") and shown["BLOCK_R"] > 32:  # 128x128 spilled there on triton 3.6
+            assert (shown["BLOCK_M"], shown["BLOCK_N"]) == (128, 64), shown
     gather += bool(shown.get("GATHER"))
     if name == "_gemm_tma_joined_kernel":
         sass = sass_of(compiled)
@@ -1129,6 +1131,14 @@ for kernel, grid, args, kwargs in calls:
         # GPU loads), the exit count and reset (atomics)
         assert "HGMMA" in sass and "UTMALDG" in sass, shown
         assert "MEMBAR.ALL.GPU" in sass and "LDG.E.STRONG.GPU" in sass and "ATOMG" in sass, shown
+        # joined_grid counts the programs an SM holds by shared memory alone (an upper bound of the compiled
+        # kernel's): its registers (rounded up to 8 per thread) and its compiled shared memory (+1 KiB per program,
+        # of an H100 SM's 228 KiB) must hold as many, or the tiles would wait on item programs that cannot start
+        elt = args[0].element_size()
+        per_sm = (227 * 1024) // (kwargs["num_stages"] * (shown["BLOCK_M"] + shown["BLOCK_N"]) * shown["BLOCK_K"] * elt
+                                  + (shown["BLOCK_M"] + shown["BLOCK_N"]) * shown["BLOCK_R"] * 4 + 1024)
+        assert per_sm >= 1 and 65536 // (-(-regs // 8) * 8 * 32 * kwargs["num_warps"]) >= per_sm, (shown, regs)
+        assert (228 * 1024) // (smem + 1024) >= per_sm, (shown, smem)
         joined += 1
 assert {"_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_batched_shrink_kernel", "_fused_kernel",
         "_expand_kernel", "_gemm_lanes_kernel", "_gemm_tma_joined_kernel"} <= names, names

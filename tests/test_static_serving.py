@@ -619,3 +619,27 @@ def test_forced_tma_gemm_tile_reaches_the_launcher_config_and_the_model(monkeypa
     monkeypatch.setattr(ML, "GEMM_TMA_TILE", (128, 256))
     with pytest.raises(ValueError, match=r"at rank 64"):
         ML.gemm_tma_config(256, (4096,), 2, 64, False, lambda: ss.H100_SMEM, lambda: ss.H100_SMS)
+
+
+def test_sorted_copy_gemm_takes_narrower_tiles_above_rank_32():
+    """The sorted-copy GEMM (``X_SORTED``) takes 128×64 where the TMA GEMM's tile above rank 32 would be 128×128
+    (triton 3.6 spilled there); at rank 16 and for the TMA GEMM in the ids' own order the tiles are unchanged. The
+    model's sorted launch takes the launcher's tile."""
+    from lora_kernels.triton import multi_lora as ML
+
+    from benchmarks import static_serving as ss
+
+    qkv = (4096, 1024, 1024)
+
+    def config(T, R, x_sorted):
+        return ML.gemm_tma_config(T, qkv, 2, R, False, lambda: ss.H100_SMEM, lambda: ss.H100_SMS, x_sorted)
+
+    assert config(4096, 64, False)[:2] == (128, 128) and config(4096, 64, True)[:2] == (128, 64)
+    assert config(4096, 64, True)[2:] == config(4096, 64, False)[2:]  # same K depth, warps and stages
+    assert config(1024, 16, True) == config(1024, 16, False) and config(1024, 16, True)[:2] == (128, 256)
+    assert config(128, 64, True) == config(128, 64, False)  # the narrow tiles picked at few tokens stay
+    ids = ss._ids("uniform", 128, 4096, 0)
+    gemm = ss.launches(ids, 128, slices=qkv, R=64, path="sorted")[-1]
+    assert gemm["kernel"] == "_gemm_expand_kernel" and gemm["config"]["X_SORTED"]
+    assert (gemm["config"]["BLOCK_M"], gemm["config"]["BLOCK_N"]) == (128, 64)
+    assert gemm["grid"] == (4096 // 128, sum(qkv) // 64)

@@ -1901,9 +1901,15 @@ _GEMM_TMA_TILES = (
 )
 _TMA_MIN_BUSY = 7 / 8
 _TMA_WIDE_MAX_R = 32
+# The sorted-copy GEMM (X_SORTED) above rank 32 on the 128×128 tile: triton 3.6 (sm_90) allocated 255 registers and
+# spilled 4-8 bytes (rank 64, q|k|v, with or without a bias); 128×64 at 8 warps compiles to 210-238 registers and no
+# spills (triton 3.9: 128-173, against 206-243 at 128×128), two programs per SM by registers and shared memory
+# (96 KiB). The epilogue's cost per adapter is the same share of the tile's MMA at either width. Unmeasured.
+_SORTED_WIDE_R_BLOCK_N = 64
 # None: gemm_tma_config picks the tile. One of _GEMM_TMA_TILES' (BLOCK_M, BLOCK_N) pairs, e.g. (128, 128): every TMA
 # GEMM of the gemm path on a GPU runs that tile (its K depth and stages as listed, fitted to shared memory; above
-# rank 32 only the tiles of at most 128×128 outputs, as without it; the interpreter keeps its small tiles), for
+# rank 32 only the tiles of at most 128×128 outputs, as without it, and the sorted-copy GEMM's 128×128 there is
+# 128×64: _SORTED_WIDE_R_BLOCK_N; the interpreter keeps its small tiles), for
 # measuring the choice: fewer, larger tiles re-read less of x and W0 from L2 ((BM + BN)·K per tile: at 256 tokens ×
 # 4096² the 64×128 tiles request 201 MB, 128×128 134 MB, 128×256 101 MB) but keep fewer SMs busy
 # (benchmarks/bench_multi_lora.py's lk_gemm_t* providers).
@@ -1943,10 +1949,19 @@ SORTED_GATHER = True
 
 
 def gemm_tma_config(
-    M: int, slices: Sequence[int], x_bytes: int, R: int, interp: bool, smem: _utils.IntThunk, sms: _utils.IntThunk
+    M: int,
+    slices: Sequence[int],
+    x_bytes: int,
+    R: int,
+    interp: bool,
+    smem: _utils.IntThunk,
+    sms: _utils.IntThunk,
+    x_sorted: bool = False,
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of _gemm_tma_expand_kernel for M tokens; ``smem`` and
-    ``sms`` callables (asked on a GPU only). Host ints only: shared with the static launch model."""
+    ``sms`` callables (asked on a GPU only). ``x_sorted``: the tiles of the sorted-copy GEMM (_gemm_expand_kernel with
+    X_SORTED), the same except above rank 32 (_SORTED_WIDE_R_BLOCK_N). Host ints only: shared with the static launch
+    model."""
     if interp:
         return _INTERP_GEMM_TMA
     n_sms = sms()
@@ -1968,6 +1983,8 @@ def gemm_tma_config(
             tiles[-1],
         )
     block_m, block_n, block_k, warps, stages = tile
+    if x_sorted and block_r > _TMA_WIDE_MAX_R and block_m * block_n > 128 * _SORTED_WIDE_R_BLOCK_N:
+        block_n = _SORTED_WIDE_R_BLOCK_N
     reserve = block_m * block_r * 4 + block_r * block_n * 4  # the epilogue's fp32 xa and B tiles
     block_k, stages = _utils.k_pipeline(block_m, block_k, block_n, x_bytes, x_bytes, reserve, smem(), stages)
     return block_m, block_n, block_k, warps, stages
@@ -2094,7 +2111,9 @@ def tma_epilogue_split(
     )
 
 
-def _tma_tiles(x: torch.Tensor, slices: Sequence[int], R: int, interp: bool) -> tuple[int, int, int, int, int]:
+def _tma_tiles(
+    x: torch.Tensor, slices: Sequence[int], R: int, interp: bool, x_sorted: bool = False
+) -> tuple[int, int, int, int, int]:
     """:func:`gemm_tma_config` for x [M, K] on x's device."""
     return gemm_tma_config(
         x.shape[0],
@@ -2104,6 +2123,7 @@ def _tma_tiles(x: torch.Tensor, slices: Sequence[int], R: int, interp: bool) -> 
         interp,
         lambda: _utils.smem_of(x.device),
         lambda: _utils.sm_count_of(x.device),
+        x_sorted,
     )
 
 
@@ -2178,6 +2198,8 @@ def linear_gemm(
         from . import lora_linear_tma as _tma
 
         block_m, block_n, gk, warps, gstages = tma_tiles
+        if x_sorted is not None:
+            block_m, block_n, gk, warps, gstages = _tma_tiles(x, slices, R, interp, x_sorted=True)
         _tma.ensure_allocator(x.device)
     else:
         block_m, block_n, gk, warps, gstages = gemm_config(
