@@ -494,9 +494,13 @@ def main(argv=None) -> list[Table]:
             "timed region",
         ],
     )
-    common.begin_csv(args, info, dtype)
+    # the shape and the seed of the ids in every row: benchmarks/calibrate_serving.py prices each row by them
+    shape = {"K": args.k, "N": args.n, "r": args.r, "seed": args.seed}
+    common.begin_csv(args, info, dtype, shape)
     tables = run(args, device, dtype, providers, ceilings)
-    common.finish(args, tables, info, dtype, "multi-adapter layer: time / base", summarize(tables, providers))
+    common.finish(
+        args, tables, info, dtype, "multi-adapter layer: time / base", summarize(tables, providers), run=shape
+    )
     return tables
 
 

@@ -169,15 +169,39 @@ def _num(v: str | None) -> float | None:
     return x if x is not None and math.isfinite(x) and x > 0 else None
 
 
+_RUN_COLUMNS = (("K", "--k"), ("N", "--n"), ("r", "--r"), ("seed", "--seed"))
+
+
+def _run_of(rec: dict, given: dict[str, int | None], path: str) -> tuple[int, int, int, int]:
+    """(K, N, R, seed) of a multi-adapter row: its own columns (bench_multi_lora.py writes them), else the values
+    given, else the benchmark's defaults. A given value that a row contradicts is an error: that row was not timed
+    at the shape (or on the ids) asked for."""
+    default = {"K": SS.K_DEFAULT, "N": SS.N_DEFAULT, "r": SS.RANK, "seed": 0}
+    out = []
+    for col, flag in _RUN_COLUMNS:
+        raw = rec.get(col)
+        own = int(float(raw)) if raw not in (None, "") else None
+        if own is not None and given[col] is not None and own != given[col]:
+            raise ValueError(
+                f"{path}: a row of {rec.get('table', '?')!r} was timed with {col} = {own}, not {flag} {given[col]}; "
+                f"drop {flag} (the CSV's rows name their shape and seed) or give the CSV of that run"
+            )
+        out.append(own if own is not None else given[col] if given[col] is not None else default[col])
+    return out[0], out[1], out[2], out[3]
+
+
 def read_rows(
-    paths: Iterable[str], K: int = SS.K_DEFAULT, N: int = SS.N_DEFAULT, R: int = SS.RANK, seed: int = 0
+    paths: Iterable[str], K: int | None = None, N: int | None = None, R: int | None = None, seed: int | None = None
 ) -> tuple[list[Row], list[str]]:
-    """The priced rows of the CSVs and a list of notes (rows skipped and why). Each point's ids are rebuilt as the
-    benchmark draws them (``bench_multi_lora.point_ids`` with ``seed``); a point whose ``active`` count differs from
-    them was timed on other ids (another seed, an older script) and is skipped."""
+    """The priced rows of the CSVs and a list of notes (rows skipped and why). A multi-adapter row is priced at its
+    own K, N, rank and seed (columns of bench_multi_lora.py's CSVs; for CSVs without them, the values given, else
+    4096, 4096, 16, 0; a given value that a row contradicts raises ValueError). Each point's ids are rebuilt as the
+    benchmark draws them (``bench_multi_lora.point_ids`` with that seed); a point whose ``active`` count differs
+    from them was timed on other ids (another seed, an older script) and is skipped."""
     rows = []
     skipped: Counter[str] = Counter()
     ids_of: dict[tuple, object] = {}
+    given = {"K": K, "N": N, "r": R, "seed": seed}
     for path in paths:
         with open(path, newline="", encoding="utf-8") as f:
             for rec in csv.DictReader(f):
@@ -206,15 +230,16 @@ def read_rows(
                 if elt is None:
                     skipped[f"dtype {rec.get('dtype')!r}"] += 1
                     continue
-                key = (dist, L, T)
+                k, n, r, row_seed = _run_of(rec, given, path)
+                key = (dist, L, T, row_seed)
                 if key not in ids_of:
-                    ids_of[key] = point_ids(dist, L, T, seed)
+                    ids_of[key] = point_ids(dist, L, T, row_seed)
                 ids = ids_of[key]
                 active = rec.get("active")
                 if active not in (None, "") and int(float(active)) != len(set(ids.tolist())):
                     skipped["ids differ from the timed ones (active count)"] += 1
                     continue
-                lns = model_launches(provider, ids, L, K, N, R, elt, adapter_bound(dist, L, T))
+                lns = model_launches(provider, ids, L, k, n, r, elt, adapter_bound(dist, L, T))
                 rows.append(Row(timing, dist, L, T, provider, us, _num(rec.get("floor_us")), lns))
     return rows, [f"skipped {n} row(s): {why}" for why, n in skipped.items()]
 
@@ -591,10 +616,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         action="store_true",
         help="no measurements: the grid and its crossing values with the model's assumed constants",
     )
-    parser.add_argument("--k", type=int, default=SS.K_DEFAULT, help="in_features of the run (default 4096)")
-    parser.add_argument("--n", type=int, default=SS.N_DEFAULT, help="out_features of the run (default 4096)")
-    parser.add_argument("--r", type=int, default=SS.RANK, help="rank of the run (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="the run's --seed (default 0)")
+    run_note = "for CSVs whose rows do not name it (older runs; default %s); a row that names another fails"
+    parser.add_argument("--k", type=int, default=None, help="in_features of the run, " + run_note % SS.K_DEFAULT)
+    parser.add_argument("--n", type=int, default=None, help="out_features of the run, " + run_note % SS.N_DEFAULT)
+    parser.add_argument("--r", type=int, default=None, help="rank of the run, " + run_note % SS.RANK)
+    parser.add_argument("--seed", type=int, default=None, help="the run's --seed, " + run_note % 0)
     parser.add_argument("--markdown", metavar="PATH", help="also write the report to PATH")
     parser.add_argument("--json", metavar="PATH", help="write the fitted constants and the grid to PATH")
     args = parser.parse_args(argv)
@@ -607,7 +633,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     elif not args.csv:
         parser.error("give CSV files of a GPU run, or --assumed")
     else:
-        rows, notes = read_rows(args.csv, args.k, args.n, args.r, args.seed)
+        try:
+            rows, notes = read_rows(args.csv, args.k, args.n, args.r, args.seed)
+        except ValueError as e:
+            parser.error(str(e))
         text, result = report(rows, notes)
     print(text)
     if args.markdown:

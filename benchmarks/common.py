@@ -641,19 +641,21 @@ class LiveCsv:
 _LIVE: LiveCsv | None = None
 
 
-def begin_csv(args, info: dict[str, str], dtype: torch.dtype) -> None:
-    """Start writing ``args.csv`` (if given) point by point; call after print_header, before creating the tables."""
+def begin_csv(args, info: dict[str, str], dtype: torch.dtype, run: dict[str, object] | None = None) -> None:
+    """Start writing ``args.csv`` (if given) point by point; call after print_header, before creating the tables.
+    ``run``: columns of every row that describe the whole run (its shape, its seed), as ``finish`` takes them."""
     global _LIVE
-    _LIVE = LiveCsv(args.csv, _meta(info, dtype)) if getattr(args, "csv", None) else None
+    _LIVE = LiveCsv(args.csv, _meta(info, dtype, run)) if getattr(args, "csv", None) else None
 
 
-def _meta(info: dict[str, str], dtype: torch.dtype) -> dict[str, str]:
+def _meta(info: dict[str, str], dtype: torch.dtype, run: dict[str, object] | None = None) -> dict[str, object]:
     return {
         "device": info["card"],
         "dtype": _dtype_name(dtype),
         "date": info["date"],
         "torch": info["torch"],
         "triton": info["triton"],
+        **(run or {}),
     }
 
 
@@ -723,9 +725,16 @@ def verdict(what: str, value: float | None, target: float) -> str:
 
 
 def finish(
-    args, tables: Sequence[Table], info: dict[str, str], dtype: torch.dtype, title: str, summary: Sequence[str] = ()
+    args,
+    tables: Sequence[Table],
+    info: dict[str, str],
+    dtype: torch.dtype,
+    title: str,
+    summary: Sequence[str] = (),
+    run: dict[str, object] | None = None,
 ) -> None:
-    """Print every table and the summary against the targets, then write the CSV and the PNG when asked."""
+    """Print every table and the summary against the targets, then write the CSV (with ``run``'s columns, as
+    ``begin_csv``) and the PNG when asked."""
     for t in tables:
         print(t.markdown(), flush=True)
     if summary:
@@ -735,7 +744,7 @@ def finish(
     for t in tables:
         t.live = None
     if args.csv:
-        write_csv(args.csv, tables, _meta(info, dtype))
+        write_csv(args.csv, tables, _meta(info, dtype, run))
     if args.plot:
         write_plot(args.plot, tables, title)
 

@@ -28,8 +28,11 @@ TRUE = dict(
 )
 
 
-def _measured_csv(path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 256, 1024, 4096), extra=None):
-    """A CSV as ``bench_multi_lora.py --csv`` writes it, with the model's times at constants ``k``."""
+def _measured_csv(
+    path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 256, 1024, 4096), extra=None, run=None
+):
+    """A CSV as ``bench_multi_lora.py --csv`` writes it, with the model's times at constants ``k``; ``run``: the
+    run's columns (K, N, r, seed), which CSVs of older runs lack."""
     from benchmarks import bench_multi_lora as bml
     from benchmarks import calibrate_serving as cal
     from benchmarks import common
@@ -44,7 +47,7 @@ def _measured_csv(path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 2
     for dist in ss.DISTS:
         for L in ss.ADAPTERS:
             for T in tokens:
-                ids = bml.point_ids(dist, L, T, 0)
+                ids = bml.point_ids(dist, L, T, (run or {}).get("seed", 0))
                 key = {"dist": dist, "L": L, "T": T, "active": int(torch.unique(ids).numel())}
                 table.set_floor(key, ss.floor_us(T, key["active"]))
                 for p in providers:
@@ -54,7 +57,7 @@ def _measured_csv(path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 2
                 for p, us in (extra or {}).items():
                     table.add(key, p, us, None if us else "failed: RuntimeError")
     meta = {"device": "NVIDIA H100 80GB HBM3", "dtype": "bf16", "date": "2026-12-01", "torch": "x", "triton": "y"}
-    common.write_csv(str(path), [table], meta, quiet=True)
+    common.write_csv(str(path), [table], dict(meta, **(run or {})), quiet=True)
     return path
 
 
@@ -96,6 +99,38 @@ def test_rows_the_model_cannot_price_are_left_out(tmp_path):
     bad = _measured_csv(tmp_path / "c.csv", k, providers=("base",), tokens=(16,), extra={"lk_split": None})
     rows, notes = cal.read_rows([bad])
     assert {r.provider for r in rows} == {"base"} and notes == ["skipped 4 row(s): no time (failed or not run)"]
+
+
+def test_rows_are_priced_at_the_shape_and_seed_they_name(tmp_path):
+    """bench_multi_lora.py's rows name K, N, r and the seed of their ids: the calibration prices each row by them,
+    and a flag that contradicts them is an error, not a silent re-pricing at another shape."""
+    from benchmarks import calibrate_serving as cal
+
+    k = cal.Constants()
+    run = {"K": 4096, "N": 4096, "r": 16, "seed": 0}
+    named = _measured_csv(tmp_path / "a.csv", k, providers=("base", "lora_kernels"), run=run)
+    rows, notes = cal.read_rows([named])
+    assert len(rows) == 48 and not notes
+    assert cal.read_rows([named], K=4096, N=4096, R=16, seed=0)[0] == rows  # flags that agree change nothing
+    with pytest.raises(ValueError, match=r"seed = 0, not --seed 7"):
+        cal.read_rows([named], seed=7)
+    with pytest.raises(ValueError, match=r"r = 16, not --r 64"):
+        cal.read_rows([named], R=64)
+    with pytest.raises(SystemExit):  # the command line says the same through argparse
+        cal.main(["--k", "8192", str(named)])
+    # a run at rank 64 (its times made at rank 16 here: only the pricing matters) moves more adapter bytes
+    wide = _measured_csv(tmp_path / "b.csv", k, providers=("base", "lora_kernels"), run=dict(run, r=64))
+
+    def lk_bytes(rs):
+        return {
+            (r.dist, r.L, r.T): sum(ln["bytes_read"] for ln in r.launches) for r in rs if r.provider == "lora_kernels"
+        }
+
+    at16, at64 = lk_bytes(rows), lk_bytes(cal.read_rows([wide])[0])
+    assert at16.keys() == at64.keys() and all(at64[p] > at16[p] for p in at16)
+    # the seed column rebuilds the ids of that seed: a run with seed 7 is priced on its own draws, none skipped
+    seven = _measured_csv(tmp_path / "c.csv", k, providers=("base",), tokens=(16, 256), run=dict(run, seed=7))
+    assert len(cal.read_rows([seven])[0]) == 8 and not cal.read_rows([seven])[1]
 
 
 def test_overlap_spans_pdl_and_serial_launches():
