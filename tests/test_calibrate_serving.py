@@ -28,9 +28,7 @@ TRUE = dict(
 )
 
 
-def _measured_csv(
-    path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 256, 1024, 4096), extra=None, run=None
-):
+def _measured_csv(path, k, timing="cycled", providers=None, tokens=(1, 16, 64, 256, 1024, 4096), extra=None, run=None):
     """A CSV as ``bench_multi_lora.py --csv`` writes it, with the model's times at constants ``k``; ``run``: the
     run's columns (K, N, r, seed), which CSVs of older runs lack."""
     from benchmarks import bench_multi_lora as bml

@@ -726,6 +726,51 @@ def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, mode)
 
 
 @needs_triton
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpu_sorted_gemm_above_rank_32_runs_its_narrower_tile(monkeypatch, tma_or_skip, bias):
+    """Above rank 32 the sorted-copy GEMM takes 128x64 tiles where the TMA GEMM takes 128x128 (the interpreter runs
+    its own small tiles, so only a GPU runs this one): a rank-64 pool with mixed ranks below it, q|k|v slices, a
+    heavy step of 300 tokens on the forced 128x128 TMA tile, against the float64 reference."""
+    from lora_kernels.triton import multi_lora as ML
+
+    gen = torch.Generator().manual_seed(64)
+    K, slices = 64, GEMM_SLICES
+    pool = AdapterPool(8, 64, K, slices, dtype=torch.float16, device=DEVICE)
+    for i, r in enumerate((64, 40, 7)):
+        pool.load(
+            f"a{i}",
+            [torch.randn(r, K, generator=gen) / math.sqrt(K) for _ in slices],
+            [torch.randn(n, r, generator=gen) for n in slices],
+            alpha=[1.5 * r + s for s in range(len(slices))],
+        )
+    T, N = 300, sum(slices)
+    weight = (torch.randn(N, K, generator=gen) / math.sqrt(K)).to(DEVICE, torch.float16)
+    b = torch.randn(N, generator=gen).to(DEVICE, torch.float16) if bias else None
+    x = torch.randn(T, K, generator=gen).to(DEVICE, torch.float16)
+    ids = torch.tensor([0, 1, 2, -1])[torch.randint(4, (T,), generator=gen)].tolist()
+    monkeypatch.setattr(ML, "GEMM_TMA_TILE", (128, 128))
+    _heavy_always(monkeypatch, T)
+    made, tiles = [], []
+    _poisoned_sorted_x(monkeypatch, made)
+    real = ML._gemm_expand_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tiles.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["X_SORTED"]))
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(ML, "_gemm_expand_kernel", Spy())
+    got = lk.multi_lora_linear(x, weight, b, pool, LoRABatch.prepare(ids, device=DEVICE), backend="triton")
+    monkeypatch.undo()
+    assert tiles == [(128, 64, True)] and len(made) == 1
+    torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
+
+
+@needs_triton
 def test_sorted_gather_gemm_op_passes_opcheck(tma_or_skip):
     """``torch.library.opcheck`` of the gemm op with ``sort_rows`` (the sorted-row GEMM a heavy-epilogue step
     takes): schema, fake tensor, autograd registration and AOT dispatch see the flag."""
