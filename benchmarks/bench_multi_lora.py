@@ -17,7 +17,7 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
   adapters), which rebuilds the index lists in Python on every call: eager timing only (not capturable), and only
   when ``import peft`` works;
 - ``lora_kernels``: :func:`lora_kernels.multi_lora_linear` (backend from ``--backend``, default auto; on Hopper,
-  steps whose ids put many adapters in each row tile run the gemm path on the sorted token list: SORTED_GATHER), with
+  steps of at least 512 tokens whose ids put several adapters in each row tile run the side path: SIDE_TERM), with
   ``lk_fused`` / ``lk_split`` forcing its one-kernel (shrink+expand fused) or two-kernel path, ``lk_gemm`` its
   gemm path (the base GEMM with the expand in its epilogue; the TMA GEMM on Hopper above 64 tokens; one launch with
   the shrink inside for up to 64 tokens of few adapters), ``lk_gemm_plain`` the gemm path with the plain (non-TMA)
@@ -27,8 +27,9 @@ Providers (each a whole layer ``y = x·W0ᵀ (+ LoRA)``, checked against a float
   ``lk_gemm_serial`` the gemm path without programmatic dependent launch (``PDL = False``: the GEMM starts after the
   shrink, instead of overlapping it where their programs can share an SM), and ``lk_gemm_sorted_copy`` the gemm path
   on the sorted token list at every step where its GEMM is the TMA kernel (x's rows copied in that order by the
-  shrink, read by TMA: what the default runs only where the ids put many adapters in each row tile), and
-  ``lk_joined`` the gemm path's TMA steps of at most ``JOINED_MAX_TOKENS`` tokens in one launch (shrink items and
+  shrink, read by TMA: what a heavy step ran before the side path, SIDE_TERM off), ``lk_side`` the side path at every
+  step where the GEMM is the TMA kernel (the LoRA term in fp32 from a kernel beside the GEMM, added in its epilogue),
+  and ``lk_joined`` the gemm path's TMA steps of at most ``JOINED_MAX_TOKENS`` tokens in one launch (shrink items and
   GEMM tiles in one grid: ``JOINED``, off by default until timed here);
 - ``lk_cuda``: the same with ``backend="cuda"`` when the compiled extension is available.
 
@@ -244,9 +245,19 @@ GEMM_VARIANTS = {
     # the rule's thresholds at nothing: every step whose GEMM is the TMA kernel takes the sorted-row GEMM fed by the
     # shrink's sorted copy of x (where the rule would not: 16 adapters at 1024 tokens, requests kept together)
     "lk_gemm_sorted_copy": (
-        {"SORTED_GATHER": True, "SORTED_MIN_TOKENS": 0, "SORTED_MAX_COST": -1.0, "SORTED_MIN_TOKENS_PER_ADAPTER": 0},
+        {
+            "SIDE_TERM": False,
+            "SORTED_GATHER": True,
+            "SORTED_MIN_TOKENS": 0,
+            "SORTED_MAX_COST": -1.0,
+            "SORTED_MIN_TOKENS_PER_ADAPTER": 0,
+        },
         None,
     ),
+    # the side path's thresholds at nothing: every step whose GEMM is the TMA kernel (and whose ids are on the host)
+    # runs the side kernel beside the TMA GEMM, which adds its fp32 buffer (what the default runs only where the
+    # ids put several adapters in each row tile: SIDE_MAX_COST)
+    "lk_side": ({"SIDE_TERM": True, "SIDE_MIN_TOKENS": 0, "SIDE_MAX_COST": -1.0}, None),
     # the gemm path's TMA GEMM on one tile (GEMM_TMA_TILE): fewer, larger tiles re-read less of x and W0 from L2 but
     # keep fewer SMs busy; at most 64 tokens (no TMA GEMM) they are the gemm path as chosen
     **{f"lk_gemm_t{bm}x{bn}": ({"GEMM_TMA_TILE": (bm, bn)}, "gemm") for bm, bn in TILE_VARIANTS},

@@ -75,6 +75,22 @@ MUTANTS: list[Mutant] = [
         "a tile of the one-launch TMA step reads xa after polling in vain instead of computing the shrink itself",
     ),
     M(
+        "kernels/side-adds-rows-without-adapter",
+        "lora_kernels/triton/multi_lora.py",
+        "    acc += tl.where(has[:, None], side, 0.0)\n",
+        "    acc += side\n",
+        ["tests/test_multi_lora_serving.py", "-k", "tma_gemm_matches_reference and side"],
+        "the side path's GEMM adds the fp32 buffer's rows of tokens without an adapter (never written: garbage)",
+    ),
+    M(
+        "kernels/side-skips-the-last-part",
+        "lora_kernels/triton/multi_lora.py",
+        "            for blk in range(part * blocks // PARTS, (part + 1) * blocks // PARTS):\n",
+        "            for blk in range(part * blocks // PARTS, (part + 1) * blocks // PARTS - (part == PARTS - 1)):\n",
+        ["tests/test_multi_lora_serving.py", "-k", "tma_gemm_matches_reference and side"],
+        "the side kernel leaves the last output block of each slice unwritten",
+    ),
+    M(
         "kernels/joined-counters-not-reset",
         "lora_kernels/triton/multi_lora.py",
         '        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")\n',

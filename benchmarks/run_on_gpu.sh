@@ -90,12 +90,13 @@ case "$phase" in
     run multi_tiles 60 $py benchmarks/bench_multi_lora.py --adapters 16 --tokens 256 1024 --dists uniform,mix \
         --timings cycled --providers base,lk_gemm,lk_gemm_t128x256,lk_gemm_t128x128,lk_gemm_t64x256,lk_gemm_t64x128 \
         --csv "$out/multi_tiles.csv"
-    # compute-bound steps: the TMA GEMM in the ids' order with and without PDL's overlap of the shrink (16 adapters:
-    # the default; 128: many adapters per row tile, where the sorted-row GEMM fed by the shrink's copy of x is the
-    # default), that GEMM forced at 16 adapters, the sorted GEMM gathering x by pointers, and the split path
+    # compute-bound steps, ids uniform over 16 and 128 adapters (several adapters per row tile: the side path is the
+    # default): the TMA GEMM in the ids' order with and without PDL's overlap of the shrink, the side path forced,
+    # the sorted-row GEMM fed by the shrink's copy of x (the default of such steps before the side path) and the
+    # split path (lk_gemm_sorted, x gathered by pointers, no longer fits this step's time)
     run multi_prefill 140 $py benchmarks/bench_multi_lora.py --adapters 16 128 --tokens 1024 4096 --dists uniform \
         --timings graph,cycled \
-        --providers base,lora_kernels,lk_split,lk_gemm,lk_gemm_serial,lk_gemm_sorted,lk_gemm_sorted_copy \
+        --providers base,lora_kernels,lk_split,lk_gemm,lk_gemm_serial,lk_side,lk_gemm_sorted_copy \
         --csv "$out/multi_prefill.csv"
     for d in 1:4096:4096 16:4096:4096 256:4096:4096 1:8192:8192; do
       LORA_KERNELS_AUTOTUNE=0 run "decode_${d//:/_}" 35 $py benchmarks/bench_lora_linear.py --skip-train \

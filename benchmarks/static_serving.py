@@ -53,9 +53,11 @@ LAUNCH_US = 2.0  # assumed cost of one extra kernel node in a CUDA graph (not me
 # own, fitted apart from LAUNCH_US (from lk_gemm against lk_gemm_serial) by benchmarks/calibrate_serving.py.
 PDL_LAUNCH_US = LAUNCH_US
 # The paths the model prices: multi_lora_linear's, "sorted" (the gemm path with sorted row tiles, x read by TMA
-# from the shrink's sorted copy: what a heavy-epilogue step runs with triton.multi_lora.SORTED_GATHER) and "joined"
-# (the gemm path's TMA step in one launch, triton.multi_lora.JOINED: opt-in).
-MODEL_PATHS = (*ops.PATHS, "sorted", "joined")
+# from the shrink's sorted copy: what a heavy-epilogue step runs with triton.multi_lora.SORTED_GATHER and SIDE_TERM
+# off), "joined" (the gemm path's TMA step in one launch, triton.multi_lora.JOINED: opt-in) and "side" (the LoRA term
+# whole into an fp32 buffer beside the TMA GEMM, which adds it in its epilogue: what a heavy-epilogue step runs with
+# triton.multi_lora.SIDE_TERM).
+MODEL_PATHS = (*ops.PATHS, "sorted", "joined", "side")
 # The Triton GEMMs of the serving ops (a base GEMM: charged by the machine code they compile to, as the training report
 # charges its GEMMs); every other Triton kernel of the model is a skinny one (small LoRA dots).
 TRITON_GEMMS = (
@@ -157,9 +159,10 @@ def launches(
     """The launches of one ``multi_lora_linear`` call (Triton backend) for token ids ``ids`` (slot per token, -1 =
     none) on a pool of L slots with every slot loaded at rank R, activations/weights/pool of ``elt`` bytes.
     ``path``: "fused" | "split" | "gemm" (default: the one :func:`lora_kernels.ops.multi_lora.choose_path` picks),
-    or "sorted": the gemm path with sorted row tiles that a heavy-epilogue step takes (``ML.SORTED_GATHER``: the
-    shrink also writes x's rows in the sorted order, the GEMM waits for it and reads them by TMA), or "joined": the
-    gemm path's TMA step in one launch (``ML.JOINED``; where it does not apply, the gemm path as chosen);
+    or "sorted": the gemm path with sorted row tiles that a heavy-epilogue step takes with ``ML.SIDE_TERM`` off
+    (``ML.SORTED_GATHER``: the shrink also writes x's rows in the sorted order, the GEMM waits for it and reads them
+    by TMA), or "side": what it takes with ``ML.SIDE_TERM`` (:func:`_side_launches`), or "joined": the gemm path's TMA
+    step in one launch (``ML.JOINED``; where it does not apply, the gemm path as chosen);
     ``capacity``: the batch's max_tokens (default the step's token count, as the benchmark prepares it); ``pdl``:
     the gemm path launches its GEMM as a programmatic dependent of its shrink (``ML.pdl_ok``: sm_90, as the H100
     this models), marked ``overlaps_previous``; ``tma``: the card has TMA (the H100), so above
@@ -173,14 +176,17 @@ def launches(
     tma = tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4
     lanes = ML.lanes_for(T, R, adapters)
     heavy = path is None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt, smem, sm_count)
-    sort_rows = tma and ((heavy and ML.SORTED_GATHER) or path == "sorted")
+    variant = ML.heavy_variant(T, N)
+    side = tma and ((heavy and variant == "side") or path == "side")
+    sort_rows = tma and not side and ((heavy and variant == "sorted") or path == "sorted")
     forced = path == "joined"
-    if path in ("sorted", "joined"):
+    if path in ("sorted", "joined", "side"):
         path, lanes = "gemm", 0
-    path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0, heavy_epilogue=heavy and not sort_rows)
+    stays = sort_rows or side  # a heavy step that stays on the gemm path
+    path = ops.choose_path(path, None, T, "triton", tma=tma, lanes=lanes > 0, heavy_epilogue=heavy and not stays)
     cap = capacity or T
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
-    joined = not lanes and _joined_grid(T, L, slices, R, tile_m, cap, elt, tma, sort_rows, forced, smem, sm_count)
+    joined = not lanes and _joined_grid(T, L, slices, R, tile_m, cap, elt, tma, stays, forced, smem, sm_count)
     counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
     active = len(counts)
     t_ad = sum(counts.values())  # tokens with an adapter
@@ -277,6 +283,8 @@ def launches(
         return out
     if lanes:
         return [_lanes_launch(ids, L, K, slices, R, elt, lanes, smem, a_bytes, b_bytes, t_ad)]
+    if side:
+        return _side_launches(ids, L, K, slices, R, elt, cap, tile_m, pdl, a_bytes, b_bytes, t_ad, smem, sm_count)
     if joined:
         shrink_k = ML.shrink_config(T, K, L, R, S, tile_m, cap, elt, elt, False, lambda: smem, lambda: sm_count)[1]
         return [
@@ -348,6 +356,68 @@ def launches(
     out[-1]["overlaps_previous"] = pdl and not sort_rows
     out[-1]["pdl_launch"] = pdl  # launched as a programmatic dependent of the shrink (costs PDL_LAUNCH_US)
     return out
+
+
+def _side_launches(ids, L, K, slices, R, elt, cap, tile_m, pdl, a_bytes, b_bytes, t_ad, smem, sm_count) -> list[dict]:
+    """The side path (``ML.SIDE_TERM``): ``_lora_side_kernel`` (each work item: its tile's x rows and A over the whole
+    K, recomputed by every column part of the tile from L2, then B over its part's columns; the LoRA term of the
+    tokens with an adapter written in fp32), then the TMA GEMM in the ids' own order, its programmatic dependent, which
+    adds the fp32 buffer in its epilogue (one TMA load per tile: every row of it, 4 bytes per output element) and no
+    dot per adapter. The GEMM overlaps the side kernel (their bytes and their compute summed) where a program of each
+    fits on one SM (the report checks it on the compiled kernels)."""
+    T = ids.numel()
+    N = sum(int(n) for n in slices)
+    S = len(slices)
+    br = U.block_r(R)
+    counts = Counter(int(i) for i in ids.tolist() if 0 <= i < L)
+    real_tiles = sum(triton.cdiv(c, tile_m) for c in counts.values()) * S
+    block_k, block_n, stages, parts, items, programs = ML.side_config(
+        T, L, slices, tile_m, cap, False, lambda: sm_count
+    )
+    side = _launch(
+        "_lora_side_kernel",
+        (programs,),
+        {
+            "BLOCK_M": tile_m,
+            "BLOCK_R": br,
+            "BLOCK_K": block_k,
+            "BLOCK_N": block_n,
+            "PDL": pdl,
+            "num_warps": 4,
+            "num_stages": stages,
+        },
+        t_ad * K * elt + a_bytes + b_bytes,
+        t_ad * N * 4,
+        real_tiles * parts * 2 * tile_m * br * K + real_tiles * 2 * tile_m * br * N // S,
+        2 * t_ad * R * (S * K + N),
+        real_tiles * parts * (tile_m + br) * K * elt + real_tiles * br * (N // S) * elt,
+    )
+    bm, bn, bk, warps, gstages = ML.gemm_tma_config(T, slices, elt, R, False, lambda: smem, lambda: sm_count)
+    blocks = ML._out_blocks(slices, bn)
+    m_tiles = triton.cdiv(T, bm)
+    gemm = _launch(
+        "_gemm_tma_expand_kernel",
+        (m_tiles, blocks),
+        {
+            "BLOCK_M": bm,
+            "BLOCK_N": bn,
+            "BLOCK_K": bk,
+            "BLOCK_R": br,
+            "NUM_SPLITS": 1,
+            "PDL": pdl,
+            "SIDE": True,
+            "num_warps": warps,
+            "num_stages": gstages,
+        },
+        (N * K + T * K) * elt + T * N * 4,
+        T * N * elt,
+        m_tiles * bm * 2 * K * N,
+        2 * T * K * N,
+        m_tiles * blocks * (bm + bn) * K * elt + T * N * 4,
+    )
+    gemm["overlaps_previous"] = pdl
+    gemm["pdl_launch"] = pdl
+    return [side, gemm]
 
 
 def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS) -> bool:
@@ -587,12 +657,14 @@ def default_path(
     """The path ``multi_lora_linear`` takes by default for T tokens on the Triton backend of the modelled card (with
     TMA: an H100), data of ``elt`` bytes that TMA can read, a batch promising at most ``adapters`` per step, and
     (when given) the host ``ids`` of the step on a pool of L slots (the heavy-epilogue rule): "fused", "split",
-    "gemm", or "sorted" (the gemm path with sorted row tiles that a heavy-epilogue step takes: see :func:`launches`)."""
+    "gemm", "side" or "sorted" (what a heavy-epilogue step takes: ``ML.heavy_variant``, see :func:`launches`), or
+    "joined" (``ML.JOINED``)."""
     lanes = ML.lanes_for(T, R, adapters) > 0
     tma = tma and T > ML.GEMM_TMA_MIN_TOKENS and elt < 4
     heavy = ids is not None and tma and not lanes and _heavy_epilogue(ids, L, K, slices, R, elt)
-    if heavy and ML.SORTED_GATHER:
-        return "sorted"  # the gemm path with sorted row tiles (see launches)
+    variant = ML.heavy_variant(T, sum(slices))
+    if heavy and variant != "split":
+        return variant  # the side path, or the gemm path with sorted row tiles (see launches)
     path = ops.choose_path(None, None, T, "triton", tma=tma, lanes=lanes, heavy_epilogue=heavy)
     if (
         path == "gemm"
@@ -668,15 +740,17 @@ def _run_path(path: str, T: int, L: int, K: int, slices: Sequence[int], R: int, 
     ranks, scales = _meta(L, dtype=torch.int32), _meta(L, S, dtype=torch.float32)
     meta = BatchMeta(*(_meta(n, dtype=torch.int32) for n in (cap, cap, cap, cap + 1)))
     tile_m = ops.step_tile_m(auto_tile_m(cap), T)
-    if path in ("gemm", "sorted", "joined"):
-        saved = ML.gemm_tma_ok, ML.JOINED
+    if path in ("gemm", "sorted", "joined", "side"):
+        saved = ML.gemm_tma_ok, ML.JOINED, ML.SIDE_TERM
         ML.JOINED = path == "joined"
+        ML.SIDE_TERM = path == "side"  # a heavy step (sort_rows) takes the side path, else the sorted-row GEMM
         # meta tensors have no addresses: TMA answers as on an H100 (the launch model's card) from the row count
         ML.gemm_tma_ok = lambda x, w, check_addresses=True: x.shape[0] > ML.GEMM_TMA_MIN_TOKENS
+        heavy = path in ("sorted", "side")
         try:
-            ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m, lanes, path == "sorted")
+            ML.linear_gemm(x, w, None, A, B, ranks, scales, meta, list(slices), tile_m, lanes, heavy)
         finally:
-            ML.gemm_tma_ok, ML.JOINED = saved
+            ML.gemm_tma_ok, ML.JOINED, ML.SIDE_TERM = saved
         return
     y = F.linear(x, w)
     if path == "fused":
@@ -937,8 +1011,8 @@ def report(
 
 def _other(others: dict, path: str, T: int) -> str:
     """A grid cell of the other paths' ratios: "-" where the path does not exist at T tokens (the sorted-row GEMM
-    only where the GEMM is the TMA kernel, the joined step there up to ``ML.JOINED_MAX_TOKENS``)."""
-    tma_only = path in ("sorted", "joined") and T <= ML.GEMM_TMA_MIN_TOKENS
+    only where the GEMM is the TMA kernel, the side path too, the joined step there up to ``ML.JOINED_MAX_TOKENS``)."""
+    tma_only = path in ("sorted", "joined", "side") and T <= ML.GEMM_TMA_MIN_TOKENS
     if path not in others or tma_only or (path == "joined" and T > ML.JOINED_MAX_TOKENS):
         return "-"
     return f"{others[path]:.2f}"

@@ -435,6 +435,7 @@ _GEMM_PATH_KERNELS = (
     "_fused_kernel",
     "_gemm_lanes_kernel",
     "_gemm_tma_joined_kernel",
+    "_lora_side_kernel",
 )
 # The one-launch TMA step (JOINED): "joined" with the shrink items first (the interpreter runs them before every GEMM
 # tile: each tile's wait succeeds), "joined-fallback" with the items last (every tile polls in vain and computes the
@@ -470,11 +471,33 @@ def tma_or_skip():
 
 
 def _heavy_always(monkeypatch, T):
-    """Make every step of T tokens with host ids a heavy-epilogue step (the rule's thresholds at the test's size)."""
+    """Make every step of T tokens with host ids a heavy-epilogue step for the sorted-row GEMM (SIDE_TERM off, the
+    rule's thresholds at the test's size)."""
     from lora_kernels.triton import multi_lora as ML
 
+    monkeypatch.setattr(ML, "SIDE_TERM", False)
     monkeypatch.setattr(ML, "SORTED_MIN_TOKENS", T)
     monkeypatch.setattr(ML, "SORTED_MAX_COST", 0.0)
+
+
+def _side_always(monkeypatch, T, made=None):
+    """Make every step of T tokens with host ids a heavy-epilogue step for the side path, its fp32 buffers
+    NaN-filled (a row the GEMM adds that the side kernel did not write poisons y) and appended to ``made``."""
+    from lora_kernels.triton import multi_lora as ML
+
+    monkeypatch.setattr(ML, "SIDE_TERM", True)
+    monkeypatch.setattr(ML, "SIDE_MIN_TOKENS", T)
+    monkeypatch.setattr(ML, "SIDE_MAX_COST", -1.0)
+    real = ML.side_buffer
+
+    def poisoned(M, N, device):
+        buf = real(M, N, device)
+        buf.fill_(float("nan"))
+        if made is not None:
+            made.append(buf)
+        return buf
+
+    monkeypatch.setattr(ML, "side_buffer", poisoned)
 
 
 def _poisoned_sorted_x(monkeypatch, made=None):
@@ -514,13 +537,14 @@ def _joined_counters_at_rest(device) -> bool:
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather", *JOINED_MODES])
+@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather", "side", *JOINED_MODES])
 @pytest.mark.parametrize("T,slices,pattern,bias,pool_dtype", GEMM_TMA_CASES)
 def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slices, pattern, bias, pool_dtype, mode):
-    """The TMA GEMM (rows in the batch's own order); with SORTED_TMA_GEMM the sorted-row GEMM reading W0 by TMA; and
-    the sorted-row GEMM a heavy-epilogue step takes (SORTED_GATHER: x and W0 by TMA, x's rows from the shrink's
-    sorted copy, poisoned with NaN beforehand; tiles with rows of no adapter gather those from x): against the float64
-    reference."""
+    """The TMA GEMM (rows in the batch's own order); with SORTED_TMA_GEMM the sorted-row GEMM reading W0 by TMA; the
+    sorted-row GEMM a heavy-epilogue step takes with SIDE_TERM off (SORTED_GATHER: x and W0 by TMA, x's rows from the
+    shrink's sorted copy, poisoned with NaN beforehand; tiles with rows of no adapter gather those from x); and the
+    side path it takes with SIDE_TERM (the LoRA term in an fp32 buffer poisoned with NaN beforehand, added by the TMA
+    GEMM to the rows with an adapter): against the float64 reference."""
     from lora_kernels.triton import multi_lora as ML
 
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, pattern, bias, seed=T + 5, pool_dtype=pool_dtype)
@@ -530,6 +554,8 @@ def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slice
     if mode == "sorted-gather":
         _heavy_always(monkeypatch, T)
         _poisoned_sorted_x(monkeypatch, made)
+    if mode == "side":
+        _side_always(monkeypatch, T, made)
     if mode in JOINED_MODES:
         _joined(monkeypatch, mode)
         _poisoned_partials(monkeypatch)
@@ -542,6 +568,11 @@ def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slice
     if mode in JOINED_MODES and pattern != "none":  # one launch
         assert launched == ["_gemm_tma_joined_kernel"], launched
         assert _joined_counters_at_rest(x.device)
+    elif mode == "side" and pattern != "none":
+        assert launched == ["_lora_side_kernel", "_gemm_tma_expand_kernel"], launched
+        (side,) = made  # rows with an adapter hold their LoRA term; the others are never written (still NaN)
+        has = torch.tensor([0 <= i < pool.max_adapters and pool.ranks[i] > 0 for i in ids])
+        assert torch.isfinite(side[has.to(side.device)]).all() and torch.isnan(side[~has.to(side.device)]).all()
     elif pattern != "none":
         gemm = "_gemm_tma_expand_kernel" if mode == "own-order" else "_gemm_expand_kernel"
         assert launched == ["_batched_shrink_kernel", gemm], launched
@@ -551,6 +582,20 @@ def test_gemm_path_tma_gemm_matches_reference(monkeypatch, tma_or_skip, T, slice
             torch.testing.assert_close(xs[: order.numel()], x[order], rtol=0, atol=0)
     assert got.dtype == torch.float16 and got.shape == (T, sum(slices))
     torch.testing.assert_close(got.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
+
+
+def _launches_of(monkeypatch, call):
+    """(names of the gemm-path kernels ``call()`` launches, in order; its result): the kernels spied on for the call."""
+    from lora_kernels.triton import multi_lora as ML
+
+    launched = []
+    for name in _GEMM_PATH_KERNELS:
+        monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
+    try:
+        return launched, call()
+    finally:
+        for name in _GEMM_PATH_KERNELS:
+            monkeypatch.setattr(ML, name, getattr(ML, name).kernel)
 
 
 @needs_triton
@@ -565,6 +610,7 @@ def test_heavy_epilogue_takes_the_sorted_gemm_or_the_split_path(monkeypatch, tma
     T, slices = 97, GEMM_SLICES
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, "repeats", True, seed=11)
     want = _want(pool, weight, b, x, ids)
+    monkeypatch.setattr(ML, "SIDE_TERM", False)  # the side path's rule: test_heavy_epilogue_takes_the_side_path
     monkeypatch.setattr(ML, "EPILOGUE_SPLIT_MIN_TOKENS", T)
     monkeypatch.setattr(ML, "SORTED_MIN_TOKENS", T)
     batch = LoRABatch.prepare(ids, device=DEVICE)
@@ -595,13 +641,10 @@ def test_heavy_epilogue_takes_the_sorted_gemm_or_the_split_path(monkeypatch, tma
         monkeypatch.setattr(ML, "SORTED_MIN_TOKENS_PER_ADAPTER", per_adapter)
         monkeypatch.setattr(ML, "SORTED_TMA_GEMM", sorted_w_tma)
         monkeypatch.setattr(ML, "SORTED_GATHER", gather)
-        launched = []
-        for name in _GEMM_PATH_KERNELS:
-            monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
         batch = LoRABatch.prepare(ids, device=DEVICE)
-        got = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path=path)
-        for name in _GEMM_PATH_KERNELS:
-            monkeypatch.setattr(ML, name, getattr(ML, name).kernel)
+        launched, got = _launches_of(
+            monkeypatch, lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path=path)
+        )
         assert launched == want_kernels, (max_cost, per_adapter, path, sorted_w_tma, gather, launched)
         torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
     # ids not known on the host (device ids) or a step being compiled: nothing to judge from, the TMA GEMM
@@ -618,7 +661,47 @@ def test_heavy_epilogue_takes_the_sorted_gemm_or_the_split_path(monkeypatch, tma
     assert not ops._heavy_epilogue(x, pool, batch)
 
 
-def test_tile_adapters_and_the_epilogue_rule():
+@needs_triton
+def test_heavy_epilogue_takes_the_side_path(monkeypatch, tma_or_skip):
+    """With SIDE_TERM (the default) a heavy-epilogue step takes the side path: the side kernel, then the TMA GEMM in
+    the ids' order adding its fp32 buffer; below the cost threshold, on a forced path, with device ids or past
+    SIDE_MAX_BYTES (then the sorted-row GEMM) it does not: the same exact result every way."""
+    from lora_kernels.triton import multi_lora as ML
+
+    T, slices = 97, GEMM_SLICES
+    pool, weight, b, x, ids = _gemm_problem(T, torch.float16, slices, "repeats", True, seed=12)
+    want = _want(pool, weight, b, x, ids)
+    monkeypatch.setattr(ML, "SIDE_MIN_TOKENS", T)
+    monkeypatch.setattr(ML, "SORTED_MIN_TOKENS", T)
+    monkeypatch.setattr(ML, "SORTED_MAX_COST", -1.0)
+    batch = LoRABatch.prepare(ids, device=DEVICE)
+    ops._heavy_epilogue(x, pool, batch)
+    ((_, per_tile),) = batch._tile_adapters.items()
+    cost = ML.epilogue_cost(x.shape[1], 32, per_tile)
+    side = ["_lora_side_kernel", "_gemm_tma_expand_kernel"]
+    own_order = ["_batched_shrink_kernel", "_gemm_tma_expand_kernel"]
+    sorted_gemm = ["_batched_shrink_kernel", "_gemm_expand_kernel"]
+    N = sum(slices)
+    for max_cost, path, max_bytes, device_ids, want_kernels in (
+        (cost * 0.9, None, 1 << 28, False, side),
+        (cost * 1.1, None, 1 << 28, False, own_order),
+        (cost * 0.9, "gemm", 1 << 28, False, own_order),
+        (cost * 0.9, None, 1 << 28, True, own_order),
+        (cost * 0.9, None, T * (-(-N // 4) * 4) * 4 - 1, False, sorted_gemm),
+    ):
+        monkeypatch.setattr(ML, "SIDE_MAX_COST", max_cost)
+        monkeypatch.setattr(ML, "SIDE_MAX_BYTES", max_bytes)
+        batch = LoRABatch.prepare(ids, device=DEVICE)
+        if device_ids:  # as after prepare_ with ids on the device: nothing to judge the tiles from on the host
+            batch.host_slots = None
+        launched, got = _launches_of(
+            monkeypatch, lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path=path)
+        )
+        assert launched == want_kernels, (max_cost, path, max_bytes, device_ids, launched)
+        torch.testing.assert_close(got.cpu().double(), want, **close(torch.float16))
+
+
+def test_tile_adapters_and_the_epilogue_rule(monkeypatch):
     from lora_kernels.triton import multi_lora as ML
 
     # tiles of 4 in the ids' own order: {0, 1} (-1 adds none), {2} (5 is outside the 4 slots), {3}
@@ -636,6 +719,20 @@ def test_tile_adapters_and_the_epilogue_rule():
     batch.host_slots = None  # as after prepare_ with device ids
     batch._tile_adapters = {}
     assert batch.tile_adapters(4, 4) is None
+    # the side path's rule (SIDE_TERM): 2·d·BLOCK_R / K above SIDE_MAX_COST (0.05) from SIDE_MIN_TOKENS (512) tokens,
+    # whatever the adapters present; past SIDE_MAX_BYTES of fp32 buffer the sorted-row GEMM's rule instead
+    assert ML.SIDE_TERM and ML.heavy_variant(4096, 64) == "side"
+    assert ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: 4.0, 16, [64], interp=True)
+    assert not ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: None, 16, [64], interp=True)
+    assert not ML.tma_epilogue_split(torch.empty(511, 64), lambda rows: 4.0, 16, [64], interp=True)
+    K, R = 4096, 16
+    edge = ML.SIDE_MAX_COST * K / (2 * R)  # 6.4 adapters per tile
+    assert ML.epilogue_side(512, K, R, edge + 0.5) and not ML.epilogue_side(512, K, R, edge - 0.5)
+    assert not ML.epilogue_side(511, K, R, 128.0)
+    assert ML.side_for(4096, 16384) and not ML.side_for(4096, 16385)  # 256 MiB: 4096 × 16384 × 4 bytes
+    assert ML.heavy_variant(4096, 16385) == "sorted"
+    monkeypatch.setattr(ML, "SIDE_TERM", False)
+    assert ML.heavy_variant(4096, 64) == "sorted"
     assert not ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: None, 16, [64], interp=True, adapters=4)
     assert ML.tma_epilogue_split(torch.empty(4096, 64), lambda rows: 4.0, 16, [64], interp=True, adapters=4)
     # the sorted-row GEMM's rule needs the adapters present (SORTED_GATHER), the split path's does not
@@ -661,7 +758,7 @@ def test_tile_adapters_and_the_epilogue_rule():
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["own-order", "sorted-gather", *JOINED_MODES])
+@pytest.mark.parametrize("mode", ["own-order", "sorted-gather", "side", *JOINED_MODES])
 def test_gemm_path_tma_gemm_bad_ids_and_overflow(monkeypatch, tma_or_skip, mode):
     """Ids outside -1..L-1 (unchecked: they add nothing), a batch with spare capacity, and the fp16 overflow case
     (xa beyond 65504 stays fp32) on the TMA GEMM, and on the sorted-row GEMM fed by the shrink's sorted copy of x
@@ -671,6 +768,9 @@ def test_gemm_path_tma_gemm_bad_ids_and_overflow(monkeypatch, tma_or_skip, mode)
         _heavy_always(monkeypatch, 80)
         _poisoned_sorted_x(monkeypatch, made)
         path = None  # the rule decides (a forced path keeps the TMA GEMM in the ids' order)
+    if mode == "side":
+        _side_always(monkeypatch, 80, made)
+        path = None
     if mode in JOINED_MODES:
         _joined(monkeypatch, mode)
         _poisoned_partials(monkeypatch)
@@ -687,11 +787,11 @@ def test_gemm_path_tma_gemm_bad_ids_and_overflow(monkeypatch, tma_or_skip, mode)
     )
     assert torch.isfinite(got2).all()
     torch.testing.assert_close(got2.cpu().double(), overflow_want(pool2, w2, x2, ids2), **close(torch.float16))
-    assert len(made) == (2 if mode == "sorted-gather" else 0)  # both steps took the sorted-row GEMM
+    assert len(made) == (2 if mode in ("sorted-gather", "side") else 0)  # both steps took the heavy step's path
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather", *JOINED_MODES])
+@pytest.mark.parametrize("mode", ["own-order", "sorted-w-tma", "sorted-gather", "side", *JOINED_MODES])
 def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, mode):
     """The TMA GEMM reads each token's slot from the batch's token_slots at run time (the sorted-row GEMMs: the
     sorted lists; the one fed by the shrink's sorted copy of x also decides per tile at run time whether the copy
@@ -706,8 +806,11 @@ def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, mode)
     if mode == "sorted-gather":
         _heavy_always(monkeypatch, T)
         _poisoned_sorted_x(monkeypatch)
-    gemm = "_gemm_tma_expand_kernel" if mode == "own-order" else "_gemm_expand_kernel"
+    gemm = "_gemm_tma_expand_kernel" if mode in ("own-order", "side") else "_gemm_expand_kernel"
     kernels = ("_batched_shrink_kernel", gemm)
+    if mode == "side":  # the replays reuse the first call's fp32 buffer: rows of no adapter stay NaN there
+        _side_always(monkeypatch, T)
+        kernels = ("_lora_side_kernel", gemm)
     if mode in JOINED_MODES:  # one launch, replayed on the same counters (each replay leaves them at zero)
         kernels = (_joined(monkeypatch, mode),)
     log = []
@@ -717,9 +820,10 @@ def test_gemm_path_tma_gemm_replays_with_new_ids(monkeypatch, tma_or_skip, mode)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
     assert [entry[0] for entry in log] == [getattr(ML, name).real for name in kernels]
-    if mode not in ("own-order", *JOINED_MODES):
+    if mode not in ("own-order", "side", *JOINED_MODES):
         assert log[1][3]["W_TMA"] is True and log[1][3]["X_SORTED"] is (mode == "sorted-gather")
         assert log[0][3]["GATHER"] is (mode == "sorted-gather")
+    assert mode != "side" or log[1][3]["SIDE"] is True
     torch.testing.assert_close(y.cpu().double(), _want(pool, weight, b, x, ids), **close(torch.float16))
     refills = ([2] * T, [-1] * T, [(i * 5) % 7 - 1 for i in range(T)], [9, 4, -3] * (T // 3), [3, 0, 3, 1] * (T // 4))
     _check_replays(log, batch, refills, x, y, pool, weight, b, seed=3)
@@ -771,9 +875,14 @@ def test_gpu_sorted_gemm_above_rank_32_runs_its_narrower_tile(monkeypatch, tma_o
 
 
 @needs_triton
-def test_sorted_gather_gemm_op_passes_opcheck(tma_or_skip):
-    """``torch.library.opcheck`` of the gemm op with ``sort_rows`` (the sorted-row GEMM a heavy-epilogue step
-    takes): schema, fake tensor, autograd registration and AOT dispatch see the flag."""
+@pytest.mark.parametrize("side", [True, False], ids=["side", "sorted"])
+def test_sorted_gather_gemm_op_passes_opcheck(monkeypatch, tma_or_skip, side):
+    """``torch.library.opcheck`` of the gemm op with ``sort_rows`` (what a heavy-epilogue step takes: the side path,
+    or the sorted-row GEMM with SIDE_TERM off): schema, fake tensor, autograd registration and AOT dispatch see the
+    flag."""
+    from lora_kernels.triton import multi_lora as ML
+
+    monkeypatch.setattr(ML, "SIDE_TERM", side)
     pool, weight, b, x, ids = _gemm_problem(72, torch.float16, GEMM_SLICES, "repeats", True, seed=23)
     batch = LoRABatch.prepare(ids, device=DEVICE)
     tile_m = ops.step_tile_m(batch.tile_m, x.shape[0])
@@ -1071,7 +1180,7 @@ from _aot import Recorder, compile_for_sm90, no_spills, ptxas_report, sass_of
 
 calls = []
 for name in ("_batched_shrink_kernel", "_expand_kernel", "_fused_kernel", "_gemm_expand_kernel",
-             "_gemm_tma_expand_kernel", "_gemm_lanes_kernel", "_gemm_tma_joined_kernel"):
+             "_gemm_tma_expand_kernel", "_gemm_lanes_kernel", "_gemm_tma_joined_kernel", "_lora_side_kernel"):
     setattr(ML, name, Recorder(getattr(ML, name), calls))
 U.sm_count = lambda index: 132
 U.max_smem = lambda index: 227 * 1024
@@ -1121,9 +1230,15 @@ ML.SORTED_TMA_GEMM = True
 for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
     gemm(M, R, slices, dtype)
 ML.SORTED_TMA_GEMM = False
-# The sorted-row GEMM of heavy-epilogue steps (x and W0 by TMA, x from the shrink's sorted copy: X_SORTED) and the
-# shrink that writes that copy (GATHER), on the same tiles.
+# The sorted-row GEMM of heavy-epilogue steps with SIDE_TERM off (x and W0 by TMA, x from the shrink's sorted copy:
+# X_SORTED) and the shrink that writes that copy (GATHER), on the same tiles.
+ML.SIDE_TERM = False
 for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
+    gemm(M, R, slices, dtype, sort_rows=True)
+ML.SIDE_TERM = True
+# The side path of heavy-epilogue steps (SIDE_TERM): the side kernel at 32- and 64-row tiles (1024 and 4096 tokens),
+# rank 16 and q|k|v at rank 64, and the TMA GEMM adding its fp32 buffer (SIDE) on 128x256 / 128x128 tiles.
+for M, R, slices, dtype in ((1024, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
     gemm(M, R, slices, dtype, sort_rows=True)
 # The gemm path's TMA steps in one launch (JOINED) where its programs fit on the SMs at once: 256 and 384 tokens
 # (64x128 tiles), and q|k|v.
@@ -1142,6 +1257,7 @@ for M, R, slices, dtype, lanes in ((1, 16, [4096], torch.bfloat16, 4), (16, 16, 
 seen = set()
 names = set()
 w_tma = x_sorted = gather = joined = 0
+side_kernels, side_gemms = {}, {}
 tma_loads = {}
 for kernel, grid, args, kwargs in calls:
     key = (str(kernel), tuple(sorted(kwargs.items())),
@@ -1170,6 +1286,12 @@ for kernel, grid, args, kwargs in calls:
         if shown.get("X_SORTED") and shown["BLOCK_R"] > 32:  # 128x128 spilled there on triton 3.6
             assert (shown["BLOCK_M"], shown["BLOCK_N"]) == (128, 64), shown
     gather += bool(shown.get("GATHER"))
+    if name == "_lora_side_kernel":
+        side_kernels[(shown["BLOCK_M"], shown["BLOCK_R"])] = (regs, smem, kwargs["num_warps"])
+    if shown.get("SIDE"):  # the fp32 tile by TMA (one more descriptor load than x and W0's)
+        sass = sass_of(compiled)
+        assert "HGMMA" in sass and "UTMALDG" in sass, shown
+        side_gemms[(shown["BLOCK_N"], shown["BLOCK_R"], shown["HAS_BIAS"])] = (regs, smem, kwargs["num_warps"])
     if name == "_gemm_tma_joined_kernel":
         sass = sass_of(compiled)
         # wgmma fed by TMA; the items' release (a GPU-scope fence before the add), the tiles' acquire polls (strong
@@ -1186,7 +1308,17 @@ for kernel, grid, args, kwargs in calls:
         assert (228 * 1024) // (smem + 1024) >= per_sm, (shown, smem)
         joined += 1
 assert {"_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_batched_shrink_kernel", "_fused_kernel",
-        "_expand_kernel", "_gemm_lanes_kernel", "_gemm_tma_joined_kernel"} <= names, names
+        "_expand_kernel", "_gemm_lanes_kernel", "_gemm_tma_joined_kernel", "_lora_side_kernel"} <= names, names
+# a side-kernel program fits on an SM beside a program of the GEMM it feeds (registers rounded up to 8 per thread of
+# an H100 SM's 65,536, 1 KiB of shared memory per program of its 228 KiB): the GEMM starts beside the side kernel
+# (PDL) instead of after it
+assert len(side_kernels) == 2 and len(side_gemms) == 2, (side_kernels, side_gemms)
+def fits(a, b):
+    regs = sum(-(-r // 8) * 8 * 32 * w for r, _, w in (a, b))
+    return regs <= 65536 and a[1] + b[1] + 2048 <= 228 * 1024
+for (bn, br, _), g in side_gemms.items():
+    s_cfg = [v for (bm, r), v in side_kernels.items() if r == br]
+    assert s_cfg and all(fits(g, v) for v in s_cfg), (bn, br, g, s_cfg)
 assert w_tma == 4 and x_sorted == 2 and gather == 2 and joined == 3, (w_tma, x_sorted, gather, joined)
 # with X_SORTED the sorted copy's K loop reads x by TMA as well (W0's loads alone in the other)
 assert all(tma_loads[(True, r)] > tma_loads[(False, r)] for r in (16, 64)), tma_loads
@@ -1220,6 +1352,17 @@ def test_compile_fullgraph_gemm_path():
         torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)  # the same ops, traced: ~bitwise
 
 
+def _warm_up(call) -> None:
+    """Run ``call`` twice on a side stream before a CUDA-graph capture (compiles the kernels, allocates the buffers),
+    as torch.cuda.graphs' own warm-up does."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [24, 300])
 def test_gpu_gemm_path_graph_replay_with_new_ids(T):
@@ -1229,12 +1372,7 @@ def test_gpu_gemm_path_graph_replay_with_new_ids(T):
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=T)
     batch = LoRABatch.prepare(ids, max_tokens=4096, device="cuda")
     assert ops.choose_path(None, None, T, "triton") == ("gemm" if T <= ops.GEMM_MAX_TOKENS else "split")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
-    torch.cuda.current_stream().wait_stream(stream)
+    _warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
@@ -1247,6 +1385,41 @@ def test_gpu_gemm_path_graph_replay_with_new_ids(T):
         torch.cuda.synchronize()
         assert_close_to_oracle(
             y, multi_lora_in_dtype(x, weight, b, pool, new, list(pool.slices)), _want(pool, weight, b, x, new)
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_side_path_graph_replay_with_new_ids(monkeypatch, dtype):
+    """The side path (a heavy step's default: the side kernel, then the TMA GEMM as its programmatic dependent adding
+    the fp32 buffer) captured in a CUDA graph for host ids over many adapters, replayed after prepare_ with new ids
+    (other adapters, none, ids outside the pool, all one adapter) against the float64 reference."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the side path runs beside the TMA GEMM: compute capability >= 9")
+    from lora_kernels.triton import multi_lora as ML
+
+    T = 600
+    _side_always(monkeypatch, T)
+    pool, weight, b, x, ids = _gemm_problem(T, dtype, GEMM_SLICES, "repeats", True, seed=T)
+    batch = LoRABatch.prepare(ids, device="cuda")
+    launched = []
+    for name in ("_lora_side_kernel", "_gemm_tma_expand_kernel"):
+        monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
+    _warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton"))
+    assert launched[:2] == ["_lora_side_kernel", "_gemm_tma_expand_kernel"], launched
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
+    gen = torch.Generator().manual_seed(2)
+    for choice in ([0, 1, 2, 4, -1], [-1], [4], [0, 1, 2, 3, 4, 9, -1]):
+        new = torch.tensor(choice)[torch.randint(len(choice), (T,), generator=gen)].tolist()
+        batch.prepare_(torch.tensor(new, device="cuda"))  # device ids, as an engine refills them
+        x.copy_(torch.randn(T, x.shape[1], generator=gen).to("cuda", dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        valid = [i if 0 <= i < pool.max_adapters else -1 for i in new]
+        assert_close_to_oracle(
+            y, multi_lora_in_dtype(x, weight, b, pool, valid, list(pool.slices)), _want(pool, weight, b, x, valid)
         )
 
 
@@ -1415,12 +1588,7 @@ def test_gpu_lanes_graph_replay_with_new_ids(T, dtype):
     pool, weight, b, x, _ = _gemm_problem(T, dtype, GEMM_SLICES, "one", True, seed=T + 7)
     ids = [(1, 4)[i % 2] for i in range(T)]
     batch = LoRABatch.prepare(ids, max_tokens=256, device="cuda", max_adapters_per_step=2)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
-    torch.cuda.current_stream().wait_stream(stream)
+    _warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")
