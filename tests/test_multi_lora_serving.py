@@ -1238,8 +1238,9 @@ for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096
 ML.SIDE_TERM = True
 # The side path of heavy-epilogue steps (SIDE_TERM): the side kernel at 32- and 64-row tiles (1024 and 4096 tokens),
 # rank 16 and q|k|v at rank 64, and the TMA GEMM adding its fp32 buffer (SIDE) on 128x256 / 128x128 tiles.
-for M, R, slices, dtype in ((1024, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
-    gemm(M, R, slices, dtype, sort_rows=True)
+for M, R, slices, dtype, tile_m in ((1024, 16, [4096], torch.bfloat16, 32),
+                                    (4096, 64, [4096, 1024, 1024], torch.float16, 64)):
+    gemm(M, R, slices, dtype, tile_m=tile_m, sort_rows=True)
 # The gemm path's TMA steps in one launch (JOINED) where its programs fit on the SMs at once: 256 and 384 tokens
 # (64x128 tiles), and q|k|v.
 ML.JOINED = True
