@@ -49,10 +49,11 @@ FUSED_MAX_TOKENS = 8
 # the model charges it cuBLAS's rate (its LoRA epilogue's TF32 dots at half of it), and the gemm path is the default
 # at every token count above FUSED_MAX_TOKENS: 1.02-1.17x the floor at 1024 and 4096 tokens against the split path's
 # 1.20-1.29x, except where a 128-row tile of the batch's own order holds ~80 adapters (128 adapters uniform over
-# >= 1024 tokens: 1.66-1.72x). Such a step, when its ids are known on the host, takes the gemm path with sorted row
-# tiles instead (x read by TMA from a sorted copy that the shrink writes: 1.19-1.40x there; the split path 1.25-1.50x,
-# which it takes with triton.multi_lora.SORTED_GATHER off): ``heavy_epilogue``, triton.multi_lora.SORTED_MIN_TOKENS /
-# SORTED_MAX_COST / SORTED_MIN_TOKENS_PER_ADAPTER.
+# >= 1024 tokens: 1.66-1.72x). Such a step, when its ids are known on the host, takes the gemm path's side path
+# instead (the LoRA term in fp32 from a kernel running beside the TMA GEMM, which adds it in its epilogue: 1.05-1.13x
+# there; triton.multi_lora.SIDE_TERM / SIDE_MIN_TOKENS / SIDE_MAX_COST), or, with SIDE_TERM off, sorted row tiles
+# (x read by TMA from a sorted copy that the shrink writes: 1.19-1.40x; SORTED_MIN_TOKENS / SORTED_MAX_COST /
+# SORTED_MIN_TOKENS_PER_ADAPTER), or, with SORTED_GATHER off too, the split path (1.25-1.50x): ``heavy_epilogue``.
 GEMM_MAX_TOKENS = 256
 PATHS = ("fused", "split", "gemm")
 
@@ -456,9 +457,9 @@ def choose_path(
     - ``"split"``: F.linear, then the shrink into per-split fp32 partials and the expand, which sums them (adds
       into y; no zero-fill, no atomics). Default otherwise, and where the TMA GEMM's row tiles would hold so many
       adapters that its epilogue outweighs a round trip of y (``heavy_epilogue``: judged from host ids by
-      ``triton.multi_lora.tma_epilogue_split``; :func:`multi_lora_linear` passes it only with
-      ``triton.multi_lora.SORTED_GATHER`` off, and otherwise runs such a step on the gemm path with sorted row
-      tiles).
+      ``triton.multi_lora.tma_epilogue_split``; :func:`multi_lora_linear` passes it only where
+      ``triton.multi_lora.heavy_variant`` says "split", and otherwise runs such a step on the gemm path: its side
+      path, or sorted row tiles).
 
     ``path`` forces one; ``fused`` (True/False) is the older way to force "fused"/"split"."""
     if path is not None:
@@ -682,7 +683,7 @@ def multi_lora_linear(
     lanes = _lanes(M, pool, adapters) if name == "triton" and batch.num_tokens == M else 0
     tma = name == "triton" and _gemm_tma(x2, weight)
     heavy = tma and path is None and fused is None and not lanes and _heavy_epilogue(x2, pool, batch)
-    # a heavy epilogue: the gemm path with sorted row tiles where it is on, else the split path
+    # a heavy epilogue: the gemm path's side path or sorted row tiles where on (heavy_variant), else the split path
     sort_rows = heavy and _sorted_gather(M, N)
     chosen = choose_path(path, fused, M, name, tma=tma, lanes=lanes > 0, heavy_epilogue=heavy and not sort_rows)
     if chosen == "gemm" and path is None and batch.num_tokens != M:

@@ -2169,8 +2169,9 @@ _INTERP_GEMM_TMA = (32, 16, 32, 4, 1)
 # SORTED_GATHER beats those figures at the TMA rate). benchmarks/bench_multi_lora.py's lk_gemm_sorted times it. While
 # on, the heavy-epilogue rule (tma_epilogue_split) keeps such steps on the gemm path.
 SORTED_TMA_GEMM = False
-# True: a step the heavy-epilogue rule flags (tma_epilogue_split) runs the gemm path with sorted row tiles
-# (linear_gemm's sort_rows) instead of the split path: the shrink, which reads x's rows in the sorted order anyway,
+# True: a step the heavy-epilogue rule flags (tma_epilogue_split) where the side path does not apply (SIDE_TERM off, or
+# its buffer past SIDE_MAX_BYTES) runs the gemm path with sorted row tiles (linear_gemm's sort_rows, see
+# heavy_variant) instead of the split path: the shrink, which reads x's rows in the sorted order anyway,
 # also writes them to a sorted copy of x (one more write of x); the GEMM waits for the shrink (no PDL overlap: its
 # K loop reads that copy) and then runs _gemm_expand_kernel with x and W0 by TMA on the TMA kernel's tiles
 # (X_SORTED), a tile holding few adapters whatever the ids' order (~17 per 128 rows for 128 adapters uniform over 1024
@@ -2509,8 +2510,9 @@ def linear_gemm(
     with the expand in its epilogue (y written once, never read). Needs the batch prepared for exactly M tokens
     (the GEMM's row tiles walk positions 0..M-1 of the sorted list; the op checks it). ``lanes`` > 0: one launch
     instead, the shrink inside the GEMM (:func:`linear_lanes`; see :func:`lanes_for`). ``sort_rows`` (where the GEMM
-    would be the TMA kernel): the GEMM's row tiles follow the sorted token list, x read by TMA from a sorted copy that
-    the shrink writes (see SORTED_GATHER)."""
+    would be the TMA kernel: a heavy-epilogue step, see :func:`heavy_variant`): the side path (SIDE_TERM: the side
+    kernel's fp32 LoRA term added by the TMA GEMM), else the GEMM's row tiles follow the sorted token list, x read by
+    TMA from a sorted copy that the shrink writes (see SORTED_GATHER)."""
     if lanes:
         return linear_lanes(x, weight, bias, A_stack, B_stack, ranks, scales, meta, slices, lanes)
     M, K = x.shape
