@@ -355,6 +355,8 @@ def launches(
     )
     out[-1]["overlaps_previous"] = pdl and not sort_rows
     out[-1]["pdl_launch"] = pdl  # launched as a programmatic dependent of the shrink (costs PDL_LAUNCH_US)
+    if tma and not w_tma:
+        out[-1]["waves"] = _tma_waves(m_tiles * blocks, (bm, bn, bk, warps, gstages), R, elt, smem, sm_count)
     return out
 
 
@@ -417,7 +419,16 @@ def _side_launches(ids, L, K, slices, R, elt, cap, tile_m, pdl, a_bytes, b_bytes
     )
     gemm["overlaps_previous"] = pdl
     gemm["pdl_launch"] = pdl
+    gemm["waves"] = _tma_waves(m_tiles * blocks, (bm, bn, bk, warps, gstages), R, elt, smem, sm_count)
     return [side, gemm]
+
+
+def _tma_waves(tiles: int, cfg: tuple, R: int, elt: int, smem: int, sm_count: int) -> float:
+    """Waves of a TMA GEMM's ``tiles`` programs on ``cfg`` (``ML.gemm_tma_config``'s tuple): the programs an SM
+    holds by shared memory (as ``ML.joined_grid`` counts it) times the SMs, at least one."""
+    bm, bn, bk, _, stages = cfg
+    per_sm = max(1, smem // (stages * (bm + bn) * bk * elt + (bm + bn) * U.block_r(R) * 4 + 1024))
+    return max(1.0, tiles / (per_sm * sm_count))
 
 
 def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS) -> bool:
@@ -618,7 +629,9 @@ def predict_us(
     charges every launch at that one rate; ``c`` replaces the card (:func:`card`) and its rates. Serial launches,
     except that a launch marked ``overlaps_previous`` (a programmatic dependent launch) runs alongside the one before
     it: the pair takes max(summed bytes / bandwidth, summed compute time) where ``overlap`` is 1 (the default), the
-    serial sum where it is 0, in between the mix (``benchmarks/calibrate_serving.py`` fits it). ``l2_bandwidth``
+    serial sum where it is 0, in between the mix (``benchmarks/calibrate_serving.py`` fits it). A dependent of more
+    than one wave of programs (``waves``, resident at once: its programs wait at their epilogue, holding their SMs)
+    takes at least the first launch beside its first wave, then its other waves alone. ``l2_bandwidth``
     also bounds a launch by its ``l2_read`` (the bytes its programs request, an upper bound of its L2 traffic); the
     default, infinite, is the model's assumption that L2 never binds. A rough, static estimate."""
     c = c or card()
@@ -633,8 +646,13 @@ def predict_us(
         )
         if ln.get("overlaps_previous") and prev is not None:
             serial = max(prev) + max(cur)
+            # the dependent's programs wait for the launch before it at their epilogue, holding their SMs: past one
+            # wave of them, the later waves start only once it is done (it runs beside the first wave alone)
+            waves = max(1.0, ln.get("waves", 1.0))
+            first = max(p + c / waves for p, c in zip(prev, cur))
+            stall = max(first, max(cur) / waves) + (waves - 1) * max(cur) / waves
             cur = tuple(a + b for a, b in zip(prev, cur))
-            t += (overlap * max(cur) + (1 - overlap) * serial - max(prev)) * 1e6
+            t += (overlap * max(max(cur), stall) + (1 - overlap) * serial - max(prev)) * 1e6
         else:
             t += max(cur) * 1e6
         prev = cur
@@ -1039,7 +1057,8 @@ def markdown(records: Sequence[dict]) -> str:
         f"in TF32 at {c.peak_tf32_flops / c.peak_bf16_flops:.2f} of that rate), other Triton "
         f"kernels {c.peak_tf32_flops * 0.5 / 1e12:.0f} TFLOP/s; a programmatic dependent launch overlaps the one "
         "before it (the pair: summed bytes against summed compute) where a program of each fits on one SM by their "
-        "compiled registers and shared memory; plus "
+        "compiled registers and shared memory (past one wave of its programs, which wait at their epilogue holding "
+        "their SMs, beside its first wave only); plus "
         f"{LAUNCH_US} µs per launch beyond the base layer's one, a programmatic dependent one too ({PDL_LAUNCH_US} µs; "
         "benchmarks/static_serving.py); base = cuBLAS F.linear "
         "by the same roofline; floor = W0, the adapters present, x and y once (or the FLOPs). K = N = 4096 (decode "

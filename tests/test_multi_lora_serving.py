@@ -1236,10 +1236,11 @@ ML.SIDE_TERM = False
 for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096, 1024, 1024], torch.float16)):
     gemm(M, R, slices, dtype, sort_rows=True)
 ML.SIDE_TERM = True
-# The side path of heavy-epilogue steps (SIDE_TERM): the side kernel at 32- and 64-row tiles (1024 and 4096 tokens),
-# rank 16 and q|k|v at rank 64, and the TMA GEMM adding its fp32 buffer (SIDE) on 128x256 / 128x128 tiles.
+# The side path of heavy-epilogue steps (SIDE_TERM): the side kernel at 32-, 64- and 128-row tiles, rank 16 and q|k|v
+# at rank 64, and the TMA GEMM adding its fp32 buffer (SIDE) on 128x256 / 128x128 tiles.
 for M, R, slices, dtype, tile_m in ((1024, 16, [4096], torch.bfloat16, 32),
-                                    (4096, 64, [4096, 1024, 1024], torch.float16, 64)):
+                                    (4096, 64, [4096, 1024, 1024], torch.float16, 64),
+                                    (4096, 16, [4096], torch.bfloat16, 128)):  # a batch built with tile_m=128
     gemm(M, R, slices, dtype, tile_m=tile_m, sort_rows=True)
 # The gemm path's TMA steps in one launch (JOINED) where its programs fit on the SMs at once: 256 and 384 tokens
 # (64x128 tiles), and q|k|v.
@@ -1313,7 +1314,7 @@ assert {"_gemm_expand_kernel", "_gemm_tma_expand_kernel", "_batched_shrink_kerne
 # a side-kernel program fits on an SM beside a program of the GEMM it feeds (registers rounded up to 8 per thread of
 # an H100 SM's 65,536, 1 KiB of shared memory per program of its 228 KiB): the GEMM starts beside the side kernel
 # (PDL) instead of after it
-assert len(side_kernels) == 2 and len(side_gemms) == 2, (side_kernels, side_gemms)
+assert len(side_kernels) == 3 and len(side_gemms) == 2, (side_kernels, side_gemms)
 def fits(a, b):
     regs = sum(-(-r // 8) * 8 * 32 * w for r, _, w in (a, b))
     return regs <= 65536 and a[1] + b[1] + 2048 <= 228 * 1024

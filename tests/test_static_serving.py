@@ -733,3 +733,22 @@ def test_sorted_copy_gemm_takes_narrower_tiles_above_rank_32():
     assert gemm["kernel"] == "_gemm_expand_kernel" and gemm["config"]["X_SORTED"]
     assert (gemm["config"]["BLOCK_M"], gemm["config"]["BLOCK_N"]) == (128, 64)
     assert gemm["grid"] == (4096 // 128, sum(qkv) // 64)
+
+
+def test_a_dependent_of_several_waves_overlaps_its_first_wave_only():
+    """A programmatic dependent whose programs wait at their epilogue holding their SMs: with more than one wave of
+    them, the launch before it runs beside the first wave alone (then the other waves), not beside all of it."""
+    from benchmarks import static_serving as ss
+
+    bw, rate = ss.COPY_BW, ss.card().peak_tf32_flops * 0.5  # a skinny kernel's rate for both (no machine code)
+    primary = ss._launch("_side", (1,), {}, bw * 40e-6, 0, 0, 0)  # 40 µs of bytes, no compute
+    gemm = dict(ss._launch("_skinny", (1,), {}, 0, 0, rate * 100e-6, 0), overlaps_previous=True)
+    one_wave = ss.predict_us([primary, gemm], launch_us=0.0)
+    assert abs(one_wave - 100.0) < 1e-6  # fully hidden: max(40 µs of bytes, 100 µs of compute)
+    four = ss.predict_us([primary, dict(gemm, waves=4.0)], launch_us=0.0)
+    assert abs(four - (40.0 + 3 * 25.0)) < 1e-6  # the first wave (25 µs) waits for the 40 µs one, then 3 waves
+    assert abs(ss.predict_us([primary, dict(gemm, waves=0.5)], launch_us=0.0) - one_wave) < 1e-9  # at least one
+    # the side path's GEMM at 1024 tokens is one wave of 128x256 tiles on 132 SMs; at 4096, 512 tiles: ~3.9
+    for T, waves in ((1024, 1.0), (4096, 512 / 132)):
+        ids = ss._ids("uniform", 128, T, 0)
+        assert abs(ss.launches(ids, 128, path="side")[1]["waves"] - waves) < 1e-9

@@ -2279,7 +2279,7 @@ SORTED_MIN_TOKENS_PER_ADAPTER = 2
 # per output element each way), which a compute-bound step hides. Static serving model (H100, K = N = 4096, r = 16,
 # the GEMM charged at the TMA GEMM's rate, the side kernel's dots at the skinny kernels' rate and beside it; the pair
 # fits on one SM by its compiled registers and shared memory; unmeasured): 128 adapters uniform over 1024 / 4096
-# tokens 1.13x / 1.05x the floor (sorted-row GEMM 1.40x / 1.19x), 16 adapters 1.09x / 1.04x (the TMA GEMM with its
+# tokens 1.13x / 1.06x the floor (sorted-row GEMM 1.40x / 1.19x), 16 adapters 1.09x / 1.04x (the TMA GEMM with its
 # epilogue dots 1.17x / 1.14x). Below 512 tokens the step is not compute-bound enough to hide the buffer (256 tokens:
 # 1.17-1.43x against 1.08-1.22x). Rule (epilogue_side): from 512 tokens and an epilogue cost above 0.05 (~6 adapters per
 # 128-row tile at K = 4096, r = 16); over ids uniform on 2-1024 adapters and 256-8192 tokens it picks the faster of the
