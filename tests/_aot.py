@@ -72,6 +72,7 @@ def compile_for_sm90(kernel, args, kwargs):
     fn = jit_function(kernel)
     kwargs = dict(kwargs)
     launch = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    kwargs.pop("launch_pdl", None)  # a launch attribute (programmatic dependent launch), not part of the compile
     values = dict(zip(fn.arg_names, args), **kwargs)
     assert set(values) == set(fn.arg_names), sorted(set(fn.arg_names) ^ set(values))
     sig, consts, attrs = specialise(fn.arg_names, values, set(kwargs))  # the launch's keywords are its constexprs

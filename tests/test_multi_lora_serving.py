@@ -1238,10 +1238,14 @@ for M, R, slices, dtype in ((4096, 16, [4096], torch.bfloat16), (4096, 64, [4096
 ML.SIDE_TERM = True
 # The side path of heavy-epilogue steps (SIDE_TERM): the side kernel at 32-, 64- and 128-row tiles, rank 16 and q|k|v
 # at rank 64, and the TMA GEMM adding its fp32 buffer (SIDE) on 128x256 / 128x128 tiles.
+# Launched as on an sm_90 (PDL): the side kernel lets its dependent launch, the GEMM waits before its epilogue.
+pdl_ok = ML.pdl_ok
+ML.pdl_ok = lambda device: True
 for M, R, slices, dtype, tile_m in ((1024, 16, [4096], torch.bfloat16, 32),
                                     (4096, 64, [4096, 1024, 1024], torch.float16, 64),
                                     (4096, 16, [4096], torch.bfloat16, 128)):  # a batch built with tile_m=128
     gemm(M, R, slices, dtype, tile_m=tile_m, sort_rows=True)
+ML.pdl_ok = pdl_ok
 # The gemm path's TMA steps in one launch (JOINED) where its programs fit on the SMs at once: 256 and 384 tokens
 # (64x128 tiles), and q|k|v.
 ML.JOINED = True
@@ -1290,9 +1294,16 @@ for kernel, grid, args, kwargs in calls:
     gather += bool(shown.get("GATHER"))
     if name == "_lora_side_kernel":
         side_kernels[(shown["BLOCK_M"], shown["BLOCK_R"])] = (regs, smem, kwargs["num_warps"])
+        # the dependent GEMM may launch once every side program has run this (PREEXIT in the SASS)
+        assert shown["PDL"] and "griddepcontrol.launch_dependents" in compiled.asm["ptx"], shown
+        assert "PREEXIT" in sass_of(compiled), shown
     if shown.get("SIDE"):  # the fp32 tile by TMA (one more descriptor load than x and W0's)
         sass = sass_of(compiled)
         assert "HGMMA" in sass and "UTMALDG" in sass, shown
+        # the wait for the side kernel (ACQBULK) comes before the side tile's load, the last bulk tensor copy
+        ptx = compiled.asm["ptx"]
+        assert shown["PDL"] and "ACQBULK" in sass, shown
+        assert -1 < ptx.find("griddepcontrol.wait") < ptx.rfind("cp.async.bulk.tensor"), shown
         side_gemms[(shown["BLOCK_N"], shown["BLOCK_R"], shown["HAS_BIAS"])] = (regs, smem, kwargs["num_warps"])
     if name == "_gemm_tma_joined_kernel":
         sass = sass_of(compiled)
