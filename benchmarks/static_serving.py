@@ -425,10 +425,9 @@ def _side_launches(ids, L, K, slices, R, elt, cap, tile_m, pdl, a_bytes, b_bytes
 
 def _tma_waves(tiles: int, cfg: tuple, R: int, elt: int, smem: int, sm_count: int) -> float:
     """Waves of a TMA GEMM's ``tiles`` programs on ``cfg`` (``ML.gemm_tma_config``'s tuple): the programs an SM
-    holds by shared memory (as ``ML.joined_grid`` counts it) times the SMs, at least one."""
-    bm, bn, bk, _, stages = cfg
-    per_sm = max(1, smem // (stages * (bm + bn) * bk * elt + (bm + bn) * U.block_r(R) * 4 + 1024))
-    return max(1.0, tiles / (per_sm * sm_count))
+    holds by shared memory (``ML.tma_programs_per_sm``, as ``ML.joined_grid`` counts them) times the SMs, at least
+    one."""
+    return max(1.0, tiles / (max(1, ML.tma_programs_per_sm(cfg, R, elt, smem)) * sm_count))
 
 
 def _heavy_epilogue(ids, L, K, slices, R, elt, smem=H100_SMEM, sm_count=H100_SMS) -> bool:

@@ -4,6 +4,8 @@ nodes."""
 
 from __future__ import annotations
 
+import torch
+
 
 class ReplayLog:
     def __init__(self, real, log: list):
@@ -15,3 +17,14 @@ class ReplayLog:
             return self.real[grid](*args, **kwargs)
 
         return launch
+
+
+def warm_up(call) -> None:
+    """Run ``call`` twice on a side stream before a CUDA-graph capture (compiles the kernels, allocates the buffers),
+    as torch.cuda.graph's documentation asks."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)

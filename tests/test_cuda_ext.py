@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from _oracle import F64, multi_lora_in_dtype
+from _replay import warm_up
 from _tolerances import assert_close_to_oracle, close
 
 from lora_kernels import _backend
@@ -748,12 +749,7 @@ def test_gpu_cuda_graph_capture_and_replay():
     weight = (torch.randn(N, tml.K, generator=gen) / math.sqrt(tml.K)).to("cuda", torch.float16)
     x = torch.randn(T, tml.K, generator=gen).to("cuda", torch.float16)
     batch = LoRABatch.prepare(tml._ids("repeats", T, sorted(adapters), gen), max_tokens=T, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            lk.multi_lora_linear(x, weight, None, pool, batch, backend="cuda", fused=False)
-    torch.cuda.current_stream().wait_stream(stream)
+    warm_up(lambda: lk.multi_lora_linear(x, weight, None, pool, batch, backend="cuda", fused=False))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = lk.multi_lora_linear(x, weight, None, pool, batch, backend="cuda", fused=False)

@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 from _aot import run_child
+from _replay import warm_up
 from _tolerances import FP32_SMALL_K, TOL, assert_close_scaled, assert_close_to_oracle
 
 import lora_kernels
@@ -463,13 +464,7 @@ def test_triton_dropout_under_cuda_graph_replays_fresh_masks(monkeypatch):
         y.backward(dy)
         return y
 
-    # Warm-up on a side stream (compiles the kernels; autotune is off in this file), as torch.cuda.graph's docs ask.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up(step)  # on a side stream: compiles the kernels (autotune is off in this file)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

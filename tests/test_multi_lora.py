@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from _aot import run_child
 from _oracle import multi_lora_in_dtype, naive_multi_lora
+from _replay import warm_up
 from _tolerances import assert_close_to_oracle, close, close_small_k
 
 import lora_kernels as lk
@@ -852,12 +853,7 @@ def test_gpu_cuda_graph_capture_and_replay_with_new_ids(T):
     bias = torch.randn(N, generator=gen).to("cuda", torch.float16)
     x = torch.randn(T, K, generator=gen).to("cuda", torch.float16)
     batch = LoRABatch.prepare(_ids("repeats", T, sorted(adapters), gen), max_tokens=T, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up compiles the kernels outside the capture
-            lk.multi_lora_linear(x, weight, bias, pool, batch, backend="triton")
-    torch.cuda.current_stream().wait_stream(stream)
+    warm_up(lambda: lk.multi_lora_linear(x, weight, bias, pool, batch, backend="triton"))  # compiles before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = lk.multi_lora_linear(x, weight, bias, pool, batch, backend="triton")

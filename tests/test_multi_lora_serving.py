@@ -13,7 +13,7 @@ import pytest
 import torch
 from _aot import run_child
 from _oracle import F64, multi_lora_f64, multi_lora_in_dtype
-from _replay import ReplayLog
+from _replay import ReplayLog, warm_up
 from _tolerances import assert_close_to_oracle, close
 
 import lora_kernels as lk
@@ -687,7 +687,7 @@ def test_heavy_epilogue_takes_the_side_path(monkeypatch, tma_or_skip):
         (cost * 1.1, None, 1 << 28, False, own_order),
         (cost * 0.9, "gemm", 1 << 28, False, own_order),
         (cost * 0.9, None, 1 << 28, True, own_order),
-        (cost * 0.9, None, T * (-(-N // 4) * 4) * 4 - 1, False, sorted_gemm),
+        (cost * 0.9, None, T * ML.side_cols(N) * 4 - 1, False, sorted_gemm),
     ):
         monkeypatch.setattr(ML, "SIDE_MAX_COST", max_cost)
         monkeypatch.setattr(ML, "SIDE_MAX_BYTES", max_bytes)
@@ -1315,8 +1315,8 @@ for kernel, grid, args, kwargs in calls:
         # kernel's): its registers (rounded up to 8 per thread) and its compiled shared memory (+1 KiB per program,
         # of an H100 SM's 228 KiB) must hold as many, or the tiles would wait on item programs that cannot start
         elt = args[0].element_size()
-        per_sm = (227 * 1024) // (kwargs["num_stages"] * (shown["BLOCK_M"] + shown["BLOCK_N"]) * shown["BLOCK_K"] * elt
-                                  + (shown["BLOCK_M"] + shown["BLOCK_N"]) * shown["BLOCK_R"] * 4 + 1024)
+        tiles = (shown["BLOCK_M"], shown["BLOCK_N"], shown["BLOCK_K"], kwargs["num_warps"], kwargs["num_stages"])
+        per_sm = ML.tma_programs_per_sm(tiles, shown["BLOCK_R"], elt, 227 * 1024)
         assert per_sm >= 1 and 65536 // (-(-regs // 8) * 8 * 32 * kwargs["num_warps"]) >= per_sm, (shown, regs)
         assert (228 * 1024) // (smem + 1024) >= per_sm, (shown, smem)
         joined += 1
@@ -1365,17 +1365,6 @@ def test_compile_fullgraph_gemm_path():
         torch.testing.assert_close(compiled(x), step(x), rtol=1e-6, atol=1e-6)  # the same ops, traced: ~bitwise
 
 
-def _warm_up(call) -> None:
-    """Run ``call`` twice on a side stream before a CUDA-graph capture (compiles the kernels, allocates the buffers),
-    as torch.cuda.graphs' own warm-up does."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [24, 300])
 def test_gpu_gemm_path_graph_replay_with_new_ids(T):
@@ -1385,7 +1374,7 @@ def test_gpu_gemm_path_graph_replay_with_new_ids(T):
     pool, weight, b, x, ids = _gemm_problem(T, torch.float16, GEMM_SLICES, "repeats", True, seed=T)
     batch = LoRABatch.prepare(ids, max_tokens=4096, device="cuda")
     assert ops.choose_path(None, None, T, "triton") == ("gemm" if T <= ops.GEMM_MAX_TOKENS else "split")
-    _warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm"))
+    warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton", path="gemm")
@@ -1418,7 +1407,7 @@ def test_gpu_side_path_graph_replay_with_new_ids(monkeypatch, dtype):
     launched = []
     for name in ("_lora_side_kernel", "_gemm_tma_expand_kernel"):
         monkeypatch.setattr(ML, name, _NameSpy(getattr(ML, name), name, launched))
-    _warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton"))
+    warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton"))
     assert launched[:2] == ["_lora_side_kernel", "_gemm_tma_expand_kernel"], launched
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -1601,7 +1590,7 @@ def test_gpu_lanes_graph_replay_with_new_ids(T, dtype):
     pool, weight, b, x, _ = _gemm_problem(T, dtype, GEMM_SLICES, "one", True, seed=T + 7)
     ids = [(1, 4)[i % 2] for i in range(T)]
     batch = LoRABatch.prepare(ids, max_tokens=256, device="cuda", max_adapters_per_step=2)
-    _warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton"))
+    warm_up(lambda: lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = lk.multi_lora_linear(x, weight, b, pool, batch, backend="triton")

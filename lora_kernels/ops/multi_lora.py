@@ -413,7 +413,7 @@ def _lanes(M: int, pool: AdapterPool, adapters: int | None) -> int:
     return ML.lanes_for(M, pool.max_rank, adapters)
 
 
-def _sorted_gather(M: int, N: int) -> bool:
+def _stays_on_gemm(M: int, N: int) -> bool:
     """A heavy-epilogue step of M tokens and N outputs stays on the gemm path (its side path, or sorted row tiles:
     ``triton.multi_lora.heavy_variant``; the op's ``sort_rows``), not the split path."""
     from ..triton import multi_lora as ML
@@ -684,7 +684,7 @@ def multi_lora_linear(
     tma = name == "triton" and _gemm_tma(x2, weight)
     heavy = tma and path is None and fused is None and not lanes and _heavy_epilogue(x2, pool, batch)
     # a heavy epilogue: the gemm path's side path or sorted row tiles where on (heavy_variant), else the split path
-    sort_rows = heavy and _sorted_gather(M, N)
+    sort_rows = heavy and _stays_on_gemm(M, N)
     chosen = choose_path(path, fused, M, name, tma=tma, lanes=lanes > 0, heavy_epilogue=heavy and not sort_rows)
     if chosen == "gemm" and path is None and batch.num_tokens != M:
         chosen = "split"  # a default never refuses a batch prepared for another token count (path="gemm" does)

@@ -125,6 +125,14 @@ def _tile(
 
 
 @triton.jit
+def _slice_span(slice_idx, N0, N1, N2, N3):
+    """(first column, width) of output slice ``slice_idx``."""
+    off = tl.where(slice_idx == 0, 0, tl.where(slice_idx == 1, N0, tl.where(slice_idx == 2, N0 + N1, N0 + N1 + N2)))
+    width = tl.where(slice_idx == 0, N0, tl.where(slice_idx == 1, N1, tl.where(slice_idx == 2, N2, N3)))
+    return off, width
+
+
+@triton.jit
 def _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N: tl.constexpr):
     """Output block ``pid_n`` → (slice index, first column of the block, end column of its slice)."""
     c1 = tl.cdiv(N0, BLOCK_N)
@@ -132,8 +140,7 @@ def _slice_of_block(pid_n, N0, N1, N2, N3, BLOCK_N: tl.constexpr):
     c3 = c2 + tl.cdiv(N2, BLOCK_N)
     slice_idx = (pid_n >= c1).to(tl.int32) + (pid_n >= c2).to(tl.int32) + (pid_n >= c3).to(tl.int32)
     first_blk = tl.where(slice_idx == 0, 0, tl.where(slice_idx == 1, c1, tl.where(slice_idx == 2, c2, c3)))
-    off = tl.where(slice_idx == 0, 0, tl.where(slice_idx == 1, N0, tl.where(slice_idx == 2, N0 + N1, N0 + N1 + N2)))
-    width = tl.where(slice_idx == 0, N0, tl.where(slice_idx == 1, N1, tl.where(slice_idx == 2, N2, N3)))
+    off, width = _slice_span(slice_idx, N0, N1, N2, N3)
     return slice_idx, off + (pid_n - first_blk) * BLOCK_N, off + width
 
 
@@ -691,14 +698,6 @@ def _fused_kernel(
         CAST_FP32,
         True,
     )
-
-
-@triton.jit
-def _slice_span(slice_idx, N0, N1, N2, N3):
-    """(first column, width) of output slice ``slice_idx``."""
-    off = tl.where(slice_idx == 0, 0, tl.where(slice_idx == 1, N0, tl.where(slice_idx == 2, N0 + N1, N0 + N1 + N2)))
-    width = tl.where(slice_idx == 0, N0, tl.where(slice_idx == 1, N1, tl.where(slice_idx == 2, N2, N3)))
-    return off, width
 
 
 @triton.jit
@@ -2317,9 +2316,14 @@ def epilogue_sorted(M: int, K: int, R: int, adapters_per_tile: float, adapters: 
     )
 
 
+def side_cols(N: int) -> int:
+    """Columns of a row of the side path's fp32 buffer for N outputs: padded to 4 (16 bytes) for TMA."""
+    return -(-N // 4) * 4
+
+
 def side_for(M: int, N: int) -> bool:
     """Whether a heavy-epilogue step of M tokens and N outputs takes the side path (SIDE_TERM, SIDE_MAX_BYTES)."""
-    return SIDE_TERM and not SORTED_TMA_GEMM and M * (-(-N // 4) * 4) * 4 <= SIDE_MAX_BYTES
+    return SIDE_TERM and not SORTED_TMA_GEMM and M * side_cols(N) * 4 <= SIDE_MAX_BYTES
 
 
 def epilogue_side(M: int, K: int, R: int, adapters_per_tile: float) -> bool:
@@ -2423,7 +2427,7 @@ def side_config(
 def side_buffer(M: int, N: int, device: torch.device) -> torch.Tensor:
     """The side path's fp32 LoRA term [M, N] (uninitialised: the side kernel writes the rows with an adapter, the
     GEMM adds only those), rows padded to 4 elements (16 bytes) for TMA."""
-    return torch.empty(M, -(-N // 4) * 4, dtype=torch.float32, device=device)[:, :N]
+    return torch.empty(M, side_cols(N), dtype=torch.float32, device=device)[:, :N]
 
 
 def _launch_side(x, A_stack, B_stack, ranks, scales, meta, slices, tile_m, side, pdl, interp) -> None:
@@ -2794,11 +2798,17 @@ def joined_grid(
     n_items = min(n_work, _INTERP_JOINED_ITEM_PROGRAMS if interp else JOINED_ITEM_PROGRAMS)
     if interp:
         return n_work, n_items
-    bm, bn, bk, _, stages = tiles
-    br = _utils.block_r(R)
-    per_sm = smem() // (stages * (bm + bn) * bk * elt + (bm + bn) * br * 4 + 1024)
-    n_tiles = triton.cdiv(M, bm) * _out_blocks(slices, bn)
+    per_sm = tma_programs_per_sm(tiles, R, elt, smem())
+    n_tiles = triton.cdiv(M, tiles[0]) * _out_blocks(slices, tiles[1])
     return (n_work, n_items) if n_items + n_tiles <= per_sm * sms() else None
+
+
+def tma_programs_per_sm(tiles: tuple[int, int, int, int, int], R: int, elt: int, smem: int) -> int:
+    """Programs of a TMA GEMM on ``tiles`` (:func:`gemm_tma_config`) that ``smem`` bytes of shared memory hold, by its
+    pipeline buffers and the epilogue's fp32 tiles at rank R, as gemm_tma_config counts them (an upper bound of what
+    sm_90 compiles to), plus the 1 KiB the hardware reserves per block. Host ints only (the static model's too)."""
+    bm, bn, bk, _, stages = tiles
+    return smem // (stages * (bm + bn) * bk * elt + (bm + bn) * _utils.block_r(R) * 4 + 1024)
 
 
 def _launch_joined(
